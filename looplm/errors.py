@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+A ``LoopLMError`` is a mistake in what the user asked for (a missing file, a bad config
+key, an out-of-range option).  The CLI prints its message on one line and exits with
+status 2; library callers can catch it.  Bugs inside looplm stay ordinary exceptions.
+"""
+
+
+class LoopLMError(Exception):
+    """A user's mistake, reported as one line that says what was wrong and how to fix it."""
