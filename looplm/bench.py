@@ -1,0 +1,102 @@
+"""``looplm bench``: training and decode throughput on the reference shape.
+
+Reference shape (issue #2): d_model 256, 4 heads, vocab 4096, 3 core layers × T 4.
+Training: batch 8 × 256 tokens, Stage I objective, AdamW step included.
+Decode: batch 1, a 128-token prompt, 128 new tokens, greedy, fixed T steps, through the
+public ``generate`` path (prefill excluded from the decode rate, reported separately).
+Each figure is the median of ``repeats`` timed runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from looplm.config import TrainConfig, preset
+from looplm.generate import FixedSteps, generate
+from looplm.model.lm import LoopLM
+from looplm.train.objectives import compute_loss
+from looplm.train.trainer import make_optimizer
+
+
+def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int = 3, repeats: int = 3,
+                  compile_model: bool = False) -> float:
+    """Median training tokens/s over ``repeats`` runs of ``steps`` optimiser steps."""
+    optimizer = make_optimizer(model, TrainConfig())
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(inputs, targets):
+        return compute_loss(model(inputs), targets, "stage1", 0.1).loss
+
+    forward = torch.compile(loss_of) if compile_model else loss_of
+
+    def one_step() -> None:
+        forward(inputs, targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for _ in range(2):
+        one_step()
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        rates.append(batch * length * steps / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, repeats: int = 3) -> dict:
+    """Median batch-1 greedy decode tokens/s (and prefill tokens/s) through ``generate``."""
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=generator).tolist()
+    policy = FixedSteps()
+    model.eval()
+    generate(model, prompt, 8, exit_policy=policy, stop_ids=[])
+    decode_rates, prefill_rates = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        generate(model, prompt, 1, exit_policy=policy, stop_ids=[])
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        result = generate(model, prompt, new_tokens, exit_policy=policy, stop_ids=[])
+        total = time.perf_counter() - started
+        decode_rates.append((len(result.ids) - 1) / max(total - prefill, 1e-9))
+        prefill_rates.append(prompt_length / prefill)
+    return {"decode_tokens_per_s": statistics.median(decode_rates),
+            "prefill_tokens_per_s": statistics.median(prefill_rates)}
+
+
+def run_bench(json_path: str | None = None, threads: int = 0, compile_model: bool = False,
+              repeats: int = 3) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = preset("reference")
+    model = LoopLM(config)
+    results = {
+        "shape": "d_model 256, 4 heads, vocab 4096, 3 core layers x T 4",
+        "parameters": model.num_parameters(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "train_tokens_per_s": time_training(model, repeats=repeats),
+    }
+    if compile_model:
+        results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
+    results.update(time_decode(LoopLM(config), repeats=repeats))
+    for key, value in results.items():
+        shown = f"{value:,.1f}" if isinstance(value, float) else value
+        print(f"{key:>28}: {shown}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,286 @@
+"""The ``looplm`` command: demo, train, generate, eval, prepare, bench.
+
+User mistakes print one line ``looplm: error: …`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from looplm.errors import LoopLMError
+
+EPILOG_TRAIN = """\
+config: --config FILE (YAML or JSON with model/train/data sections), then dotted overrides
+such as --model.loop_steps 6 --train.lr 1e-3 --data.tokenizer bpe. Keys are listed in the
+README's config reference. Examples:
+  looplm train --data notes.txt --out runs/notes
+  looplm train --task binding --preset tiny --train.steps 2000 --out runs/binding
+  looplm train --out runs/notes --resume
+"""
+
+
+def _dotted_overrides(extra: list[str]) -> dict[str, str]:
+    """Parse ['--model.loop_steps', '6', '--train.lr=1e-3'] into {'model.loop_steps': '6', ...}."""
+    overrides, index = {}, 0
+    while index < len(extra):
+        item = extra[index]
+        if not item.startswith("--") or "." not in item:
+            raise LoopLMError(f"unrecognised argument {item!r}: see 'looplm train --help'")
+        key = item[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if index + 1 >= len(extra):
+                raise LoopLMError(f"{item} needs a value, e.g. {item} 4")
+            index += 1
+            value = extra[index]
+        overrides[key] = value
+        index += 1
+    return overrides
+
+
+def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=None,
+                        help="loop steps per token (default: the trained T; larger extrapolates)")
+    parser.add_argument("--q", type=float, default=None,
+                        help="Q-exit threshold in [0, 1]: exit at the first step whose exit CDF reaches q"
+                             " (default: no early exit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
+                                     " train, generate with early exit, evaluate depth.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task and show what depth buys",
+                          description="Train a tiny looped model on multi-hop variable binding (CPU, a few"
+                          " minutes), print exact-match accuracy per loop step, Q-exit savings, a plot and"
+                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png.")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the demo's)")
+    demo.add_argument("--q", type=float, default=None, help="Q-exit threshold to report (default: the demo's)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    train = sub.add_parser("train", help="train a looped LM on text or a built-in task",
+                           description="Train a looped LM. Checkpoints go to OUT/checkpoints/step_N"
+                           " (atomic, keep-last-N); metrics to OUT/metrics.jsonl.", epilog=EPILOG_TRAIN,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", help="YAML/JSON run config with model, train and data sections")
+    train.add_argument("--preset", help="model shape: tiny, small, reference, ouro-1.4b, ouro-2.6b")
+    train.add_argument("--data", help="text or jsonl file, a directory of them, or a 'looplm prepare' output")
+    train.add_argument("--task", help="built-in task instead of data: binding or modarith")
+    train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
+    train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    generate = sub.add_parser("generate", help="sample from a checkpoint",
+                              description="Generate text from a checkpoint (or run directory), streaming"
+                              " tokens as they are decoded.")
+    generate.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
+    generate.add_argument("--prompt", required=True, help="prompt text")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--show-steps", action="store_true", help="print the loop steps each token used")
+    generate.add_argument("--no-stream", action="store_true", help="print only when finished")
+    _add_exit_arguments(generate)
+
+    evaluate = sub.add_parser("eval", help="loss / accuracy per loop step of a checkpoint",
+                              description="Per-step validation loss (text) or exact-match accuracy (task),"
+                              " with exit statistics. Prints a table; --json writes it.")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", help="text/jsonl file or prepared shard directory")
+    evaluate.add_argument("--task", help="built-in task name (binding, modarith)")
+    evaluate.add_argument("--task-options", default="{}", help='task knobs as JSON, e.g. \'{"hops": 4}\'')
+    evaluate.add_argument("--steps", type=int, default=None, help="evaluate steps 1..N (default: T + 2)")
+    evaluate.add_argument("--examples", type=int, default=512, help="held-out task examples")
+    evaluate.add_argument("--json", help="write the report to this file")
+
+    prepare = sub.add_parser("prepare", help="tokenize text/jsonl into train/val token shards",
+                             description="Tokenize text or jsonl files into numpy memmap shards (train.bin,"
+                             " val.bin, meta.json, tokenizer.json) for 'looplm train --data DIR'.")
+    prepare.add_argument("inputs", nargs="+", help="text/jsonl files or directories")
+    prepare.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    prepare.add_argument("--tokenizer", default="byte", help="byte (default), bpe (trained here), or a tokenizer.json")
+    prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    prepare.add_argument("--val-fraction", type=float, default=0.05)
+    prepare.add_argument("--jsonl-field", default="text", help="field holding the text in jsonl files")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
+                           description="Training tokens/s (d 256, 4 heads, vocab 4096, 3 core layers x T 4,"
+                           " batch 8 x 256, Stage I) and batch-1 greedy decode tokens/s (prompt 128, 128 new).")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    bench.add_argument("--compile", action="store_true", help="also time training under torch.compile")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
+    return parser
+
+
+def run_train(args, extra: list[str]) -> None:
+    from looplm.config import RunConfig, apply_overrides, preset, read_config_file
+    from dataclasses import asdict
+    from looplm.train.trainer import Trainer
+
+    raw: dict = {}
+    if args.preset:
+        raw["model"] = asdict(preset(args.preset))
+    if args.config:
+        file_config = read_config_file(args.config)
+        if not isinstance(file_config, dict):
+            raise LoopLMError(f"config file {args.config!r} must hold a mapping with model/train/data sections")
+        for section, values in file_config.items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = {**raw[section], **values}
+            else:
+                raw[section] = values
+    vocab_given = "vocab_size" in raw.get("model", {}) and not args.preset
+    if args.data:
+        raw.setdefault("data", {})["path"] = args.data
+    if args.task:
+        raw.setdefault("data", {})["task"] = args.task
+    overrides = _dotted_overrides(extra)
+    vocab_given = vocab_given or "model.vocab_size" in overrides
+    run = RunConfig.from_dict(apply_overrides(raw, overrides))
+    out = Path(args.out)
+    if args.resume and (out / "run_config.json").is_file() and not (args.config or args.preset or extra
+                                                                      or args.data or args.task):
+        run = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+        vocab_given = True
+    trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress, fit_vocab=not vocab_given)
+    model = trainer.model
+    print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
+          f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}", file=sys.stderr)
+    result = trainer.train()
+    summary = {"steps": result.steps_done, "final_loss": result.losses[-1] if result.losses else None,
+               "checkpoint": str(sorted((out / "checkpoints").glob("step_*"))[-1])}
+    if result.last_eval:
+        summary["eval"] = result.last_eval
+    print(json.dumps(summary, indent=2))
+
+
+def run_generate(args) -> None:
+    from looplm.generate import Sampling, make_exit_policy, stream, Generation
+    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    policy = make_exit_policy(args.q, args.steps)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    model = load_model(args.checkpoint)
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    if tokenizer is None:
+        raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: cannot turn the prompt into tokens")
+    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    result = Generation()
+    for token in stream(model, prompt, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
+                        result=result):
+        if not args.no_stream:
+            print(token.text, end="", flush=True)
+    if args.no_stream:
+        print(result.text, end="")
+    print()
+    if args.show_steps:
+        print(f"steps per token: {result.steps}  (mean {result.mean_steps:.2f}; stop: {result.stop_reason})",
+              file=sys.stderr)
+
+
+def run_eval(args) -> None:
+    from looplm.config import DataConfig
+    from looplm.data.source import open_training_data
+    from looplm.eval.depth import accuracy_by_step, loss_by_step
+    from looplm.train.checkpoint import load_model
+
+    model = load_model(args.checkpoint)
+    steps = args.steps or model.config.loop_steps + 2
+    if steps < 1:
+        raise LoopLMError(f"--steps must be >= 1, got {steps}")
+    if bool(args.data) == bool(args.task):
+        raise LoopLMError("give exactly one of --data FILE or --task NAME")
+    try:
+        options = json.loads(args.task_options)
+    except json.JSONDecodeError:
+        raise LoopLMError(f"--task-options must be JSON, got {args.task_options!r}") from None
+    checkpoint_tokenizer = Path(args.checkpoint)
+    from looplm.train.checkpoint import resolve_checkpoint
+
+    tokenizer_spec = str(resolve_checkpoint(checkpoint_tokenizer))
+    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=tokenizer_spec)
+    batch = 16
+    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
+                                Path(args.checkpoint) / "eval-data")
+    report = loss_by_step(model, opened.validation, steps)
+    if args.task:
+        report["accuracy_by_step"] = accuracy_by_step(model, opened.eval_set, steps)
+    print(f"{'step':>4}  {'loss':>8}" + ("  accuracy" if args.task else ""))
+    for index, loss in enumerate(report["loss_by_step"]):
+        line = f"{index + 1:>4}  {loss:8.4f}"
+        if args.task:
+            line += f"  {report['accuracy_by_step'][index]:8.3f}"
+        marker = "  (extrapolated)" if index + 1 > model.config.loop_steps else ""
+        print(line + marker)
+    print(f"mean exit step {report['mean_exit_step']:.2f}, exit entropy {report['exit_entropy']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run_prepare(args) -> None:
+    from looplm.data.shards import read_documents, write_shards
+    from looplm.data.tokenizer import load_tokenizer, train_bpe
+
+    if args.tokenizer == "bpe":
+        tokenizer = train_bpe(read_documents(args.inputs, args.jsonl_field), args.vocab_size)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    meta = write_shards(read_documents(args.inputs, args.jsonl_field), tokenizer, args.out,
+                        val_fraction=args.val_fraction, overwrite=args.overwrite)
+    print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"
+          f" ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "train":
+            run_train(args, extra)
+        elif args.command == "generate":
+            run_generate(args)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "prepare":
+            run_prepare(args)
+        elif args.command == "bench":
+            from looplm.bench import run_bench
+
+            run_bench(args.json, args.threads, args.compile, args.repeats)
+        elif args.command == "demo":
+            from looplm.demo import run_demo
+
+            run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed,
+                     progress=not args.no_progress)
+    except LoopLMError as error:
+        print(f"looplm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

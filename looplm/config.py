@@ -1,0 +1,313 @@
+"""Typed configuration: a model is fully described by its ``ModelConfig``.
+
+``ModelConfig`` builds the network, ``TrainConfig`` drives the optimiser and schedule,
+``DataConfig`` says where tokens come from.  All three are validated when constructed,
+refuse unknown keys, and round-trip through JSON (saved in every checkpoint) or YAML.
+Dotted overrides such as ``model.loop_steps=6`` patch a nested dict before construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from looplm.errors import LoopLMError
+
+NORM_PLACEMENTS = ("pre", "sandwich")
+OBJECTIVES = ("stage1", "last", "mean")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise LoopLMError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a looped LM (REFERENCE §1, DESIGN "flow of a token").
+
+    ids → embed → prelude layers (once) → core layers × ``loop_steps`` → coda → norm → head.
+    With ``step_norm`` (Ouro) the final RMSNorm closes every loop step and its output is both
+    that step's readout and the next step's input.
+    """
+
+    vocab_size: int = 259
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    n_prelude_layers: int = 0
+    n_core_layers: int = 2
+    n_coda_layers: int = 0
+    loop_steps: int = 4
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm: str = "sandwich"
+    norm_eps: float = 1e-6
+    step_norm: bool = True
+    tie_embeddings: bool = True
+    exit_gate: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            # SwiGLU at ~8/3·D keeps the FFN's parameter count equal to a 4·D GELU MLP.
+            self.ffn_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        _check(self.vocab_size >= 2, f"model.vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.d_model >= 1, f"model.d_model must be >= 1, got {self.d_model}")
+        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0,
+               f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+               f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        _check(self.head_dim % 2 == 0,
+               f"model.d_model / model.n_heads = {self.head_dim} must be even for RoPE")
+        _check(self.ffn_hidden >= 1, f"model.ffn_hidden must be >= 1, got {self.ffn_hidden}")
+        for name in ("n_prelude_layers", "n_coda_layers"):
+            _check(getattr(self, name) >= 0, f"model.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.n_core_layers >= 1, f"model.n_core_layers must be >= 1, got {self.n_core_layers}")
+        _check(self.loop_steps >= 1, f"model.loop_steps must be >= 1, got {self.loop_steps}")
+        _check(self.max_seq_len >= 1, f"model.max_seq_len must be >= 1, got {self.max_seq_len}")
+        _check(self.norm in NORM_PLACEMENTS,
+               f"model.norm must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm!r}")
+        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and objective (REFERENCE §2, §5 training recipes)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    objective: str = "stage1"
+    entropy_beta: float = 0.1
+    entropy_beta_final: float | None = None
+    eval_every: int = 200
+    eval_batches: int = 4
+    log_every: int = 10
+    save_every: int = 0
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "threads"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.objective in OBJECTIVES,
+               f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")
+        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+    def entropy_beta_at(self, step: int) -> float:
+        """β for Stage I at optimiser step ``step``: linear from entropy_beta to the final value."""
+        if self.entropy_beta_final is None:
+            return self.entropy_beta
+        fraction = min(step / max(self.steps - 1, 1), 1.0)
+        return self.entropy_beta + fraction * (self.entropy_beta_final - self.entropy_beta)
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from: prepared shards, raw text files, or a built-in task."""
+
+    path: str | None = None
+    task: str | None = None
+    task_options: dict = field(default_factory=dict)
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(not (self.path and self.task), "give either data.path or data.task, not both")
+        _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``looplm train`` needs: model, training and data sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RunConfig":
+        _check(isinstance(raw, dict), "a run config must be a mapping with model/train/data sections")
+        unknown = set(raw) - {"model", "train", "data"}
+        if unknown:
+            raise LoopLMError(f"unknown config section {sorted(unknown)[0]!r}: use model, train or data")
+        return cls(
+            model=from_dict(ModelConfig, raw.get("model", {}), "model"),
+            train=from_dict(TrainConfig, raw.get("train", {}), "train"),
+            data=from_dict(DataConfig, raw.get("data", {}), "data"),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _number(value: Any, kind: type, where: str) -> int | float:
+    """Parse an int or float field; "1e-3" and 3.0 are accepted where they are exact."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool):
+        raise LoopLMError(f"{where} must be {wanted}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LoopLMError(f"{where} must be {wanted}, got {value!r}") from None
+    if kind is float:
+        return number
+    if not number.is_integer():
+        raise LoopLMError(f"{where} must be an integer, got {value!r}")
+    return int(number)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a JSON/YAML/CLI value into the field's declared type, or raise one line."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, options[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise LoopLMError(f"{where} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        return _number(value, annotation, where)
+    if annotation is str:
+        return str(value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise LoopLMError(f"{where} must be a JSON object, got {value!r}") from None
+        _check(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls: type, raw: dict, section: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad types raise LoopLMError."""
+    _check(isinstance(raw, dict), f"config section {section!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    for key in raw:
+        if key not in known:
+            raise LoopLMError(
+                f"unknown config key {section}.{key}: valid keys are {', '.join(sorted(known))}")
+    values = {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Patch a nested run-config dict with dotted keys: {"model.loop_steps": "6"}."""
+    result = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        _check(len(parts) >= 2 and parts[0] in ("model", "train", "data"),
+               f"override {dotted!r} must look like model.KEY, train.KEY or data.KEY")
+        node = result.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict (one-line errors for missing/bad files)."""
+    path = Path(path)
+    _check(path.is_file(), f"config file {str(path)!r} not found: check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as error:  # json and yaml raise many types; all mean "not parseable"
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LoopLMError(f"config file {str(path)!r} could not be parsed: {first_line}") from None
+    return data or {}
+
+
+def model_config_from_json(path: str | Path) -> ModelConfig:
+    """Load a checkpoint's ``config.json`` (a ModelConfig, unknown keys rejected)."""
+    path = Path(path)
+    _check(path.is_file(), f"missing {path.name} in {str(path.parent)!r}: not a looplm checkpoint")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}): the checkpoint is corrupt") from None
+    raw = {k: v for k, v in raw.items() if k not in ("format", "version", "architectures", "model_type")}
+    return from_dict(ModelConfig, raw, "model")
+
+
+def _preset_tiny() -> ModelConfig:
+    return ModelConfig(vocab_size=259, d_model=128, n_heads=4, n_core_layers=2, loop_steps=4,
+                       max_seq_len=128)
+
+
+def _preset_small() -> ModelConfig:
+    return ModelConfig(vocab_size=4096, d_model=512, n_heads=8, n_core_layers=8, loop_steps=4,
+                       max_seq_len=1024)
+
+
+def _preset_reference() -> ModelConfig:
+    """The benchmark's reference shape: d 256, 4 heads, vocab 4096, 3 core layers × T 4."""
+    return ModelConfig(vocab_size=4096, d_model=256, n_heads=4, n_core_layers=3, loop_steps=4,
+                       max_seq_len=512)
+
+
+def _preset_ouro(layers: int) -> ModelConfig:
+    # Ouro 1.4B / 2.6B (REFERENCE §1): MHA 16 heads, SwiGLU 5632, vocab 49152, T = 4.
+    return ModelConfig(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
+                       n_core_layers=layers, loop_steps=4, max_seq_len=4096, rope_theta=1e6,
+                       norm="sandwich", step_norm=True, tie_embeddings=False)
+
+
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "tiny": _preset_tiny,
+    "small": _preset_small,
+    "reference": _preset_reference,
+    "ouro-1.4b": lambda: _preset_ouro(24),
+    "ouro-2.6b": lambda: _preset_ouro(48),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A named model shape; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise LoopLMError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

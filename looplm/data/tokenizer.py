@@ -1,0 +1,302 @@
+"""Tokenizers: a byte-level one that needs no training, and byte-level BPE.
+
+Both are Hugging Face ``tokenizers`` objects behind one small interface, ``Tokenizer``,
+saved as a standard ``tokenizer.json``; any other ``tokenizer.json`` loads too.
+
+Byte layout (``byte_tokenizer``): id == byte value for ids 0..255 of the UTF-8 encoding,
+then ``<pad>`` = 256, ``<bos>`` = 257, ``<eos>`` = 258, so ``vocab_size`` is 259.
+
+Text that happens to spell a special token (say the five characters ``<eos>``) is
+encoded as ordinary text: specials only ever enter a stream when looplm puts them there.
+Lone surrogates (which ``json.loads`` lets through from a broken ``\\ud83d`` escape) have
+no UTF-8 form and are encoded as U+FFFD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, trainers
+from tokenizers.pre_tokenizers import ByteLevel
+
+from looplm.errors import LoopLMError
+
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_BPE_VOCAB_SIZE = BYTE_VOCAB_SIZE + 1
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+# Earlier names win; each list starts with looplm's own token.
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>")
+BOS_CANDIDATES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]", "<|endoftext|>")
+EOS_CANDIDATES = (
+    "<eos>",
+    "</s>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "[SEP]",
+)
+
+
+class Tokenizer:
+    """A text <-> token-id codec wrapping a Hugging Face ``tokenizers.Tokenizer``.
+
+    Attributes:
+        backend: the wrapped ``tokenizers.Tokenizer``.
+        vocab_size: one more than the largest id, so every id indexes an embedding row.
+        pad_id, bos_id, eos_id: special ids; for a foreign file they are found by name
+            (see ``from_file``).
+        kind: ``"byte"`` for the byte layout above, ``"bpe"`` for anything else.
+    """
+
+    def __init__(self, backend: HFTokenizer) -> None:
+        # Truncation or padding saved in a foreign file would silently cut or pad
+        # documents; looplm windows the token stream itself.
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self.kind = "byte" if _is_byte_layout(json.loads(backend.to_str())) else "bpe"
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise LoopLMError("the tokenizer has an empty vocabulary: give a trained tokenizer.json, or 'byte'")
+        self.vocab_size = max(vocab.values()) + 1
+        self.pad_id, self.bos_id, self.eos_id = _find_special_ids(backend, self.vocab_size)
+        self._skipped_ids = frozenset((self.pad_id, self.bos_id, self.eos_id))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with no special tokens added."""
+        try:
+            return self._encode(text)
+        except (UnicodeEncodeError, TypeError):
+            # Rare, so the replacement stays off the hot path.
+            return self._encode(LONE_SURROGATE.sub("\ufffd", text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``; the BPE backend encodes in parallel."""
+        try:
+            return self._encode_batch(texts)
+        except (UnicodeEncodeError, TypeError):
+            return self._encode_batch([LONE_SURROGATE.sub("\ufffd", text) for text in texts])
+
+    def _encode(self, text: str) -> list[int]:
+        if self.kind == "byte":
+            return list(text.encode("utf-8"))
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.kind == "byte":
+            return [list(text.encode("utf-8")) for text in texts]
+        return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, leaving out pad/bos/eos and ids outside the vocabulary.
+
+        Bytes that do not form valid UTF-8 become U+FFFD replacement characters.
+        """
+        kept = [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._skipped_ids]
+        if self.kind == "byte":
+            return bytes(kept).decode("utf-8", errors="replace")
+        return self.backend.decode(kept, skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/tokenizer.json`` atomically and return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        _write_atomically(path, self.backend.to_str(pretty=True))
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a ``tokenizer.json``, or the one inside a directory.
+
+        Any Hugging Face tokenizers file loads.  Special ids are looked up by name among
+        common spellings (``<pad>``, ``<|endoftext|>``, ``</s>``, ``<s>``, ``<|im_end|>``…).
+        When none is found: eos falls back to bos, else to the last special token the file
+        adds, else to the last id; bos falls back to eos; pad falls back to eos.
+        """
+        file = _tokenizer_file(Path(path))
+        try:
+            text = file.read_text(encoding="utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LoopLMError(
+                f"tokenizer file '{file}' is not valid JSON ({_one_line(error)}): "
+                "give a tokenizer.json written by looplm or Hugging Face tokenizers"
+            ) from None
+        try:
+            backend = HFTokenizer.from_str(text)
+        except Exception as error:
+            raise LoopLMError(
+                f"tokenizer file '{file}' is not a Hugging Face tokenizers file ({_one_line(error)}): "
+                "give a tokenizer.json written by looplm or Hugging Face tokenizers"
+            ) from None
+        return cls(backend)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """The byte tokenizer: ids 0..255 are raw UTF-8 bytes, then <pad>, <bos>, <eos>."""
+    byte_to_char = _byte_to_char()
+    vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return Tokenizer(backend)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train byte-level BPE on ``texts``.
+
+    Ids 0..2 are <pad>, <bos>, <eos>; all 256 bytes are in the alphabet, so any string
+    round-trips.  A small corpus may run out of merges first, giving a smaller vocabulary.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise LoopLMError(
+            f"BPE vocab_size {vocab_size!r} is too small: use an integer of at least {MIN_BPE_VOCAB_SIZE} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"
+        )
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    seen = _CharacterCounter(texts)
+    backend.train_from_iterator(seen, trainer=trainer)
+    if seen.characters == 0:
+        raise LoopLMError("no text to train BPE on: give documents with text in them")
+    return Tokenizer(backend)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` gives ``byte_tokenizer()``; anything else is a tokenizer.json path or its directory."""
+    if spec == "byte":
+        return byte_tokenizer()
+    return Tokenizer.from_file(spec)
+
+
+class _CharacterCounter:
+    """Pass texts through while counting characters, to notice an empty corpus."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._texts = texts
+        self.characters = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self._texts:
+            self.characters += len(text)
+            yield text
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the one ByteLevel pre-tokenization uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
+    return table
+
+
+def _is_byte_layout(config: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json dict is exactly looplm's byte layout.
+
+    Only then does ``list(text.encode())`` give the same ids as the backend, which is what
+    lets the byte kind skip the backend on the hot path.
+    """
+    model = config.get("model") or {}
+    pre_tokenizer = config.get("pre_tokenizer") or {}
+    decoder = config.get("decoder") or {}
+    byte_to_char = _byte_to_char()
+    expected_vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    added = {token["content"]: token["id"] for token in config.get("added_tokens", []) if token.get("special")}
+    return (
+        model.get("type") == "BPE"
+        and not model.get("merges")
+        and model.get("vocab") == expected_vocab
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and config.get("normalizer") is None
+        and pre_tokenizer.get("type") == "ByteLevel"
+        and not pre_tokenizer.get("add_prefix_space")
+        and decoder.get("type") == "ByteLevel"
+        and len(config.get("added_tokens", [])) == len(SPECIAL_TOKENS)
+        and added == {token: 256 + index for index, token in enumerate(SPECIAL_TOKENS)}
+    )
+
+
+def _find_special_ids(backend: HFTokenizer, vocab_size: int) -> tuple[int, int, int]:
+    """(pad, bos, eos) ids, looked up by name with the fallbacks ``from_file`` documents."""
+    pad = _first_present(backend, PAD_CANDIDATES)
+    bos = _first_present(backend, BOS_CANDIDATES)
+    eos = _first_present(backend, EOS_CANDIDATES)
+    if eos is None:
+        eos = bos if bos is not None else _last_special_id(backend, vocab_size)
+    if bos is None:
+        bos = eos
+    if pad is None:
+        pad = eos
+    return pad, bos, eos
+
+
+def _first_present(backend: HFTokenizer, names: Sequence[str]) -> int | None:
+    for name in names:
+        token_id = backend.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _last_special_id(backend: HFTokenizer, vocab_size: int) -> int:
+    special = [token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special]
+    return max(special) if special else vocab_size - 1
+
+
+def _tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json that ``path`` names, directly or as its directory."""
+    if path.is_dir():
+        file = path / TOKENIZER_FILE
+        if not file.is_file():
+            raise LoopLMError(
+                f"directory '{path}' has no {TOKENIZER_FILE}: give a tokenizer directory or file, or 'byte'"
+            )
+        return file
+    if not path.is_file():
+        raise LoopLMError(f"tokenizer '{path}' does not exist: give a {TOKENIZER_FILE} path, its directory, or 'byte'")
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file beside it, so readers never see half a file."""
+    # A hand-made name (not tempfile) so the file gets the umask's permissions, not 0600.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temporary, "x", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,1 @@
+"""Evaluation: what each loop step buys (loss, exact-match accuracy, exit behaviour)."""

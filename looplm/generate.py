@@ -1,0 +1,258 @@
+"""Generation: prefill + token-by-token decode with a KV cache per (loop step, layer).
+
+Exit policies decide, per token, how many loop steps run:
+- ``FixedSteps(n)`` runs n steps (n may exceed the trained T).
+- ``QExit(q)`` exits at the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q
+  (REFERENCE §2); q = 1 always runs every step.
+
+Early exit really skips work: a token that exits at step e runs neither the core layers nor
+the readout of steps e+1..T.  Its step-e keys and values are copied into the deeper steps'
+caches (LAST_EXITED, REFERENCE §4), so later tokens that do go deeper can attend to it.
+The prompt is always prefilled at full depth, because every depth's cache must hold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from looplm.cache import KVCache
+from looplm.errors import LoopLMError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the
+    top_k most likely tokens (0 = all) and to the smallest set with mass ≥ top_p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise LoopLMError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LoopLMError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LoopLMError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class FixedSteps:
+    """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
+
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
+
+    def max_steps(self, trained_steps: int) -> int:
+        return self.steps or trained_steps
+
+
+@dataclass(frozen=True)
+class QExit:
+    """Exit at the first step whose exit CDF reaches ``threshold`` (Ouro's Q-exit)."""
+
+    threshold: float = 0.5
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise LoopLMError(f"q must be in [0, 1], got {self.threshold}")
+        if self.steps is not None and self.steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
+
+    def max_steps(self, trained_steps: int) -> int:
+        return self.steps or trained_steps
+
+
+ExitPolicy = FixedSteps | QExit
+
+
+def make_exit_policy(q: float | None = None, steps: int | None = None) -> ExitPolicy:
+    """Q-exit when q is given, else fixed steps."""
+    return QExit(q, steps) if q is not None else FixedSteps(steps)
+
+
+@dataclass
+class GeneratedToken:
+    """One decoded token: its id, the loop steps it used, and the text it completed."""
+
+    id: int
+    steps: int
+    text: str
+
+
+@dataclass
+class Generation:
+    ids: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = "length"
+    prompt_tokens: int = 0
+
+    @property
+    def mean_steps(self) -> float:
+        return sum(self.steps) / len(self.steps) if self.steps else 0.0
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Pick the next token id from logits [V]."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= sampling.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Decoder:
+    """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
+
+    def __init__(self, model, exit_policy: ExitPolicy, max_len: int):
+        self.model = model
+        self.policy = exit_policy
+        self.max_steps = exit_policy.max_steps(model.config.loop_steps)
+        if isinstance(exit_policy, QExit) and model.exit_gate is None:
+            raise LoopLMError("Q-exit needs a model with an exit gate: use fixed steps")
+        device = next(model.parameters()).device
+        self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
+                             dtype=next(model.parameters()).dtype)
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Fill every depth's cache with the prompt ids [1, S]; return last-position logits."""
+        output = self.model(ids, steps=self.max_steps, cache=self.cache)
+        steps = self.max_steps
+        if isinstance(self.policy, QExit):
+            from looplm.model.exit import q_exit_steps
+
+            steps = int(q_exit_steps(output.gate_logits[:, :, -1], self.policy.threshold))
+        return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
+
+    def step(self, token: int) -> tuple[torch.Tensor, int]:
+        """Decode one token; return its logits [V] and the loop steps it ran."""
+        model, cache = self.model, self.cache
+        start = cache.length
+        ids = torch.tensor([[token]], device=cache.keys.device)
+        h = model.embed_input(ids, start, cache)
+        threshold = self.policy.threshold if isinstance(self.policy, QExit) else 1.0
+        log_survival = torch.zeros((), device=ids.device)
+        for step in range(self.max_steps):
+            h = model.core_step(h, step, start, cache)
+            last = step + 1 == self.max_steps
+            if not (last or threshold < 1.0):
+                continue
+            readout = model.readout(h, step, start, cache)
+            if not last:
+                log_survival = log_survival + F.logsigmoid(-model.gate_logits(readout)).reshape(())
+                if float(-torch.expm1(log_survival)) >= threshold:
+                    cache.copy_step(step, range(step + 1, self.max_steps), start, start + 1)
+                    break
+        cache.advance(1)
+        return model.logits(readout[0, -1]), step + 1
+
+
+def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+           exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
+           stop_ids: Sequence[int] | None = None, result: Generation | None = None) -> Iterator[GeneratedToken]:
+    """Yield generated tokens one at a time (see ``generate`` for the arguments).
+
+    ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
+    """
+    exit_policy = exit_policy or FixedSteps()
+    result = result if result is not None else Generation()
+    context = model.config.max_seq_len
+    if len(prompt_ids) == 0:
+        raise LoopLMError("the prompt is empty: give at least one token")
+    if len(prompt_ids) > context:
+        raise LoopLMError(f"the prompt has {len(prompt_ids)} tokens, longer than the context of {context}:"
+                          " shorten it or use a model with a larger max_seq_len")
+    if max_new_tokens < 0:
+        raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if stop_ids is None:
+        stop_ids = [tokenizer.eos_id] if tokenizer is not None else []
+    stop_ids = set(stop_ids)
+    result.prompt_tokens = len(prompt_ids)
+    budget = min(max_new_tokens, context - len(prompt_ids))
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1))
+            prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+            logits, steps = decoder.prefill(prompt)
+            emitted = ""
+            for index in range(budget):
+                token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
+                if token in stop_ids:
+                    result.stop_reason = "stop_token"
+                    return
+                result.ids.append(token)
+                result.steps.append(steps)
+                piece = ""
+                if tokenizer is not None:
+                    text = tokenizer.decode(result.ids)
+                    stop_at = _find_stop(text, stop_strings, len(emitted))
+                    if stop_at is not None:
+                        result.text = text[:stop_at]
+                        result.stop_reason = "stop_string"
+                        if stop_at > len(emitted):
+                            yield GeneratedToken(token, steps, text[len(emitted):stop_at])
+                        return
+                    if not text.endswith("\ufffd"):
+                        piece, emitted = text[len(emitted):], text
+                    result.text = text
+                yield GeneratedToken(token, steps, piece)
+                if index + 1 < budget:
+                    logits, steps = decoder.step(token)
+            result.stop_reason = "length" if budget == max_new_tokens else "context"
+    finally:
+        model.train(was_training)
+
+
+def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | None:
+    """Earliest index where a stop string starts (only looking at text not yet final)."""
+    positions = []
+    for stop in stop_strings:
+        if stop:
+            found = text.find(stop, max(0, emitted - len(stop)))
+            if found >= 0:
+                positions.append(found)
+    return min(positions) if positions else None
+
+
+def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+             exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
+             stop_ids: Sequence[int] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
+
+    Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
+    the text is cut before it), or the end of the model's context.  Returns the new ids, the
+    loop steps each token used, the decoded text and why it stopped.
+    """
+    result = Generation()
+    for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
+                    stop_ids, result):
+        pass
+    if tokenizer is not None and result.stop_reason != "stop_string":
+        result.text = tokenizer.decode(result.ids)
+    return result

@@ -1,0 +1,32 @@
+"""One transformer layer: attention + SwiGLU with pre-norm or Ouro's sandwich norm.
+
+pre:       h = h + attn(n₁(h));          h = h + ffn(n₂(h))
+sandwich:  h = h + n_b(attn(n_a(h)));    h = h + n_d(ffn(n_c(h)))     (REFERENCE §1)
+"""
+
+import torch
+from torch import nn
+
+from looplm.config import ModelConfig
+from looplm.model.attention import Attention
+from looplm.model.ffn import SwiGLU
+from looplm.model.norms import RMSNorm
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, eps = config.d_model, config.norm_eps
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, config.n_heads, config.n_kv_heads)
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.ffn = SwiGLU(dim, config.ffn_hidden)
+        sandwich = config.norm == "sandwich"
+        self.attn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()
+        self.ffn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """h: [B, S, D] → [B, S, D]."""
+        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), cos, sin, kv_store, start))
+        return h + self.ffn_post_norm(self.ffn(self.ffn_norm(h)))

@@ -1,0 +1,174 @@
+"""LoopLM: the whole looped language model (DESIGN "flow of a token").
+
+    e   = prelude(embed(ids))                       run once
+    h_0 = e
+    h_t = core(h_{t−1})        t = 1..T             the same N layers every step
+          (with step_norm: h_t = norm(core(h_{t−1})), Ouro's final norm closing each step)
+    r_t = readout(h_t) = norm(coda(h_t))             (just h_t for Ouro: already normed)
+    logits_t = head(r_t),   λ_t = σ(w·r_t + b)       per-step prediction and exit gate
+
+The building blocks (``embed_input``, ``core_step``, ``readout``, ``logits``, ``gate_logits``)
+are public so the decoder can run a token step by step and stop early; ``forward`` is the
+plain loop over them and the reference every faster path is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from looplm.config import ModelConfig
+from looplm.errors import LoopLMError
+from looplm.model.block import Layer
+from looplm.model.exit import exit_distribution, log_exit_distribution
+from looplm.model.norms import RMSNorm
+from looplm.model.rope import RotaryEmbedding
+
+
+@dataclass
+class LoopOutput:
+    """Per-step results of one forward pass.
+
+    hidden_states: T tensors [B, S, D], the readout state r_t of each step.
+    gate_logits:   [T, B, S] exit-gate logits z_t, or None when the model has no gate.
+    Logits are computed on demand (``logits(t)``) so training never holds T × [B, S, V].
+    """
+
+    hidden_states: list[torch.Tensor]
+    gate_logits: torch.Tensor | None
+    model: "LoopLM"
+
+    @property
+    def steps(self) -> int:
+        return len(self.hidden_states)
+
+    def logits(self, step: int | None = None) -> torch.Tensor:
+        """[B, S, V] logits of 1-based ``step`` (default: the last step run)."""
+        return self.model.logits(self.hidden_states[(step or self.steps) - 1])
+
+    @property
+    def step_logits(self) -> torch.Tensor:
+        """[T, B, S, V] logits of every step (memory heavy: prefer ``logits(t)``)."""
+        return torch.stack([self.logits(t) for t in range(1, self.steps + 1)])
+
+    @property
+    def exit_probs(self) -> torch.Tensor:
+        """λ_t [T, B, S]."""
+        return torch.sigmoid(self._gate())
+
+    @property
+    def exit_distribution(self) -> torch.Tensor:
+        """p(t) [T, B, S], sums to 1 over t."""
+        return exit_distribution(self._gate())
+
+    @property
+    def log_exit_distribution(self) -> torch.Tensor:
+        return log_exit_distribution(self._gate())
+
+    def _gate(self) -> torch.Tensor:
+        if self.gate_logits is None:
+            raise LoopLMError("this model has no exit gate (model.exit_gate=false)")
+        return self.gate_logits
+
+
+class LoopLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude_layers))
+        self.core = nn.ModuleList(Layer(config) for _ in range(config.n_core_layers))
+        self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, σ) weights; residual outputs scaled by 1/√(2·layer applications) (GPT-2)."""
+        config = self.config
+        applications = config.n_prelude_layers + config.n_core_layers * config.loop_steps + config.n_coda_layers
+        for name, parameter in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(parameter)
+            elif name.startswith("exit_gate"):
+                nn.init.zeros_(parameter)
+            elif name.endswith(("attn.out.weight", "ffn.down.weight")):
+                nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * applications))
+            else:
+                nn.init.normal_(parameter, std=config.init_std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embedding else total
+
+    def _check_positions(self, start: int, length: int) -> None:
+        if start + length > self.config.max_seq_len:
+            raise LoopLMError(
+                f"sequence of {start + length} tokens exceeds the context of {self.config.max_seq_len}"
+                " (model.max_seq_len): shorten the input")
+
+    def embed_input(self, ids: torch.Tensor, start: int = 0, cache=None) -> torch.Tensor:
+        """ids [B, S] → e [B, S, D]: embedding then the prelude layers (run once per token)."""
+        self._check_positions(start, ids.shape[1])
+        h = self.embed(ids)
+        cos, sin = self.rope.tables(start, ids.shape[1])
+        for index, layer in enumerate(self.prelude):
+            h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start)
+        return h
+
+    def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None) -> torch.Tensor:
+        """One loop step (0-based ``step``): the core layers, then the step norm if configured."""
+        cos, sin = self.rope.tables(start, h.shape[1])
+        for index, layer in enumerate(self.core):
+            h = layer(h, cos, sin, cache.store("core", index, step) if cache else None, start)
+        return self.norm(h) if self.config.step_norm else h
+
+    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None) -> torch.Tensor:
+        """State after a loop step → the normed state the head and the exit gate read."""
+        if not self.coda:
+            return h if self.config.step_norm else self.norm(h)
+        cos, sin = self.rope.tables(start, h.shape[1])
+        for index, layer in enumerate(self.coda):
+            h = layer(h, cos, sin, cache.store("coda", index, step) if cache else None, start)
+        return self.norm(h)
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """[..., D] → [..., V]."""
+        return F.linear(readout, self.head_weight)
+
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """[..., D] → exit-gate logits z [...]."""
+        return self.exit_gate(readout).squeeze(-1)
+
+    def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None) -> LoopOutput:
+        """Run ``steps`` loop steps (default: the trained T; more extrapolates) on ids [B, S].
+
+        With a cache, positions continue from ``cache.length`` and the cache advances by S.
+        """
+        steps = self.config.loop_steps if steps is None else steps
+        if steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {steps}")
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_steps(steps)
+        h = self.embed_input(ids, start, cache)
+        hidden_states, gates = [], []
+        for step in range(steps):
+            h = self.core_step(h, step, start, cache)
+            readout = self.readout(h, step, start, cache)
+            hidden_states.append(readout)
+            if self.exit_gate is not None:
+                gates.append(self.gate_logits(readout))
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self)

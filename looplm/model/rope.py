@@ -1,0 +1,31 @@
+"""Rotary position embedding (Su et al. 2021), rotate-half layout as in Llama and Ouro.
+
+For a head vector x split in halves (x₁, x₂) at position p with angles θ_i = p · base^(−2i/d):
+    rope(x) = (x₁ cos θ − x₂ sin θ,  x₂ cos θ + x₁ sin θ).
+"""
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for positions [0, max_len). Tables: [max_len, head_dim]."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+        super().__init__()
+        inverse_frequency = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inverse_frequency)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+length−1, each [length, head_dim]."""
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, S, hd] by the tables cos, sin [S, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

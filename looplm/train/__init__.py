@@ -1,0 +1,1 @@
+"""Training: objectives, optimiser and schedule, checkpoints, the training loop."""

@@ -1,0 +1,277 @@
+"""The training loop: plain code a reader can follow top to bottom.
+
+AdamW (β 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to
+``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
+on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
+steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
+model, tokenizer, run config and the full training state, so ``resume=True`` continues with
+exactly the losses an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from looplm.config import RunConfig
+from looplm.data.source import TrainingData, open_training_data
+from looplm.errors import LoopLMError
+from looplm.eval.depth import accuracy_by_step, loss_by_step
+from looplm.model.lm import LoopLM
+from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory,
+                                     write_model_files)
+from looplm.train.objectives import compute_loss
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    model: LoopLM
+    tokenizer: object
+    data: TrainingData
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    last_eval: dict = field(default_factory=dict)
+    steps_done: int = 0
+    seconds: float = 0.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoopLMError(f"device {name!r} asked for, but CUDA is not available: use --train.device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim ≥ 2) only; norms, biases and the gate bias are exempt."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def lr_factor(step: int, config) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based): warmup, then cosine."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                 data: TrainingData | None = None, fit_vocab: bool = False):
+        """fit_vocab: set model.vocab_size to the tokenizer's (when the user did not choose one)."""
+        self.run = run
+        self.train_config = run.train
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        config = run.train
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = pick_device(config.device)
+        checkpoints = self.out_dir / "checkpoints"
+        if not resume and checkpoints.is_dir() and any(checkpoints.glob("step_*")):
+            raise LoopLMError(f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue"
+                              " or choose another --out")
+        _seed_everything(config.seed)
+        self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
+                                               self.out_dir, config.seed)
+        self.tokenizer = self.data.tokenizer
+        if fit_vocab and run.model.vocab_size != self.tokenizer.vocab_size:
+            run.model = dataclasses.replace(run.model, vocab_size=self.tokenizer.vocab_size)
+        if self.tokenizer.vocab_size > run.model.vocab_size:
+            raise LoopLMError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is"
+                              f" {run.model.vocab_size}: set --model.vocab_size {self.tokenizer.vocab_size}")
+        if self.data.seq_len > run.model.max_seq_len:
+            raise LoopLMError(f"training sequences of {self.data.seq_len} tokens exceed model.max_seq_len="
+                              f"{run.model.max_seq_len}: raise it or lower --train.seq_len")
+        self.model = LoopLM(run.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.skipped_steps = 0
+        if resume:
+            self._load_latest()
+        self.forward_loss = self._forward_loss
+        if config.compile:
+            self.forward_loss = torch.compile(self._forward_loss)
+
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float):
+        output = self.model(inputs)
+        return compute_loss(output, targets, self.train_config.objective, beta)
+
+    def train(self, stop_after: int | None = None) -> TrainResult:
+        """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
+        config = self.train_config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
+        result = TrainResult(self.model, self.tokenizer, self.data, self.out_dir)
+        last = min(config.steps, stop_after) if stop_after is not None else config.steps
+        bar = _progress_bar(self.step, config.steps, self.progress)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        tokens_per_step = config.batch_size * config.grad_accum * self.data.seq_len
+        started = time.perf_counter()
+        window_start, window_tokens = started, 0
+        self.model.train()
+        try:
+            while self.step < last:
+                beta = config.entropy_beta_at(self.step)
+                for _ in range(config.grad_accum):
+                    inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
+                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    with autocast:
+                        loss_result = self.forward_loss(inputs, targets, beta)
+                    (loss_result.loss / config.grad_accum).backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:
+                    self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                window_tokens += tokens_per_step
+                loss_value = float(loss_result.loss.detach())
+                result.losses.append(loss_value)
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == last:
+                    now = time.perf_counter()
+                    speed = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    record = {"step": self.step, "loss": loss_value,
+                              "step_losses": [round(v, 5) for v in loss_result.step_losses.tolist()],
+                              "mean_exit_step": float(loss_result.mean_exit_step),
+                              "exit_entropy": float(loss_result.exit_entropy),
+                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens_per_s": speed, "skipped_steps": self.skipped_steps}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", exit=f"{record['mean_exit_step']:.2f}",
+                                    tok_s=f"{speed:,.0f}")
+                if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
+                    result.last_eval = self.evaluate()
+                    self._log({"step": self.step, "eval": result.last_eval})
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            print(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume", file=sys.stderr)
+            raise
+        bar.close()
+        if not config.save_every or self.step % config.save_every:
+            self.save()
+        result.steps_done = self.step
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def evaluate(self) -> dict:
+        """Per-step validation loss and exit statistics; per-step accuracy on task data."""
+        report = loss_by_step(self.model, self.data.validation)
+        if self.data.eval_set is not None:
+            report["accuracy_by_step"] = accuracy_by_step(self.model, self.data.eval_set.to(self.device))
+        return report
+
+    def _log(self, record: dict) -> None:
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def save(self) -> Path:
+        """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
+        target = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
+
+        def write(directory: Path) -> None:
+            write_model_files(self.model, directory, self.tokenizer)
+            (directory / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
+            torch.save(self._train_state(), directory / TRAIN_STATE_FILE)
+
+        atomic_directory(target, write)
+        kept = sorted((self.out_dir / "checkpoints").glob("step_*"))
+        for old in kept[:-self.train_config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _train_state(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "data_generator": self.data_generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def _load_latest(self) -> None:
+        from looplm.train.checkpoint import load_model
+
+        checkpoints = sorted((self.out_dir / "checkpoints").glob("step_*"))
+        if not checkpoints:
+            raise LoopLMError(f"nothing to resume in {str(self.out_dir)!r}: no checkpoints/step_* found")
+        latest = checkpoints[-1]
+        loaded = load_model(latest, self.device)
+        if loaded.config != self.run.model:
+            raise LoopLMError(f"the model config differs from the one in {str(latest)!r}: resume with the same config")
+        self.model.load_state_dict(loaded.state_dict())
+        state_path = latest / TRAIN_STATE_FILE
+        if not state_path.is_file():
+            raise LoopLMError(f"missing {TRAIN_STATE_FILE} in {str(latest)!r}: cannot resume from it")
+        try:
+            state = torch.load(state_path, map_location=self.device, weights_only=False)
+        except Exception as error:  # torch.load raises several types for a damaged file
+            raise LoopLMError(f"{str(state_path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+
+
+def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train a model described by ``run`` into ``out_dir`` (see ``Trainer``)."""
+    return Trainer(run, out_dir, resume=resume, progress=progress).train(stop_after=stop_after)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _SilentBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(initial: int, total: int, enabled: bool):
+    if not enabled:
+        return _SilentBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,362 @@
+"""Synthetic tasks: generation, reference answers, splits, knob errors and batching."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from looplm.data.tasks import (
+    IGNORE_INDEX,
+    TASKS,
+    BindingTask,
+    Example,
+    ModArithTask,
+    TaskBatches,
+    encode_example,
+    evaluate,
+    make_task,
+    split_of,
+)
+from looplm.errors import LoopLMError
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: one id per UTF-8 byte, then pad, bos, eos."""
+
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+TOKENIZER = ByteTokenizer()
+STATEMENT = re.compile(r"^([a-z])=([a-z0-9])$")
+
+
+def resolve_binding(prompt: str) -> tuple[str, int]:
+    """Independent reference: (value, depth) of the queried variable; checks definition order."""
+    body, query = prompt.split(";")
+    assert query.endswith("?") and len(query) == 2
+    values: dict[str, tuple[str, int]] = {}
+    for statement in body.split(","):
+        match = STATEMENT.match(statement)
+        assert match, statement
+        name, source = match.groups()
+        assert name not in values, f"{name} defined twice"
+        if source.isdigit():
+            values[name] = (source, 1)
+        else:
+            assert source in values, f"{source} used before it is defined"
+            value, depth = values[source]
+            values[name] = (value, depth + 1)
+    return values[query[0]]
+
+
+def all_tasks() -> list:
+    return [make_task(name) for name in sorted(TASKS)]
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def test_examples_are_deterministic_in_the_seed(task):
+    assert task.examples(50, seed=3) == task.examples(50, seed=3)
+    assert task.examples(50, seed=3) != task.examples(50, seed=4)
+    assert task.examples(20, seed=3, split="test") == task.examples(20, seed=3, split="test")
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def test_examples_respect_the_length_bounds(task):
+    for example in task.examples(500, seed=0):
+        assert len(example.prompt) <= task.max_prompt_chars
+        assert len(example.answer) <= task.max_answer_chars
+        assert example.prompt.isascii() and "\n" not in example.prompt
+
+
+def test_length_bounds_are_reached():
+    binding = BindingTask(hops=3, n_chains=2)
+    modarith = ModArithTask(modulus=23, n_ops=2)
+    assert max(len(e.prompt) for e in binding.examples(500, seed=0)) == binding.max_prompt_chars
+    assert max(len(e.prompt) for e in modarith.examples(2000, seed=0)) == modarith.max_prompt_chars
+
+
+def test_binding_answers_match_an_independent_resolver():
+    task = BindingTask(hops=5, min_hops=2, n_chains=3)
+    for example in task.examples(500, seed=1):
+        value, depth = resolve_binding(example.prompt)
+        assert example.answer == value
+        assert example.meta == {"hops": depth}
+        assert 2 <= depth <= 5
+
+
+def test_binding_variables_are_distinct_single_letters():
+    task = BindingTask(hops=4, n_chains=6)
+    for example in task.examples(200, seed=2):
+        names = [statement.split("=")[0] for statement in example.prompt.split(";")[0].split(",")]
+        assert len(names) == len(set(names))
+        assert all(len(name) == 1 and name.islower() for name in names)
+
+
+def test_binding_depths_cover_the_range_roughly_uniformly():
+    task = BindingTask(hops=6, min_hops=2, n_chains=2)
+    depths = Counter(example.meta["hops"] for example in task.examples(2500, seed=5))
+    assert set(depths) == {2, 3, 4, 5, 6}
+    assert min(depths.values()) > 2500 / 5 / 2
+
+
+def test_binding_interleaves_chains():
+    # Chains written one after another would switch chain n_chains - 1 times at most.
+    task = BindingTask(hops=4, min_hops=4, n_chains=2)
+    interleaved = 0
+    for example in task.examples(200, seed=6):
+        chain_of: dict[str, int] = {}
+        chains = []
+        for statement in example.prompt.split(";")[0].split(","):
+            name, source = statement.split("=")
+            chain_of[name] = len(set(chain_of.values())) if source.isdigit() else chain_of[source]
+            chains.append(chain_of[name])
+        switches = sum(first != second for first, second in zip(chains, chains[1:]))
+        interleaved += switches > 1
+    assert interleaved > 50
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), hops=st.integers(1, 8), n_chains=st.integers(1, 3), data=st.data())
+def test_binding_resolver_agrees_for_any_knobs(seed, hops, n_chains, data):
+    min_hops = data.draw(st.integers(1, hops))
+    task = BindingTask(hops=hops, min_hops=min_hops, n_chains=n_chains)
+    for example in task.examples(10, seed):
+        value, depth = resolve_binding(example.prompt)
+        assert (example.answer, example.meta["hops"]) == (value, depth)
+        assert min_hops <= depth <= hops
+        assert len(example.prompt) <= task.max_prompt_chars
+
+
+@pytest.mark.parametrize("expression, modulus, value", [
+    ("+ 3 4", 23, 7),
+    ("- 3 4", 23, 22),
+    ("* 5 6", 23, 7),
+    ("+ * 3 4 - 5 6 =", 23, 11),
+    ("* - 2 9 + 10 20", 23, 20),
+    ("- 0 * 22 22", 23, 22),
+    ("* 6 6", 7, 1),
+    ("17", 23, 17),
+])
+def test_modarith_evaluator_on_hand_computed_expressions(expression, modulus, value):
+    assert evaluate(expression, modulus) == value
+
+
+@pytest.mark.parametrize("expression", ["+ 3", "3 4", "+ 3 4 5", ""])
+def test_modarith_evaluator_rejects_malformed_expressions(expression):
+    with pytest.raises(ValueError):
+        evaluate(expression, 23)
+
+
+def test_modarith_examples_obey_the_knobs():
+    task = ModArithTask(modulus=11, ops="-*", n_ops=4, min_ops=2)
+    counts = Counter()
+    for example in task.examples(1000, seed=7):
+        tokens = example.prompt.split(" ")
+        assert tokens[-1] == "="
+        operators = [token for token in tokens if token in "+-*"]
+        operands = [int(token) for token in tokens[:-1] if token not in "+-*"]
+        assert set(operators) <= {"-", "*"}
+        assert example.meta == {"ops": len(operators)}
+        assert len(operands) == len(operators) + 1
+        assert all(0 <= operand < 11 for operand in operands)
+        assert 0 <= int(example.answer) < 11
+        assert example.answer == str(evaluate(example.prompt, 11))
+        counts[len(operators)] += 1
+    assert set(counts) == {2, 3, 4}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), modulus=st.integers(2, 200), n_ops=st.integers(1, 6))
+def test_modarith_answers_are_in_range(seed, modulus, n_ops):
+    task = ModArithTask(modulus=modulus, n_ops=n_ops)
+    for example in task.examples(10, seed):
+        assert 0 <= int(example.answer) < modulus
+        assert len(example.prompt) <= task.max_prompt_chars
+        assert len(example.answer) <= task.max_answer_chars
+
+
+def test_score_is_exact_match_after_stripping():
+    task = make_task("binding")
+    assert task.score(" 7\n", "7")
+    assert task.score("7", " 7 ")
+    assert not task.score("77", "7")
+    assert not task.score("7.", "7")
+    assert not task.score("", "7")
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def test_train_and_test_splits_are_disjoint(task):
+    train = task.examples(2000, seed=0, split="train")
+    test = task.examples(300, seed=0, split="test")
+    assert all(split_of(example.prompt) == "train" for example in train)
+    assert all(split_of(example.prompt) == "test" for example in test)
+    assert not {example.prompt for example in train} & {example.prompt for example in test}
+
+
+def test_split_without_test_prompts_is_reported():
+    # "- 0 0 =" .. "- 1 1 =" all hash into the train split.
+    task = ModArithTask(modulus=2, ops="-", n_ops=1)
+    with pytest.raises(LoopLMError, match="too few distinct prompts"):
+        task.examples(1, seed=0, split="test")
+
+
+def test_make_task_coerces_string_knobs():
+    task = make_task("binding", hops="6", min_hops=" 2", n_chains=3)
+    assert task == BindingTask(hops=6, min_hops=2, n_chains=3)
+    assert make_task("modarith", ops="+", modulus="7").knob_values() == {
+        "modulus": 7, "ops": "+", "n_ops": 2, "min_ops": 1}
+
+
+@pytest.mark.parametrize("name, knobs, words", [
+    ("sorting", {}, ["unknown task 'sorting'", "binding", "modarith"]),
+    ("binding", {"hop": 3}, ["unknown knob 'hop'", "hops, min_hops, n_chains"]),
+    ("binding", {"hops": 0}, ["binding task: hops must be >= 1, got 0"]),
+    ("binding", {"hops": "four"}, ["binding task: hops must be an integer, got 'four'"]),
+    ("binding", {"hops": True}, ["hops must be an integer"]),
+    ("binding", {"hops": 3, "min_hops": 4}, ["min_hops must be in [1, hops=3], got 4"]),
+    ("binding", {"n_chains": 0}, ["n_chains must be >= 1"]),
+    ("binding", {"hops": 10, "n_chains": 3}, ["n_chains * hops must be <= 26", "3 * 10 = 30"]),
+    ("modarith", {"modulus": 1}, ["modarith task: modulus must be >= 2, got 1"]),
+    ("modarith", {"ops": "+/"}, ["ops must be distinct characters"]),
+    ("modarith", {"ops": "++"}, ["ops must be distinct characters"]),
+    ("modarith", {"ops": ""}, ["ops must be distinct characters"]),
+    ("modarith", {"ops": 3}, ["ops must be a string"]),
+    ("modarith", {"n_ops": 0}, ["n_ops must be in [1, 256], got 0"]),
+    ("modarith", {"n_ops": 2, "min_ops": 3}, ["min_ops must be in [1, n_ops=2], got 3"]),
+])
+def test_make_task_errors_are_one_line(name, knobs, words):
+    with pytest.raises(LoopLMError) as raised:
+        make_task(name, **knobs)
+    message = str(raised.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_encode_example_trains_only_answer_and_eos():
+    inputs, targets = encode_example(Example("a=7;a?", "7", {}), TOKENIZER)
+    assert inputs == [257, *b"a=7;a?", *b"7"]
+    assert targets == [IGNORE_INDEX] * 6 + [ord("7"), 258]
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def test_batches_mask_prompt_and_padding(task):
+    batches = TaskBatches(task, TOKENIZER)
+    assert batches.seq_len == task.max_prompt_chars + task.max_answer_chars + 1
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = batches.batch(32, generator)
+    assert inputs.shape == targets.shape == (32, batches.seq_len)
+    assert inputs.dtype == targets.dtype == torch.long
+    end_of_prompt = "?" if task.name == "binding" else "="
+    for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist()):
+        length = row_inputs.index(TOKENIZER.pad_id) if TOKENIZER.pad_id in row_inputs else len(row_inputs)
+        assert row_inputs[0] == TOKENIZER.bos_id
+        assert all(token == TOKENIZER.pad_id for token in row_inputs[length:])
+        text = bytes(row_inputs[1:length]).decode()
+        prompt, answer = text[: text.index(end_of_prompt) + 1], text[text.index(end_of_prompt) + 1:]
+        assert split_of(prompt) == "train"
+        trained = [position for position, target in enumerate(row_targets) if target != IGNORE_INDEX]
+        # Positions len(prompt) .. length - 1 predict the answer and eos; nothing else is trained.
+        assert trained == list(range(len(prompt), length))
+        assert row_targets[len(prompt):length] == [*answer.encode(), TOKENIZER.eos_id]
+
+
+def test_batches_reproducible_from_generator_state():
+    batches = TaskBatches(make_task("binding"), TOKENIZER)
+    generator = torch.Generator().manual_seed(123)
+    batches.batch(8, generator)
+    state = generator.get_state()
+    first = [batches.batch(8, generator) for _ in range(3)]
+    resumed = torch.Generator()
+    resumed.set_state(state)
+    second = [batches.batch(8, resumed) for _ in range(3)]
+    for (inputs_a, targets_a), (inputs_b, targets_b) in zip(first, second):
+        assert torch.equal(inputs_a, inputs_b) and torch.equal(targets_a, targets_b)
+    assert not torch.equal(first[0][0], first[1][0])
+    other_seed = TaskBatches(make_task("binding"), TOKENIZER, seed=1)
+    resumed.set_state(state)
+    assert not torch.equal(other_seed.batch(8, resumed)[0], first[0][0])
+
+
+def test_batches_seq_len_and_split_validation():
+    task = make_task("binding")
+    assert TaskBatches(task, TOKENIZER, seq_len=64).batch(2, torch.Generator())[0].shape == (2, 64)
+    for bad in (35, 0, "36", True):
+        with pytest.raises(LoopLMError, match="seq_len must be an integer >= 36"):
+            TaskBatches(task, TOKENIZER, seq_len=bad)
+    with pytest.raises(LoopLMError, match="split must be 'train' or 'test'"):
+        TaskBatches(task, TOKENIZER, split="validation")
+    with pytest.raises(LoopLMError, match="batch_size must be an integer >= 1"):
+        TaskBatches(task, TOKENIZER).batch(0, torch.Generator())
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def test_eval_set_masks_exactly_answer_and_eos(task):
+    eval_set = TaskBatches(task, TOKENIZER).eval_set(40, seed=9)
+    assert len(eval_set) == 40
+    assert eval_set.examples == task.examples(40, seed=9, split="test")
+    assert eval_set.answers == [example.answer for example in eval_set.examples]
+    for row, example in enumerate(eval_set.examples):
+        prompt_ids = eval_set.prompts[row]
+        assert prompt_ids == [TOKENIZER.bos_id, *example.prompt.encode()]
+        answer_ids = [*example.answer.encode(), TOKENIZER.eos_id]
+        masked = eval_set.answer_mask[row].nonzero().flatten().tolist()
+        start = len(prompt_ids) - 1
+        assert masked == list(range(start, start + len(answer_ids)))
+        assert eval_set.targets[row, masked].tolist() == answer_ids
+        assert eval_set.inputs[row, : len(prompt_ids)].tolist() == prompt_ids
+
+
+def test_eval_set_correct_is_teacher_forced_exact_match():
+    eval_set = TaskBatches(make_task("modarith"), TOKENIZER).eval_set(8, seed=0)
+    vocab = 259
+    # Logits that put all mass on the target at trained positions score every example correct.
+    perfect = torch.zeros(*eval_set.targets.shape, vocab)
+    perfect.scatter_(-1, eval_set.targets.clamp(min=0).unsqueeze(-1), 1.0)
+    assert eval_set.correct(perfect).all()
+    # Breaking one answer position of one row fails only that row; prompt positions don't count.
+    broken = perfect.clone()
+    row = 3
+    position = int(eval_set.answer_mask[row].nonzero()[0])
+    broken[row, position] = 0.0
+    broken[row, position, (int(eval_set.targets[row, position]) + 1) % vocab] = 1.0
+    broken[:, 0] = 0.0
+    broken[:, 0, 0] = 1.0
+    assert eval_set.correct(broken).tolist() == [index != row for index in range(8)]
+
+
+def test_eval_set_examples_never_appear_in_training_batches():
+    task = BindingTask(hops=2, n_chains=1)
+    batches = TaskBatches(task, TOKENIZER)
+    held_out = {example.prompt for example in batches.eval_set(50, seed=0).examples}
+    generator = torch.Generator().manual_seed(0)
+    inputs, _ = batches.batch(2000, generator)
+    seen = {bytes(row[1: row.index(ord("?")) + 1]).decode() for row in inputs.tolist()}
+    assert seen and not seen & held_out
+
+
+def test_sampling_uses_only_the_given_rng():
+    task = make_task("modarith")
+    random.seed(0)
+    first = task.examples(20, seed=1)
+    random.seed(99)
+    assert task.examples(20, seed=1) == first
+
+
+def test_the_project_byte_tokenizer_batches_like_the_stand_in():
+    tokenizer = pytest.importorskip("looplm.data.tokenizer").byte_tokenizer()
+    task = make_task("binding")
+    ours = TaskBatches(task, tokenizer).batch(16, torch.Generator().manual_seed(4))
+    stand_in = TaskBatches(task, TOKENIZER).batch(16, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(ours, stand_in))
