@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+
+from looplm.errors import LoopLMError
+from looplm.model import LoopLM
+from looplm.train.checkpoint import load_model, save_model
+
+from conftest import tiny_config
+
+
+def test_save_load_bit_identical(tmp_path, tiny_model):
+    save_model(tiny_model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config == tiny_model.config
+    for (name, a), (_, b) in zip(sorted(tiny_model.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.equal(tiny_model(ids, steps=5).step_logits, loaded(ids, steps=5).step_logits)
+
+
+def test_untied_head_round_trips(tmp_path):
+    model = LoopLM(tiny_config(tie_embeddings=False, n_prelude_layers=1, n_coda_layers=1)).eval()
+    save_model(model, tmp_path / "ckpt")
+    ids = torch.randint(0, 64, (1, 5))
+    assert torch.equal(model(ids).logits(), load_model(tmp_path / "ckpt")(ids).logits())
+
+
+def test_save_is_atomic_and_replaces(tmp_path, tiny_model):
+    target = tmp_path / "ckpt"
+    save_model(tiny_model, target)
+    save_model(tiny_model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _broken(tmp_path, tiny_model, how):
+    target = tmp_path / "ckpt"
+    save_model(tiny_model, target)
+    weights = target / "model.safetensors"
+    config = target / "config.json"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "garbage":
+        weights.write_bytes(b"not a safetensors file at all")
+    elif how == "no-weights":
+        weights.unlink()
+    elif how == "no-config":
+        config.unlink()
+    elif how == "bad-json":
+        config.write_text("{not json")
+    elif how == "unknown-key":
+        data = json.loads(config.read_text())
+        data["loop_stepz"] = 3
+        config.write_text(json.dumps(data))
+    elif how == "shape":
+        data = json.loads(config.read_text())
+        data["d_model"] = 64
+        config.write_text(json.dumps(data))
+    return target
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "no-weights", "no-config", "bad-json", "unknown-key", "shape"])
+def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_model, how):
+    target = _broken(tmp_path, tiny_model, how)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(LoopLMError) as error:
+        load_model(target)
+    assert "\n" not in str(error.value)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(LoopLMError):
+        load_model(tmp_path / "nowhere")

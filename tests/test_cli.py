@@ -1,0 +1,105 @@
+"""The looplm command end to end, through a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
+        "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
+        "--train.warmup_steps", "1", "--no-progress"]
+
+
+def looplm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "looplm", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text("hello looped world. " * 300)
+    result = looplm("train", "--data", corpus, "--out", root / "run", "--train.steps", "4", *TINY)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_help_for_every_command():
+    for command in ("demo", "train", "generate", "eval", "prepare", "bench"):
+        result = looplm(command, "--help")
+        assert result.returncode == 0 and "usage: looplm " + command in result.stdout
+
+
+def test_train_then_generate(trained):
+    result = looplm("generate", trained / "run", "--prompt", "hello", "--max-new-tokens", "5", "--show-steps",
+                    "--q", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "steps per token" in result.stderr
+    assert (trained / "run" / "checkpoints" / "step_0000004" / "tokenizer.json").is_file()
+
+
+def test_prepare_then_train_on_shards_and_resume(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(30)))
+    assert looplm("prepare", corpus, "--out", tmp_path / "shards").returncode == 0
+    first = looplm("train", "--data", tmp_path / "shards", "--out", tmp_path / "run", "--train.steps", "2", *TINY)
+    assert first.returncode == 0, first.stderr
+    again = looplm("train", "--out", tmp_path / "run", "--resume", "--no-progress")
+    assert again.returncode == 0, again.stderr
+
+
+def test_eval_on_a_task(tmp_path):
+    run = tmp_path / "run"
+    result = looplm("train", "--task", "binding", "--data.task_options", '{"hops": 2}', "--out", run,
+                    "--train.steps", "2", *TINY)
+    assert result.returncode == 0, result.stderr
+    report = tmp_path / "report.json"
+    result = looplm("eval", run, "--task", "binding", "--task-options", '{"hops": 2}', "--examples", "32",
+                    "--json", report)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(report.read_text())["accuracy_by_step"]) == 4
+
+
+def _assert_user_error(result):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), result.stderr
+
+
+def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
+    run = trained / "run"
+    checkpoint = run / "checkpoints" / "step_0000004"
+    snapshot = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x80\x81 not utf-8")
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  loop_stepz: 3\n")
+    cases = [
+        looplm("generate", tmp_path / "missing", "--prompt", "x"),
+        looplm("generate", run, "--prompt", "x", "--q", "1.5"),
+        looplm("generate", run, "--prompt", "x", "--steps", "0"),
+        looplm("generate", run, "--prompt", "x" * 100),
+        looplm("train", "--data", empty, "--out", tmp_path / "r1", *TINY),
+        looplm("train", "--data", binary, "--out", tmp_path / "r2", *TINY),
+        looplm("train", "--config", config, "--data", empty, "--out", tmp_path / "r3"),
+        looplm("train", "--data", trained / "corpus.txt", "--out", run, *TINY),
+    ]
+    for result in cases:
+        _assert_user_error(result)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == snapshot
+
+
+def test_corrupt_and_truncated_checkpoints_exit_2(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained / "run" / "checkpoints" / "step_0000004", copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    _assert_user_error(looplm("generate", copy, "--prompt", "x"))
+    (copy / "config.json").write_text("{broken")
+    _assert_user_error(looplm("generate", copy, "--prompt", "x"))

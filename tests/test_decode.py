@@ -1,0 +1,160 @@
+"""Cached decoding equals the full forward; Q-exit skips work and keeps caches consistent."""
+
+import pytest
+import torch
+
+from looplm.cache import KVCache
+from looplm.errors import LoopLMError
+from looplm.generate import Decoder, FixedSteps, QExit, Sampling, generate, sample_next
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+@pytest.mark.parametrize("chunks", [[12, 1, 1, 1, 1], [5, 4, 3, 4], [1] * 16])
+def test_cached_forward_equals_full_forward(tiny_model, steps, chunks):
+    ids = torch.randint(0, 64, (2, sum(chunks)))
+    full = tiny_model(ids, steps=steps)
+    cache = KVCache(tiny_model.config, 2, 32, max_steps=steps)
+    begin = 0
+    for size in chunks:
+        part = tiny_model(ids[:, begin:begin + size], steps=steps, cache=cache)
+        for step in range(1, steps + 1):
+            torch.testing.assert_close(part.logits(step), full.logits(step)[:, begin:begin + size],
+                                       atol=1e-5, rtol=0)
+        torch.testing.assert_close(part.gate_logits, full.gate_logits[:, :, begin:begin + size], atol=1e-5, rtol=0)
+        begin += size
+    assert cache.length == sum(chunks)
+
+
+def test_cached_forward_with_prelude_coda_and_gqa():
+    torch.manual_seed(3)
+    model = LoopLM(tiny_config(n_prelude_layers=1, n_coda_layers=1, n_kv_heads=2)).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    full = model(ids, steps=4)
+    cache = KVCache(model.config, 1, 16, max_steps=4)
+    first = model(ids[:, :7], steps=4, cache=cache)
+    second = model(ids[:, 7:], steps=4, cache=cache)
+    for step in range(1, 5):
+        torch.testing.assert_close(torch.cat([first.logits(step), second.logits(step)], 1), full.logits(step),
+                                   atol=1e-5, rtol=0)
+
+
+def test_decoder_fixed_steps_matches_full_forward(tiny_model):
+    ids = torch.randint(0, 64, (1, 14))
+    for steps in (3, 5):
+        full = tiny_model(ids, steps=steps).logits()
+        decoder = Decoder(tiny_model, FixedSteps(steps), 14)
+        with torch.no_grad():
+            logits, used = decoder.prefill(ids[:, :6])
+            torch.testing.assert_close(logits, full[0, 5], atol=1e-5, rtol=0)
+            for position in range(6, 14):
+                logits, used = decoder.step(int(ids[0, position]))
+                assert used == steps
+                torch.testing.assert_close(logits, full[0, position], atol=1e-5, rtol=0)
+
+
+def test_q_exit_with_q_one_equals_full_depth(tiny_model):
+    prompt = torch.randint(0, 64, (12,)).tolist()
+    full = generate(tiny_model, prompt, 20, exit_policy=FixedSteps(), stop_ids=[])
+    q_one = generate(tiny_model, prompt, 20, exit_policy=QExit(1.0), stop_ids=[])
+    assert q_one.ids == full.ids
+    assert q_one.steps == [3] * 20
+
+
+def test_q_exit_skips_steps_and_fills_deeper_caches_last_exited(tiny_model):
+    """A token that exits at step e runs no deeper step; its step-e K/V fill the deeper slots."""
+    torch.nn.init.normal_(tiny_model.exit_gate.weight, std=2.0)
+    prompt = torch.randint(0, 64, (6,))
+    config = tiny_model.config
+    decoder = Decoder(tiny_model, QExit(0.5), 40)
+    with torch.no_grad():
+        decoder.prefill(prompt.unsqueeze(0))
+        calls = []
+        hooks = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in tiny_model.core]
+        exits = []
+        for token in torch.randint(0, 64, (30,)).tolist():
+            position = decoder.cache.length
+            before = len(calls)
+            _, used = decoder.step(token)
+            exits.append(used)
+            assert len(calls) - before == used * config.n_core_layers
+            cache = decoder.cache
+            for layer in range(config.n_core_layers):
+                source = cache.slot("core", layer, used - 1)
+                for deeper in range(used, config.loop_steps):
+                    target = cache.slot("core", layer, deeper)
+                    assert torch.equal(cache.keys[target, :, :, position], cache.keys[source, :, :, position])
+                    assert torch.equal(cache.values[target, :, :, position], cache.values[source, :, :, position])
+        for hook in hooks:
+            hook.remove()
+    assert min(exits) < config.loop_steps, "the test needs at least one early exit"
+    assert max(exits) > 1 or min(exits) == 1
+
+
+def test_q_exit_decision_matches_full_forward_gates(tiny_model):
+    """With a cache whose deeper entries come from full depth, the exit step equals the CDF rule."""
+    from looplm.model.exit import q_exit_steps
+
+    torch.nn.init.normal_(tiny_model.exit_gate.weight, std=2.0)
+    ids = torch.randint(0, 64, (1, 9))
+    output = tiny_model(ids)
+    expected = q_exit_steps(output.gate_logits, 0.5)[0, -1].item()
+    decoder = Decoder(tiny_model, QExit(0.5), 9)
+    with torch.no_grad():
+        decoder.prefill(ids[:, :8])
+        logits, used = decoder.step(int(ids[0, 8]))
+    assert used == expected
+    torch.testing.assert_close(logits, output.logits(used)[0, -1], atol=1e-5, rtol=0)
+
+
+def test_sampling_rules():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert sample_next(logits, Sampling(), None) == 1
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, Sampling(temperature=1.0, top_k=2), generator) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample_next(logits, Sampling(temperature=1.0, top_p=0.5), generator) for _ in range(100)}
+    assert draws == {1}
+    a = [sample_next(logits, Sampling(temperature=2.0), torch.Generator().manual_seed(5)) for _ in range(3)]
+    b = [sample_next(logits, Sampling(temperature=2.0), torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert a == b
+
+
+def test_stop_strings_and_stop_ids():
+    from looplm.data.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=64)).eval()
+    prompt = [tokenizer.bos_id] + tokenizer.encode("hello")
+    free = generate(model, prompt, 30, tokenizer=tokenizer, stop_ids=[])
+    assert len(free.ids) == 30 and free.stop_reason == "length"
+    if len(free.text) >= 4:
+        stop = free.text[2:4]
+        cut = generate(model, prompt, 30, tokenizer=tokenizer, stop_strings=[stop], stop_ids=[])
+        assert cut.stop_reason == "stop_string"
+        assert cut.text == free.text[:free.text.find(stop)]
+    first = free.ids[3]
+    stopped = generate(model, prompt, 30, tokenizer=tokenizer, stop_ids=[first])
+    assert stopped.stop_reason == "stop_token" and first not in stopped.ids
+
+
+def test_generation_stops_at_the_context_end(tiny_model):
+    result = generate(tiny_model, list(range(40)), 100, stop_ids=[])
+    assert len(result.ids) == 8 and result.stop_reason == "context"
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: generate(m, list(range(60)), 4),
+    lambda m: generate(m, [], 4),
+    lambda m: generate(m, [1, 2], 4, exit_policy=QExit(1.5)),
+    lambda m: generate(m, [1, 2], 4, exit_policy=QExit(-0.1)),
+    lambda m: generate(m, [1, 2], 4, exit_policy=FixedSteps(0)),
+    lambda m: generate(m, [1, 2], 4, sampling=Sampling(temperature=-1)),
+])
+def test_bad_generation_requests_are_one_line_errors(tiny_model, call):
+    with pytest.raises(LoopLMError) as error:
+        call(tiny_model)
+    assert "\n" not in str(error.value)
