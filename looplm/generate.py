@@ -124,7 +124,11 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 class Decoder:
     """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
 
-    def __init__(self, model, exit_policy: ExitPolicy, max_len: int):
+    def __init__(self, model, exit_policy: ExitPolicy, max_len: int, fast: bool = True,
+                 compile_steps: bool = False):
+        """fast: decode tokens with ``FastStepper`` (same math, vector layout); False keeps the
+        reference path through the model's own modules. compile_steps: torch.compile the fast
+        loop step (worth it for long generations: the first call compiles for ~20 s)."""
         self.model = model
         self.policy = exit_policy
         self.max_steps = exit_policy.max_steps(model.config.loop_steps)
@@ -133,6 +137,12 @@ class Decoder:
         device = next(model.parameters()).device
         self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
                              dtype=next(model.parameters()).dtype)
+        self.stepper = None
+        if fast or compile_steps:
+            from looplm.fast_decode import FastStepper
+
+            self.stepper = FastStepper(model, self.cache, compile_steps)
+        self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits."""
@@ -146,11 +156,13 @@ class Decoder:
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         """Decode one token; return its logits [V] and the loop steps it ran."""
+        if self.stepper is not None:
+            return self.stepper.step(token, self.max_steps, self.threshold)
         model, cache = self.model, self.cache
         start = cache.length
         ids = torch.tensor([[token]], device=cache.keys.device)
         h = model.embed_input(ids, start, cache)
-        threshold = self.policy.threshold if isinstance(self.policy, QExit) else 1.0
+        threshold = self.threshold
         log_survival = torch.zeros((), device=ids.device)
         for step in range(self.max_steps):
             h = model.core_step(h, step, start, cache)
@@ -169,7 +181,8 @@ class Decoder:
 
 def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
            exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-           stop_ids: Sequence[int] | None = None, result: Generation | None = None) -> Iterator[GeneratedToken]:
+           stop_ids: Sequence[int] | None = None, result: Generation | None = None, fast: bool = True,
+           compile_steps: bool = False) -> Iterator[GeneratedToken]:
     """Yield generated tokens one at a time (see ``generate`` for the arguments).
 
     ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
@@ -197,7 +210,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     model.eval()
     try:
         with torch.inference_mode():
-            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1))
+            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), fast, compile_steps)
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
             logits, steps = decoder.prefill(prompt)
             emitted = ""
@@ -242,16 +255,17 @@ def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | No
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-             stop_ids: Sequence[int] | None = None) -> Generation:
+             stop_ids: Sequence[int] | None = None, fast: bool = True, compile_steps: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
 
     Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
     the text is cut before it), or the end of the model's context.  Returns the new ids, the
-    loop steps each token used, the decoded text and why it stopped.
+    loop steps each token used, the decoded text and why it stopped.  ``fast`` decodes with the
+    vector-layout ``FastStepper`` (False: the reference path); ``compile_steps`` compiles it.
     """
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
-                    stop_ids, result):
+                    stop_ids, result, fast, compile_steps):
         pass
     if tokenizer is not None and result.stop_reason != "stop_string":
         result.text = tokenizer.decode(result.ids)

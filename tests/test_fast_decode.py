@@ -1,0 +1,43 @@
+"""The vector-layout fast decode path equals the reference decoder, token for token."""
+
+import pytest
+import torch
+
+from looplm.generate import Decoder, FixedSteps, QExit, generate
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"norm": "pre", "step_norm": False},
+    {"n_prelude_layers": 1, "n_coda_layers": 1, "n_kv_heads": 2, "tie_embeddings": False},
+])
+@pytest.mark.parametrize("policy", [FixedSteps(), FixedSteps(5), QExit(0.4)])
+def test_fast_steps_equal_reference_steps(overrides, policy):
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(**overrides)).eval()
+    torch.nn.init.normal_(model.exit_gate.weight, std=2.0)
+    prompt = torch.randint(0, 64, (1, 5))
+    tokens = torch.randint(0, 64, (20,)).tolist()
+    reference = Decoder(model, policy, 25, fast=False)
+    fast = Decoder(model, policy, 25, fast=True)
+    with torch.no_grad():
+        reference.prefill(prompt)
+        fast.prefill(prompt)
+        for token in tokens:
+            expected, expected_steps = reference.step(token)
+            logits, steps = fast.step(token)
+            assert steps == expected_steps
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.cache.keys, reference.cache.keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.cache.values, reference.cache.values, atol=1e-5, rtol=0)
+
+
+def test_fast_generation_equals_reference_generation(tiny_model):
+    prompt = torch.randint(0, 64, (7,)).tolist()
+    for policy in (FixedSteps(), QExit(0.5)):
+        a = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=True)
+        b = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=False)
+        assert a.ids == b.ids and a.steps == b.steps
