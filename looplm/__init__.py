@@ -1,0 +1,44 @@
+"""looplm: looped (recurrent-depth) language models — train, decode with early exit, evaluate depth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
+from looplm.errors import LoopLMError
+from looplm.generate import FixedSteps, QExit, Sampling, generate, stream
+from looplm.model import LoopLM, LoopOutput
+
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, device: str = "cpu") -> LoopLM:
+    """Load a model from a checkpoint directory or a run directory (its newest checkpoint)."""
+    from looplm.train.checkpoint import load_model
+
+    return load_model(path, device)
+
+
+def load_tokenizer(path: str | Path):
+    """"byte", a tokenizer.json, or the tokenizer saved with a checkpoint / run directory."""
+    from looplm.data.tokenizer import load_tokenizer as load_spec
+    from looplm.train.checkpoint import load_checkpoint_tokenizer
+
+    if str(path) != "byte" and Path(path).is_dir() and not (Path(path) / "tokenizer.json").is_file():
+        tokenizer = load_checkpoint_tokenizer(path)
+        if tokenizer is None:
+            raise LoopLMError(f"no tokenizer.json saved with {str(path)!r}")
+        return tokenizer
+    return load_spec(str(path))
+
+
+def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True):
+    """Train the model described by ``run`` into ``out_dir``; returns a ``TrainResult``."""
+    from looplm.train.trainer import train as run_training
+
+    return run_training(run, out_dir, resume=resume, progress=progress)
+
+
+__all__ = ["DataConfig", "FixedSteps", "LoopLM", "LoopLMError", "LoopOutput", "ModelConfig", "QExit",
+           "RunConfig", "Sampling", "TrainConfig", "generate", "load", "load_tokenizer", "preset", "stream",
+           "train"]

@@ -111,6 +111,12 @@ class LoopLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if exclude_embedding else total
 
+    def save(self, directory, tokenizer=None):
+        """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load`` reads it."""
+        from looplm.train.checkpoint import save_model
+
+        return save_model(self, directory, tokenizer)
+
     def _check_positions(self, start: int, length: int) -> None:
         if start + length > self.config.max_seq_len:
             raise LoopLMError(
