@@ -55,20 +55,22 @@ def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int =
     return statistics.median(rates)
 
 
-def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, repeats: int = 3) -> dict:
+def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, repeats: int = 3,
+                fast: bool = True, compile_steps: bool = False) -> dict:
     """Median batch-1 greedy decode tokens/s (and prefill tokens/s) through ``generate``."""
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=generator).tolist()
     policy = FixedSteps()
     model.eval()
-    generate(model, prompt, 8, exit_policy=policy, stop_ids=[])
+    options = dict(exit_policy=policy, stop_ids=[], fast=fast, compile_steps=compile_steps)
+    generate(model, prompt, 8, **options)
     decode_rates, prefill_rates = [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        generate(model, prompt, 1, exit_policy=policy, stop_ids=[])
+        generate(model, prompt, 1, **options)
         prefill = time.perf_counter() - started
         started = time.perf_counter()
-        result = generate(model, prompt, new_tokens, exit_policy=policy, stop_ids=[])
+        result = generate(model, prompt, new_tokens, **options)
         total = time.perf_counter() - started
         decode_rates.append((len(result.ids) - 1) / max(total - prefill, 1e-9))
         prefill_rates.append(prompt_length / prefill)
@@ -93,7 +95,14 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     }
     if compile_model:
         results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
-    results.update(time_decode(LoopLM(config), repeats=repeats))
+    decode_model = LoopLM(config)
+    results.update(time_decode(decode_model, repeats=repeats))
+    reference = time_decode(decode_model, repeats=repeats, fast=False)["decode_tokens_per_s"]
+    results["decode_tokens_per_s_reference_path"] = reference
+    results["decode_speedup_vs_reference_path"] = results["decode_tokens_per_s"] / reference
+    if compile_model:
+        results["decode_tokens_per_s_compiled"] = time_decode(decode_model, repeats=repeats,
+                                                              compile_steps=True)["decode_tokens_per_s"]
     for key, value in results.items():
         shown = f"{value:,.1f}" if isinstance(value, float) else value
         print(f"{key:>28}: {shown}")

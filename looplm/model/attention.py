@@ -32,10 +32,10 @@ class Attention(nn.Module):
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2).split(
-            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        query_key, v = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2).split(
+            [self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        # One rotation for queries and keys together: half the elementwise ops of two calls.
+        q, k = apply_rope(query_key, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
         gqa = self.n_kv_heads != self.n_heads
         if kv_store is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
