@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step
@@ -22,8 +20,8 @@ from looplm.generate import QExit, generate
 from looplm.train.trainer import Trainer
 
 DEMO_TASK = "binding"
-DEMO_TASK_OPTIONS = {"hops": 4, "min_hops": 1, "n_chains": 3}
-DEMO_TRAIN_STEPS = 1200
+DEMO_TASK_OPTIONS = {"hops": 3, "min_hops": 1, "n_chains": 2}
+DEMO_TRAIN_STEPS = 1500
 DEMO_Q = 0.5
 DEMO_EVAL_EXAMPLES = 1024
 DEMO_GENERATED_EXAMPLES = 256
@@ -64,7 +62,8 @@ def plot_accuracy(accuracy: dict[int, float], trained_steps: int, q_point: tuple
 
 
 def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: float | None = None,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, eval_examples: int = DEMO_EVAL_EXAMPLES,
+             generated_examples: int = DEMO_GENERATED_EXAMPLES) -> dict:
     out = Path(out)
     q = DEMO_Q if q is None else q
     QExit(q)  # validates q before any training starts
@@ -84,24 +83,24 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     from looplm.data.tasks import TaskBatches, make_task
 
     task = make_task(DEMO_TASK, **DEMO_TASK_OPTIONS)
-    held_out = TaskBatches(task, trainer.tokenizer, split="test", seed=seed).eval_set(DEMO_EVAL_EXAMPLES, seed=seed + 7)
+    held_out = TaskBatches(task, trainer.tokenizer, split="test", seed=seed).eval_set(eval_examples, seed=seed + 7)
     trained = run.model.loop_steps
     accuracy_list = accuracy_by_step(model, held_out, steps=trained + 2)
     accuracy = {step: accuracy_list[step - 1] for step in range(1, trained + 3)}
 
     samples, exit_steps, correct = [], [], 0
     tokenizer = trainer.tokenizer
-    for index in range(min(DEMO_GENERATED_EXAMPLES, len(held_out))):
+    for index in range(min(generated_examples, len(held_out))):
         generation = generate(model, held_out.prompts[index], 8, exit_policy=QExit(q), tokenizer=tokenizer)
-        exit_steps.extend(generation.steps)
+        exit_steps.extend(generation.decision_steps)
         is_right = task.score(generation.text, held_out.answers[index])
         correct += is_right
         if len(samples) < 6:
             samples.append({"prompt": held_out.examples[index].prompt, "answer": held_out.answers[index],
-                            "generated": generation.text, "steps_per_token": generation.steps,
+                            "generated": generation.text, "steps_per_token": generation.decision_steps,
                             "hops": held_out.examples[index].meta.get("hops"), "correct": bool(is_right)})
     mean_exit = sum(exit_steps) / max(len(exit_steps), 1)
-    q_accuracy = correct / max(min(DEMO_GENERATED_EXAMPLES, len(held_out)), 1)
+    q_accuracy = correct / max(min(generated_examples, len(held_out)), 1)
 
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_accuracy(accuracy, trained, (mean_exit, q_accuracy), out / "accuracy_by_steps.png")
@@ -139,4 +138,3 @@ def _print_report(results: dict, trained: int) -> None:
         print(f"  [{mark}] {sample['prompt']} -> {sample['generated']!r} (answer {sample['answer']},"
               f" {sample['hops']} hops, steps {sample['steps_per_token']})")
     print(f"plot: {results['plot']}\nresults: {Path(results['plot']).parent / 'results.json'}")
-    torch.set_printoptions(profile="default")

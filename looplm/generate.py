@@ -97,6 +97,12 @@ class Generation:
     text: str = ""
     stop_reason: str = "length"
     prompt_tokens: int = 0
+    stop_token_steps: int | None = None
+
+    @property
+    def decision_steps(self) -> list[int]:
+        """Loop steps of every decoding decision, including the one that chose the stop token."""
+        return self.steps + ([self.stop_token_steps] if self.stop_token_steps is not None else [])
 
     @property
     def mean_steps(self) -> float:
@@ -218,6 +224,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
                 token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
                 if token in stop_ids:
                     result.stop_reason = "stop_token"
+                    result.stop_token_steps = steps
                     return
                 result.ids.append(token)
                 result.steps.append(steps)
