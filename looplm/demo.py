@@ -21,7 +21,7 @@ from looplm.train.trainer import Trainer
 
 DEMO_TASK = "binding"
 DEMO_TASK_OPTIONS = {"hops": 3, "min_hops": 1, "n_chains": 2}
-DEMO_TRAIN_STEPS = 1500
+DEMO_TRAIN_STEPS = 1000
 DEMO_Q = 0.5
 DEMO_EVAL_EXAMPLES = 1024
 DEMO_GENERATED_EXAMPLES = 256

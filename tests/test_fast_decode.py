@@ -41,3 +41,13 @@ def test_fast_generation_equals_reference_generation(tiny_model):
         a = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=True)
         b = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=False)
         assert a.ids == b.ids and a.steps == b.steps
+
+
+@pytest.mark.slow
+def test_compiled_fast_steps_equal_reference(tiny_model):
+    """torch.compile of the fast loop step keeps the reference decoder's tokens and exit steps."""
+    prompt = torch.randint(0, 64, (7,)).tolist()
+    for policy in (FixedSteps(), QExit(0.5)):
+        compiled = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], compile_steps=True)
+        reference = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], fast=False)
+        assert compiled.ids == reference.ids and compiled.steps == reference.steps
