@@ -9,7 +9,9 @@ Two things make that fast on a CPU:
   and the step can be compiled by ``torch.compile`` into one graph.
 
 ``FastStepper`` reads and writes the same ``KVCache`` storage as the reference path, so
-prefill (a batched forward), LAST_EXITED copies and the reference decoder all interoperate.
+prefill (a batched forward), LAST_EXITED copies and the reference decoder all interoperate;
+it offers the same per-token methods as ``generate.ReferenceStepper`` and ``Decoder.step``
+runs the exit loop over either.
 ``tests/test_fast_decode.py`` holds it equal to the reference ``Decoder``.
 """
 
@@ -50,7 +52,7 @@ class _PackedLayer:
 
 
 class FastStepper:
-    """Runs one token through prelude, core steps, coda and head with vector-shaped ops."""
+    """One token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         config = model.config
@@ -68,9 +70,9 @@ class FastStepper:
         self.gate_bias = model.exit_gate.bias.detach()[0] if model.exit_gate is not None else None
         self.positions = torch.arange(cache.max_len, device=cache.keys.device)
         self.cos, self.sin = model.rope.cos, model.rope.sin
-        self._core_step = self.core_step
+        self._core_step = self._core_step_at
         if compile_steps:
-            self._core_step = torch.compile(self.core_step, fullgraph=True, dynamic=False)
+            self._core_step = torch.compile(self._core_step_at, fullgraph=True, dynamic=False)
 
     def _layer(self, layer: _PackedLayer, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,17 +107,21 @@ class FastStepper:
             h = self._layer(layer, h, self.cache.keys[slot, 0], self.cache.values[slot, 0], position, cos, sin, mask)
         return h
 
-    def embed(self, token: int, position: torch.Tensor) -> torch.Tensor:
+    def embed(self, token: int, start: int) -> torch.Tensor:
         h = self.model.embed.weight[token]
-        return self._run(self.prelude, h, "prelude", 0, position) if self.prelude else h
+        return self._run(self.prelude, h, "prelude", 0, self.positions[start:start + 1]) if self.prelude else h
 
-    def core_step(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:
+    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+        return self._core_step(h, step, self.positions[start:start + 1])
+
+    def _core_step_at(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:
         h = self._run(self.core, h, "core", step, position)
         return _rms(h, self.norm, self.eps) if self.config.step_norm else h
 
-    def readout(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
         if not self.coda:
             return h if self.config.step_norm else _rms(h, self.norm, self.eps)
+        position = self.positions[start:start + 1]
         return _rms(self._run(self.coda, h, "coda", step, position), self.norm, self.eps)
 
     def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
@@ -123,25 +129,3 @@ class FastStepper:
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         return readout @ self.head
-
-    def step(self, token: int, max_steps: int, threshold: float = 1.0) -> tuple[torch.Tensor, int]:
-        """Decode one token at ``cache.length``; returns (logits [V], steps run). Same contract
-        as ``Decoder.step``: Q-exit with LAST_EXITED copies when threshold < 1."""
-        cache = self.cache
-        start = cache.length
-        position = self.positions[start:start + 1]
-        h = self.embed(token, position)
-        log_survival = torch.zeros(())
-        for step in range(max_steps):
-            h = self._core_step(h, step, position)
-            last = step + 1 == max_steps
-            if not (last or threshold < 1.0):
-                continue
-            readout = self.readout(h, step, position)
-            if not last:
-                log_survival = log_survival + F.logsigmoid(-self.gate_logit(readout))
-                if float(-torch.expm1(log_survival)) >= threshold:
-                    cache.copy_step(step, range(step + 1, max_steps), start, start + 1)
-                    break
-        cache.advance(1)
-        return self.logits(readout), step + 1

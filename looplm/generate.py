@@ -143,11 +143,12 @@ class Decoder:
         device = next(model.parameters()).device
         self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
                              dtype=next(model.parameters()).dtype)
-        self.stepper = None
         if fast or compile_steps:
             from looplm.fast_decode import FastStepper
 
             self.stepper = FastStepper(model, self.cache, compile_steps)
+        else:
+            self.stepper = ReferenceStepper(model, self.cache)
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -161,28 +162,52 @@ class Decoder:
         return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
-        """Decode one token; return its logits [V] and the loop steps it ran."""
-        if self.stepper is not None:
-            return self.stepper.step(token, self.max_steps, self.threshold)
-        model, cache = self.model, self.cache
+        """Decode one token; return its logits [V] and the loop steps it ran.
+
+        Under Q-exit the loop stops at the first step whose exit CDF reaches q; the deeper
+        steps are never run and their cache slots get this token's K/V (LAST_EXITED).
+        """
+        stepper, cache = self.stepper, self.cache
         start = cache.length
-        ids = torch.tensor([[token]], device=cache.keys.device)
-        h = model.embed_input(ids, start, cache)
-        threshold = self.threshold
-        log_survival = torch.zeros((), device=ids.device)
+        h = stepper.embed(token, start)
+        log_survival = torch.zeros((), device=cache.keys.device)
         for step in range(self.max_steps):
-            h = model.core_step(h, step, start, cache)
+            h = stepper.core_step(h, step, start)
             last = step + 1 == self.max_steps
-            if not (last or threshold < 1.0):
+            if not (last or self.threshold < 1.0):
                 continue
-            readout = model.readout(h, step, start, cache)
+            readout = stepper.readout(h, step, start)
             if not last:
-                log_survival = log_survival + F.logsigmoid(-model.gate_logits(readout)).reshape(())
-                if float(-torch.expm1(log_survival)) >= threshold:
+                log_survival = log_survival + F.logsigmoid(-stepper.gate_logit(readout))
+                if float(-torch.expm1(log_survival)) >= self.threshold:
                     cache.copy_step(step, range(step + 1, self.max_steps), start, start + 1)
                     break
         cache.advance(1)
-        return model.logits(readout[0, -1]), step + 1
+        return stepper.logits(readout), step + 1
+
+
+class ReferenceStepper:
+    """Per-token methods through the model's own modules (the reference for ``FastStepper``)."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model = model
+        self.cache = cache
+
+    def embed(self, token: int, start: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self.cache.keys.device)
+        return self.model.embed_input(ids, start, self.cache)
+
+    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+        return self.model.core_step(h, step, start, self.cache)
+
+    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+        return self.model.readout(h, step, start, self.cache)
+
+    def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
+        return self.model.gate_logits(readout).reshape(())
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(readout[0, -1])
 
 
 def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
