@@ -194,7 +194,7 @@ def run_eval(args) -> None:
     from looplm.config import DataConfig
     from looplm.data.source import open_training_data
     from looplm.eval.depth import accuracy_by_step, loss_by_step
-    from looplm.train.checkpoint import load_model
+    from looplm.train.checkpoint import load_model, resolve_checkpoint
 
     model = load_model(args.checkpoint)
     steps = args.steps or model.config.loop_steps + 2
@@ -206,10 +206,8 @@ def run_eval(args) -> None:
         options = json.loads(args.task_options)
     except json.JSONDecodeError:
         raise LoopLMError(f"--task-options must be JSON, got {args.task_options!r}") from None
-    checkpoint_tokenizer = Path(args.checkpoint)
-    from looplm.train.checkpoint import resolve_checkpoint
-
-    tokenizer_spec = str(resolve_checkpoint(checkpoint_tokenizer))
+    # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
+    tokenizer_spec = str(resolve_checkpoint(args.checkpoint))
     data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=tokenizer_spec)
     batch = 16
     opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
