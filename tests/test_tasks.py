@@ -60,18 +60,36 @@ def resolve_binding(prompt: str) -> tuple[str, int]:
     return values[query[0]]
 
 
+def resolve_offsets(prompt: str) -> tuple[str, int]:
+    """Independent reference for refs="offsets": (value, depth) of the last cell."""
+    assert prompt.endswith("?") and prompt.count("?") == 1
+    values: list[tuple[str, int]] = []
+    for index, cell in enumerate(prompt[:-1]):
+        if cell in "abcdefghij":
+            values.append((cell, 1))
+        else:
+            assert cell in "123456789" and int(cell) <= index, f"bad reference {cell!r} at {index}"
+            value, depth = values[index - int(cell)]
+            values.append((value, depth + 1))
+    return values[-1]
+
+
 def all_tasks() -> list:
-    return [make_task(name) for name in sorted(TASKS)]
+    return [make_task(name) for name in sorted(TASKS)] + [make_task("binding", refs="offsets")]
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+def task_id(task) -> str:
+    return task.name + ("-offsets" if getattr(task, "refs", None) == "offsets" else "")
+
+
+@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
 def test_examples_are_deterministic_in_the_seed(task):
     assert task.examples(50, seed=3) == task.examples(50, seed=3)
     assert task.examples(50, seed=3) != task.examples(50, seed=4)
     assert task.examples(20, seed=3, split="test") == task.examples(20, seed=3, split="test")
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
 def test_examples_respect_the_length_bounds(task):
     for example in task.examples(500, seed=0):
         assert len(example.prompt) <= task.max_prompt_chars
@@ -124,6 +142,62 @@ def test_binding_interleaves_chains():
         switches = sum(first != second for first, second in zip(chains, chains[1:]))
         interleaved += switches > 1
     assert interleaved > 50
+
+
+def test_binding_offsets_answers_match_an_independent_resolver():
+    task = BindingTask(refs="offsets", cells=12, hops=4, min_hops=1)
+    depths = Counter()
+    for example in task.examples(2000, seed=1):
+        value, depth = resolve_offsets(example.prompt)
+        assert example.answer == value
+        assert example.meta == {"hops": depth}
+        assert len(example.prompt) == task.max_prompt_chars == 13
+        depths[depth] += 1
+    assert set(depths) == {1, 2, 3, 4}
+    assert min(depths.values()) > 2000 / 4 / 2
+
+
+def test_binding_offsets_docstring_examples():
+    assert resolve_offsets("f1c14dh53c99?") == ("c", 2)
+    assert resolve_offsets("e11dbce73a21?") == ("c", 4)
+
+
+def test_binding_offsets_cells_mix_values_and_references():
+    # Distractor cells are values (a-j) and references (1-9) alike, and references reach far.
+    cells = Counter(cell for example in BindingTask(refs="offsets").examples(500, seed=2)
+                    for cell in example.prompt[:-1])
+    assert set(cells) == set("abcdefghij123456789")
+    letters = sum(count for cell, count in cells.items() if cell.isalpha())
+    assert 0.3 < letters / sum(cells.values()) < 0.6
+
+
+def test_binding_offsets_names_knobs_do_not_apply():
+    # n_chains is a names-style knob: any value leaves offsets prompts alone.
+    assert (BindingTask(refs="offsets", n_chains=9).examples(20, seed=4)
+            == BindingTask(refs="offsets", n_chains=1).examples(20, seed=4))
+
+
+def test_binding_offsets_value_position_does_not_give_deep_answers_away():
+    # The value of a deep query is not parked at the start of the prompt: over depths 2-4 the
+    # first letter of the prompt is the answer about as often as chance (1 in 10) allows.
+    task = BindingTask(refs="offsets", cells=12, hops=4, min_hops=2)
+    first_letter_right = Counter()
+    for example in task.examples(3000, seed=3):
+        first = next(cell for cell in example.prompt if cell.isalpha())
+        first_letter_right[example.meta["hops"]] += first == example.answer
+    assert all(count / 1000 < 0.3 for count in first_letter_right.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), hops=st.integers(1, 10), extra=st.integers(0, 12), data=st.data())
+def test_binding_offsets_resolver_agrees_for_any_knobs(seed, hops, extra, data):
+    min_hops = data.draw(st.integers(1, hops))
+    task = BindingTask(refs="offsets", cells=hops + extra, hops=hops, min_hops=min_hops)
+    for example in task.examples(10, seed):
+        value, depth = resolve_offsets(example.prompt)
+        assert (example.answer, example.meta["hops"]) == (value, depth)
+        assert min_hops <= depth <= hops
+        assert len(example.prompt) == task.max_prompt_chars
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,7 +269,7 @@ def test_score_is_exact_match_after_stripping():
     assert not task.score("", "7")
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
 def test_train_and_test_splits_are_disjoint(task):
     train = task.examples(2000, seed=0, split="train")
     test = task.examples(300, seed=0, split="test")
@@ -214,6 +288,7 @@ def test_split_without_test_prompts_is_reported():
 def test_make_task_coerces_string_knobs():
     task = make_task("binding", hops="6", min_hops=" 2", n_chains=3)
     assert task == BindingTask(hops=6, min_hops=2, n_chains=3)
+    assert make_task("binding", refs="offsets", cells="8") == BindingTask(refs="offsets", cells=8)
     assert make_task("modarith", ops="+", modulus="7").knob_values() == {
         "modulus": 7, "ops": "+", "n_ops": 2, "min_ops": 1}
 
@@ -227,6 +302,11 @@ def test_make_task_coerces_string_knobs():
     ("binding", {"hops": 3, "min_hops": 4}, ["min_hops must be in [1, hops=3], got 4"]),
     ("binding", {"n_chains": 0}, ["n_chains must be >= 1"]),
     ("binding", {"hops": 10, "n_chains": 3}, ["n_chains * hops must be <= 26", "3 * 10 = 30"]),
+    ("binding", {"hop": 3}, ["refs, cells"]),
+    ("binding", {"refs": "numbers"}, ["refs must be one of names, offsets, got 'numbers'"]),
+    ("binding", {"refs": "offsets", "hops": 5, "cells": 4}, ["cells must be >= hops=5", "got 4"]),
+    ("binding", {"refs": "offsets", "hops": 11, "cells": 20}, ["hops must be <= 10 with refs=offsets"]),
+    ("binding", {"refs": "offsets", "cells": "many"}, ["cells must be an integer"]),
     ("modarith", {"modulus": 1}, ["modarith task: modulus must be >= 2, got 1"]),
     ("modarith", {"ops": "+/"}, ["ops must be distinct characters"]),
     ("modarith", {"ops": "++"}, ["ops must be distinct characters"]),
@@ -250,7 +330,7 @@ def test_encode_example_trains_only_answer_and_eos():
     assert targets == [IGNORE_INDEX] * 6 + [ord("7"), 258]
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
 def test_batches_mask_prompt_and_padding(task):
     batches = TaskBatches(task, TOKENIZER)
     assert batches.seq_len == task.max_prompt_chars + task.max_answer_chars + 1
@@ -301,7 +381,7 @@ def test_batches_seq_len_and_split_validation():
         TaskBatches(task, TOKENIZER).batch(0, torch.Generator())
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=lambda task: task.name)
+@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
 def test_eval_set_masks_exactly_answer_and_eos(task):
     eval_set = TaskBatches(task, TOKENIZER).eval_set(40, seed=9)
     assert len(eval_set) == 40
