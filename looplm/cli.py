@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--show-steps", action="store_true", help="print the loop steps each token used")
     generate.add_argument("--no-stream", action="store_true", help="print only when finished")
+    generate.add_argument("--backend", default="auto", choices=["auto", "native", "torch", "reference"],
+                          help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
+                               " vector-shaped torch ops, reference = the model's modules; auto (default)"
+                               " = native where it can run, else torch. All give the same tokens.")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step of a checkpoint",
@@ -179,7 +183,7 @@ def run_generate(args) -> None:
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
     result = Generation()
     for token in stream(model, prompt, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                        result=result):
+                        result=result, backend=args.backend):
         if not args.no_stream:
             print(token.text, end="", flush=True)
     if args.no_stream:

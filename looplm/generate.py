@@ -9,6 +9,10 @@ Early exit really skips work: a token that exits at step e runs neither the core
 the readout of steps e+1..T.  Its step-e keys and values are copied into the deeper steps'
 caches (LAST_EXITED, REFERENCE §4), so later tokens that do go deeper can attend to it.
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
+
+Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
+``native`` (a C kernel, ``looplm.native``), ``torch`` (``looplm.fast_decode``) and
+``reference`` (the model's own modules); ``auto`` picks native where it can run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch.nn import functional as F
 
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
+
+BACKENDS = ("auto", "native", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -130,11 +136,15 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 class Decoder:
     """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
 
-    def __init__(self, model, exit_policy: ExitPolicy, max_len: int, fast: bool = True,
+    def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
                  compile_steps: bool = False):
-        """fast: decode tokens with ``FastStepper`` (same math, vector layout); False keeps the
-        reference path through the model's own modules. compile_steps: torch.compile the fast
-        loop step (worth it for long generations: the first call compiles for ~20 s)."""
+        """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
+        C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
+        device), "reference" (the model's own modules) or "auto" (native where it can run,
+        else torch).  compile_steps: torch.compile the torch backend's loop step (worth it
+        only for long generations: the first call compiles for ~20 s)."""
+        if backend not in BACKENDS:
+            raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model
         self.policy = exit_policy
         self.max_steps = exit_policy.max_steps(model.config.loop_steps)
@@ -143,12 +153,25 @@ class Decoder:
         device = next(model.parameters()).device
         self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
                              dtype=next(model.parameters()).dtype)
-        if fast or compile_steps:
+        if compile_steps and backend in ("auto", "native"):
+            backend = "torch"
+        if backend in ("auto", "native"):
+            from looplm.native import NativeStepper, native_unsupported
+
+            reason = native_unsupported(model, self.cache)
+            if reason is None:
+                self.stepper, backend = NativeStepper(model, self.cache), "native"
+            elif backend == "native":
+                raise LoopLMError(f"the native backend cannot run here: {reason}; use backend 'torch'")
+            else:
+                backend = "torch"
+        if backend == "torch":
             from looplm.fast_decode import FastStepper
 
             self.stepper = FastStepper(model, self.cache, compile_steps)
-        else:
+        elif backend == "reference":
             self.stepper = ReferenceStepper(model, self.cache)
+        self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -212,7 +235,7 @@ class ReferenceStepper:
 
 def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
            exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-           stop_ids: Sequence[int] | None = None, result: Generation | None = None, fast: bool = True,
+           stop_ids: Sequence[int] | None = None, result: Generation | None = None, backend: str = "auto",
            compile_steps: bool = False) -> Iterator[GeneratedToken]:
     """Yield generated tokens one at a time (see ``generate`` for the arguments).
 
@@ -241,7 +264,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     model.eval()
     try:
         with torch.inference_mode():
-            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), fast, compile_steps)
+            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), backend, compile_steps)
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
             logits, steps = decoder.prefill(prompt)
             emitted = ""
@@ -287,17 +310,18 @@ def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | No
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-             stop_ids: Sequence[int] | None = None, fast: bool = True, compile_steps: bool = False) -> Generation:
+             stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
 
     Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
     the text is cut before it), or the end of the model's context.  Returns the new ids, the
-    loop steps each token used, the decoded text and why it stopped.  ``fast`` decodes with the
-    vector-layout ``FastStepper`` (False: the reference path); ``compile_steps`` compiles it.
+    loop steps each token used, the decoded text and why it stopped.  ``backend`` picks the
+    per-token implementation (see ``Decoder``; every backend gives the same tokens);
+    ``compile_steps`` compiles the torch backend's loop step.
     """
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
-                    stop_ids, result, fast, compile_steps):
+                    stop_ids, result, backend, compile_steps):
         pass
     if tokenizer is not None and result.stop_reason != "stop_string":
         result.text = tokenizer.decode(result.ids)

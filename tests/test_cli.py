@@ -40,6 +40,13 @@ def test_train_then_generate(trained):
     assert (trained / "run" / "checkpoints" / "step_0000004" / "tokenizer.json").is_file()
 
 
+def test_generate_backends_give_the_same_text(trained):
+    outputs = {backend: looplm("generate", trained / "run", "--prompt", "hello", "--max-new-tokens", "8",
+                               "--backend", backend, "--no-stream") for backend in ("native", "torch", "reference")}
+    assert all(result.returncode == 0 for result in outputs.values()), outputs
+    assert len({result.stdout for result in outputs.values()}) == 1
+
+
 def test_prepare_then_train_on_shards_and_resume(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(30)))

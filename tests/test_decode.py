@@ -63,17 +63,22 @@ def test_q_exit_with_q_one_equals_full_depth(tiny_model):
     assert q_one.steps == [3] * 20
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_q_exit_skips_steps_and_fills_deeper_caches_last_exited(tiny_model, fast):
+@pytest.mark.parametrize("backend", ["reference", "torch", "native"])
+def test_q_exit_skips_steps_and_fills_deeper_caches_last_exited(tiny_model, backend):
     """A token that exits at step e runs no deeper step; its step-e K/V fill the deeper slots."""
     torch.nn.init.normal_(tiny_model.exit_gate.weight, std=2.0)
     prompt = torch.randint(0, 64, (6,))
     config = tiny_model.config
-    decoder = Decoder(tiny_model, QExit(0.5), 40, fast=fast)
+    decoder = Decoder(tiny_model, QExit(0.5), 40, backend=backend)
     calls = []
-    if fast:
+    if backend == "torch":
         layer_call = decoder.stepper._layer
         decoder.stepper._layer = lambda *args: calls.append(1) or layer_call(*args)
+    elif backend == "native":  # count the layers each kernel call runs for the core
+        run = decoder.stepper._run
+        core = {id(packed) for packed in decoder.stepper.core}
+        decoder.stepper._run = lambda packed, count, *args: (
+            calls.extend([1] * count * (id(packed) in core)) or run(packed, count, *args))
     else:
         for layer in tiny_model.core:
             layer.register_forward_hook(lambda *args: calls.append(1))

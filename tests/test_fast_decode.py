@@ -1,4 +1,5 @@
-"""The vector-layout fast decode path equals the reference decoder, token for token."""
+"""The fast decode backends (torch ``FastStepper``, C ``NativeStepper``) equal the reference
+decoder token for token: logits, exit steps and every cache slot."""
 
 import pytest
 import torch
@@ -15,14 +16,16 @@ from conftest import tiny_config
     {"n_prelude_layers": 1, "n_coda_layers": 1, "n_kv_heads": 2, "tie_embeddings": False},
 ])
 @pytest.mark.parametrize("policy", [FixedSteps(), FixedSteps(5), QExit(0.4)])
-def test_fast_steps_equal_reference_steps(overrides, policy):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fast_steps_equal_reference_steps(overrides, policy, backend):
     torch.manual_seed(0)
     model = LoopLM(tiny_config(**overrides)).eval()
     torch.nn.init.normal_(model.exit_gate.weight, std=2.0)
     prompt = torch.randint(0, 64, (1, 5))
     tokens = torch.randint(0, 64, (20,)).tolist()
-    reference = Decoder(model, policy, 25, fast=False)
-    fast = Decoder(model, policy, 25, fast=True)
+    reference = Decoder(model, policy, 25, backend="reference")
+    fast = Decoder(model, policy, 25, backend=backend)
+    assert fast.backend == backend
     with torch.no_grad():
         reference.prefill(prompt)
         fast.prefill(prompt)
@@ -35,11 +38,12 @@ def test_fast_steps_equal_reference_steps(overrides, policy):
     torch.testing.assert_close(fast.cache.values, reference.cache.values, atol=1e-5, rtol=0)
 
 
-def test_fast_generation_equals_reference_generation(tiny_model):
+@pytest.mark.parametrize("backend", ["auto", "torch", "native"])
+def test_fast_generation_equals_reference_generation(tiny_model, backend):
     prompt = torch.randint(0, 64, (7,)).tolist()
     for policy in (FixedSteps(), QExit(0.5)):
-        a = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=True)
-        b = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], fast=False)
+        a = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], backend=backend)
+        b = generate(tiny_model, prompt, 25, exit_policy=policy, stop_ids=[], backend="reference")
         assert a.ids == b.ids and a.steps == b.steps
 
 
@@ -49,5 +53,5 @@ def test_compiled_fast_steps_equal_reference(tiny_model):
     prompt = torch.randint(0, 64, (7,)).tolist()
     for policy in (FixedSteps(), QExit(0.5)):
         compiled = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], compile_steps=True)
-        reference = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], fast=False)
+        reference = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], backend="reference")
         assert compiled.ids == reference.ids and compiled.steps == reference.steps

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
 from looplm.model.lm import LoopOutput
+from looplm.train.fused_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -31,13 +32,35 @@ class LossResult:
     tokens: int
 
 
-def per_step_token_losses(output: LoopOutput, targets: torch.Tensor) -> torch.Tensor:
-    """L_t per token: [T, B, S], zero where targets == −100."""
+def per_step_token_losses(output: LoopOutput, targets: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """L_t per token: [T, B, S], zero where targets == −100.
+
+    fused (default: wherever it applies) computes the losses of the trained positions only,
+    through ``linear_cross_entropy``; False is the plain reference (the head on every
+    position, then ``F.cross_entropy``).  Both give the same values and gradients.
+    """
+    steps, shape = output.steps, targets.shape
     flat_targets = targets.reshape(-1)
-    losses = [F.cross_entropy(output.logits(step).reshape(flat_targets.numel(), -1), flat_targets,
-                              ignore_index=IGNORE_INDEX, reduction="none")
-              for step in range(1, output.steps + 1)]
-    return torch.stack(losses).view(output.steps, *targets.shape)
+    weight = output.model.head_weight
+    if fused is None:
+        hidden = output.hidden_states[0]
+        # Under torch.compile the reference is better: the compiler fuses it, and the trained
+        # positions' data-dependent count would break the graph.
+        fused = (hidden.dtype == weight.dtype and not torch.is_autocast_enabled(hidden.device.type)
+                 and not torch.compiler.is_compiling())
+    if not fused:
+        losses = [F.cross_entropy(output.logits(step).reshape(flat_targets.numel(), -1), flat_targets,
+                                  ignore_index=IGNORE_INDEX, reduction="none")
+                  for step in range(1, steps + 1)]
+        return torch.stack(losses).view(steps, *shape)
+    hidden = torch.stack(output.hidden_states).reshape(steps, flat_targets.numel(), -1)
+    trained = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if trained.numel() == flat_targets.numel():
+        losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets.repeat(steps))
+        return losses.view(steps, *shape)
+    picked = hidden.index_select(1, trained).reshape(-1, hidden.shape[-1])
+    losses = linear_cross_entropy(picked, weight, flat_targets[trained].repeat(steps)).view(steps, -1)
+    return losses.new_zeros(steps, flat_targets.numel()).index_copy(1, trained, losses).view(steps, *shape)
 
 
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",

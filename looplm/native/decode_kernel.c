@@ -1,0 +1,216 @@
+/* Batch-1 decode kernel for looplm's standard layer (MHA/GQA + RoPE, SwiGLU, pre or sandwich
+ * RMSNorm): one call runs a run of layers on one token's hidden state, in place.
+ *
+ * It is a fast path beside two torch implementations of the same math (the model's own modules
+ * and looplm/fast_decode.py); tests/test_native_decode.py holds all three equal.
+ *
+ * Why C: at batch 1 every projection is a matrix-vector product, and a layer is ~20 small
+ * tensor ops whose per-op dispatch costs more than their arithmetic.  Here a layer is one pass
+ * over its weights, inside one OpenMP parallel region per call: each thread owns a range of
+ * output rows of every projection and a share of the attention heads; the short vector steps
+ * in between (norms, residuals, RoPE) run on one thread between barriers.
+ *
+ * Layouts (all float32, row-major, as torch stores them):
+ *   weights  qkv [(H + 2·Hkv)·hd, D], out [D, H·hd], gate_up [2F, D], down [D, F]
+ *   cache    keys, values of one slot: [Hkv, max_len, hd]; this token's K/V go to row `pos`
+ *   rope     cos, sin: the tables' rows for `pos`, [hd] (rotate-half layout)
+ */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    int d_model, n_heads, n_kv_heads, head_dim, hidden, max_len;
+    float eps;
+} Dims;
+
+typedef struct {
+    const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm; /* post norms: NULL = pre-norm */
+    const float *qkv, *out, *gate_up, *down;
+    float *keys, *values;
+} Layer;
+
+/* Scratch floats needed by looplm_layers for these dims. */
+long looplm_scratch_floats(const Dims *dims) {
+    long d = dims->d_model, hd = dims->head_dim;
+    return 2 * d + (long)(dims->n_heads + 2 * dims->n_kv_heads) * hd + (long)dims->n_heads * hd
+           + 2L * dims->hidden + (long)dims->n_heads * dims->max_len;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    sum = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* y[r] = W[r, :] · x for rows [begin, end); four rows at a time share each load of x. */
+static void matvec_rows(const float *W, const float *x, float *y, int cols, int begin, int end) {
+    int r = begin;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; r + 4 <= end; r += 4) {
+        const float *w0 = W + (size_t)r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= cols; i += 8) {
+            __m256 xv = _mm256_loadu_ps(x + i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; i < cols; i++) {
+            s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
+        }
+        y[r] = s0; y[r + 1] = s1; y[r + 2] = s2; y[r + 3] = s3;
+    }
+#endif
+    for (; r < end; r++) y[r] = dot(W + (size_t)r * cols, x, cols);
+}
+
+/* This thread's share [begin, end) of n items, in blocks of `align` so row quads stay whole. */
+static void share(int n, int align, int *begin, int *end) {
+    int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    int blocks = (n + align - 1) / align;
+    int lo = (int)((long)blocks * thread / threads), hi = (int)((long)blocks * (thread + 1) / threads);
+    *begin = lo * align < n ? lo * align : n;
+    *end = hi * align < n ? hi * align : n;
+}
+
+/* out = x / sqrt(mean(x²) + eps) · w  (w NULL: no weight).  out may alias x. */
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w ? x[i] * scale * w[i] : x[i] * scale;
+}
+
+/* Rotate-half RoPE of one head vector in place. */
+static void rope(float *v, const float *cos, const float *sin, int hd) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* h += post(update) where post is the sandwich norm (or nothing for pre-norm). */
+static void residual(float *h, float *update, const float *post_norm, int n, float eps) {
+    if (post_norm) rms_norm(update, post_norm, update, n, eps);
+    for (int i = 0; i < n; i++) h[i] += update[i];
+}
+
+/* Run `count` layers on h [D] in place for the token at `pos`, writing its K/V into each
+ * layer's cache slot; then, if final_norm is not NULL, h = rms_norm(h) · final_norm. */
+void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, int pos,
+                   const float *cos, const float *sin, float *scratch, const float *final_norm,
+                   int threads) {
+    const int D = dims->d_model, H = dims->n_heads, Hkv = dims->n_kv_heads, hd = dims->head_dim;
+    const int F = dims->hidden, L = dims->max_len, group = H / Hkv;
+    const float eps = dims->eps, scale = 1.0f / sqrtf((float)hd);
+    const int qkv_rows = (H + 2 * Hkv) * hd;
+    float *x = scratch, *update = x + D, *qkv = update + D, *attended = qkv + qkv_rows;
+    float *gate = attended + H * hd, *up = gate + F, *scores = up + F;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        int begin, end;
+        for (int index = 0; index < count; index++) {
+            const Layer *layer = &layers[index];
+            #pragma omp single
+            rms_norm(h, layer->attn_norm, x, D, eps);
+            /* implicit barrier */
+            share(qkv_rows, 4, &begin, &end);
+            matvec_rows(layer->qkv, x, qkv, D, begin, end);
+            #pragma omp barrier
+            #pragma omp single
+            {
+                for (int head = 0; head < H + Hkv; head++) rope(qkv + head * hd, cos, sin, hd);
+                for (int kv = 0; kv < Hkv; kv++) {
+                    memcpy(layer->keys + ((size_t)kv * L + pos) * hd, qkv + (H + kv) * hd, hd * sizeof(float));
+                    memcpy(layer->values + ((size_t)kv * L + pos) * hd, qkv + (H + Hkv + kv) * hd,
+                           hd * sizeof(float));
+                }
+            }
+            share(H, 1, &begin, &end);
+            for (int head = begin; head < end; head++) {
+                const float *q = qkv + head * hd;
+                const float *keys = layer->keys + (size_t)(head / group) * L * hd;
+                const float *values = layer->values + (size_t)(head / group) * L * hd;
+                float *s = scores + (size_t)head * L, *o = attended + head * hd, top = -INFINITY, total = 0.0f;
+                for (int j = 0; j <= pos; j++) {
+                    s[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
+                    if (s[j] > top) top = s[j];
+                }
+                for (int j = 0; j <= pos; j++) {
+                    s[j] = expf(s[j] - top);
+                    total += s[j];
+                }
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int j = 0; j <= pos; j++) {
+                    const float *v = values + (size_t)j * hd, weight = s[j] / total;
+                    for (int i = 0; i < hd; i++) o[i] += weight * v[i];
+                }
+            }
+            #pragma omp barrier
+            share(D, 4, &begin, &end);
+            matvec_rows(layer->out, attended, update, H * hd, begin, end);
+            #pragma omp barrier
+            #pragma omp single
+            {
+                residual(h, update, layer->attn_post_norm, D, eps);
+                rms_norm(h, layer->ffn_norm, x, D, eps);
+            }
+            share(F, 4, &begin, &end);
+            matvec_rows(layer->gate_up, x, gate, D, begin, end);
+            matvec_rows(layer->gate_up + (size_t)F * D, x, up, D, begin, end);
+            for (int i = begin; i < end; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+            #pragma omp barrier
+            share(D, 4, &begin, &end);
+            matvec_rows(layer->down, gate, update, F, begin, end);
+            #pragma omp barrier
+            #pragma omp single
+            residual(h, update, layer->ffn_post_norm, D, eps);
+        }
+    }
+    if (final_norm) rms_norm(h, final_norm, h, D, eps);
+}
+
+/* y = W x for W [rows, cols] (the LM head and the exit gate), rows split over threads. */
+void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int begin, end;
+        share(rows, 4, &begin, &end);
+        matvec_rows(W, x, y, cols, begin, end);
+    }
+}
+
+/* out = rms_norm(x) · w (w NULL: no weight); out may alias x. */
+void looplm_rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    rms_norm(x, w, out, n, eps);
+}

@@ -1,0 +1,135 @@
+"""``NativeStepper``: the per-token decode steps through the C kernel (``decode_kernel.c``).
+
+Same methods as ``generate.ReferenceStepper`` and ``fast_decode.FastStepper``, so
+``Decoder.step`` runs its exit loop over any of them; it reads and writes the same
+``KVCache`` storage (prefill, LAST_EXITED copies and the other steppers interoperate).
+The weights are the model's own tensors, read in place (no copies): build the stepper after
+training, as ``generate`` does for every call.
+
+Supported: a float32 model on the CPU and a batch-1 cache; ``native_unsupported`` says why
+not otherwise, and ``Decoder`` then falls back to ``FastStepper``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from looplm.cache import KVCache
+from looplm.native.build import Dims, Layer, load_kernel, unavailable_reason
+
+_FLOAT = 4  # bytes
+
+
+def native_unsupported(model, cache: KVCache) -> str | None:
+    """None when the C kernel can decode this model with this cache, else the reason."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu":
+        return f"the C decode kernel runs on the CPU; the model is on {parameter.device}"
+    if parameter.dtype != torch.float32 or cache.keys.dtype != torch.float32:
+        return f"the C decode kernel needs float32 weights and cache, got {parameter.dtype}"
+    if cache.keys.shape[1] != 1:
+        return "the C decode kernel decodes batch 1"
+    if load_kernel() is None:
+        return unavailable_reason()
+    return None
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class NativeStepper:
+    """One token through prelude, core steps, coda, gate and head in the C kernel."""
+
+    def __init__(self, model, cache: KVCache):
+        reason = native_unsupported(model, cache)
+        if reason is not None:
+            raise ValueError(reason)
+        self.kernel = load_kernel()
+        config = model.config
+        self.config, self.cache = config, cache
+        self.threads = torch.get_num_threads()
+        self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
+                         cache.max_len, config.norm_eps)
+        self._keep: list[torch.Tensor] = []  # every tensor whose address the kernel holds
+        self.prelude = [self._layers(model.prelude, "prelude", 0)]
+        self.core = [self._layers(model.core, "core", step) for step in range(cache.max_steps)]
+        self.coda = [self._layers(model.coda, "coda", step) for step in range(cache.max_steps)]
+        self.embedding = self._keep_tensor(model.embed.weight)
+        self.head = self._keep_tensor(model.head_weight)
+        self.norm = self._keep_tensor(model.norm.weight)
+        self.gate_weight = model.exit_gate.weight.detach()[0] if model.exit_gate is not None else None
+        self.gate_bias = model.exit_gate.bias.detach()[0] if model.exit_gate is not None else None
+        self.cos = self._keep_tensor(model.rope.cos)
+        self.sin = self._keep_tensor(model.rope.sin)
+        self.hidden = torch.zeros(config.d_model)
+        self.readout_buffer = torch.zeros(config.d_model)
+        self.logits_buffer = torch.zeros(config.vocab_size)
+        self.scratch = torch.zeros(self.kernel.looplm_scratch_floats(ctypes.byref(self.dims)))
+        self.row_bytes = config.d_model * _FLOAT
+
+    def _keep_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().contiguous()
+        self._keep.append(tensor)
+        return tensor
+
+    def _layers(self, layers, stage: str, step: int):
+        """A C array of ``Layer`` structs for these layers at this loop step's cache slots."""
+        if len(layers) == 0:
+            return None
+        packed = (Layer * len(layers))()
+        for index, layer in enumerate(layers):
+            def weight(module):
+                return _pointer(self._keep_tensor(module.weight)) if hasattr(module, "weight") else None
+
+            keys, values = self.cache.store(stage, index, step)
+            packed[index] = Layer(weight(layer.attn_norm), weight(layer.attn_post_norm), weight(layer.ffn_norm),
+                                  weight(layer.ffn_post_norm), weight(layer.attn.qkv), weight(layer.attn.out),
+                                  weight(layer.ffn.gate_up), weight(layer.ffn.down),
+                                  _pointer(keys[0]), _pointer(values[0]))
+        return packed
+
+    def _run(self, packed, count: int, buffer: torch.Tensor, position: int, final_norm: bool) -> None:
+        rope_row = position * self.config.head_dim * _FLOAT
+        self.kernel.looplm_layers(ctypes.byref(self.dims), packed, count, buffer.data_ptr(), position,
+                                  self.cos.data_ptr() + rope_row, self.sin.data_ptr() + rope_row,
+                                  self.scratch.data_ptr(), self.norm.data_ptr() if final_norm else None,
+                                  self.threads)
+
+    def _load(self, h: torch.Tensor) -> None:
+        if h.data_ptr() != self.hidden.data_ptr():
+            self.hidden.copy_(h)
+
+    def embed(self, token: int, start: int) -> torch.Tensor:
+        ctypes.memmove(self.hidden.data_ptr(), self.embedding.data_ptr() + token * self.row_bytes, self.row_bytes)
+        if self.prelude[0] is not None:
+            self._run(self.prelude[0], self.config.n_prelude_layers, self.hidden, start, False)
+        return self.hidden
+
+    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+        self._load(h)
+        self._run(self.core[step], self.config.n_core_layers, self.hidden, start, self.config.step_norm)
+        return self.hidden
+
+    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+        self._load(h)
+        readout = self.readout_buffer
+        if self.coda[step] is not None:
+            ctypes.memmove(readout.data_ptr(), self.hidden.data_ptr(), self.row_bytes)
+            self._run(self.coda[step], self.config.n_coda_layers, readout, start, True)
+        elif self.config.step_norm:
+            ctypes.memmove(readout.data_ptr(), self.hidden.data_ptr(), self.row_bytes)
+        else:
+            self.kernel.looplm_rms_norm(self.hidden.data_ptr(), self.norm.data_ptr(), readout.data_ptr(),
+                                        self.config.d_model, self.config.norm_eps)
+        return readout
+
+    def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
+        return readout @ self.gate_weight + self.gate_bias
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        self.kernel.looplm_matvec(self.head.data_ptr(), readout.data_ptr(), self.logits_buffer.data_ptr(),
+                                  self.config.vocab_size, self.config.d_model, self.threads)
+        return self.logits_buffer.clone()

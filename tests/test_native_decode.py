@@ -1,0 +1,97 @@
+"""The C decode kernel: equal to the reference decoder for any layer shape, any thread count;
+falls back or fails clearly where it cannot run; builds once and caches the library."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from looplm.config import ModelConfig
+from looplm.errors import LoopLMError
+from looplm.generate import Decoder, FixedSteps, QExit
+from looplm.model import LoopLM
+from looplm.native import build, native_unsupported
+
+
+def decode_both(model, policy, tokens, prompt, backend="native", threads=None):
+    reference = Decoder(model, policy, len(prompt[0]) + len(tokens) + 1, backend="reference")
+    native = Decoder(model, policy, len(prompt[0]) + len(tokens) + 1, backend=backend)
+    if threads is not None:
+        native.stepper.threads = threads
+    pairs = []
+    with torch.no_grad():
+        reference.prefill(prompt)
+        native.prefill(prompt)
+        for token in tokens:
+            pairs.append((reference.step(token), native.step(token)))
+    return reference, native, pairs
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_head=st.sampled_from([2, 6, 8, 16, 20]), heads=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]),
+       hidden=st.integers(1, 45), core=st.integers(1, 2), prelude=st.integers(0, 1), coda=st.integers(0, 1),
+       norm=st.sampled_from(["pre", "sandwich"]), step_norm=st.booleans(), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_native_equals_reference_for_any_layer_shape(d_head, heads, hidden, core, prelude, coda, norm, step_norm,
+                                                     threads, seed):
+    # Odd sizes exercise the kernel's tails: rows not a multiple of 4, vectors not of 8.
+    n_heads, n_kv_heads = heads
+    config = ModelConfig(vocab_size=37, d_model=d_head * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         ffn_hidden=hidden, n_prelude_layers=prelude, n_core_layers=core, n_coda_layers=coda,
+                         loop_steps=3, max_seq_len=32, norm=norm, step_norm=step_norm)
+    torch.manual_seed(seed)
+    model = LoopLM(config).eval()
+    for parameter in model.parameters():  # away from the init's near-identity norms
+        torch.nn.init.normal_(parameter, std=0.5)
+    prompt = torch.randint(0, 37, (1, 4))
+    tokens = torch.randint(0, 37, (6,)).tolist()
+    reference, native, pairs = decode_both(model, QExit(0.6), tokens, prompt, threads=threads)
+    for (expected, expected_steps), (logits, steps) in pairs:
+        assert steps == expected_steps
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.cache.keys, reference.cache.keys, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(native.cache.values, reference.cache.values, atol=1e-4, rtol=1e-5)
+
+
+def test_native_logits_are_not_overwritten_by_the_next_step(tiny_model):
+    decoder = Decoder(tiny_model, FixedSteps(), 20, backend="native")
+    with torch.no_grad():
+        decoder.prefill(torch.tensor([[1, 2, 3]]))
+        first, _ = decoder.step(4)
+        kept = first.clone()
+        decoder.step(5)
+    assert torch.equal(first, kept)
+
+
+def test_auto_falls_back_to_torch_where_native_cannot_run(tiny_model):
+    model = tiny_model.double()
+    assert "float32" in native_unsupported(model, Decoder(model, FixedSteps(), 8, backend="reference").cache)
+    assert Decoder(model, FixedSteps(), 8).backend == "torch"
+    with pytest.raises(LoopLMError, match="native backend cannot run here: .*float32.*use backend 'torch'"):
+        Decoder(model, FixedSteps(), 8, backend="native")
+
+
+def test_unknown_backend_is_a_one_line_error(tiny_model):
+    with pytest.raises(LoopLMError, match="backend must be one of auto, native, torch, reference, got 'c'"):
+        Decoder(tiny_model, FixedSteps(), 8, backend="c")
+
+
+def test_kernel_disabled_or_without_compiler_reports_why(monkeypatch):
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setenv("LOOPLM_NATIVE", "0")
+    assert build.load_kernel() is None
+    assert build.unavailable_reason() == "disabled by LOOPLM_NATIVE=0"
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.delenv("LOOPLM_NATIVE")
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    assert build.load_kernel() is None
+    assert "no C compiler" in build.unavailable_reason()
+
+
+def test_kernel_builds_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
+    compiler = build._compiler()
+    first = build._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert build._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [path.name for path in (tmp_path / "native").iterdir()] == [first.name]  # no temp files left
