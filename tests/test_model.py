@@ -104,3 +104,21 @@ def test_no_gate_model():
     assert output.gate_logits is None
     with pytest.raises(LoopLMError):
         output.exit_distribution
+
+
+def test_fused_rms_norm_equals_reference_values_and_gradients():
+    from torch.nn import functional as F
+
+    from looplm.model.norms import rms_norm_fused
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_fused(a, b, 1e-6), (x, weight))
+    grad = torch.randn(3, 5, 16, dtype=torch.float64)
+    fused = rms_norm_fused(x, weight, 1e-6)
+    reference = F.rms_norm(x, (16,), weight, 1e-6)
+    torch.testing.assert_close(fused, reference)
+    for ours, theirs in zip(torch.autograd.grad(fused, (x, weight), grad),
+                            torch.autograd.grad(reference, (x, weight), grad)):
+        torch.testing.assert_close(ours, theirs)
