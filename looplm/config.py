@@ -20,6 +20,8 @@ from typing import Any
 from looplm.errors import LoopLMError
 
 NORM_PLACEMENTS = ("pre", "sandwich")
+INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
+INITIAL_STATES = ("prelude", "noise")
 OBJECTIVES = ("stage1", "last", "mean")
 
 
@@ -54,6 +56,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     exit_gate: bool = True
     init_std: float = 0.02
+    # Loop mechanics (REFERENCE §5); the defaults are Ouro's plain loop and add no parameters.
+    injection: str = "identity"
+    initial_state: str = "prelude"
+    initial_noise_std: float = 1.0
+    loop_index_embedding: bool = False
+    depth_lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -78,6 +86,23 @@ class ModelConfig:
         _check(self.norm in NORM_PLACEMENTS,
                f"model.norm must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm!r}")
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.injection in INJECTIONS,
+               f"model.injection must be one of {', '.join(INJECTIONS)}, got {self.injection!r}")
+        _check(self.initial_state in INITIAL_STATES,
+               f"model.initial_state must be one of {', '.join(INITIAL_STATES)}, got {self.initial_state!r}")
+        _check(not (self.initial_state == "noise" and self.injection == "identity"),
+               "model.initial_state=noise needs an injection other than identity (the loop would never see"
+               " the input): set model.injection")
+        _check(self.initial_noise_std > 0, f"model.initial_noise_std must be > 0, got {self.initial_noise_std}")
+        _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
+        _check(not self.loop_index_embedding or self.d_model >= 16,
+               f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+
+    @property
+    def plain_loop(self) -> bool:
+        """True for Ouro's loop: the state alone feeds each step, nothing step-dependent added."""
+        return (self.injection == "identity" and self.initial_state == "prelude" and not self.loop_index_embedding
+                and self.depth_lora_rank == 0)
 
     @property
     def head_dim(self) -> int:

@@ -51,6 +51,15 @@ class _PackedLayer:
         self.hidden = layer.ffn.hidden
 
 
+def fast_unsupported(model) -> str | None:
+    """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
+    loop: no injection, loop-index signal, depth LoRA or noise initial state)."""
+    if not model.config.plain_loop:
+        return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
+               " loop_index_embedding or depth_lora_rank)"
+    return None
+
+
 class FastStepper:
     """One token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
 
@@ -111,7 +120,10 @@ class FastStepper:
         h = self.model.embed.weight[token]
         return self._run(self.prelude, h, "prelude", 0, self.positions[start:start + 1]) if self.prelude else h
 
-    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+        return e
+
+    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
         return self._core_step(h, step, self.positions[start:start + 1])
 
     def _core_step_at(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:

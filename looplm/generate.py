@@ -140,11 +140,12 @@ class Decoder:
                  compile_steps: bool = False):
         """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
         C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
-        device), "reference" (the model's own modules) or "auto" (native where it can run,
-        else torch).  compile_steps: torch.compile the torch backend's loop step (worth it
+        device), "reference" (the model's own modules; every configuration) or "auto" (the
+        fastest that supports this model: the fast paths cover Ouro's plain loop).  compile_steps: torch.compile the torch backend's loop step (worth it
         only for long generations: the first call compiles for ~20 s)."""
         if backend not in BACKENDS:
             raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        backend_asked = backend
         self.model = model
         self.policy = exit_policy
         self.max_steps = exit_policy.max_steps(model.config.loop_steps)
@@ -166,10 +167,16 @@ class Decoder:
             else:
                 backend = "torch"
         if backend == "torch":
-            from looplm.fast_decode import FastStepper
+            from looplm.fast_decode import FastStepper, fast_unsupported
 
-            self.stepper = FastStepper(model, self.cache, compile_steps)
-        elif backend == "reference":
+            reason = fast_unsupported(model)
+            if reason is None:
+                self.stepper = FastStepper(model, self.cache, compile_steps)
+            elif backend_asked == "torch":
+                raise LoopLMError(f"the torch backend cannot run here: {reason}; use backend 'reference'")
+            else:
+                backend = "reference"
+        if backend == "reference":
             self.stepper = ReferenceStepper(model, self.cache)
         self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
@@ -192,10 +199,11 @@ class Decoder:
         """
         stepper, cache = self.stepper, self.cache
         start = cache.length
-        h = stepper.embed(token, start)
+        e = stepper.embed(token, start)
+        h = stepper.initial_state(e, start)
         log_survival = torch.zeros((), device=cache.keys.device)
         for step in range(self.max_steps):
-            h = stepper.core_step(h, step, start)
+            h = stepper.core_step(h, step, start, e)
             last = step + 1 == self.max_steps
             if not (last or self.threshold < 1.0):
                 continue
@@ -220,8 +228,11 @@ class ReferenceStepper:
         ids = torch.tensor([[token]], device=self.cache.keys.device)
         return self.model.embed_input(ids, start, self.cache)
 
-    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
-        return self.model.core_step(h, step, start, self.cache)
+    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model.initial_state(e, start)
+
+    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor) -> torch.Tensor:
+        return self.model.core_step(h, step, start, self.cache, injected)
 
     def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
         return self.model.readout(h, step, start, self.cache)

@@ -1,9 +1,10 @@
 """LoopLM: the whole looped language model (DESIGN "flow of a token").
 
     e   = prelude(embed(ids))                       run once
-    h_0 = e
-    h_t = core(h_{t−1})        t = 1..T             the same N layers every step
-          (with step_norm: h_t = norm(core(h_{t−1})), Ouro's final norm closing each step)
+    h_0 = e  (or noise)
+    h_t = core(inject(h_{t−1}, e))   t = 1..T       the same N layers every step
+          (with step_norm: h_t = norm(core(…)), Ouro's final norm closing each step;
+           injection, loop-index signal and depth LoRA: looplm.model.loop)
     r_t = readout(h_t) = norm(coda(h_t))             (just h_t for Ouro: already normed)
     logits_t = head(r_t),   λ_t = σ(w·r_t + b)       per-step prediction and exit gate
 
@@ -25,6 +26,7 @@ from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
 from looplm.model.exit import exit_distribution, log_exit_distribution
+from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import RotaryEmbedding
 
@@ -87,6 +89,10 @@ class LoopLM(nn.Module):
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Loop mechanics (looplm.model.loop); absent modules for Ouro's plain loop.
+        self.injection = Injection(config) if config.injection != "identity" else None
+        self.noise = NoiseState(config) if config.initial_state == "noise" else None
+        self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,6 +100,8 @@ class LoopLM(nn.Module):
         config = self.config
         applications = config.n_prelude_layers + config.n_core_layers * config.loop_steps + config.n_coda_layers
         for name, parameter in self.named_parameters():
+            if name.startswith(("injection.", "depth_lora.")):
+                continue  # these modules initialise themselves (reset_parameters below)
             if name.endswith("norm.weight"):
                 nn.init.ones_(parameter)
             elif name.startswith("exit_gate"):
@@ -102,6 +110,17 @@ class LoopLM(nn.Module):
                 nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * applications))
             else:
                 nn.init.normal_(parameter, std=config.init_std)
+        for module in (self.injection, self.depth_lora):
+            if module is not None:
+                module.reset_parameters()
+
+    def rebuild_derived_buffers(self, device) -> None:
+        """Recompute the buffers derived from the config and not saved (RoPE tables, the eval
+        noise table): after building on the meta device and assigning loaded weights."""
+        config = self.config
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+        if self.noise is not None:
+            self.noise = NoiseState(config).to(device)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -132,12 +151,29 @@ class LoopLM(nn.Module):
             h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start)
         return h
 
-    def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None) -> torch.Tensor:
-        """One loop step (0-based ``step``): the core layers, then the step norm if configured."""
+    def initial_state(self, e: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``)."""
+        return e if self.noise is None else self.noise(e, start)
+
+    def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
+                  injected: torch.Tensor | None = None) -> torch.Tensor:
+        """One loop step (0-based ``step``): loop-index signal, injection of ``injected`` (the
+        prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
+        the step norm if configured (see ``looplm.model.loop``)."""
+        config = self.config
+        if config.loop_index_embedding:
+            h = h + loop_index_signal(step, config.d_model, h.device, h.dtype)
+        if self.injection is not None:
+            if injected is None:
+                raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
+            h = self.injection(h, injected)
         cos, sin = self.rope.tables(start, h.shape[1])
+        update = h
         for index, layer in enumerate(self.core):
-            h = layer(h, cos, sin, cache.store("core", index, step) if cache else None, start)
-        return self.norm(h) if self.config.step_norm else h
+            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start)
+        if self.depth_lora is not None:
+            update = update + self.depth_lora(h, step)
+        return self.norm(update) if config.step_norm else update
 
     def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None) -> torch.Tensor:
         """State after a loop step → the normed state the head and the exit gate read."""
@@ -167,10 +203,11 @@ class LoopLM(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.check_steps(steps)
-        h = self.embed_input(ids, start, cache)
+        e = self.embed_input(ids, start, cache)
+        h = self.initial_state(e, start)
         hidden_states, gates = [], []
         for step in range(steps):
-            h = self.core_step(h, step, start, cache)
+            h = self.core_step(h, step, start, cache, e)
             readout = self.readout(h, step, start, cache)
             hidden_states.append(readout)
             if self.exit_gate is not None:

@@ -31,6 +31,10 @@ def native_unsupported(model, cache: KVCache) -> str | None:
         return f"the C decode kernel needs float32 weights and cache, got {parameter.dtype}"
     if cache.keys.shape[1] != 1:
         return "the C decode kernel decodes batch 1"
+    from looplm.fast_decode import fast_unsupported
+
+    if (reason := fast_unsupported(model)) is not None:
+        return reason
     if load_kernel() is None:
         return unavailable_reason()
     return None
@@ -108,7 +112,10 @@ class NativeStepper:
             self._run(self.prelude[0], self.config.n_prelude_layers, self.hidden, start, False)
         return self.hidden
 
-    def core_step(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+        return e
+
+    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
         self._load(h)
         self._run(self.core[step], self.config.n_core_layers, self.hidden, start, self.config.step_norm)
         return self.hidden

@@ -110,7 +110,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         if tensor.shape != wanted:
             raise LoopLMError(f"{str(weights_path)!r}: {name} has shape {tuple(tensor.shape)}, config says {tuple(wanted)}")
     model.load_state_dict(weights, assign=True)
-    model.rope = type(model.rope)(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+    model.rebuild_derived_buffers(device)
     return model.eval()
 
 

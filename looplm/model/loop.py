@@ -1,0 +1,149 @@
+"""Loop mechanics: what enters each loop step besides the state (REFERENCE §5).
+
+One loop step, with e the prelude output of the same position and t the 0-based step::
+
+    h ← h + loop_index_signal(t)            (loop_index_embedding)
+    u = inject(h, e)                        (injection kind)
+    h ← core(u) + depth_lora(u, t)          (depth_lora_rank > 0)
+    h ← norm(h)                             (step_norm, Ouro)
+
+Injection kinds (``ModelConfig.injection``):
+- ``identity`` (Ouro): u = h; the input enters only as h₀ = e.
+- ``additive``: u = h + e (spectral radius 1: the state can grow with depth).
+- ``lti`` (OpenMythos): u = A ⊙ h + B ⊙ e with A = exp(−exp(log_dt + log_A)) ∈ (0, 1).
+- ``diagonal`` (Parcae): u = Ā ⊙ h + Δ ⊙ (B e), Ā = exp(−Δ ⊙ exp(A_log)), Δ = softplus(dt),
+  B a D×D matrix.
+- ``concat`` (Huginn): u = W [h; e], W a D×2D adapter.
+The decays of ``lti`` and ``diagonal`` are computed in float32 and capped one machine epsilon
+of the parameters' dtype below 1, so they stay strictly inside (0, 1) in fp32, fp16 and bf16
+(exp(−exp(x)) rounds to exactly 1 for x < −17.3 in fp32, −8.3 in fp16, −6.2 in bf16).
+
+The initial state (``initial_state``) is e (``prelude``) or Gaussian noise (``noise``, Huginn /
+Parcae).  Noise is fresh in training; in eval mode it is a fixed table indexed by position, so
+a cached decode sees exactly the noise the full forward saw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from looplm.config import ModelConfig
+
+_EXPONENT_CLAMP = 20.0
+
+
+def _capped_decay(decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """decay (float32, in (0, 1]) capped at 1 − eps(dtype), returned in ``dtype``."""
+    return decay.clamp_max(1.0 - torch.finfo(dtype).eps).to(dtype)
+
+
+class Injection(nn.Module):
+    """u = inject(h, e) for the configured kind (no parameters for identity / additive)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.injection
+        dim = config.d_model
+        if self.kind == "lti":
+            self.log_a = nn.Parameter(torch.empty(dim))
+            self.log_dt = nn.Parameter(torch.empty(dim))
+            self.b = nn.Parameter(torch.empty(dim))
+        elif self.kind == "diagonal":
+            self.a_log = nn.Parameter(torch.empty(dim))
+            self.dt = nn.Parameter(torch.empty(dim))
+            self.b = nn.Linear(dim, dim, bias=False)
+        elif self.kind == "concat":
+            self.adapter = nn.Linear(2 * dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start near a convex mix of state and input: decay ≈ 0.5, B = identity."""
+        with torch.no_grad():
+            if self.kind == "lti":
+                self.log_a.fill_(math.log(math.log(2.0)))  # A = exp(−exp(log_a)) = 0.5
+                self.log_dt.zero_()
+                self.b.fill_(1.0)
+            elif self.kind == "diagonal":
+                self.a_log.zero_()
+                self.dt.fill_(math.log(math.expm1(math.log(2.0))))  # Δ = softplus(dt) = log 2 → Ā = 0.5
+                nn.init.eye_(self.b.weight)
+            elif self.kind == "concat":
+                dim = self.adapter.out_features
+                self.adapter.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1))
+
+    def decay(self) -> torch.Tensor | None:
+        """The per-channel state decay A (lti) or Ā (diagonal) in the parameters' dtype, else None."""
+        if self.kind == "lti":
+            exponent = (self.log_dt.float() + self.log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
+            return _capped_decay(torch.exp(-torch.exp(exponent)), self.log_a.dtype)
+        if self.kind == "diagonal":
+            step = F.softplus(self.dt.float())
+            rate = torch.exp(self.a_log.float().clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP))
+            return _capped_decay(torch.exp(-step * rate), self.a_log.dtype)
+        return None
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return h
+        if self.kind == "additive":
+            return h + e
+        if self.kind == "lti":
+            return self.decay() * h + self.b * e
+        if self.kind == "diagonal":
+            return self.decay() * h + F.softplus(self.dt) * self.b(e)
+        return self.adapter(torch.cat([h, e], dim=-1))
+
+
+def loop_index_signal(step: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[dim] sinusoid of the loop step (base 10000) on the first dim/8 channels, zero elsewhere."""
+    channels = dim // 8
+    half = channels // 2
+    frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / max(half, 1))
+    angles = step * frequencies
+    signal = torch.zeros(dim, dtype=torch.float64)
+    signal[:half] = angles.sin()
+    signal[half:2 * half] = angles.cos()
+    return signal.to(device=device, dtype=dtype)
+
+
+class DepthLoRA(nn.Module):
+    """delta(x, t) = (down(x) ⊙ scale[min(t, T − 1)]) @ up: one low-rank adapter shared by all
+    steps, modulated by a per-step scale vector (the clamped index extrapolates past T)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.trained_steps = config.loop_steps
+        self.down = nn.Linear(config.d_model, config.depth_lora_rank, bias=False)
+        self.up = nn.Linear(config.depth_lora_rank, config.d_model, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.loop_steps, config.depth_lora_rank))
+        self.init_std = config.init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.down.weight, std=self.init_std)
+        nn.init.zeros_(self.up.weight)  # starts as no change
+        nn.init.ones_(self.scale)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.up(self.down(x) * self.scale[min(step, self.trained_steps - 1)])
+
+
+class NoiseState(nn.Module):
+    """h₀ ~ N(0, σ²): fresh in training; a fixed per-position table in eval (seeded, not saved)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.std = config.initial_noise_std
+        generator = torch.Generator().manual_seed(0)
+        table = torch.randn(config.max_seq_len, config.d_model, generator=generator) * self.std
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, e: torch.Tensor, start: int) -> torch.Tensor:
+        """e [B, S, D] (for shape, dtype, device) → h₀ [B, S, D]."""
+        if self.training:
+            return torch.randn_like(e) * self.std
+        return self.table[start:start + e.shape[-2]].to(e.dtype).expand_as(e)

@@ -1,0 +1,115 @@
+"""The contract every model configuration keeps (issue #3): it trains, cached decode equals
+the full forward (one and several tokens per call), save → load is identical, steps beyond T
+stay finite, and it is causal.  Add a configuration to VARIANTS and it is held to all of it."""
+
+import pytest
+import torch
+
+from looplm.cache import KVCache
+from looplm.config import TrainConfig
+from looplm.generate import Decoder, FixedSteps, QExit
+from looplm.model import LoopLM
+from looplm.train.checkpoint import load_model
+from looplm.train.objectives import compute_loss
+from looplm.train.trainer import make_optimizer
+
+from conftest import tiny_config
+
+VARIANTS = {
+    "ouro": {},
+    "additive": {"injection": "additive"},
+    "lti": {"injection": "lti", "norm": "pre", "step_norm": False},
+    "diagonal": {"injection": "diagonal", "initial_state": "noise"},
+    "concat-noise": {"injection": "concat", "initial_state": "noise", "initial_noise_std": 0.5},
+    "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
+                        "n_prelude_layers": 1, "n_coda_layers": 1},
+}
+
+
+def build(name: str, seed: int = 0) -> LoopLM:
+    torch.manual_seed(seed)
+    model = LoopLM(tiny_config(**VARIANTS[name]))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.depth_lora is not None:  # the zero-initialised up projection would hide LoRA bugs
+        torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_trains_with_falling_loss(name):
+    model = build(name).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (4, 17), generator=generator)
+    losses = []
+    for _ in range(30):
+        loss = compute_loss(model(ids[:, :-1]), ids[:, 1:], "stage1").loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cached_decode_equals_full_forward(name):
+    model = build(name)
+    ids = torch.randint(0, 64, (2, 14))
+    steps = model.config.loop_steps + 1
+    full = model(ids, steps=steps)
+    cache = KVCache(model.config, 2, 16, max_steps=steps)
+    begin = 0
+    for size in (5, 1, 1, 4, 3):  # a prompt, single tokens, several tokens against a filled cache
+        part = model(ids[:, begin:begin + size], steps=steps, cache=cache)
+        for step in range(1, steps + 1):
+            torch.testing.assert_close(part.logits(step), full.logits(step)[:, begin:begin + size],
+                                       atol=1e-4, rtol=0)
+        begin += size
+    decoder = Decoder(model, FixedSteps(steps), 14)
+    with torch.no_grad():
+        decoder.prefill(ids[:1, :6])
+        for position in range(6, 14):
+            logits, _ = decoder.step(int(ids[0, position]))
+            torch.testing.assert_close(logits, full.logits(steps)[0, position], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_backend_gives_the_reference_tokens(name):
+    model = build(name)
+    prompt = torch.randint(0, 64, (1, 5))
+    tokens = torch.randint(0, 64, (8,)).tolist()
+    reference = Decoder(model, QExit(0.5), 16, backend="reference")
+    auto = Decoder(model, QExit(0.5), 16)
+    assert (auto.backend == "native") == (name == "ouro")
+    with torch.no_grad():
+        reference.prefill(prompt)
+        auto.prefill(prompt)
+        for token in tokens:
+            (expected, expected_steps), (logits, steps) = reference.step(token), auto.step(token)
+            assert steps == expected_steps
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_save_load_identical_and_deep_extrapolation_finite(name, tmp_path):
+    model = build(name)
+    ids = torch.randint(0, 64, (1, 9))
+    model.save(tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(ids).logits(), model(ids).logits(), atol=0, rtol=0)
+    deep = model(ids, steps=4 * model.config.loop_steps)
+    assert all(torch.isfinite(state).all() for state in deep.hidden_states)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal(name):
+    model = build(name)
+    ids = torch.randint(0, 64, (1, 12))
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 5) % 64
+    a, b = model(ids, steps=5), model(changed, steps=5)
+    for step in range(1, 6):
+        assert torch.equal(a.logits(step)[:, :7], b.logits(step)[:, :7])
+        assert not torch.equal(a.logits(step)[:, 7:], b.logits(step)[:, 7:])
