@@ -22,6 +22,7 @@ from looplm.errors import LoopLMError
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
+FFN_KINDS = ("dense", "moe")
 OBJECTIVES = ("stage1", "last", "mean")
 
 
@@ -62,6 +63,14 @@ class ModelConfig:
     initial_noise_std: float = 1.0
     loop_index_embedding: bool = False
     depth_lora_rank: int = 0
+    # Feed-forward: dense SwiGLU or a mixture of experts (looplm.model.moe).
+    ffn: str = "dense"
+    n_experts: int = 8
+    n_shared_experts: int = 1
+    moe_top_k: int = 2
+    expert_hidden: int | None = None
+    moe_bias_update_rate: float = 1e-3
+    moe_aux_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -94,6 +103,17 @@ class ModelConfig:
                "model.initial_state=noise needs an injection other than identity (the loop would never see"
                " the input): set model.injection")
         _check(self.initial_noise_std > 0, f"model.initial_noise_std must be > 0, got {self.initial_noise_std}")
+        _check(self.ffn in FFN_KINDS, f"model.ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
+        if self.expert_hidden is None:
+            self.expert_hidden = self.ffn_hidden
+        if self.ffn == "moe":
+            _check(self.n_experts >= 1, f"model.n_experts must be >= 1, got {self.n_experts}")
+            _check(1 <= self.moe_top_k <= self.n_experts,
+                   f"model.moe_top_k must be in [1, n_experts={self.n_experts}], got {self.moe_top_k}")
+            _check(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            _check(self.expert_hidden >= 1, f"model.expert_hidden must be >= 1, got {self.expert_hidden}")
+            _check(self.moe_bias_update_rate >= 0 and self.moe_aux_loss_weight >= 0,
+                   "model.moe_bias_update_rate and model.moe_aux_loss_weight must be >= 0")
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")

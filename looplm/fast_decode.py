@@ -57,6 +57,8 @@ def fast_unsupported(model) -> str | None:
     if not model.config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding or depth_lora_rank)"
+    if model.config.ffn != "dense":
+        return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + model.config.ffn
     return None
 
 

@@ -21,6 +21,7 @@ VARIANTS = {
     "lti": {"injection": "lti", "norm": "pre", "step_norm": False},
     "diagonal": {"injection": "diagonal", "initial_state": "noise"},
     "concat-noise": {"injection": "concat", "initial_state": "noise", "initial_noise_std": 0.5},
+    "moe": {"ffn": "moe", "n_experts": 4, "moe_top_k": 2, "expert_hidden": 16, "moe_aux_loss_weight": 0.01},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
 }
@@ -111,5 +112,8 @@ def test_causal(name):
     changed[0, 7] = (ids[0, 7] + 5) % 64
     a, b = model(ids, steps=5), model(changed, steps=5)
     for step in range(1, 6):
-        assert torch.equal(a.logits(step)[:, :7], b.logits(step)[:, :7])
-        assert not torch.equal(a.logits(step)[:, 7:], b.logits(step)[:, 7:])
+        # Equal up to float rounding: MoE runs an expert on a different set of rows when a later
+        # token's routing changes, and a matmul's blocking may round differently (a leak would
+        # be many orders of magnitude larger).
+        torch.testing.assert_close(a.logits(step)[:, :7], b.logits(step)[:, :7], atol=1e-6, rtol=0)
+        assert (a.logits(step)[:, 7:] - b.logits(step)[:, 7:]).abs().max() > 1e-3

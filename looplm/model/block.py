@@ -10,6 +10,7 @@ from torch import nn
 from looplm.config import ModelConfig
 from looplm.model.attention import Attention
 from looplm.model.ffn import SwiGLU
+from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
 
 
@@ -20,7 +21,7 @@ class Layer(nn.Module):
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, config.n_heads, config.n_kv_heads)
         self.ffn_norm = RMSNorm(dim, eps)
-        self.ffn = SwiGLU(dim, config.ffn_hidden)
+        self.ffn = SwiGLU(dim, config.ffn_hidden) if config.ffn == "dense" else MoE(config)
         sandwich = config.norm == "sandwich"
         self.attn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()
         self.ffn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()

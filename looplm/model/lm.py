@@ -27,6 +27,7 @@ from looplm.errors import LoopLMError
 from looplm.model.block import Layer
 from looplm.model.exit import exit_distribution, log_exit_distribution
 from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
+from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import RotaryEmbedding
 
@@ -43,6 +44,7 @@ class LoopOutput:
     hidden_states: list[torch.Tensor]
     gate_logits: torch.Tensor | None
     model: "LoopLM"
+    aux_loss: torch.Tensor | None = None  # MoE auxiliary balancing loss, already weighted
 
     @property
     def steps(self) -> int:
@@ -106,7 +108,7 @@ class LoopLM(nn.Module):
                 nn.init.ones_(parameter)
             elif name.startswith("exit_gate"):
                 nn.init.zeros_(parameter)
-            elif name.endswith(("attn.out.weight", "ffn.down.weight")):
+            elif name.endswith(("attn.out.weight", "down.weight", "experts_down")):
                 nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * applications))
             else:
                 nn.init.normal_(parameter, std=config.init_std)
@@ -214,4 +216,6 @@ class LoopLM(nn.Module):
                 gates.append(self.gate_logits(readout))
         if cache is not None:
             cache.advance(ids.shape[1])
-        return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self)
+        aux = [loss for module in self.modules() if isinstance(module, MoE) for loss in module.pop_aux_losses()]
+        return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self,
+                          torch.stack(aux).sum() if aux else None)

@@ -90,4 +90,6 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         loss = step_losses.mean()
     else:
         raise LoopLMError(f"unknown objective {objective!r}: use stage1, last or mean")
+    if output.aux_loss is not None:
+        loss = loss + output.aux_loss
     return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()))
