@@ -23,6 +23,7 @@ NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe")
+ATTENTION_KINDS = ("mha", "gated")
 OBJECTIVES = ("stage1", "last", "mean")
 
 
@@ -51,6 +52,9 @@ class ModelConfig:
     loop_steps: int = 4
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_fraction: float = 1.0
+    attention: str = "mha"
+    zero_centered_norm: bool = False
     norm: str = "sandwich"
     norm_eps: float = 1e-6
     step_norm: bool = True
@@ -95,6 +99,11 @@ class ModelConfig:
         _check(self.norm in NORM_PLACEMENTS,
                f"model.norm must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm!r}")
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.attention in ATTENTION_KINDS,
+               f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        _check(0 < self.rope_fraction <= 1 and self.rope_dim >= 2,
+               f"model.rope_fraction must be in (0, 1] and rotate at least 2 of the {self.head_dim} head"
+               f" dims, got {self.rope_fraction}")
         _check(self.injection in INJECTIONS,
                f"model.injection must be one of {', '.join(INJECTIONS)}, got {self.injection!r}")
         _check(self.initial_state in INITIAL_STATES,
@@ -117,6 +126,11 @@ class ModelConfig:
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+
+    @property
+    def rope_dim(self) -> int:
+        """Head dims RoPE rotates (the first ones; even): head_dim × rope_fraction."""
+        return 2 * int(self.head_dim * self.rope_fraction / 2)
 
     @property
     def plain_loop(self) -> bool:
@@ -342,12 +356,43 @@ def _preset_ouro(layers: int) -> ModelConfig:
                        norm="sandwich", step_norm=True, tie_embeddings=False)
 
 
+def _family(**mechanics) -> ModelConfig:
+    """A model family's loop mechanics at the ``small`` scale (d 512, 8 heads, vocab 4096)."""
+    values = dict(vocab_size=4096, d_model=512, n_heads=8, max_seq_len=1024)
+    values.update(mechanics)
+    return ModelConfig(**values)
+
+
+# Model families of the seeds (docs/ARCHITECTURES.md); sizes are overridable with --model.*.
+FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    # Ouro: one stack looped, sandwich norm, the final norm closing every step, exit gate.
+    "ouro": lambda: _family(n_core_layers=8, loop_steps=4, norm="sandwich", step_norm=True),
+    # OpenMythos: prelude / recurrent / coda, GQA, MoE, LTI injection, loop index, depth LoRA.
+    "openmythos": lambda: _family(n_kv_heads=2, n_prelude_layers=1, n_core_layers=4, n_coda_layers=1, loop_steps=4,
+                                  norm="pre", step_norm=False, injection="lti", loop_index_embedding=True,
+                                  depth_lora_rank=16, ffn="moe", n_experts=16, moe_top_k=2, n_shared_experts=1,
+                                  expert_hidden=512),
+    # Huginn: prelude 2 / core 4 / coda 2, noise start, concat adapter, sandwich norm.
+    "huginn": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="sandwich",
+                              step_norm=False, injection="concat", initial_state="noise"),
+    # Parcae: Huginn's layout with diagonal, stable-by-construction injection and pre-norm.
+    "parcae": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="pre",
+                              step_norm=False, injection="diagonal", initial_state="noise"),
+    # nanochat loop: one local block before, one shared block looped, one local block after.
+    "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
+                                     step_norm=False, injection="additive"),
+    # Qwen3.5-style attention in an Ouro loop (the GDN hybrid of LoopCached-Reasoning is not built yet).
+    "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, attention="gated", rope_fraction=0.25,
+                                   rope_theta=1e7, zero_centered_norm=True, norm="pre", step_norm=True),
+}
+
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "tiny": _preset_tiny,
     "small": _preset_small,
     "reference": _preset_reference,
     "ouro-1.4b": lambda: _preset_ouro(24),
     "ouro-2.6b": lambda: _preset_ouro(48),
+    **FAMILY_PRESETS,
 }
 
 

@@ -57,8 +57,11 @@ def fast_unsupported(model) -> str | None:
     if not model.config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding or depth_lora_rank)"
-    if model.config.ffn != "dense":
-        return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + model.config.ffn
+    config = model.config
+    if config.ffn != "dense":
+        return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
+    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm:
+        return "the fast decode paths cover attention=mha with full RoPE and standard norms"
     return None
 
 

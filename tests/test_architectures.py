@@ -2,11 +2,13 @@
 the full forward (one and several tokens per call), save → load is identical, steps beyond T
 stay finite, and it is causal.  Add a configuration to VARIANTS and it is held to all of it."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from looplm.cache import KVCache
-from looplm.config import TrainConfig
+from looplm.config import FAMILY_PRESETS, TrainConfig, preset
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
 from looplm.train.checkpoint import load_model
@@ -22,9 +24,26 @@ VARIANTS = {
     "diagonal": {"injection": "diagonal", "initial_state": "noise"},
     "concat-noise": {"injection": "concat", "initial_state": "noise", "initial_noise_std": 0.5},
     "moe": {"ffn": "moe", "n_experts": 4, "moe_top_k": 2, "expert_hidden": 16, "moe_aux_loss_weight": 0.01},
+    "gated-attention": {"attention": "gated", "n_kv_heads": 2, "rope_fraction": 0.25, "rope_theta": 1e7,
+                        "zero_centered_norm": True, "norm": "pre"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
 }
+
+
+def shrunk(preset_name: str) -> dict:
+    """A family preset's mechanics at test size (the fields that set sizes are replaced)."""
+    values = dataclasses.asdict(preset(preset_name))
+    sizes = dict(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=min(values["n_kv_heads"], 2) if
+                 values["n_kv_heads"] < values["n_heads"] else 4, ffn_hidden=48, max_seq_len=48,
+                 n_core_layers=min(values["n_core_layers"], 2), loop_steps=min(values["loop_steps"], 3),
+                 n_experts=min(values["n_experts"], 4), expert_hidden=16,
+                 depth_lora_rank=min(values["depth_lora_rank"], 4))
+    values.update(sizes)
+    return values
+
+
+VARIANTS.update({f"preset-{name}": shrunk(name) for name in FAMILY_PRESETS})
 
 
 def build(name: str, seed: int = 0) -> LoopLM:
@@ -82,7 +101,7 @@ def test_every_backend_gives_the_reference_tokens(name):
     tokens = torch.randint(0, 64, (8,)).tolist()
     reference = Decoder(model, QExit(0.5), 16, backend="reference")
     auto = Decoder(model, QExit(0.5), 16)
-    assert (auto.backend == "native") == (name == "ouro")
+    assert (auto.backend == "native") == (name in ("ouro", "preset-ouro"))
     with torch.no_grad():
         reference.prefill(prompt)
         auto.prefill(prompt)

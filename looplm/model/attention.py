@@ -3,12 +3,19 @@
 Shapes: x [B, S, D]; q [B, H, S, hd]; k, v [B, H_kv, S, hd]; H_kv divides H (GQA).
 With a cache, this call's keys and values are written into the slot's preallocated storage
 at positions [start, start+S) and the queries attend over [0, start+S).
+
+``attention="gated"`` (Qwen3.5 / Qwen3-Next gated attention, REFERENCE §6): the query
+projection is twice as wide and its second half, per head, is an output gate:
+o = attend(q, k, v) ⊙ σ(gate); q and k are RMS-normed per head before RoPE.  Partial RoPE
+(``rope_fraction``) rotates the first head dims only; both options work for either kind.
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.config import ModelConfig
+from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
 
 
@@ -20,20 +27,41 @@ def causal_mask_with_offset(queries: int, keys: int, device: torch.device) -> to
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        d_model = config.d_model
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.gated = config.attention == "gated"
+        query_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
+        self.qkv = nn.Linear(d_model, query_width + 2 * self.n_kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        if self.gated:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+
+    def _project(self, x: torch.Tensor):
+        """x [B, S, D] → query_key [B, H + H_kv, S, hd], v [B, H_kv, S, hd], gate [B, S, H·hd] or None."""
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        projected = self.qkv(x)
+        if not self.gated:
+            query_key, v = projected.view(batch, length, -1, head_dim).transpose(1, 2).split(
+                [heads + kv_heads, kv_heads], dim=1)
+            return query_key, v, None
+        query_gate, k, v = projected.split([2 * heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, gate = query_gate.view(batch, length, heads, 2 * head_dim).split(head_dim, dim=-1)
+        q = self.q_norm(q).transpose(1, 2)
+        k = self.k_norm(k.view(batch, length, kv_heads, head_dim)).transpose(1, 2)
+        v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        return torch.cat([q, k], dim=1), v, gate.reshape(batch, length, heads * head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None."""
         batch, length, _ = x.shape
-        query_key, v = self.qkv(x).view(batch, length, -1, self.head_dim).transpose(1, 2).split(
-            [self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        query_key, v, gate = self._project(x)
         # One rotation for queries and keys together: half the elementwise ops of two calls.
         q, k = apply_rope(query_key, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
         gqa = self.n_kv_heads != self.n_heads
@@ -47,4 +75,5 @@ class Attention(nn.Module):
             mask = None if length == 1 else causal_mask_with_offset(length, end, x.device)
             o = F.scaled_dot_product_attention(q, key_store[:, :, :end], value_store[:, :, :end],
                                                attn_mask=mask, enable_gqa=gqa)
-        return self.out(o.transpose(1, 2).reshape(batch, length, -1))
+        o = o.transpose(1, 2).reshape(batch, length, -1)
+        return self.out(o * torch.sigmoid(gate) if self.gated else o)

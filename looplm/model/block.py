@@ -18,13 +18,14 @@ class Layer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         dim, eps = config.d_model, config.norm_eps
-        self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, config.n_heads, config.n_kv_heads)
-        self.ffn_norm = RMSNorm(dim, eps)
+        zero = config.zero_centered_norm
+        self.attn_norm = RMSNorm(dim, eps, zero)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(dim, eps, zero)
         self.ffn = SwiGLU(dim, config.ffn_hidden) if config.ffn == "dense" else MoE(config)
         sandwich = config.norm == "sandwich"
-        self.attn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()
-        self.ffn_post_norm = RMSNorm(dim, eps) if sandwich else nn.Identity()
+        self.attn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
+        self.ffn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:

@@ -87,10 +87,10 @@ class LoopLM(nn.Module):
         self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude_layers))
         self.core = nn.ModuleList(Layer(config) for _ in range(config.n_core_layers))
         self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.zero_centered_norm)
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta)
         # Loop mechanics (looplm.model.loop); absent modules for Ouro's plain loop.
         self.injection = Injection(config) if config.injection != "identity" else None
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
@@ -105,7 +105,7 @@ class LoopLM(nn.Module):
             if name.startswith(("injection.", "depth_lora.")):
                 continue  # these modules initialise themselves (reset_parameters below)
             if name.endswith("norm.weight"):
-                nn.init.ones_(parameter)
+                nn.init.zeros_(parameter) if config.zero_centered_norm else nn.init.ones_(parameter)
             elif name.startswith("exit_gate"):
                 nn.init.zeros_(parameter)
             elif name.endswith(("attn.out.weight", "down.weight", "experts_down")):
@@ -120,7 +120,7 @@ class LoopLM(nn.Module):
         """Recompute the buffers derived from the config and not saved (RoPE tables, the eval
         noise table): after building on the meta device and assigning loaded weights."""
         config = self.config
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+        self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta).to(device)
         if self.noise is not None:
             self.noise = NoiseState(config).to(device)
 

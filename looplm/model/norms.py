@@ -38,14 +38,27 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension (Zhang & Sennrich 2019). x: [..., D]."""
+    """Root-mean-square norm over the last dimension (Zhang & Sennrich 2019). x: [..., D].
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    zero_centered (Qwen3.5): the scale is 1 + w with w initialised to zero, so weight decay
+    pulls the scale toward 1 rather than 0.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return 1.0 + self.weight if self.zero_centered else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return rms_norm_fused(x, self.weight, self.eps)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        scale = self.scale
+        if torch.is_grad_enabled() and x.dtype == scale.dtype and not torch.is_autocast_enabled(x.device.type):
+            return rms_norm_fused(x, scale, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), scale, self.eps)
