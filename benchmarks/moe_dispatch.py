@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+
+from looplm.bench import median_rate
 
 from looplm.config import ModelConfig
 from looplm.model.moe import MoE
@@ -49,14 +49,7 @@ def tokens_per_second(layer: MoE, forward, x: torch.Tensor, steps: int, repeats:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    one_step()
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(steps):
-            one_step()
-        rates.append(x.shape[0] * x.shape[1] * steps / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return median_rate(one_step, x.shape[0] * x.shape[1], steps, repeats)
 
 
 def main() -> None:

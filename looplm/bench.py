@@ -46,14 +46,19 @@ def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int =
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    for _ in range(2):
+    return median_rate(one_step, batch * length, steps, repeats, warmup=2)
+
+
+def median_rate(one_step, tokens_per_step: int, steps: int, repeats: int, warmup: int = 1) -> float:
+    """Median tokens/s over ``repeats`` timed runs of ``steps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
         one_step()
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(steps):
             one_step()
-        rates.append(batch * length * steps / (time.perf_counter() - started))
+        rates.append(tokens_per_step * steps / (time.perf_counter() - started))
     return statistics.median(rates)
 
 
