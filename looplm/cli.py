@@ -48,6 +48,8 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--q", type=float, default=None,
                         help="Q-exit threshold in [0, 1]: exit at the first step whose exit CDF reaches q"
                              " (default: no early exit)")
+    parser.add_argument("--act", action="store_true",
+                        help="ACT halting: output the halting-weighted readout (every depth still runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +176,7 @@ def run_generate(args) -> None:
     from looplm.generate import Sampling, make_exit_policy, stream, Generation
     from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-    policy = make_exit_policy(args.q, args.steps)
+    policy = make_exit_policy(args.q, args.steps, args.act)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)

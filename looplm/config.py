@@ -24,7 +24,7 @@ INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe")
 ATTENTION_KINDS = ("mha", "gated")
-OBJECTIVES = ("stage1", "last", "mean")
+OBJECTIVES = ("stage1", "last", "mean", "act")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -60,6 +60,7 @@ class ModelConfig:
     step_norm: bool = True
     tie_embeddings: bool = True
     exit_gate: bool = True
+    act_threshold: float = 0.99
     init_std: float = 0.02
     # Loop mechanics (REFERENCE §5); the defaults are Ouro's plain loop and add no parameters.
     injection: str = "identity"
@@ -99,6 +100,7 @@ class ModelConfig:
         _check(self.norm in NORM_PLACEMENTS,
                f"model.norm must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm!r}")
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _check(0 < self.act_threshold <= 1, f"model.act_threshold must be in (0, 1], got {self.act_threshold}")
         _check(self.attention in ATTENTION_KINDS,
                f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         _check(0 < self.rope_fraction <= 1 and self.rope_dim >= 2,
@@ -161,6 +163,7 @@ class TrainConfig:
     objective: str = "stage1"
     entropy_beta: float = 0.1
     entropy_beta_final: float | None = None
+    act_ponder_weight: float = 0.01
     eval_every: int = 200
     eval_batches: int = 4
     log_every: int = 10

@@ -79,11 +79,35 @@ class QExit:
         return self.steps or trained_steps
 
 
-ExitPolicy = FixedSteps | QExit
+@dataclass(frozen=True)
+class ACTExit:
+    """ACT halting (Graves; REFERENCE §5): the output is the halting-weighted readout
+    Σ_t w_t r_t (``exit.act_weights``, the gate read as halting probability).  Every depth
+    still runs so that every step's cache holds every token; the reported steps are the
+    halting step.  threshold None = the model's ``act_threshold``."""
+
+    threshold: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise LoopLMError(f"the ACT threshold must be in (0, 1], got {self.threshold}")
+        if self.steps is not None and self.steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
+
+    def max_steps(self, trained_steps: int) -> int:
+        return self.steps or trained_steps
 
 
-def make_exit_policy(q: float | None = None, steps: int | None = None) -> ExitPolicy:
-    """Q-exit when q is given, else fixed steps."""
+ExitPolicy = FixedSteps | QExit | ACTExit
+
+
+def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False) -> ExitPolicy:
+    """ACT when asked, Q-exit when q is given, else fixed steps."""
+    if act:
+        if q is not None:
+            raise LoopLMError("choose one exit policy: --act or --q, not both")
+        return ACTExit(steps=steps)
     return QExit(q, steps) if q is not None else FixedSteps(steps)
 
 
@@ -149,8 +173,11 @@ class Decoder:
         self.model = model
         self.policy = exit_policy
         self.max_steps = exit_policy.max_steps(model.config.loop_steps)
-        if isinstance(exit_policy, QExit) and model.exit_gate is None:
-            raise LoopLMError("Q-exit needs a model with an exit gate: use fixed steps")
+        if isinstance(exit_policy, (QExit, ACTExit)) and model.exit_gate is None:
+            raise LoopLMError("Q-exit and ACT need a model with an exit gate: use fixed steps")
+        self.act_threshold = None
+        if isinstance(exit_policy, ACTExit):
+            self.act_threshold = exit_policy.threshold or model.config.act_threshold
         device = next(model.parameters()).device
         self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
                              dtype=next(model.parameters()).dtype)
@@ -185,6 +212,9 @@ class Decoder:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits."""
         output = self.model(ids, steps=self.max_steps, cache=self.cache)
         steps = self.max_steps
+        if self.act_threshold is not None:
+            state, _, halting = output.act(self.act_threshold)
+            return self.model.logits(state[0, -1]), int(halting[0, -1])
         if isinstance(self.policy, QExit):
             from looplm.model.exit import q_exit_steps
 
@@ -201,6 +231,8 @@ class Decoder:
         start = cache.length
         e = stepper.embed(token, start)
         h = stepper.initial_state(e, start)
+        if self.act_threshold is not None:
+            return self._act_step(h, e, start)
         log_survival = torch.zeros((), device=cache.keys.device)
         for step in range(self.max_steps):
             h = stepper.core_step(h, step, start, e)
@@ -215,6 +247,25 @@ class Decoder:
                     break
         cache.advance(1)
         return stepper.logits(readout), step + 1
+
+
+    def _act_step(self, h: torch.Tensor, e: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """ACT for one token, weights as ``exit.act_weights`` computes them.  Steps after the
+        halting step still run (core and readout), so every depth's cache holds the token."""
+        stepper, total, state, halting = self.stepper, 0.0, None, None
+        for step in range(self.max_steps):
+            h = stepper.core_step(h, step, start, e)
+            readout = stepper.readout(h, step, start)
+            if halting is not None:
+                continue
+            probability = float(torch.sigmoid(stepper.gate_logit(readout)))
+            if total + probability >= self.act_threshold or step + 1 == self.max_steps:
+                weight, halting = 1.0 - total, step + 1
+            else:
+                weight, total = probability, total + probability
+            state = weight * readout if state is None else state + weight * readout
+        self.cache.advance(1)
+        return stepper.logits(state), halting
 
 
 class ReferenceStepper:

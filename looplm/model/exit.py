@@ -42,3 +42,41 @@ def q_exit_steps(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
         return torch.full(gate_logits.shape[1:], steps, dtype=torch.long, device=gate_logits.device)
     reached = exit_cdf(gate_logits) >= threshold
     return reached.long().argmax(dim=0) + 1
+
+
+def act_weights(gate_logits: torch.Tensor, threshold: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACT (Graves 2016) over halting probabilities p_t = σ(z_t), vectorised over steps.
+
+    A position halts at the first step n with Σ_{t≤n} p_t ≥ threshold (or at the last step).
+    Its weights are p_t before n, the remainder 1 − Σ_{t<n} p_t at n, and 0 after: each
+    position's weights sum to 1 and a halted position contributes exactly once.  Returns the
+    weights [T, ...] and the halting steps n (1-based) [...].
+    """
+    steps = gate_logits.shape[0]
+    halt = torch.sigmoid(gate_logits)
+    before = torch.cumsum(halt, dim=0) - halt  # Σ_{t<n} p_t
+    halted_before = before >= threshold
+    last = torch.zeros_like(halted_before)
+    last[-1] = True
+    halts_here = ~halted_before & ((before + halt >= threshold) | last)
+    weights = torch.where(halted_before, torch.zeros_like(halt), torch.where(halts_here, 1.0 - before, halt))
+    halting_steps = halts_here.long().argmax(dim=0) + 1
+    return weights, halting_steps.clamp_max(steps)
+
+
+def act_weights_reference(gate_logits: torch.Tensor, threshold: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ACT weights by a plain loop over positions and steps (the test reference)."""
+    flat = torch.sigmoid(gate_logits).reshape(gate_logits.shape[0], -1)
+    weights = torch.zeros_like(flat)
+    halting = torch.zeros(flat.shape[1], dtype=torch.long)
+    for position in range(flat.shape[1]):
+        total = 0.0
+        for step in range(flat.shape[0]):
+            p = float(flat[step, position])
+            if total + p >= threshold or step == flat.shape[0] - 1:
+                weights[step, position] = 1.0 - total
+                halting[position] = step + 1
+                break
+            weights[step, position] = p
+            total += p
+    return weights.view_as(gate_logits), halting.view(gate_logits.shape[1:])

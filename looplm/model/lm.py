@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
-from looplm.model.exit import exit_distribution, log_exit_distribution
+from looplm.model.exit import act_weights, exit_distribution, log_exit_distribution
 from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
@@ -72,6 +72,15 @@ class LoopOutput:
     @property
     def log_exit_distribution(self) -> torch.Tensor:
         return log_exit_distribution(self._gate())
+
+    def act(self, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ACT over the exit gate read as halting probabilities (``exit.act_weights``):
+        the halting-weighted readout Σ_t w_t r_t [B, S, D], the weights [T, B, S] and the
+        halting steps [B, S]."""
+        threshold = self.model.config.act_threshold if threshold is None else threshold
+        weights, halting = act_weights(self._gate(), threshold)
+        state = sum(weight.unsqueeze(-1) * hidden for weight, hidden in zip(weights, self.hidden_states))
+        return state, weights, halting
 
     def _gate(self) -> torch.Tensor:
         if self.gate_logits is None:

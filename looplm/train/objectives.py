@@ -4,6 +4,7 @@ Per-step loss  L_t = cross-entropy(head(r_t), targets) per token, ignoring targe
 stage1: Σ_t p(t)·L_t − β·H(p), H(p) = −Σ_t p(t) log p(t), per token then averaged (Ouro §3.3).
 last:   L_T (a plain deep model trained at full depth).
 mean:   (1/T) Σ_t L_t (every step supervised equally).
+act:    CE(head(Σ_t w_t r_t)) + τ·(N + R), ACT (Graves) with the gate as halting probability.
 """
 
 from __future__ import annotations
@@ -63,8 +64,19 @@ def per_step_token_losses(output: LoopOutput, targets: torch.Tensor, fused: bool
     return losses.new_zeros(steps, flat_targets.numel()).index_copy(1, trained, losses).view(steps, *shape)
 
 
+def act_token_losses(output: LoopOutput, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACT: cross-entropy of the head on the halting-weighted readout Σ_t w_t r_t, and the
+    ponder cost N + R (halting step plus remainder; R carries the gradient), per token [B, S]."""
+    state, weights, halting = output.act()
+    remainder = weights.gather(0, (halting - 1).unsqueeze(0)).squeeze(0)
+    flat = targets.reshape(-1)
+    losses = F.cross_entropy(output.model.logits(state).reshape(flat.numel(), -1), flat,
+                             ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
+    return losses, halting.to(remainder.dtype) + remainder
+
+
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",
-                 entropy_beta: float = 0.1) -> LossResult:
+                 entropy_beta: float = 0.1, act_ponder_weight: float = 0.01) -> LossResult:
     """Objective over a forward pass; targets [B, S] with −100 marking untrained positions."""
     mask = (targets != IGNORE_INDEX).to(output.hidden_states[0].dtype)
     tokens = mask.sum().clamp_min(1.0)
@@ -88,8 +100,13 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         loss = step_losses[-1]
     elif objective == "mean":
         loss = step_losses.mean()
+    elif objective == "act":
+        if output.gate_logits is None:
+            raise LoopLMError("objective act needs an exit gate (it halts on the gate): set model.exit_gate=true")
+        act_losses, ponder = act_token_losses(output, targets)
+        loss = ((act_losses + act_ponder_weight * ponder) * mask).sum() / tokens
     else:
-        raise LoopLMError(f"unknown objective {objective!r}: use stage1, last or mean")
+        raise LoopLMError(f"unknown objective {objective!r}: use stage1, last, mean or act")
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
     return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()))

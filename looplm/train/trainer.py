@@ -116,7 +116,7 @@ class Trainer:
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float):
         output = self.model(inputs)
-        return compute_loss(output, targets, self.train_config.objective, beta)
+        return compute_loss(output, targets, self.train_config.objective, beta, self.train_config.act_ponder_weight)
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
