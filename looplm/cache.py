@@ -3,7 +3,9 @@
 A looped model needs separate keys and values for every loop step of every core layer:
 slot = prelude layer, or P + step·(N + C) + layer for core (and coda) layers.  Storage is
 preallocated once: keys, values [slots, B, H_kv, max_len, hd]; ``length`` counts the
-positions filled so far (shared by every row of the batch).
+positions filled so far (shared by every row of the batch).  For MLA the "keys" hold the
+latent c [slots, B, 1, max_len, r_kv] and the "values" the rotated rope keys
+[slots, B, 1, max_len, d_rope] (``looplm.model.mla``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ class KVCache:
         self.max_steps = max_steps or config.loop_steps
         self.per_step = config.n_core_layers + config.n_coda_layers
         slots = config.n_prelude_layers + self.max_steps * self.per_step
-        shape = (slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        if config.attention == "mla":  # the latent c and the rotated rope key, one "head" each
+            key_shape = (slots, batch_size, 1, self.max_len, config.mla_kv_rank)
+            value_shape = (slots, batch_size, 1, self.max_len, config.mla_rope_dim)
+        else:
+            key_shape = value_shape = (slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
+        self.values = torch.zeros(value_shape, device=device, dtype=dtype)
         self.length = 0
 
     def slot(self, stage: str, layer: int, step: int = 0) -> int:

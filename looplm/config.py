@@ -23,7 +23,7 @@ NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe")
-ATTENTION_KINDS = ("mha", "gated")
+ATTENTION_KINDS = ("mha", "gated", "mla")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 
 
@@ -54,6 +54,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
     attention: str = "mha"
+    mla_kv_rank: int = 64
+    mla_q_rank: int = 0
+    mla_rope_dim: int = 16
     zero_centered_norm: bool = False
     norm: str = "sandwich"
     norm_eps: float = 1e-6
@@ -103,6 +106,11 @@ class ModelConfig:
         _check(0 < self.act_threshold <= 1, f"model.act_threshold must be in (0, 1], got {self.act_threshold}")
         _check(self.attention in ATTENTION_KINDS,
                f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        if self.attention == "mla":
+            _check(self.mla_kv_rank >= 1, f"model.mla_kv_rank must be >= 1, got {self.mla_kv_rank}")
+            _check(self.mla_q_rank >= 0, f"model.mla_q_rank must be >= 0 (0 = no query compression), got {self.mla_q_rank}")
+            _check(self.mla_rope_dim >= 2 and self.mla_rope_dim % 2 == 0,
+                   f"model.mla_rope_dim must be even and >= 2, got {self.mla_rope_dim}")
         _check(0 < self.rope_fraction <= 1 and self.rope_dim >= 2,
                f"model.rope_fraction must be in (0, 1] and rotate at least 2 of the {self.head_dim} head"
                f" dims, got {self.rope_fraction}")
@@ -131,7 +139,10 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Head dims RoPE rotates (the first ones; even): head_dim × rope_fraction."""
+        """Head dims RoPE rotates (the first ones; even): head_dim × rope_fraction, or MLA's
+        separate rope slice."""
+        if self.attention == "mla":
+            return self.mla_rope_dim
         return 2 * int(self.head_dim * self.rope_fraction / 2)
 
     @property

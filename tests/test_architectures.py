@@ -26,6 +26,8 @@ VARIANTS = {
     "moe": {"ffn": "moe", "n_experts": 4, "moe_top_k": 2, "expert_hidden": 16, "moe_aux_loss_weight": 0.01},
     "gated-attention": {"attention": "gated", "n_kv_heads": 2, "rope_fraction": 0.25, "rope_theta": 1e7,
                         "zero_centered_norm": True, "norm": "pre"},
+    "mla": {"attention": "mla", "mla_kv_rank": 12, "mla_rope_dim": 4},
+    "mla-q-rank": {"attention": "mla", "mla_kv_rank": 12, "mla_q_rank": 16, "mla_rope_dim": 6, "norm": "pre"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
 }

@@ -10,6 +10,7 @@ from torch import nn
 from looplm.config import ModelConfig
 from looplm.model.attention import Attention
 from looplm.model.ffn import SwiGLU
+from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
 
@@ -20,7 +21,7 @@ class Layer(nn.Module):
         dim, eps = config.d_model, config.norm_eps
         zero = config.zero_centered_norm
         self.attn_norm = RMSNorm(dim, eps, zero)
-        self.attn = Attention(config)
+        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
         self.ffn_norm = RMSNorm(dim, eps, zero)
         self.ffn = SwiGLU(dim, config.ffn_hidden) if config.ffn == "dense" else MoE(config)
         sandwich = config.norm == "sandwich"
