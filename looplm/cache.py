@@ -25,14 +25,34 @@ class KVCache:
         self.max_steps = max_steps or config.loop_steps
         self.per_step = config.n_core_layers + config.n_coda_layers
         slots = config.n_prelude_layers + self.max_steps * self.per_step
+        # Attention slots index keys/values; Gated DeltaNet slots index the recurrent states.
+        self.kinds = [self._kind(slot) for slot in range(slots)]
+        self.index = []
+        for slot, kind in enumerate(self.kinds):
+            self.index.append(sum(1 for earlier in self.kinds[:slot] if earlier == kind))
+        attention_slots, recurrent_slots = self.kinds.count("A"), self.kinds.count("G")
         if config.attention == "mla":  # the latent c and the rotated rope key, one "head" each
-            key_shape = (slots, batch_size, 1, self.max_len, config.mla_kv_rank)
-            value_shape = (slots, batch_size, 1, self.max_len, config.mla_rope_dim)
+            key_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_kv_rank)
+            value_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_rope_dim)
         else:
-            key_shape = value_shape = (slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+            key_shape = value_shape = (attention_slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
         self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
         self.values = torch.zeros(value_shape, device=device, dtype=dtype)
+        width = config.n_heads * config.head_dim
+        from looplm.model.gdn import CONV_KERNEL
+
+        self.conv_states = torch.zeros(recurrent_slots, batch_size, 3 * width, CONV_KERNEL - 1, device=device,
+                                       dtype=dtype)
+        self.recurrent_states = torch.zeros(recurrent_slots, batch_size, config.n_heads, config.head_dim,
+                                            config.head_dim, device=device, dtype=dtype)
         self.length = 0
+
+    def _kind(self, slot: int) -> str:
+        prelude = self.config.n_prelude_layers
+        if slot < prelude:
+            return self.config.layer_kind(slot)
+        layer = (slot - prelude) % self.per_step
+        return self.config.layer_kind(layer if layer < self.config.n_core_layers else layer - self.config.n_core_layers)
 
     def slot(self, stage: str, layer: int, step: int = 0) -> int:
         prelude = self.config.n_prelude_layers
@@ -42,8 +62,12 @@ class KVCache:
         return prelude + step * self.per_step + offset + layer
 
     def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Storage views [B, H_kv, max_len, hd] of one slot, written in place by attention."""
-        index = self.slot(stage, layer, step)
+        """Storage views of one slot, written in place by its layer: keys, values
+        [B, H_kv, max_len, hd] for attention; conv inputs and recurrent state for GDN."""
+        slot = self.slot(stage, layer, step)
+        index = self.index[slot]
+        if self.kinds[slot] == "G":
+            return self.conv_states[index], self.recurrent_states[index]
         return self.keys[index], self.values[index]
 
     def check_steps(self, steps: int) -> None:
@@ -61,19 +85,27 @@ class KVCache:
 
         This is LAST_EXITED (REFERENCE §4): a token that exits at step e never computes the
         deeper steps, so its step-e keys and values stand in for them and later tokens can
-        still attend to it at every depth.
+        still attend to it at every depth.  A Gated DeltaNet layer has no per-position
+        entries: its step-e state (which has absorbed the token) replaces the deeper steps'
+        states, the recurrent analogue of the same rule.
         """
         first = self.config.n_prelude_layers
-        source = slice(first + source_step * self.per_step, first + (source_step + 1) * self.per_step)
-        for step in target_steps:
-            target = slice(first + step * self.per_step, first + (step + 1) * self.per_step)
-            self.keys[target, :, :, start:end] = self.keys[source, :, :, start:end]
-            self.values[target, :, :, start:end] = self.values[source, :, :, start:end]
+        for offset in range(self.per_step):
+            source = first + source_step * self.per_step + offset
+            for step in target_steps:
+                target = first + step * self.per_step + offset
+                if self.kinds[source] == "G":
+                    self.conv_states[self.index[target]] = self.conv_states[self.index[source]]
+                    self.recurrent_states[self.index[target]] = self.recurrent_states[self.index[source]]
+                else:
+                    self.keys[self.index[target], :, :, start:end] = self.keys[self.index[source], :, :, start:end]
+                    self.values[self.index[target], :, :, start:end] = self.values[self.index[source], :, :, start:end]
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(tensor.nbytes for tensor in (self.keys, self.values, self.conv_states, self.recurrent_states))
 
     @property
     def bytes_per_token(self) -> int:
-        return self.nbytes // (self.keys.shape[1] * self.max_len)
+        """Bytes of K/V per position (recurrent states do not grow with the sequence)."""
+        return (self.keys.nbytes + self.values.nbytes) // (self.keys.shape[1] * self.max_len)

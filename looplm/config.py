@@ -24,6 +24,7 @@ INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe")
 ATTENTION_KINDS = ("mha", "gated", "mla")
+LAYER_KINDS = ("A", "G")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 
 
@@ -54,6 +55,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
     attention: str = "mha"
+    layer_pattern: str = ""
     mla_kv_rank: int = 64
     mla_q_rank: int = 0
     mla_rope_dim: int = 16
@@ -106,6 +108,9 @@ class ModelConfig:
         _check(0 < self.act_threshold <= 1, f"model.act_threshold must be in (0, 1], got {self.act_threshold}")
         _check(self.attention in ATTENTION_KINDS,
                f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
+        _check(set(self.layer_pattern) <= set(LAYER_KINDS),
+               f"model.layer_pattern may only use {', '.join(LAYER_KINDS)} (A = attention, G = Gated DeltaNet),"
+               f" got {self.layer_pattern!r}")
         if self.attention == "mla":
             _check(self.mla_kv_rank >= 1, f"model.mla_kv_rank must be >= 1, got {self.mla_kv_rank}")
             _check(self.mla_q_rank >= 0, f"model.mla_q_rank must be >= 0 (0 = no query compression), got {self.mla_q_rank}")
@@ -136,6 +141,11 @@ class ModelConfig:
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+
+    def layer_kind(self, index: int) -> str:
+        """"A" (attention) or "G" (Gated DeltaNet) for layer ``index`` of a stack: the
+        ``layer_pattern`` repeated (empty = all attention)."""
+        return self.layer_pattern[index % len(self.layer_pattern)] if self.layer_pattern else "A"
 
     @property
     def rope_dim(self) -> int:
@@ -395,9 +405,11 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     # nanochat loop: one local block before, one shared block looped, one local block after.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
                                      step_norm=False, injection="additive"),
-    # Qwen3.5-style attention in an Ouro loop (the GDN hybrid of LoopCached-Reasoning is not built yet).
-    "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, attention="gated", rope_fraction=0.25,
-                                   rope_theta=1e7, zero_centered_norm=True, norm="pre", step_norm=True),
+    # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer
+    # (LoopCached-Reasoning's model without its memory caching, which is not built yet).
+    "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
+                                   attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
+                                   norm="pre", step_norm=True),
 }
 
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {

@@ -60,8 +60,8 @@ def fast_unsupported(model) -> str | None:
     config = model.config
     if config.ffn != "dense":
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
-    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm:
-        return "the fast decode paths cover attention=mha with full RoPE and standard norms"
+    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or "G" in config.layer_pattern:
+        return "the fast decode paths cover attention=mha layers with full RoPE and standard norms"
     return None
 
 

@@ -28,6 +28,8 @@ VARIANTS = {
                         "zero_centered_norm": True, "norm": "pre"},
     "mla": {"attention": "mla", "mla_kv_rank": 12, "mla_rope_dim": 4},
     "mla-q-rank": {"attention": "mla", "mla_kv_rank": 12, "mla_q_rank": 16, "mla_rope_dim": 6, "norm": "pre"},
+    "gdn-hybrid": {"layer_pattern": "GA", "n_prelude_layers": 1, "n_coda_layers": 1},
+    "gdn-gated-qexit": {"layer_pattern": "G", "attention": "gated", "zero_centered_norm": True},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
 }
@@ -38,7 +40,7 @@ def shrunk(preset_name: str) -> dict:
     values = dataclasses.asdict(preset(preset_name))
     sizes = dict(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=min(values["n_kv_heads"], 2) if
                  values["n_kv_heads"] < values["n_heads"] else 4, ffn_hidden=48, max_seq_len=48,
-                 n_core_layers=min(values["n_core_layers"], 2), loop_steps=min(values["loop_steps"], 3),
+                 n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2), loop_steps=min(values["loop_steps"], 3),
                  n_experts=min(values["n_experts"], 4), expert_hidden=16,
                  depth_lora_rank=min(values["depth_lora_rank"], 4))
     values.update(sizes)

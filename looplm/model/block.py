@@ -10,18 +10,24 @@ from torch import nn
 from looplm.config import ModelConfig
 from looplm.model.attention import Attention
 from looplm.model.ffn import SwiGLU
+from looplm.model.gdn import GatedDeltaNet
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
 
 
 class Layer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kind: str = "A"):
         super().__init__()
         dim, eps = config.d_model, config.norm_eps
         zero = config.zero_centered_norm
         self.attn_norm = RMSNorm(dim, eps, zero)
-        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
+        # The token mixer: attention of the configured kind, or Gated DeltaNet (kind "G").
+        self.kind = kind
+        if kind == "G":
+            self.attn = GatedDeltaNet(config)
+        else:
+            self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
         self.ffn_norm = RMSNorm(dim, eps, zero)
         self.ffn = SwiGLU(dim, config.ffn_hidden) if config.ffn == "dense" else MoE(config)
         sandwich = config.norm == "sandwich"

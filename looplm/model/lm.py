@@ -93,9 +93,9 @@ class LoopLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.prelude = nn.ModuleList(Layer(config) for _ in range(config.n_prelude_layers))
-        self.core = nn.ModuleList(Layer(config) for _ in range(config.n_core_layers))
-        self.coda = nn.ModuleList(Layer(config) for _ in range(config.n_coda_layers))
+        self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_prelude_layers))
+        self.core = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_core_layers))
+        self.coda = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_coda_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.zero_centered_norm)
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -111,8 +111,8 @@ class LoopLM(nn.Module):
         config = self.config
         applications = config.n_prelude_layers + config.n_core_layers * config.loop_steps + config.n_coda_layers
         for name, parameter in self.named_parameters():
-            if name.startswith(("injection.", "depth_lora.")):
-                continue  # these modules initialise themselves (reset_parameters below)
+            if name.startswith(("injection.", "depth_lora.")) or name.endswith(("a_log", "dt_bias", "conv.weight")):
+                continue  # these initialise themselves (reset_parameters / reset_extra_parameters below)
             if name.endswith("norm.weight"):
                 nn.init.zeros_(parameter) if config.zero_centered_norm else nn.init.ones_(parameter)
             elif name.startswith("exit_gate"):
@@ -124,6 +124,9 @@ class LoopLM(nn.Module):
         for module in (self.injection, self.depth_lora):
             if module is not None:
                 module.reset_parameters()
+        for module in self.modules():
+            if hasattr(module, "reset_extra_parameters"):
+                module.reset_extra_parameters()
 
     def rebuild_derived_buffers(self, device) -> None:
         """Recompute the buffers derived from the config and not saved (RoPE tables, the eval

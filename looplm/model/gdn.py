@@ -1,0 +1,140 @@
+"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next), a linear-attention token mixer (REFERENCE §6).
+
+Per head, with the state kept as M = Sᵀ ∈ R^{d_k×d_v}:
+
+    M_t = α_t M_{t−1} + k_t w_tᵀ,   w_t = β_t (v_t − α_t M_{t−1}ᵀ k_t),   o_t = M_tᵀ q_t
+    α_t = exp(g_t),  g_t = −exp(A_log) · softplus(a_t + dt_bias),  β_t = σ(b_t)
+
+q and k are L2-normalised (q also scaled by d_k^−½) after a short causal depthwise
+convolution (kernel 4) and SiLU on q, k, v; the output is RMSNorm(o) ⊙ SiLU(z) per head,
+then projected back.
+
+Two forms of the recurrence:
+- ``delta_rule_recurrent``: the loop over positions above (the reference; decode uses it);
+- ``delta_rule_chunked``: the WY form over chunks of C positions.  Inside a chunk, with
+  γ_i = Σ_{j≤i} g_j, Γ_i = exp(γ_i) and M₀ the state entering the chunk, unrolling gives
+  M_i = Γ_i M₀ + Σ_{j≤i} (Γ_i/Γ_j) k_j w_jᵀ, and the w_j solve one unit-lower-triangular
+  system (I + A) W = B V − (B Γ K) M₀ with A_ij = β_i (Γ_i/Γ_j) k_iᵀk_j for j < i, so
+  outputs are O = (Γ Q) M₀ + (Q Kᵀ ⊙ D) W with D_ij = Γ_i/Γ_j for j ≤ i, and the state
+  leaving the chunk is Γ_C M₀ + (K ⊙ Γ_C/Γ)ᵀ W.  All matmuls; one triangular solve per chunk.
+``tests/test_gdn.py`` holds the two equal (values and gradients, fp32 1e-4).  On CUDA with
+flash-linear-attention installed, its kernel may replace the chunked form (never required).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from looplm.config import ModelConfig
+from looplm.model.norms import RMSNorm
+
+CONV_KERNEL = 4
+
+
+def delta_rule_recurrent(q, k, v, g, beta, state=None):
+    """q, k [B, H, S, d_k], v [B, H, S, d_v], g, beta [B, H, S]; state M [B, H, d_k, d_v] or None.
+    Returns outputs [B, H, S, d_v] and the final state."""
+    batch, heads, length, key_dim = k.shape
+    state = k.new_zeros(batch, heads, key_dim, v.shape[-1]) if state is None else state
+    outputs = []
+    for t in range(length):
+        state = state * g[:, :, t, None, None].exp()
+        update = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, t]))
+        state = state + k[:, :, t, :, None] * update[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
+    return torch.stack(outputs, dim=2), state
+
+
+def delta_rule_chunked(q, k, v, g, beta, state=None, chunk: int = 64):
+    """The same as ``delta_rule_recurrent`` in the chunked WY form (see the module doc)."""
+    batch, heads, length, key_dim = k.shape
+    value_dim = v.shape[-1]
+    state = k.new_zeros(batch, heads, key_dim, value_dim) if state is None else state
+    pad = (-length) % chunk
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))  # padding: no decay, no write
+    chunks = q.shape[2] // chunk
+
+    def split(x):
+        return x.reshape(batch, heads, chunks, chunk, *x.shape[3:])
+
+    q, k, v, g, beta = split(q), split(k), split(v), split(g), split(beta)
+    log_decay = torch.cumsum(g, dim=-1)  # γ_i within each chunk
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    # D_ij = Γ_i/Γ_j for j ≤ i (masked before exp so j > i never overflows).
+    ratio = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+    strictly = ratio.masked_fill(torch.eye(chunk, dtype=torch.bool, device=q.device), 0.0)
+    system = torch.eye(chunk, dtype=q.dtype, device=q.device) + beta[..., None] * strictly * (k @ k.transpose(-1, -2))
+    solve = torch.linalg.solve_triangular
+    values = solve(system, beta[..., None] * v, upper=False, unitriangular=True)
+    keys = solve(system, (beta * log_decay.exp())[..., None] * k, upper=False, unitriangular=True)
+    scores = (q @ k.transpose(-1, -2)) * ratio
+    to_end = (log_decay[..., -1:] - log_decay).exp()  # Γ_C / Γ_j
+    outputs = []
+    for index in range(chunks):
+        w = values[:, :, index] - keys[:, :, index] @ state
+        outputs.append((q[:, :, index] * log_decay[:, :, index, :, None].exp()) @ state + scores[:, :, index] @ w)
+        state = (state * log_decay[:, :, index, -1, None, None].exp()
+                 + (k[:, :, index] * to_end[:, :, index, :, None]).transpose(-1, -2) @ w)
+    return torch.cat(outputs, dim=2)[:, :, :length], state
+
+
+class GatedDeltaNet(nn.Module):
+    """The token mixer of a GDN layer.  Cache (decode): the conv inputs of the last
+    ``CONV_KERNEL − 1`` positions and the recurrent state M, per layer and loop step."""
+
+    chunk_size = 64
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.n_heads, config.head_dim
+        width = self.heads * self.head_dim
+        self.in_proj = nn.Linear(config.d_model, 4 * width + 2 * self.heads, bias=False)  # q k v z b a
+        self.conv = nn.Conv1d(3 * width, 3 * width, CONV_KERNEL, groups=3 * width, bias=False)
+        self.a_log = nn.Parameter(torch.empty(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.out_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
+        self.out = nn.Linear(width, config.d_model, bias=False)
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        """Decay rates A spread over [1, 16] per head (as Mamba-2 / GDN), Δ bias 0, conv as torch's default."""
+        with torch.no_grad():
+            self.a_log.copy_(torch.linspace(0.0, math.log(16.0), self.heads))
+            self.dt_bias.zero_()
+            self.conv.reset_parameters()
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the decode cache: conv inputs [B, 3·H·d, K − 1], state [B, H, d_k, d_v]."""
+        width = self.heads * self.head_dim
+        return (batch, 3 * width, CONV_KERNEL - 1), (batch, self.heads, self.head_dim, self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0) -> torch.Tensor:
+        """x [B, S, D]; state_store: (conv inputs, recurrent state) updated in place, or None."""
+        batch, length, _ = x.shape
+        width, heads, head_dim = self.heads * self.head_dim, self.heads, self.head_dim
+        qkv, z, b, a = self.in_proj(x).split([3 * width, width, heads, heads], dim=-1)
+        qkv = qkv.transpose(1, 2)  # [B, 3·width, S]
+        history = state_store[0] if state_store is not None else qkv.new_zeros(batch, 3 * width, CONV_KERNEL - 1)
+        padded = torch.cat([history, qkv], dim=-1)
+        mixed = F.silu(F.conv1d(padded, self.conv.weight, groups=3 * width))
+        q, k, v = mixed.view(batch, 3, heads, head_dim, length).permute(1, 0, 2, 4, 3)
+        q = F.normalize(q, dim=-1) / math.sqrt(head_dim)
+        k = F.normalize(k, dim=-1)
+        g = (-self.a_log.exp() * F.softplus(a + self.dt_bias)).transpose(1, 2)  # [B, H, S]
+        beta = torch.sigmoid(b).transpose(1, 2)
+        initial = state_store[1] if state_store is not None else None
+        if length == 1:
+            o, final = delta_rule_recurrent(q, k, v, g, beta, initial)
+        else:
+            o, final = delta_rule_chunked(q, k, v, g, beta, initial, self.chunk_size)
+        if state_store is not None:
+            state_store[0].copy_(padded[..., padded.shape[-1] - (CONV_KERNEL - 1):])
+            state_store[1].copy_(final)
+        o = self.out_norm(o.transpose(1, 2)) * F.silu(z.view(batch, length, heads, head_dim))
+        return self.out(o.reshape(batch, length, width))
