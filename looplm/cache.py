@@ -16,6 +16,20 @@ from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 
 
+def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int) -> list[tuple[int, ...]]:
+    """Per-slot state shapes of a recurrent layer kind: GDN (conv inputs, state M), RWKV
+    (last 4 inputs, slot banks N, D)."""
+    width = config.n_heads * config.head_dim
+    if kind == "G":
+        from looplm.model.gdn import CONV_KERNEL
+
+        return [(batch, 3 * width, CONV_KERNEL - 1), (batch, config.n_heads, config.head_dim, config.head_dim)]
+    from looplm.model.rwkv import SHIFTS
+
+    return [(batch, max(SHIFTS), config.d_model), (batch, config.rwkv_slots, config.d_model),
+            (batch, config.rwkv_slots, config.d_model)]
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  max_steps: int | None = None, device: torch.device | str | None = None,
@@ -30,7 +44,7 @@ class KVCache:
         self.index = []
         for slot, kind in enumerate(self.kinds):
             self.index.append(sum(1 for earlier in self.kinds[:slot] if earlier == kind))
-        attention_slots, recurrent_slots = self.kinds.count("A"), self.kinds.count("G")
+        attention_slots = self.kinds.count("A")
         if config.attention == "mla":  # the latent c and the rotated rope key, one "head" each
             key_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_kv_rank)
             value_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_rope_dim)
@@ -38,14 +52,19 @@ class KVCache:
             key_shape = value_shape = (attention_slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
         self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
         self.values = torch.zeros(value_shape, device=device, dtype=dtype)
-        width = config.n_heads * config.head_dim
-        from looplm.model.gdn import CONV_KERNEL
-
-        self.conv_states = torch.zeros(recurrent_slots, batch_size, 3 * width, CONV_KERNEL - 1, device=device,
-                                       dtype=dtype)
-        self.recurrent_states = torch.zeros(recurrent_slots, batch_size, config.n_heads, config.head_dim,
-                                            config.head_dim, device=device, dtype=dtype)
+        # Recurrent layers keep fixed-size states per slot: [slots of that kind, B, ...] each.
+        self.states = {kind: [torch.zeros(self.kinds.count(kind), *shape, device=device, dtype=dtype)
+                              for shape in recurrent_state_shapes(config, kind, batch_size)]
+                       for kind in ("G", "R")}
         self.length = 0
+
+    @property
+    def conv_states(self) -> torch.Tensor:
+        return self.states["G"][0]
+
+    @property
+    def recurrent_states(self) -> torch.Tensor:
+        return self.states["G"][1]
 
     def _kind(self, slot: int) -> str:
         prelude = self.config.n_prelude_layers
@@ -66,8 +85,8 @@ class KVCache:
         [B, H_kv, max_len, hd] for attention; conv inputs and recurrent state for GDN."""
         slot = self.slot(stage, layer, step)
         index = self.index[slot]
-        if self.kinds[slot] == "G":
-            return self.conv_states[index], self.recurrent_states[index]
+        if self.kinds[slot] != "A":
+            return tuple(state[index] for state in self.states[self.kinds[slot]])
         return self.keys[index], self.values[index]
 
     def check_steps(self, steps: int) -> None:
@@ -94,16 +113,17 @@ class KVCache:
             source = first + source_step * self.per_step + offset
             for step in target_steps:
                 target = first + step * self.per_step + offset
-                if self.kinds[source] == "G":
-                    self.conv_states[self.index[target]] = self.conv_states[self.index[source]]
-                    self.recurrent_states[self.index[target]] = self.recurrent_states[self.index[source]]
+                if self.kinds[source] != "A":
+                    for state in self.states[self.kinds[source]]:
+                        state[self.index[target]] = state[self.index[source]]
                 else:
                     self.keys[self.index[target], :, :, start:end] = self.keys[self.index[source], :, :, start:end]
                     self.values[self.index[target], :, :, start:end] = self.values[self.index[source], :, :, start:end]
 
     @property
     def nbytes(self) -> int:
-        return sum(tensor.nbytes for tensor in (self.keys, self.values, self.conv_states, self.recurrent_states))
+        states = [tensor for tensors in self.states.values() for tensor in tensors]
+        return sum(tensor.nbytes for tensor in (self.keys, self.values, *states))
 
     @property
     def bytes_per_token(self) -> int:

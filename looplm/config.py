@@ -24,7 +24,7 @@ INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe")
 ATTENTION_KINDS = ("mha", "gated", "mla")
-LAYER_KINDS = ("A", "G")
+LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 
 
@@ -56,6 +56,8 @@ class ModelConfig:
     rope_fraction: float = 1.0
     attention: str = "mha"
     layer_pattern: str = ""
+    rwkv_slots: int = 4
+    rwkv_decay_rank: int = 8
     mla_kv_rank: int = 64
     mla_q_rank: int = 0
     mla_rope_dim: int = 16
@@ -109,8 +111,10 @@ class ModelConfig:
         _check(self.attention in ATTENTION_KINDS,
                f"model.attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}")
         _check(set(self.layer_pattern) <= set(LAYER_KINDS),
-               f"model.layer_pattern may only use {', '.join(LAYER_KINDS)} (A = attention, G = Gated DeltaNet),"
-               f" got {self.layer_pattern!r}")
+               f"model.layer_pattern may only use {', '.join(LAYER_KINDS)} (A = attention, G = Gated DeltaNet,"
+               f" R = RWKV-style slot-memory mixer), got {self.layer_pattern!r}")
+        _check(self.rwkv_slots >= 1 and self.rwkv_decay_rank >= 1,
+               f"model.rwkv_slots and model.rwkv_decay_rank must be >= 1, got {self.rwkv_slots}, {self.rwkv_decay_rank}")
         if self.attention == "mla":
             _check(self.mla_kv_rank >= 1, f"model.mla_kv_rank must be >= 1, got {self.mla_kv_rank}")
             _check(self.mla_q_rank >= 0, f"model.mla_q_rank must be >= 0 (0 = no query compression), got {self.mla_q_rank}")
@@ -143,7 +147,7 @@ class ModelConfig:
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
 
     def layer_kind(self, index: int) -> str:
-        """"A" (attention) or "G" (Gated DeltaNet) for layer ``index`` of a stack: the
+        """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
         ``layer_pattern`` repeated (empty = all attention)."""
         return self.layer_pattern[index % len(self.layer_pattern)] if self.layer_pattern else "A"
 
@@ -405,6 +409,10 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     # nanochat loop: one local block before, one shared block looped, one local block after.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
                                      step_norm=False, injection="additive"),
+    # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
+    # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps.
+    "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
+                            layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False),
     # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer
     # (LoopCached-Reasoning's model without its memory caching, which is not built yet).
     "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",

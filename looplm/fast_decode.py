@@ -60,7 +60,7 @@ def fast_unsupported(model) -> str | None:
     config = model.config
     if config.ffn != "dense":
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
-    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or "G" in config.layer_pattern:
+    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or set(config.layer_pattern) - {"A"}:
         return "the fast decode paths cover attention=mha layers with full RoPE and standard norms"
     return None
 

@@ -11,6 +11,7 @@ from looplm.config import ModelConfig
 from looplm.model.attention import Attention
 from looplm.model.ffn import SwiGLU
 from looplm.model.gdn import GatedDeltaNet
+from looplm.model.rwkv import RWKVSlotMixer
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
@@ -26,6 +27,8 @@ class Layer(nn.Module):
         self.kind = kind
         if kind == "G":
             self.attn = GatedDeltaNet(config)
+        elif kind == "R":
+            self.attn = RWKVSlotMixer(config)
         else:
             self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
         self.ffn_norm = RMSNorm(dim, eps, zero)

@@ -135,6 +135,9 @@ class LoopLM(nn.Module):
         self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta).to(device)
         if self.noise is not None:
             self.noise = NoiseState(config).to(device)
+        for module in self.modules():
+            if hasattr(module, "rebuild_buffers"):
+                module.rebuild_buffers(device)
 
     @property
     def head_weight(self) -> torch.Tensor:
