@@ -16,14 +16,19 @@ from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 
 
-def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int) -> list[tuple[int, ...]]:
-    """Per-slot state shapes of a recurrent layer kind: GDN (conv inputs, state M), RWKV
-    (last 4 inputs, slot banks N, D)."""
-    width = config.n_heads * config.head_dim
+def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: int) -> list[tuple[int, ...]]:
+    """Per-slot state shapes of a recurrent layer kind: GDN (conv inputs, state M, and with
+    memory caching the segment-end states, segment keys and the open segment's key sum),
+    RWKV (last 4 inputs, slot banks N, D)."""
+    width, heads, dim = config.n_heads * config.head_dim, config.n_heads, config.head_dim
     if kind == "G":
         from looplm.model.gdn import CONV_KERNEL
 
-        return [(batch, 3 * width, CONV_KERNEL - 1), (batch, config.n_heads, config.head_dim, config.head_dim)]
+        shapes = [(batch, 3 * width, CONV_KERNEL - 1), (batch, heads, dim, dim)]
+        if config.mc_segment_size:
+            segments = max(max_len // config.mc_segment_size, 1)
+            shapes += [(batch, segments, heads, dim, dim), (batch, segments, heads, dim), (batch, heads, dim)]
+        return shapes
     from looplm.model.rwkv import SHIFTS
 
     return [(batch, max(SHIFTS), config.d_model), (batch, config.rwkv_slots, config.d_model),
@@ -54,7 +59,7 @@ class KVCache:
         self.values = torch.zeros(value_shape, device=device, dtype=dtype)
         # Recurrent layers keep fixed-size states per slot: [slots of that kind, B, ...] each.
         self.states = {kind: [torch.zeros(self.kinds.count(kind), *shape, device=device, dtype=dtype)
-                              for shape in recurrent_state_shapes(config, kind, batch_size)]
+                              for shape in recurrent_state_shapes(config, kind, batch_size, self.max_len)]
                        for kind in ("G", "R")}
         self.length = 0
 

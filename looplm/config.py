@@ -56,6 +56,8 @@ class ModelConfig:
     rope_fraction: float = 1.0
     attention: str = "mha"
     layer_pattern: str = ""
+    mc_segment_size: int = 0
+    mc_top_k: int = 2
     rwkv_slots: int = 4
     rwkv_decay_rank: int = 8
     mla_kv_rank: int = 64
@@ -113,6 +115,11 @@ class ModelConfig:
         _check(set(self.layer_pattern) <= set(LAYER_KINDS),
                f"model.layer_pattern may only use {', '.join(LAYER_KINDS)} (A = attention, G = Gated DeltaNet,"
                f" R = RWKV-style slot-memory mixer), got {self.layer_pattern!r}")
+        _check(self.mc_segment_size >= 0 and self.mc_top_k >= 1,
+               f"model.mc_segment_size must be >= 0 (0 = off) and model.mc_top_k >= 1, got {self.mc_segment_size},"
+               f" {self.mc_top_k}")
+        _check(not self.mc_segment_size or "G" in self.layer_pattern,
+               "model.mc_segment_size caches Gated DeltaNet states: add G layers to model.layer_pattern")
         _check(self.rwkv_slots >= 1 and self.rwkv_decay_rank >= 1,
                f"model.rwkv_slots and model.rwkv_decay_rank must be >= 1, got {self.rwkv_slots}, {self.rwkv_decay_rank}")
         if self.attention == "mla":
@@ -413,8 +420,12 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps.
     "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False),
-    # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer
-    # (LoopCached-Reasoning's model without its memory caching, which is not built yet).
+    # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers
+    # (segments of 128, top-2; the loop-axis variant is not built yet).
+    "loopcached": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
+                                  attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
+                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2),
+    # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer.
     "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                    attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
                                    norm="pre", step_norm=True),

@@ -30,6 +30,7 @@ VARIANTS = {
     "mla-q-rank": {"attention": "mla", "mla_kv_rank": 12, "mla_q_rank": 16, "mla_rope_dim": 6, "norm": "pre"},
     "gdn-hybrid": {"layer_pattern": "GA", "n_prelude_layers": 1, "n_coda_layers": 1},
     "gdn-gated-qexit": {"layer_pattern": "G", "attention": "gated", "zero_centered_norm": True},
+    "gdn-memory-caching": {"layer_pattern": "GA", "mc_segment_size": 3, "mc_top_k": 2},
     "rwkv-slots": {"layer_pattern": "R", "rwkv_slots": 3, "n_prelude_layers": 1},
     "rwkv-hybrid-qexit": {"layer_pattern": "RGA", "n_core_layers": 3, "injection": "additive"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
@@ -44,7 +45,8 @@ def shrunk(preset_name: str) -> dict:
                  values["n_kv_heads"] < values["n_heads"] else 4, ffn_hidden=48, max_seq_len=48,
                  n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2), loop_steps=min(values["loop_steps"], 3),
                  n_experts=min(values["n_experts"], 4), expert_hidden=16,
-                 depth_lora_rank=min(values["depth_lora_rank"], 4), rwkv_decay_rank=4)
+                 depth_lora_rank=min(values["depth_lora_rank"], 4), rwkv_decay_rank=4,
+                 mc_segment_size=min(values["mc_segment_size"], 3))
     values.update(sizes)
     return values
 

@@ -87,3 +87,21 @@ def test_layer_pattern_builds_hybrids_and_the_cache_splits_by_kind():
     assert cache.store("core", 0, 2)[1].shape == (1, 4, 8, 8)
     with pytest.raises(LoopLMError, match="model.layer_pattern may only use A, G"):
         tiny_config(layer_pattern="GAX")
+
+
+def test_memory_caching_mixes_only_completed_segments():
+    torch.manual_seed(0)
+    plain = GatedDeltaNet(tiny_config(layer_pattern="G")).eval()
+    cached = GatedDeltaNet(tiny_config(layer_pattern="G", mc_segment_size=4, mc_top_k=2)).eval()
+    cached.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 13, 32)
+    a, b = plain(x), cached(x)
+    torch.testing.assert_close(b[:, :4], a[:, :4])  # the first segment has no memory yet: online only
+    assert (b[:, 4:] - a[:, 4:]).abs().amax(dim=-1).min() > 1e-6  # later tokens read cached segments
+    single = GatedDeltaNet(tiny_config(layer_pattern="G", mc_segment_size=4, mc_top_k=1)).eval()
+    single.load_state_dict(cached.state_dict())
+    out = single(x)
+    torch.testing.assert_close(out[:, :8], b[:, :8])  # one completed segment: top-1 = top-2
+    assert not torch.allclose(out[:, 8:], b[:, 8:])  # two completed segments: the choice matters
+    with pytest.raises(LoopLMError, match="mc_segment_size caches Gated DeltaNet states"):
+        tiny_config(mc_segment_size=4)

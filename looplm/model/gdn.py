@@ -100,6 +100,10 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
         self.out_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
         self.out = nn.Linear(width, config.d_model, bias=False)
+        self.segment_size, self.memory_top_k = config.mc_segment_size, config.mc_top_k
+        if self.segment_size:  # memory caching (SSC): router and the online output's logit
+            self.memory_router = nn.Linear(config.d_model, width, bias=False)
+            self.memory_online_bias = nn.Parameter(torch.zeros(self.heads))
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
@@ -108,14 +112,74 @@ class GatedDeltaNet(nn.Module):
             self.a_log.copy_(torch.linspace(0.0, math.log(16.0), self.heads))
             self.dt_bias.zero_()
             self.conv.reset_parameters()
+            if self.segment_size:
+                self.memory_online_bias.zero_()
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of the decode cache: conv inputs [B, 3·H·d, K − 1], state [B, H, d_k, d_v]."""
         width = self.heads * self.head_dim
         return (batch, 3 * width, CONV_KERNEL - 1), (batch, self.heads, self.head_dim, self.head_dim)
 
+    def _delta_rule(self, q, k, v, g, beta, state):
+        if q.shape[2] == 1:
+            return delta_rule_recurrent(q, k, v, g, beta, state)
+        return delta_rule_chunked(q, k, v, g, beta, state, self.chunk_size)
+
+    def _with_memory(self, q, k, v, g, beta, state, x, start, memory):
+        """Memory caching with sparse selective caching (SSC, seed 000): the state is cached at
+        every segment end; each token's router picks its top-k *completed* earlier segments
+        (never the open one: scoring it would leak later tokens) and softmax-mixes their
+        outputs M_jᵀ q with the online output.  ``memory`` is the cache's (segment states,
+        segment keys, open key sum), or None without a cache.  Works segment piece by piece."""
+        size, length = self.segment_size, q.shape[2]
+        batch, heads, dim = q.shape[0], self.heads, self.head_dim
+        first = start // size  # segments completed before this call
+        if memory is None:
+            states, keys = q.new_zeros(batch, 0, heads, dim, dim), q.new_zeros(batch, 0, heads, dim)
+            key_sum = q.new_zeros(batch, heads, dim)
+        else:
+            states, keys, key_sum = memory[0][:, :first], memory[1][:, :first], memory[2]
+        route = F.normalize(self.memory_router(x).view(batch, length, heads, dim), dim=-1).transpose(1, 2)
+        state = q.new_zeros(batch, heads, dim, v.shape[-1]) if state is None else state
+        outputs, new_states, new_keys, begin = [], [], [], 0
+        while begin < length:
+            end = min(length, begin + size - (start + begin) % size)
+            piece = slice(begin, end)
+            online, state = self._delta_rule(q[:, :, piece], k[:, :, piece], v[:, :, piece], g[:, :, piece],
+                                             beta[:, :, piece], state)
+            outputs.append(self._mix(online, q[:, :, piece], route[:, :, piece], states, keys))
+            key_sum = key_sum + k[:, :, piece].sum(dim=2)
+            if (start + end) % size == 0:  # the segment is complete: cache its state and mean key
+                new_states.append(state)
+                new_keys.append(key_sum / size)
+                states = torch.cat([states, state.unsqueeze(1)], dim=1)
+                keys = torch.cat([keys, (key_sum / size).unsqueeze(1)], dim=1)
+                key_sum = torch.zeros_like(key_sum)
+            begin = end
+        if memory is not None:
+            for offset, (segment_state, segment_key) in enumerate(zip(new_states, new_keys)):
+                memory[0][:, first + offset] = segment_state
+                memory[1][:, first + offset] = segment_key
+            memory[2].copy_(key_sum)
+        return torch.cat(outputs, dim=2), state
+
+    def _mix(self, online, q, route, states, keys):
+        """online [B, H, n, d_v] mixed with the top-k of ``states`` [B, j, H, d_k, d_v]."""
+        available = states.shape[1]
+        bias = self.memory_online_bias.view(1, -1, 1, 1).expand(*online.shape[:3], 1)
+        if available == 0:
+            return online  # softmax over the online output alone
+        scores = torch.einsum("bhnk,bjhk->bhnj", route, keys) * self.head_dim ** -0.5
+        top = min(self.memory_top_k, available)
+        chosen_scores, chosen = scores.topk(top, dim=-1)
+        weights = torch.softmax(torch.cat([bias, chosen_scores], dim=-1), dim=-1)
+        memories = torch.einsum("bjhkv,bhnk->bhnjv", states, q)  # every completed segment's output
+        picked = memories.gather(3, chosen[..., None].expand(*chosen.shape, memories.shape[-1]))
+        return weights[..., :1] * online + (weights[..., 1:, None] * picked).sum(dim=3)
+
     def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0) -> torch.Tensor:
-        """x [B, S, D]; state_store: (conv inputs, recurrent state) updated in place, or None."""
+        """x [B, S, D]; state_store: (conv inputs, recurrent state[, segment memory]) updated in
+        place, or None."""
         batch, length, _ = x.shape
         width, heads, head_dim = self.heads * self.head_dim, self.heads, self.head_dim
         qkv, z, b, a = self.in_proj(x).split([3 * width, width, heads, heads], dim=-1)
@@ -129,10 +193,11 @@ class GatedDeltaNet(nn.Module):
         g = (-self.a_log.exp() * F.softplus(a + self.dt_bias)).transpose(1, 2)  # [B, H, S]
         beta = torch.sigmoid(b).transpose(1, 2)
         initial = state_store[1] if state_store is not None else None
-        if length == 1:
-            o, final = delta_rule_recurrent(q, k, v, g, beta, initial)
+        if self.segment_size:
+            memory = state_store[2:] if state_store is not None else None
+            o, final = self._with_memory(q, k, v, g, beta, initial, x, start, memory)
         else:
-            o, final = delta_rule_chunked(q, k, v, g, beta, initial, self.chunk_size)
+            o, final = self._delta_rule(q, k, v, g, beta, initial)
         if state_store is not None:
             state_store[0].copy_(padded[..., padded.shape[-1] - (CONV_KERNEL - 1):])
             state_store[1].copy_(final)
