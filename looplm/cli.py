@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", help="built-in task instead of data: binding or modarith")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
+    train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
+                                      " too, unless --data/--task is given)")
+    train.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                       help="2 = Ouro Stage II: freeze the model and train only the exit gate on the measured"
+                            " per-step improvement (needs --init)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     generate = sub.add_parser("generate", help="sample from a checkpoint",
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args, extra: list[str]) -> None:
-    from looplm.config import RunConfig, apply_overrides, preset, read_config_file
+    from looplm.config import RunConfig, apply_overrides, model_config_from_json, preset, read_config_file
     from dataclasses import asdict
     from looplm.train.trainer import Trainer
 
@@ -147,6 +152,17 @@ def run_train(args, extra: list[str]) -> None:
                 raw[section] = {**raw[section], **values}
             else:
                 raw[section] = values
+    if args.init:
+        from looplm.train.checkpoint import resolve_checkpoint
+
+        source = resolve_checkpoint(args.init)
+        source_run = json.loads((source / "run_config.json").read_text()) if (source / "run_config.json").is_file() else {}
+        raw["model"] = asdict(model_config_from_json(source / "config.json"))
+        if not (args.data or args.task) and "data" in source_run:
+            raw["data"] = source_run["data"]
+        raw.setdefault("train", {})["init"] = str(source)
+    if args.stage:
+        raw.setdefault("train", {})["stage"] = args.stage
     vocab_given = "vocab_size" in raw.get("model", {}) and not args.preset
     if args.data:
         raw.setdefault("data", {})["path"] = args.data

@@ -196,6 +196,10 @@ class TrainConfig:
     entropy_beta: float = 0.1
     entropy_beta_final: float | None = None
     act_ponder_weight: float = 0.01
+    stage: int = 1
+    init: str | None = None
+    stage2_k: float = 50.0
+    stage2_gamma: float = 0.005
     eval_every: int = 200
     eval_batches: int = 4
     log_every: int = 10
@@ -213,6 +217,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.stage in (1, 2), f"train.stage must be 1 (train the model) or 2 (train the exit gate only),"
+               f" got {self.stage}")
+        _check(self.stage == 1 or self.init, "train.stage=2 trains the exit gate of a trained model: give --init CKPT")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")

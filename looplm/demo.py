@@ -98,19 +98,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     accuracy_list = accuracy_by_step(model, held_out, steps=trained + 2)
     accuracy = {step: accuracy_list[step - 1] for step in range(1, trained + 3)}
 
-    samples, exit_steps, correct = [], [], 0
-    tokenizer = trainer.tokenizer
-    for index in range(min(generated_examples, len(held_out))):
-        generation = generate(model, held_out.prompts[index], 8, exit_policy=QExit(q), tokenizer=tokenizer)
-        exit_steps.extend(generation.decision_steps)
-        is_right = task.score(generation.text, held_out.answers[index])
-        correct += is_right
-        if len(samples) < 6:
-            samples.append({"prompt": held_out.examples[index].prompt, "answer": held_out.answers[index],
-                            "generated": generation.text, "steps_per_token": generation.decision_steps,
-                            "hops": held_out.examples[index].meta.get("hops"), "correct": bool(is_right)})
-    mean_exit = sum(exit_steps) / max(len(exit_steps), 1)
-    q_accuracy = correct / max(min(generated_examples, len(held_out)), 1)
+    mean_exit, q_accuracy, samples = evaluate_q_exit(model, task, held_out, trainer.tokenizer, q, generated_examples)
 
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_accuracy(accuracy, trained, (mean_exit, q_accuracy), out / "accuracy_by_steps.png")
@@ -132,6 +120,23 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _print_report(results, trained)
     return results
+
+
+def evaluate_q_exit(model, task, held_out, tokenizer, q: float, examples: int) -> tuple[float, float, list[dict]]:
+    """Generate answers for the first ``examples`` held-out problems under Q-exit: mean loop
+    steps per decision (answer tokens and the stop token), exact-match accuracy, six samples."""
+    samples, exit_steps, correct = [], [], 0
+    count = min(examples, len(held_out))
+    for index in range(count):
+        generation = generate(model, held_out.prompts[index], 8, exit_policy=QExit(q), tokenizer=tokenizer)
+        exit_steps.extend(generation.decision_steps)
+        is_right = task.score(generation.text, held_out.answers[index])
+        correct += is_right
+        if len(samples) < 6:
+            samples.append({"prompt": held_out.examples[index].prompt, "answer": held_out.answers[index],
+                            "generated": generation.text, "steps_per_token": generation.decision_steps,
+                            "hops": held_out.examples[index].meta.get("hops"), "correct": bool(is_right)})
+    return sum(exit_steps) / max(len(exit_steps), 1), correct / max(count, 1), samples
 
 
 def _print_report(results: dict, trained: int) -> None:

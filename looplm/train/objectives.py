@@ -75,6 +75,34 @@ def act_token_losses(output: LoopOutput, targets: torch.Tensor) -> tuple[torch.T
     return losses, halting.to(remainder.dtype) + remainder
 
 
+def stage2_gate_loss(output: LoopOutput, targets: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> LossResult:
+    """Ouro Stage II (REFERENCE §3): train the exit gate alone on the measured improvement.
+
+    With detached per-step losses L_t, the improvement of going one step deeper is
+    I_{t+1} = max(0, L_t − L_{t+1}); the target continuation probability is
+    w = σ(k (I_{t+1} − γ)), and the gate of step t (which decides whether step t + 1 runs, and
+    sees only h_t) gets BCE(λ_t, 1 − w), for t = 1..T−1; the last step's gate decides nothing.
+    (REFERENCE §3 indexes the improvement by the step that achieved it; pairing it with the
+    gate that decides whether that step runs keeps the step-1 gate trained.)
+    """
+    if output.gate_logits is None:
+        raise LoopLMError("Stage II trains the exit gate: the model has none (model.exit_gate=false)")
+    mask = (targets != IGNORE_INDEX).to(output.hidden_states[0].dtype)
+    tokens = mask.sum().clamp_min(1.0)
+    with torch.no_grad():
+        token_losses = per_step_token_losses(output, targets)
+    step_losses = token_losses.sum(dim=(1, 2)) / tokens
+    improvement = (token_losses[:-1] - token_losses[1:]).clamp_min(0.0)
+    continue_target = torch.sigmoid(k * (improvement - gamma))
+    bce = F.binary_cross_entropy_with_logits(output.gate_logits[:-1], 1.0 - continue_target, reduction="none")
+    loss = (bce * mask).sum() / (tokens * max(output.steps - 1, 1))
+    p = output.exit_distribution.detach()
+    step_index = torch.arange(1, output.steps + 1, dtype=p.dtype, device=p.device).view(-1, 1, 1)
+    mean_exit = ((p * step_index).sum(0) * mask).sum() / tokens
+    entropy = ((-(p * p.clamp_min(1e-12).log()).sum(0)) * mask).sum() / tokens
+    return LossResult(loss, step_losses, mean_exit, entropy, int(tokens.item()))
+
+
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",
                  entropy_beta: float = 0.1, act_ponder_weight: float = 0.01) -> LossResult:
     """Objective over a forward pass; targets [B, S] with −100 marking untrained positions."""

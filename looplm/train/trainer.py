@@ -29,9 +29,9 @@ from looplm.data.source import TrainingData, open_training_data
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory,
+from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
                                      write_model_files)
-from looplm.train.objectives import compute_loss
+from looplm.train.objectives import compute_loss, stage2_gate_loss
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -103,6 +103,13 @@ class Trainer:
             raise LoopLMError(f"training sequences of {self.data.seq_len} tokens exceed model.max_seq_len="
                               f"{run.model.max_seq_len}: raise it or lower --train.seq_len")
         self.model = LoopLM(run.model).to(self.device)
+        if config.init and not resume:
+            self._initialise_from(config.init)
+        if config.stage == 2:  # Stage II: the LM is frozen, only the exit gate learns
+            if self.model.exit_gate is None:
+                raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith("exit_gate."))
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -114,9 +121,20 @@ class Trainer:
         if config.compile:
             self.forward_loss = torch.compile(self._forward_loss)
 
+    def _initialise_from(self, path: str) -> None:
+        """Start from a checkpoint's weights (its config must match the run's model config)."""
+        source = load_model(path, self.device)
+        if source.config != self.run.model:
+            raise LoopLMError(f"--init {path!r} has a different model config than this run: drop the --model.*"
+                              " options, the checkpoint's config is used")
+        self.model.load_state_dict(source.state_dict())
+
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float):
+        config = self.train_config
         output = self.model(inputs)
-        return compute_loss(output, targets, self.train_config.objective, beta, self.train_config.act_ponder_weight)
+        if config.stage == 2:
+            return stage2_gate_loss(output, targets, config.stage2_k, config.stage2_gamma)
+        return compute_loss(output, targets, config.objective, beta, config.act_ponder_weight)
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
