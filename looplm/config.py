@@ -26,6 +26,7 @@ FFN_KINDS = ("dense", "moe")
 ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
+DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -198,6 +199,12 @@ class TrainConfig:
     act_ponder_weight: float = 0.01
     stage: int = 1
     init: str | None = None
+    # Depth sampling (Huginn / Parcae): loop steps drawn per optimiser step, backprop through the last k.
+    depth_sampling: str = "fixed"
+    depth_mean: float | None = None
+    depth_min: int = 1
+    depth_max: int | None = None
+    backprop_steps: int = 0
     stage2_k: float = 50.0
     stage2_gamma: float = 0.005
     eval_every: int = 200
@@ -220,6 +227,12 @@ class TrainConfig:
         _check(self.stage in (1, 2), f"train.stage must be 1 (train the model) or 2 (train the exit gate only),"
                f" got {self.stage}")
         _check(self.stage == 1 or self.init, "train.stage=2 trains the exit gate of a trained model: give --init CKPT")
+        _check(self.depth_sampling in DEPTH_SAMPLING,
+               f"train.depth_sampling must be one of {', '.join(DEPTH_SAMPLING)}, got {self.depth_sampling!r}")
+        _check(self.depth_min >= 1 and (self.depth_max is None or self.depth_max >= self.depth_min),
+               f"train.depth_min must be >= 1 and <= train.depth_max, got {self.depth_min}, {self.depth_max}")
+        _check(self.depth_mean is None or self.depth_mean > 0, f"train.depth_mean must be > 0, got {self.depth_mean}")
+        _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")

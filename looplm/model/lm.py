@@ -209,10 +209,14 @@ class LoopLM(nn.Module):
         """[..., D] → exit-gate logits z [...]."""
         return self.exit_gate(readout).squeeze(-1)
 
-    def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None) -> LoopOutput:
+    def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
+                backprop_steps: int | None = None) -> LoopOutput:
         """Run ``steps`` loop steps (default: the trained T; more extrapolates) on ids [B, S].
 
         With a cache, positions continue from ``cache.length`` and the cache advances by S.
+        backprop_steps k (truncated backprop, Huginn/Parcae): the first steps − k steps run under
+        ``torch.no_grad`` (their readouts and gates are constants), so gradients flow through the
+        last k steps only; the forward values are unchanged.
         """
         steps = self.config.loop_steps if steps is None else steps
         if steps < 1:
@@ -223,12 +227,14 @@ class LoopLM(nn.Module):
         e = self.embed_input(ids, start, cache)
         h = self.initial_state(e, start)
         hidden_states, gates = [], []
+        frozen = steps - backprop_steps if backprop_steps else 0
         for step in range(steps):
-            h = self.core_step(h, step, start, cache, e)
-            readout = self.readout(h, step, start, cache)
-            hidden_states.append(readout)
-            if self.exit_gate is not None:
-                gates.append(self.gate_logits(readout))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
+                h = self.core_step(h, step, start, cache, e)
+                readout = self.readout(h, step, start, cache)
+                hidden_states.append(readout)
+                if self.exit_gate is not None:
+                    gates.append(self.gate_logits(readout))
         if cache is not None:
             cache.advance(ids.shape[1])
         aux = [loss for module in self.modules() if isinstance(module, MoE) for loss in module.pop_aux_losses()]

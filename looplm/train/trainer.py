@@ -129,9 +129,10 @@ class Trainer:
                               " options, the checkpoint's config is used")
         self.model.load_state_dict(source.state_dict())
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float):
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float, steps: int | None = None,
+                      backprop_steps: int | None = None):
         config = self.train_config
-        output = self.model(inputs)
+        output = self.model(inputs, steps=steps, backprop_steps=backprop_steps)
         if config.stage == 2:
             return stage2_gate_loss(output, targets, config.stage2_k, config.stage2_gamma)
         return compute_loss(output, targets, config.objective, beta, config.act_ponder_weight)
@@ -152,11 +153,13 @@ class Trainer:
         try:
             while self.step < last:
                 beta = config.entropy_beta_at(self.step)
+                depth = sample_depth(config, self.model.config.loop_steps, self.step)
+                grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
                 for _ in range(config.grad_accum):
                     inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     with autocast:
-                        loss_result = self.forward_loss(inputs, targets, beta)
+                        loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                     (loss_result.loss / config.grad_accum).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
                 if torch.isfinite(grad_norm):
@@ -179,7 +182,9 @@ class Trainer:
                               "mean_exit_step": float(loss_result.mean_exit_step),
                               "exit_entropy": float(loss_result.exit_entropy),
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens_per_s": speed, "skipped_steps": self.skipped_steps}
+                              "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
+                              "loop_steps": depth, "grad_steps": grad_steps,
+                              **matmul_flops_per_token(self.model, depth, grad_steps)}
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", exit=f"{record['mean_exit_step']:.2f}",
                                     tok_s=f"{speed:,.0f}")
@@ -262,6 +267,38 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
+
+
+def sample_depth(config, trained_steps: int, step: int) -> int:
+    """Loop steps for optimiser step ``step`` (train.depth_sampling): ``fixed`` = the trained T;
+    ``uniform`` in [depth_min, depth_max or T]; ``poisson`` with mean depth_mean (default T)
+    clamped to [depth_min, depth_max or 2 × mean].  Drawn from a generator seeded by (seed,
+    step) alone, so every rank of a distributed run draws the same depth (different depths
+    would make ranks run different collectives and deadlock)."""
+    if config.depth_sampling == "fixed":
+        return trained_steps
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    if config.depth_sampling == "uniform":
+        high = config.depth_max or max(trained_steps, config.depth_min)
+        return int(torch.randint(config.depth_min, high + 1, (), generator=generator))
+    mean = config.depth_mean or float(trained_steps)
+    high = config.depth_max or max(int(math.ceil(2 * mean)), config.depth_min)
+    return int(min(max(torch.poisson(torch.tensor(mean), generator=generator).item(), config.depth_min), high))
+
+
+def matmul_flops_per_token(model: LoopLM, steps: int, grad_steps: int) -> dict:
+    """Matmul FLOPs per token of one training step (2 per multiply-add; attention scores left
+    out): the forward runs prelude once and core + readout + head at every step; backward
+    (2× forward) covers only the steps with gradients (and the prelude when gradients reach it)."""
+    def parameters(modules) -> int:
+        return sum(p.numel() for module in modules for p in module.parameters())
+
+    per_step = parameters(model.core) + parameters(model.coda) + model.head_weight.numel()
+    prelude = parameters(model.prelude)
+    forward = 2 * (prelude + steps * per_step)
+    reaches_prelude = grad_steps == steps or model.injection is not None
+    backward = 4 * (grad_steps * per_step + (prelude if reaches_prelude else 0))
+    return {"forward_flops_per_token": forward, "backward_flops_per_token": backward}
 
 
 def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
