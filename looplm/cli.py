@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", help="built-in task instead of data: binding or modarith")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
+    train.add_argument("--parallel", choices=["none", "ddp"], default=None,
+                       help="data parallel under torchrun: torchrun --nproc_per_node N -m looplm train … --parallel ddp")
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
     train.add_argument("--stage", type=int, choices=[1, 2], default=None,
@@ -163,6 +165,8 @@ def run_train(args, extra: list[str]) -> None:
         raw.setdefault("train", {})["init"] = str(source)
     if args.stage:
         raw.setdefault("train", {})["stage"] = args.stage
+    if args.parallel:
+        raw.setdefault("train", {})["parallel"] = args.parallel
     vocab_given = "vocab_size" in raw.get("model", {}) and not args.preset
     if args.data:
         raw.setdefault("data", {})["path"] = args.data
@@ -178,9 +182,14 @@ def run_train(args, extra: list[str]) -> None:
         vocab_given = True
     trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress, fit_vocab=not vocab_given)
     model = trainer.model
-    print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
-          f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}", file=sys.stderr)
+    if trainer.dist.main:
+        print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
+              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}"
+              + (f", {trainer.dist.world} processes ({trainer.dist.parallel})" if trainer.dist.active else ""),
+              file=sys.stderr)
     result = trainer.train()
+    if not trainer.dist.main:
+        return
     summary = {"steps": result.steps_done, "final_loss": result.losses[-1] if result.losses else None,
                "checkpoint": str(sorted((out / "checkpoints").glob("step_*"))[-1])}
     if result.last_eval:

@@ -205,6 +205,7 @@ class TrainConfig:
     depth_min: int = 1
     depth_max: int | None = None
     backprop_steps: int = 0
+    parallel: str = "none"
     stage2_k: float = 50.0
     stage2_gamma: float = 0.005
     eval_every: int = 200
@@ -233,6 +234,7 @@ class TrainConfig:
                f"train.depth_min must be >= 1 and <= train.depth_max, got {self.depth_min}, {self.depth_max}")
         _check(self.depth_mean is None or self.depth_mean > 0, f"train.depth_mean must be > 0, got {self.depth_mean}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
+        _check(self.parallel in ("none", "ddp"), f"train.parallel must be none or ddp, got {self.parallel!r}")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")

@@ -55,10 +55,13 @@ def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: in
     from looplm.data.shards import TokenShards
 
     path = Path(data.path)
+    prepared = (work_dir or Path(".")) / "data"
     if path.is_dir() and (path / "meta.json").is_file():
         shard_dir = path
+    elif (prepared / "meta.json").is_file():
+        shard_dir = prepared  # this run's tokenized copy, made on its first start (resume, other ranks)
     else:
-        shard_dir = prepare_shards(data, (work_dir or Path(".")) / "data", seed)
+        shard_dir = prepare_shards(data, prepared, seed)
     from looplm.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(shard_dir)

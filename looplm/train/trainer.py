@@ -31,6 +31,7 @@ from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
 from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
                                      write_model_files)
+from looplm.train.distributed import Distributed
 from looplm.train.objectives import compute_loss, stage2_gate_loss
 
 METRICS_FILE = "metrics.jsonl"
@@ -86,13 +87,24 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
+        self.dist = Distributed(config.parallel, self.device)
+        if self.device.type == "cuda" and self.dist.active:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if config.batch_size % self.dist.world:
+            raise LoopLMError(f"train.batch_size={config.batch_size} is the global batch: it must divide by the"
+                              f" {self.dist.world} processes")
         checkpoints = self.out_dir / "checkpoints"
         if not resume and checkpoints.is_dir() and any(checkpoints.glob("step_*")):
             raise LoopLMError(f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue"
                               " or choose another --out")
         _seed_everything(config.seed)
+        if data is None and not self.dist.main:
+            self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
         self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
                                                self.out_dir, config.seed)
+        if data is None and self.dist.main and self.dist.active:
+            self.dist.barrier()
         self.tokenizer = self.data.tokenizer
         if fit_vocab and run.model.vocab_size != self.tokenizer.vocab_size:
             run.model = dataclasses.replace(run.model, vocab_size=self.tokenizer.vocab_size)
@@ -117,6 +129,7 @@ class Trainer:
         self.skipped_steps = 0
         if resume:
             self._load_latest()
+        self.forward_model = self.dist.wrap(self.model)
         self.forward_loss = self._forward_loss
         if config.compile:
             self.forward_loss = torch.compile(self._forward_loss)
@@ -132,7 +145,7 @@ class Trainer:
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float, steps: int | None = None,
                       backprop_steps: int | None = None):
         config = self.train_config
-        output = self.model(inputs, steps=steps, backprop_steps=backprop_steps)
+        output = self.forward_model(inputs, steps=steps, backprop_steps=backprop_steps)
         if config.stage == 2:
             return stage2_gate_loss(output, targets, config.stage2_k, config.stage2_gamma)
         return compute_loss(output, targets, config.objective, beta, config.act_ponder_weight)
@@ -141,10 +154,11 @@ class Trainer:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
         config = self.train_config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
+        if self.dist.main:
+            (self.out_dir / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
         result = TrainResult(self.model, self.tokenizer, self.data, self.out_dir)
         last = min(config.steps, stop_after) if stop_after is not None else config.steps
-        bar = _progress_bar(self.step, config.steps, self.progress)
+        bar = _progress_bar(self.step, config.steps, self.progress and self.dist.main)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         tokens_per_step = config.batch_size * config.grad_accum * self.data.seq_len
         started = time.perf_counter()
@@ -157,7 +171,7 @@ class Trainer:
                 grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
                 for _ in range(config.grad_accum):
                     inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    inputs, targets = self.dist.rows(inputs).to(self.device), self.dist.rows(targets).to(self.device)
                     with autocast:
                         loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                     (loss_result.loss / config.grad_accum).backward()
@@ -170,7 +184,7 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 window_tokens += tokens_per_step
-                loss_value = float(loss_result.loss.detach())
+                loss_value = self.dist.mean(float(loss_result.loss.detach()))
                 result.losses.append(loss_value)
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == last:
@@ -213,12 +227,17 @@ class Trainer:
         return report
 
     def _log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def save(self) -> Path:
         """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
         target = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
+        if not self.dist.main:
+            self.dist.barrier()
+            return target
 
         def write(directory: Path) -> None:
             write_model_files(self.model, directory, self.tokenizer)
@@ -229,6 +248,7 @@ class Trainer:
         kept = sorted((self.out_dir / "checkpoints").glob("step_*"))
         for old in kept[:-self.train_config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return target
 
     def _train_state(self) -> dict:
