@@ -206,6 +206,7 @@ class TrainConfig:
     depth_max: int | None = None
     backprop_steps: int = 0
     parallel: str = "none"
+    activation_checkpointing: bool = False
     stage2_k: float = 50.0
     stage2_gamma: float = 0.005
     eval_every: int = 200

@@ -67,8 +67,36 @@ def test_training_logs_depths_and_flops(tmp_path):
     assert {r["loop_steps"] for r in records} == {sample_depth(train, 3, step) for step in range(6)}
     for record in records:
         assert record["grad_steps"] == min(2, record["loop_steps"])
+        assert len(record["exit_histogram"]) == record["loop_steps"]
+        assert abs(sum(record["exit_histogram"]) - 1.0) < 1e-3 and record["achieved_tflops"] > 0
         expected = matmul_flops_per_token(trainer.model, record["loop_steps"], record["grad_steps"])
         assert record["forward_flops_per_token"] == expected["forward_flops_per_token"]
     deeper = matmul_flops_per_token(trainer.model, 5, 2)
     assert deeper["forward_flops_per_token"] > matmul_flops_per_token(trainer.model, 2, 2)["forward_flops_per_token"]
     assert deeper["backward_flops_per_token"] == matmul_flops_per_token(trainer.model, 4, 2)["backward_flops_per_token"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"injection": "lti", "initial_state": "noise", "n_coda_layers": 1}])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(overrides):
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(**overrides)).train()
+    ids = torch.randint(0, 64, (2, 9))
+
+    def loss_and_grads(checkpointing):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)  # the same noise initial state for both runs
+        loss = compute_loss(model(ids, steps=4, backprop_steps=3), ids, "stage1").loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    calls = []
+    model.core[0].register_forward_hook(lambda *args: calls.append(1))
+    plain, plain_grads = loss_and_grads(False)
+    plain_calls = len(calls)
+    checked, checked_grads = loss_and_grads(True)
+    assert len(calls) - plain_calls == plain_calls + 3  # the 3 tracked steps run again in backward
+    torch.testing.assert_close(checked, plain)
+    assert len(checked_grads) == len(plain_grads)
+    for a, b in zip(checked_grads, plain_grads):
+        torch.testing.assert_close(a, b)

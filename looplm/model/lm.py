@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
@@ -104,6 +105,9 @@ class LoopLM(nn.Module):
         self.injection = Injection(config) if config.injection != "identity" else None
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
         self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
+        # Recompute each loop step in backward instead of keeping its activations (set by the
+        # trainer from train.activation_checkpointing; memory for compute, same gradients).
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -209,6 +213,10 @@ class LoopLM(nn.Module):
         """[..., D] → exit-gate logits z [...]."""
         return self.exit_gate(readout).squeeze(-1)
 
+    def _step_and_readout(self, h, e, step: int, start: int, cache=None):
+        h = self.core_step(h, step, start, cache, e)
+        return h, self.readout(h, step, start, cache)
+
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
                 backprop_steps: int | None = None) -> LoopOutput:
         """Run ``steps`` loop steps (default: the trained T; more extrapolates) on ids [B, S].
@@ -230,8 +238,10 @@ class LoopLM(nn.Module):
         frozen = steps - backprop_steps if backprop_steps else 0
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
-                h = self.core_step(h, step, start, cache, e)
-                readout = self.readout(h, step, start, cache)
+                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, use_reentrant=False)
+                else:
+                    h, readout = self._step_and_readout(h, e, step, start, cache)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))

@@ -24,13 +24,15 @@ IGNORE_INDEX = -100
 @dataclass
 class LossResult:
     """loss: the scalar to backpropagate. step_losses [T]: mean L_t over trained tokens.
-    mean_exit_step: E_p[t] averaged over tokens (0 without a gate). exit_entropy: mean H(p)."""
+    mean_exit_step: E_p[t] averaged over tokens (0 without a gate). exit_entropy: mean H(p).
+    exit_histogram [T]: p(t) averaged over trained tokens (None without a gate)."""
 
     loss: torch.Tensor
     step_losses: torch.Tensor
     mean_exit_step: torch.Tensor
     exit_entropy: torch.Tensor
     tokens: int
+    exit_histogram: torch.Tensor | None = None
 
 
 def per_step_token_losses(output: LoopOutput, targets: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
@@ -119,6 +121,7 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         token_entropy = -(p * log_p).sum(0)
         entropy = (token_entropy * mask).sum() / tokens
         mean_exit_step = ((p * step_index).sum(0) * mask).sum() / tokens
+        histogram = (p * mask).sum(dim=(1, 2)).detach() / tokens
     if objective == "stage1":
         if output.gate_logits is None:
             raise LoopLMError("objective stage1 needs an exit gate: set model.exit_gate=true")
@@ -137,4 +140,5 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         raise LoopLMError(f"unknown objective {objective!r}: use stage1, last, mean or act")
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
-    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()))
+    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()),
+                      histogram if output.gate_logits is not None else None)

@@ -115,6 +115,11 @@ class Trainer:
             raise LoopLMError(f"training sequences of {self.data.seq_len} tokens exceed model.max_seq_len="
                               f"{run.model.max_seq_len}: raise it or lower --train.seq_len")
         self.model = LoopLM(run.model).to(self.device)
+        if config.activation_checkpointing:
+            if run.model.ffn == "moe":
+                raise LoopLMError("train.activation_checkpointing with model.ffn=moe would update the balancing"
+                                  " bias twice per step (recomputed forward): turn one of them off")
+            self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
         if config.stage == 2:  # Stage II: the LM is frozen, only the exit gate learns
@@ -199,6 +204,11 @@ class Trainer:
                               "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
                               "loop_steps": depth, "grad_steps": grad_steps,
                               **matmul_flops_per_token(self.model, depth, grad_steps)}
+                    if loss_result.exit_histogram is not None:
+                        record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
+                    # Achieved matmul throughput (the numerator of MFU; divide by your hardware's peak).
+                    record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
+                                                         + record["backward_flops_per_token"]) / 1e12
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", exit=f"{record['mean_exit_step']:.2f}",
                                     tok_s=f"{speed:,.0f}")
