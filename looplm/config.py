@@ -207,6 +207,7 @@ class TrainConfig:
     backprop_steps: int = 0
     parallel: str = "none"
     activation_checkpointing: bool = False
+    spike_factor: float = 0.0
     stage2_k: float = 50.0
     stage2_gamma: float = 0.005
     eval_every: int = 200
@@ -234,6 +235,8 @@ class TrainConfig:
         _check(self.depth_min >= 1 and (self.depth_max is None or self.depth_max >= self.depth_min),
                f"train.depth_min must be >= 1 and <= train.depth_max, got {self.depth_min}, {self.depth_max}")
         _check(self.depth_mean is None or self.depth_mean > 0, f"train.depth_mean must be > 0, got {self.depth_mean}")
+        _check(self.spike_factor == 0 or self.spike_factor > 1,
+               f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
         _check(self.parallel in ("none", "ddp"), f"train.parallel must be none or ddp, got {self.parallel!r}")
         _check(self.objective in OBJECTIVES,

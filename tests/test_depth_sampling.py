@@ -100,3 +100,29 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(overrides):
     assert len(checked_grads) == len(plain_grads)
     for a, b in zip(checked_grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_loss_spike_guard():
+    from looplm.train.trainer import SPIKE_WINDOW, is_loss_spike
+
+    history = [2.0] * SPIKE_WINDOW
+    assert is_loss_spike(6.1, history, 3.0) and not is_loss_spike(5.9, history, 3.0)
+    assert not is_loss_spike(100.0, history, 0.0)  # off
+    assert not is_loss_spike(100.0, history[:-1], 3.0)  # too little history yet
+    with pytest.raises(LoopLMError, match="train.spike_factor must be 0"):
+        TrainConfig(spike_factor=0.5)
+
+
+def test_spike_guard_skips_steps_in_training_and_resumes_exactly(tmp_path):
+    model = ModelConfig(vocab_size=259, d_model=32, n_heads=4, n_core_layers=1, loop_steps=2, max_seq_len=32)
+    data = DataConfig(task="binding", task_options={"refs": "offsets", "cells": 6, "hops": 3})
+    # A factor barely above 1 makes ordinary fluctuations count as spikes: steps get skipped.
+    train = TrainConfig(steps=60, batch_size=4, eval_every=0, log_every=1, spike_factor=1.02, threads=1, save_every=10,
+                        lr=0.3, warmup_steps=0)  # a learning rate high enough to make the loss jump
+    whole = Trainer(RunConfig(model, train, data), tmp_path / "whole", progress=False)
+    losses = whole.train().losses
+    assert whole.spike_skips > 0
+    first = Trainer(RunConfig(model, train, data), tmp_path / "split", progress=False)
+    first.train(stop_after=40)
+    resumed = Trainer(RunConfig(model, train, data), tmp_path / "split", resume=True, progress=False)
+    assert resumed.train().losses == losses[40:]

@@ -132,6 +132,8 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.skipped_steps = 0
+        self.spike_skips = 0
+        self.recent_losses: list[float] = []  # for the loss-spike guard (saved, so resume is exact)
         if resume:
             self._load_latest()
         self.forward_model = self.dist.wrap(self.model)
@@ -181,16 +183,19 @@ class Trainer:
                         loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                     (loss_result.loss / config.grad_accum).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                else:
+                loss_value = self.dist.mean(float(loss_result.loss.detach()))  # the same on every rank
+                if not torch.isfinite(grad_norm):
                     self.skipped_steps += 1
+                elif is_loss_spike(loss_value, self.recent_losses, config.spike_factor):
+                    self.spike_skips += 1
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
                 window_tokens += tokens_per_step
-                loss_value = self.dist.mean(float(loss_result.loss.detach()))
                 result.losses.append(loss_value)
+                self.recent_losses = [*self.recent_losses, loss_value][-SPIKE_WINDOW:]
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == last:
                     now = time.perf_counter()
@@ -202,6 +207,7 @@ class Trainer:
                               "exit_entropy": float(loss_result.exit_entropy),
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                               "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
+                              "spike_skips": self.spike_skips,
                               "loop_steps": depth, "grad_steps": grad_steps,
                               **matmul_flops_per_token(self.model, depth, grad_steps)}
                     if loss_result.exit_histogram is not None:
@@ -262,7 +268,8 @@ class Trainer:
         return target
 
     def _train_state(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps,
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "spike_skips": self.spike_skips,
+                "recent_losses": self.recent_losses,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "data_generator": self.data_generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -297,6 +304,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
+        self.spike_skips = state.get("spike_skips", 0)
+        self.recent_losses = state.get("recent_losses", [])
+
+
+SPIKE_WINDOW = 20
+
+
+def is_loss_spike(loss: float, history: list[float], factor: float) -> bool:
+    """The loss-spike guard: with factor > 0, a step whose loss exceeds factor × the mean of the
+    last ``SPIKE_WINDOW`` losses (once that many exist) is not applied.  The loss is the mean
+    over ranks, so every rank decides the same."""
+    if factor <= 0 or len(history) < SPIKE_WINDOW:
+        return False
+    recent = history[-SPIKE_WINDOW:]
+    return loss > factor * sum(recent) / len(recent)
 
 
 def sample_depth(config, trained_steps: int, step: int) -> int:
