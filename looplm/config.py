@@ -208,6 +208,12 @@ class TrainConfig:
     parallel: str = "none"
     activation_checkpointing: bool = False
     spike_factor: float = 0.0
+    # Distillation (looplm.train.distill): a frozen teacher checkpoint.
+    distill_teacher: str | None = None
+    distill_teacher_steps: int | None = None
+    distill_temperature: float = 1.0
+    distill_alpha: float = 0.5
+    distill_loop_penalty: float = 0.0
     stage2_k: float = 50.0
     stage2_gamma: float = 0.005
     eval_every: int = 200
@@ -235,6 +241,9 @@ class TrainConfig:
         _check(self.depth_min >= 1 and (self.depth_max is None or self.depth_max >= self.depth_min),
                f"train.depth_min must be >= 1 and <= train.depth_max, got {self.depth_min}, {self.depth_max}")
         _check(self.depth_mean is None or self.depth_mean > 0, f"train.depth_mean must be > 0, got {self.depth_mean}")
+        _check(self.distill_temperature > 0, f"train.distill_temperature must be > 0, got {self.distill_temperature}")
+        _check(0 <= self.distill_alpha <= 1, f"train.distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        _check(self.distill_loop_penalty >= 0, f"train.distill_loop_penalty must be >= 0, got {self.distill_loop_penalty}")
         _check(self.spike_factor == 0 or self.spike_factor > 1,
                f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")

@@ -32,7 +32,8 @@ from looplm.model.lm import LoopLM
 from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
                                      write_model_files)
 from looplm.train.distributed import Distributed
-from looplm.train.objectives import compute_loss, stage2_gate_loss
+from looplm.train.distill import distillation_kl, loop_penalty_weight
+from looplm.train.objectives import IGNORE_INDEX, compute_loss, stage2_gate_loss
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -136,6 +137,12 @@ class Trainer:
         self.recent_losses: list[float] = []  # for the loss-spike guard (saved, so resume is exact)
         if resume:
             self._load_latest()
+        self.teacher = None
+        if config.distill_teacher:
+            self.teacher = load_model(config.distill_teacher, self.device).eval().requires_grad_(False)
+            if self.teacher.config.vocab_size != run.model.vocab_size:
+                raise LoopLMError(f"the teacher's vocabulary ({self.teacher.config.vocab_size}) differs from the"
+                                  f" student's ({run.model.vocab_size}): distil between models sharing a tokenizer")
         self.forward_model = self.dist.wrap(self.model)
         self.forward_loss = self._forward_loss
         if config.compile:
@@ -155,7 +162,20 @@ class Trainer:
         output = self.forward_model(inputs, steps=steps, backprop_steps=backprop_steps)
         if config.stage == 2:
             return stage2_gate_loss(output, targets, config.stage2_k, config.stage2_gamma)
-        return compute_loss(output, targets, config.objective, beta, config.act_ponder_weight)
+        result = compute_loss(output, targets, config.objective, beta, config.act_ponder_weight)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(inputs, steps=config.distill_teacher_steps).logits()
+            kl = distillation_kl(output.logits(), teacher_logits, targets, config.distill_temperature)
+            loss = (1 - config.distill_alpha) * result.loss + config.distill_alpha * kl
+            penalty = loop_penalty_weight(config.distill_loop_penalty, self.step, config.steps)
+            if penalty and output.gate_logits is not None:
+                mask = (targets != IGNORE_INDEX).to(loss.dtype)
+                index = torch.arange(1, output.steps + 1, dtype=loss.dtype, device=loss.device).view(-1, 1, 1)
+                expected = ((output.exit_distribution * index).sum(0) * mask).sum() / mask.sum().clamp_min(1.0)
+                loss = loss + penalty * expected / output.steps
+            result.loss = loss
+        return result
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
