@@ -53,6 +53,8 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from looplm.config import DECODE_BACKENDS, PARALLEL
+
     parser = argparse.ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", help="built-in task instead of data: binding or modarith")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
-    train.add_argument("--parallel", choices=["none", "ddp"], default=None,
+    train.add_argument("--parallel", choices=PARALLEL, default=None,
                        help="data parallel under torchrun: torchrun --nproc_per_node N -m looplm train … --parallel ddp")
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--show-steps", action="store_true", help="print the loop steps each token used")
     generate.add_argument("--no-stream", action="store_true", help="print only when finished")
-    generate.add_argument("--backend", default="auto", choices=["auto", "native", "torch", "reference"],
+    generate.add_argument("--backend", default="auto", choices=DECODE_BACKENDS,
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")

@@ -27,6 +27,8 @@ ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
+PARALLEL = ("none", "ddp")
+DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -199,6 +201,8 @@ class TrainConfig:
     act_ponder_weight: float = 0.01
     stage: int = 1
     init: str | None = None
+    stage2_k: float = 50.0
+    stage2_gamma: float = 0.005
     # Depth sampling (Huginn / Parcae): loop steps drawn per optimiser step, backprop through the last k.
     depth_sampling: str = "fixed"
     depth_mean: float | None = None
@@ -214,8 +218,6 @@ class TrainConfig:
     distill_temperature: float = 1.0
     distill_alpha: float = 0.5
     distill_loop_penalty: float = 0.0
-    stage2_k: float = 50.0
-    stage2_gamma: float = 0.005
     eval_every: int = 200
     eval_batches: int = 4
     log_every: int = 10
@@ -247,7 +249,7 @@ class TrainConfig:
         _check(self.spike_factor == 0 or self.spike_factor > 1,
                f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
-        _check(self.parallel in ("none", "ddp"), f"train.parallel must be none or ddp, got {self.parallel!r}")
+        _check(self.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")

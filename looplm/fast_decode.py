@@ -54,10 +54,10 @@ class _PackedLayer:
 def fast_unsupported(model) -> str | None:
     """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
     loop: no injection, loop-index signal, depth LoRA or noise initial state)."""
-    if not model.config.plain_loop:
+    config = model.config
+    if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding or depth_lora_rank)"
-    config = model.config
     if config.ffn != "dense":
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
     if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or set(config.layer_pattern) - {"A"}:

@@ -24,9 +24,8 @@ import torch
 from torch.nn import functional as F
 
 from looplm.cache import KVCache
+from looplm.config import DECODE_BACKENDS as BACKENDS
 from looplm.errors import LoopLMError
-
-BACKENDS = ("auto", "native", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -165,8 +164,9 @@ class Decoder:
         """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
         C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
         device), "reference" (the model's own modules; every configuration) or "auto" (the
-        fastest that supports this model: the fast paths cover Ouro's plain loop).  compile_steps: torch.compile the torch backend's loop step (worth it
-        only for long generations: the first call compiles for ~20 s)."""
+        fastest that supports this model: the fast paths cover Ouro's plain loop).
+        compile_steps: torch.compile the torch backend's loop step (worth it only for long
+        generations: the first call compiles for ~20 s)."""
         if backend not in BACKENDS:
             raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         backend_asked = backend
@@ -247,7 +247,6 @@ class Decoder:
                     break
         cache.advance(1)
         return stepper.logits(readout), step + 1
-
 
     def _act_step(self, h: torch.Tensor, e: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """ACT for one token, weights as ``exit.act_weights`` computes them.  Steps after the

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from looplm.cache import KVCache
+from looplm.cache import KVCache, recurrent_state_shapes
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 from looplm.model.gdn import GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent
@@ -66,7 +66,7 @@ def test_layer_with_state_cache_equals_full_forward(chunks):
     layer.chunk_size = 4
     x = torch.randn(2, sum(chunks), 32)
     full = layer(x)
-    conv_shape, state_shape = layer.state_shapes(2)
+    conv_shape, state_shape = recurrent_state_shapes(tiny_config(layer_pattern="G"), "G", 2, 16)
     store = (torch.zeros(conv_shape), torch.zeros(state_shape))
     begin, pieces = 0, []
     for size in chunks:

@@ -115,11 +115,6 @@ class GatedDeltaNet(nn.Module):
             if self.segment_size:
                 self.memory_online_bias.zero_()
 
-    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of the decode cache: conv inputs [B, 3·H·d, K − 1], state [B, H, d_k, d_v]."""
-        width = self.heads * self.head_dim
-        return (batch, 3 * width, CONV_KERNEL - 1), (batch, self.heads, self.head_dim, self.head_dim)
-
     def _delta_rule(self, q, k, v, g, beta, state):
         if q.shape[2] == 1:
             return delta_rule_recurrent(q, k, v, g, beta, state)
@@ -141,7 +136,7 @@ class GatedDeltaNet(nn.Module):
             states, keys, key_sum = memory[0][:, :first], memory[1][:, :first], memory[2]
         route = F.normalize(self.memory_router(x).view(batch, length, heads, dim), dim=-1).transpose(1, 2)
         state = q.new_zeros(batch, heads, dim, v.shape[-1]) if state is None else state
-        outputs, new_states, new_keys, begin = [], [], [], 0
+        outputs, begin = [], 0
         while begin < length:
             end = min(length, begin + size - (start + begin) % size)
             piece = slice(begin, end)
@@ -150,25 +145,22 @@ class GatedDeltaNet(nn.Module):
             outputs.append(self._mix(online, q[:, :, piece], route[:, :, piece], states, keys))
             key_sum = key_sum + k[:, :, piece].sum(dim=2)
             if (start + end) % size == 0:  # the segment is complete: cache its state and mean key
-                new_states.append(state)
-                new_keys.append(key_sum / size)
                 states = torch.cat([states, state.unsqueeze(1)], dim=1)
                 keys = torch.cat([keys, (key_sum / size).unsqueeze(1)], dim=1)
                 key_sum = torch.zeros_like(key_sum)
             begin = end
-        if memory is not None:
-            for offset, (segment_state, segment_key) in enumerate(zip(new_states, new_keys)):
-                memory[0][:, first + offset] = segment_state
-                memory[1][:, first + offset] = segment_key
+        if memory is not None:  # the segments completed in this call join the cache
+            memory[0][:, first:states.shape[1]] = states[:, first:]
+            memory[1][:, first:keys.shape[1]] = keys[:, first:]
             memory[2].copy_(key_sum)
         return torch.cat(outputs, dim=2), state
 
     def _mix(self, online, q, route, states, keys):
         """online [B, H, n, d_v] mixed with the top-k of ``states`` [B, j, H, d_k, d_v]."""
         available = states.shape[1]
-        bias = self.memory_online_bias.view(1, -1, 1, 1).expand(*online.shape[:3], 1)
         if available == 0:
             return online  # softmax over the online output alone
+        bias = self.memory_online_bias.view(1, -1, 1, 1).expand(*online.shape[:3], 1)
         scores = torch.einsum("bhnk,bjhk->bhnj", route, keys) * self.head_dim ** -0.5
         top = min(self.memory_top_k, available)
         chosen_scores, chosen = scores.topk(top, dim=-1)

@@ -108,6 +108,7 @@ class LoopLM(nn.Module):
         # Recompute each loop step in backward instead of keeping its activations (set by the
         # trainer from train.activation_checkpointing; memory for compute, same gradients).
         self.activation_checkpointing = False
+        self.moe_layers = tuple(module for module in self.modules() if isinstance(module, MoE))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -115,8 +116,6 @@ class LoopLM(nn.Module):
         config = self.config
         applications = config.n_prelude_layers + config.n_core_layers * config.loop_steps + config.n_coda_layers
         for name, parameter in self.named_parameters():
-            if name.startswith(("injection.", "depth_lora.")) or name.endswith(("a_log", "dt_bias", "conv.weight")):
-                continue  # these initialise themselves (reset_parameters / reset_extra_parameters below)
             if name.endswith("norm.weight"):
                 nn.init.zeros_(parameter) if config.zero_centered_norm else nn.init.ones_(parameter)
             elif name.startswith("exit_gate"):
@@ -125,10 +124,7 @@ class LoopLM(nn.Module):
                 nn.init.normal_(parameter, std=config.init_std / math.sqrt(2 * applications))
             else:
                 nn.init.normal_(parameter, std=config.init_std)
-        for module in (self.injection, self.depth_lora):
-            if module is not None:
-                module.reset_parameters()
-        for module in self.modules():
+        for module in self.modules():  # modules with their own initialisation override the above
             if hasattr(module, "reset_extra_parameters"):
                 module.reset_extra_parameters()
 
@@ -247,6 +243,6 @@ class LoopLM(nn.Module):
                     gates.append(self.gate_logits(readout))
         if cache is not None:
             cache.advance(ids.shape[1])
-        aux = [loss for module in self.modules() if isinstance(module, MoE) for loss in module.pop_aux_losses()]
+        aux = [loss for module in self.moe_layers for loss in module.pop_aux_losses()]
         return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self,
                           torch.stack(aux).sum() if aux else None)

@@ -58,9 +58,9 @@ class Injection(nn.Module):
             self.b = nn.Linear(dim, dim, bias=False)
         elif self.kind == "concat":
             self.adapter = nn.Linear(2 * dim, dim, bias=False)
-        self.reset_parameters()
+        self.reset_extra_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_extra_parameters(self) -> None:
         """Start near a convex mix of state and input: decay ≈ 0.5, B = identity."""
         with torch.no_grad():
             if self.kind == "lti":
@@ -121,9 +121,9 @@ class DepthLoRA(nn.Module):
         self.up = nn.Linear(config.depth_lora_rank, config.d_model, bias=False)
         self.scale = nn.Parameter(torch.ones(config.loop_steps, config.depth_lora_rank))
         self.init_std = config.init_std
-        self.reset_parameters()
+        self.reset_extra_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_extra_parameters(self) -> None:
         nn.init.normal_(self.down.weight, std=self.init_std)
         nn.init.zeros_(self.up.weight)  # starts as no change
         nn.init.ones_(self.scale)

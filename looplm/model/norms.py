@@ -50,9 +50,6 @@ class RMSNorm(nn.Module):
         self.zero_centered = zero_centered
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
-
     @property
     def scale(self) -> torch.Tensor:
         return 1.0 + self.weight if self.zero_centered else self.weight

@@ -131,9 +131,6 @@ class RWKVSlotMixer(nn.Module):
             for gate in (self.write_gate, self.read_gate, self.decay_down, self.decay_up):
                 nn.init.normal_(gate.weight, std=0.01)
 
-    def state_shapes(self, batch: int, slots: int) -> tuple[tuple[int, ...], ...]:
-        return (batch, max(SHIFTS), self.dim), (batch, slots, self.dim), (batch, slots, self.dim)
-
     def forward(self, z: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0) -> torch.Tensor:
         """z [B, T, d]; state_store: (last 4 inputs, N, D) updated in place, or None."""
         batch, length, dim = z.shape

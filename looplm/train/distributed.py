@@ -19,8 +19,6 @@ import torch.distributed as dist
 
 from looplm.errors import LoopLMError
 
-PARALLEL = ("none", "ddp")
-
 
 class Distributed:
     """This process's place in the job (world 1, rank 0 when not distributed)."""

@@ -99,10 +99,16 @@ def stage2_gate_loss(output: LoopOutput, targets: torch.Tensor, k: float = 50.0,
     bce = F.binary_cross_entropy_with_logits(output.gate_logits[:-1], 1.0 - continue_target, reduction="none")
     loss = (bce * mask).sum() / (tokens * max(output.steps - 1, 1))
     p = output.exit_distribution.detach()
-    step_index = torch.arange(1, output.steps + 1, dtype=p.dtype, device=p.device).view(-1, 1, 1)
-    mean_exit = ((p * step_index).sum(0) * mask).sum() / tokens
+    mean_exit = expected_exit_step(p, mask)
     entropy = ((-(p * p.clamp_min(1e-12).log()).sum(0)) * mask).sum() / tokens
     return LossResult(loss, step_losses, mean_exit, entropy, int(tokens.item()))
+
+
+def expected_exit_step(exit_distribution: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """E_p[t] (1-based steps) from p(t) [T, B, S], averaged over the positions where mask is 1."""
+    steps = torch.arange(1, exit_distribution.shape[0] + 1, dtype=exit_distribution.dtype,
+                         device=exit_distribution.device).view(-1, 1, 1)
+    return ((exit_distribution * steps).sum(0) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",
@@ -117,10 +123,9 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
     if output.gate_logits is not None:
         log_p = output.log_exit_distribution
         p = log_p.exp()
-        step_index = torch.arange(1, output.steps + 1, device=p.device, dtype=p.dtype).view(-1, 1, 1)
         token_entropy = -(p * log_p).sum(0)
         entropy = (token_entropy * mask).sum() / tokens
-        mean_exit_step = ((p * step_index).sum(0) * mask).sum() / tokens
+        mean_exit_step = expected_exit_step(p, mask)
         histogram = (p * mask).sum(dim=(1, 2)).detach() / tokens
     if objective == "stage1":
         if output.gate_logits is None:

@@ -33,7 +33,7 @@ from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_d
                                      write_model_files)
 from looplm.train.distributed import Distributed
 from looplm.train.distill import distillation_kl, loop_penalty_weight
-from looplm.train.objectives import IGNORE_INDEX, compute_loss, stage2_gate_loss
+from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -171,9 +171,7 @@ class Trainer:
             penalty = loop_penalty_weight(config.distill_loop_penalty, self.step, config.steps)
             if penalty and output.gate_logits is not None:
                 mask = (targets != IGNORE_INDEX).to(loss.dtype)
-                index = torch.arange(1, output.steps + 1, dtype=loss.dtype, device=loss.device).view(-1, 1, 1)
-                expected = ((output.exit_distribution * index).sum(0) * mask).sum() / mask.sum().clamp_min(1.0)
-                loss = loss + penalty * expected / output.steps
+                loss = loss + penalty * expected_exit_step(output.exit_distribution, mask) / output.steps
             result.loss = loss
         return result
 
