@@ -80,3 +80,30 @@ def act_weights_reference(gate_logits: torch.Tensor, threshold: float = 0.99) ->
             weights[step, position] = p
             total += p
     return weights.view_as(gate_logits), halting.view(gate_logits.shape[1:])
+
+
+def hidden_change(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Relative change of the readout state between successive steps, ‖r_t − r_{t−1}‖ / ‖r_t‖,
+    over the last dim [..., D] → [...] (the hidden-state-difference exit criterion)."""
+    return (current - previous).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)
+
+
+def readout_kl(previous_logits: torch.Tensor, current_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_t ‖ p_{t−1}) between the softmax readouts of successive steps [..., V] → [...]
+    (the KL exit criterion: the prediction has stopped moving)."""
+    current = F.log_softmax(current_logits.float(), dim=-1)
+    previous = F.log_softmax(previous_logits.float(), dim=-1)
+    return (current.exp() * (current - previous)).sum(-1)
+
+
+def convergence_exit_steps(distances: torch.Tensor, epsilon: float, min_steps: int = 1) -> torch.Tensor:
+    """Per token, the first step t (1-based, t ≥ max(2, min_steps)) whose distance to step t−1
+    is below ``epsilon``, else the last step.  distances [T−1, ...]: entry t−2 compares step t
+    with step t−1 (``hidden_change`` or ``readout_kl``).  ε ≤ 0 never exits early."""
+    steps = distances.shape[0] + 1
+    first = max(2, min_steps)
+    below = distances < epsilon
+    below[:first - 2] = False
+    exited = below.any(dim=0)
+    chosen = below.long().argmax(dim=0) + 2
+    return torch.where(exited, chosen, torch.full_like(chosen, steps))
