@@ -14,9 +14,13 @@ from hypothesis import strategies as st
 from looplm.data.tasks import (
     IGNORE_INDEX,
     TASKS,
+    AdditionTask,
     BindingTask,
+    CapoTask,
     Example,
+    ManoTask,
     ModArithTask,
+    PHopTask,
     TaskBatches,
     encode_example,
     evaluate,
@@ -269,7 +273,12 @@ def test_score_is_exact_match_after_stripping():
     assert not task.score("", "7")
 
 
-@pytest.mark.parametrize("task", all_tasks(), ids=task_id)
+def held_out_tasks() -> list:
+    """Tasks with a held-out split (capo measures memorisation: both splits ask the same facts)."""
+    return [task for task in all_tasks() if task.name != "capo"]
+
+
+@pytest.mark.parametrize("task", held_out_tasks(), ids=task_id)
 def test_train_and_test_splits_are_disjoint(task):
     train = task.examples(2000, seed=0, split="train")
     test = task.examples(300, seed=0, split="test")
@@ -338,14 +347,14 @@ def test_batches_mask_prompt_and_padding(task):
     inputs, targets = batches.batch(32, generator)
     assert inputs.shape == targets.shape == (32, batches.seq_len)
     assert inputs.dtype == targets.dtype == torch.long
-    end_of_prompt = "?" if task.name == "binding" else "="
+    end_of_prompt = "=" if task.name in ("modarith", "mano", "addition") else "?"
     for row_inputs, row_targets in zip(inputs.tolist(), targets.tolist()):
         length = row_inputs.index(TOKENIZER.pad_id) if TOKENIZER.pad_id in row_inputs else len(row_inputs)
         assert row_inputs[0] == TOKENIZER.bos_id
         assert all(token == TOKENIZER.pad_id for token in row_inputs[length:])
         text = bytes(row_inputs[1:length]).decode()
         prompt, answer = text[: text.index(end_of_prompt) + 1], text[text.index(end_of_prompt) + 1:]
-        assert split_of(prompt) == "train"
+        assert split_of(prompt) == "train" or task.name == "capo"
         trained = [position for position, target in enumerate(row_targets) if target != IGNORE_INDEX]
         # Positions len(prompt) .. length - 1 predict the answer and eos; nothing else is trained.
         assert trained == list(range(len(prompt), length))
@@ -440,3 +449,191 @@ def test_the_project_byte_tokenizer_batches_like_the_stand_in():
     ours = TaskBatches(task, tokenizer).batch(16, torch.Generator().manual_seed(4))
     stand_in = TaskBatches(task, TOKENIZER).batch(16, torch.Generator().manual_seed(4))
     assert all(torch.equal(a, b) for a, b in zip(ours, stand_in))
+
+
+def evaluate_prefix_by_stack(expression: str, modulus: int) -> tuple[int, int]:
+    """Independent reference: (value, tree depth) of a prefix expression, scanning right to left."""
+    stack: list[tuple[int, int]] = []
+    for token in reversed(expression.split()[:-1]):  # drop the trailing "="
+        if token in "+-*":
+            (left, left_depth), (right, right_depth) = stack.pop(), stack.pop()
+            value = {"+": left + right, "-": left - right, "*": left * right}[token]
+            stack.append((value % modulus, 1 + max(left_depth, right_depth)))
+        else:
+            stack.append((int(token), 0))
+    assert len(stack) == 1
+    return stack[0]
+
+
+def test_modarith_stream_is_unchanged_by_the_depth_limit():
+    # Examples drawn before tree depths were tracked (the same seed and knobs).
+    assert [e.prompt + e.answer for e in ModArithTask(n_ops=6).examples(4, seed=11)] == [
+        "* - * 5 * 20 19 5 3 =4", "- + 19 12 - 19 + 1 1 =14", "+ 14 - 18 6 =3", "+ - 21 + 20 8 - 22 - 7 16 =1"]
+
+
+def test_mano_docstring_example_and_defaults():
+    assert evaluate_prefix_by_stack("* + 7 3 - 20 * 4 9 =", 23) == (1, 3)
+    task = ManoTask()
+    assert (task.modulus, task.ops, task.n_ops, task.min_ops, task.max_depth) == (23, "+-*", 10, 1, 0)
+
+
+def test_mano_answers_and_depths_match_an_independent_evaluator():
+    task = ManoTask(n_ops=12, min_ops=3)
+    ops = Counter()
+    for example in task.examples(1000, seed=2):
+        value, depth = evaluate_prefix_by_stack(example.prompt, 23)
+        assert example.answer == str(value)
+        assert example.meta == {"ops": sum(token in "+-*" for token in example.prompt.split()), "depth": depth}
+        ops[example.meta["ops"]] += 1
+    assert set(ops) == set(range(3, 13))
+
+
+@pytest.mark.parametrize("max_depth, n_ops", [(1, 1), (2, 3), (3, 5), (3, 7)])
+def test_mano_respects_the_depth_limit(max_depth, n_ops):
+    task = ManoTask(n_ops=n_ops, max_depth=max_depth)
+    depths = set()
+    for example in task.examples(300, seed=3):
+        value, depth = evaluate_prefix_by_stack(example.prompt, 23)
+        assert depth <= max_depth and example.meta["depth"] == depth and example.answer == str(value)
+        depths.add(depth)
+    assert max(depths) == max_depth
+
+
+def phop_reference(prompt: str) -> tuple[str, int]:
+    """Independent reference for p-hop: (answer, p) with str.rfind for each hop."""
+    hops, sequence = prompt[:-1].split(":")
+    position = len(sequence) - 1
+    for _ in range(int(hops)):
+        previous = sequence.rfind(sequence[position], 0, position)
+        assert previous >= 0, "undefined hop"
+        position = previous + 1
+    return sequence[position], int(hops)
+
+
+def test_phop_docstring_example():
+    assert phop_reference("2:abcbdacbd?") == ("b", 2)
+    assert phop_reference("1:abcbdacbd?") == ("a", 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), hops=st.integers(1, 5), alphabet=st.integers(3, 6), data=st.data())
+def test_phop_answers_match_an_independent_reference(seed, hops, alphabet, data):
+    min_hops = data.draw(st.integers(1, hops))
+    task = PHopTask(hops=hops, min_hops=min_hops, length=40, alphabet=alphabet)
+    for example in task.examples(10, seed):
+        answer, p = phop_reference(example.prompt)
+        assert (example.answer, example.meta["hops"]) == (answer, p)
+        assert min_hops <= p <= hops
+        sequence = example.prompt.split(":")[1][:-1]
+        assert set(sequence) <= set("abcdef"[:alphabet]) and len(sequence) == 40
+        assert all(first != second for first, second in zip(sequence, sequence[1:]))
+        assert len(example.prompt) <= task.max_prompt_chars
+
+
+def test_phop_answers_are_not_just_the_last_symbol():
+    task = PHopTask(hops=3, min_hops=3)
+    same = sum(example.answer == example.prompt[-2] for example in task.examples(1000, seed=1))
+    assert same < 500  # about 1 in 4 by chance with 4 symbols
+
+
+def test_phop_reports_impossible_knobs():
+    # Ten hops back through twelve symbols of 26 almost never exist.
+    with pytest.raises(LoopLMError, match="no sequence with 10 defined hops in 1000 draws"):
+        PHopTask(hops=10, min_hops=10, length=12, alphabet=26).examples(1, seed=0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_addition_answers_match_integer_arithmetic(reverse):
+    task = AdditionTask(digits=5, min_digits=2, reverse=reverse)
+    widths = Counter()
+    for example in task.examples(1000, seed=4):
+        match = re.fullmatch(r"([1-9][0-9]*)\+([1-9][0-9]*)=", example.prompt)
+        assert match, example.prompt
+        first, second = match.groups()
+        total = str(int(first) + int(second))
+        assert example.answer == (total[::-1] if reverse else total)
+        # Carries by column sums, independently of the generator's digit loop.
+        columns = [int(a) + int(b) for a, b in zip(first.zfill(6)[::-1], second.zfill(6)[::-1])]
+        carry, carried = 0, 0
+        for column in columns:
+            carry = (column + carry) >= 10
+            carried += carry
+        assert example.meta == {"digits": max(len(first), len(second)), "carries": carried}
+        widths[len(first)] += 1
+    assert set(widths) == {2, 3, 4, 5}
+
+
+def test_addition_docstring_example_and_one_digit_operands():
+    from looplm.data.tasks.addition import carries
+
+    assert carries(358, 74) == 2 and carries(999, 1) == 3 and carries(0, 0) == 0
+    digits = {int(e.prompt.split("+")[0]) for e in AdditionTask(digits=1).examples(300, seed=0)}
+    assert digits == set(range(10))
+
+
+def test_make_task_coerces_boolean_knobs():
+    assert make_task("addition", reverse="true").reverse is True
+    assert make_task("addition", reverse="0").reverse is False
+    with pytest.raises(LoopLMError, match="addition task: reverse must be true or false, got 'maybe'"):
+        make_task("addition", reverse="maybe")
+
+
+def test_capo_world_is_fixed_by_its_knobs_and_covers_every_fact():
+    task = CapoTask(people=30, attributes=3, values=100)
+    facts = task.facts()
+    assert len(facts) == 90 and len({fact.prompt for fact in facts}) == 90
+    assert facts == CapoTask(people=30, attributes=3, values=100).facts()
+    assert facts != CapoTask(people=30, attributes=3, values=100, world=1).facts()
+    names = {fact.prompt.split()[0] for fact in facts}
+    assert len(names) == 30 and all(re.fullmatch(r"([bdfgklmnprstvz][aeiou]){3}", name) for name in names)
+    assert all(len(fact.answer) == 2 and 0 <= int(fact.answer) < 100 for fact in facts)
+    truth = {fact.prompt: fact.answer for fact in facts}
+    for example in task.examples(200, seed=5):
+        assert truth[example.prompt] == example.answer  # every question asks a fact of the world
+    # Values are uniform: over 3000 facts each of 10 values takes about a tenth.
+    counts = Counter(fact.answer for fact in CapoTask(people=1000, attributes=3).facts())
+    assert set(counts) == set("0123456789") and min(counts.values()) > 200
+
+
+def test_capo_splits_ask_the_same_facts():
+    task = CapoTask(people=20, attributes=2)
+    train = {e.prompt for e in task.examples(400, seed=0, split="train")}
+    test = {e.prompt for e in task.examples(400, seed=1, split="test")}
+    assert train == test == {fact.prompt for fact in task.facts()}
+    with pytest.raises(LoopLMError, match="split must be"):
+        task.examples(1, seed=0, split="validation")
+
+
+@pytest.mark.parametrize("name, knobs, words", [
+    ("mano", {"modulus": 21}, ["mano task: modulus must be a prime (the paper uses 23), got 21"]),
+    ("mano", {"max_depth": -1}, ["max_depth must be >= 0"]),
+    ("mano", {"max_depth": 2, "n_ops": 4}, ["n_ops must be <= 2^max_depth - 1 = 3", "got 4"]),
+    ("mano", {"n_ops": 0}, ["n_ops must be in [1, 256], got 0"]),
+    ("phop", {"hops": 0}, ["phop task: hops must be in [1, 99], got 0"]),
+    ("phop", {"hops": 2, "min_hops": 3}, ["min_hops must be in [1, hops=2], got 3"]),
+    ("phop", {"alphabet": 2}, ["alphabet must be in [3, 26], got 2"]),
+    ("phop", {"hops": 3, "length": 3}, ["length must be > hops=3", "got 3"]),
+    ("phop", {"length": "long"}, ["length must be an integer"]),
+    ("addition", {"digits": 0}, ["addition task: digits must be in [1, 40], got 0"]),
+    ("addition", {"digits": 2, "min_digits": 3}, ["min_digits must be in [1, digits=2], got 3"]),
+    ("addition", {"reverse": 2}, ["reverse must be true or false, got 2"]),
+    ("capo", {"people": 0}, ["capo task: people must be in [1, 100000], got 0"]),
+    ("capo", {"attributes": 9}, ["attributes must be in [1, 8], got 9"]),
+    ("capo", {"values": 1}, ["values must be in [2, 1000], got 1"]),
+    ("capo", {"_facts": []}, ["unknown knob '_facts'"]),
+])
+def test_new_task_errors_are_one_line(name, knobs, words):
+    with pytest.raises(LoopLMError) as raised:
+        make_task(name, **knobs)
+    message = str(raised.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("name", ["mano", "phop", "addition", "capo"])
+def test_new_tasks_score_by_exact_match(name):
+    task = make_task(name)
+    example = task.examples(1, seed=0)[0]
+    assert task.score(f" {example.answer}\n", example.answer)
+    assert not task.score(example.answer + "0", example.answer)

@@ -34,6 +34,8 @@ HELD_OUT_BUCKETS = 10
 # Rejection sampling needs ~1.1 draws per train example and ~10 per test example; running out
 # of this many means the knobs leave (almost) no prompts on one side of the split.
 MAX_SPLIT_ATTEMPTS = 10_000
+# Spellings accepted for a boolean knob given as a string (CLI, YAML).
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             except ValueError:
                 pass
         raise LoopLMError(f"{where} must be an integer, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        raise LoopLMError(f"{where} must be true or false, got {value!r}")
     if kind is str:
         if isinstance(value, str):
             return value

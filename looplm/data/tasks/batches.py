@@ -128,7 +128,10 @@ class TaskBatches:
         """``n`` test-split examples drawn from ``random.Random(seed)``, ready for scoring."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LoopLMError(f"eval set size must be an integer >= 1, got {n!r}")
-        examples = self.task.examples(n, seed, split="test")
+        return self.eval_set_of(self.task.examples(n, seed, split="test"))
+
+    def eval_set_of(self, examples: list[Example]) -> EvalSet:
+        """An ``EvalSet`` of the given examples (e.g. every fact of ``capo``)."""
         inputs, targets = self._rows(examples)
         prompts = [[self.tokenizer.bos_id, *self.tokenizer.encode(example.prompt)] for example in examples]
         return EvalSet(examples=examples, prompts=prompts, answers=[example.answer for example in examples],

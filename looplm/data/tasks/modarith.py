@@ -96,16 +96,22 @@ class ModArithTask(Task):
     def sample(self, rng: random.Random) -> Example:
         count = rng.randint(self.min_ops, self.n_ops)
         tokens: list[str] = []
-        self._grow(rng, count, tokens)
+        self._grow(rng, count, tokens, depth_limit=count)
         prompt = " ".join(tokens) + " ="
         return Example(prompt=prompt, answer=str(evaluate(prompt, self.modulus)), meta={"ops": count})
 
-    def _grow(self, rng: random.Random, count: int, tokens: list[str]) -> None:
-        """Append the prefix tokens of a random expression with ``count`` operators."""
+    def _grow(self, rng: random.Random, count: int, tokens: list[str], depth_limit: int) -> int:
+        """Append the prefix tokens of a random expression with ``count`` operators and tree
+        depth at most ``depth_limit`` (an operand has depth 0, an operator 1 + its deeper
+        operand's); return the depth.  A subtree of depth d holds at most 2^d − 1 operators, so
+        the left share is uniform over the splits that keep both subtrees within the limit
+        (``depth_limit = count`` never binds: every split is allowed)."""
         if count == 0:
             tokens.append(str(rng.randrange(self.modulus)))
-            return
+            return 0
         tokens.append(rng.choice(self.ops))
-        left = rng.randint(0, count - 1)
-        self._grow(rng, left, tokens)
-        self._grow(rng, count - 1 - left, tokens)
+        capacity = 2 ** (depth_limit - 1) - 1
+        left = rng.randint(max(0, count - 1 - capacity), min(count - 1, capacity))
+        left_depth = self._grow(rng, left, tokens, depth_limit - 1)
+        right_depth = self._grow(rng, count - 1 - left, tokens, depth_limit - 1)
+        return 1 + max(left_depth, right_depth)
