@@ -12,6 +12,8 @@ from pathlib import Path
 
 from looplm.errors import LoopLMError
 
+TASK_NAMES = "binding, modarith, mano, phop, addition, capo"
+
 EPILOG_TRAIN = """\
 config: --config FILE (YAML or JSON with model/train/data sections), then dotted overrides
 such as --model.loop_steps 6 --train.lr 1e-3 --data.tokenizer bpe. Keys are listed in the
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML/JSON run config with model, train and data sections")
     train.add_argument("--preset", help="model shape: tiny, small, reference, ouro-1.4b, ouro-2.6b")
     train.add_argument("--data", help="text or jsonl file, a directory of them, or a 'looplm prepare' output")
-    train.add_argument("--task", help="built-in task instead of data: binding or modarith")
+    train.add_argument("--task", help=f"built-in task instead of data: {TASK_NAMES}")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
     train.add_argument("--parallel", choices=PARALLEL, default=None,
@@ -107,16 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
                                " = native where it can run, else torch. All give the same tokens.")
     _add_exit_arguments(generate)
 
-    evaluate = sub.add_parser("eval", help="loss / accuracy per loop step of a checkpoint",
-                              description="Per-step validation loss (text) or exact-match accuracy (task),"
-                              " with exit statistics. Prints a table; --json writes it.")
+    evaluate = sub.add_parser("eval", help="loss / accuracy per loop step, exit statistics, compute-quality curves",
+                              description="Per-step validation loss and perplexity (text) or exact-match accuracy"
+                              " (task), exit statistics, and compute-quality curves of exit policies (Q-exit,"
+                              " static steps, hidden-state change, optionally readout KL), all from one full"
+                              " forward per batch. Prints a table; --json writes the report, --out DIR writes"
+                              " CSVs, PNG plots, report.md and report.json.")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data", help="text/jsonl file or prepared shard directory")
-    evaluate.add_argument("--task", help="built-in task name (binding, modarith)")
+    evaluate.add_argument("--task", help=f"built-in task name ({TASK_NAMES})")
     evaluate.add_argument("--task-options", default="{}", help='task knobs as JSON, e.g. \'{"hops": 4}\'')
     evaluate.add_argument("--steps", type=int, default=None, help="evaluate steps 1..N (default: T + 2)")
     evaluate.add_argument("--examples", type=int, default=512, help="held-out task examples")
     evaluate.add_argument("--json", help="write the report to this file")
+    evaluate.add_argument("--out", help="write the full report (CSV, PNG, report.md, report.json) to this new directory")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
+    evaluate.add_argument("--q-grid", help="comma-separated Q-exit thresholds in [0, 1] (default: 0.05 .. 1)")
+    evaluate.add_argument("--epsilon-grid", help="comma-separated thresholds ε >= 0 on the relative readout change"
+                                                 " (default: 0.5 .. 0)")
+    evaluate.add_argument("--kl", action="store_true", help="also sweep the readout-KL exit criterion")
+    evaluate.add_argument("--kl-grid", help="comma-separated KL thresholds >= 0 (default: 1 .. 0)")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     prepare = sub.add_parser("prepare", help="tokenize text/jsonl into train/val token shards",
                              description="Tokenize text or jsonl files into numpy memmap shards (train.bin,"
@@ -223,10 +236,27 @@ def run_generate(args) -> None:
               file=sys.stderr)
 
 
+def _grid(text: str | None, default: tuple, name: str, upper: float | None = None) -> tuple:
+    """Parse a comma-separated grid of thresholds, or return ``default``."""
+    if text is None:
+        return default
+    try:
+        values = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise LoopLMError(f"{name} must be comma-separated numbers, e.g. 0.1,0.5,0.9; got {text!r}") from None
+    if any(not value >= 0 or (upper is not None and value > upper) for value in values):
+        bounds = f"in [0, {upper:g}]" if upper is not None else ">= 0"
+        raise LoopLMError(f"{name} values must be {bounds}, got {text!r}")
+    return values
+
+
 def run_eval(args) -> None:
+    from tqdm import tqdm
+
     from looplm.config import DataConfig
     from looplm.data.source import open_training_data
-    from looplm.eval.depth import accuracy_by_step, loss_by_step
+    from looplm.eval import curves
+    from looplm.eval.report import build_report, write_report
     from looplm.train.checkpoint import load_model, resolve_checkpoint
 
     model = load_model(args.checkpoint)
@@ -239,25 +269,61 @@ def run_eval(args) -> None:
         options = json.loads(args.task_options)
     except json.JSONDecodeError:
         raise LoopLMError(f"--task-options must be JSON, got {args.task_options!r}") from None
+    grids = {"q_grid": _grid(args.q_grid, curves.Q_GRID, "--q-grid", upper=1.0),
+             "hidden_change_grid": _grid(args.epsilon_grid, curves.HIDDEN_CHANGE_GRID, "--epsilon-grid"),
+             "kl_grid": _grid(args.kl_grid, curves.KL_GRID, "--kl-grid")}
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the slow part
+            raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
     # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
-    tokenizer_spec = str(resolve_checkpoint(args.checkpoint))
-    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=tokenizer_spec)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint))
     batch = 16
     opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
                                 Path(args.checkpoint) / "eval-data")
-    report = loss_by_step(model, opened.validation, steps)
     if args.task:
-        report["accuracy_by_step"] = accuracy_by_step(model, opened.eval_set, steps)
-    print(f"{'step':>4}  {'loss':>8}" + ("  accuracy" if args.task else ""))
-    for index, loss in enumerate(report["loss_by_step"]):
-        line = f"{index + 1:>4}  {loss:8.4f}"
-        if args.task:
-            line += f"  {report['accuracy_by_step'][index]:8.3f}"
-        marker = "  (extrapolated)" if index + 1 > model.config.loop_steps else ""
-        print(line + marker)
-    print(f"mean exit step {report['mean_exit_step']:.2f}, exit entropy {report['exit_entropy']:.3f}")
+        # Exact match on the held-out set: one row per example, loss on its answer + eos tokens.
+        eval_set = opened.eval_set
+        rows = len(eval_set)
+        batches = [(eval_set.inputs[begin:begin + 64], eval_set.targets[begin:begin + 64])
+                   for begin in range(0, rows, 64)]
+    else:
+        batches = opened.validation
+        rows = sum(inputs.shape[0] for inputs, _ in batches)
+    with tqdm(total=rows, desc="looplm eval", unit="row", disable=args.no_progress, leave=False) as bar:
+        records = curves.collect_step_records(model, batches, steps, kl=args.kl, progress=bar.update)
+    report = build_report(records, model.config.loop_steps, bool(args.task), opened.description, **grids)
+    report["checkpoint"] = str(checkpoint)
+    if args.task == "capo":
+        from looplm.data.tasks import make_task
+        from looplm.eval.capacity import knowledge_bits
+
+        report["capacity"] = knowledge_bits(model, make_task("capo", **options), opened.tokenizer, steps)
+    _print_eval(report, model.config.loop_steps)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.out:
+        print(f"report: {write_report(report, args.out, overwrite=args.overwrite) / 'report.md'}")
+
+
+def _print_eval(report: dict, trained_steps: int) -> None:
+    task = report["accuracy_by_step"] is not None
+    print(f"{'step':>4}  {'loss':>8}" + ("  accuracy" if task else ""))
+    for row in report["per_step"]:
+        line = f"{row['step']:>4}  {row['loss']:8.4f}" + (f"  {row['accuracy']:8.3f}" if task else "")
+        print(line + ("  (extrapolated)" if row["step"] > trained_steps else ""))
+    if report["mean_exit_step"] is not None:
+        print(f"mean exit step {report['mean_exit_step']:.2f}, exit entropy {report['exit_entropy']:.3f}")
+    quality = "accuracy" if task else "loss"
+    for policy in dict.fromkeys(point["policy"] for point in report["curves"]):
+        points = [point for point in report["curves"] if point["policy"] == policy]
+        print(f"{policy:>13}: " + ", ".join(f"{point['setting']:g} -> {point['mean_steps']:.2f} steps"
+                                           f" {quality} {point[quality]:.3f}" for point in points[::max(len(points) // 4, 1)]))
+    if report.get("capacity"):
+        capacity = report["capacity"]
+        print(f"knowledge stored at T: {capacity['bits']:.1f} of {capacity['prior_bits']:.0f} bits,"
+              f" {capacity['bits_per_parameter']:.5f} bits/parameter")
 
 
 def run_prepare(args) -> None:
