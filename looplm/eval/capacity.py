@@ -11,7 +11,7 @@ bits of attribute a (a model that knows nothing can be replaced by the uniform c
 the floor at 0).  The knowledge stored is Σ_a bits_a; divided by the parameter count it is
 bits per parameter.  A second, accuracy-only estimate is Fano's bound: with exact-match
 accuracy p on attribute a, ``people · max(0, log2 V − h(p) − (1 − p) log2(V − 1))`` bits,
-h the binary entropy.  Both are computed for every loop step from one forward per batch.
+h the binary entropy (0 at or below chance accuracy 1/V).  Both are computed for every loop step from one forward per batch.
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ def bits_from_losses(loss_bits: torch.Tensor, attribute: torch.Tensor, attribute
 
 
 def fano_bits(accuracy: float, people: int, values: int) -> float:
-    """Fano's lower bound on the bits in ``people`` uniform V-ary values known with accuracy p."""
+    """Fano's lower bound on the bits in ``people`` uniform V-ary values known with accuracy p.
+
+    Fano's inequality holds for guesses among the V values; a model's argmax may be no value
+    at all, so accuracy at or below chance (1/V) counts as knowing nothing (the bound is 0
+    at p = 1/V and increases above it)."""
     p = min(max(accuracy, 0.0), 1.0)
+    if p <= 1.0 / values:
+        return 0.0
     binary_entropy = 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
     return people * max(0.0, math.log2(values) - binary_entropy - (1 - p) * math.log2(values - 1))
 
