@@ -23,6 +23,22 @@ def _pyplot():
     return plt
 
 
+def _label(axis, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title)
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_per_step(report: dict, path: Path) -> Path:
     plt = _pyplot()
     rows = report["per_step"]
@@ -34,16 +50,10 @@ def plot_per_step(report: dict, path: Path) -> Path:
     for axis, (key, label) in zip(axes[0], panels):
         axis.plot(steps, [row[key] for row in rows], marker="o")
         axis.axvline(report["trained_steps"], color="grey", linestyle=":", label=f"trained T = {report['trained_steps']}")
-        axis.set_xlabel("loop steps")
-        axis.set_ylabel(label)
         axis.set_xticks(steps)
-        axis.grid(alpha=0.3)
-        axis.legend()
+        _label(axis, "loop steps", label)
     figure.suptitle("quality by loop step")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_curves(report: dict, path: Path) -> Path:
@@ -55,15 +65,9 @@ def plot_curves(report: dict, path: Path) -> Path:
         chosen = sorted((point for point in points if point["policy"] == policy), key=lambda point: point["mean_steps"])
         axis.plot([point["mean_steps"] for point in chosen], [point[key] for point in chosen], marker="o",
                   markersize=3, label=POLICY_LABELS.get(policy, policy))
-    axis.set_xlabel("mean loop steps per scored token (compute)")
-    axis.set_ylabel("exact-match accuracy" if key == "accuracy" else "loss (nats / token)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    axis.set_title("compute vs quality by exit policy")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    _label(axis, "mean loop steps per scored token (compute)",
+           "exact-match accuracy" if key == "accuracy" else "loss (nats / token)", "compute vs quality by exit policy")
+    return _save(plt, figure, path)
 
 
 def plot_exit_histogram(report: dict, path: Path) -> Path:
@@ -76,12 +80,6 @@ def plot_exit_histogram(report: dict, path: Path) -> Path:
              label="mean exit distribution p(t)")
     axis.bar([step + width / 2 for step in steps], [row["q_exit_fraction"] for row in rows], width,
              label=f"share exiting under Q-exit q = {report['histogram_q']}")
-    axis.set_xlabel("exit step")
-    axis.set_ylabel("share of scored tokens")
     axis.set_xticks(steps)
-    axis.legend()
-    axis.set_title("exit steps")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    _label(axis, "exit step", "share of scored tokens", "exit steps")
+    return _save(plt, figure, path)

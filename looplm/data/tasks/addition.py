@@ -45,7 +45,7 @@ class AdditionTask(Task):
     reverse: bool = False
 
     def __post_init__(self) -> None:
-        self.require(1 <= self.digits <= MAX_DIGITS, f"digits must be in [1, {MAX_DIGITS}], got {self.digits}")
+        self.require_in("digits", 1, MAX_DIGITS)
         self.require(1 <= self.min_digits <= self.digits,
                      f"min_digits must be in [1, digits={self.digits}], got {self.min_digits}")
         self.require(isinstance(self.reverse, bool), f"reverse must be true or false, got {self.reverse!r}")

@@ -112,6 +112,13 @@ class Task(abc.ABC):
         if not condition:
             raise LoopLMError(f"{self.name} task: {message}")
 
+    def require_in(self, knob: str, low: int, high: int | None = None) -> None:
+        """Raise ``"<name> task: <knob> must be in [low, high], got v"`` (or ``>= low`` without
+        a ``high``) unless the knob's value lies there."""
+        value = getattr(self, knob)
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        self.require(low <= value and (high is None or value <= high), f"{knob} must be {bounds}, got {value}")
+
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
         """The names of this task's knobs (its dataclass fields), in declaration order."""

@@ -65,10 +65,9 @@ class CapoTask(Task):
     _facts: list = field(init=False, repr=False, compare=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.require(1 <= self.people <= MAX_PEOPLE, f"people must be in [1, {MAX_PEOPLE}], got {self.people}")
-        self.require(1 <= self.attributes <= len(ATTRIBUTES),
-                     f"attributes must be in [1, {len(ATTRIBUTES)}], got {self.attributes}")
-        self.require(2 <= self.values <= MAX_VALUES, f"values must be in [2, {MAX_VALUES}], got {self.values}")
+        self.require_in("people", 1, MAX_PEOPLE)
+        self.require_in("attributes", 1, len(ATTRIBUTES))
+        self.require_in("values", 2, MAX_VALUES)
         rng = random.Random(f"capo:{self.world}")
         names = [name_of(index) for index in rng.sample(range((len(CONSONANTS) * len(VOWELS)) ** SYLLABLES),
                                                         self.people)]

@@ -51,7 +51,7 @@ class ManoTask(ModArithTask):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require(is_prime(self.modulus), f"modulus must be a prime (the paper uses 23), got {self.modulus}")
-        self.require(self.max_depth >= 0, f"max_depth must be >= 0 (0 = no limit), got {self.max_depth}")
+        self.require_in("max_depth", 0)
         if self.max_depth:
             most = 2 ** self.max_depth - 1
             self.require(self.n_ops <= most,

@@ -66,9 +66,9 @@ class PHopTask(Task):
     alphabet: int = 4
 
     def __post_init__(self) -> None:
-        self.require(1 <= self.hops <= 99, f"hops must be in [1, 99], got {self.hops}")
+        self.require_in("hops", 1, 99)
         self.require(1 <= self.min_hops <= self.hops, f"min_hops must be in [1, hops={self.hops}], got {self.min_hops}")
-        self.require(3 <= self.alphabet <= 26, f"alphabet must be in [3, 26], got {self.alphabet}")
+        self.require_in("alphabet", 3, 26)
         self.require(self.length > self.hops,
                      f"length must be > hops={self.hops} (every hop moves back at least one symbol), got {self.length}")
 
