@@ -84,7 +84,8 @@ def reference_ouro(config: dict, tensors: dict, ids: torch.Tensor, steps: int):
         return o @ w[p + "self_attn.o_proj.weight"].T
 
     def mlp(x, p):
-        return (F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
+        return (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
 
     h = w["model.embed_tokens.weight"][ids]
     logits, exits = [], []

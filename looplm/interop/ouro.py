@@ -182,8 +182,8 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
         expected = {name: tensor.shape for name, tensor in ouro_state_from_looplm(LoopLM(config)).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing:
-        raise LoopLMError(f"{where} lack {missing[0]} (and {len(missing) - 1} more): the checkpoint is incomplete"
-                          if len(missing) > 1 else f"{where} lack {missing[0]}: the checkpoint is incomplete")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LoopLMError(f"{where} lack {missing[0]}{more}: the checkpoint is incomplete")
     if unexpected:
         raise LoopLMError(f"{where} hold {unexpected[0]}, which an Ouro model of this config.json does not have")
     for name, shape in expected.items():
