@@ -1,4 +1,4 @@
-"""The ``looplm`` command: demo, train, generate, eval, prepare, bench.
+"""The ``looplm`` command: demo, train, generate, eval, prepare, bench, convert.
 
 User mistakes print one line ``looplm: error: …`` and exit with status 2.
 """
@@ -149,7 +149,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     bench.add_argument("--compile", action="store_true", help="also time training under torch.compile")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
+
+    _add_convert_parser(sub)
     return parser
+
+
+def _add_convert_parser(sub) -> None:
+    convert = sub.add_parser("convert", help="convert checkpoints: Ouro <-> looplm, looplm -> Hugging Face",
+                             description="Convert a checkpoint directory SRC into a new directory DST (written"
+                             " atomically; an existing DST is refused unless --force). See docs/INTEROP.md.")
+    kinds = convert.add_subparsers(dest="convert_kind", metavar="KIND", required=True)
+    ouro = kinds.add_parser("ouro", help="an Ouro Hugging Face checkpoint -> a looplm checkpoint",
+                            description="Read an Ouro checkpoint (config.json + model.safetensors or sharded"
+                            " model-*.safetensors with model.safetensors.index.json) into a looplm checkpoint;"
+                            " tokenizer files are copied through.")
+    to_ouro = kinds.add_parser("to-ouro", help="a looplm checkpoint (Ouro-shaped) -> an Ouro checkpoint",
+                               description="Write an Ouro-shaped looplm checkpoint (sandwich norm, step norm, exit"
+                               " gate, no prelude/coda) as an Ouro Hugging Face checkpoint.")
+    to_ouro.add_argument("--max-shard-size", default=None,
+                         help="split the weights into shards of at most this size, e.g. 2GB (default: one file)")
+    hf = kinds.add_parser("hf", help="a looplm checkpoint -> a directory transformers can load",
+                          description="Write a looplm checkpoint as a directory AutoModelForCausalLM loads (after"
+                          " 'import looplm.interop.hf', or with trust_remote_code=True); looplm.load reads it too.")
+    for parser in (ouro, to_ouro, hf):
+        parser.add_argument("source", metavar="SRC", help="checkpoint directory to read")
+        parser.add_argument("destination", metavar="DST", help="directory to write (must not exist, or be empty)")
+        parser.add_argument("--force", action="store_true", help="replace an existing DST")
+
+
+def run_convert(args) -> None:
+    from looplm.interop.hf_directory import convert_looplm_to_hf
+    from looplm.interop.ouro import convert_looplm_to_ouro, convert_ouro_to_looplm
+    from looplm.interop.safetensors_io import parse_size
+
+    if args.convert_kind == "ouro":
+        written = convert_ouro_to_looplm(args.source, args.destination, force=args.force)
+    elif args.convert_kind == "to-ouro":
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+        written = convert_looplm_to_ouro(args.source, args.destination, max_shard_bytes=shard, force=args.force)
+    else:
+        written = convert_looplm_to_hf(args.source, args.destination, force=args.force)
+    print(f"wrote {written} ({', '.join(sorted(path.name for path in written.iterdir()))})")
 
 
 def run_train(args, extra: list[str]) -> None:
@@ -357,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         elif args.command == "prepare":
             run_prepare(args)
+        elif args.command == "convert":
+            run_convert(args)
         elif args.command == "bench":
             from looplm.bench import run_bench
 

@@ -393,6 +393,13 @@ def read_config_file(path: str | Path) -> dict:
     return data or {}
 
 
+# Keys of a checkpoint's config.json that describe the file, not the model: looplm's format
+# marker and the Hugging Face metadata that makes the directory loadable by transformers
+# (looplm.interop.hf_directory; save_pretrained adds transformers_version and dtype).
+CHECKPOINT_METADATA_KEYS = ("format", "version", "architectures", "model_type", "auto_map", "transformers_version",
+                            "dtype", "torch_dtype")
+
+
 def model_config_from_json(path: str | Path) -> ModelConfig:
     """Load a checkpoint's ``config.json`` (a ModelConfig, unknown keys rejected)."""
     path = Path(path)
@@ -401,7 +408,7 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}): the checkpoint is corrupt") from None
-    raw = {k: v for k, v in raw.items() if k not in ("format", "version", "architectures", "model_type")}
+    raw = {k: v for k, v in raw.items() if k not in CHECKPOINT_METADATA_KEYS}
     return from_dict(ModelConfig, raw, "model")
 
 

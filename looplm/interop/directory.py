@@ -1,0 +1,44 @@
+"""What every converter does with directories: refuse to overwrite, copy tokenizer files.
+
+A converter reads SRC whole, then writes DST atomically (``atomic_directory``: a temporary
+sibling renamed into place).  DST must not exist, or be an empty directory, unless the
+caller passes ``force`` — an existing checkpoint is never replaced silently.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from looplm.errors import LoopLMError
+
+# Tokenizer files of a Hugging Face directory, copied through unchanged by every converter.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def check_source(source: str | Path) -> Path:
+    """SRC as a Path; it must be a directory."""
+    source = Path(source)
+    if not source.is_dir():
+        raise LoopLMError(f"{str(source)!r} is not a directory: give the checkpoint directory to convert")
+    return source
+
+
+def check_destination(source: Path, destination: str | Path, force: bool) -> Path:
+    """DST as a Path, refused when it holds something (unless ``force``) or is SRC itself."""
+    destination = Path(destination)
+    if destination.exists() and destination.resolve() == Path(source).resolve():
+        raise LoopLMError(f"source and destination are the same ({str(destination)!r}): choose a new DST")
+    occupied = destination.exists() and (not destination.is_dir() or any(destination.iterdir()))
+    if occupied and not force:
+        raise LoopLMError(f"{str(destination)!r} already exists: choose a new DST or pass --force to replace it")
+    return destination
+
+
+def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
+    """Copy the tokenizer files present in ``source`` into ``destination``; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(source) / name, Path(destination) / name)
+    return copied
