@@ -316,6 +316,15 @@ def test_cli_runs_three_request_types_through_lm_eval(checkpoint, model, offline
     assert "already exists" in capsys.readouterr().err
 
 
+def test_evaluate_takes_an_in_memory_model(model, offline_lm_eval):
+    from looplm.eval.lm_eval_adapter import evaluate
+
+    results = evaluate(model, ["looplm_choice"], exit="kl:0.001", include_path=DATA, include_defaults=False,
+                       limit=2, tokenizer=byte_tokenizer(), bootstrap_iters=0)
+    assert results["config"]["looplm_exit"] == "kl:0.001" and results["config"]["looplm_checkpoint"] is None
+    assert "acc,none" in results["results"]["looplm_choice"]
+
+
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["lm-eval", str(tmp_path / "nothing"), "--tasks", "looplm_choice", "--include-path", str(DATA)]) == 2
     error = capsys.readouterr().err.strip()
