@@ -152,6 +152,12 @@ def _resolve_device(device) -> torch.device:
     return resolved
 
 
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LoopLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def _auto_batch_size(config) -> int:
     return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (config.max_seq_len * config.vocab_size)))
 
@@ -197,16 +203,14 @@ class LoopLMEval(TemplateLM):
         if tokenizer.vocab_size > self.model.config.vocab_size:
             raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
                               f" {self.model.config.vocab_size} embedding rows: wrong tokenizer")
-        self.steps = self.model.config.loop_steps if steps in (None, "") else steps
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise LoopLMError(f"steps must be an integer >= 1, got {steps!r}")
+        self.steps = self.model.config.loop_steps if steps in (None, "") else _integer("steps", steps, 1)
         if self.exit.kind in ("q", "act") and self.model.exit_gate is None:
             raise LoopLMError(f"exit={exit} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
         self.batch_size = self._parse_batch_size(batch_size, max_batch_size)
         self.prefix = prefix
         self.backend = backend
-        self.seed = int(seed)
-        self._max_gen_toks = int(max_gen_toks)
+        self.seed = _integer("seed", seed, 0)
+        self._max_gen_toks = _integer("max_gen_toks", max_gen_toks, 1)
         self.exit_step_total = 0
         self.exit_step_tokens = 0
 
@@ -415,7 +419,8 @@ def evaluate(pretrained, tasks, steps: int | None = None, exit: str = "static", 
              limit: int | float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
              **simple_evaluate_kwargs) -> dict:
     """Run lm-eval's ``simple_evaluate`` on a looplm checkpoint (or an in-memory LoopLM with
-    ``tokenizer=`` among the kwargs); returns lm-eval's results dict.
+    ``tokenizer=`` among the kwargs; it is moved to ``device``/``dtype`` and put in eval mode);
+    returns lm-eval's results dict.
 
     tasks: names or a comma-separated string.  include_path: directories of task YAMLs.
     include_defaults None builds lm-eval's built-in task index (~15 s) only when some task is
