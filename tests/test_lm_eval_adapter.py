@@ -6,6 +6,7 @@ positions, each token's exit step found by walking its gates / readouts step by 
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -339,7 +340,8 @@ def test_lm_eval_command_line_finds_looplm(checkpoint, tmp_path):
                f"pretrained={checkpoint},exit=q:0.5,steps=4", "--tasks", "looplm_choice,looplm_text",
                "--include_path", str(DATA), "--device", "cpu", "--batch_size", "2",
                "--output_path", str(tmp_path / "out")]
-    finished = subprocess.run(command, cwd=DATA, capture_output=True, text=True, timeout=300)
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    finished = subprocess.run(command, cwd=DATA, env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "looplm_choice" in finished.stdout and "bits_per_byte" in finished.stdout
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
