@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
 
     _add_convert_parser(sub)
+    _add_lm_eval_parser(sub)
     return parser
 
 
@@ -190,6 +191,27 @@ def run_convert(args) -> None:
     else:
         written = convert_looplm_to_hf(args.source, args.destination, force=args.force)
     print(f"wrote {written} ({', '.join(sorted(path.name for path in written.iterdir()))})")
+
+
+def _add_lm_eval_parser(sub) -> None:
+    lm_eval = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a checkpoint",
+                             description="Score a checkpoint on lm-evaluation-harness tasks (needs the lmeval"
+                             " extra) at a chosen depth or exit policy; see docs/LM_EVAL.md. Prints lm-eval's"
+                             " table; --out writes its results JSON.")
+    lm_eval.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm_eval.add_argument("--include-path", action="append", default=[],
+                         help="directory of task YAMLs (repeatable); lm-eval's built-in index (~15 s) is"
+                              " only built when a task is not found here")
+    lm_eval.add_argument("--steps", type=int, default=None, help="loop steps (default: the trained T)")
+    lm_eval.add_argument("--exit", default="static",
+                         help="which step answers: static, q:<q>, hidden:<eps>, kl:<eps>, act[:<threshold>]")
+    lm_eval.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    lm_eval.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    lm_eval.add_argument("--batch-size", default="1", help="sequences per forward, or auto")
+    lm_eval.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    lm_eval.add_argument("--num-fewshot", type=int, default=None)
+    lm_eval.add_argument("--out", help="write lm-eval's results JSON here (must not exist)")
 
 
 def run_train(args, extra: list[str]) -> None:
@@ -380,6 +402,26 @@ def run_prepare(args) -> None:
           f" ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
 
 
+def run_lm_eval(args) -> None:
+    from looplm.eval.lm_eval_adapter import evaluate, write_results
+
+    if args.out and Path(args.out).exists():
+        raise LoopLMError(f"{args.out!r} already exists: remove it or choose another --out")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
+                       dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,
+                       limit=limit, num_fewshot=args.num_fewshot)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    config = results["config"]
+    mean = config.get("looplm_mean_exit_step")
+    print(f"loop steps {config['looplm_steps']}, exit {config['looplm_exit']}"
+          + (f", mean exit step {mean:.2f}" if mean is not None else ""))
+    if args.out:
+        write_results(results, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -403,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             from looplm.bench import run_bench
 
             run_bench(args.json, args.threads, args.compile, args.repeats)
+        elif args.command == "lm-eval":
+            run_lm_eval(args)
         elif args.command == "demo":
             from looplm.demo import run_demo
 

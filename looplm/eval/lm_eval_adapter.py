@@ -1,0 +1,502 @@
+"""lm-evaluation-harness adapter: ``--model looplm`` evaluates a looped checkpoint at a chosen
+depth or exit policy (optional extra ``looplm[lmeval]``).
+
+lm-eval's three request types, for a sequence x = [prefix] + tokens:
+- ``loglikelihood(context, continuation)`` → (Σ_i log p(c_i | x_<i), every c_i the argmax),
+  the inputs cut from the left to ``max_seq_len`` as lm-eval's own causal models do;
+- ``loglikelihood_rolling(text)`` → Σ log p over lm-eval's disjoint rolling windows of
+  ``max_seq_len`` tokens (``get_rolling_token_windows`` + ``make_disjoint_window``), every
+  token predicted exactly once;
+- ``generate_until(context, gen_kwargs)`` → text up to the first ``until`` string, eos, or
+  ``max_gen_toks`` tokens (greedy, or sampled per ``do_sample``/``temperature``/``top_k``/``top_p``).
+
+Which loop step answers (model_args ``steps=N``, ``exit=…``; ``parse_exit``):
+- ``static``: every token reads the readout of step N (default: the trained T);
+- ``q:<q>``: Ouro's Q-exit, the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q;
+- ``hidden:<ε>``: the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ε;
+- ``kl:<ε>``: the first step t ≥ 2 with KL(p_t ‖ p_{t−1}) < ε;
+- ``act`` / ``act:<threshold>``: ACT's halting-weighted readout Σ_t w_t r_t.
+Scoring runs one forward in which every token runs all N steps and takes each token's
+log-probs from its own exit step.  That is what a decoder computes when every token's keys
+and values are cached at every step (the per-step cache layout the prompt prefill uses).
+``generate_until`` with static, q and act decodes through ``looplm.generate`` with real early
+exit: there an exited token's K/V are copied into the deeper steps (LAST_EXITED), so a later
+token that runs deeper attends to copies — generation may differ from scoring in the last
+digits.  hidden and kl have no decoder policy; they decode on the per-step layout above.
+
+lm-eval 0.4.13 finds models only in its own registry (no entry points), so the plain
+``lm_eval`` script cannot see ``looplm``: run ``python -m looplm.eval.lm_eval_adapter`` with
+lm_eval's arguments, ``looplm lm-eval``, or ``evaluate`` (docs/LM_EVAL.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from looplm.errors import LoopLMError
+
+try:
+    import lm_eval.models  # noqa: F401  (built-in names first: get_model fills only an empty registry)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise LoopLMError(f"lm-eval is not installed ({error}): pip install 'looplm[lmeval]'") from None
+
+log = logging.getLogger(__name__)
+
+EXIT_KINDS = ("static", "q", "hidden", "kl", "act")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREFIXES = ("bos", "eos")
+AUTO_BATCH_LOGITS = 2 ** 26  # batch_size=auto: rows × max_seq_len × vocab ≤ this many floats (256 MB)
+MAX_AUTO_BATCH = 64
+SUPPORTED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """A parsed ``exit=`` model_arg: kind in ``EXIT_KINDS`` and its number (q, ε or the ACT
+    threshold; None for static and for act with the model's own threshold)."""
+
+    kind: str = "static"
+    value: float | None = None
+
+
+def parse_exit(spec: str) -> ExitSpec:
+    """``static`` | ``q:<q>`` | ``hidden:<eps>`` | ``kl:<eps>`` | ``act`` | ``act:<threshold>``."""
+    kind, _, number = str(spec).strip().partition(":")
+    usage = "use static, q:<q in [0,1]>, hidden:<eps>, kl:<eps>, act or act:<threshold>"
+    if kind not in EXIT_KINDS:
+        raise LoopLMError(f"unknown exit {spec!r}: {usage}")
+    if kind == "static" or (kind == "act" and not number):
+        if number:
+            raise LoopLMError(f"exit=static takes no number, got {spec!r}")
+        return ExitSpec(kind)
+    try:
+        value = float(number)
+    except ValueError:
+        raise LoopLMError(f"exit {spec!r} needs a number after '{kind}:': {usage}") from None
+    if kind == "q" and not 0.0 <= value <= 1.0:
+        raise LoopLMError(f"exit q must be in [0, 1], got {value}")
+    if kind in ("hidden", "kl") and value < 0:
+        raise LoopLMError(f"exit {kind} threshold must be >= 0, got {value}")
+    if kind == "act" and not 0.0 < value <= 1.0:
+        raise LoopLMError(f"the ACT threshold must be in (0, 1], got {value}")
+    return ExitSpec(kind, value)
+
+
+def exit_steps(output, spec: ExitSpec) -> torch.Tensor:
+    """Per token, the 1-based step whose readout answers, from a full forward [B, S] → [B, S]."""
+    from looplm.model.exit import convergence_exit_steps, hidden_change, q_exit_steps, readout_kl
+
+    steps = output.steps
+    if spec.kind == "static" or steps == 1:
+        shape = output.hidden_states[0].shape[:-1]
+        return torch.full(shape, steps, dtype=torch.long, device=output.hidden_states[0].device)
+    if spec.kind == "q":
+        if output.gate_logits is None:
+            raise LoopLMError("exit=q needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
+        return q_exit_steps(output.gate_logits, spec.value)
+    states = output.hidden_states
+    if spec.kind == "hidden":
+        distances = [hidden_change(states[t - 1], states[t]) for t in range(1, steps)]
+    elif spec.kind == "kl":
+        distances = [readout_kl(output.logits(t), output.logits(t + 1)) for t in range(1, steps)]
+    else:
+        raise LoopLMError(f"exit={spec.kind} has no per-token step: see exit_logprobs")
+    return convergence_exit_steps(torch.stack(distances), spec.value)
+
+
+def exit_logprobs(output, targets: torch.Tensor, spec: ExitSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) under each token's exit readout, whether the target is that readout's
+    argmax, and the step used: targets [B, S] → three [B, S] tensors.  ACT reads the
+    halting-weighted state and reports the halting step."""
+    if spec.kind == "act":
+        state, _, steps = output.act(spec.value)
+        log_probs = F.log_softmax(output.model.logits(state).float(), dim=-1)
+        return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), log_probs.argmax(-1) == targets, steps
+    steps = exit_steps(output, spec)
+    chosen_logprob = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    greedy = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
+    for step in steps.unique().tolist():
+        log_probs = F.log_softmax(output.logits(step).float(), dim=-1)
+        here = steps == step
+        chosen_logprob = torch.where(here, log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), chosen_logprob)
+        greedy = torch.where(here, log_probs.argmax(-1) == targets, greedy)
+    return chosen_logprob, greedy, steps
+
+
+def _resolve_device(device) -> torch.device:
+    """None/auto → CUDA when present; a CUDA device on a machine without one (lm_eval's
+    --device default is cuda:0) falls back to the CPU with a warning."""
+    name = "auto" if device in (None, "", "auto") else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise LoopLMError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s asked but CUDA is not available: running on the CPU", name)
+        return torch.device("cpu")
+    return resolved
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LoopLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _auto_batch_size(config) -> int:
+    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (config.max_seq_len * config.vocab_size)))
+
+
+@register_model("looplm")
+class LoopLMEval(TemplateLM):
+    """lm-eval ``LM`` over a looplm checkpoint (model_args: see ``ARGUMENTS`` and docs/LM_EVAL.md)."""
+
+    ARGUMENTS = ("pretrained", "steps", "exit", "device", "dtype", "batch_size", "max_batch_size", "prefix",
+                 "backend", "seed", "max_gen_toks", "tokenizer")
+
+    def __init__(self, pretrained=None, steps=None, exit="static", device=None, dtype="float32", batch_size=1,
+                 max_batch_size=None, prefix="bos", backend="auto", seed=1234, max_gen_toks=256,
+                 tokenizer=None, **unknown):
+        super().__init__()
+        if unknown:
+            raise LoopLMError(f"unknown looplm model_args {', '.join(sorted(unknown))}: the keys are"
+                              f" {', '.join(self.ARGUMENTS)}")
+        import looplm
+        from looplm.config import DECODE_BACKENDS
+        from looplm.model.lm import LoopLM
+
+        if dtype not in DTYPES:
+            raise LoopLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if prefix not in PREFIXES:
+            raise LoopLMError(f"prefix must be bos or eos, got {prefix!r}")
+        if backend not in DECODE_BACKENDS:
+            raise LoopLMError(f"backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
+        self.exit = parse_exit(exit)
+        self._device = _resolve_device(device)
+        if isinstance(pretrained, LoopLM):
+            if tokenizer is None:
+                raise LoopLMError("an in-memory model needs tokenizer= (a looplm Tokenizer, 'byte' or a path)")
+            model, self.checkpoint = pretrained, None
+        elif pretrained in (None, ""):
+            raise LoopLMError("model_args needs pretrained=DIR (a looplm checkpoint or run directory)")
+        else:
+            model, self.checkpoint = looplm.load(pretrained, device=self._device), str(pretrained)
+        self.model = model.to(device=self._device, dtype=DTYPES[dtype]).eval()
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = looplm.load_tokenizer(pretrained if tokenizer is None else tokenizer)
+        self.tokenizer = tokenizer
+        if tokenizer.vocab_size > self.model.config.vocab_size:
+            raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
+                              f" {self.model.config.vocab_size} embedding rows: wrong tokenizer")
+        self.steps = self.model.config.loop_steps if steps in (None, "") else _integer("steps", steps, 1)
+        if self.exit.kind in ("q", "act") and self.model.exit_gate is None:
+            raise LoopLMError(f"exit={exit} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
+        self.batch_size = self._parse_batch_size(batch_size, max_batch_size)
+        self.prefix = prefix
+        self.backend = backend
+        self.seed = _integer("seed", seed, 0)
+        self._max_gen_toks = _integer("max_gen_toks", max_gen_toks, 1)
+        self.exit_step_total = 0
+        self.exit_step_tokens = 0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        """model_args win over lm_eval's --device/--batch_size (its --device defaults to cuda:0)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        return cls(**{**extra, **arg_dict})
+
+    def _parse_batch_size(self, batch_size, max_batch_size) -> int:
+        """An integer, or "auto"/"auto:N": as many rows as fit ``AUTO_BATCH_LOGITS`` logits."""
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            size = _auto_batch_size(self.model.config)
+        else:
+            try:
+                size = int(batch_size)
+            except (TypeError, ValueError):
+                raise LoopLMError(f"batch_size must be a positive integer or auto, got {batch_size!r}") from None
+            if size < 1:
+                raise LoopLMError(f"batch_size must be >= 1, got {batch_size!r}")
+        return min(size, int(max_batch_size)) if max_batch_size else size
+
+    # Tokenization (TemplateLM turns (context, continuation) strings into ids with these).
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token every scored sequence starts with: bos (as ``looplm generate`` prompts) or eos
+        (what a model trained on eos-separated text saw before each document)."""
+        return self.tokenizer.bos_id if self.prefix == "bos" else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"looplm-{self.tokenizer.kind}-{self.tokenizer.vocab_size}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Ids of ``string``, after the prefix token unless ``add_special_tokens`` is False."""
+        ids = self.tokenizer.encode(string)
+        return ids if add_special_tokens is False else [self.prefix_token_id] + ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([tokens] if isinstance(tokens, int) else tokens)
+
+    # Scoring.
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: (cache key or None, context ids, continuation ids).  Longest first, batches
+        right-padded (causal, so padding never changes a real position)."""
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc="looplm loglikelihood", disable=disable_tqdm)
+        for begin in range(0, len(order), self.batch_size):
+            chunk = order[begin:begin + self.batch_size]
+            for index, answer in zip(chunk, self._score_batch([requests[i] for i in chunk])):
+                results[index] = answer
+                if requests[index][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+            progress.update(len(chunk))
+        progress.close()
+        return results
+
+    @torch.no_grad()
+    def _score_batch(self, batch) -> list[tuple[float, bool]]:
+        windows = []
+        for _, context, continuation in batch:
+            if not continuation:
+                raise LoopLMError("an lm-eval request has an empty continuation: nothing to score")
+            if len(continuation) > self.max_length:
+                raise LoopLMError(f"a continuation of {len(continuation)} tokens exceeds the context of"
+                                  f" {self.max_length} (model.max_seq_len)")
+            windows.append(((context + continuation)[-(self.max_length + 1):], len(continuation)))
+        width = max(len(tokens) - 1 for tokens, _ in windows)
+        inputs = torch.full((len(windows), width), self.tokenizer.pad_id, dtype=torch.long)
+        targets = torch.full((len(windows), width), self.tokenizer.pad_id, dtype=torch.long)
+        scored = torch.zeros((len(windows), width), dtype=torch.bool)
+        for row, (tokens, continuation_length) in enumerate(windows):
+            length = len(tokens) - 1
+            inputs[row, :length] = torch.tensor(tokens[:-1])
+            targets[row, :length] = torch.tensor(tokens[1:])
+            scored[row, length - continuation_length:length] = True
+        output = self.model(inputs.to(self.device), steps=self.steps)
+        log_probs, greedy, steps = exit_logprobs(output, targets.to(self.device), self.exit)
+        scored = scored.to(self.device)
+        totals = torch.where(scored, log_probs, 0.0).sum(-1).tolist()
+        all_greedy = (greedy | ~scored).all(-1).tolist()
+        self.exit_step_total += int(steps[scored].sum())
+        self.exit_step_tokens += int(scored.sum())
+        return [(total, bool(match)) for total, match in zip(totals, all_greedy)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Σ log p(text) over lm-eval's disjoint windows: the first window conditions on the prefix
+        token, each later one on the max_seq_len − (predicted) tokens before it."""
+        windows, owners = [], []
+        for owner, request in enumerate(requests):
+            (text,) = request.args
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tokenizer.encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(owner)
+        totals = [0.0] * len(requests)
+        for owner, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[owner] += log_prob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # Generation.
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """One request at a time (batch 1): prompt = prefix + context, cut from the left to keep
+        max(max_seq_len − max_gen_toks, max_seq_len / 2) tokens; decoding stops at eos, an
+        ``until`` string (cut from the text), ``max_gen_toks`` or the end of the context."""
+        from looplm.generate import Sampling
+
+        results = []
+        warned = set()
+        for index, request in enumerate(tqdm(requests, desc="looplm generate_until", disable=disable_tqdm)):
+            context, gen_kwargs = request.args
+            for key in set(gen_kwargs) - SUPPORTED_GEN_KWARGS - warned:
+                log.warning("looplm ignores the generation argument %r", key)
+                warned.add(key)
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = [stop for stop in handle_stop_sequences(kwargs.get("until"), eos=None) if stop]
+            max_new = int(kwargs["max_gen_toks"])
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            sampling = Sampling(temperature, int(kwargs.get("top_k") or 0), float(kwargs.get("top_p") or 1.0),
+                                seed=self.seed + index)
+            keep = max(self.max_length - max_new, self.max_length // 2)
+            prompt = self.tok_encode(context)[-keep:]
+            text = postprocess_generated_text(self._generate(prompt, max_new, sampling, until), until, None)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            results.append(text)
+        return results
+
+    def _generate(self, prompt: list[int], max_new: int, sampling, until: list[str]) -> str:
+        from looplm.generate import ACTExit, FixedSteps, QExit, generate
+
+        if self.exit.kind in ("hidden", "kl"):
+            return self.tokenizer.decode(self.decode_converged(prompt, max_new, sampling, until))
+        policy = {"static": lambda: FixedSteps(self.steps), "q": lambda: QExit(self.exit.value, self.steps),
+                  "act": lambda: ACTExit(self.exit.value, self.steps)}[self.exit.kind]()
+        result = generate(self.model, prompt, max_new, sampling, policy, self.tokenizer, until, backend=self.backend)
+        self.exit_step_total += sum(result.steps)
+        self.exit_step_tokens += len(result.steps)
+        return result.text
+
+    @torch.no_grad()
+    def decode_converged(self, prompt: list[int], max_new: int, sampling, until: list[str] = ()) -> list[int]:
+        """New token ids, every token running all steps (each step's cache holds its real K/V) and
+        each new token taken from its exit step: the scoring path, one token at a time.  Stops
+        at eos (not returned), once the text holds an ``until`` string, or at the budget."""
+        from looplm.cache import KVCache
+        from looplm.generate import sample_next
+        from looplm.model.lm import LoopOutput
+
+        budget = min(max_new, self.max_length - len(prompt))
+        parameter = next(self.model.parameters())
+        cache = KVCache(self.model.config, 1, len(prompt) + budget, self.steps, device=self.device,
+                        dtype=parameter.dtype)
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        ids, generated = torch.tensor([prompt], device=self.device), []
+        while len(generated) < budget:
+            output = self.model(ids, steps=self.steps, cache=cache)
+            last = LoopOutput([state[:, -1:] for state in output.hidden_states],
+                              None if output.gate_logits is None else output.gate_logits[..., -1:], self.model)
+            step = int(exit_steps(last, self.exit)[0, 0])
+            token = sample_next(last.logits(step)[0, 0].float().cpu(), sampling, generator)
+            self.exit_step_total += step
+            self.exit_step_tokens += 1
+            if token == self.tokenizer.eos_id:
+                break
+            generated.append(token)
+            if until and any(stop in self.tokenizer.decode(generated) for stop in until):
+                break
+            ids = torch.tensor([[token]], device=self.device)
+        return generated
+
+    def get_model_info(self) -> dict:
+        """Added to lm-eval's results["config"]: what was evaluated and the loop steps it used."""
+        mean = self.exit_step_total / self.exit_step_tokens if self.exit_step_tokens else None
+        return {"looplm_checkpoint": self.checkpoint, "looplm_steps": self.steps,
+                "looplm_exit": self.exit.kind + ("" if self.exit.value is None else f":{self.exit.value:g}"),
+                "looplm_mean_exit_step": mean, "model_num_parameters": self.model.num_parameters()}
+
+
+def evaluate(pretrained, tasks, steps: int | None = None, exit: str = "static", device: str = "auto",
+             dtype: str = "float32", batch_size: int | str = 1, include_path=None, include_defaults: bool | None = None,
+             limit: int | float | None = None, num_fewshot: int | None = None, log_samples: bool = False,
+             **simple_evaluate_kwargs) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on a looplm checkpoint (or an in-memory LoopLM with
+    ``tokenizer=`` among the kwargs; it is moved to ``device``/``dtype`` and put in eval mode);
+    returns lm-eval's results dict.
+
+    tasks: names or a comma-separated string.  include_path: directories of task YAMLs.
+    include_defaults None builds lm-eval's built-in task index (~15 s) only when some task is
+    not found under include_path.
+    """
+    from lm_eval import simple_evaluate
+
+    task_names = [name for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name]
+    if not task_names:
+        raise LoopLMError("give at least one lm-eval task")
+    model_args = {"pretrained": pretrained, "steps": steps, "exit": exit, "device": device, "dtype": dtype,
+                  "batch_size": batch_size}
+    if "tokenizer" in simple_evaluate_kwargs:
+        model_args["tokenizer"] = simple_evaluate_kwargs.pop("tokenizer")
+    if isinstance(pretrained, (str, os.PathLike)):
+        from looplm.train.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(pretrained)  # a wrong path fails now, not after lm-eval has indexed its tasks
+    task_manager = task_manager_for(task_names, include_path, include_defaults)
+    if isinstance(pretrained, (str, os.PathLike)):  # by name, so the results record model and model_args
+        model, model_args = "looplm", {**model_args, "pretrained": str(pretrained)}
+    else:
+        model, model_args = LoopLMEval(**model_args), None
+    return simple_evaluate(model=model, model_args=model_args, tasks=task_names, task_manager=task_manager,
+                           limit=limit, num_fewshot=num_fewshot, log_samples=log_samples, **simple_evaluate_kwargs)
+
+
+def task_manager_for(task_names: list[str], include_path=None, include_defaults: bool | None = None):
+    """lm-eval's TaskManager over include_path; the built-in index only when needed (or asked)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(path) for path in ([include_path] if isinstance(include_path, (str, os.PathLike))
+                                     else include_path or [])]
+    for path in paths:
+        if not Path(path).exists():
+            raise LoopLMError(f"include path {path!r} does not exist")
+    if include_defaults is None:
+        local = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
+        if local is not None and len(local.match_tasks(task_names)) == len(task_names):
+            return local
+        include_defaults = True
+    manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    missing = [name for name in task_names if not manager.match_tasks([name])]
+    if missing:
+        raise LoopLMError(f"lm-eval task(s) not found: {', '.join(missing)} (give --include-path DIR for local"
+                          " task YAMLs)")
+    return manager
+
+
+def write_results(results: dict, path: str | Path) -> Path:
+    """Write lm-eval's results as JSON atomically; never replaces an existing file."""
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(path)
+    if path.exists():
+        raise LoopLMError(f"{str(path)!r} already exists: remove it or choose another output file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    staging.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m looplm.eval.lm_eval_adapter ARGS``: lm-eval's own command line with ``looplm``
+    registered (lm-eval 0.4.13 cannot load models from outside its source tree)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
+    try:
+        cli_evaluate()
+    except LoopLMError as error:
+        print(f"looplm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
