@@ -54,7 +54,12 @@ class _PackedLayer:
 def fast_unsupported(model) -> str | None:
     """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
     loop: no injection, loop-index signal, depth LoRA or noise initial state)."""
+    from looplm.quant import is_quantized
+
     config = model.config
+    if is_quantized(model):
+        return "the fast decode paths read float32 weights; an int8 model (looplm.quant) decodes with backend" \
+               " 'reference'"
     if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding or depth_lora_rank)"

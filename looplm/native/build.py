@@ -63,20 +63,20 @@ def _arch_flags(compiler: str) -> list[str]:
     return ["-march=native"] if probe.returncode == 0 else []
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, source: Path = SOURCE) -> Path:
     flags = FLAGS + _arch_flags(compiler)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature(),
+    digest = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_signature(),
                                        platform.machine()]).encode()).hexdigest()[:16]
     directory = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "native"
-    target = directory / f"decode_kernel-{digest}.so"
+    target = directory / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary, "-lm"],
+        result = subprocess.run([compiler, *flags, str(source), "-o", temporary, "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -101,26 +101,38 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first use; None where it cannot be built."""
+def load_library(source: Path, declare) -> ctypes.CDLL | None:
+    """The compiled C file ``source`` (its functions typed by ``declare``), built on first use;
+    None where it cannot be built (``library_unavailable_reason`` says why)."""
     with _lock:
-        if "library" not in _state:
-            _state["library"], _state["reason"] = None, None
+        if source not in _state:
+            library, reason = None, None
             if os.environ.get("LOOPLM_NATIVE", "1") == "0":
-                _state["reason"] = "disabled by LOOPLM_NATIVE=0"
+                reason = "disabled by LOOPLM_NATIVE=0"
             elif (compiler := _compiler()) is None:
-                _state["reason"] = "no C compiler found (set CC)"
+                reason = "no C compiler found (set CC)"
             else:
                 try:
                     import torch  # noqa: F401  -- load torch's OpenMP runtime first so the kernel shares it
 
-                    _state["library"] = _declare(ctypes.CDLL(str(_build(compiler))))
+                    library = declare(ctypes.CDLL(str(_build(compiler, source))))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    _state["reason"] = f"building the C decode kernel failed: {error}"
-        return _state["library"]
+                    reason = f"building {source.name} failed: {error}"
+            _state[source] = (library, reason)
+        return _state[source][0]
+
+
+def library_unavailable_reason(source: Path) -> str | None:
+    """Why ``load_library(source, …)`` returned None (None when it loaded)."""
+    return _state.get(source, (None, None))[1]
+
+
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled decode kernel, building it on first use; None where it cannot be built."""
+    return load_library(SOURCE, _declare)
 
 
 def unavailable_reason() -> str | None:
     """Why ``load_kernel`` returned None (None when the kernel loaded)."""
     load_kernel()
-    return _state["reason"]
+    return library_unavailable_reason(SOURCE)

@@ -1,0 +1,1 @@
+"""Converters between looplm checkpoints and other formats (GGUF, Hugging Face, Ouro)."""
