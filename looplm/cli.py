@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
     generate.add_argument("--int8", action="store_true",
-                          help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant; decodes"
-                               " with the reference backend and the int8 C matvec)")
+                          help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant); decodes"
+                               " with the native C kernel where it runs, else the reference backend")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step of a checkpoint",
@@ -224,9 +224,9 @@ def run_generate(args) -> None:
     if args.int8:
         from looplm.quant import quantize_model
 
-        if args.backend in ("native", "torch"):
-            raise LoopLMError(f"--int8 decodes with the reference backend (the {args.backend} backend reads float32"
-                              " weights): drop --backend")
+        if args.backend == "torch":
+            raise LoopLMError("--int8 decodes with the native or reference backend (the torch backend reads float32"
+                              " weights): drop --backend torch")
         quantize_model(model)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:

@@ -12,9 +12,10 @@ float16; a Q8_0 tensor read from a .gguf file keeps its exact int8 values and sc
 ``Int8Linear`` computes y = x Wᵀ + bias two ways:
 - ``reference_forward``: dequantise W to float32, then ``F.linear`` (the definition);
 - ``forward``: for up to ``KERNEL_MAX_ROWS`` rows of x on the CPU (batch-1 decode) the C kernel
-  ``looplm/native/q8_kernel.c`` widens the int8 weights to float32 in registers, reading a
-  quarter of the bytes a float32 matvec reads; more rows (prefill) are compute-bound and go
-  through the reference (one dequantisation, then BLAS).
+  (``looplm_q8_matmul`` in ``looplm/native/decode_kernel.c``) widens the int8 weights to float32
+  in registers, reading a quarter of the bytes a float32 matvec reads; more rows (prefill) are
+  compute-bound and go through the reference (one dequantisation, then BLAS).
+The ``native`` decode backend runs int8 layer projections inside its fused layer kernel too.
 torch's own int8 CPU ops (``torch._weight_int8pack_mm``, ``torch._int_mm``) measured 5–9×
 slower than a float32 matvec on this project's AVX2 CPU, hence the kernel.
 
@@ -28,8 +29,6 @@ tensors, norms, biases, and any Linear whose input width is not a multiple of 32
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -38,7 +37,6 @@ from looplm.errors import LoopLMError
 
 BLOCK = 32
 KERNEL_MAX_ROWS = 4
-KERNEL_SOURCE = Path(__file__).with_name("native") / "q8_kernel.c"
 KEPT_FLOAT = ("head", "exit_gate", "router")
 
 
@@ -59,20 +57,13 @@ def dequantize_q8_0(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (blocks * scales.unsqueeze(-1)).reshape(values.shape)
 
 
-def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.looplm_q8_matmul.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer,
-                                         integer]
-    library.looplm_q8_matmul.restype = None
-    return library
-
-
 def load_q8_kernel() -> ctypes.CDLL | None:
-    """The compiled Q8_0 kernel (built on first use, cached); None where no C compiler works
-    or ``LOOPLM_NATIVE=0`` (``Int8Linear`` then always takes the reference path)."""
-    from looplm.native.build import load_library
+    """The compiled C kernel (``looplm/native/decode_kernel.c``, built on first use and cached,
+    holding ``looplm_q8_matmul``); None where no C compiler works or ``LOOPLM_NATIVE=0``
+    (``Int8Linear`` then always takes the reference path)."""
+    from looplm.native.build import load_kernel
 
-    return load_library(KERNEL_SOURCE, _declare)
+    return load_kernel()
 
 
 class Int8Linear(nn.Module):

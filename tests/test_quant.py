@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
-from looplm.generate import Decoder, FixedSteps, generate
+from looplm.generate import Decoder, FixedSteps, QExit, generate
 from looplm.model import LoopLM
 from looplm import quant
 from looplm.quant import Int8Linear, dequantize_q8_0, is_quantized, quantize_model, quantize_q8_0
@@ -112,12 +112,35 @@ def test_trained_model_loss_barely_moves():
     assert abs(loss_after - loss_before) < 0.001 * loss_before
 
 
-def test_int8_decode_uses_the_reference_backend_and_matches_a_full_forward(tiny_model):
+@pytest.mark.parametrize("overrides", [
+    {"n_kv_heads": 2, "n_prelude_layers": 1, "n_coda_layers": 1, "norm": "pre", "step_norm": False},
+    {"d_model": 96, "n_heads": 3, "ffn_hidden": 80},  # down projection (80 inputs) stays float32
+])
+def test_int8_native_decode_equals_the_reference_decoder(overrides):
+    torch.manual_seed(0)
+    model = quantize_model(LoopLM(tiny_config(**{"d_model": 64, **overrides})).eval())
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if not compiler_present():
+        pytest.skip("no C compiler")
+    runs = {}
+    for backend in ("native", "reference"):
+        decoder = Decoder(model, QExit(0.6), 24, backend=backend)
+        assert decoder.backend == backend
+        with torch.inference_mode():
+            runs[backend] = [decoder.prefill(torch.tensor([[1, 2, 3, 4, 5]]))]
+            runs[backend] += [decoder.step(token) for token in (7, 9, 11, 13, 2)]
+    for (native_logits, native_steps), (reference_logits, reference_steps) in zip(runs["native"], runs["reference"]):
+        assert native_steps == reference_steps
+        torch.testing.assert_close(native_logits, reference_logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoopLMError, match="torch backend cannot run here: .*int8"):
+        Decoder(model, FixedSteps(), 8, backend="torch")
+
+
+def test_int8_generation_matches_full_forwards():
     model = quantize_model(LoopLM(tiny_config(d_model=64)).eval())
-    assert Decoder(model, FixedSteps(), 16).backend == "reference"
     prompt = [1, 5, 9]
     result = generate(model, prompt, 5, stop_ids=[])
-    with torch.no_grad():  # greedy tokens again from full-sequence forwards (prefill path of the layers)
+    with torch.no_grad():  # greedy tokens again from full-sequence forwards (the layers' many-row path)
         ids = list(prompt)
         for _ in range(5):
             ids.append(int(model(torch.tensor([ids])).logits()[0, -1].argmax()))
@@ -127,8 +150,8 @@ def test_int8_decode_uses_the_reference_backend_and_matches_a_full_forward(tiny_
 def test_cli_generate_and_eval_with_int8(tmp_path, capsys):
     checkpoint = train_tiny(steps=2).save(tmp_path / "ckpt", tokenizer=byte_tokenizer())
     assert main(["generate", str(checkpoint), "--prompt", "the", "--max-new-tokens", "3", "--int8"]) == 0
-    assert main(["generate", str(checkpoint), "--prompt", "the", "--int8", "--backend", "native"]) == 2
-    assert "--int8 decodes with the reference backend" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "the", "--int8", "--backend", "torch"]) == 2
+    assert "--int8 decodes with the native or reference backend" in capsys.readouterr().err
     corpus = tmp_path / "text.txt"
     corpus.write_text("the loop reads the loop. " * 200)
     assert main(["eval", str(checkpoint), "--data", str(corpus), "--int8", "--steps", "2"]) == 0

@@ -34,10 +34,15 @@ class Dims(ctypes.Structure):
                 ("eps", ctypes.c_float)]
 
 
+class Projection(ctypes.Structure):
+    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales")]
+
+
 class Layer(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in (
-        "attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm", "qkv", "out", "gate_up", "down",
-        "keys", "values")]
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")]
+                + [(name, Projection) for name in ("qkv", "out", "gate_up", "down")]
+                + [(name, ctypes.c_void_p) for name in ("keys", "values")])
 
 
 def _compiler() -> str | None:
@@ -63,20 +68,20 @@ def _arch_flags(compiler: str) -> list[str]:
     return ["-march=native"] if probe.returncode == 0 else []
 
 
-def _build(compiler: str, source: Path = SOURCE) -> Path:
+def _build(compiler: str) -> Path:
     flags = FLAGS + _arch_flags(compiler)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_signature(),
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature(),
                                        platform.machine()]).encode()).hexdigest()[:16]
     directory = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "native"
-    target = directory / f"{source.stem}-{digest}.so"
+    target = directory / f"decode_kernel-{digest}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *flags, str(source), "-o", temporary, "-lm"],
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", temporary, "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -96,43 +101,34 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_matvec.restype = None
     library.looplm_rms_norm.argtypes = [pointer, pointer, pointer, integer, ctypes.c_float]
     library.looplm_rms_norm.restype = None
+    library.looplm_q8_matmul.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer,
+                                         integer]
+    library.looplm_q8_matmul.restype = None
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long
     return library
 
 
-def load_library(source: Path, declare) -> ctypes.CDLL | None:
-    """The compiled C file ``source`` (its functions typed by ``declare``), built on first use;
-    None where it cannot be built (``library_unavailable_reason`` says why)."""
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None where it cannot be built."""
     with _lock:
-        if source not in _state:
-            library, reason = None, None
+        if "library" not in _state:
+            _state["library"], _state["reason"] = None, None
             if os.environ.get("LOOPLM_NATIVE", "1") == "0":
-                reason = "disabled by LOOPLM_NATIVE=0"
+                _state["reason"] = "disabled by LOOPLM_NATIVE=0"
             elif (compiler := _compiler()) is None:
-                reason = "no C compiler found (set CC)"
+                _state["reason"] = "no C compiler found (set CC)"
             else:
                 try:
                     import torch  # noqa: F401  -- load torch's OpenMP runtime first so the kernel shares it
 
-                    library = declare(ctypes.CDLL(str(_build(compiler, source))))
+                    _state["library"] = _declare(ctypes.CDLL(str(_build(compiler))))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    reason = f"building {source.name} failed: {error}"
-            _state[source] = (library, reason)
-        return _state[source][0]
-
-
-def library_unavailable_reason(source: Path) -> str | None:
-    """Why ``load_library(source, …)`` returned None (None when it loaded)."""
-    return _state.get(source, (None, None))[1]
-
-
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled decode kernel, building it on first use; None where it cannot be built."""
-    return load_library(SOURCE, _declare)
+                    _state["reason"] = f"building the C decode kernel failed: {error}"
+        return _state["library"]
 
 
 def unavailable_reason() -> str | None:
     """Why ``load_kernel`` returned None (None when the kernel loaded)."""
     load_kernel()
-    return library_unavailable_reason(SOURCE)
+    return _state["reason"]
