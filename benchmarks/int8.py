@@ -13,6 +13,7 @@ steps on text, then its validation loss per step in fp32 and after ``quantize_mo
 """
 
 import argparse
+import copy
 import statistics
 import tempfile
 from pathlib import Path
@@ -32,15 +33,18 @@ LICENSES = Path("/usr/share/common-licenses")
 
 
 def decode_rates(config: ModelConfig, prompt: int, new_tokens: int, repeats: int) -> dict:
+    """Median decode tokens/s of fp32 and int8 on both backends, the variants interleaved round by
+    round so that a change in the machine's load hits them alike."""
     torch.manual_seed(0)
-    model = LoopLM(config).eval()
-    rates = {"parameters": model.num_parameters()}
-    for backend in ("native", "reference"):
-        rates[f"fp32 {backend}"] = time_decode(model, prompt, new_tokens, repeats, backend)["decode_tokens_per_s"]
-    quantize_model(model)
-    for backend in ("native", "reference"):
-        rates[f"int8 {backend}"] = time_decode(model, prompt, new_tokens, repeats, backend)["decode_tokens_per_s"]
-    return rates
+    fp32 = LoopLM(config).eval()
+    models = {"fp32": fp32, "int8": quantize_model(copy.deepcopy(fp32))}
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for precision, model in models.items():
+            for backend in ("native", "reference"):
+                rate = time_decode(model, prompt, new_tokens, 1, backend)["decode_tokens_per_s"]
+                runs.setdefault(f"{precision} {backend}", []).append(rate)
+    return {"parameters": fp32.num_parameters(), **{key: statistics.median(rates) for key, rates in runs.items()}}
 
 
 def corpus(directory: Path) -> Path:
