@@ -29,6 +29,7 @@ tensors, norms, biases, and any Linear whose input width is not a multiple of 32
 from __future__ import annotations
 
 import ctypes
+
 import torch
 from torch import nn
 from torch.nn import functional as F
