@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 
 def load(path: str | Path, device: str = "cpu") -> LoopLM:
-    """Load a model from a checkpoint directory or a run directory (its newest checkpoint)."""
+    """Load a model from a checkpoint directory, a run directory (its newest checkpoint) or a
+    .gguf file written by ``looplm export gguf``."""
     from looplm.train.checkpoint import load_model
 
     return load_model(path, device)
@@ -24,6 +25,11 @@ def load_tokenizer(path: str | Path):
     from looplm.data.tokenizer import load_tokenizer as load_spec
     from looplm.train.checkpoint import load_checkpoint_tokenizer
 
+    if str(path).lower().endswith(".gguf"):
+        tokenizer = load_checkpoint_tokenizer(path)
+        if tokenizer is None:
+            raise LoopLMError(f"no tokenizer saved in {str(path)!r}")
+        return tokenizer
     if str(path) != "byte" and Path(path).is_dir() and not (Path(path) / "tokenizer.json").is_file():
         tokenizer = load_checkpoint_tokenizer(path)
         if tokenizer is None:

@@ -1,4 +1,4 @@
-"""The ``looplm`` command: demo, train, generate, eval, prepare, bench, convert.
+"""The ``looplm`` command: demo, train, generate, eval, lm-eval, prepare, convert, export, bench.
 
 User mistakes print one line ``looplm: error: …`` and exit with status 2.
 """
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
+    generate.add_argument("--int8", action="store_true",
+                          help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant); decodes"
+                               " with the native C kernel where it runs, else the reference backend")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step, exit statistics, compute-quality curves",
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--kl", action="store_true", help="also sweep the readout-KL exit criterion")
     evaluate.add_argument("--kl-grid", help="comma-separated KL thresholds >= 0 (default: 1 .. 0)")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluate.add_argument("--int8", action="store_true", help="evaluate with int8 Q8_0 Linear weights (looplm.quant)")
 
     prepare = sub.add_parser("prepare", help="tokenize text/jsonl into train/val token shards",
                              description="Tokenize text or jsonl files into numpy memmap shards (train.bin,"
@@ -141,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--jsonl-field", default="text", help="field holding the text in jsonl files")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    export = sub.add_parser("export", help="write a checkpoint in another format (gguf)",
+                            description="Export a checkpoint. 'looplm export gguf CKPT OUT.gguf' writes a GGUF file"
+                            " with the full model config, loop metadata and tokenizer (docs/INTEROP.md).")
+    export.add_argument("format", choices=["gguf"], help="output format")
+    export.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
+    export.add_argument("output", help="output file, e.g. model.gguf")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                        help="tensor storage: f32 (exact, default), f16, or q8_0 (int8 blocks of 32 for weight"
+                             " matrices; norms, biases and the exit gate stay f32)")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
 
     bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
                            description="Training tokens/s (d 256, 4 heads, vocab 4096, 3 core layers x T 4,"
@@ -281,6 +296,13 @@ def run_generate(args) -> None:
     policy = make_exit_policy(args.q, args.steps, args.act)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
+    if args.int8:
+        from looplm.quant import quantize_model
+
+        if args.backend == "torch":
+            raise LoopLMError("--int8 decodes with the native or reference backend (the torch backend reads float32"
+                              " weights): drop --backend torch")
+        quantize_model(model)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: cannot turn the prompt into tokens")
@@ -322,6 +344,10 @@ def run_eval(args) -> None:
     from looplm.train.checkpoint import load_model, resolve_checkpoint
 
     model = load_model(args.checkpoint)
+    if args.int8:
+        from looplm.quant import quantize_model
+
+        quantize_model(model)
     steps = args.steps or model.config.loop_steps + 2
     if steps < 1:
         raise LoopLMError(f"--steps must be >= 1, got {steps}")
@@ -388,6 +414,15 @@ def _print_eval(report: dict, trained_steps: int) -> None:
               f" {capacity['bits_per_parameter']:.5f} bits/parameter")
 
 
+def run_export(args) -> None:
+    from looplm.interop.gguf import export_gguf
+    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    model = load_model(args.checkpoint)
+    path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
+    print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
+
+
 def run_prepare(args) -> None:
     from looplm.data.shards import read_documents, write_shards
     from looplm.data.tokenizer import load_tokenizer, train_bpe
@@ -441,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             run_prepare(args)
         elif args.command == "convert":
             run_convert(args)
+        elif args.command == "export":
+            run_export(args)
         elif args.command == "bench":
             from looplm.bench import run_bench
 

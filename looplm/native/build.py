@@ -34,10 +34,15 @@ class Dims(ctypes.Structure):
                 ("eps", ctypes.c_float)]
 
 
+class Projection(ctypes.Structure):
+    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales")]
+
+
 class Layer(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in (
-        "attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm", "qkv", "out", "gate_up", "down",
-        "keys", "values")]
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")]
+                + [(name, Projection) for name in ("qkv", "out", "gate_up", "down")]
+                + [(name, ctypes.c_void_p) for name in ("keys", "values")])
 
 
 def _compiler() -> str | None:
@@ -96,6 +101,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_matvec.restype = None
     library.looplm_rms_norm.argtypes = [pointer, pointer, pointer, integer, ctypes.c_float]
     library.looplm_rms_norm.restype = None
+    library.looplm_q8_matmul.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer,
+                                         integer]
+    library.looplm_q8_matmul.restype = None
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long
     return library

@@ -10,13 +10,16 @@
  * output rows of every projection and a share of the attention heads; the short vector steps
  * in between (norms, residuals, RoPE) run on one thread between barriers.
  *
- * Layouts (all float32, row-major, as torch stores them):
- *   weights  qkv [(H + 2·Hkv)·hd, D], out [D, H·hd], gate_up [2F, D], down [D, F]
+ * Layouts (float32 unless said, row-major, as torch stores them):
+ *   weights  qkv [(H + 2·Hkv)·hd, D], out [D, H·hd], gate_up [2F, D], down [D, F]; a projection
+ *            may instead be int8 Q8_0 (looplm/quant.py): values int8 [rows, cols] and one float32
+ *            scale per 32 inputs, scales [rows, cols/32], W[r, c] = scales[r, c/32]·values[r, c]
  *   cache    keys, values of one slot: [Hkv, max_len, hd]; this token's K/V go to row `pos`
  *   rope     cos, sin: the tables' rows for `pos`, [hd] (rotate-half layout)
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -28,9 +31,16 @@ typedef struct {
     float eps;
 } Dims;
 
+/* A projection: float32 weights, or (when `values` is not NULL) Q8_0 int8 values and scales. */
+typedef struct {
+    const float *weights;
+    const int8_t *values;
+    const float *scales;
+} Projection;
+
 typedef struct {
     const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm; /* post norms: NULL = pre-norm */
-    const float *qkv, *out, *gate_up, *down;
+    Projection qkv, out, gate_up, down;
     float *keys, *values;
 } Layer;
 
@@ -93,6 +103,77 @@ static void matvec_rows(const float *W, const float *x, float *y, int cols, int 
     for (; r < end; r++) y[r] = dot(W + (size_t)r * cols, x, cols);
 }
 
+/* Q8_0 rows (weight-only int8): the weights are widened to float32 in registers, so each output
+ * is the reference dequantise-then-matmul's sum of the same products in another order.  At
+ * batch 1 this reads a quarter of the bytes of a float32 matvec. */
+#define BLOCK 32
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Eight int8 weights at w widened to float32. */
+static inline __m256 widen(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+
+/* Σ_i w[i]·x[i] over one block of 32, as a vector of 8 partial sums. */
+static inline __m256 block_dot(const int8_t *w, const float *x) {
+    __m256 a = _mm256_mul_ps(widen(w), _mm256_loadu_ps(x));
+    __m256 b = _mm256_mul_ps(widen(w + 8), _mm256_loadu_ps(x + 8));
+    a = _mm256_fmadd_ps(widen(w + 16), _mm256_loadu_ps(x + 16), a);
+    b = _mm256_fmadd_ps(widen(w + 24), _mm256_loadu_ps(x + 24), b);
+    return _mm256_add_ps(a, b);
+}
+#endif
+
+/* One output: row n of W (values w, scales s) against x, K = blocks · 32. */
+static float row_dot(const int8_t *w, const float *s, const float *x, int blocks) {
+    int b = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; b < blocks; b++)
+        acc = _mm256_fmadd_ps(block_dot(w + b * BLOCK, x + b * BLOCK), _mm256_set1_ps(s[b]), acc);
+    sum = hsum(acc);
+#endif
+    for (; b < blocks; b++) {
+        float block = 0.0f;
+        for (int i = 0; i < BLOCK; i++) block += (float)w[b * BLOCK + i] * x[b * BLOCK + i];
+        sum += s[b] * block;
+    }
+    return sum;
+}
+
+/* Four rows n..n+3 against one x row, sharing every load of x. */
+static void rows4_dot(const int8_t *w, const float *s, const float *x, int blocks, float *y) {
+#if defined(__AVX2__) && defined(__FMA__)
+    const size_t K = (size_t)blocks * BLOCK;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const float *xb = x + b * BLOCK;
+        const int8_t *wb = w + b * BLOCK;
+        a0 = _mm256_fmadd_ps(block_dot(wb, xb), _mm256_set1_ps(s[b]), a0);
+        a1 = _mm256_fmadd_ps(block_dot(wb + K, xb), _mm256_set1_ps(s[blocks + b]), a1);
+        a2 = _mm256_fmadd_ps(block_dot(wb + 2 * K, xb), _mm256_set1_ps(s[2 * blocks + b]), a2);
+        a3 = _mm256_fmadd_ps(block_dot(wb + 3 * K, xb), _mm256_set1_ps(s[3 * blocks + b]), a3);
+    }
+    y[0] = hsum(a0); y[1] = hsum(a1); y[2] = hsum(a2); y[3] = hsum(a3);
+#else
+    for (int r = 0; r < 4; r++)
+        y[r] = row_dot(w + (size_t)r * blocks * BLOCK, s + (size_t)r * blocks, x, blocks);
+#endif
+}
+
+/* y[r] = W[r, :] · x for rows [begin, end) of a float32 or Q8_0 projection. */
+static void project_rows(const Projection *p, const float *x, float *y, int cols, int begin, int end) {
+    if (!p->values) {
+        matvec_rows(p->weights, x, y, cols, begin, end);
+        return;
+    }
+    const int blocks = cols / BLOCK;
+    int r = begin;
+    for (; r + 4 <= end; r += 4) rows4_dot(p->values + (size_t)r * cols, p->scales + (size_t)r * blocks, x, blocks, y + r);
+    for (; r < end; r++) y[r] = row_dot(p->values + (size_t)r * cols, p->scales + (size_t)r * blocks, x, blocks);
+}
+
 /* This thread's share [begin, end) of n items, in blocks of `align` so row quads stay whole. */
 static void share(int n, int align, int *begin, int *end) {
     int threads = omp_get_num_threads(), thread = omp_get_thread_num();
@@ -145,7 +226,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
             rms_norm(h, layer->attn_norm, x, D, eps);
             /* implicit barrier */
             share(qkv_rows, 4, &begin, &end);
-            matvec_rows(layer->qkv, x, qkv, D, begin, end);
+            project_rows(&layer->qkv, x, qkv, D, begin, end);
             #pragma omp barrier
             #pragma omp single
             {
@@ -178,7 +259,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
             }
             #pragma omp barrier
             share(D, 4, &begin, &end);
-            matvec_rows(layer->out, attended, update, H * hd, begin, end);
+            project_rows(&layer->out, attended, update, H * hd, begin, end);
             #pragma omp barrier
             #pragma omp single
             {
@@ -186,12 +267,16 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
                 rms_norm(h, layer->ffn_norm, x, D, eps);
             }
             share(F, 4, &begin, &end);
-            matvec_rows(layer->gate_up, x, gate, D, begin, end);
-            matvec_rows(layer->gate_up + (size_t)F * D, x, up, D, begin, end);
+            Projection upper = layer->gate_up;  /* rows F..2F of gate_up: the "up" half */
+            upper.weights = upper.weights ? upper.weights + (size_t)F * D : NULL;
+            upper.values = upper.values ? upper.values + (size_t)F * D : NULL;
+            upper.scales = upper.scales ? upper.scales + (size_t)F * (D / BLOCK) : NULL;
+            project_rows(&layer->gate_up, x, gate, D, begin, end);
+            project_rows(&upper, x, up, D, begin, end);
             for (int i = begin; i < end; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
             #pragma omp barrier
             share(D, 4, &begin, &end);
-            matvec_rows(layer->down, gate, update, F, begin, end);
+            project_rows(&layer->down, gate, update, F, begin, end);
             #pragma omp barrier
             #pragma omp single
             residual(h, update, layer->ffn_post_norm, D, eps);
@@ -213,4 +298,28 @@ void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols,
 /* out = rms_norm(x) · w (w NULL: no weight); out may alias x. */
 void looplm_rms_norm(const float *x, const float *w, float *out, int n, float eps) {
     rms_norm(x, w, out, n, eps);
+}
+
+/* y [M, N] = x [M, K] · Wᵀ (+ bias [N] when not NULL) for Q8_0 W (Int8Linear's few-row path);
+ * K must be a multiple of 32.  Each group of four rows meets every x row while it sits in L1. */
+void looplm_q8_matmul(const int8_t *values, const float *scales, const float *bias, const float *x, float *y,
+                      int M, int N, int K, int threads) {
+    const int blocks = K / BLOCK, groups = (N + 3) / 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int g = 0; g < groups; g++) {
+        const int n = 4 * g;
+        const int8_t *w = values + (size_t)n * K;
+        const float *s = scales + (size_t)n * blocks;
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (size_t)m * K;
+            float *ym = y + (size_t)m * N + n;
+            if (n + 4 <= N) {
+                rows4_dot(w, s, xm, blocks, ym);
+            } else {
+                for (int r = 0; n + r < N; r++) ym[r] = row_dot(w + (size_t)r * K, s + (size_t)r * blocks, xm, blocks);
+            }
+            if (bias)
+                for (int r = 0; r < 4 && n + r < N; r++) ym[r] += bias[n + r];
+        }
+    }
 }

@@ -6,7 +6,8 @@ Same methods as ``generate.ReferenceStepper`` and ``fast_decode.FastStepper``, s
 The weights are the model's own tensors, read in place (no copies): build the stepper after
 training, as ``generate`` does for every call.
 
-Supported: a float32 model on the CPU and a batch-1 cache; ``native_unsupported`` says why
+Supported: a float32 model on the CPU (its layer projections may be int8 ``Int8Linear``,
+looplm.quant) and a batch-1 cache; ``native_unsupported`` says why
 not otherwise, and ``Decoder`` then falls back to ``FastStepper``.
 """
 
@@ -17,7 +18,8 @@ import ctypes
 import torch
 
 from looplm.cache import KVCache
-from looplm.native.build import Dims, Layer, load_kernel, unavailable_reason
+from looplm.native.build import Dims, Layer, Projection, load_kernel, unavailable_reason
+from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 
@@ -33,7 +35,7 @@ def native_unsupported(model, cache: KVCache) -> str | None:
         return "the C decode kernel decodes batch 1"
     from looplm.fast_decode import fast_unsupported
 
-    if (reason := fast_unsupported(model)) is not None:
+    if (reason := fast_unsupported(model, allow_int8=True)) is not None:
         return reason
     if load_kernel() is None:
         return unavailable_reason()
@@ -88,10 +90,16 @@ class NativeStepper:
             def weight(module):
                 return _pointer(self._keep_tensor(module.weight)) if hasattr(module, "weight") else None
 
+            def projection(module):
+                if isinstance(module, Int8Linear):  # Q8_0 weights: the kernel widens them in registers
+                    return Projection(None, _pointer(self._keep_tensor(module.values)),
+                                      _pointer(self._keep_tensor(module.scales)))
+                return Projection(weight(module), None, None)
+
             keys, values = self.cache.store(stage, index, step)
             packed[index] = Layer(weight(layer.attn_norm), weight(layer.attn_post_norm), weight(layer.ffn_norm),
-                                  weight(layer.ffn_post_norm), weight(layer.attn.qkv), weight(layer.attn.out),
-                                  weight(layer.ffn.gate_up), weight(layer.ffn.down),
+                                  weight(layer.ffn_post_norm), projection(layer.attn.qkv), projection(layer.attn.out),
+                                  projection(layer.ffn.gate_up), projection(layer.ffn.down),
                                   _pointer(keys[0]), _pointer(values[0]))
         return packed
 

@@ -86,9 +86,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild a LoopLM from a checkpoint directory; one-line errors for every broken file."""
+    """Rebuild a LoopLM from a checkpoint directory (or a .gguf file written by ``looplm export
+    gguf``); one-line errors for every broken file."""
+    from looplm.interop.gguf import is_gguf_path, load_gguf
     from looplm.model.lm import LoopLM
 
+    if is_gguf_path(path):
+        return load_gguf(path)[0].to(device)
     directory = resolve_checkpoint(path)
     config = model_config_from_json(directory / CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE
@@ -115,9 +119,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def load_checkpoint_tokenizer(path: str | Path):
-    """The tokenizer saved beside a checkpoint, or None."""
+    """The tokenizer saved beside a checkpoint (or inside a .gguf file), or None."""
     from looplm.data.tokenizer import Tokenizer
+    from looplm.interop.gguf import is_gguf_path, load_gguf_tokenizer
 
+    if is_gguf_path(path):
+        return load_gguf_tokenizer(path)
     directory = resolve_checkpoint(path)
     if (directory / "tokenizer.json").is_file():
         return Tokenizer.from_file(directory)

@@ -1,0 +1,137 @@
+"""Weight-only int8 quantisation (Q8_0 blocks) for CPU inference.
+
+Format (GGUF's Q8_0 layout): a weight W [N, K] (``nn.Linear``: N outputs, K inputs) is cut
+into blocks of 32 along K.  Per block b of row n
+
+    s[n, b] = max_i |W[n, 32b + i]| / 127,     q[n, 32b + i] = round(W[n, 32b + i] / s[n, b]) ∈ [−127, 127]
+
+and W ≈ s·q, so every element is off by at most s/2 (half a quantisation step).  Values are
+int8 [N, K], scales float32 [N, K/32]: 8.5 bits per weight instead of 32.  GGUF stores s as
+float16; a Q8_0 tensor read from a .gguf file keeps its exact int8 values and scales here.
+
+``Int8Linear`` computes y = x Wᵀ + bias two ways:
+- ``reference_forward``: dequantise W to float32, then ``F.linear`` (the definition);
+- ``forward``: for up to ``KERNEL_MAX_ROWS`` rows of x on the CPU (batch-1 decode) the C kernel
+  (``looplm_q8_matmul`` in ``looplm/native/decode_kernel.c``) widens the int8 weights to float32
+  in registers, reading a quarter of the bytes a float32 matvec reads; more rows (prefill) are
+  compute-bound and go through the reference (one dequantisation, then BLAS).
+The ``native`` decode backend runs int8 layer projections inside its fused layer kernel too.
+torch's own int8 CPU ops (``torch._weight_int8pack_mm``, ``torch._int_mm``) measured 5–9×
+slower than a float32 matvec on this project's AVX2 CPU, hence the kernel.
+
+``quantize_model`` swaps the model's ``nn.Linear`` layers for ``Int8Linear`` in place.  Kept
+in float32: the embedding (a row lookup), the LM head (read once per token, not once per loop
+step; tied to the embedding by default), the exit gate and MoE routers (their outputs are
+decisions: a flipped exit or expert choice costs more than the memory saved), MoE expert
+tensors, norms, biases, and any Linear whose input width is not a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from looplm.errors import LoopLMError
+
+BLOCK = 32
+KERNEL_MAX_ROWS = 4
+KEPT_FLOAT = ("head", "exit_gate", "router")
+
+
+def quantize_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., K] (K a multiple of 32) → int8 values [..., K] and float32 scales [..., K/32]."""
+    if weight.shape[-1] % BLOCK:
+        raise LoopLMError(f"Q8_0 needs rows whose length is a multiple of {BLOCK}, got {weight.shape[-1]}")
+    blocks = weight.detach().float().reshape(*weight.shape[:-1], -1, BLOCK)
+    scales = blocks.abs().amax(dim=-1) / 127.0
+    inverse = torch.where(scales == 0, torch.zeros_like(scales), 1.0 / scales)
+    values = torch.round(blocks * inverse.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return values.reshape(weight.shape), scales
+
+
+def dequantize_q8_0(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 values [..., K] and scales [..., K/32] → float32 W [..., K] = s·q."""
+    blocks = values.float().reshape(*values.shape[:-1], -1, BLOCK)
+    return (blocks * scales.unsqueeze(-1)).reshape(values.shape)
+
+
+def load_q8_kernel() -> ctypes.CDLL | None:
+    """The compiled C kernel (``looplm/native/decode_kernel.c``, built on first use and cached,
+    holding ``looplm_q8_matmul``); None where no C compiler works or ``LOOPLM_NATIVE=0``
+    (``Int8Linear`` then always takes the reference path)."""
+    from looplm.native.build import load_kernel
+
+    return load_kernel()
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + bias with W stored as Q8_0 blocks (int8 values + a float32 scale per 32)."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if values.dtype != torch.int8 or values.dim() != 2 or values.shape[1] % BLOCK:
+            raise LoopLMError(f"Int8Linear needs int8 values [N, K] with K a multiple of {BLOCK},"
+                              f" got {values.dtype} {tuple(values.shape)}")
+        if scales.shape != (values.shape[0], values.shape[1] // BLOCK):
+            raise LoopLMError(f"Q8_0 scales must have shape {(values.shape[0], values.shape[1] // BLOCK)},"
+                              f" got {tuple(scales.shape)}")
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.out_features, self.in_features = values.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        values, scales = quantize_q8_0(linear.weight)
+        return cls(values, scales, linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised float32 weight [N, K] (computed on each access, for code that reads it)."""
+        return dequantize_q8_0(self.values, self.scales)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantise, then an ordinary float32 linear: the definition of this layer."""
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return self.reference_forward(x)
+        kernel = load_q8_kernel()
+        if kernel is None:
+            return self.reference_forward(x)
+        flat = x.reshape(rows, self.in_features).contiguous()
+        out = torch.empty(rows, self.out_features)
+        kernel.looplm_q8_matmul(self.values.data_ptr(), self.scales.data_ptr(),
+                                None if self.bias is None else self.bias.data_ptr(), flat.data_ptr(),
+                                out.data_ptr(), rows, self.out_features, self.in_features, torch.get_num_threads())
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, q8_0"
+
+
+def quantizable(name: str, module: nn.Module) -> bool:
+    """An ``nn.Linear`` that ``quantize_model`` turns into int8 (see the module docstring)."""
+    return (isinstance(module, nn.Linear) and module.in_features % BLOCK == 0
+            and not any(part in KEPT_FLOAT for part in name.split(".")))
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantizable ``nn.Linear`` of ``model`` by an ``Int8Linear``, in place; returns
+    the model in eval mode (int8 weights are for inference: they have no gradients)."""
+    targets = [(name, module) for name, module in model.named_modules() if quantizable(name, module)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Int8Linear.from_linear(module))
+    return model.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any layer of ``model`` holds int8 weights."""
+    return any(isinstance(module, Int8Linear) for module in model.modules())
