@@ -1,11 +1,32 @@
 """KV cache keyed by (stage, layer, loop step) — REFERENCE §4, DESIGN practice 10.
 
-A looped model needs separate keys and values for every loop step of every core layer:
-slot = prelude layer, or P + step·(N + C) + layer for core (and coda) layers.  Storage is
-preallocated once: keys, values [slots, B, H_kv, max_len, hd]; ``length`` counts the
-positions filled so far (shared by every row of the batch).  For MLA the "keys" hold the
-latent c [slots, B, 1, max_len, r_kv] and the "values" the rotated rope keys
-[slots, B, 1, max_len, d_rope] (``looplm.model.mla``).
+A looped model needs keys and values for every loop step of every core layer: slot = prelude
+layer, or P + step·(N + C) + layer for core (and coda) layers.  Which *storage* a slot uses is
+the cache's **layout** (``KV_LAYOUTS``) — the memory/quality choice of Ouro Table 14 and Huginn:
+
+- ``full``         one K/V per (step, layer); every token runs every step, so an exit only picks
+                   the readout (the Ouro reference: exact, saves no compute).
+- ``last_exited``  one K/V per (step, layer); a token that exits at step e skips steps e+1..T and
+                   its step-e K/V is copied into the deeper steps (vllm-rlt).  The default.
+- ``last``         one K/V per layer, shared by all steps: each position keeps the K/V of the last
+                   step it ran (T× less memory).
+- ``first``        one K/V per layer: each position keeps its step-1 K/V.
+- ``avg``          one K/V per layer: each position keeps the mean of its K/V over the steps it ran.
+- ``modulo``       K = ``modulo_slots`` K/Vs per layer (Huginn's fixed budget): step t uses group
+                   t mod K; an exited token's K/V fills the groups it never reached.
+
+Within one call a position always attends to itself with the current step's K/V (the slot is
+written before it is read); the layout decides what *later* tokens see.  Prefill runs the prompt
+at full depth, so inside the prompt every step attends over that step's own K/V (Ouro: prefill
+needs per-step caches), and the layout's rule is applied when the positions are finished.
+Recurrent layers (Gated DeltaNet, RWKV slots) keep a fixed-size state per (step, layer) under
+every layout: their state does not grow with the sequence.
+
+Storage is preallocated once: keys, values [storage slots, B, H_kv, max_len, hd]; ``length``
+counts the positions filled so far (shared by every row of the batch).  For MLA the "keys" hold
+the latent c [.., B, 1, max_len, r_kv] and the "values" the rotated rope keys
+[.., B, 1, max_len, d_rope] (``looplm.model.mla``).  The batched engine places prompts of
+different lengths right-aligned (``offsets`` = left padding per row, ``key_mask``).
 """
 
 from __future__ import annotations
@@ -14,6 +35,10 @@ import torch
 
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
+
+KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo")
+# Layouts whose tokens may skip the steps after their exit.
+SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo")
 
 
 def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: int) -> list[tuple[int, ...]]:
@@ -38,30 +63,62 @@ def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: 
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  max_steps: int | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, layout: str = "last_exited", modulo_slots: int = 2):
+        if layout not in KV_LAYOUTS:
+            raise LoopLMError(f"the KV layout must be one of {', '.join(KV_LAYOUTS)}, got {layout!r}")
+        if layout == "modulo" and modulo_slots < 1:
+            raise LoopLMError(f"the modulo layout needs modulo_slots >= 1, got {modulo_slots}")
         self.config = config
+        self.layout = layout
         self.max_len = max_len or config.max_seq_len
         self.max_steps = max_steps or config.loop_steps
         self.per_step = config.n_core_layers + config.n_coda_layers
+        # How many K/V groups the loop's attention layers keep, and which group step t uses.
+        self.groups = {"full": self.max_steps, "last_exited": self.max_steps,
+                       "modulo": min(modulo_slots, self.max_steps)}.get(layout, 1)
         slots = config.n_prelude_layers + self.max_steps * self.per_step
-        # Attention slots index keys/values; Gated DeltaNet slots index the recurrent states.
         self.kinds = [self._kind(slot) for slot in range(slots)]
-        self.index = []
+        # slot → index into the storage of its kind; attention slots of steps in one group share.
+        self.index, storage = [], {}
+        counts = {"A": 0, "G": 0, "R": 0}
         for slot, kind in enumerate(self.kinds):
-            self.index.append(sum(1 for earlier in self.kinds[:slot] if earlier == kind))
-        attention_slots = self.kinds.count("A")
+            key = (kind, slot)
+            if kind == "A" and slot >= config.n_prelude_layers:
+                step, offset = divmod(slot - config.n_prelude_layers, self.per_step)
+                key = (kind, "loop", self.group(step), offset)
+            if key not in storage:
+                storage[key] = counts[kind]
+                counts[kind] += 1
+            self.index.append(storage[key])
         if config.attention == "mla":  # the latent c and the rotated rope key, one "head" each
-            key_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_kv_rank)
-            value_shape = (attention_slots, batch_size, 1, self.max_len, config.mla_rope_dim)
+            key_shape = (counts["A"], batch_size, 1, self.max_len, config.mla_kv_rank)
+            value_shape = (counts["A"], batch_size, 1, self.max_len, config.mla_rope_dim)
         else:
-            key_shape = value_shape = (attention_slots, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+            key_shape = value_shape = (counts["A"], batch_size, config.n_kv_heads, self.max_len, config.head_dim)
         self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
         self.values = torch.zeros(value_shape, device=device, dtype=dtype)
         # Recurrent layers keep fixed-size states per slot: [slots of that kind, B, ...] each.
         self.states = {kind: [torch.zeros(self.kinds.count(kind), *shape, device=device, dtype=dtype)
                               for shape in recurrent_state_shapes(config, kind, batch_size, self.max_len)]
                        for kind in ("G", "R")}
+        # The loop's attention storage (shared by every layout rule below): indices into keys/values.
+        self._loop_attention = sorted({self.index[slot] for slot, kind in enumerate(self.kinds)
+                                       if kind == "A" and slot >= config.n_prelude_layers})
+        self._saved = None  # first: step-1 K/V of the open positions; avg: their running sums
         self.length = 0
+        # Right-aligned rows (batched engine): left padding per row; positions < offset are masked.
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def group(self, step: int) -> int:
+        """The K/V group loop step ``step`` (0-based) reads and writes under this layout."""
+        if self.groups == self.max_steps:
+            return step
+        return step % self.groups
+
+    @property
+    def skips(self) -> bool:
+        """Whether tokens under this layout skip the steps after their exit (all but ``full``)."""
+        return self.layout in SKIPPING_LAYOUTS
 
     @property
     def conv_states(self) -> torch.Tensor:
@@ -85,9 +142,9 @@ class KVCache:
         offset = 0 if stage == "core" else self.config.n_core_layers
         return prelude + step * self.per_step + offset + layer
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
         """Storage views of one slot, written in place by its layer: keys, values
-        [B, H_kv, max_len, hd] for attention; conv inputs and recurrent state for GDN."""
+        [B, H_kv, max_len, hd] for attention; the recurrent states for G and R layers."""
         slot = self.slot(stage, layer, step)
         index = self.index[slot]
         if self.kinds[slot] != "A":
@@ -104,26 +161,67 @@ class KVCache:
             raise LoopLMError(f"the cache holds {self.max_len} positions; {self.length + length} needed")
         self.length += length
 
-    def copy_step(self, source_step: int, target_steps: range, start: int, end: int) -> None:
-        """Copy the K/V of positions [start, end) at ``source_step`` into ``target_steps``.
-
-        This is LAST_EXITED (REFERENCE §4): a token that exits at step e never computes the
-        deeper steps, so its step-e keys and values stand in for them and later tokens can
-        still attend to it at every depth.  A Gated DeltaNet layer has no per-position
-        entries: its step-e state (which has absorbed the token) replaces the deeper steps'
-        states, the recurrent analogue of the same rule.
-        """
-        first = self.config.n_prelude_layers
-        for offset in range(self.per_step):
-            source = first + source_step * self.per_step + offset
-            for step in target_steps:
-                target = first + step * self.per_step + offset
-                if self.kinds[source] != "A":
-                    for state in self.states[self.kinds[source]]:
-                        state[self.index[target]] = state[self.index[source]]
+    # --- layout rules, called by every forward and decoder after each step and per token -----
+    def after_step(self, step: int, start: int, end: int, rows: torch.Tensor | None = None) -> None:
+        """Positions [start, end) of ``rows`` (None = all) finished loop step ``step``."""
+        if self.layout not in ("first", "avg") or not self._loop_attention:
+            return
+        loop = self._loop_attention
+        current = (self.keys[loop, :, :, start:end], self.values[loop, :, :, start:end])
+        if rows is not None:
+            current = tuple(tensor[:, rows] for tensor in current)
+        if step == 0:
+            if self._saved is None or self._saved[0].shape[-2] != end - start:
+                self._saved = tuple(tensor.clone() for tensor in
+                                    (self.keys[loop, :, :, start:end], self.values[loop, :, :, start:end]))
+            for saved, tensor in zip(self._saved, current):
+                if rows is None:
+                    saved.copy_(tensor)
                 else:
-                    self.keys[self.index[target], :, :, start:end] = self.keys[self.index[source], :, :, start:end]
-                    self.values[self.index[target], :, :, start:end] = self.values[self.index[source], :, :, start:end]
+                    saved[:, rows] = tensor
+        elif self.layout == "avg":
+            for saved, tensor in zip(self._saved, current):
+                if rows is None:
+                    saved += tensor
+                else:
+                    saved[:, rows] += tensor
+
+    def finish(self, start: int, end: int, steps_run: int | torch.Tensor) -> None:
+        """Apply the layout's rule to positions [start, end) whose rows ran ``steps_run`` loop steps
+        (an int, or a [B] tensor per row when a batch's rows exited at different steps)."""
+        per_row = torch.as_tensor(steps_run).expand(self.offsets.shape[0]).tolist()
+        for row, ran in enumerate(per_row):
+            if ran < self.max_steps:
+                self._fill_skipped(row, ran, start, end)
+        if self.layout in ("first", "avg") and self._loop_attention:
+            loop = self._loop_attention
+            keys, values = self._saved
+            if self.layout == "avg":
+                scale = torch.as_tensor(per_row, dtype=keys.dtype, device=keys.device).view(1, -1, 1, 1, 1)
+                keys, values = keys / scale, values / scale
+            self.keys[loop, :, :, start:end] = keys
+            self.values[loop, :, :, start:end] = values
+
+    def _fill_skipped(self, row: int, ran: int, start: int, end: int) -> None:
+        """A row that stopped after ``ran`` steps: the steps it skipped get its last step's entries
+        (LAST_EXITED, REFERENCE §4).  Recurrent states of deeper steps take the last state (which
+        has absorbed the token), under every layout; attention groups the token never wrote take
+        its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""
+        first = self.config.n_prelude_layers
+        written = {self.group(step) for step in range(ran)}
+        for offset in range(self.per_step):
+            source = first + (ran - 1) * self.per_step + offset
+            kind = self.kinds[source]
+            done = set()
+            for step in range(ran, self.max_steps):
+                target = first + step * self.per_step + offset
+                if kind != "A":
+                    for state in self.states[kind]:
+                        state[self.index[target], row] = state[self.index[source], row]
+                elif self.group(step) not in written and self.group(step) not in done:
+                    done.add(self.group(step))
+                    self.keys[self.index[target], row, :, start:end] = self.keys[self.index[source], row, :, start:end]
+                    self.values[self.index[target], row, :, start:end] = self.values[self.index[source], row, :, start:end]
 
     @property
     def nbytes(self) -> int:
@@ -132,5 +230,5 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of K/V per position (recurrent states do not grow with the sequence)."""
+        """Bytes of K/V per position and sequence (recurrent states do not grow with the sequence)."""
         return (self.keys.nbytes + self.values.nbytes) // (self.keys.shape[1] * self.max_len)

@@ -1,13 +1,11 @@
 """Generation: prefill + token-by-token decode with a KV cache per (loop step, layer).
 
-Exit policies decide, per token, how many loop steps run:
-- ``FixedSteps(n)`` runs n steps (n may exceed the trained T).
-- ``QExit(q)`` exits at the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q
-  (REFERENCE §2); q = 1 always runs every step.
-
-Early exit really skips work: a token that exits at step e runs neither the core layers nor
-the readout of steps e+1..T.  Its step-e keys and values are copied into the deeper steps'
-caches (LAST_EXITED, REFERENCE §4), so later tokens that do go deeper can attend to it.
+Exit policies (``looplm.exit_policy``: fixed steps, Q-exit, hidden-state difference, KL, ACT)
+decide, per token, how many loop steps run.  Early exit really skips work: a token that exits
+at step e runs neither the core layers nor the readout of steps e+1..T, and the cache's layout
+(``looplm.cache.KV_LAYOUTS``) decides what later tokens see of it — by default its step-e keys
+and values stand in for the deeper steps (LAST_EXITED, REFERENCE §4).  Under the ``full``
+layout every token runs every step and the exit only picks the readout (Ouro's reference).
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
 
 Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
@@ -21,11 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
 from looplm.cache import KVCache
 from looplm.config import DECODE_BACKENDS as BACKENDS
 from looplm.errors import LoopLMError
+from looplm.exit_policy import (ACTExit, ExitPolicy, ExitRule, FixedSteps, HiddenDiffExit, KLExit, QExit,  # noqa: F401
+                                make_exit_policy)
 
 
 @dataclass(frozen=True)
@@ -45,69 +44,6 @@ class Sampling:
             raise LoopLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LoopLMError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(frozen=True)
-class FixedSteps:
-    """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
-
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
-
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
-
-
-@dataclass(frozen=True)
-class QExit:
-    """Exit at the first step whose exit CDF reaches ``threshold`` (Ouro's Q-exit)."""
-
-    threshold: float = 0.5
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise LoopLMError(f"q must be in [0, 1], got {self.threshold}")
-        if self.steps is not None and self.steps < 1:
-            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
-
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
-
-
-@dataclass(frozen=True)
-class ACTExit:
-    """ACT halting (Graves; REFERENCE §5): the output is the halting-weighted readout
-    Σ_t w_t r_t (``exit.act_weights``, the gate read as halting probability).  Every depth
-    still runs so that every step's cache holds every token; the reported steps are the
-    halting step.  threshold None = the model's ``act_threshold``."""
-
-    threshold: float | None = None
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise LoopLMError(f"the ACT threshold must be in (0, 1], got {self.threshold}")
-        if self.steps is not None and self.steps < 1:
-            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
-
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
-
-
-ExitPolicy = FixedSteps | QExit | ACTExit
-
-
-def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False) -> ExitPolicy:
-    """ACT when asked, Q-exit when q is given, else fixed steps."""
-    if act:
-        if q is not None:
-            raise LoopLMError("choose one exit policy: --act or --q, not both")
-        return ACTExit(steps=steps)
-    return QExit(q, steps) if q is not None else FixedSteps(steps)
 
 
 @dataclass
@@ -160,13 +96,16 @@ class Decoder:
     """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
-                 compile_steps: bool = False):
+                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
+                 cache: KVCache | None = None):
         """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
         C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
         device), "reference" (the model's own modules; every configuration) or "auto" (the
         fastest that supports this model: the fast paths cover Ouro's plain loop).
         compile_steps: torch.compile the torch backend's loop step (worth it only for long
-        generations: the first call compiles for ~20 s)."""
+        generations: the first call compiles for ~20 s).
+        layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``).  cache: decode into
+        this cache instead of a new one (prefix reuse hands over a restored cache)."""
         if backend not in BACKENDS:
             raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         backend_asked = backend
@@ -179,8 +118,12 @@ class Decoder:
         if isinstance(exit_policy, ACTExit):
             self.act_threshold = exit_policy.threshold or model.config.act_threshold
         device = next(model.parameters()).device
-        self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
-                             dtype=next(model.parameters()).dtype)
+        self.cache = cache or KVCache(model.config, 1, max_len, self.max_steps, device=device,
+                                      dtype=next(model.parameters()).dtype, layout=layout,
+                                      modulo_slots=modulo_slots)
+        self.rule = ExitRule(exit_policy, 1, model.config.loop_steps, device)
+        # first/avg combine every step's coda K/V: run the readout (coda) at every step then.
+        self.dense_readout = bool(model.coda) and self.cache.layout in ("first", "avg")
         if compile_steps and backend in ("auto", "native"):
             backend = "torch"
         if backend in ("auto", "native"):
@@ -208,45 +151,63 @@ class Decoder:
         self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
 
-    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Fill every depth's cache with the prompt ids [1, S]; return last-position logits."""
-        output = self.model(ids, steps=self.max_steps, cache=self.cache)
-        steps = self.max_steps
+    def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
+        """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
+        prefix_cache: restore the longest stored prefix of the prompt and compute only the rest."""
+        if prefix_cache is not None:
+            output = prefix_cache.prefill(self.model, ids[0].tolist(), self.cache, self.max_steps)
+        else:
+            output = self.model(ids, steps=self.max_steps, cache=self.cache)
         if self.act_threshold is not None:
             state, _, halting = output.act(self.act_threshold)
             return self.model.logits(state[0, -1]), int(halting[0, -1])
-        if isinstance(self.policy, QExit):
-            from looplm.model.exit import q_exit_steps
-
-            steps = int(q_exit_steps(output.gate_logits[:, :, -1], self.policy.threshold))
+        steps = self.max_steps
+        if self.rule.active:
+            self.rule.reset()
+            for step in range(self.max_steps - 1):
+                readout = output.hidden_states[step][:, -1]
+                if bool(self.rule.decide(step, None, readout, lambda: self.model.gate_logits(readout),
+                                         lambda: self.model.logits(readout))[0]):
+                    steps = step + 1
+                    break
         return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         """Decode one token; return its logits [V] and the loop steps it ran.
 
-        Under Q-exit the loop stops at the first step whose exit CDF reaches q; the deeper
-        steps are never run and their cache slots get this token's K/V (LAST_EXITED).
+        With an early-exit policy the loop stops at the first step the policy exits; the
+        deeper steps are never run (except under the ``full`` layout) and the cache layout
+        decides what their slots hold for this token (``KVCache.finish``).
         """
-        stepper, cache = self.stepper, self.cache
+        stepper, cache, rule = self.stepper, self.cache, self.rule
         start = cache.length
         e = stepper.embed(token, start)
         h = stepper.initial_state(e, start)
         if self.act_threshold is not None:
             return self._act_step(h, e, start)
-        log_survival = torch.zeros((), device=cache.keys.device)
+        rule.reset()
+        chosen = exit_step = None
         for step in range(self.max_steps):
             h = stepper.core_step(h, step, start, e)
             last = step + 1 == self.max_steps
-            if not (last or self.threshold < 1.0):
-                continue
-            readout = stepper.readout(h, step, start)
-            if not last:
-                log_survival = log_survival + F.logsigmoid(-stepper.gate_logit(readout))
-                if float(-torch.expm1(log_survival)) >= self.threshold:
-                    cache.copy_step(step, range(step + 1, self.max_steps), start, start + 1)
+            if last or rule.active or self.dense_readout:
+                readout = stepper.readout(h, step, start)
+            cache.after_step(step, start, start + 1)
+            if last:
+                break
+            if exit_step is None and rule.active and bool(rule.decide(
+                    step, None, readout.reshape(1, -1), lambda: stepper.gate_logit(readout),
+                    lambda: stepper.logits(readout))[0]):
+                exit_step = step + 1
+                if cache.skips:
                     break
+                chosen = readout.clone()  # the steppers reuse their buffers
+        ran = step + 1
+        cache.finish(start, start + 1, ran)
         cache.advance(1)
-        return stepper.logits(readout), step + 1
+        if exit_step is None:
+            return stepper.logits(readout), ran
+        return stepper.logits(readout if chosen is None else chosen), exit_step
 
     def _act_step(self, h: torch.Tensor, e: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """ACT for one token, weights as ``exit.act_weights`` computes them.  Steps after the
@@ -255,6 +216,7 @@ class Decoder:
         for step in range(self.max_steps):
             h = stepper.core_step(h, step, start, e)
             readout = stepper.readout(h, step, start)
+            self.cache.after_step(step, start, start + 1)
             if halting is not None:
                 continue
             probability = float(torch.sigmoid(stepper.gate_logit(readout)))
@@ -263,6 +225,7 @@ class Decoder:
             else:
                 weight, total = probability, total + probability
             state = weight * readout if state is None else state + weight * readout
+        self.cache.finish(start, start + 1, self.max_steps)
         self.cache.advance(1)
         return stepper.logits(state), halting
 
@@ -297,7 +260,8 @@ class ReferenceStepper:
 def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
            exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
            stop_ids: Sequence[int] | None = None, result: Generation | None = None, backend: str = "auto",
-           compile_steps: bool = False) -> Iterator[GeneratedToken]:
+           compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
+           prefix_cache=None) -> Iterator[GeneratedToken]:
     """Yield generated tokens one at a time (see ``generate`` for the arguments).
 
     ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
@@ -325,9 +289,10 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     model.eval()
     try:
         with torch.inference_mode():
-            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), backend, compile_steps)
+            decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), backend, compile_steps,
+                              layout, modulo_slots)
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-            logits, steps = decoder.prefill(prompt)
+            logits, steps = decoder.prefill(prompt, prefix_cache)
             emitted = ""
             for index in range(budget):
                 token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
@@ -371,18 +336,21 @@ def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | No
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-             stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False) -> Generation:
+             stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False,
+             layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
 
     Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
     the text is cut before it), or the end of the model's context.  Returns the new ids, the
     loop steps each token used, the decoded text and why it stopped.  ``backend`` picks the
     per-token implementation (see ``Decoder``; every backend gives the same tokens);
-    ``compile_steps`` compiles the torch backend's loop step.
+    ``compile_steps`` compiles the torch backend's loop step.  ``layout``/``modulo_slots``:
+    the KV layout (``looplm.cache.KV_LAYOUTS``).  ``prefix_cache``: a ``PrefixCache`` whose
+    stored prompt prefixes are reused instead of recomputed (same output).
     """
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
-                    stop_ids, result, backend, compile_steps):
+                    stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache):
         pass
     if tokenizer is not None and result.stop_reason != "stop_string":
         result.text = tokenizer.decode(result.ids)

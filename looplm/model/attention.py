@@ -58,8 +58,11 @@ class Attention(nn.Module):
         return torch.cat([q, k], dim=1), v, gate.reshape(batch, length, heads * head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None."""
+                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None.
+        key_mask: bool [B, 1, S, start+S] of the cached keys each row may see (decode of
+        right-aligned rows), combined with causality; None = all earlier keys."""
         batch, length, _ = x.shape
         query_key, v, gate = self._project(x)
         # One rotation for queries and keys together: half the elementwise ops of two calls.
@@ -73,6 +76,8 @@ class Attention(nn.Module):
             key_store[:, :, start:end] = k
             value_store[:, :, start:end] = v
             mask = None if length == 1 else causal_mask_with_offset(length, end, x.device)
+            if key_mask is not None:
+                mask = key_mask if mask is None else key_mask & mask
             o = F.scaled_dot_product_attention(q, key_store[:, :, :end], value_store[:, :, :end],
                                                attn_mask=mask, enable_gqa=gqa)
         o = o.transpose(1, 2).reshape(batch, length, -1)

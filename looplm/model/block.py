@@ -38,7 +38,9 @@ class Layer(nn.Module):
         self.ffn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        """h: [B, S, D] → [B, S, D]."""
-        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), cos, sin, kv_store, start))
+                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [B, S, D] → [B, S, D].  mask: which cached keys each row may attend to (bool,
+        broadcastable to [B, 1, S, keys]; the batched engine's right-aligned rows), or None."""
+        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), cos, sin, kv_store, start, mask))
         return h + self.ffn_post_norm(self.ffn(self.ffn_norm(h)))

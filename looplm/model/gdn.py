@@ -169,7 +169,8 @@ class GatedDeltaNet(nn.Module):
         picked = memories.gather(3, chosen[..., None].expand(*chosen.shape, memories.shape[-1]))
         return weights[..., :1] * online + (weights[..., 1:, None] * picked).sum(dim=3)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
+                key_mask=None) -> torch.Tensor:
         """x [B, S, D]; state_store: (conv inputs, recurrent state[, segment memory]) updated in
         place, or None."""
         batch, length, _ = x.shape

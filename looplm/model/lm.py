@@ -159,13 +159,18 @@ class LoopLM(nn.Module):
                 f"sequence of {start + length} tokens exceeds the context of {self.config.max_seq_len}"
                 " (model.max_seq_len): shorten the input")
 
-    def embed_input(self, ids: torch.Tensor, start: int = 0, cache=None) -> torch.Tensor:
-        """ids [B, S] → e [B, S, D]: embedding then the prelude layers (run once per token)."""
-        self._check_positions(start, ids.shape[1])
+    def embed_input(self, ids: torch.Tensor, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
+        """ids [B, S] → e [B, S, D]: embedding then the prelude layers (run once per token).
+
+        tables, mask (here and in ``core_step``, ``readout``): per-row RoPE tables
+        (cos, sin [B, 1, S, r]) and key masks for rows at different positions (the batched
+        engine); None = positions start..start+S−1 for every row."""
+        if tables is None:
+            self._check_positions(start, ids.shape[1])
         h = self.embed(ids)
-        cos, sin = self.rope.tables(start, ids.shape[1])
+        cos, sin = tables if tables is not None else self.rope.tables(start, ids.shape[1])
         for index, layer in enumerate(self.prelude):
-            h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start)
+            h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start, mask)
         return h
 
     def initial_state(self, e: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -173,7 +178,7 @@ class LoopLM(nn.Module):
         return e if self.noise is None else self.noise(e, start)
 
     def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
-                  injected: torch.Tensor | None = None) -> torch.Tensor:
+                  injected: torch.Tensor | None = None, tables=None, mask=None) -> torch.Tensor:
         """One loop step (0-based ``step``): loop-index signal, injection of ``injected`` (the
         prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
         the step norm if configured (see ``looplm.model.loop``)."""
@@ -184,21 +189,21 @@ class LoopLM(nn.Module):
             if injected is None:
                 raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
             h = self.injection(h, injected)
-        cos, sin = self.rope.tables(start, h.shape[1])
+        cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
         update = h
         for index, layer in enumerate(self.core):
-            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start)
+            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start, mask)
         if self.depth_lora is not None:
             update = update + self.depth_lora(h, step)
         return self.norm(update) if config.step_norm else update
 
-    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
         """State after a loop step → the normed state the head and the exit gate read."""
         if not self.coda:
             return h if self.config.step_norm else self.norm(h)
-        cos, sin = self.rope.tables(start, h.shape[1])
+        cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
         for index, layer in enumerate(self.coda):
-            h = layer(h, cos, sin, cache.store("coda", index, step) if cache else None, start)
+            h = layer(h, cos, sin, cache.store("coda", index, step) if cache else None, start, mask)
         return self.norm(h)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
@@ -241,7 +246,10 @@ class LoopLM(nn.Module):
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))
+            if cache is not None:
+                cache.after_step(step, start, start + ids.shape[1])
         if cache is not None:
+            cache.finish(start, start + ids.shape[1], steps)
             cache.advance(ids.shape[1])
         aux = [loss for module in self.moe_layers for loss in module.pop_aux_losses()]
         return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self,

@@ -70,7 +70,8 @@ class MultiHeadLatentAttention(nn.Module):
         return kv.split([self.nope_dim, self.value_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """kv_store: (latent store [B, 1, max_len, r_kv], rope-key store [B, 1, max_len, d_rope]) or None."""
         batch, length, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
@@ -82,21 +83,26 @@ class MultiHeadLatentAttention(nn.Module):
             rope_store[:, :, start:end] = k_rope
             c, k_rope = latent_store[:, :, :end], rope_store[:, :, :end]
         if kv_store is not None and length == 1 and self.absorb_for_decode:
-            o = self._absorbed(q_nope, q_rope, c, k_rope)
+            o = self._absorbed(q_nope, q_rope, c, k_rope, key_mask)
         else:
             k_nope, v = self.expand(c)
             q = torch.cat([q_nope, q_rope], dim=-1)
             k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
             mask = None if length == 1 or kv_store is None else causal_mask_with_offset(length, end, x.device)
+            if key_mask is not None:
+                mask = key_mask if mask is None else key_mask & mask
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv_store is None and length > 1)
         return self.out(o.transpose(1, 2).reshape(batch, length, -1))
 
-    def _absorbed(self, q_nope, q_rope, c, k_rope) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rope, c, k_rope, key_mask=None) -> torch.Tensor:
         """One query position over the cached latent without expanding it: [B, H, 1, d_v]."""
         weight = self.kv_up.weight.view(self.n_heads, self.nope_dim + self.value_dim, self.kv_rank)
         key_up, value_up = weight.split([self.nope_dim, self.value_dim], dim=1)  # [H, d_nope | d_v, r_kv]
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope, key_up)
         scores = (torch.einsum("bhsr,blr->bhsl", q_latent, c[:, 0])
                   + torch.einsum("bhsd,bld->bhsl", q_rope, k_rope[:, 0]))
-        weights = torch.softmax(scores * (self.nope_dim + self.rope_dim) ** -0.5, dim=-1)
+        scores = scores * (self.nope_dim + self.rope_dim) ** -0.5
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
         return torch.einsum("bhsr,hvr->bhsv", torch.einsum("bhsl,blr->bhsr", weights, c[:, 0]), value_up)

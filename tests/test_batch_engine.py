@@ -1,0 +1,89 @@
+"""The batched engine (issue #5): batched generation equals per-prompt generation for every
+layout, exit policy and mixer kind; exited rows really skip layers (counted); q = 1 keeps
+full depth."""
+
+import pytest
+import torch
+
+from looplm.batch import batch_unsupported, generate_batch
+from looplm.errors import LoopLMError
+from looplm.exit_policy import FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.generate import generate
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+from test_architectures import VARIANTS, build
+
+PROMPTS = [[1, 5, 9, 2, 7, 3, 11], [4, 8], [6, 2, 9, 9], [3]]
+
+
+def _exit_model(**overrides) -> LoopLM:
+    torch.manual_seed(1)
+    model = LoopLM(tiny_config(loop_steps=4, **overrides))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    model.exit_gate.bias.data.fill_(-1.0)  # exits spread over the steps
+    return model.eval()
+
+
+def _per_prompt(model, policy, layout="last_exited", new=6):
+    return [generate(model, prompt, new, exit_policy=policy, backend="reference", layout=layout)
+            for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
+def test_batched_equals_per_prompt_for_every_layout(layout):
+    model = _exit_model(n_coda_layers=1, n_kv_heads=2)
+    policy = QExit(0.4)
+    batched = generate_batch(model, PROMPTS, 6, exit_policy=policy, layout=layout)
+    for single, result in zip(_per_prompt(model, policy, layout), batched.generations):
+        assert result.ids == single.ids
+        assert result.steps == single.steps
+
+
+@pytest.mark.parametrize("policy", [FixedSteps(5), QExit(0.5, min_steps=2), HiddenDiffExit(0.3), KLExit(0.05)],
+                         ids=["fixed-beyond-T", "q-min-steps", "hidden", "kl"])
+def test_batched_equals_per_prompt_for_every_policy(policy):
+    model = _exit_model(n_prelude_layers=1)
+    batched = generate_batch(model, PROMPTS, 6, exit_policy=policy)
+    for single, result in zip(_per_prompt(model, policy), batched.generations):
+        assert (result.ids, result.steps) == (single.ids, single.steps)
+
+
+@pytest.mark.parametrize("name", [name for name, values in VARIANTS.items()
+                                  if not batch_unsupported(build(name))][:12])
+def test_batched_equals_per_prompt_for_every_mixer(name):
+    model = build(name)
+    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps()
+    batched = generate_batch(model, PROMPTS, 5, exit_policy=policy)
+    for single, result in zip(_per_prompt(model, policy, new=5), batched.generations):
+        assert (result.ids, result.steps) == (single.ids, single.steps)
+
+
+def test_early_exit_skips_layer_applications_and_q1_keeps_full_depth():
+    model = _exit_model()
+    model.exit_gate.bias.data.fill_(0.5)  # most tokens exit early at q = 0.5
+    full = generate_batch(model, PROMPTS, 8, exit_policy=QExit(1.0))
+    assert full.layer_applications == full.full_depth_applications > 0
+    assert all(steps == 4 for result in full.generations for steps in result.steps)
+    early = generate_batch(model, PROMPTS, 8, exit_policy=QExit(0.5))
+    mean_steps = sum(sum(result.steps) for result in early.generations) / early.decoded_tokens
+    assert mean_steps < 3
+    # Every exited token skipped its deeper core layers: the count follows the steps exactly
+    # (tokens decoded = tokens emitted minus each row's first, which prefill produced).
+    decoded_steps = sum(sum(result.steps[1:]) for result in early.generations)
+    assert early.layer_applications == decoded_steps * model.config.n_core_layers
+    assert early.saved_fraction > 0.25
+    # The full layout computes every step (exact, no saving) but reports the same exits.
+    exact = generate_batch(model, PROMPTS, 8, exit_policy=QExit(0.5), layout="full")
+    assert exact.layer_applications == exact.full_depth_applications
+
+
+def test_rows_stop_independently_and_bad_input_is_refused():
+    model = _exit_model()
+    result = generate_batch(model, PROMPTS, 5, stop_ids=[int(generate(model, PROMPTS[1], 1).ids[0])])
+    assert result.generations[1].stop_reason == "stop_token" and result.generations[1].ids == []
+    assert all(len(r.ids) <= 5 for r in result.generations)
+    with pytest.raises(LoopLMError, match="prompt 1 is empty"):
+        generate_batch(model, [[1], []], 2)
+    with pytest.raises(LoopLMError, match="longer than the context"):
+        generate_batch(model, [[1] * 100], 2)
