@@ -189,7 +189,8 @@ class KVCache:
     def finish(self, start: int, end: int, steps_run: int | torch.Tensor) -> None:
         """Apply the layout's rule to positions [start, end) whose rows ran ``steps_run`` loop steps
         (an int, or a [B] tensor per row when a batch's rows exited at different steps)."""
-        per_row = torch.as_tensor(steps_run).expand(self.offsets.shape[0]).tolist()
+        rows = self.offsets.shape[0]
+        per_row = [steps_run] * rows if isinstance(steps_run, int) else steps_run.expand(rows).tolist()
         for row, ran in enumerate(per_row):
             if ran < self.max_steps:
                 self._fill_skipped(row, ran, start, end)

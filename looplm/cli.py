@@ -45,6 +45,8 @@ def _dotted_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
+    from looplm.cache import KV_LAYOUTS
+
     parser.add_argument("--steps", type=int, default=None,
                         help="loop steps per token (default: the trained T; larger extrapolates)")
     parser.add_argument("--q", type=float, default=None,
@@ -52,6 +54,17 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
                              " (default: no early exit)")
     parser.add_argument("--act", action="store_true",
                         help="ACT halting: output the halting-weighted readout (every depth still runs)")
+    parser.add_argument("--exit-hidden", type=float, default=None, metavar="EPS",
+                        help="exit at the first step whose readout changed by less than EPS (relative norm)")
+    parser.add_argument("--exit-kl", type=float, default=None, metavar="EPS",
+                        help="exit at the first step whose next-token distribution moved less than EPS nats")
+    parser.add_argument("--min-steps", type=int, default=1, help="no early exit before this many steps")
+    parser.add_argument("--layout", default="last_exited", choices=KV_LAYOUTS,
+                        help="KV cache layout across loop steps: last_exited (default; exited tokens' K/V fill"
+                             " the deeper steps), full (every token runs every step: exact, no saving), last,"
+                             " first, avg (one K/V per layer: T x less memory), modulo (--modulo-slots per"
+                             " layer). See docs/INFERENCE.md")
+    parser.add_argument("--modulo-slots", type=int, default=2, help="K/V groups per layer of the modulo layout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Generate text from a checkpoint (or run directory), streaming"
                               " tokens as they are decoded.")
     generate.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
-    generate.add_argument("--prompt", required=True, help="prompt text")
+    generate.add_argument("--prompt", required=True, action="append",
+                          help="prompt text; repeat for several prompts, generated together as one batch")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
@@ -293,7 +307,7 @@ def run_generate(args) -> None:
     from looplm.generate import Sampling, make_exit_policy, stream, Generation
     from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
 
-    policy = make_exit_policy(args.q, args.steps, args.act)
+    policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
     if args.int8:
@@ -306,10 +320,12 @@ def run_generate(args) -> None:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: cannot turn the prompt into tokens")
-    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in args.prompt]
+    if len(prompts) > 1:
+        return _generate_batch(args, model, tokenizer, prompts, sampling, policy)
     result = Generation()
-    for token in stream(model, prompt, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                        result=result, backend=args.backend):
+    for token in stream(model, prompts[0], args.max_new_tokens, sampling, policy, tokenizer, args.stop,
+                        result=result, backend=args.backend, layout=args.layout, modulo_slots=args.modulo_slots):
         if not args.no_stream:
             print(token.text, end="", flush=True)
     if args.no_stream:
@@ -318,6 +334,22 @@ def run_generate(args) -> None:
     if args.show_steps:
         print(f"steps per token: {result.steps}  (mean {result.mean_steps:.2f}; stop: {result.stop_reason})",
               file=sys.stderr)
+
+
+def _generate_batch(args, model, tokenizer, prompts, sampling, policy) -> None:
+    """Several prompts as one batch (looplm.batch): print each continuation and what early exit saved."""
+    from looplm.batch import generate_batch
+
+    result = generate_batch(model, prompts, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
+                            layout=args.layout, modulo_slots=args.modulo_slots)
+    for number, generation in enumerate(result.generations):
+        print(f"[{number}] {generation.text}")
+        if args.show_steps:
+            print(f"    steps per token: {generation.steps}  (mean {generation.mean_steps:.2f};"
+                  f" stop: {generation.stop_reason})", file=sys.stderr)
+    print(f"batch of {len(prompts)}: {result.layer_applications} layer applications for {result.decoded_tokens}"
+          f" decoded tokens ({100 * result.saved_fraction:.0f}% skipped by early exit);"
+          f" KV cache {result.cache_bytes_per_token} bytes/token/sequence", file=sys.stderr)
 
 
 def _grid(text: str | None, default: tuple, name: str, upper: float | None = None) -> tuple:

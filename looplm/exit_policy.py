@@ -17,6 +17,7 @@ makes the same decision from the same numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -176,6 +177,7 @@ class ExitRule:
             self.kind = "static"  # q = 1 runs every step
         self.log_survival = torch.zeros(rows, device=device)
         self.previous: torch.Tensor | None = None  # [rows, D] readouts or [rows, V] logits
+        self.scalar_survival = 0.0  # decide_one's log survival
 
     @property
     def active(self) -> bool:
@@ -204,6 +206,16 @@ class ExitRule:
             exits = torch.zeros_like(exits)
         return exits
 
+    def decide_one(self, step: int, readout: torch.Tensor, gate_logit, logits) -> bool:
+        """``decide`` for a single row (the batch-1 decoder): Q-exit in Python floats, since
+        tensor ops on one number cost more than the decode step of a small model."""
+        if self.kind != "q":
+            return bool(self.decide(step, None, readout.reshape(1, -1), gate_logit, logits)[0])
+        z = float(gate_logit())
+        # log σ(−z) = −softplus(z), computed stably for either sign of z.
+        self.scalar_survival -= (z + math.log1p(math.exp(-z))) if z > 0 else math.log1p(math.exp(z))
+        return step + 1 >= self.min_steps and -math.expm1(self.scalar_survival) >= self.policy.threshold
+
     def _store(self, name: str, rows: torch.Tensor | None, value: torch.Tensor) -> None:
         if rows is None:
             setattr(self, name, value.clone())
@@ -213,4 +225,5 @@ class ExitRule:
     def reset(self) -> None:
         """Start a new token (the batch-1 decoder reuses one rule)."""
         self.log_survival.zero_()
+        self.scalar_survival = 0.0
         self.previous = None

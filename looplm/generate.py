@@ -15,6 +15,7 @@ Three backends run the per-token steps with the same math (``Decoder``'s ``backe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -195,9 +196,8 @@ class Decoder:
             cache.after_step(step, start, start + 1)
             if last:
                 break
-            if exit_step is None and rule.active and bool(rule.decide(
-                    step, None, readout.reshape(1, -1), lambda: stepper.gate_logit(readout),
-                    lambda: stepper.logits(readout))[0]):
+            if exit_step is None and rule.active and rule.decide_one(
+                    step, readout, lambda: stepper.gate_logit(readout), lambda: stepper.logits(readout)):
                 exit_step = step + 1
                 if cache.skips:
                     break
@@ -219,7 +219,7 @@ class Decoder:
             self.cache.after_step(step, start, start + 1)
             if halting is not None:
                 continue
-            probability = float(torch.sigmoid(stepper.gate_logit(readout)))
+            probability = 0.5 * (1.0 + math.tanh(0.5 * float(stepper.gate_logit(readout))))  # σ(z), stable
             if total + probability >= self.act_threshold or step + 1 == self.max_steps:
                 weight, halting = 1.0 - total, step + 1
             else:

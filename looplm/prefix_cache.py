@@ -73,7 +73,7 @@ class PrefixCache:
             cache.keys[:, 0, :, :start] = entry.keys[:, :, :start]
             cache.values[:, 0, :, :start] = entry.values[:, :, :start]
             for mine, saved in zip(self._state_tensors(cache), entry.states.get(start, [])):
-                mine[:, 0] = saved
+                _copy_overlap(mine[:, 0], saved)
             cache.length = start
             if start == len(ids):
                 self.entries.move_to_end(entry.ids)
@@ -128,3 +128,11 @@ class PrefixCache:
         self.entries.move_to_end(ids)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
+
+
+def _copy_overlap(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy a checkpointed state into a cache's state of maybe another capacity (memory caching
+    sizes its segment bank by the cache length): the leading overlap; the rest stays empty."""
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, source.shape))
+    target.zero_()
+    target[overlap] = source[overlap]

@@ -22,6 +22,7 @@ from looplm.native.build import Dims, Layer, Projection, load_kernel, unavailabl
 from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
+PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
 
 
 def native_unsupported(model, cache: KVCache) -> str | None:
@@ -56,7 +57,11 @@ class NativeStepper:
         self.kernel = load_kernel()
         config = model.config
         self.config, self.cache = config, cache
-        self.threads = torch.get_num_threads()
+        # Threads pay off only when a layer's weights are large: a small model's matvecs finish
+        # before a second thread is woken (and a descheduled thread stalls the whole region).
+        layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
+                                                 * config.head_dim + 3 * config.ffn_hidden)
+        self.threads = max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)
         self._keep: list[torch.Tensor] = []  # every tensor whose address the kernel holds
@@ -66,8 +71,10 @@ class NativeStepper:
         self.embedding = self._keep_tensor(model.embed.weight)
         self.head = self._keep_tensor(model.head_weight)
         self.norm = self._keep_tensor(model.norm.weight)
-        self.gate_weight = model.exit_gate.weight.detach()[0] if model.exit_gate is not None else None
-        self.gate_bias = model.exit_gate.bias.detach()[0] if model.exit_gate is not None else None
+        self.gate_weight = self._keep_tensor(model.exit_gate.weight) if model.exit_gate is not None else None
+        self.gate_bias = float(model.exit_gate.bias) if model.exit_gate is not None else None
+        self.gate_buffer = torch.zeros(1)
+        self.gate_value = ctypes.c_float.from_address(self.gate_buffer.data_ptr())
         self.cos = self._keep_tensor(model.rope.cos)
         self.sin = self._keep_tensor(model.rope.sin)
         self.hidden = torch.zeros(config.d_model)
@@ -141,8 +148,11 @@ class NativeStepper:
                                         self.config.d_model, self.config.norm_eps)
         return readout
 
-    def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
-        return readout @ self.gate_weight + self.gate_bias
+    def gate_logit(self, readout: torch.Tensor) -> float:
+        """The exit gate's logit as a Python float (one C dot product: no tensor allocations)."""
+        self.kernel.looplm_matvec(self.gate_weight.data_ptr(), readout.data_ptr(), self.gate_buffer.data_ptr(),
+                                  1, self.config.d_model, 1)
+        return self.gate_value.value + self.gate_bias
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         self.kernel.looplm_matvec(self.head.data_ptr(), readout.data_ptr(), self.logits_buffer.data_ptr(),

@@ -1,0 +1,256 @@
+"""Decode benchmarks for the inference engine (issue #5), every figure measured in one run.
+
+1. Batch-1 decode tokens/s on the foundation's reference shape (d 256, 3 core layers × T 4,
+   vocab 4096; prompt 128, 128 new tokens): the default backend against the torch and
+   reference paths, and against the faster peer's 110 tokens/s (target: 5× = 550).
+2. The memory-bandwidth roofline on a ~100M-parameter config: bytes read per decoded token
+   (weights — the core's T times — plus the K/V attended) ÷ the measured copy bandwidth gives
+   the roofline tokens/s; the decode rate is reported as a fraction of it (target ≥ 70%).
+3. Early exit on a Stage-I-trained demo model (``looplm demo``'s task and recipe): each held-out
+   prompt is prefilled at full depth (as every decoder does: the deeper caches must hold the
+   prompt) and its answer and eos are decoded under fixed full depth and under Q-exit for a grid
+   of q; exact-match accuracy, layer applications per decoded token and the wall time of the
+   decode steps, at batch 1 (``Decoder``, default backend) and batched (``BatchDecoder``, all
+   problems at once) separately.
+4. KV layouts on the same model: bytes per token and accuracy under Q-exit, per layout.
+
+    python benchmarks/decode.py [--demo CKPT] [--threads N] [--json FILE] [--skip-roofline]
+
+Without --demo the demo model is trained first (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from looplm.batch import BatchDecoder
+from looplm.bench import time_decode
+from looplm.cache import KV_LAYOUTS, KVCache
+from looplm.config import ModelConfig, preset
+from looplm.exit_policy import FixedSteps, QExit
+from looplm.generate import Decoder
+from looplm.model import LoopLM
+
+PEER_TOKENS_PER_S = 110.0  # the faster public peer on this machine (issue #5)
+Q_GRID = (0.3, 0.5, 0.7, 0.9)
+LARGE = ModelConfig(vocab_size=4096, d_model=768, n_heads=12, ffn_hidden=2048, n_core_layers=12, loop_steps=4,
+                    max_seq_len=512)
+
+
+def reference_shape(repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = LoopLM(preset("reference")).eval()
+    default = time_decode(model, repeats=repeats)["decode_tokens_per_s"]
+    torch_path = time_decode(model, repeats=repeats, backend="torch")["decode_tokens_per_s"]
+    reference = time_decode(model, repeats=repeats, backend="reference")["decode_tokens_per_s"]
+    return {"decode_tokens_per_s": default, "torch_path_tokens_per_s": torch_path,
+            "reference_path_tokens_per_s": reference, "vs_torch_path": default / torch_path,
+            "vs_peer_110": default / PEER_TOKENS_PER_S}
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """STREAM-style copy bandwidth, bytes read + written per second, over buffers far larger
+    than the last-level cache."""
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - started)
+    return 2 * source.nbytes / min(times)
+
+
+def roofline(repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = LoopLM(LARGE).eval()
+    config = model.config
+    prompt, new = 32, 32
+    decode = time_decode(model, prompt_length=prompt, new_tokens=new, repeats=repeats)["decode_tokens_per_s"]
+    bandwidth = copy_bandwidth()
+    core = sum(p.numel() for p in model.core.parameters())
+    once = sum(p.numel() for module in (model.prelude, model.coda, model.norm) for p in module.parameters())
+    head = config.vocab_size * config.d_model  # the tied head is read once per token
+    weight_bytes = 4 * (core * config.loop_steps + once + head + config.d_model)
+    cache = KVCache(config, 1, prompt + new)
+    kv_bytes = cache.bytes_per_token * (prompt + new // 2)  # K/V attended by a mid-generation token
+    bytes_per_token = weight_bytes + kv_bytes
+    ceiling = bandwidth / bytes_per_token
+    return {"parameters": model.num_parameters(), "shape": "d 768, 12 heads, ffn 2048, 12 core layers x T 4",
+            "decode_tokens_per_s": decode, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "bytes_per_token_mb": bytes_per_token / 1e6, "roofline_tokens_per_s": ceiling,
+            "fraction_of_roofline": decode / ceiling}
+
+
+def demo_model(checkpoint: str | None):
+    from looplm.data.tasks import TaskBatches, make_task
+    from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS, demo_run_config
+    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    if checkpoint is None:
+        from looplm.train.trainer import Trainer
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="looplm-decode-bench-"))
+        trainer = Trainer(demo_run_config(), directory / "run", progress=False)
+        print("training the demo model (about 2 minutes) ...", file=sys.stderr)
+        trainer.train()
+        model, tokenizer = trainer.model, trainer.tokenizer
+    else:
+        model, tokenizer = load_model(checkpoint), load_checkpoint_tokenizer(checkpoint)
+    task = make_task(DEMO_TASK, **DEMO_TASK_OPTIONS)
+    held_out = TaskBatches(task, tokenizer, split="test", seed=0).eval_set(512, seed=7)
+    return model.eval(), held_out
+
+
+def _answer_targets(held_out, row: int) -> list[int]:
+    """The answer tokens and eos a correct model emits after problem ``row``'s prompt."""
+    mask = held_out.answer_mask[row]
+    return held_out.targets[row][mask].tolist()
+
+
+def _decode_single(model, held_out, policy, repeats: int) -> tuple[float, float, float]:
+    """Batch 1: prefill each prompt at full depth (not timed), then decode its answer and eos
+    under ``policy``; exact-match accuracy, layer applications per decoded token, and the
+    median over ``repeats`` of the seconds spent in decode steps."""
+    per_step = model.config.n_core_layers + model.config.n_coda_layers
+    timings = []
+    for _ in range(repeats):
+        correct, applications, tokens, seconds = 0, 0, 0, 0.0
+        with torch.inference_mode():
+            for row in range(len(held_out)):
+                prompt, answer = held_out.prompts[row], _answer_targets(held_out, row)
+                decoder = Decoder(model, policy, len(prompt) + len(answer))
+                logits, _ = decoder.prefill(torch.tensor([prompt]))
+                emitted = [int(logits.argmax())]
+                started = time.perf_counter()
+                while len(emitted) < len(answer) and emitted[-1] == answer[len(emitted) - 1]:
+                    logits, steps = decoder.step(emitted[-1])
+                    emitted.append(int(logits.argmax()))
+                    applications += steps * per_step
+                    tokens += 1
+                seconds += time.perf_counter() - started
+                correct += emitted == answer
+        timings.append(seconds)
+    return correct / len(held_out), applications / max(tokens, 1), statistics.median(timings)
+
+
+def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "last_exited"):
+    """All problems as one batch (``BatchDecoder``): prefill every row at full depth (not timed),
+    then decode answers and eos together; accuracy, layer applications per decoded token and the
+    median seconds in decode steps.  Rows whose emitted token is already wrong stop (as greedy
+    generation would diverge); every row decodes the same number of answer tokens."""
+    rows = len(held_out)
+    answers = [_answer_targets(held_out, row) for row in range(rows)]
+    length = max(len(answer) for answer in answers)
+    timings = []
+    for _ in range(repeats):
+        with torch.inference_mode():
+            decoder = BatchDecoder(model, policy, [len(p) for p in held_out.prompts], length, layout)
+            logits = torch.stack([decoder.prefill(row, held_out.prompts[row])[0] for row in range(rows)])
+            emitted = [[int(token)] for token in logits.argmax(-1)]
+            started = time.perf_counter()
+            for position in range(1, length):
+                alive = [row for row in range(rows) if len(answers[row]) > position
+                         and emitted[row][-1] == answers[row][position - 1]]
+                if not alive:
+                    break
+                tokens = torch.tensor([emitted[row][-1] for row in alive])
+                logits, _ = decoder.step(tokens, torch.tensor(alive))
+                for index, row in enumerate(alive):
+                    emitted[row].append(int(logits[index].argmax()))
+            timings.append(time.perf_counter() - started)
+        decoded = sum(len(tokens) - 1 for tokens in emitted)
+    accuracy = sum(emitted[row] == answers[row] for row in range(rows)) / rows
+    return accuracy, decoder.applications / max(decoded, 1), statistics.median(timings)
+
+
+def early_exit(model, held_out, repeats: int) -> dict:
+    results = {}
+    for name, run in (("batch_1", _decode_single), ("batched", _decode_batched)):
+        full_accuracy, full_applications, full_seconds = run(model, held_out, FixedSteps(), repeats)
+        rows = [{"policy": "full depth", "accuracy": full_accuracy, "layer_applications_per_token": full_applications,
+                 "seconds": full_seconds}]
+        for q in Q_GRID:
+            accuracy, applications, seconds = run(model, held_out, QExit(q), repeats)
+            rows.append({"policy": f"Q-exit q={q}", "q": q, "accuracy": accuracy,
+                         "layer_applications_per_token": applications, "seconds": seconds,
+                         "applications_cut": 1 - applications / full_applications,
+                         "wall_time_cut": 1 - seconds / full_seconds})
+        kept = [row for row in rows[1:] if row["accuracy"] >= full_accuracy - 0.01]
+        best = min(kept, key=lambda row: row["layer_applications_per_token"]) if kept else None
+        results[name] = {"rows": rows, "best_q_within_1_point": best}
+    return results
+
+
+def layouts(model, held_out, q: float) -> list[dict]:
+    rows = []
+    full_accuracy = None
+    for layout in KV_LAYOUTS:
+        cache = KVCache(model.config, 1, 64, layout=layout, modulo_slots=2)
+        accuracy, applications, _ = _decode_batched(model, held_out, QExit(q), 1, layout)
+        if layout == "full":
+            full_accuracy = accuracy
+        rows.append({"layout": layout, "bytes_per_token": cache.bytes_per_token, "accuracy": accuracy,
+                     "layer_applications_per_token": applications})
+    for row in rows:
+        row["accuracy_delta_vs_full"] = row["accuracy"] - full_accuracy
+    return rows
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", help="a trained demo checkpoint (default: train one first)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-roofline", action="store_true", help="skip the ~100M-parameter roofline")
+    parser.add_argument("--json", help="write every figure to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    results["reference_shape"] = reference_shape(args.repeats)
+    print("## Batch-1 decode, reference shape\n")
+    print(_table([results["reference_shape"]], list(results["reference_shape"])) + "\n")
+    if not args.skip_roofline:
+        results["roofline"] = roofline(args.repeats)
+        print("## Roofline, ~100M parameters\n")
+        print(_table([results["roofline"]], list(results["roofline"])) + "\n")
+    model, held_out = demo_model(args.demo)
+    results["early_exit"] = early_exit(model, held_out, args.repeats)
+    columns = ["policy", "accuracy", "layer_applications_per_token", "seconds", "applications_cut", "wall_time_cut"]
+    for name, section in results["early_exit"].items():
+        print(f"## Early exit, demo model, {name} ({len(held_out)} held-out problems)\n")
+        print(_table(section["rows"], columns) + "\n")
+    best = results["early_exit"]["batched"]["best_q_within_1_point"]
+    q = best["q"] if best else 0.5
+    results["layouts"] = layouts(model, held_out, q)
+    print(f"## KV layouts, demo model, Q-exit q={q}\n")
+    print(_table(results["layouts"], ["layout", "bytes_per_token", "accuracy", "accuracy_delta_vs_full",
+                                      "layer_applications_per_token"]) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
