@@ -1,4 +1,4 @@
-"""The ``looplm`` command: demo, train, generate, eval, lm-eval, prepare, convert, export, bench.
+"""The ``looplm`` command: demo, train, generate, eval, lm-eval, prepare, convert, export, bench, serve.
 
 User mistakes print one line ``looplm: error: …`` and exit with status 2.
 """
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert_parser(sub)
     _add_lm_eval_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -241,6 +242,56 @@ def _add_lm_eval_parser(sub) -> None:
     lm_eval.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     lm_eval.add_argument("--num-fewshot", type=int, default=None)
     lm_eval.add_argument("--out", help="write lm-eval's results JSON here (must not exist)")
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                           description="Serve /v1/completions, /v1/chat/completions (with SSE streaming),"
+                           " /v1/models, /v1/looplm/stats and /health; concurrent requests are batched."
+                           " Needs the serve extra. See docs/SERVING.md.")
+    serve.add_argument("checkpoint", help="checkpoint directory, run directory or .gguf file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long to gather requests into one batch after the first arrives (default: 5)")
+    serve.add_argument("--exit", default="static",
+                       help="default exit policy: static, q:<q>, hidden:<eps>, kl:<eps> or act (default: static)")
+    serve.add_argument("--steps", type=int, default=None, help="default loop steps (default: the trained T)")
+    serve.add_argument("--layout", default="last_exited",
+                       help="default KV layout: last_exited, full, last, first, avg, modulo (default: last_exited)")
+    serve.add_argument("--max-tokens-default", type=int, default=128,
+                       help="max_tokens of a request that gives none (default: 128)")
+    serve.add_argument("--model-name", default=None, help="model id in responses (default: the checkpoint's name)")
+
+
+def run_serve(args) -> None:
+    from looplm.serve import require_serving
+
+    require_serving()
+    import uvicorn
+
+    from looplm.serve.app import ServerConfig, check_generation_options, create_app
+    from looplm.serve.engine import Engine
+    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+
+    check_generation_options(None, args.exit, args.steps, args.layout)
+    if args.max_tokens_default < 0:
+        raise LoopLMError(f"--max-tokens-default must be >= 0, got {args.max_tokens_default}")
+    if not 0 <= args.port <= 65535:
+        raise LoopLMError(f"--port must be in [0, 65535], got {args.port}")
+    model = load_model(args.checkpoint)
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    if tokenizer is None:
+        raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: the server cannot turn prompts into tokens")
+    name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
+    config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default)
+    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms)
+    app = create_app(model, tokenizer, config, engine)
+    print(f"looplm serve: {name} on http://{args.host}:{args.port} (exit {args.exit}, layout {args.layout},"
+          f" max batch {args.max_batch}" + (f"; unbatched: {engine.unbatched_reason}" if engine.unbatched_reason
+                                             else "") + ")", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def run_train(args, extra: list[str]) -> None:
@@ -516,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args.json, args.threads, args.compile, args.repeats)
         elif args.command == "lm-eval":
             run_lm_eval(args)
+        elif args.command == "serve":
+            run_serve(args)
         elif args.command == "demo":
             from looplm.demo import run_demo
 

@@ -1,0 +1,236 @@
+"""The HTTP side: FastAPI routes that turn OpenAI-style requests into engine jobs (docs/SERVING.md).
+
+The model runs only in the engine's worker thread; a route submits one ``Job`` per prompt and
+waits on an ``asyncio.Queue`` that the worker feeds through ``loop.call_soon_threadsafe``, so
+the event loop never blocks on the model.  Streaming responses are server-sent events: one
+``data: {chunk}`` per token, a final chunk per choice with its finish_reason, ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from looplm.cache import KV_LAYOUTS
+from looplm.errors import LoopLMError
+from looplm.exit_policy import ACTExit, QExit, parse_exit_policy
+from looplm.generate import Sampling
+from looplm.serve.engine import Done, Engine, Failed, Job, Settings, Token
+from looplm.serve.protocol import (FINISH_REASONS, ChatRequest, CompletionRequest, Shape, error_body, usage,
+                                   validation_message)
+
+# A request may ask for at most this many times the trained loop steps (extrapolation costs
+# memory and time linearly; beyond a few T a looped model's output rarely improves).
+MAX_STEPS_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-wide defaults; requests override exit, steps and layout per call."""
+
+    model_name: str = "looplm"
+    exit: str = "static"
+    steps: int | None = None
+    layout: str = "last_exited"
+    max_tokens_default: int = 128
+
+
+def check_generation_options(model, exit: str, steps: int | None, layout: str):
+    """The exit policy an (exit, steps, layout) choice names, or a LoopLMError saying what is wrong;
+    model None checks only what needs no model (the CLI, before loading one)."""
+    if layout not in KV_LAYOUTS:
+        raise LoopLMError(f"unknown layout {layout!r}: use one of {', '.join(KV_LAYOUTS)}")
+    policy = parse_exit_policy(exit, steps)
+    if model is None:
+        return policy
+    trained = model.config.loop_steps
+    if steps is not None and steps > MAX_STEPS_FACTOR * trained:
+        raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained} ({MAX_STEPS_FACTOR} x the trained"
+                          f" {trained}), got {steps}")
+    if isinstance(policy, (QExit, ACTExit)) and model.exit_gate is None:
+        raise LoopLMError(f"exit {exit!r} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
+    return policy
+
+
+def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: Engine | None = None) -> FastAPI:
+    """The FastAPI application serving ``model``; it starts and stops ``engine`` (default: a new
+    ``Engine(model, tokenizer)``) with the server."""
+    engine = engine or Engine(model, tokenizer)
+    context = model.config.max_seq_len
+    check_generation_options(model, config.exit, config.steps, config.layout)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="looplm", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        return JSONResponse(error_body(validation_message(error.errors())), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code)
+
+    @app.exception_handler(LoopLMError)
+    async def user_error(request: Request, error: LoopLMError):
+        return JSONResponse(error_body(str(error)), status_code=400)
+
+    def prepare(request: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int, Settings]:
+        if (reason := request.unsupported()) is not None:
+            raise LoopLMError(reason)
+        steps = request.steps if request.steps is not None else config.steps
+        layout = request.layout or config.layout
+        policy = check_generation_options(model, request.exit or config.exit, steps, layout)
+        sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
+        prompts = []
+        for index, text in enumerate(request.prompts()):
+            ids = [tokenizer.bos_id] + tokenizer.encode(text)
+            if len(ids) > context:
+                raise LoopLMError(f"prompt {index} has {len(ids)} tokens, longer than the model's context of"
+                                  f" {context}: shorten it")
+            prompts.append(ids)
+        limit = request.max_tokens
+        if limit is None and isinstance(request, ChatRequest):
+            limit = request.max_completion_tokens
+        limit = config.max_tokens_default if limit is None else limit
+        return prompts, limit, Settings(policy, layout, sampling, request.stop_strings())
+
+    async def complete(request: CompletionRequest | ChatRequest, chat: bool):
+        prompts, limit, settings = prepare(request)
+        shape = Shape(chat, config.model_name)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prompt, limit, settings, partial(_deliver, loop, events, index))
+                for index, prompt in enumerate(prompts)]
+        for job in jobs:
+            engine.submit(job)
+        if request.stream:
+            return StreamingResponse(_stream(shape, jobs, events, settings, request.include_usage),
+                                     media_type="text/event-stream")
+        finished: dict[int, Done | Failed] = {}
+        while len(finished) < len(jobs):
+            index, event = await events.get()
+            if not isinstance(event, Token):
+                finished[index] = event
+        failures = [event for event in finished.values() if isinstance(event, Failed)]
+        if failures:
+            kind = "invalid_request_error" if failures[0].status == 400 else "server_error"
+            return JSONResponse(error_body(failures[0].message, kind), status_code=failures[0].status)
+        results = [finished[index] for index in range(len(jobs))]
+        choices = [shape.choice(index, done.generation.text, FINISH_REASONS[done.generation.stop_reason])
+                   for index, done in enumerate(results)]
+        return shape.response(choices, _usage(results), _summary(results, request.exit or config.exit, settings, model.config))
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        return await complete(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        model_config = model.config
+        return {"object": "list", "data": [{
+            "id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "looplm",
+            "looplm": {"loop_steps": model_config.loop_steps, "max_seq_len": context,
+                       "exit_gate": model.exit_gate is not None, "batched": engine.unbatched_reason is None,
+                       "default_exit": config.exit, "default_layout": config.layout}}]}
+
+    @app.get("/v1/looplm/stats")
+    async def stats():
+        prefix = engine.prefix_cache.stats
+        return {**engine.stats.as_dict(), "prefix_cache": {"requests": prefix.requests, "hits": prefix.hits,
+                                                           "reused_tokens": prefix.reused_tokens,
+                                                           "computed_tokens": prefix.computed_tokens}}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "stats": await stats()}
+
+    return app
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, event) -> None:
+    """Called in the worker thread: hand ``event`` to the request's queue on the event loop."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+    except RuntimeError:  # the event loop has closed (server shutting down)
+        pass
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+async def _stream(shape: Shape, jobs: list[Job], events: asyncio.Queue, settings: Settings, include_usage: bool):
+    """Server-sent events for a streaming request: token chunks, a final chunk per choice, [DONE]."""
+    streamed = [""] * len(jobs)
+    finished: dict[int, Done | Failed] = {}
+    try:
+        if shape.chat:
+            for index in range(len(jobs)):
+                yield _sse(shape.chunk(index, "", first=True))
+        while len(finished) < len(jobs):
+            index, event = await events.get()
+            if isinstance(event, Token):
+                streamed[index] += event.text
+                yield _sse(shape.chunk(index, event.text, looplm={"token": event.id, "steps": event.steps}))
+            elif isinstance(event, Failed):
+                finished[index] = event
+                yield _sse(error_body(event.message, "server_error" if event.status >= 500 else
+                                      "invalid_request_error"))
+            else:
+                finished[index] = event
+                text = event.generation.text
+                rest = text[len(streamed[index]):] if text.startswith(streamed[index]) else ""
+                yield _sse(shape.chunk(index, rest, FINISH_REASONS[event.generation.stop_reason],
+                                       looplm=_choice_summary(index, event)))
+        done = [event for event in finished.values() if isinstance(event, Done)]
+        if include_usage and done:
+            yield _sse(shape.usage_chunk(_usage(done)))
+        yield _sse("[DONE]")
+    finally:
+        for job in jobs:
+            job.cancelled = True
+
+
+def _usage(results: list[Done]) -> dict:
+    return usage(sum(done.generation.prompt_tokens for done in results),
+                 sum(len(done.generation.ids) for done in results))
+
+
+def _choice_summary(index: int, done: Done) -> dict:
+    generation = done.generation
+    return {"index": index, "steps": generation.steps, "mean_steps": generation.mean_steps,
+            "layer_applications": done.layer_applications,
+            "full_depth_layer_applications": done.full_depth_applications, "batch_size": done.batch_size}
+
+
+def _summary(results: list[Done], exit: str, settings: Settings, model_config) -> dict:
+    """The response's ``looplm`` field: per-choice loop steps and compute, and the settings used."""
+    tokens = sum(len(done.generation.steps) for done in results)
+    return {"exit": exit, "max_steps": settings.exit_policy.max_steps(model_config.loop_steps),
+            "layout": settings.layout,
+            "mean_steps": sum(sum(done.generation.steps) for done in results) / tokens if tokens else 0.0,
+            "layer_applications": sum(done.layer_applications for done in results),
+            "full_depth_layer_applications": sum(done.full_depth_applications for done in results),
+            "choices": [_choice_summary(index, done) for index, done in enumerate(results)]}
+

@@ -1,0 +1,272 @@
+"""The serving engine: one worker thread runs the model; requests arriving together decode together.
+
+Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` that receives
+its events (``Token`` for every emitted token, then ``Done`` or ``Failed``) from the worker thread.
+
+Scheduling (a static batch per collection window, not continuous batching):
+
+1. The worker blocks until a job arrives, then keeps collecting jobs for ``batch_wait`` seconds
+   or until it holds ``max_batch`` of them.
+2. It groups the collected jobs by ``Settings`` (exit policy with its steps, KV layout, sampling,
+   stop strings): ``generate_batch`` takes one of each per batch.  Greedy jobs group regardless
+   of top_k/top_p/seed; a sampled job with a seed runs alone, so its draws do not depend on
+   which other requests happened to arrive with it.
+3. A group of two or more runs through ``looplm.batch.generate_batch`` with the group's largest
+   ``max_tokens``; a job asking for fewer tokens gets its first ``max_tokens`` tokens (the row
+   keeps decoding to the group's limit; its surplus tokens are dropped).  Truncation is exact:
+   a stop string ending after a job's limit cannot start inside its text.
+4. A group of one, every job of a model the batched engine cannot run (``batch_unsupported``)
+   and every ACT job run one by one through ``looplm.generate.stream`` (batch 1, the fastest
+   per-token backend, reusing prompt prefixes through a shared ``PrefixCache``).
+
+A failing batch does not take its jobs down with it: each job that has received no token yet
+is retried alone, and only the jobs that fail alone (or had already streamed tokens) get
+``Failed``.  The worker keeps serving after any exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from looplm.batch import batch_unsupported, generate_batch
+from looplm.cache import SKIPPING_LAYOUTS
+from looplm.errors import LoopLMError
+from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule
+from looplm.generate import Generation, Sampling, stream
+from looplm.prefix_cache import PrefixCache
+
+log = logging.getLogger("looplm.serve")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the prompt and the token limit that shapes a generation; jobs with
+    equal settings can share a batch."""
+
+    exit_policy: ExitPolicy
+    layout: str = "last_exited"
+    sampling: Sampling = Sampling()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    steps: int   # loop steps the token's decision used
+    text: str    # the text it completed ("" while a multi-byte character is unfinished)
+
+
+@dataclass(frozen=True)
+class Done:
+    generation: Generation
+    layer_applications: int          # core + coda layer applications of the decoded tokens
+    full_depth_applications: int     # the same tokens at full depth
+    batch_size: int                  # how many jobs decoded together with this one
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+    status: int = 500                # 400 for a LoopLMError (the request asked for something impossible)
+
+
+Event = Token | Done | Failed
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    settings: Settings
+    sink: Callable[[Event], None]
+    cancelled: bool = False          # set when the client went away; batch-1 decoding stops early
+    emitted: int = 0
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0        # jobs finished (one per prompt)
+    batches: int = 0         # model runs: a batch of several jobs or one job alone
+    batched_jobs: int = 0    # jobs that ran in batches of two or more
+    largest_batch: int = 0
+    tokens: int = 0          # tokens handed to clients
+    failures: int = 0
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "batches": self.batches, "batched_requests": self.batched_jobs,
+                "largest_batch": self.largest_batch,
+                "mean_batch_size": self.requests / self.batches if self.batches else 0.0,
+                "tokens": self.tokens, "failures": self.failures}
+
+
+def layer_applications(config, settings: Settings, decision_steps: Sequence[int]) -> tuple[int, int]:
+    """(run, full depth) core + coda layer applications of one generation's decoded tokens.
+
+    The first decision comes from the prompt's prefill (full depth, not counted); every later
+    decision is one decoded token that ran ``steps`` loop steps (all of them under the ``full``
+    layout), each step applying the core layers, and the coda at every step when the exit policy
+    reads every step (else once).  The same count as ``BatchResult.layer_applications``."""
+    policy = settings.exit_policy
+    deepest = policy.max_steps(config.loop_steps)
+    reads_every_step = ExitRule(policy, 1, config.loop_steps).active or (
+        bool(config.n_coda_layers) and settings.layout in ("first", "avg"))
+    run = full = 0
+    for steps in decision_steps[1:]:
+        ran = steps if settings.layout in SKIPPING_LAYOUTS else deepest
+        run += ran * config.n_core_layers + (ran if reads_every_step else 1) * config.n_coda_layers
+        full += deepest * (config.n_core_layers + config.n_coda_layers)
+    return run, full
+
+
+class Engine:
+    """Runs submitted jobs on ``model`` in a background thread (``start``/``stop``)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 5.0,
+                 prefix_cache: PrefixCache | None = None):
+        if max_batch < 1:
+            raise LoopLMError(f"max_batch must be >= 1, got {max_batch}")
+        if batch_wait_ms < 0:
+            raise LoopLMError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.unbatched_reason = batch_unsupported(model)
+        self.stats = EngineStats()
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve_forever, name="looplm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def _serve_forever(self) -> None:
+        while (jobs := self._collect()) is not None:
+            self.run(jobs)
+
+    def _collect(self) -> list[Job] | None:
+        """Block for a job, then gather more for up to ``batch_wait`` seconds; None = stop."""
+        first = self.jobs.get()
+        if first is None:
+            return None
+        jobs = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self.jobs.get(timeout=remaining) if remaining > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)  # finish what was collected, then stop
+                break
+            jobs.append(job)
+        return jobs
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        """Group ``jobs`` by settings and run every group (in the calling thread)."""
+        groups: dict[object, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(self._group_key(job), []).append(job)
+        for group in groups.values():
+            if len(group) > 1 and self.unbatched_reason is None \
+                    and not isinstance(group[0].settings.exit_policy, ACTExit):
+                self._run_batch(group)
+            else:
+                for job in group:
+                    self._run_alone(job)
+
+    @staticmethod
+    def _group_key(job: Job) -> object:
+        sampling = job.settings.sampling
+        if sampling.temperature == 0:
+            return replace(job.settings, sampling=Sampling())
+        if sampling.seed is not None:
+            return job  # reproducible draws: never share a generator with other requests
+        return job.settings
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        settings = jobs[0].settings
+
+        def on_token(row: int, token: int, steps: int, text: str) -> None:
+            job = jobs[row]
+            if job.emitted < job.max_tokens:
+                job.emitted += 1
+                job.sink(Token(token, steps, text))
+
+        try:
+            result = generate_batch(self.model, [job.prompt for job in jobs], max(job.max_tokens for job in jobs),
+                                    settings.sampling, settings.exit_policy, self.tokenizer, settings.stop,
+                                    layout=settings.layout, on_token=on_token)
+        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the server
+            log.exception("batch of %d failed; retrying its jobs one by one", len(jobs))
+            for job in jobs:
+                if job.emitted == 0:
+                    self._run_alone(job)
+                else:
+                    self._fail(job, error)
+            return
+        self._count_batch(len(jobs))
+        for job, generation in zip(jobs, result.generations):
+            self._finish(job, self._truncate(generation, job.max_tokens), len(jobs))
+
+    def _run_alone(self, job: Job) -> None:
+        settings = job.settings
+        generation = Generation()
+        try:
+            for token in stream(self.model, job.prompt, job.max_tokens, settings.sampling, settings.exit_policy,
+                                self.tokenizer, settings.stop, result=generation, layout=settings.layout,
+                                prefix_cache=self.prefix_cache):
+                job.emitted += 1
+                job.sink(Token(token.id, token.steps, token.text))
+                if job.cancelled:
+                    break
+        except Exception as error:  # noqa: BLE001 - the failure is this request's alone
+            log.exception("request failed")
+            self._fail(job, error)
+            return
+        if generation.stop_reason != "stop_string":
+            generation.text = self.tokenizer.decode(generation.ids)
+        self._count_batch(1)
+        self._finish(job, generation, 1)
+
+    def _truncate(self, generation: Generation, limit: int) -> Generation:
+        if len(generation.ids) <= limit:
+            return generation
+        ids = generation.ids[:limit]
+        return Generation(ids, generation.steps[:limit], self.tokenizer.decode(ids), "length",
+                          generation.prompt_tokens)
+
+    def _count_batch(self, size: int) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.largest_batch = max(stats.largest_batch, size)
+        if size > 1:
+            stats.batched_jobs += size
+
+    def _finish(self, job: Job, generation: Generation, batch_size: int) -> None:
+        run, full = layer_applications(self.model.config, job.settings, generation.decision_steps)
+        self.stats.requests += 1
+        self.stats.tokens += len(generation.ids)
+        job.sink(Done(generation, run, full, batch_size))
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        self.stats.failures += 1
+        if isinstance(error, LoopLMError):
+            job.sink(Failed(str(error), 400))
+        else:
+            job.sink(Failed(f"generation failed: {type(error).__name__}: {error}"))

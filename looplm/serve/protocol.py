@@ -1,0 +1,163 @@
+"""Request bodies and response shapes of the OpenAI-compatible API (docs/SERVING.md).
+
+Requests are pydantic models in strict mode ("5" is not a number, true is not an integer);
+unknown fields are ignored, as OpenAI clients send optional ones looplm does not use.  Fields
+OpenAI defines but looplm cannot honour are refused when set to anything but their default.
+
+Chat messages become one prompt (looplm tokenizers carry no chat template)::
+
+    system: You are terse.\\n
+    user: Hi\\n
+    assistant:
+
+and a chat completion also stops at ``CHAT_STOP`` (the model starting the next user turn).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CHAT_STOP = "\nuser:"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = 1
+    seed: int | None = None
+    # looplm extensions
+    top_k: int = Field(0, ge=0)
+    exit: str | None = None
+    steps: int | None = Field(None, ge=1)
+    layout: str | None = None
+    # OpenAI fields looplm does not implement: refused unless left at their defaults
+    logprobs: bool | int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def unsupported(self) -> str | None:
+        """Why this request asks for something the server does not do, or None."""
+        if self.n != 1:
+            return f"n must be 1 (looplm returns one choice per prompt), got {self.n}"
+        ignored = {"logprobs": self.logprobs in (None, False, 0), "echo": not self.echo,
+                   "best_of": self.best_of in (None, 1), "presence_penalty": self.presence_penalty == 0,
+                   "frequency_penalty": self.frequency_penalty == 0}
+        for name, harmless in ignored.items():
+            if not harmless:
+                return f"{name} is not supported by looplm: leave it out"
+        return None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(stop for stop in stops if stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] = Field(min_length=1)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str = Field(min_length=1)
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+    def prompts(self) -> list[str]:
+        return [chat_prompt(self.messages)]
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (*super().stop_strings(), CHAT_STOP)
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    """"role: content" lines, then "assistant:" for the model to continue."""
+    return "".join(f"{message.role}: {message.content}\n" for message in messages) + "assistant:"
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """One line from pydantic's errors: the first error's field path and message."""
+    error = errors[0]
+    if error.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+    path = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
+    where = ".".join(path)
+    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"{where}: {error['msg']}" if where else f"request body: {error['msg']}") + extra
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic names the union member in an error's location (``prompt.str``, ``stop.list[str]``)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict") or "[" in part)
+
+
+class Shape:
+    """Builds the response objects of one endpoint: text completions or chat completions."""
+
+    def __init__(self, chat: bool, model_name: str):
+        self.chat, self.model_name = chat, model_name
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _envelope(self, chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+
+    def choice(self, index: int, text: str, finish_reason: str) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def response(self, choices: list[dict], usage: dict, looplm: dict) -> dict:
+        return {**self._envelope(False), "choices": choices, "usage": usage, "looplm": looplm}
+
+    def chunk(self, index: int, text: str, finish_reason: str | None = None, first: bool = False,
+              looplm: dict | None = None) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        body = {**self._envelope(True), "choices": [choice]}
+        if looplm is not None:
+            body["looplm"] = looplm
+        return body
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._envelope(True), "choices": [], "usage": usage}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}

@@ -1,0 +1,281 @@
+"""The OpenAI-compatible server (issue #5) through a real HTTP client on 127.0.0.1: completions and
+chat equal ``looplm.generate``; streams concatenate to the same text; concurrent requests decode
+in one batch; bad requests get 400 and the server keeps serving; a failing generation fails only
+its own request."""
+
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from looplm.batch import generate_batch
+from looplm.cli import main
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.exit_policy import ACTExit, FixedSteps, KLExit, QExit
+from looplm.generate import Sampling, generate
+from looplm.model import LoopLM
+from looplm.serve import create_app
+from looplm.serve import engine as engine_module
+from looplm.serve.app import ServerConfig
+from looplm.serve.engine import Engine, Settings, layer_applications
+from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
+
+from conftest import tiny_config
+
+TOKENIZER = byte_tokenizer()
+CONTEXT = 64
+
+
+def _model(**overrides) -> LoopLM:
+    torch.manual_seed(3)
+    model = LoopLM(tiny_config(vocab_size=TOKENIZER.vocab_size, max_seq_len=CONTEXT, **overrides))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    model.exit_gate.bias.data.fill_(-0.5)  # exits spread over the steps
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A uvicorn server in a background thread on a free port; yields (client, engine, model)."""
+    model = _model()
+    engine = Engine(model, TOKENIZER, max_batch=8, batch_wait_ms=5)
+    app = create_app(model, TOKENIZER, ServerConfig(model_name="tiny"), engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        for _ in range(500):
+            if uv.started:
+                break
+            threading.Event().wait(0.01)
+        yield client, engine, model
+    uv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _expected(model, text, max_tokens, policy=None, stop=()):
+    ids = [TOKENIZER.bos_id] + TOKENIZER.encode(text)
+    return generate(model, ids, max_tokens, Sampling(), policy or FixedSteps(), TOKENIZER, stop)
+
+
+def _events(response) -> list:
+    """The SSE stream's data payloads (JSON decoded, '[DONE]' kept as a string)."""
+    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in response.text.split("\n\n") if line)
+    return [payload if payload == "[DONE]" else json.loads(payload) for payload in payloads]
+
+
+def test_completion_equals_generate(server):
+    client, _, model = server
+    response = client.post("/v1/completions", json={"prompt": "hello loops", "max_tokens": 9, "temperature": 0,
+                                                    "exit": "q:0.5"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = _expected(model, "hello loops", 9, QExit(0.5))
+    choice = body["choices"][0]
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert choice["text"] == expected.text and choice["index"] == 0
+    assert choice["finish_reason"] == ("length" if expected.stop_reason == "length" else "stop")
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": len(expected.ids),
+                             "total_tokens": 12 + len(expected.ids)}
+    looplm = body["looplm"]
+    assert looplm["choices"][0]["steps"] == expected.steps
+    assert looplm["mean_steps"] == pytest.approx(expected.mean_steps)
+    assert looplm["exit"] == "q:0.5" and looplm["max_steps"] == 3
+    assert 0 < looplm["layer_applications"] <= looplm["full_depth_layer_applications"]
+
+
+def test_chat_completion_uses_the_documented_template(server):
+    client, _, model = server
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 7, "temperature": 0,
+                                                         "steps": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    prompt = chat_prompt([Message(**message) for message in messages])
+    assert prompt == "system: be brief\nuser: hi\nassistant:"
+    expected = _expected(model, prompt, 7, FixedSteps(2), (CHAT_STOP,))
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+    assert body["looplm"]["choices"][0]["steps"] == [2] * len(expected.ids)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_stream_concatenates_to_the_plain_response(server, chat):
+    client, _, _ = server
+    path, body = (("/v1/chat/completions", {"messages": [{"role": "user", "content": "stream me"}]}) if chat
+                  else ("/v1/completions", {"prompt": "stream me"}))
+    body.update(max_tokens=10, temperature=0, exit="hidden:0.05")
+    plain = client.post(path, json=body).json()
+    streamed = client.post(path, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = _events(streamed)
+    assert events[-1] == "[DONE]"
+    chunks = [event for event in events[:-1] if event["choices"]]
+    key = (lambda c: c["delta"].get("content", "")) if chat else (lambda c: c["text"])
+    assert "".join(key(chunk["choices"][0]) for chunk in chunks) == (
+        plain["choices"][0]["message"]["content"] if chat else plain["choices"][0]["text"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert [chunk["looplm"]["steps"] for chunk in chunks if "token" in chunk.get("looplm", {})] == \
+        plain["looplm"]["choices"][0]["steps"]
+    assert events[-2]["usage"] == plain["usage"]  # include_usage: a last chunk with no choices
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(server):
+    client, engine, model = server
+    prompts = ["a", "the loop", "depth is time", "x y z", "recurrent", "six"]
+    limits = [4, 9, 6, 9, 2, 7]  # a batch decodes to its largest limit; each request keeps its own
+    before = engine.stats.as_dict()
+    engine.batch_wait, engine.max_batch = 30.0, 6  # the batch closes once all six have arrived
+
+    def send(index):
+        body = {"prompt": prompts[index], "max_tokens": limits[index], "temperature": 0, "exit": "q:0.6",
+                "stream": index % 3 == 0}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        if body["stream"]:
+            return "".join(event["choices"][0]["text"] for event in _events(response)[:-1])
+        return response.json()["choices"][0]["text"]
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(send, range(6)))
+    finally:
+        engine.batch_wait, engine.max_batch = 0.005, 8
+    after = engine.stats.as_dict()
+    assert texts == [_expected(model, prompt, limit, QExit(0.6)).text for prompt, limit in zip(prompts, limits)]
+    assert after["batches"] - before["batches"] == 1 and after["largest_batch"] == 6
+    assert after["batched_requests"] - before["batched_requests"] == 6
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["stats"]["mean_batch_size"] > 1
+
+
+def test_prompt_list_gives_one_choice_per_prompt(server):
+    client, _, model = server
+    body = client.post("/v1/completions", json={"prompt": ["one", "two two"], "max_tokens": 5, "temperature": 0,
+                                                "exit": "kl:0.01", "layout": "last"}).json()
+    assert [choice["index"] for choice in body["choices"]] == [0, 1]
+    for text, choice in zip(["one", "two two"], body["choices"]):
+        ids = [TOKENIZER.bos_id] + TOKENIZER.encode(text)
+        assert choice["text"] == generate(model, ids, 5, exit_policy=KLExit(0.01), tokenizer=TOKENIZER,
+                                          layout="last").text
+
+
+def test_act_decodes_one_by_one_and_reuses_prompt_prefixes(server):
+    client, engine, model = server
+    stats, texts, reused = engine.prefix_cache.stats, [], []
+    for _ in range(2):
+        before = stats.reused_tokens
+        texts.append(client.post("/v1/completions", json={"prompt": "act now", "max_tokens": 6, "temperature": 0,
+                                                          "exit": "act"}).json()["choices"][0]["text"])
+        reused.append(stats.reused_tokens - before)
+    assert texts == [_expected(model, "act now", 6, ACTExit()).text] * 2
+    assert reused[1] == len("act now") + 1  # the repeated prompt (with bos) is restored, not recomputed
+
+
+LONG_PROMPT = "x" * CONTEXT  # + bos = context + 1 tokens
+BAD_REQUESTS = {
+    "not json": "{prompt: hello",
+    "json array": [1, 2],
+    "missing prompt": {"max_tokens": 3},
+    "prompt is a number": {"prompt": 7},
+    "prompt list of numbers": {"prompt": [1, 2]},
+    "max_tokens string": {"prompt": "a", "max_tokens": "5"},
+    "negative max_tokens": {"prompt": "a", "max_tokens": -1},
+    "negative temperature": {"prompt": "a", "temperature": -0.5},
+    "top_p zero": {"prompt": "a", "top_p": 0},
+    "top_p above one": {"prompt": "a", "top_p": 1.5},
+    "unknown exit": {"prompt": "a", "exit": "sometimes"},
+    "exit without number": {"prompt": "a", "exit": "q:"},
+    "unknown layout": {"prompt": "a", "layout": "diagonal"},
+    "zero steps": {"prompt": "a", "steps": 0},
+    "too many steps": {"prompt": "a", "steps": 1000},
+    "n = 2": {"prompt": "a", "n": 2},
+    "logprobs": {"prompt": "a", "logprobs": 3},
+    "over-long prompt": {"prompt": LONG_PROMPT},
+    "stop is a number": {"prompt": "a", "stop": 3},
+}
+
+
+@pytest.mark.parametrize("body", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, body):
+    client, _, _ = server
+    if isinstance(body, str):
+        response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and "\n" not in error["message"]
+    assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_bad_chat_requests_and_unknown_routes(server):
+    client, _, _ = server
+    for body in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "hi"}):
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    assert client.post("/v1/completions", json={"prompt": LONG_PROMPT}).json()["error"]["message"] == (
+        f"prompt 0 has {CONTEXT + 1} tokens, longer than the model's context of {CONTEXT}: shorten it")
+    missing = client.get("/v1/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["looplm"]["loop_steps"] == 3
+
+
+def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
+    client, engine, model = server
+    marker = TOKENIZER.encode("BOOM")
+
+    def breaks_on_marker(function):
+        def wrapped(model, prompts, *args, **kwargs):
+            rows = prompts if isinstance(prompts[0], list) else [prompts]
+            if any(row[1:5] == marker for row in rows):
+                raise RuntimeError("injected failure")
+            return function(model, prompts, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine_module, "generate_batch", breaks_on_marker(engine_module.generate_batch))
+    monkeypatch.setattr(engine_module, "stream", breaks_on_marker(engine_module.stream))
+    failures = engine.stats.failures
+    engine.batch_wait, engine.max_batch = 30.0, 2  # both requests land in one batch, which fails
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            bad, good = pool.map(lambda prompt: client.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": 5, "temperature": 0}), ["BOOM", "fine"])
+    finally:
+        engine.batch_wait, engine.max_batch = 0.005, 8
+    assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
+    assert good.status_code == 200
+    assert good.json()["choices"][0]["text"] == _expected(model, "fine", 5).text
+    assert engine.stats.failures == failures + 1
+    assert client.post("/v1/completions", json={"prompt": "after", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("layout", ["last_exited", "full"])
+def test_layer_applications_match_the_batched_engine(layout):
+    model = _model(n_coda_layers=1)
+    prompts = [[1, 5, 9, 2], [4, 8], [6, 2, 9, 9, 7]]
+    for policy in (QExit(0.5), FixedSteps(2)):
+        result = generate_batch(model, prompts, 6, exit_policy=policy, layout=layout)
+        counted = [layer_applications(model.config, Settings(policy, layout), generation.decision_steps)
+                   for generation in result.generations]
+        assert sum(run for run, _ in counted) == result.layer_applications
+        assert sum(full for _, full in counted) == result.full_depth_applications
+
+
+def test_serve_command_refuses_bad_defaults_in_one_line(tmp_path, capsys):
+    _model().save(tmp_path / "ckpt", TOKENIZER)
+    assert main(["serve", str(tmp_path / "ckpt"), "--exit", "soon"]) == 2
+    assert main(["serve", str(tmp_path / "ckpt"), "--layout", "spiral"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("looplm: error: ") for line in errors)
