@@ -71,8 +71,11 @@ class _RowSubset:
         full = self.cache.store(stage, layer, step)
         if self.rows is None:
             return full
+        attention = self.cache.kinds[self.cache.slot(stage, layer, step)] == "A"
+        if attention:  # only the filled positions: attention reads no further
+            full = tuple(tensor[:, :, :self.position + 1] for tensor in full)
         gathered = tuple(tensor.index_select(0, self.rows) for tensor in full)
-        self.written.append((full, gathered, self.cache.kinds[self.cache.slot(stage, layer, step)] == "A"))
+        self.written.append((full, gathered, attention))
         return gathered
 
     def flush(self) -> None:
@@ -191,13 +194,14 @@ class BatchDecoder:
         return model.logits(chosen), ran
 
 
-def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
                    sampling: Sampling = Sampling(), exit_policy: ExitPolicy | None = None, tokenizer=None,
                    stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    layout: str = "last_exited", modulo_slots: int = 2,
                    on_token: Callable[[int, int, int, str], None] | None = None) -> BatchResult:
     """Generate for several prompts at once; each row stops on its own (stop id, stop string,
-    length, context).  Same arguments as ``generate``; ``on_token(row, id, steps, text)`` is
+    length, context).  Same arguments as ``generate`` (``max_new_tokens`` may give one limit
+    per prompt); ``on_token(row, id, steps, text)`` is
     called for every emitted token (streaming).  Sampling draws from one generator over the
     batch, so with temperature > 0 the draws differ from per-prompt runs (greedy is identical)."""
     exit_policy = exit_policy or FixedSteps()
@@ -210,10 +214,13 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         if len(prompt) > context:
             raise LoopLMError(f"prompt {number} has {len(prompt)} tokens, longer than the context of {context}:"
                               " shorten it or use a model with a larger max_seq_len")
-    if max_new_tokens < 0:
-        raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise LoopLMError(f"{len(limits)} max_new_tokens limits for {len(prompts)} prompts: give one per prompt")
+    if min(limits) < 0:
+        raise LoopLMError(f"max_new_tokens must be >= 0, got {min(limits)}")
     stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
-    budgets = [min(max_new_tokens, context - len(prompt)) for prompt in prompts]
+    budgets = [min(limit, context - len(prompt)) for limit, prompt in zip(limits, prompts)]
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
     results = [Generation(prompt_tokens=len(prompt)) for prompt in prompts]
     was_training = model.training
@@ -242,7 +249,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                     logits[row], steps[row] = new_logits[position], int(new_steps[position])
             for row, result in enumerate(results):
                 if result.stop_reason not in ("stop_token", "stop_string"):
-                    result.stop_reason = "length" if budgets[row] == max_new_tokens else "context"
+                    result.stop_reason = "length" if budgets[row] == limits[row] else "context"
                 if tokenizer is not None and result.stop_reason != "stop_string":
                     result.text = tokenizer.decode(result.ids)
     finally:

@@ -190,10 +190,15 @@ class KVCache:
         """Apply the layout's rule to positions [start, end) whose rows ran ``steps_run`` loop steps
         (an int, or a [B] tensor per row when a batch's rows exited at different steps)."""
         rows = self.offsets.shape[0]
-        per_row = [steps_run] * rows if isinstance(steps_run, int) else steps_run.expand(rows).tolist()
-        for row, ran in enumerate(per_row):
-            if ran < self.max_steps:
-                self._fill_skipped(row, ran, start, end)
+        if isinstance(steps_run, int):
+            per_row = [steps_run] * rows
+            if steps_run < self.max_steps:
+                self._fill_skipped(slice(None), steps_run, start, end)
+        else:
+            per_row = steps_run.expand(rows).tolist()
+            for ran in sorted(set(per_row) - {self.max_steps}):  # one copy per exit step, all its rows
+                self._fill_skipped(torch.tensor([row for row, value in enumerate(per_row) if value == ran],
+                                                device=self.keys.device), ran, start, end)
         if self.layout in ("first", "avg") and self._loop_attention:
             loop = self._loop_attention
             keys, values = self._saved
@@ -203,8 +208,8 @@ class KVCache:
             self.keys[loop, :, :, start:end] = keys
             self.values[loop, :, :, start:end] = values
 
-    def _fill_skipped(self, row: int, ran: int, start: int, end: int) -> None:
-        """A row that stopped after ``ran`` steps: the steps it skipped get its last step's entries
+    def _fill_skipped(self, row, ran: int, start: int, end: int) -> None:
+        """Rows (an index tensor or a slice) that stopped after ``ran`` steps: the steps it skipped get its last step's entries
         (LAST_EXITED, REFERENCE §4).  Recurrent states of deeper steps take the last state (which
         has absorbed the token), under every layout; attention groups the token never wrote take
         its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""

@@ -21,6 +21,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "my-model" / "model.safetensors").is_file()
     assert namespace["out"].exit_distribution.shape == (6, 2, 16)
+    inference = re.search(r"prefix reuse \(continuing.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    exec(compile(inference, "README.md", "exec"), namespace)
+    assert len(namespace["batch"].generations) == 2 and namespace["prefixes"].stats.requests == 1
 
 
 def test_readme_test_command_is_what_ci_runs():
