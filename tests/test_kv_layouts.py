@@ -143,7 +143,10 @@ def test_modulo_with_enough_slots_equals_full_and_fills_unreached_groups():
     for (a, steps_a), (b, steps_b) in zip(full, modulo):
         assert steps_a == steps_b
         torch.testing.assert_close(a, b)
+    model.exit_gate.weight.data.zero_()  # λ = σ(1) > q: every token exits at step 1, writing group 0 only
+    model.exit_gate.bias.data.fill_(1.0)
     decoder, outputs = _decode(model, "modulo", prompt, tokens, QExit(0.5), modulo_slots=2)
+    assert any(exit_step == 1 for _, exit_step in outputs[1:])
     for offset, (_, exit_step) in enumerate(outputs[1:]):
         if exit_step == 1:  # only group 0 was written: group 1 must hold the same K/V
             position = len(prompt) + offset

@@ -72,7 +72,7 @@ class NativeStepper:
         self.head = self._keep_tensor(model.head_weight)
         self.norm = self._keep_tensor(model.norm.weight)
         self.gate_weight = self._keep_tensor(model.exit_gate.weight) if model.exit_gate is not None else None
-        self.gate_bias = float(model.exit_gate.bias) if model.exit_gate is not None else None
+        self.gate_bias = float(model.exit_gate.bias.detach()[0]) if model.exit_gate is not None else None
         self.gate_buffer = torch.zeros(1)
         self.gate_value = ctypes.c_float.from_address(self.gate_buffer.data_ptr())
         self.cos = self._keep_tensor(model.rope.cos)
