@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from looplm.batch import BatchDecoder
-from looplm.bench import time_decode
+from looplm.bench import roofline, time_decode
 from looplm.cache import KV_LAYOUTS, KVCache
 from looplm.config import ModelConfig, preset
 from looplm.exit_policy import FixedSteps, QExit
@@ -55,39 +55,13 @@ def reference_shape(repeats: int) -> dict:
             "vs_peer_110": default / PEER_TOKENS_PER_S}
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """STREAM-style copy bandwidth, bytes read + written per second, over buffers far larger
-    than the last-level cache."""
-    source = torch.ones(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - started)
-    return 2 * source.nbytes / min(times)
-
-
-def roofline(repeats: int) -> dict:
+def large_roofline(repeats: int) -> dict:
     torch.manual_seed(0)
     model = LoopLM(LARGE).eval()
-    config = model.config
     prompt, new = 32, 32
     decode = time_decode(model, prompt_length=prompt, new_tokens=new, repeats=repeats)["decode_tokens_per_s"]
-    bandwidth = copy_bandwidth()
-    core = sum(p.numel() for p in model.core.parameters())
-    once = sum(p.numel() for module in (model.prelude, model.coda, model.norm) for p in module.parameters())
-    head = config.vocab_size * config.d_model  # the tied head is read once per token
-    weight_bytes = 4 * (core * config.loop_steps + once + head + config.d_model)
-    cache = KVCache(config, 1, prompt + new)
-    kv_bytes = cache.bytes_per_token * (prompt + new // 2)  # K/V attended by a mid-generation token
-    bytes_per_token = weight_bytes + kv_bytes
-    ceiling = bandwidth / bytes_per_token
     return {"parameters": model.num_parameters(), "shape": "d 768, 12 heads, ffn 2048, 12 core layers x T 4",
-            "decode_tokens_per_s": decode, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "bytes_per_token_mb": bytes_per_token / 1e6, "roofline_tokens_per_s": ceiling,
-            "fraction_of_roofline": decode / ceiling}
+            "decode_tokens_per_s": decode, **roofline(model, decode, context=prompt + new // 2)}
 
 
 def demo_model(checkpoint: str | None):
@@ -119,8 +93,9 @@ def _answer_targets(held_out, row: int) -> list[int]:
 
 def _decode_single(model, held_out, policy, repeats: int) -> tuple[float, float, float]:
     """Batch 1: prefill each prompt at full depth (not timed), then decode its answer and eos
-    under ``policy``; exact-match accuracy, layer applications per decoded token, and the
-    median over ``repeats`` of the seconds spent in decode steps."""
+    under ``policy`` (teacher-forced, so every policy does the same tokens; all argmaxes right =
+    greedy generation right); exact-match accuracy, layer applications per decoded token, and
+    the median over ``repeats`` of the seconds spent in decode steps."""
     per_step = model.config.n_core_layers + model.config.n_coda_layers
     timings = []
     for _ in range(repeats):
@@ -130,15 +105,15 @@ def _decode_single(model, held_out, policy, repeats: int) -> tuple[float, float,
                 prompt, answer = held_out.prompts[row], _answer_targets(held_out, row)
                 decoder = Decoder(model, policy, len(prompt) + len(answer))
                 logits, _ = decoder.prefill(torch.tensor([prompt]))
-                emitted = [int(logits.argmax())]
+                right = int(logits.argmax()) == answer[0]
                 started = time.perf_counter()
-                while len(emitted) < len(answer) and emitted[-1] == answer[len(emitted) - 1]:
-                    logits, steps = decoder.step(emitted[-1])
-                    emitted.append(int(logits.argmax()))
+                for position in range(1, len(answer)):  # teacher-forced: the same work for every policy
+                    logits, steps = decoder.step(answer[position - 1])
+                    right &= int(logits.argmax()) == answer[position]
                     applications += steps * per_step
                     tokens += 1
                 seconds += time.perf_counter() - started
-                correct += emitted == answer
+                correct += right
         timings.append(seconds)
     return correct / len(held_out), applications / max(tokens, 1), statistics.median(timings)
 
@@ -147,7 +122,8 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
     """All problems as one batch (``BatchDecoder``): prefill every row at full depth (not timed),
     then decode answers and eos together; accuracy, layer applications per decoded token and the
     median seconds of the decode steps over ``repeats`` replays from the same prefilled cache.
-    Rows whose emitted token is already wrong stop (as greedy generation would diverge)."""
+    The answer tokens are teacher-forced (every policy decodes the same tokens); a row is right
+    when every argmax matches, which equals greedy generation (``EvalSet``)."""
     rows = len(held_out)
     answers = [_answer_targets(held_out, row) for row in range(rows)]
     length = max(len(answer) for answer in answers)
@@ -161,20 +137,18 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
             for tensor, value in zip(_cache_tensors(cache), saved):
                 tensor.copy_(value)
             cache.length, decoder.applications = saved[-1], 0
-            emitted = [[int(token)] for token in first]
+            right = first == torch.tensor([answer[0] for answer in answers])
             started = time.perf_counter()
-            for position in range(1, length):
-                alive = [row for row in range(rows) if len(answers[row]) > position
-                         and emitted[row][-1] == answers[row][position - 1]]
-                if not alive:
-                    break
-                logits, _ = decoder.step(torch.tensor([emitted[row][-1] for row in alive]), torch.tensor(alive))
-                for index, token in enumerate(logits.argmax(-1).tolist()):
-                    emitted[alive[index]].append(token)
+            for position in range(1, length):  # teacher-forced: the same work for every policy
+                alive = [row for row in range(rows) if len(answers[row]) > position]
+                logits, _ = decoder.step(torch.tensor([answers[row][position - 1] for row in alive]),
+                                         torch.tensor(alive))
+                predicted = logits.argmax(-1)
+                for index, row in enumerate(alive):
+                    right[row] &= bool(predicted[index] == answers[row][position])
             timings.append(time.perf_counter() - started)
-    decoded = sum(len(tokens) - 1 for tokens in emitted)
-    accuracy = sum(emitted[row] == answers[row] for row in range(rows)) / rows
-    return accuracy, decoder.applications / max(decoded, 1), statistics.median(timings)
+    decoded = sum(len(answer) - 1 for answer in answers)
+    return float(right.float().mean()), decoder.applications / max(decoded, 1), statistics.median(timings)
 
 
 def _cache_tensors(cache: KVCache) -> list[torch.Tensor]:
@@ -282,7 +256,7 @@ def main(argv=None) -> dict:
     print("## Batch-1 decode, reference shape\n")
     print(_table([results["reference_shape"]], list(results["reference_shape"])) + "\n")
     if not args.skip_roofline:
-        results["roofline"] = roofline(args.repeats)
+        results["roofline"] = large_roofline(args.repeats)
         print("## Roofline, ~100M parameters\n")
         print(_table([results["roofline"]], list(results["roofline"])) + "\n")
     model, held_out = demo_model(args.demo)

@@ -85,6 +85,47 @@ def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, 
             "prefill_tokens_per_s": statistics.median(prefill_rates)}
 
 
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """STREAM-style copy bandwidth in bytes/s (bytes read + written) over buffers far larger
+    than the last-level cache: the memory ceiling of weight-streaming decode."""
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - started)
+    return 2 * source.nbytes / min(times)
+
+
+def decode_traffic(model: LoopLM, context: int) -> dict:
+    """What one batch-1 decoded token at full depth reads: the weights (the core's T times, the
+    rest once, one embedding row, the head) and the K/V of ``context`` earlier positions; and
+    the layer applications it runs."""
+    from looplm.cache import KVCache
+
+    config = model.config
+    core = sum(p.numel() for p in model.core.parameters())
+    once = sum(p.numel() for module in (model.prelude, model.coda, model.norm) for p in module.parameters())
+    element = next(model.parameters()).element_size()
+    weights = element * (core * config.loop_steps + once + config.vocab_size * config.d_model + config.d_model)
+    kv_per_token = KVCache(config, 1, 1, device="meta").bytes_per_token
+    return {"layer_applications_per_token": config.n_prelude_layers + config.loop_steps
+            * (config.n_core_layers + config.n_coda_layers),
+            "kv_cache_bytes_per_token": kv_per_token,
+            "bytes_read_per_token": weights + kv_per_token * context}
+
+
+def roofline(model: LoopLM, tokens_per_s: float, context: int) -> dict:
+    """The decode rate against the bandwidth roofline (bytes read per token ÷ copy bandwidth)."""
+    traffic = decode_traffic(model, context)
+    bandwidth = copy_bandwidth()
+    ceiling = bandwidth / traffic["bytes_read_per_token"]
+    return {**traffic, "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": ceiling,
+            "fraction_of_roofline": tokens_per_s / ceiling}
+
+
 def run_bench(json_path: str | None = None, threads: int = 0, compile_model: bool = False,
               repeats: int = 3) -> dict:
     if threads:
@@ -109,6 +150,8 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     # and reference paths are timed in the same run as baselines.
     results["decode_backend"] = "native" if load_kernel() is not None else f"torch ({unavailable_reason()})"
     results.update(time_decode(decode_model, repeats=repeats))
+    # A token mid-generation attends over the 128-token prompt and half the 128 new tokens.
+    results.update(roofline(decode_model, results["decode_tokens_per_s"], context=128 + 64))
     for backend in ("torch", "reference"):
         rate = time_decode(decode_model, repeats=repeats, backend=backend)["decode_tokens_per_s"]
         results[f"decode_tokens_per_s_{backend}_path"] = rate
