@@ -36,8 +36,17 @@ def _check_steps(steps: int | None, min_steps: int = 1) -> None:
         raise LoopLMError(f"min_steps ({min_steps}) must not exceed steps ({steps})")
 
 
+class _Bounded:
+    """The most loop steps a policy runs: its ``steps``, else the trained T."""
+
+    steps: int | None
+
+    def max_steps(self, trained_steps: int) -> int:
+        return self.steps or trained_steps
+
+
 @dataclass(frozen=True)
-class FixedSteps:
+class FixedSteps(_Bounded):
     """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
 
     steps: int | None = None
@@ -45,12 +54,10 @@ class FixedSteps:
     def __post_init__(self) -> None:
         _check_steps(self.steps)
 
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
 
 
 @dataclass(frozen=True)
-class QExit:
+class QExit(_Bounded):
     """Exit at the first step whose exit CDF reaches ``threshold`` (Ouro's Q-exit)."""
 
     threshold: float = 0.5
@@ -62,12 +69,10 @@ class QExit:
             raise LoopLMError(f"q must be in [0, 1], got {self.threshold}")
         _check_steps(self.steps, self.min_steps)
 
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
 
 
 @dataclass(frozen=True)
-class HiddenDiffExit:
+class HiddenDiffExit(_Bounded):
     """Exit at the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ``epsilon``."""
 
     epsilon: float = 0.05
@@ -79,12 +84,10 @@ class HiddenDiffExit:
             raise LoopLMError(f"the hidden-difference epsilon must be >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
 
 
 @dataclass(frozen=True)
-class KLExit:
+class KLExit(_Bounded):
     """Exit at the first step t ≥ 2 with KL(p_t ‖ p_{t−1}) < ``epsilon`` (nats)."""
 
     epsilon: float = 0.01
@@ -96,12 +99,10 @@ class KLExit:
             raise LoopLMError(f"the KL epsilon must be >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
 
 
 @dataclass(frozen=True)
-class ACTExit:
+class ACTExit(_Bounded):
     """ACT halting (Graves; REFERENCE §5): the output is the halting-weighted readout
     Σ_t w_t r_t (``exit.act_weights``, the gate read as halting probability).  Every depth
     still runs so that every step's cache holds every token; the reported steps are the
@@ -115,8 +116,6 @@ class ACTExit:
             raise LoopLMError(f"the ACT threshold must be in (0, 1], got {self.threshold}")
         _check_steps(self.steps)
 
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
 
 
 ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit
