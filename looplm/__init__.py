@@ -9,6 +9,11 @@ from looplm.errors import LoopLMError
 from looplm.generate import FixedSteps, QExit, Sampling, generate, stream
 from looplm.model import LoopLM, LoopOutput
 
+# ``looplm.train(run, out_dir, resume=False, progress=True)`` trains a model and returns a TrainResult.
+# It is the looplm.train package itself, made callable (see looplm/train/__init__.py), so that it is
+# not shadowed when a submodule such as looplm.train.trainer is imported.
+from looplm import train
+
 __version__ = "0.1.0"
 
 
@@ -36,13 +41,6 @@ def load_tokenizer(path: str | Path):
             raise LoopLMError(f"no tokenizer.json saved with {str(path)!r}")
         return tokenizer
     return load_spec(str(path))
-
-
-def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True):
-    """Train the model described by ``run`` into ``out_dir``; returns a ``TrainResult``."""
-    from looplm.train.trainer import train as run_training
-
-    return run_training(run, out_dir, resume=resume, progress=progress)
 
 
 __all__ = ["DataConfig", "FixedSteps", "LoopLM", "LoopLMError", "LoopOutput", "ModelConfig", "QExit",

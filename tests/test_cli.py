@@ -1,10 +1,13 @@
 """The looplm command end to end, through a real subprocess."""
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
+
+from looplm.cli import build_parser, main
 
 TINY = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
         "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
@@ -26,10 +29,34 @@ def trained(tmp_path_factory):
     return root
 
 
-def test_help_for_every_command():
-    for command in ("demo", "train", "generate", "eval", "prepare", "bench"):
-        result = looplm(command, "--help")
-        assert result.returncode == 0 and "usage: looplm " + command in result.stdout
+COMMANDS = ("demo", "train", "generate", "eval", "prepare", "export", "bench", "convert", "lm-eval")
+
+
+def command_paths(parser, prefix=()):
+    """Every (sub)command path of the parser, e.g. ("convert", "ouro"), found by walking its subparsers."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield (*prefix, name)
+                yield from command_paths(child, (*prefix, name))
+
+
+def test_top_level_help_lists_every_command():
+    result = looplm("--help")
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") and line.split()}
+    assert set(COMMANDS) <= listed
+    assert set(COMMANDS) <= {path[0] for path in command_paths(build_parser())}
+
+
+def test_help_for_every_command(capsys):
+    paths = list(command_paths(build_parser()))
+    assert ("convert", "ouro") in paths and len(paths) > len(COMMANDS)
+    for path in paths:
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        assert exited.value.code == 0, path
+        assert "usage: looplm " + " ".join(path) in capsys.readouterr().out, path
 
 
 def test_train_then_generate(trained):

@@ -1,15 +1,19 @@
-"""The C decode kernel: equal to the reference decoder for any layer shape, any thread count;
-falls back or fails clearly where it cannot run; builds once and caches the library."""
+"""The C decode kernel: equal to the reference decoder (as close to a float64 truth as the fp32 reference is)
+for any layer shape, any thread count; falls back or fails clearly where it cannot run; builds once and
+caches the library."""
+
+import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
+from looplm.model.norms import RMSNorm
 from looplm.native import build, native_unsupported
 
 
@@ -27,6 +31,27 @@ def decode_both(model, policy, tokens, prompt, backend="native", threads=None):
     return reference, native, pairs
 
 
+def float64_truth(model, policy, tokens, prompt):
+    """The reference decoder on a float64 copy of the model: (logits, steps) per token, and its cache."""
+    truth = Decoder(copy.deepcopy(model).double(), policy, len(prompt[0]) + len(tokens) + 1, backend="reference")
+    with torch.no_grad():
+        truth.prefill(prompt)
+        return [truth.step(token) for token in tokens], truth.cache
+
+
+def assert_as_accurate_as_reference(native, reference, truth):
+    """native (fp32 kernel) within 1e-4 (+1e-5 relative) of the float64 truth, plus 4x the fp32 reference's own
+    error there.
+
+    A random model can be ill-conditioned (a norm rescaling a nearly cancelled vector), so that the fp32
+    reference itself is ~1e-3 off the truth; the kernel sums in another order, so it cannot be held to the
+    reference tighter than the reference is to the truth. Well-conditioned draws keep the plain 1e-4 bound.
+    """
+    truth = truth.double()
+    reference_error = (reference.double() - truth).abs().max().item()
+    torch.testing.assert_close(native.double(), truth, atol=1e-4 + 4 * reference_error, rtol=1e-5)
+
+
 @settings(max_examples=25, deadline=None)
 @given(d_head=st.sampled_from([2, 6, 8, 16, 20]), heads=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]),
        hidden=st.integers(1, 45), core=st.integers(1, 2), prelude=st.integers(0, 1), coda=st.integers(0, 1),
@@ -36,21 +61,32 @@ def test_native_equals_reference_for_any_layer_shape(d_head, heads, hidden, core
                                                      threads, seed):
     # Odd sizes exercise the kernel's tails: rows not a multiple of 4, vectors not of 8.
     n_heads, n_kv_heads = heads
+    # d_model 2: an RMSNorm returns the direction of a 2-vector, arbitrarily ill-conditioned near 0.
+    assume(d_head * n_heads > 2)
     config = ModelConfig(vocab_size=37, d_model=d_head * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          ffn_hidden=hidden, n_prelude_layers=prelude, n_core_layers=core, n_coda_layers=coda,
                          loop_steps=3, max_seq_len=32, norm=norm, step_norm=step_norm)
     torch.manual_seed(seed)
     model = LoopLM(config).eval()
-    for parameter in model.parameters():  # away from the init's near-identity norms
-        torch.nn.init.normal_(parameter, std=0.5)
+    # Away from the init's identity norms: norms in [0.5, 1.5], unit-gain matrices (std 0.5 on every matrix
+    # made many draws chaotic over the loop, the fp32 reference up to ~4e-4 off the float64 truth).
+    for parameter in model.parameters():
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=parameter.shape[1] ** -0.5)
+        else:
+            torch.nn.init.normal_(parameter, std=0.5)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     prompt = torch.randint(0, 37, (1, 4))
     tokens = torch.randint(0, 37, (6,)).tolist()
     reference, native, pairs = decode_both(model, QExit(0.6), tokens, prompt, threads=threads)
-    for (expected, expected_steps), (logits, steps) in pairs:
+    truth, truth_cache = float64_truth(model, QExit(0.6), tokens, prompt)
+    for ((expected, expected_steps), (logits, steps)), (exact, _) in zip(pairs, truth):
         assert steps == expected_steps
-        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(native.cache.keys, reference.cache.keys, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(native.cache.values, reference.cache.values, atol=1e-4, rtol=1e-5)
+        assert_as_accurate_as_reference(logits, expected, exact)
+    assert_as_accurate_as_reference(native.cache.keys, reference.cache.keys, truth_cache.keys)
+    assert_as_accurate_as_reference(native.cache.values, reference.cache.values, truth_cache.values)
 
 
 def test_native_logits_are_not_overwritten_by_the_next_step(tiny_model):
