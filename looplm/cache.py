@@ -31,6 +31,8 @@ different lengths right-aligned (``offsets`` = left padding per row, ``key_mask`
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from looplm.config import ModelConfig
@@ -226,8 +228,25 @@ class KVCache:
                         state[self.index[target], row] = state[self.index[source], row]
                 elif self.group(step) not in written and self.group(step) not in done:
                     done.add(self.group(step))
-                    self.keys[self.index[target], row, :, start:end] = self.keys[self.index[source], row, :, start:end]
-                    self.values[self.index[target], row, :, start:end] = self.values[self.index[source], row, :, start:end]
+                    self._copy_positions(self.index[source], self.index[target], row, start, end)
+
+    def _copy_positions(self, source: int, target: int, row, start: int, end: int) -> None:
+        """K/V of positions [start, end) from storage slot ``source`` to ``target`` for ``row``.
+        A batch-1 CPU cache copies each head's contiguous run with memmove: the decode of a small
+        model is short enough that tensor-indexing overhead would eat the steps early exit saved."""
+        keys, values = self.keys, self.values
+        if keys.device.type == "cpu" and keys.shape[1] == 1 and keys.is_contiguous() and values.is_contiguous():
+            for tensor in (keys, values):
+                _, _, heads, length, width = tensor.shape
+                item, base = tensor.element_size(), tensor.data_ptr()
+                slot, run = tensor.stride(0) * item, (end - start) * width * item
+                to, came = base + target * slot + start * width * item, base + source * slot + start * width * item
+                for head in range(heads):
+                    step = head * length * width * item
+                    ctypes.memmove(to + step, came + step, run)
+            return
+        keys[target, row, :, start:end] = keys[source, row, :, start:end]
+        values[target, row, :, start:end] = values[source, row, :, start:end]
 
     @property
     def nbytes(self) -> int:

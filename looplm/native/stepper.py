@@ -82,6 +82,7 @@ class NativeStepper:
         self.logits_buffer = torch.zeros(config.vocab_size)
         self.scratch = torch.zeros(self.kernel.looplm_scratch_floats(ctypes.byref(self.dims)))
         self.row_bytes = config.d_model * _FLOAT
+        self._addresses = None
 
     def _keep_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().contiguous()
@@ -111,14 +112,18 @@ class NativeStepper:
         return packed
 
     def _run(self, packed, count: int, buffer: torch.Tensor, position: int, final_norm: bool) -> None:
+        # Addresses are fixed for the stepper's life: computed once (a decode step of a small
+        # model costs about as much as converting a dozen tensors to pointers).
+        if self._addresses is None:
+            self._addresses = (ctypes.byref(self.dims), self.cos.data_ptr(), self.sin.data_ptr(),
+                               self.scratch.data_ptr(), self.norm.data_ptr())
+        dims, cos, sin, scratch, norm = self._addresses
         rope_row = position * self.config.head_dim * _FLOAT
-        self.kernel.looplm_layers(ctypes.byref(self.dims), packed, count, buffer.data_ptr(), position,
-                                  self.cos.data_ptr() + rope_row, self.sin.data_ptr() + rope_row,
-                                  self.scratch.data_ptr(), self.norm.data_ptr() if final_norm else None,
-                                  self.threads)
+        self.kernel.looplm_layers(dims, packed, count, buffer.data_ptr(), position, cos + rope_row, sin + rope_row,
+                                  scratch, norm if final_norm else None, self.threads)
 
     def _load(self, h: torch.Tensor) -> None:
-        if h.data_ptr() != self.hidden.data_ptr():
+        if h is not self.hidden and h.data_ptr() != self.hidden.data_ptr():
             self.hidden.copy_(h)
 
     def embed(self, token: int, start: int) -> torch.Tensor:
