@@ -151,6 +151,9 @@ class Decoder:
             self.stepper = ReferenceStepper(model, self.cache)
         self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
+        # The C kernel runs a whole token's loop, Q-exit and LAST_EXITED copy in one call.
+        self.fused = (backend == "native" and self.stepper.fuses_exit_loop and self.act_threshold is None
+                      and self.rule.kind in ("q", "static") and self.cache.layout == "last_exited")
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
@@ -186,6 +189,11 @@ class Decoder:
         h = stepper.initial_state(e, start)
         if self.act_threshold is not None:
             return self._act_step(h, e, start)
+        if self.fused:
+            q = self.threshold if rule.kind == "q" else 2.0
+            ran = stepper.exit_loop(h, start, self.max_steps, rule.min_steps, q, fill=True)
+            cache.advance(1)
+            return stepper.logits(stepper.hidden), ran
         rule.reset()
         chosen = exit_step = None
         for step in range(self.max_steps):

@@ -74,7 +74,8 @@ def test_q_exit_skips_steps_and_fills_deeper_caches_last_exited(tiny_model, back
     if backend == "torch":
         layer_call = decoder.stepper._layer
         decoder.stepper._layer = lambda *args: calls.append(1) or layer_call(*args)
-    elif backend == "native":  # count the layers each kernel call runs for the core
+    elif backend == "native":  # count the layers each kernel call runs for the core (per-step path;
+        decoder.fused = False  # the one-call loop is held equal to it in test_native_decode.py)
         run = decoder.stepper._run
         core = {id(packed) for packed in decoder.stepper.core}
         decoder.stepper._run = lambda packed, count, *args: (

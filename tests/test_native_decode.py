@@ -131,3 +131,32 @@ def test_kernel_builds_once_into_the_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert build._build(compiler) == first and first.stat().st_mtime_ns == stamp
     assert [path.name for path in (tmp_path / "native").iterdir()] == [first.name]  # no temp files left
+
+
+@pytest.mark.parametrize("policy", [QExit(0.5), QExit(0.3, min_steps=2), FixedSteps(5)],
+                         ids=["q", "q-min-steps", "fixed-beyond-T"])
+def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
+    """The kernel's whole-token loop (steps, gate, Q-exit, LAST_EXITED copy in one call) gives
+    exactly the per-step native path's logits, steps and cache."""
+    if build.load_kernel() is None:
+        pytest.skip(build.unavailable_reason())
+    torch.nn.init.normal_(tiny_model.exit_gate.weight, std=2.0)
+    prompt = torch.randint(0, 64, (1, 5))
+    tokens = torch.randint(0, 64, (20,)).tolist()
+    fused = Decoder(tiny_model, policy, 32, backend="native")
+    stepwise = Decoder(tiny_model, policy, 32, backend="native")
+    stepwise.fused = False
+    assert fused.fused
+    steps = []
+    with torch.no_grad():
+        fused.prefill(prompt)
+        stepwise.prefill(prompt)
+        for token in tokens:
+            (a, used), (b, expected) = fused.step(token), stepwise.step(token)
+            assert used == expected
+            steps.append(used)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if isinstance(policy, QExit):
+        assert min(steps) >= policy.min_steps and min(steps) < 4  # tokens really exit early
+    torch.testing.assert_close(fused.cache.keys, stepwise.cache.keys, rtol=0, atol=0)
+    torch.testing.assert_close(fused.cache.values, stepwise.cache.values, rtol=0, atol=0)

@@ -285,6 +285,45 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
     if (final_norm) rms_norm(h, final_norm, h, D, eps);
 }
 
+/* One token's whole loop (batch 1, the plain Ouro loop: step norm, no coda) in one call:
+ * run steps[0..max_steps) (each a packed array of `count` core layers with that step's cache
+ * slots) on h; after every step but the last, when gate_w is not NULL, read the exit gate
+ * z = w·h + b and stop at the first step n >= min_steps whose exit CDF 1 − Π(1 − σ(z_j)) reaches
+ * q (the decoder's arithmetic: float dot, double survival).  Then, if fill, copy the last step's
+ * K/V at pos into every deeper step's slots (LAST_EXITED).  Returns the steps run; h holds the
+ * last step's state, which is its readout. */
+int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int max_steps, int min_steps,
+                     float *h, int pos, const float *cos, const float *sin, float *scratch,
+                     const float *final_norm, int threads, const float *gate_w, float gate_b, double q,
+                     int fill) {
+    const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
+    double log_survival = 0.0;
+    int ran = max_steps;
+    for (int s = 0; s < max_steps; s++) {
+        looplm_layers(dims, steps[s], count, h, pos, cos, sin, scratch, final_norm, threads);
+        if (s + 1 == max_steps || gate_w == NULL) continue;
+        double z = (double)dot(gate_w, h, D) + (double)gate_b;
+        log_survival -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));  /* log σ(−z), stably */
+        if (s + 1 >= min_steps && -expm1(log_survival) >= q) {
+            ran = s + 1;
+            break;
+        }
+    }
+    if (fill) {
+        for (int t = ran; t < max_steps; t++) {
+            for (int i = 0; i < count; i++) {
+                const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
+                for (int kv = 0; kv < Hkv; kv++) {
+                    size_t at = ((size_t)kv * L + pos) * hd;
+                    memcpy(to->keys + at, from->keys + at, hd * sizeof(float));
+                    memcpy(to->values + at, from->values + at, hd * sizeof(float));
+                }
+            }
+        }
+    }
+    return ran;
+}
+
 /* y = W x for W [rows, cols] (the LM head and the exit gate), rows split over threads. */
 void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads) {
     #pragma omp parallel num_threads(threads)

@@ -83,6 +83,7 @@ class NativeStepper:
         self.scratch = torch.zeros(self.kernel.looplm_scratch_floats(ctypes.byref(self.dims)))
         self.row_bytes = config.d_model * _FLOAT
         self._addresses = None
+        self._steps = None  # the per-step packed layers as a C array (exit_loop)
 
     def _keep_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().contiguous()
@@ -114,13 +115,16 @@ class NativeStepper:
     def _run(self, packed, count: int, buffer: torch.Tensor, position: int, final_norm: bool) -> None:
         # Addresses are fixed for the stepper's life: computed once (a decode step of a small
         # model costs about as much as converting a dozen tensors to pointers).
-        if self._addresses is None:
-            self._addresses = (ctypes.byref(self.dims), self.cos.data_ptr(), self.sin.data_ptr(),
-                               self.scratch.data_ptr(), self.norm.data_ptr())
-        dims, cos, sin, scratch, norm = self._addresses
+        dims, cos, sin, scratch, norm = self._run_addresses()
         rope_row = position * self.config.head_dim * _FLOAT
         self.kernel.looplm_layers(dims, packed, count, buffer.data_ptr(), position, cos + rope_row, sin + rope_row,
                                   scratch, norm if final_norm else None, self.threads)
+
+    def _run_addresses(self):
+        if self._addresses is None:
+            self._addresses = (ctypes.byref(self.dims), self.cos.data_ptr(), self.sin.data_ptr(),
+                               self.scratch.data_ptr(), self.norm.data_ptr())
+        return self._addresses
 
     def _load(self, h: torch.Tensor) -> None:
         if h is not self.hidden and h.data_ptr() != self.hidden.data_ptr():
@@ -152,6 +156,26 @@ class NativeStepper:
             self.kernel.looplm_rms_norm(self.hidden.data_ptr(), self.norm.data_ptr(), readout.data_ptr(),
                                         self.config.d_model, self.config.norm_eps)
         return readout
+
+    @property
+    def fuses_exit_loop(self) -> bool:
+        """Whether ``exit_loop`` can run a whole token's steps (plain loop: step norm, no coda)."""
+        return self.config.step_norm and self.coda[0] is None
+
+    def exit_loop(self, h: torch.Tensor, start: int, max_steps: int, min_steps: int, q: float, fill: bool) -> int:
+        """Every loop step of one token and its Q-exit decision in one C call (q > 1: no early
+        exit); with ``fill`` the exited token's K/V are copied into the deeper steps.  Returns
+        the steps run; ``self.hidden`` then holds the readout."""
+        self._load(h)
+        if self._steps is None:
+            self._steps = (ctypes.POINTER(Layer) * len(self.core))(
+                *[ctypes.cast(packed, ctypes.POINTER(Layer)) for packed in self.core])
+        dims, cos, sin, scratch, norm = self._run_addresses()
+        rope_row = start * self.config.head_dim * _FLOAT
+        gate = self.gate_weight.data_ptr() if self.gate_weight is not None and q <= 1.0 else None
+        return self.kernel.looplm_exit_loop(dims, self._steps, self.config.n_core_layers, max_steps, min_steps,
+                                            self.hidden.data_ptr(), start, cos + rope_row, sin + rope_row,
+                                            scratch, norm, self.threads, gate, self.gate_bias or 0.0, q, int(fill))
 
     def gate_logit(self, readout: torch.Tensor) -> float:
         """The exit gate's logit as a Python float (one C dot product: no tensor allocations)."""
