@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from looplm.batch import BatchDecoder
-from looplm.bench import roofline, time_decode
+from looplm.bench import decode_against_baselines, roofline, time_decode
 from looplm.cache import KV_LAYOUTS, KVCache
 from looplm.config import ModelConfig, preset
 from looplm.exit_policy import FixedSteps, QExit
@@ -46,13 +46,8 @@ LARGE = ModelConfig(vocab_size=4096, d_model=768, n_heads=12, ffn_hidden=2048, n
 
 def reference_shape(repeats: int) -> dict:
     torch.manual_seed(0)
-    model = LoopLM(preset("reference")).eval()
-    default = time_decode(model, repeats=repeats)["decode_tokens_per_s"]
-    torch_path = time_decode(model, repeats=repeats, backend="torch")["decode_tokens_per_s"]
-    reference = time_decode(model, repeats=repeats, backend="reference")["decode_tokens_per_s"]
-    return {"decode_tokens_per_s": default, "torch_path_tokens_per_s": torch_path,
-            "reference_path_tokens_per_s": reference, "vs_torch_path": default / torch_path,
-            "vs_peer_110": default / PEER_TOKENS_PER_S}
+    results = decode_against_baselines(LoopLM(preset("reference")).eval(), repeats)
+    return {**results, "vs_peer_110": results["decode_tokens_per_s"] / PEER_TOKENS_PER_S}
 
 
 def large_roofline(repeats: int) -> dict:
@@ -131,10 +126,10 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
         decoder = BatchDecoder(model, policy, [len(p) for p in held_out.prompts], length, layout)
         first = torch.stack([decoder.prefill(row, held_out.prompts[row])[0] for row in range(rows)]).argmax(-1)
         cache = decoder.cache
-        saved = [tensor.clone() for tensor in _cache_tensors(cache)] + [cache.length]
+        saved = [tensor.clone() for tensor in [cache.keys, cache.values, *cache.state_tensors]] + [cache.length]
         timings = []
         for _ in range(max(repeats, 5)):
-            for tensor, value in zip(_cache_tensors(cache), saved):
+            for tensor, value in zip([cache.keys, cache.values, *cache.state_tensors], saved):
                 tensor.copy_(value)
             cache.length, decoder.applications = saved[-1], 0
             right = first == torch.tensor([answer[0] for answer in answers])
@@ -149,10 +144,6 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
             timings.append(time.perf_counter() - started)
     decoded = sum(len(answer) - 1 for answer in answers)
     return float(right.float().mean()), decoder.applications / max(decoded, 1), statistics.median(timings)
-
-
-def _cache_tensors(cache: KVCache) -> list[torch.Tensor]:
-    return [cache.keys, cache.values] + [tensor for tensors in cache.states.values() for tensor in tensors]
 
 
 def early_exit(model, held_out, repeats: int) -> dict:

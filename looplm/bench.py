@@ -126,6 +126,17 @@ def roofline(model: LoopLM, tokens_per_s: float, context: int) -> dict:
             "fraction_of_roofline": tokens_per_s / ceiling}
 
 
+def decode_against_baselines(model: LoopLM, repeats: int) -> dict:
+    """Batch-1 decode with the default backend, and the torch and reference paths timed in the
+    same run as baselines (rates and speed-ups)."""
+    results = time_decode(model, repeats=repeats)
+    for backend in ("torch", "reference"):
+        rate = time_decode(model, repeats=repeats, backend=backend)["decode_tokens_per_s"]
+        results[f"decode_tokens_per_s_{backend}_path"] = rate
+        results[f"decode_speedup_vs_{backend}_path"] = results["decode_tokens_per_s"] / rate
+    return results
+
+
 def run_bench(json_path: str | None = None, threads: int = 0, compile_model: bool = False,
               repeats: int = 3) -> dict:
     if threads:
@@ -149,13 +160,9 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     # The headline decode rate is the default backend's (native where it builds); the torch
     # and reference paths are timed in the same run as baselines.
     results["decode_backend"] = "native" if load_kernel() is not None else f"torch ({unavailable_reason()})"
-    results.update(time_decode(decode_model, repeats=repeats))
+    results.update(decode_against_baselines(decode_model, repeats))
     # A token mid-generation attends over the 128-token prompt and half the 128 new tokens.
     results.update(roofline(decode_model, results["decode_tokens_per_s"], context=128 + 64))
-    for backend in ("torch", "reference"):
-        rate = time_decode(decode_model, repeats=repeats, backend=backend)["decode_tokens_per_s"]
-        results[f"decode_tokens_per_s_{backend}_path"] = rate
-        results[f"decode_speedup_vs_{backend}_path"] = results["decode_tokens_per_s"] / rate
     if compile_model:
         results["decode_tokens_per_s_torch_compiled"] = time_decode(decode_model, repeats=repeats,
                                                                     compile_steps=True)["decode_tokens_per_s"]

@@ -26,7 +26,8 @@ Storage is preallocated once: keys, values [storage slots, B, H_kv, max_len, hd]
 counts the positions filled so far (shared by every row of the batch).  For MLA the "keys" hold
 the latent c [.., B, 1, max_len, r_kv] and the "values" the rotated rope keys
 [.., B, 1, max_len, d_rope] (``looplm.model.mla``).  The batched engine places prompts of
-different lengths right-aligned (``offsets`` = left padding per row, ``key_mask``).
+different lengths right-aligned (``offsets`` = left padding per row; ``looplm.batch`` masks the
+pad keys).
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ class KVCache:
             self.values[loop, :, :, start:end] = values
 
     def _fill_skipped(self, row, ran: int, start: int, end: int) -> None:
-        """Rows (an index tensor or a slice) that stopped after ``ran`` steps: the steps it skipped get its last step's entries
-        (LAST_EXITED, REFERENCE §4).  Recurrent states of deeper steps take the last state (which
+        """Rows (an index tensor or a slice) that stopped after ``ran`` steps: the steps they skipped
+        get their last step's entries (LAST_EXITED, REFERENCE §4).  Recurrent states of deeper steps take the last state (which
         has absorbed the token), under every layout; attention groups the token never wrote take
         its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""
         first = self.config.n_prelude_layers
@@ -249,9 +250,13 @@ class KVCache:
         values[target, row, :, start:end] = values[source, row, :, start:end]
 
     @property
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every recurrent-state tensor (Gated DeltaNet, then RWKV), [slots of that kind, B, ...]."""
+        return [tensor for kind in ("G", "R") for tensor in self.states[kind]]
+
+    @property
     def nbytes(self) -> int:
-        states = [tensor for tensors in self.states.values() for tensor in tensors]
-        return sum(tensor.nbytes for tensor in (self.keys, self.values, *states))
+        return sum(tensor.nbytes for tensor in (self.keys, self.values, *self.state_tensors))
 
     @property
     def bytes_per_token(self) -> int:

@@ -97,16 +97,14 @@ class Decoder:
     """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
-                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
-                 cache: KVCache | None = None):
+                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2):
         """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
         C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
         device), "reference" (the model's own modules; every configuration) or "auto" (the
         fastest that supports this model: the fast paths cover Ouro's plain loop).
         compile_steps: torch.compile the torch backend's loop step (worth it only for long
         generations: the first call compiles for ~20 s).
-        layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``).  cache: decode into
-        this cache instead of a new one (prefix reuse hands over a restored cache)."""
+        layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``)."""
         if backend not in BACKENDS:
             raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         backend_asked = backend
@@ -119,9 +117,8 @@ class Decoder:
         if isinstance(exit_policy, ACTExit):
             self.act_threshold = exit_policy.threshold or model.config.act_threshold
         device = next(model.parameters()).device
-        self.cache = cache or KVCache(model.config, 1, max_len, self.max_steps, device=device,
-                                      dtype=next(model.parameters()).dtype, layout=layout,
-                                      modulo_slots=modulo_slots)
+        self.cache = KVCache(model.config, 1, max_len, self.max_steps, device=device,
+                             dtype=next(model.parameters()).dtype, layout=layout, modulo_slots=modulo_slots)
         self.rule = ExitRule(exit_policy, 1, model.config.loop_steps, device)
         # first/avg combine every step's coda K/V: run the readout (coda) at every step then.
         self.dense_readout = bool(model.coda) and self.cache.layout in ("first", "avg")

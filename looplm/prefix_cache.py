@@ -72,7 +72,7 @@ class PrefixCache:
             self.stats.reused_tokens += start
             cache.keys[:, 0, :, :start] = entry.keys[:, :, :start]
             cache.values[:, 0, :, :start] = entry.values[:, :, :start]
-            for mine, saved in zip(self._state_tensors(cache), entry.states.get(start, [])):
+            for mine, saved in zip(cache.state_tensors, entry.states.get(start, [])):
                 _copy_overlap(mine[:, 0], saved)
             cache.length = start
             if start == len(ids):
@@ -87,7 +87,7 @@ class PrefixCache:
             output = model(torch.tensor([ids[position:end]], device=cache.keys.device), steps=steps, cache=cache)
             position = end
             if recurrent:
-                states[position] = [tensor[:, 0].clone() for tensor in self._state_tensors(cache)]
+                states[position] = [tensor[:, 0].clone() for tensor in cache.state_tensors]
         self.stats.computed_tokens += len(ids) - start
         if entry is not None and recurrent:
             states = {**{p: s for p, s in entry.states.items() if p <= start}, **states}
@@ -95,10 +95,6 @@ class PrefixCache:
                           None if output.gate_logits is None else output.gate_logits[:, :, -1:].clone(), model)
         self._store(shape, tuple(ids), cache, states, last)
         return output
-
-    @staticmethod
-    def _state_tensors(cache: KVCache) -> list[torch.Tensor]:
-        return [tensor for kind in ("G", "R") for tensor in cache.states[kind]]
 
     def _lookup(self, shape, ids: list[int], recurrent: bool) -> tuple[_Entry | None, int]:
         """The entry sharing the longest usable prefix with ``ids`` and that prefix's length."""
