@@ -378,33 +378,19 @@ class LoopLMEval(TemplateLM):
     @torch.no_grad()
     def decode_converged(self, prompt: list[int], max_new: int, sampling, until: list[str] = ()) -> list[int]:
         """New token ids, every token running all steps (each step's cache holds its real K/V) and
-        each new token taken from its exit step: the scoring path, one token at a time.  Stops
-        at eos (not returned), once the text holds an ``until`` string, or at the budget."""
-        from looplm.cache import KVCache
-        from looplm.generate import sample_next
-        from looplm.model.lm import LoopOutput
+        each new token taken from its exit step: the scoring path, one token at a time, which is
+        ``generate`` with the ``full`` KV layout and the convergence policy (reference backend: the
+        same modules the scoring forward runs).  Stops at eos (not returned), once the text holds
+        an ``until`` string, or at the budget."""
+        from looplm.exit_policy import HiddenDiffExit, KLExit
+        from looplm.generate import generate
 
-        budget = min(max_new, self.max_length - len(prompt))
-        parameter = next(self.model.parameters())
-        cache = KVCache(self.model.config, 1, len(prompt) + budget, self.steps, device=self.device,
-                        dtype=parameter.dtype)
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
-        ids, generated = torch.tensor([prompt], device=self.device), []
-        while len(generated) < budget:
-            output = self.model(ids, steps=self.steps, cache=cache)
-            last = LoopOutput([state[:, -1:] for state in output.hidden_states],
-                              None if output.gate_logits is None else output.gate_logits[..., -1:], self.model)
-            step = int(exit_steps(last, self.exit)[0, 0])
-            token = sample_next(last.logits(step)[0, 0].float().cpu(), sampling, generator)
-            self.exit_step_total += step
-            self.exit_step_tokens += 1
-            if token == self.tokenizer.eos_id:
-                break
-            generated.append(token)
-            if until and any(stop in self.tokenizer.decode(generated) for stop in until):
-                break
-            ids = torch.tensor([[token]], device=self.device)
-        return generated
+        policy = (HiddenDiffExit if self.exit.kind == "hidden" else KLExit)(self.exit.value, self.steps)
+        result = generate(self.model, prompt, max_new, sampling, policy, self.tokenizer, until,
+                          backend="reference", layout="full")
+        self.exit_step_total += sum(result.decision_steps)
+        self.exit_step_tokens += len(result.decision_steps)
+        return result.ids
 
     def get_model_info(self) -> dict:
         """Added to lm-eval's results["config"]: what was evaluated and the loop steps it used."""
