@@ -123,7 +123,9 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
     answers = [_answer_targets(held_out, row) for row in range(rows)]
     length = max(len(answer) for answer in answers)
     with torch.inference_mode():
-        decoder = BatchDecoder(model, policy, [len(p) for p in held_out.prompts], length, layout)
+        longest = max(len(prompt) for prompt in held_out.prompts)
+        decoder = BatchDecoder(model, policy, rows, longest + length, layout)
+        decoder.begin(longest)
         first = torch.stack([decoder.prefill(row, held_out.prompts[row])[0] for row in range(rows)]).argmax(-1)
         cache = decoder.cache
         saved = [tensor.clone() for tensor in [cache.keys, cache.values, *cache.state_tensors]] + [cache.length]

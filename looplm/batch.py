@@ -20,7 +20,9 @@ on the same numbers, up to float rounding of batched matmuls.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -51,6 +53,8 @@ class BatchResult:
     cache_bytes: int = 0
     cache_bytes_per_token: int = 0
     per_row_steps: list[list[int]] = field(default_factory=list)
+    per_row_applications: list[int] = field(default_factory=list)        # layer applications per prompt
+    per_row_full_applications: list[int] = field(default_factory=list)
 
     @property
     def saved_fraction(self) -> float:
@@ -90,9 +94,13 @@ class _RowSubset:
 
 
 class BatchDecoder:
-    """Decodes a batch of right-aligned rows one token at a time; rows finish independently."""
+    """Decodes a batch of right-aligned rows one token at a time; rows finish independently.
 
-    def __init__(self, model, exit_policy: ExitPolicy, prompt_lengths: Sequence[int], max_new: int,
+    ``rows`` cache rows (slots) of ``max_len`` positions each.  ``begin(length)`` sets the write
+    index; ``prefill(row, ids)`` places a prompt so that it ends there (right-aligned), which a
+    free slot can do at any later decode step too (continuous batching: ``BatchSession``)."""
+
+    def __init__(self, model, exit_policy: ExitPolicy, rows: int, max_len: int,
                  layout: str = "last_exited", modulo_slots: int = 2):
         if (reason := batch_unsupported(model)) is not None:
             raise LoopLMError(f"the batched engine cannot run this model: {reason}; decode one prompt at a time")
@@ -103,28 +111,42 @@ class BatchDecoder:
         self.max_steps = exit_policy.max_steps(config.loop_steps)
         parameter = next(model.parameters())
         self.device = parameter.device
-        self.longest = max(prompt_lengths)
-        self.cache = KVCache(config, len(prompt_lengths), self.longest + max_new, self.max_steps,
-                             device=self.device, dtype=parameter.dtype, layout=layout, modulo_slots=modulo_slots)
-        self.cache.offsets = torch.tensor([self.longest - length for length in prompt_lengths], device=self.device)
-        self.cache.length = self.longest  # rows are prefilled one by one into [offset, longest)
+        self.cache = KVCache(config, rows, max_len, self.max_steps, device=self.device, dtype=parameter.dtype,
+                             layout=layout, modulo_slots=modulo_slots)
+        self.cache.offsets.fill_(max_len)  # an empty slot: every key masked
         self.layout, self.modulo_slots = layout, modulo_slots
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")
         self.applications = 0
         self.full_applications = 0
+        # per cache row, since its prompt was prefilled (``prefill`` resets the row's counts)
+        self.row_applications = [0] * rows
+        self.row_full_applications = [0] * rows
+
+    def begin(self, length: int) -> None:
+        """Start (or restart, with every slot free) at write index ``length``: prompts of up to
+        ``length`` tokens can be prefilled."""
+        if length > self.cache.max_len:
+            raise LoopLMError(f"the batch cache holds {self.cache.max_len} positions; {length} needed")
+        self.cache.length = length
 
     def prefill(self, row: int, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """Prefill one prompt at full depth (a batch-1 ``Decoder``) into its right-aligned row."""
+        """Prefill one prompt at full depth (a batch-1 ``Decoder``) into slot ``row``, ending at
+        the write index (its earlier positions are masked for this row from now on)."""
+        length = self.cache.length
+        if len(ids) > length:
+            raise LoopLMError(f"a prompt of {len(ids)} tokens cannot join a batch at position {length}")
         single = Decoder(self.model, self.policy, len(ids), backend="reference", layout=self.layout,
                          modulo_slots=self.modulo_slots)
         logits, steps = single.prefill(torch.tensor([list(ids)], device=self.device))
         source, target = single.cache, self.cache
-        begin = self.longest - len(ids)
-        target.keys[:, row, :, begin:self.longest] = source.keys[:, 0, :, :len(ids)]
-        target.values[:, row, :, begin:self.longest] = source.values[:, 0, :, :len(ids)]
+        begin = length - len(ids)
+        target.keys[:, row, :, begin:length] = source.keys[:, 0, :, :len(ids)]
+        target.values[:, row, :, begin:length] = source.values[:, 0, :, :len(ids)]
         for kind, states in source.states.items():
             for mine, theirs in zip(target.states[kind], states):
                 mine[:, row] = theirs[:, 0]
+        target.offsets[row] = begin
+        self.row_applications[row] = self.row_full_applications[row] = 0
         return logits, steps
 
     def _tables(self, rows: torch.Tensor, index: int):
@@ -156,6 +178,7 @@ class BatchDecoder:
         exited = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
         per_step = model.config.n_core_layers + model.config.n_coda_layers
         self.full_applications += len(rows) * self.max_steps * per_step
+        applied = torch.zeros(len(rows), dtype=torch.long)
         for step in range(self.max_steps):
             subset = rows[running]
             view = _RowSubset(cache, None if everyone and len(running) == len(rows) else subset, index)
@@ -167,8 +190,9 @@ class BatchDecoder:
                 readout = model.readout(h, step, index, view, part_tables, mask[running])
             view.flush()
             cache.after_step(step, index, index + 1, None if everyone and len(running) == len(rows) else subset)
-            self.applications += len(running) * (model.config.n_core_layers
-                                                 + (model.config.n_coda_layers if need_readout else 0))
+            cost = model.config.n_core_layers + (model.config.n_coda_layers if need_readout else 0)
+            self.applications += len(running) * cost
+            applied[running.cpu()] += cost
             flat = readout[:, -1] if need_readout else None
             if last:
                 keep = ~exited[running]
@@ -191,7 +215,172 @@ class BatchDecoder:
         steps_run[rows] = ran if cache.skips else self.max_steps
         cache.finish(index, index + 1, steps_run)
         cache.advance(1)
+        for position, row in enumerate(rows.tolist()):
+            self.row_applications[row] += int(applied[position])
+            self.row_full_applications[row] += self.max_steps * per_step
         return model.logits(chosen), ran
+
+
+@dataclass(eq=False)
+class BatchRow:
+    """One prompt decoding in a ``BatchSession``: its generation so far and its limits."""
+
+    prompt: list[int]
+    generation: Generation
+    budget: int                     # tokens it may emit (its limit, cut by the context)
+    limit: int                      # the limit asked for
+    on_token: Callable[[int, int, str], None] | None = None   # (id, steps, text) per emitted token
+    emitted_text: str = ""
+    logits: torch.Tensor | None = None
+    steps: int = 0
+    layer_applications: int = 0     # core + coda applications run for its decoded tokens
+    full_depth_applications: int = 0
+    cancelled: bool = False         # set by the caller: the row leaves at the next step
+
+
+class BatchSession:
+    """Continuous batching: prompts join and leave a running batch between decode steps.
+
+    A session owns a ``BatchDecoder`` with ``rows`` slots of ``max_len`` positions and one
+    sampling generator.  ``admit`` prefills prompts into free slots, right-aligned at the current
+    write index (a prompt joins only when it is no longer than that index and its budget fits
+    before ``max_len``: ``fits``); ``step`` emits one token for every row (stop ids, stop strings,
+    budget) and decodes the next token of the rows still going.  A finished row's slot is free
+    for the next prompt: its old keys lie before the new prompt's start and stay masked.
+    When every row has finished the write index restarts at the next admission.
+
+    The rows of a session share its exit policy, layout, sampling and stop strings; each row's
+    tokens equal per-prompt ``generate`` with the same settings (greedy; tested)."""
+
+    def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
+                 exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
+                 stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2):
+        self.model, self.sampling, self.tokenizer = model, sampling, tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
+        self.context = model.config.max_seq_len
+        self.generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
+        with torch.inference_mode():
+            self.decoder = BatchDecoder(model, exit_policy or FixedSteps(), rows, max_len, layout, modulo_slots)
+        self.rows: dict[int, BatchRow] = {}   # slot → row decoding there
+        self.joined_late = 0                  # rows admitted while others were decoding
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.cache.offsets.shape[0] - len(self.rows)
+
+    def budget(self, prompt: Sequence[int], limit: int) -> int:
+        return min(limit, self.context - len(prompt))
+
+    def fits(self, prompt: Sequence[int], limit: int, start: int | None = None) -> bool:
+        """Whether ``prompt`` can join now (or at write index ``start`` for an idle session)."""
+        if self.free_slots == 0 or not prompt or len(prompt) > self.context:
+            return False
+        index = self.decoder.cache.length if self.rows else (start if start is not None else len(prompt))
+        return len(prompt) <= index and index + max(self.budget(prompt, limit), 1) <= self.decoder.cache.max_len
+
+    def admit(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
+              on_tokens: Sequence[Callable[[int, int, str], None] | None] | None = None) -> list[BatchRow]:
+        """Prefill ``prompts`` into free slots (an idle session restarts at the longest of them)."""
+        on_tokens = on_tokens or [None] * len(prompts)
+        start = max(len(prompt) for prompt in prompts)
+        for prompt, limit in zip(prompts, limits):
+            if not self.fits(prompt, limit, start):
+                raise LoopLMError(f"a prompt of {len(prompt)} tokens with {limit} new tokens does not fit the batch")
+        late = bool(self.rows)
+        admitted = []
+        with torch.inference_mode(), _eval_mode(self.model):
+            if not self.rows:
+                self.decoder.begin(start)
+            for prompt, limit, on_token in zip(prompts, limits, on_tokens):
+                slot = min(set(range(self.decoder.cache.offsets.shape[0])) - set(self.rows))
+                row = BatchRow(list(prompt), Generation(prompt_tokens=len(prompt)), self.budget(prompt, limit),
+                               limit, on_token)
+                row.logits, row.steps = self.decoder.prefill(slot, prompt)
+                self.rows[slot] = row
+                admitted.append(row)
+        self.joined_late += len(admitted) if late else 0
+        return admitted
+
+    def step(self) -> list[BatchRow]:
+        """Emit a token for every row and decode the next one for those going on; return the
+        rows that finished (their slots are free again)."""
+        with torch.inference_mode(), _eval_mode(self.model):
+            return self._step()
+
+    def _step(self) -> list[BatchRow]:
+        finished, going, tokens = [], [], []
+        for slot, row in sorted(self.rows.items()):
+            token = None if row.cancelled else self._emit(row)
+            if token is None:
+                finished.append(slot)
+            else:
+                going.append(slot)
+                tokens.append(token)
+        if going:
+            decoder = self.decoder
+            logits, steps = decoder.step(torch.tensor(tokens, device=decoder.device),
+                                         torch.tensor(going, device=decoder.device))
+            for position, slot in enumerate(going):
+                row = self.rows[slot]
+                row.logits, row.steps = logits[position], int(steps[position])
+                row.layer_applications = decoder.row_applications[slot]
+                row.full_depth_applications = decoder.row_full_applications[slot]
+        done = []
+        for slot in finished:
+            row = self.rows.pop(slot)
+            result = row.generation
+            if result.stop_reason not in ("stop_token", "stop_string"):
+                result.stop_reason = "length" if row.budget == row.limit else "context"
+            if self.tokenizer is not None and result.stop_reason != "stop_string":
+                result.text = self.tokenizer.decode(result.ids)
+            done.append(row)
+        return done
+
+    def _emit(self, row: BatchRow) -> int | None:
+        """Sample the row's next token and record it; None when the row is finished (the
+        token is not decoded further when it ends the row)."""
+        result = row.generation
+        if len(result.ids) >= row.budget:
+            return None
+        token = sample_next(row.logits.cpu() if self.generator is not None else row.logits, self.sampling,
+                            self.generator)
+        if token in self.stop_ids:
+            result.stop_reason, result.stop_token_steps = "stop_token", row.steps
+            return None
+        result.ids.append(token)
+        result.steps.append(row.steps)
+        piece = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(result.ids)
+            stop_at = _find_stop(text, self.stop_strings, len(row.emitted_text))
+            if stop_at is not None:
+                result.text, result.stop_reason = text[:stop_at], "stop_string"
+                if row.on_token is not None and stop_at > len(row.emitted_text):
+                    row.on_token(token, row.steps, text[len(row.emitted_text):stop_at])
+                return None
+            if not text.endswith("\ufffd"):
+                piece, row.emitted_text = text[len(row.emitted_text):], text
+            result.text = text
+        if row.on_token is not None:
+            row.on_token(token, row.steps, piece)
+        if len(result.ids) >= row.budget:
+            return None
+        return token
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
@@ -204,7 +393,6 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     per prompt); ``on_token(row, id, steps, text)`` is
     called for every emitted token (streaming).  Sampling draws from one generator over the
     batch, so with temperature > 0 the draws differ from per-prompt runs (greedy is identical)."""
-    exit_policy = exit_policy or FixedSteps()
     context = model.config.max_seq_len
     if not prompts:
         raise LoopLMError("no prompts given")
@@ -219,74 +407,17 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         raise LoopLMError(f"{len(limits)} max_new_tokens limits for {len(prompts)} prompts: give one per prompt")
     if min(limits) < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {min(limits)}")
-    stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
+    longest = max(len(prompt) for prompt in prompts)
     budgets = [min(limit, context - len(prompt)) for limit, prompt in zip(limits, prompts)]
-    generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
-    results = [Generation(prompt_tokens=len(prompt)) for prompt in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            decoder = BatchDecoder(model, exit_policy, [len(p) for p in prompts], max(max(budgets), 1),
-                                   layout, modulo_slots)
-            pending = [decoder.prefill(row, prompt) for row, prompt in enumerate(prompts)]
-            logits = [item[0] for item in pending]
-            steps = [item[1] for item in pending]
-            emitted = [""] * len(prompts)
-            alive = list(range(len(prompts)))
-            for index in range(max(budgets)):
-                next_tokens, still = [], []
-                for row in alive:
-                    if _emit(row, index, logits[row], steps[row], results, budgets, sampling, generator,
-                             stop_ids, tokenizer, stop_strings, emitted, on_token, next_tokens):
-                        still.append(row)
-                alive = still
-                if not alive:
-                    break
-                rows = torch.tensor(alive, device=decoder.device)
-                new_logits, new_steps = decoder.step(torch.tensor(next_tokens, device=decoder.device), rows)
-                for position, row in enumerate(alive):
-                    logits[row], steps[row] = new_logits[position], int(new_steps[position])
-            for row, result in enumerate(results):
-                if result.stop_reason not in ("stop_token", "stop_string"):
-                    result.stop_reason = "length" if budgets[row] == limits[row] else "context"
-                if tokenizer is not None and result.stop_reason != "stop_string":
-                    result.text = tokenizer.decode(result.ids)
-    finally:
-        model.train(was_training)
+    session = BatchSession(model, len(prompts), longest + max(max(budgets), 1), sampling, exit_policy, tokenizer,
+                           stop_strings, stop_ids, layout, modulo_slots)
+    callbacks = [None if on_token is None else partial(on_token, row) for row in range(len(prompts))]
+    rows = session.admit(prompts, limits, callbacks)
+    while session.active:
+        session.step()
+    decoder = session.decoder
     cache = decoder.cache
-    return BatchResult(results, decoder.applications, decoder.full_applications,
-                       sum(len(result.steps) for result in results), cache.nbytes, cache.bytes_per_token,
-                       [result.steps for result in results])
-
-
-def _emit(row, index, logits, steps, results, budgets, sampling, generator, stop_ids, tokenizer, stop_strings,
-          emitted, on_token, next_tokens) -> bool:
-    """Sample row's next token and record it; True when the row goes on decoding."""
-    result = results[row]
-    if index >= budgets[row]:
-        return False
-    token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
-    if token in stop_ids:
-        result.stop_reason, result.stop_token_steps = "stop_token", steps
-        return False
-    result.ids.append(token)
-    result.steps.append(steps)
-    piece = ""
-    if tokenizer is not None:
-        text = tokenizer.decode(result.ids)
-        stop_at = _find_stop(text, stop_strings, len(emitted[row]))
-        if stop_at is not None:
-            result.text, result.stop_reason = text[:stop_at], "stop_string"
-            if on_token is not None and stop_at > len(emitted[row]):
-                on_token(row, token, steps, text[len(emitted[row]):stop_at])
-            return False
-        if not text.endswith("\ufffd"):
-            piece, emitted[row] = text[len(emitted[row]):], text
-        result.text = text
-    if on_token is not None:
-        on_token(row, token, steps, piece)
-    if index + 1 >= budgets[row]:
-        return False
-    next_tokens.append(token)
-    return True
+    return BatchResult([row.generation for row in rows], decoder.applications, decoder.full_applications,
+                       sum(len(row.generation.steps) for row in rows), cache.nbytes, cache.bytes_per_token,
+                       [row.generation.steps for row in rows],
+                       [row.layer_applications for row in rows], [row.full_depth_applications for row in rows])

@@ -253,6 +253,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
+    serve.add_argument("--max-context", type=int, default=None,
+                       help="positions per batch slot; the batch cache holds max-batch x max-context tokens"
+                            " (default: the model's context)")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long to gather requests into one batch after the first arrives (default: 5)")
     serve.add_argument("--exit", default="static",
@@ -286,7 +289,7 @@ def run_serve(args) -> None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: the server cannot turn prompts into tokens")
     name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
     config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default)
-    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms)
+    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context)
     app = create_app(model, tokenizer, config, engine)
     print(f"looplm serve: {name} on http://{args.host}:{args.port} (exit {args.exit}, layout {args.layout},"
           f" max batch {args.max_batch}" + (f"; unbatched: {engine.unbatched_reason}" if engine.unbatched_reason

@@ -87,3 +87,42 @@ def test_rows_stop_independently_and_bad_input_is_refused():
         generate_batch(model, [[1], []], 2)
     with pytest.raises(LoopLMError, match="longer than the context"):
         generate_batch(model, [[1] * 100], 2)
+
+
+@pytest.mark.parametrize("layout", ["last_exited", "full", "modulo"])
+def test_rows_joining_a_running_batch_and_reusing_freed_slots_equal_per_prompt(layout):
+    """Continuous batching: two slots; prompts join at later decode steps (right-aligned at the
+    running write index) and take the slot of a finished row, whose stale keys must stay masked.
+    Each row's tokens and steps equal per-prompt generation; GDN layers check that a reused
+    slot's recurrent state is replaced."""
+    from looplm.batch import BatchSession
+
+    model = _exit_model(n_coda_layers=1, layer_pattern="GA")
+    policy = QExit(0.4)
+    limits = {0: 3, 1: 9, 2: 3, 3: 4}
+    session = BatchSession(model, rows=2, max_len=40, exit_policy=policy, stop_ids=[], layout=layout)
+    rows = dict(zip([0, 1], session.admit([PROMPTS[0], PROMPTS[1]], [limits[0], limits[1]])))
+    assert session.free_slots == 0 and not session.fits(PROMPTS[2], 3)
+    steps, later = 0, [2, 3]
+    while session.active:
+        session.step()
+        steps += 1
+        while later and session.fits(PROMPTS[later[0]], limits[later[0]]):
+            rows[later[0]] = session.admit([PROMPTS[later[0]]], [limits[later[0]]])[0]
+            later.pop(0)
+    assert not later and session.joined_late == 2
+    for index, row in rows.items():
+        single = generate(model, PROMPTS[index], limits[index], exit_policy=policy, backend="reference",
+                          layout=layout, stop_ids=[])
+        assert (row.generation.ids, row.generation.steps) == (single.ids, single.steps), index
+
+
+def test_a_prompt_longer_than_the_write_index_waits():
+    from looplm.batch import BatchSession
+
+    session = BatchSession(_exit_model(), rows=3, max_len=30, stop_ids=[])
+    session.admit([[4, 8]], [5])
+    assert not session.fits(PROMPTS[0], 2)      # 7 tokens cannot end at index 2
+    assert session.fits([3], 5) and not session.fits([3], 40)   # room for its tokens
+    with pytest.raises(LoopLMError, match="does not fit"):
+        session.admit([PROMPTS[0]], [2])

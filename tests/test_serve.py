@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from looplm.model import LoopLM
 from looplm.serve import create_app
 from looplm.serve import engine as engine_module
 from looplm.serve.app import ServerConfig
-from looplm.serve.engine import Engine, Settings, layer_applications
+from looplm.serve.engine import Engine, Job, Settings, Token, layer_applications
 from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
 
 from conftest import tiny_config
@@ -237,14 +238,17 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
     marker = TOKENIZER.encode("BOOM")
 
     def breaks_on_marker(function):
-        def wrapped(model, prompts, *args, **kwargs):
+        def wrapped(first, prompts, *args, **kwargs):
             rows = prompts if isinstance(prompts[0], list) else [prompts]
             if any(row[1:5] == marker for row in rows):
                 raise RuntimeError("injected failure")
-            return function(model, prompts, *args, **kwargs)
+            return function(first, prompts, *args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(engine_module, "generate_batch", breaks_on_marker(engine_module.generate_batch))
+    class BreakingSession(engine_module.BatchSession):
+        admit = breaks_on_marker(engine_module.BatchSession.admit)
+
+    monkeypatch.setattr(engine_module, "BatchSession", BreakingSession)
     monkeypatch.setattr(engine_module, "stream", breaks_on_marker(engine_module.stream))
     failures = engine.stats.failures
     engine.batch_wait, engine.max_batch = 30.0, 2  # both requests land in one batch, which fails
@@ -271,6 +275,47 @@ def test_layer_applications_match_the_batched_engine(layout):
                    for generation in result.generations]
         assert sum(run for run, _ in counted) == result.layer_applications
         assert sum(full for _, full in counted) == result.full_depth_applications
+        assert [run for run, _ in counted] == result.per_row_applications  # counted per row as they ran
+        assert [full for _, full in counted] == result.per_row_full_applications
+
+
+def test_a_request_arriving_mid_batch_joins_the_running_batch():
+    """Continuous batching, driven through the engine's queue: two jobs start a batch; when the
+    first has streamed 3 tokens a third job is submitted, and it joins the batch that is still
+    decoding (no second batch) and gets exactly its per-prompt tokens."""
+    model = _model()
+    engine = Engine(model, TOKENIZER, max_batch=4, batch_wait_ms=50)
+    settings = Settings(QExit(0.6))
+    done, events = {}, {name: [] for name in ("a", "b", "late")}
+    prompts = {"a": "first prompt", "b": "second one", "late": "join"}
+    ids = {name: [TOKENIZER.bos_id] + TOKENIZER.encode(text) for name, text in prompts.items()}
+    finished = threading.Event()
+
+    def sink(name, event):
+        events[name].append(event)
+        if name == "a" and len(events["a"]) == 3:
+            engine.submit(Job(ids["late"], 5, settings, partial(sink, "late")))
+        if not isinstance(event, Token):
+            done[name] = event
+            if len(done) == 3:
+                finished.set()
+
+    engine.submit(Job(ids["a"], 12, settings, partial(sink, "a")))
+    engine.submit(Job(ids["b"], 12, settings, partial(sink, "b")))
+    engine.start()
+    try:
+        assert finished.wait(60)
+    finally:
+        engine.stop()
+    stats = engine.stats.as_dict()
+    assert stats["batches"] == 1 and stats["joined_running_batch"] == 1 and stats["largest_batch"] == 3
+    for name, limit in (("a", 12), ("b", 12), ("late", 5)):
+        expected = generate(model, ids[name], limit, exit_policy=QExit(0.6), tokenizer=TOKENIZER)
+        assert done[name].generation.ids == expected.ids and done[name].generation.steps == expected.steps
+        assert done[name].generation.text == expected.text
+        assert [event.id for event in events[name] if isinstance(event, Token)] == expected.ids  # streamed
+        assert (done[name].layer_applications, done[name].full_depth_applications) == layer_applications(
+            model.config, settings, expected.decision_steps)
 
 
 def test_serve_command_refuses_bad_defaults_in_one_line(tmp_path, capsys):

@@ -3,24 +3,26 @@
 Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` that receives
 its events (``Token`` for every emitted token, then ``Done`` or ``Failed``) from the worker thread.
 
-Scheduling (a static batch per collection window, not continuous batching):
+Scheduling (continuous batching):
 
 1. The worker blocks until a job arrives, then keeps collecting jobs for ``batch_wait`` seconds
    or until it holds ``max_batch`` of them.
-2. It groups the collected jobs by ``Settings`` (exit policy with its steps, KV layout, sampling,
-   stop strings): ``generate_batch`` takes one of each per batch.  Greedy jobs group regardless
-   of top_k/top_p/seed; a sampled job with a seed runs alone, so its draws do not depend on
-   which other requests happened to arrive with it.
-3. A group of two or more runs through ``looplm.batch.generate_batch`` with the group's largest
-   ``max_tokens``; a job asking for fewer tokens gets its first ``max_tokens`` tokens (the row
-   keeps decoding to the group's limit; its surplus tokens are dropped).  Truncation is exact:
-   a stop string ending after a job's limit cannot start inside its text.
-4. A group of one, every job of a model the batched engine cannot run (``batch_unsupported``)
-   and every ACT job run one by one through ``looplm.generate.stream`` (batch 1, the fastest
-   per-token backend, reusing prompt prefixes through a shared ``PrefixCache``).
+2. Jobs are grouped by ``Settings`` (exit policy with its steps, KV layout, sampling, stop
+   strings): a batch runs one of each.  Greedy jobs group regardless of top_k/top_p/seed; a
+   sampled job with a seed runs alone, so its draws do not depend on which other requests
+   happened to arrive with it.
+3. When two or more jobs of the oldest job's group are waiting, they start a ``BatchSession``
+   (``looplm.batch``; ``max_batch`` slots, ``max_context`` positions).  Between decode steps the
+   session takes in newly arrived jobs of its group (a free slot, a prompt no longer than the
+   batch's write position, and room for its tokens), and a finished or cancelled job leaves at
+   once, freeing its slot.  Jobs of other groups, or that do not fit, wait for the session to end.
+4. A job alone in its group, every job of a model the batched engine cannot run
+   (``batch_unsupported``) and every ACT job run one by one through ``looplm.generate.stream``
+   (batch 1, the fastest per-token backend, reusing prompt prefixes through a shared
+   ``PrefixCache``).
 
-A failing batch does not take its jobs down with it: each job that has received no token yet
-is retried alone, and only the jobs that fail alone (or had already streamed tokens) get
+A failing batch does not take its jobs down with it: each of its jobs that has received no
+token yet is retried alone, and only the jobs that fail alone (or had already streamed tokens) get
 ``Failed``.  The worker keeps serving after any exception.
 """
 
@@ -32,8 +34,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
-from looplm.batch import batch_unsupported, generate_batch
+from looplm.batch import BatchSession, batch_unsupported
 from looplm.cache import SKIPPING_LAYOUTS
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule
@@ -93,12 +96,14 @@ class EngineStats:
     requests: int = 0        # jobs finished (one per prompt)
     batches: int = 0         # model runs: a batch of several jobs or one job alone
     batched_jobs: int = 0    # jobs that ran in batches of two or more
+    joined_running: int = 0  # jobs that joined a batch already decoding (continuous batching)
     largest_batch: int = 0
     tokens: int = 0          # tokens handed to clients
     failures: int = 0
 
     def as_dict(self) -> dict:
         return {"requests": self.requests, "batches": self.batches, "batched_requests": self.batched_jobs,
+                "joined_running_batch": self.joined_running,
                 "largest_batch": self.largest_batch,
                 "mean_batch_size": self.requests / self.batches if self.batches else 0.0,
                 "tokens": self.tokens, "failures": self.failures}
@@ -127,13 +132,18 @@ class Engine:
     """Runs submitted jobs on ``model`` in a background thread (``start``/``stop``)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 5.0,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, max_context: int | None = None):
+        """max_context: positions per batch slot (default the model's context); a batch's cache
+        takes max_batch × max_context × ``KVCache.bytes_per_token``."""
         if max_batch < 1:
             raise LoopLMError(f"max_batch must be >= 1, got {max_batch}")
+        if max_context is not None and max_context < 1:
+            raise LoopLMError(f"max_context must be >= 1, got {max_context}")
         if batch_wait_ms < 0:
             raise LoopLMError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
+        self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.unbatched_reason = batch_unsupported(model)
         self.stats = EngineStats()
@@ -155,8 +165,14 @@ class Engine:
         self.jobs.put(job)
 
     def _serve_forever(self) -> None:
-        while (jobs := self._collect()) is not None:
-            self.run(jobs)
+        waiting: list[Job] = []
+        self._stopping = False
+        while True:
+            if not waiting:
+                if self._stopping or (jobs := self._collect()) is None:
+                    return
+                waiting.extend(jobs)
+            self._run_next(waiting)
 
     def _collect(self) -> list[Job] | None:
         """Block for a job, then gather more for up to ``batch_wait`` seconds; None = stop."""
@@ -178,17 +194,21 @@ class Engine:
         return jobs
 
     def run(self, jobs: Sequence[Job]) -> None:
-        """Group ``jobs`` by settings and run every group (in the calling thread)."""
-        groups: dict[object, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(self._group_key(job), []).append(job)
-        for group in groups.values():
-            if len(group) > 1 and self.unbatched_reason is None \
-                    and not isinstance(group[0].settings.exit_policy, ACTExit):
-                self._run_batch(group)
-            else:
-                for job in group:
-                    self._run_alone(job)
+        """Run ``jobs`` to completion in the calling thread (batching them by settings)."""
+        waiting = list(jobs)
+        while waiting:
+            self._run_next(waiting)
+
+    def _run_next(self, waiting: list[Job]) -> None:
+        """Run the oldest waiting job's group: a continuous batch when two or more of it wait and
+        the model batches, else the oldest job alone.  Removes what it ran from ``waiting``."""
+        key = self._group_key(waiting[0])
+        group = [job for job in waiting if self._group_key(job) == key][:self.max_batch]
+        if len(group) > 1 and self.unbatched_reason is None and not isinstance(group[0].settings.exit_policy, ACTExit):
+            self._run_session(group, waiting)
+        else:
+            job = waiting.pop(0)
+            self._run_alone(job)
 
     @staticmethod
     def _group_key(job: Job) -> object:
@@ -199,30 +219,77 @@ class Engine:
             return job  # reproducible draws: never share a generator with other requests
         return job.settings
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        settings = jobs[0].settings
+    def _run_session(self, group: list[Job], waiting: list[Job]) -> None:
+        """Decode ``group`` in one ``BatchSession``, taking in same-group jobs as they arrive."""
+        settings = group[0].settings
+        key = self._group_key(group[0])
+        longest = max(len(job.prompt) for job in group)
+        need = max(longest + max(job.max_tokens, 1) for job in group)
+        positions = min(max(self.max_context, need), self.model.config.max_seq_len)
+        session = BatchSession(self.model, self.max_batch, positions,
+                               settings.sampling, settings.exit_policy, self.tokenizer, settings.stop,
+                               layout=settings.layout)
+        members: dict[int, Job] = {}   # id(row) → job, while it decodes
+        unfinished: list[Job] = []     # every job taken in and not finished yet
 
-        def on_token(row: int, token: int, steps: int, text: str) -> None:
-            job = jobs[row]
-            if job.emitted < job.max_tokens:
-                job.emitted += 1
-                job.sink(Token(token, steps, text))
-
-        try:
-            result = generate_batch(self.model, [job.prompt for job in jobs], max(job.max_tokens for job in jobs),
-                                    settings.sampling, settings.exit_policy, self.tokenizer, settings.stop,
-                                    layout=settings.layout, on_token=on_token)
-        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the server
-            log.exception("batch of %d failed; retrying its jobs one by one", len(jobs))
+        def admit(jobs: list[Job]) -> None:
             for job in jobs:
+                waiting.remove(job)
+                unfinished.append(job)
+            for job, row in zip(jobs, session.admit([job.prompt for job in jobs], [job.max_tokens for job in jobs],
+                                                    [partial(self._emit, job) for job in jobs])):
+                members[id(row)] = job
+
+        fitting = [job for job in group if session.fits(job.prompt, job.max_tokens, longest)]
+        if not fitting:
+            waiting.remove(group[0])
+            self._run_alone(group[0])
+            return
+        try:
+            admit(fitting)
+            self._count_batch(len(members))
+            size = len(members)
+            while session.active:
+                for row in session.rows.values():
+                    row.cancelled = members[id(row)].cancelled
+                for row in session.step():
+                    job = members.pop(id(row))
+                    unfinished.remove(job)
+                    self._finish(job, row.generation, size, row)
+                self._take_arrivals(waiting)
+                joining = [job for job in waiting if self._group_key(job) == key
+                           and session.fits(job.prompt, job.max_tokens)][:session.free_slots]
+                if joining:
+                    admit(joining)
+                    self.stats.joined_running += len(joining)
+                    self.stats.batched_jobs += len(joining)
+                    size = max(size, len(session.rows))
+                    self.stats.largest_batch = max(self.stats.largest_batch, len(session.rows))
+        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the server
+            log.exception("batch of %d failed; retrying its jobs one by one", len(unfinished))
+            for job in unfinished:
                 if job.emitted == 0:
                     self._run_alone(job)
                 else:
                     self._fail(job, error)
-            return
-        self._count_batch(len(jobs))
-        for job, generation in zip(jobs, result.generations):
-            self._finish(job, self._truncate(generation, job.max_tokens), len(jobs))
+
+    def _take_arrivals(self, waiting: list[Job]) -> None:
+        """Move jobs that arrived meanwhile from the queue to ``waiting`` (without blocking)."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self._stopping = True  # finish what is waiting, then stop
+            else:
+                waiting.append(job)
+
+    @staticmethod
+    def _emit(job: Job, token: int, steps: int, text: str) -> None:
+        if job.emitted < job.max_tokens:
+            job.emitted += 1
+            job.sink(Token(token, steps, text))
 
     def _run_alone(self, job: Job) -> None:
         settings = job.settings
@@ -244,13 +311,6 @@ class Engine:
         self._count_batch(1)
         self._finish(job, generation, 1)
 
-    def _truncate(self, generation: Generation, limit: int) -> Generation:
-        if len(generation.ids) <= limit:
-            return generation
-        ids = generation.ids[:limit]
-        return Generation(ids, generation.steps[:limit], self.tokenizer.decode(ids), "length",
-                          generation.prompt_tokens)
-
     def _count_batch(self, size: int) -> None:
         stats = self.stats
         stats.batches += 1
@@ -258,8 +318,13 @@ class Engine:
         if size > 1:
             stats.batched_jobs += size
 
-    def _finish(self, job: Job, generation: Generation, batch_size: int) -> None:
-        run, full = layer_applications(self.model.config, job.settings, generation.decision_steps)
+    def _finish(self, job: Job, generation: Generation, batch_size: int, row=None) -> None:
+        """row: the job's ``BatchRow`` (its layer applications were counted as they ran);
+        batch-1 jobs count theirs from the decision steps."""
+        if row is not None:
+            run, full = row.layer_applications, row.full_depth_applications
+        else:
+            run, full = layer_applications(self.model.config, job.settings, generation.decision_steps)
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
         job.sink(Done(generation, run, full, batch_size))
