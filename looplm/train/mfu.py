@@ -5,10 +5,9 @@ MFU = achieved / (peak × processes), where ``achieved`` is the trainer's ``achi
 device's dense bf16 tensor throughput.  ``train.peak_tflops`` gives the peak; left at 0 on CUDA
 it is looked up below by ``torch.cuda.get_device_name``; unknown devices (and CPUs) get no MFU.
 
-The table's figures are dense (no 2:4 sparsity) BF16 Tensor Core TFLOP/s from NVIDIA's product
-spec sheets (the H100, H200, A100, A10, L4, L40, L40S and HGX B200 datasheets; B200 is the
-HGX board's 8-GPU figure divided by 8).  The sheets list BF16 "with sparsity" for Hopper, Ada and Blackwell; the dense figure
-is half of it, which is what is stored here.
+The table's figures are dense (no 2:4 sparsity) BF16 Tensor Core TFLOP/s from NVIDIA's
+product datasheets (H100, H200, A100, A10, L4, L40, L40S, HGX B200; B200 is the 8-GPU board's
+figure / 8).  The datasheets print the "with sparsity" figure, twice the dense one stored here.
 """
 
 from __future__ import annotations
