@@ -28,6 +28,7 @@ LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp")
+LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.train.loggers)
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 
 
@@ -227,6 +228,11 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     threads: int = 0
+    # Logging (looplm.train.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
+    log_to: str = ""
+    wandb_project: str = "looplm"
+    run_name: str | None = None
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
@@ -254,6 +260,14 @@ class TrainConfig:
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        unknown_sinks = [name for name in self.log_sinks() if name not in LOG_SINKS]
+        _check(not unknown_sinks, f"train.log_to takes a comma list of {', '.join(LOG_SINKS)} (metrics.jsonl is"
+               f" always written), got {self.log_to!r}")
+        _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = look up the GPU), got {self.peak_tflops}")
+
+    def log_sinks(self) -> tuple[str, ...]:
+        """train.log_to as names: "tensorboard,wandb" -> ("tensorboard", "wandb")."""
+        return tuple(dict.fromkeys(name.strip().lower() for name in self.log_to.split(",") if name.strip()))
 
     def entropy_beta_at(self, step: int) -> float:
         """β for Stage I at optimiser step ``step``: linear from entropy_beta to the final value."""

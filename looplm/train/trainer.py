@@ -33,9 +33,9 @@ from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_d
                                      write_model_files)
 from looplm.train.distributed import Distributed
 from looplm.train.distill import distillation_kl, loop_penalty_weight
+from looplm.train.loggers import MetricsLogger, open_metrics_logger, require
+from looplm.train.mfu import device_peak_tflops, model_flops_utilization
 from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -89,6 +89,11 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
         self.dist = Distributed(config.parallel, self.device)
+        if self.dist.main:  # only rank 0 logs: fail before the work if a logging package is missing
+            for sink in config.log_sinks():
+                require(sink)
+        self.peak_tflops = config.peak_tflops or device_peak_tflops(self.device)  # 0 = unknown: no MFU
+        self.metrics = MetricsLogger([])
         if self.device.type == "cuda" and self.dist.active:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -182,6 +187,8 @@ class Trainer:
         if self.dist.main:
             (self.out_dir / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
         result = TrainResult(self.model, self.tokenizer, self.data, self.out_dir)
+        if self.dist.main:
+            self.metrics = open_metrics_logger(self.out_dir, self.run, continuing_from=self.step)
         last = min(config.steps, stop_after) if stop_after is not None else config.steps
         bar = _progress_bar(self.step, config.steps, self.progress and self.dist.main)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -230,9 +237,13 @@ class Trainer:
                               **matmul_flops_per_token(self.model, depth, grad_steps)}
                     if loss_result.exit_histogram is not None:
                         record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
-                    # Achieved matmul throughput (the numerator of MFU; divide by your hardware's peak).
+                    # Achieved matmul throughput, and MFU where the device's peak is known (looplm.train.mfu).
                     record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
                                                          + record["backward_flops_per_token"]) / 1e12
+                    if self.peak_tflops:
+                        record["peak_tflops"] = self.peak_tflops
+                        record["mfu"] = model_flops_utilization(record["achieved_tflops"], self.peak_tflops,
+                                                                self.dist.world)
                     self._log(record)
                     bar.set_postfix(loss=f"{loss_value:.3f}", exit=f"{record['mean_exit_step']:.2f}",
                                     tok_s=f"{speed:,.0f}")
@@ -246,6 +257,8 @@ class Trainer:
             path = self.save()
             print(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume", file=sys.stderr)
             raise
+        finally:
+            self.metrics.close()  # flush TensorBoard / finish the W&B run, also on Ctrl-C and errors
         bar.close()
         if not config.save_every or self.step % config.save_every:
             self.save()
@@ -261,10 +274,7 @@ class Trainer:
         return report
 
     def _log(self, record: dict) -> None:
-        if not self.dist.main:
-            return
-        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.metrics.log(record)  # rank 0 only: the other ranks hold an empty MetricsLogger
 
     def save(self) -> Path:
         """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
