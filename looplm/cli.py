@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
+    generate.add_argument("--compile", action="store_true",
+                          help="torch.compile the torch backend's per-token loop step (static shapes; on CUDA"
+                               " replayed as a CUDA graph); compiling takes ~20 s, so it pays on long generations")
     generate.add_argument("--int8", action="store_true",
                           help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant); decodes"
                                " with the native C kernel where it runs, else the reference backend")
@@ -379,7 +382,8 @@ def run_generate(args) -> None:
         return _generate_batch(args, model, tokenizer, prompts, sampling, policy)
     result = Generation()
     for token in stream(model, prompts[0], args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                        result=result, backend=args.backend, layout=args.layout, modulo_slots=args.modulo_slots):
+                        result=result, backend=args.backend, compile_steps=args.compile, layout=args.layout,
+                        modulo_slots=args.modulo_slots):
         if not args.no_stream:
             print(token.text, end="", flush=True)
     if args.no_stream:

@@ -92,7 +92,10 @@ class FastStepper:
         self.cos, self.sin = model.rope.cos, model.rope.sin
         self._core_step = self._core_step_at
         if compile_steps:
-            self._core_step = torch.compile(self._core_step_at, fullgraph=True, dynamic=False)
+            # Static shapes (the whole cache, a position mask): on CUDA "reduce-overhead" records
+            # the compiled step as a CUDA graph and replays it per token.
+            mode = "reduce-overhead" if cache.keys.is_cuda else None
+            self._core_step = torch.compile(self._core_step_at, fullgraph=True, dynamic=False, mode=mode)
 
     def _layer(self, layer: _PackedLayer, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

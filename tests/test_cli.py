@@ -137,3 +137,24 @@ def test_corrupt_and_truncated_checkpoints_exit_2(trained, tmp_path):
     _assert_user_error(looplm("generate", copy, "--prompt", "x"))
     (copy / "config.json").write_text("{broken")
     _assert_user_error(looplm("generate", copy, "--prompt", "x"))
+
+
+def test_generate_compile_compiles_the_torch_step_and_keeps_the_text(trained, monkeypatch, capsys):
+    """--compile reaches the torch backend's step through torch.compile (recorded here instead of
+    compiled, to keep the test fast; the slow-marked test in test_fast_decode compiles for real)."""
+    import torch
+
+    compiled = []
+
+    def record(function, **options):
+        compiled.append(options)
+        return function
+
+    arguments = ["generate", str(trained / "run"), "--prompt", "hello", "--max-new-tokens", "6", "--backend", "torch",
+                 "--no-stream"]
+    assert main(arguments) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr(torch, "compile", record)
+    assert main([*arguments, "--compile"]) == 0
+    assert capsys.readouterr().out == plain
+    assert compiled == [{"fullgraph": True, "dynamic": False, "mode": None}]
