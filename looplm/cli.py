@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
     train.add_argument("--parallel", choices=PARALLEL, default=None,
-                       help="data parallel under torchrun: torchrun --nproc_per_node N -m looplm train … --parallel ddp")
+                       help="data parallel under torchrun: torchrun --nproc_per_node N -m looplm train … --parallel ddp"
+                            " (or fsdp: parameters, gradients and optimiser state sharded)")
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
     train.add_argument("--stage", type=int, choices=[1, 2], default=None,

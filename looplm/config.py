@@ -27,7 +27,7 @@ ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
-PARALLEL = ("none", "ddp")
+PARALLEL = ("none", "ddp", "fsdp")
 LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.train.loggers)
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 

@@ -34,11 +34,12 @@ def model_state(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
 
 
-def write_model_files(model, directory: Path, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and tokenizer.json into an existing directory."""
+def write_model_files(model, directory: Path, tokenizer=None, weights: dict | None = None) -> None:
+    """Write config.json, model.safetensors and tokenizer.json into an existing directory
+    (``weights``: the full state dict when the model holds only shards, as under FSDP)."""
     config = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(model.config)}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(model_state(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(model_state(model) if weights is None else weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory)
 

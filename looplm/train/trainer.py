@@ -133,6 +133,7 @@ class Trainer:
                 raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
+        self.forward_model = self.dist.wrap(self.model)  # first: under FSDP the optimiser holds the shards
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -148,7 +149,6 @@ class Trainer:
             if self.teacher.config.vocab_size != run.model.vocab_size:
                 raise LoopLMError(f"the teacher's vocabulary ({self.teacher.config.vocab_size}) differs from the"
                                   f" student's ({run.model.vocab_size}): distil between models sharing a tokenizer")
-        self.forward_model = self.dist.wrap(self.model)
         self.forward_loss = self._forward_loss
         if config.compile:
             self.forward_loss = torch.compile(self._forward_loss)
@@ -207,7 +207,7 @@ class Trainer:
                     with autocast:
                         loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                     (loss_result.loss / config.grad_accum).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or float("inf"))
+                grad_norm = self.dist.clip_gradients(self.model.parameters(), config.grad_clip or float("inf"))
                 loss_value = self.dist.mean(float(loss_result.loss.detach()))  # the same on every rank
                 if not torch.isfinite(grad_norm):
                     self.skipped_steps += 1
@@ -271,6 +271,7 @@ class Trainer:
         report = loss_by_step(self.model, self.data.validation)
         if self.data.eval_set is not None:
             report["accuracy_by_step"] = accuracy_by_step(self.model, self.data.eval_set.to(self.device))
+        self.dist.reshard(self.model)
         return report
 
     def _log(self, record: dict) -> None:
@@ -279,14 +280,16 @@ class Trainer:
     def save(self) -> Path:
         """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
         target = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
+        weights = self.dist.full_model_state(self.model)  # FSDP: every rank gathers, rank 0 holds
+        optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
         if not self.dist.main:
             self.dist.barrier()
             return target
 
         def write(directory: Path) -> None:
-            write_model_files(self.model, directory, self.tokenizer)
+            write_model_files(self.model, directory, self.tokenizer, weights)
             (directory / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
-            torch.save(self._train_state(), directory / TRAIN_STATE_FILE)
+            torch.save(self._train_state(optimizer_state), directory / TRAIN_STATE_FILE)
 
         atomic_directory(target, write)
         kept = sorted((self.out_dir / "checkpoints").glob("step_*"))
@@ -295,10 +298,10 @@ class Trainer:
         self.dist.barrier()
         return target
 
-    def _train_state(self) -> dict:
+    def _train_state(self, optimizer_state: dict) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "spike_skips": self.spike_skips,
                 "recent_losses": self.recent_losses,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "data_generator": self.data_generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
@@ -314,7 +317,7 @@ class Trainer:
         loaded = load_model(latest, self.device)
         if loaded.config != self.run.model:
             raise LoopLMError(f"the model config differs from the one in {str(latest)!r}: resume with the same config")
-        self.model.load_state_dict(loaded.state_dict())
+        self.dist.load_model_state(self.model, loaded.state_dict())
         state_path = latest / TRAIN_STATE_FILE
         if not state_path.is_file():
             raise LoopLMError(f"missing {TRAIN_STATE_FILE} in {str(latest)!r}: cannot resume from it")
@@ -322,7 +325,7 @@ class Trainer:
             state = torch.load(state_path, map_location=self.device, weights_only=False)
         except Exception as error:  # torch.load raises several types for a damaged file
             raise LoopLMError(f"{str(state_path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
         torch.set_rng_state(state["torch_rng"])
