@@ -39,6 +39,10 @@ def batch_unsupported(model) -> str | None:
         return "noise initial states are drawn per position"
     if config.mc_segment_size:
         return "memory caching segments follow absolute positions"
+    if model.needs_carry:
+        return "model.loop_mc and model.global_gates carry per-token state across loop steps of shrinking row sets"
+    if config.ffn == "channelmix":
+        return "the ChannelMix token shift's state is not gathered per row"
     return None
 
 

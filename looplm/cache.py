@@ -20,7 +20,8 @@ written before it is read); the layout decides what *later* tokens see.  Prefill
 at full depth, so inside the prompt every step attends over that step's own K/V (Ouro: prefill
 needs per-step caches), and the layout's rule is applied when the positions are finished.
 Recurrent layers (Gated DeltaNet, RWKV slots) keep a fixed-size state per (step, layer) under
-every layout: their state does not grow with the sequence.
+every layout: their state does not grow with the sequence; so does a ChannelMix FFN (its
+previous position's input).
 
 Storage is preallocated once: keys, values [storage slots, B, H_kv, max_len, hd]; ``length``
 counts the positions filled so far (shared by every row of the batch).  For MLA the "keys" hold
@@ -45,9 +46,9 @@ SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo")
 
 
 def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: int) -> list[tuple[int, ...]]:
-    """Per-slot state shapes of a recurrent layer kind: GDN (conv inputs, state M, and with
-    memory caching the segment-end states, segment keys and the open segment's key sum),
-    RWKV (last 4 inputs, slot banks N, D)."""
+    """Per-slot state shapes of a recurrent layer kind: GDN (conv inputs, state M, with memory
+    caching the segment-end states, segment keys and the open segment's key sum, and with
+    loop-axis memory caching the running key sum), RWKV (last 4 inputs, slot banks N, D)."""
     width, heads, dim = config.n_heads * config.head_dim, config.n_heads, config.head_dim
     if kind == "G":
         from looplm.model.gdn import CONV_KERNEL
@@ -56,6 +57,8 @@ def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: 
         if config.mc_segment_size:
             segments = max(max_len // config.mc_segment_size, 1)
             shapes += [(batch, segments, heads, dim, dim), (batch, segments, heads, dim), (batch, heads, dim)]
+        if config.loop_mc:
+            shapes.append((batch, heads, dim))  # the running key sum later loops route on
         return shapes
     from looplm.model.rwkv import SHIFTS
 
@@ -104,6 +107,9 @@ class KVCache:
         self.states = {kind: [torch.zeros(self.kinds.count(kind), *shape, device=device, dtype=dtype)
                               for shape in recurrent_state_shapes(config, kind, batch_size, self.max_len)]
                        for kind in ("G", "R")}
+        # ChannelMix FFNs (every layer, ffn=channelmix) keep the previous position's FFN input.
+        self.states["F"] = ([torch.zeros(slots, batch_size, config.d_model, device=device, dtype=dtype)]
+                            if config.ffn == "channelmix" else [])
         # The loop's attention storage (shared by every layout rule below): indices into keys/values.
         self._loop_attention = sorted({self.index[slot] for slot, kind in enumerate(self.kinds)
                                        if kind == "A" and slot >= config.n_prelude_layers})
@@ -147,12 +153,15 @@ class KVCache:
 
     def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
         """Storage views of one slot, written in place by its layer: keys, values
-        [B, H_kv, max_len, hd] for attention; the recurrent states for G and R layers."""
+        [B, H_kv, max_len, hd] for attention; the recurrent states for G and R layers; then,
+        with ffn=channelmix, the FFN's previous input [B, D] (``Layer`` splits it off)."""
         slot = self.slot(stage, layer, step)
         index = self.index[slot]
         if self.kinds[slot] != "A":
-            return tuple(state[index] for state in self.states[self.kinds[slot]])
-        return self.keys[index], self.values[index]
+            mixer = tuple(state[index] for state in self.states[self.kinds[slot]])
+        else:
+            mixer = self.keys[index], self.values[index]
+        return mixer + tuple(state[slot] for state in self.states["F"])
 
     def check_steps(self, steps: int) -> None:
         if steps > self.max_steps:
@@ -224,6 +233,8 @@ class KVCache:
             done = set()
             for step in range(ran, self.max_steps):
                 target = first + step * self.per_step + offset
+                for state in self.states["F"]:
+                    state[target, row] = state[source, row]
                 if kind != "A":
                     for state in self.states[kind]:
                         state[self.index[target], row] = state[self.index[source], row]
@@ -251,8 +262,8 @@ class KVCache:
 
     @property
     def state_tensors(self) -> list[torch.Tensor]:
-        """Every recurrent-state tensor (Gated DeltaNet, then RWKV), [slots of that kind, B, ...]."""
-        return [tensor for kind in ("G", "R") for tensor in self.states[kind]]
+        """Every recurrent-state tensor (Gated DeltaNet, RWKV, then ChannelMix), [slots of that kind, B, ...]."""
+        return [tensor for kind in ("G", "R", "F") for tensor in self.states[kind]]
 
     @property
     def nbytes(self) -> int:

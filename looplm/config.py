@@ -22,7 +22,7 @@ from looplm.errors import LoopLMError
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
 INITIAL_STATES = ("prelude", "noise")
-FFN_KINDS = ("dense", "moe")
+FFN_KINDS = ("dense", "moe", "channelmix")
 ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
@@ -62,6 +62,13 @@ class ModelConfig:
     layer_pattern: str = ""
     mc_segment_size: int = 0
     mc_top_k: int = 2
+    # Loop-axis memory caching (looplm.model.gdn): core GDN layers read earlier loops' states.
+    loop_mc: bool = False
+    loop_mc_top_k: int = 2
+    loop_mc_detach: bool = True
+    # nanochat's global gates (looplm.model.global_gates): core layers mix a running mean of
+    # their earlier steps' sublayer outputs into the attention and FFN inputs.
+    global_gates: bool = False
     rwkv_slots: int = 4
     rwkv_decay_rank: int = 8
     mla_kv_rank: int = 64
@@ -81,7 +88,8 @@ class ModelConfig:
     initial_noise_std: float = 1.0
     loop_index_embedding: bool = False
     depth_lora_rank: int = 0
-    # Feed-forward: dense SwiGLU or a mixture of experts (looplm.model.moe).
+    # Feed-forward: dense SwiGLU, a mixture of experts (looplm.model.moe), or seed 002's
+    # ChannelMix (a one-step token shift, then SwiGLU; looplm.model.ffn).
     ffn: str = "dense"
     n_experts: int = 8
     n_shared_experts: int = 1
@@ -124,6 +132,10 @@ class ModelConfig:
                f" {self.mc_top_k}")
         _check(not self.mc_segment_size or "G" in self.layer_pattern,
                "model.mc_segment_size caches Gated DeltaNet states: add G layers to model.layer_pattern")
+        _check(self.loop_mc_top_k >= 1, f"model.loop_mc_top_k must be >= 1, got {self.loop_mc_top_k}")
+        _check(not self.loop_mc or "G" in {self.layer_kind(i) for i in range(self.n_core_layers)},
+               "model.loop_mc caches the core's Gated DeltaNet states across loops: give model.layer_pattern a G"
+               " among the core layers")
         _check(self.rwkv_slots >= 1 and self.rwkv_decay_rank >= 1,
                f"model.rwkv_slots and model.rwkv_decay_rank must be >= 1, got {self.rwkv_slots}, {self.rwkv_decay_rank}")
         if self.attention == "mla":
@@ -174,7 +186,7 @@ class ModelConfig:
     def plain_loop(self) -> bool:
         """True for Ouro's loop: the state alone feeds each step, nothing step-dependent added."""
         return (self.injection == "identity" and self.initial_state == "prelude" and not self.loop_index_embedding
-                and self.depth_lora_rank == 0)
+                and self.depth_lora_rank == 0 and not self.global_gates)
 
     @property
     def head_dim(self) -> int:
@@ -471,18 +483,20 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     # Parcae: Huginn's layout with diagonal, stable-by-construction injection and pre-norm.
     "parcae": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="pre",
                               step_norm=False, injection="diagonal", initial_state="noise"),
-    # nanochat loop: one local block before, one shared block looped, one local block after.
+    # nanochat loop: one local block before, one shared block looped (with its global gates), one after.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
-                                     step_norm=False, injection="additive"),
+                                     step_norm=False, injection="additive", global_gates=True),
     # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
-    # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps.
+    # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
     "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
-                            layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False),
-    # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers
-    # (segments of 128, top-2; the loop-axis variant is not built yet).
+                            layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
+                            ffn="channelmix"),
+    # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers,
+    # along the sequence (segments of 128, top-2) and along the loop (top-2 earlier loops, detached).
     "loopcached": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                   attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
-                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2),
+                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2, loop_mc=True,
+                                  loop_mc_top_k=2, loop_mc_detach=True),
     # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer.
     "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                    attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,

@@ -63,7 +63,7 @@ def fast_unsupported(model, allow_int8: bool = False) -> str | None:
                " 'native' or 'reference'"
     if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
-               " loop_index_embedding or depth_lora_rank)"
+               " loop_index_embedding, depth_lora_rank or global_gates)"
     if config.ffn != "dense":
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
     if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or set(config.layer_pattern) - {"A"}:

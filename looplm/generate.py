@@ -26,6 +26,7 @@ from looplm.config import DECODE_BACKENDS as BACKENDS
 from looplm.errors import LoopLMError
 from looplm.exit_policy import (ACTExit, ExitPolicy, ExitRule, FixedSteps, HiddenDiffExit, KLExit, QExit,  # noqa: F401
                                 make_exit_policy)
+from looplm.model.carry import LoopCarry
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,7 @@ class ReferenceStepper:
     def __init__(self, model, cache: KVCache):
         self.model = model
         self.cache = cache
+        self.carry = None
 
     def embed(self, token: int, start: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.cache.keys.device)
@@ -250,7 +252,9 @@ class ReferenceStepper:
         return self.model.initial_state(e, start)
 
     def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor) -> torch.Tensor:
-        return self.model.core_step(h, step, start, self.cache, injected)
+        if step == 0:  # a new token: what its earlier steps leave its later ones (loop_mc, global_gates)
+            self.carry = LoopCarry() if self.model.needs_carry else None
+        return self.model.core_step(h, step, start, self.cache, injected, carry=self.carry)
 
     def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
         return self.model.readout(h, step, start, self.cache)

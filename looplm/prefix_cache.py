@@ -64,7 +64,7 @@ class PrefixCache:
         if cache.length != 0 or cache.keys.shape[1] != 1:
             raise LoopLMError("prefix reuse fills an empty batch-1 cache")
         self.stats.requests += 1
-        recurrent = any(kind != "A" for kind in cache.kinds)
+        recurrent = any(tensor.numel() for tensor in cache.state_tensors)
         shape = self._shape(model, cache, steps)
         entry, start = self._lookup(shape, ids, recurrent)
         if entry is not None:

@@ -118,6 +118,7 @@ def check_ouro_shaped(config: ModelConfig) -> None:
         "rope_fraction": config.rope_fraction != 1.0, "zero_centered_norm": config.zero_centered_norm,
         "injection": config.injection != "identity", "initial_state": config.initial_state != "prelude",
         "loop_index_embedding": config.loop_index_embedding, "depth_lora_rank": config.depth_lora_rank != 0,
+        "global_gates": config.global_gates, "loop_mc": config.loop_mc,
     }
     for key, differs in differences.items():
         if differs:

@@ -1,7 +1,12 @@
-"""One transformer layer: attention + SwiGLU with pre-norm or Ouro's sandwich norm.
+"""One transformer layer: a token mixer + an FFN with pre-norm or Ouro's sandwich norm.
 
 pre:       h = h + attn(n₁(h));          h = h + ffn(n₂(h))
 sandwich:  h = h + n_b(attn(n_a(h)));    h = h + n_d(ffn(n_c(h)))     (REFERENCE §1)
+
+A core (looped) layer may also read the token's earlier loop steps through a ``LoopCarry``:
+nanochat's global gates (looplm.model.global_gates) mix a running mean of its earlier
+updates into both sublayer inputs, and loop-axis memory caching (looplm.model.gdn) lets a
+Gated DeltaNet mixer read its earlier loops' states.
 """
 
 import torch
@@ -9,8 +14,10 @@ from torch import nn
 
 from looplm.config import ModelConfig
 from looplm.model.attention import Attention
-from looplm.model.ffn import SwiGLU
+from looplm.model.carry import LoopCarry
+from looplm.model.ffn import ChannelMix, SwiGLU
 from looplm.model.gdn import GatedDeltaNet
+from looplm.model.global_gates import GlobalGates
 from looplm.model.rwkv import RWKVSlotMixer
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
@@ -18,29 +25,54 @@ from looplm.model.norms import RMSNorm
 
 
 class Layer(nn.Module):
-    def __init__(self, config: ModelConfig, kind: str = "A"):
+    def __init__(self, config: ModelConfig, kind: str = "A", looped: bool = False):
         super().__init__()
         dim, eps = config.d_model, config.norm_eps
         zero = config.zero_centered_norm
         self.attn_norm = RMSNorm(dim, eps, zero)
-        # The token mixer: attention of the configured kind, or Gated DeltaNet (kind "G").
+        # The token mixer: attention of the configured kind, Gated DeltaNet ("G") or RWKV slots ("R").
         self.kind = kind
         if kind == "G":
-            self.attn = GatedDeltaNet(config)
+            self.attn = GatedDeltaNet(config, looped)
         elif kind == "R":
             self.attn = RWKVSlotMixer(config)
         else:
             self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
         self.ffn_norm = RMSNorm(dim, eps, zero)
-        self.ffn = SwiGLU(dim, config.ffn_hidden) if config.ffn == "dense" else MoE(config)
+        ffn_kinds = {"dense": lambda: SwiGLU(dim, config.ffn_hidden), "moe": lambda: MoE(config),
+                     "channelmix": lambda: ChannelMix(dim, config.ffn_hidden)}
+        self.ffn = ffn_kinds[config.ffn]()
+        self.shifted_ffn = config.ffn == "channelmix"
         sandwich = config.norm == "sandwich"
         self.attn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
         self.ffn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
+        self.global_gates = GlobalGates(dim) if looped and config.global_gates else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                kv_store: tuple[torch.Tensor, ...] | None = None, start: int = 0,
+                mask: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
         """h: [B, S, D] → [B, S, D].  mask: which cached keys each row may attend to (bool,
-        broadcastable to [B, 1, S, keys]; the batched engine's right-aligned rows), or None."""
-        h = h + self.attn_post_norm(self.attn(self.attn_norm(h), cos, sin, kv_store, start, mask))
-        return h + self.ffn_post_norm(self.ffn(self.ffn_norm(h)))
+        broadcastable to [B, 1, S, keys]; the batched engine's right-aligned rows), or None.
+        kv_store: the cache slot (``KVCache.store``; with ffn=channelmix its last entry is the
+        FFN's previous input).  carry: the current call's earlier loop steps (core layers)."""
+        ffn_store = None
+        if kv_store is not None and self.shifted_ffn:
+            kv_store, ffn_store = kv_store[:-1], kv_store[-1]
+        gates = self.global_gates
+        state = gates.state(carry) if gates is not None else None
+        x = self.attn_norm(h)
+        if gates is not None:
+            x = gates.mix(x, state, gates.g_qk)
+        if self.kind == "G":
+            mixed = self.attn(x, cos, sin, kv_store, start, mask, carry)
+        else:
+            mixed = self.attn(x, cos, sin, kv_store, start, mask)
+        attention = self.attn_post_norm(mixed)
+        h = h + attention
+        x = self.ffn_norm(h)
+        if gates is not None:
+            x = gates.mix(x, state, gates.g_ffn)
+        ffn = self.ffn_post_norm(self.ffn(x, ffn_store) if self.shifted_ffn else self.ffn(x))
+        if gates is not None:
+            gates.record(carry, state, attention, ffn)
+        return h + ffn

@@ -1,4 +1,10 @@
-"""SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) ⊙ up(x)), x: [B, S, D]."""
+"""Feed-forward blocks, x: [B, S, D].
+
+- ``SwiGLU`` (Shazeer 2020): down(silu(gate(x)) ⊙ up(x)).
+- ``ChannelMix`` (seed 002, ../shared/SPEC-lrnn.md §4.2): a one-step token shift, then SwiGLU:
+  xm_t = μ ⊙ x_t + (1 − μ) ⊙ x_{t−1},  μ = σ(channel_mix) per channel,  x_{−1} = 0;
+  out_t = SwiGLU(xm_t).  Decoding carries the previous position's input x_{t−1}.
+"""
 
 import torch
 from torch import nn
@@ -17,3 +23,26 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class ChannelMix(SwiGLU):
+    """SwiGLU on the token-shifted input; ``channel_mix`` starts at 0.5 raw (μ = σ(0.5)), as the spec."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__(d_model, hidden)
+        self.channel_mix = nn.Parameter(torch.empty(d_model))
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        with torch.no_grad():
+            self.channel_mix.fill_(0.5)
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """previous: [B, D] input of the position before x's first one (the decode cache; updated
+        in place to x's last position), or None (a sequence start: x_{−1} = 0)."""
+        before = x.new_zeros(x.shape[0], 1, x.shape[-1]) if previous is None else previous[:, None].to(x.dtype)
+        shifted = torch.cat([before, x[:, :-1]], dim=1)
+        if previous is not None:
+            previous.copy_(x[:, -1])
+        mix = torch.sigmoid(self.channel_mix)
+        return super().forward(mix * x + (1 - mix) * shifted)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
+from looplm.errors import LoopLMError
 from looplm.model.norms import RMSNorm
 
 CONV_KERNEL = 4
@@ -84,13 +85,24 @@ def delta_rule_chunked(q, k, v, g, beta, state=None, chunk: int = 64):
     return torch.cat(outputs, dim=2)[:, :, :length], state
 
 
+def select_and_blend(online, scores, candidates, online_bias, top_k: int):
+    """SSC aggregation: online [B, H, n, d_v]; scores [B, H, n, j] of j candidate memories
+    whose outputs are candidates [B, H, n, j, d_v]; keep each token's top-k, softmax their
+    scores with the online output's per-head logit ``online_bias`` [H], mix."""
+    bias = online_bias.view(1, -1, 1, 1).expand(*online.shape[:3], 1)
+    chosen_scores, chosen = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+    weights = torch.softmax(torch.cat([bias, chosen_scores], dim=-1), dim=-1)
+    picked = candidates.gather(3, chosen[..., None].expand(*chosen.shape, candidates.shape[-1]))
+    return weights[..., :1] * online + (weights[..., 1:, None] * picked).sum(dim=3)
+
+
 class GatedDeltaNet(nn.Module):
     """The token mixer of a GDN layer.  Cache (decode): the conv inputs of the last
     ``CONV_KERNEL − 1`` positions and the recurrent state M, per layer and loop step."""
 
     chunk_size = 64
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, looped: bool = False):
         super().__init__()
         self.heads, self.head_dim = config.n_heads, config.head_dim
         width = self.heads * self.head_dim
@@ -104,6 +116,12 @@ class GatedDeltaNet(nn.Module):
         if self.segment_size:  # memory caching (SSC): router and the online output's logit
             self.memory_router = nn.Linear(config.d_model, width, bias=False)
             self.memory_online_bias = nn.Parameter(torch.zeros(self.heads))
+        # Loop-axis memory caching (core layers only): its own router and online logit.
+        self.loop_memory = looped and config.loop_mc
+        self.loop_top_k, self.loop_detach = config.loop_mc_top_k, config.loop_mc_detach
+        if self.loop_memory:
+            self.loop_router = nn.Linear(config.d_model, width, bias=False)
+            self.loop_online_bias = nn.Parameter(torch.zeros(self.heads))
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
@@ -114,6 +132,8 @@ class GatedDeltaNet(nn.Module):
             self.conv.reset_parameters()
             if self.segment_size:
                 self.memory_online_bias.zero_()
+            if self.loop_memory:
+                self.loop_online_bias.zero_()
 
     def _delta_rule(self, q, k, v, g, beta, state):
         if q.shape[2] == 1:
@@ -157,22 +177,48 @@ class GatedDeltaNet(nn.Module):
 
     def _mix(self, online, q, route, states, keys):
         """online [B, H, n, d_v] mixed with the top-k of ``states`` [B, j, H, d_k, d_v]."""
-        available = states.shape[1]
-        if available == 0:
+        if states.shape[1] == 0:
             return online  # softmax over the online output alone
-        bias = self.memory_online_bias.view(1, -1, 1, 1).expand(*online.shape[:3], 1)
         scores = torch.einsum("bhnk,bjhk->bhnj", route, keys) * self.head_dim ** -0.5
-        top = min(self.memory_top_k, available)
-        chosen_scores, chosen = scores.topk(top, dim=-1)
-        weights = torch.softmax(torch.cat([bias, chosen_scores], dim=-1), dim=-1)
         memories = torch.einsum("bjhkv,bhnk->bhnjv", states, q)  # every completed segment's output
-        picked = memories.gather(3, chosen[..., None].expand(*chosen.shape, memories.shape[-1]))
-        return weights[..., :1] * online + (weights[..., 1:, None] * picked).sum(dim=3)
+        return select_and_blend(online, scores, memories, self.memory_online_bias, self.memory_top_k)
+
+    def _loop_read(self, online, q, k, v, g, beta, x, state_store, carry):
+        """Loop-axis memory caching (seed 000 "Loop-Cached Reasoning", made causal).  Loop s at
+        position t reads each earlier loop s' < s of this layer through that loop's state
+        *at position t*, M^{s'}_t (it has absorbed tokens ≤ t only), as M^{s'}_tᵀ q^s_t; its
+        routing key is the direction of loop s' keys summed over positions ≤ t.  The router (a
+        projection of x, L2-normed) keeps the top ``loop_mc_top_k`` earlier loops and
+        softmax-mixes their reads with the online output (logit: a learned per-head bias).
+        The reads rerun loop s' recurrence from its state entering this call with q^s as the
+        query (one batched delta-rule call over all earlier loops); the cache's per-step state
+        and key sum carry what the next call needs, so decode equals the full forward, and a
+        token's exit-step state standing in for deeper steps applies here too."""
+        batch, heads, length, dim = q.shape
+        if state_store is not None:
+            entry_state, entry_keys = state_store[1].clone(), state_store[-1].clone()
+            state_store[-1].copy_(entry_keys + k.sum(dim=2))
+        else:
+            entry_state, entry_keys = q.new_zeros(batch, heads, dim, v.shape[-1]), q.new_zeros(batch, heads, dim)
+        record = (k, v, g, beta, entry_state, entry_keys)
+        carry.put(self, tuple(t.detach() for t in record) if self.loop_detach else record)
+        earlier = carry.earlier(self)
+        if not earlier:
+            return online
+        loops = len(earlier)
+        k_, v_, g_, beta_, states_, keys_ = (torch.cat(parts) for parts in zip(*earlier))  # [loops·B, ...]
+        reads, _ = self._delta_rule(q.repeat(loops, 1, 1, 1), k_, v_, g_, beta_, states_)
+        reads = reads.view(loops, batch, heads, length, -1).permute(1, 2, 3, 0, 4)  # [B, H, n, loops, d_v]
+        summed = keys_.unsqueeze(2) + torch.cumsum(k_, dim=2)  # Σ_{τ≤t} k^{s'}_τ
+        loop_keys = F.normalize(summed, dim=-1).view(loops, batch, heads, length, dim)
+        route = F.normalize(self.loop_router(x).view(batch, length, heads, dim), dim=-1).transpose(1, 2)
+        scores = torch.einsum("bhnk,jbhnk->bhnj", route, loop_keys) * self.head_dim ** -0.5
+        return select_and_blend(online, scores, reads, self.loop_online_bias, self.loop_top_k)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
-                key_mask=None) -> torch.Tensor:
-        """x [B, S, D]; state_store: (conv inputs, recurrent state[, segment memory]) updated in
-        place, or None."""
+                key_mask=None, carry=None) -> torch.Tensor:
+        """x [B, S, D]; state_store: (conv inputs, recurrent state[, segment memory][, loop key
+        sum]) updated in place, or None; carry: this call's earlier loop steps (loop_mc)."""
         batch, length, _ = x.shape
         width, heads, head_dim = self.heads * self.head_dim, self.heads, self.head_dim
         qkv, z, b, a = self.in_proj(x).split([3 * width, width, heads, heads], dim=-1)
@@ -187,10 +233,15 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b).transpose(1, 2)
         initial = state_store[1] if state_store is not None else None
         if self.segment_size:
-            memory = state_store[2:] if state_store is not None else None
+            memory = state_store[2:5] if state_store is not None else None
             o, final = self._with_memory(q, k, v, g, beta, initial, x, start, memory)
         else:
             o, final = self._delta_rule(q, k, v, g, beta, initial)
+        if self.loop_memory:
+            if carry is None:
+                raise LoopLMError("model.loop_mc reads earlier loop steps: run the layer through LoopLM.core_step"
+                                  " with a LoopCarry")
+            o = self._loop_read(o, q, k, v, g, beta, x, state_store, carry)
         if state_store is not None:
             state_store[0].copy_(padded[..., padded.shape[-1] - (CONV_KERNEL - 1):])
             state_store[1].copy_(final)

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
+from looplm.model.carry import LoopCarry
 from looplm.model.exit import act_weights, exit_distribution, log_exit_distribution
 from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
 from looplm.model.moe import MoE
@@ -95,7 +96,7 @@ class LoopLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_prelude_layers))
-        self.core = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_core_layers))
+        self.core = nn.ModuleList(Layer(config, config.layer_kind(i), looped=True) for i in range(config.n_core_layers))
         self.coda = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_coda_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.zero_centered_norm)
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
@@ -178,11 +179,19 @@ class LoopLM(nn.Module):
         return e if self.noise is None else self.noise(e, start)
 
     def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
-                  injected: torch.Tensor | None = None, tables=None, mask=None) -> torch.Tensor:
+                  injected: torch.Tensor | None = None, tables=None, mask=None,
+                  carry: LoopCarry | None = None) -> torch.Tensor:
         """One loop step (0-based ``step``): loop-index signal, injection of ``injected`` (the
         prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
-        the step norm if configured (see ``looplm.model.loop``)."""
+        the step norm if configured (see ``looplm.model.loop``).  carry: what the same
+        positions' earlier steps left (``LoopCarry``; one per call, steps run in order from 0);
+        required by model.loop_mc and model.global_gates."""
         config = self.config
+        if carry is not None:
+            carry.step = step
+        elif self.needs_carry:
+            raise LoopLMError("model.loop_mc and model.global_gates read earlier loop steps: pass"
+                              " carry=LoopCarry() to core_step (one per call)")
         if config.loop_index_embedding:
             h = h + loop_index_signal(step, config.d_model, h.device, h.dtype)
         if self.injection is not None:
@@ -192,7 +201,7 @@ class LoopLM(nn.Module):
         cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
         update = h
         for index, layer in enumerate(self.core):
-            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start, mask)
+            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start, mask, carry)
         if self.depth_lora is not None:
             update = update + self.depth_lora(h, step)
         return self.norm(update) if config.step_norm else update
@@ -214,8 +223,13 @@ class LoopLM(nn.Module):
         """[..., D] → exit-gate logits z [...]."""
         return self.exit_gate(readout).squeeze(-1)
 
-    def _step_and_readout(self, h, e, step: int, start: int, cache=None):
-        h = self.core_step(h, step, start, cache, e)
+    @property
+    def needs_carry(self) -> bool:
+        """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
+        return self.config.loop_mc or self.config.global_gates
+
+    def _step_and_readout(self, h, e, step: int, start: int, cache=None, carry=None):
+        h = self.core_step(h, step, start, cache, e, carry=carry)
         return h, self.readout(h, step, start, cache)
 
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
@@ -237,12 +251,14 @@ class LoopLM(nn.Module):
         h = self.initial_state(e, start)
         hidden_states, gates = [], []
         frozen = steps - backprop_steps if backprop_steps else 0
+        carry = LoopCarry() if self.needs_carry else None
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, use_reentrant=False)
+                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, None, carry,
+                                            use_reentrant=False)
                 else:
-                    h, readout = self._step_and_readout(h, e, step, start, cache)
+                    h, readout = self._step_and_readout(h, e, step, start, cache, carry)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))

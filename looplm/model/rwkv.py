@@ -18,8 +18,8 @@ reference; decode) and ``wkv_chunked`` (within a chunk, the closed form
 wkv_t = [Σ_{τ<t} (ρ_t·ω_τ) P(τ,t) k̃_τ v_τ + …] / […] with P(τ,t) = Π_{τ<j<t} a_j from
 cumulative log-decays, plus the state carried between chunks).  The seed's defects are not
 reproduced: gradients reach the input through the slot gates (autograd), and the logged loss
-is the optimised loss.  The seed's ChannelMix one-step shift is not modelled (looplm's FFN is
-used).
+is the optimised loss.  The seed's ChannelMix (one-step shift, then SwiGLU) is the FFN kind
+``model.ffn=channelmix`` (looplm.model.ffn).
 """
 
 from __future__ import annotations

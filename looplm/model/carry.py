@@ -1,0 +1,32 @@
+"""What one call's loop steps hand to the later steps of the same tokens.
+
+Two mechanisms read a token's *earlier loop steps* besides the state h: loop-axis memory
+caching (``model.loop_mc``, looplm.model.gdn) and nanochat's global gates
+(``model.global_gates``, looplm.model.global_gates).  A ``LoopCarry`` holds their per-step
+values for the positions of one call — the full forward creates one per forward, a decoder one
+per token — keyed by (module, step), written once and never overwritten in place, so a step
+recomputed under activation checkpointing reads exactly what the first run read.  Nothing in
+it crosses calls: what later tokens need lives in the ``KVCache``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class LoopCarry:
+    """Per-(module, loop step) values of the current call; ``step`` is the step running now."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self._values: dict[tuple[int, int], Any] = {}
+
+    def put(self, module: nn.Module, value: Any) -> None:
+        """Record ``module``'s value for the current step."""
+        self._values[(id(module), self.step)] = value
+
+    def earlier(self, module: nn.Module) -> list[Any]:
+        """``module``'s values of steps 0 .. step − 1, in step order (all must have run)."""
+        return [self._values[(id(module), step)] for step in range(self.step)]
