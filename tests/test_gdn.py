@@ -105,3 +105,35 @@ def test_memory_caching_mixes_only_completed_segments():
     assert not torch.allclose(out[:, 8:], b[:, 8:])  # two completed segments: the choice matters
     with pytest.raises(LoopLMError, match="mc_segment_size caches Gated DeltaNet states"):
         tiny_config(mc_segment_size=4)
+
+
+def _fla_contract_kernel(calls):
+    """A stand-in for fla's ``chunk_gated_delta_rule`` built from its documented contract
+    (q, k [B, S, H, d_k]; v [B, S, H, d_v]; g, beta [B, S, H]; q scaled by ``scale``; state
+    [B, H, d_k, d_v]) on top of our recurrent reference: a wrong layout or scale changes it."""
+    def kernel(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+        calls.append(q.shape)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        heads_first = [x.transpose(1, 2) for x in (q * scale, k, v, g, beta)]
+        outputs, state = delta_rule_recurrent(*heads_first, initial_state)
+        return outputs.transpose(1, 2), state if output_final_state else None
+    return kernel
+
+
+def test_fla_kernel_path_matches_the_chunked_form(monkeypatch):
+    """The CUDA dispatch to flash-linear-attention, exercised on CPU with a contract stand-in:
+    the model's logits and final states equal the torch chunked form (and the kernel ran, in
+    sequence-first layout); a single decode token keeps the recurrent form."""
+    from looplm.model import gdn
+
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(layer_pattern="GA", loop_steps=2)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    expected = model(ids).logits()
+    calls = []
+    monkeypatch.setattr(gdn, "sequence_kernel", lambda q: _fla_contract_kernel(calls))
+    assert torch.allclose(model(ids).logits(), expected, atol=1e-5)
+    batch, heads, head_dim = 2, model.config.n_heads, model.config.head_dim
+    assert calls and all(shape == (batch, 11, heads, head_dim) for shape in calls)
+    monkeypatch.setenv("LOOPLM_FLA", "0")
+    assert gdn.fla_kernel() is None

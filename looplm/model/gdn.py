@@ -17,13 +17,18 @@ Two forms of the recurrence:
   system (I + A) W = B V − (B Γ K) M₀ with A_ij = β_i (Γ_i/Γ_j) k_iᵀk_j for j < i, so
   outputs are O = (Γ Q) M₀ + (Q Kᵀ ⊙ D) W with D_ij = Γ_i/Γ_j for j ≤ i, and the state
   leaving the chunk is Γ_C M₀ + (K ⊙ Γ_C/Γ)ᵀ W.  All matmuls; one triangular solve per chunk.
-``tests/test_gdn.py`` holds the two equal (values and gradients, fp32 1e-4).  On CUDA with
-flash-linear-attention installed, its kernel may replace the chunked form (never required).
+``tests/test_gdn.py`` holds the two equal (values and gradients, fp32 1e-4).
+
+On CUDA with flash-linear-attention installed (``pip install flash-linear-attention``), its
+Triton kernel ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` replaces the chunked form
+for sequences (``delta_rule_fla``: the same recurrence, fla's [B, S, H, ·] layout, our q
+already scaled); it is never required, and ``LOOPLM_FLA=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -85,6 +90,36 @@ def delta_rule_chunked(q, k, v, g, beta, state=None, chunk: int = 64):
     return torch.cat(outputs, dim=2)[:, :, :length], state
 
 
+def fla_kernel():
+    """flash-linear-attention's chunked gated-delta-rule kernel, or None when it is not
+    installed or ``LOOPLM_FLA=0``."""
+    if os.environ.get("LOOPLM_FLA", "1") == "0":
+        return None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule
+
+
+def sequence_kernel(q: torch.Tensor):
+    """The fast kernel for a sequence on q's device: fla's on CUDA when installed, else None
+    (then ``delta_rule_chunked`` runs)."""
+    return fla_kernel() if q.is_cuda else None
+
+
+def delta_rule_fla(kernel, q, k, v, g, beta, state=None):
+    """``delta_rule_chunked`` through fla's kernel: it takes q, k [B, S, H, d_k], v [B, S, H, d_v],
+    g, beta [B, S, H] and the state [B, H, d_k, d_v] (our M), scales q by ``scale`` (1: ours is
+    scaled already) and returns the outputs [B, S, H, d_v] and the final state."""
+    def sequence_first(x):
+        return x.transpose(1, 2).contiguous()
+
+    outputs, final = kernel(sequence_first(q), sequence_first(k), sequence_first(v), sequence_first(g),
+                            sequence_first(beta), scale=1.0, initial_state=state, output_final_state=True)
+    return outputs.transpose(1, 2), final
+
+
 def select_and_blend(online, scores, candidates, online_bias, top_k: int):
     """SSC aggregation: online [B, H, n, d_v]; scores [B, H, n, j] of j candidate memories
     whose outputs are candidates [B, H, n, j, d_v]; keep each token's top-k, softmax their
@@ -138,6 +173,8 @@ class GatedDeltaNet(nn.Module):
     def _delta_rule(self, q, k, v, g, beta, state):
         if q.shape[2] == 1:
             return delta_rule_recurrent(q, k, v, g, beta, state)
+        if (kernel := sequence_kernel(q)) is not None:
+            return delta_rule_fla(kernel, q, k, v, g, beta, state)
         return delta_rule_chunked(q, k, v, g, beta, state, self.chunk_size)
 
     def _with_memory(self, q, k, v, g, beta, state, x, start, memory):
