@@ -311,7 +311,11 @@ class Trainer:
             state = torch.load(state_path, map_location=self.device, weights_only=False)
         except Exception as error:  # torch.load raises several types for a damaged file
             raise LoopLMError(f"{str(state_path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as error:  # e.g. Muon + AdamW state offered to AdamW alone
+            raise LoopLMError(f"the optimiser state in {str(latest)!r} does not fit this run's optimiser"
+                              f" ({type(error).__name__}): resume with the same train.optimizer") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
         torch.set_rng_state(state["torch_rng"])
