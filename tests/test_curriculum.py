@@ -13,13 +13,15 @@ from looplm.train.trainer import Trainer, sample_depth
 
 def test_depth_follows_the_schedule():
     config = TrainConfig(loop_curriculum_start=1, loop_curriculum_steps=6)
-    # cap(s) = 1 + floor(3 s / 6) for s < 6, then T = 4
-    assert [loop_curriculum_depth(config, 4, s) for s in range(9)] == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+    # cap(s) = 1 + floor(3 s / 6) for s < 6, then the sampled depth (T = 4 under fixed sampling)
+    assert [loop_curriculum_depth(config, 4, s, 4) for s in range(9)] == [1, 1, 2, 2, 3, 3, 4, 4, 4]
     config = TrainConfig(loop_curriculum_start=2, loop_curriculum_steps=4)
-    assert [loop_curriculum_depth(config, 6, s) for s in range(6)] == [2, 3, 4, 5, 6, 6]
-    assert [loop_curriculum_depth(TrainConfig(), 4, s) for s in range(3)] == [4, 4, 4]  # off
+    assert [loop_curriculum_depth(config, 6, s, 6) for s in range(6)] == [2, 3, 4, 5, 6, 6]
+    assert [loop_curriculum_depth(config, 6, s, 3) for s in range(6)] == [2, 3, 3, 3, 3, 3]  # a cap, not a floor
+    assert loop_curriculum_depth(config, 6, 4, 9) == 9  # uncapped after the curriculum (depth_max may exceed T)
+    assert [loop_curriculum_depth(TrainConfig(), 4, s, 7) for s in range(3)] == [7, 7, 7]  # off
     with pytest.raises(LoopLMError, match="loop_curriculum_start=5 exceeds model.loop_steps=4"):
-        loop_curriculum_depth(TrainConfig(loop_curriculum_start=5, loop_curriculum_steps=3), 4, 0)
+        loop_curriculum_depth(TrainConfig(loop_curriculum_start=5, loop_curriculum_steps=3), 4, 0, 4)
     with pytest.raises(LoopLMError, match="needs train.loop_curriculum_steps >= 1"):
         TrainConfig(loop_curriculum_start=1)
 
@@ -54,6 +56,7 @@ def test_curriculum_caps_sampled_depths(tmp_path):
     run = run_config(tmp_path, **train)
     Trainer(run, tmp_path / "run", progress=False).train()
     config = run.train
-    expected = [min(sample_depth(config, 3, s), loop_curriculum_depth(config, 3, s)) for s in range(5)]
-    assert logged_depths(tmp_path / "run") == expected
-    assert max(expected[:2]) == 1 and max(sample_depth(config, 3, s) for s in range(5)) > 3  # the cap did bite
+    sampled = [sample_depth(config, 3, s) for s in range(5)]
+    caps = [1, 1, 2, 2]  # 1 + floor(2 s / 4), then none
+    assert logged_depths(tmp_path / "run") == [min(d, c) for d, c in zip(sampled, caps)] + [sampled[4]]
+    assert any(d > c for d, c in zip(sampled, caps))  # the cap did bite

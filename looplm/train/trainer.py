@@ -190,8 +190,8 @@ class Trainer:
         try:
             while self.step < last:
                 beta = config.entropy_beta_at(self.step)
-                depth = min(sample_depth(config, self.model.config.loop_steps, self.step),
-                            loop_curriculum_depth(config, self.model.config.loop_steps, self.step))
+                depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
+                                              sample_depth(config, self.model.config.loop_steps, self.step))
                 grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
                 for _ in range(config.grad_accum):
                     inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
