@@ -175,11 +175,11 @@ def _fit(source: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
     """The source tensor for target ``name``; a depth-LoRA scale gets rows for the target's T."""
     if name == "depth_lora.scale" and source.shape != target.shape:
         rows = torch.arange(target.shape[0], device=source.device).clamp_max(source.shape[0] - 1)
-        return source[rows].clone()
+        return source[rows].to(target)
     if source.shape != target.shape:
         raise LoopLMError(f"cannot upcycle {name}: the source has shape {tuple(source.shape)}, the target"
                           f" {tuple(target.shape)}")
-    return source.clone().to(target.dtype)
+    return source.to(target, copy=True)
 
 
 def _input_passing_injection(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
