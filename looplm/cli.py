@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                             " (or fsdp: parameters, gradients and optimiser state sharded)")
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
+    train.add_argument("--upcycle", metavar="CKPT", help="start from a checkpoint of another shape (more layers,"
+                       " more loop steps; looplm.train.upcycle): its model config, changed by --model.* options")
     train.add_argument("--stage", type=int, choices=[1, 2], default=None,
                        help="2 = Ouro Stage II: freeze the model and train only the exit gate on the measured"
                             " per-step improvement (needs --init)")
@@ -318,15 +320,18 @@ def run_train(args, extra: list[str]) -> None:
                 raw[section] = {**raw[section], **values}
             else:
                 raw[section] = values
-    if args.init:
+    if args.init or args.upcycle:
         from looplm.train.checkpoint import resolve_checkpoint
 
-        source = resolve_checkpoint(args.init)
+        source = resolve_checkpoint(args.init or args.upcycle)
         source_run = json.loads((source / "run_config.json").read_text()) if (source / "run_config.json").is_file() else {}
-        raw["model"] = asdict(model_config_from_json(source / "config.json"))
+        if args.init or "model" not in raw:  # --upcycle: the target is the source's shape unless --preset/--config
+            raw["model"] = asdict(model_config_from_json(source / "config.json"))
         if not (args.data or args.task) and "data" in source_run:
             raw["data"] = source_run["data"]
-        raw.setdefault("train", {})["init"] = str(source)
+        raw.setdefault("train", {})["init" if args.init else "upcycle_from"] = str(source)
+        if args.init and args.upcycle:
+            raw["train"]["upcycle_from"] = args.upcycle
     if args.stage:
         raw.setdefault("train", {})["stage"] = args.stage
     if args.parallel:

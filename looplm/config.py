@@ -29,6 +29,8 @@ OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp", "fsdp")
 LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.train.loggers)
+OPTIMIZERS = ("adamw", "muon")
+UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 
 
@@ -231,6 +233,15 @@ class TrainConfig:
     distill_temperature: float = 1.0
     distill_alpha: float = 0.5
     distill_loop_penalty: float = 0.0
+    # Recipes: loop-step curriculum (looplm.train.curriculum), upcycling (looplm.train.upcycle),
+    # optimiser choice (looplm.train.optim).
+    loop_curriculum_start: int = 0
+    loop_curriculum_steps: int = 0
+    upcycle_from: str | None = None
+    upcycle_order: str = "cycle"
+    optimizer: str = "adamw"
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95
     eval_every: int = 200
     eval_batches: int = 4
     log_every: int = 10
@@ -272,6 +283,20 @@ class TrainConfig:
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.loop_curriculum_start >= 0 and (not self.loop_curriculum_start or self.loop_curriculum_steps >= 1),
+               "train.loop_curriculum_start (0 = off) needs train.loop_curriculum_steps >= 1, got"
+               f" {self.loop_curriculum_start}, {self.loop_curriculum_steps}")
+        _check(not (self.upcycle_from and self.init),
+               "give either train.init (same shape) or train.upcycle_from (another shape), not both")
+        _check(self.upcycle_order in UPCYCLE_ORDERS,
+               f"train.upcycle_order must be one of {', '.join(UPCYCLE_ORDERS)}, got {self.upcycle_order!r}")
+        _check(self.optimizer in OPTIMIZERS,
+               f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check(not (self.optimizer == "muon" and self.parallel == "fsdp"),
+               "train.optimizer=muon is not supported with --parallel fsdp yet (sharded Muon is untested):"
+               " use adamw, or --parallel ddp")
+        _check(self.muon_lr is None or self.muon_lr > 0, f"train.muon_lr must be > 0, got {self.muon_lr}")
+        _check(0 <= self.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         unknown_sinks = [name for name in self.log_sinks() if name not in LOG_SINKS]
         _check(not unknown_sinks, f"train.log_to takes a comma list of {', '.join(LOG_SINKS)} (metrics.jsonl is"
                f" always written), got {self.log_to!r}")

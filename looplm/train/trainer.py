@@ -1,6 +1,7 @@
 """The training loop: plain code a reader can follow top to bottom.
 
-AdamW (β 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to
+AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
+``looplm.train.optim``), linear warmup then cosine decay to
 ``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
 on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
@@ -31,11 +32,14 @@ from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
 from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
                                      write_model_files)
+from looplm.train.curriculum import loop_curriculum_depth
 from looplm.train.distributed import Distributed
 from looplm.train.distill import distillation_kl, loop_penalty_weight
 from looplm.train.loggers import MetricsLogger, open_metrics_logger, require
 from looplm.train.mfu import device_peak_tflops, model_flops_utilization
 from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
+from looplm.train.optim import make_optimizer  # train.optimizer: AdamW, or Muon + AdamW as one optimiser
+from looplm.train.upcycle import upcycle_state_dict
 
 
 @dataclass
@@ -56,15 +60,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LoopLMError(f"device {name!r} asked for, but CUDA is not available: use --train.device cpu")
     return torch.device(name)
-
-
-def make_optimizer(model: torch.nn.Module, config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim ≥ 2) only; norms, biases and the gate bias are exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def lr_factor(step: int, config) -> float:
@@ -128,6 +123,9 @@ class Trainer:
             self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
+        if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.train.upcycle)
+            self.model.load_state_dict(upcycle_state_dict(load_model(config.upcycle_from, self.device), run.model,
+                                                          config.upcycle_order, self.model.state_dict()))
         if config.stage == 2:  # Stage II: the LM is frozen, only the exit gate learns
             if self.model.exit_gate is None:
                 raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
@@ -199,7 +197,8 @@ class Trainer:
         try:
             while self.step < last:
                 beta = config.entropy_beta_at(self.step)
-                depth = sample_depth(config, self.model.config.loop_steps, self.step)
+                depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
+                                              sample_depth(config, self.model.config.loop_steps, self.step))
                 grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
                 for _ in range(config.grad_accum):
                     inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
@@ -325,7 +324,11 @@ class Trainer:
             state = torch.load(state_path, map_location=self.device, weights_only=False)
         except Exception as error:  # torch.load raises several types for a damaged file
             raise LoopLMError(f"{str(state_path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
-        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        try:
+            self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        except (KeyError, ValueError) as error:  # e.g. Muon + AdamW state offered to AdamW alone
+            raise LoopLMError(f"the optimiser state in {str(latest)!r} does not fit this run's optimiser"
+                              f" ({type(error).__name__}): resume with the same train.optimizer") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
         torch.set_rng_state(state["torch_rng"])
