@@ -40,6 +40,7 @@ from looplm.model import LoopLM
 
 PEER_TOKENS_PER_S = 110.0  # the faster public peer on this machine (issue #5)
 Q_GRID = (0.3, 0.5, 0.7, 0.9)
+REPLAYS = 15  # batched decode replays per measurement (a replay is only a few batched steps)
 LARGE = ModelConfig(vocab_size=4096, d_model=768, n_heads=12, ffn_hidden=2048, n_core_layers=12, loop_steps=4,
                     max_seq_len=512)
 
@@ -129,33 +130,51 @@ def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "la
         first = torch.stack([decoder.prefill(row, held_out.prompts[row])[0] for row in range(rows)]).argmax(-1)
         cache = decoder.cache
         saved = [tensor.clone() for tensor in [cache.keys, cache.values, *cache.state_tensors]] + [cache.length]
+        # Inputs prepared and answers checked outside the timed region: it holds decode steps only.
+        plan = []
+        for position in range(1, length):
+            alive = [row for row in range(rows) if len(answers[row]) > position]
+            plan.append((position, alive, torch.tensor([answers[row][position - 1] for row in alive]),
+                         torch.tensor(alive)))
         timings = []
-        for _ in range(max(repeats, 5)):
+        for _ in range(max(repeats, REPLAYS)):
             for tensor, value in zip([cache.keys, cache.values, *cache.state_tensors], saved):
                 tensor.copy_(value)
             cache.length, decoder.applications = saved[-1], 0
-            right = first == torch.tensor([answer[0] for answer in answers])
+            predictions = []
             started = time.perf_counter()
-            for position in range(1, length):  # teacher-forced: the same work for every policy
-                alive = [row for row in range(rows) if len(answers[row]) > position]
-                logits, _ = decoder.step(torch.tensor([answers[row][position - 1] for row in alive]),
-                                         torch.tensor(alive))
-                predicted = logits.argmax(-1)
-                for index, row in enumerate(alive):
-                    right[row] &= bool(predicted[index] == answers[row][position])
+            for _, _, tokens, alive in plan:  # teacher-forced: the same work for every policy
+                logits, _ = decoder.step(tokens, alive)
+                predictions.append(logits.argmax(-1))
             timings.append(time.perf_counter() - started)
+        right = first == torch.tensor([answer[0] for answer in answers])
+        for (position, alive, _, _), predicted in zip(plan, predictions):
+            for index, row in enumerate(alive):
+                right[row] &= bool(predicted[index] == answers[row][position])
     decoded = sum(len(answer) - 1 for answer in answers)
     return float(right.float().mean()), decoder.applications / max(decoded, 1), statistics.median(timings)
 
 
 def early_exit(model, held_out, repeats: int) -> dict:
+    """Full depth and Q-exit at each q, at batch 1 and batched.  Every policy is run once
+    untimed first (warm-up), then the policies take turns ``repeats`` times and each keeps the
+    median of its turns, so no policy gains from running later (warmer caches, a quieter machine)."""
     results = {}
+    policies = [("full depth", FixedSteps())] + [(f"Q-exit q={q}", QExit(q)) for q in Q_GRID]
     for name, run in (("batch_1", _decode_single), ("batched", _decode_batched)):
-        full_accuracy, full_applications, full_seconds = run(model, held_out, FixedSteps(), repeats)
+        for _, policy in policies:
+            run(model, held_out, policy, 1)
+        turns = {label: [] for label, _ in policies}
+        for _ in range(repeats):
+            for label, policy in policies:
+                turns[label].append(run(model, held_out, policy, 1))
+        measured = {label: (values[0][0], values[0][1], statistics.median(v[2] for v in values))
+                    for label, values in turns.items()}
+        full_accuracy, full_applications, full_seconds = measured["full depth"]
         rows = [{"policy": "full depth", "accuracy": full_accuracy, "layer_applications_per_token": full_applications,
                  "seconds": full_seconds}]
         for q in Q_GRID:
-            accuracy, applications, seconds = run(model, held_out, QExit(q), repeats)
+            accuracy, applications, seconds = measured[f"Q-exit q={q}"]
             rows.append({"policy": f"Q-exit q={q}", "q": q, "accuracy": accuracy,
                          "layer_applications_per_token": applications, "seconds": seconds,
                          "applications_cut": 1 - applications / full_applications,

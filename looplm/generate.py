@@ -156,6 +156,8 @@ class Decoder:
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
         prefix_cache: restore the longest stored prefix of the prompt and compute only the rest."""
+        if prefix_cache is None and self.act_threshold is None and self._prefills_natively(ids.shape[1]):
+            return self._prefill_by_tokens(ids[0].tolist())
         if prefix_cache is not None:
             output = prefix_cache.prefill(self.model, ids[0].tolist(), self.cache, self.max_steps)
         else:
@@ -173,6 +175,37 @@ class Decoder:
                     steps = step + 1
                     break
         return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
+
+    def _prefills_natively(self, length: int) -> bool:
+        """Short prompts of small models go through the C kernel token by token (see
+        ``native.stepper.NATIVE_PREFILL_BYTES``); the plain fused loop only."""
+        if not self.fused or self.cache.length:
+            return False
+        from looplm.native.stepper import NATIVE_PREFILL_BYTES
+
+        return length * self.max_steps * self.stepper.token_step_bytes <= NATIVE_PREFILL_BYTES
+
+    def _prefill_by_tokens(self, tokens: list[int]) -> tuple[torch.Tensor, int]:
+        """``prefill`` as decode steps at full depth: the same cache contents and decision as the
+        batched forward (every prompt token runs every step).  The last token goes step by step,
+        so the exit rule sees each step's readout, and runs on to full depth."""
+        stepper, cache, rule = self.stepper, self.cache, self.rule
+        for position, token in enumerate(tokens[:-1]):
+            stepper.exit_loop(stepper.embed(token, position), position, self.max_steps, self.max_steps, 2.0, False)
+            cache.advance(1)
+        start = len(tokens) - 1
+        e = stepper.embed(tokens[-1], start)
+        h = stepper.initial_state(e, start)
+        rule.reset()
+        chosen, steps = None, self.max_steps
+        for step in range(self.max_steps):
+            h = stepper.core_step(h, step, start, e)
+            readout = stepper.readout(h, step, start)
+            if chosen is None and step + 1 < self.max_steps and rule.active and rule.decide_one(
+                    step, readout, lambda: stepper.gate_logit(readout), lambda: stepper.logits(readout)):
+                chosen, steps = readout.clone(), step + 1
+        cache.advance(1)
+        return stepper.logits(readout if chosen is None else chosen), steps
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
         """Decode one token; return its logits [V] and the loop steps it ran.

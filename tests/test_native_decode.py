@@ -145,12 +145,12 @@ def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
     tokens = torch.randint(0, 64, (20,)).tolist()
     fused = Decoder(tiny_model, policy, 32, backend="native")
     stepwise = Decoder(tiny_model, policy, 32, backend="native")
-    stepwise.fused = False
     assert fused.fused
     steps = []
     with torch.no_grad():
         fused.prefill(prompt)
         stepwise.prefill(prompt)
+        stepwise.fused = False  # after the (same) prefill: only the token loop differs
         for token in tokens:
             (a, used), (b, expected) = fused.step(token), stepwise.step(token)
             assert used == expected
@@ -160,3 +160,34 @@ def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
         assert min(steps) >= policy.min_steps and min(steps) < 4  # tokens really exit early
     torch.testing.assert_close(fused.cache.keys, stepwise.cache.keys, rtol=0, atol=0)
     torch.testing.assert_close(fused.cache.values, stepwise.cache.values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", [FixedSteps(), QExit(0.5)], ids=["static", "q"])
+def test_short_prompts_prefill_token_by_token_in_the_kernel_like_the_forward(tiny_model, policy, monkeypatch):
+    """A short prompt of a small model is prefilled by the kernel one token at a time at full
+    depth: the same logits, exit decision and cache contents as the batched forward prefill
+    (which runs when the prompt is over ``NATIVE_PREFILL_BYTES``), and the same decoded tokens."""
+    if build.load_kernel() is None:
+        pytest.skip(build.unavailable_reason())
+    from looplm.native import stepper as native_stepper
+
+    torch.nn.init.normal_(tiny_model.exit_gate.weight, std=2.0)
+    prompt = torch.randint(0, 64, (1, 9))
+    decoders = {}
+    with torch.no_grad():
+        for name, budget in (("kernel", native_stepper.NATIVE_PREFILL_BYTES), ("forward", 0)):
+            monkeypatch.setattr(native_stepper, "NATIVE_PREFILL_BYTES", budget)
+            decoder = Decoder(tiny_model, policy, 32, backend="native")
+            assert decoder._prefills_natively(9) == (name == "kernel")
+            logits, steps = decoder.prefill(prompt)
+            tokens = [int(logits.argmax())]
+            for _ in range(6):
+                logits, _ = decoder.step(tokens[-1])
+                tokens.append(int(logits.argmax()))
+            decoders[name] = (decoder, logits, steps, tokens)
+    (kernel, kernel_logits, kernel_steps, kernel_tokens), (forward, forward_logits, forward_steps, forward_tokens) = \
+        decoders["kernel"], decoders["forward"]
+    assert kernel_steps == forward_steps and kernel_tokens == forward_tokens
+    torch.testing.assert_close(kernel_logits, forward_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kernel.cache.keys, forward.cache.keys, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kernel.cache.values, forward.cache.values, rtol=0, atol=1e-5)

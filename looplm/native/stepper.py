@@ -23,6 +23,10 @@ from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
+# A prompt whose token-by-token pass reads at most this many bytes of core weights is prefilled
+# by the kernel (``Decoder.prefill``): for a small model that beats a batched torch forward,
+# whose fixed cost is milliseconds, and leaves the weights warm in cache for decoding.
+NATIVE_PREFILL_BYTES = 32 * 2**20
 
 
 def native_unsupported(model, cache: KVCache) -> str | None:
@@ -62,6 +66,7 @@ class NativeStepper:
         layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
                                                  * config.head_dim + 3 * config.ffn_hidden)
         self.threads = max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
+        self.token_step_bytes = layer_bytes * config.n_core_layers  # core weights one loop step reads
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)
         self._keep: list[torch.Tensor] = []  # every tensor whose address the kernel holds
