@@ -222,9 +222,9 @@ class Decoder:
             return self._act_step(h, e, start)
         if self.fused:
             q = self.threshold if rule.kind == "q" else 2.0
-            ran = stepper.exit_loop(h, start, self.max_steps, rule.min_steps, q, fill=True)
+            ran = stepper.exit_loop(h, start, self.max_steps, rule.min_steps, q, fill=True, logits=True)
             cache.advance(1)
-            return stepper.logits(stepper.hidden), ran
+            return stepper.logits_buffer.clone(), ran
         rule.reset()
         chosen = exit_step = None
         for step in range(self.max_steps):

@@ -106,7 +106,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_q8_matmul.restype = None
     library.looplm_exit_loop.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), integer,
                                          integer, integer, pointer, integer, pointer, pointer, pointer, pointer,
-                                         integer, pointer, ctypes.c_float, ctypes.c_double, integer]
+                                         integer, pointer, ctypes.c_float, ctypes.c_double, integer, pointer,
+                                         pointer, integer]
     library.looplm_exit_loop.restype = integer
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long

@@ -60,6 +60,63 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp of 8 floats: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two for an exact product),
+ * exp(r) by its degree-6 minimax polynomial (the classic Cephes expf coefficients), times 2^n
+ * built in the exponent bits.  Relative error about 1e-7 (the scalar expf's order); inputs are
+ * clamped to [−87.3, 88.7], so the result never overflows or turns denormal. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+#endif
+
+/* s[j] = exp(s[j] − top) for j < n; returns their sum. */
+static float exp_shifted(float *s, int n, float top) {
+    int j = 0;
+    float total = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    total = hsum(acc);
+#endif
+    for (; j < n; j++) {
+        s[j] = expf(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+
+/* gate[i] = silu(gate[i]) · up[i] for i in [begin, end). */
+static void swiglu(float *gate, const float *up, int begin, int end) {
+    int i = begin;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= end; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < end; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 static inline float dot(const float *a, const float *b, int n) {
     int i = 0;
     float sum = 0.0f;
@@ -247,10 +304,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
                     s[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
                     if (s[j] > top) top = s[j];
                 }
-                for (int j = 0; j <= pos; j++) {
-                    s[j] = expf(s[j] - top);
-                    total += s[j];
-                }
+                total = exp_shifted(s, pos + 1, top);
                 for (int i = 0; i < hd; i++) o[i] = 0.0f;
                 for (int j = 0; j <= pos; j++) {
                     const float *v = values + (size_t)j * hd, weight = s[j] / total;
@@ -273,7 +327,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
             upper.scales = upper.scales ? upper.scales + (size_t)F * (D / BLOCK) : NULL;
             project_rows(&layer->gate_up, x, gate, D, begin, end);
             project_rows(&upper, x, up, D, begin, end);
-            for (int i = begin; i < end; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+            swiglu(gate, up, begin, end);
             #pragma omp barrier
             share(D, 4, &begin, &end);
             project_rows(&layer->down, gate, update, F, begin, end);
@@ -290,12 +344,14 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
  * slots) on h; after every step but the last, when gate_w is not NULL, read the exit gate
  * z = w·h + b and stop at the first step n >= min_steps whose exit CDF 1 − Π(1 − σ(z_j)) reaches
  * q (the decoder's arithmetic: float dot, double survival).  Then, if fill, copy the last step's
- * K/V at pos into every deeper step's slots (LAST_EXITED).  Returns the steps run; h holds the
- * last step's state, which is its readout. */
+ * K/V at pos into every deeper step's slots (LAST_EXITED); if head is not NULL, logits = head · h
+ * (head [vocab, D]).  Returns the steps run; h holds the last step's state, which is its readout. */
+void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads);
+
 int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int max_steps, int min_steps,
                      float *h, int pos, const float *cos, const float *sin, float *scratch,
                      const float *final_norm, int threads, const float *gate_w, float gate_b, double q,
-                     int fill) {
+                     int fill, const float *head, float *logits, int vocab) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
     double log_survival = 0.0;
     int ran = max_steps;
@@ -321,6 +377,7 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
             }
         }
     }
+    if (head) looplm_matvec(head, h, logits, vocab, D, threads);
     return ran;
 }
 
