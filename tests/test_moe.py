@@ -106,5 +106,5 @@ def test_moe_parameters_and_dense_default():
 def test_bad_moe_configs_fail_at_construction(overrides, message):
     with pytest.raises(LoopLMError, match=message.replace("[", r"\[").replace("]", r"\]")):
         tiny_config(ffn="moe", **overrides)
-    with pytest.raises(LoopLMError, match="model.ffn must be one of dense, moe, got 'sparse'"):
+    with pytest.raises(LoopLMError, match="model.ffn must be one of dense, moe, channelmix, got 'sparse'"):
         tiny_config(ffn="sparse")
