@@ -149,6 +149,9 @@ class Decoder:
             self.stepper = ReferenceStepper(model, self.cache)
         self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
+        # The greedy token of the last ``step``'s logits when the kernel already picked it (the
+        # fused loop does, in C); None otherwise.  Finite logits: the same index as argmax.
+        self.greedy: int | None = None
         # The C kernel runs a whole token's loop, Q-exit and LAST_EXITED copy in one call.
         self.fused = (backend == "native" and self.stepper.fuses_exit_loop and self.act_threshold is None
                       and self.rule.kind in ("q", "static") and self.cache.layout == "last_exited")
@@ -156,6 +159,7 @@ class Decoder:
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
         prefix_cache: restore the longest stored prefix of the prompt and compute only the rest."""
+        self.greedy = None
         if prefix_cache is None and self.act_threshold is None and self._prefills_natively(ids.shape[1]):
             return self._prefill_by_tokens(ids[0].tolist())
         if prefix_cache is not None:
@@ -216,15 +220,22 @@ class Decoder:
         """
         stepper, cache, rule = self.stepper, self.cache, self.rule
         start = cache.length
+        if self.fused:  # embedding, loop, exit, LAST_EXITED copy, head and argmax: one C call
+            q = self.threshold if rule.kind == "q" else 2.0
+            if self.model.prelude:
+                ran = stepper.exit_loop(stepper.embed(token, start), start, self.max_steps, rule.min_steps, q,
+                                        fill=True, logits=True)
+            else:
+                ran = stepper.exit_loop(None, start, self.max_steps, rule.min_steps, q, fill=True, logits=True,
+                                        token=token)
+            cache.advance(1)
+            self.greedy = stepper.best.value
+            return stepper.logits_buffer.clone(), ran
+        self.greedy = None
         e = stepper.embed(token, start)
         h = stepper.initial_state(e, start)
         if self.act_threshold is not None:
             return self._act_step(h, e, start)
-        if self.fused:
-            q = self.threshold if rule.kind == "q" else 2.0
-            ran = stepper.exit_loop(h, start, self.max_steps, rule.min_steps, q, fill=True, logits=True)
-            cache.advance(1)
-            return stepper.logits_buffer.clone(), ran
         rule.reset()
         chosen = exit_step = None
         for step in range(self.max_steps):
@@ -337,7 +348,10 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
             logits, steps = decoder.prefill(prompt, prefix_cache)
             emitted = ""
             for index in range(budget):
-                token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
+                if sampling.temperature == 0 and decoder.greedy is not None:
+                    token = decoder.greedy  # picked in the kernel: no torch call per token
+                else:
+                    token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
                 if token in stop_ids:
                     result.stop_reason = "stop_token"
                     result.stop_token_steps = steps

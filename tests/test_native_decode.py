@@ -154,6 +154,7 @@ def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
         for token in tokens:
             (a, used), (b, expected) = fused.step(token), stepwise.step(token)
             assert used == expected
+            assert fused.greedy == int(a.argmax()) and stepwise.greedy is None  # the kernel's argmax
             steps.append(used)
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     if isinstance(policy, QExit):

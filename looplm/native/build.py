@@ -107,7 +107,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_exit_loop.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), integer,
                                          integer, integer, pointer, integer, pointer, pointer, pointer, pointer,
                                          integer, pointer, ctypes.c_float, ctypes.c_double, integer, pointer,
-                                         pointer, integer]
+                                         pointer, integer, pointer, pointer]
     library.looplm_exit_loop.restype = integer
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long

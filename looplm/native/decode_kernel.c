@@ -345,16 +345,19 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
  * z = w·h + b and stop at the first step n >= min_steps whose exit CDF 1 − Π(1 − σ(z_j)) reaches
  * q (the decoder's arithmetic: float dot, double survival).  Then, if fill, copy the last step's
  * K/V at pos into every deeper step's slots (LAST_EXITED); if head is not NULL, logits = head · h
- * (head [vocab, D]).  Returns the steps run; h holds the last step's state, which is its readout. */
+ * (head [vocab, D]) and *best = the index of its first largest logit (greedy decoding's token,
+ * as torch.argmax picks it for finite logits).  Returns the steps run; h holds the last step's
+ * state, which is its readout.  If embedding is not NULL, h = embedding first (the token's row). */
 void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads);
 
 int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int max_steps, int min_steps,
                      float *h, int pos, const float *cos, const float *sin, float *scratch,
                      const float *final_norm, int threads, const float *gate_w, float gate_b, double q,
-                     int fill, const float *head, float *logits, int vocab) {
+                     int fill, const float *head, float *logits, int vocab, int *best, const float *embedding) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
     double log_survival = 0.0;
     int ran = max_steps;
+    if (embedding) memcpy(h, embedding, (size_t)D * sizeof(float));
     for (int s = 0; s < max_steps; s++) {
         looplm_layers(dims, steps[s], count, h, pos, cos, sin, scratch, final_norm, threads);
         if (s + 1 == max_steps || gate_w == NULL) continue;
@@ -377,7 +380,13 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
             }
         }
     }
-    if (head) looplm_matvec(head, h, logits, vocab, D, threads);
+    if (head) {
+        looplm_matvec(head, h, logits, vocab, D, threads);
+        int top = 0;
+        for (int i = 1; i < vocab; i++)
+            if (logits[i] > logits[top]) top = i;
+        *best = top;
+    }
     return ran;
 }
 

@@ -92,6 +92,10 @@ class NativeStepper:
         self._addresses = (ctypes.byref(self.dims), self.cos.data_ptr(), self.sin.data_ptr(),
                            self.scratch.data_ptr(), self.norm.data_ptr())
         self._head_address, self._logits_address = self.head.data_ptr(), self.logits_buffer.data_ptr()
+        self._embedding_address, self._hidden_address = self.embedding.data_ptr(), self.hidden.data_ptr()
+        self._gate_address = self.gate_weight.data_ptr() if self.gate_weight is not None else None
+        self.best = ctypes.c_int(0)  # exit_loop's argmax of the logits (with logits=True)
+        self._best_address = ctypes.addressof(self.best)
         self._steps = (ctypes.POINTER(Layer) * len(self.core))(
             *[ctypes.cast(packed, ctypes.POINTER(Layer)) for packed in self.core]) if self.core[0] is not None else None
 
@@ -166,21 +170,27 @@ class NativeStepper:
         """Whether ``exit_loop`` can run a whole token's steps (plain loop: step norm, no coda)."""
         return self.config.step_norm and self.coda[0] is None
 
-    def exit_loop(self, h: torch.Tensor, start: int, max_steps: int, min_steps: int, q: float, fill: bool,
-                  logits: bool = False) -> int:
+    def exit_loop(self, h: torch.Tensor | None, start: int, max_steps: int, min_steps: int, q: float, fill: bool,
+                  logits: bool = False, token: int | None = None) -> int:
         """Every loop step of one token and its Q-exit decision in one C call (q > 1: no early
         exit); with ``fill`` the exited token's K/V are copied into the deeper steps, with
-        ``logits`` the head is applied too (into ``logits_buffer``).  Returns the steps run;
-        ``self.hidden`` then holds the readout."""
-        self._load(h)
+        ``logits`` the head is applied too (into ``logits_buffer``, its argmax into ``best``).
+        ``token`` instead of ``h``: start from that token's embedding row (no prelude).
+        Returns the steps run; ``self.hidden`` then holds the readout."""
+        embedding = None
+        if token is None:
+            self._load(h)
+        else:
+            embedding = self._embedding_address + token * self.row_bytes
         dims, cos, sin, scratch, norm = self._addresses
         rope_row = start * self.config.head_dim * _FLOAT
-        gate = self.gate_weight.data_ptr() if self.gate_weight is not None and q <= 1.0 else None
-        head, buffer = (self._head_address, self._logits_address) if logits else (None, None)
+        gate = self._gate_address if q <= 1.0 else None
+        head, buffer, best = (self._head_address, self._logits_address, self._best_address) if logits else (
+            None, None, None)
         return self.kernel.looplm_exit_loop(dims, self._steps, self.config.n_core_layers, max_steps, min_steps,
-                                            self.hidden.data_ptr(), start, cos + rope_row, sin + rope_row,
+                                            self._hidden_address, start, cos + rope_row, sin + rope_row,
                                             scratch, norm, self.threads, gate, self.gate_bias or 0.0, q, int(fill),
-                                            head, buffer, self.config.vocab_size)
+                                            head, buffer, self.config.vocab_size, best, embedding)
 
     def gate_logit(self, readout: torch.Tensor) -> float:
         """The exit gate's logit as a Python float (one C dot product: no tensor allocations)."""
