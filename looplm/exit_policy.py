@@ -174,7 +174,10 @@ class ExitRule:
         self.kind = {QExit: "q", HiddenDiffExit: "hidden", KLExit: "kl"}.get(type(policy), "static")
         if self.kind == "q" and policy.threshold >= 1.0:
             self.kind = "static"  # q = 1 runs every step
-        self.log_survival = torch.zeros(rows, device=device)
+        # Survival in float64 on every path (decide_one uses Python floats), so batched and batch-1
+        # decoding decide the same even where the exit CDF lands next to q (MPS has no float64).
+        self.survival_dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        self.log_survival = torch.zeros(rows, device=device, dtype=self.survival_dtype)
         self.previous: torch.Tensor | None = None  # [rows, D] readouts or [rows, V] logits
         self.scalar_survival = 0.0  # decide_one's log survival
 
@@ -189,7 +192,7 @@ class ExitRule:
         exits = torch.zeros(count, dtype=torch.bool, device=readout.device)
         if self.kind == "q":
             survival = self.log_survival if rows is None else self.log_survival[rows]
-            survival = survival + F.logsigmoid(-gate_logit().reshape(count).float())
+            survival = survival + F.logsigmoid(-gate_logit().reshape(count).to(self.survival_dtype))
             exits = -torch.expm1(survival) >= self.policy.threshold
             self._store("log_survival", rows, survival)
         elif self.kind in ("hidden", "kl"):

@@ -126,3 +126,16 @@ def test_a_prompt_longer_than_the_write_index_waits():
     assert session.fits([3], 5) and not session.fits([3], 40)   # room for its tokens
     with pytest.raises(LoopLMError, match="does not fit"):
         session.admit([PROMPTS[0]], [2])
+
+
+def test_batched_and_single_row_q_exit_agree_next_to_the_threshold():
+    """A gate whose exit CDF lands just under q (σ(z) = 0.5 − 2e-9 at q = 0.5): float32 survival
+    rounds it up to q and would exit; the batched rule keeps float64 like the batch-1 rule."""
+    from looplm.exit_policy import ExitRule
+
+    z = torch.tensor([-8e-9])
+    readout = torch.zeros(1, 4)
+    batched = ExitRule(QExit(0.5), 1, 4).decide(0, None, readout, lambda: z, None)
+    single = ExitRule(QExit(0.5), 1, 4).decide_one(0, readout, lambda: float(z), None)
+    assert not single and not bool(batched[0])
+    assert -torch.expm1(torch.nn.functional.logsigmoid(-z)) >= 0.5  # float32 would have exited
