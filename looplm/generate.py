@@ -222,12 +222,11 @@ class Decoder:
         start = cache.length
         if self.fused:  # embedding, loop, exit, LAST_EXITED copy, head and argmax: one C call
             q = self.threshold if rule.kind == "q" else 2.0
-            if self.model.prelude:
+            if stepper.runs_whole_tokens:
+                ran = stepper.token(token, start, self.max_steps, rule.min_steps, q)
+            else:
                 ran = stepper.exit_loop(stepper.embed(token, start), start, self.max_steps, rule.min_steps, q,
                                         fill=True, logits=True)
-            else:
-                ran = stepper.exit_loop(None, start, self.max_steps, rule.min_steps, q, fill=True, logits=True,
-                                        token=token)
             cache.advance(1)
             self.greedy = stepper.best.value
             return stepper.logits_buffer.clone(), ran

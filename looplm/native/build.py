@@ -45,6 +45,16 @@ class Layer(ctypes.Structure):
                 + [(name, ctypes.c_void_p) for name in ("keys", "values")])
 
 
+class TokenLoop(ctypes.Structure):
+    """``looplm_token``'s fixed arguments (see decode_kernel.c)."""
+    _fields_ = [("dims", ctypes.c_void_p), ("steps", ctypes.c_void_p), ("count", ctypes.c_int),
+                ("threads", ctypes.c_int), ("vocab", ctypes.c_int), ("h", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("gate_w", ctypes.c_void_p), ("gate_b", ctypes.c_float),
+                ("head", ctypes.c_void_p), ("embedding", ctypes.c_void_p), ("logits", ctypes.c_void_p),
+                ("best", ctypes.c_void_p)]
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -109,6 +119,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
                                          integer, pointer, ctypes.c_float, ctypes.c_double, integer, pointer,
                                          pointer, integer, pointer, pointer]
     library.looplm_exit_loop.restype = integer
+    library.looplm_token.argtypes = [pointer, integer, integer, integer, integer, ctypes.c_double]
+    library.looplm_token.restype = integer
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long
     return library

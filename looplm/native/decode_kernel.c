@@ -428,3 +428,31 @@ void looplm_q8_matmul(const int8_t *values, const float *scales, const float *bi
         }
     }
 }
+
+/* Everything about one decoder's token loop that stays fixed from token to token, set up once
+ * (``NativeStepper``), so a token is one call with five numbers: the argument conversions of a
+ * twenty-argument call cost a small model's token several microseconds. */
+typedef struct {
+    const Dims *dims;
+    const Layer *const *steps;
+    int count, threads, vocab;
+    float *h;
+    const float *cos, *sin;            /* the RoPE tables' row 0; row pos is pos·head_dim further */
+    float *scratch;
+    const float *final_norm, *gate_w;  /* gate_w NULL: no exit gate */
+    float gate_b;
+    const float *head, *embedding;
+    float *logits;
+    int *best;
+} TokenLoop;
+
+/* One token from its id: embedding row, looplm_exit_loop with LAST_EXITED fill, logits and
+ * argmax.  q > 1 (or no gate): every step. */
+int looplm_token(const TokenLoop *t, int token, int pos, int max_steps, int min_steps, double q) {
+    const int D = t->dims->d_model, hd = t->dims->head_dim;
+    const float *gate = q <= 1.0 ? t->gate_w : NULL;
+    return looplm_exit_loop(t->dims, t->steps, t->count, max_steps, min_steps, t->h, pos,
+                            t->cos + (size_t)pos * hd, t->sin + (size_t)pos * hd, t->scratch, t->final_norm,
+                            t->threads, gate, t->gate_b, q, 1, t->head, t->logits, t->vocab, t->best,
+                            t->embedding + (size_t)token * D);
+}

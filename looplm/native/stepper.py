@@ -18,7 +18,7 @@ import ctypes
 import torch
 
 from looplm.cache import KVCache
-from looplm.native.build import Dims, Layer, Projection, load_kernel, unavailable_reason
+from looplm.native.build import Dims, Layer, Projection, TokenLoop, load_kernel, unavailable_reason
 from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
@@ -98,6 +98,15 @@ class NativeStepper:
         self._best_address = ctypes.addressof(self.best)
         self._steps = (ctypes.POINTER(Layer) * len(self.core))(
             *[ctypes.cast(packed, ctypes.POINTER(Layer)) for packed in self.core]) if self.core[0] is not None else None
+        self._token_loop = None  # ``token``'s fixed arguments, for the plain loop without a prelude
+        if self.fuses_exit_loop and self.prelude[0] is None:
+            self._token_loop = TokenLoop(
+                ctypes.addressof(self.dims), ctypes.addressof(self._steps), config.n_core_layers, self.threads,
+                config.vocab_size, self._hidden_address, self.cos.data_ptr(), self.sin.data_ptr(),
+                self.scratch.data_ptr(), self.norm.data_ptr(), self._gate_address, self.gate_bias or 0.0,
+                self._head_address, self._embedding_address, self._logits_address, self._best_address)
+            self._token_arguments = ctypes.addressof(self._token_loop)
+            self._token_call = self.kernel.looplm_token
 
     def _keep_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().contiguous()
@@ -191,6 +200,17 @@ class NativeStepper:
                                             self._hidden_address, start, cos + rope_row, sin + rope_row,
                                             scratch, norm, self.threads, gate, self.gate_bias or 0.0, q, int(fill),
                                             head, buffer, self.config.vocab_size, best, embedding)
+
+    @property
+    def runs_whole_tokens(self) -> bool:
+        """Whether ``token`` can run (the plain fused loop, no prelude)."""
+        return self._token_loop is not None
+
+    def token(self, token: int, start: int, max_steps: int, min_steps: int, q: float) -> int:
+        """``exit_loop`` from a token id with fill and logits, in one five-number C call: the
+        embedding row, every step, Q-exit (q > 1: none), the LAST_EXITED copy, the head into
+        ``logits_buffer`` and its argmax into ``best``.  Returns the steps run."""
+        return self._token_call(self._token_arguments, token, start, max_steps, min_steps, q)
 
     def gate_logit(self, readout: torch.Tensor) -> float:
         """The exit gate's logit as a Python float (one C dot product: no tensor allocations)."""
