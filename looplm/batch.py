@@ -29,7 +29,7 @@ import torch
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
-from looplm.generate import Decoder, Generation, Sampling, _find_stop, sample_next
+from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
 
 
 def batch_unsupported(model) -> str | None:
@@ -219,8 +219,8 @@ class BatchDecoder:
         steps_run[rows] = ran if cache.skips else self.max_steps
         cache.finish(index, index + 1, steps_run)
         cache.advance(1)
-        for position, row in enumerate(rows.tolist()):
-            self.row_applications[row] += int(applied[position])
+        for row, count in zip(rows.tolist(), applied.tolist()):
+            self.row_applications[row] += count
             self.row_full_applications[row] += self.max_steps * per_step
         return model.logits(chosen), ran
 
@@ -229,7 +229,6 @@ class BatchDecoder:
 class BatchRow:
     """One prompt decoding in a ``BatchSession``: its generation so far and its limits."""
 
-    prompt: list[int]
     generation: Generation
     budget: int                     # tokens it may emit (its limit, cut by the context)
     limit: int                      # the limit asked for
@@ -302,7 +301,7 @@ class BatchSession:
                 self.decoder.begin(start)
             for prompt, limit, on_token in zip(prompts, limits, on_tokens):
                 slot = min(set(range(self.decoder.cache.offsets.shape[0])) - set(self.rows))
-                row = BatchRow(list(prompt), Generation(prompt_tokens=len(prompt)), self.budget(prompt, limit),
+                row = BatchRow(Generation(prompt_tokens=len(prompt)), self.budget(prompt, limit),
                                limit, on_token)
                 row.logits, row.steps = self.decoder.prefill(slot, prompt)
                 self.rows[slot] = row
@@ -356,20 +355,12 @@ class BatchSession:
         if token in self.stop_ids:
             result.stop_reason, result.stop_token_steps = "stop_token", row.steps
             return None
-        result.ids.append(token)
-        result.steps.append(row.steps)
-        piece = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(result.ids)
-            stop_at = _find_stop(text, self.stop_strings, len(row.emitted_text))
-            if stop_at is not None:
-                result.text, result.stop_reason = text[:stop_at], "stop_string"
-                if row.on_token is not None and stop_at > len(row.emitted_text):
-                    row.on_token(token, row.steps, text[len(row.emitted_text):stop_at])
-                return None
-            if not text.endswith("\ufffd"):
-                piece, row.emitted_text = text[len(row.emitted_text):], text
-            result.text = text
+        piece, row.emitted_text = record_token(result, token, row.steps, self.tokenizer, self.stop_strings,
+                                               row.emitted_text)
+        if result.stop_reason == "stop_string":
+            if row.on_token is not None and piece:
+                row.on_token(token, row.steps, piece)
+            return None
         if row.on_token is not None:
             row.on_token(token, row.steps, piece)
         if len(result.ids) >= row.budget:

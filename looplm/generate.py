@@ -155,6 +155,7 @@ class Decoder:
         # The C kernel runs a whole token's loop, Q-exit and LAST_EXITED copy in one call.
         self.fused = (backend == "native" and self.stepper.fuses_exit_loop and self.act_threshold is None
                       and self.rule.kind in ("q", "static") and self.cache.layout == "last_exited")
+        self.fused_q = self.threshold if self.rule.kind == "q" else 2.0  # the kernel's q: > 1 = no exit
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
@@ -221,7 +222,7 @@ class Decoder:
         stepper, cache, rule = self.stepper, self.cache, self.rule
         start = cache.length
         if self.fused:  # embedding, loop, exit, LAST_EXITED copy, head and argmax: one C call
-            q = self.threshold if rule.kind == "q" else 2.0
+            q = self.fused_q
             if stepper.runs_whole_tokens:
                 ran = stepper.token(token, start, self.max_steps, rule.min_steps, q)
             else:
@@ -355,27 +356,39 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
                     result.stop_reason = "stop_token"
                     result.stop_token_steps = steps
                     return
-                result.ids.append(token)
-                result.steps.append(steps)
-                piece = ""
-                if tokenizer is not None:
-                    text = tokenizer.decode(result.ids)
-                    stop_at = _find_stop(text, stop_strings, len(emitted))
-                    if stop_at is not None:
-                        result.text = text[:stop_at]
-                        result.stop_reason = "stop_string"
-                        if stop_at > len(emitted):
-                            yield GeneratedToken(token, steps, text[len(emitted):stop_at])
-                        return
-                    if not text.endswith("\ufffd"):
-                        piece, emitted = text[len(emitted):], text
-                    result.text = text
+                piece, emitted = record_token(result, token, steps, tokenizer, stop_strings, emitted)
+                if result.stop_reason == "stop_string":
+                    if piece:
+                        yield GeneratedToken(token, steps, piece)
+                    return
                 yield GeneratedToken(token, steps, piece)
                 if index + 1 < budget:
                     logits, steps = decoder.step(token)
             result.stop_reason = "length" if budget == max_new_tokens else "context"
     finally:
         model.train(was_training)
+
+
+def record_token(result: Generation, token: int, steps: int, tokenizer, stop_strings: Sequence[str],
+                 emitted: str) -> tuple[str, str]:
+    """Append ``token`` (decided in ``steps`` loop steps) to ``result`` and update its text.
+    ``emitted`` is the text handed out so far; returns (the new text to hand out for this
+    token, the text handed out after it).  The piece stays "" while a multi-byte character is
+    unfinished.  When a stop string completes, ``result`` ends before it (stop_reason
+    "stop_string") and the piece is what precedes the stop string."""
+    result.ids.append(token)
+    result.steps.append(steps)
+    if tokenizer is None:
+        return "", emitted
+    text = tokenizer.decode(result.ids)
+    stop_at = _find_stop(text, stop_strings, len(emitted))
+    if stop_at is not None:
+        result.text, result.stop_reason = text[:stop_at], "stop_string"
+        return text[len(emitted):stop_at], text[:stop_at]
+    result.text = text
+    if text.endswith("\ufffd"):
+        return "", emitted
+    return text[len(emitted):], text
 
 
 def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | None:

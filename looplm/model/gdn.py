@@ -27,6 +27,7 @@ already scaled); it is never required, and ``LOOPLM_FLA=0`` turns it off.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -93,8 +94,13 @@ def delta_rule_chunked(q, k, v, g, beta, state=None, chunk: int = 64):
 def fla_kernel():
     """flash-linear-attention's chunked gated-delta-rule kernel, or None when it is not
     installed or ``LOOPLM_FLA=0``."""
-    if os.environ.get("LOOPLM_FLA", "1") == "0":
-        return None
+    return None if os.environ.get("LOOPLM_FLA", "1") == "0" else _import_fla()
+
+
+@functools.cache
+def _import_fla():
+    """The import tried once per process (a failed import is not cached by Python, and this
+    runs for every GDN layer of every forward on CUDA)."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:

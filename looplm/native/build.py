@@ -117,7 +117,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_exit_loop.argtypes = [ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), integer,
                                          integer, integer, pointer, integer, pointer, pointer, pointer, pointer,
                                          integer, pointer, ctypes.c_float, ctypes.c_double, integer, pointer,
-                                         pointer, integer, pointer, pointer]
+                                         pointer, integer, pointer]
     library.looplm_exit_loop.restype = integer
     library.looplm_token.argtypes = [pointer, integer, integer, integer, integer, ctypes.c_double]
     library.looplm_token.restype = integer

@@ -347,17 +347,16 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
  * K/V at pos into every deeper step's slots (LAST_EXITED); if head is not NULL, logits = head · h
  * (head [vocab, D]) and *best = the index of its first largest logit (greedy decoding's token,
  * as torch.argmax picks it for finite logits).  Returns the steps run; h holds the last step's
- * state, which is its readout.  If embedding is not NULL, h = embedding first (the token's row). */
+ * state, which is its readout. */
 void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads);
 
 int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int max_steps, int min_steps,
                      float *h, int pos, const float *cos, const float *sin, float *scratch,
                      const float *final_norm, int threads, const float *gate_w, float gate_b, double q,
-                     int fill, const float *head, float *logits, int vocab, int *best, const float *embedding) {
+                     int fill, const float *head, float *logits, int vocab, int *best) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
     double log_survival = 0.0;
     int ran = max_steps;
-    if (embedding) memcpy(h, embedding, (size_t)D * sizeof(float));
     for (int s = 0; s < max_steps; s++) {
         looplm_layers(dims, steps[s], count, h, pos, cos, sin, scratch, final_norm, threads);
         if (s + 1 == max_steps || gate_w == NULL) continue;
@@ -451,8 +450,8 @@ typedef struct {
 int looplm_token(const TokenLoop *t, int token, int pos, int max_steps, int min_steps, double q) {
     const int D = t->dims->d_model, hd = t->dims->head_dim;
     const float *gate = q <= 1.0 ? t->gate_w : NULL;
+    memcpy(t->h, t->embedding + (size_t)token * D, (size_t)D * sizeof(float));
     return looplm_exit_loop(t->dims, t->steps, t->count, max_steps, min_steps, t->h, pos,
                             t->cos + (size_t)pos * hd, t->sin + (size_t)pos * hd, t->scratch, t->final_norm,
-                            t->threads, gate, t->gate_b, q, 1, t->head, t->logits, t->vocab, t->best,
-                            t->embedding + (size_t)token * D);
+                            t->threads, gate, t->gate_b, q, 1, t->head, t->logits, t->vocab, t->best);
 }

@@ -136,8 +136,6 @@ class NativeStepper:
         return packed
 
     def _run(self, packed, count: int, buffer: torch.Tensor, position: int, final_norm: bool) -> None:
-        # Addresses are fixed for the stepper's life: computed once (a decode step of a small
-        # model costs about as much as converting a dozen tensors to pointers).
         dims, cos, sin, scratch, norm = self._addresses
         rope_row = position * self.config.head_dim * _FLOAT
         self.kernel.looplm_layers(dims, packed, count, buffer.data_ptr(), position, cos + rope_row, sin + rope_row,
@@ -179,18 +177,13 @@ class NativeStepper:
         """Whether ``exit_loop`` can run a whole token's steps (plain loop: step norm, no coda)."""
         return self.config.step_norm and self.coda[0] is None
 
-    def exit_loop(self, h: torch.Tensor | None, start: int, max_steps: int, min_steps: int, q: float, fill: bool,
-                  logits: bool = False, token: int | None = None) -> int:
+    def exit_loop(self, h: torch.Tensor, start: int, max_steps: int, min_steps: int, q: float, fill: bool,
+                  logits: bool = False) -> int:
         """Every loop step of one token and its Q-exit decision in one C call (q > 1: no early
         exit); with ``fill`` the exited token's K/V are copied into the deeper steps, with
         ``logits`` the head is applied too (into ``logits_buffer``, its argmax into ``best``).
-        ``token`` instead of ``h``: start from that token's embedding row (no prelude).
         Returns the steps run; ``self.hidden`` then holds the readout."""
-        embedding = None
-        if token is None:
-            self._load(h)
-        else:
-            embedding = self._embedding_address + token * self.row_bytes
+        self._load(h)
         dims, cos, sin, scratch, norm = self._addresses
         rope_row = start * self.config.head_dim * _FLOAT
         gate = self._gate_address if q <= 1.0 else None
@@ -199,7 +192,7 @@ class NativeStepper:
         return self.kernel.looplm_exit_loop(dims, self._steps, self.config.n_core_layers, max_steps, min_steps,
                                             self._hidden_address, start, cos + rope_row, sin + rope_row,
                                             scratch, norm, self.threads, gate, self.gate_bias or 0.0, q, int(fill),
-                                            head, buffer, self.config.vocab_size, best, embedding)
+                                            head, buffer, self.config.vocab_size, best)
 
     @property
     def runs_whole_tokens(self) -> bool:

@@ -287,9 +287,8 @@ class Engine:
 
     @staticmethod
     def _emit(job: Job, token: int, steps: int, text: str) -> None:
-        if job.emitted < job.max_tokens:
-            job.emitted += 1
-            job.sink(Token(token, steps, text))
+        job.emitted += 1  # the session stops a row at its own max_tokens
+        job.sink(Token(token, steps, text))
 
     def _run_alone(self, job: Job) -> None:
         settings = job.settings
