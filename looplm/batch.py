@@ -30,6 +30,7 @@ from looplm.cache import KVCache
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
+from looplm.model.row_attention import CacheRows, in_place_supported
 
 
 def batch_unsupported(model) -> str | None:
@@ -67,19 +68,26 @@ class BatchResult:
 
 
 class _RowSubset:
-    """The cache as seen by a subset of rows: ``store`` hands out gathered copies of those rows'
-    storage, ``flush`` scatters back what the layers wrote (attention: the one new position;
-    recurrent layers: the whole state).  With every row active it hands out views (no copies)."""
+    """The cache as seen by a subset of rows.  ``in_place``: attention slots are handed out as
+    ``CacheRows`` (the storage and the row indices; the attention writes and reads the rows
+    where they lie), the rest as below.  Otherwise ``store`` hands out gathered copies of those
+    rows' storage and ``flush`` scatters back what the layers wrote (attention: the one new
+    position; recurrent layers: the whole state).  With ``everyone`` (every slot active) it
+    hands out views (no copies)."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor | None, position: int):
+    def __init__(self, cache: KVCache, rows: torch.Tensor, position: int, everyone: bool, in_place: bool):
         self.cache, self.rows, self.position = cache, rows, position
+        self.everyone, self.in_place = everyone, in_place
+        self.starts = cache.offsets[rows] if in_place else None
         self.written: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], bool]] = []
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
+    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...] | CacheRows:
         full = self.cache.store(stage, layer, step)
-        if self.rows is None:
-            return full
         attention = self.cache.kinds[self.cache.slot(stage, layer, step)] == "A"
+        if self.in_place and attention:
+            return CacheRows(full[0], full[1], self.rows, self.starts)
+        if self.everyone:
+            return full
         if attention:  # only the filled positions: attention reads no further
             full = tuple(tensor[:, :, :self.position + 1] for tensor in full)
         gathered = tuple(tensor.index_select(0, self.rows) for tensor in full)
@@ -118,6 +126,9 @@ class BatchDecoder:
         self.cache = KVCache(config, rows, max_len, self.max_steps, device=self.device, dtype=parameter.dtype,
                              layout=layout, modulo_slots=modulo_slots)
         self.cache.offsets.fill_(max_len)  # an empty slot: every key masked
+        # Attention reads the running rows of the cache in place (no gathered copies) where
+        # the kernel for it exists; MLA's latent cache has its own attention.
+        self.in_place = config.attention != "mla" and in_place_supported(self.cache.keys)
         self.layout, self.modulo_slots = layout, modulo_slots
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")
         self.applications = 0
@@ -164,6 +175,10 @@ class BatchDecoder:
             len(rows), 1, 1, index + 1)
         return (cos, sin), mask
 
+    def _view(self, rows: torch.Tensor, everyone: bool, index: int) -> _RowSubset:
+        """The cache as ``rows`` see it at write index ``index`` (``everyone``: all slots)."""
+        return _RowSubset(self.cache, rows, index, everyone, self.in_place)
+
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for each of ``rows`` (tokens [R]); return logits [R, V] and the loop
         steps each row's token used [R]."""
@@ -171,7 +186,7 @@ class BatchDecoder:
         index = cache.length
         everyone = len(rows) == cache.offsets.shape[0]
         tables, mask = self._tables(rows, index)
-        view = _RowSubset(cache, None if everyone else rows, index)
+        view = self._view(rows, everyone, index)
         e = model.embed_input(tokens.view(-1, 1), index, view, tables, mask)
         view.flush()
         h = model.initial_state(e, index)
@@ -185,7 +200,7 @@ class BatchDecoder:
         applied = torch.zeros(len(rows), dtype=torch.long)
         for step in range(self.max_steps):
             subset = rows[running]
-            view = _RowSubset(cache, None if everyone and len(running) == len(rows) else subset, index)
+            view = self._view(subset, everyone and len(running) == len(rows), index)
             part_tables = tuple(table[running] for table in tables)
             h = model.core_step(h, step, index, view, e, part_tables, mask[running])
             last = step + 1 == self.max_steps

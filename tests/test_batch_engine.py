@@ -30,8 +30,17 @@ def _per_prompt(model, policy, layout="last_exited", new=6):
             for prompt in PROMPTS]
 
 
+@pytest.fixture(params=["in-place", "gathered"])
+def row_reads(request, monkeypatch):
+    """Run a test with attention reading the running rows in place (the C kernel, where it
+    builds) and with the gathered copies (the torch path)."""
+    if request.param == "gathered":
+        monkeypatch.setattr("looplm.batch.in_place_supported", lambda tensor: False)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
-def test_batched_equals_per_prompt_for_every_layout(layout):
+def test_batched_equals_per_prompt_for_every_layout(layout, row_reads):
     model = _exit_model(n_coda_layers=1, n_kv_heads=2)
     policy = QExit(0.4)
     batched = generate_batch(model, PROMPTS, 6, exit_policy=policy, layout=layout)
@@ -90,7 +99,7 @@ def test_rows_stop_independently_and_bad_input_is_refused():
 
 
 @pytest.mark.parametrize("layout", ["last_exited", "full", "modulo"])
-def test_rows_joining_a_running_batch_and_reusing_freed_slots_equal_per_prompt(layout):
+def test_rows_joining_a_running_batch_and_reusing_freed_slots_equal_per_prompt(layout, row_reads):
     """Continuous batching: two slots; prompts join at later decode steps (right-aligned at the
     running write index) and take the slot of a finished row, whose stale keys must stay masked.
     Each row's tokens and steps equal per-prompt generation; GDN layers check that a reused

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from looplm.config import ModelConfig
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
+from looplm.model.row_attention import CacheRows, rows_attention
 
 
 def causal_mask_with_offset(queries: int, keys: int, device: torch.device) -> torch.Tensor:
@@ -60,7 +61,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None.
+        """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None,
+        or a ``CacheRows`` (one token per row; the batched engine's decode, masks from its starts).
         key_mask: bool [B, 1, S, start+S] of the cached keys each row may see (decode of
         right-aligned rows), combined with causality; None = all earlier keys."""
         batch, length, _ = x.shape
@@ -70,6 +72,9 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if kv_store is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+        elif isinstance(kv_store, CacheRows):  # batched decode: rows of the cache, read in place
+            kv_store.write(k, v, start)
+            o = rows_attention(q, kv_store, start + 1)
         else:
             key_store, value_store = kv_store
             end = start + length

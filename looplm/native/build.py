@@ -121,6 +121,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_exit_loop.restype = integer
     library.looplm_token.argtypes = [pointer, integer, integer, integer, integer, ctypes.c_double]
     library.looplm_token.restype = integer
+    library.looplm_rows_attention.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer,
+                                              integer, integer, integer, pointer, integer]
+    library.looplm_rows_attention.restype = None
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long
     return library

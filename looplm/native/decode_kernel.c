@@ -455,3 +455,41 @@ int looplm_token(const TokenLoop *t, int token, int pos, int max_steps, int min_
                             t->cos + (size_t)pos * hd, t->sin + (size_t)pos * hd, t->scratch, t->final_norm,
                             t->threads, gate, t->gate_b, q, 1, t->head, t->logits, t->vocab, t->best);
 }
+
+/* Decode attention for a batch of cache rows, read in place (the batched engine's compaction
+ * without gathering the cache).  q [count, H, hd] (RoPE applied); keys, values: one slot's
+ * storage [B, Hkv, max_len, hd]; query i is row rows[i] of that storage and sees its keys
+ * [starts[i], end); out [count, H, hd].  Each (query, head) pair is one task: scores, a
+ * max-shifted softmax, then the weighted sum of values. */
+void looplm_rows_attention(const float *q, const float *keys, const float *values, const int64_t *rows,
+                           const int64_t *starts, int count, int H, int Hkv, int max_len, int hd, int end,
+                           float *out, int threads) {
+    const int group = H / Hkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    #pragma omp parallel num_threads(threads)
+    {
+        float scores[end > 0 ? end : 1];
+        #pragma omp for schedule(static)
+        for (long task = 0; task < (long)count * H; task++) {
+            const int i = (int)(task / H), head = (int)(task % H);
+            const int begin = (int)starts[i], n = end - begin;
+            const float *query = q + (size_t)task * hd;
+            float *o = out + (size_t)task * hd;
+            memset(o, 0, hd * sizeof(float));
+            if (n <= 0) continue;
+            const size_t base = ((size_t)rows[i] * Hkv + head / group) * max_len;
+            const float *k = keys + (base + begin) * hd, *v = values + (base + begin) * hd;
+            float top = -INFINITY;
+            for (int j = 0; j < n; j++) {
+                scores[j] = dot(query, k + (size_t)j * hd, hd) * scale;
+                if (scores[j] > top) top = scores[j];
+            }
+            const float norm = 1.0f / exp_shifted(scores, n, top);
+            for (int j = 0; j < n; j++) {
+                const float p = scores[j] * norm;
+                const float *vj = v + (size_t)j * hd;
+                for (int d = 0; d < hd; d++) o[d] += p * vj[d];
+            }
+        }
+    }
+}

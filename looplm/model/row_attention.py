@@ -1,0 +1,85 @@
+"""Decode attention for some rows of a batched KV cache, read and written in place.
+
+The batched engine (``looplm.batch``) runs each loop step on the rows that have not exited.
+Gathering those rows' keys and values into a compact copy costs two extra passes over the
+cache per layer application (read + write, then attention reads the copy again), which on a
+small model eats much of what early exit saves.  ``CacheRows`` instead hands an attention
+layer the whole slot storage plus the row indices: the new token's keys and values are
+written straight into the rows, and attention reads them where they lie.
+
+``rows_attention`` is the fast path (the C kernel ``looplm_rows_attention``: one task per
+query row and head, no copies); ``rows_attention_reference`` is the plain torch version
+(gather, then SDPA with the key mask); tests/test_row_attention.py holds them equal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class CacheRows:
+    """One attention slot of a batched cache as seen by ``rows`` of it.
+
+    keys, values: the slot's storage [B, H_kv, max_len, hd]; rows [R] (int64): query i belongs
+    to cache row ``rows[i]``; starts [R] (int64): the first key position query i may see (the
+    pad of right-aligned rows lies before it)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    rows: torch.Tensor
+    starts: torch.Tensor
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+        """Store one token's k, v [R, H_kv, 1, hd] at ``position`` of each row."""
+        self.keys[self.rows, :, position] = k[:, :, 0]
+        self.values[self.rows, :, position] = v[:, :, 0]
+
+
+def in_place_supported(tensor: torch.Tensor) -> bool:
+    """Whether ``rows_attention`` has its kernel for storage like ``tensor`` (CPU float32, the
+    C kernel built); elsewhere callers gather rows and use torch attention instead."""
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+        return False
+    from looplm.native.build import load_kernel
+
+    return load_kernel() is not None
+
+
+def rows_attention(q: torch.Tensor, slot: CacheRows, end: int) -> torch.Tensor:
+    """q [R, H, 1, hd] (RoPE applied) → attention output [R, H, 1, hd] over keys
+    [starts[i], end) of cache row rows[i], read in place by the C kernel (CPU float32; other
+    inputs take ``rows_attention_reference``)."""
+    if not in_place_supported(slot.keys):
+        return rows_attention_reference(q, slot, end)
+    from looplm.native.build import load_kernel
+
+    count, heads, _, head_dim = q.shape
+    query = q.contiguous()
+    out = torch.empty_like(query)
+    rows, starts = slot.rows.to(torch.int64).contiguous(), slot.starts.to(torch.int64).contiguous()
+    keys, values = slot.keys, slot.values
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("CacheRows storage must be contiguous")
+
+    def address(tensor):
+        return ctypes.c_void_p(tensor.data_ptr())
+
+    load_kernel().looplm_rows_attention(address(query), address(keys), address(values), address(rows),
+                                        address(starts), count, heads, keys.shape[1], keys.shape[2], head_dim,
+                                        end, address(out), torch.get_num_threads())
+    return out
+
+
+def rows_attention_reference(q: torch.Tensor, slot: CacheRows, end: int) -> torch.Tensor:
+    """The same as ``rows_attention`` with torch ops: gather the rows, mask keys before each
+    row's start, ``scaled_dot_product_attention``."""
+    keys = slot.keys[:, :, :end].index_select(0, slot.rows)
+    values = slot.values[:, :, :end].index_select(0, slot.rows)
+    mask = (torch.arange(end, device=q.device).unsqueeze(0) >= slot.starts.unsqueeze(1)).view(len(slot.rows), 1, 1, end)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                          enable_gqa=keys.shape[1] != q.shape[1])

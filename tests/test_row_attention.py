@@ -1,0 +1,63 @@
+"""Decode attention over rows of a batched cache read in place (``looplm.model.row_attention``):
+the C kernel equals the torch reference (gather + SDPA) for GQA, odd head sizes, repeated and
+unordered rows and per-row starts; ``CacheRows.write`` touches only its rows' position; the
+batched engine takes the in-place path where the kernel builds."""
+
+import pytest
+import torch
+
+from looplm.batch import BatchDecoder
+from looplm.exit_policy import QExit
+from looplm.model import LoopLM
+from looplm.model.row_attention import CacheRows, in_place_supported, rows_attention, rows_attention_reference
+from looplm.native import load_kernel
+
+from conftest import tiny_config
+
+needs_kernel = pytest.mark.skipif(load_kernel() is None, reason="the C kernel does not build here")
+
+
+def _slot(heads, kv_heads, head_dim, rows, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(7, kv_heads, 20, head_dim, generator=generator, dtype=dtype)
+    values = torch.randn(7, kv_heads, 20, head_dim, generator=generator, dtype=dtype)
+    q = torch.randn(len(rows), heads, 1, head_dim, generator=generator, dtype=dtype) * 2
+    starts = torch.randint(0, 12, (len(rows),), generator=generator)
+    return q, CacheRows(keys, values, torch.tensor(rows), starts)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (4, 2, 12), (6, 1, 64), (2, 2, 7)])
+def test_kernel_equals_reference(heads, kv_heads, head_dim):
+    q, slot = _slot(heads, kv_heads, head_dim, [5, 0, 3, 3, 6])
+    for end in (13, 17, 20):
+        fast, reference = rows_attention(q, slot, end), rows_attention_reference(q, slot, end)
+        assert fast.shape == reference.shape == q.shape
+        torch.testing.assert_close(fast, reference, atol=2e-6, rtol=1e-5)
+    # A wrong start (one key more) is caught: the comparison can fail.
+    shifted = CacheRows(slot.keys, slot.values, slot.rows, slot.starts - 1)
+    assert (rows_attention(q, shifted, 17) - rows_attention_reference(q, slot, 17)).abs().max() > 1e-3
+
+
+def test_other_dtypes_take_the_reference():
+    q, slot = _slot(4, 2, 8, [1, 4], dtype=torch.float64)
+    assert not in_place_supported(slot.keys)
+    assert torch.equal(rows_attention(q, slot, 15), rows_attention_reference(q, slot, 15))
+
+
+def test_write_touches_only_its_rows_at_the_position():
+    _, slot = _slot(4, 2, 8, [4, 1])
+    before_keys, before_values = slot.keys.clone(), slot.values.clone()
+    k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    slot.write(k, v, 9)
+    assert torch.equal(slot.keys[4, :, 9], k[0, :, 0]) and torch.equal(slot.values[1, :, 9], v[1, :, 0])
+    changed = (slot.keys != before_keys).any(-1) | (slot.values != before_values).any(-1)
+    assert changed.nonzero().tolist() == [[1, 0, 9], [1, 1, 9], [4, 0, 9], [4, 1, 9]]
+
+
+@needs_kernel
+def test_the_batched_engine_reads_rows_in_place():
+    model = LoopLM(tiny_config(loop_steps=3)).eval()
+    assert BatchDecoder(model, QExit(0.5), 3, 16).in_place
+    mla = LoopLM(tiny_config(loop_steps=2, attention="mla", mla_kv_rank=16, mla_rope_dim=8)).eval()
+    assert not BatchDecoder(mla, QExit(0.5), 3, 16).in_place
