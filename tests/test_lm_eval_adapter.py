@@ -346,3 +346,29 @@ def test_lm_eval_command_line_finds_looplm(checkpoint, tmp_path):
     assert "looplm_choice" in finished.stdout and "bits_per_byte" in finished.stdout
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["config"]["looplm_steps"] == 4
+
+
+def test_lm_eval_console_script_scores_a_hugging_face_export(checkpoint, model, tmp_path):
+    """lm-eval's own ``lm_eval`` script, unmodified (~25 s): a looplm checkpoint exported with
+    ``looplm convert hf`` is lm-eval's ``hf`` model (trust_remote_code), and ``loop_steps=`` in
+    --model_args picks the depth.  Rolling bits per byte equal this adapter's at the same depth
+    (both condition the first window on the same prefix token), and differ at another depth."""
+    from looplm.interop.hf_directory import save_hf
+
+    save_hf(model, tmp_path / "hf", tokenizer=byte_tokenizer())
+    script = Path(sys.executable).with_name("lm_eval")
+    command = [str(script), "--model", "hf", "--model_args",
+               f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32,loop_steps=2",
+               "--tasks", "looplm_text", "--include_path", str(DATA), "--device", "cpu", "--batch_size", "1",
+               "--output_path", str(tmp_path / "out")]
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, cwd=DATA, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    bits = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["looplm_text"][
+        "bits_per_byte,none"]
+    texts = [(json.loads(line)["text"],) for line in (DATA / "text.jsonl").read_text().splitlines()]
+    size = sum(len(text.encode()) for text, in texts) * math.log(2)
+    for steps, equal in ((2, True), (STEPS, False)):
+        adapter = LoopLMEval(pretrained=str(checkpoint), steps=steps, device="cpu")
+        ours = -sum(adapter.loglikelihood_rolling(requests("loglikelihood_rolling", texts), True)) / size
+        assert (bits == pytest.approx(ours, rel=1e-5)) is equal
