@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from looplm.batch import BatchDecoder
-from looplm.bench import decode_against_baselines, roofline, time_decode
+from looplm.bench import cpu_name, decode_against_baselines, matmul_gflops, roofline, seconds_of, time_decode
 from looplm.cache import KV_LAYOUTS, KVCache
 from looplm.config import ModelConfig, preset
 from looplm.exit_policy import FixedSteps, QExit
@@ -209,9 +209,9 @@ def compute_bound_exit(repeats: int, batch: int = 8) -> dict:
         def batched():
             return generate_batch(model, prompts, 64, exit_policy=policy, stop_ids=[])
 
-        single_seconds = statistics.median(_seconds(single) for _ in range(repeats))
+        single_seconds = statistics.median(seconds_of(single) for _ in range(repeats))
         steps = [s for result in single() for s in result.steps]
-        batched_seconds = statistics.median(_seconds(batched) for _ in range(repeats))
+        batched_seconds = statistics.median(seconds_of(batched) for _ in range(repeats))
         result = batched()
         rows[name] = {"policy": name, "mean_steps": sum(steps) / len(steps),
                       "batch_1_seconds": single_seconds, "batched_seconds": batched_seconds,
@@ -222,12 +222,6 @@ def compute_bound_exit(repeats: int, batch: int = 8) -> dict:
     early["batched_applications_cut"] = 1 - early["batched_applications"] / full["batched_applications"]
     early["batched_wall_time_cut"] = 1 - early["batched_seconds"] / full["batched_seconds"]
     return {"rows": list(rows.values())}
-
-
-def _seconds(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def layouts(model, held_out, q: float) -> list[dict]:
@@ -266,7 +260,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_name(),
+               "matmul_gflop_s": matmul_gflops()}
+    print(f"{results['machine']}, {results['threads']} threads: fp32 2048² matmul {results['matmul_gflop_s']:.0f} GFLOP/s\n")
     results["reference_shape"] = reference_shape(args.repeats)
     print("## Batch-1 decode, reference shape\n")
     print(_table([results["reference_shape"]], list(results["reference_shape"])) + "\n")

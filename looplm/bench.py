@@ -85,6 +85,38 @@ def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, 
             "prefill_tokens_per_s": statistics.median(prefill_rates)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and x86 family/model numbers (which tell, e.g., Zen 1 from Zen 2+,
+    whose fp32 FMA units are twice as wide), else what ``platform`` knows."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """fp32 GFLOP/s of one [size, size] matmul (best of ``repeats``): the machine's compute
+    ceiling at this moment, to read the run's other figures against (a shared VM's speed
+    drifts, and the host's CPU generation can change between runs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(seconds_of(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def seconds_of(function) -> float:
+    """Wall seconds of one call of ``function``."""
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     """STREAM-style copy bandwidth in bytes/s (bytes read + written) over buffers far larger
     than the last-level cache: the memory ceiling of weight-streaming decode."""
@@ -149,7 +181,8 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
         "parameters": model.num_parameters(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
+        "matmul_gflop_s": matmul_gflops(),
         "train_tokens_per_s": time_training(model, repeats=repeats),
     }
     if compile_model:

@@ -60,3 +60,9 @@ def test_decode_benchmark_measures_exit_on_a_task(tmp_path):
         assert 0 <= accuracy <= 1 and applications == 3 * model.config.n_core_layers and seconds >= 0
         _, early, _ = run(model, held_out, QExit(0.0), 1)  # q = 0: every token exits at step 1
         assert early == model.config.n_core_layers
+
+
+def test_machine_calibration_figures():
+    from looplm.bench import cpu_name, matmul_gflops
+
+    assert cpu_name() and matmul_gflops(size=128, repeats=1) > 0
