@@ -9,7 +9,7 @@ import torch
 from looplm.batch import BatchDecoder
 from looplm.exit_policy import QExit
 from looplm.model import LoopLM
-from looplm.model.row_attention import CacheRows, in_place_supported, rows_attention, rows_attention_reference
+from looplm.model.row_attention import CacheRows, rows_kernel_available, rows_attention, rows_attention_reference
 from looplm.native import load_kernel
 
 from conftest import tiny_config
@@ -41,7 +41,7 @@ def test_kernel_equals_reference(heads, kv_heads, head_dim):
 
 def test_other_dtypes_take_the_reference():
     q, slot = _slot(4, 2, 8, [1, 4], dtype=torch.float64)
-    assert not in_place_supported(slot.keys)
+    assert not rows_kernel_available(slot.keys)
     assert torch.equal(rows_attention(q, slot, 15), rows_attention_reference(q, slot, 15))
 
 
@@ -61,3 +61,26 @@ def test_the_batched_engine_reads_rows_in_place():
     assert BatchDecoder(model, QExit(0.5), 3, 16).in_place
     mla = LoopLM(tiny_config(loop_steps=2, attention="mla", mla_kv_rank=16, mla_rope_dim=8)).eval()
     assert not BatchDecoder(mla, QExit(0.5), 3, 16).in_place
+
+
+@needs_kernel
+def test_copy_rows_kernel_equals_torch_indexing(monkeypatch):
+    """LAST_EXITED's copy of exited rows' K/V into deeper slots: the C call equals torch's
+    advanced-indexing copy, and touches nothing but those rows' positions."""
+    from looplm.cache import KVCache
+
+    config = tiny_config(loop_steps=3, n_kv_heads=2)
+    caches = [KVCache(config, 6, 12, 3) for _ in range(2)]
+    generator = torch.Generator().manual_seed(3)
+    for tensor in (caches[0].keys, caches[0].values):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    for mine, theirs in ((caches[1].keys, caches[0].keys), (caches[1].values, caches[0].values)):
+        mine.copy_(theirs)
+    rows = torch.tensor([4, 0, 5])
+    caches[0]._copy_positions(0, 2, rows, 3, 7)
+    monkeypatch.setattr("looplm.cache.rows_kernel_available", lambda tensor: False)
+    before = caches[1].keys.clone()
+    caches[1]._copy_positions(0, 2, rows, 3, 7)
+    assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)
+    changed = (caches[1].keys != before).any(-1).nonzero()[:, :2].unique(dim=0).tolist()
+    assert changed == [[2, 0], [2, 4], [2, 5]]

@@ -40,9 +40,10 @@ class CacheRows:
         self.values[self.rows, :, position] = v[:, :, 0]
 
 
-def in_place_supported(tensor: torch.Tensor) -> bool:
-    """Whether ``rows_attention`` has its kernel for storage like ``tensor`` (CPU float32, the
-    C kernel built); elsewhere callers gather rows and use torch attention instead."""
+def rows_kernel_available(tensor: torch.Tensor) -> bool:
+    """Whether the C kernel's row operations (``rows_attention``; ``looplm_copy_rows`` in
+    ``looplm.cache``) serve storage like ``tensor``: CPU float32, the kernel built.  Elsewhere
+    callers gather rows and use torch ops instead."""
     if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
         return False
     from looplm.native.build import load_kernel
@@ -54,7 +55,7 @@ def rows_attention(q: torch.Tensor, slot: CacheRows, end: int) -> torch.Tensor:
     """q [R, H, 1, hd] (RoPE applied) → attention output [R, H, 1, hd] over keys
     [starts[i], end) of cache row rows[i], read in place by the C kernel (CPU float32; other
     inputs take ``rows_attention_reference``)."""
-    if not in_place_supported(slot.keys):
+    if not rows_kernel_available(slot.keys):
         return rows_attention_reference(q, slot, end)
     from looplm.native.build import load_kernel
 

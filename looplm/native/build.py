@@ -124,6 +124,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.looplm_rows_attention.argtypes = [pointer, pointer, pointer, pointer, pointer, integer, integer, integer,
                                               integer, integer, integer, pointer, integer]
     library.looplm_rows_attention.restype = None
+    library.looplm_copy_rows.argtypes = [pointer, pointer, pointer, integer, integer, integer, integer, integer,
+                                         integer]
+    library.looplm_copy_rows.restype = None
     library.looplm_scratch_floats.argtypes = [ctypes.POINTER(Dims)]
     library.looplm_scratch_floats.restype = ctypes.c_long
     return library

@@ -493,3 +493,18 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
         }
     }
 }
+
+/* K/V copy between two slots of a batched cache for some of its rows (LAST_EXITED: a token
+ * that exited gives its last step's entries to the steps it skipped).  target, source: slot
+ * storage [B, H, max_len, width]; for each rows[i] and head, positions [start, end) are copied.
+ * The rows that exit at a step lie anywhere in the batch, and torch's advanced indexing spends
+ * far longer on the index bookkeeping than on these few hundred bytes per row. */
+void looplm_copy_rows(float *target, const float *source, const int64_t *rows, int count, int heads, int max_len,
+                      int width, int start, int end) {
+    const size_t run = (size_t)(end - start) * width * sizeof(float);
+    for (int i = 0; i < count; i++)
+        for (int head = 0; head < heads; head++) {
+            const size_t at = (((size_t)rows[i] * heads + head) * max_len + start) * width;
+            memcpy(target + at, source + at, run);
+        }
+}
