@@ -20,6 +20,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -468,7 +469,7 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
     const float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel num_threads(threads)
     {
-        float scores[end > 0 ? end : 1];
+        float *scores = malloc((size_t)(end > 0 ? end : 1) * sizeof(float)); /* heap: long contexts */
         #pragma omp for schedule(static)
         for (long task = 0; task < (long)count * H; task++) {
             const int i = (int)(task / H), head = (int)(task % H);
@@ -491,6 +492,7 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
                 for (int d = 0; d < hd; d++) o[d] += p * vj[d];
             }
         }
+        free(scores);
     }
 }
 
