@@ -100,6 +100,7 @@ def _decode_single(model, held_out, policy, repeats: int) -> tuple[float, float,
             for row in range(len(held_out)):
                 prompt, answer = held_out.prompts[row], _answer_targets(held_out, row)
                 decoder = Decoder(model, policy, len(prompt) + len(answer))
+                decoder.logits_view = True  # as ``generate`` decodes: no copy of the logits per token
                 logits, _ = decoder.prefill(torch.tensor([prompt]))
                 right = int(logits.argmax()) == answer[0]
                 started = time.perf_counter()

@@ -156,6 +156,9 @@ class Decoder:
         self.fused = (backend == "native" and self.stepper.fuses_exit_loop and self.act_threshold is None
                       and self.rule.kind in ("q", "static") and self.cache.layout == "last_exited")
         self.fused_q = self.threshold if self.rule.kind == "q" else 2.0  # the kernel's q: > 1 = no exit
+        # True: the fused path's ``step`` returns the kernel's logits buffer itself, which the next
+        # step overwrites, instead of a copy (``generate`` reads the logits before stepping again).
+        self.logits_view = False
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
@@ -230,7 +233,7 @@ class Decoder:
                                         fill=True, logits=True)
             cache.advance(1)
             self.greedy = stepper.best.value
-            return stepper.logits_buffer.clone(), ran
+            return (stepper.logits_buffer if self.logits_view else stepper.logits_buffer.clone()), ran
         self.greedy = None
         e = stepper.embed(token, start)
         h = stepper.initial_state(e, start)
@@ -344,6 +347,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
         with torch.inference_mode():
             decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), backend, compile_steps,
                               layout, modulo_slots)
+            decoder.logits_view = True  # each step's logits are used before the next step
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
             logits, steps = decoder.prefill(prompt, prefix_cache)
             emitted = ""

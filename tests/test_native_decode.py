@@ -97,6 +97,15 @@ def test_native_logits_are_not_overwritten_by_the_next_step(tiny_model):
         kept = first.clone()
         decoder.step(5)
     assert torch.equal(first, kept)
+    # logits_view (what ``generate`` asks for): the kernel's buffer itself, the next step's logits.
+    decoder = Decoder(tiny_model, FixedSteps(), 20, backend="native")
+    decoder.logits_view = True
+    with torch.no_grad():
+        decoder.prefill(torch.tensor([[1, 2, 3]]))
+        first, _ = decoder.step(4)
+        assert decoder.fused and torch.equal(first, kept)
+        second, _ = decoder.step(5)
+    assert second is first and not torch.equal(first, kept)
 
 
 def test_auto_falls_back_to_torch_where_native_cannot_run(tiny_model):
