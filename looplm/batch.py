@@ -7,8 +7,10 @@ row writes its next token at the same index.  Per row, RoPE uses the true positi
 and attention masks the pad keys; recurrent states need no alignment.
 
 Every decode step runs only the rows still generating, and inside the loop only the rows that
-have not exited: their hidden states, RoPE tables, masks and cache rows are gathered
-(compaction) and the new cache entries scattered back, so an exited row costs no matmuls.
+have not exited: their hidden states, RoPE tables and masks are gathered (compaction), so an
+exited row costs no matmuls.  Attention reads and writes those rows of the cache in place
+(``CacheRows``, the C kernel) where it can, else their cache rows are gathered and the new
+entries scattered back; recurrent states are gathered and scattered.
 ``BatchResult.layer_applications`` counts the core and coda layer applications actually run
 per decoded token (the compute the exit saved is the gap to ``full_depth_applications``).
 The cache layout rules (``KVCache.after_step``/``finish``) apply per row.
@@ -175,10 +177,6 @@ class BatchDecoder:
             len(rows), 1, 1, index + 1)
         return (cos, sin), mask
 
-    def _view(self, rows: torch.Tensor, everyone: bool, index: int) -> _RowSubset:
-        """The cache as ``rows`` see it at write index ``index`` (``everyone``: all slots)."""
-        return _RowSubset(self.cache, rows, index, everyone, self.in_place)
-
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for each of ``rows`` (tokens [R]); return logits [R, V] and the loop
         steps each row's token used [R]."""
@@ -186,7 +184,7 @@ class BatchDecoder:
         index = cache.length
         everyone = len(rows) == cache.offsets.shape[0]
         tables, mask = self._tables(rows, index)
-        view = self._view(rows, everyone, index)
+        view = _RowSubset(cache, rows, index, everyone, self.in_place)
         e = model.embed_input(tokens.view(-1, 1), index, view, tables, mask)
         view.flush()
         h = model.initial_state(e, index)
@@ -200,7 +198,7 @@ class BatchDecoder:
         applied = torch.zeros(len(rows), dtype=torch.long)
         for step in range(self.max_steps):
             subset = rows[running]
-            view = self._view(subset, everyone and len(running) == len(rows), index)
+            view = _RowSubset(cache, subset, index, everyone and len(running) == len(rows), self.in_place)
             part_tables = tuple(table[running] for table in tables)
             h = model.core_step(h, step, index, view, e, part_tables, mask[running])
             last = step + 1 == self.max_steps
