@@ -332,10 +332,75 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert error.startswith("looplm: error:") and "not found" in error and "\n" not in error
 
 
+def test_lm_eval_console_script_runs_model_looplm(checkpoint, model, tmp_path):
+    """lm-eval's own ``lm_eval`` script, unmodified, with ``--model looplm`` (~20 s: lm-eval's CLI
+    always builds its built-in task index): looplm's start-up hook registered the name.  Scores
+    equal the adapter's in this process at the same depth and exit policy."""
+    import sysconfig
+
+    hook = Path(sysconfig.get_paths()["purelib"]) / "looplm-lm-eval.pth"
+    assert hook.is_file(), f"{hook} is missing: install looplm with pip (setup.py writes it)"
+    script = Path(sys.executable).with_name("lm_eval")
+    command = [str(script), "--model", "looplm", "--model_args", f"pretrained={checkpoint},exit=q:0.5,steps=4",
+               "--tasks", "looplm_choice,looplm_text", "--include_path", str(DATA), "--device", "cpu",
+               "--batch_size", "2", "--output_path", str(tmp_path / "out")]
+    environment = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_HUB_OFFLINE": "1"}
+    environment.pop("LOOPLM_LM_EVAL_HOOK", None)
+    finished = subprocess.run(command, cwd=DATA, env=environment, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["config"]["looplm_steps"] == 4 and results["config"]["looplm_exit"] == "q:0.5"
+    texts = [(json.loads(line)["text"],) for line in (DATA / "text.jsonl").read_text().splitlines()]
+    adapter = LoopLMEval(pretrained=str(checkpoint), exit="q:0.5", steps=4, device="cpu")
+    bits = -sum(adapter.loglikelihood_rolling(requests("loglikelihood_rolling", texts), True)) / (
+        sum(len(text.encode()) for text, in texts) * math.log(2))
+    assert results["results"]["looplm_text"]["bits_per_byte,none"] == pytest.approx(bits, rel=1e-5)
+    documents = [json.loads(line) for line in (DATA / "choice.jsonl").read_text().splitlines()]
+    bos = byte_tokenizer().bos_id
+    correct = 0
+    for document in documents:
+        scores = [reference_loglikelihood(model, *pair_ids(document["question"], " " + choice, bos), exit="q:0.5",
+                                          steps=4)[0] for choice in document["choices"]]
+        correct += max(range(len(scores)), key=scores.__getitem__) == document["answer"]
+    assert results["results"]["looplm_choice"]["acc,none"] == pytest.approx(correct / len(documents))
+
+
+def test_start_up_hook_registers_looplm_lazily_and_can_be_switched_off():
+    """The .pth hook adds ``looplm`` to lm-eval's registry when ``lm_eval.models`` is imported,
+    as a placeholder (neither looplm nor torch imported yet); LOOPLM_LM_EVAL_HOOK=0 turns it off;
+    lm-eval's own models stay reachable."""
+    probe = ("import sys, lm_eval.models\n"
+             "from lm_eval.api.registry import model_registry as r\n"
+             "print('looplm' in r, 'looplm' in r and r._objs['looplm'] == "
+             "'looplm.eval.lm_eval_adapter:LoopLMEval', 'looplm' in sys.modules, 'hf' in r)")
+    outputs = {}
+    for switch in ("1", "0"):
+        environment = {**os.environ, "LOOPLM_LM_EVAL_HOOK": switch}
+        finished = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                                  timeout=120)
+        assert finished.returncode == 0 and not finished.stderr, finished.stderr[-2000:]
+        outputs[switch] = finished.stdout.split()
+    assert outputs["1"] == ["True", "True", "False", "True"]
+    assert outputs["0"] == ["False", "False", "False", "True"]
+
+
+def test_lm_eval_registry_resolves_looplm_to_the_adapter_class():
+    """In this process (hook active or not), lm-eval's get_model finds the adapter's class, and
+    the hook's register() leaves a taken name alone."""
+    import _looplm_lm_eval
+    from lm_eval.api.registry import Registry, get_model
+
+    assert get_model("looplm") is LoopLMEval
+    registry = Registry("model")
+    assert _looplm_lm_eval.register(registry) and not _looplm_lm_eval.register(registry)
+    assert registry.get("looplm") is LoopLMEval  # the placeholder resolves to the class
+
+
 @pytest.mark.slow
 def test_lm_eval_command_line_finds_looplm(checkpoint, tmp_path):
     """lm-eval's own CLI through ``python -m looplm.eval.lm_eval_adapter`` (~20 s: lm-eval's CLI
-    always builds its built-in task index)."""
+    always builds its built-in task index); ``test_lm_eval_console_script_runs_model_looplm``
+    covers the same through the plain ``lm_eval`` script."""
     command = [sys.executable, "-m", "looplm.eval.lm_eval_adapter", "--model", "looplm", "--model_args",
                f"pretrained={checkpoint},exit=q:0.5,steps=4", "--tasks", "looplm_choice,looplm_text",
                "--include_path", str(DATA), "--device", "cpu", "--batch_size", "2",

@@ -24,9 +24,11 @@ exit: there an exited token's K/V are copied into the deeper steps (LAST_EXITED)
 token that runs deeper attends to copies — generation may differ from scoring in the last
 digits.  hidden and kl have no decoder policy; they decode on the per-step layout above.
 
-lm-eval 0.4.13 finds models only in its own registry (no entry points), so the plain
-``lm_eval`` script cannot see ``looplm``: run ``python -m looplm.eval.lm_eval_adapter`` with
-lm_eval's arguments, ``looplm lm-eval``, or ``evaluate`` (docs/LM_EVAL.md).
+lm-eval 0.4.13 finds models only in its own registry (no entry points): looplm's install adds a
+start-up hook (``_looplm_lm_eval.py``, run from ``looplm-lm-eval.pth``) that registers ``looplm``
+there lazily, so the plain ``lm_eval --model looplm`` works; so do ``python -m
+looplm.eval.lm_eval_adapter`` with lm_eval's arguments, ``looplm lm-eval`` and ``evaluate``
+(docs/LM_EVAL.md).
 """
 
 from __future__ import annotations
@@ -162,7 +164,6 @@ def _auto_batch_size(config) -> int:
     return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_LOGITS // (config.max_seq_len * config.vocab_size)))
 
 
-@register_model("looplm")
 class LoopLMEval(TemplateLM):
     """lm-eval ``LM`` over a looplm checkpoint (model_args: see ``ARGUMENTS`` and docs/LM_EVAL.md)."""
 
@@ -484,5 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ != "__main__":
+    # lm-eval's name for this model.  Where looplm's start-up hook (_looplm_lm_eval.py) already put
+    # the placeholder "looplm.eval.lm_eval_adapter:LoopLMEval" there, lm-eval swaps in the class.
+    register_model("looplm")(LoopLMEval)
+else:
+    # ``python -m`` runs this file as __main__, a second copy whose class lm-eval would refuse
+    # under the placeholder's name: run the real module's main instead.
+    from looplm.eval import lm_eval_adapter
+
+    sys.exit(lm_eval_adapter.main())
