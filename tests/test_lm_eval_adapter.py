@@ -384,6 +384,28 @@ def test_start_up_hook_registers_looplm_lazily_and_can_be_switched_off():
     assert outputs["0"] == ["False", "False", "False", "True"]
 
 
+def test_an_lm_eval_too_old_for_the_adapter_is_named_and_the_hook_stays_quiet(tmp_path):
+    """An lm-eval before 0.4.10 (no lazy model registry, no generation helpers), shadowed here by
+    a stub package: importing lm_eval.models prints nothing from the hook, and the adapter's
+    import error names the version it needs."""
+    stub = tmp_path / "lm_eval"
+    for module in ("__init__.py", "api/__init__.py", "api/model.py", "api/registry.py", "models/__init__.py",
+                   "models/utils.py", "utils.py"):
+        (stub / module).parent.mkdir(parents=True, exist_ok=True)
+        (stub / module).write_text("")
+    (stub / "api" / "model.py").write_text("class TemplateLM:\n    pass\n")
+    (stub / "api" / "registry.py").write_text("MODEL_REGISTRY = {}\ndef register_model(*names):\n"
+                                              "    return lambda cls: cls\n")
+    probe = ("import lm_eval.models\nprint('imported')\nfrom looplm.errors import LoopLMError\ntry:\n"
+             "    import looplm.eval.lm_eval_adapter\nexcept LoopLMError as error:\n    print(error)\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path), "LOOPLM_LM_EVAL_HOOK": "1"}
+    finished = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0 and not finished.stderr, finished.stderr[-2000:]
+    imported, message = finished.stdout.splitlines()
+    assert imported == "imported" and "needs lm-eval >= 0.4.10" in message and "pip install -U" in message
+
+
 def test_lm_eval_registry_resolves_looplm_to_the_adapter_class():
     """In this process (hook active or not), lm-eval's get_model finds the adapter's class, and
     the hook's register() leaves a taken name alone."""

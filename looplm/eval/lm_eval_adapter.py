@@ -53,7 +53,14 @@ try:
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise LoopLMError(f"lm-eval is not installed ({error}): pip install 'looplm[lmeval]'") from None
+    try:
+        from importlib.metadata import version as _version
+
+        _found = f"lm-eval {_version('lm_eval')} is too old"
+    except Exception:
+        _found = "lm-eval is not installed"
+    raise LoopLMError(f"{_found} ({error}): the adapter needs lm-eval >= 0.4.10: "
+                      "pip install -U 'looplm[lmeval]'") from None
 
 log = logging.getLogger(__name__)
 
