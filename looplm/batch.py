@@ -69,6 +69,30 @@ class BatchResult:
         return 1.0 - self.layer_applications / self.full_depth_applications if self.full_depth_applications else 0.0
 
 
+class ActHalting:
+    """ACT (REFERENCE §5) over a batch of rows, one loop step at a time, as the batch-1 decoder
+    does it for one token: a row's weight is its halting probability p_t = σ(z_t) until the
+    running total would reach ``threshold`` (or the last step), then the remainder 1 − Σ p, then
+    0.  ``state`` [R, D] is Σ_t w_t r_t; ``halting`` [R] the 1-based halting steps (0 = not yet).
+    The total is kept in float64, as the batch-1 decoder's Python floats are."""
+
+    def __init__(self, rows: int, threshold: float, device=None):
+        self.threshold = threshold
+        self.total = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.halting = torch.zeros(rows, dtype=torch.long, device=device)
+        self.state: torch.Tensor | None = None
+
+    def add(self, step: int, readout: torch.Tensor, gate_logit: torch.Tensor, last: bool) -> None:
+        going = self.halting == 0
+        probability = torch.sigmoid(gate_logit.reshape(-1).to(torch.float64))
+        halts = going & ((self.total + probability >= self.threshold) | last)
+        weight = torch.where(halts, 1.0 - self.total, torch.where(going, probability, 0.0))
+        self.total = torch.where(going & ~halts, self.total + probability, self.total)
+        self.halting[halts] = step + 1
+        part = weight.to(readout.dtype).unsqueeze(-1) * readout
+        self.state = part if self.state is None else self.state + part
+
+
 class _RowSubset:
     """The cache as seen by a subset of rows.  ``in_place``: attention slots are handed out as
     ``CacheRows`` (the storage and the row indices; the attention writes and reads the rows
@@ -118,8 +142,11 @@ class BatchDecoder:
                  layout: str = "last_exited", modulo_slots: int = 2):
         if (reason := batch_unsupported(model)) is not None:
             raise LoopLMError(f"the batched engine cannot run this model: {reason}; decode one prompt at a time")
+        self.act_threshold = None
         if isinstance(exit_policy, ACTExit):
-            raise LoopLMError("ACT is not batched yet: decode one prompt at a time (looplm.generate)")
+            if model.exit_gate is None:
+                raise LoopLMError("ACT needs a model with an exit gate: use fixed steps")
+            self.act_threshold = exit_policy.threshold or model.config.act_threshold
         self.model, self.policy = model, exit_policy
         config = model.config
         self.max_steps = exit_policy.max_steps(config.loop_steps)
@@ -189,6 +216,7 @@ class BatchDecoder:
         view.flush()
         h = model.initial_state(e, index)
         rule = ExitRule(self.policy, len(rows), model.config.loop_steps, self.device)
+        act = None if self.act_threshold is None else ActHalting(len(rows), self.act_threshold, self.device)
         running = torch.arange(len(rows), device=self.device)  # positions within ``rows``
         ran = torch.full((len(rows),), self.max_steps, dtype=torch.long, device=self.device)
         chosen = torch.zeros(len(rows), model.config.d_model, device=self.device, dtype=e.dtype)
@@ -202,7 +230,7 @@ class BatchDecoder:
             part_tables = tuple(table[running] for table in tables)
             h = model.core_step(h, step, index, view, e, part_tables, mask[running])
             last = step + 1 == self.max_steps
-            need_readout = last or rule.active or self.dense_readout
+            need_readout = last or rule.active or self.dense_readout or act is not None
             if need_readout:
                 readout = model.readout(h, step, index, view, part_tables, mask[running])
             view.flush()
@@ -211,6 +239,11 @@ class BatchDecoder:
             self.applications += len(running) * cost
             applied[running.cpu()] += cost
             flat = readout[:, -1] if need_readout else None
+            if act is not None:  # every row runs every step; the answer mixes the steps' readouts
+                act.add(step, flat, model.gate_logits(flat), last)
+                if last:
+                    break
+                continue
             if last:
                 keep = ~exited[running]
                 chosen[running[keep]] = flat[keep]
@@ -228,8 +261,10 @@ class BatchDecoder:
                     running, h, e = running[keep], h[keep], e[keep]
                     if len(running) == 0:
                         break
+        if act is not None:
+            chosen, ran = act.state, act.halting
         steps_run = torch.full((cache.offsets.shape[0],), self.max_steps, dtype=torch.long, device=self.device)
-        steps_run[rows] = ran if cache.skips else self.max_steps
+        steps_run[rows] = ran if cache.skips and act is None else self.max_steps
         cache.finish(index, index + 1, steps_run)
         cache.advance(1)
         for row, count in zip(rows.tolist(), applied.tolist()):

@@ -7,7 +7,9 @@ import torch
 
 from looplm.batch import batch_unsupported, generate_batch
 from looplm.errors import LoopLMError
-from looplm.exit_policy import FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.batch import ActHalting
+from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.model.exit import act_weights_reference
 from looplm.generate import generate
 from looplm.model import LoopLM
 
@@ -49,8 +51,9 @@ def test_batched_equals_per_prompt_for_every_layout(layout, row_reads):
         assert result.steps == single.steps
 
 
-@pytest.mark.parametrize("policy", [FixedSteps(5), QExit(0.5, min_steps=2), HiddenDiffExit(0.3), KLExit(0.05)],
-                         ids=["fixed-beyond-T", "q-min-steps", "hidden", "kl"])
+@pytest.mark.parametrize("policy", [FixedSteps(5), QExit(0.5, min_steps=2), HiddenDiffExit(0.3), KLExit(0.05),
+                                    ACTExit(0.6), ACTExit(0.9, steps=5)],
+                         ids=["fixed-beyond-T", "q-min-steps", "hidden", "kl", "act", "act-beyond-T"])
 def test_batched_equals_per_prompt_for_every_policy(policy):
     model = _exit_model(n_prelude_layers=1)
     batched = generate_batch(model, PROMPTS, 6, exit_policy=policy)
@@ -66,6 +69,28 @@ def test_batched_equals_per_prompt_for_every_mixer(name):
     batched = generate_batch(model, PROMPTS, 5, exit_policy=policy)
     for single, result in zip(_per_prompt(model, policy, new=5), batched.generations):
         assert (result.ids, result.steps) == (single.ids, single.steps)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7, 0.99, 1.0])
+def test_act_halting_step_by_step_gives_the_reference_weights(threshold):
+    """ActHalting fed one step at a time (readout t = the t-th unit vector, so the state is the
+    weight vector) equals the plain per-position loop of exit.act_weights_reference."""
+    steps, rows = 5, 64
+    logits = torch.randn(steps, rows, generator=torch.Generator().manual_seed(3)) * 2
+    halting = ActHalting(rows, threshold)
+    for step in range(steps):
+        halting.add(step, torch.eye(steps)[step].expand(rows, steps), logits[step], step + 1 == steps)
+    weights, halts = act_weights_reference(logits, threshold)
+    torch.testing.assert_close(halting.state, weights.T, atol=1e-6, rtol=0)
+    assert torch.equal(halting.halting, halts) and len(set(halts.tolist())) > 1
+
+
+def test_batched_act_runs_every_step_and_reports_halting_steps():
+    model = _exit_model()
+    result = generate_batch(model, PROMPTS, 6, exit_policy=ACTExit(0.6))
+    assert result.layer_applications == result.full_depth_applications  # ACT skips no layer
+    steps = [step for generation in result.generations for step in generation.steps[1:]]
+    assert min(steps) < 4 and set(steps) <= {1, 2, 3, 4}
 
 
 def test_early_exit_skips_layer_applications_and_q1_keeps_full_depth():

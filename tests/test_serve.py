@@ -183,6 +183,18 @@ def test_act_decodes_one_by_one_and_reuses_prompt_prefixes(server):
     assert reused[1] == len("act now") + 1  # the repeated prompt (with bos) is restored, not recomputed
 
 
+def test_act_requests_together_decode_as_one_batch(server):
+    client, engine, model = server
+    before = engine.stats.as_dict()
+    body = client.post("/v1/completions", json={"prompt": ["act one", "act two two"], "max_tokens": 6,
+                                                "temperature": 0, "exit": "act"}).json()
+    after = engine.stats.as_dict()
+    assert [choice["text"] for choice in body["choices"]] == [
+        _expected(model, text, 6, ACTExit()).text for text in ("act one", "act two two")]
+    assert after["batches"] - before["batches"] == 1
+    assert after["batched_requests"] - before["batched_requests"] == 2
+
+
 LONG_PROMPT = "x" * CONTEXT  # + bos = context + 1 tokens
 BAD_REQUESTS = {
     "not json": "{prompt: hello",
@@ -269,7 +281,7 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
 def test_layer_applications_match_the_batched_engine(layout):
     model = _model(n_coda_layers=1)
     prompts = [[1, 5, 9, 2], [4, 8], [6, 2, 9, 9, 7]]
-    for policy in (QExit(0.5), FixedSteps(2)):
+    for policy in (QExit(0.5), FixedSteps(2), ACTExit(0.6)):
         result = generate_batch(model, prompts, 6, exit_policy=policy, layout=layout)
         counted = [layer_applications(model.config, Settings(policy, layout), generation.decision_steps)
                    for generation in result.generations]

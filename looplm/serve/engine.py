@@ -16,8 +16,8 @@ Scheduling (continuous batching):
    session takes in newly arrived jobs of its group (a free slot, a prompt no longer than the
    batch's write position, and room for its tokens), and a finished or cancelled job leaves at
    once, freeing its slot.  Jobs of other groups, or that do not fit, wait for the session to end.
-4. A job alone in its group, every job of a model the batched engine cannot run
-   (``batch_unsupported``) and every ACT job run one by one through ``looplm.generate.stream``
+4. A job alone in its group and every job of a model the batched engine cannot run
+   (``batch_unsupported``) run one by one through ``looplm.generate.stream``
    (batch 1, the fastest per-token backend, reusing prompt prefixes through a shared
    ``PrefixCache``).
 
@@ -118,11 +118,12 @@ def layer_applications(config, settings: Settings, decision_steps: Sequence[int]
     reads every step (else once).  The same count as ``BatchResult.layer_applications``."""
     policy = settings.exit_policy
     deepest = policy.max_steps(config.loop_steps)
-    reads_every_step = ExitRule(policy, 1, config.loop_steps).active or (
+    act = isinstance(policy, ACTExit)  # every step runs and is read out; ``steps`` is the halting step
+    reads_every_step = act or ExitRule(policy, 1, config.loop_steps).active or (
         bool(config.n_coda_layers) and settings.layout in ("first", "avg"))
     run = full = 0
     for steps in decision_steps[1:]:
-        ran = steps if settings.layout in SKIPPING_LAYOUTS else deepest
+        ran = steps if settings.layout in SKIPPING_LAYOUTS and not act else deepest
         run += ran * config.n_core_layers + (ran if reads_every_step else 1) * config.n_coda_layers
         full += deepest * (config.n_core_layers + config.n_coda_layers)
     return run, full
@@ -204,7 +205,7 @@ class Engine:
         the model batches, else the oldest job alone.  Removes what it ran from ``waiting``."""
         key = self._group_key(waiting[0])
         group = [job for job in waiting if self._group_key(job) == key][:self.max_batch]
-        if len(group) > 1 and self.unbatched_reason is None and not isinstance(group[0].settings.exit_policy, ACTExit):
+        if len(group) > 1 and self.unbatched_reason is None:
             self._run_session(group, waiting)
         else:
             job = waiting.pop(0)
