@@ -281,3 +281,46 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     assert code == 2 and "same" in err
     assert run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination, "--force")[0] == 0
     assert not (destination / "keep.txt").exists() and looplm.load(destination).config.d_model == 32
+
+
+# The released checkpoints' config.json fields that matter here (public model cards and configs:
+# ByteDance/Ouro-1.4B has 24 layers, Ouro-2.6B 48), with the extra keys such files carry.
+RELEASED_OURO = dict(model_type="ouro", architectures=["OuroForCausalLM"], vocab_size=49152, hidden_size=2048,
+                     intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=65536, hidden_act="silu",
+                     tie_word_embeddings=False, rope_scaling=None, use_sliding_window=False, sliding_window=None,
+                     total_ut_steps=4, early_exit_threshold=1.0, torch_dtype="bfloat16", bos_token_id=0,
+                     eos_token_id=0, attention_dropout=0.0, initializer_range=0.02, use_cache=True)
+
+
+@pytest.mark.parametrize("layers, billions", [(24, (1.3, 1.5)), (48, (2.5, 2.8))], ids=["1.4B", "2.6B"])
+def test_released_ouro_configs_convert_and_expect_the_published_tensors(layers, billions):
+    """A released Ouro config.json (with its layer_types list) becomes the matching preset's
+    shapes, and the converter then expects exactly the published tensor names and shapes (built
+    on the meta device: no weights here)."""
+    from looplm.config import preset
+    from looplm.interop.ouro import looplm_config_from_ouro, ouro_state_from_looplm
+
+    raw = dict(RELEASED_OURO, num_hidden_layers=layers, layer_types=["full_attention"] * layers)
+    config = looplm_config_from_ouro(raw)
+    reference = preset("ouro-1.4b" if layers == 24 else "ouro-2.6b")
+    for key in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "n_core_layers", "loop_steps",
+                "rope_theta", "norm", "step_norm", "tie_embeddings", "exit_gate"):
+        assert getattr(config, key) == getattr(reference, key), key
+    assert config.max_seq_len == 65536 and config.norm_eps == 1e-6
+    with torch.device("meta"):
+        model = LoopLM(config)
+        shapes = {name: tuple(tensor.shape) for name, tensor in ouro_state_from_looplm(model).items()}
+    dim, hidden, vocab = 2048, 5632, 49152
+    published = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim),
+                 "model.early_exit_gate.weight": (1, dim), "model.early_exit_gate.bias": (1,)}
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        published.update({prefix + f"{name}.weight": (dim,) for name in LAYER_NORMS})
+        published.update({prefix + f"self_attn.{p}_proj.weight": (dim, dim) for p in "qkvo"})
+        published.update({prefix + "mlp.gate_proj.weight": (hidden, dim), prefix + "mlp.up_proj.weight": (hidden, dim),
+                          prefix + "mlp.down_proj.weight": (dim, hidden)})
+    assert shapes == published
+    assert billions[0] * 1e9 < model.num_parameters() < billions[1] * 1e9
+    with pytest.raises(LoopLMError, match="layer_types"):
+        looplm_config_from_ouro(dict(raw, layer_types=["sliding_attention"] * layers))
