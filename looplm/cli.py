@@ -363,7 +363,23 @@ def run_train(args, extra: list[str]) -> None:
                "checkpoint": str(sorted((out / "checkpoints").glob("step_*"))[-1])}
     if result.last_eval:
         summary["eval"] = result.last_eval
+    print(_train_summary_line(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2))
+
+
+def _train_summary_line(summary: dict) -> str:
+    """One readable line for the terminal (stderr); stdout keeps the JSON summary for scripts."""
+    parts = [f"{summary['steps']} steps"]
+    if summary["final_loss"] is not None:
+        parts.append(f"last train loss {summary['final_loss']:.4f}")
+    evaluation = summary.get("eval") or {}
+    if evaluation.get("loss_by_step"):
+        parts.append("val loss by loop step " + " ".join(f"{loss:.3f}" for loss in evaluation["loss_by_step"]))
+    if evaluation.get("accuracy_by_step"):
+        parts.append("accuracy by loop step " + " ".join(f"{value:.3f}" for value in evaluation["accuracy_by_step"]))
+    if evaluation.get("mean_exit_step") is not None:
+        parts.append(f"mean exit step {evaluation['mean_exit_step']:.2f}")
+    return f"looplm train: done: {', '.join(parts)}; checkpoint {summary['checkpoint']}"
 
 
 def run_generate(args) -> None:

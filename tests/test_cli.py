@@ -26,6 +26,8 @@ def trained(tmp_path_factory):
     corpus.write_text("hello looped world. " * 300)
     result = looplm("train", "--data", corpus, "--out", root / "run", "--train.steps", "4", *TINY)
     assert result.returncode == 0, result.stderr
+    (root / "train.stdout").write_text(result.stdout)
+    (root / "train.stderr").write_text(result.stderr)
     return root
 
 
@@ -65,6 +67,23 @@ def test_train_then_generate(trained):
     assert result.returncode == 0, result.stderr
     assert "steps per token" in result.stderr
     assert (trained / "run" / "checkpoints" / "step_0000004" / "tokenizer.json").is_file()
+
+
+def test_train_prints_a_readable_line_and_a_json_summary(trained):
+    summary = json.loads((trained / "train.stdout").read_text())  # stdout: JSON for scripts
+    assert summary["steps"] == 4 and summary["checkpoint"].endswith("step_0000004")
+    done = [line for line in (trained / "train.stderr").read_text().splitlines() if "done:" in line]
+    assert done == [f"looplm train: done: 4 steps, last train loss {summary['final_loss']:.4f}; checkpoint "
+                    f"{summary['checkpoint']}"]
+
+
+def test_train_summary_line_names_per_step_figures():
+    from looplm.cli import _train_summary_line
+
+    line = _train_summary_line({"steps": 9, "final_loss": 0.5, "checkpoint": "c", "eval": {
+        "loss_by_step": [0.7, 0.6], "accuracy_by_step": [0.25, 1.0], "mean_exit_step": 1.5}})
+    assert line == ("looplm train: done: 9 steps, last train loss 0.5000, val loss by loop step 0.700 0.600,"
+                    " accuracy by loop step 0.250 1.000, mean exit step 1.50; checkpoint c")
 
 
 def test_generate_backends_give_the_same_text(trained):
