@@ -38,8 +38,6 @@ from looplm.model.row_attention import CacheRows, rows_kernel_available
 def batch_unsupported(model) -> str | None:
     """None when the batched engine can run this model, else why (then decode one by one)."""
     config = model.config
-    if config.initial_state == "noise":
-        return "noise initial states are drawn per position"
     if config.mc_segment_size:
         return "memory caching segments follow absolute positions"
     if model.needs_carry:
@@ -214,7 +212,7 @@ class BatchDecoder:
         view = _RowSubset(cache, rows, index, everyone, self.in_place)
         e = model.embed_input(tokens.view(-1, 1), index, view, tables, mask)
         view.flush()
-        h = model.initial_state(e, index)
+        h = model.initial_state(e, index, index - cache.offsets[rows])  # each row's own position
         rule = ExitRule(self.policy, len(rows), model.config.loop_steps, self.device)
         act = None if self.act_threshold is None else ActHalting(len(rows), self.act_threshold, self.device)
         running = torch.arange(len(rows), device=self.device)  # positions within ``rows``

@@ -174,9 +174,10 @@ class LoopLM(nn.Module):
             h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start, mask)
         return h
 
-    def initial_state(self, e: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``)."""
-        return e if self.noise is None else self.noise(e, start)
+    def initial_state(self, e: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``);
+        ``positions`` [B]: per-row positions of a one-token batched step (the noise table's rows)."""
+        return e if self.noise is None else self.noise(e, start, positions)
 
     def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
                   injected: torch.Tensor | None = None, tables=None, mask=None,

@@ -142,8 +142,11 @@ class NoiseState(nn.Module):
         table = torch.randn(config.max_seq_len, config.d_model, generator=generator) * self.std
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, e: torch.Tensor, start: int) -> torch.Tensor:
-        """e [B, S, D] (for shape, dtype, device) → h₀ [B, S, D]."""
+    def forward(self, e: torch.Tensor, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """e [B, S, D] (for shape, dtype, device) → h₀ [B, S, D].  ``positions`` [B]: each row's
+        own position of a one-token step (batched rows that sit at different positions)."""
         if self.training:
             return torch.randn_like(e) * self.std
+        if positions is not None:
+            return self.table[positions].view(-1, 1, e.shape[-1]).to(e.dtype).expand_as(e)
         return self.table[start:start + e.shape[-2]].to(e.dtype).expand_as(e)
