@@ -42,8 +42,6 @@ def batch_unsupported(model) -> str | None:
         return "memory caching segments follow absolute positions"
     if model.needs_carry:
         return "model.loop_mc and model.global_gates carry per-token state across loop steps of shrinking row sets"
-    if config.ffn == "channelmix":
-        return "the ChannelMix token shift's state is not gathered per row"
     return None
 
 
@@ -105,17 +103,27 @@ class _RowSubset:
         self.starts = cache.offsets[rows] if in_place else None
         self.written: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], bool]] = []
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...] | CacheRows:
+    def store(self, stage: str, layer: int, step: int = 0) -> tuple | CacheRows:
         full = self.cache.store(stage, layer, step)
         attention = self.cache.kinds[self.cache.slot(stage, layer, step)] == "A"
+        # With ffn=channelmix the slot ends with the FFN's previous input [B, D]: a per-row state.
+        count = len(full) - len(self.cache.states["F"])
+        mixer, shift = full[:count], full[count:]
         if self.in_place and attention:
-            return CacheRows(full[0], full[1], self.rows, self.starts)
+            rows = CacheRows(mixer[0], mixer[1], self.rows, self.starts)
+            return (rows,) + self._rows_of(shift, False) if shift else rows
         if self.everyone:
             return full
         if attention:  # only the filled positions: attention reads no further
-            full = tuple(tensor[:, :, :self.position + 1] for tensor in full)
-        gathered = tuple(tensor.index_select(0, self.rows) for tensor in full)
-        self.written.append((full, gathered, attention))
+            mixer = tuple(tensor[:, :, :self.position + 1] for tensor in mixer)
+        return self._rows_of(mixer, attention) + self._rows_of(shift, False)
+
+    def _rows_of(self, tensors: tuple[torch.Tensor, ...], attention: bool) -> tuple[torch.Tensor, ...]:
+        """These rows of ``tensors`` (views when every row runs), remembered for ``flush``."""
+        if self.everyone or not tensors:
+            return tensors
+        gathered = tuple(tensor.index_select(0, self.rows) for tensor in tensors)
+        self.written.append((tensors, gathered, attention))
         return gathered
 
     def flush(self) -> None:

@@ -99,6 +99,24 @@ def test_batched_act_runs_every_step_and_reports_halting_steps():
     assert min(steps) < 4 and set(steps) <= {1, 2, 3, 4}
 
 
+SHIFTED_FFN = [name for name in VARIANTS if build(name).config.ffn == "channelmix"]
+
+
+@pytest.mark.parametrize("name", SHIFTED_FFN)
+@pytest.mark.parametrize("layout", ["last_exited", "full"])
+def test_batched_channelmix_keeps_each_rows_token_shift(name, layout, row_reads):
+    """ChannelMix FFNs (seed 002's lrnn) carry the previous position's FFN input per row and
+    slot: batched decode (rows read in place or gathered) equals per-prompt decode."""
+    model = build(name)
+    if model.exit_gate is not None:
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps()
+    batched = generate_batch(model, PROMPTS, 6, exit_policy=policy, layout=layout)
+    for single, result in zip(_per_prompt(model, policy, layout, new=6), batched.generations):
+        assert (result.ids, result.steps) == (single.ids, single.steps)
+    assert len({step for result in batched.generations for step in result.steps}) > 1 or model.exit_gate is None
+
+
 def test_early_exit_skips_layer_applications_and_q1_keeps_full_depth():
     model = _exit_model()
     model.exit_gate.bias.data.fill_(0.5)  # most tokens exit early at q = 0.5

@@ -16,6 +16,7 @@ from looplm.config import ModelConfig
 from looplm.model.attention import Attention
 from looplm.model.carry import LoopCarry
 from looplm.model.ffn import ChannelMix, SwiGLU
+from looplm.model.row_attention import CacheRows
 from looplm.model.gdn import GatedDeltaNet
 from looplm.model.global_gates import GlobalGates
 from looplm.model.rwkv import RWKVSlotMixer
@@ -58,6 +59,8 @@ class Layer(nn.Module):
         ffn_store = None
         if kv_store is not None and self.shifted_ffn:
             kv_store, ffn_store = kv_store[:-1], kv_store[-1]
+            if len(kv_store) == 1 and isinstance(kv_store[0], CacheRows):  # the batched engine's rows
+                kv_store = kv_store[0]
         gates = self.global_gates
         state = gates.state(carry) if gates is not None else None
         x = self.attn_norm(h)
