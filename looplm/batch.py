@@ -32,6 +32,7 @@ from looplm.cache import KVCache
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
+from looplm.model.carry import LoopCarry
 from looplm.model.row_attention import CacheRows, rows_kernel_available
 
 
@@ -40,8 +41,6 @@ def batch_unsupported(model) -> str | None:
     config = model.config
     if config.mc_segment_size:
         return "memory caching segments follow absolute positions"
-    if model.needs_carry:
-        return "model.loop_mc and model.global_gates carry per-token state across loop steps of shrinking row sets"
     return None
 
 
@@ -223,6 +222,7 @@ class BatchDecoder:
         h = model.initial_state(e, index, index - cache.offsets[rows])  # each row's own position
         rule = ExitRule(self.policy, len(rows), model.config.loop_steps, self.device)
         act = None if self.act_threshold is None else ActHalting(len(rows), self.act_threshold, self.device)
+        carry = LoopCarry() if model.needs_carry else None  # loop_mc, global gates: earlier steps' values
         running = torch.arange(len(rows), device=self.device)  # positions within ``rows``
         ran = torch.full((len(rows),), self.max_steps, dtype=torch.long, device=self.device)
         chosen = torch.zeros(len(rows), model.config.d_model, device=self.device, dtype=e.dtype)
@@ -234,7 +234,7 @@ class BatchDecoder:
             subset = rows[running]
             view = _RowSubset(cache, subset, index, everyone and len(running) == len(rows), self.in_place)
             part_tables = tuple(table[running] for table in tables)
-            h = model.core_step(h, step, index, view, e, part_tables, mask[running])
+            h = model.core_step(h, step, index, view, e, part_tables, mask[running], carry)
             last = step + 1 == self.max_steps
             need_readout = last or rule.active or self.dense_readout or act is not None
             if need_readout:
@@ -265,6 +265,8 @@ class BatchDecoder:
                 if cache.skips:
                     keep = ~exits
                     running, h, e = running[keep], h[keep], e[keep]
+                    if carry is not None:
+                        carry.select(keep)
                     if len(running) == 0:
                         break
         if act is not None:

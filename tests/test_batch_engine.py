@@ -117,6 +117,24 @@ def test_batched_channelmix_keeps_each_rows_token_shift(name, layout, row_reads)
     assert len({step for result in batched.generations for step in result.steps}) > 1 or model.exit_gate is None
 
 
+CARRIES = [name for name in VARIANTS if build(name).needs_carry and not batch_unsupported(build(name))]
+
+
+@pytest.mark.parametrize("name", CARRIES)
+@pytest.mark.parametrize("layout", ["last_exited", "full"])
+def test_batched_loop_carry_follows_the_running_rows(name, layout):
+    """Loop-axis memory and global gates read the same token's earlier loop steps (LoopCarry):
+    when rows exit, the carry keeps only the rows still running; batched equals per-prompt."""
+    model = build(name)
+    if model.exit_gate is not None:
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    policy = QExit(0.5) if model.exit_gate is not None else HiddenDiffExit(0.5)
+    batched = generate_batch(model, PROMPTS, 6, exit_policy=policy, layout=layout)
+    for single, result in zip(_per_prompt(model, policy, layout, new=6), batched.generations):
+        assert (result.ids, result.steps) == (single.ids, single.steps)
+    assert len({step for result in batched.generations for step in result.steps}) > 1
+
+
 def test_early_exit_skips_layer_applications_and_q1_keeps_full_depth():
     model = _exit_model()
     model.exit_gate.bias.data.fill_(0.5)  # most tokens exit early at q = 0.5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -27,6 +28,17 @@ class LoopCarry:
         """Record ``module``'s value for the current step."""
         self._values[(id(module), self.step)] = value
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of every value (dim 0; tuples element-wise): the batched engine's
+        rows that still run once others have exited.  The values are replaced, not changed."""
+        self._values = {key: _rows(value, rows) for key, value in self._values.items()}
+
     def earlier(self, module: nn.Module) -> list[Any]:
         """``module``'s values of steps 0 .. step − 1, in step order (all must have run)."""
         return [self._values[(id(module), step)] for step in range(self.step)]
+
+
+def _rows(value: Any, rows: torch.Tensor) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_rows(part, rows) for part in value)
+    return value[rows] if isinstance(value, torch.Tensor) else value
