@@ -10,7 +10,8 @@ Every decode step runs only the rows still generating, and inside the loop only 
 have not exited: their hidden states, RoPE tables and masks are gathered (compaction), so an
 exited row costs no matmuls.  Attention reads and writes those rows of the cache in place
 (``CacheRows``, the C kernel) where it can, else their cache rows are gathered and the new
-entries scattered back; recurrent states are gathered and scattered.
+entries scattered back; recurrent states (and ChannelMix's token shift) are gathered and
+scattered; a ``LoopCarry`` (loop-axis memory, global gates) keeps the running rows.
 ``BatchResult.layer_applications`` counts the core and coda layer applications actually run
 per decoded token (the compute the exit saved is the gap to ``full_depth_applications``).
 The cache layout rules (``KVCache.after_step``/``finish``) apply per row.
