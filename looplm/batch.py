@@ -40,8 +40,6 @@ from looplm.model.row_attention import CacheRows, rows_kernel_available
 def batch_unsupported(model) -> str | None:
     """None when the batched engine can run this model, else why (then decode one by one)."""
     config = model.config
-    if config.mc_segment_size:
-        return "memory caching segments follow absolute positions"
     return None
 
 
@@ -194,7 +192,11 @@ class BatchDecoder:
         target.values[:, row, :, begin:length] = source.values[:, 0, :, :len(ids)]
         for kind, states in source.states.items():
             for mine, theirs in zip(target.states[kind], states):
-                mine[:, row] = theirs[:, 0]
+                if mine.shape[2:] == theirs.shape[2:]:
+                    mine[:, row] = theirs[:, 0]
+                else:  # segment memories: the prompt's own cache holds fewer segments
+                    mine[:, row] = 0
+                    mine[:, row, :theirs.shape[2]] = theirs[:, 0]
         target.offsets[row] = begin
         self.row_applications[row] = self.row_full_applications[row] = 0
         return logits, steps

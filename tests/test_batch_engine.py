@@ -135,6 +135,18 @@ def test_batched_loop_carry_follows_the_running_rows(name, layout):
     assert len({step for result in batched.generations for step in result.steps}) > 1
 
 
+@pytest.mark.parametrize("layout", ["last_exited", "full"])
+def test_batched_memory_caching_closes_each_rows_segments_at_its_own_positions(layout, row_reads):
+    """Memory caching (segments of 3 positions): right-aligned rows sit at different positions,
+    so each row reads only its own completed segments and closes segments at its own steps;
+    batched equals per-prompt decode over enough tokens for several segments to close."""
+    model = build("gdn-memory-caching")
+    policy = QExit(0.5)
+    batched = generate_batch(model, PROMPTS, 9, exit_policy=policy, layout=layout)
+    for single, result in zip(_per_prompt(model, policy, layout, new=9), batched.generations):
+        assert (result.ids, result.steps) == (single.ids, single.steps)
+
+
 def test_early_exit_skips_layer_applications_and_q1_keeps_full_depth():
     model = _exit_model()
     model.exit_gate.bias.data.fill_(0.5)  # most tokens exit early at q = 0.5

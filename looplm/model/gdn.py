@@ -218,6 +218,32 @@ class GatedDeltaNet(nn.Module):
             memory[2].copy_(key_sum)
         return torch.cat(outputs, dim=2), state
 
+    def _with_memory_rows(self, q, k, v, g, beta, state, x, positions, memory):
+        """``_with_memory`` for one token per row, each row at its own position ``positions``
+        [B] (the batched engine): row r reads its segments j < positions[r] // size (the others
+        score −∞, so top-k and the softmax ignore them) and closes its open segment when its
+        position ends one."""
+        size, batch, heads, dim = self.segment_size, q.shape[0], self.heads, self.head_dim
+        states, keys, key_sum = memory
+        route = F.normalize(self.memory_router(x).view(batch, 1, heads, dim), dim=-1).transpose(1, 2)
+        state = q.new_zeros(batch, heads, dim, v.shape[-1]) if state is None else state
+        online, state = self._delta_rule(q, k, v, g, beta, state)
+        first = torch.div(positions, size, rounding_mode="floor")  # segments each row has completed
+        completed = torch.arange(states.shape[1], device=q.device).unsqueeze(0) < first.unsqueeze(1)  # [B, J]
+        scores = torch.einsum("bhnk,bjhk->bhnj", route, keys) * self.head_dim ** -0.5
+        scores = scores.masked_fill(~completed.view(batch, 1, 1, -1), float("-inf"))
+        memories = torch.einsum("bjhkv,bhnk->bhnjv", states, q)
+        output = select_and_blend(online, scores, memories, self.memory_online_bias, self.memory_top_k)
+        output = torch.where(completed.any(dim=1).view(batch, 1, 1, 1), output, online)  # none yet: online alone
+        key_sum = key_sum + k.sum(dim=2)
+        closing = torch.nonzero((positions + 1) % size == 0).flatten().tolist()
+        for row in closing:  # the row's open segment is complete: cache its state and mean key
+            states[row, int(first[row])] = state[row]
+            keys[row, int(first[row])] = key_sum[row] / size
+            key_sum[row] = 0
+        memory[2].copy_(key_sum)
+        return output, state
+
     def _mix(self, online, q, route, states, keys):
         """online [B, H, n, d_v] mixed with the top-k of ``states`` [B, j, H, d_k, d_v]."""
         if states.shape[1] == 0:
@@ -277,7 +303,13 @@ class GatedDeltaNet(nn.Module):
         initial = state_store[1] if state_store is not None else None
         if self.segment_size:
             memory = state_store[2:5] if state_store is not None else None
-            o, final = self._with_memory(q, k, v, g, beta, initial, x, start, memory)
+            if key_mask is not None and length == 1 and memory is not None:
+                # The batched engine's right-aligned rows sit at different positions: a row's
+                # visible keys end at its own position (count − 1).
+                positions = key_mask.reshape(batch, -1).sum(dim=-1) - 1
+                o, final = self._with_memory_rows(q, k, v, g, beta, initial, x, positions, memory)
+            else:
+                o, final = self._with_memory(q, k, v, g, beta, initial, x, start, memory)
         else:
             o, final = self._delta_rule(q, k, v, g, beta, initial)
         if self.loop_memory:
