@@ -11,7 +11,8 @@ have not exited: their hidden states, RoPE tables and masks are gathered (compac
 exited row costs no matmuls.  Attention reads and writes those rows of the cache in place
 (``CacheRows``, the C kernel) where it can, else their cache rows are gathered and the new
 entries scattered back; recurrent states (and ChannelMix's token shift) are gathered and
-scattered; a ``LoopCarry`` (loop-axis memory, global gates) keeps the running rows.
+scattered; a ``LoopCarry`` (loop-axis memory, global gates) keeps the running rows; noise
+starts and memory-caching segments read each row's own position.  Every model family batches.
 ``BatchResult.layer_applications`` counts the core and coda layer applications actually run
 per decoded token (the compute the exit saved is the gap to ``full_depth_applications``).
 The cache layout rules (``KVCache.after_step``/``finish``) apply per row.
@@ -35,12 +36,6 @@ from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
 from looplm.model.carry import LoopCarry
 from looplm.model.row_attention import CacheRows, rows_kernel_available
-
-
-def batch_unsupported(model) -> str | None:
-    """None when the batched engine can run this model, else why (then decode one by one)."""
-    config = model.config
-    return None
 
 
 @dataclass
@@ -144,8 +139,6 @@ class BatchDecoder:
 
     def __init__(self, model, exit_policy: ExitPolicy, rows: int, max_len: int,
                  layout: str = "last_exited", modulo_slots: int = 2):
-        if (reason := batch_unsupported(model)) is not None:
-            raise LoopLMError(f"the batched engine cannot run this model: {reason}; decode one prompt at a time")
         self.act_threshold = None
         if isinstance(exit_policy, ACTExit):
             if model.exit_gate is None:

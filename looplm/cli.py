@@ -298,8 +298,7 @@ def run_serve(args) -> None:
     engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context)
     app = create_app(model, tokenizer, config, engine)
     print(f"looplm serve: {name} on http://{args.host}:{args.port} (exit {args.exit}, layout {args.layout},"
-          f" max batch {args.max_batch}" + (f"; unbatched: {engine.unbatched_reason}" if engine.unbatched_reason
-                                             else "") + ")", file=sys.stderr)
+          f" max batch {args.max_batch})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

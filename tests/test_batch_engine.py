@@ -5,7 +5,7 @@ full depth."""
 import pytest
 import torch
 
-from looplm.batch import batch_unsupported, generate_batch
+from looplm.batch import generate_batch
 from looplm.errors import LoopLMError
 from looplm.batch import ActHalting
 from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
@@ -64,12 +64,11 @@ def test_batched_equals_per_prompt_for_every_policy(policy):
 NOISE_STARTS = [name for name in VARIANTS if build(name).config.initial_state == "noise"]
 
 
-@pytest.mark.parametrize("name", [name for name, values in VARIANTS.items()
-                                  if not batch_unsupported(build(name)) and name not in NOISE_STARTS][:12]
-                         + NOISE_STARTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_batched_equals_per_prompt_for_every_mixer(name):
-    """Noise starts (Huginn, Parcae) included: each row's h₀ is the noise table's row at that
-    row's own position, as a one-prompt decode reads it."""
+    """Every architecture variant (each family preset too) batches.  Noise starts (Huginn,
+    Parcae): each row's h₀ is the noise table's row at that row's own position, as a one-prompt
+    decode reads it."""
     model = build(name)
     policy = QExit(0.5) if model.exit_gate is not None else FixedSteps()
     batched = generate_batch(model, PROMPTS, 5, exit_policy=policy)
@@ -117,7 +116,7 @@ def test_batched_channelmix_keeps_each_rows_token_shift(name, layout, row_reads)
     assert len({step for result in batched.generations for step in result.steps}) > 1 or model.exit_gate is None
 
 
-CARRIES = [name for name in VARIANTS if build(name).needs_carry and not batch_unsupported(build(name))]
+CARRIES = [name for name in VARIANTS if build(name).needs_carry]
 
 
 @pytest.mark.parametrize("name", CARRIES)

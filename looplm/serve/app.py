@@ -151,7 +151,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         return {"object": "list", "data": [{
             "id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "looplm",
             "looplm": {"loop_steps": model_config.loop_steps, "max_seq_len": context,
-                       "exit_gate": model.exit_gate is not None, "batched": engine.unbatched_reason is None,
+                       "exit_gate": model.exit_gate is not None,
                        "default_exit": config.exit, "default_layout": config.layout}}]}
 
     @app.get("/v1/looplm/stats")

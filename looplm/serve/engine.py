@@ -16,10 +16,8 @@ Scheduling (continuous batching):
    session takes in newly arrived jobs of its group (a free slot, a prompt no longer than the
    batch's write position, and room for its tokens), and a finished or cancelled job leaves at
    once, freeing its slot.  Jobs of other groups, or that do not fit, wait for the session to end.
-4. A job alone in its group and every job of a model the batched engine cannot run
-   (``batch_unsupported``) run one by one through ``looplm.generate.stream``
-   (batch 1, the fastest per-token backend, reusing prompt prefixes through a shared
-   ``PrefixCache``).
+4. A job alone in its group runs through ``looplm.generate.stream`` (batch 1, the fastest
+   per-token backend, reusing prompt prefixes through a shared ``PrefixCache``).
 
 A failing batch does not take its jobs down with it: each of its jobs that has received no
 token yet is retried alone, and only the jobs that fail alone (or had already streamed tokens) get
@@ -36,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from looplm.batch import BatchSession, batch_unsupported
+from looplm.batch import BatchSession
 from looplm.cache import SKIPPING_LAYOUTS
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule
@@ -146,7 +144,6 @@ class Engine:
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
-        self.unbatched_reason = batch_unsupported(model)
         self.stats = EngineStats()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -205,7 +202,7 @@ class Engine:
         the model batches, else the oldest job alone.  Removes what it ran from ``waiting``."""
         key = self._group_key(waiting[0])
         group = [job for job in waiting if self._group_key(job) == key][:self.max_batch]
-        if len(group) > 1 and self.unbatched_reason is None:
+        if len(group) > 1:
             self._run_session(group, waiting)
         else:
             job = waiting.pop(0)
