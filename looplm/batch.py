@@ -195,15 +195,15 @@ class BatchDecoder:
         return logits, steps
 
     def _tables(self, rows: torch.Tensor, index: int):
-        """Per-row RoPE tables [R, 1, 1, r] at each row's true position, and the key mask
-        [R, 1, 1, index+1] hiding the pad keys of the right-aligned rows."""
+        """Per-row RoPE tables [R, 1, 1, r] at each row's true position, the key mask
+        [R, 1, 1, index+1] hiding the pad keys of the right-aligned rows, and the positions [R]."""
         offsets = self.cache.offsets[rows]
         positions = index - offsets
         rope = self.model.rope
         cos, sin = rope.cos[positions].view(len(rows), 1, 1, -1), rope.sin[positions].view(len(rows), 1, 1, -1)
         mask = (torch.arange(index + 1, device=self.device).unsqueeze(0) >= offsets.unsqueeze(1)).view(
             len(rows), 1, 1, index + 1)
-        return (cos, sin), mask
+        return (cos, sin), mask, positions
 
     def step(self, tokens: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for each of ``rows`` (tokens [R]); return logits [R, V] and the loop
@@ -211,11 +211,11 @@ class BatchDecoder:
         model, cache = self.model, self.cache
         index = cache.length
         everyone = len(rows) == cache.offsets.shape[0]
-        tables, mask = self._tables(rows, index)
+        tables, mask, positions = self._tables(rows, index)
         view = _RowSubset(cache, rows, index, everyone, self.in_place)
         e = model.embed_input(tokens.view(-1, 1), index, view, tables, mask)
         view.flush()
-        h = model.initial_state(e, index, index - cache.offsets[rows])  # each row's own position
+        h = model.initial_state(e, index, positions)  # each row's own position
         rule = ExitRule(self.policy, len(rows), model.config.loop_steps, self.device)
         act = None if self.act_threshold is None else ActHalting(len(rows), self.act_threshold, self.device)
         carry = LoopCarry() if model.needs_carry else None  # loop_mc, global gates: earlier steps' values

@@ -480,7 +480,8 @@ def write_results(results: dict, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m looplm.eval.lm_eval_adapter ARGS``: lm-eval's own command line with ``looplm``
-    registered (lm-eval 0.4.13 cannot load models from outside its source tree)."""
+    registered by this import (for environments without looplm's start-up hook, which lets the
+    plain ``lm_eval`` find it)."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))

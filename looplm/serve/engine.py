@@ -198,8 +198,8 @@ class Engine:
             self._run_next(waiting)
 
     def _run_next(self, waiting: list[Job]) -> None:
-        """Run the oldest waiting job's group: a continuous batch when two or more of it wait and
-        the model batches, else the oldest job alone.  Removes what it ran from ``waiting``."""
+        """Run the oldest waiting job's group: a continuous batch when two or more of it wait,
+        else the oldest job alone.  Removes what it ran from ``waiting``."""
         key = self._group_key(waiting[0])
         group = [job for job in waiting if self._group_key(job) == key][:self.max_batch]
         if len(group) > 1:
