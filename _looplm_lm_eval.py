@@ -31,17 +31,21 @@ def register(registry) -> bool:
     return True
 
 
+def _register_quietly() -> None:
+    try:
+        from lm_eval.api.registry import model_registry
+
+        register(model_registry)
+    except Exception:  # an lm-eval without this registry: leave it as it is
+        pass
+
+
 def _register_after(loader) -> None:
     run_module = loader.exec_module
 
     def exec_module(module) -> None:
         run_module(module)
-        try:
-            from lm_eval.api.registry import model_registry
-
-            register(model_registry)
-        except Exception:  # an lm-eval without this registry: leave it as it is
-            pass
+        _register_quietly()
 
     loader.exec_module = exec_module
 
@@ -82,12 +86,7 @@ def install() -> bool:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if TRIGGER in sys.modules:
-        try:
-            from lm_eval.api.registry import model_registry
-
-            register(model_registry)
-        except Exception:
-            pass
+        _register_quietly()
         return False
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
