@@ -188,7 +188,7 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     if compile_model:
         results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
     decode_model = LoopLM(config)
-    from looplm.native import load_kernel, unavailable_reason
+    from looplm.kernels import load_kernel, unavailable_reason
 
     # The headline decode rate is the default backend's (native where it builds); the torch
     # and reference paths are timed in the same run as baselines.
