@@ -38,7 +38,8 @@ from pathlib import Path
 
 from looplm.kernels.bindings import declare, missing_symbols
 
-SOURCES = (Path(__file__).with_name("csrc") / "decode_kernel.c",)
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "decode_kernel.c",)  # compiled; every file of csrc/ (headers too) enters the cache key
 FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 MANIFEST = "manifest.json"
 _lock = threading.Lock()
@@ -127,7 +128,7 @@ def _compile(compiler: str, flags: list[str], directory: Path, target: Path) -> 
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", temporary, "-lm"],
+        result = subprocess.run([compiler, *flags, f"-I{CSRC}", *map(str, SOURCES), "-o", temporary, "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -144,7 +145,7 @@ def _build(compiler: str) -> Path:
     """The verified library for this source, compiler and CPU: the cached one, or a new build."""
     flags = FLAGS + _arch_flags(compiler)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = "\0".join(path.read_text() for path in SOURCES)
+    sources = "\0".join(path.read_text() for path in sorted({*SOURCES, *CSRC.glob("*.h")}))
     digest = hashlib.sha256("\0".join([sources, " ".join(flags), version, _cpu_signature(),
                                        platform.machine()]).encode()).hexdigest()[:16]
     directory = cache_directory()
