@@ -54,6 +54,7 @@ LAYER_NAMES = {
     "ffn_post_norm.weight": "post_ffw_norm.weight",
 }
 KEPT_FLOAT = ("exit_gate", "router")  # decisions, not projections: never rounded
+NOISE_TABLE = "noise.table"
 MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating zero
 
 
@@ -85,6 +86,14 @@ def _tensor_names(model: nn.Module) -> dict[str, str]:
     if too_long:
         raise LoopLMError(f"GGUF tensor name {too_long[0]!r} is longer than {MAX_NAME_BYTES} bytes")
     return names
+
+
+def derived_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors a runtime needs that the state dict leaves out because looplm rebuilds them: the
+    eval-time noise table of ``initial_state=noise`` (drawn from torch's generator, which other
+    runtimes cannot replay).  Written as float32; ``load_gguf`` ignores them."""
+    noise = getattr(model, "noise", None)
+    return {NOISE_TABLE: noise.table} if noise is not None else {}
 
 
 def _matrix_names(model: nn.Module) -> set[str]:
@@ -176,6 +185,8 @@ def export_gguf(model, path: str | Path, dtype: str = "f32", tokenizer=None, for
         _config_metadata(writer, model.config)
         if tokenizer is not None:
             _tokenizer_metadata(writer, tokenizer)
+        for name, tensor in derived_tensors(model).items():
+            writer.add_tensor(name, tensor.detach().float().cpu().contiguous().numpy())
         for name, tensor in model.state_dict().items():
             array = tensor.detach().float().cpu().contiguous().numpy()
             kind = _storage_type(gguf, name, tensor, dtype, matrices)
@@ -263,7 +274,7 @@ def load_gguf(path: str | Path, int8: bool = False):
         model = LoopLM(config)
     names = _tensor_names(model)
     stored = {tensor.name: tensor for tensor in reader.tensors}
-    unexpected = set(stored) - set(names.values())
+    unexpected = set(stored) - set(names.values()) - set(derived_tensors(model))
     if unexpected:
         raise LoopLMError(f"{str(path)!r} has tensor {sorted(unexpected)[0]!r}, which its config does not use")
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
