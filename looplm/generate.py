@@ -126,11 +126,9 @@ class Decoder:
         if compile_steps and backend in ("auto", "native"):
             backend = "torch"
         if backend in ("auto", "native"):
-            from looplm.kernels.native_stepper import NativeStepper, native_unsupported
-
-            reason = native_unsupported(model, self.cache)
-            if reason is None:
-                self.stepper, backend = NativeStepper(model, self.cache), "native"
+            self.stepper, reason = _native_stepper(model, self.cache)
+            if self.stepper is not None:
+                backend = "native"
             elif backend == "native":
                 raise LoopLMError(f"the native backend cannot run here: {reason}; use backend 'torch'")
             else:
@@ -154,7 +152,7 @@ class Decoder:
         self.greedy: int | None = None
         # The C kernel runs a whole token's loop, Q-exit and LAST_EXITED copy in one call.
         self.fused = (backend == "native" and self.stepper.fuses_exit_loop and self.act_threshold is None
-                      and self.rule.kind in ("q", "static") and self.cache.layout == "last_exited")
+                      and self.rule.kind in ("q", "static") and self.cache.layout in self.stepper.fused_layouts)
         self.fused_q = self.threshold if self.rule.kind == "q" else 2.0  # the kernel's q: > 1 = no exit
         # True: the fused path's ``step`` returns the kernel's logits buffer itself, which the next
         # step overwrites, instead of a copy (``generate`` reads the logits before stepping again).
@@ -165,6 +163,8 @@ class Decoder:
         prefix_cache: restore the longest stored prefix of the prompt and compute only the rest."""
         self.greedy = None
         if prefix_cache is None and self.act_threshold is None and self._prefills_natively(ids.shape[1]):
+            if getattr(self.stepper, "prefills", False):  # the whole prompt in one C call
+                return self.stepper.prefill(ids[0].tolist(), self.max_steps, self.rule.min_steps, self.fused_q)
             return self._prefill_by_tokens(ids[0].tolist())
         if prefix_cache is not None:
             output = prefix_cache.prefill(self.model, ids[0].tolist(), self.cache, self.max_steps)
@@ -185,8 +185,8 @@ class Decoder:
         return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
 
     def _prefills_natively(self, length: int) -> bool:
-        """Short prompts of small models go through the C kernel token by token (see
-        ``native.stepper.NATIVE_PREFILL_BYTES``); the plain fused loop only."""
+        """Short prompts of small models go through C token by token at full depth (see
+        ``native_stepper.NATIVE_PREFILL_BYTES``), whenever the token loop is fused in C."""
         if not self.fused or self.cache.length:
             return False
         from looplm.kernels.native_stepper import NATIVE_PREFILL_BYTES
@@ -281,6 +281,19 @@ class Decoder:
         self.cache.finish(start, start + 1, self.max_steps)
         self.cache.advance(1)
         return stepper.logits(state), halting
+
+
+def _native_stepper(model, cache: KVCache):
+    """(the C stepper for this model and cache, None) or (None, why neither C path can run): the
+    fused plain-loop kernel where it serves, else the runtime that runs every model family."""
+    from looplm.kernels.native_stepper import NativeStepper, native_unsupported
+
+    if native_unsupported(model, cache) is None:
+        return NativeStepper(model, cache), None
+    from looplm.kernels.runtime_stepper import RuntimeStepper, runtime_unsupported
+
+    reason = runtime_unsupported(model, cache)
+    return (RuntimeStepper(model, cache), None) if reason is None else (None, reason)
 
 
 class ReferenceStepper:

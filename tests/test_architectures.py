@@ -113,7 +113,7 @@ def test_every_backend_gives_the_reference_tokens(name):
     tokens = torch.randint(0, 64, (8,)).tolist()
     reference = Decoder(model, QExit(0.5), 16, backend="reference")
     auto = Decoder(model, QExit(0.5), 16)
-    assert (auto.backend == "native") == (name in ("ouro", "preset-ouro"))
+    assert auto.backend == "native"  # every family decodes in C (kernels.native_stepper / runtime_stepper)
     with torch.no_grad():
         reference.prefill(prompt)
         auto.prefill(prompt)

@@ -1,11 +1,15 @@
-"""Compile, verify and load the C kernel (``csrc/decode_kernel.c``) on first use.
+"""Compile, verify and load the C kernel library (``csrc/``) on first use.
 
-The kernel is plain C with OpenMP and AVX2/AVX-512 intrinsics where the CPU has them; it needs
-no torch headers, so it builds in about a second with the system C compiler (``$CC``, else
-``cc``/``gcc``/``clang``).  The shared library is cached under ``$LOOPLM_CACHE/native``
-(default ``~/.cache/looplm/native``) in a file named by a hash of the source, the flags, the
-compiler and the CPU's feature flags, written atomically (temp file + rename), so concurrent
-processes never load a half-written file.
+One shared library holds every C source of ``csrc/`` except the standalone program's ``main``
+(``looplm_run.c``): the plain-loop decode kernel (``decode_kernel.c``) and the runtime that runs
+every model family (``lr_*.c``, driven by ``runtime_stepper``).  It is plain C with OpenMP and
+AVX2/AVX-512 intrinsics where the CPU has them; it needs no torch headers, so it builds in a few
+seconds with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``).
+``LOOPLM_NATIVE_PORTABLE=1`` builds it without ``-march=native``: the SIMD paths compile out and
+the scalar fallbacks run (what a CPU without AVX2, or ARM, gets).  The shared library is cached
+under ``$LOOPLM_CACHE/native`` (default ``~/.cache/looplm/native``) in a file named by a hash of
+the sources, the flags, the compiler and the CPU's feature flags, written atomically (temp file +
+rename), so concurrent processes never load a half-written file.
 
 Loading a shared library runs its constructors, so a library is loaded only when it can be
 trusted to be the one this user built:
@@ -39,8 +43,11 @@ from pathlib import Path
 from looplm.kernels.bindings import declare, missing_symbols
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_kernel.c",)  # compiled; every file of csrc/ (headers too) enters the cache key
+PROGRAM = "looplm_run.c"  # the standalone program's main: built by csrc/Makefile, not into the library
+# compiled: every C file of csrc/ but the program; every file of csrc/ (headers too) enters the cache key
+SOURCES = tuple(sorted(path for path in CSRC.glob("*.c") if path.name != PROGRAM))
 FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
+PORTABLE_FLAG = "-DLOOPLM_PORTABLE"  # marks a LOOPLM_NATIVE_PORTABLE=1 build (and keeps its cache key apart)
 MANIFEST = "manifest.json"
 _lock = threading.Lock()
 _state: dict = {}
@@ -63,8 +70,16 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+def portable() -> bool:
+    """Whether ``LOOPLM_NATIVE_PORTABLE=1`` asks for the scalar build."""
+    return os.environ.get("LOOPLM_NATIVE_PORTABLE", "0") == "1"
+
+
 def _arch_flags(compiler: str) -> list[str]:
-    """-march=native when the compiler accepts it (gcc, clang on x86 and arm)."""
+    """-march=native when the compiler accepts it (gcc, clang on x86 and arm); none for the
+    portable build."""
+    if portable():
+        return [PORTABLE_FLAG]
     probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
     return ["-march=native"] if probe.returncode == 0 else []
 
@@ -141,19 +156,24 @@ def _compile(compiler: str, flags: list[str], directory: Path, target: Path) -> 
             os.unlink(temporary)
 
 
+def library_digest(compiler: str, flags: list[str]) -> str:
+    """The cache key of a build: the sources (headers too), the flags, the compiler and the CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    sources = "\0".join(path.read_text() for path in sorted({*CSRC.glob("*.c"), *CSRC.glob("*.h")}))
+    return hashlib.sha256("\0".join([sources, " ".join(flags), version, _cpu_signature(),
+                                     platform.machine()]).encode()).hexdigest()[:16]
+
+
 def _build(compiler: str) -> Path:
     """The verified library for this source, compiler and CPU: the cached one, or a new build."""
     flags = FLAGS + _arch_flags(compiler)
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = "\0".join(path.read_text() for path in sorted({*SOURCES, *CSRC.glob("*.h")}))
-    digest = hashlib.sha256("\0".join([sources, " ".join(flags), version, _cpu_signature(),
-                                       platform.machine()]).encode()).hexdigest()[:16]
+    digest = library_digest(compiler, flags)
     directory = cache_directory()
     if (reason := untrusted_reason(directory)) is not None:
         warnings.warn(f"looplm: the kernel cache {str(directory)!r} {reason}: building in a private"
                       " temporary directory instead", stacklevel=3)
         directory = Path(tempfile.mkdtemp(prefix="looplm-native-"))
-    target = directory / f"decode_kernel-{digest}.so"
+    target = directory / f"looplm_native-{digest}.so"
     if not verified(directory, target):
         _compile(compiler, flags, directory, target)
     return target

@@ -30,15 +30,30 @@ PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thr
 NATIVE_PREFILL_BYTES = 32 * 2**20
 
 
-def native_unsupported(model, cache: KVCache) -> str | None:
-    """None when the C kernel can decode this model with this cache, else the reason."""
+def c_decode_unsupported(model, cache: KVCache, what: str) -> str | None:
+    """Why ``what`` (a C decode path) cannot run this model and cache at all — not on the CPU, not
+    float32, not batch 1 — or None."""
     parameter = next(model.parameters())
     if parameter.device.type != "cpu":
-        return f"the C decode kernel runs on the CPU; the model is on {parameter.device}"
+        return f"{what} runs on the CPU; the model is on {parameter.device}"
     if parameter.dtype != torch.float32 or cache.keys.dtype != torch.float32:
-        return f"the C decode kernel needs float32 weights and cache, got {parameter.dtype}"
+        return f"{what} needs float32 weights and cache, got {parameter.dtype}"
     if cache.keys.shape[1] != 1:
-        return "the C decode kernel decodes batch 1"
+        return f"{what} decodes batch 1"
+    return None
+
+
+def decode_threads(layer_bytes: int) -> int:
+    """Threads for a layer of ``layer_bytes`` bytes of weights: one per MiB, up to torch's count (a
+    small model's matvecs finish before a second thread is woken, and a descheduled thread stalls
+    the whole region)."""
+    return max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
+
+
+def native_unsupported(model, cache: KVCache) -> str | None:
+    """None when the C kernel can decode this model with this cache, else the reason."""
+    if (reason := c_decode_unsupported(model, cache, "the C decode kernel")) is not None:
+        return reason
     from looplm.fast_decode import fast_unsupported
 
     if (reason := fast_unsupported(model, allow_int8=True)) is not None:
@@ -55,6 +70,8 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 class NativeStepper:
     """One token through prelude, core steps, coda, gate and head in the C kernel."""
 
+    fused_layouts = ("last_exited",)  # the layouts ``exit_loop``/``token`` fill in C
+
     def __init__(self, model, cache: KVCache):
         reason = native_unsupported(model, cache)
         if reason is not None:
@@ -62,11 +79,9 @@ class NativeStepper:
         self.kernel = load_kernel()
         config = model.config
         self.config, self.cache = config, cache
-        # Threads pay off only when a layer's weights are large: a small model's matvecs finish
-        # before a second thread is woken (and a descheduled thread stalls the whole region).
         layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
                                                  * config.head_dim + 3 * config.ffn_hidden)
-        self.threads = max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
+        self.threads = decode_threads(layer_bytes)
         self.token_step_bytes = layer_bytes * config.n_core_layers  # core weights one loop step reads
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)

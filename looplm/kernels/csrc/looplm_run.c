@@ -42,6 +42,7 @@ static const char USAGE[] =
     "      --print-ids         print the generated token ids instead of text\n"
     "      --dump-logits FILE  write every position's per-step logits (binary, for tests)\n"
     "  -t, --threads N         threads (default: chosen from the model's size)\n"
+    "      --tokenize          print the prompt's token ids (bos first) and exit\n"
     "      --info              describe the model and this build, then exit\n"
     "  -h, --help              this help\n";
 
@@ -50,7 +51,7 @@ typedef struct {
     long max_new, steps, min_steps, modulo_slots, top_k, threads;
     double q, temperature, top_p;
     unsigned long long seed;
-    int seeded, show_steps, print_ids, info;
+    int seeded, show_steps, print_ids, info, tokenize;
 } Options;
 
 static void die(const char *format, ...) {
@@ -85,6 +86,7 @@ static void parse_arguments(int argc, char **argv, Options *o) {
         if (!strcmp(a, "--show-steps")) { o->show_steps = 1; continue; }
         if (!strcmp(a, "--print-ids")) { o->print_ids = 1; continue; }
         if (!strcmp(a, "--info")) { o->info = 1; continue; }
+        if (!strcmp(a, "--tokenize")) { o->tokenize = 1; continue; }
         if (a[0] != '-' || !a[1]) {
             if (o->model) die("unexpected argument '%s' (one model file; options start with -)", a);
             o->model = a;
@@ -280,6 +282,11 @@ int main(int argc, char **argv) {
     const int layout = layout_of(o.layout);
     int count;
     int *prompt = prompt_tokens(&o, tokenizer, c->vocab, &count);
+    if (o.tokenize) {
+        for (int i = 0; i < count; i++) printf(i ? " %d" : "%d", prompt[i]);
+        putchar('\n');
+        return 0;
+    }
     if (count == 0) die("the prompt is empty: give at least one token");
     if (count > c->max_seq_len)
         die("the prompt has %d tokens, longer than the context of %d: shorten it", count, c->max_seq_len);

@@ -172,6 +172,8 @@ int lr_state_ready(const LrState *state, char *error) {
     return 1;
 }
 
+void lr_state_set_threads(LrState *state, int threads) { state->threads = threads < 1 ? 1 : threads; }
+
 void lr_state_free(LrState *state) {
     if (!state) return;
     if (state->owns_memory) free(state->memory);

@@ -161,6 +161,8 @@ enum { LR_PRELUDE, LR_CORE, LR_CODA };
 int lr_state_bind(LrState *state, int slot, int part, float *memory, char *error);
 /* Whether every part the model needs has memory. */
 int lr_state_ready(const LrState *state, char *error);
+/* OpenMP threads for the large projections and attention (1: none). */
+void lr_state_set_threads(LrState *state, int threads);
 void lr_state_free(LrState *state);
 
 /* ---- one token ---------------------------------------------------------------------------- */

@@ -1,0 +1,233 @@
+"""The C runtime (looplm/kernels/csrc): the standalone ``looplm-run`` program and the in-process
+``native`` backend decode every model family as the Python reference does — the same greedy
+tokens over 64 new tokens, per-step logits within 1e-4 through the program's debug dump, the same
+exit steps under Q-exit and every KV layout — read quantised files within their documented
+bounds, refuse bad input with one line, and build and run without SIMD (the portable fallback)."""
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from looplm.cache import KV_LAYOUTS
+from looplm.exit_policy import make_exit_policy
+from looplm.generate import Decoder, FixedSteps, generate
+from looplm.interop.gguf import export_gguf, load_gguf
+from looplm.kernels import build as native_build
+from looplm.kernels import program
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+from test_architectures import VARIANTS
+from test_gguf import CONFIGS as GGUF_CONFIGS
+from test_gguf import make_model as make_gguf_model
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(native_build._compiler() is None, reason="no C compiler")
+
+CONTEXT = 80  # an 8-token prompt and 64 new tokens
+NEW_TOKENS = 64
+PROMPT = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.fixture(scope="module")
+def looplm_run(tmp_path_factory):
+    return program.build(tmp_path_factory.mktemp("bin") / "looplm-run")
+
+
+def build_model(name: str, seed: int = 0) -> LoopLM:
+    """``test_architectures.build`` with a context long enough for 64 new tokens."""
+    torch.manual_seed(seed)
+    model = LoopLM(tiny_config(**{**VARIANTS[name], "max_seq_len": CONTEXT}))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.depth_lora is not None:
+        torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
+    return model.eval()
+
+
+def run(binary, model_path, *arguments, prompt=PROMPT):
+    command = [str(binary), str(model_path), *arguments]
+    if prompt is not None:
+        command += ["--prompt-ids", ",".join(map(str, prompt))]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def generated_ids(result) -> list[int]:
+    assert result.returncode == 0, result.stderr
+    return [int(token) for token in result.stdout.split()]
+
+
+def steps_used(result) -> list[int]:
+    return [int(step) for step in re.search(r"steps per token: \[(.*?)\]", result.stderr).group(1).split(", ") if step]
+
+
+def assert_dump_matches_forward(model, dump_path, sequence, steps, atol):
+    """Every dumped (position, step) logits row against the full forward of ``sequence`` at ``steps``
+    steps; every position and every step must be there."""
+    positions, step_numbers, logits = program.read_dump(dump_path)
+    with torch.no_grad():
+        output = model(torch.tensor([sequence]), steps=steps)
+        expected = torch.stack([output.logits(step)[0] for step in range(1, steps + 1)]).numpy()  # [T, S, V]
+    assert sorted(set(positions.tolist())) == list(range(len(sequence)))
+    assert np.bincount(step_numbers).tolist()[1:] == [len(sequence)] * steps
+    np.testing.assert_allclose(logits, expected[step_numbers - 1, positions], atol=atol, rtol=0)
+    return expected
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
+    """64 greedy tokens from the program: each is the reference's argmax after the tokens before
+    it, every step's logits match the full forward within 1e-4, and the in-process native backend
+    generates the same tokens."""
+    model = build_model(name)
+    path = export_gguf(model, tmp_path / "model.gguf")
+    result = run(looplm_run, path, "-n", str(NEW_TOKENS), "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+    ids = generated_ids(result)
+    assert len(ids) == NEW_TOKENS
+    sequence = PROMPT + ids[:-1]
+    steps = model.config.loop_steps
+    expected = assert_dump_matches_forward(model, tmp_path / "dump", sequence, steps, atol=1e-4)
+    assert ids == expected[steps - 1, len(PROMPT) - 1:].argmax(-1).tolist()
+    assert Decoder(model, FixedSteps(), CONTEXT).backend == "native"
+    assert generate(model, PROMPT, NEW_TOKENS, backend="native").ids == ids
+
+
+EXIT_CASES = ([("gdn-hybrid", layout, 0.5, None, 1) for layout in KV_LAYOUTS]
+              + [("mla", layout, 0.5, None, 1) for layout in KV_LAYOUTS]
+              + [("gdn-loop-memory", "last_exited", 0.3, 5, 2), ("loop-index-lora", "last_exited", None, 6, 1),
+                 ("preset-loopcached", "full", 0.5, None, 2), ("global-gates", "first", 0.5, None, 1)])
+
+
+@pytest.mark.parametrize("name, layout, q, steps, min_steps", EXIT_CASES,
+                         ids=[f"{case[0]}-{case[1]}-q{case[2]}-steps{case[3]}-min{case[4]}" for case in EXIT_CASES])
+def test_exit_policies_and_layouts_match_the_reference(name, layout, q, steps, min_steps, looplm_run, tmp_path):
+    """Q-exit (with --min-steps), steps beyond the trained T and every KV layout: the program and the
+    in-process backend give the reference decoder's tokens and the loop steps each token used."""
+    model = build_model(name)
+    path = export_gguf(model, tmp_path / "model.gguf")
+    options = ["-n", "16", "--print-ids", "--show-steps", "--layout", layout, "--min-steps", str(min_steps)]
+    options += ["-q", str(q)] if q is not None else []
+    options += ["--steps", str(steps)] if steps else []
+    result = run(looplm_run, path, *options)
+    policy = make_exit_policy(q=q, steps=steps, min_steps=min_steps)
+    reference = generate(model, PROMPT, 16, exit_policy=policy, backend="reference", layout=layout)
+    native = generate(model, PROMPT, 16, exit_policy=policy, backend="native", layout=layout)
+    assert (generated_ids(result), steps_used(result)) == (reference.ids, reference.steps)
+    assert (native.ids, native.steps) == (reference.ids, reference.steps)
+    if q is not None and layout != "full":
+        assert min(reference.steps) < (steps or model.config.loop_steps)  # tokens really exit early
+
+
+@pytest.mark.parametrize("name", list(GGUF_CONFIGS))
+def test_quantized_files_stay_within_their_bounds(name, looplm_run, tmp_path):
+    """q8_0: the program computes with the file's int8 blocks, so its logits equal the dequantised
+    model's within 1e-4 and move from the float32 model's by at most the 5% of their largest
+    magnitude docs/INTEROP.md states for the dense models (tests/test_gguf.py's models; an MoE's
+    router may send a token whose input moved to another expert); f16: the float16-rounded model's within 1e-4."""
+    model = make_gguf_model(**GGUF_CONFIGS[name])
+    steps = model.config.loop_steps
+    for dtype in ("q8_0", "f16"):
+        path = export_gguf(model, tmp_path / f"{dtype}.gguf", dtype)
+        result = run(looplm_run, path, "-n", "24", "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+        sequence = PROMPT + generated_ids(result)[:-1]
+        assert_dump_matches_forward(load_gguf(path)[0], tmp_path / "dump", sequence, steps, atol=1e-4)
+        if dtype == "q8_0" and "ffn" not in GGUF_CONFIGS[name]:  # another expert is no rounding error
+            positions, step_numbers, logits = program.read_dump(tmp_path / "dump")
+            with torch.no_grad():
+                output = model(torch.tensor([sequence]), steps=steps)
+                exact = torch.stack([output.logits(step)[0] for step in range(1, steps + 1)]).numpy()
+            exact = exact[step_numbers - 1, positions]
+            assert np.abs(logits - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def one_error_line(result) -> str:
+    """The program failed with exit status 2 and one line `looplm-run: error: …` (no crash)."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("looplm-run: error: "), result.stderr
+    return lines[0]
+
+
+def _patch_tensor_type(path, name, new_type):
+    """Rewrite tensor ``name``'s ggml type in the file's tensor table."""
+    field = next(tensor for tensor in gguf.GGUFReader(str(path)).tensors if tensor.name == name).field
+    at = field.offset + 8 + len(name.encode()) + 4 + 8 * len(field.parts[3])
+    raw = bytearray(path.read_bytes())
+    raw[at:at + 4] = np.uint32(new_type).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypatch):
+    model = build_model("concat-noise")
+    good = export_gguf(model, tmp_path / "good.gguf")
+    raw = good.read_bytes()
+    for size in (0, 3, 20, 200, len(raw) // 2, len(raw) - 1):  # truncated anywhere
+        (tmp_path / "cut.gguf").write_bytes(raw[:size])
+        line = one_error_line(run(looplm_run, tmp_path / "cut.gguf"))
+        assert "truncated" in line or "not a GGUF file" in line
+    (tmp_path / "noise.gguf").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    assert "not a GGUF file" in one_error_line(run(looplm_run, tmp_path / "noise.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    assert "'llama' model, not a looplm one" in one_error_line(run(looplm_run, tmp_path / "llama.gguf"))
+    (tmp_path / "q4.gguf").write_bytes(raw)
+    _patch_tensor_type(tmp_path / "q4.gguf", "blk.0.attn_qkv.weight", int(gguf.GGMLQuantizationType.Q4_0))
+    assert "blk.0.attn_qkv.weight has ggml type 2" in one_error_line(run(looplm_run, tmp_path / "q4.gguf"))
+    # a config key from a newer looplm, and a file without the noise table this config needs
+    import looplm.interop.gguf as gguf_io
+
+    monkeypatch.setattr(gguf_io, "asdict", lambda config: {**vars(config), "future_feature": 1})
+    newer = export_gguf(model, tmp_path / "newer.gguf")
+    assert "unknown key future_feature" in one_error_line(run(looplm_run, newer))
+    monkeypatch.undo()
+    monkeypatch.setattr(gguf_io, "derived_tensors", lambda model: {})
+    assert "noise.table is missing" in one_error_line(run(looplm_run, export_gguf(model, tmp_path / "old.gguf")))
+    too_long = list(range(CONTEXT + 1))
+    line = one_error_line(run(looplm_run, good, prompt=[token % 64 for token in too_long]))
+    assert f"the prompt has {CONTEXT + 1} tokens, longer than the context of {CONTEXT}" in line
+    for arguments, message in ((["-q", "2"], "q must be in [0, 1]"), (["--steps", "0"], "steps must be >= 1"),
+                               (["--layout", "diagonal"], "KV layout must be one of"),
+                               (["--bogus"], "unknown option --bogus"), (["--prompt", "hi"], "give --prompt TEXT or")):
+        assert message in one_error_line(run(looplm_run, good, *arguments))
+    assert "outside the vocabulary" in one_error_line(run(looplm_run, good, prompt=[1, 99]))
+    assert "no tokenizer" in one_error_line(run(looplm_run, good, "--prompt", "hi", prompt=None))
+    assert "cannot open" in one_error_line(run(looplm_run, tmp_path / "missing.gguf"))
+
+
+def test_portable_program_builds_and_runs_without_simd(tmp_path):
+    """``make PORTABLE=1``: no -march flags, the SIMD paths compiled out, the same logits."""
+    binary = program.build(tmp_path / "looplm-run-portable", portable=True)
+    model = build_model("preset-loopcached")
+    path = export_gguf(model, tmp_path / "model.gguf")
+    assert "simd scalar" in run(binary, path, "--info", prompt=None).stdout
+    result = run(binary, path, "-n", "12", "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+    assert_dump_matches_forward(model, tmp_path / "dump", PROMPT + generated_ids(result)[:-1],
+                                model.config.loop_steps, atol=1e-4)
+
+
+def test_portable_library_runs_the_families(tmp_path, monkeypatch):
+    """LOOPLM_NATIVE_PORTABLE=1 builds the in-process library without SIMD (its own cache entry)
+    and every fast path still gives the reference's logits."""
+    monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOOPLM_NATIVE_PORTABLE", "1")
+    monkeypatch.setattr(native_build, "_state", {})
+    kernel = native_build.load_kernel()
+    assert kernel is not None and kernel.lr_simd() == b"scalar"
+    for name in ("preset-qwen35-loop", "ouro"):  # the runtime, and the plain-loop kernel
+        model = build_model(name)
+        reference = Decoder(model, make_exit_policy(q=0.5), 24, backend="reference")
+        native = Decoder(model, make_exit_policy(q=0.5), 24, backend="native")
+        with torch.no_grad():
+            for decoder in (reference, native):
+                decoder.prefill(torch.tensor([PROMPT]))
+            for token in range(10):
+                (expected, expected_steps), (logits, used) = reference.step(token), native.step(token)
+                assert used == expected_steps
+                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    compiler = native_build._compiler()
+    portable_key = native_build.library_digest(compiler, native_build._arch_flags(compiler))
+    monkeypatch.delenv("LOOPLM_NATIVE_PORTABLE")
+    assert native_build.library_digest(compiler, native_build._arch_flags(compiler)) != portable_key
