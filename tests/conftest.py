@@ -18,3 +18,13 @@ def tiny_model() -> LoopLM:
     # Non-zero gate weights so exit probabilities vary per token and per step.
     torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def looplm_run(tmp_path_factory):
+    """The standalone program looplm-run, built once per test session (skips without a C compiler)."""
+    from looplm.kernels import build, program
+
+    if build._compiler() is None:
+        pytest.skip("no C compiler")
+    return program.build(tmp_path_factory.mktemp("bin") / "looplm-run")

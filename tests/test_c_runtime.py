@@ -32,11 +32,6 @@ NEW_TOKENS = 64
 PROMPT = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-@pytest.fixture(scope="module")
-def looplm_run(tmp_path_factory):
-    return program.build(tmp_path_factory.mktemp("bin") / "looplm-run")
-
-
 def build_model(name: str, seed: int = 0) -> LoopLM:
     """``test_architectures.build`` with a context long enough for 64 new tokens."""
     torch.manual_seed(seed)
