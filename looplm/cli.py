@@ -527,11 +527,13 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 
 def run_export(args) -> None:
     from looplm.interop.gguf import export_gguf
+    from looplm.kernels import program
     from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     model = load_model(args.checkpoint)
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
+    print(program.instructions(path))
 
 
 def run_prepare(args) -> None:

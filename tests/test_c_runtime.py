@@ -226,3 +226,22 @@ def test_portable_library_runs_the_families(tmp_path, monkeypatch):
     portable_key = native_build.library_digest(compiler, native_build._arch_flags(compiler))
     monkeypatch.delenv("LOOPLM_NATIVE_PORTABLE")
     assert native_build.library_digest(compiler, native_build._arch_flags(compiler)) != portable_key
+
+
+def test_export_tells_how_to_run_without_python_and_the_program_agrees(looplm_run, tmp_path, capsys):
+    """``looplm export gguf`` prints the build and run commands; the program then generates the
+    text ``looplm generate`` generates from the same file (greedy, prompt encoded with its tokenizer)."""
+    from looplm.cli import main
+    from looplm.data.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=CONTEXT, injection="lti", layer_pattern="GA"))
+    checkpoint = model.eval().save(tmp_path / "ckpt", tokenizer=byte_tokenizer())
+    out = tmp_path / "model.gguf"
+    assert main(["export", "gguf", str(checkpoint), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"make -C {program.CSRC}" in printed and f"./looplm-run {out} --prompt" in printed
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "12", "--no-stream"]) == 0
+    expected = capsys.readouterr().out
+    result = subprocess.run([str(looplm_run), str(out), "--prompt", "hello", "-n", "12"], capture_output=True)
+    assert result.returncode == 0 and result.stdout.decode("utf-8", errors="replace") == expected
