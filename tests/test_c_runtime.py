@@ -137,6 +137,21 @@ def test_quantized_files_stay_within_their_bounds(name, looplm_run, tmp_path):
             assert np.abs(logits - exact).max() <= 0.05 * np.abs(exact).max()
 
 
+def native_decoder_against_reference(model, policy, layout: str = "last_exited", tokens: int = 12) -> Decoder:
+    """Prefill PROMPT and step ``tokens`` tokens through the native and the reference decoders:
+    the same loop steps and logits within 1e-4 at every token.  Returns the native decoder."""
+    reference = Decoder(model, policy, 24, backend="reference", layout=layout)
+    native = Decoder(model, policy, 24, backend="native", layout=layout)
+    with torch.no_grad():
+        for decoder in (reference, native):
+            decoder.prefill(torch.tensor([PROMPT]))
+        for token in range(tokens):
+            (expected, expected_steps), (logits, steps) = reference.step(token), native.step(token)
+            assert steps == expected_steps
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    return native
+
+
 def one_error_line(result) -> str:
     """The program failed with exit status 2 and one line `looplm-run: error: …` (no crash)."""
     assert result.returncode == 2, (result.returncode, result.stderr)
@@ -190,6 +205,11 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
     assert "outside the vocabulary" in one_error_line(run(looplm_run, good, prompt=[1, 99]))
     assert "no tokenizer" in one_error_line(run(looplm_run, good, "--prompt", "hi", prompt=None))
     assert "cannot open" in one_error_line(run(looplm_run, tmp_path / "missing.gguf"))
+    from looplm.data.tokenizer import byte_tokenizer  # 259 tokens for a model of 64
+
+    monkeypatch.undo()
+    mismatched = export_gguf(model, tmp_path / "mismatched.gguf", tokenizer=byte_tokenizer())
+    assert "outside the model's vocabulary" in one_error_line(run(looplm_run, mismatched, "--prompt", "hi", prompt=None))
 
 
 def test_portable_program_builds_and_runs_without_simd(tmp_path):
@@ -212,16 +232,7 @@ def test_portable_library_runs_the_families(tmp_path, monkeypatch):
     kernel = native_build.load_kernel()
     assert kernel is not None and kernel.lr_simd() == b"scalar"
     for name in ("preset-qwen35-loop", "ouro"):  # the runtime, and the plain-loop kernel
-        model = build_model(name)
-        reference = Decoder(model, make_exit_policy(q=0.5), 24, backend="reference")
-        native = Decoder(model, make_exit_policy(q=0.5), 24, backend="native")
-        with torch.no_grad():
-            for decoder in (reference, native):
-                decoder.prefill(torch.tensor([PROMPT]))
-            for token in range(10):
-                (expected, expected_steps), (logits, used) = reference.step(token), native.step(token)
-                assert used == expected_steps
-                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        native_decoder_against_reference(build_model(name), make_exit_policy(q=0.5))
     compiler = native_build._compiler()
     portable_key = native_build.library_digest(compiler, native_build._arch_flags(compiler))
     monkeypatch.delenv("LOOPLM_NATIVE_PORTABLE")
@@ -245,3 +256,29 @@ def test_export_tells_how_to_run_without_python_and_the_program_agrees(looplm_ru
     expected = capsys.readouterr().out
     result = subprocess.run([str(looplm_run), str(out), "--prompt", "hello", "-n", "12"], capture_output=True)
     assert result.returncode == 0 and result.stdout.decode("utf-8", errors="replace") == expected
+
+
+POLICIES = {"hidden": make_exit_policy(hidden=0.3), "kl": make_exit_policy(kl=0.05, min_steps=2),
+            "act": make_exit_policy(act=True)}
+
+
+@pytest.mark.parametrize("name", ["gdn-hybrid", "global-gates", "rwkv-hybrid-qexit"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_in_process_step_by_step_policies_match_the_reference(name, policy):
+    """Policies the decoder applies step by step (hidden-state change, KL, ACT) drive the runtime
+    through embed / core_step / readout / gate_logit / logits, after a torch prefill, with the
+    Python layout rules (first: with a coda every step's readout runs)."""
+    model = build_model(name)
+    for layout in ("last_exited", "first"):
+        native = native_decoder_against_reference(model, POLICIES[policy], layout)
+        assert native.backend == "native" and not native.fused
+
+
+@pytest.mark.parametrize("name", ["gdn-hybrid", "preset-openmythos", "rwkv-slots", "mla-q-rank"])
+def test_in_process_int8_models_use_their_int8_weights(name):
+    """An int8 model (looplm.quant) decodes in the runtime from its Q8_0 values and scales, as the
+    reference decoder computes it with the same int8 layers."""
+    from looplm.quant import quantize_model
+
+    native = native_decoder_against_reference(quantize_model(build_model(name)), make_exit_policy(q=0.5))
+    assert type(native.stepper).__name__ == "RuntimeStepper"

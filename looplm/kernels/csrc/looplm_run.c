@@ -54,13 +54,17 @@ typedef struct {
     int seeded, show_steps, print_ids, info, tokenize;
 } Options;
 
+/* One line `looplm-run: error: …` and exit status 2; control characters a file's names or values may
+ * carry are shown as '?', so the message stays one line. */
 static void die(const char *format, ...) {
+    char message[2 * LR_ERROR_BYTES];
     va_list arguments;
     va_start(arguments, format);
-    fputs("looplm-run: error: ", stderr);
-    vfprintf(stderr, format, arguments);
-    fputc('\n', stderr);
+    vsnprintf(message, sizeof(message), format, arguments);
     va_end(arguments);
+    for (char *c = message; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7F) *c = '?';
+    fprintf(stderr, "looplm-run: error: %s\n", message);
     exit(2);
 }
 
@@ -234,6 +238,10 @@ static int *prompt_tokens(const Options *o, const LrTokenizer *tokenizer, int vo
     memcpy(ids + 1, text_ids, (size_t)n * sizeof(int));
     free(text_ids);
     *count = n + 1;
+    for (int i = 0; i < *count; i++)  /* a tokenizer larger than the model's vocabulary */
+        if (ids[i] < 0 || ids[i] >= vocab)
+            die("the prompt's token %d is outside the model's vocabulary of %d (tokenizer and model disagree)", ids[i],
+                vocab);
     return ids;
 }
 
