@@ -9,7 +9,7 @@ layout every token runs every step and the exit only picks the readout (Ouro's r
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
 
 Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
-``native`` (a C kernel, ``looplm.kernels``), ``torch`` (``looplm.fast_decode``) and
+``native`` (C, ``looplm.kernels``: every family), ``torch`` (``looplm.fast_decode``) and
 ``reference`` (the model's own modules); ``auto`` picks native where it can run.
 """
 
@@ -99,10 +99,11 @@ class Decoder:
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
                  compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2):
-        """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (the
-        C kernel, fastest on a CPU), "torch" (``FastStepper``, vector-shaped torch ops; any
-        device), "reference" (the model's own modules; every configuration) or "auto" (the
-        fastest that supports this model: the fast paths cover Ouro's plain loop).
+        """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (C on
+        a float32 CPU model, every family: the fused plain-loop kernel or the runtime,
+        ``looplm.kernels``), "torch" (``FastStepper``, vector-shaped torch ops, any device; Ouro's
+        plain loop), "reference" (the model's own modules; every configuration) or "auto" (the
+        fastest that supports this model).
         compile_steps: torch.compile the torch backend's loop step (worth it only for long
         generations: the first call compiles for ~20 s).
         layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``)."""
