@@ -282,3 +282,21 @@ def test_in_process_int8_models_use_their_int8_weights(name):
 
     native = native_decoder_against_reference(quantize_model(build_model(name)), make_exit_policy(q=0.5))
     assert type(native.stepper).__name__ == "RuntimeStepper"
+
+
+def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(looplm_run, tmp_path):
+    """Temperature sampling repeats with its seed and changes with another; top-k 1 and a top-p that
+    keeps only the likeliest token are greedy decoding; the tokens/s line closes every run."""
+    path = export_gguf(build_model("preset-lrnn"), tmp_path / "model.gguf")
+
+    def sampled(*options):
+        result = run(looplm_run, path, "-n", "24", "--print-ids", *options)
+        assert re.search(r"24 tokens in [\d.]+ s \([\d.]+ tokens/s\)", result.stderr)
+        return generated_ids(result)
+
+    greedy = sampled()
+    hot = ["--temperature", "2.0"]
+    assert sampled(*hot, "--seed", "7") == sampled(*hot, "--seed", "7") != sampled(*hot, "--seed", "8")
+    assert sampled(*hot, "--seed", "7") != greedy
+    assert sampled(*hot, "--top-k", "1", "--seed", "9") == greedy
+    assert sampled(*hot, "--top-p", "1e-9", "--seed", "9") == greedy
