@@ -3,6 +3,8 @@
 #define LOOPLM_LR_INTERNAL_H
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "runtime.h"
 
@@ -10,6 +12,10 @@
 static inline float *lr_take(LrState *state, size_t floats) {
     float *memory = state->scratch + state->scratch_used;
     state->scratch_used += (floats + 15) & ~(size_t)15;  /* 64-byte steps keep vectors aligned */
+    if (state->scratch_used > state->scratch_floats) {  /* lr_scratch_floats undercounted: a bug, never input */
+        fputs("looplm runtime: internal error: scratch memory exhausted\n", stderr);
+        abort();
+    }
     return memory;
 }
 

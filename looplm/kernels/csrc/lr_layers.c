@@ -175,13 +175,13 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
 }
 
 /* SSC aggregation (looplm.model.gdn.select_and_blend) for one head: keep the top-k of `count`
- * candidate scores, softmax them with the online logit, mix the online output with theirs. */
+ * candidate scores, softmax them with the online logit, mix the online output with theirs.
+ * work: 2·(count + 1) floats. */
 static void select_and_blend(float *online, const float *scores, const float *candidates, int count, float online_logit,
-                             int top_k, int dim) {
-    int chosen[64];
-    float logits[65];
-    int k = top_k < count ? top_k : count;
-    if (k > 64) k = 64;
+                             int top_k, int dim, float *work) {
+    const int k = top_k < count ? top_k : count;
+    float *logits = work;
+    int *chosen = (int *)(work + count + 1);
     for (int i = 0; i < k; i++) {  /* top-k, largest first; the earlier index wins a tie (as torch.topk here) */
         int best = -1;
         for (int j = 0; j < count; j++) {
@@ -235,6 +235,7 @@ static void gated_deltanet(LrState *state, const LrLayer *L, int slot_index, con
     float *o = lr_take(state, (size_t)W), *update = lr_take(state, (size_t)d), *route = lr_take(state, (size_t)W);
     const int candidates_max = (state->segments > state->max_steps ? state->segments : state->max_steps) + 1;
     float *scores = lr_take(state, (size_t)candidates_max), *reads = lr_take(state, (size_t)candidates_max * d);
+    float *work = lr_take(state, 2 * (size_t)candidates_max);
     lr_project(state, &L->in_proj, x, projected);
     const float *z = projected + width, *b = z + W, *a = b + H;
     float *history = slot->part[LR_PART_CONV];  /* [3W, 3]: the last three conv inputs per channel */
@@ -269,7 +270,7 @@ static void gated_deltanet(LrState *state, const LrLayer *L, int slot_index, con
                 scores[j] = dot(route + (size_t)h * d, segment_keys + ((size_t)j * H + h) * d, d) / sqrtf((float)d);
                 read_state(segment_states + ((size_t)j * H + h) * d * d, q + (size_t)h * d, d, reads + (size_t)j * d);
             }
-            select_and_blend(o + (size_t)h * d, scores, reads, first, L->memory_online_bias[h], c->mc_top_k, d);
+            select_and_blend(o + (size_t)h * d, scores, reads, first, L->memory_online_bias[h], c->mc_top_k, d, work);
         }
         for (int i = 0; i < W; i++) key_sum[i] += k[i];
         if ((pos + 1) % size == 0) {  /* the segment is complete: cache its state and mean key */
@@ -296,7 +297,7 @@ static void gated_deltanet(LrState *state, const LrLayer *L, int slot_index, con
                     scores[s] = dot(route + (size_t)h * d, key, d) / sqrtf((float)d);
                     read_state(earlier->part[LR_PART_STATE] + (size_t)h * d * d, q + (size_t)h * d, d, key);
                 }
-                select_and_blend(o + (size_t)h * d, scores, reads, step, L->loop_online_bias[h], c->loop_mc_top_k, d);
+                select_and_blend(o + (size_t)h * d, scores, reads, step, L->loop_online_bias[h], c->loop_mc_top_k, d, work);
             }
         }
     }

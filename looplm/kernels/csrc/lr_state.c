@@ -51,23 +51,30 @@ static size_t part_floats(const LrState *state, char kind, int part) {
     return 0;
 }
 
-size_t lr_scratch_floats(const LrModel *model, int max_len) {
+size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
+    /* The deepest chain of lr_take calls: run_token → lr_core_step → one of (injection, a layer
+     * → its mixer or its FFN, depth LoRA); each piece rounded up to 16 floats (PAD). */
     const LrConfig *c = &model->config;
-    const size_t D = c->d_model, H = c->n_heads, d = c->head_dim, W = H * d, L = max_len;
-    const size_t candidates = (c->mc_segment_size ? L / c->mc_segment_size + 1 : 1) + 64;
-    size_t mixer = (2 * H + 2 * (size_t)c->n_kv_heads) * d + H * d + H * (L + 1);            /* attention */
-    size_t mla = H * (d + c->mla_rope_dim) + c->mla_kv_rank + c->mla_rope_dim + 2 * (size_t)c->mla_kv_rank + L + 1
-                 + H * d + c->mla_q_rank;
-    size_t gdn = 4 * W + 2 * H + 3 * W + W + d + W + candidates * (d + 1);
-    size_t rwkv = 7 * D + c->rwkv_decay_rank + 2 * (size_t)c->rwkv_slots;
-    size_t ffn = 2 * (size_t)c->ffn_hidden + D
-                 + 2 * (size_t)c->n_experts + 2 * (size_t)c->expert_hidden * (c->n_shared_experts + 1) + D + c->moe_top_k;
-    size_t largest = mixer;
-    if (mla > largest) largest = mla;
-    if (gdn > largest) largest = gdn;
-    if (rwkv > largest) largest = rwkv;
-    /* a layer's own vectors, its mixer and FFN, and the loop's: each piece rounded up to 16 floats */
-    return 3 * D + largest + ffn + 8 * D + c->depth_lora_rank + 64 * 16 + candidates * 16;
+    const size_t PAD = 16, D = c->d_model, H = c->n_heads, d = c->head_dim, W = H * d, L = max_len;
+    const size_t segments = c->mc_segment_size ? L / c->mc_segment_size + 1 : 1;
+    const size_t candidates = (segments > (size_t)max_steps ? segments : (size_t)max_steps) + 1;
+    const size_t attention = (2 * H + 2 * (size_t)c->n_kv_heads) * d + H * d + H * (L + 1) + 3 * PAD;
+    const size_t latent = H * (d + c->mla_rope_dim) + 3 * (size_t)c->mla_kv_rank + c->mla_rope_dim + L + 1 + H * d
+                          + c->mla_q_rank + 7 * PAD;
+    const size_t deltanet = 4 * W + 2 * H + 3 * W + W + d + W + candidates * (d + 3) + 8 * PAD;
+    const size_t rwkv = 7 * D + c->rwkv_decay_rank + 2 * (size_t)c->rwkv_slots + 8 * PAD;
+    size_t hidden = c->ffn_hidden;
+    if ((size_t)c->expert_hidden * c->n_shared_experts > hidden) hidden = (size_t)c->expert_hidden * c->n_shared_experts;
+    const size_t swiglu = 2 * hidden + PAD;
+    const size_t mixture = 2 * (size_t)c->n_experts + 2 * (size_t)c->expert_hidden + D + c->moe_top_k + 5 * PAD + swiglu;
+    size_t largest = attention;
+    const size_t parts[] = {latent, deltanet, rwkv, D + PAD + swiglu, mixture};
+    for (int i = 0; i < 5; i++) largest = parts[i] > largest ? parts[i] : largest;
+    const size_t layer = 3 * D + 3 * PAD + largest;
+    size_t step = layer;  /* lr_core_step's own update, then the largest of what it calls */
+    if (2 * D + PAD > step) step = 2 * D + PAD;
+    if (c->depth_lora_rank + D + 2 * PAD > step) step = c->depth_lora_rank + D + 2 * PAD;
+    return 4 * D + c->vocab + 5 * PAD + D + PAD + step + PAD;
 }
 
 /* 1 + the earlier slot whose K/V storage slot `s` shares for part `p`, or 0 when it has its own. */
@@ -103,7 +110,7 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
     state->slot = lr_calloc((size_t)state->slots, sizeof(LrSlot), error);
     state->gates_state = lr_calloc((size_t)c->core * c->d_model, sizeof(float), error);
     state->loop_storages = lr_calloc((size_t)state->slots, sizeof(int), error);
-    state->scratch_floats = lr_scratch_floats(model, max_len);
+    state->scratch_floats = lr_scratch_floats(model, max_len, max_steps);
     state->scratch = lr_calloc(state->scratch_floats, sizeof(float), error);
     if (!state->slot || !state->gates_state || !state->loop_storages || !state->scratch) goto fail;
     /* slot kinds and attention storage indices, assigned in slot order as KVCache does */

@@ -147,7 +147,6 @@ typedef struct {
     float *gates_state;     /* [core, D]: the running mean G of each core layer's updates (global gates) */
     float *saved;           /* first / avg layouts: [loop attention storages, 2, Hkv·width] of this position */
     int *loop_storages, loop_storage_count;
-    double log_survival;
 } LrState;
 
 /* A state for `max_len` positions and `max_steps` loop steps under KV layout `layout` (LR_*),
@@ -203,8 +202,8 @@ int lr_token(LrState *state, int token, int pos, const LrExit *exit, float *logi
 int lr_prefill(LrState *state, const int *tokens, int count, int start, const LrExit *exit, float *logits,
                int *best);
 
-/* Scratch floats one token needs (for callers that size buffers). */
-size_t lr_scratch_floats(const LrModel *model, int max_len);
+/* Scratch floats one token needs at most, for `max_len` positions and `max_steps` loop steps. */
+size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps);
 /* "avx512", "avx2" or "scalar": which matvec paths this build compiled. */
 const char *lr_simd(void);
 
