@@ -22,8 +22,8 @@ import torch
 from looplm.config import TrainConfig, preset
 from looplm.generate import FixedSteps, generate
 from looplm.model.lm import LoopLM
-from looplm.train.objectives import compute_loss
-from looplm.train.trainer import make_optimizer
+from looplm.training.objectives import compute_loss
+from looplm.training.trainer import make_optimizer
 
 
 def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int = 3, repeats: int = 3,
