@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step
@@ -117,7 +118,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
         "plot": str(plot),
         "samples": samples,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     _print_report(results, trained)
     return results
 

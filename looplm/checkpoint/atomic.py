@@ -98,7 +98,10 @@ def atomic_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(staging)
         staging.mkdir()
         try:
-            write(staging)
+            try:
+                write(staging)
+            except LoopLMError as error:  # a nested write's message names the staging path: name the target
+                raise LoopLMError(str(error).replace(str(staging), str(target))) from None
             _fsync_tree(staging)
             if target.exists():
                 retired = staging_path(target, "old")
@@ -139,3 +142,23 @@ def remove_stale_staging(directory: str | Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def refuse_overlap(output: str | Path, inputs, flag: str = "") -> None:
+    """Refuse to write ``output`` when it is, contains, or lies inside one of ``inputs`` (paths or
+    None): replacing it would destroy the input it was asked to read."""
+    target = Path(output).resolve()
+    for item in inputs:
+        if item is None or str(item) in ("", "byte", "bpe"):
+            continue
+        source = Path(item).resolve()
+        if target == source:
+            where = "is"
+        elif target in source.parents:
+            where = "holds"
+        elif source in target.parents:
+            where = "lies inside"
+        else:
+            continue
+        raise LoopLMError(f"{str(output)!r} {where} the input {str(item)!r}: writing{f' with {flag}' if flag else ''}"
+                          " there could destroy it; choose an output apart from the inputs")

@@ -272,17 +272,18 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
 
 def read_gguf_tokenizer(path: str | Path):
     """The tokenizer stored in a GGUF file written by looplm, or None."""
-    return _tokenizer(_open(Path(path)))
-
-
-def _tokenizer(reader):
-    if "tokenizer.huggingface.json" not in reader.fields:
-        return None
     from tokenizers import Tokenizer as HFTokenizer
 
     from looplm.data.tokenizer import Tokenizer
 
-    return Tokenizer(HFTokenizer.from_str(reader.fields["tokenizer.huggingface.json"].contents()))
+    reader = _open(Path(path))
+    if "tokenizer.huggingface.json" not in reader.fields:
+        return None
+    try:
+        return Tokenizer(HFTokenizer.from_str(reader.fields["tokenizer.huggingface.json"].contents()))
+    except Exception as error:  # tokenizers raises its own exception types for a broken tokenizer.json
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise LoopLMError(f"{str(path)!r}: its tokenizer.huggingface.json is not a valid tokenizer ({detail})") from None
 
 
 def is_gguf_path(path: str | Path) -> bool:

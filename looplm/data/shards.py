@@ -124,6 +124,13 @@ class TokenShards:
         self.meta = read_meta(self.directory)
         self.vocab_size: int = self.meta["vocab_size"]
         self.tokens: np.memmap = _open_split(self.directory, split, self.meta)
+        # One pass over the ids (fast next to training on them): an id outside the vocabulary
+        # would index past the embedding, a crash deep inside the model or silent garbage on GPU.
+        largest = int(self.tokens.max())
+        if largest >= self.vocab_size:
+            raise LoopLMError(f"shard file '{self.directory / f'{split}.bin'}' holds token id {largest}, outside the"
+                              f" vocabulary of {self.vocab_size} that meta.json gives: the shards are damaged;"
+                              " write them again")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

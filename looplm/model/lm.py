@@ -227,6 +227,12 @@ class LoopLM(nn.Module):
         """[..., D] → exit-gate logits z [...]."""
         return self.exit_gate(readout).squeeze(-1)
 
+    def balance_experts(self) -> None:
+        """Update every MoE layer's balancing bias from the loads its forwards counted (the trainer
+        calls this once per optimiser step; ``looplm.model.moe``)."""
+        for layer in self.moe_layers:
+            layer.apply_balance()
+
     @property
     def needs_carry(self) -> bool:
         """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
