@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -82,6 +83,7 @@ from looplm.bench import cpu_name, time_decode  # noqa: E402
 from looplm.config import DataConfig, RunConfig, TrainConfig, preset  # noqa: E402
 from looplm.data.source import TrainingData  # noqa: E402
 from looplm.data.tokenizer import byte_tokenizer  # noqa: E402
+from looplm.eval.depth import loss_by_step  # noqa: E402
 from looplm.exit_policy import FixedSteps, QExit  # noqa: E402
 from looplm.train.mfu import peak_tflops_for_name  # noqa: E402
 from looplm.train.trainer import Trainer  # noqa: E402
@@ -133,7 +135,7 @@ DRY = Sizes(device="cpu",
                                              max_seq_len=64),
                     "100m": ModelConfig(vocab_size=320, d_model=48, n_heads=2, n_core_layers=1, loop_steps=2,
                                         max_seq_len=64)},
-            batch={"reference": (4, 16), "100m": (4, 16)}, train_steps=8, log_every=4, lr=1e-2,
+            batch={"reference": (4, 16), "100m": (4, 16)}, train_steps=10, log_every=4, lr=1e-2,
             decode_prompt=8, decode_tokens=12, speed_prompt=8, speed_tokens=8, speed_repeats=1,
             batch_rows=4, batch_tokens=6, serve_requests=3, serve_tokens=4, torchrun_steps=2,
             torchrun_timeout_s=120, threads=1, time_scale=0.05)
@@ -320,7 +322,7 @@ def generated_tokens(vocab: int, seq_len: int, seed: int = 0) -> TrainingData:
                                                   fresh[:, position])
         return tokens[:, :-1], tokens[:, 1:]
 
-    validation = [batch(4, torch.Generator().manual_seed(seed + 1))]
+    validation = [batch(8, torch.Generator().manual_seed(seed + 1))]
     return TrainingData(byte_tokenizer(), seq_len, batch, validation, description="generated tokens")
 
 
@@ -336,23 +338,26 @@ def check_training(sizes: Sizes, shape: str, compiled: bool) -> Outcome:
                     train=TrainConfig(steps=sizes.train_steps, batch_size=rows, seq_len=length, lr=sizes.lr,
                                       warmup_steps=max(sizes.train_steps // 8, 1), eval_every=0,
                                       log_every=sizes.log_every, device=sizes.device, compile=compiled))
+    data = generated_tokens(config.vocab_size, length)
     breaks_before = graph_breaks()
     with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as out:
-        trainer = Trainer(run, out, progress=False, data=generated_tokens(config.vocab_size, length))
+        trainer = Trainer(run, out, progress=False, data=data)
+        before = held_out_loss(trainer.model, data)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with SyncProbe(trainer, cuda) as probe:
             result = trainer.train()
+        after = held_out_loss(trainer.model, data)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steady = [record for record in records if "tokens_per_s" in record][-1]  # the last window: no compilation
-    first, last = result.losses[0], statistics.fmean(result.losses[-5:])
     figures = {"parameters": trainer.model.num_parameters(), "batch": f"{rows} x {length}",
-               "steps": result.steps_done, "loss_first": first, "loss_last5_mean": last,
-               "tokens_per_s": steady["tokens_per_s"], "achieved_tflops": steady["achieved_tflops"],
-               "mfu": steady.get("mfu"), "peak_tflops": steady.get("peak_tflops"), "train_seconds": result.seconds}
+               "steps": result.steps_done, "held_out_loss_before": before, "held_out_loss_after": after,
+               "last_logged_loss": steady["loss"], "tokens_per_s": steady["tokens_per_s"],
+               "achieved_tflops": steady["achieved_tflops"], "mfu": steady.get("mfu"),
+               "peak_tflops": steady.get("peak_tflops"), "train_seconds": result.seconds}
     problems = []
-    if not last < 0.95 * first:
-        problems.append(f"the loss did not fall: {first:.3f} at step 1, {last:.3f} over the last 5 steps")
+    if not after < 0.95 * before:
+        problems.append(f"the held-out loss did not fall: {before:.3f} before training, {after:.3f} after")
     if cuda:
         figures["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         quiet = probe.quiet_step_syncs(result.steps_done, sizes.log_every)
@@ -369,7 +374,7 @@ def check_training(sizes: Sizes, shape: str, compiled: bool) -> Outcome:
         "MFU: unknown GPU peak" if cuda else "MFU not applicable (CPU)")
     syncs = ("syncs in quiet steps: " + (", ".join(short_line(w) for w in figures["host_syncs_in_quiet_steps"])
                                          or "none")) if cuda else "syncs n/a"
-    summary = (f"{figures['parameters'] / 1e6:.1f} M params; loss {first:.2f} → {last:.2f}; "
+    summary = (f"{figures['parameters']:,} parameters; held-out loss {before:.2f} → {after:.2f}; "
                f"{figures['tokens_per_s']:,.0f} tokens/s; {mfu}; {syncs}")
     if compiled:
         summary += f"; graph breaks: {sum(figures['graph_breaks'].values())}"
@@ -398,7 +403,8 @@ def check_decode_matches_cpu(sizes: Sizes) -> Outcome:
                 problems.append(f"float32 {backend} backend: token {agree} differs from the CPU's (CPU logit margin"
                                 f" there {margins[agree]:.2e})")
             if not figures[f"float32_{backend}_q_exit_equal"]:
-                problems.append(f"float32 {backend} backend under Q-exit 0.5: tokens or exit steps differ from the CPU's")
+                problems.append(f"float32 {backend} backend under Q-exit 0.5: tokens or exit steps differ from"
+                                " the CPU's")
     model = model.to(torch.bfloat16)
     for backend in ("torch", "reference"):
         got = generate(model, prompt, count, backend=backend, **options)
@@ -427,13 +433,15 @@ def check_decode_cuda_graphs(sizes: Sizes) -> Outcome:
         first_call = time.perf_counter() - started
         graphs = time_decode(model, **timing, compile_steps=True)
     cuda = sizes.device == "cuda"
-    figures = {"eager_tokens_per_s": eager["decode_tokens_per_s"], "compiled_tokens_per_s": graphs["decode_tokens_per_s"],
+    figures = {"eager_tokens_per_s": eager["decode_tokens_per_s"],
+               "compiled_tokens_per_s": graphs["decode_tokens_per_s"],
                "speedup": graphs["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
                "first_compiled_call_s": first_call, "eager_prefill_tokens_per_s": eager["prefill_tokens_per_s"],
                "cudagraph_skips": skips if cuda else "not applicable (CPU)"}
     problems = []
     if compiled_ids != eager_ids:
-        problems.append(f"compiled decode gives other tokens than eager from token {leading_agreement(compiled_ids, eager_ids)}")
+        problems.append("compiled decode gives other tokens than eager from token"
+                        f" {leading_agreement(compiled_ids, eager_ids)}")
     if cuda and skips:
         problems.append("inductor skipped CUDA graphs: " + "; ".join(sorted(set(skips))))
     what = "CUDA graphs" if cuda else "compiled (aot_eager)"
@@ -446,7 +454,8 @@ def check_batched_q_exit(sizes: Sizes) -> Outcome:
     """Batched decode with Q-exit against fixed depth: applications and wall time saved."""
     model = decode_model(sizes.shapes["reference"]).to(sizes.device)
     generator = torch.Generator().manual_seed(2)
-    lengths = torch.randint(sizes.decode_prompt // 2, 2 * sizes.decode_prompt + 1, (sizes.batch_rows,), generator=generator)
+    lengths = torch.randint(sizes.decode_prompt // 2, 2 * sizes.decode_prompt + 1, (sizes.batch_rows,),
+                            generator=generator)
     prompts = [torch.randint(0, model.config.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
     options = dict(stop_ids=[])
     with float32_matmuls("highest"):
@@ -468,7 +477,8 @@ def check_batched_q_exit(sizes: Sizes) -> Outcome:
     if q_exit.saved_fraction <= 0:
         problems.append("Q-exit saved no layer applications")
     summary = (f"batch {len(prompts)}, q 0.5: {q_exit.saved_fraction:.0%} of layer applications saved, wall "
-               f"{fixed_s:.2f} s → {q_exit_s:.2f} s ({figures['time_saved']:+.0%} saved); rows = batch-1: {equal}/{checked}")
+               f"{fixed_s:.2f} s → {q_exit_s:.2f} s ({figures['time_saved']:+.0%} saved); rows = batch-1:"
+               f" {equal}/{checked}")
     return Outcome(figures, summary, problems)
 
 
@@ -527,16 +537,23 @@ def check_torchrun(sizes: Sizes) -> Outcome:
                        "-m", "looplm", "train", "--task", "binding", "--preset", "tiny", "--out", str(out),
                        "--parallel", engine, "--train.device", sizes.device, "--train.steps", str(sizes.torchrun_steps),
                        "--train.batch_size", "8", "--train.eval_every", "0"]
-            launched[engine] = (subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.PIPE, text=True), out, time.perf_counter())
-        for engine, (process, out, started) in launched.items():
+            # Output to files (a full pipe would stall a process not being read); a session of its own, so a
+            # hung run is ended with its worker.
+            with open(Path(work) / f"{engine}.out", "w") as stdout, open(Path(work) / f"{engine}.err", "w") as stderr:
+                process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=stdout, stderr=stderr,
+                                           start_new_session=True)
+            launched[engine] = (process, out)
+        deadline = time.perf_counter() + sizes.torchrun_timeout_s
+        for engine, (process, out) in launched.items():
             try:
-                stdout, stderr = process.communicate(timeout=sizes.torchrun_timeout_s)
+                process.wait(timeout=max(deadline - time.perf_counter(), 1))
             except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
                 problems.append(f"{engine}: no exit within {sizes.torchrun_timeout_s:.0f} s")
-            result = {"exit_status": process.returncode, "seconds": time.perf_counter() - started}
+            stdout, stderr = ((Path(work) / f"{engine}.{kind}").read_text() for kind in ("out", "err"))
+            result = {"exit_status": process.returncode,
+                      "seconds": time.perf_counter() - deadline + sizes.torchrun_timeout_s}
             checkpoints = sorted((out / "checkpoints").glob("step_*"))
             if process.returncode != 0:
                 problems.append(f"{engine}: exit status {process.returncode}: {tail(stderr)}")
@@ -549,7 +566,8 @@ def check_torchrun(sizes: Sizes) -> Outcome:
             figures[engine] = result
     backend = "NCCL" if sizes.device == "cuda" else "gloo"
     summary = f"{backend}: " + "; ".join(
-        f"{engine} exit {result['exit_status']}, {result.get('checkpoint', 'no checkpoint')} ({result['seconds']:.0f} s)"
+        f"{engine} exit {result['exit_status']}, {result.get('checkpoint', 'no checkpoint')}"
+        f" ({result['seconds']:.0f} s)"
         for engine, result in figures.items())
     return Outcome(figures, summary, problems)
 
@@ -575,6 +593,12 @@ def float32_matmuls(precision: str):
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def held_out_loss(model: LoopLM, data: TrainingData) -> float:
+    """Cross-entropy of the last loop step on the data's validation batches (float32, no autocast)."""
+    with torch.no_grad():
+        return loss_by_step(model, data.validation)["loss_by_step"][-1]
 
 
 def greedy_margins(model: LoopLM, prompt: list[int], generated: list[int]) -> list[float]:

@@ -31,7 +31,7 @@ def test_dry_run_passes_every_check(tmp_path, gpu_check):
     assert finished.returncode == 0 and report["passed"]
     assert report["device"]["mode"] == "dry-run (CPU)" and report["device"]["cpu"]
     training = next(entry for entry in report["checks"] if entry["name"] == "train_reference_eager")
-    assert training["figures"]["loss_last5_mean"] < training["figures"]["loss_first"]
+    assert training["figures"]["held_out_loss_after"] < training["figures"]["held_out_loss_before"]
     torchrun = next(entry for entry in report["checks"] if entry["name"] == "torchrun")["figures"]
     assert torchrun["ddp"]["checkpoint_loads"] and torchrun["fsdp"]["checkpoint_loads"]
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "| pass |" in line]
