@@ -9,7 +9,7 @@ check starts):
 - ``train_*``: bf16 autocast training through the real ``Trainer`` on generated token data
   (no download): the ``reference`` preset and a ~100M-parameter looped config (d 768, 12 core
   layers x T 4, vocab 4096), eager and under ``torch.compile``.  The held-out loss must fall; tokens/s,
-  achieved TFLOP/s and MFU (``looplm.train.mfu``) come from the trainer's own ``metrics.jsonl``.
+  achieved TFLOP/s and MFU (``looplm.training.mfu``) come from the trainer's own ``metrics.jsonl``.
   On CUDA, torch's sync debug mode ("warn") reports every call where the host waits for the GPU;
   a wait in a step that does not log fails the check and names the source line.
 - ``decode_matches_cpu``: greedy tokens on the GPU in float32 (TF32 off) equal the CPU's float32
@@ -85,8 +85,8 @@ from looplm.data.source import TrainingData  # noqa: E402
 from looplm.data.tokenizer import byte_tokenizer  # noqa: E402
 from looplm.eval.depth import loss_by_step  # noqa: E402
 from looplm.exit_policy import FixedSteps, QExit  # noqa: E402
-from looplm.train.mfu import peak_tflops_for_name  # noqa: E402
-from looplm.train.trainer import Trainer  # noqa: E402
+from looplm.training.mfu import peak_tflops_for_name  # noqa: E402
+from looplm.training.trainer import Trainer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def timed(sizes: Sizes, function):
 
 
 def short_line(where: str) -> str:
-    """"looplm/train/trainer.py:201 `x`" → "trainer.py:201"."""
+    """"looplm/training/trainer.py:201 `x`" → "trainer.py:201"."""
     return Path(where.split(" ", 1)[0]).name
 
 

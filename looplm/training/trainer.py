@@ -233,7 +233,7 @@ class Trainer:
             grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
             for _ in range(config.grad_accum):
                 inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
-                inputs, targets = self.dist.rows(inputs).to(self.device), self.dist.rows(targets).to(self.device)
+                inputs, targets = (to_device(self.dist.rows(tensor), self.device) for tensor in (inputs, targets))
                 with autocast:
                     loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                 (loss_result.loss / config.grad_accum).backward()
@@ -416,6 +416,13 @@ def matmul_flops_per_token(model: LoopLM, steps: int, grad_steps: int) -> dict:
     reaches_prelude = grad_steps == steps or model.injection is not None
     backward = 4 * (grad_steps * per_step + (prelude if reaches_prelude else 0))
     return {"forward_flops_per_token": forward, "backward_flops_per_token": backward}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto ``device``: to a GPU through pinned memory without the host waiting."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @contextlib.contextmanager
