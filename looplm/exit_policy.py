@@ -80,8 +80,8 @@ class HiddenDiffExit(_Bounded):
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.epsilon < 0:
-            raise LoopLMError(f"the hidden-difference epsilon must be >= 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise LoopLMError(f"the hidden-difference epsilon must be a finite number >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
 
@@ -95,8 +95,8 @@ class KLExit(_Bounded):
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.epsilon < 0:
-            raise LoopLMError(f"the KL epsilon must be >= 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise LoopLMError(f"the KL epsilon must be a finite number >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
 
@@ -119,6 +119,17 @@ class ACTExit(_Bounded):
 
 
 ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit
+
+# A generation may run at most this many times the trained loop steps: extrapolation costs time
+# and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
+MAX_STEPS_FACTOR = 4
+
+
+def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
+    """Refuse a policy that runs more than ``MAX_STEPS_FACTOR`` × the trained loop steps."""
+    if policy.max_steps(trained_steps) > MAX_STEPS_FACTOR * trained_steps:
+        raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained_steps} ({MAX_STEPS_FACTOR} x the trained"
+                          f" {trained_steps}), got {policy.max_steps(trained_steps)}")
 EXIT_KINDS = ("static", "q", "hidden", "kl", "act")
 
 

@@ -187,9 +187,10 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
     _patch_tensor_type(tmp_path / "q4.gguf", "blk.0.attn_qkv.weight", int(gguf.GGMLQuantizationType.Q4_0))
     assert "blk.0.attn_qkv.weight has ggml type 2" in one_error_line(run(looplm_run, tmp_path / "q4.gguf"))
     # a config key from a newer looplm, and a file without the noise table this config needs
+    import looplm.checkpoint.gguf as gguf_format
     import looplm.interop.gguf as gguf_io
 
-    monkeypatch.setattr(gguf_io, "asdict", lambda config: {**vars(config), "future_feature": 1})
+    monkeypatch.setattr(gguf_format, "asdict", lambda config: {**vars(config), "future_feature": 1})
     newer = export_gguf(model, tmp_path / "newer.gguf")
     assert "unknown key future_feature" in one_error_line(run(looplm_run, newer))
     monkeypatch.undo()
@@ -199,12 +200,17 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
     line = one_error_line(run(looplm_run, good, prompt=[token % 64 for token in too_long]))
     assert f"the prompt has {CONTEXT + 1} tokens, longer than the context of {CONTEXT}" in line
     for arguments, message in ((["-q", "2"], "q must be in [0, 1]"), (["--steps", "0"], "steps must be >= 1"),
+                               (["--steps", "13"], "steps must be at most 12 (4 x the trained 3)"),
                                (["--layout", "diagonal"], "KV layout must be one of"),
                                (["--bogus"], "unknown option --bogus"), (["--prompt", "hi"], "give --prompt TEXT or")):
         assert message in one_error_line(run(looplm_run, good, *arguments))
     assert "outside the vocabulary" in one_error_line(run(looplm_run, good, prompt=[1, 99]))
     assert "no tokenizer" in one_error_line(run(looplm_run, good, "--prompt", "hi", prompt=None))
     assert "cannot open" in one_error_line(run(looplm_run, tmp_path / "missing.gguf"))
+    broken = build_model("ouro")
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")  # an overflowed model: NaN reaches every logit
+    assert "not finite" in one_error_line(run(looplm_run, export_gguf(broken, tmp_path / "nan.gguf"), "-n", "4"))
     from looplm.data.tokenizer import byte_tokenizer  # 259 tokens for a model of 64
 
     monkeypatch.undo()

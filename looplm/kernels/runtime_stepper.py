@@ -2,7 +2,7 @@
 (``csrc/runtime.h``), the same C code the standalone ``looplm-run`` program runs.
 
 The model is described to C as ``looplm-run`` reads it from a GGUF file: the config as JSON, then
-every tensor under its GGUF name (``looplm.interop.gguf.gguf_name``), read in place (int8
+every tensor under its GGUF name (``looplm.checkpoint.gguf.gguf_name``), read in place (int8
 ``Int8Linear`` layers as their Q8_0 values and scales).  The state's cache slots are the
 ``KVCache``'s own tensors, so the batched torch prefill, the Python layout rules of the per-step
 path and this stepper read and write the same storage.  Same methods as
@@ -66,7 +66,8 @@ def bound_tensors(model):
     """(GGUF name, tensor) for every tensor the runtime reads: the state dict's under their GGUF
     names (an ``Int8Linear`` as (values, scales) under its weight's name) and the derived ones
     (the eval noise table)."""
-    from looplm.interop.gguf import derived_tensors, gguf_name
+    from looplm.checkpoint.gguf import gguf_name
+    from looplm.model.loading import derived_tensors
 
     int8 = {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     for name, tensor in model.state_dict().items():

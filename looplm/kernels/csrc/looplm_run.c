@@ -21,6 +21,7 @@
 #include <omp.h>
 #endif
 
+#define MAX_STEPS_FACTOR 4  /* at most 4 x the trained T, as looplm.exit_policy.MAX_STEPS_FACTOR */
 #define DUMP_MAGIC "LPLMLGT1"  /* the debug dump: magic, u32 vocab, then (i32 position, i32 step, f32[vocab])… */
 
 static const char USAGE[] =
@@ -151,7 +152,12 @@ static int by_logit_descending(const void *a, const void *b) {
 }
 
 static int sample(float *logits, int vocab, const Options *o, float *pairs) {
-    if (o->temperature == 0) return lr_argmax(logits, vocab);
+    const int best = lr_argmax(logits, vocab);
+    for (int i = 0; i < (o->temperature == 0 ? 1 : vocab); i++)  /* NaN reaches every logit: greedy checks one */
+        if (!isfinite(logits[o->temperature == 0 ? best : i]))
+            die("the model's next-token scores are not finite (NaN or inf): it has overflowed; use fewer --steps"
+                " (closer to the trained loop steps) or check the file's weights");
+    if (o->temperature == 0) return best;
     for (int i = 0; i < vocab; i++) {
         pairs[2 * i] = (float)(logits[i] / o->temperature);
         memcpy(&pairs[2 * i + 1], &i, sizeof(int));
@@ -286,6 +292,9 @@ int main(int argc, char **argv) {
     if (o.info) { describe(model, tokenizer, threads); return 0; }
     if (o.q >= 0 && !c->exit_gate) die("Q-exit needs a model with an exit gate: use fixed steps");
     const int max_steps = o.steps > 0 ? (int)o.steps : c->loop_steps;
+    if (max_steps > MAX_STEPS_FACTOR * c->loop_steps)
+        die("steps must be at most %d (%d x the trained %d), got %d", MAX_STEPS_FACTOR * c->loop_steps,
+            MAX_STEPS_FACTOR, c->loop_steps, max_steps);
     if (o.min_steps > max_steps) die("min_steps (%ld) must not exceed steps (%d)", o.min_steps, max_steps);
     const int layout = layout_of(o.layout);
     int count;

@@ -6,7 +6,7 @@
 
 #include "lr_common.h"
 
-#define LOOPLM_FORMAT_VERSION 1  /* looplm.interop.gguf.FORMAT_VERSION this reader knows */
+#define LOOPLM_FORMAT_VERSION 1  /* looplm.checkpoint.gguf.FORMAT_VERSION this reader knows */
 
 typedef struct {
     const uint8_t *base;

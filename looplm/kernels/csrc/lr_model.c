@@ -1,4 +1,4 @@
-/* The model's weights: every tensor bound by its GGUF name (looplm.interop.gguf), checked against
+/* The model's weights: every tensor bound by its GGUF name (looplm.checkpoint.gguf), checked against
  * the shape the config gives it, and the tables derived from them once all are bound.
  *
  * One list, `layer_targets` / `model_targets`, says which tensors a config uses and where each

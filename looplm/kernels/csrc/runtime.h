@@ -4,7 +4,7 @@
  * `native` backend (looplm/kernels/runtime_stepper.py, through ctypes, reading the model's own
  * tensors and KVCache storage).  Both describe a model the same way: the config as JSON (the
  * `looplm.config` string of a GGUF file, `dataclasses.asdict(ModelConfig)` in Python), then every
- * tensor bound by its GGUF name (looplm.interop.gguf.gguf_name), then `lr_model_finish`, which
+ * tensor bound by its GGUF name (looplm.checkpoint.gguf.gguf_name), then `lr_model_finish`, which
  * checks that every tensor the config needs is there with the right shape.
  *
  * A state (`LrState`) holds what decoding keeps between tokens: per cache slot, attention K/V
