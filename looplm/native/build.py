@@ -22,6 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from looplm.cache_dir import cache_directory
+
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
@@ -83,7 +85,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature(),
                                        platform.machine()]).encode()).hexdigest()[:16]
-    directory = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "native"
+    directory = cache_directory("native")
     target = directory / f"decode_kernel-{digest}.so"
     if target.exists():
         return target
