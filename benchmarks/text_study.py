@@ -299,16 +299,15 @@ def verdict(summary: list[dict]) -> str:
 
 
 def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) -> list[str]:
+    """Three figures, one panel per tokenizer: bits/byte by loop step, compute vs quality, the two budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tokenizers = list(dict.fromkeys(entry["tokenizer"] for entry in summary))
-    written = []
 
-    figure, axes = plt.subplots(1, len(tokenizers), figsize=(6 * len(tokenizers), 4.2), dpi=110, squeeze=False)
-    for axis, tokenizer in zip(axes[0], tokenizers):
+    def by_step(axis, tokenizer):
         for entry in summary:
             if entry["tokenizer"] != tokenizer or entry["arm"] != "tokens":
                 continue
@@ -318,36 +317,24 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
             else:
                 axis.axhline(values[0], linestyle="--", linewidth=1, label=f"{entry['variant']} ({entry['layers']} layers)")
         axis.axvline(loop_steps, color="grey", linestyle=":")
-        axis.set(xlabel="loop steps (T marked; later steps extrapolate)", ylabel="bits per byte (held out)",
-                 title=f"{tokenizer}: quality by loop step, equal tokens")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    written.append(_save(plt, figure, out / "bits_per_byte_by_step.png"))
+        return "loop steps (T marked; later steps extrapolate)", f"{tokenizer}: quality by loop step, equal tokens"
 
-    figure, axes = plt.subplots(1, len(tokenizers), figsize=(6 * len(tokenizers), 4.2), dpi=110, squeeze=False)
-    for axis, tokenizer in zip(axes[0], tokenizers):
-        chosen = [row for row in rows if row["tokenizer"] == tokenizer and row["arm"] == "tokens"
-                  and row["seed"] == rows[0]["seed"]]
-        for row in chosen:
-            if "curves" in row:
-                for policy in POLICIES:
-                    points = sorted((point for point in row["curves"] if point["policy"] == policy),
-                                    key=lambda point: point["layer_applications"])
-                    if points and (row["variant"] == "looped" or policy == "q_exit"):
-                        axis.plot([point["layer_applications"] for point in points],
-                                  [point["bits_per_byte"] for point in points], marker=".",
-                                  label=f"{row['variant']} {policy}")
-            else:
+    def compute_quality(axis, tokenizer):
+        for row in rows:
+            if row["tokenizer"] != tokenizer or row["arm"] != "tokens" or row["seed"] != rows[0]["seed"]:
+                continue
+            if "curves" not in row:
                 axis.scatter([row["layer_applications_per_token"]], [row["bits_per_byte"]], zorder=3,
                              label=row["variant"])
-        axis.set(xlabel="layer applications per token (compute)", ylabel="bits per byte (held out)",
-                 title=f"{tokenizer}: compute vs quality, exit policies")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    written.append(_save(plt, figure, out / "compute_quality.png"))
+                continue
+            for policy in POLICIES if row["variant"] == "looped" else ("q_exit",):
+                points = sorted((point for point in row["curves"] if point["policy"] == policy),
+                                key=lambda point: point["layer_applications"])
+                axis.plot([point["layer_applications"] for point in points],
+                          [point["bits_per_byte"] for point in points], marker=".", label=f"{row['variant']} {policy}")
+        return "layer applications per token (compute)", f"{tokenizer}: compute vs quality, exit policies"
 
-    figure, axes = plt.subplots(1, len(tokenizers), figsize=(6 * len(tokenizers), 4.2), dpi=110, squeeze=False)
-    for axis, tokenizer in zip(axes[0], tokenizers):
+    def budgets(axis, tokenizer):
         names = list(dict.fromkeys(entry["variant"] for entry in summary if entry["tokenizer"] == tokenizer))
         for offset, arm in ((-0.2, "tokens"), (0.2, "wall_clock")):
             entries = {entry["variant"]: entry for entry in summary
@@ -357,16 +344,25 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
                      yerr=[entries[name]["bits_per_byte_std"] or 0 for name in names if name in entries],
                      label="equal tokens" if arm == "tokens" else "equal wall clock")
         axis.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        axis.set(ylabel="bits per byte (held out)", title=f"{tokenizer}: the two budgets")
         low = min(entry["bits_per_byte"] for entry in summary if entry["tokenizer"] == tokenizer)
         axis.set_ylim(bottom=max(0.0, low - 0.3))
-        axis.grid(alpha=0.3, axis="y")
-        axis.legend(fontsize=8)
-    written.append(_save(plt, figure, out / "budgets.png"))
-    return written
+        return None, f"{tokenizer}: the two budgets"
+
+    return [_panels(plt, tokenizers, draw, out / name) for draw, name in
+            ((by_step, "bits_per_byte_by_step.png"), (compute_quality, "compute_quality.png"),
+             (budgets, "budgets.png"))]
 
 
-def _save(plt, figure, path: Path) -> str:
+def _panels(plt, tokenizers: list[str], draw, path: Path) -> str:
+    """A figure with one panel per tokenizer; ``draw(axis, tokenizer)`` returns its x label and title."""
+    figure, axes = plt.subplots(1, len(tokenizers), figsize=(6 * len(tokenizers), 4.2), dpi=110, squeeze=False)
+    for axis, tokenizer in zip(axes[0], tokenizers):
+        xlabel, title = draw(axis, tokenizer)
+        axis.set(ylabel="bits per byte (held out)", title=title)
+        if xlabel:
+            axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -164,3 +164,22 @@ def test_hf_offline_without_the_dataset_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("looplm: error:"), result.stderr
     assert "not in the local Hugging Face cache" in lines[0] and "offline" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_data_extra_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    import importlib
+
+    from looplm.data import hub
+
+    real_import = importlib.import_module
+
+    def without_extra(name, *args):
+        if name.split(".")[0] in ("datasets", "pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(hub.importlib, "import_module", without_extra)
+    path = write_parquet(tmp_path / "rows.parquet", text=["a"])
+    for source in (path, "hf:owner/name"):
+        with pytest.raises(LoopLMError, match=r"needs (pyarrow|datasets): pip install 'looplm\[data\]'"):
+            list(read_documents(source))

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from looplm.data.hub import HubSpec, hub_documents
+from looplm.data.hub import HubSpec, hub_documents, import_data_extra
 from looplm.errors import LoopLMError, one_line
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -135,10 +135,7 @@ def _jsonl_text(line: str, file: Path, line_number: int, field: str) -> str:
 
 def _parquet_documents(file: Path, field: str) -> Iterator[str]:
     """The ``field`` strings of a parquet file, one per row, streamed in row batches."""
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise LoopLMError(f"reading '{file}' needs pyarrow: pip install 'looplm[data]'") from None
+    parquet = import_data_extra("pyarrow.parquet", f"reading '{file}'")
     try:
         table = parquet.ParquetFile(file)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError… for a damaged file

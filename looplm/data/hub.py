@@ -13,6 +13,7 @@ network, or ``HF_DATASETS_OFFLINE=1``) is one error line, as is a missing librar
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ class HubSpec:
 
 def load_hub_dataset(spec: HubSpec):
     """The ``datasets.Dataset`` that ``spec`` names, from disk, the local cache or the Hub."""
-    datasets = _require_datasets()
+    datasets = import_data_extra("datasets", "hf: data")
     try:
         if _saved_to_disk(Path(spec.name)):
             return _split_of(datasets.load_from_disk(spec.name), spec, datasets)
@@ -104,12 +105,12 @@ def hub_record(spec: HubSpec) -> dict:
             "rows": dataset.num_rows, "fingerprint": getattr(dataset, "_fingerprint", None), "cache_files": files}
 
 
-def _require_datasets():
+def import_data_extra(module: str, purpose: str):
+    """``module`` of the optional ``data`` extra (datasets, pyarrow), or one line saying how to install it."""
     try:
-        import datasets
+        return importlib.import_module(module)
     except ImportError:
-        raise LoopLMError("hf: data needs the datasets library: pip install 'looplm[data]'") from None
-    return datasets
+        raise LoopLMError(f"{purpose} needs {module.split('.')[0]}: pip install 'looplm[data]'") from None
 
 
 def _saved_to_disk(path: Path) -> bool:
