@@ -178,3 +178,24 @@ def test_a_failed_run_leaves_no_data_that_a_rerun_with_other_data_trains_on(corp
     assert rerun.returncode == 0, rerun.stderr
     train_tokens = read_meta(prepared_shards(str(b), tmp_path / "elsewhere"))["train_tokens"]
     assert f"{train_tokens:,} training tokens from {b}" in rerun.stderr
+
+
+def test_a_fresh_run_refuses_the_metrics_of_a_run_killed_before_its_first_save(corpora, tmp_path):
+    from looplm.train.trainer import Trainer
+
+    a, b = corpora
+    run_dir = tmp_path / "run"
+    config = RunConfig(ModelConfig(vocab_size=259, d_model=32, n_heads=4, n_core_layers=1, loop_steps=2,
+                                   max_seq_len=64),
+                       TrainConfig(steps=2, batch_size=4, seq_len=32, eval_every=0, warmup_steps=1, log_every=1),
+                       DataConfig(path=str(a)))
+    trainer = Trainer(config, run_dir, progress=False)
+    trainer.save = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # killed before the checkpoint lands
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert metrics and not (run_dir / "checkpoints").exists()
+    config.data = DataConfig(path=str(b))
+    with pytest.raises(LoopLMError, match="earlier run that saved no checkpoint"):
+        Trainer(config, run_dir, progress=False)
+    assert (run_dir / "metrics.jsonl").read_text() == metrics

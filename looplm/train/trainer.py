@@ -35,7 +35,7 @@ from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_d
 from looplm.train.curriculum import loop_curriculum_depth
 from looplm.train.distributed import Distributed
 from looplm.train.distill import distillation_kl, loop_penalty_weight
-from looplm.train.loggers import MetricsLogger, open_metrics_logger, require
+from looplm.train.loggers import METRICS_FILE, MetricsLogger, open_metrics_logger, require
 from looplm.train.mfu import device_peak_tflops, model_flops_utilization
 from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
 from looplm.train.optim import make_optimizer  # train.optimizer: AdamW, or Muon + AdamW as one optimiser
@@ -99,6 +99,9 @@ class Trainer:
         if not resume and checkpoints.is_dir() and any(checkpoints.glob("step_*")):
             raise LoopLMError(f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue"
                               " or choose another --out")
+        if not resume and (self.out_dir / METRICS_FILE).is_file():  # a run stopped before its first save
+            raise LoopLMError(f"{str(self.out_dir)!r} holds the {METRICS_FILE} of an earlier run that saved no"
+                              " checkpoint: choose another --out, or delete that file to start again there")
         _seed_everything(config.seed)
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
