@@ -80,7 +80,7 @@ from looplm.data.tokenizer import Tokenizer
 from looplm.errors import LoopLMError
 from looplm.eval import curves
 from looplm.eval.text import bits_per_byte, layer_applications, saving_within, scored_tokens_and_bytes
-from looplm.train.trainer import train
+from looplm import train
 
 NANOGPT_TOKENS = 2000 * 12 * 64
 HEADLINE = ("looped", "dense_params", "dense_compute", "nanogpt")

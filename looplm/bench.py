@@ -22,8 +22,8 @@ import torch
 from looplm.config import TrainConfig, preset
 from looplm.generate import FixedSteps, generate
 from looplm.model.lm import LoopLM
-from looplm.train.objectives import compute_loss
-from looplm.train.trainer import make_optimizer
+from looplm.training.objectives import compute_loss
+from looplm.training.trainer import make_optimizer
 
 
 def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int = 3, repeats: int = 3,
@@ -206,7 +206,7 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     if compile_model:
         results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
     decode_model = LoopLM(config)
-    from looplm.native import load_kernel, unavailable_reason
+    from looplm.kernels import load_kernel, unavailable_reason
 
     # The headline decode rate is the default backend's (native where it builds); the torch
     # and reference paths are timed in the same run as baselines.

@@ -10,6 +10,6 @@ import os
 from pathlib import Path
 
 
-def cache_directory(*parts: str) -> Path:
+def cache_path(*parts: str) -> Path:
     """``$LOOPLM_CACHE/part/…`` (not created here)."""
     return Path(os.environ.get("LOOPLM_CACHE") or Path.home() / ".cache" / "looplm", *parts)

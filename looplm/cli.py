@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
     train.add_argument("--upcycle", metavar="CKPT", help="start from a checkpoint of another shape (more layers,"
-                       " more loop steps; looplm.train.upcycle): its model config, changed by --model.* options")
+                       " more loop steps; looplm.training.upcycle): its model config, changed by --model.* options")
     train.add_argument("--stage", type=int, choices=[1, 2], default=None,
                        help="2 = Ouro Stage II: freeze the model and train only the exit gate on the measured"
                             " per-step improvement (needs --init)")
@@ -298,7 +298,7 @@ def run_serve(args) -> None:
 
     from looplm.serve.app import ServerConfig, check_generation_options, create_app
     from looplm.serve.engine import Engine
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     check_generation_options(None, args.exit, args.steps, args.layout)
     if args.max_tokens_default < 0:
@@ -321,7 +321,7 @@ def run_serve(args) -> None:
 def run_train(args, extra: list[str]) -> None:
     from looplm.config import RunConfig, apply_overrides, model_config_from_json, preset, read_config_file
     from dataclasses import asdict
-    from looplm.train.trainer import Trainer
+    from looplm.training.trainer import Trainer
 
     raw: dict = {}
     if args.preset:
@@ -336,7 +336,7 @@ def run_train(args, extra: list[str]) -> None:
             else:
                 raw[section] = values
     if args.init or args.upcycle:
-        from looplm.train.checkpoint import resolve_checkpoint
+        from looplm.checkpoint.directory import resolve_checkpoint
 
         source = resolve_checkpoint(args.init or args.upcycle)
         source_run = json.loads((source / "run_config.json").read_text()) if (source / "run_config.json").is_file() else {}
@@ -399,7 +399,7 @@ def _train_summary_line(summary: dict) -> str:
 
 def run_generate(args) -> None:
     from looplm.generate import Sampling, make_exit_policy, stream, Generation
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -468,7 +468,8 @@ def run_eval(args) -> None:
     from looplm.data.source import open_training_data
     from looplm.eval import curves
     from looplm.eval.report import build_report, write_report
-    from looplm.train.checkpoint import load_model, resolve_checkpoint
+    from looplm.checkpoint.directory import resolve_checkpoint
+    from looplm.model.loading import load_model
 
     model = load_model(args.checkpoint)
     if args.int8:
@@ -544,7 +545,7 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 
 def run_export(args) -> None:
     from looplm.interop.gguf import export_gguf
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     model = load_model(args.checkpoint)
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)

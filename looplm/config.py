@@ -28,7 +28,7 @@ LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp", "fsdp")
-LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.train.loggers)
+LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.training.loggers)
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
@@ -227,14 +227,14 @@ class TrainConfig:
     parallel: str = "none"
     activation_checkpointing: bool = False
     spike_factor: float = 0.0
-    # Distillation (looplm.train.distill): a frozen teacher checkpoint.
+    # Distillation (looplm.training.distill): a frozen teacher checkpoint.
     distill_teacher: str | None = None
     distill_teacher_steps: int | None = None
     distill_temperature: float = 1.0
     distill_alpha: float = 0.5
     distill_loop_penalty: float = 0.0
-    # Recipes: loop-step curriculum (looplm.train.curriculum), upcycling (looplm.train.upcycle),
-    # optimiser choice (looplm.train.optim).
+    # Recipes: loop-step curriculum (looplm.training.curriculum), upcycling (looplm.training.upcycle),
+    # optimiser choice (looplm.training.optim).
     loop_curriculum_start: int = 0
     loop_curriculum_steps: int = 0
     upcycle_from: str | None = None
@@ -251,7 +251,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     threads: int = 0
-    # Logging (looplm.train.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
+    # Logging (looplm.training.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
     log_to: str = ""
     wandb_project: str = "looplm"
     run_name: str | None = None

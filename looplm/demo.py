@@ -26,7 +26,7 @@ from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step
 from looplm.generate import QExit, generate
-from looplm.train.trainer import Trainer
+from looplm.training.trainer import Trainer
 
 DEMO_TASK = "binding"
 DEMO_TASK_OPTIONS = {"refs": "offsets", "cells": 12, "hops": 4, "min_hops": 1}

@@ -39,7 +39,7 @@ from looplm.eval import curves
 from looplm.eval.report import build_report, write_report
 from looplm.eval.text import bits_per_byte, saved_share, saving_within, scored_tokens_and_bytes
 from looplm.generate import QExit, Sampling, generate
-from looplm.train.trainer import Trainer
+from looplm.training.trainer import Trainer
 
 TEXT_DEMO_TRAIN_STEPS = 600
 TEXT_DEMO_Q = 0.5

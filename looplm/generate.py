@@ -9,7 +9,7 @@ layout every token runs every step and the exit only picks the readout (Ouro's r
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
 
 Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
-``native`` (a C kernel, ``looplm.native``), ``torch`` (``looplm.fast_decode``) and
+``native`` (a C kernel, ``looplm.kernels``), ``torch`` (``looplm.fast_decode``) and
 ``reference`` (the model's own modules); ``auto`` picks native where it can run.
 """
 
@@ -126,7 +126,7 @@ class Decoder:
         if compile_steps and backend in ("auto", "native"):
             backend = "torch"
         if backend in ("auto", "native"):
-            from looplm.native import NativeStepper, native_unsupported
+            from looplm.kernels.native_stepper import NativeStepper, native_unsupported
 
             reason = native_unsupported(model, self.cache)
             if reason is None:
@@ -189,7 +189,7 @@ class Decoder:
         ``native.stepper.NATIVE_PREFILL_BYTES``); the plain fused loop only."""
         if not self.fused or self.cache.length:
             return False
-        from looplm.native.stepper import NATIVE_PREFILL_BYTES
+        from looplm.kernels.native_stepper import NATIVE_PREFILL_BYTES
 
         return length * self.max_steps * self.stepper.token_step_bytes <= NATIVE_PREFILL_BYTES
 

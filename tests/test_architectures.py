@@ -11,9 +11,9 @@ from looplm.cache import KVCache
 from looplm.config import FAMILY_PRESETS, TrainConfig, preset
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
-from looplm.train.checkpoint import load_model
-from looplm.train.objectives import compute_loss
-from looplm.train.trainer import make_optimizer
+from looplm.model.loading import load_model
+from looplm.training.objectives import compute_loss
+from looplm.training.trainer import make_optimizer
 
 from conftest import tiny_config
 

@@ -169,7 +169,7 @@ def test_hf_offline_without_the_dataset_is_one_line(tmp_path):
 def test_a_missing_data_extra_is_one_line_naming_the_install(tmp_path, monkeypatch):
     import importlib
 
-    from looplm.data import hub
+    from looplm.data import rows
 
     real_import = importlib.import_module
 
@@ -178,7 +178,7 @@ def test_a_missing_data_extra_is_one_line_naming_the_install(tmp_path, monkeypat
             raise ImportError(name)
         return real_import(name, *args)
 
-    monkeypatch.setattr(hub.importlib, "import_module", without_extra)
+    monkeypatch.setattr(rows.importlib, "import_module", without_extra)
     path = write_parquet(tmp_path / "rows.parquet", text=["a"])
     for source in (path, "hf:owner/name"):
         with pytest.raises(LoopLMError, match=r"needs (pyarrow|datasets): pip install 'looplm\[data\]'"):

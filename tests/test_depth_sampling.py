@@ -10,8 +10,8 @@ import torch
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.objectives import compute_loss
-from looplm.train.trainer import Trainer, matmul_flops_per_token, sample_depth
+from looplm.training.objectives import compute_loss
+from looplm.training.trainer import Trainer, matmul_flops_per_token, sample_depth
 
 from conftest import tiny_config
 
@@ -103,7 +103,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(overrides):
 
 
 def test_loss_spike_guard():
-    from looplm.train.trainer import SPIKE_WINDOW, is_loss_spike
+    from looplm.training.trainer import SPIKE_WINDOW, is_loss_spike
 
     history = [2.0] * SPIKE_WINDOW
     assert is_loss_spike(6.1, history, 3.0) and not is_loss_spike(5.9, history, 3.0)

@@ -14,7 +14,7 @@ from looplm.model import LoopLM
 from looplm.model.block import Layer
 from looplm.model.carry import LoopCarry
 from looplm.model.gdn import GatedDeltaNet, delta_rule_chunked, select_and_blend
-from looplm.train.objectives import compute_loss
+from looplm.training.objectives import compute_loss
 
 from conftest import tiny_config
 

@@ -10,7 +10,7 @@ from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 from looplm.model import moe as moe_module
 from looplm.model.moe import MoE
-from looplm.train.objectives import compute_loss
+from looplm.training.objectives import compute_loss
 
 from conftest import tiny_config
 

@@ -18,7 +18,7 @@ from looplm.data.shards import read_meta
 from looplm.data.source import open_training_data
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
-from looplm.train.trainer import train
+from looplm import train
 
 
 def opened_text(data: DataConfig, work_dir) -> str:
@@ -181,7 +181,7 @@ def test_a_failed_run_leaves_no_data_that_a_rerun_with_other_data_trains_on(corp
 
 
 def test_a_fresh_run_refuses_the_metrics_of_a_run_killed_before_its_first_save(corpora, tmp_path):
-    from looplm.train.trainer import Trainer
+    from looplm.training.trainer import Trainer
 
     a, b = corpora
     run_dir = tmp_path / "run"

@@ -21,7 +21,8 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from looplm.data.hub import HubSpec, hub_documents, import_data_extra
+from looplm.data.hub import HubSpec, hub_documents
+from looplm.data.rows import import_data_extra, require_text
 from looplm.errors import LoopLMError, one_line
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -60,14 +61,6 @@ def expand_inputs(inputs: PathLike | Sequence[PathLike]) -> list[Input]:
         raise LoopLMError("no data paths given: name at least one .txt, .jsonl or .parquet file, a directory of"
                           " them, or hf:NAME")
     return expanded
-
-
-def require_text(value: object, where: str, field: str) -> str:
-    """``value`` if it is a string, else one line naming ``where`` (e.g. "line 3 of 'a.jsonl'")."""
-    if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        raise LoopLMError(f"{where}: field {field!r} is {kind}, not a string: store the document text as a string")
-    return value
 
 
 def _document_files_in(directory: Path) -> list[Path]:

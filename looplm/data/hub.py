@@ -13,13 +13,13 @@ network, or ``HF_DATASETS_OFFLINE=1``) is one error line, as is a missing librar
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from looplm.data.rows import import_data_extra, require_text
 from looplm.errors import LoopLMError, one_line
 
 HUB_PREFIX = "hf:"
@@ -77,8 +77,6 @@ def load_hub_dataset(spec: HubSpec):
 
 def hub_documents(spec: HubSpec, field: str) -> Iterator[str]:
     """The ``field`` strings of the dataset, one document per row."""
-    from looplm.data.documents import require_text
-
     dataset = load_hub_dataset(spec)
     if field not in dataset.column_names:
         raise LoopLMError(f"{spec} has no column {field!r} (it has {', '.join(dataset.column_names)}): name the"
@@ -103,14 +101,6 @@ def hub_record(spec: HubSpec) -> dict:
         files.append({"path": str(path.resolve()), "bytes": status.st_size, "mtime_ns": status.st_mtime_ns})
     return {"kind": "hf", "name": spec.name, "config": spec.config, "split": spec.split,
             "rows": dataset.num_rows, "fingerprint": getattr(dataset, "_fingerprint", None), "cache_files": files}
-
-
-def import_data_extra(module: str, purpose: str):
-    """``module`` of the optional ``data`` extra (datasets, pyarrow), or one line saying how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise LoopLMError(f"{purpose} needs {module.split('.')[0]}: pip install 'looplm[data]'") from None
 
 
 def _saved_to_disk(path: Path) -> bool:

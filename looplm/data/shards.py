@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from looplm.checkpoint.atomic import atomic_directory
 from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
@@ -78,17 +77,10 @@ def write_shards(
     out_dir = Path(out_dir)
     _check_val_fraction(val_fraction)
     _check_destination(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.tmp")
-    # os.mkdir rather than tempfile.mkdtemp so the directory gets the umask's permissions.
-    os.mkdir(staging)
-    try:
-        meta = _write_into(staging, documents, tokenizer, val_fraction, seed, provenance)
-        _move_into_place(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return meta
+    written = {}
+    atomic_directory(out_dir, lambda staging: written.update(_write_into(staging, documents, tokenizer, val_fraction,
+                                                                         seed, provenance)))
+    return written
 
 
 def read_meta(directory: PathLike) -> dict[str, Any]:
@@ -309,19 +301,6 @@ def _copy_spans(stream: np.ndarray, spans: list[tuple[int, int]], path: Path) ->
         out.flush()
         os.fsync(out.fileno())
     return sum(end - start for start, end in spans)
-
-
-def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    # Re-checked: something may have been written there while we tokenized.
-    _check_destination(out_dir, overwrite)
-    # A non-empty directory cannot be renamed over, so move the old one aside first.
-    old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.old")
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_meta(meta: Any, path: Path) -> None:

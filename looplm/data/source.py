@@ -76,7 +76,7 @@ def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
     ``work_dir/data/<fingerprint>`` (``looplm.data.prepare.prepared_shards``), or under the
     looplm cache (``$LOOPLM_CACHE/prepared-data``) without a ``work_dir``.
     """
-    from looplm.cache_dir import cache_directory
+    from looplm.cache_dir import cache_path
     from looplm.data.hub import HubSpec
     from looplm.data.prepare import check_tokenizer, prepared_shards
     from looplm.data.tokenizer import load_tokenizer
@@ -86,6 +86,6 @@ def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
         if data.tokenizer not in ("byte", "bpe"):
             check_tokenizer(path, load_tokenizer(data.tokenizer), data.tokenizer)
         return path
-    root = work_dir / "data" if work_dir is not None else cache_directory("prepared-data")
+    root = work_dir / "data" if work_dir is not None else cache_path("prepared-data")
     return prepared_shards(data.path, root, data.tokenizer, data.bpe_vocab_size, data.val_fraction, seed,
                            data.text_field)

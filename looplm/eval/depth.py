@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from looplm.train.objectives import compute_loss
+from looplm.training.objectives import compute_loss
 
 
 @torch.no_grad()

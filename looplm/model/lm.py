@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from looplm.checkpoint.atomic import atomic_directory
+from looplm.checkpoint.directory import write_model_files
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
@@ -148,11 +151,11 @@ class LoopLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if exclude_embedding else total
 
-    def save(self, directory, tokenizer=None):
-        """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load`` reads it."""
-        from looplm.train.checkpoint import save_model
-
-        return save_model(self, directory, tokenizer)
+    def save(self, directory, tokenizer=None, weights: dict | None = None) -> Path:
+        """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load``
+        reads it.  ``weights``: the full state dict when this model holds only shards (FSDP)."""
+        weights = self.state_dict() if weights is None else weights
+        return atomic_directory(Path(directory), lambda staging: write_model_files(self.config, weights, staging, tokenizer))
 
     def _check_positions(self, start: int, length: int) -> None:
         if start + length > self.config.max_seq_len:

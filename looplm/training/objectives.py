@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
 from looplm.model.lm import LoopOutput
-from looplm.train.fused_ce import linear_cross_entropy
+from looplm.training.fused_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 

@@ -25,6 +25,7 @@ import os
 import secrets
 from pathlib import Path
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
 
 METRICS_FILE = "metrics.jsonl"
@@ -114,9 +115,7 @@ class WandbSink:
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
             run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
-            temporary = id_file.with_name(id_file.name + ".tmp")
-            temporary.write_text(run_id + "\n", encoding="utf-8")
-            os.replace(temporary, id_file)
+            atomic_write_text(id_file, run_id + "\n")
         self.run = self.wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(out_dir),
                                    config=config, mode=os.environ.get("WANDB_MODE") or "offline")
 

@@ -1,7 +1,7 @@
 """The training loop: plain code a reader can follow top to bottom.
 
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
-``looplm.train.optim``), linear warmup then cosine decay to
+``looplm.training.optim``), linear warmup then cosine decay to
 ``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
 on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
@@ -30,16 +30,17 @@ from looplm.data.source import TrainingData, open_training_data
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
-                                     write_model_files)
-from looplm.train.curriculum import loop_curriculum_depth
-from looplm.train.distributed import Distributed
-from looplm.train.distill import distillation_kl, loop_penalty_weight
-from looplm.train.loggers import METRICS_FILE, MetricsLogger, open_metrics_logger, require
-from looplm.train.mfu import device_peak_tflops, model_flops_utilization
-from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
-from looplm.train.optim import make_optimizer  # train.optimizer: AdamW, or Muon + AdamW as one optimiser
-from looplm.train.upcycle import upcycle_state_dict
+from looplm.checkpoint.atomic import atomic_directory
+from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
+from looplm.model.loading import load_model
+from looplm.training.curriculum import loop_curriculum_depth
+from looplm.training.distributed import Distributed
+from looplm.training.distill import distillation_kl, loop_penalty_weight
+from looplm.training.loggers import METRICS_FILE, MetricsLogger, open_metrics_logger, require
+from looplm.training.mfu import device_peak_tflops, model_flops_utilization
+from looplm.training.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
+from looplm.training.optim import make_optimizer  # train.optimizer: AdamW, or Muon + AdamW as one optimiser
+from looplm.training.upcycle import upcycle_state_dict
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Trainer:
             self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
-        if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.train.upcycle)
+        if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.training.upcycle)
             self.model.load_state_dict(upcycle_state_dict(load_model(config.upcycle_from, self.device), run.model,
                                                           config.upcycle_order, self.model.state_dict()))
         if config.stage == 2:  # Stage II: the LM is frozen, only the exit gate learns
@@ -239,7 +240,7 @@ class Trainer:
                               **matmul_flops_per_token(self.model, depth, grad_steps)}
                     if loss_result.exit_histogram is not None:
                         record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
-                    # Achieved matmul throughput, and MFU where the device's peak is known (looplm.train.mfu).
+                    # Achieved matmul throughput, and MFU where the device's peak is known (looplm.training.mfu).
                     record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
                                                          + record["backward_flops_per_token"]) / 1e12
                     if self.peak_tflops:
@@ -283,13 +284,14 @@ class Trainer:
         """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
         target = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
         weights = self.dist.full_model_state(self.model)  # FSDP: every rank gathers, rank 0 holds
+        weights = self.model.state_dict() if weights is None else weights
         optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
         if not self.dist.main:
             self.dist.barrier()
             return target
 
         def write(directory: Path) -> None:
-            write_model_files(self.model, directory, self.tokenizer, weights)
+            write_model_files(self.model.config, weights, directory, self.tokenizer)
             (directory / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
             torch.save(self._train_state(optimizer_state), directory / TRAIN_STATE_FILE)
 
@@ -310,8 +312,6 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def _load_latest(self) -> None:
-        from looplm.train.checkpoint import load_model
-
         checkpoints = sorted((self.out_dir / "checkpoints").glob("step_*"))
         if not checkpoints:
             raise LoopLMError(f"nothing to resume in {str(self.out_dir)!r}: no checkpoints/step_* found")
@@ -388,12 +388,6 @@ def matmul_flops_per_token(model: LoopLM, steps: int, grad_steps: int) -> dict:
     reaches_prelude = grad_steps == steps or model.injection is not None
     backward = 4 * (grad_steps * per_step + (prelude if reaches_prelude else 0))
     return {"forward_flops_per_token": forward, "backward_flops_per_token": backward}
-
-
-def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train a model described by ``run`` into ``out_dir`` (see ``Trainer``)."""
-    return Trainer(run, out_dir, resume=resume, progress=progress).train(stop_after=stop_after)
 
 
 def _seed_everything(seed: int) -> None:
