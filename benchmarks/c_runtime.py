@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looplm.bench import cpu_name, matmul_gflops, time_decode  # noqa: E402
+from looplm.bench import cpu_flags, cpu_name, matmul_gflops, time_decode  # noqa: E402
 from looplm.config import ModelConfig, preset  # noqa: E402
 from looplm.fast_decode import fast_unsupported  # noqa: E402
 from looplm.interop.gguf import export_gguf  # noqa: E402
@@ -39,8 +39,6 @@ from looplm.kernels import program  # noqa: E402
 from looplm.model import LoopLM  # noqa: E402
 
 PROMPT = 64
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
-              "neon", "asimd")
 
 
 def shapes() -> dict[str, ModelConfig]:
@@ -49,17 +47,6 @@ def shapes() -> dict[str, ModelConfig]:
     loopcached.ffn_hidden = preset("reference").ffn_hidden
     loopcached.__post_init__()
     return {"reference": preset("reference"), "loopcached-d256": loopcached}
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in SIMD_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
 
 
 def program_rate(binary: Path, model_path: Path, vocab: int, new_tokens: int, threads: int) -> float:

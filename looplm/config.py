@@ -346,11 +346,14 @@ class DataConfig:
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
+    text_field: str = "text"  # the field / column holding the text in .jsonl, .parquet and hf: data
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
         _check(not (self.path and self.task), "give either data.path or data.task, not both")
         _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(isinstance(self.text_field, str) and self.text_field != "",
+               f"data.text_field must name a field, got {self.text_field!r}")
 
 
 @dataclass

@@ -41,6 +41,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from looplm.cache_dir import cache_path
 from looplm.kernels.bindings import declare, missing_symbols
 
 CSRC = Path(__file__).with_name("csrc")
@@ -101,7 +102,7 @@ def untrusted_reason(path: Path) -> str | None:
 
 def cache_directory() -> Path:
     """``$LOOPLM_CACHE/native`` (default ``~/.cache/looplm/native``), created private (0700)."""
-    directory = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "native"
+    directory = cache_path("native")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     return directory
 

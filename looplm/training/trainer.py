@@ -107,6 +107,19 @@ class Trainer:
                               f" {self.dist.world} processes")
         if self.dist.main:
             prepare_run_directory(self.out_dir, run, resume, overwrite)
+        existed = self.out_dir.exists()
+        fresh = not resume and not (existed and any(self.out_dir.iterdir()))
+        try:
+            self._set_up(run, resume, data, fit_vocab)
+        except BaseException:
+            if fresh and self.dist.main:  # a run that failed before it began leaves the directory as it was
+                for path in [self.out_dir] if not existed else list(self.out_dir.iterdir()):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            raise
+
+    def _set_up(self, run: RunConfig, resume: bool, data: TrainingData | None, fit_vocab: bool) -> None:
+        """The data, the model, the optimiser and (resuming) the saved state."""
+        config = run.train
         _seed_everything(config.seed)
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
