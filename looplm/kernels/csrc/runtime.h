@@ -204,7 +204,7 @@ int lr_prefill(LrState *state, const int *tokens, int count, int start, const Lr
 
 /* Scratch floats one token needs at most, for `max_len` positions and `max_steps` loop steps. */
 size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps);
-/* "avx512", "avx2" or "scalar": which matvec paths this build compiled. */
+/* "avx2" or "scalar": the weight × vector path (matvec.h) this build compiled. */
 const char *lr_simd(void);
 
 #endif
