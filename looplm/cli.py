@@ -352,7 +352,8 @@ def run_train(args, extra: list[str]) -> None:
     model = trainer.model
     if trainer.dist.main:
         print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
-              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}"
+              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device},"
+              f" precision {trainer.precision.label}"
               + (f", {trainer.dist.world} processes ({trainer.dist.parallel})" if trainer.dist.active else ""),
               file=sys.stderr)
     result = trainer.train()
