@@ -114,3 +114,21 @@ def without_autocast(function, x: torch.Tensor, dtype: torch.dtype):
         return function(x)
     with torch.autocast(x.device.type, enabled=False):
         return function(x.to(dtype))
+
+
+def decode_precision(requested: str, batched: bool = False) -> Precision:
+    """The weights' precision for decoding (``generate(..., dtype=...)``, ``generate_batch``):
+    bf16 means bf16 copies of the projections (``looplm.bf16``).  auto is bf16 where its dot
+    products are native: batch-1 decode runs them in the C kernel, so auto asks whether the
+    kernel was compiled with ``vdpbf16ps`` (``looplm.kernels.build.simd_paths``); batched decode
+    runs torch's matmuls, so auto asks the CPU's flags, as training does."""
+    check_precision(requested, "dtype")
+    if requested != "auto":
+        return Precision(requested, "asked")
+    if batched:
+        return choose(requested, native_bf16_flag(), "dtype", "this CPU has no " + "/".join(NATIVE_BF16_FLAGS[:2]))
+    from looplm.kernels.build import simd_paths
+
+    path = simd_paths().get("bf16")
+    native = "avx512_bf16 in the C kernel" if path == "avx512_bf16" else None
+    return choose(requested, native, "dtype", f"the C kernel's bf16 dot product is {path or 'not built'} here")

@@ -114,7 +114,7 @@ def assert_trains_a_step_under_autocast(names):
 def test_a_bf16_run_learns_the_binding_task_and_logs_its_precision(tmp_path):
     data = DataConfig(task="binding", task_options={"hops": 1, "n_chains": 2})
     run = RunConfig(ModelConfig(vocab_size=259, d_model=32, n_heads=4, n_core_layers=1, loop_steps=2, max_seq_len=64),
-                    TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=0, log_every=10,
+                    TrainConfig(steps=40, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=0, log_every=10,
                                 eval_batches=1, seed=1, precision="bf16"), data)
     trainer = Trainer(run, tmp_path / "run", progress=False)
     assert trainer.precision.name == "bf16"

@@ -20,6 +20,8 @@ trusted to be the one this user built:
 
 With no compiler, or ``LOOPLM_NATIVE=0``, ``load_kernel`` returns None and
 ``unavailable_reason`` says why; decoding then uses the torch fast path.
+``LOOPLM_NATIVE_TARGET`` (``native``, ``portable`` or a feature list, see ``target``) picks the
+SIMD paths compiled in; it enters the cache key through the flags.
 """
 
 from __future__ import annotations
@@ -63,10 +65,40 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+# ``LOOPLM_NATIVE_TARGET`` features (gcc/clang -m names) and the /proc/cpuinfo flag each needs.
+TARGET_FEATURES = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avxvnni": "avx_vnni", "avx512f": "avx512f",
+                   "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+                   "avx512bf16": "avx512_bf16"}
+
+
+def target() -> str:
+    """``$LOOPLM_NATIVE_TARGET``: ``native`` (the default: every SIMD path this CPU has),
+    ``portable`` (no -march flags: the scalar fallbacks, what a CPU without the instructions
+    runs), or a comma list of features such as ``avx2,fma`` (those paths only: the tests
+    exercise every fallback on one machine)."""
+    return os.environ.get("LOOPLM_NATIVE_TARGET", "native").strip() or "native"
+
+
 def _arch_flags(compiler: str) -> list[str]:
-    """-march=native when the compiler accepts it (gcc, clang on x86 and arm)."""
-    probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
-    return ["-march=native"] if probe.returncode == 0 else []
+    """The architecture flags of ``target()``: -march=native where the compiler accepts it (gcc,
+    clang on x86 and arm), none for ``portable``, -mFEATURE for a feature list (each feature must
+    be one this CPU has, or the library would die on an illegal instruction)."""
+    wanted = target()
+    if wanted == "portable":
+        return []
+    if wanted == "native":
+        probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
+        return ["-march=native"] if probe.returncode == 0 else []
+    from looplm.precision import cpu_flags
+
+    features = [name.strip() for name in wanted.split(",") if name.strip()]
+    for name in features:
+        if name not in TARGET_FEATURES:
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET: unknown feature {name!r} (use native, portable or a comma"
+                               f" list of {', '.join(TARGET_FEATURES)})")
+        if TARGET_FEATURES[name] not in cpu_flags():
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET asks for {name}, which this CPU lacks")
+    return [f"-m{name}" for name in features]
 
 
 def untrusted_reason(path: Path) -> str | None:
@@ -187,3 +219,13 @@ def unavailable_reason() -> str | None:
     """Why ``load_kernel`` returned None (None when the kernel loaded)."""
     load_kernel()
     return _state["reason"]
+
+
+def simd_paths() -> dict[str, str]:
+    """Which SIMD path each projection form of the loaded kernel was compiled to: ``f32``
+    (float32 and Q8_0 with float input), ``bf16`` and ``q8_int8`` (Q8_0 × Q8_0) map to
+    ``avx2``, ``avx512_bf16``, ``avx512_vnni``, ``avx_vnni`` or ``scalar``; empty without a kernel."""
+    library = load_kernel()
+    if library is None:
+        return {}
+    return dict(item.split("=") for item in library.looplm_simd_paths().decode().split())
