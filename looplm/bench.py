@@ -203,7 +203,7 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     torch.manual_seed(0)
     config = preset("reference")
     model = LoopLM(config)
-    training, decoding = training_precision("auto", "cpu"), decode_precision("auto")
+    training, decoding = training_precision("auto", "cpu", config.d_model), decode_precision("auto")
     results = {
         "shape": "d_model 256, 4 heads, vocab 4096, 3 core layers x T 4",
         "parameters": model.num_parameters(),

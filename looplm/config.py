@@ -250,8 +250,8 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"
-    # Float precision of the forward pass (looplm.precision): auto = bf16 autocast on CUDA and on
-    # CPUs with native bf16 (avx512_bf16, amx_bf16), fp32 elsewhere.
+    # Float precision of the forward pass (looplm.precision): auto = bf16 autocast on CUDA, and on
+    # CPUs with native bf16 (avx512_bf16, amx_bf16) for d_model >= 256; fp32 elsewhere.
     precision: str = "auto"
     compile: bool = False
     threads: int = 0

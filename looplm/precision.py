@@ -13,8 +13,9 @@ made per host, at run time, from the CPU's feature flags (``/proc/cpuinfo``):
 - decoding (``generate(..., dtype=...)``): ``bf16`` is bf16 copies of the weights in the C kernel
   (``looplm.kernels``), chosen when the kernel was compiled with the native bf16 dot product.
 
-``auto`` picks bf16 on CUDA and on CPUs with a native bf16 flag, float32 elsewhere; every
-choice carries its reason, which the trainer logs (``bf16 (auto: avx512_bf16)``).
+``auto`` picks bf16 on CUDA and on CPUs with a native bf16 flag (for training, on models at least
+``CPU_BF16_MIN_WIDTH`` wide), float32 elsewhere; every choice carries its reason, which the
+trainer logs (``bf16 (auto: avx512_bf16)``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from looplm.errors import LoopLMError
 PRECISIONS = ("auto", "fp32", "bf16")
 # CPU feature flags that make bf16 matmuls native: x86 (/proc/cpuinfo "flags"), Arm ("Features").
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+# Below this width CPU bf16 autocast loses: its casts cost more than its smaller matmuls save
+# (fp32 / bf16 step time, one thread on an AMX Xeon: 0.83–0.90 at d_model 64, 0.96 at 128,
+# 1.08 at 192, 1.4–2.3 at 256).
+CPU_BF16_MIN_WIDTH = 256
 # The flags ``looplm bench`` and the benchmarks print beside their figures.
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
@@ -84,24 +89,30 @@ def check_precision(requested: str, where: str) -> None:
 
 def choose(requested: str, native: str | None, where: str, lacking: str) -> Precision:
     """``requested`` (auto, fp32, bf16) resolved: auto is bf16 when ``native`` (the feature that
-    makes bf16 fast here) is not None.  ``lacking`` says what is missing when it is None."""
+    makes bf16 pay here) is not None.  ``lacking`` says why not when it is None."""
     check_precision(requested, where)
     if requested != "auto":
         slow = requested == "bf16" and native is None
-        return Precision(requested, f"asked; {lacking}, so bf16 is emulated and slow" if slow else "asked")
+        return Precision(requested, f"asked, though {lacking}" if slow else "asked")
     return Precision("bf16", f"auto: {native}") if native else Precision("fp32", f"auto: {lacking}")
 
 
-def training_precision(requested: str, device: torch.device | str) -> Precision:
-    """``train.precision`` on ``device``: auto is bf16 autocast on CUDA and on CPUs with a
-    native bf16 flag, float32 elsewhere."""
+def training_precision(requested: str, device: torch.device | str, d_model: int | None = None) -> Precision:
+    """``train.precision`` on ``device``: auto is bf16 autocast on CUDA, and on CPUs with a
+    native bf16 flag for models of width ``d_model`` ≥ ``CPU_BF16_MIN_WIDTH`` (None: any
+    width); float32 elsewhere."""
     device_type = torch.device(device).type
     if device_type == "cuda":
         return choose(requested, "CUDA", "train.precision", "")
     if device_type != "cpu":
         return choose(requested, None, "train.precision", f"no bf16 autocast chosen for {device_type}")
-    return choose(requested, native_bf16_flag(), "train.precision",
-                  "this CPU has no " + "/".join(NATIVE_BF16_FLAGS[:2]))
+    flag = native_bf16_flag()
+    if flag is None:
+        return choose(requested, None, "train.precision", "this CPU has no " + "/".join(NATIVE_BF16_FLAGS[:2]))
+    if d_model is not None and d_model < CPU_BF16_MIN_WIDTH:
+        return choose(requested, None, "train.precision", f"d_model {d_model} < {CPU_BF16_MIN_WIDTH}, too narrow"
+                      " for bf16 autocast to pay on a CPU")
+    return choose(requested, flag, "train.precision", "")
 
 
 def without_autocast(function, x: torch.Tensor, dtype: torch.dtype):

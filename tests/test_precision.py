@@ -33,13 +33,22 @@ BF16_AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 def test_auto_follows_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
     assert precision.training_precision("auto", "cpu").label == expected
+    assert precision.training_precision("auto", "cpu", d_model=256).label == expected
+
+
+def test_auto_keeps_narrow_models_in_fp32_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert precision.training_precision("auto", "cpu", d_model=128).label == \
+        "fp32 (auto: d_model 128 < 256, too narrow for bf16 autocast to pay on a CPU)"
+    assert precision.training_precision("auto", "cpu", d_model=512).name == "bf16"
+    assert precision.training_precision("auto", "cuda", d_model=64).name == "bf16"  # a GPU: as before
 
 
 def test_explicit_choices_cuda_and_bad_values(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     assert precision.training_precision("fp32", "cpu").label == "fp32 (asked)"
     slow = precision.training_precision("bf16", "cpu")
-    assert slow.name == "bf16" and "emulated and slow" in slow.reason
+    assert slow.label == "bf16 (asked, though this CPU has no amx_bf16/avx512_bf16)"
     assert precision.training_precision("auto", "cuda").label == "bf16 (auto: CUDA)"
     assert precision.training_precision("fp32", "cuda").autocast("cuda").__class__.__name__ == "nullcontext"
     with pytest.raises(LoopLMError, match="train.precision must be one of auto, fp32, bf16, got 'half'"):

@@ -3,8 +3,8 @@
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
 ``looplm.train.optim``), linear warmup then cosine decay to
 ``min_lr_ratio``·lr, gradient clipping, gradient accumulation, bf16 autocast or fp32 as
-``train.precision`` chooses (``looplm.precision``: auto = bf16 on CUDA and on CPUs with native
-bf16, fp32 elsewhere; the choice and its reason are logged), optional ``torch.compile``
+``train.precision`` chooses (``looplm.precision``: auto = bf16 on CUDA and, for wide enough
+models, on CPUs with native bf16; the choice and its reason are logged), optional ``torch.compile``
 applied from outside the model.  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
 model, tokenizer, run config and the full training state, so ``resume=True`` continues with
@@ -85,7 +85,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
-        self.precision = training_precision(config.precision, self.device)
+        self.precision = training_precision(config.precision, self.device, run.model.d_model)
         self.dist = Distributed(config.parallel, self.device)
         if self.dist.main:  # only rank 0 logs: fail before the work if a logging package is missing
             for sink in config.log_sinks():
