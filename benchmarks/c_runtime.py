@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from looplm.bench import cpu_flags, cpu_name, matmul_gflops, time_decode  # noqa: E402
+from looplm.bench import cpu_name, matmul_gflops, time_decode  # noqa: E402
+from looplm.cpu import reported_flags  # noqa: E402
 from looplm.config import ModelConfig, preset  # noqa: E402
 from looplm.fast_decode import fast_unsupported  # noqa: E402
 from looplm.interop.gguf import export_gguf  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    results: dict = {"machine": cpu_name(), "simd_flags": cpu_flags(), "torch_threads": torch.get_num_threads(),
+    results: dict = {"machine": cpu_name(), "simd_flags": reported_flags(), "torch_threads": torch.get_num_threads(),
                      "matmul_gflop_s": matmul_gflops()}
     with tempfile.TemporaryDirectory() as directory:
         directory = Path(directory)

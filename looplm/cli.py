@@ -78,6 +78,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from looplm.config import DECODE_BACKENDS, PARALLEL
+    from looplm.precision import PRECISIONS
 
     parser = ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
+    generate.add_argument("--dtype", default="auto", choices=PRECISIONS,
+                          help="the projections' weights: fp32, or bf16 copies (half the bytes read per token);"
+                               " auto (default) = bf16 where the CPU multiplies bf16 natively (the C kernel's"
+                               " avx512_bf16 path at batch 1, the CPU's bf16 flags for a batch), else fp32")
     generate.add_argument("--compile", action="store_true",
                           help="torch.compile the torch backend's per-token loop step (static shapes; on CUDA"
                                " replayed as a CUDA graph); compiling takes ~20 s, so it pays on long generations")
@@ -202,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=["gguf"], help="output format")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
     export.add_argument("output", help="output file, e.g. model.gguf")
-    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
-                        help="tensor storage: f32 (exact, default), f16, or q8_0 (int8 blocks of 32 for weight"
-                             " matrices; norms, biases and the exit gate stay f32)")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor storage: f32 (exact, default), f16, bf16, or q8_0 (int8 blocks of 32 for"
+                             " weight matrices); norms, biases and the exit gate stay f32")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
 
     bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
@@ -376,7 +381,8 @@ def run_train(args) -> None:
     model = trainer.model
     if trainer.dist.main:
         print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
-              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}"
+              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device},"
+              f" precision {trainer.precision.label}"
               + (f", {trainer.dist.world} processes ({trainer.dist.parallel})" if trainer.dist.active else ""),
               file=sys.stderr)
     result = trainer.train()
@@ -438,7 +444,7 @@ def run_generate(args) -> None:
     result = Generation()
     for token in stream(model, prompts[0], args.max_new_tokens, sampling, policy, tokenizer, args.stop,
                         result=result, backend=args.backend, compile_steps=args.compile, layout=args.layout,
-                        modulo_slots=args.modulo_slots):
+                        modulo_slots=args.modulo_slots, dtype=args.dtype):
         if not args.no_stream:
             print(token.text, end="", flush=True)
     if args.no_stream:
@@ -454,7 +460,7 @@ def _generate_batch(args, model, tokenizer, prompts, sampling, policy) -> None:
     from looplm.batch import generate_batch
 
     result = generate_batch(model, prompts, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                            layout=args.layout, modulo_slots=args.modulo_slots)
+                            layout=args.layout, modulo_slots=args.modulo_slots, dtype=args.dtype)
     for number, generation in enumerate(result.generations):
         print(f"[{number}] {generation.text}")
         if args.show_steps:

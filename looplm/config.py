@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from looplm.errors import LoopLMError
+from looplm.precision import check_precision
 
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
@@ -265,6 +266,9 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"
+    # Float precision of the forward pass (looplm.precision): auto = bf16 autocast on CUDA, and on
+    # CPUs with native bf16 (avx512_bf16, amx_bf16) for d_model >= 256; fp32 elsewhere.
+    precision: str = "auto"
     compile: bool = False
     threads: int = 0
     # Logging (looplm.training.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
@@ -300,6 +304,7 @@ class TrainConfig:
         _check(self.spike_factor == 0 or self.spike_factor > 1,
                f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
+        check_precision(self.precision, "train.precision")
         _check(self.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")

@@ -51,16 +51,17 @@ class _PackedLayer:
         self.hidden = layer.ffn.hidden
 
 
-def fast_unsupported(model, allow_int8: bool = False) -> str | None:
+def fast_unsupported(model, allow_reduced: bool = False) -> str | None:
     """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
-    loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_int8``:
-    the caller (the C kernel) also runs int8 projections (looplm.quant)."""
+    loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_reduced``:
+    the caller (the C kernel) also runs int8 (looplm.quant) and bf16 (looplm.bf16) projections."""
+    from looplm.bf16 import is_bf16
     from looplm.quant import is_quantized
 
     config = model.config
-    if is_quantized(model) and not allow_int8:
-        return "the torch decode path reads float32 weights; an int8 model (looplm.quant) decodes with backend" \
-               " 'native' or 'reference'"
+    if not allow_reduced and (is_quantized(model) or is_bf16(model)):
+        kind = "an int8 model (looplm.quant)" if is_quantized(model) else "a bf16-weight model (looplm.bf16)"
+        return f"the torch decode path reads float32 weights; {kind} decodes with backend 'native' or 'reference'"
     if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding, depth_lora_rank or global_gates)"

@@ -10,7 +10,9 @@ The prompt is always prefilled at full depth, because every depth's cache must h
 
 Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
 ``native`` (C, ``looplm.kernels``: every family), ``torch`` (``looplm.fast_decode``) and
-``reference`` (the model's own modules); ``auto`` picks native where it can run.
+``reference`` (the model's own modules); ``auto`` picks native where it can run.  ``dtype``
+chooses float32 or bf16 weights (``looplm.bf16``; ``auto``: bf16 where the kernel multiplies
+bf16 natively).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class Decoder:
     """Runs one sequence (batch 1) through the model with a cache and an exit policy."""
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
-                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2):
+                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
+                 dtype: str = "fp32"):
         """backend: which per-token implementation runs the steps (``BACKENDS``): "native" (C on
         a float32 CPU model, every family: the fused plain-loop kernel or the runtime,
         ``looplm.kernels``), "torch" (``FastStepper``, vector-shaped torch ops, any device; Ouro's
@@ -122,9 +125,17 @@ class Decoder:
         fastest that supports this model).
         compile_steps: torch.compile the torch backend's loop step (worth it only for long
         generations: the first call compiles for ~20 s).
-        layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``)."""
+        layout, modulo_slots: the KV layout (``looplm.cache.KV_LAYOUTS``).
+        dtype: the projections' weights (``looplm.precision.decode_precision``): "fp32" (the
+        model as given), "bf16" (bf16 copies, ``looplm.bf16``: the native backend reads them and
+        a bf16 head, the reference backend runs torch's bf16 matmuls; the torch backend reads
+        float32 only) or "auto" (bf16 where the native backend runs and the C kernel has the
+        native bf16 dot product, else fp32); ``self.precision`` says what was chosen and why."""
         if backend not in BACKENDS:
             raise LoopLMError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        from looplm.precision import Precision, decode_precision
+
+        self.precision = decode_precision(dtype)
         backend_asked = backend
         self.model = model
         self.policy = exit_policy
@@ -143,13 +154,30 @@ class Decoder:
         if compile_steps and backend in ("auto", "native"):
             backend = "torch"
         if backend in ("auto", "native"):
-            self.stepper, reason = _native_stepper(model, self.cache)
+            # bf16 weights where asked and a C path reads them (the plain-loop kernel does), else float32.
+            refused = []
+            for weights in ([self._weights(model)] if self.precision.name == "bf16" else []) + [model]:
+                self.stepper, reason = _native_stepper(weights, self.cache)
+                if self.stepper is not None:
+                    break
+                refused.append(reason)
             if self.stepper is not None:
+                if weights is model and self.precision.name == "bf16":
+                    self.precision = Precision("fp32", f"bf16 weights are not read by this model's C path ({refused[0]})")
+                self.model = model = weights
                 backend = "native"
             elif backend == "native":
                 raise LoopLMError(f"the native backend cannot run here: {reason}; use backend 'torch'")
             else:
                 backend = "torch"
+        if backend != "native" and self.precision.name == "bf16":
+            if dtype == "auto":
+                self.precision = Precision("fp32", f"auto: the {backend} backend decodes in float32")
+            elif backend_asked == "torch":
+                raise LoopLMError("dtype bf16 decodes with backend 'native' or 'reference' (the torch backend reads"
+                                  " float32 weights): drop --backend torch or use dtype fp32")
+            else:
+                backend = "reference"
         if backend == "torch":
             from looplm.fast_decode import FastStepper, fast_unsupported
 
@@ -161,6 +189,7 @@ class Decoder:
             else:
                 backend = "reference"
         if backend == "reference":
+            self.model = model = self._weights(model)
             self.stepper = ReferenceStepper(model, self.cache)
         self.backend = backend
         self.threshold = exit_policy.threshold if isinstance(exit_policy, QExit) else 1.0
@@ -174,6 +203,14 @@ class Decoder:
         # True: the fused path's ``step`` returns the kernel's logits buffer itself, which the next
         # step overwrites, instead of a copy (``generate`` reads the logits before stepping again).
         self.logits_view = False
+
+    def _weights(self, model):
+        """The model with bf16 projections when bf16 was chosen (``looplm.bf16``), else as given."""
+        if self.precision.name != "bf16":
+            return model
+        from looplm.bf16 import bf16_weights
+
+        return bf16_weights(model)
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         """Fill every depth's cache with the prompt ids [1, S]; return last-position logits.
@@ -347,7 +384,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
            exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
            stop_ids: Sequence[int] | None = None, result: Generation | None = None, backend: str = "auto",
            compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
-           prefix_cache=None) -> Iterator[GeneratedToken]:
+           prefix_cache=None, dtype: str = "fp32") -> Iterator[GeneratedToken]:
     """Yield generated tokens one at a time (see ``generate`` for the arguments).
 
     ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
@@ -376,7 +413,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     try:
         with torch.inference_mode():
             decoder = Decoder(model, exit_policy, max(len(prompt_ids) + budget, 1), backend, compile_steps,
-                              layout, modulo_slots)
+                              layout, modulo_slots, dtype)
             decoder.logits_view = True  # each step's logits are used before the next step
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
             logits, steps = decoder.prefill(prompt, prefix_cache)
@@ -437,7 +474,7 @@ def _find_stop(text: str, stop_strings: Sequence[str], emitted: int) -> int | No
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
              stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False,
-             layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None) -> Generation:
+             layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None, dtype: str = "fp32") -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
 
     Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
@@ -446,11 +483,13 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, samplin
     per-token implementation (see ``Decoder``; every backend gives the same tokens);
     ``compile_steps`` compiles the torch backend's loop step.  ``layout``/``modulo_slots``:
     the KV layout (``looplm.cache.KV_LAYOUTS``).  ``prefix_cache``: a ``PrefixCache`` whose
-    stored prompt prefixes are reused instead of recomputed (same output).
+    stored prompt prefixes are reused instead of recomputed (same output).  ``dtype``: the
+    weights' precision, "fp32" (default), "bf16" or "auto" (bf16 where the C kernel has the
+    native bf16 dot product; see ``Decoder``).
     """
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
-                    stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache):
+                    stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache, dtype):
         pass
     if tokenizer is not None and result.stop_reason != "stop_string":
         result.text = tokenizer.decode(result.ids)

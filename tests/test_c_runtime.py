@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from looplm.cache import KV_LAYOUTS
+from looplm.cache import KV_LAYOUTS, KVCache
 from looplm.exit_policy import make_exit_policy
 from looplm.generate import Decoder, FixedSteps, generate
 from looplm.interop.gguf import export_gguf, load_gguf
@@ -230,10 +230,10 @@ def test_portable_program_builds_and_runs_without_simd(tmp_path):
 
 
 def test_portable_library_runs_the_families(tmp_path, monkeypatch):
-    """LOOPLM_NATIVE_PORTABLE=1 builds the in-process library without SIMD (its own cache entry)
+    """LOOPLM_NATIVE_TARGET=portable builds the in-process library without SIMD (its own cache entry)
     and every fast path still gives the reference's logits."""
     monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
-    monkeypatch.setenv("LOOPLM_NATIVE_PORTABLE", "1")
+    monkeypatch.setenv("LOOPLM_NATIVE_TARGET", "portable")
     monkeypatch.setattr(native_build, "_state", {})
     kernel = native_build.load_kernel()
     assert kernel is not None and kernel.lr_simd() == b"scalar"
@@ -241,7 +241,7 @@ def test_portable_library_runs_the_families(tmp_path, monkeypatch):
         native_decoder_against_reference(build_model(name), make_exit_policy(q=0.5))
     compiler = native_build._compiler()
     portable_key = native_build.library_digest(compiler, native_build._arch_flags(compiler))
-    monkeypatch.delenv("LOOPLM_NATIVE_PORTABLE")
+    monkeypatch.delenv("LOOPLM_NATIVE_TARGET")
     assert native_build.library_digest(compiler, native_build._arch_flags(compiler)) != portable_key
 
 
@@ -283,11 +283,16 @@ def test_in_process_step_by_step_policies_match_the_reference(name, policy):
 @pytest.mark.parametrize("name", ["gdn-hybrid", "preset-openmythos", "rwkv-slots", "mla-q-rank"])
 def test_in_process_int8_models_use_their_int8_weights(name):
     """An int8 model (looplm.quant) decodes in the runtime from its Q8_0 values and scales, as the
-    reference decoder computes it with the same int8 layers."""
+    reference decoder computes it with the same int8 layers.  Layers that quantise their inputs
+    too (int8 x int8, the VNNI form) are refused by the runtime, with the reason."""
+    from looplm.kernels.runtime_stepper import runtime_unsupported
     from looplm.quant import quantize_model
 
-    native = native_decoder_against_reference(quantize_model(build_model(name)), make_exit_policy(q=0.5))
+    native = native_decoder_against_reference(quantize_model(build_model(name), activations="float"),
+                                              make_exit_policy(q=0.5))
     assert type(native.stepper).__name__ == "RuntimeStepper"
+    quantised_inputs = quantize_model(build_model(name), activations="int8")
+    assert "quantise their inputs" in runtime_unsupported(quantised_inputs, KVCache(quantised_inputs.config, 1, 24))
 
 
 def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(looplm_run, tmp_path):

@@ -11,8 +11,10 @@ Tensor names: the common tensors get llama.cpp-style names (``token_embd.weight`
 ``prelude_blk.N`` and the coda as ``coda_blk.N``; any other state-dict entry keeps its looplm
 name under the same layer prefix (``blk.0.attn.a_log``), so every architecture round-trips.
 
-Storage types (``--dtype``): ``f32`` stores everything exactly; ``f16`` stores tensors of two
-or more dimensions as float16 (norms, biases, the exit gate and MoE routers stay float32);
+Storage types (``--dtype``): ``f32`` stores everything exactly; ``f16`` and ``bf16`` store
+tensors of two or more dimensions as float16 or bfloat16 (norms, biases, the exit gate and MoE
+routers stay float32; bf16 is read back exactly, as float32 values, and ``looplm generate
+--dtype bf16`` then decodes from the same bf16 weights);
 ``q8_0`` stores the embedding, head and Linear weights whose rows are a multiple of 32 long as
 Q8_0 blocks (32 int8 values + a float16 scale d = max|x|/127; the error per element is at
 most d/2 + 127·|d − fp16(d)|) and everything else as float32.  GGUF lists shapes in ggml's
@@ -34,7 +36,7 @@ from looplm.errors import LoopLMError
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0")
 STAGE_PREFIXES = {"prelude": "prelude_blk", "core": "blk", "coda": "coda_blk"}
 TOP_LEVEL_NAMES = {
     "embed.weight": "token_embd.weight",
@@ -107,8 +109,8 @@ def _storage_type(gguf, name: str, tensor: torch.Tensor, dtype: str, matrices: s
     types = gguf.GGMLQuantizationType
     if dtype == "q8_0" and name in matrices and tensor.dim() == 2 and tensor.shape[-1] % 32 == 0:
         return types.Q8_0
-    if dtype == "f16" and tensor.dim() >= 2 and not set(name.split(".")) & set(KEPT_FLOAT):
-        return types.F16
+    if dtype in ("f16", "bf16") and tensor.dim() >= 2 and not set(name.split(".")) & set(KEPT_FLOAT):
+        return types.F16 if dtype == "f16" else types.BF16
     return types.F32
 
 
@@ -163,7 +165,7 @@ def write_gguf(path: str | Path, config: ModelConfig, weights: dict[str, torch.T
                dtype: str = "f32", tokenizer=None, force: bool = False) -> Path:
     """Write a model's ``config`` and ``weights`` (and ``tokenizer``) to a GGUF file; atomic, and an
     existing file is only replaced with ``force``.  ``matrices``: the Embedding and Linear weights,
-    which ``q8_0`` quantises; ``dtype``: f32, f16 or q8_0 (see the module docstring)."""
+    which ``q8_0`` quantises; ``dtype``: f32, f16, bf16 or q8_0 (see the module docstring)."""
     gguf = _gguf()
     path = Path(path)
     if dtype not in DTYPES:
@@ -176,7 +178,7 @@ def write_gguf(path: str | Path, config: ModelConfig, weights: dict[str, torch.T
         writer = gguf.GGUFWriter(str(staging), ARCHITECTURE)
         writer.add_name(path.stem)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _config_metadata(writer, config)
         if tokenizer is not None:
@@ -184,7 +186,7 @@ def write_gguf(path: str | Path, config: ModelConfig, weights: dict[str, torch.T
         for name, tensor in weights.items():
             array = tensor.detach().float().cpu().contiguous().numpy()
             kind = _storage_type(gguf, name, tensor, dtype, matrices)
-            if kind == gguf.GGMLQuantizationType.Q8_0:
+            if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16):  # packed by gguf-py
                 writer.add_tensor(names[name], gguf.quants.quantize(array, kind), raw_dtype=kind)
             else:
                 writer.add_tensor(names[name], array.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16
@@ -222,7 +224,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def _tensor_array(gguf, tensor) -> np.ndarray:
-    """A reader tensor as float32 in torch's dimension order (Q8_0 dequantised)."""
+    """A reader tensor as float32 in torch's dimension order (Q8_0 dequantised, bf16 widened)."""
     kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return np.asarray(tensor.data, dtype=np.float32)
@@ -258,7 +260,8 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
         raise LoopLMError(f"{str(path)!r}: the {ARCHITECTURE}.config metadata is not valid JSON") from None
     config = from_dict(ModelConfig, raw_config, "model")
     weights, int8 = {}, {}
-    readable = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0)
+    readable = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                gguf.GGMLQuantizationType.Q8_0)
     for tensor in reader.tensors:
         kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
         if kind not in readable:

@@ -18,8 +18,10 @@ class Dims(ctypes.Structure):
 
 
 class Projection(ctypes.Structure):
-    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant)."""
-    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales")]
+    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant; with
+    ``quantize_input`` the input is quantised too: int8 × int8 dot products), or ``bf16`` weights."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales", "bf16")] + [
+        ("quantize_input", ctypes.c_int)]
 
 
 class Layer(ctypes.Structure):
@@ -54,7 +56,9 @@ SIGNATURES = {
                        _POINTER, _POINTER, _INT], None),
     "looplm_matvec": ([_POINTER, _POINTER, _POINTER, _INT, _INT, _INT], None),
     "looplm_rms_norm": ([_POINTER, _POINTER, _POINTER, _INT, ctypes.c_float], None),
-    "looplm_q8_matmul": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT], None),
+    "looplm_q8_matmul": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT], None),
+    "looplm_project": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _INT, _INT], None),
+    "looplm_simd_paths": ([], ctypes.c_char_p),
     "looplm_exit_loop": ([ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), _INT, _INT, _INT, _POINTER,
                           _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _POINTER, ctypes.c_float,
                           ctypes.c_double, _INT, _POINTER, _POINTER, _INT, _POINTER], _INT),

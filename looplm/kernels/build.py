@@ -5,7 +5,7 @@ One shared library holds every C source of ``csrc/`` except the standalone progr
 every model family (``lr_*.c``, driven by ``runtime_stepper``).  It is plain C with OpenMP and
 AVX2/AVX-512 intrinsics where the CPU has them; it needs no torch headers, so it builds in a few
 seconds with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``).
-``LOOPLM_NATIVE_PORTABLE=1`` builds it without ``-march=native``: the SIMD paths compile out and
+``LOOPLM_NATIVE_TARGET=portable`` builds it without ``-march=native``: the SIMD paths compile out and
 the scalar fallbacks run (what a CPU without AVX2, or ARM, gets).  The shared library is cached
 under ``$LOOPLM_CACHE/native`` (default ``~/.cache/looplm/native``) in a file named by a hash of
 the sources, the flags, the compiler and the CPU's feature flags, written atomically (temp file +
@@ -24,6 +24,8 @@ trusted to be the one this user built:
 
 With no compiler, or ``LOOPLM_NATIVE=0``, ``load_kernel`` returns None and
 ``unavailable_reason`` says why; decoding then uses the torch fast path.
+``LOOPLM_NATIVE_TARGET`` (``native``, ``portable`` or a feature list, see ``target``) picks the
+SIMD paths compiled in; it enters the cache key through the flags.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ PROGRAM = "looplm_run.c"  # the standalone program's main: built by csrc/Makefil
 # compiled: every C file of csrc/ but the program; every file of csrc/ (headers too) enters the cache key
 SOURCES = tuple(sorted(path for path in CSRC.glob("*.c") if path.name != PROGRAM))
 FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
-PORTABLE_FLAG = "-DLOOPLM_PORTABLE"  # marks a LOOPLM_NATIVE_PORTABLE=1 build (and keeps its cache key apart)
+PORTABLE_FLAG = "-DLOOPLM_PORTABLE"  # marks a portable build (and keeps its cache key apart)
 MANIFEST = "manifest.json"
 _lock = threading.Lock()
 _state: dict = {}
@@ -72,18 +74,45 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+# ``LOOPLM_NATIVE_TARGET`` features (gcc/clang -m names) and the /proc/cpuinfo flag each needs.
+TARGET_FEATURES = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avxvnni": "avx_vnni", "avx512f": "avx512f",
+                   "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+                   "avx512bf16": "avx512_bf16"}
+
+
+def target() -> str:
+    """``$LOOPLM_NATIVE_TARGET``: ``native`` (the default: every SIMD path this CPU has),
+    ``portable`` (no -march flags: the scalar fallbacks, what a CPU without the instructions
+    runs, ARM included), or a comma list of features such as ``avx2,fma`` (those paths only: the
+    tests exercise every fallback on one machine)."""
+    return os.environ.get("LOOPLM_NATIVE_TARGET", "native").strip() or "native"
+
+
 def portable() -> bool:
-    """Whether ``LOOPLM_NATIVE_PORTABLE=1`` asks for the scalar build."""
-    return os.environ.get("LOOPLM_NATIVE_PORTABLE", "0") == "1"
+    """Whether the scalar build is asked for (``LOOPLM_NATIVE_TARGET=portable``)."""
+    return target() == "portable"
 
 
 def _arch_flags(compiler: str) -> list[str]:
-    """-march=native when the compiler accepts it (gcc, clang on x86 and arm); none for the
-    portable build."""
-    if portable():
+    """The architecture flags of ``target()``: -march=native where the compiler accepts it (gcc,
+    clang on x86 and arm), only the portable marker for ``portable``, -mFEATURE for a feature list
+    (each feature must be one this CPU has, or the library would die on an illegal instruction)."""
+    wanted = target()
+    if wanted == "portable":
         return [PORTABLE_FLAG]
-    probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
-    return ["-march=native"] if probe.returncode == 0 else []
+    if wanted == "native":
+        probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
+        return ["-march=native"] if probe.returncode == 0 else []
+    from looplm.cpu import cpu_flags
+
+    features = [name.strip() for name in wanted.split(",") if name.strip()]
+    for name in features:
+        if name not in TARGET_FEATURES:
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET: unknown feature {name!r} (use native, portable or a comma"
+                               f" list of {', '.join(TARGET_FEATURES)})")
+        if TARGET_FEATURES[name] not in cpu_flags():
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET asks for {name}, which this CPU lacks")
+    return [f"-m{name}" for name in features]
 
 
 def untrusted_reason(path: Path) -> str | None:
@@ -220,3 +249,13 @@ def unavailable_reason() -> str | None:
     """Why ``load_kernel`` returned None (None when the kernel loaded)."""
     load_kernel()
     return _state["reason"]
+
+
+def simd_paths() -> dict[str, str]:
+    """Which SIMD path each projection form of the loaded kernel was compiled to: ``f32``
+    (float32 and Q8_0 with float input), ``bf16`` and ``q8_int8`` (Q8_0 × Q8_0) map to
+    ``avx2``, ``avx512_bf16``, ``avx512_vnni``, ``avx_vnni`` or ``scalar``; empty without a kernel."""
+    library = load_kernel()
+    if library is None:
+        return {}
+    return dict(item.split("=") for item in library.looplm_simd_paths().decode().split())

@@ -51,6 +51,13 @@ def runtime_unsupported(model, cache: KVCache) -> str | None:
         return reason
     if any(isinstance(module, Int8Linear) and module.bias is not None for module in model.modules()):
         return "the C runtime reads int8 layers without a bias"
+    if any(isinstance(module, Int8Linear) and module.quantizes_input for module in model.modules()):
+        return ("the C runtime multiplies int8 weights by float32 activations, and this model's int8 layers"
+                " quantise their inputs (quantize_model(..., activations='float') runs here)")
+    from looplm.bf16 import is_bf16
+
+    if is_bf16(model):
+        return "the C runtime reads float32 and int8 weights, not bf16 copies"
     kernel = load_kernel()
     if kernel is None:
         return unavailable_reason()

@@ -34,6 +34,7 @@ from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signa
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import RotaryEmbedding
+from looplm.precision import without_autocast
 
 
 @dataclass
@@ -220,8 +221,9 @@ class LoopLM(nn.Module):
         return F.linear(readout, self.head_weight)
 
     def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
-        """[..., D] → exit-gate logits z [...]."""
-        return self.exit_gate(readout).squeeze(-1)
+        """[..., D] → exit-gate logits z [...], in the weights' dtype even under bf16 autocast:
+        the exit distribution's log-space math and the exit decision read them."""
+        return without_autocast(self.exit_gate, readout, self.exit_gate.weight.dtype).squeeze(-1)
 
     def balance_experts(self) -> None:
         """Update every MoE layer's balancing bias from the loads its forwards counted (the trainer

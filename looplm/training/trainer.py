@@ -2,8 +2,10 @@
 
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
 ``looplm.training.optim``), linear warmup then cosine decay to
-``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
-on CUDA; activation checkpointing, ``torch.compile`` and DDP/FSDP are applied from outside the model
+``min_lr_ratio``·lr, gradient clipping, gradient accumulation, bf16 autocast or fp32 as
+``train.precision`` chooses (``looplm.precision``: auto = bf16 on CUDA and, for wide enough
+models, on CPUs with native bf16; the choice and its reason are logged); activation
+checkpointing, ``torch.compile`` and DDP/FSDP are applied from outside the model
 (``looplm.training.wrapping``).  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
 model, tokenizer, run config and the full training state, so ``resume=True`` continues with
@@ -36,6 +38,7 @@ from looplm.model.lm import LoopLM
 from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
 from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
 from looplm.model.loading import load_model
+from looplm.precision import training_precision
 from looplm.training.curriculum import loop_curriculum_depth
 from looplm.training.distributed import Distributed
 from looplm.training.distill import distillation_kl, loop_penalty_weight
@@ -93,6 +96,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
+        self.precision = training_precision(config.precision, self.device, run.model.d_model)
         self.dist = Distributed(config.parallel, self.device)
         if self.dist.main:  # only rank 0 logs: fail before the work if a logging package is missing
             for sink in config.log_sinks():
@@ -208,7 +212,7 @@ class Trainer:
             self.metrics = open_metrics_logger(self.out_dir, self.run, continuing_from=self.step)
         last = min(config.steps, stop_after) if stop_after is not None else config.steps
         bar = _progress_bar(self.step, config.steps, self.progress and self.dist.main)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = self.precision.autocast(self.device.type)
         tokens_per_step = config.batch_size * config.grad_accum * self.data.seq_len
         started = window_start = time.perf_counter()
         self.model.train()
@@ -283,7 +287,7 @@ class Trainer:
                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
                           "spike_skips": self.spike_skips,
-                          "loop_steps": depth, "grad_steps": grad_steps,
+                          "loop_steps": depth, "grad_steps": grad_steps, "precision": self.precision.label,
                           **matmul_flops_per_token(self.model, depth, grad_steps)}
                 if loss_result.exit_histogram is not None:
                     record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
