@@ -1,5 +1,6 @@
 """MoE FFN: sorted dispatch equals the dense reference (values and gradients), the balancing
-bias evens out a skewed router, the auxiliary loss reaches the router, bad configs fail."""
+bias evens out a skewed router and moves once per forward, the auxiliary loss reaches the
+router, bad configs fail."""
 
 import pytest
 import torch
@@ -68,12 +69,27 @@ def test_balancing_bias_moves_loads_toward_uniform():
     for _ in range(300):
         with torch.no_grad():
             layer(x)
+        layer.update_balance()  # LoopLM.forward does this once per model forward
     after = imbalance()
     assert before > 3.0 and after < 1.5, (before, after)
     assert layer.balance_bias[0] < 0 < layer.balance_bias[2:].max()
     frozen = moe(moe_bias_update_rate=0.0).train()
     frozen(x)
+    frozen.update_balance()
     assert torch.all(frozen.balance_bias == 0)
+
+
+def test_a_looped_forward_moves_the_bias_once_after_all_steps():
+    """Every loop step of one training forward routes with the same bias (a bias moved by step
+    s's loads, which count later positions, would leak them into step s + 1's routing)."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(ffn="moe", n_experts=4, expert_hidden=16, moe_bias_update_rate=0.1)).train()
+    layer = model.core[0].ffn
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.balance_bias.clone()))
+    model(torch.randint(0, 64, (2, 9)))
+    assert len(seen) == model.config.loop_steps and all(torch.equal(bias, seen[0]) for bias in seen)
+    assert not torch.equal(layer.balance_bias, seen[0])
 
 
 def test_aux_loss_is_collected_and_trains_the_router():

@@ -268,6 +268,8 @@ class LoopLM(nn.Module):
         if cache is not None:
             cache.finish(start, start + ids.shape[1], steps)
             cache.advance(ids.shape[1])
+        for module in self.moe_layers:  # the balancing bias moves once per forward, never between steps
+            module.update_balance()
         aux = [loss for module in self.moe_layers for loss in module.pop_aux_losses()]
         return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self,
                           torch.stack(aux).sum() if aux else None)

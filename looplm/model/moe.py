@@ -12,9 +12,13 @@ each expert runs once on its contiguous slice.  The results are weighted and add
 token with one ``index_add_``.  No per-(k, expert) masks over all tokens, no dropped tokens.  ``dense_reference`` computes every expert on every token with a dense [N, E]
 weight matrix; ``tests/test_moe.py`` holds the two equal.
 
-Balancing (aux-loss-free, DeepSeek-V3): in training, after each forward the bias moves by
+Balancing (aux-loss-free, DeepSeek-V3): in training, each call counts its loads and, once the
+whole model's forward is done (``LoopLM.forward`` calls ``update_balance``), the bias moves by
 ``moe_bias_update_rate`` · sign(mean load − load) per expert, outside autograd (loads are
-summed over ranks when torch.distributed is initialised, so every rank keeps the same bias).
+summed over the forward's calls, and over ranks when torch.distributed is initialised, so
+every rank keeps the same bias).  Not between calls: a looped core calls its MoE layers once
+per loop step, and a bias moved by one step's loads — which count every position — would let
+later tokens steer earlier tokens' routing at the next step (a causality leak in training).
 An optional Switch-style auxiliary loss E · Σ_e f_e · P_e, scaled by
 ``moe_aux_loss_weight``, is collected by ``LoopLM.forward`` into ``LoopOutput.aux_loss``.
 """
@@ -45,6 +49,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(dim, hidden * config.n_shared_experts) if config.n_shared_experts else None
         self.register_buffer("balance_bias", torch.zeros(config.n_experts))
         self.aux_losses: list[torch.Tensor] = []
+        self.pending_load: torch.Tensor | None = None  # loads counted since the last bias update
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] → chosen experts [N, k], their weights [N, k], router probabilities [N, E]."""
@@ -109,11 +114,18 @@ class MoE(nn.Module):
             fraction = counts.to(scores.dtype) / counts.sum()
             self.aux_losses.append(self.aux_loss_weight * self.n_experts * (fraction * scores.mean(0)).sum())
         if self.bias_update_rate > 0:
-            with torch.no_grad():
-                load = counts.to(self.balance_bias.dtype)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(load)
-                self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            load = counts.detach().to(self.balance_bias.dtype)
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
+
+    def update_balance(self) -> None:
+        """Move the balancing bias by the loads counted since the last update (module docstring)."""
+        if self.pending_load is None:
+            return
+        load, self.pending_load = self.pending_load, None
+        with torch.no_grad():
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(load)
+            self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def pop_aux_losses(self) -> list[torch.Tensor]:
         losses, self.aux_losses = self.aux_losses, []
