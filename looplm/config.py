@@ -32,6 +32,7 @@ LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
+TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternary (looplm.model.bitlinear)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -99,6 +100,21 @@ class ModelConfig:
     expert_hidden: int | None = None
     moe_bias_update_rate: float = 1e-3
     moe_aux_loss_weight: float = 0.0
+    # Source-system features (docs/ARCHITECTURES.md).  Ternary weights (BitNet b1.58 QAT,
+    # looplm.model.bitlinear) in the token mixers and FFNs of the "core" or "all" layers; mHC
+    # hyper-connections with n residual streams (looplm.model.residual; 0 or 1 = off); block
+    # attention residuals over groups of sub-layers (0 = off); detached segment states of
+    # sequence-axis memory caching; nanochat's append-first K/V (looplm.cache); and the inference
+    # defaults a model carries (exit policy in the one-string form, least and most loop steps,
+    # 0 = the trained T), which decoders use when the caller names no policy.
+    ternary: str = "none"
+    hyper_connections: int = 0
+    attnres_block_size: int = 0
+    mc_detach: bool = False
+    kv_append_first: bool = False
+    default_exit: str = "static"
+    min_loop_steps: int = 1
+    max_loop_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -170,6 +186,23 @@ class ModelConfig:
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+        _check(self.ternary in TERNARY_SCOPES,
+               f"model.ternary must be one of {', '.join(TERNARY_SCOPES)}, got {self.ternary!r}")
+        _check(self.hyper_connections >= 0, f"model.hyper_connections must be >= 0 (0 or 1 = off), got"
+               f" {self.hyper_connections}")
+        _check(self.attnres_block_size >= 0, f"model.attnres_block_size must be >= 0 (0 = off), got"
+               f" {self.attnres_block_size}")
+        _check(not (self.residual_streams > 1 and self.attnres_block_size),
+               "model.hyper_connections and model.attnres_block_size both replace the residual sum: choose one")
+        _check(not self.mc_detach or self.mc_segment_size, "model.mc_detach detaches the cached segment states of"
+               " memory caching: set model.mc_segment_size too")
+        _check(self.min_loop_steps >= 1 and self.max_loop_steps >= 0
+               and (not self.max_loop_steps or self.min_loop_steps <= self.max_loop_steps),
+               "model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T), got"
+               f" {self.min_loop_steps}, {self.max_loop_steps}")
+        from looplm.exit_policy import default_exit_policy
+
+        default_exit_policy(self)  # a one-line error for a policy that does not parse
 
     def layer_kind(self, index: int) -> str:
         """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
@@ -188,11 +221,17 @@ class ModelConfig:
     def plain_loop(self) -> bool:
         """True for Ouro's loop: the state alone feeds each step, nothing step-dependent added."""
         return (self.injection == "identity" and self.initial_state == "prelude" and not self.loop_index_embedding
-                and self.depth_lora_rank == 0 and not self.global_gates)
+                and self.depth_lora_rank == 0 and not self.global_gates and self.ternary == "none"
+                and self.residual_streams == 1 and not self.attnres_block_size and not self.kv_append_first)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def residual_streams(self) -> int:
+        """Parallel residual streams of the hidden state: model.hyper_connections, else 1."""
+        return max(self.hyper_connections, 1)
 
 
 @dataclass

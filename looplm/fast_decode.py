@@ -51,13 +51,17 @@ class _PackedLayer:
         self.hidden = layer.ffn.hidden
 
 
-def fast_unsupported(model, allow_int8: bool = False) -> str | None:
+def fast_unsupported(model, allow_int8: bool = False, cache: KVCache | None = None) -> str | None:
     """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
     loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_int8``:
-    the caller (the C kernel) also runs int8 projections (looplm.quant)."""
+    the caller (the C kernel) also runs int8 projections (looplm.quant).  ``cache``: the cache it
+    would decode into (the append_first layout's shared slots are the reference path's)."""
     from looplm.quant import is_quantized
 
     config = model.config
+    if cache is not None and cache.layout == "append_first":
+        return "the fast decode paths write every step's K/V; the append_first layout decodes with backend" \
+               " 'reference'"
     if is_quantized(model) and not allow_int8:
         return "the torch decode path reads float32 weights; an int8 model (looplm.quant) decodes with backend" \
                " 'native' or 'reference'"

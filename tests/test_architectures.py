@@ -40,6 +40,16 @@ VARIANTS = {
     "rwkv-hybrid-qexit": {"layer_pattern": "RGA", "n_core_layers": 3, "injection": "additive"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
+    "ternary-core": {"ternary": "core", "n_prelude_layers": 1, "n_coda_layers": 1},
+    "ternary-all-hybrid": {"ternary": "all", "layer_pattern": "GA", "ffn": "moe", "n_experts": 4, "expert_hidden": 16},
+    "mhc": {"hyper_connections": 3, "n_prelude_layers": 1, "n_coda_layers": 1},
+    "mhc-noise-lti": {"hyper_connections": 2, "injection": "lti", "initial_state": "noise", "depth_lora_rank": 4,
+                      "loop_index_embedding": True, "norm": "pre", "step_norm": False, "global_gates": True},
+    "attnres": {"attnres_block_size": 3, "n_prelude_layers": 1, "n_coda_layers": 1},
+    "attnres-gdn": {"attnres_block_size": 2, "layer_pattern": "GA", "norm": "pre", "injection": "additive"},
+    "append-first": {"kv_append_first": True, "n_prelude_layers": 1, "n_coda_layers": 1, "n_kv_heads": 2},
+    "append-first-mla-channelmix": {"kv_append_first": True, "attention": "mla", "mla_kv_rank": 12,
+                                    "mla_rope_dim": 4, "ffn": "channelmix", "layer_pattern": "AG"},
 }
 
 

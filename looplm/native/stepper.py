@@ -40,7 +40,7 @@ def native_unsupported(model, cache: KVCache) -> str | None:
         return "the C decode kernel decodes batch 1"
     from looplm.fast_decode import fast_unsupported
 
-    if (reason := fast_unsupported(model, allow_int8=True)) is not None:
+    if (reason := fast_unsupported(model, allow_int8=True, cache=cache)) is not None:
         return reason
     if load_kernel() is None:
         return unavailable_reason()
