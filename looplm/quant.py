@@ -23,7 +23,8 @@ slower than a float32 matvec on this project's AVX2 CPU, hence the kernel.
 in float32: the embedding (a row lookup), the LM head (read once per token, not once per loop
 step; tied to the embedding by default), the exit gate and MoE routers (their outputs are
 decisions: a flipped exit or expert choice costs more than the memory saved), MoE expert
-tensors, norms, biases, and any Linear whose input width is not a multiple of 32.
+tensors, norms, biases, and any Linear whose input width is not a multiple of 32.  Ternary
+layers (``model.ternary``) are left to ``looplm.ternary.pack_model``.
 """
 
 from __future__ import annotations
@@ -117,8 +118,11 @@ class Int8Linear(nn.Module):
 
 
 def quantizable(name: str, module: nn.Module) -> bool:
-    """An ``nn.Linear`` that ``quantize_model`` turns into int8 (see the module docstring)."""
-    return (isinstance(module, nn.Linear) and module.in_features % BLOCK == 0
+    """An ``nn.Linear`` that ``quantize_model`` turns into int8 (see the module docstring); a
+    ternary ``BitLinear`` keeps its own quantisation (looplm.ternary packs it)."""
+    from looplm.model.bitlinear import BitLinear
+
+    return (isinstance(module, nn.Linear) and not isinstance(module, BitLinear) and module.in_features % BLOCK == 0
             and not any(part in KEPT_FLOAT for part in name.split(".")))
 
 

@@ -16,6 +16,16 @@ or more dimensions as float16 (norms, biases, the exit gate and MoE routers stay
 Q8_0 blocks (32 int8 values + a float16 scale d = max|x|/127; the error per element is at
 most d/2 + 127·|d − fp16(d)|) and everything else as float32.  GGUF lists shapes in ggml's
 order (fastest dimension first), the reverse of torch's; the reader turns them back.
+
+Ternary models (``model.ternary``): under f32, f16 and q8_0 their ``BitLinear`` shadow weights
+stay float32 (rounding them would move the ternary codes; the file resumes training exactly).
+``ternary`` stores each of them packed: gguf's TQ2_0 blocks (256 weights: 2-bit codes + a
+float16 scale) where rows are a multiple of 256 long, else looplm's 2-bit layout
+(``looplm.ternary.pack_ternary``) as an I8 tensor [N, ceil(K/4)]; beside each, its exact float32
+scale as ``<name>.ternary_scale`` (TQ2_0's block scales are that scale rounded to float16), and
+the metadata key ``looplm.ternary.weights`` lists the packed tensors.  Everything else is
+float32.  Reading such a file gives ``looplm.ternary.TernaryLinear`` layers with the exact codes
+and scales: an inference model.
 """
 
 from __future__ import annotations
@@ -31,10 +41,13 @@ from torch import nn
 
 from looplm.config import ModelConfig, from_dict
 from looplm.errors import LoopLMError
+from looplm.exit_policy import PerplexityExit, QExit, default_exit_policy
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "ternary")
+TQ2_0_ROW = 256  # TQ2_0 blocks hold 256 weights: shorter rows use looplm's 2-bit layout
+TERNARY_WEIGHTS_KEY = f"{ARCHITECTURE}.ternary.weights"
 STAGE_PREFIXES = {"prelude": "prelude_blk", "core": "blk", "coda": "coda_blk"}
 TOP_LEVEL_NAMES = {
     "embed.weight": "token_embd.weight",
@@ -93,6 +106,45 @@ def _matrix_names(model: nn.Module) -> set[str]:
             if isinstance(module, (nn.Linear, nn.Embedding)) and not set(name.split(".")) & set(KEPT_FLOAT)}
 
 
+def _ternary_names(model: nn.Module) -> set[str]:
+    """The shadow weights of the model's ternary layers (``BitLinear``)."""
+    from looplm.model.bitlinear import BitLinear
+
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, BitLinear)}
+
+
+def _scale_name(stored_name: str) -> str:
+    """GGUF name of a packed ternary weight's float32 scale."""
+    return stored_name.removesuffix("weight") + "ternary_scale"
+
+
+def _add_ternary(writer, gguf, stored_name: str, weight: torch.Tensor) -> None:
+    """A ternary layer's weight as codes (TQ2_0 or looplm's 2-bit layout) plus its exact scale."""
+    from looplm.model.bitlinear import ternary_codes
+    from looplm.ternary import pack_ternary
+
+    codes, scale = ternary_codes(weight.detach().float().cpu())
+    if weight.shape[-1] % TQ2_0_ROW == 0:
+        kind = gguf.GGMLQuantizationType.TQ2_0
+        writer.add_tensor(stored_name, gguf.quants.quantize((codes * scale).numpy(), kind), raw_dtype=kind)
+    else:
+        writer.add_tensor(stored_name, pack_ternary(codes.to(torch.int8)).view(torch.int8).numpy())
+    writer.add_tensor(_scale_name(stored_name), scale.reshape(1).numpy())
+
+
+def _read_ternary(gguf, tensor, shape: tuple[int, ...], scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed ternary tensor's codes [N, K] (int8) and its float32 scale (0-d)."""
+    from looplm.ternary import unpack_ternary
+
+    if int(tensor.tensor_type) == int(gguf.GGMLQuantizationType.TQ2_0):
+        values = gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType.TQ2_0)
+        codes = torch.from_numpy(np.sign(values).reshape(shape)).to(torch.int8)
+    else:
+        packed = torch.from_numpy(np.asarray(tensor.data).copy().view(np.uint8).reshape(shape[0], -1))
+        codes = unpack_ternary(packed, shape[1])
+    return codes, torch.from_numpy(np.asarray(scale.data, dtype=np.float32).copy()).reshape(())
+
+
 def _storage_type(gguf, name: str, tensor: torch.Tensor, dtype: str, matrices: set[str]):
     types = gguf.GGMLQuantizationType
     if dtype == "q8_0" and name in matrices and tensor.dim() == 2 and tensor.shape[-1] % 32 == 0:
@@ -122,9 +174,17 @@ def _config_metadata(writer, config: ModelConfig) -> None:
     writer.add_uint32(f"{arch}.loop.core_layer_count", config.n_core_layers)
     writer.add_uint32(f"{arch}.loop.coda_layer_count", config.n_coda_layers)
     writer.add_bool(f"{arch}.loop.exit_gate", config.exit_gate)
-    # looplm models carry no chosen Q-exit threshold; q = 1 (always T steps) is the safe default.
-    writer.add_float32(f"{arch}.loop.exit_threshold", 1.0)
+    # The inference defaults the model records (looplm.exit_policy.default_exit_policy): the least
+    # and most loop steps per token, the exit policy, its Q-exit threshold (q = 1, always the most
+    # steps, unless the policy is Q-exit) and nanochat's perplexity threshold.
+    policy = default_exit_policy(config)
+    writer.add_float32(f"{arch}.loop.exit_threshold", policy.threshold if isinstance(policy, QExit) else 1.0)
     writer.add_float32(f"{arch}.loop.act_threshold", config.act_threshold)
+    writer.add_uint32(f"{arch}.loop.min_steps", config.min_loop_steps)
+    writer.add_uint32(f"{arch}.loop.max_steps", policy.max_steps(config.loop_steps))
+    writer.add_string(f"{arch}.loop.exit_policy", config.default_exit)
+    if isinstance(policy, PerplexityExit):
+        writer.add_float32(f"{arch}.loop.perplexity_threshold", policy.threshold)
     writer.add_string(f"{arch}.loop.injection", config.injection)
     writer.add_string(f"{arch}.loop.initial_state", config.initial_state)
     writer.add_bool(f"{arch}.loop.step_norm", config.step_norm)
@@ -153,6 +213,7 @@ def export_gguf(model, path: str | Path, dtype: str = "f32", tokenizer=None, for
     """Write ``model`` (and ``tokenizer``) to a GGUF file; atomic, and an existing file is only
     replaced with ``force``.  ``dtype``: f32, f16 or q8_0 (see the module docstring)."""
     from looplm.quant import is_quantized
+    from looplm.ternary import is_packed
 
     gguf = _gguf()
     path = Path(path)
@@ -160,23 +221,36 @@ def export_gguf(model, path: str | Path, dtype: str = "f32", tokenizer=None, for
         raise LoopLMError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if path.exists() and not force:
         raise LoopLMError(f"{str(path)!r} already exists: choose another path or pass --force to replace it")
-    if is_quantized(model):
-        raise LoopLMError("export the float32 model: an int8 (looplm.quant) model is for inference only;"
-                          " use --dtype q8_0 for int8 weights in the file")
+    if is_quantized(model) or is_packed(model):
+        raise LoopLMError("export the trained float32 model: an int8 (looplm.quant) or packed ternary model is for"
+                          " inference only; use --dtype q8_0 or --dtype ternary for packed weights in the file")
+    ternary = _ternary_names(model)
+    if dtype == "ternary" and not ternary:
+        raise LoopLMError("--dtype ternary packs the ternary layers of a model trained with model.ternary = core or"
+                          " all; this model has none")
     names = _tensor_names(model)
-    matrices = _matrix_names(model)
+    matrices = _matrix_names(model) - ternary
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         writer = gguf.GGUFWriter(str(staging), ARCHITECTURE)
         writer.add_name(path.stem)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                              "ternary": gguf.LlamaFileType.MOSTLY_TQ2_0}[dtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _config_metadata(writer, model.config)
+        if dtype == "ternary":
+            writer.add_array(TERNARY_WEIGHTS_KEY, sorted(names[name] for name in ternary))
         if tokenizer is not None:
             _tokenizer_metadata(writer, tokenizer)
         for name, tensor in model.state_dict().items():
+            if dtype == "ternary" and name in ternary:
+                _add_ternary(writer, gguf, names[name], tensor)
+                continue
+            if name in ternary:  # shadow weights: float32 under every other dtype
+                writer.add_tensor(names[name], tensor.detach().float().cpu().contiguous().numpy())
+                continue
             array = tensor.detach().float().cpu().contiguous().numpy()
             kind = _storage_type(gguf, name, tensor, dtype, matrices)
             if kind == gguf.GGMLQuantizationType.Q8_0:
@@ -240,6 +314,7 @@ def load_gguf(path: str | Path, int8: bool = False):
 
     Q8_0 tensors are dequantised to float32; with ``int8`` the model's Linear layers become
     ``looplm.quant.Int8Linear`` instead, keeping a Q8_0 file's int8 values and scales exactly.
+    Packed ternary tensors become ``looplm.ternary.TernaryLinear`` layers (exact codes and scales).
     Every mismatch (wrong architecture, missing or extra tensor, wrong shape) is one line."""
     from looplm.model.lm import LoopLM
 
@@ -263,16 +338,24 @@ def load_gguf(path: str | Path, int8: bool = False):
         model = LoopLM(config)
     names = _tensor_names(model)
     stored = {tensor.name: tensor for tensor in reader.tensors}
-    unexpected = set(stored) - set(names.values())
+    packed_names = set(reader.fields[TERNARY_WEIGHTS_KEY].contents()) if TERNARY_WEIGHTS_KEY in reader.fields else set()
+    unexpected = set(stored) - set(names.values()) - {_scale_name(name) for name in packed_names}
     if unexpected:
         raise LoopLMError(f"{str(path)!r} has tensor {sorted(unexpected)[0]!r}, which its config does not use")
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    weights, q8 = {}, {}
+    weights, q8, ternary = {}, {}, {}
     for name, stored_name in names.items():
         if stored_name not in stored:
             raise LoopLMError(f"{str(path)!r} lacks tensor {stored_name!r} ({name}): the file is incomplete")
         tensor = stored[stored_name]
         shape = tuple(int(size) for size in reversed(tensor.shape))  # ggml order → torch order
+        if stored_name in packed_names:
+            if _scale_name(stored_name) not in stored:
+                raise LoopLMError(f"{str(path)!r} lacks tensor {_scale_name(stored_name)!r}: the file is incomplete")
+            codes, scale = _read_ternary(gguf, tensor, expected_shapes[name], stored[_scale_name(stored_name)])
+            ternary[name] = codes, scale
+            weights[name] = codes.float() * scale
+            continue
         if shape != expected_shapes[name]:
             raise LoopLMError(f"{str(path)!r}: tensor {stored_name!r} has shape {shape}, the config needs"
                               f" {expected_shapes[name]}")
@@ -282,9 +365,22 @@ def load_gguf(path: str | Path, int8: bool = False):
     model.load_state_dict(weights, assign=True)
     model.rebuild_derived_buffers("cpu")
     model.eval()
+    if ternary:
+        _keep_ternary(model, ternary)
     if int8:
         _keep_int8(model, q8)
     return model, _tokenizer(reader)
+
+
+def _keep_ternary(model, ternary: dict) -> None:
+    """Swap the ternary layers read from packed tensors for ``TernaryLinear`` with their exact codes."""
+    from looplm.ternary import TernaryLinear
+
+    for name, (codes, scale) in ternary.items():
+        module_name = name.removesuffix(".weight")
+        parent, _, child = module_name.rpartition(".")
+        bias = model.get_submodule(module_name).bias
+        setattr(model.get_submodule(parent), child, TernaryLinear.from_codes(codes, scale, bias))
 
 
 def _keep_int8(model, q8: dict) -> None:
