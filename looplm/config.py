@@ -295,6 +295,10 @@ class TrainConfig:
     wandb_project: str = "looplm"
     run_name: str | None = None
     peak_tflops: float = 0.0
+    # Stage schedules: β stays entropy_beta before this step, then moves linearly to
+    # entropy_beta_final at the last step; RoPE θ by step ("STEP:THETA,...", θ from each step on).
+    entropy_beta_anneal_start: int = 0
+    rope_theta_schedule: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
@@ -340,17 +344,47 @@ class TrainConfig:
         _check(not unknown_sinks, f"train.log_to takes a comma list of {', '.join(LOG_SINKS)} (metrics.jsonl is"
                f" always written), got {self.log_to!r}")
         _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = look up the GPU), got {self.peak_tflops}")
+        _check(self.entropy_beta_anneal_start >= 0,
+               f"train.entropy_beta_anneal_start must be >= 0, got {self.entropy_beta_anneal_start}")
+        self.rope_thetas()  # one-line errors for a schedule that does not parse
 
     def log_sinks(self) -> tuple[str, ...]:
         """train.log_to as names: "tensorboard,wandb" -> ("tensorboard", "wandb")."""
         return tuple(dict.fromkeys(name.strip().lower() for name in self.log_to.split(",") if name.strip()))
 
     def entropy_beta_at(self, step: int) -> float:
-        """β for Stage I at optimiser step ``step``: linear from entropy_beta to the final value."""
-        if self.entropy_beta_final is None:
+        """β for Stage I at optimiser step ``step``: entropy_beta until entropy_beta_anneal_start,
+        then linear to entropy_beta_final at the last step (constant without a final value)."""
+        if self.entropy_beta_final is None or step <= self.entropy_beta_anneal_start:
             return self.entropy_beta
-        fraction = min(step / max(self.steps - 1, 1), 1.0)
+        start = self.entropy_beta_anneal_start
+        fraction = min((step - start) / max(self.steps - 1 - start, 1), 1.0)
         return self.entropy_beta + fraction * (self.entropy_beta_final - self.entropy_beta)
+
+    def rope_thetas(self) -> list[tuple[int, float]]:
+        """train.rope_theta_schedule as [(first step, θ)], ascending: "0:1e4,500:1e6"."""
+        stages = []
+        for item in filter(None, (part.strip() for part in self.rope_theta_schedule.split(","))):
+            step, _, theta = item.partition(":")
+            try:
+                stages.append((int(step), float(theta)))
+            except ValueError:
+                raise LoopLMError(f"train.rope_theta_schedule takes STEP:THETA pairs separated by commas, got"
+                                  f" {item!r}") from None
+        steps = [step for step, _ in stages]
+        _check(all(step >= 0 for step in steps) and steps == sorted(set(steps)),
+               f"train.rope_theta_schedule needs distinct ascending steps >= 0, got {self.rope_theta_schedule!r}")
+        _check(all(theta > 0 for _, theta in stages), f"train.rope_theta_schedule needs θ > 0, got"
+               f" {self.rope_theta_schedule!r}")
+        return stages
+
+    def rope_theta_at(self, step: int, base: float) -> float:
+        """RoPE θ at optimiser step ``step``: the last schedule entry at or before it, else ``base``."""
+        theta = base
+        for first, value in self.rope_thetas():
+            if step >= first:
+                theta = value
+        return theta
 
 
 @dataclass

@@ -22,6 +22,7 @@ plain loop over them and the reference every faster path is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -153,6 +154,12 @@ class LoopLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "rebuild_buffers"):
                 module.rebuild_buffers(device)
+
+    def set_rope_theta(self, theta: float) -> None:
+        """Use RoPE base θ from now on (a stage of ``train.rope_theta_schedule``); the config, and
+        so every checkpoint written after, records it."""
+        self.config = dataclasses.replace(self.config, rope_theta=theta)
+        self.rope = RotaryEmbedding(self.config.rope_dim, self.config.max_seq_len, theta).to(self.rope.cos.device)
 
     @property
     def head_weight(self) -> torch.Tensor:
