@@ -581,20 +581,23 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     # Parcae: Huginn's layout with diagonal, stable-by-construction injection and pre-norm.
     "parcae": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="pre",
                               step_norm=False, injection="diagonal", initial_state="noise"),
-    # nanochat loop: one local block before, one shared block looped (with its global gates), one after.
+    # nanochat loop: one local block before, one shared block looped (with its global gates), one after;
+    # ternary weights in every block (BitNet b1.58 QAT), mHC residual streams, append-first K/V.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
-                                     step_norm=False, injection="additive", global_gates=True),
+                                     step_norm=False, injection="additive", global_gates=True, ternary="all",
+                                     hyper_connections=2, kv_append_first=True),
     # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
     # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
     "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
                             ffn="channelmix"),
     # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers,
-    # along the sequence (segments of 128, top-2) and along the loop (top-2 earlier loops, detached).
+    # along the sequence (segments of 128, top-2, cached states detached) and along the loop (top-2
+    # earlier loops, detached).
     "loopcached": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                   attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
-                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2, loop_mc=True,
-                                  loop_mc_top_k=2, loop_mc_detach=True),
+                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2, mc_detach=True,
+                                  loop_mc=True, loop_mc_top_k=2, loop_mc_detach=True),
     # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer.
     "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                    attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
