@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
+from looplm.model.swap import swap_modules
 
 BLOCK = 32
 KERNEL_MAX_ROWS = 4
@@ -129,10 +130,7 @@ def quantizable(name: str, module: nn.Module) -> bool:
 def quantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantizable ``nn.Linear`` of ``model`` by an ``Int8Linear``, in place; returns
     the model in eval mode (int8 weights are for inference: they have no gradients)."""
-    targets = [(name, module) for name, module in model.named_modules() if quantizable(name, module)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear.from_linear(module))
+    swap_modules(model, quantizable, lambda name, module: Int8Linear.from_linear(module))
     return model.eval()
 
 

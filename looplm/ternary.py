@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
 from looplm.model.bitlinear import BitLinear, quantize_activations, ternary_codes
+from looplm.model.swap import swap_modules
 
 CODES_PER_BYTE = 4
 # Byte value → its four codes (−1, 0, +1), lowest bits first.
@@ -108,12 +109,9 @@ def pack_model(model: nn.Module) -> nn.Module:
     """Replace every ``BitLinear`` of ``model`` by a ``TernaryLinear`` holding its packed codes,
     in place; returns the model in eval mode (packed weights have no gradients).  A model
     without ternary layers (``model.ternary`` = none) is a one-line error."""
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, BitLinear)]
-    if not targets:
+    if not swap_modules(model, lambda name, module: isinstance(module, BitLinear),
+                        lambda name, module: TernaryLinear.from_bitlinear(module)):
         raise LoopLMError("the model has no ternary layers (model.ternary is none): nothing to pack")
-    for name, module in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, TernaryLinear.from_bitlinear(module))
     return model.eval()
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from looplm.config import ModelConfig, from_dict
 from looplm.errors import LoopLMError
 from looplm.exit_policy import PerplexityExit, QExit, default_exit_policy
+from looplm.model.swap import swap_modules
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
@@ -376,28 +377,20 @@ def _keep_ternary(model, ternary: dict) -> None:
     """Swap the ternary layers read from packed tensors for ``TernaryLinear`` with their exact codes."""
     from looplm.ternary import TernaryLinear
 
-    for name, (codes, scale) in ternary.items():
-        module_name = name.removesuffix(".weight")
-        parent, _, child = module_name.rpartition(".")
-        bias = model.get_submodule(module_name).bias
-        setattr(model.get_submodule(parent), child, TernaryLinear.from_codes(codes, scale, bias))
+    swap_modules(model, lambda name, module: f"{name}.weight" in ternary,
+                 lambda name, module: TernaryLinear.from_codes(*ternary[f"{name}.weight"], module.bias))
 
 
 def _keep_int8(model, q8: dict) -> None:
     """Swap quantizable Linears for Int8Linear, from the file's Q8_0 blocks where it has them."""
     from looplm.quant import Int8Linear, quantizable
 
-    for name, module in list(model.named_modules()):
-        if not quantizable(name, module):
-            continue
-        weight_name = f"{name}.weight"
-        if weight_name in q8:
-            values, scales = _q8_blocks(q8[weight_name], tuple(module.weight.shape))
-            replacement = Int8Linear(values, scales, module.bias)
-        else:
-            replacement = Int8Linear.from_linear(module)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, replacement)
+    def build(name, module):
+        if f"{name}.weight" not in q8:
+            return Int8Linear.from_linear(module)
+        return Int8Linear(*_q8_blocks(q8[f"{name}.weight"], tuple(module.weight.shape)), module.bias)
+
+    swap_modules(model, quantizable, build)
 
 
 def load_gguf_tokenizer(path: str | Path):

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.model.swap import swap_modules
+
 SCALE_FLOOR = 1e-5  # a matrix or token of zeros would otherwise divide by zero
 ACTIVATION_LEVELS = 127.0
 KEPT_FLOAT = ("router",)
@@ -92,9 +94,6 @@ class BitLinear(nn.Linear):
 def ternary_layers(module: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` inside ``module`` (routers excepted) by a ``BitLinear`` with
     the same weights, in place; returns ``module``."""
-    targets = [(name, child) for name, child in module.named_modules()
-               if type(child) is nn.Linear and not set(name.split(".")) & set(KEPT_FLOAT)]
-    for name, child in targets:
-        parent, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, attribute, BitLinear.from_linear(child))
+    swap_modules(module, lambda name, child: type(child) is nn.Linear and not set(name.split(".")) & set(KEPT_FLOAT),
+                 lambda name, child: BitLinear.from_linear(child))
     return module
