@@ -63,10 +63,10 @@ def large_roofline(repeats: int) -> dict:
 def demo_model(checkpoint: str | None):
     from looplm.data.tasks import TaskBatches, make_task
     from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS, demo_run_config
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     if checkpoint is None:
-        from looplm.train.trainer import Trainer
+        from looplm.training.trainer import Trainer
         import tempfile
 
         directory = Path(tempfile.mkdtemp(prefix="looplm-decode-bench-"))

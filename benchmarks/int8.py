@@ -26,8 +26,8 @@ from looplm.data.source import open_training_data
 from looplm.eval.depth import loss_by_step
 from looplm.model.lm import LoopLM
 from looplm.quant import quantize_model
-from looplm.train.checkpoint import load_model
-from looplm.train.trainer import train
+from looplm.model.loading import load_model
+from looplm import train
 
 LICENSES = Path("/usr/share/common-licenses")
 

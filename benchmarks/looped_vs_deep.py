@@ -37,9 +37,7 @@ from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.data.tasks import TaskBatches, make_task
 from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS
 from looplm.eval.depth import accuracy_by_step
-# ``looplm.train`` the function is shadowed by the ``looplm.train`` package once any module imports
-# ``looplm.train.*``, so call the trainer module's ``train`` directly.
-from looplm.train.trainer import train
+from looplm import train
 
 
 @dataclasses.dataclass(frozen=True)

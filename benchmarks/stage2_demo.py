@@ -21,8 +21,9 @@ from looplm.config import RunConfig
 from looplm.data.tasks import TaskBatches, make_task
 from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS, evaluate_q_exit, run_demo
 from looplm.eval.depth import accuracy_by_step
-from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
-from looplm.train.trainer import Trainer
+from looplm.checkpoint.directory import resolve_checkpoint
+from looplm.model.loading import load_checkpoint_tokenizer, load_model
+from looplm.training.trainer import Trainer
 
 
 def report(name: str, model, task, held_out, tokenizer, qs, examples) -> dict:

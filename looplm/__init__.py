@@ -9,18 +9,22 @@ from looplm.errors import LoopLMError
 from looplm.generate import FixedSteps, QExit, Sampling, generate, stream
 from looplm.model import LoopLM, LoopOutput
 
-# ``looplm.train(run, out_dir, resume=False, progress=True)`` trains a model and returns a TrainResult.
-# It is the looplm.train package itself, made callable (see looplm/train/__init__.py), so that it is
-# not shadowed when a submodule such as looplm.train.trainer is imported.
-from looplm import train
-
 __version__ = "0.1.0"
+
+
+def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None):
+    """Train the model described by ``run`` into ``out_dir`` (``looplm.training.trainer.Trainer``);
+    returns a ``TrainResult``.  ``stop_after``: stop after this many optimiser steps in total."""
+    from looplm.training.trainer import Trainer
+
+    return Trainer(run, out_dir, resume=resume, progress=progress).train(stop_after=stop_after)
 
 
 def load(path: str | Path, device: str = "cpu") -> LoopLM:
     """Load a model from a checkpoint directory, a run directory (its newest checkpoint) or a
     .gguf file written by ``looplm export gguf``."""
-    from looplm.train.checkpoint import load_model
+    from looplm.model.loading import load_model
 
     return load_model(path, device)
 
@@ -28,7 +32,7 @@ def load(path: str | Path, device: str = "cpu") -> LoopLM:
 def load_tokenizer(path: str | Path):
     """"byte", a tokenizer.json, or the tokenizer saved with a checkpoint / run directory."""
     from looplm.data.tokenizer import load_tokenizer as load_spec
-    from looplm.train.checkpoint import load_checkpoint_tokenizer
+    from looplm.model.loading import load_checkpoint_tokenizer
 
     if str(path).lower().endswith(".gguf"):
         tokenizer = load_checkpoint_tokenizer(path)

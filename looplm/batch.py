@@ -35,7 +35,8 @@ from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, default_exit_policy
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
 from looplm.model.carry import LoopCarry
-from looplm.model.row_attention import CacheRows, SharedKV, rows_kernel_available
+from looplm.kernels import ops
+from looplm.model.row_attention import CacheRows, SharedKV
 
 
 @dataclass
@@ -158,7 +159,7 @@ class BatchDecoder:
         self.cache.offsets.fill_(max_len)  # an empty slot: every key masked
         # Attention reads the running rows of the cache in place (no gathered copies) where
         # the kernel for it exists; MLA's latent cache has its own attention.
-        self.in_place = config.attention != "mla" and rows_kernel_available(self.cache.keys)
+        self.in_place = config.attention != "mla" and ops.serves(self.cache.keys)
         self.layout, self.modulo_slots = layout, modulo_slots
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")
         self.applications = 0

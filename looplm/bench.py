@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import TrainConfig, preset
 from looplm.generate import FixedSteps, generate
 from looplm.model.lm import LoopLM
-from looplm.train.objectives import compute_loss
-from looplm.train.trainer import make_optimizer
+from looplm.training.objectives import compute_loss
+from looplm.training.trainer import make_optimizer
 
 
 def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int = 3, repeats: int = 3,
@@ -188,7 +189,7 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     if compile_model:
         results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
     decode_model = LoopLM(config)
-    from looplm.native import load_kernel, unavailable_reason
+    from looplm.kernels import load_kernel, unavailable_reason
 
     # The headline decode rate is the default backend's (native where it builds); the torch
     # and reference paths are timed in the same run as baselines.
@@ -203,5 +204,5 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
         shown = f"{value:,.1f}" if isinstance(value, float) else value
         print(f"{key:>36}: {shown}")
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
     return results

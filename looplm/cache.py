@@ -42,13 +42,12 @@ pad keys).
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
-from looplm.model.row_attention import SharedKV, rows_kernel_available
+from looplm.kernels import ops
+from looplm.model.row_attention import SharedKV
 
 KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo", "append_first")
 # Layouts whose tokens may skip the steps after their exit.
@@ -272,36 +271,10 @@ class KVCache:
                     self._copy_positions(self.index[source], self.index[target], row, start, end)
 
     def _copy_positions(self, source: int, target: int, row, start: int, end: int) -> None:
-        """K/V of positions [start, end) from storage slot ``source`` to ``target`` for ``row``.
-        A batch-1 CPU cache copies each head's contiguous run with memmove, and a batch's rows (an
-        index tensor) go through one C call (``looplm_copy_rows``) where the kernel builds: the
-        decode of a small model is short enough that tensor-indexing overhead would eat the steps
-        early exit saved."""
-        keys, values = self.keys, self.values
-        if keys.device.type == "cpu" and keys.shape[1] == 1 and keys.is_contiguous() and values.is_contiguous():
-            for tensor in (keys, values):
-                _, _, heads, length, width = tensor.shape
-                item, base = tensor.element_size(), tensor.data_ptr()
-                slot, run = tensor.stride(0) * item, (end - start) * width * item
-                to, came = base + target * slot + start * width * item, base + source * slot + start * width * item
-                for head in range(heads):
-                    step = head * length * width * item
-                    ctypes.memmove(to + step, came + step, run)
-            return
-        if isinstance(row, torch.Tensor) and rows_kernel_available(keys) and keys.is_contiguous() \
-                and values.is_contiguous():  # a batch's exited rows, wherever they lie: one C call
-            from looplm.native.build import load_kernel
-
-            rows = row.to(torch.int64).contiguous()
-            for tensor in (keys, values):
-                _, _, heads, length, width = tensor.shape
-                load_kernel().looplm_copy_rows(ctypes.c_void_p(tensor[target].data_ptr()),
-                                               ctypes.c_void_p(tensor[source].data_ptr()),
-                                               ctypes.c_void_p(rows.data_ptr()), len(rows), heads, length, width,
-                                               start, end)
-            return
-        keys[target, row, :, start:end] = keys[source, row, :, start:end]
-        values[target, row, :, start:end] = values[source, row, :, start:end]
+        """K/V of positions [start, end) from storage slot ``source`` to ``target`` for ``row``
+        (``looplm.kernels.ops.copy_positions``: the C kernel where it serves the storage)."""
+        for storage in (self.keys, self.values):
+            ops.copy_positions(storage, source, target, row, start, end)
 
     @property
     def state_tensors(self) -> list[torch.Tensor]:

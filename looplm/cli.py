@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from looplm.errors import LoopLMError
@@ -71,10 +72,18 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modulo-slots", type=int, default=2, help="K/V groups per layer of the modulo layout")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as ``LoopLMError`` (one line and exit 2 in ``main``, not usage
+    text); subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        raise LoopLMError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from looplm.config import DECODE_BACKENDS, PARALLEL
 
-    parser = argparse.ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
+    parser = ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -97,14 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="text or jsonl file, a directory of them, or a 'looplm prepare' output")
     train.add_argument("--task", help=f"built-in task instead of data: {TASK_NAMES}")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUT's newest checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue exactly from OUT's newest checkpoint with the run's saved config (options given"
+                            " again must match it, except train.steps and logging/saving options)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an OUT that holds an earlier run, deleting it first (refused when OUT"
+                            " holds one of this run's inputs)")
     train.add_argument("--parallel", choices=PARALLEL, default=None,
                        help="data parallel under torchrun: torchrun --nproc_per_node N -m looplm train … --parallel ddp"
                             " (or fsdp: parameters, gradients and optimiser state sharded)")
     train.add_argument("--init", help="start from this checkpoint's weights and model config (its data config"
                                       " too, unless --data/--task is given)")
     train.add_argument("--upcycle", metavar="CKPT", help="start from a checkpoint of another shape (more layers,"
-                       " more loop steps; looplm.train.upcycle): its model config, changed by --model.* options")
+                       " more loop steps; looplm.training.upcycle): its model config, changed by --model.* options")
     train.add_argument("--stage", type=int, choices=[1, 2], default=None,
                        help="2 = Ouro Stage II: freeze the model and train only the exit gate on the measured"
                             " per-step improvement (needs --init)")
@@ -285,6 +299,11 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--max-tokens-default", type=int, default=128,
                        help="max_tokens of a request that gives none (default: 128)")
     serve.add_argument("--model-name", default=None, help="model id in responses (default: the checkpoint's name)")
+    serve.add_argument("--max-prompts", type=int, default=64, help="prompts one request may carry (default: 64)")
+    serve.add_argument("--max-request-tokens", type=int, default=65536,
+                       help="prompt tokens plus max_tokens per prompt, summed over one request (default: 65536)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests in progress (running or waiting) before new ones get 503 (default: 256)")
 
 
 def run_serve(args) -> None:
@@ -295,73 +314,62 @@ def run_serve(args) -> None:
 
     from looplm.serve.app import ServerConfig, check_generation_options, create_app
     from looplm.serve.engine import Engine
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     check_generation_options(None, args.exit, args.steps, args.layout)
     if args.max_tokens_default < 0:
         raise LoopLMError(f"--max-tokens-default must be >= 0, got {args.max_tokens_default}")
     if not 0 <= args.port <= 65535:
         raise LoopLMError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 1:
+        raise LoopLMError(f"--max-queue must be >= 1, got {args.max_queue}")
+    name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
+    config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default, args.max_prompts,
+                          args.max_request_tokens)
     model = load_model(args.checkpoint)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: the server cannot turn prompts into tokens")
-    name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
-    config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default)
-    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context)
+    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
+                    max_queue=args.max_queue)
     app = create_app(model, tokenizer, config, engine)
     print(f"looplm serve: {name} on http://{args.host}:{args.port} (exit {args.exit}, layout {args.layout},"
           f" max batch {args.max_batch})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
-def run_train(args, extra: list[str]) -> None:
-    from looplm.config import RunConfig, apply_overrides, model_config_from_json, preset, read_config_file
+def run_train(args) -> None:
     from dataclasses import asdict
-    from looplm.train.trainer import Trainer
 
-    raw: dict = {}
-    if args.preset:
-        raw["model"] = asdict(preset(args.preset))
-    if args.config:
-        file_config = read_config_file(args.config)
-        if not isinstance(file_config, dict):
-            raise LoopLMError(f"config file {args.config!r} must hold a mapping with model/train/data sections")
-        for section, values in file_config.items():
-            if isinstance(values, dict) and isinstance(raw.get(section), dict):
-                raw[section] = {**raw[section], **values}
-            else:
-                raw[section] = values
-    if args.init or args.upcycle:
-        from looplm.train.checkpoint import resolve_checkpoint
+    from looplm.checkpoint.directory import CONFIG_FILE, RUN_CONFIG_FILE, resolve_checkpoint
+    from looplm.config import assemble_run_config, model_config_from_json
+    from looplm.training.trainer import Trainer
 
-        source = resolve_checkpoint(args.init or args.upcycle)
-        source_run = json.loads((source / "run_config.json").read_text()) if (source / "run_config.json").is_file() else {}
-        if args.init or "model" not in raw:  # --upcycle: the target is the source's shape unless --preset/--config
-            raw["model"] = asdict(model_config_from_json(source / "config.json"))
-        if not (args.data or args.task) and "data" in source_run:
-            raw["data"] = source_run["data"]
-        raw.setdefault("train", {})["init" if args.init else "upcycle_from"] = str(source)
-        if args.init and args.upcycle:
-            raw["train"]["upcycle_from"] = args.upcycle
-    if args.stage:
-        raw.setdefault("train", {})["stage"] = args.stage
-    if args.parallel:
-        raw.setdefault("train", {})["parallel"] = args.parallel
-    vocab_given = "vocab_size" in raw.get("model", {}) and not args.preset
-    if args.data:
-        raw.setdefault("data", {})["path"] = args.data
-    if args.task:
-        raw.setdefault("data", {})["task"] = args.task
-    overrides = _dotted_overrides(extra)
-    vocab_given = vocab_given or "model.vocab_size" in overrides
-    run = RunConfig.from_dict(apply_overrides(raw, overrides))
     out = Path(args.out)
-    if args.resume and (out / "run_config.json").is_file() and not (args.config or args.preset or extra
-                                                                      or args.data or args.task):
-        run = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
-        vocab_given = True
-    trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress, fit_vocab=not vocab_given)
+    options = {key: value for key, value in (("data.path", args.data), ("data.task", args.task),
+                                             ("train.stage", args.stage), ("train.parallel", args.parallel))
+               if value is not None}
+    source_model = source_data = None
+    if args.init or args.upcycle:
+        source = resolve_checkpoint(args.init or args.upcycle)
+        source_model = asdict(model_config_from_json(source / CONFIG_FILE))
+        source_data = (_read_json(source / RUN_CONFIG_FILE) or {}).get("data") if (source / RUN_CONFIG_FILE).is_file() else None
+        options["train.init" if args.init else "train.upcycle_from"] = str(source)
+        if args.init and args.upcycle:
+            options["train.upcycle_from"] = args.upcycle
+    saved = None
+    if args.resume:  # how the run is launched (torchrun or not) is this invocation's, not the saved run's
+        options["train.parallel"] = args.parallel or "none"
+        if not (out / RUN_CONFIG_FILE).is_file():
+            raise LoopLMError(f"nothing to resume in {str(out)!r}: it holds no {RUN_CONFIG_FILE} (give the --out of the"
+                              " run to continue)")
+        saved = _read_json(out / RUN_CONFIG_FILE)
+    run, vocab_given = assemble_run_config(preset_name=args.preset, config_file=args.config, source_model=source_model,
+                                           source_data=source_data, options=options,
+                                           overrides=_dotted_overrides(args.extra), saved=saved,
+                                           saved_where=str(out / RUN_CONFIG_FILE))
+    trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress, fit_vocab=not vocab_given,
+                      overwrite=args.overwrite)
     model = trainer.model
     if trainer.dist.main:
         print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
@@ -377,6 +385,14 @@ def run_train(args, extra: list[str]) -> None:
         summary["eval"] = result.last_eval
     print(_train_summary_line(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2))
+
+
+def _read_json(path: Path):
+    """A JSON file's contents, or one line saying it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoopLMError(f"{str(path)!r} is not valid JSON ({type(error).__name__}): it is damaged") from None
 
 
 def _train_summary_line(summary: dict) -> str:
@@ -395,9 +411,9 @@ def _train_summary_line(summary: dict) -> str:
 
 
 def run_generate(args) -> None:
-    from looplm.exit_policy import default_exit_policy
+    from looplm.exit_policy import check_depth, default_exit_policy
     from looplm.generate import Sampling, make_exit_policy, stream, Generation
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
@@ -406,6 +422,7 @@ def run_generate(args) -> None:
     # No policy named: the one the model records (fixed T steps unless set, e.g. by a GGUF file).
     policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps,
                               args.exit_ppl) if named else default_exit_policy(model.config)
+    check_depth(policy, model.config.loop_steps)
     if args.ternary:
         from looplm.ternary import pack_model
 
@@ -473,19 +490,31 @@ def run_eval(args) -> None:
     from looplm.config import DataConfig
     from looplm.data.source import open_training_data
     from looplm.eval import curves
+    from looplm.checkpoint.atomic import atomic_write_text, refuse_overlap
+    from looplm.checkpoint.directory import resolve_checkpoint
+    from looplm.checkpoint.gguf import is_gguf_path
     from looplm.eval.report import build_report, write_report
-    from looplm.train.checkpoint import load_model, resolve_checkpoint
+    from looplm.model.loading import load_model
 
+    if args.steps is not None and args.steps < 1:
+        raise LoopLMError(f"--steps must be >= 1, got {args.steps}")
+    if args.examples < 1:
+        raise LoopLMError(f"--examples must be >= 1, got {args.examples}")
+    if bool(args.data) == bool(args.task):
+        raise LoopLMError("give exactly one of --data FILE or --task NAME")
+    checkpoint = resolve_checkpoint(args.checkpoint) if not is_gguf_path(args.checkpoint) else Path(args.checkpoint)
+    if args.json:
+        if Path(args.json).is_dir():
+            raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the report")
+        refuse_overlap(args.json, [args.checkpoint, args.data])
+    if args.out:
+        refuse_overlap(args.out, [args.checkpoint, checkpoint, args.data], "--overwrite" if args.overwrite else "")
     model = load_model(args.checkpoint)
     if args.int8:
         from looplm.quant import quantize_model
 
         quantize_model(model)
     steps = args.steps or model.config.loop_steps + 2
-    if steps < 1:
-        raise LoopLMError(f"--steps must be >= 1, got {steps}")
-    if bool(args.data) == bool(args.task):
-        raise LoopLMError("give exactly one of --data FILE or --task NAME")
     try:
         options = json.loads(args.task_options)
     except json.JSONDecodeError:
@@ -498,7 +527,6 @@ def run_eval(args) -> None:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the slow part
             raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
     # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
-    checkpoint = resolve_checkpoint(args.checkpoint)
     data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint))
     batch = 16
     opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
@@ -523,7 +551,7 @@ def run_eval(args) -> None:
         report["capacity"] = knowledge_bits(model, make_task("capo", **options), opened.tokenizer, steps)
     _print_eval(report, model.config.loop_steps)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.out:
         print(f"report: {write_report(report, args.out, overwrite=args.overwrite) / 'report.md'}")
 
@@ -550,10 +578,12 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 def run_export(args) -> None:
     from dataclasses import asdict
 
+    from looplm.checkpoint.atomic import refuse_overlap
     from looplm.config import ModelConfig, from_dict
     from looplm.interop.gguf import export_gguf
-    from looplm.train.checkpoint import load_checkpoint_tokenizer, load_model
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
+    refuse_overlap(args.output, [args.checkpoint], "--force" if args.force else "")
     model = load_model(args.checkpoint)
     defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
                                               ("max_loop_steps", args.max_steps)) if value is not None}
@@ -564,9 +594,11 @@ def run_export(args) -> None:
 
 
 def run_prepare(args) -> None:
+    from looplm.checkpoint.atomic import refuse_overlap
     from looplm.data.shards import read_documents, write_shards
     from looplm.data.tokenizer import load_tokenizer, train_bpe
 
+    refuse_overlap(args.out, [*args.inputs, args.tokenizer], "--overwrite" if args.overwrite else "")
     if args.tokenizer == "bpe":
         tokenizer = train_bpe(read_documents(args.inputs, args.jsonl_field), args.vocab_size)
     else:
@@ -582,6 +614,10 @@ def run_lm_eval(args) -> None:
 
     if args.out and Path(args.out).exists():
         raise LoopLMError(f"{args.out!r} already exists: remove it or choose another --out")
+    if args.limit is not None and not args.limit > 0:
+        raise LoopLMError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LoopLMError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
                        dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,
@@ -597,52 +633,58 @@ def run_lm_eval(args) -> None:
         write_results(results, args.out)
 
 
+def run_bench_command(args) -> None:
+    from looplm.bench import run_bench
+
+    if args.repeats < 1:
+        raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
+    run_bench(args.json, args.threads, args.compile, args.repeats)
+
+
+def run_demo_command(args) -> None:
+    from looplm.demo import run_demo
+
+    run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed, progress=not args.no_progress)
+
+
+# Subcommand → handler(args); ``looplm train`` also reads ``args.extra``, its dotted overrides.
+HANDLERS = {"demo": run_demo_command, "train": run_train, "generate": run_generate, "eval": run_eval,
+            "prepare": run_prepare, "convert": run_convert, "export": run_export, "bench": run_bench_command,
+            "lm-eval": run_lm_eval, "serve": run_serve}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (``looplm: warning: …``), not a source location and a code line."""
+    print(f"looplm: warning: {str(message).removeprefix('looplm: ')}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        if args.command == "train":
-            run_train(args, extra)
-        elif args.command == "generate":
-            run_generate(args)
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "prepare":
-            run_prepare(args)
-        elif args.command == "convert":
-            run_convert(args)
-        elif args.command == "export":
-            run_export(args)
-        elif args.command == "bench":
-            from looplm.bench import run_bench
-
-            run_bench(args.json, args.threads, args.compile, args.repeats)
-        elif args.command == "lm-eval":
-            run_lm_eval(args)
-        elif args.command == "serve":
-            run_serve(args)
-        elif args.command == "demo":
-            from looplm.demo import run_demo
-
-            run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed,
-                     progress=not args.no_progress)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if extra and args.command != "train":
+            raise LoopLMError(f"unrecognized arguments: {' '.join(extra)} (see 'looplm {args.command} --help')")
+        args.extra = extra
+        HANDLERS[args.command](args)
     except LoopLMError as error:
         print(f"looplm: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        warnings.showwarning = previous
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def main_entry() -> None:
     """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -28,16 +29,45 @@ LAYER_KINDS = ("A", "G", "R")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp", "fsdp")
-LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.train.loggers)
+LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.training.loggers)
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternary (looplm.model.bitlinear)
+# Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory
+# before saying so (the RoPE tables alone are max_seq_len × head dims).
+MAX_CONTEXT = 2**20
+MAX_VOCAB = 2**24
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise LoopLMError(message)
+
+
+EXIT_SPECS = {"static": False, "act": False, "q": True, "hidden": True, "kl": True, "ppl": True}  # takes a number?
+
+
+def parse_exit_spec(spec: str) -> tuple[str, float | None]:
+    """An exit policy's one-string form (``static``, ``act``, ``q:0.5``, ``hidden:0.05``,
+    ``kl:0.01``, ``ppl:3``) as (kind, number or None); the policy itself checks the number's
+    range (``looplm.exit_policy.parse_exit_policy``)."""
+    name, _, value = spec.partition(":")
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        raise LoopLMError(f"exit policy {spec!r}: {value!r} is not a number") from None
+    if name not in EXIT_SPECS or EXIT_SPECS[name] != (number is not None):
+        raise LoopLMError(f"unknown exit policy {spec!r}: use static, q:<q>, hidden:<eps>, kl:<eps>, ppl:<x> or act")
+    return name, number
+
+
+def _check_finite(config, section: str) -> None:
+    """Every float field finite: a NaN or inf setting would train or decode to NaN without a word."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"{section}.{item.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -117,6 +147,7 @@ class ModelConfig:
     max_loop_steps: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
@@ -135,7 +166,9 @@ class ModelConfig:
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.n_core_layers >= 1, f"model.n_core_layers must be >= 1, got {self.n_core_layers}")
         _check(self.loop_steps >= 1, f"model.loop_steps must be >= 1, got {self.loop_steps}")
-        _check(self.max_seq_len >= 1, f"model.max_seq_len must be >= 1, got {self.max_seq_len}")
+        _check(1 <= self.max_seq_len <= MAX_CONTEXT,
+               f"model.max_seq_len must be in [1, {MAX_CONTEXT}], got {self.max_seq_len}")
+        _check(self.vocab_size <= MAX_VOCAB, f"model.vocab_size must be <= {MAX_VOCAB}, got {self.vocab_size}")
         _check(self.norm in NORM_PLACEMENTS,
                f"model.norm must be one of {', '.join(NORM_PLACEMENTS)}, got {self.norm!r}")
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
@@ -200,9 +233,7 @@ class ModelConfig:
                and (not self.max_loop_steps or self.min_loop_steps <= self.max_loop_steps),
                "model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T), got"
                f" {self.min_loop_steps}, {self.max_loop_steps}")
-        from looplm.exit_policy import default_exit_policy
-
-        default_exit_policy(self)  # a one-line error for a policy that does not parse
+        parse_exit_spec(self.default_exit)  # a one-line error for a policy that does not parse
 
     def layer_kind(self, index: int) -> str:
         """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
@@ -266,14 +297,14 @@ class TrainConfig:
     parallel: str = "none"
     activation_checkpointing: bool = False
     spike_factor: float = 0.0
-    # Distillation (looplm.train.distill): a frozen teacher checkpoint.
+    # Distillation (looplm.training.distill): a frozen teacher checkpoint.
     distill_teacher: str | None = None
     distill_teacher_steps: int | None = None
     distill_temperature: float = 1.0
     distill_alpha: float = 0.5
     distill_loop_penalty: float = 0.0
-    # Recipes: loop-step curriculum (looplm.train.curriculum), upcycling (looplm.train.upcycle),
-    # optimiser choice (looplm.train.optim).
+    # Recipes: loop-step curriculum (looplm.training.curriculum), upcycling (looplm.training.upcycle),
+    # optimiser choice (looplm.training.optim).
     loop_curriculum_start: int = 0
     loop_curriculum_steps: int = 0
     upcycle_from: str | None = None
@@ -290,7 +321,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     threads: int = 0
-    # Logging (looplm.train.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
+    # Logging (looplm.training.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
     log_to: str = ""
     wandb_project: str = "looplm"
     run_name: str | None = None
@@ -301,11 +332,17 @@ class TrainConfig:
     rope_theta_schedule: str = ""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "threads"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+               f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.stage in (1, 2), f"train.stage must be 1 (train the model) or 2 (train the exit gate only),"
                f" got {self.stage}")
@@ -399,6 +436,7 @@ class DataConfig:
     val_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         _check(not (self.path and self.task), "give either data.path or data.task, not both")
         _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -436,6 +474,8 @@ def _number(value: Any, kind: type, where: str) -> int | float:
         number = float(value)
     except (TypeError, ValueError):
         raise LoopLMError(f"{where} must be {wanted}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise LoopLMError(f"{where} must be a finite number, got {value!r}")
     if kind is float:
         return number
     if not number.is_integer():
@@ -532,42 +572,48 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}): the checkpoint is corrupt") from None
+    if not isinstance(raw, dict):
+        raise LoopLMError(f"{str(path)!r} holds {type(raw).__name__ if raw is not None else 'null'}, not a model"
+                          " config mapping: the checkpoint is corrupt")
     raw = {k: v for k, v in raw.items() if k not in CHECKPOINT_METADATA_KEYS}
     return from_dict(ModelConfig, raw, "model")
 
 
-def _preset_tiny() -> ModelConfig:
-    return ModelConfig(vocab_size=259, d_model=128, n_heads=4, n_core_layers=2, loop_steps=4,
+# A preset gives the values it chooses and nothing else: sizes it leaves out (ffn_hidden,
+# n_kv_heads, expert_hidden) are derived after the user's overrides are applied, so
+# ``--preset tiny --model.d_model 64`` gets the FFN width of d_model 64.
+def _preset_tiny() -> dict:
+    return dict(vocab_size=259, d_model=128, n_heads=4, n_core_layers=2, loop_steps=4,
                        max_seq_len=128)
 
 
-def _preset_small() -> ModelConfig:
-    return ModelConfig(vocab_size=4096, d_model=512, n_heads=8, n_core_layers=8, loop_steps=4,
+def _preset_small() -> dict:
+    return dict(vocab_size=4096, d_model=512, n_heads=8, n_core_layers=8, loop_steps=4,
                        max_seq_len=1024)
 
 
-def _preset_reference() -> ModelConfig:
+def _preset_reference() -> dict:
     """The benchmark's reference shape: d 256, 4 heads, vocab 4096, 3 core layers × T 4."""
-    return ModelConfig(vocab_size=4096, d_model=256, n_heads=4, n_core_layers=3, loop_steps=4,
+    return dict(vocab_size=4096, d_model=256, n_heads=4, n_core_layers=3, loop_steps=4,
                        max_seq_len=512)
 
 
-def _preset_ouro(layers: int) -> ModelConfig:
+def _preset_ouro(layers: int) -> dict:
     # Ouro 1.4B / 2.6B (REFERENCE §1): MHA 16 heads, SwiGLU 5632, vocab 49152, T = 4.
-    return ModelConfig(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
+    return dict(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
                        n_core_layers=layers, loop_steps=4, max_seq_len=4096, rope_theta=1e6,
                        norm="sandwich", step_norm=True, tie_embeddings=False)
 
 
-def _family(**mechanics) -> ModelConfig:
+def _family(**mechanics) -> dict:
     """A model family's loop mechanics at the ``small`` scale (d 512, 8 heads, vocab 4096)."""
     values = dict(vocab_size=4096, d_model=512, n_heads=8, max_seq_len=1024)
     values.update(mechanics)
-    return ModelConfig(**values)
+    return dict(**values)
 
 
 # Model families of the seeds (docs/ARCHITECTURES.md); sizes are overridable with --model.*.
-FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # Ouro: one stack looped, sandwich norm, the final norm closing every step, exit gate.
     "ouro": lambda: _family(n_core_layers=8, loop_steps=4, norm="sandwich", step_norm=True),
     # OpenMythos: prelude / recurrent / coda, GQA, MoE, LTI injection, loop index, depth LoRA.
@@ -604,7 +650,7 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
                                    norm="pre", step_norm=True),
 }
 
-PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+PRESETS: dict[str, typing.Callable[[], dict]] = {
     "tiny": _preset_tiny,
     "small": _preset_small,
     "reference": _preset_reference,
@@ -614,8 +660,101 @@ PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
 }
 
 
-def preset(name: str) -> ModelConfig:
-    """A named model shape; unknown names list the known ones."""
+def preset_values(name: str) -> dict:
+    """The ``ModelConfig`` values a named preset chooses (derived sizes left out); unknown names
+    list the known ones."""
     if name not in PRESETS:
         raise LoopLMError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def preset(name: str) -> ModelConfig:
+    """A named model shape."""
+    return ModelConfig(**preset_values(name))
+
+
+# Sizes ``ModelConfig`` derives when they are left out, and the fields each is derived from.
+DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",)}
+# Keys a resumed run may change: they steer how long it runs, how it logs and saves, and where it
+# runs, not the model, the data or the optimisation (docs/TRAINING.md).
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
+                     "train.keep_last", "train.log_to", "train.threads", "train.device", "train.parallel")
+
+
+def drop_derived(model: dict, changed: set[str]) -> dict:
+    """A full model section (e.g. a checkpoint's) without the derived sizes whose base is in
+    ``changed``, so they are derived again from the new values.  A size counts as derived when it
+    equals what the rest of its config derives for it; a size in ``changed`` stays."""
+    result, dropped = dict(model), set()
+    for name, bases in DERIVED_SIZES.items():
+        if name in changed or name not in model or not set(bases) & (changed | dropped):
+            continue
+        dependents = {other for other, other_bases in DERIVED_SIZES.items() if name in other_bases}
+        reference = from_dict(ModelConfig, {key: value for key, value in model.items()
+                                            if key != name and key not in dependents}, "model")
+        if getattr(reference, name) == model[name]:
+            result.pop(name)
+            dropped.add(name)
+    return result
+
+
+def _merge(base: dict, sections: dict) -> dict:
+    """``sections`` over ``base``, section by section (a section's keys replace base's keys)."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def _flat(run: RunConfig) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in run.to_dict().items() for key, value in values.items()}
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key == "data.path" and a and b:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def assemble_run_config(*, preset_name: str | None = None, config_file: str | None = None,
+                        source_model: dict | None = None, source_data: dict | None = None,
+                        options: dict | None = None, overrides: dict[str, str] | None = None,
+                        saved: Any = None, saved_where: str = "run_config.json") -> tuple[RunConfig, bool]:
+    """Build a run config in the documented order: preset → config file → the source checkpoint's
+    model and data (``--init``/``--upcycle``) → command-line options (``options``, dotted keys such
+    as ``data.path``) → dotted ``overrides``.  Returns the config and whether the user chose the
+    vocabulary (else the trainer fits it to the tokenizer).
+
+    ``saved`` (``--resume``): the run's saved config is the base; whatever is given again must
+    equal it, except ``RESUME_MAY_CHANGE``, else one line names the first difference."""
+    dotted = {**(options or {}), **(overrides or {})}
+    raw: dict = {}
+    if preset_name:
+        raw["model"] = preset_values(preset_name)
+    if config_file:
+        file_config = read_config_file(config_file)
+        _check(isinstance(file_config, dict), f"config file {config_file!r} must hold a mapping with model/train/data"
+               " sections")
+        raw = _merge(raw, file_config)
+    if source_model is not None and "model" not in raw:
+        raw["model"] = drop_derived(source_model, {key[len("model."):] for key in dotted if key.startswith("model.")})
+    if source_data is not None and "data" not in raw and not any(key.startswith("data.") for key in dotted):
+        raw["data"] = source_data
+    given = apply_overrides(raw, dotted)
+    if saved is None:
+        vocab_given = ("vocab_size" in raw.get("model", {}) and not preset_name) or "model.vocab_size" in dotted
+        return RunConfig.from_dict(given), vocab_given
+    try:
+        run = RunConfig.from_dict(saved)
+    except LoopLMError as error:
+        raise LoopLMError(f"{saved_where} is damaged ({error}): resume is impossible; train a new run") from None
+    requested = RunConfig.from_dict(_merge(saved, given))
+    before = _flat(run)
+    for key, value in _flat(requested).items():
+        if not _same(key, value, before[key]) and key not in RESUME_MAY_CHANGE:
+            raise LoopLMError(f"--{key} {value!r} differs from this run's {before[key]!r} (saved in {saved_where}):"
+                              " leave it out to resume as saved, or train a new run into another --out")
+    return requested, True

@@ -22,11 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step
 from looplm.generate import QExit, generate
-from looplm.train.trainer import Trainer
+from looplm.training.trainer import Trainer
 
 DEMO_TASK = "binding"
 DEMO_TASK_OPTIONS = {"refs": "offsets", "cells": 12, "hops": 4, "min_hops": 1}
@@ -117,7 +118,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
         "plot": str(plot),
         "samples": samples,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     _print_report(results, trained)
     return results
 

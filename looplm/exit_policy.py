@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from looplm.config import parse_exit_spec
 from looplm.errors import LoopLMError
 from looplm.model.exit import hidden_change, readout_kl
 
@@ -82,8 +83,8 @@ class HiddenDiffExit(_Bounded):
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.epsilon < 0:
-            raise LoopLMError(f"the hidden-difference epsilon must be >= 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise LoopLMError(f"the hidden-difference epsilon must be a finite number >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
 
@@ -97,8 +98,8 @@ class KLExit(_Bounded):
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.epsilon < 0:
-            raise LoopLMError(f"the KL epsilon must be >= 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise LoopLMError(f"the KL epsilon must be a finite number >= 0, got {self.epsilon}")
         _check_steps(self.steps, self.min_steps)
 
 
@@ -139,6 +140,17 @@ class PerplexityExit(_Bounded):
 ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit | PerplexityExit
 EXIT_KINDS = ("static", "q", "hidden", "kl", "act", "ppl")
 
+# A generation may run at most this many times the trained loop steps: extrapolation costs time
+# and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
+MAX_STEPS_FACTOR = 4
+
+
+def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
+    """Refuse a policy that runs more than ``MAX_STEPS_FACTOR`` × the trained loop steps."""
+    if policy.max_steps(trained_steps) > MAX_STEPS_FACTOR * trained_steps:
+        raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained_steps} ({MAX_STEPS_FACTOR} x the trained"
+                          f" {trained_steps}), got {policy.max_steps(trained_steps)}")
+
 
 def readout_perplexity(logits: torch.Tensor) -> torch.Tensor:
     """exp(H(softmax(logits))) over the last dim [..., V] → [...], computed in float32."""
@@ -171,18 +183,12 @@ def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool
 def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -> ExitPolicy:
     """``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` | ``act`` (the server's
     and the adapters' one-string form); ``min_steps`` applies to the early-exit policies."""
-    name, _, value = spec.partition(":")
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        raise LoopLMError(f"exit policy {spec!r}: {value!r} is not a number") from None
-    if name == "static" and number is None:
+    name, number = parse_exit_spec(spec)
+    if name == "static":
         return FixedSteps(steps)
-    if name == "act" and number is None:
+    if name == "act":
         return ACTExit(steps=steps)
-    if name in ("q", "hidden", "kl", "ppl") and number is not None:
-        return make_exit_policy(**{name: number}, steps=steps, min_steps=min_steps)
-    raise LoopLMError(f"unknown exit policy {spec!r}: use static, q:<q>, hidden:<eps>, kl:<eps>, ppl:<x> or act")
+    return make_exit_policy(**{name: number}, steps=steps, min_steps=min_steps)
 
 
 def default_exit_policy(config) -> ExitPolicy:

@@ -124,7 +124,8 @@ class FastStepper:
     def _tables(self, position: torch.Tensor):
         cos = self.cos.index_select(0, position)
         sin = self.sin.index_select(0, position)
-        mask = torch.where(self.positions <= position, 0.0, float("-inf"))
+        # In the cache's dtype: a float32 mask would promote bf16 scores and break the matmul with V.
+        mask = torch.where(self.positions <= position, 0.0, float("-inf")).to(self.cache.keys.dtype)
         return cos, sin, mask
 
     def _run(self, layers, h, stage: str, step: int, position: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ layout every token runs every step and the exit only picks the readout (Ouro's r
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
 
 Three backends run the per-token steps with the same math (``Decoder``'s ``backend``):
-``native`` (a C kernel, ``looplm.native``), ``torch`` (``looplm.fast_decode``) and
+``native`` (a C kernel, ``looplm.kernels``), ``torch`` (``looplm.fast_decode``) and
 ``reference`` (the model's own modules); ``auto`` picks native where it can run.
 """
 
@@ -40,12 +40,20 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise LoopLMError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise LoopLMError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise LoopLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LoopLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise LoopLMError(f"the sampling seed must be in [0, 2**63), got {self.seed}")
+
+
+class NonFiniteOutput(LoopLMError):
+    def __init__(self):
+        super().__init__("the model's next-token scores are not finite (NaN or inf): it has overflowed; use fewer"
+                         " --steps (closer to the trained loop steps) or check the checkpoint's weights")
 
 
 @dataclass
@@ -76,10 +84,18 @@ class Generation:
         return sum(self.steps) / len(self.steps) if self.steps else 0.0
 
 
-def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Pick the next token id from logits [V]."""
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+                greedy: int | None = None) -> int:
+    """Pick the next token id from logits [V] (``greedy``: the argmax, when the kernel already
+    found it).  A non-finite readout (a model that overflowed, e.g. run far deeper than it was
+    trained) stops generation with one line instead of emitting garbage."""
     if sampling.temperature == 0:
-        return int(logits.argmax())
+        token = int(logits.argmax()) if greedy is None else greedy
+        if not math.isfinite(float(logits[token])):  # NaN propagates to every logit: one check suffices
+            raise NonFiniteOutput()
+        return token
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutput()
     logits = logits.float() / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
@@ -126,7 +142,7 @@ class Decoder:
         if compile_steps and backend in ("auto", "native"):
             backend = "torch"
         if backend in ("auto", "native"):
-            from looplm.native import NativeStepper, native_unsupported
+            from looplm.kernels.native_stepper import NativeStepper, native_unsupported
 
             reason = native_unsupported(model, self.cache)
             if reason is None:
@@ -189,7 +205,7 @@ class Decoder:
         ``native.stepper.NATIVE_PREFILL_BYTES``); the plain fused loop only."""
         if not self.fused or self.cache.length:
             return False
-        from looplm.native.stepper import NATIVE_PREFILL_BYTES
+        from looplm.kernels.native_stepper import NATIVE_PREFILL_BYTES
 
         return length * self.max_steps * self.stepper.token_step_bytes <= NATIVE_PREFILL_BYTES
 
@@ -352,10 +368,8 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
             logits, steps = decoder.prefill(prompt, prefix_cache)
             emitted = ""
             for index in range(budget):
-                if sampling.temperature == 0 and decoder.greedy is not None:
-                    token = decoder.greedy  # picked in the kernel: no torch call per token
-                else:
-                    token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator)
+                token = sample_next(logits.cpu() if generator is not None else logits, sampling, generator,
+                                    decoder.greedy)  # greedy: picked in the kernel, no torch call per token
                 if token in stop_ids:
                     result.stop_reason = "stop_token"
                     result.stop_token_steps = steps

@@ -12,7 +12,7 @@ float16; a Q8_0 tensor read from a .gguf file keeps its exact int8 values and sc
 ``Int8Linear`` computes y = x Wᵀ + bias two ways:
 - ``reference_forward``: dequantise W to float32, then ``F.linear`` (the definition);
 - ``forward``: for up to ``KERNEL_MAX_ROWS`` rows of x on the CPU (batch-1 decode) the C kernel
-  (``looplm_q8_matmul`` in ``looplm/native/decode_kernel.c``) widens the int8 weights to float32
+  (``looplm.kernels.ops.q8_matmul``) widens the int8 weights to float32
   in registers, reading a quarter of the bytes a float32 matvec reads; more rows (prefill) are
   compute-bound and go through the reference (one dequantisation, then BLAS).
 The ``native`` decode backend runs int8 layer projections inside its fused layer kernel too.
@@ -29,13 +29,12 @@ layers (``model.ternary``) are left to ``looplm.ternary.pack_model``.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
+from looplm.kernels import ops
 from looplm.model.swap import swap_modules
 
 BLOCK = 32
@@ -58,15 +57,6 @@ def dequantize_q8_0(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8 values [..., K] and scales [..., K/32] → float32 W [..., K] = s·q."""
     blocks = values.float().reshape(*values.shape[:-1], -1, BLOCK)
     return (blocks * scales.unsqueeze(-1)).reshape(values.shape)
-
-
-def load_q8_kernel() -> ctypes.CDLL | None:
-    """The compiled C kernel (``looplm/native/decode_kernel.c``, built on first use and cached,
-    holding ``looplm_q8_matmul``); None where no C compiler works or ``LOOPLM_NATIVE=0``
-    (``Int8Linear`` then always takes the reference path)."""
-    from looplm.native.build import load_kernel
-
-    return load_kernel()
 
 
 class Int8Linear(nn.Module):
@@ -101,17 +91,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (rows > KERNEL_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
-                or (torch.is_grad_enabled() and x.requires_grad)):
-            return self.reference_forward(x)
-        kernel = load_q8_kernel()
-        if kernel is None:
+        if rows > KERNEL_MAX_ROWS or not ops.serves(x) or (torch.is_grad_enabled() and x.requires_grad):
             return self.reference_forward(x)
         flat = x.reshape(rows, self.in_features).contiguous()
-        out = torch.empty(rows, self.out_features)
-        kernel.looplm_q8_matmul(self.values.data_ptr(), self.scales.data_ptr(),
-                                None if self.bias is None else self.bias.data_ptr(), flat.data_ptr(),
-                                out.data_ptr(), rows, self.out_features, self.in_features, torch.get_num_threads())
+        out = ops.q8_matmul(self.values, self.scales, self.bias, flat)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

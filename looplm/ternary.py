@@ -1,14 +1,10 @@
 """Packed ternary weights for inference: 2 bits per weight instead of 32.
 
 A trained ``BitLinear`` (looplm.model.bitlinear) computes with codes c ∈ {−1, 0, +1} [N, K]
-and one scale s per matrix.  ``pack_ternary`` stores c + 1 ∈ {0, 1, 2} four to a byte along
-K, little end first:
-
-    packed[n, j] = (c[n, 4j] + 1) | (c[n, 4j+1] + 1) << 2 | (c[n, 4j+2] + 1) << 4 | (c[n, 4j+3] + 1) << 6
-
-(K padded to a multiple of 4 with code 0), so a weight costs K/4 bytes per row plus 4 bytes of
-scale per matrix: 16× less than float32.  GGUF files keep this layout, or gguf's TQ2_0 blocks
-where rows are a multiple of 256 long (looplm.interop.gguf).
+and one scale s per matrix.  ``TernaryLinear`` holds c in looplm's 2-bit layout
+(``looplm.checkpoint.ternary``: c + 1, four codes to a byte along K) plus s: K/4 bytes per row
+and 4 bytes of scale per matrix, 16× less than float32.  GGUF files keep this layout, or gguf's
+TQ2_0 blocks where rows are a multiple of 256 long (looplm.checkpoint.gguf).
 
 ``TernaryLinear`` computes the same function as the ``BitLinear`` it came from, two ways:
 - ``reference_forward``: unpack the codes to floats, W = c·s, quantise the activations exactly
@@ -30,31 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.checkpoint.ternary import pack_ternary, packed_width, unpack_ternary
 from looplm.errors import LoopLMError
 from looplm.model.bitlinear import BitLinear, quantize_activations, ternary_codes
 from looplm.model.swap import swap_modules
-
-CODES_PER_BYTE = 4
-# Byte value → its four codes (−1, 0, +1), lowest bits first.
-_TABLE = torch.tensor([[((byte >> (2 * field)) & 3) - 1 for field in range(CODES_PER_BYTE)] for byte in range(256)],
-                      dtype=torch.int8)
-
-
-def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
-    """codes in {−1, 0, 1} [N, K] → uint8 [N, ceil(K/4)] (module docstring's layout)."""
-    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
-        raise LoopLMError("ternary codes must be -1, 0 or 1")
-    rows, width = codes.shape
-    padded = torch.ones(rows, -(-width // CODES_PER_BYTE) * CODES_PER_BYTE, dtype=torch.uint8, device=codes.device)
-    padded[:, :width] = (codes + 1).to(torch.uint8)
-    fields = padded.view(rows, -1, CODES_PER_BYTE)
-    return fields[..., 0] | fields[..., 1] << 2 | fields[..., 2] << 4 | fields[..., 3] << 6
-
-
-def unpack_ternary(packed: torch.Tensor, width: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
-    """uint8 [N, ceil(K/4)] → codes [N, K] in ``dtype``."""
-    table = _TABLE.to(device=packed.device, dtype=dtype)
-    return table[packed.long()].reshape(packed.shape[0], -1)[:, :width]
 
 
 class TernaryLinear(nn.Module):
@@ -63,7 +38,7 @@ class TernaryLinear(nn.Module):
     def __init__(self, packed: torch.Tensor, in_features: int, scale: torch.Tensor | float,
                  bias: torch.Tensor | None = None):
         super().__init__()
-        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != -(-in_features // CODES_PER_BYTE):
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_width(in_features):
             raise LoopLMError(f"TernaryLinear needs uint8 packed codes [N, ceil({in_features}/4)], got"
                               f" {packed.dtype} {tuple(packed.shape)}")
         self.register_buffer("packed", packed.contiguous())

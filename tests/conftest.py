@@ -18,3 +18,16 @@ def tiny_model() -> LoopLM:
     # Non-zero gate weights so exit probabilities vary per token and per step.
     torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """``torch.empty``/``empty_like`` return NaN-filled floating tensors in every test, so code
+    that reads memory it never wrote produces NaN (and fails) instead of passing by luck."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def filled(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() and tensor.numel() else tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: filled(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: filled(empty_like(*args, **kwargs)))

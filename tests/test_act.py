@@ -12,7 +12,7 @@ from looplm.errors import LoopLMError
 from looplm.generate import ACTExit, Decoder, generate, make_exit_policy
 from looplm.model import LoopLM
 from looplm.model.exit import act_weights, act_weights_reference
-from looplm.train.objectives import compute_loss
+from looplm.training.objectives import compute_loss
 
 from conftest import tiny_config
 

@@ -1,4 +1,5 @@
-"""The documented Python API: ``looplm.train(run, out_dir)`` next to the ``looplm.train.*`` submodules."""
+"""The documented Python API: ``looplm.train(run, out_dir)``, a plain function beside the ``looplm.training.*``
+submodules, whatever was imported first."""
 
 import subprocess
 import sys
@@ -8,13 +9,13 @@ import pytest
 
 import looplm
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from looplm.train.checkpoint import load_model
+from looplm.model.loading import load_model
 
 # Each import order runs in a fresh interpreter (in this process looplm is already imported); the
 # order's imports come first, then this file supplies the tiny run.
 ORDERS = {
-    "submodule first": "import looplm.train.trainer\nimport looplm.train.objectives\nimport looplm\n",
-    "package first": "import looplm\nimport looplm.train.trainer\n",
+    "submodule first": "import looplm.training.trainer\nimport looplm.training.objectives\nimport looplm\n",
+    "package first": "import looplm\nimport looplm.training.trainer\n",
 }
 
 SCRIPT = """
@@ -23,7 +24,8 @@ sys.path.insert(0, {tests!r})
 from test_api import tiny_run
 result = looplm.train(tiny_run(), {out!r}, progress=False)
 assert result.steps_done == 2 and len(result.losses) == 2, result
-assert callable(looplm.train.trainer.train) and callable(looplm.train.objectives.compute_loss)
+import types
+assert isinstance(looplm.train, types.FunctionType) and callable(looplm.training.objectives.compute_loss)
 print("ok")
 """
 
@@ -43,9 +45,9 @@ def test_train_is_callable_in_every_import_order(order, tmp_path):
 
 
 def test_train_in_process_after_importing_the_trainer(tmp_path):
-    import looplm.train.trainer as trainer
+    import looplm.training.trainer as trainer
 
     result = looplm.train(tiny_run(), tmp_path / "run", progress=False)
     assert isinstance(result, trainer.TrainResult) and result.steps_done == 2
-    assert looplm.train.trainer is trainer and looplm.train.checkpoint.load_model is load_model
+    assert looplm.training.trainer is trainer
     assert load_model(tmp_path / "run").config.loop_steps == 2

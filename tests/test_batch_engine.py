@@ -37,7 +37,7 @@ def row_reads(request, monkeypatch):
     """Run a test with attention reading the running rows in place (the C kernel, where it
     builds) and with the gathered copies (the torch path)."""
     if request.param == "gathered":
-        monkeypatch.setattr("looplm.batch.rows_kernel_available", lambda tensor: False)
+        monkeypatch.setattr("looplm.batch.ops.serves", lambda tensor: False)
     return request.param
 
 

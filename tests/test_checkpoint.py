@@ -5,13 +5,13 @@ import torch
 
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.checkpoint import load_model, save_model
+from looplm.model.loading import load_model
 
 from conftest import tiny_config
 
 
 def test_save_load_bit_identical(tmp_path, tiny_model):
-    save_model(tiny_model, tmp_path / "ckpt")
+    tiny_model.save(tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt")
     assert loaded.config == tiny_model.config
     for (name, a), (_, b) in zip(sorted(tiny_model.state_dict().items()), sorted(loaded.state_dict().items())):
@@ -22,21 +22,21 @@ def test_save_load_bit_identical(tmp_path, tiny_model):
 
 def test_untied_head_round_trips(tmp_path):
     model = LoopLM(tiny_config(tie_embeddings=False, n_prelude_layers=1, n_coda_layers=1)).eval()
-    save_model(model, tmp_path / "ckpt")
+    model.save(tmp_path / "ckpt")
     ids = torch.randint(0, 64, (1, 5))
     assert torch.equal(model(ids).logits(), load_model(tmp_path / "ckpt")(ids).logits())
 
 
 def test_save_is_atomic_and_replaces(tmp_path, tiny_model):
     target = tmp_path / "ckpt"
-    save_model(tiny_model, target)
-    save_model(tiny_model, target)
+    tiny_model.save(target)
+    tiny_model.save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def _broken(tmp_path, tiny_model, how):
     target = tmp_path / "ckpt"
-    save_model(tiny_model, target)
+    tiny_model.save(target)
     weights = target / "model.safetensors"
     config = target / "config.json"
     if how == "truncated":

@@ -7,8 +7,8 @@ import pytest
 
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
-from looplm.train.curriculum import loop_curriculum_depth
-from looplm.train.trainer import Trainer, sample_depth
+from looplm.training.curriculum import loop_curriculum_depth
+from looplm.training.trainer import Trainer, sample_depth
 
 
 def test_depth_follows_the_schedule():

@@ -7,8 +7,8 @@ import torch
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.distill import distillation_kl, loop_penalty_weight
-from looplm.train.trainer import Trainer
+from looplm.training.distill import distillation_kl, loop_penalty_weight
+from looplm.training.trainer import Trainer
 
 from conftest import tiny_config
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from looplm.train.distributed import optimizer_state_by_index, optimizer_state_by_name
+from looplm.training.distributed import optimizer_state_by_index, optimizer_state_by_name
 
 TRAIN = ["--preset", "tiny", "--model.d_model", "32", "--model.n_core_layers", "1", "--model.loop_steps", "2",
          "--model.max_seq_len", "32", "--train.batch_size", "4", "--train.seq_len", "16", "--train.eval_every", "0",
@@ -84,7 +84,7 @@ def interrupted_copy(run_dir, target):
 
 
 def test_fsdp_follows_the_single_process_curve_resumes_and_writes_a_normal_checkpoint(corpus, tmp_path):
-    from looplm.train.checkpoint import load_model
+    from looplm.model.loading import load_model
 
     train = ["train", "--data", str(corpus), "--train.steps", "6", *FSDP_TRAIN]
     single = run([*train, "--out", str(tmp_path / "single")])

@@ -6,9 +6,9 @@ import torch
 from torch.nn import functional as F
 
 from looplm.model import LoopLM
-from looplm.train import fused_ce
-from looplm.train.fused_ce import linear_cross_entropy
-from looplm.train.objectives import IGNORE_INDEX, compute_loss, per_step_token_losses
+from looplm.training import fused_ce
+from looplm.training.fused_ce import linear_cross_entropy
+from looplm.training.objectives import IGNORE_INDEX, compute_loss, per_step_token_losses
 
 from conftest import tiny_config
 

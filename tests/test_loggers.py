@@ -9,9 +9,9 @@ import pytest
 
 from looplm.config import DataConfig, RunConfig, TrainConfig, apply_overrides
 from looplm.errors import LoopLMError
-from looplm.train.loggers import WANDB_ID_FILE, scalars
-from looplm.train.mfu import model_flops_utilization, peak_tflops_for_name
-from looplm.train.trainer import Trainer
+from looplm.training.loggers import WANDB_ID_FILE, scalars
+from looplm.training.mfu import model_flops_utilization, peak_tflops_for_name
+from looplm.training.trainer import Trainer
 from test_trainer import small_run, text_file
 
 
@@ -45,9 +45,9 @@ def test_tensorboard_events_hold_the_jsonl_values_and_resume_purges(tmp_path):
     Trainer(run, out, resume=True, progress=False).train()
 
     records = jsonl(out)
-    train = {r["step"]: r for r in records if "loss" in r}  # the resumed run's step 3 replaces the first
+    train = {r["step"]: r for r in records if "loss" in r}
     evaluation = [r for r in records if "eval" in r][-1]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # the crashed run's step 3 was dropped
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [1, 2, 3, 4]  # purge_step hid the crashed run's step 3

@@ -7,9 +7,9 @@ import torch
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.checkpoint import load_model
-from looplm.train.optim import OptimizerGroup, make_optimizer
-from looplm.train.trainer import Trainer, lr_factor
+from looplm.model.loading import load_model
+from looplm.training.optim import OptimizerGroup, make_optimizer
+from looplm.training.trainer import Trainer, lr_factor
 
 
 def test_hidden_matrices_go_to_muon_and_everything_else_to_adamw():

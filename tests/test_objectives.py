@@ -3,7 +3,7 @@ import torch
 
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.objectives import compute_loss, per_step_token_losses
+from looplm.training.objectives import compute_loss, per_step_token_losses
 
 from conftest import tiny_config
 

@@ -9,8 +9,9 @@ import torch
 from looplm.batch import BatchDecoder
 from looplm.exit_policy import QExit
 from looplm.model import LoopLM
-from looplm.model.row_attention import CacheRows, rows_kernel_available, rows_attention, rows_attention_reference
-from looplm.native import load_kernel
+from looplm.kernels import ops
+from looplm.model.row_attention import CacheRows, rows_attention, rows_attention_reference
+from looplm.kernels import load_kernel
 
 from conftest import tiny_config
 
@@ -41,7 +42,7 @@ def test_kernel_equals_reference(heads, kv_heads, head_dim):
 
 def test_other_dtypes_take_the_reference():
     q, slot = _slot(4, 2, 8, [1, 4], dtype=torch.float64)
-    assert not rows_kernel_available(slot.keys)
+    assert not ops.serves(slot.keys)
     assert torch.equal(rows_attention(q, slot, 15), rows_attention_reference(q, slot, 15))
 
 
@@ -78,7 +79,7 @@ def test_copy_rows_kernel_equals_torch_indexing(monkeypatch):
         mine.copy_(theirs)
     rows = torch.tensor([4, 0, 5])
     caches[0]._copy_positions(0, 2, rows, 3, 7)
-    monkeypatch.setattr("looplm.cache.rows_kernel_available", lambda tensor: False)
+    monkeypatch.setattr("looplm.kernels.ops.serves", lambda tensor: False)
     before = caches[1].keys.clone()
     caches[1]._copy_positions(0, 2, rows, 3, 7)
     assert torch.equal(caches[0].keys, caches[1].keys) and torch.equal(caches[0].values, caches[1].values)

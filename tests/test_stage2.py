@@ -10,9 +10,9 @@ import torch
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.checkpoint import load_model
-from looplm.train.objectives import stage2_gate_loss
-from looplm.train.trainer import Trainer
+from looplm.model.loading import load_model
+from looplm.training.objectives import stage2_gate_loss
+from looplm.training.trainer import Trainer
 
 from conftest import tiny_config
 
@@ -24,7 +24,7 @@ def test_gate_targets_follow_the_improvement_of_the_next_step():
     output = model(ids)
     result = stage2_gate_loss(output, ids)
     # Hand computation from the detached per-step losses.
-    from looplm.train.objectives import per_step_token_losses
+    from looplm.training.objectives import per_step_token_losses
     losses = per_step_token_losses(output, ids, fused=False).detach()
     target = 1.0 - torch.sigmoid(50.0 * ((losses[:-1] - losses[1:]).clamp_min(0) - 0.005))
     expected = torch.nn.functional.binary_cross_entropy_with_logits(output.gate_logits[:-1], target)

@@ -9,9 +9,9 @@ import torch
 from looplm.config import DataConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
+from looplm.model.loading import load_model
 from looplm.model.rope import RotaryEmbedding
-from looplm.train.checkpoint import load_model
-from looplm.train.trainer import Trainer
+from looplm.training.trainer import Trainer
 
 from conftest import tiny_config
 from test_trainer import small_run, text_file

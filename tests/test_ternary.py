@@ -7,12 +7,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.checkpoint.ternary import pack_ternary, unpack_ternary
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 from looplm.model.bitlinear import BitLinear, quantize_activations, ternary_codes
+from looplm.model.loading import load_model
 from looplm.quant import is_quantized, quantize_model
-from looplm.ternary import TernaryLinear, is_packed, pack_model, pack_ternary, unpack_ternary
-from looplm.train.checkpoint import load_model
+from looplm.ternary import TernaryLinear, is_packed, pack_model
 
 from conftest import tiny_config
 

@@ -5,8 +5,8 @@ import torch
 
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
-from looplm.train.checkpoint import load_model
-from looplm.train.trainer import Trainer, lr_factor
+from looplm.model.loading import load_model
+from looplm.training.trainer import Trainer, lr_factor
 
 
 def text_file(tmp_path):

@@ -11,9 +11,9 @@ from looplm.cli import main
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.train.checkpoint import load_model
-from looplm.train.trainer import Trainer
-from looplm.train.upcycle import plan_upcycle, upcycle, upcycle_state_dict
+from looplm.model.loading import load_model
+from looplm.training.trainer import Trainer
+from looplm.training.upcycle import plan_upcycle, upcycle, upcycle_state_dict
 
 
 def config(**overrides) -> ModelConfig:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from looplm.checkpoint.atomic import atomic_directory
 from looplm.data.tokenizer import Tokenizer
 from looplm.errors import LoopLMError
 
@@ -85,17 +84,10 @@ def write_shards(
     out_dir = Path(out_dir)
     _check_val_fraction(val_fraction)
     _check_destination(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.tmp")
-    # os.mkdir rather than tempfile.mkdtemp so the directory gets the umask's permissions.
-    os.mkdir(staging)
-    try:
-        meta = _write_into(staging, documents, tokenizer, val_fraction, seed)
-        _move_into_place(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return meta
+    written = {}
+    atomic_directory(out_dir, lambda staging: written.update(_write_into(staging, documents, tokenizer, val_fraction,
+                                                                         seed)))
+    return written
 
 
 def read_meta(directory: PathLike) -> dict[str, Any]:
@@ -132,6 +124,13 @@ class TokenShards:
         self.meta = read_meta(self.directory)
         self.vocab_size: int = self.meta["vocab_size"]
         self.tokens: np.memmap = _open_split(self.directory, split, self.meta)
+        # One pass over the ids (fast next to training on them): an id outside the vocabulary
+        # would index past the embedding, a crash deep inside the model or silent garbage on GPU.
+        largest = int(self.tokens.max())
+        if largest >= self.vocab_size:
+            raise LoopLMError(f"shard file '{self.directory / f'{split}.bin'}' holds token id {largest}, outside the"
+                              f" vocabulary of {self.vocab_size} that meta.json gives: the shards are damaged;"
+                              " write them again")
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -405,19 +404,6 @@ def _copy_spans(stream: np.ndarray, spans: list[tuple[int, int]], path: Path) ->
         out.flush()
         os.fsync(out.fileno())
     return sum(end - start for start, end in spans)
-
-
-def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    # Re-checked: something may have been written there while we tokenized.
-    _check_destination(out_dir, overwrite)
-    # A non-empty directory cannot be renamed over, so move the old one aside first.
-    old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(6)}.old")
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_meta(meta: Any, path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -118,7 +118,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
-        _write_atomically(path, self.backend.to_str(pretty=True))
+        atomic_write_text(path, self.backend.to_str(pretty=True))
         return path
 
     @classmethod
@@ -282,20 +282,6 @@ def _tokenizer_file(path: Path) -> Path:
     if not path.is_file():
         raise LoopLMError(f"tokenizer '{path}' does not exist: give a {TOKENIZER_FILE} path, its directory, or 'byte'")
     return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file beside it, so readers never see half a file."""
-    # A hand-made name (not tempfile) so the file gets the umask's permissions, not 0600.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _one_line(error: BaseException) -> str:

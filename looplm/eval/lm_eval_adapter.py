@@ -44,6 +44,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
 
 try:
@@ -430,7 +431,7 @@ def evaluate(pretrained, tasks, steps: int | None = None, exit: str = "static", 
     if "tokenizer" in simple_evaluate_kwargs:
         model_args["tokenizer"] = simple_evaluate_kwargs.pop("tokenizer")
     if isinstance(pretrained, (str, os.PathLike)):
-        from looplm.train.checkpoint import resolve_checkpoint
+        from looplm.checkpoint.directory import resolve_checkpoint
 
         resolve_checkpoint(pretrained)  # a wrong path fails now, not after lm-eval has indexed its tasks
     task_manager = task_manager_for(task_names, include_path, include_defaults)
@@ -471,11 +472,7 @@ def write_results(results: dict, path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise LoopLMError(f"{str(path)!r} already exists: remove it or choose another output file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    staging.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8")
-    os.replace(staging, path)
-    return path
+    return atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

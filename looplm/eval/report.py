@@ -131,7 +131,7 @@ def markdown(report: dict) -> str:
 def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the report files into ``out_dir`` (new or empty unless ``overwrite``), atomically."""
     from looplm.eval.plots import plot_curves, plot_exit_histogram, plot_per_step
-    from looplm.train.checkpoint import atomic_directory
+    from looplm.checkpoint.atomic import atomic_directory
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

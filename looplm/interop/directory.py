@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from looplm.checkpoint.atomic import refuse_overlap
 from looplm.errors import LoopLMError
 
 # Tokenizer files of a Hugging Face directory, copied through unchanged by every converter.
@@ -26,10 +27,10 @@ def check_source(source: str | Path) -> Path:
 
 
 def check_destination(source: Path, destination: str | Path, force: bool) -> Path:
-    """DST as a Path, refused when it holds something (unless ``force``) or is SRC itself."""
+    """DST as a Path, refused when it holds something (unless ``force``), or is, holds or lies
+    inside SRC (replacing it would delete the source)."""
     destination = Path(destination)
-    if destination.exists() and destination.resolve() == Path(source).resolve():
-        raise LoopLMError(f"source and destination are the same ({str(destination)!r}): choose a new DST")
+    refuse_overlap(destination, [source], "--force" if force else "")
     occupied = destination.exists() and (not destination.is_dir() or any(destination.iterdir()))
     if occupied and not force:
         raise LoopLMError(f"{str(destination)!r} already exists: choose a new DST or pass --force to replace it")

@@ -55,9 +55,9 @@ def write_hf_files(model, directory: Path, tokenizer=None, tokenizer_source: Pat
     """Fill an existing directory: looplm's files, the HF config keys and the modeling file.
     Tokenizer files present in ``tokenizer_source`` are copied; a missing tokenizer_config.json
     is written from ``tokenizer``."""
-    from looplm.train.checkpoint import CONFIG_FILE, write_model_files
+    from looplm.checkpoint.directory import CONFIG_FILE, write_model_files
 
-    write_model_files(model, directory, tokenizer)
+    write_model_files(model.config, model.state_dict(), directory, tokenizer)
     config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     _write_json(directory / CONFIG_FILE, {**config, **HF_CONFIG_KEYS})
     (directory / MODELING_FILE).write_text(MODELING_SOURCE, encoding="utf-8")
@@ -69,7 +69,7 @@ def write_hf_files(model, directory: Path, tokenizer=None, tokenizer_source: Pat
 
 def save_hf(model, directory: str | Path, tokenizer=None) -> Path:
     """Save a LoopLM (and tokenizer) as a Hugging Face-loadable directory, atomically (replacing one)."""
-    from looplm.train.checkpoint import atomic_directory
+    from looplm.checkpoint.atomic import atomic_directory
 
     return atomic_directory(Path(directory), lambda staging: write_hf_files(model, staging, tokenizer))
 
@@ -77,7 +77,9 @@ def save_hf(model, directory: str | Path, tokenizer=None) -> Path:
 def convert_looplm_to_hf(source: str | Path, destination: str | Path, force: bool = False) -> Path:
     """``looplm convert hf SRC DST``: a looplm checkpoint (or run directory's newest) → a
     Hugging Face-loadable directory."""
-    from looplm.train.checkpoint import atomic_directory, load_checkpoint_tokenizer, load_model, resolve_checkpoint
+    from looplm.checkpoint.atomic import atomic_directory
+    from looplm.checkpoint.directory import resolve_checkpoint
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     checkpoint = resolve_checkpoint(check_source(source))
     destination = check_destination(checkpoint, destination, force)

@@ -222,7 +222,7 @@ def load_ouro(source: str | Path):
 def save_ouro(model, directory: str | Path, tokenizer_source: str | Path | None = None,
               max_shard_bytes: int | None = None) -> Path:
     """Write an Ouro-shaped LoopLM as an Ouro checkpoint directory, atomically (replacing one)."""
-    from looplm.train.checkpoint import atomic_directory
+    from looplm.checkpoint.atomic import atomic_directory
 
     config = ouro_config_from_looplm(model.config, _tokenizer_or_none(tokenizer_source))
     tensors = ouro_state_from_looplm(model)
@@ -247,14 +247,15 @@ def _tokenizer_or_none(directory: str | Path | None):
 def convert_ouro_to_looplm(source: str | Path, destination: str | Path, force: bool = False) -> Path:
     """``looplm convert ouro SRC DST``: an Ouro checkpoint → a looplm checkpoint directory
     (config.json + model.safetensors + the tokenizer files, copied through)."""
-    from looplm.train.checkpoint import atomic_directory, write_model_files
+    from looplm.checkpoint.atomic import atomic_directory
+    from looplm.checkpoint.directory import write_model_files
 
     source = check_source(source)
     destination = check_destination(source, destination, force)
     model = load_ouro(source)
 
     def write(staging: Path) -> None:
-        write_model_files(model, staging)
+        write_model_files(model.config, model.state_dict(), staging)
         copy_tokenizer_files(source, staging)
 
     return atomic_directory(destination, write)
@@ -264,7 +265,8 @@ def convert_looplm_to_ouro(source: str | Path, destination: str | Path, max_shar
                            force: bool = False) -> Path:
     """``looplm convert to-ouro SRC DST``: a looplm checkpoint (or run directory) → an Ouro
     checkpoint directory, sharded when ``max_shard_bytes`` is given."""
-    from looplm.train.checkpoint import load_model, resolve_checkpoint
+    from looplm.checkpoint.directory import resolve_checkpoint
+    from looplm.model.loading import load_model
 
     source = check_source(source)
     checkpoint = resolve_checkpoint(source)

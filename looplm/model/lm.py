@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
+from looplm.checkpoint.atomic import atomic_directory
+from looplm.checkpoint.directory import write_model_files
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
@@ -121,9 +123,6 @@ class LoopLM(nn.Module):
         self.injection = Injection(config) if config.injection != "identity" else None
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
         self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
-        # Recompute each loop step in backward instead of keeping its activations (set by the
-        # trainer from train.activation_checkpointing; memory for compute, same gradients).
-        self.activation_checkpointing = False
         self.moe_layers = tuple(module for module in self.modules() if isinstance(module, MoE))
         self.reset_parameters()
 
@@ -169,11 +168,11 @@ class LoopLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if exclude_embedding else total
 
-    def save(self, directory, tokenizer=None):
-        """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load`` reads it."""
-        from looplm.train.checkpoint import save_model
-
-        return save_model(self, directory, tokenizer)
+    def save(self, directory, tokenizer=None, weights: dict | None = None) -> Path:
+        """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load``
+        reads it.  ``weights``: the full state dict when this model holds only shards (FSDP)."""
+        weights = self.state_dict() if weights is None else weights
+        return atomic_directory(Path(directory), lambda staging: write_model_files(self.config, weights, staging, tokenizer))
 
     def _check_positions(self, start: int, length: int) -> None:
         if start + length > self.config.max_seq_len:
@@ -263,14 +262,16 @@ class LoopLM(nn.Module):
         """[..., D] → exit-gate logits z [...]."""
         return self.exit_gate(readout).squeeze(-1)
 
+    def balance_experts(self) -> None:
+        """Update every MoE layer's balancing bias from the loads its forwards counted (the trainer
+        calls this once per optimiser step; ``looplm.model.moe``)."""
+        for layer in self.moe_layers:
+            layer.apply_balance()
+
     @property
     def needs_carry(self) -> bool:
         """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
         return self.config.loop_mc or self.config.global_gates or self.config.kv_append_first
-
-    def _step_and_readout(self, h, e, step: int, start: int, cache=None, carry=None):
-        h = self.core_step(h, step, start, cache, e, carry=carry)
-        return h, self.readout(h, step, start, cache)
 
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
                 backprop_steps: int | None = None) -> LoopOutput:
@@ -294,11 +295,8 @@ class LoopLM(nn.Module):
         carry = LoopCarry() if self.needs_carry else None
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
-                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, None, carry,
-                                            use_reentrant=False)
-                else:
-                    h, readout = self._step_and_readout(h, e, step, start, cache, carry)
+                h = self.core_step(h, step, start, cache, e, carry=carry)
+                readout = self.readout(h, step, start, cache)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))
@@ -307,8 +305,6 @@ class LoopLM(nn.Module):
         if cache is not None:
             cache.finish(start, start + ids.shape[1], steps)
             cache.advance(ids.shape[1])
-        for module in self.moe_layers:  # the balancing bias moves once per forward, never between steps
-            module.update_balance()
         aux = [loss for module in self.moe_layers for loss in module.pop_aux_losses()]
         return LoopOutput(hidden_states, torch.stack(gates) if gates else None, self,
                           torch.stack(aux).sum() if aux else None)

@@ -12,13 +12,14 @@ each expert runs once on its contiguous slice.  The results are weighted and add
 token with one ``index_add_``.  No per-(k, expert) masks over all tokens, no dropped tokens.  ``dense_reference`` computes every expert on every token with a dense [N, E]
 weight matrix; ``tests/test_moe.py`` holds the two equal.
 
-Balancing (aux-loss-free, DeepSeek-V3): in training, each call counts its loads and, once the
-whole model's forward is done (``LoopLM.forward`` calls ``update_balance``), the bias moves by
-``moe_bias_update_rate`` · sign(mean load − load) per expert, outside autograd (loads are
-summed over the forward's calls, and over ranks when torch.distributed is initialised, so
-every rank keeps the same bias).  Not between calls: a looped core calls its MoE layers once
-per loop step, and a bias moved by one step's loads — which count every position — would let
-later tokens steer earlier tokens' routing at the next step (a causality leak in training).
+Balancing (aux-loss-free, DeepSeek-V3): in training each forward only *counts* the loads
+(tokens routed to each expert, summed over every call — a core layer runs once per loop step);
+once per optimiser step the trainer calls ``apply_balance``, which moves the bias by
+``moe_bias_update_rate`` · sign(mean load − load) per expert, outside autograd, and resets the
+count.  Updating inside the forward would let loop step t+1 route with a bias computed from the
+whole batch's step-t loads — later tokens included, which breaks causality — and would apply the
+rate T times per step.  Loads are summed over ranks when torch.distributed is initialised, so
+every rank keeps the same bias.
 An optional Switch-style auxiliary loss E · Σ_e f_e · P_e, scaled by
 ``moe_aux_loss_weight``, is collected by ``LoopLM.forward`` into ``LoopOutput.aux_loss``.
 """
@@ -49,7 +50,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(dim, hidden * config.n_shared_experts) if config.n_shared_experts else None
         self.register_buffer("balance_bias", torch.zeros(config.n_experts))
         self.aux_losses: list[torch.Tensor] = []
-        self.pending_load: torch.Tensor | None = None  # loads counted since the last bias update
+        self.pending_load: torch.Tensor | None = None  # tokens per expert since the last apply_balance
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] → chosen experts [N, k], their weights [N, k], router probabilities [N, E]."""
@@ -117,15 +118,16 @@ class MoE(nn.Module):
             load = counts.detach().to(self.balance_bias.dtype)
             self.pending_load = load if self.pending_load is None else self.pending_load + load
 
-    def update_balance(self) -> None:
-        """Move the balancing bias by the loads counted since the last update (module docstring)."""
+    @torch.no_grad()
+    def apply_balance(self) -> None:
+        """Move the balancing bias once from the loads counted since the last call (see the module
+        docstring); a no-op when nothing was counted."""
         if self.pending_load is None:
             return
         load, self.pending_load = self.pending_load, None
-        with torch.no_grad():
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(load)
-            self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def pop_aux_losses(self) -> list[torch.Tensor]:
         losses, self.aux_losses = self.aux_losses, []

@@ -7,19 +7,19 @@ small model eats much of what early exit saves.  ``CacheRows`` instead hands an 
 layer the whole slot storage plus the row indices: the new token's keys and values are
 written straight into the rows, and attention reads them where they lie.
 
-``rows_attention`` is the fast path (the C kernel ``looplm_rows_attention``: one task per
+``rows_attention`` is the fast path (``looplm.kernels.ops``: the C kernel, one task per
 query row and head, no copies); ``rows_attention_reference`` is the plain torch version
 (gather, then SDPA with the key mask); tests/test_row_attention.py holds them equal.
 """
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.nn import functional as F
+
+from looplm.kernels import ops
 
 
 class SharedKV(NamedTuple):
@@ -54,47 +54,14 @@ class CacheRows:
         self.values[self.rows, :, position] = v[:, :, 0]
 
 
-def rows_kernel_available(tensor: torch.Tensor) -> bool:
-    """Whether the C kernel's row operations (``rows_attention``; ``looplm_copy_rows`` in
-    ``looplm.cache``) serve storage like ``tensor``: CPU float32, the kernel built.  Elsewhere
-    callers gather rows and use torch ops instead."""
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
-        return False
-    from looplm.native.build import load_kernel
-
-    return load_kernel() is not None
-
-
 def rows_attention(q: torch.Tensor, slot: CacheRows, end: int) -> torch.Tensor:
     """q [R, H, 1, hd] (RoPE applied) → attention output [R, H, 1, hd] over keys
-    [starts[i], end) of cache row rows[i], read in place by the C kernel (CPU float32; other
-    inputs take ``rows_attention_reference``)."""
-    if not rows_kernel_available(slot.keys):
-        return rows_attention_reference(q, slot, end)
-    from looplm.native.build import load_kernel
-
-    count, heads, _, head_dim = q.shape
-    query = q.contiguous()
-    out = torch.empty_like(query)
-    rows, starts = slot.rows.to(torch.int64).contiguous(), slot.starts.to(torch.int64).contiguous()
-    keys, values = slot.keys, slot.values
-    if not (keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("CacheRows storage must be contiguous")
-
-    def address(tensor):
-        return ctypes.c_void_p(tensor.data_ptr())
-
-    load_kernel().looplm_rows_attention(address(query), address(keys), address(values), address(rows),
-                                        address(starts), count, heads, keys.shape[1], keys.shape[2], head_dim,
-                                        end, address(out), torch.get_num_threads())
-    return out
+    [starts[i], end) of cache row rows[i], read in place (``looplm.kernels.ops.rows_attention``;
+    its torch reference where the kernel does not serve the storage)."""
+    return ops.rows_attention(q, slot.keys, slot.values, slot.rows, slot.starts, end)
 
 
 def rows_attention_reference(q: torch.Tensor, slot: CacheRows, end: int) -> torch.Tensor:
     """The same as ``rows_attention`` with torch ops: gather the rows, mask keys before each
     row's start, ``scaled_dot_product_attention``."""
-    keys = slot.keys[:, :, :end].index_select(0, slot.rows)
-    values = slot.values[:, :, :end].index_select(0, slot.rows)
-    mask = (torch.arange(end, device=q.device).unsqueeze(0) >= slot.starts.unsqueeze(1)).view(len(slot.rows), 1, 1, end)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                          enable_gqa=keys.shape[1] != q.shape[1])
+    return ops.rows_attention_reference(q, slot.keys, slot.values, slot.rows, slot.starts, end)

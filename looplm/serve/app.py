@@ -22,15 +22,15 @@ from starlette.exceptions import HTTPException
 
 from looplm.cache import KV_LAYOUTS
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, QExit, parse_exit_policy
+from looplm.exit_policy import ACTExit, QExit, check_depth, parse_exit_policy
 from looplm.generate import Sampling
-from looplm.serve.engine import Done, Engine, Failed, Job, Settings, Token
+from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings, Token
 from looplm.serve.protocol import (FINISH_REASONS, ChatRequest, CompletionRequest, Shape, error_body, usage,
                                    validation_message)
 
-# A request may ask for at most this many times the trained loop steps (extrapolation costs
-# memory and time linearly; beyond a few T a looped model's output rarely improves).
-MAX_STEPS_FACTOR = 4
+
+# A client told to come back (503) is told when.
+RETRY_AFTER_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class ServerConfig:
     steps: int | None = None
     layout: str = "last_exited"
     max_tokens_default: int = 128
+    max_prompts: int = 64              # prompts in one request
+    max_request_tokens: int = 65536    # prompt tokens + max_tokens for each prompt, summed over a request
+
+    def __post_init__(self) -> None:
+        if self.max_prompts < 1 or self.max_request_tokens < 1:
+            raise LoopLMError(f"max_prompts and max_request_tokens must be >= 1, got {self.max_prompts},"
+                              f" {self.max_request_tokens}")
 
 
 def check_generation_options(model, exit: str, steps: int | None, layout: str):
@@ -52,10 +59,7 @@ def check_generation_options(model, exit: str, steps: int | None, layout: str):
     policy = parse_exit_policy(exit, steps)
     if model is None:
         return policy
-    trained = model.config.loop_steps
-    if steps is not None and steps > MAX_STEPS_FACTOR * trained:
-        raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained} ({MAX_STEPS_FACTOR} x the trained"
-                          f" {trained}), got {steps}")
+    check_depth(policy, model.config.loop_steps)
     if isinstance(policy, (QExit, ACTExit)) and model.exit_gate is None:
         raise LoopLMError(f"exit {exit!r} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
     return policy
@@ -98,8 +102,12 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         layout = request.layout or config.layout
         policy = check_generation_options(model, request.exit or config.exit, steps, layout)
         sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
+        texts = request.prompts()
+        if len(texts) > config.max_prompts:
+            raise LoopLMError(f"the request has {len(texts)} prompts; this server takes at most {config.max_prompts}"
+                              " per request: split it")
         prompts = []
-        for index, text in enumerate(request.prompts()):
+        for index, text in enumerate(texts):
             ids = [tokenizer.bos_id] + tokenizer.encode(text)
             if len(ids) > context:
                 raise LoopLMError(f"prompt {index} has {len(ids)} tokens, longer than the model's context of"
@@ -109,25 +117,43 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         if limit is None and isinstance(request, ChatRequest):
             limit = request.max_completion_tokens
         limit = config.max_tokens_default if limit is None else limit
+        total = sum(len(ids) + min(limit, context - len(ids)) for ids in prompts)
+        if total > config.max_request_tokens:
+            raise LoopLMError(f"the request asks for {total} tokens (prompts plus max_tokens each); this server takes at"
+                              f" most {config.max_request_tokens} per request: lower max_tokens or split it")
         return prompts, limit, Settings(policy, layout, sampling, request.stop_strings())
 
-    async def complete(request: CompletionRequest | ChatRequest, chat: bool):
+    async def complete(request: CompletionRequest | ChatRequest, chat: bool, connection: Request):
         prompts, limit, settings = prepare(request)
         shape = Shape(chat, config.model_name)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         jobs = [Job(prompt, limit, settings, partial(_deliver, loop, events, index))
                 for index, prompt in enumerate(prompts)]
-        for job in jobs:
-            engine.submit(job)
+        try:
+            engine.submit(*jobs)
+        except Overloaded as error:
+            return JSONResponse(error_body(str(error), "server_error"), status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         if request.stream:
             return StreamingResponse(_stream(shape, jobs, events, settings, request.include_usage),
                                      media_type="text/event-stream")
         finished: dict[int, Done | Failed] = {}
-        while len(finished) < len(jobs):
-            index, event = await events.get()
-            if not isinstance(event, Token):
-                finished[index] = event
+        gone = asyncio.ensure_future(_disconnect(connection))
+        try:
+            while len(finished) < len(jobs):
+                arrival = asyncio.ensure_future(events.get())
+                await asyncio.wait({arrival, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrival.done():  # nobody will read the answer: free the rows at once
+                    arrival.cancel()
+                    for job in jobs:
+                        job.cancelled = True
+                    return JSONResponse(error_body("the client closed the connection"), status_code=499)
+                index, event = arrival.result()
+                if not isinstance(event, Token):
+                    finished[index] = event
+        finally:
+            gone.cancel()
         failures = [event for event in finished.values() if isinstance(event, Failed)]
         if failures:
             kind = "invalid_request_error" if failures[0].status == 400 else "server_error"
@@ -138,12 +164,12 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         return shape.response(choices, _usage(results), _summary(results, request.exit or config.exit, settings, model.config))
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        return await complete(request, chat=False)
+    async def completions(request: CompletionRequest, connection: Request):
+        return await complete(request, False, connection)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
-        return await complete(request, chat=True)
+    async def chat_completions(request: ChatRequest, connection: Request):
+        return await complete(request, True, connection)
 
     @app.get("/v1/models")
     async def models():
@@ -166,6 +192,12 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         return {"status": "ok", "model": config.model_name, "stats": await stats()}
 
     return app
+
+
+async def _disconnect(connection: Request) -> None:
+    """Return when the client of a request whose body was read closes its connection."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, event) -> None:

@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 from looplm.batch import BatchSession
@@ -73,7 +73,12 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     message: str
-    status: int = 500                # 400 for a LoopLMError (the request asked for something impossible)
+    status: int = 500                # 400 for a LoopLMError (the request asked for something impossible),
+                                     # 503 when the server shuts down before the job started
+
+
+class Overloaded(LoopLMError):
+    """The engine holds ``max_queue`` unfinished jobs already: the request is refused (HTTP 503)."""
 
 
 Event = Token | Done | Failed
@@ -127,13 +132,22 @@ def layer_applications(config, settings: Settings, decision_steps: Sequence[int]
     return run, full
 
 
+def _fitting(session: BatchSession, jobs: list[Job]) -> list[Job]:
+    """The jobs that can join ``session`` together, by the same rule ``BatchSession.admit`` checks:
+    an idle session restarts at the longest prompt admitted, so each job is measured at the longest
+    of them all (a subset's longest is no longer, so the subset fits too)."""
+    start = max((len(job.prompt) for job in jobs), default=0)
+    return [job for job in jobs if session.fits(job.prompt, job.max_tokens, start)][:session.free_slots]
+
+
 class Engine:
     """Runs submitted jobs on ``model`` in a background thread (``start``/``stop``)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 5.0,
-                 prefix_cache: PrefixCache | None = None, max_context: int | None = None):
+                 prefix_cache: PrefixCache | None = None, max_context: int | None = None, max_queue: int = 256):
         """max_context: positions per batch slot (default the model's context); a batch's cache
-        takes max_batch × max_context × ``KVCache.bytes_per_token``."""
+        takes max_batch × max_context × ``KVCache.bytes_per_token``.  max_queue: the most unfinished
+        jobs (running or waiting) the engine holds; ``submit`` refuses more (``Overloaded``)."""
         if max_batch < 1:
             raise LoopLMError(f"max_batch must be >= 1, got {max_batch}")
         if max_context is not None and max_context < 1:
@@ -144,9 +158,15 @@ class Engine:
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        if max_queue < 1:
+            raise LoopLMError(f"max_queue must be >= 1, got {max_queue}")
+        self.max_queue = max_queue
         self.stats = EngineStats()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.unfinished = 0              # jobs submitted and not yet finished
+        self.closing = False             # set by ``stop``: no new jobs; waiting ones are refused
 
     def start(self) -> None:
         if self._thread is None:
@@ -154,23 +174,54 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
+        """Graceful shutdown: the running batch finishes, waiting jobs get ``Failed`` (503), and
+        ``submit`` refuses new ones."""
+        self.closing = True
         if self._thread is not None:
             self.jobs.put(None)
             self._thread.join()
             self._thread = None
+        self.closing = False
 
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+    def submit(self, *jobs: Job) -> None:
+        """Queue ``jobs`` (all of them or none: ``Overloaded`` when they would pass ``max_queue``)."""
+        with self._lock:
+            if self.closing:
+                raise Overloaded("the server is shutting down")
+            if self.unfinished + len(jobs) > self.max_queue:
+                raise Overloaded(f"the server is busy ({self.unfinished} requests in progress, at most"
+                                 f" {self.max_queue}): retry shortly")
+            self.unfinished += len(jobs)
+        for job in jobs:
+            self.jobs.put(job)
+
+    def _done(self, job: Job, event: Event) -> None:
+        with self._lock:
+            self.unfinished -= 1
+        job.sink(event)
 
     def _serve_forever(self) -> None:
         waiting: list[Job] = []
         self._stopping = False
         while True:
+            if self.closing:
+                self._take_arrivals(waiting)
+                for job in waiting:
+                    self._fail(job, Overloaded("the server shut down before this request started"), 503)
+                return
+            waiting[:] = [job for job in waiting if not self._dropped(job)]
             if not waiting:
                 if self._stopping or (jobs := self._collect()) is None:
                     return
-                waiting.extend(jobs)
+                waiting.extend(job for job in jobs if not self._dropped(job))
+                continue
             self._run_next(waiting)
+
+    def _dropped(self, job: Job) -> bool:
+        """A job whose client left before it started is finished at once, without decoding."""
+        if job.cancelled:
+            self._done(job, Failed("the client went away", 499))
+        return job.cancelled
 
     def _collect(self) -> list[Job] | None:
         """Block for a job, then gather more for up to ``batch_wait`` seconds; None = stop."""
@@ -238,7 +289,7 @@ class Engine:
                                                     [partial(self._emit, job) for job in jobs])):
                 members[id(row)] = job
 
-        fitting = [job for job in group if session.fits(job.prompt, job.max_tokens, longest)]
+        fitting = _fitting(session, group)
         if not fitting:
             waiting.remove(group[0])
             self._run_alone(group[0])
@@ -255,8 +306,8 @@ class Engine:
                     unfinished.remove(job)
                     self._finish(job, row.generation, size, row)
                 self._take_arrivals(waiting)
-                joining = [job for job in waiting if self._group_key(job) == key
-                           and session.fits(job.prompt, job.max_tokens)][:session.free_slots]
+                joining = [] if self.closing else _fitting(session, [
+                    job for job in waiting if self._group_key(job) == key and not job.cancelled])
                 if joining:
                     admit(joining)
                     self.stats.joined_running += len(joining)
@@ -279,7 +330,7 @@ class Engine:
             except queue.Empty:
                 return
             if job is None:
-                self._stopping = True  # finish what is waiting, then stop
+                self._stopping = True  # finish the running batch, then stop
             else:
                 waiting.append(job)
 
@@ -324,11 +375,11 @@ class Engine:
             run, full = layer_applications(self.model.config, job.settings, generation.decision_steps)
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
-        job.sink(Done(generation, run, full, batch_size))
+        self._done(job, Done(generation, run, full, batch_size))
 
-    def _fail(self, job: Job, error: Exception) -> None:
+    def _fail(self, job: Job, error: Exception, status: int | None = None) -> None:
         self.stats.failures += 1
         if isinstance(error, LoopLMError):
-            job.sink(Failed(str(error), 400))
+            self._done(job, Failed(str(error), status or 400))
         else:
-            job.sink(Failed(f"generation failed: {type(error).__name__}: {error}"))
+            self._done(job, Failed(f"generation failed: {type(error).__name__}: {error}"))

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
 from looplm.model.lm import LoopOutput
-from looplm.train.fused_ce import linear_cross_entropy
+from looplm.training.fused_ce import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -31,7 +31,7 @@ class LossResult:
     step_losses: torch.Tensor
     mean_exit_step: torch.Tensor
     exit_entropy: torch.Tensor
-    tokens: int
+    tokens: torch.Tensor  # trained tokens in the batch, a 0-d tensor (no wait for the device)
     exit_histogram: torch.Tensor | None = None
 
 
@@ -101,7 +101,7 @@ def stage2_gate_loss(output: LoopOutput, targets: torch.Tensor, k: float = 50.0,
     p = output.exit_distribution.detach()
     mean_exit = expected_exit_step(p, mask)
     entropy = ((-(p * p.clamp_min(1e-12).log()).sum(0)) * mask).sum() / tokens
-    return LossResult(loss, step_losses, mean_exit, entropy, int(tokens.item()))
+    return LossResult(loss, step_losses, mean_exit, entropy, tokens.detach())
 
 
 def expected_exit_step(exit_distribution: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,5 +145,5 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         raise LoopLMError(f"unknown objective {objective!r}: use stage1, last, mean or act")
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
-    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()),
+    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), tokens.detach(),
                       histogram if output.gate_logits is not None else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from looplm.train.objectives import IGNORE_INDEX
+from looplm.training.objectives import IGNORE_INDEX
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

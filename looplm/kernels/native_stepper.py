@@ -18,7 +18,8 @@ import ctypes
 import torch
 
 from looplm.cache import KVCache
-from looplm.native.build import Dims, Layer, Projection, TokenLoop, load_kernel, unavailable_reason
+from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
+from looplm.kernels.build import load_kernel, unavailable_reason
 from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes

@@ -45,7 +45,28 @@ def adamw(parameters: list[tuple[str, nn.Parameter]], config) -> torch.optim.Ada
     no_decay = [p for _, p in parameters if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    # The fused kernel (one pass over every tensor) also takes ``found_inf``, so a step with a
+    # non-finite gradient norm is skipped on the device without the host waiting (skips_on_device).
+    # Sharded (FSDP) parameters keep the default implementation.
+    fused = config.parallel != "fsdp" and all(p.device.type in ("cpu", "cuda") for _, p in parameters)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours ``optimizer.found_inf`` (a 0-d float tensor, non-zero =
+    skip this step), as the fused AdamW does; otherwise the trainer decides on the host."""
+    return isinstance(optimizer, torch.optim.AdamW) and all(group.get("fused") for group in optimizer.param_groups)
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a saved state: the implementation choices (fused, foreach) stay this run's.
+    ``load_state_dict`` restores a group's every key, and a state saved by a sharded (FSDP) run
+    says "not fused", which would silently turn off the on-device skip."""
+    for member in getattr(optimizer, "optimizers", [optimizer]):
+        for group in member.param_groups:
+            for key in ("fused", "foreach"):
+                if key in member.defaults:
+                    group[key] = member.defaults[key]
 
 
 class OptimizerGroup(torch.optim.Optimizer):

@@ -25,6 +25,7 @@ import os
 import secrets
 from pathlib import Path
 
+from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
 
 METRICS_FILE = "metrics.jsonl"
@@ -68,10 +69,16 @@ def exit_edges(steps: int) -> list[float]:
 
 
 class JsonlSink:
-    """One JSON line per record, appended (a resumed run continues the same file)."""
+    """One JSON line per record, appended.  A resumed run continues the same file from the step
+    it resumed at: records of later steps (written after that checkpoint by a run that was then
+    killed) are dropped first, so no step appears twice."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, continuing_from: int = 0):
         self.path = path
+        if continuing_from and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if _step_of(line) is None or _step_of(line) <= continuing_from]
+            atomic_write_text(path, "".join(kept))
 
     def log(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -79,6 +86,14 @@ class JsonlSink:
 
     def close(self) -> None:
         pass
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 class TensorBoardSink:
@@ -114,9 +129,7 @@ class WandbSink:
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
             run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
-            temporary = id_file.with_name(id_file.name + ".tmp")
-            temporary.write_text(run_id + "\n", encoding="utf-8")
-            os.replace(temporary, id_file)
+            atomic_write_text(id_file, run_id + "\n")
         self.run = self.wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(out_dir),
                                    config=config, mode=os.environ.get("WANDB_MODE") or "offline")
 
@@ -158,7 +171,7 @@ def open_metrics_logger(out_dir: str | Path, run, continuing_from: int = 0) -> M
     restarts from (0 for a fresh run)."""
     out_dir = Path(out_dir)
     config = run.train
-    logger = MetricsLogger([JsonlSink(out_dir / METRICS_FILE)])
+    logger = MetricsLogger([JsonlSink(out_dir / METRICS_FILE, continuing_from)])
     try:
         for sink in config.log_sinks():
             if sink == "tensorboard":

@@ -1,9 +1,10 @@
 """The training loop: plain code a reader can follow top to bottom.
 
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
-``looplm.train.optim``), linear warmup then cosine decay to
+``looplm.training.optim``), linear warmup then cosine decay to
 ``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
-on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
+on CUDA; activation checkpointing, ``torch.compile`` and DDP/FSDP are applied from outside the model
+(``looplm.training.wrapping``).  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
 model, tokenizer, run config and the full training state, so ``resume=True`` continues with
 exactly the losses an uninterrupted run would have produced.
@@ -17,7 +18,9 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +33,21 @@ from looplm.data.source import TrainingData, open_training_data
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.train.checkpoint import (RUN_CONFIG_FILE, TRAIN_STATE_FILE, atomic_directory, load_model,
-                                     write_model_files)
-from looplm.train.curriculum import loop_curriculum_depth
-from looplm.train.distributed import Distributed
-from looplm.train.distill import distillation_kl, loop_penalty_weight
-from looplm.train.loggers import MetricsLogger, open_metrics_logger, require
-from looplm.train.mfu import device_peak_tflops, model_flops_utilization
-from looplm.train.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
-from looplm.train.optim import make_optimizer  # train.optimizer: AdamW, or Muon + AdamW as one optimiser
-from looplm.train.upcycle import upcycle_state_dict
+from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
+from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
+from looplm.model.loading import load_model
+from looplm.training.curriculum import loop_curriculum_depth
+from looplm.training.distributed import Distributed
+from looplm.training.distill import distillation_kl, loop_penalty_weight
+from looplm.training.loggers import MetricsLogger, open_metrics_logger, require
+from looplm.training.mfu import device_peak_tflops, model_flops_utilization
+from looplm.training.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
+from looplm.training.optim import keep_implementation, make_optimizer, skips_on_device  # AdamW, or Muon + AdamW as one optimiser
+from looplm.training.resources import check_free_disk, check_model_fits
+from looplm.training.run_directory import prepare_run_directory
+from looplm.training.state import read_train_state, train_state
+from looplm.training.upcycle import upcycle_state_dict
+from looplm.training.wrapping import wrap_for_training
 
 
 @dataclass
@@ -73,8 +81,10 @@ def lr_factor(step: int, config) -> float:
 
 class Trainer:
     def __init__(self, run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                 data: TrainingData | None = None, fit_vocab: bool = False):
-        """fit_vocab: set model.vocab_size to the tokenizer's (when the user did not choose one)."""
+                 data: TrainingData | None = None, fit_vocab: bool = False, overwrite: bool = False):
+        """fit_vocab: set model.vocab_size to the tokenizer's (when the user did not choose one).
+        A fresh run (not ``resume``) needs an empty or new ``out_dir``; ``overwrite`` empties one
+        first, unless it holds one of this run's inputs."""
         self.run = run
         self.train_config = run.train
         self.out_dir = Path(out_dir)
@@ -95,10 +105,8 @@ class Trainer:
         if config.batch_size % self.dist.world:
             raise LoopLMError(f"train.batch_size={config.batch_size} is the global batch: it must divide by the"
                               f" {self.dist.world} processes")
-        checkpoints = self.out_dir / "checkpoints"
-        if not resume and checkpoints.is_dir() and any(checkpoints.glob("step_*")):
-            raise LoopLMError(f"{str(self.out_dir)!r} already holds checkpoints: pass --resume to continue"
-                              " or choose another --out")
+        if self.dist.main:
+            prepare_run_directory(self.out_dir, run, resume, overwrite)
         _seed_everything(config.seed)
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
@@ -115,15 +123,14 @@ class Trainer:
         if self.data.seq_len > run.model.max_seq_len:
             raise LoopLMError(f"training sequences of {self.data.seq_len} tokens exceed model.max_seq_len="
                               f"{run.model.max_seq_len}: raise it or lower --train.seq_len")
+        self.parameters = check_model_fits(run.model, self.device)
+        if self.dist.main:  # before the work: a disk too full for one checkpoint would lose the run at its end
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_free_disk(self.out_dir, self.parameters)
         self.model = LoopLM(run.model).to(self.device)
-        if config.activation_checkpointing:
-            if run.model.ffn == "moe":
-                raise LoopLMError("train.activation_checkpointing with model.ffn=moe would update the balancing"
-                                  " bias twice per step (recomputed forward): turn one of them off")
-            self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
-        if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.train.upcycle)
+        if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.training.upcycle)
             self.model.load_state_dict(upcycle_state_dict(load_model(config.upcycle_from, self.device), run.model,
                                                           config.upcycle_order, self.model.state_dict()))
         if config.stage == 2:  # Stage II: the LM is frozen, only the exit gate learns
@@ -131,12 +138,13 @@ class Trainer:
                 raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
-        self.forward_model = self.dist.wrap(self.model)  # first: under FSDP the optimiser holds the shards
+        self.forward_model = wrap_for_training(self.model, config, self.dist)  # before the optimiser: FSDP shards
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.skipped_steps = 0
+        self.skipped_on_device: torch.Tensor | int = 0  # skips not yet read back (see ``_loop``)
         self.spike_skips = 0
         self.recent_losses: list[float] = []  # for the loss-spike guard (saved, so resume is exact)
         if resume:
@@ -148,8 +156,6 @@ class Trainer:
                 raise LoopLMError(f"the teacher's vocabulary ({self.teacher.config.vocab_size}) differs from the"
                                   f" student's ({run.model.vocab_size}): distil between models sharing a tokenizer")
         self.forward_loss = self._forward_loss
-        if config.compile:
-            self.forward_loss = torch.compile(self._forward_loss)
 
     def _initialise_from(self, path: str) -> None:
         """Start from a checkpoint's weights (its config must match the run's model config)."""
@@ -183,7 +189,7 @@ class Trainer:
         config = self.train_config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
-            (self.out_dir / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
+            atomic_write_text(self.out_dir / RUN_CONFIG_FILE, json.dumps(self.run.to_dict(), indent=2) + "\n")
         result = TrainResult(self.model, self.tokenizer, self.data, self.out_dir)
         if self.dist.main:
             self.metrics = open_metrics_logger(self.out_dir, self.run, continuing_from=self.step)
@@ -191,70 +197,11 @@ class Trainer:
         bar = _progress_bar(self.step, config.steps, self.progress and self.dist.main)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         tokens_per_step = config.batch_size * config.grad_accum * self.data.seq_len
-        started = time.perf_counter()
-        window_start, window_tokens = started, 0
+        started = window_start = time.perf_counter()
         self.model.train()
         try:
-            while self.step < last:
-                beta = config.entropy_beta_at(self.step)
-                theta = config.rope_theta_at(self.step, self.run.model.rope_theta)
-                if theta != self.model.config.rope_theta:  # a new stage of train.rope_theta_schedule
-                    self.model.set_rope_theta(theta)
-                depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
-                                              sample_depth(config, self.model.config.loop_steps, self.step))
-                grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
-                for _ in range(config.grad_accum):
-                    inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
-                    inputs, targets = self.dist.rows(inputs).to(self.device), self.dist.rows(targets).to(self.device)
-                    with autocast:
-                        loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
-                    (loss_result.loss / config.grad_accum).backward()
-                grad_norm = self.dist.clip_gradients(self.model.parameters(), config.grad_clip or float("inf"))
-                loss_value = self.dist.mean(float(loss_result.loss.detach()))  # the same on every rank
-                if not torch.isfinite(grad_norm):
-                    self.skipped_steps += 1
-                elif is_loss_spike(loss_value, self.recent_losses, config.spike_factor):
-                    self.spike_skips += 1
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                window_tokens += tokens_per_step
-                result.losses.append(loss_value)
-                self.recent_losses = [*self.recent_losses, loss_value][-SPIKE_WINDOW:]
-                bar.update(1)
-                if self.step % config.log_every == 0 or self.step == last:
-                    now = time.perf_counter()
-                    speed = window_tokens / max(now - window_start, 1e-9)
-                    window_start, window_tokens = now, 0
-                    record = {"step": self.step, "loss": loss_value,
-                              "step_losses": [round(v, 5) for v in loss_result.step_losses.tolist()],
-                              "mean_exit_step": float(loss_result.mean_exit_step),
-                              "exit_entropy": float(loss_result.exit_entropy),
-                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "entropy_beta": beta, "rope_theta": self.model.config.rope_theta,
-                              "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
-                              "spike_skips": self.spike_skips,
-                              "loop_steps": depth, "grad_steps": grad_steps,
-                              **matmul_flops_per_token(self.model, depth, grad_steps)}
-                    if loss_result.exit_histogram is not None:
-                        record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
-                    # Achieved matmul throughput, and MFU where the device's peak is known (looplm.train.mfu).
-                    record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
-                                                         + record["backward_flops_per_token"]) / 1e12
-                    if self.peak_tflops:
-                        record["peak_tflops"] = self.peak_tflops
-                        record["mfu"] = model_flops_utilization(record["achieved_tflops"], self.peak_tflops,
-                                                                self.dist.world)
-                    self._log(record)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", exit=f"{record['mean_exit_step']:.2f}",
-                                    tok_s=f"{speed:,.0f}")
-                if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
-                    result.last_eval = self.evaluate()
-                    self._log({"step": self.step, "eval": result.last_eval})
-                if config.save_every and self.step % config.save_every == 0:
-                    self.save()
+            with terminate_as_interrupt():
+                self._loop(last, result, bar, autocast, tokens_per_step, window_start)
         except KeyboardInterrupt:
             bar.close()
             path = self.save()
@@ -269,6 +216,98 @@ class Trainer:
         result.seconds = time.perf_counter() - started
         return result
 
+    def _loop(self, last: int, result: TrainResult, bar, autocast, tokens_per_step: int, window_start: float) -> None:
+        """Optimiser steps until ``last``.  The host waits for the device only at log steps (and
+        at every step when the loss-spike guard or an optimiser without an on-device skip needs
+        the numbers): losses are kept as tensors until then, and a step whose gradient norm is
+        not finite is skipped on the device (``found_inf``, as mixed-precision scaling does)."""
+        config = self.train_config
+        window_tokens, pending = 0, []
+        on_device = config.spike_factor == 0 and skips_on_device(self.optimizer)
+        while self.step < last:
+            beta = config.entropy_beta_at(self.step)
+            theta = config.rope_theta_at(self.step, self.run.model.rope_theta)
+            if theta != self.model.config.rope_theta:  # a new stage of train.rope_theta_schedule
+                self.model.set_rope_theta(theta)
+            depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
+                                          sample_depth(config, self.model.config.loop_steps, self.step))
+            grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
+            for _ in range(config.grad_accum):
+                inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
+                inputs, targets = (to_device(self.dist.rows(tensor), self.device) for tensor in (inputs, targets))
+                with autocast:
+                    loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
+                (loss_result.loss / config.grad_accum).backward()
+            grad_norm = self.dist.clip_gradients(self.model.parameters(), config.grad_clip or float("inf"))
+            loss = loss_result.loss.detach()
+            if on_device:
+                not_finite = ~torch.isfinite(grad_norm)
+                self.optimizer.found_inf = not_finite.to(torch.float32)
+                self.optimizer.step()
+                self.skipped_on_device = self.skipped_on_device + not_finite.to(torch.int64)
+            else:
+                loss_value = self.dist.mean(float(loss))  # the same on every rank
+                if not torch.isfinite(grad_norm):
+                    self.skipped_steps += 1
+                elif is_loss_spike(loss_value, self.recent_losses, config.spike_factor):
+                    self.spike_skips += 1
+                else:
+                    self.optimizer.step()
+                self.recent_losses = [*self.recent_losses, loss_value][-SPIKE_WINDOW:]
+            self.model.balance_experts()  # MoE balancing bias: once per optimiser step, from the loads counted
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            window_tokens += tokens_per_step
+            pending.append(loss)
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == last:
+                losses = self._settle(pending, result)
+                now = time.perf_counter()
+                speed = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                record = {"step": self.step, "loss": losses[-1],
+                          "step_losses": [round(v, 5) for v in loss_result.step_losses.tolist()],
+                          "mean_exit_step": float(loss_result.mean_exit_step),
+                          "exit_entropy": float(loss_result.exit_entropy),
+                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "entropy_beta": beta, "rope_theta": self.model.config.rope_theta,
+                          "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
+                          "spike_skips": self.spike_skips,
+                          "loop_steps": depth, "grad_steps": grad_steps,
+                          **matmul_flops_per_token(self.model, depth, grad_steps)}
+                if loss_result.exit_histogram is not None:
+                    record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
+                # Achieved matmul throughput, and MFU where the device's peak is known (looplm.training.mfu).
+                record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
+                                                     + record["backward_flops_per_token"]) / 1e12
+                if self.peak_tflops:
+                    record["peak_tflops"] = self.peak_tflops
+                    record["mfu"] = model_flops_utilization(record["achieved_tflops"], self.peak_tflops,
+                                                            self.dist.world)
+                self._log(record)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", exit=f"{record['mean_exit_step']:.2f}",
+                                tok_s=f"{speed:,.0f}")
+            if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
+                result.last_eval = self.evaluate()
+                self._log({"step": self.step, "eval": result.last_eval})
+            if config.save_every and self.step % config.save_every == 0:
+                self.save()
+        self._settle(pending, result)
+
+    def _settle(self, pending: list[torch.Tensor], result: TrainResult) -> list[float]:
+        """Bring the losses of the steps since the last log to the host (one wait), averaged over
+        ranks, into ``result.losses``; fold the skips counted on the device into ``skipped_steps``."""
+        if not pending:
+            return result.losses[-1:]
+        losses = [self.dist.mean(value) for value in torch.stack(pending).tolist()]
+        pending.clear()
+        result.losses.extend(losses)
+        if isinstance(self.skipped_on_device, torch.Tensor):
+            self.skipped_steps += int(self.skipped_on_device)
+            self.skipped_on_device = 0
+        return losses
+
     def evaluate(self) -> dict:
         """Per-step validation loss and exit statistics; per-step accuracy on task data."""
         report = loss_by_step(self.model, self.data.validation)
@@ -282,17 +321,23 @@ class Trainer:
 
     def save(self) -> Path:
         """Write checkpoints/step_NNNNNNN atomically, then prune to the newest keep_last."""
+        if isinstance(self.skipped_on_device, torch.Tensor):
+            self.skipped_steps += int(self.skipped_on_device)
+            self.skipped_on_device = 0
         target = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
+        if self.dist.main:
+            check_free_disk(self.out_dir, self.parameters)
         weights = self.dist.full_model_state(self.model)  # FSDP: every rank gathers, rank 0 holds
+        weights = self.model.state_dict() if weights is None else weights
         optimizer_state = self.dist.full_optimizer_state(self.model, self.optimizer)
         if not self.dist.main:
             self.dist.barrier()
             return target
 
         def write(directory: Path) -> None:
-            write_model_files(self.model, directory, self.tokenizer, weights)
+            write_model_files(self.model.config, weights, directory, self.tokenizer)
             (directory / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
-            torch.save(self._train_state(optimizer_state), directory / TRAIN_STATE_FILE)
+            torch.save(train_state(self, optimizer_state), directory / TRAIN_STATE_FILE)
 
         atomic_directory(target, write)
         kept = sorted((self.out_dir / "checkpoints").glob("step_*"))
@@ -301,18 +346,7 @@ class Trainer:
         self.dist.barrier()
         return target
 
-    def _train_state(self, optimizer_state: dict) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "spike_skips": self.spike_skips,
-                "recent_losses": self.recent_losses,
-                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                "data_generator": self.data_generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "numpy_rng": np.random.get_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
     def _load_latest(self) -> None:
-        from looplm.train.checkpoint import load_model
-
         checkpoints = sorted((self.out_dir / "checkpoints").glob("step_*"))
         if not checkpoints:
             raise LoopLMError(f"nothing to resume in {str(self.out_dir)!r}: no checkpoints/step_* found")
@@ -324,19 +358,14 @@ class Trainer:
         if recorded != self.run.model:
             raise LoopLMError(f"the model config differs from the one in {str(latest)!r}: resume with the same config")
         self.dist.load_model_state(self.model, loaded.state_dict())
-        state_path = latest / TRAIN_STATE_FILE
-        if not state_path.is_file():
-            raise LoopLMError(f"missing {TRAIN_STATE_FILE} in {str(latest)!r}: cannot resume from it")
-        try:
-            state = torch.load(state_path, map_location=self.device, weights_only=False)
-        except Exception as error:  # torch.load raises several types for a damaged file
-            raise LoopLMError(f"{str(state_path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
+        state = read_train_state(latest / TRAIN_STATE_FILE, self.device)
         try:
             self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        except (KeyError, ValueError) as error:  # e.g. Muon + AdamW state offered to AdamW alone
+            keep_implementation(self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError, IndexError) as error:  # e.g. Muon + AdamW state offered to AdamW
             raise LoopLMError(f"the optimiser state in {str(latest)!r} does not fit this run's optimiser"
                               f" ({type(error).__name__}): resume with the same train.optimizer") from None
-        self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -345,8 +374,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
-        self.spike_skips = state.get("spike_skips", 0)
-        self.recent_losses = state.get("recent_losses", [])
+        self.spike_skips = state["spike_skips"]
+        self.recent_losses = state["recent_losses"]
 
 
 SPIKE_WINDOW = 20
@@ -394,10 +423,29 @@ def matmul_flops_per_token(model: LoopLM, steps: int, grad_steps: int) -> dict:
     return {"forward_flops_per_token": forward, "backward_flops_per_token": backward}
 
 
-def train(run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
-    """Train a model described by ``run`` into ``out_dir`` (see ``Trainer``)."""
-    return Trainer(run, out_dir, resume=resume, progress=progress).train(stop_after=stop_after)
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto ``device``: to a GPU through pinned memory without the host waiting."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler or ``kill`` ending the job) stops training like Ctrl-C: the trainer
+    saves a checkpoint before exiting.  Only the main thread can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,164 @@
+"""Atomic writes: a file or directory is either absent, the old version, or complete.
+
+Everything is written into a staging name beside the target (``.NAME.tmp-PID``), flushed and
+fsynced, then renamed into place (``os.replace``, atomic on POSIX), and the parent directory is
+fsynced so the rename itself survives a power cut.  A directory that replaces an existing one
+is swapped in last, so a crash at any point leaves the old one or the new one whole.
+
+Disk errors (a full disk, a read-only file system, a missing permission) become one
+``LoopLMError`` line naming the path (``disk_errors``).  Staging names left by a process that
+was killed mid-write are removed by ``remove_stale_staging``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from looplm.errors import LoopLMError
+
+_HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
+          errno.EROFS: "choose a writable location", errno.EACCES: "check the permissions",
+          errno.EPERM: "check the permissions"}
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into one line that names it and says what to do."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        hint = _HINTS.get(error.errno, "check the path")
+        raise LoopLMError(f"cannot write {str(path)!r}: {reason}; {hint}") from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not open directories
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def staging_path(target: Path, kind: str = "tmp") -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(staging_file)``, fsync it and rename it to ``path``."""
+    path = Path(path)
+    staging = staging_path(path)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(staging)
+            with open(staging, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staging, path)
+        finally:
+            if staging.exists():
+                staging.unlink()
+        _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+
+
+def atomic_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(staging_dir)``, fsync what it wrote, then rename it to ``target`` (an
+    existing ``target`` is moved aside first and removed last)."""
+    target = Path(target)
+    staging = staging_path(target)
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        try:
+            try:
+                write(staging)
+            except LoopLMError as error:  # a nested write's message names the staging path: name the target
+                raise LoopLMError(str(error).replace(str(staging), str(target))) from None
+            _fsync_tree(staging)
+            if target.exists():
+                retired = staging_path(target, "old")
+                os.replace(target, retired)
+                os.replace(staging, target)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, target)
+            _fsync_directory(target.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(directory: str | Path) -> list[Path]:
+    """Remove the staging files and directories in ``directory`` left by processes that no longer
+    run (killed during a save); returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = _STAGING.match(path.name)
+        if match and not _alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def refuse_overlap(output: str | Path, inputs, flag: str = "") -> None:
+    """Refuse to write ``output`` when it is, contains, or lies inside one of ``inputs`` (paths or
+    None): replacing it would destroy the input it was asked to read."""
+    target = Path(output).resolve()
+    for item in inputs:
+        if item is None or str(item) in ("", "byte", "bpe"):
+            continue
+        source = Path(item).resolve()
+        if target == source:
+            where = "is"
+        elif target in source.parents:
+            where = "holds"
+        elif source in target.parents:
+            where = "lies inside"
+        else:
+            continue
+        raise LoopLMError(f"{str(output)!r} {where} the input {str(item)!r}: writing{f' with {flag}' if flag else ''}"
+                          " there could destroy it; choose an output apart from the inputs")

@@ -1,0 +1,86 @@
+"""The looplm checkpoint directory: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
+
+``config.json`` holds the ``ModelConfig`` fields and a format marker; ``model.safetensors`` one
+tensor per state-dict entry (a tied head is stored once, as the embedding).  Training
+checkpoints add ``run_config.json`` and ``train_state.pt`` (looplm.training.state).  A run
+directory holds its checkpoints under ``checkpoints/step_NNNNNNN``; ``resolve_checkpoint`` picks
+the newest.  Reading never executes anything from the files: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from looplm.checkpoint.stored import StoredModel
+from looplm.config import ModelConfig, model_config_from_json
+from looplm.errors import LoopLMError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+RUN_CONFIG_FILE = "run_config.json"
+TRAIN_STATE_FILE = "train_state.pt"
+CHECKPOINT_FORMAT = "looplm"
+CHECKPOINT_VERSION = 1
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def config_json(config: ModelConfig) -> str:
+    return json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(config)}, indent=2) + "\n"
+
+
+def write_model_files(config: ModelConfig, weights: dict[str, torch.Tensor], directory: Path, tokenizer=None) -> None:
+    """Write config.json, model.safetensors and tokenizer.json into an existing (staging) directory."""
+    (directory / CONFIG_FILE).write_text(config_json(config), encoding="utf-8")
+    save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()},
+              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose newest checkpoint is used."""
+    path = Path(path)
+    if not path.exists():
+        raise LoopLMError(f"checkpoint {str(path)!r} not found: give a directory written by looplm")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    steps = [step for step in steps if (step / CONFIG_FILE).is_file()]
+    if not steps:
+        raise LoopLMError(f"{str(path)!r} holds no config.json and no checkpoints/: not a looplm checkpoint")
+    return steps[-1]
+
+
+def read_directory(path: str | Path, device: str | torch.device = "cpu") -> StoredModel:
+    """The config and tensors of a checkpoint (or run) directory; one-line errors for broken files."""
+    directory = resolve_checkpoint(path)
+    config = model_config_from_json(directory / CONFIG_FILE)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise LoopLMError(f"missing {WEIGHTS_FILE} in {str(directory)!r}: the checkpoint is incomplete")
+    try:
+        weights = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoopLMError(f"{str(weights_path)!r} is corrupt or truncated ({str(error).splitlines()[0]})") from None
+    for name, tensor in weights.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise LoopLMError(f"{str(weights_path)!r}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')},"
+                              " not floating point: this is not a looplm checkpoint")
+    weights = {name: tensor.float() for name, tensor in weights.items()}
+    return StoredModel(config, weights, weights_path)
+
+
+def read_directory_tokenizer(path: str | Path):
+    """The tokenizer saved beside a checkpoint, or None."""
+    from looplm.data.tokenizer import Tokenizer
+
+    directory = resolve_checkpoint(path)
+    return Tokenizer.from_file(directory) if (directory / TOKENIZER_FILE).is_file() else None

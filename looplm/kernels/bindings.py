@@ -1,0 +1,71 @@
+"""ctypes declarations of the C kernel's entry points (``csrc/decode_kernel.c``).
+
+The structures mirror the C structs field for field; ``declare`` gives every function its
+argument and return types, and ``SYMBOLS`` lists what a loaded library must export for
+``looplm.kernels.build`` to accept it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("d_model", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("max_len", ctypes.c_int),
+                ("eps", ctypes.c_float)]
+
+
+class Projection(ctypes.Structure):
+    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales")]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")]
+                + [(name, Projection) for name in ("qkv", "out", "gate_up", "down")]
+                + [(name, ctypes.c_void_p) for name in ("keys", "values")])
+
+
+class TokenLoop(ctypes.Structure):
+    """``looplm_token``'s fixed arguments (see decode_kernel.c)."""
+    _fields_ = [("dims", ctypes.c_void_p), ("steps", ctypes.c_void_p), ("count", ctypes.c_int),
+                ("threads", ctypes.c_int), ("vocab", ctypes.c_int), ("h", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("gate_w", ctypes.c_void_p), ("gate_b", ctypes.c_float),
+                ("head", ctypes.c_void_p), ("embedding", ctypes.c_void_p), ("logits", ctypes.c_void_p),
+                ("best", ctypes.c_void_p)]
+
+
+_POINTER, _INT = ctypes.c_void_p, ctypes.c_int
+
+# name → (argument types, return type)
+SIGNATURES = {
+    "looplm_layers": ([ctypes.POINTER(Dims), ctypes.POINTER(Layer), _INT, _POINTER, _INT, _POINTER, _POINTER,
+                       _POINTER, _POINTER, _INT], None),
+    "looplm_matvec": ([_POINTER, _POINTER, _POINTER, _INT, _INT, _INT], None),
+    "looplm_rms_norm": ([_POINTER, _POINTER, _POINTER, _INT, ctypes.c_float], None),
+    "looplm_q8_matmul": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT], None),
+    "looplm_exit_loop": ([ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), _INT, _INT, _INT, _POINTER,
+                          _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _POINTER, ctypes.c_float,
+                          ctypes.c_double, _INT, _POINTER, _POINTER, _INT, _POINTER], _INT),
+    "looplm_token": ([_POINTER, _INT, _INT, _INT, _INT, ctypes.c_double], _INT),
+    "looplm_rows_attention": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT,
+                               _INT, _POINTER, _INT], None),
+    "looplm_copy_rows": ([_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT, _INT], None),
+    "looplm_scratch_floats": ([ctypes.POINTER(Dims)], ctypes.c_long),
+}
+SYMBOLS = tuple(SIGNATURES)
+
+
+def missing_symbols(library: ctypes.CDLL) -> list[str]:
+    """The entry points ``library`` lacks (a stale or foreign library)."""
+    return [name for name in SYMBOLS if not hasattr(library, name)]
+
+
+def declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Set every entry point's argument and return types; returns ``library``."""
+    for name, (arguments, result) in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
+    return library

@@ -1,0 +1,101 @@
+"""The C kernel's row and block operations, each beside the plain torch version it is held to.
+
+These are the only doors from the rest of looplm into native code (with ``NativeStepper`` for
+whole decode steps): the cache, the attention layers and the int8 layers call these functions
+and never touch ctypes or addresses themselves.  Every fast function falls back to its
+reference where the kernel does not serve the inputs (not CPU float32, not built), and tests
+hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_kv_layouts.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch.nn import functional as F
+
+from looplm.kernels.build import load_kernel
+
+
+def serves(tensor: torch.Tensor) -> bool:
+    """Whether the kernel's row operations serve storage like ``tensor``: CPU float32, contiguous,
+    the kernel built.  Elsewhere the torch references run."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
+            and load_kernel() is not None)
+
+
+def _address(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def rows_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                   starts: torch.Tensor, end: int) -> torch.Tensor:
+    """Decode attention of some rows of a batched cache, read in place.
+
+    q [R, H, 1, hd] (RoPE applied); keys, values: one slot's storage [B, H_kv, max_len, hd];
+    query i belongs to cache row ``rows[i]`` and sees keys [starts[i], end).  Returns the
+    attention output [R, H, 1, hd] (softmax(q·kᵀ/√hd)·v over those keys)."""
+    if not (serves(keys) and serves(values)):
+        return rows_attention_reference(q, keys, values, rows, starts, end)
+    count, heads, _, head_dim = q.shape
+    query = q.contiguous()
+    out = torch.empty_like(query)
+    rows, starts = rows.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous()
+    load_kernel().looplm_rows_attention(_address(query), _address(keys), _address(values), _address(rows),
+                                        _address(starts), count, heads, keys.shape[1], keys.shape[2], head_dim,
+                                        end, _address(out), torch.get_num_threads())
+    return out
+
+
+def rows_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                             starts: torch.Tensor, end: int) -> torch.Tensor:
+    """``rows_attention`` with torch ops: gather the rows, mask keys before each row's start, SDPA."""
+    gathered_keys = keys[:, :, :end].index_select(0, rows)
+    gathered_values = values[:, :, :end].index_select(0, rows)
+    mask = (torch.arange(end, device=q.device).unsqueeze(0) >= starts.unsqueeze(1)).view(len(rows), 1, 1, end)
+    return F.scaled_dot_product_attention(q, gathered_keys, gathered_values, attn_mask=mask,
+                                          enable_gqa=gathered_keys.shape[1] != q.shape[1])
+
+
+def copy_positions(storage: torch.Tensor, source: int, target: int, rows: torch.Tensor | slice,
+                   start: int, end: int) -> None:
+    """storage[target, rows, :, start:end] = storage[source, rows, :, start:end].
+
+    storage [slots, B, H, max_len, width].  A whole batch-1 cache copies each head's contiguous
+    run with memmove, and some rows of a batch (an index tensor) go through one C call
+    (``looplm_copy_rows``): decoding a small model is quick enough that tensor-indexing overhead
+    would eat the loop steps early exit saved.  Elsewhere the reference runs."""
+    if not serves(storage):
+        return copy_positions_reference(storage, source, target, rows, start, end)
+    _, batch, heads, length, width = storage.shape
+    if batch == 1:
+        item = storage.element_size()
+        slot, run = storage.stride(0) * item, (end - start) * width * item
+        base = storage.data_ptr() + start * width * item
+        for head in range(heads):
+            offset = head * length * width * item
+            ctypes.memmove(base + target * slot + offset, base + source * slot + offset, run)
+        return
+    if not isinstance(rows, torch.Tensor):
+        return copy_positions_reference(storage, source, target, rows, start, end)
+    rows = rows.to(torch.int64).contiguous()
+    load_kernel().looplm_copy_rows(_address(storage[target]), _address(storage[source]), _address(rows), len(rows),
+                                   heads, length, width, start, end)
+
+
+def copy_positions_reference(storage: torch.Tensor, source: int, target: int, rows, start: int, end: int) -> None:
+    """``copy_positions`` with torch indexing."""
+    storage[target, rows, :, start:end] = storage[source, rows, :, start:end]
+
+
+def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ + bias with W stored as Q8_0 blocks (int8 ``values`` [N, K], float32 ``scales``
+    [N, K/32]); x [R, K] float32 on the CPU, where ``serves(x)``.  The kernel widens the int8
+    weights in registers, reading a quarter of the bytes a float32 matvec reads.  The reference
+    (dequantise, then ``F.linear``) is ``looplm.quant.Int8Linear.reference_forward``."""
+    rows, columns = x.shape
+    out = torch.empty(rows, values.shape[0])
+    load_kernel().looplm_q8_matmul(values.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                                   x.data_ptr(), out.data_ptr(), rows, values.shape[0], columns,
+                                   torch.get_num_threads())
+    return out

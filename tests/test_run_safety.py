@@ -1,0 +1,247 @@
+"""A training run never runs code from a file, never mixes two runs, never loses its work to a
+full disk or a kill, and resumes from its directory alone."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from looplm.cli import main
+from looplm.config import assemble_run_config
+from looplm.errors import LoopLMError
+from looplm.model.loading import load_model
+from looplm.training.trainer import Trainer
+
+TINY = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
+        "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
+        "--train.warmup_steps", "1", "--no-progress"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("a looped model reads the same words again. " * 120)
+    return path
+
+
+def train(*argv) -> int:
+    return main(["train", *map(str, argv)])
+
+
+def error_of(capsys, *argv, after_start: bool = False) -> str:
+    """The one error line of a failed ``looplm train`` (``after_start``: training had begun, so
+    its opening line came first)."""
+    capsys.readouterr()
+    assert train(*argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 + after_start and lines[-1].startswith("looplm: error:"), lines
+    return lines[-1]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_train_state_is_refused_and_runs_nothing(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--data", corpus, "--out", run, "--train.steps", "2", *TINY) == 0
+    marker = tmp_path / "code-ran"
+    torch.save({"step": _RunsCode(marker)}, run / "checkpoints" / "step_0000002" / "train_state.pt")
+    line = error_of(capsys, "--out", run, "--resume", "--no-progress")
+    assert "train_state.pt" in line and "not loaded" in line
+    assert not marker.exists()
+
+
+def test_resume_alone_resumes_and_a_changed_option_is_named(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--preset", "tiny", "--data", corpus, "--out", run, "--train.steps", "2", "--train.save_every", "1",
+                 *TINY) == 0
+    assert train("--out", run, "--resume", "--train.steps", "4", "--no-progress") == 0  # no --data, no --preset
+    assert sorted(path.name for path in (run / "checkpoints").iterdir())[-1] == "step_0000004"
+    assert load_model(run).config.d_model == 32
+    line = error_of(capsys, "--out", run, "--resume", "--model.d_model", "64", "--no-progress")
+    assert "--model.d_model 64 differs from this run's 32" in line and "run_config.json" in line
+    line = error_of(capsys, "--preset", "tiny", "--out", run, "--resume", "--no-progress")  # the overrides left out
+    assert "differs from this run's" in line
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused_or_started_clean(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)  # what a killed run on other data leaves behind
+    (run / "data" / "meta.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "2", *TINY)
+    assert "already holds a run" in line and "--overwrite" in line
+    assert train("--data", corpus, "--out", run, "--train.steps", "2", "--overwrite", "--train.log_every", "1",
+                 *TINY) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2]  # the old metrics are gone
+
+
+def test_overwrite_never_deletes_an_input(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    corpus = run / "corpus.txt"
+    corpus.write_text("text inside the run directory. " * 100)
+    line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "2", "--overwrite", *TINY)
+    assert "holds the input" in line and corpus.is_file()
+
+
+def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(corpus, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    line = error_of(capsys, "--data", corpus, "--out", tmp_path / "run", "--train.steps", "2", *TINY)
+    assert "MiB free" in line and "free some disk space" in line
+
+
+def test_a_failed_save_keeps_the_newest_earlier_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    saves = []
+    original = os.fsync
+
+    def fsync_until_full(descriptor):
+        if len(saves) >= 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(descriptor)
+
+    import looplm.training.trainer as trainer_module
+
+    real_save = trainer_module.Trainer.save
+
+    def counting_save(self):
+        path = real_save(self)
+        saves.append(path)
+        return path
+
+    monkeypatch.setattr(trainer_module.Trainer, "save", counting_save)
+    monkeypatch.setattr("looplm.checkpoint.atomic.os.fsync", fsync_until_full)
+    line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "4", "--train.save_every", "2", *TINY,
+                    after_start=True)
+    assert "No space left on device" in line
+    assert [path.name for path in (run / "checkpoints").iterdir()] == ["step_0000002"]  # no staging left
+    assert load_model(run).config.loop_steps == 2
+
+
+def test_sigterm_saves_like_ctrl_c_and_stale_staging_is_cleaned(corpus, tmp_path):
+    run = tmp_path / "run"
+    overrides = {key[2:]: value for key, value in zip(TINY[:-1:2], TINY[1:-1:2])}
+    config, _ = assemble_run_config(options={"data.path": str(corpus)},
+                                    overrides={**overrides, "train.steps": "6", "train.log_every": "1"})
+    trainer = Trainer(config, run, progress=False)
+    batch = trainer.data.train_batch
+
+    def terminated_at_step_three(size, generator):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(size, generator)
+
+    trainer.data.train_batch = terminated_at_step_three
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [path.name for path in (run / "checkpoints").iterdir()] == ["step_0000003"]
+    stale = run / "checkpoints" / ".step_0000005.tmp-999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    resumed = Trainer(config, run, resume=True, progress=False)
+    assert not stale.exists()
+    resumed.train()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3 logged before the kill, then resumed from its checkpoint
+
+
+def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert train("--data", corpus, "--out", run, "--train.steps", "4", "--train.save_every", "2",
+                 "--train.log_every", "1", *TINY) == 0
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_0000004")  # killed after logging steps 3-4, before saving 4
+    assert train("--out", run, "--resume", "--no-progress") == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_preset_size_override_derives_the_dependent_sizes():
+    run, _ = assemble_run_config(preset_name="tiny", overrides={"model.d_model": "64"})
+    assert (run.model.ffn_hidden, run.model.n_kv_heads) == (192, 4)  # not tiny's 384
+    run, _ = assemble_run_config(preset_name="tiny", overrides={"model.d_model": "64", "model.ffn_hidden": "100"})
+    assert run.model.ffn_hidden == 100
+    from dataclasses import asdict
+
+    from looplm.config import preset
+
+    upcycled, _ = assemble_run_config(source_model=asdict(preset("openmythos")), overrides={"model.d_model": "256",
+                                                                                          "model.n_heads": "4"})
+    assert upcycled.model.ffn_hidden == 704 and upcycled.model.expert_hidden == 512  # chosen sizes stay
+    assert upcycled.model.n_kv_heads == 2
+
+
+def test_non_finite_weights_warn_and_their_output_stops_generation(tmp_path, capsys):
+    from looplm.data.tokenizer import byte_tokenizer
+    from looplm.model import LoopLM
+
+    from conftest import tiny_config
+
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=64))
+    with torch.no_grad():
+        model.core[0].ffn.down.weight[0, 0] = float("nan")
+    model.save(tmp_path / "ckpt", byte_tokenizer())
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("looplm: warning:") and "non-finite weights" in err[0]
+    assert err[-1].startswith("looplm: error:") and "not finite" in err[-1] and len(err) == 2
+
+
+def test_nan_and_inf_settings_are_refused():
+    with pytest.raises(LoopLMError, match="train.weight_decay must be a finite number"):
+        assemble_run_config(overrides={"train.weight_decay": "nan"})
+    with pytest.raises(LoopLMError, match="model.rope_theta must be a finite number"):
+        assemble_run_config(overrides={"model.rope_theta": "inf"})
+
+
+def test_the_trainer_reads_device_values_only_at_log_steps(corpus, tmp_path, monkeypatch):
+    """No tensor is turned into a Python number (``item``, ``float``, ``int``, ``bool``,
+    ``tolist``) by the model, the objective or the trainer in a step that does not log: on a GPU
+    each would make the host wait for the device.  (The data sampler works on host tensors.)"""
+    import traceback
+
+    overrides = {key[2:]: value for key, value in zip(TINY[:-1:2], TINY[1:-1:2])}
+    config, _ = assemble_run_config(options={"data.path": str(corpus)},
+                                    overrides={**overrides, "train.steps": "6", "train.log_every": "3"})
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    armed, seen = [False], []
+    sample = trainer.data.train_batch
+
+    def batch(size, generator):
+        armed[0] = False
+        drawn = sample(size, generator)
+        armed[0] = (trainer.step + 1) % 3 != 0  # steps 1, 2, 4, 5 do not log
+        return drawn
+
+    trainer.data.train_batch = batch
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def probe(self, *args, _original=original, _name=name, **kwargs):
+            if armed[0]:
+                where = [f"{frame.filename}:{frame.lineno}" for frame in traceback.extract_stack()[:-1]
+                         if "/looplm/" in frame.filename and "/tests/" not in frame.filename]
+                if where:
+                    seen.append((_name, trainer.step + 1, where[-1]))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, probe)
+    result = trainer.train()
+    armed[0] = False
+    assert seen == [] and len(result.losses) == 6

@@ -1,0 +1,176 @@
+"""No request can stall the server: requests are bounded (400), the queue is bounded (503 with
+Retry-After), a non-streaming client that leaves frees its row, shutdown finishes the running
+batch and refuses the queue, and prompts of different lengths share one batch."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from looplm.batch import BatchSession
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.exit_policy import FixedSteps
+from looplm.generate import generate
+from looplm.model import LoopLM
+from looplm.serve import create_app
+from looplm.serve.app import ServerConfig
+from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings
+
+from conftest import tiny_config
+
+TOKENIZER = byte_tokenizer()
+
+
+def _model() -> LoopLM:
+    torch.manual_seed(3)
+    return LoopLM(tiny_config(vocab_size=TOKENIZER.vocab_size, max_seq_len=64)).eval()
+
+
+@contextmanager
+def serving(engine: Engine, config: ServerConfig = ServerConfig()):
+    app = create_app(engine.model, TOKENIZER, config, engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def slow_tokens(monkeypatch):
+    """Every decoded token takes 40 ms, so a long generation lasts seconds."""
+    import importlib
+
+    generate_module = importlib.import_module("looplm.generate")
+
+    step = generate_module.Decoder.step
+
+    def slow(self, token):
+        time.sleep(0.04)
+        return step(self, token)
+
+    monkeypatch.setattr(generate_module.Decoder, "step", slow)
+
+
+def test_oversized_requests_get_400_and_others_are_still_served():
+    engine = Engine(_model(), TOKENIZER, max_batch=4)
+    with serving(engine, ServerConfig(max_prompts=3, max_request_tokens=100)) as (client, _):
+        too_many = client.post("/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 2})
+        assert too_many.status_code == 400 and "at most 3" in too_many.json()["error"]["message"]
+        too_long = client.post("/v1/completions", json={"prompt": ["abc", "de"], "max_tokens": 60})
+        assert too_long.status_code == 400 and "at most 100" in too_long.json()["error"]["message"]
+        fine = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 4, "temperature": 0})
+        assert fine.status_code == 200 and len(fine.json()["choices"]) == 1
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):
+    engine = Engine(_model(), TOKENIZER, max_batch=1)
+    with serving(engine) as (client, port):
+        body = b'{"prompt": "leaving early", "max_tokens": 50, "temperature": 0}'
+        leaver = socket.create_connection(("127.0.0.1", port))
+        leaver.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)  # it is decoding (about 2 s of tokens left)
+        leaver.close()
+        started = time.monotonic()
+        answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 1.0 + 2 * 0.04 + 0.5  # the slot freed within a second
+
+
+def test_a_full_queue_answers_503_with_retry_after(slow_tokens):
+    engine = Engine(_model(), TOKENIZER, max_batch=1, max_queue=2)
+    with serving(engine) as (client, port):
+        results = []
+
+        def ask():
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as own:
+                results.append(own.post("/v1/completions", json={"prompt": "busy", "max_tokens": 10,
+                                                                 "temperature": 0}))
+
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join()
+    codes = sorted(response.status_code for response in results)
+    assert codes.count(200) >= 2 and 503 in codes
+    refused = next(response for response in results if response.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["error"]["message"]
+
+
+def test_shutdown_finishes_the_running_batch_and_refuses_the_queue(slow_tokens):
+    engine = Engine(_model(), TOKENIZER, max_batch=1)
+    events: dict[str, list] = {"running": [], "queued": []}
+    settings = Settings(FixedSteps())
+    ids = [TOKENIZER.bos_id] + TOKENIZER.encode("shut")
+    engine.start()
+    engine.submit(Job(ids, 8, settings, events["running"].append))
+    time.sleep(0.15)
+    engine.submit(Job(ids, 8, settings, events["queued"].append))
+    engine.stop()
+    done = events["running"][-1]
+    assert isinstance(done, Done) and done.generation.ids == generate(engine.model, ids, 8).ids
+    assert isinstance(events["queued"][-1], Failed) and events["queued"][-1].status == 503
+    with pytest.raises(Overloaded):
+        engine.closing = True
+        engine.submit(Job(ids, 1, settings, events["queued"].append))
+
+
+def test_prompts_of_different_lengths_share_one_batch(caplog):
+    model = _model()
+    engine = Engine(model, TOKENIZER, max_batch=8, batch_wait_ms=200)
+    texts = ["a", "bb", "a longer prompt", "xy", "the longest prompt of them all", "q", "mid size", "z9"]
+    jobs, events = [], [[] for _ in texts]
+    for index, text in enumerate(texts):
+        jobs.append(Job([TOKENIZER.bos_id] + TOKENIZER.encode(text), 20, Settings(FixedSteps()), events[index].append))
+    engine.submit(*jobs)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not all(events_ and not isinstance(events_[-1], type(None)) and isinstance(events_[-1], (Done, Failed))
+                  for events_ in events) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    engine.stop()
+    stats = engine.stats.as_dict()
+    assert stats["largest_batch"] == 8 and stats["batches"] == 1 and stats["failures"] == 0
+    assert "retrying its jobs one by one" not in caplog.text
+    for text, received in zip(texts, events):
+        expected = generate(model, [TOKENIZER.bos_id] + TOKENIZER.encode(text), 20)
+        assert received[-1].generation.ids == expected.ids
+
+
+def test_what_the_join_check_lets_in_admit_takes():
+    """The engine's join check and ``BatchSession.admit`` agree for random groups of prompts and
+    limits, on an idle session and on a running one."""
+    import random
+
+    from looplm.serve.engine import _fitting
+
+    model, chooser = _model(), random.Random(0)
+    for trial in range(40):
+        session = BatchSession(model, 4, 40)
+        if trial % 2:  # a running session: one row decoding at index 6
+            session.admit([list(range(1, 7))], [20])
+        jobs = [Job(list(range(1, chooser.randint(1, 30) + 1)), chooser.randint(1, 40), Settings(FixedSteps()),
+                    lambda event: None) for _ in range(chooser.randint(1, 5))]
+        fitting = _fitting(session, jobs)
+        if fitting:
+            session.admit([job.prompt for job in fitting], [job.max_tokens for job in fitting])  # never raises

@@ -1,0 +1,298 @@
+"""Every user mistake gets one line ``looplm: error: …`` on stderr and exit status 2: never a
+traceback, never a silent wrong result, and the user's files untouched.
+
+The table below runs each bad input through the command line in this process (``main``); add a
+row for every mistake a user reports.  Each row builds what it needs from the ``files`` fixture
+(a tiny checkpoint, its GGUF export, a text corpus, prepared shards) and names the words the
+error must contain."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from looplm.cli import main
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+
+TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
+              "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
+              "--train.warmup_steps", "1", "--train.steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user-errors")
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=64)).eval()
+    model.save(root / "ckpt", byte_tokenizer())
+    corpus = root / "corpus.txt"
+    corpus.write_text("the loop runs again and again. " * 200)
+    assert main(["export", "gguf", str(root / "ckpt"), str(root / "model.gguf")]) == 0
+    assert main(["prepare", str(corpus), "--out", str(root / "shards")]) == 0
+    return root
+
+
+def copy_of(files, tmp_path, name="ckpt"):
+    target = tmp_path / name
+    shutil.copytree(files / name, target)
+    return target
+
+
+def rewrite_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def case_config_is_a_list(files, tmp_path):
+    ckpt = copy_of(files, tmp_path)
+    (ckpt / "config.json").write_text("[1, 2]")
+    return ["generate", ckpt, "--prompt", "x"], "config.json"
+
+
+def case_config_is_null(files, tmp_path):
+    ckpt = copy_of(files, tmp_path)
+    (ckpt / "config.json").write_text("null")
+    return ["eval", ckpt, "--data", files / "corpus.txt"], "config.json"
+
+
+def case_int64_weights(files, tmp_path):
+    ckpt = copy_of(files, tmp_path)
+    weights = load_file(ckpt / "model.safetensors")
+    weights = {name: tensor.to(torch.int64) for name, tensor in weights.items()}
+    save_file(weights, ckpt / "model.safetensors")
+    return ["generate", ckpt, "--prompt", "x"], "not floating point"
+
+
+def case_gguf_with_a_bad_tokenizer(files, tmp_path):
+    import gguf
+
+    reader = gguf.GGUFReader(files / "model.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "looplm")
+    for key in ("looplm.format_version", "looplm.config"):
+        field = reader.fields[key]
+        (writer.add_uint32 if key.endswith("version") else writer.add_string)(key, field.contents())
+    writer.add_string("tokenizer.huggingface.json", "{not json")
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ["generate", tmp_path / "bad.gguf", "--prompt", "x"], "tokenizer"
+
+
+def case_gguf_with_an_int32_tensor(files, tmp_path):
+    import gguf
+
+    reader = gguf.GGUFReader(files / "model.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "int.gguf"), "looplm")
+    writer.add_uint32("looplm.format_version", reader.fields["looplm.format_version"].contents())
+    writer.add_string("looplm.config", reader.fields["looplm.config"].contents())
+    for index, tensor in enumerate(reader.tensors):
+        data = np.array(tensor.data)
+        writer.add_tensor(tensor.name, data.astype(np.int32) if index == 0 else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ["generate", tmp_path / "int.gguf", "--prompt", "x"], "I32"
+
+
+def case_gguf_with_an_absurd_context(files, tmp_path):
+    import gguf
+
+    reader = gguf.GGUFReader(files / "model.gguf")
+    config = json.loads(reader.fields["looplm.config"].contents())
+    config["max_seq_len"] = 10**12
+    writer = gguf.GGUFWriter(str(tmp_path / "huge.gguf"), "looplm")
+    writer.add_uint32("looplm.format_version", reader.fields["looplm.format_version"].contents())
+    writer.add_string("looplm.config", json.dumps(config))
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ["generate", tmp_path / "huge.gguf", "--prompt", "x"], "max_seq_len"
+
+
+def case_shard_ids_beyond_the_vocabulary(files, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(files / "shards", shards)
+    tokens = np.memmap(shards / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[5] = 300  # the byte tokenizer has 259 ids
+    tokens.flush()
+    return ["train", "--data", shards, "--out", tmp_path / "run", *TINY_TRAIN], "vocabulary"
+
+
+def _trained_run(files, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(files / "corpus.txt"), "--out", str(run), *TINY_TRAIN]) == 0
+    return run
+
+
+def case_train_state_missing_keys(files, tmp_path):
+    run = _trained_run(files, tmp_path)
+    state = run / "checkpoints" / "step_0000002" / "train_state.pt"
+    torch.save({"step": 2}, state)
+    return ["train", "--out", run, "--resume", "--no-progress"], "train_state.pt"
+
+
+def case_train_state_wrong_types(files, tmp_path):
+    run = _trained_run(files, tmp_path)
+    state_path = run / "checkpoints" / "step_0000002" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["step"] = "two"
+    torch.save(state, state_path)
+    return ["train", "--out", run, "--resume", "--no-progress"], "train_state.pt"
+
+
+def case_invalid_run_config(files, tmp_path):
+    run = _trained_run(files, tmp_path)
+    (run / "run_config.json").write_text('{"model": {"d_model": "wide"}}')
+    return ["train", "--out", run, "--resume", "--no-progress"], "run_config.json"
+
+
+def case_device_tpu(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", tmp_path / "run", *TINY_TRAIN,
+            "--train.device", "tpu"], "train.device"
+
+
+def case_beta1_above_one(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", tmp_path / "run", *TINY_TRAIN,
+            "--train.beta1", "2"], "train.beta1"
+
+
+def case_weight_decay_nan(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", tmp_path / "run", *TINY_TRAIN,
+            "--train.weight_decay", "nan"], "train.weight_decay"
+
+
+def case_out_is_a_file(files, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    return ["train", "--data", files / "corpus.txt", "--out", tmp_path / "taken", *TINY_TRAIN], "is a file"
+
+
+def case_absurd_model_size(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", tmp_path / "run", *TINY_TRAIN,
+            "--model.d_model", "4000000", "--model.n_heads", "4"], "parameters"
+
+
+def case_temperature_nan(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--temperature", "nan"], "temperature"
+
+
+def case_seed_overflow(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--temperature", "1", "--seed", str(2**70)], "seed"
+
+
+def case_steps_far_beyond_training(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--steps", "128"], "steps"
+
+
+def case_eval_json_is_a_directory(files, tmp_path):
+    return ["eval", files / "ckpt", "--data", files / "corpus.txt", "--json", tmp_path], "--json"
+
+
+def case_eval_steps_zero(files, tmp_path):
+    return ["eval", files / "ckpt", "--data", files / "corpus.txt", "--steps", "0"], "--steps"
+
+
+def case_eval_negative_examples(files, tmp_path):
+    return ["eval", files / "ckpt", "--task", "binding", "--examples", "-5"], "--examples"
+
+
+def case_serve_exit_hidden_nan(files, tmp_path):
+    return ["serve", files / "ckpt", "--exit", "hidden:nan"], "hidden"
+
+
+def case_bench_zero_repeats(files, tmp_path):
+    return ["bench", "--repeats", "0"], "--repeats"
+
+
+def case_lm_eval_limit_zero(files, tmp_path):
+    return ["lm-eval", files / "ckpt", "--tasks", "x", "--limit", "0"], "--limit"
+
+
+def case_lm_eval_negative_fewshot(files, tmp_path):
+    return ["lm-eval", files / "ckpt", "--tasks", "x", "--num-fewshot", "-2"], "--num-fewshot"
+
+
+def case_unknown_flag(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--tempreature", "1"], "unrecognized"
+
+
+def case_missing_required_argument(files, tmp_path):
+    return ["generate", files / "ckpt"], "--prompt"
+
+
+def case_prepare_into_its_own_input(files, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("some text " * 100)
+    return ["prepare", data, "--out", data, "--overwrite"], "is the input"
+
+
+def case_convert_into_its_source(files, tmp_path):
+    ckpt = copy_of(files, tmp_path)
+    return ["convert", "hf", ckpt, ckpt.parent, "--force"], "holds the input"
+
+
+def case_eval_out_over_the_checkpoint(files, tmp_path):
+    ckpt = copy_of(files, tmp_path)
+    return ["eval", ckpt, "--data", files / "corpus.txt", "--out", ckpt, "--overwrite"], "is the input"
+
+
+def case_export_over_its_source(files, tmp_path):
+    shutil.copy(files / "model.gguf", tmp_path / "model.gguf")
+    return ["export", "gguf", tmp_path / "model.gguf", tmp_path / "model.gguf", "--force"], "is the input"
+
+
+CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_user_mistake_is_one_line_and_exit_2(name, files, tmp_path, capsys):
+    argv, words = CASES[name](files, tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    status = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
+    assert words.lower() in lines[0].lower(), lines[0]
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path in before}
+    assert after == before  # nothing the user had was changed or deleted
+
+
+@pytest.mark.parametrize("writer", ["export", "prepare", "train", "eval-out", "eval-json", "convert"])
+def test_a_full_disk_is_one_line_naming_the_path(writer, files, tmp_path, capsys, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    argv = {"export": ["export", "gguf", files / "ckpt", tmp_path / "out.gguf"],
+            "prepare": ["prepare", files / "corpus.txt", "--out", tmp_path / "out"],
+            "train": ["train", "--data", files / "corpus.txt", "--out", tmp_path / "out", *TINY_TRAIN],
+            "eval-out": ["eval", files / "ckpt", "--data", files / "corpus.txt", "--no-progress", "--out", tmp_path / "out"],
+            "eval-json": ["eval", files / "ckpt", "--data", files / "corpus.txt", "--no-progress", "--json",
+                          tmp_path / "out.json"],
+            "convert": ["convert", "hf", files / "ckpt", tmp_path / "out"]}[writer]
+    if writer.startswith("eval"):  # tokenize the evaluation data first: the report is the writer under test
+        assert main([str(arg) for arg in argv[:5]]) == 0
+    monkeypatch.setattr("looplm.checkpoint.atomic.os.fsync", no_space)
+    capsys.readouterr()
+    status = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and "free some disk space" in err and str(tmp_path / "out") in err
+    assert not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]  # no staging left behind
