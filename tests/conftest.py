@@ -25,6 +25,11 @@ def nan_filled_empty(monkeypatch):
     """``torch.empty``/``empty_like`` return NaN-filled floating tensors in every test, so code
     that reads memory it never wrote produces NaN (and fails) instead of passing by luck."""
     empty, empty_like = torch.empty, torch.empty_like
+    # ``with torch.device(...)`` recognises constructors by identity from a set it builds once:
+    # build it from the real functions before they are replaced.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
 
     def filled(tensor):
         return tensor.fill_(float("nan")) if tensor.is_floating_point() and tensor.numel() else tensor
