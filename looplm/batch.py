@@ -33,11 +33,11 @@ import torch
 from looplm.bf16 import bf16_weights
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, FixedSteps
+from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, default_exit_policy
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
 from looplm.model.carry import LoopCarry
 from looplm.kernels import ops
-from looplm.model.row_attention import CacheRows
+from looplm.model.row_attention import CacheRows, SharedKV
 from looplm.precision import decode_precision
 
 
@@ -99,20 +99,24 @@ class _RowSubset:
         self.starts = cache.offsets[rows] if in_place else None
         self.written: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], bool]] = []
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple | CacheRows:
-        full = self.cache.store(stage, layer, step)
+    def store(self, stage: str, layer: int, step: int = 0) -> tuple | CacheRows | SharedKV:
+        full = self.cache.slot_storage(stage, layer, step)
         attention = self.cache.kinds[self.cache.slot(stage, layer, step)] == "A"
+        shared = self.cache.reads_first_step(stage, layer, step)  # append_first: read, never written
         # With ffn=channelmix the slot ends with the FFN's previous input [B, D]: a per-row state.
         count = len(full) - len(self.cache.states["F"])
         mixer, shift = full[:count], full[count:]
         if self.in_place and attention:
-            rows = CacheRows(mixer[0], mixer[1], self.rows, self.starts)
+            rows = CacheRows(mixer[0], mixer[1], self.rows, self.starts, shared)
             return (rows,) + self._rows_of(shift, False) if shift else rows
         if self.everyone:
-            return full
+            return self.cache.store(stage, layer, step)
         if attention:  # only the filled positions: attention reads no further
             mixer = tuple(tensor[:, :, :self.position + 1] for tensor in mixer)
-        return self._rows_of(mixer, attention) + self._rows_of(shift, False)
+        if not shared:
+            return self._rows_of(mixer, attention) + self._rows_of(shift, False)
+        keys_values = SharedKV(*(tensor.index_select(0, self.rows) for tensor in mixer))
+        return (keys_values,) + self._rows_of(shift, False) if shift else keys_values
 
     def _rows_of(self, tensors: tuple[torch.Tensor, ...], attention: bool) -> tuple[torch.Tensor, ...]:
         """These rows of ``tensors`` (views when every row runs), remembered for ``flush``."""
@@ -327,7 +331,8 @@ class BatchSession:
         self.context = model.config.max_seq_len
         self.generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
         with torch.inference_mode():
-            self.decoder = BatchDecoder(model, exit_policy or FixedSteps(), rows, max_len, layout, modulo_slots)
+            self.decoder = BatchDecoder(model, exit_policy or default_exit_policy(model.config), rows, max_len,
+                                        layout, modulo_slots)
         self.rows: dict[int, BatchRow] = {}   # slot → row decoding there
         self.joined_late = 0                  # rows admitted while others were decoding
 

@@ -14,6 +14,15 @@ the cache's **layout** (``KV_LAYOUTS``) — the memory/quality choice of Ouro Ta
 - ``avg``          one K/V per layer: each position keeps the mean of its K/V over the steps it ran.
 - ``modulo``       K = ``modulo_slots`` K/Vs per layer (Huginn's fixed budget): step t uses group
                    t mod K; an exited token's K/V fills the groups it never reached.
+- ``append_first`` one K/V per core layer, appended by loop step 1 only (nanochat's loop): at every
+                   later step the core attention reads the step-1 K/V — of earlier tokens, of the
+                   prompt during prefill, and of the token itself — and computes no K/V of its own
+                   (the slot is a ``SharedKV``).  Coda layers keep one K/V per step (last_exited).
+                   It differs from ``first``: under ``first`` every step of the current call still
+                   writes and attends to its own K/V (prefill runs per-step K/V) and only the
+                   finished positions keep step 1's; under ``append_first`` no step after the first
+                   ever sees a K/V of its own step.  A model trained with ``model.kv_append_first``
+                   computes exactly this in its full forward, and its caches always use this layout.
 
 Within one call a position always attends to itself with the current step's K/V (the slot is
 written before it is read); the layout decides what *later* tokens see.  Prefill runs the prompt
@@ -38,10 +47,11 @@ import torch
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.kernels import ops
+from looplm.model.row_attention import SharedKV
 
-KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo")
+KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo", "append_first")
 # Layouts whose tokens may skip the steps after their exit.
-SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo")
+SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo", "append_first")
 
 
 def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: int) -> list[tuple[int, ...]]:
@@ -74,12 +84,13 @@ class KVCache:
         if layout == "modulo" and modulo_slots < 1:
             raise LoopLMError(f"the modulo layout needs modulo_slots >= 1, got {modulo_slots}")
         self.config = config
-        self.layout = layout
+        # A model whose loop attends to step-1 K/V has no other K/V to keep: its layout is fixed.
+        self.layout = layout = "append_first" if config.kv_append_first else layout
         self.max_len = max_len or config.max_seq_len
         self.max_steps = max_steps or config.loop_steps
         self.per_step = config.n_core_layers + config.n_coda_layers
         # How many K/V groups the loop's attention layers keep, and which group step t uses.
-        self.groups = {"full": self.max_steps, "last_exited": self.max_steps,
+        self.groups = {"full": self.max_steps, "last_exited": self.max_steps, "append_first": self.max_steps,
                        "modulo": min(modulo_slots, self.max_steps)}.get(layout, 1)
         slots = config.n_prelude_layers + self.max_steps * self.per_step
         self.kinds = [self._kind(slot) for slot in range(slots)]
@@ -90,7 +101,7 @@ class KVCache:
             key = (kind, slot)
             if kind == "A" and slot >= config.n_prelude_layers:
                 step, offset = divmod(slot - config.n_prelude_layers, self.per_step)
-                key = (kind, "loop", self.group(step), offset)
+                key = (kind, "loop", self.group(step, offset), offset)
             if key not in storage:
                 storage[key] = counts[kind]
                 counts[kind] += 1
@@ -117,8 +128,11 @@ class KVCache:
         # Right-aligned rows (batched engine): left padding per row; positions < offset are masked.
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def group(self, step: int) -> int:
-        """The K/V group loop step ``step`` (0-based) reads and writes under this layout."""
+    def group(self, step: int, offset: int = 0) -> int:
+        """The K/V group loop step ``step`` (0-based) reads and writes under this layout, for the
+        layer at ``offset`` in the loop's per-step slots (core layers first, then coda)."""
+        if self.layout == "append_first" and offset < self.config.n_core_layers:
+            return 0
         if self.groups == self.max_steps:
             return step
         return step % self.groups
@@ -150,10 +164,10 @@ class KVCache:
         offset = 0 if stage == "core" else self.config.n_core_layers
         return prelude + step * self.per_step + offset + layer
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
+    def slot_storage(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
         """Storage views of one slot, written in place by its layer: keys, values
         [B, H_kv, max_len, hd] for attention; the recurrent states for G and R layers; then,
-        with ffn=channelmix, the FFN's previous input [B, D] (``Layer`` splits it off)."""
+        with ffn=channelmix, the FFN's previous input [B, D]."""
         slot = self.slot(stage, layer, step)
         index = self.index[slot]
         if self.kinds[slot] != "A":
@@ -161,6 +175,21 @@ class KVCache:
         else:
             mixer = self.keys[index], self.values[index]
         return mixer + tuple(state[slot] for state in self.states["F"])
+
+    def reads_first_step(self, stage: str, layer: int, step: int = 0) -> bool:
+        """Whether the slot's attention reads step 1's K/V and writes none (append_first)."""
+        return (self.layout == "append_first" and stage == "core" and step > 0
+                and self.kinds[self.slot(stage, layer, step)] == "A")
+
+    def store(self, stage: str, layer: int, step: int = 0):
+        """``slot_storage`` as its layer takes it: an append-first attention slot after step 1 is a
+        ``SharedKV`` (followed by the FFN's previous input with ffn=channelmix; ``Layer`` splits
+        it off)."""
+        storage = self.slot_storage(stage, layer, step)
+        if not self.reads_first_step(stage, layer, step):
+            return storage
+        shared = SharedKV(*storage[:2])
+        return shared if len(storage) == 2 else (shared,) + storage[2:]
 
     def check_steps(self, steps: int) -> None:
         if steps > self.max_steps:
@@ -225,10 +254,10 @@ class KVCache:
         has absorbed the token), under every layout; attention groups the token never wrote take
         its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""
         first = self.config.n_prelude_layers
-        written = {self.group(step) for step in range(ran)}
         for offset in range(self.per_step):
             source = first + (ran - 1) * self.per_step + offset
             kind = self.kinds[source]
+            written = {self.group(step, offset) for step in range(ran)}
             done = set()
             for step in range(ran, self.max_steps):
                 target = first + step * self.per_step + offset
@@ -237,8 +266,8 @@ class KVCache:
                 if kind != "A":
                     for state in self.states[kind]:
                         state[self.index[target], row] = state[self.index[source], row]
-                elif self.group(step) not in written and self.group(step) not in done:
-                    done.add(self.group(step))
+                elif self.group(step, offset) not in written and self.group(step, offset) not in done:
+                    done.add(self.group(step, offset))
                     self._copy_positions(self.index[source], self.index[target], row, start, end)
 
     def _copy_positions(self, source: int, target: int, row, start: int, end: int) -> None:

@@ -59,12 +59,16 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit at the first step whose readout changed by less than EPS (relative norm)")
     parser.add_argument("--exit-kl", type=float, default=None, metavar="EPS",
                         help="exit at the first step whose next-token distribution moved less than EPS nats")
+    parser.add_argument("--exit-ppl", type=float, default=None, metavar="X",
+                        help="exit at the first step whose next-token distribution has perplexity below X"
+                             " (nanochat's adaptive loop)")
     parser.add_argument("--min-steps", type=int, default=1, help="no early exit before this many steps")
     parser.add_argument("--layout", default="last_exited", choices=KV_LAYOUTS,
                         help="KV cache layout across loop steps: last_exited (default; exited tokens' K/V fill"
                              " the deeper steps), full (every token runs every step: exact, no saving), last,"
                              " first, avg (one K/V per layer: T x less memory), modulo (--modulo-slots per"
-                             " layer). See docs/INFERENCE.md")
+                             " layer), append_first (only step 1 writes K/V; later steps read it). See"
+                             " docs/INFERENCE.md")
     parser.add_argument("--modulo-slots", type=int, default=2, help="K/V groups per layer of the modulo layout")
 
 
@@ -159,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--int8", action="store_true",
                           help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant); decodes"
                                " with the native C kernel where it runs, else the reference backend")
+    generate.add_argument("--ternary", action="store_true",
+                          help="pack a ternary model's weights to 2 bits each first (looplm.ternary; model.ternary"
+                               " core or all); decodes with the reference backend")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step, exit statistics, compute-quality curves",
@@ -207,9 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=["gguf"], help="output format")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
     export.add_argument("output", help="output file, e.g. model.gguf")
-    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
-                        help="tensor storage: f32 (exact, default), f16, bf16, or q8_0 (int8 blocks of 32 for"
-                             " weight matrices); norms, biases and the exit gate stay f32")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0", "ternary"],
+                        help="tensor storage: f32 (exact, default), f16, bf16, q8_0 (int8 blocks of 32 for weight"
+                             " matrices; norms, biases and the exit gate stay f32), or ternary (a model.ternary"
+                             " model's ternary weights packed 2 bits each: TQ2_0 or looplm's layout)")
+    export.add_argument("--exit", default=None,
+                        help="the exit policy the file records for decoders that name none: static, q:<q>,"
+                             " hidden:<eps>, kl:<eps>, ppl:<x> or act (default: the checkpoint's)")
+    export.add_argument("--min-steps", type=int, default=None, help="least loop steps the file records")
+    export.add_argument("--max-steps", type=int, default=None, help="most loop steps the file records (0 = T)")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
 
     bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
@@ -420,14 +433,22 @@ def _train_summary_line(summary: dict) -> str:
 
 
 def run_generate(args) -> None:
-    from looplm.exit_policy import check_depth
+    from looplm.exit_policy import check_depth, default_exit_policy
     from looplm.generate import Sampling, make_exit_policy, stream, Generation
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
-    policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
+    named = args.act or args.steps is not None or any(
+        value is not None for value in (args.q, args.exit_hidden, args.exit_kl, args.exit_ppl))
+    # No policy named: the one the model records (fixed T steps unless set, e.g. by a GGUF file).
+    policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps,
+                              args.exit_ppl) if named else default_exit_policy(model.config)
     check_depth(policy, model.config.loop_steps)
+    if args.ternary:
+        from looplm.ternary import pack_model
+
+        pack_model(model)
     if args.int8:
         from looplm.quant import quantize_model
 
@@ -578,13 +599,20 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 
 
 def run_export(args) -> None:
+    from dataclasses import asdict
+
     from looplm.checkpoint.atomic import refuse_overlap
+    from looplm.config import ModelConfig, from_dict
     from looplm.interop.gguf import export_gguf
     from looplm.kernels import program
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     refuse_overlap(args.output, [args.checkpoint], "--force" if args.force else "")
     model = load_model(args.checkpoint)
+    defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
+                                              ("max_loop_steps", args.max_steps)) if value is not None}
+    if defaults:  # the inference defaults the file records (validated like any config)
+        model.config = from_dict(ModelConfig, {**asdict(model.config), **defaults}, "model")
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
     print(program.instructions(path))

@@ -8,6 +8,8 @@
 - ``KLExit(ε)``           the first step whose next-token distribution moved less than ε nats from
                           the previous step's, KL(p_t ‖ p_{t−1}) < ε (costs a head matmul per step).
 - ``ACTExit``             ACT halting: the halting-weighted readout (every depth still runs).
+- ``PerplexityExit(x)``   nanochat's adaptive loop: the first step whose next-token distribution has
+                          perplexity exp(H(p_t)) below x (it is confident; a head matmul per step).
 
 Every policy takes ``steps`` (the most steps, default the trained T) and, except fixed steps and
 ACT, ``min_steps`` (no exit before it).  ``ExitRule`` applies a policy to a batch of rows step by
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from looplm.config import parse_exit_spec
 from looplm.errors import LoopLMError
 from looplm.model.exit import hidden_change, readout_kl
 
@@ -118,7 +121,24 @@ class ACTExit(_Bounded):
 
 
 
-ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit
+@dataclass(frozen=True)
+class PerplexityExit(_Bounded):
+    """Exit at the first step whose readout has perplexity exp(H(p_t)) < ``threshold``, with
+    H(p) = −Σ_v p_v log p_v over the vocabulary (nanochat's adaptive loop).  A perplexity is at
+    least 1, so a threshold ≤ 1 never exits early."""
+
+    threshold: float = 2.0
+    steps: int | None = None
+    min_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise LoopLMError(f"the perplexity threshold must be > 0, got {self.threshold}")
+        _check_steps(self.steps, self.min_steps)
+
+
+ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit | PerplexityExit
+EXIT_KINDS = ("static", "q", "hidden", "kl", "act", "ppl")
 
 # A generation may run at most this many times the trained loop steps: extrapolation costs time
 # and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
@@ -130,15 +150,21 @@ def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
     if policy.max_steps(trained_steps) > MAX_STEPS_FACTOR * trained_steps:
         raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained_steps} ({MAX_STEPS_FACTOR} x the trained"
                           f" {trained_steps}), got {policy.max_steps(trained_steps)}")
-EXIT_KINDS = ("static", "q", "hidden", "kl", "act")
+
+
+def readout_perplexity(logits: torch.Tensor) -> torch.Tensor:
+    """exp(H(softmax(logits))) over the last dim [..., V] → [...], computed in float32."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return torch.exp(-(log_probs.exp() * log_probs).sum(-1))
 
 
 def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False,
-                     hidden: float | None = None, kl: float | None = None, min_steps: int = 1) -> ExitPolicy:
-    """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``;
+                     hidden: float | None = None, kl: float | None = None, min_steps: int = 1,
+                     ppl: float | None = None) -> ExitPolicy:
+    """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``, ``ppl``;
     none of them = fixed steps."""
     chosen = [name for name, value in (("--act", act or None), ("--q", q), ("--exit-hidden", hidden),
-                                       ("--exit-kl", kl)) if value is not None]
+                                       ("--exit-kl", kl), ("--exit-ppl", ppl)) if value is not None]
     if len(chosen) > 1:
         raise LoopLMError(f"choose one exit policy, not {' and '.join(chosen)}")
     if act:
@@ -149,24 +175,26 @@ def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool
         return HiddenDiffExit(hidden, steps, min_steps)
     if kl is not None:
         return KLExit(kl, steps, min_steps)
+    if ppl is not None:
+        return PerplexityExit(ppl, steps, min_steps)
     return FixedSteps(steps)
 
 
-def parse_exit_policy(spec: str, steps: int | None = None) -> ExitPolicy:
-    """``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``act`` (the server's and the
-    adapters' one-string form)."""
-    name, _, value = spec.partition(":")
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        raise LoopLMError(f"exit policy {spec!r}: {value!r} is not a number") from None
-    if name == "static" and number is None:
+def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -> ExitPolicy:
+    """``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` | ``act`` (the server's
+    and the adapters' one-string form); ``min_steps`` applies to the early-exit policies."""
+    name, number = parse_exit_spec(spec)
+    if name == "static":
         return FixedSteps(steps)
-    if name == "act" and number is None:
+    if name == "act":
         return ACTExit(steps=steps)
-    if name in ("q", "hidden", "kl") and number is not None:
-        return make_exit_policy(**{name: number}, steps=steps)
-    raise LoopLMError(f"unknown exit policy {spec!r}: use static, q:<q>, hidden:<eps>, kl:<eps> or act")
+    return make_exit_policy(**{name: number}, steps=steps, min_steps=min_steps)
+
+
+def default_exit_policy(config) -> ExitPolicy:
+    """The policy a model carries for callers that name none (``ModelConfig.default_exit``,
+    ``min_loop_steps``, ``max_loop_steps``; a GGUF file records them): fixed T steps unless set."""
+    return parse_exit_policy(config.default_exit, config.max_loop_steps or None, config.min_loop_steps)
 
 
 class ExitRule:
@@ -182,7 +210,8 @@ class ExitRule:
         self.policy = policy
         self.max_steps = policy.max_steps(trained_steps)
         self.min_steps = getattr(policy, "min_steps", 1)
-        self.kind = {QExit: "q", HiddenDiffExit: "hidden", KLExit: "kl"}.get(type(policy), "static")
+        self.kind = {QExit: "q", HiddenDiffExit: "hidden", KLExit: "kl", PerplexityExit: "ppl"}.get(type(policy),
+                                                                                                   "static")
         if self.kind == "q" and policy.threshold >= 1.0:
             self.kind = "static"  # q = 1 runs every step
         # Survival in float64 on every path (decide_one uses Python floats), so batched and batch-1
@@ -215,6 +244,8 @@ class ExitRule:
             if self.previous is None:
                 self.previous = torch.zeros(self.log_survival.shape[0], current.shape[-1], device=current.device)
             self._store("previous", rows, current)
+        elif self.kind == "ppl":
+            exits = readout_perplexity(logits().reshape(count, -1)) < self.policy.threshold
         if step + 1 < self.min_steps:
             exits = torch.zeros_like(exits)
         return exits

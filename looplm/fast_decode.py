@@ -51,14 +51,19 @@ class _PackedLayer:
         self.hidden = layer.ffn.hidden
 
 
-def fast_unsupported(model, allow_reduced: bool = False) -> str | None:
+def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None = None) -> str | None:
     """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
     loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_reduced``:
-    the caller (the C kernel) also runs int8 (looplm.quant) and bf16 (looplm.bf16) projections."""
+    the caller (the C kernel) also runs int8 (looplm.quant) and bf16 (looplm.bf16) projections.
+    ``cache``: the cache it would decode into (the append_first layout's shared slots are the
+    reference path's)."""
     from looplm.bf16 import is_bf16
     from looplm.quant import is_quantized
 
     config = model.config
+    if cache is not None and cache.layout == "append_first":
+        return "the fast decode paths write every step's K/V; the append_first layout decodes with backend" \
+               " 'reference'"
     if not allow_reduced and (is_quantized(model) or is_bf16(model)):
         kind = "an int8 model (looplm.quant)" if is_quantized(model) else "a bf16-weight model (looplm.bf16)"
         return f"the torch decode path reads float32 weights; {kind} decodes with backend 'native' or 'reference'"

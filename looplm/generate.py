@@ -26,8 +26,8 @@ import torch
 from looplm.cache import KVCache
 from looplm.config import DECODE_BACKENDS as BACKENDS
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (ACTExit, ExitPolicy, ExitRule, FixedSteps, HiddenDiffExit, KLExit, QExit,  # noqa: F401
-                                make_exit_policy)
+from looplm.exit_policy import (ACTExit, ExitPolicy, ExitRule, FixedSteps, HiddenDiffExit, KLExit,  # noqa: F401
+                                PerplexityExit, QExit, default_exit_policy, make_exit_policy)
 from looplm.model.carry import LoopCarry
 
 
@@ -181,7 +181,7 @@ class Decoder:
         if backend == "torch":
             from looplm.fast_decode import FastStepper, fast_unsupported
 
-            reason = fast_unsupported(model)
+            reason = fast_unsupported(model, cache=self.cache)
             if reason is None:
                 self.stepper = FastStepper(model, self.cache, compile_steps)
             elif backend_asked == "torch":
@@ -389,7 +389,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
 
     ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
     """
-    exit_policy = exit_policy or FixedSteps()
+    exit_policy = exit_policy or default_exit_policy(model.config)  # fixed T steps unless the model records one
     result = result if result is not None else Generation()
     context = model.config.max_seq_len
     if len(prompt_ids) == 0:

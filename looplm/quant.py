@@ -32,7 +32,8 @@ slower than a float32 matvec on this project's AVX2 CPU, hence the kernel.
 in float32: the embedding (a row lookup), the LM head (read once per token, not once per loop
 step; tied to the embedding by default), the exit gate and MoE routers (their outputs are
 decisions: a flipped exit or expert choice costs more than the memory saved), MoE expert
-tensors, norms, biases, and any Linear whose input width is not a multiple of 32.
+tensors, norms, biases, and any Linear whose input width is not a multiple of 32.  Ternary
+layers (``model.ternary``) are left to ``looplm.ternary.pack_model``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
 from looplm.kernels import ops
+from looplm.model.swap import swap_modules
 
 BLOCK = 32
 KERNEL_MAX_ROWS = 4
@@ -147,8 +149,11 @@ class Int8Linear(nn.Module):
 
 
 def quantizable(name: str, module: nn.Module) -> bool:
-    """An ``nn.Linear`` that ``quantize_model`` turns into int8 (see the module docstring)."""
-    return (isinstance(module, nn.Linear) and module.in_features % BLOCK == 0
+    """An ``nn.Linear`` that ``quantize_model`` turns into int8 (see the module docstring); a
+    ternary ``BitLinear`` keeps its own quantisation (looplm.ternary packs it)."""
+    from looplm.model.bitlinear import BitLinear
+
+    return (isinstance(module, nn.Linear) and not isinstance(module, BitLinear) and module.in_features % BLOCK == 0
             and not any(part in KEPT_FLOAT for part in name.split(".")))
 
 
@@ -156,10 +161,7 @@ def quantize_model(model: nn.Module, activations: str = "auto") -> nn.Module:
     """Replace every quantizable ``nn.Linear`` of ``model`` by an ``Int8Linear`` (with
     ``activations``: auto, int8 or float, see the module docstring), in place; returns the model
     in eval mode (int8 weights are for inference: they have no gradients)."""
-    targets = [(name, module) for name, module in model.named_modules() if quantizable(name, module)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear.from_linear(module, activations))
+    swap_modules(model, quantizable, lambda name, module: Int8Linear.from_linear(module, activations))
     return model.eval()
 
 

@@ -20,8 +20,18 @@ from looplm.kernels import program
 from looplm.model import LoopLM
 
 from conftest import tiny_config
-from test_architectures import VARIANTS
+from test_architectures import C_UNRUN, VARIANTS
 from test_gguf import CONFIGS as GGUF_CONFIGS
+
+
+def c_runs(overrides: dict) -> bool:
+    """Whether the runtime runs a config with these overrides (tests/test_architectures.py's
+    C_UNRUN lists the features it refuses, each tested there with its reason)."""
+    return all(overrides.get(key) in (None, 0, False, "none") for key in C_UNRUN)
+
+
+RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(overrides)]
+RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items() if c_runs(overrides)]
 from test_gguf import make_model as make_gguf_model
 
 gguf = pytest.importorskip("gguf")
@@ -71,7 +81,7 @@ def assert_dump_matches_forward(model, dump_path, sequence, steps, atol):
     return expected
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", RUNTIME_VARIANTS)
 def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
     """64 greedy tokens from the program: each is the reference's argmax after the tokens before
     it, every step's logits match the full forward within 1e-4, and the in-process native backend
@@ -89,8 +99,9 @@ def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
     assert generate(model, PROMPT, NEW_TOKENS, backend="native").ids == ids
 
 
-EXIT_CASES = ([("gdn-hybrid", layout, 0.5, None, 1) for layout in KV_LAYOUTS]
-              + [("mla", layout, 0.5, None, 1) for layout in KV_LAYOUTS]
+C_LAYOUTS = [layout for layout in KV_LAYOUTS if layout != "append_first"]  # append_first: reference backend
+EXIT_CASES = ([("gdn-hybrid", layout, 0.5, None, 1) for layout in C_LAYOUTS]
+              + [("mla", layout, 0.5, None, 1) for layout in C_LAYOUTS]
               + [("gdn-loop-memory", "last_exited", 0.3, 5, 2), ("loop-index-lora", "last_exited", None, 6, 1),
                  ("preset-loopcached", "full", 0.5, None, 2), ("global-gates", "first", 0.5, None, 1)])
 
@@ -115,7 +126,7 @@ def test_exit_policies_and_layouts_match_the_reference(name, layout, q, steps, m
         assert min(reference.steps) < (steps or model.config.loop_steps)  # tokens really exit early
 
 
-@pytest.mark.parametrize("name", list(GGUF_CONFIGS))
+@pytest.mark.parametrize("name", RUNTIME_GGUF_CONFIGS)
 def test_quantized_files_stay_within_their_bounds(name, looplm_run, tmp_path):
     """q8_0: the program computes with the file's int8 blocks, so its logits equal the dequantised
     model's within 1e-4 and move from the float32 model's by at most the 5% of their largest
@@ -311,3 +322,27 @@ def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(looplm_run, tmp_path
     assert sampled(*hot, "--seed", "7") != greedy
     assert sampled(*hot, "--top-k", "1", "--seed", "9") == greedy
     assert sampled(*hot, "--top-p", "1e-9", "--seed", "9") == greedy
+
+
+def test_the_program_uses_the_policy_the_file_records(looplm_run, tmp_path):
+    """A file exported with ``--exit q:0.5 --min-steps 2`` decodes with that policy when the
+    command names none (the same loop steps per token as naming it on a plain file, not the fixed
+    T steps); a recorded policy the program does not run is one line, exit 2."""
+    from dataclasses import replace
+
+    model = build_model("gdn-hybrid")
+    plain = export_gguf(model, tmp_path / "plain.gguf")
+    model.config = replace(model.config, default_exit="q:0.5", min_loop_steps=2)
+    recorded = export_gguf(model, tmp_path / "recorded.gguf")
+
+    def steps_of(path, *options):
+        run(looplm_run, path, "-n", "16", "--dump-logits", str(tmp_path / "dump"), *options)
+        return program.read_dump(tmp_path / "dump")[1].tolist()
+
+    named = steps_of(plain, "--q", "0.5", "--min-steps", "2")
+    assert steps_of(recorded) == named != steps_of(plain)
+    model.config = replace(model.config, default_exit="kl:0.1")
+    kl = export_gguf(model, tmp_path / "kl.gguf")
+    result = subprocess.run([str(looplm_run), str(kl), "--prompt-ids", "1,2,3", "-n", "4"], capture_output=True)
+    assert result.returncode == 2 and b"records the exit policy kl:0.1" in result.stderr
+    assert result.stderr.count(b"\n") == 1

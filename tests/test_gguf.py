@@ -26,6 +26,8 @@ CONFIGS = {
                      "depth_lora_rank": 4, "tie_embeddings": False, "norm": "pre", "step_norm": False},
     "hybrid": {"layer_pattern": "GAR", "n_core_layers": 3, "attention": "gated", "norm": "pre"},
     "moe-mla": {"ffn": "moe", "n_experts": 4, "attention": "mla", "mla_kv_rank": 32, "mla_rope_dim": 4},
+    "mhc-append-first": {"hyper_connections": 2, "n_prelude_layers": 1, "n_coda_layers": 1, "kv_append_first": True},
+    "attnres-ternary": {"attnres_block_size": 3, "ternary": "core", "n_prelude_layers": 1},
 }
 
 

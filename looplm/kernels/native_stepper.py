@@ -42,6 +42,8 @@ def c_decode_unsupported(model, cache: KVCache, what: str) -> str | None:
         return f"{what} needs float32 weights and cache, got {parameter.dtype}"
     if cache.keys.shape[1] != 1:
         return f"{what} decodes batch 1"
+    if cache.layout == "append_first":
+        return f"{what} writes every step's K/V; the append_first layout decodes with backend 'reference'"
     return None
 
 
@@ -58,7 +60,7 @@ def native_unsupported(model, cache: KVCache) -> str | None:
         return reason
     from looplm.fast_decode import fast_unsupported
 
-    if (reason := fast_unsupported(model, allow_reduced=True)) is not None:
+    if (reason := fast_unsupported(model, allow_reduced=True, cache=cache)) is not None:
         return reason
     if load_kernel() is None:
         return unavailable_reason()

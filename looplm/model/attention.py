@@ -8,6 +8,11 @@ at positions [start, start+S) and the queries attend over [0, start+S).
 projection is twice as wide and its second half, per head, is an output gate:
 o = attend(q, k, v) ⊙ σ(gate); q and k are RMS-normed per head before RoPE.  Partial RoPE
 (``rope_fraction``) rotates the first head dims only; both options work for either kind.
+
+Append-first (nanochat's loop): at loop steps after the first, a core layer attends with the
+current step's queries to the keys and values its first step computed — a ``SharedKV`` cache
+slot (nothing is written), or, without a cache under ``model.kv_append_first``, the step-1
+keys and values this call recorded in the ``LoopCarry``.
 """
 
 import torch
@@ -15,9 +20,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
+from looplm.model.carry import LoopCarry
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
-from looplm.model.row_attention import CacheRows, rows_attention
+from looplm.model.row_attention import CacheRows, SharedKV, rows_attention
+
+
+def first_step_kv(module: nn.Module, carry: LoopCarry | None, keys: torch.Tensor, values: torch.Tensor,
+                  append_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append-first without a cache: step 1 records this call's keys and values in the carry and
+    uses them; later steps use the recorded ones instead of their own (unchanged otherwise)."""
+    if not append_first or carry is None:
+        return keys, values
+    if carry.step == 0:
+        carry.put(module, (keys, values))
+        return keys, values
+    return carry.first(module)
 
 
 def causal_mask_with_offset(queries: int, keys: int, device: torch.device) -> torch.Tensor:
@@ -35,6 +53,7 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         self.gated = config.attention == "gated"
+        self.append_first = config.kv_append_first
         query_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
         self.qkv = nn.Linear(d_model, query_width + 2 * self.n_kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
@@ -60,17 +79,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
         """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None,
-        or a ``CacheRows`` (one token per row; the batched engine's decode, masks from its starts).
+        or a ``CacheRows`` (one token per row; the batched engine's decode, masks from its starts),
+        or a ``SharedKV`` (append-first: attend, write nothing).
         key_mask: bool [B, 1, S, start+S] of the cached keys each row may see (decode of
-        right-aligned rows), combined with causality; None = all earlier keys."""
+        right-aligned rows), combined with causality; None = all earlier keys.
+        carry: the call's earlier loop steps (append-first without a cache)."""
         batch, length, _ = x.shape
         query_key, v, gate = self._project(x)
         # One rotation for queries and keys together: half the elementwise ops of two calls.
         q, k = apply_rope(query_key, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
         gqa = self.n_kv_heads != self.n_heads
         if kv_store is None:
+            k, v = first_step_kv(self, carry, k, v, self.append_first)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
         elif isinstance(kv_store, CacheRows):  # batched decode: rows of the cache, read in place
             kv_store.write(k, v, start)
@@ -78,8 +100,9 @@ class Attention(nn.Module):
         else:
             key_store, value_store = kv_store
             end = start + length
-            key_store[:, :, start:end] = k
-            value_store[:, :, start:end] = v
+            if not isinstance(kv_store, SharedKV):
+                key_store[:, :, start:end] = k
+                value_store[:, :, start:end] = v
             mask = None if length == 1 else causal_mask_with_offset(length, end, x.device)
             if key_mask is not None:
                 mask = key_mask if mask is None else key_mask & mask

@@ -2,8 +2,8 @@
 
 The formats themselves (directory, GGUF) live in ``looplm.checkpoint`` and deal in configs and
 tensors; here the stored tensors are checked against the model their config builds (names and
-shapes, one line per mismatch), assigned without copying, and Q8_0 weights optionally kept as
-``Int8Linear`` layers.
+shapes, one line per mismatch), assigned without copying, Q8_0 weights optionally kept as
+``Int8Linear`` layers, and packed ternary weights kept as ``TernaryLinear`` layers.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from looplm.checkpoint.formats import read_model, read_tokenizer
 from looplm.checkpoint.stored import StoredModel
 from looplm.errors import LoopLMError
 from looplm.model.lm import LoopLM
+from looplm.model.swap import swap_modules
 
 KEPT_FLOAT = ("exit_gate", "router")  # decisions, not projections: never rounded
 NOISE_TABLE = "noise.table"
@@ -68,6 +69,8 @@ def build_model(stored: StoredModel, device: str | torch.device = "cpu", int8: b
     model.load_state_dict(weights, assign=True)
     model.rebuild_derived_buffers(device)
     model.eval()
+    if stored.ternary:
+        _ternary_layers(model, stored.ternary)
     if int8:
         _int8_layers(model, stored.int8)
     return model
@@ -77,13 +80,19 @@ def _int8_layers(model: LoopLM, blocks: dict) -> None:
     """Swap quantizable Linears for Int8Linear, from the stored Q8_0 blocks where there are some."""
     from looplm.quant import Int8Linear, quantizable
 
-    for name, module in list(model.named_modules()):
-        if not quantizable(name, module):
-            continue
+    def build(name: str, module: nn.Module) -> nn.Module:
         stored = blocks.get(f"{name}.weight")
-        replacement = Int8Linear(*stored, module.bias) if stored is not None else Int8Linear.from_linear(module)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, replacement)
+        return Int8Linear(*stored, module.bias) if stored is not None else Int8Linear.from_linear(module)
+
+    swap_modules(model, quantizable, build)
+
+
+def _ternary_layers(model: LoopLM, codes: dict) -> None:
+    """Swap the layers stored as packed ternary codes for ``TernaryLinear`` with those exact codes."""
+    from looplm.ternary import TernaryLinear
+
+    swap_modules(model, lambda name, module: f"{name}.weight" in codes,
+                 lambda name, module: TernaryLinear.from_codes(*codes[f"{name}.weight"], module.bias))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False) -> LoopLM:

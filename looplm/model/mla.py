@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
-from looplm.model.attention import causal_mask_with_offset
+from looplm.model.attention import causal_mask_with_offset, first_step_kv
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
+from looplm.model.row_attention import SharedKV
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -49,6 +50,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, eps, config.zero_centered_norm)
         self.kv_up = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.value_dim), bias=False)
         self.out = nn.Linear(self.n_heads * self.value_dim, d_model, bias=False)
+        self.append_first = config.kv_append_first
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, D] → q_nope [B, H, S, d_nope], rotated q_rope [B, H, S, d_rope]."""
@@ -71,18 +73,24 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """kv_store: (latent store [B, 1, max_len, r_kv], rope-key store [B, 1, max_len, d_rope]) or None."""
+                key_mask: torch.Tensor | None = None, carry=None) -> torch.Tensor:
+        """kv_store: (latent store [B, 1, max_len, r_kv], rope-key store [B, 1, max_len, d_rope]) or None,
+        or a ``SharedKV`` of them (append-first: attend, write nothing); carry: as ``Attention``'s."""
         batch, length, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
         end = start + length
-        if kv_store is not None:
+        if kv_store is None:
+            c, k_rope = first_step_kv(self, carry, c, k_rope, self.append_first)
+        else:
             latent_store, rope_store = kv_store
-            latent_store[:, :, start:end] = c
-            rope_store[:, :, start:end] = k_rope
+            if not isinstance(kv_store, SharedKV):
+                latent_store[:, :, start:end] = c
+                rope_store[:, :, start:end] = k_rope
             c, k_rope = latent_store[:, :, :end], rope_store[:, :, :end]
-        if kv_store is not None and length == 1 and self.absorb_for_decode:
+        # The absorbed form folds kv_up's float weight into the query; a ternary kv_up quantises
+        # its input (the latent) per position, which only the recompute form reproduces.
+        if kv_store is not None and length == 1 and self.absorb_for_decode and type(self.kv_up) is nn.Linear:
             o = self._absorbed(q_nope, q_rope, c, k_rope, key_mask)
         else:
             k_nope, v = self.expand(c)

@@ -15,10 +15,20 @@ query row and head, no copies); ``rows_attention_reference`` is the plain torch 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from looplm.kernels import ops
+
+
+class SharedKV(NamedTuple):
+    """A cache slot whose keys and values an earlier loop step of the same call wrote
+    (append-first K/V, ``looplm.cache``): the layer attends to them and writes nothing.
+    keys, values [B, H_kv, max_len, hd] (MLA: its latent and rope-key storage)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 @dataclass
@@ -27,15 +37,19 @@ class CacheRows:
 
     keys, values: the slot's storage [B, H_kv, max_len, hd]; rows [R] (int64): query i belongs
     to cache row ``rows[i]``; starts [R] (int64): the first key position query i may see (the
-    pad of right-aligned rows lies before it)."""
+    pad of right-aligned rows lies before it); shared: an earlier loop step wrote this token's
+    entries (append-first, ``SharedKV``), so ``write`` leaves them."""
 
     keys: torch.Tensor
     values: torch.Tensor
     rows: torch.Tensor
     starts: torch.Tensor
+    shared: bool = False
 
     def write(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
         """Store one token's k, v [R, H_kv, 1, hd] at ``position`` of each row."""
+        if self.shared:
+            return
         self.keys[self.rows, :, position] = k[:, :, 0]
         self.values[self.rows, :, position] = v[:, :, 0]
 

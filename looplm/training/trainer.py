@@ -243,6 +243,9 @@ class Trainer:
         on_device = config.spike_factor == 0 and skips_on_device(self.optimizer)
         while self.step < last:
             beta = config.entropy_beta_at(self.step)
+            theta = config.rope_theta_at(self.step, self.run.model.rope_theta)
+            if theta != self.model.config.rope_theta:  # a new stage of train.rope_theta_schedule
+                self.model.set_rope_theta(theta)
             depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
                                           sample_depth(config, self.model.config.loop_steps, self.step))
             grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
@@ -285,6 +288,7 @@ class Trainer:
                           "mean_exit_step": float(loss_result.mean_exit_step),
                           "exit_entropy": float(loss_result.exit_entropy),
                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "entropy_beta": beta, "rope_theta": self.model.config.rope_theta,
                           "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
                           "spike_skips": self.spike_skips,
                           "loop_steps": depth, "grad_steps": grad_steps, "precision": self.precision.label,
@@ -365,7 +369,10 @@ class Trainer:
             raise LoopLMError(f"nothing to resume in {str(self.out_dir)!r}: no checkpoints/step_* found")
         latest = checkpoints[-1]
         loaded = load_model(latest, self.device)
-        if loaded.config != self.run.model:
+        # A RoPE schedule leaves its current stage's θ in the checkpoint; the step restores it.
+        recorded = dataclasses.replace(loaded.config, rope_theta=self.run.model.rope_theta) \
+            if self.train_config.rope_theta_schedule else loaded.config
+        if recorded != self.run.model:
             raise LoopLMError(f"the model config differs from the one in {str(latest)!r}: resume with the same config")
         self.dist.load_model_state(self.model, loaded.state_dict())
         state = read_train_state(latest / TRAIN_STATE_FILE, self.device)

@@ -32,7 +32,8 @@ static const char USAGE[] =
     "  -n, --max-new-tokens N  tokens to generate (default 128)\n"
     "      --steps N           loop steps per token (default: the trained T; may exceed it)\n"
     "  -q, --q Q               Q-exit: stop at the first step whose exit CDF reaches Q\n"
-    "      --min-steps N       no early exit before step N (default 1)\n"
+    "                          (neither given: the policy the file records, fixed T steps unless set)\n"
+    "      --min-steps N       no early exit before step N (default 1, or the file's)\n"
     "      --layout L          KV layout: last_exited (default), full, last, first, avg, modulo\n"
     "      --modulo-slots K    groups of the modulo layout (default 2)\n"
     "      --temperature T     0 = greedy (default)\n"
@@ -50,6 +51,7 @@ static const char USAGE[] =
 typedef struct {
     const char *model, *prompt, *prompt_ids, *dump, *layout;
     long max_new, steps, min_steps, modulo_slots, top_k, threads;
+    int min_steps_given;
     double q, temperature, top_p;
     unsigned long long seed;
     int seeded, show_steps, print_ids, info, tokenize;
@@ -104,7 +106,7 @@ static void parse_arguments(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "-n") || !strcmp(a, "--max-new-tokens")) o->max_new = parse_long(a, v);
         else if (!strcmp(a, "--steps")) o->steps = parse_long(a, v);
         else if (!strcmp(a, "-q") || !strcmp(a, "--q")) o->q = parse_double(a, v);
-        else if (!strcmp(a, "--min-steps")) o->min_steps = parse_long(a, v);
+        else if (!strcmp(a, "--min-steps")) o->min_steps = parse_long(a, v), o->min_steps_given = 1;
         else if (!strcmp(a, "--layout")) o->layout = v;
         else if (!strcmp(a, "--modulo-slots")) o->modulo_slots = parse_long(a, v);
         else if (!strcmp(a, "--temperature")) o->temperature = parse_double(a, v);
@@ -290,6 +292,15 @@ int main(int argc, char **argv) {
     LrTokenizer *tokenizer = file_tokenizer(file);
     const int threads = o.threads ? (int)o.threads : default_threads(c);
     if (o.info) { describe(model, tokenizer, threads); return 0; }
+    if (o.steps < 1 && o.q < 0) {  /* no policy named: the one the file records (fixed T steps unless set) */
+        const char *spec = c->default_exit;
+        if (!strncmp(spec, "q:", 2)) o.q = parse_double("the file's exit policy", spec + 2);
+        else if (strcmp(spec, "static"))
+            die("the file records the exit policy %s, which looplm-run does not run: name one with --steps N or"
+                " --q Q", spec);
+        if (c->max_loop_steps) o.steps = c->max_loop_steps;
+        if (!o.min_steps_given) o.min_steps = c->min_loop_steps;
+    }
     if (o.q >= 0 && !c->exit_gate) die("Q-exit needs a model with an exit gate: use fixed steps");
     const int max_steps = o.steps > 0 ? (int)o.steps : c->loop_steps;
     if (max_steps > MAX_STEPS_FACTOR * c->loop_steps)

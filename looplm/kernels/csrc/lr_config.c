@@ -12,7 +12,7 @@
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
  * ACT's threshold) or folded into a stored tensor (initial_noise_std: the noise table). */
 static const char *const UNUSED_KEYS[] = {"act_threshold", "init_std", "loop_mc_detach", "moe_bias_update_rate",
-                                            "moe_aux_loss_weight", "initial_noise_std"};
+                                            "moe_aux_loss_weight", "initial_noise_std", "mc_detach"};
 
 typedef struct {
     const char *name;
@@ -87,7 +87,9 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
             known = strcmp(key, UNUSED_KEYS[j]) == 0;
         static const char *const others[] = {"n_kv_heads", "rope_theta", "rope_fraction", "attention",
                                              "layer_pattern", "norm", "norm_eps", "injection", "initial_state",
-                                             "ffn"};
+                                             "ffn", "ternary", "hyper_connections", "attnres_block_size",
+                                             "kv_append_first", "default_exit", "min_loop_steps",
+                                             "max_loop_steps"};
         for (size_t j = 0; j < sizeof(others) / sizeof(others[0]) && !known; j++) known = strcmp(key, others[j]) == 0;
         if (!known) {
             lr_fail(error, "model config: unknown key %s (a feature of a newer looplm this runtime cannot run)", key);
@@ -132,6 +134,47 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
             goto done;
         }
     memcpy(config->layer_pattern, node->string, node->length + 1);
+    /* Later features, optional in the JSON (files written before them lack the keys): the runtime
+     * runs a model only where they are off, and says which one it cannot run. */
+    int off = 0;
+    node = json_get(root, "ternary");
+    if (node && (node->kind != JSON_STRING || strcmp(node->string, "none"))) {
+        lr_fail(error, "model config: ternary weights (model.ternary) are not run by this runtime; decode with"
+                       " looplm generate --backend reference");
+        goto done;
+    }
+    static const char *const later[] = {"hyper_connections", "attnres_block_size"};
+    static const char *const later_names[] = {"hyper-connection streams (model.hyper_connections)",
+                                              "block attention residuals (model.attnres_block_size)"};
+    for (int j = 0; j < 2; j++) {
+        node = json_get(root, later[j]);
+        if (node && (!integer(node, later[j], &off, error) || off != 0)) {
+            if (off) lr_fail(error, "model config: %s are not run by this runtime; decode with looplm generate"
+                                    " --backend reference", later_names[j]);
+            goto done;
+        }
+    }
+    node = json_get(root, "kv_append_first");
+    if (node && (!boolean(node, "kv_append_first", &off, error) || off)) {
+        if (off) lr_fail(error, "model config: append-first attention (model.kv_append_first) is not run by this"
+                                " runtime; decode with looplm generate --backend reference");
+        goto done;
+    }
+    strcpy(config->default_exit, "static");
+    config->min_loop_steps = 1;
+    node = json_get(root, "default_exit");
+    if (node) {
+        if (node->kind != JSON_STRING || node->length > LR_MAX_PATTERN) {
+            lr_fail(error, "model config: default_exit must be a short string");
+            goto done;
+        }
+        memcpy(config->default_exit, node->string, node->length + 1);
+    }
+    if ((json_get(root, "min_loop_steps") &&
+         !integer(json_get(root, "min_loop_steps"), "min_loop_steps", &config->min_loop_steps, error)) ||
+        (json_get(root, "max_loop_steps") &&
+         !integer(json_get(root, "max_loop_steps"), "max_loop_steps", &config->max_loop_steps, error)))
+        goto done;
     /* what ModelConfig checks, and what the runtime's arithmetic relies on */
     const LrConfig *c = config;
     if (!check(c->vocab >= 2 && c->d_model >= 1 && c->n_heads >= 1 && c->d_model % c->n_heads == 0, error,
@@ -148,6 +191,9 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         !check(c->ffn != LR_FFN_MOE || (c->n_experts >= 1 && c->moe_top_k >= 1 && c->moe_top_k <= c->n_experts &&
                c->n_shared_experts >= 0 && c->expert_hidden >= 1), error, "MoE sizes") ||
         !check(c->depth_lora_rank >= 0, error, "depth_lora_rank must be >= 0") ||
+        !check(c->min_loop_steps >= 1 && c->max_loop_steps >= 0 &&
+               (!c->max_loop_steps || c->min_loop_steps <= c->max_loop_steps), error,
+               "min_loop_steps must be >= 1 and at most max_loop_steps (0 = loop_steps)") ||
         !check(!c->loop_index_embedding || c->d_model >= 16, error, "loop_index_embedding needs d_model >= 16") ||
         !check(!(c->noise_initial_state && c->injection == LR_INJECT_IDENTITY), error,
                "initial_state=noise needs an injection"))

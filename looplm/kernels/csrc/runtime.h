@@ -44,6 +44,10 @@ typedef struct {
     float norm_eps;
     int injection, noise_initial_state, loop_index_embedding, depth_lora_rank;
     int ffn, n_experts, n_shared_experts, moe_top_k, expert_hidden;
+    /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
+     * looplm-run uses them when no policy is named */
+    char default_exit[LR_MAX_PATTERN + 1];
+    int min_loop_steps, max_loop_steps;
 } LrConfig;
 
 /* Read a ModelConfig JSON object; every key must be known (a newer looplm's feature is refused by
