@@ -62,7 +62,7 @@ class BatchResult:
 
 
 class ActHalting:
-    """ACT (REFERENCE §5) over a batch of rows, one loop step at a time, as the batch-1 decoder
+    """ACT (docs/MATH.md §5) over a batch of rows, one loop step at a time, as the batch-1 decoder
     does it for one token: a row's weight is its halting probability p_t = σ(z_t) until the
     running total would reach ``threshold`` (or the last step), then the remainder 1 − Σ p, then
     0.  ``state`` [R, D] is Σ_t w_t r_t; ``halting`` [R] the 1-based halting steps (0 = not yet).

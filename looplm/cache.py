@@ -1,4 +1,4 @@
-"""KV cache keyed by (stage, layer, loop step) — REFERENCE §4, DESIGN practice 10.
+"""KV cache keyed by (stage, layer, loop step) — docs/MATH.md §4.
 
 A looped model needs keys and values for every loop step of every core layer: slot = prelude
 layer, or P + step·(N + C) + layer for core (and coda) layers.  Which *storage* a slot uses is
@@ -250,7 +250,7 @@ class KVCache:
 
     def _fill_skipped(self, row, ran: int, start: int, end: int) -> None:
         """Rows (an index tensor or a slice) that stopped after ``ran`` steps: the steps they skipped
-        get their last step's entries (LAST_EXITED, REFERENCE §4).  Recurrent states of deeper steps take the last state (which
+        get their last step's entries (LAST_EXITED, docs/MATH.md §4).  Recurrent states of deeper steps take the last state (which
         has absorbed the token), under every layout; attention groups the token never wrote take
         its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""
         first = self.config.n_prelude_layers

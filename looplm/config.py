@@ -73,7 +73,7 @@ def _check_finite(config, section: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Shape of a looped LM (REFERENCE §1, DESIGN "flow of a token").
+    """Shape of a looped LM (docs/MATH.md §1).
 
     ids → embed → prelude layers (once) → core layers × ``loop_steps`` → coda → norm → head.
     With ``step_norm`` (Ouro) the final RMSNorm closes every loop step and its output is both
@@ -116,13 +116,13 @@ class ModelConfig:
     exit_gate: bool = True
     act_threshold: float = 0.99
     init_std: float = 0.02
-    # Loop mechanics (REFERENCE §5); the defaults are Ouro's plain loop and add no parameters.
+    # Loop mechanics (docs/MATH.md §5); the defaults are Ouro's plain loop and add no parameters.
     injection: str = "identity"
     initial_state: str = "prelude"
     initial_noise_std: float = 1.0
     loop_index_embedding: bool = False
     depth_lora_rank: int = 0
-    # Feed-forward: dense SwiGLU, a mixture of experts (looplm.model.moe), or seed 002's
+    # Feed-forward: dense SwiGLU, a mixture of experts (looplm.model.moe), or lrnnSMDDS's
     # ChannelMix (a one-step token shift, then SwiGLU; looplm.model.ffn).
     ffn: str = "dense"
     n_experts: int = 8
@@ -268,7 +268,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and objective (REFERENCE §2, §5 training recipes)."""
+    """Optimiser, schedule and objective (docs/MATH.md §2, §5 training recipes)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -607,7 +607,7 @@ def _preset_reference() -> dict:
 
 
 def _preset_ouro(layers: int) -> dict:
-    # Ouro 1.4B / 2.6B (REFERENCE §1): MHA 16 heads, SwiGLU 5632, vocab 49152, T = 4.
+    # Ouro 1.4B / 2.6B (docs/MATH.md §1): MHA 16 heads, SwiGLU 5632, vocab 49152, T = 4.
     return dict(vocab_size=49152, d_model=2048, n_heads=16, n_kv_heads=16, ffn_hidden=5632,
                        n_core_layers=layers, loop_steps=4, max_seq_len=4096, rope_theta=1e6,
                        norm="sandwich", step_norm=True, tie_embeddings=False)
@@ -620,7 +620,7 @@ def _family(**mechanics) -> dict:
     return dict(**values)
 
 
-# Model families of the seeds (docs/ARCHITECTURES.md); sizes are overridable with --model.*.
+# Model families of the systems looplm follows (docs/ARCHITECTURES.md); sizes are overridable with --model.*.
 FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # Ouro: one stack looped, sandwich norm, the final norm closing every step, exit gate.
     "ouro": lambda: _family(n_core_layers=8, loop_steps=4, norm="sandwich", step_norm=True),
@@ -640,7 +640,7 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
                                      step_norm=False, injection="additive", global_gates=True, ternary="all",
                                      hyper_connections=2, kv_append_first=True),
-    # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
+    # lrnnSMDDS: RWKV-style mixer with slot memory in every layer, looped; lrnnSMDDS's
     # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
     "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,

@@ -1,4 +1,4 @@
-"""Exit policies: how many loop steps each decoded token runs (REFERENCE §2, §5).
+"""Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5).
 
 - ``FixedSteps(n)``       n steps for every token (n may exceed the trained T).
 - ``QExit(q)``            the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q (Ouro); q = 1
@@ -106,7 +106,7 @@ class KLExit(_Bounded):
 
 @dataclass(frozen=True)
 class ACTExit(_Bounded):
-    """ACT halting (Graves; REFERENCE §5): the output is the halting-weighted readout
+    """ACT halting (Graves; docs/MATH.md §5): the output is the halting-weighted readout
     Σ_t w_t r_t (``exit.act_weights``, the gate read as halting probability).  Every depth
     still runs so that every step's cache holds every token; the reported steps are the
     halting step.  threshold None = the model's ``act_threshold``."""

@@ -4,7 +4,7 @@ Exit policies (``looplm.exit_policy``: fixed steps, Q-exit, hidden-state differe
 decide, per token, how many loop steps run.  Early exit really skips work: a token that exits
 at step e runs neither the core layers nor the readout of steps e+1..T, and the cache's layout
 (``looplm.cache.KV_LAYOUTS``) decides what later tokens see of it — by default its step-e keys
-and values stand in for the deeper steps (LAST_EXITED, REFERENCE §4).  Under the ``full``
+and values stand in for the deeper steps (LAST_EXITED, docs/MATH.md §4).  Under the ``full``
 layout every token runs every step and the exit only picks the readout (Ouro's reference).
 The prompt is always prefilled at full depth, because every depth's cache must hold it.
 

@@ -1,4 +1,4 @@
-"""ACT halting (REFERENCE §5): vectorised weights equal a per-token loop, the remainder rule,
+"""ACT halting (docs/MATH.md §5): vectorised weights equal a per-token loop, the remainder rule,
 the ACT objective trains the gate through the ponder cost, and ACT decoding equals the full
 forward with every depth's cache filled."""
 

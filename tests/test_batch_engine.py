@@ -104,7 +104,7 @@ SHIFTED_FFN = [name for name in VARIANTS if build(name).config.ffn == "channelmi
 @pytest.mark.parametrize("name", SHIFTED_FFN)
 @pytest.mark.parametrize("layout", ["last_exited", "full"])
 def test_batched_channelmix_keeps_each_rows_token_shift(name, layout, row_reads):
-    """ChannelMix FFNs (seed 002's lrnn) carry the previous position's FFN input per row and
+    """ChannelMix FFNs (lrnnSMDDS's lrnn) carry the previous position's FFN input per row and
     slot: batched decode (rows read in place or gathered) equals per-prompt decode."""
     model = build(name)
     if model.exit_gate is not None:

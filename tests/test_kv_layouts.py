@@ -1,4 +1,4 @@
-"""KV layouts (issue #5, REFERENCE §4): each layout keeps what its definition says, in prefill
+"""KV layouts (issue #5, docs/MATH.md §4): each layout keeps what its definition says, in prefill
 and in decode; ``full`` equals the uncached forward; prefix reuse equals fresh computation."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Loop mechanics (REFERENCE §5): injection kinds, decay bounds in every precision, stability
+"""Loop mechanics (docs/MATH.md §5): injection kinds, decay bounds in every precision, stability
 with depth, the loop-index signal, depth LoRA's clamped step index, the noise initial state."""
 
 import math

@@ -1,4 +1,4 @@
-"""RWKV-style slot-memory mixer (seed 002, SPEC-lrnn §4.1): chunked closed form equals the
+"""RWKV-style slot-memory mixer (lrnnSMDDS): chunked closed form equals the
 recurrence (values, state, gradients), the read-before-write rule by hand, outputs are
 weighted averages of values, and the slot gates pass gradient to the layer input (the seed's
 defect B1 is not reproduced)."""

@@ -1,6 +1,6 @@
 """Ouro checkpoints (ByteDance Ouro 1.4B / 2.6B, Hugging Face layout) ↔ looplm models.
 
-An Ouro model is looplm's Ouro special case exactly (REFERENCE §1, Ouro's public
+An Ouro model is looplm's Ouro special case exactly (docs/MATH.md §1, Ouro's public
 ``modeling_ouro.py``): per layer a sandwich-normed attention and SwiGLU,
 
     h = h + input_layernorm_2(attn(input_layernorm(h)))

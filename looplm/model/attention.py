@@ -4,7 +4,7 @@ Shapes: x [B, S, D]; q [B, H, S, hd]; k, v [B, H_kv, S, hd]; H_kv divides H (GQA
 With a cache, this call's keys and values are written into the slot's preallocated storage
 at positions [start, start+S) and the queries attend over [0, start+S).
 
-``attention="gated"`` (Qwen3.5 / Qwen3-Next gated attention, REFERENCE §6): the query
+``attention="gated"`` (Qwen3.5 / Qwen3-Next gated attention, docs/MATH.md §6): the query
 projection is twice as wide and its second half, per head, is an output gate:
 o = attend(q, k, v) ⊙ σ(gate); q and k are RMS-normed per head before RoPE.  Partial RoPE
 (``rope_fraction``) rotates the first head dims only; both options work for either kind.

@@ -1,7 +1,7 @@
 """One transformer layer: a token mixer + an FFN with pre-norm or Ouro's sandwich norm.
 
 pre:       h = h + attn(n₁(h));          h = h + ffn(n₂(h))
-sandwich:  h = h + n_b(attn(n_a(h)));    h = h + n_d(ffn(n_c(h)))     (REFERENCE §1)
+sandwich:  h = h + n_b(attn(n_a(h)));    h = h + n_d(ffn(n_c(h)))     (docs/MATH.md §1)
 
 A core (looped) layer may also read the token's earlier loop steps through a ``LoopCarry``:
 nanochat's global gates (looplm.model.global_gates) mix a running mean of its earlier

@@ -1,4 +1,4 @@
-"""Exit gate math (Ouro §3.2, REFERENCE §2).
+"""Exit gate math (Ouro §3.2, docs/MATH.md §2).
 
 λ_t = σ(z_t) is the probability of exiting at step t given step t was reached.
 Survival S_t = Π_{j≤t}(1 − λ_j), S_0 = 1.

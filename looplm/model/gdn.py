@@ -1,4 +1,4 @@
-"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next), a linear-attention token mixer (REFERENCE §6).
+"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next), a linear-attention token mixer (docs/MATH.md §6).
 
 Per head, with the state kept as M = Sᵀ ∈ R^{d_k×d_v}:
 
@@ -154,7 +154,7 @@ class GatedDeltaNet(nn.Module):
         self.out_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
         self.out = nn.Linear(width, config.d_model, bias=False)
         self.segment_size, self.memory_top_k = config.mc_segment_size, config.mc_top_k
-        self.memory_detach = config.mc_detach  # cached segment states carry no gradient (the seed's default)
+        self.memory_detach = config.mc_detach  # cached segment states carry no gradient (LoopCached-Reasoning's default)
         if self.segment_size:  # memory caching (SSC): router and the online output's logit
             self.memory_router = nn.Linear(config.d_model, width, bias=False)
             self.memory_online_bias = nn.Parameter(torch.zeros(self.heads))
@@ -185,7 +185,7 @@ class GatedDeltaNet(nn.Module):
         return delta_rule_chunked(q, k, v, g, beta, state, self.chunk_size)
 
     def _with_memory(self, q, k, v, g, beta, state, x, start, memory):
-        """Memory caching with sparse selective caching (SSC, seed 000): the state is cached at
+        """Memory caching with sparse selective caching (SSC, LoopCached-Reasoning): the state is cached at
         every segment end; each token's router picks its top-k *completed* earlier segments
         (never the open one: scoring it would leak later tokens) and softmax-mixes their
         outputs M_jᵀ q with the online output.  ``memory`` is the cache's (segment states,
@@ -255,7 +255,7 @@ class GatedDeltaNet(nn.Module):
         return select_and_blend(online, scores, memories, self.memory_online_bias, self.memory_top_k)
 
     def _loop_read(self, online, q, k, v, g, beta, x, state_store, carry):
-        """Loop-axis memory caching (seed 000 "Loop-Cached Reasoning", made causal).  Loop s at
+        """Loop-axis memory caching (LoopCached-Reasoning's "Loop-Cached Reasoning", made causal).  Loop s at
         position t reads each earlier loop s' < s of this layer through that loop's state
         *at position t*, M^{s'}_t (it has absorbed tokens ≤ t only), as M^{s'}_tᵀ q^s_t; its
         routing key is the direction of loop s' keys summed over positions ≤ t.  The router (a

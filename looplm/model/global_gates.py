@@ -1,4 +1,4 @@
-"""nanochat's global gates (seed 003, ``SharedLoopBlock``: "global gate mechanisms (g_qk,
+"""nanochat's global gates (nanochat-rs, ``SharedLoopBlock``: "global gate mechanisms (g_qk,
 g_ffn) with sigmoid mixing", "global state accumulates as average of attention + FFN
 outputs").  Our reading, per core layer and per token, with s the 0-based loop step:
 

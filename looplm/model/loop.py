@@ -1,4 +1,4 @@
-"""Loop mechanics: what enters each loop step besides the state (REFERENCE §5).
+"""Loop mechanics: what enters each loop step besides the state (docs/MATH.md §5).
 
 One loop step, with e the prelude output of the same position and t the 0-based step::
 

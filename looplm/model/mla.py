@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2; REFERENCE §6), causal, with RoPE on a slice.
+"""Multi-head latent attention (DeepSeek-V2; docs/MATH.md §6), causal, with RoPE on a slice.
 
     queries  q = q_up(norm(q_down(x)))  (or one projection when mla_q_rank = 0)
              per head: [q_nope (d_nope) | q_rope (d_rope)]

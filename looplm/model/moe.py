@@ -1,4 +1,4 @@
-"""Mixture-of-experts SwiGLU FFN: shared experts + top-k routed experts (REFERENCE §6).
+"""Mixture-of-experts SwiGLU FFN: shared experts + top-k routed experts (docs/MATH.md §6).
 
     scores  = softmax(router(x))                         [N, E]
     chosen  = top-k of (router(x) + balance_bias)        the bias steers choice, not weights

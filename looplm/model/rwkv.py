@@ -1,5 +1,5 @@
-"""RWKV-style token mixer with slot memory (seed 002 "lrnnSMDDS"; behaviour from
-../shared/SPEC-lrnn.md §4.1, none of its code).  Layer kind "R" in ``layer_pattern``.
+"""RWKV-style token mixer with slot memory (lrnnSMDDS; reimplemented from
+the behaviour its model description gives).  Layer kind "R" in ``layer_pattern``.
 
 For the normed input z_t of a layer (d channels, H heads, S slots):
 
@@ -16,9 +16,9 @@ For the normed input z_t of a layer (d channels, H heads, S slots):
 Two forms, held equal by ``tests/test_rwkv.py``: ``wkv_recurrent`` (the loop above, the
 reference; decode) and ``wkv_chunked`` (within a chunk, the closed form
 wkv_t = [Σ_{τ<t} (ρ_t·ω_τ) P(τ,t) k̃_τ v_τ + …] / […] with P(τ,t) = Π_{τ<j<t} a_j from
-cumulative log-decays, plus the state carried between chunks).  The seed's defects are not
+cumulative log-decays, plus the state carried between chunks).  lrnnSMDDS's defects are not
 reproduced: gradients reach the input through the slot gates (autograd), and the logged loss
-is the optimised loss.  The seed's ChannelMix (one-step shift, then SwiGLU) is the FFN kind
+is the optimised loss.  lrnnSMDDS's ChannelMix (one-step shift, then SwiGLU) is the FFN kind
 ``model.ffn=channelmix`` (looplm.model.ffn).
 """
 
@@ -119,7 +119,7 @@ class RWKVSlotMixer(nn.Module):
         self.head_decay = self._head_decay(device)
 
     def reset_extra_parameters(self) -> None:
-        """The seed's initial values (SPEC §2): shifts favour the last token, mixes at 0.5,
+        """lrnnSMDDS's initial values: shifts favour the last token, mixes at 0.5,
         decay and bonus spread over heads; the gates and decay LoRA start small."""
         with torch.no_grad():
             for row, (low, high) in enumerate(((0.3, 0.7), (0.1, 0.3), (0.0, 0.2))):

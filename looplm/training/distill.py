@@ -1,4 +1,4 @@
-"""Distillation from a teacher checkpoint (nanochat seed's Stage-1 recipe, REFERENCE §6).
+"""Distillation from a teacher checkpoint (nanochat-rs's Stage-1 recipe, docs/MATH.md §6).
 
     loss = (1 − α) · objective + α · τ² · KL(softmax(z_teacher/τ) ‖ softmax(z_student/τ))
            + λ(step) · E_p[t] / T

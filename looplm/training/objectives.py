@@ -1,4 +1,4 @@
-"""Training objectives over the per-step readouts (REFERENCE §2).
+"""Training objectives over the per-step readouts (docs/MATH.md §2).
 
 Per-step loss  L_t = cross-entropy(head(r_t), targets) per token, ignoring targets == −100.
 stage1: Σ_t p(t)·L_t − β·H(p), H(p) = −Σ_t p(t) log p(t), per token then averaged (Ouro §3.3).
@@ -81,13 +81,13 @@ def act_token_losses(output: LoopOutput, targets: torch.Tensor) -> tuple[torch.T
 
 
 def stage2_gate_loss(output: LoopOutput, targets: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> LossResult:
-    """Ouro Stage II (REFERENCE §3): train the exit gate alone on the measured improvement.
+    """Ouro Stage II (docs/MATH.md §3): train the exit gate alone on the measured improvement.
 
     With detached per-step losses L_t, the improvement of going one step deeper is
     I_{t+1} = max(0, L_t − L_{t+1}); the target continuation probability is
     w = σ(k (I_{t+1} − γ)), and the gate of step t (which decides whether step t + 1 runs, and
     sees only h_t) gets BCE(λ_t, 1 − w), for t = 1..T−1; the last step's gate decides nothing.
-    (REFERENCE §3 indexes the improvement by the step that achieved it; pairing it with the
+    (docs/MATH.md §3 indexes the improvement by the step that achieved it; pairing it with the
     gate that decides whether that step runs keeps the step-1 gate trained.)
     """
     if output.gate_logits is None:
