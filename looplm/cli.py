@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                              " val.bin, meta.json, tokenizer.json) for 'looplm train --data DIR'.")
     prepare.add_argument("inputs", nargs="+", help="text/jsonl files or directories")
     prepare.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    prepare.add_argument("--tokenizer", default="byte", help="byte (default), bpe (trained here), or a tokenizer.json")
+    prepare.add_argument("--tokenizer", default="byte",
+                         help="byte (default), bpe (trained here), word or char (fitted here, lrnnSMDDS's rules), auto"
+                              " (char below 20,000 bytes of text, else word), or a tokenizer.json")
     prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--jsonl-field", default="text", help="field holding the text in jsonl files")
@@ -416,7 +418,7 @@ def run_generate(args) -> None:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: cannot turn the prompt into tokens")
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in args.prompt]
+    prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
     if len(prompts) > 1:
         return _generate_batch(args, model, tokenizer, prompts, sampling, policy)
     result = Generation()
@@ -568,13 +570,10 @@ def run_export(args) -> None:
 def run_prepare(args) -> None:
     from looplm.checkpoint.atomic import refuse_overlap
     from looplm.data.shards import read_documents, write_shards
-    from looplm.data.tokenizer import load_tokenizer, train_bpe
+    from looplm.data.source import build_tokenizer
 
     refuse_overlap(args.out, [*args.inputs, args.tokenizer], "--overwrite" if args.overwrite else "")
-    if args.tokenizer == "bpe":
-        tokenizer = train_bpe(read_documents(args.inputs, args.jsonl_field), args.vocab_size)
-    else:
-        tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = build_tokenizer(args.tokenizer, lambda: read_documents(args.inputs, args.jsonl_field), args.vocab_size)
     meta = write_shards(read_documents(args.inputs, args.jsonl_field), tokenizer, args.out,
                         val_fraction=args.val_fraction, overwrite=args.overwrite)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"

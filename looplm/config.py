@@ -33,6 +33,7 @@ LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
+FITTED_TOKENIZERS = ("bpe", "word", "char", "auto")  # built from the training text itself
 # Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory
 # before saying so (the RoPE tables alone are max_seq_len × head dims).
 MAX_CONTEXT = 2**20
@@ -343,6 +344,8 @@ class DataConfig:
     path: str | None = None
     task: str | None = None
     task_options: dict = field(default_factory=dict)
+    # byte, bpe (trained on the data), word / char / auto (fitted to the data: looplm.data.word_char),
+    # or a tokenizer.json path.
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
@@ -350,6 +353,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_finite(self, "data")
         _check(not (self.path and self.task), "give either data.path or data.task, not both")
+        _check(not (self.task and self.tokenizer in FITTED_TOKENIZERS),
+               f"data.tokenizer={self.tokenizer} is fitted to text data; a task uses byte or a tokenizer.json")
         _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 

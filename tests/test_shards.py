@@ -93,6 +93,7 @@ def test_small_corpus_keeps_exact_stream(small_corpus, tmp_path):
         "train_tokens": len(train),
         "val_tokens": len(val),
         "tokenizer": "byte",
+        "corpus_bytes": sum(len(document.encode()) for document in documents),
     }
     assert read_meta(tmp_path / "shards") == meta
     assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [

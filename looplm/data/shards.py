@@ -5,7 +5,8 @@ A shard directory holds:
 - ``train.bin``, ``val.bin``: raw little-endian token ids, ``uint16`` when
   ``vocab_size <= 65536`` else ``uint32``; every document is followed by ``eos_id``.
 - ``meta.json``: ``{"format": "looplm-shards", "version": 1, "dtype", "vocab_size",
-  "train_tokens", "val_tokens", "tokenizer": kind}``.
+  "train_tokens", "val_tokens", "tokenizer": kind, "corpus_bytes"}`` (``corpus_bytes``: the
+  documents' UTF-8 size, which ``model.auto_size`` reads; absent from older shards).
 - ``tokenizer.json``: the tokenizer that produced the ids.
 """
 
@@ -300,7 +301,7 @@ def _write_into(
     """Write all shard files into ``staging``; return the meta dict."""
     dtype = token_dtype(tokenizer.vocab_size)
     stream_path = staging / "stream.bin"
-    lengths = _tokenize_to_file(documents, tokenizer, dtype, stream_path)
+    lengths, corpus_bytes = _tokenize_to_file(documents, tokenizer, dtype, stream_path)
     spans = _split_spans(lengths, val_fraction, seed)
     stream = np.memmap(stream_path, dtype=dtype, mode="r")
     counts = {split: _copy_spans(stream, spans[split], staging / f"{split}.bin") for split in SPLITS}
@@ -314,15 +315,19 @@ def _write_into(
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
         "tokenizer": tokenizer.kind,
+        "corpus_bytes": corpus_bytes,
     }
     tokenizer.save(staging)
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 
-def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, path: Path) -> np.ndarray:
-    """Append every document's ids and an eos to ``path``; return each document's length (eos included)."""
+def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype,
+                      path: Path) -> tuple[np.ndarray, int]:
+    """Append every document's ids and an eos to ``path``; return each document's length (eos
+    included) and the documents' UTF-8 bytes."""
     lengths: list[int] = []
+    corpus_bytes = 0
     progress = _Progress()
     try:
         with open(path, "wb") as out:
@@ -334,9 +339,10 @@ def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.
                     lengths.append(len(ids) + 1)
                 np.asarray(stream, dtype=dtype).tofile(out)
                 progress.advance(sum(len(text) for text in batch))
+                corpus_bytes += sum(len(text.encode("utf-8", errors="replace")) for text in batch)
     finally:
         progress.close()
-    return np.asarray(lengths, dtype=np.int64)
+    return np.asarray(lengths, dtype=np.int64), corpus_bytes
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:

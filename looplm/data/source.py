@@ -7,6 +7,7 @@ validation batches, and for tasks a held-out exact-match set.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,22 +77,31 @@ def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: in
 
 
 def prepare_shards(data: DataConfig, out_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Tokenize data.path (text/jsonl files or a directory) into shards in out_dir.
-
-    ``data.tokenizer`` is "byte", "bpe" (trained here on the data, ``bpe_vocab_size``) or a
-    tokenizer.json path.  An existing shard directory from an earlier run is reused.
+    """Tokenize data.path (text/jsonl files or a directory) into shards in out_dir, with the
+    tokenizer ``build_tokenizer`` makes of ``data.tokenizer``.  An existing shard directory from
+    an earlier run is reused.
     """
     from looplm.data.shards import read_documents, read_meta, write_shards
-    from looplm.data.tokenizer import load_tokenizer, train_bpe
 
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").is_file() and not overwrite:
         read_meta(out_dir)
         return out_dir
-    if data.tokenizer == "bpe":
-        tokenizer = train_bpe(read_documents([data.path]), data.bpe_vocab_size)
-    else:
-        tokenizer = load_tokenizer(data.tokenizer)
+    tokenizer = build_tokenizer(data.tokenizer, lambda: read_documents([data.path]), data.bpe_vocab_size)
     write_shards(read_documents([data.path]), tokenizer, out_dir, val_fraction=data.val_fraction,
                  seed=seed, overwrite=overwrite)
     return out_dir
+
+
+def build_tokenizer(spec: str, documents: Callable[[], Iterable[str]], bpe_vocab_size: int = 4096):
+    """The tokenizer ``spec`` names: "byte", "bpe" (trained on ``documents()``, ``bpe_vocab_size``),
+    "word", "char" or "auto" (fitted to ``documents()``: ``looplm.data.word_char``), or a
+    tokenizer.json path.  ``documents`` is called only when the corpus is needed."""
+    from looplm.data.tokenizer import load_tokenizer, train_bpe
+    from looplm.data.word_char import KINDS, fit_tokenizer
+
+    if spec == "bpe":
+        return train_bpe(documents(), bpe_vocab_size)
+    if spec in KINDS:
+        return fit_tokenizer(spec, documents())[0]
+    return load_tokenizer(spec)

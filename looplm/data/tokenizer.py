@@ -1,7 +1,8 @@
 """Tokenizers: a byte-level one that needs no training, and byte-level BPE.
 
 Both are Hugging Face ``tokenizers`` objects behind one small interface, ``Tokenizer``,
-saved as a standard ``tokenizer.json``; any other ``tokenizer.json`` loads too.
+saved as a standard ``tokenizer.json``; any other ``tokenizer.json`` loads too.  The word and
+char tokenizers fitted to a corpus (lrnnSMDDS's rules) are in ``looplm.data.word_char``.
 
 Byte layout (``byte_tokenizer``): id == byte value for ids 0..255 of the UTF-8 encoding,
 then ``<pad>`` = 256, ``<bos>`` = 257, ``<eos>`` = 258, so ``vocab_size`` is 259.
@@ -57,7 +58,12 @@ class Tokenizer:
         vocab_size: one more than the largest id, so every id indexes an embedding row.
         pad_id, bos_id, eos_id: special ids; for a foreign file they are found by name
             (see ``from_file``).
-        kind: ``"byte"`` for the byte layout above, ``"bpe"`` for anything else.
+        kind: ``"byte"`` for the byte layout above, ``"word"`` for a word-level vocabulary,
+            ``"char"`` for a byte-level one without merges that is not the byte layout (both as
+            ``looplm.data.word_char`` builds them), ``"bpe"`` for anything else.
+        adds_bos: whether a prompt starts with ``bos_id`` (``encode_prompt``): always, except for
+            a word or char tokenizer without ``<bos>`` (one imported from lrnnSMDDS, whose models
+            never saw such a token).
     """
 
     def __init__(self, backend: HFTokenizer) -> None:
@@ -67,13 +73,14 @@ class Tokenizer:
         backend.no_padding()
         backend.encode_special_tokens = True
         self.backend = backend
-        self.kind = "byte" if _is_byte_layout(json.loads(backend.to_str())) else "bpe"
+        self.kind = _kind(json.loads(backend.to_str()))
         vocab = backend.get_vocab(with_added_tokens=True)
         if not vocab:
             raise LoopLMError("the tokenizer has an empty vocabulary: give a trained tokenizer.json, or 'byte'")
         self.vocab_size = max(vocab.values()) + 1
         self.pad_id, self.bos_id, self.eos_id = _find_special_ids(backend, self.vocab_size)
         self._skipped_ids = frozenset((self.pad_id, self.bos_id, self.eos_id))
+        self.adds_bos = self.kind not in ("word", "char") or backend.token_to_id("<bos>") is not None
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -85,6 +92,10 @@ class Tokenizer:
         except (UnicodeEncodeError, TypeError):
             # Rare, so the replacement stays off the hot path.
             return self._encode(LONE_SURROGATE.sub("\ufffd", text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a prompt is fed as: ``bos_id`` first (unless ``adds_bos`` is false), then ``encode(text)``."""
+        return ([self.bos_id] if self.adds_bos else []) + self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``[encode(t) for t in texts]``; the BPE backend encodes in parallel."""
@@ -151,8 +162,8 @@ class Tokenizer:
 
 def byte_tokenizer() -> Tokenizer:
     """The byte tokenizer: ids 0..255 are raw UTF-8 bytes, then <pad>, <bos>, <eos>."""
-    byte_to_char = _byte_to_char()
-    vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    table = byte_to_char()
+    vocab = {table[byte]: byte for byte in range(256)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -207,13 +218,22 @@ class _CharacterCounter:
             yield text
 
 
-def _byte_to_char() -> dict[int, str]:
+def byte_to_char() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the one ByteLevel pre-tokenization uses."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {byte: chr(byte) for byte in printable}
     others = [byte for byte in range(256) if byte not in table]
     table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
     return table
+
+
+def _kind(config: dict[str, Any]) -> str:
+    """The ``Tokenizer.kind`` of a tokenizer.json dict: a word or char layout is recognised by
+    what ``looplm.data.word_char`` writes (its unknown token and pre-tokenizer), so a foreign
+    word-level file stays "bpe" as before."""
+    from looplm.data.word_char import layout_kind
+
+    return "byte" if _is_byte_layout(config) else layout_kind(config) or "bpe"
 
 
 def _is_byte_layout(config: dict[str, Any]) -> bool:
@@ -225,8 +245,8 @@ def _is_byte_layout(config: dict[str, Any]) -> bool:
     model = config.get("model") or {}
     pre_tokenizer = config.get("pre_tokenizer") or {}
     decoder = config.get("decoder") or {}
-    byte_to_char = _byte_to_char()
-    expected_vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    table = byte_to_char()
+    expected_vocab = {table[byte]: byte for byte in range(256)}
     added = {token["content"]: token["id"] for token in config.get("added_tokens", []) if token.get("special")}
     return (
         model.get("type") == "BPE"
