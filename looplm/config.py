@@ -21,11 +21,14 @@ from typing import Any
 from looplm.errors import LoopLMError
 
 NORM_PLACEMENTS = ("pre", "sandwich")
-INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
+INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat", "lti_residual")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe", "channelmix")
 ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
+NORM_TYPES = ("rms", "layer")
+DEPTH_LORA_POSITIONS = ("input", "output")
+MOE_SCOPES = ("all", "core")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp", "fsdp")
@@ -113,6 +116,21 @@ class ModelConfig:
     expert_hidden: int | None = None
     moe_bias_update_rate: float = 1e-3
     moe_aux_loss_weight: float = 0.0
+    # Faithful source variants (docs/ARCHITECTURES.md); the defaults change nothing.
+    # lrnnSMDDS: LayerNorm with bias for every residual-stream norm, a norm right after the
+    # embedding, and the model's size chosen from the corpus size by the trainer (looplm.training.auto_size).
+    norm_type: str = "rms"
+    embed_norm: bool = False
+    auto_size: bool = False
+    # OpenMythos (also injection=lti_residual): where depth LoRA reads, ACT mixing of the loop
+    # states before the coda, MoE in the core only, dropout, MLA's own head widths.
+    depth_lora_position: str = "input"
+    act_mixing: bool = False
+    moe_scope: str = "all"
+    shared_expert_hidden: int | None = None
+    dropout: float = 0.0
+    mla_nope_dim: int | None = None
+    mla_value_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
@@ -187,6 +205,29 @@ class ModelConfig:
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+        self._check_source_variants()
+
+    def _check_source_variants(self) -> None:
+        """The keys of the faithful source variants (the block of fields above ``__post_init__``)."""
+        if self.shared_expert_hidden is None:
+            self.shared_expert_hidden = self.expert_hidden
+        if self.mla_nope_dim is None:
+            self.mla_nope_dim = self.head_dim
+        if self.mla_value_dim is None:
+            self.mla_value_dim = self.head_dim
+        for name, allowed in (("norm_type", NORM_TYPES), ("depth_lora_position", DEPTH_LORA_POSITIONS),
+                              ("moe_scope", MOE_SCOPES)):
+            _check(getattr(self, name) in allowed,
+                   f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("shared_expert_hidden", "mla_nope_dim", "mla_value_dim"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _check(not self.act_mixing or (self.exit_gate and not self.step_norm),
+               "model.act_mixing reads halting probabilities from the loop state with the exit gate: it needs"
+               " model.exit_gate=true and model.step_norm=false")
+        _check(not (self.injection == "lti_residual" and self.loop_index_embedding and self.d_model // 8 % 2),
+               f"model.injection=lti_residual with model.loop_index_embedding needs d_model / 8 even (a sine and a"
+               f" cosine per frequency), got d_model={self.d_model}")
 
     def layer_kind(self, index: int) -> str:
         """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
@@ -588,7 +629,9 @@ def preset(name: str) -> ModelConfig:
 
 
 # Sizes ``ModelConfig`` derives when they are left out, and the fields each is derived from.
-DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",)}
+DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",),
+                 "shared_expert_hidden": ("expert_hidden",), "mla_nope_dim": ("d_model", "n_heads"),
+                 "mla_value_dim": ("d_model", "n_heads")}
 # Keys a resumed run may change: they steer how long it runs, how it logs and saves, and where it
 # runs, not the model, the data or the optimisation (docs/TRAINING.md).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",

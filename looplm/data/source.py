@@ -25,6 +25,7 @@ class TrainingData:
     validation: list[tuple[torch.Tensor, torch.Tensor]]
     eval_set: object | None = None
     description: str = ""
+    corpus_bytes: int | None = None  # UTF-8 size of the text the shards came from (model.auto_size)
 
 
 def open_training_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: int,
@@ -73,7 +74,7 @@ def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: in
         raise LoopLMError(f"the validation split of {str(shard_dir)!r} is too small: give more text")
     validation = list(validation_split.sequential_batches(batch_size, window))[:max(eval_batches, 1)]
     return TrainingData(tokenizer, seq_len, lambda b, g: train.random_batch(b, seq_len, g), validation,
-                        None, f"{len(train):,} training tokens from {data.path}")
+                        None, f"{len(train):,} training tokens from {data.path}", train.meta.get("corpus_bytes"))
 
 
 def prepare_shards(data: DataConfig, out_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
