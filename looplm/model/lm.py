@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from looplm.checkpoint.atomic import atomic_directory
 from looplm.checkpoint.directory import write_model_files
@@ -109,9 +108,6 @@ class LoopLM(nn.Module):
         self.injection = Injection(config) if config.injection != "identity" else None
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
         self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
-        # Recompute each loop step in backward instead of keeping its activations (set by the
-        # trainer from train.activation_checkpointing; memory for compute, same gradients).
-        self.activation_checkpointing = False
         self.moe_layers = tuple(module for module in self.modules() if isinstance(module, MoE))
         self.reset_parameters()
 
@@ -238,10 +234,6 @@ class LoopLM(nn.Module):
         """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
         return self.config.loop_mc or self.config.global_gates
 
-    def _step_and_readout(self, h, e, step: int, start: int, cache=None, carry=None):
-        h = self.core_step(h, step, start, cache, e, carry=carry)
-        return h, self.readout(h, step, start, cache)
-
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
                 backprop_steps: int | None = None) -> LoopOutput:
         """Run ``steps`` loop steps (default: the trained T; more extrapolates) on ids [B, S].
@@ -264,11 +256,8 @@ class LoopLM(nn.Module):
         carry = LoopCarry() if self.needs_carry else None
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
-                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, None, carry,
-                                            use_reentrant=False)
-                else:
-                    h, readout = self._step_and_readout(h, e, step, start, cache, carry)
+                h = self.core_step(h, step, start, cache, e, carry=carry)
+                readout = self.readout(h, step, start, cache)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))

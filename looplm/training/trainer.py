@@ -3,7 +3,8 @@
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
 ``looplm.training.optim``), linear warmup then cosine decay to
 ``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
-on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
+on CUDA; activation checkpointing, ``torch.compile`` and DDP/FSDP are applied from outside the model
+(``looplm.training.wrapping``).  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
 model, tokenizer, run config and the full training state, so ``resume=True`` continues with
 exactly the losses an uninterrupted run would have produced.
@@ -47,6 +48,7 @@ from looplm.training.resources import check_free_disk, check_model_fits
 from looplm.training.run_directory import prepare_run_directory
 from looplm.training.state import read_train_state, train_state
 from looplm.training.upcycle import upcycle_state_dict
+from looplm.training.wrapping import wrap_for_training
 
 
 @dataclass
@@ -129,8 +131,6 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             check_free_disk(self.out_dir, self.parameters)
         self.model = LoopLM(run.model).to(self.device)
-        if config.activation_checkpointing:
-            self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
         if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.training.upcycle)
@@ -141,7 +141,7 @@ class Trainer:
                 raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
-        self.forward_model = self.dist.wrap(self.model)  # first: under FSDP the optimiser holds the shards
+        self.forward_model = wrap_for_training(self.model, config, self.dist)  # before the optimiser: FSDP shards
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -159,8 +159,6 @@ class Trainer:
                 raise LoopLMError(f"the teacher's vocabulary ({self.teacher.config.vocab_size}) differs from the"
                                   f" student's ({run.model.vocab_size}): distil between models sharing a tokenizer")
         self.forward_loss = self._forward_loss
-        if config.compile:
-            self.forward_loss = torch.compile(self._forward_loss)
 
     def _initialise_from(self, path: str) -> None:
         """Start from a checkpoint's weights (its config must match the run's model config)."""
