@@ -107,7 +107,7 @@ class ModelConfig:
     initial_noise_std: float = 1.0
     loop_index_embedding: bool = False
     depth_lora_rank: int = 0
-    # Feed-forward: dense SwiGLU, a mixture of experts (looplm.model.moe), or seed 002's
+    # Feed-forward: dense SwiGLU, a mixture of experts (looplm.model.moe), or lrnnSMDDS's
     # ChannelMix (a one-step token shift, then SwiGLU; looplm.model.ffn).
     ffn: str = "dense"
     n_experts: int = 8
@@ -574,11 +574,22 @@ def _family(**mechanics) -> dict:
 FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # Ouro: one stack looped, sandwich norm, the final norm closing every step, exit gate.
     "ouro": lambda: _family(n_core_layers=8, loop_steps=4, norm="sandwich", step_norm=True),
-    # OpenMythos: prelude / recurrent / coda, GQA, MoE, LTI injection, loop index, depth LoRA.
-    "openmythos": lambda: _family(n_kv_heads=2, n_prelude_layers=1, n_core_layers=4, n_coda_layers=1, loop_steps=4,
-                                  norm="pre", step_norm=False, injection="lti", loop_index_embedding=True,
-                                  depth_lora_rank=16, ffn="moe", n_experts=16, moe_top_k=2, n_shared_experts=1,
-                                  expert_hidden=512),
+    # OpenMythos as the open-mythos package computes it: dense prelude 2 / one MoE recurrent block /
+    # dense coda 2, MLA, h <- A h + B e + block(norm(h + e)), LoRA on the block output, ACT mixing
+    # of the loop states before the coda (MythosConfig's structure at d 512).
+    "openmythos": lambda: _family(n_prelude_layers=2, n_core_layers=1, n_coda_layers=2, loop_steps=16,
+                                  rope_theta=500000.0, norm="pre", step_norm=False, injection="lti_residual",
+                                  loop_index_embedding=True, depth_lora_rank=16, depth_lora_position="output",
+                                  act_mixing=True, attention="mla", mla_kv_rank=128, mla_q_rank=384, mla_rope_dim=32,
+                                  mla_nope_dim=64, mla_value_dim=64, ffn="moe", moe_scope="core", ffn_hidden=682,
+                                  n_experts=16, moe_top_k=4, n_shared_experts=2, expert_hidden=128,
+                                  shared_expert_hidden=512),
+    # looplm's OpenMythos-style family: prelude / 4 core layers / coda, GQA, MoE everywhere, LTI
+    # injection into the core's input, loop index, depth LoRA on the core input, Ouro's exit gate.
+    "openmythos-looplm": lambda: _family(n_kv_heads=2, n_prelude_layers=1, n_core_layers=4, n_coda_layers=1,
+                                         loop_steps=4, norm="pre", step_norm=False, injection="lti",
+                                         loop_index_embedding=True, depth_lora_rank=16, ffn="moe", n_experts=16,
+                                         moe_top_k=2, n_shared_experts=1, expert_hidden=512),
     # Huginn: prelude 2 / core 4 / coda 2, noise start, concat adapter, sandwich norm.
     "huginn": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="sandwich",
                               step_norm=False, injection="concat", initial_state="noise"),
@@ -588,11 +599,17 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # nanochat loop: one local block before, one shared block looped (with its global gates), one after.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
                                      step_norm=False, injection="additive", global_gates=True),
-    # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
-    # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
-    "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
+    # lrnnSMDDS as it is: 6 unlooped layers of the RWKV-style slot-memory mixer and ChannelMix
+    # (its third size tier: d 256, H 8, decay rank 16, 4 slots, FFN 2.5 d), LayerNorm with bias,
+    # a norm after the embedding, an untied head, no exit gate.
+    "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=6, loop_steps=1,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
-                            ffn="channelmix"),
+                            ffn="channelmix", ffn_hidden=640, norm_type="layer", embed_norm=True,
+                            tie_embeddings=False, exit_gate=False),
+    # looplm's looped lrnn: the same mixer and FFN, 2 core layers x 3 steps, RMSNorm, tied, exit gate.
+    "lrnn-looped": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
+                                   layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
+                                   ffn="channelmix"),
     # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers,
     # along the sequence (segments of 128, top-2) and along the loop (top-2 earlier loops, detached).
     "loopcached": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",

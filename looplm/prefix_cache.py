@@ -4,7 +4,7 @@ Keys and values of positions [0, p) depend only on tokens [0, p), so a stored pr
 any later prompt that shares its first p tokens.  Recurrent layers (Gated DeltaNet, RWKV slots)
 have no per-position entries: their state is only valid at the position it was taken, so
 prefill stops every ``block`` tokens to **checkpoint** those states (the dynamic state
-checkpointing of seed 002), and a later prompt resumes from the last checkpoint inside the
+checkpointing of lrnnSMDDS), and a later prompt resumes from the last checkpoint inside the
 shared prefix.  The rest of the prompt is prefilled on top; the output equals recomputing the
 whole prompt (the same math; chunked prefill equals one pass, tested).
 

@@ -12,6 +12,7 @@ from looplm.config import FAMILY_PRESETS, TrainConfig, preset
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
 from looplm.model.loading import load_model
+from looplm.model.norms import LayerNorm
 from looplm.training.objectives import compute_loss
 from looplm.training.trainer import make_optimizer
 
@@ -39,6 +40,17 @@ VARIANTS = {
     "rwkv-hybrid-qexit": {"layer_pattern": "RGA", "n_core_layers": 3, "injection": "additive"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
+    "layer-norm-embed-norm": {"norm_type": "layer", "embed_norm": True, "tie_embeddings": False, "n_coda_layers": 1},
+    "lti-residual-lora-output": {"injection": "lti_residual", "norm": "pre", "step_norm": False,
+                                 "loop_index_embedding": True, "depth_lora_rank": 4, "depth_lora_position": "output",
+                                 "n_prelude_layers": 1, "initial_state": "noise"},
+    "act-mixing-coda": {"act_mixing": True, "norm": "pre", "step_norm": False, "n_coda_layers": 1,
+                        "injection": "additive"},
+    "moe-core-only-dropout": {"ffn": "moe", "moe_scope": "core", "n_experts": 4, "moe_top_k": 2, "expert_hidden": 16,
+                              "shared_expert_hidden": 24, "n_shared_experts": 2, "n_prelude_layers": 1,
+                              "n_coda_layers": 1, "dropout": 0.1},
+    "mla-own-head-dims-dropout": {"attention": "mla", "mla_kv_rank": 12, "mla_q_rank": 16, "mla_rope_dim": 4,
+                                  "mla_nope_dim": 6, "mla_value_dim": 10, "dropout": 0.1, "norm": "pre"},
 }
 
 
@@ -50,7 +62,9 @@ def shrunk(preset_name: str) -> dict:
                  n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2), loop_steps=min(values["loop_steps"], 3),
                  n_experts=min(values["n_experts"], 4), expert_hidden=16,
                  depth_lora_rank=min(values["depth_lora_rank"], 4), rwkv_decay_rank=4,
-                 mc_segment_size=min(values["mc_segment_size"], 3))
+                 mc_segment_size=min(values["mc_segment_size"], 3), shared_expert_hidden=min(values["shared_expert_hidden"], 32),
+                 mla_nope_dim=8, mla_value_dim=8, mla_kv_rank=min(values["mla_kv_rank"], 12),
+                 mla_q_rank=min(values["mla_q_rank"], 16), mla_rope_dim=min(values["mla_rope_dim"], 4))
     values.update(sizes)
     return values
 
@@ -61,7 +75,11 @@ VARIANTS.update({f"preset-{name}": shrunk(name) for name in FAMILY_PRESETS})
 def build(name: str, seed: int = 0) -> LoopLM:
     torch.manual_seed(seed)
     model = LoopLM(tiny_config(**VARIANTS[name]))
-    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.exit_gate is not None:
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    for module in model.modules():  # LayerNorm biases start at zero, which would hide a misplaced bias
+        if isinstance(module, LayerNorm):
+            torch.nn.init.normal_(module.bias, std=0.1)
     if model.depth_lora is not None:  # the zero-initialised up projection would hide LoRA bugs
         torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
     return model.eval()
@@ -111,8 +129,9 @@ def test_every_backend_gives_the_reference_tokens(name):
     model = build(name)
     prompt = torch.randint(0, 64, (1, 5))
     tokens = torch.randint(0, 64, (8,)).tolist()
-    reference = Decoder(model, QExit(0.5), 16, backend="reference")
-    auto = Decoder(model, QExit(0.5), 16)
+    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps(model.config.loop_steps + 1)
+    reference = Decoder(model, policy, 16, backend="reference")
+    auto = Decoder(model, policy, 16)
     assert (auto.backend == "native") == (name in ("ouro", "preset-ouro"))
     with torch.no_grad():
         reference.prefill(prompt)

@@ -1,8 +1,9 @@
 """What one call's loop steps hand to the later steps of the same tokens.
 
-Two mechanisms read a token's *earlier loop steps* besides the state h: loop-axis memory
-caching (``model.loop_mc``, looplm.model.gdn) and nanochat's global gates
-(``model.global_gates``, looplm.model.global_gates).  A ``LoopCarry`` holds their per-step
+Three mechanisms read a token's *earlier loop steps* besides the state h: loop-axis memory
+caching (``model.loop_mc``, looplm.model.gdn), nanochat's global gates
+(``model.global_gates``, looplm.model.global_gates) and OpenMythos's ACT mixing of the loop
+states (``model.act_mixing``, looplm.model.lm).  A ``LoopCarry`` holds their per-step
 values for the positions of one call — the full forward creates one per forward, a decoder one
 per token — keyed by (module, step), written once and never overwritten in place, so a step
 recomputed under activation checkpointing reads exactly what the first run read.  Nothing in
@@ -32,6 +33,10 @@ class LoopCarry:
         """Keep only ``rows`` of every value (dim 0; tuples element-wise): the batched engine's
         rows that still run once others have exited.  The values are replaced, not changed."""
         self._values = {key: _rows(value, rows) for key, value in self._values.items()}
+
+    def current(self, module: nn.Module) -> Any:
+        """``module``'s value of the step running now (put by an earlier part of the same step)."""
+        return self._values[(id(module), self.step)]
 
     def earlier(self, module: nn.Module) -> list[Any]:
         """``module``'s values of steps 0 .. step − 1, in step order (all must have run)."""

@@ -1,7 +1,7 @@
 """Feed-forward blocks, x: [B, S, D].
 
 - ``SwiGLU`` (Shazeer 2020): down(silu(gate(x)) ⊙ up(x)).
-- ``ChannelMix`` (seed 002, ../shared/SPEC-lrnn.md §4.2): a one-step token shift, then SwiGLU:
+- ``ChannelMix`` (lrnnSMDDS): a one-step token shift, then SwiGLU:
   xm_t = μ ⊙ x_t + (1 − μ) ⊙ x_{t−1},  μ = σ(channel_mix) per channel,  x_{−1} = 0;
   out_t = SwiGLU(xm_t).  Decoding carries the previous position's input x_{t−1}.
 """

@@ -1,5 +1,5 @@
-"""RWKV-style token mixer with slot memory (seed 002 "lrnnSMDDS"; behaviour from
-../shared/SPEC-lrnn.md §4.1, none of its code).  Layer kind "R" in ``layer_pattern``.
+"""RWKV-style token mixer with slot memory (lrnnSMDDS's TimeMix, written from its equations).
+Layer kind "R" in ``layer_pattern``.
 
 For the normed input z_t of a layer (d channels, H heads, S slots):
 
