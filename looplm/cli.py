@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_convert_parser(sub) -> None:
-    convert = sub.add_parser("convert", help="convert checkpoints: Ouro <-> looplm, looplm -> Hugging Face",
+    convert = sub.add_parser("convert", help="convert checkpoints: Ouro <-> looplm, lrnnSMDDS -> looplm, looplm ->"
+                             " Hugging Face",
                              description="Convert a checkpoint directory SRC into a new directory DST (written"
                              " atomically; an existing DST is refused unless --force). See docs/INTEROP.md.")
     kinds = convert.add_subparsers(dest="convert_kind", metavar="KIND", required=True)
@@ -224,8 +225,15 @@ def _add_convert_parser(sub) -> None:
     hf = kinds.add_parser("hf", help="a looplm checkpoint -> a directory transformers can load",
                           description="Write a looplm checkpoint as a directory AutoModelForCausalLM loads (after"
                           " 'import looplm.interop.hf', or with trust_remote_code=True); looplm.load reads it too.")
-    for parser in (ouro, to_ouro, hf):
-        parser.add_argument("source", metavar="SRC", help="checkpoint directory to read")
+    lrnn = kinds.add_parser("lrnn", help="a lrnnSMDDS model file (lrnnC02) -> a looplm checkpoint",
+                            description="Read a lrnnSMDDS model file (magic lrnnC02: config, char or word tokenizer,"
+                            " float32 tensors) into a looplm checkpoint of the faithful lrnn preset (LayerNorm, ln0,"
+                            " untied head, one loop step) with the file's tokenizer as tokenizer.json.")
+    for parser in (ouro, to_ouro, hf, lrnn):
+        if parser is lrnn:
+            parser.add_argument("source", metavar="FILE", help="the lrnnSMDDS model file (.bin) to read")
+        else:
+            parser.add_argument("source", metavar="SRC", help="checkpoint directory to read")
         parser.add_argument("destination", metavar="DST", help="directory to write (must not exist, or be empty)")
         parser.add_argument("--force", action="store_true", help="replace an existing DST")
 
@@ -237,6 +245,10 @@ def run_convert(args) -> None:
 
     if args.convert_kind == "ouro":
         written = convert_ouro_to_looplm(args.source, args.destination, force=args.force)
+    elif args.convert_kind == "lrnn":
+        from looplm.interop.lrnn import convert_lrnn_to_looplm
+
+        written = convert_lrnn_to_looplm(args.source, args.destination, force=args.force)
     elif args.convert_kind == "to-ouro":
         shard = parse_size(args.max_shard_size) if args.max_shard_size else None
         written = convert_looplm_to_ouro(args.source, args.destination, max_shard_bytes=shard, force=args.force)
