@@ -57,3 +57,18 @@ def test_auto_size_refuses_task_data(tmp_path):
                     DataConfig(task="binding"))
     with pytest.raises(LoopLMError, match="model.auto_size sizes the model from the corpus"):
         Trainer(run, tmp_path / "run", progress=False)
+
+
+def test_lrnn_recipe_from_the_command_line(tmp_path, capsys):
+    """lrnnSMDDS's own recipe: the faithful preset, the auto tokenizer and the automatic size."""
+    from looplm.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the slot memory reads before it writes, and the decay forgets. " * 400)  # 25,600 bytes
+    assert main(["train", "--data", str(corpus), "--preset", "lrnn", "--out", str(tmp_path / "run"),
+                 "--data.tokenizer", "auto", "--model.auto_size", "true", "--train.steps", "2",
+                 "--train.batch_size", "2", "--train.seq_len", "16", "--train.eval_every", "0",
+                 "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())["model"]
+    # word tokenizer: 25,600 / 5 = 5,120 effective bytes, the second tier; the family stays lrnn's
+    assert (saved["d_model"], saved["n_core_layers"], saved["norm_type"], saved["loop_steps"]) == (128, 4, "layer", 1)
