@@ -314,7 +314,7 @@ class BatchSession:
                  stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2):
         self.model, self.sampling, self.tokenizer = model, sampling, tokenizer
         self.stop_strings = tuple(stop_strings)
-        self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
+        self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         self.generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
         with torch.inference_mode():

@@ -352,7 +352,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     if max_new_tokens < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if stop_ids is None:
-        stop_ids = [tokenizer.eos_id] if tokenizer is not None else []
+        stop_ids = tokenizer.stop_ids if tokenizer is not None else []
     stop_ids = set(stop_ids)
     result.prompt_tokens = len(prompt_ids)
     budget = min(max_new_tokens, context - len(prompt_ids))

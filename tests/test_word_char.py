@@ -137,9 +137,10 @@ def test_save_and_load_keep_kind_and_ids(kind, tmp_path):
 
 def test_imported_vocabularies_without_bos_feed_prompts_as_they_are():
     words = word_tokenizer([None, b" ", b"\n", b"The", b"cat"], unknown=0, padding=0)
-    assert not words.adds_bos and words.encode_prompt("The cat") == [3, 1, 4]
+    assert not words.adds_bos and words.encode_prompt("The cat") == [3, 1, 4] and words.stop_ids == []
     chars = char_tokenizer([10, 32, 97, 98])
-    assert not chars.adds_bos and chars.encode_prompt("ab") == [2, 3]
+    assert not chars.adds_bos and chars.encode_prompt("ab") == [2, 3] and chars.stop_ids == []
+    assert fit_tokenizer("char", ["ab"])[0].stop_ids == [4]  # a, b, <pad>, <bos>, <eos>
     with pytest.raises(LoopLMError, match="entry 2 repeats entry 1"):
         word_tokenizer([None, b"a", b"a"], padding=None)
     with pytest.raises(LoopLMError, match="entry 1 is empty"):

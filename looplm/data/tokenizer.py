@@ -64,6 +64,8 @@ class Tokenizer:
         adds_bos: whether a prompt starts with ``bos_id`` (``encode_prompt``): always, except for
             a word or char tokenizer without ``<bos>`` (one imported from lrnnSMDDS, whose models
             never saw such a token).
+        stop_ids: the ids that end a generation unless told otherwise: ``[eos_id]``, or none for
+            a word or char tokenizer without ``<eos>`` (its fallback eos would be a real token).
     """
 
     def __init__(self, backend: HFTokenizer) -> None:
@@ -80,7 +82,9 @@ class Tokenizer:
         self.vocab_size = max(vocab.values()) + 1
         self.pad_id, self.bos_id, self.eos_id = _find_special_ids(backend, self.vocab_size)
         self._skipped_ids = frozenset((self.pad_id, self.bos_id, self.eos_id))
-        self.adds_bos = self.kind not in ("word", "char") or backend.token_to_id("<bos>") is not None
+        fitted = self.kind in ("word", "char")
+        self.adds_bos = not fitted or backend.token_to_id("<bos>") is not None
+        self.stop_ids = [self.eos_id] if not fitted or backend.token_to_id("<eos>") is not None else []
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
