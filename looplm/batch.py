@@ -33,7 +33,7 @@ import torch
 from looplm.bf16 import bf16_weights
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, default_exit_policy
+from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule, default_exit_policy, refuse_act_over_mixing
 from looplm.generate import Decoder, Generation, Sampling, record_token, sample_next
 from looplm.model.carry import LoopCarry
 from looplm.kernels import ops
@@ -150,6 +150,7 @@ class BatchDecoder:
         if isinstance(exit_policy, ACTExit):
             if model.exit_gate is None:
                 raise LoopLMError("ACT needs a model with an exit gate: use fixed steps")
+            refuse_act_over_mixing(model)
             self.act_threshold = exit_policy.threshold or model.config.act_threshold
         self.model, self.policy = model, exit_policy
         config = model.config
@@ -225,7 +226,7 @@ class BatchDecoder:
         h = model.initial_state(e, index, positions)  # each row's own position
         rule = ExitRule(self.policy, len(rows), model.config.loop_steps, self.device)
         act = None if self.act_threshold is None else ActHalting(len(rows), self.act_threshold, self.device)
-        carry = LoopCarry() if model.needs_carry else None  # loop_mc, global gates: earlier steps' values
+        carry = LoopCarry() if model.needs_carry else None  # loop_mc, global gates, ACT mixing: earlier steps' values
         running = torch.arange(len(rows), device=self.device)  # positions within ``rows``
         ran = torch.full((len(rows),), self.max_steps, dtype=torch.long, device=self.device)
         chosen = torch.zeros(len(rows), model.config.d_model, device=self.device, dtype=e.dtype)
@@ -241,7 +242,7 @@ class BatchDecoder:
             last = step + 1 == self.max_steps
             need_readout = last or rule.active or self.dense_readout or act is not None
             if need_readout:
-                readout = model.readout(h, step, index, view, part_tables, mask[running])
+                readout = model.readout(h, step, index, view, part_tables, mask[running], carry)
             view.flush()
             cache.after_step(step, index, index + 1, None if everyone and len(running) == len(rows) else subset)
             cost = model.config.n_core_layers + (model.config.n_coda_layers if need_readout else 0)
@@ -249,7 +250,7 @@ class BatchDecoder:
             applied[running.cpu()] += cost
             flat = readout[:, -1] if need_readout else None
             if act is not None:  # every row runs every step; the answer mixes the steps' readouts
-                act.add(step, flat, model.gate_logits(flat), last)
+                act.add(step, flat, model.gate_logits(flat, carry), last)
                 if last:
                     break
                 continue
@@ -259,7 +260,7 @@ class BatchDecoder:
                 break
             if not rule.active:
                 continue
-            exits = rule.decide(step, running, flat, lambda: model.gate_logits(flat), lambda: model.logits(flat))
+            exits = rule.decide(step, running, flat, lambda: model.gate_logits(flat, carry), lambda: model.logits(flat))
             exits &= ~exited[running]
             if bool(exits.any()):
                 newly = running[exits]
@@ -327,7 +328,7 @@ class BatchSession:
             model = bf16_weights(model)
         self.model, self.sampling, self.tokenizer = model, sampling, tokenizer
         self.stop_strings = tuple(stop_strings)
-        self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
+        self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         self.generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
         with torch.inference_mode():

@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files, directories of them, or"
                                                    " hf:NAME[:SPLIT] / hf:NAME:CONFIG:SPLIT")
     prepare.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    prepare.add_argument("--tokenizer", default="byte", help="byte (default), bpe (trained here), or a tokenizer.json")
+    prepare.add_argument("--tokenizer", default="byte",
+                         help="byte (default), bpe (trained here), word or char (fitted here, lrnnSMDDS's rules), auto"
+                              " (char below 20,000 bytes of text, else word), or a tokenizer.json")
     prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--text-field", "--jsonl-field", dest="text_field", default="text",
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_convert_parser(sub) -> None:
-    convert = sub.add_parser("convert", help="convert checkpoints: Ouro <-> looplm, looplm -> Hugging Face",
+    convert = sub.add_parser("convert", help="convert checkpoints: Ouro <-> looplm, lrnnSMDDS -> looplm, looplm ->"
+                             " Hugging Face",
                              description="Convert a checkpoint directory SRC into a new directory DST (written"
                              " atomically; an existing DST is refused unless --force). See docs/INTEROP.md.")
     kinds = convert.add_subparsers(dest="convert_kind", metavar="KIND", required=True)
@@ -256,8 +259,15 @@ def _add_convert_parser(sub) -> None:
     hf = kinds.add_parser("hf", help="a looplm checkpoint -> a directory transformers can load",
                           description="Write a looplm checkpoint as a directory AutoModelForCausalLM loads (after"
                           " 'import looplm.interop.hf', or with trust_remote_code=True); looplm.load reads it too.")
-    for parser in (ouro, to_ouro, hf):
-        parser.add_argument("source", metavar="SRC", help="checkpoint directory to read")
+    lrnn = kinds.add_parser("lrnn", help="a lrnnSMDDS model file (lrnnC02) -> a looplm checkpoint",
+                            description="Read a lrnnSMDDS model file (magic lrnnC02: config, char or word tokenizer,"
+                            " float32 tensors) into a looplm checkpoint of the faithful lrnn preset (LayerNorm, ln0,"
+                            " untied head, one loop step) with the file's tokenizer as tokenizer.json.")
+    for parser in (ouro, to_ouro, hf, lrnn):
+        if parser is lrnn:
+            parser.add_argument("source", metavar="FILE", help="the lrnnSMDDS model file (.bin) to read")
+        else:
+            parser.add_argument("source", metavar="SRC", help="checkpoint directory to read")
         parser.add_argument("destination", metavar="DST", help="directory to write (must not exist, or be empty)")
         parser.add_argument("--force", action="store_true", help="replace an existing DST")
 
@@ -269,6 +279,10 @@ def run_convert(args) -> None:
 
     if args.convert_kind == "ouro":
         written = convert_ouro_to_looplm(args.source, args.destination, force=args.force)
+    elif args.convert_kind == "lrnn":
+        from looplm.interop.lrnn import convert_lrnn_to_looplm
+
+        written = convert_lrnn_to_looplm(args.source, args.destination, force=args.force)
     elif args.convert_kind == "to-ouro":
         shard = parse_size(args.max_shard_size) if args.max_shard_size else None
         written = convert_looplm_to_ouro(args.source, args.destination, max_shard_bytes=shard, force=args.force)
@@ -459,7 +473,7 @@ def run_generate(args) -> None:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: cannot turn the prompt into tokens")
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in args.prompt]
+    prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
     if len(prompts) > 1:
         return _generate_batch(args, model, tokenizer, prompts, sampling, policy)
     result = Generation()

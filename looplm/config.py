@@ -22,11 +22,14 @@ from looplm.errors import LoopLMError
 from looplm.precision import check_precision
 
 NORM_PLACEMENTS = ("pre", "sandwich")
-INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
+INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat", "lti_residual")
 INITIAL_STATES = ("prelude", "noise")
 FFN_KINDS = ("dense", "moe", "channelmix")
 ATTENTION_KINDS = ("mha", "gated", "mla")
 LAYER_KINDS = ("A", "G", "R")
+NORM_TYPES = ("rms", "layer")
+DEPTH_LORA_POSITIONS = ("input", "output")
+MOE_SCOPES = ("all", "core")
 OBJECTIVES = ("stage1", "last", "mean", "act")
 DEPTH_SAMPLING = ("fixed", "uniform", "poisson")
 PARALLEL = ("none", "ddp", "fsdp")
@@ -35,6 +38,7 @@ OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternary (looplm.model.bitlinear)
+FITTED_TOKENIZERS = ("bpe", "word", "char", "auto")  # built from the training text itself
 # Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory
 # before saying so (the RoPE tables alone are max_seq_len × head dims).
 MAX_CONTEXT = 2**20
@@ -146,6 +150,21 @@ class ModelConfig:
     default_exit: str = "static"
     min_loop_steps: int = 1
     max_loop_steps: int = 0
+    # Faithful source variants (docs/ARCHITECTURES.md); the defaults change nothing.
+    # lrnnSMDDS: LayerNorm with bias for every residual-stream norm, a norm right after the
+    # embedding, and the model's size chosen from the corpus size by the trainer (looplm.training.auto_size).
+    norm_type: str = "rms"
+    embed_norm: bool = False
+    auto_size: bool = False
+    # OpenMythos (also injection=lti_residual): where depth LoRA reads, ACT mixing of the loop
+    # states before the coda, MoE in the core only, dropout, MLA's own head widths.
+    depth_lora_position: str = "input"
+    act_mixing: bool = False
+    moe_scope: str = "all"
+    shared_expert_hidden: int | None = None
+    dropout: float = 0.0
+    mla_nope_dim: int | None = None
+    mla_value_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
@@ -235,6 +254,29 @@ class ModelConfig:
                "model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T), got"
                f" {self.min_loop_steps}, {self.max_loop_steps}")
         parse_exit_spec(self.default_exit)  # a one-line error for a policy that does not parse
+        self._check_source_variants()
+
+    def _check_source_variants(self) -> None:
+        """The keys of the faithful source variants (the block of fields above ``__post_init__``)."""
+        if self.shared_expert_hidden is None:
+            self.shared_expert_hidden = self.expert_hidden
+        if self.mla_nope_dim is None:
+            self.mla_nope_dim = self.head_dim
+        if self.mla_value_dim is None:
+            self.mla_value_dim = self.head_dim
+        for name, allowed in (("norm_type", NORM_TYPES), ("depth_lora_position", DEPTH_LORA_POSITIONS),
+                              ("moe_scope", MOE_SCOPES)):
+            _check(getattr(self, name) in allowed,
+                   f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("shared_expert_hidden", "mla_nope_dim", "mla_value_dim"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _check(not self.act_mixing or (self.exit_gate and not self.step_norm),
+               "model.act_mixing reads halting probabilities from the loop state with the exit gate: it needs"
+               " model.exit_gate=true and model.step_norm=false")
+        _check(not (self.injection == "lti_residual" and self.loop_index_embedding and self.d_model // 8 % 2),
+               f"model.injection=lti_residual with model.loop_index_embedding needs d_model / 8 even (a sine and a"
+               f" cosine per frequency), got d_model={self.d_model}")
 
     def layer_kind(self, index: int) -> str:
         """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
@@ -436,6 +478,8 @@ class DataConfig:
     path: str | None = None
     task: str | None = None
     task_options: dict = field(default_factory=dict)
+    # byte, bpe (trained on the data), word / char / auto (fitted to the data: looplm.data.word_char),
+    # or a tokenizer.json path.
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
@@ -444,6 +488,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_finite(self, "data")
         _check(not (self.path and self.task), "give either data.path or data.task, not both")
+        _check(not (self.task and self.tokenizer in FITTED_TOKENIZERS),
+               f"data.tokenizer={self.tokenizer} is fitted to text data; a task uses byte or a tokenizer.json")
         _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(isinstance(self.text_field, str) and self.text_field != "",
                f"data.text_field must name a field, got {self.text_field!r}")
@@ -624,11 +670,22 @@ def _family(**mechanics) -> dict:
 FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # Ouro: one stack looped, sandwich norm, the final norm closing every step, exit gate.
     "ouro": lambda: _family(n_core_layers=8, loop_steps=4, norm="sandwich", step_norm=True),
-    # OpenMythos: prelude / recurrent / coda, GQA, MoE, LTI injection, loop index, depth LoRA.
-    "openmythos": lambda: _family(n_kv_heads=2, n_prelude_layers=1, n_core_layers=4, n_coda_layers=1, loop_steps=4,
-                                  norm="pre", step_norm=False, injection="lti", loop_index_embedding=True,
-                                  depth_lora_rank=16, ffn="moe", n_experts=16, moe_top_k=2, n_shared_experts=1,
-                                  expert_hidden=512),
+    # OpenMythos as the open-mythos package computes it: dense prelude 2 / one MoE recurrent block /
+    # dense coda 2, MLA, h <- A h + B e + block(norm(h + e)), LoRA on the block output, ACT mixing
+    # of the loop states before the coda (MythosConfig's structure at d 512).
+    "openmythos": lambda: _family(n_prelude_layers=2, n_core_layers=1, n_coda_layers=2, loop_steps=16,
+                                  rope_theta=500000.0, norm="pre", step_norm=False, injection="lti_residual",
+                                  loop_index_embedding=True, depth_lora_rank=16, depth_lora_position="output",
+                                  act_mixing=True, attention="mla", mla_kv_rank=128, mla_q_rank=384, mla_rope_dim=32,
+                                  mla_nope_dim=64, mla_value_dim=64, ffn="moe", moe_scope="core", ffn_hidden=682,
+                                  n_experts=16, moe_top_k=4, n_shared_experts=2, expert_hidden=128,
+                                  shared_expert_hidden=512),
+    # looplm's OpenMythos-style family: prelude / 4 core layers / coda, GQA, MoE everywhere, LTI
+    # injection into the core's input, loop index, depth LoRA on the core input, Ouro's exit gate.
+    "openmythos-looplm": lambda: _family(n_kv_heads=2, n_prelude_layers=1, n_core_layers=4, n_coda_layers=1,
+                                         loop_steps=4, norm="pre", step_norm=False, injection="lti",
+                                         loop_index_embedding=True, depth_lora_rank=16, ffn="moe", n_experts=16,
+                                         moe_top_k=2, n_shared_experts=1, expert_hidden=512),
     # Huginn: prelude 2 / core 4 / coda 2, noise start, concat adapter, sandwich norm.
     "huginn": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="sandwich",
                               step_norm=False, injection="concat", initial_state="noise"),
@@ -640,11 +697,16 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
                                      step_norm=False, injection="additive", global_gates=True, ternary="all",
                                      hyper_connections=2, kv_append_first=True),
-    # lrnnSMDDS: RWKV-style mixer with slot memory in every layer, looped; lrnnSMDDS's
-    # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
-    "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
+    # (its third size tier: d 256, H 8, decay rank 16, 4 slots, FFN 2.5 d), LayerNorm with bias,
+    # a norm after the embedding, an untied head, no exit gate.
+    "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=6, loop_steps=1,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
-                            ffn="channelmix"),
+                            ffn="channelmix", ffn_hidden=640, norm_type="layer", embed_norm=True,
+                            tie_embeddings=False, exit_gate=False),
+    # looplm's looped lrnn: the same mixer and FFN, 2 core layers x 3 steps, RMSNorm, tied, exit gate.
+    "lrnn-looped": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
+                                   layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
+                                   ffn="channelmix"),
     # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers,
     # along the sequence (segments of 128, top-2, cached states detached) and along the loop (top-2
     # earlier loops, detached).
@@ -682,7 +744,9 @@ def preset(name: str) -> ModelConfig:
 
 
 # Sizes ``ModelConfig`` derives when they are left out, and the fields each is derived from.
-DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",)}
+DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",),
+                 "shared_expert_hidden": ("expert_hidden",), "mla_nope_dim": ("d_model", "n_heads"),
+                 "mla_value_dim": ("d_model", "n_heads")}
 # Keys a resumed run may change: they steer how long it runs, how it logs and saves, and where it
 # runs, not the model, the data or the optimisation (docs/TRAINING.md).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",

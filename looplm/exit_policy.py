@@ -120,6 +120,13 @@ class ACTExit(_Bounded):
         _check_steps(self.steps)
 
 
+def refuse_act_over_mixing(model) -> None:
+    """ACT over the readouts of a model whose readouts already are ACT mixtures (model.act_mixing)
+    would mix twice: one line instead."""
+    if model.config.act_mixing:
+        raise LoopLMError("this model's readouts already are ACT mixtures of its loop states (model.act_mixing):"
+                          " decode with fixed steps or Q-exit, not --act")
+
 
 @dataclass(frozen=True)
 class PerplexityExit(_Bounded):

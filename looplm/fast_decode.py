@@ -74,6 +74,9 @@ def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None =
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
     if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or set(config.layer_pattern) - {"A"}:
         return "the fast decode paths cover attention=mha layers with full RoPE and standard norms"
+    if config.norm_type != "rms" or config.embed_norm or config.act_mixing:
+        return "the fast decode paths cover RMSNorm, no embedding norm and the exit gate on the readout (not" \
+               " model.norm_type=layer, embed_norm or act_mixing)"
     return None
 
 

@@ -27,7 +27,8 @@ from looplm.cache import KVCache
 from looplm.config import DECODE_BACKENDS as BACKENDS
 from looplm.errors import LoopLMError
 from looplm.exit_policy import (ACTExit, ExitPolicy, ExitRule, FixedSteps, HiddenDiffExit, KLExit,  # noqa: F401
-                                PerplexityExit, QExit, default_exit_policy, make_exit_policy)
+                                PerplexityExit, QExit, default_exit_policy, make_exit_policy,
+                                refuse_act_over_mixing)
 from looplm.model.carry import LoopCarry
 
 
@@ -142,6 +143,8 @@ class Decoder:
         self.max_steps = exit_policy.max_steps(model.config.loop_steps)
         if isinstance(exit_policy, (QExit, ACTExit)) and model.exit_gate is None:
             raise LoopLMError("Q-exit and ACT need a model with an exit gate: use fixed steps")
+        if isinstance(exit_policy, ACTExit):
+            refuse_act_over_mixing(model)
         self.act_threshold = None
         if isinstance(exit_policy, ACTExit):
             self.act_threshold = exit_policy.threshold or model.config.act_threshold
@@ -232,8 +235,9 @@ class Decoder:
             self.rule.reset()
             for step in range(self.max_steps - 1):
                 readout = output.hidden_states[step][:, -1]
-                if bool(self.rule.decide(step, None, readout, lambda: self.model.gate_logits(readout),
-                                         lambda: self.model.logits(readout))[0]):
+                gate = (lambda: output.gate_logits[step][:, -1]) if self.model.config.act_mixing else (
+                    lambda: self.model.gate_logits(readout))  # act_mixing: the gate read the state, not the readout
+                if bool(self.rule.decide(step, None, readout, gate, lambda: self.model.logits(readout))[0]):
                     steps = step + 1
                     break
         return self.model.logits(output.hidden_states[steps - 1][0, -1]), steps
@@ -366,15 +370,15 @@ class ReferenceStepper:
         return self.model.initial_state(e, start)
 
     def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor) -> torch.Tensor:
-        if step == 0:  # a new token: what its earlier steps leave its later ones (loop_mc, global_gates)
+        if step == 0:  # a new token: what its earlier steps leave its later ones (loop_mc, global_gates, act_mixing)
             self.carry = LoopCarry() if self.model.needs_carry else None
         return self.model.core_step(h, step, start, self.cache, injected, carry=self.carry)
 
     def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
-        return self.model.readout(h, step, start, self.cache)
+        return self.model.readout(h, step, start, self.cache, carry=self.carry)
 
     def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
-        return self.model.gate_logits(readout).reshape(())
+        return self.model.gate_logits(readout, self.carry).reshape(())
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         return self.model.logits(readout[0, -1])
@@ -400,7 +404,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     if max_new_tokens < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if stop_ids is None:
-        stop_ids = [tokenizer.eos_id] if tokenizer is not None else []
+        stop_ids = tokenizer.stop_ids if tokenizer is not None else []
     stop_ids = set(stop_ids)
     result.prompt_tokens = len(prompt_ids)
     budget = min(max_new_tokens, context - len(prompt_ids))

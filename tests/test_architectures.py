@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from looplm.cache import KVCache
-from looplm.config import FAMILY_PRESETS, TrainConfig, preset
+from looplm.config import FAMILY_PRESETS, ModelConfig, TrainConfig, preset
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
 from looplm.model.loading import load_model
+from looplm.model.norms import LayerNorm
 from looplm.training.objectives import compute_loss
 from looplm.training.trainer import make_optimizer
 
@@ -49,6 +50,17 @@ VARIANTS = {
     "append-first": {"kv_append_first": True, "n_prelude_layers": 1, "n_coda_layers": 1, "n_kv_heads": 2},
     "append-first-mla-channelmix": {"kv_append_first": True, "attention": "mla", "mla_kv_rank": 12,
                                     "mla_rope_dim": 4, "ffn": "channelmix", "layer_pattern": "AG"},
+    "layer-norm-embed-norm": {"norm_type": "layer", "embed_norm": True, "tie_embeddings": False, "n_coda_layers": 1},
+    "lti-residual-lora-output": {"injection": "lti_residual", "norm": "pre", "step_norm": False,
+                                 "loop_index_embedding": True, "depth_lora_rank": 4, "depth_lora_position": "output",
+                                 "n_prelude_layers": 1, "initial_state": "noise"},
+    "act-mixing-coda": {"act_mixing": True, "norm": "pre", "step_norm": False, "n_coda_layers": 1,
+                        "injection": "additive"},
+    "moe-core-only-dropout": {"ffn": "moe", "moe_scope": "core", "n_experts": 4, "moe_top_k": 2, "expert_hidden": 16,
+                              "shared_expert_hidden": 24, "n_shared_experts": 2, "n_prelude_layers": 1,
+                              "n_coda_layers": 1, "dropout": 0.1},
+    "mla-own-head-dims-dropout": {"attention": "mla", "mla_kv_rank": 12, "mla_q_rank": 16, "mla_rope_dim": 4,
+                                  "mla_nope_dim": 6, "mla_value_dim": 10, "dropout": 0.1, "norm": "pre"},
 }
 
 
@@ -60,7 +72,9 @@ def shrunk(preset_name: str) -> dict:
                  n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2), loop_steps=min(values["loop_steps"], 3),
                  n_experts=min(values["n_experts"], 4), expert_hidden=16,
                  depth_lora_rank=min(values["depth_lora_rank"], 4), rwkv_decay_rank=4,
-                 mc_segment_size=min(values["mc_segment_size"], 3))
+                 mc_segment_size=min(values["mc_segment_size"], 3), shared_expert_hidden=16 if values["shared_expert_hidden"] == values["expert_hidden"] else 24,
+                 mla_nope_dim=8, mla_value_dim=8, mla_kv_rank=min(values["mla_kv_rank"], 12),
+                 mla_q_rank=min(values["mla_q_rank"], 16), mla_rope_dim=min(values["mla_rope_dim"], 4))
     values.update(sizes)
     return values
 
@@ -71,7 +85,11 @@ VARIANTS.update({f"preset-{name}": shrunk(name) for name in FAMILY_PRESETS})
 def build(name: str, seed: int = 0) -> LoopLM:
     torch.manual_seed(seed)
     model = LoopLM(tiny_config(**VARIANTS[name]))
-    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.exit_gate is not None:
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    for module in model.modules():  # LayerNorm biases start at zero, which would hide a misplaced bias
+        if isinstance(module, LayerNorm):
+            torch.nn.init.normal_(module.bias, std=0.1)
     if model.depth_lora is not None:  # the zero-initialised up projection would hide LoRA bugs
         torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
     return model.eval()
@@ -116,9 +134,22 @@ def test_cached_decode_equals_full_forward(name):
             torch.testing.assert_close(logits, full.logits(steps)[0, position], atol=1e-4, rtol=0)
 
 
-# Features the C runtime refuses (with the reason): these decode through the reference backend.
-C_UNRUN = {"ternary": "ternary weights", "hyper_connections": "hyper-connection streams",
-           "attnres_block_size": "block attention residuals", "kv_append_first": "append"}
+# Features the C runtime refuses, each by name (these models decode through the reference backend):
+# config key -> (the value the runtime runs, a phrase of its refusal).
+C_UNRUN = {"ternary": ("none", "ternary weights"), "hyper_connections": (0, "hyper-connection streams"),
+           "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append"),
+           "norm_type": ("rms", "LayerNorm"), "embed_norm": (False, "a norm after the embedding"),
+           "act_mixing": (False, "ACT mixing"), "depth_lora_position": ("input", "depth LoRA on the core output"),
+           "moe_scope": ("all", "MoE in the core only"), "injection": ("identity", "lti_residual")}
+
+
+def c_runs(config: ModelConfig) -> bool:
+    """Whether the C runtime runs ``config`` (an MoE's shared experts and MLA's head widths at
+    their defaults too)."""
+    return (all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items() if key != "injection")
+            and config.injection != "lti_residual"
+            and (config.ffn != "moe" or config.shared_expert_hidden == config.expert_hidden)
+            and (config.attention != "mla" or config.mla_nope_dim == config.mla_value_dim == config.head_dim))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -126,11 +157,11 @@ def test_every_backend_gives_the_reference_tokens(name):
     model = build(name)
     prompt = torch.randint(0, 64, (1, 5))
     tokens = torch.randint(0, 64, (8,)).tolist()
-    reference = Decoder(model, QExit(0.5), 16, backend="reference")
-    auto = Decoder(model, QExit(0.5), 16)
-    c_runs = all(getattr(model.config, key) in (0, False, "none") for key in C_UNRUN)
+    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps(model.config.loop_steps + 1)
+    reference = Decoder(model, policy, 16, backend="reference")
+    auto = Decoder(model, policy, 16)
     # every family decodes in C (kernels.native_stepper / runtime_stepper) but the features C_UNRUN names
-    assert auto.backend == ("native" if c_runs else "reference"), auto.backend
+    assert auto.backend == ("native" if c_runs(model.config) else "reference"), auto.backend
     with torch.no_grad():
         reference.prefill(prompt)
         auto.prefill(prompt)
@@ -179,7 +210,9 @@ def test_causal(name, mode):
 def test_the_c_runtime_names_the_feature_it_does_not_run(key):
     from looplm.kernels.runtime_stepper import runtime_unsupported
 
-    name = next(name for name, overrides in VARIANTS.items() if overrides.get(key))
-    model = build(name)
+    value = "lti_residual" if key == "injection" else next(
+        overrides[key] for overrides in VARIANTS.values() if overrides.get(key, C_UNRUN[key][0]) != C_UNRUN[key][0])
+    overrides = {"injection": "additive", key: value, "norm": "pre", "step_norm": False}
+    model = LoopLM(tiny_config(**overrides)).eval()
     reason = runtime_unsupported(model, KVCache(model.config, 1, 16))
-    assert C_UNRUN[key] in reason and "reference" in reason, reason
+    assert reason and C_UNRUN[key][1] in reason and "reference" in reason, reason

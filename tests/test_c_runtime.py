@@ -20,18 +20,13 @@ from looplm.kernels import program
 from looplm.model import LoopLM
 
 from conftest import tiny_config
-from test_architectures import C_UNRUN, VARIANTS
+from test_architectures import VARIANTS, c_runs
 from test_gguf import CONFIGS as GGUF_CONFIGS
 
 
-def c_runs(overrides: dict) -> bool:
-    """Whether the runtime runs a config with these overrides (tests/test_architectures.py's
-    C_UNRUN lists the features it refuses, each tested there with its reason)."""
-    return all(overrides.get(key) in (None, 0, False, "none") for key in C_UNRUN)
-
-
-RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(overrides)]
-RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items() if c_runs(overrides)]
+RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(tiny_config(**overrides))]
+RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items()
+                        if c_runs(tiny_config(vocab_size=259, d_model=64, **overrides))]
 from test_gguf import make_model as make_gguf_model
 
 gguf = pytest.importorskip("gguf")
@@ -291,7 +286,7 @@ def test_in_process_step_by_step_policies_match_the_reference(name, policy):
         assert native.backend == "native" and not native.fused
 
 
-@pytest.mark.parametrize("name", ["gdn-hybrid", "preset-openmythos", "rwkv-slots", "mla-q-rank"])
+@pytest.mark.parametrize("name", ["gdn-hybrid", "preset-openmythos-looplm", "rwkv-slots", "mla-q-rank"])
 def test_in_process_int8_models_use_their_int8_weights(name):
     """An int8 model (looplm.quant) decodes in the runtime from its Q8_0 values and scales, as the
     reference decoder computes it with the same int8 layers.  Layers that quantise their inputs
@@ -309,7 +304,7 @@ def test_in_process_int8_models_use_their_int8_weights(name):
 def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(looplm_run, tmp_path):
     """Temperature sampling repeats with its seed and changes with another; top-k 1 and a top-p that
     keeps only the likeliest token are greedy decoding; the tokens/s line closes every run."""
-    path = export_gguf(build_model("preset-lrnn"), tmp_path / "model.gguf")
+    path = export_gguf(build_model("preset-lrnn-looped"), tmp_path / "model.gguf")
 
     def sampled(*options):
         result = run(looplm_run, path, "-n", "24", "--print-ids", *options)

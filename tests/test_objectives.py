@@ -87,3 +87,15 @@ def test_stage1_without_gate_is_a_user_error():
     model = LoopLM(tiny_config(exit_gate=False))
     with pytest.raises(LoopLMError):
         compute_loss(model(torch.zeros(1, 3, dtype=torch.long)), torch.zeros(1, 3, dtype=torch.long), "stage1")
+
+
+def test_stage1_of_one_gateless_step_is_its_cross_entropy():
+    """An unlooped model without a gate (the faithful lrnn preset) trains under the default objective."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(exit_gate=False, loop_steps=1))
+    ids = torch.randint(0, 64, (2, 9))
+    output = model(ids[:, :-1])
+    expected = torch.nn.functional.cross_entropy(output.logits(1).flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(compute_loss(output, ids[:, 1:], "stage1").loss, expected)
+    with pytest.raises(LoopLMError, match="stage1 needs an exit gate"):
+        compute_loss(model(ids[:, :-1], steps=2), ids[:, 1:], "stage1")

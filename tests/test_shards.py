@@ -95,6 +95,7 @@ def test_small_corpus_keeps_exact_stream(small_corpus, tmp_path):
         "val_tokens": len(val),
         "tokenizer": "byte",
         "tokenizer_sha256": tokenizer_digest(BYTE),
+        "corpus_bytes": sum(len(document.encode()) for document in documents),
     }
     assert read_meta(tmp_path / "shards") == meta
     assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [

@@ -15,6 +15,7 @@ complete or absent.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from looplm.data.documents import read_documents
@@ -32,8 +33,8 @@ def prepare_corpus(inputs, out_dir: str | Path, tokenizer: str = "byte", bpe_voc
                    overwrite: bool = False) -> dict[str, Any]:
     """Tokenize ``inputs`` (files, directories, ``hf:`` names) into the shard directory ``out_dir``.
 
-    ``tokenizer`` is "byte", "bpe" (trained here on the inputs, ``bpe_vocab_size``) or a
-    tokenizer.json path.  ``out_dir`` must be new or empty unless ``overwrite``; it may neither
+    ``tokenizer`` is "byte", "bpe" (trained here on the inputs, ``bpe_vocab_size``), "word",
+    "char" or "auto" (fitted to the inputs, ``looplm.data.word_char``) or a tokenizer.json path.  ``out_dir`` must be new or empty unless ``overwrite``; it may neither
     be nor hold nor lie inside an input.  Returns the meta dict written.
     """
     _check_apart(inputs, Path(out_dir))
@@ -76,13 +77,24 @@ def check_tokenizer(shard_dir: Path, expected: Tokenizer, expected_name: str) ->
 def _write(inputs, out_dir: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     spec = request["tokenizer"]["spec"]
     text_field = request["source"]["text_field"]
-    if spec == "bpe":
-        tokenizer = train_bpe(read_documents(inputs, text_field), request["tokenizer"]["bpe_vocab_size"])
-    else:
-        tokenizer = load_tokenizer("byte" if spec == "byte" else request["tokenizer"]["path"])
+    tokenizer = build_tokenizer(request["tokenizer"]["path"] if spec == "file" else spec,
+                                lambda: read_documents(inputs, text_field), request["tokenizer"].get("bpe_vocab_size", 0))
     options = request["options"]
     return write_shards(read_documents(inputs, text_field), tokenizer, out_dir, val_fraction=options["val_fraction"],
                         seed=options["seed"], overwrite=overwrite, provenance=request)
+
+
+def build_tokenizer(spec: str, documents: Callable[[], Iterable[str]], bpe_vocab_size: int = 4096) -> Tokenizer:
+    """The tokenizer ``spec`` names: "byte", "bpe" (trained on ``documents()``, ``bpe_vocab_size``),
+    "word", "char" or "auto" (fitted to ``documents()``: ``looplm.data.word_char``), or a
+    tokenizer.json path.  ``documents`` is called only when the corpus is needed."""
+    from looplm.data.word_char import KINDS, fit_tokenizer
+
+    if spec == "bpe":
+        return train_bpe(documents(), bpe_vocab_size)
+    if spec in KINDS:
+        return fit_tokenizer(spec, documents())[0]
+    return load_tokenizer(spec)
 
 
 def _check_apart(inputs, out_dir: Path) -> None:

@@ -52,9 +52,10 @@ def source_record(inputs, text_field: str) -> dict[str, Any]:
 
 
 def tokenizer_request(spec: str, bpe_vocab_size: int) -> dict[str, Any]:
-    """The ``tokenizer`` part of a request, for ``spec`` = "byte", "bpe" or a tokenizer.json path."""
-    if spec == "byte":
-        return {"spec": "byte"}
+    """The ``tokenizer`` part of a request, for ``spec`` = "byte", "bpe", "word", "char", "auto"
+    (fitted to the text, ``looplm.data.word_char``) or a tokenizer.json path."""
+    if spec in ("byte", "word", "char", "auto"):
+        return {"spec": spec}
     if spec == "bpe":
         return {"spec": "bpe", "bpe_vocab_size": bpe_vocab_size}
     return {"spec": "file", "path": str(Path(spec).resolve()), "sha256": tokenizer_digest(load_tokenizer(spec))}

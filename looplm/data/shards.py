@@ -5,10 +5,11 @@ A shard directory holds:
 - ``train.bin``, ``val.bin``: raw little-endian token ids, ``uint16`` when
   ``vocab_size <= 65536`` else ``uint32``; every document is followed by ``eos_id``.
 - ``meta.json``: ``{"format": "looplm-shards", "version": 1, "dtype", "vocab_size",
-  "train_tokens", "val_tokens", "tokenizer": kind, "tokenizer_sha256", "provenance"}``;
-  ``tokenizer_sha256`` (``looplm.data.provenance.tokenizer_digest``) and ``provenance``
-  (where the text came from and with which options, ``looplm.data.prepare``) are absent
-  from directories written before they existed, which still load.
+  "train_tokens", "val_tokens", "tokenizer": kind, "tokenizer_sha256", "provenance",
+  "corpus_bytes"}``; ``tokenizer_sha256`` (``looplm.data.provenance.tokenizer_digest``),
+  ``provenance`` (where the text came from and with which options, ``looplm.data.prepare``) and
+  ``corpus_bytes`` (the documents' UTF-8 size, which ``model.auto_size`` reads) are absent from
+  directories written before they existed, which still load.
 - ``tokenizer.json``: the tokenizer that produced the ids.
 
 Raw documents are read by ``looplm.data.documents`` (``read_documents`` is re-exported here).
@@ -201,7 +202,7 @@ def _write_into(
     """Write all shard files into ``staging``; return the meta dict."""
     dtype = token_dtype(tokenizer.vocab_size)
     stream_path = staging / "stream.bin"
-    lengths = _tokenize_to_file(documents, tokenizer, dtype, stream_path)
+    lengths, corpus_bytes = _tokenize_to_file(documents, tokenizer, dtype, stream_path)
     spans = _split_spans(lengths, val_fraction, seed)
     stream = np.memmap(stream_path, dtype=dtype, mode="r")
     counts = {split: _copy_spans(stream, spans[split], staging / f"{split}.bin") for split in SPLITS}
@@ -216,6 +217,7 @@ def _write_into(
         "val_tokens": counts["val"],
         "tokenizer": tokenizer.kind,
         "tokenizer_sha256": tokenizer_digest(tokenizer),
+        "corpus_bytes": corpus_bytes,
     }
     if provenance is not None:
         meta["provenance"] = provenance
@@ -224,9 +226,12 @@ def _write_into(
     return meta
 
 
-def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, path: Path) -> np.ndarray:
-    """Append every document's ids and an eos to ``path``; return each document's length (eos included)."""
+def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype,
+                      path: Path) -> tuple[np.ndarray, int]:
+    """Append every document's ids and an eos to ``path``; return each document's length (eos
+    included) and the documents' UTF-8 bytes."""
     lengths: list[int] = []
+    corpus_bytes = 0
     progress = _Progress()
     try:
         with open(path, "wb") as out:
@@ -238,9 +243,10 @@ def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.
                     lengths.append(len(ids) + 1)
                 np.asarray(stream, dtype=dtype).tofile(out)
                 progress.advance(sum(len(text) for text in batch))
+                corpus_bytes += sum(len(text.encode("utf-8", errors="replace")) for text in batch)
     finally:
         progress.close()
-    return np.asarray(lengths, dtype=np.int64)
+    return np.asarray(lengths, dtype=np.int64), corpus_bytes
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:

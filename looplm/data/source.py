@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from looplm.config import DataConfig
+from looplm.config import FITTED_TOKENIZERS, DataConfig
 from looplm.errors import LoopLMError
 
 
@@ -24,6 +24,7 @@ class TrainingData:
     validation: list[tuple[torch.Tensor, torch.Tensor]]
     eval_set: object | None = None
     description: str = ""
+    corpus_bytes: int | None = None  # UTF-8 size of the text the shards came from (model.auto_size)
 
 
 def open_training_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: int,
@@ -64,7 +65,7 @@ def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: in
         raise LoopLMError(f"the validation split of {str(shard_dir)!r} is too small: give more text")
     validation = list(validation_split.sequential_batches(batch_size, window))[:max(eval_batches, 1)]
     return TrainingData(tokenizer, seq_len, lambda b, g: train.random_batch(b, seq_len, g), validation,
-                        None, f"{len(train):,} training tokens from {data.path}")
+                        None, f"{len(train):,} training tokens from {data.path}", train.meta.get("corpus_bytes"))
 
 
 def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
@@ -83,7 +84,7 @@ def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
 
     path = Path(data.path)
     if not HubSpec.names(data.path) and path.is_dir() and (path / "meta.json").is_file():
-        if data.tokenizer not in ("byte", "bpe"):
+        if data.tokenizer != "byte" and data.tokenizer not in FITTED_TOKENIZERS:  # a tokenizer file
             check_tokenizer(path, load_tokenizer(data.tokenizer), data.tokenizer)
         return path
     root = work_dir / "data" if work_dir is not None else cache_path("prepared-data")

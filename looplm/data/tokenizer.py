@@ -1,7 +1,8 @@
 """Tokenizers: a byte-level one that needs no training, and byte-level BPE.
 
 Both are Hugging Face ``tokenizers`` objects behind one small interface, ``Tokenizer``,
-saved as a standard ``tokenizer.json``; any other ``tokenizer.json`` loads too.
+saved as a standard ``tokenizer.json``; any other ``tokenizer.json`` loads too.  The word and
+char tokenizers fitted to a corpus (lrnnSMDDS's rules) are in ``looplm.data.word_char``.
 
 Byte layout (``byte_tokenizer``): id == byte value for ids 0..255 of the UTF-8 encoding,
 then ``<pad>`` = 256, ``<bos>`` = 257, ``<eos>`` = 258, so ``vocab_size`` is 259.
@@ -57,7 +58,14 @@ class Tokenizer:
         vocab_size: one more than the largest id, so every id indexes an embedding row.
         pad_id, bos_id, eos_id: special ids; for a foreign file they are found by name
             (see ``from_file``).
-        kind: ``"byte"`` for the byte layout above, ``"bpe"`` for anything else.
+        kind: ``"byte"`` for the byte layout above, ``"word"`` for a word-level vocabulary,
+            ``"char"`` for a byte-level one without merges that is not the byte layout (both as
+            ``looplm.data.word_char`` builds them), ``"bpe"`` for anything else.
+        adds_bos: whether a prompt starts with ``bos_id`` (``encode_prompt``): always, except for
+            a word or char tokenizer without ``<bos>`` (one imported from lrnnSMDDS, whose models
+            never saw such a token).
+        stop_ids: the ids that end a generation unless told otherwise: ``[eos_id]``, or none for
+            a word or char tokenizer without ``<eos>`` (its fallback eos would be a real token).
     """
 
     def __init__(self, backend: HFTokenizer) -> None:
@@ -67,13 +75,16 @@ class Tokenizer:
         backend.no_padding()
         backend.encode_special_tokens = True
         self.backend = backend
-        self.kind = "byte" if _is_byte_layout(json.loads(backend.to_str())) else "bpe"
+        self.kind = _kind(json.loads(backend.to_str()))
         vocab = backend.get_vocab(with_added_tokens=True)
         if not vocab:
             raise LoopLMError("the tokenizer has an empty vocabulary: give a trained tokenizer.json, or 'byte'")
         self.vocab_size = max(vocab.values()) + 1
         self.pad_id, self.bos_id, self.eos_id = _find_special_ids(backend, self.vocab_size)
         self._skipped_ids = frozenset((self.pad_id, self.bos_id, self.eos_id))
+        fitted = self.kind in ("word", "char")
+        self.adds_bos = not fitted or backend.token_to_id("<bos>") is not None
+        self.stop_ids = [self.eos_id] if not fitted or backend.token_to_id("<eos>") is not None else []
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -85,6 +96,10 @@ class Tokenizer:
         except (UnicodeEncodeError, TypeError):
             # Rare, so the replacement stays off the hot path.
             return self._encode(LONE_SURROGATE.sub("\ufffd", text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a prompt is fed as: ``bos_id`` first (unless ``adds_bos`` is false), then ``encode(text)``."""
+        return ([self.bos_id] if self.adds_bos else []) + self.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``[encode(t) for t in texts]``; the BPE backend encodes in parallel."""
@@ -119,7 +134,7 @@ class Tokenizer:
         A byte-level token's characters are bytes in GPT-2's printable alphabet, one each; any
         other token counts the UTF-8 bytes of its decoded text.
         """
-        alphabet = set(_byte_to_char().values())
+        alphabet = set(byte_to_char().values())
         added = set(self.backend.get_added_tokens_decoder())
         lengths = []
         for token_id in range(self.vocab_size):
@@ -170,8 +185,8 @@ class Tokenizer:
 
 def byte_tokenizer() -> Tokenizer:
     """The byte tokenizer: ids 0..255 are raw UTF-8 bytes, then <pad>, <bos>, <eos>."""
-    byte_to_char = _byte_to_char()
-    vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    table = byte_to_char()
+    vocab = {table[byte]: byte for byte in range(256)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -226,13 +241,47 @@ class _CharacterCounter:
             yield text
 
 
-def _byte_to_char() -> dict[int, str]:
+def byte_to_char() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the one ByteLevel pre-tokenization uses."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {byte: chr(byte) for byte in printable}
     others = [byte for byte in range(256) if byte not in table]
     table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
     return table
+
+
+# The word layout's token boundaries and the word/char layouts' special entries (lrnnSMDDS's rules;
+# looplm.data.word_char fits those tokenizers, ``layout_kind`` recognises them).
+BOUNDARY = " \n\t\r.,!?:;\"'()[]{}-/\\@#$%&*+=<>|~`^"
+UNKNOWN, PADDING = "<unk>", "<pad>"
+
+
+def layout_kind(config: dict) -> str | None:
+    """"word" or "char" when a tokenizer.json dict has the layout built here, else None."""
+    model, pre_tokenizer = config.get("model") or {}, config.get("pre_tokenizer") or {}
+    if model.get("type") == "WordLevel" and model.get("unk_token") == UNKNOWN:
+        steps = pre_tokenizer.get("pretokenizers") or [{}]
+        if (steps[0].get("pattern") or {}).get("Regex") == character_class(BOUNDARY):
+            return "word"
+    alphabet = set(byte_to_char().values())
+    vocab = model.get("vocab") or {}
+    if (model.get("type") == "BPE" and not model.get("merges") and model.get("unk_token") in vocab
+            and set(vocab) <= alphabet and pre_tokenizer.get("type") == "ByteLevel"
+            and pre_tokenizer.get("use_regex") is False):
+        return "char"
+    return None
+
+
+def character_class(characters) -> str:
+    """A regex class matching any one of ``characters``."""
+    return "[" + "".join("\\" + character if character in "[]\\^-" else character for character in characters) + "]"
+
+
+def _kind(config: dict[str, Any]) -> str:
+    """The ``Tokenizer.kind`` of a tokenizer.json dict: a word or char layout is recognised by
+    what ``looplm.data.word_char`` writes (its unknown token and pre-tokenizer), so a foreign
+    word-level file stays "bpe" as before."""
+    return "byte" if _is_byte_layout(config) else layout_kind(config) or "bpe"
 
 
 def _is_byte_layout(config: dict[str, Any]) -> bool:
@@ -244,8 +293,8 @@ def _is_byte_layout(config: dict[str, Any]) -> bool:
     model = config.get("model") or {}
     pre_tokenizer = config.get("pre_tokenizer") or {}
     decoder = config.get("decoder") or {}
-    byte_to_char = _byte_to_char()
-    expected_vocab = {byte_to_char[byte]: byte for byte in range(256)}
+    table = byte_to_char()
+    expected_vocab = {table[byte]: byte for byte in range(256)}
     added = {token["content"]: token["id"] for token in config.get("added_tokens", []) if token.get("special")}
     return (
         model.get("type") == "BPE"

@@ -57,6 +57,7 @@ class Attention(nn.Module):
         query_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
         self.qkv = nn.Linear(d_model, query_width + 2 * self.n_kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.dropout = config.dropout  # on the attention weights, in training
         if self.gated:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
@@ -93,7 +94,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if kv_store is None:
             k, v = first_step_kv(self, carry, k, v, self.append_first)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
         elif isinstance(kv_store, CacheRows):  # batched decode: rows of the cache, read in place
             kv_store.write(k, v, start)
             o = rows_attention(q, kv_store, start + 1)
@@ -107,6 +109,7 @@ class Attention(nn.Module):
             if key_mask is not None:
                 mask = key_mask if mask is None else key_mask & mask
             o = F.scaled_dot_product_attention(q, key_store[:, :, :end], value_store[:, :, :end],
-                                               attn_mask=mask, enable_gqa=gqa)
+                                               attn_mask=mask, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
         o = o.transpose(1, 2).reshape(batch, length, -1)
         return self.out(o * torch.sigmoid(gate) if self.gated else o)

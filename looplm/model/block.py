@@ -3,6 +3,11 @@
 pre:       h = h + attn(n₁(h));          h = h + ffn(n₂(h))
 sandwich:  h = h + n_b(attn(n_a(h)));    h = h + n_d(ffn(n_c(h)))     (docs/MATH.md §1)
 
+The norms are ``model.norm_type`` (RMSNorm or LayerNorm).  With ``model.dropout`` p > 0, each
+sublayer's output passes dropout (p) in training before it is added (OpenMythos's residual
+dropout; attention also drops attention weights).  With ``model.moe_scope = core`` only core
+layers get the MoE FFN; prelude and coda layers keep the dense SwiGLU.
+
 A core (looped) layer may also read the token's earlier loop steps through a ``LoopCarry``:
 nanochat's global gates (looplm.model.global_gates) mix a running mean of its earlier
 updates into both sublayer inputs, loop-axis memory caching (looplm.model.gdn) lets a
@@ -17,6 +22,7 @@ and the FFN's projections into ``BitLinear`` (looplm.model.bitlinear).
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from looplm.config import ModelConfig
 from looplm.model.attention import Attention
@@ -30,16 +36,15 @@ from looplm.model.global_gates import GlobalGates
 from looplm.model.rwkv import RWKVSlotMixer
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
-from looplm.model.norms import RMSNorm
+from looplm.model.norms import make_norm
 
 
 class Layer(nn.Module):
     def __init__(self, config: ModelConfig, kind: str = "A", looped: bool = False, index: int = 0):
         """index: the layer's place in its stack (block attention residuals group sub-layers by it)."""
         super().__init__()
-        dim, eps = config.d_model, config.norm_eps
-        zero = config.zero_centered_norm
-        self.attn_norm = RMSNorm(dim, eps, zero)
+        dim = config.d_model
+        self.attn_norm = make_norm(config)
         # The token mixer: attention of the configured kind, Gated DeltaNet ("G") or RWKV slots ("R").
         self.kind = kind
         if kind == "G":
@@ -48,14 +53,16 @@ class Layer(nn.Module):
             self.attn = RWKVSlotMixer(config)
         else:
             self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
-        self.ffn_norm = RMSNorm(dim, eps, zero)
+        self.ffn_norm = make_norm(config)
         ffn_kinds = {"dense": lambda: SwiGLU(dim, config.ffn_hidden), "moe": lambda: MoE(config),
                      "channelmix": lambda: ChannelMix(dim, config.ffn_hidden)}
-        self.ffn = ffn_kinds[config.ffn]()
+        ffn = "dense" if config.ffn == "moe" and config.moe_scope == "core" and not looped else config.ffn
+        self.ffn = ffn_kinds[ffn]()
         self.shifted_ffn = config.ffn == "channelmix"
         sandwich = config.norm == "sandwich"
-        self.attn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
-        self.ffn_post_norm = RMSNorm(dim, eps, zero) if sandwich else nn.Identity()
+        self.attn_post_norm = make_norm(config) if sandwich else nn.Identity()
+        self.ffn_post_norm = make_norm(config) if sandwich else nn.Identity()
+        self.dropout = config.dropout
         self.global_gates = GlobalGates(dim) if looped and config.global_gates else None
         self.attn_residual, self.ffn_residual = sublayer_residuals(config, index)
         if config.ternary == "all" or (config.ternary == "core" and looped):
@@ -85,7 +92,8 @@ class Layer(nn.Module):
         else:
             mixed = self.attn(x, cos, sin, kv_store, start, mask, carry)
         attention = self.attn_post_norm(mixed)
-        h = h + attention if self.attn_residual is None else self.attn_residual.write(h, attention, context)
+        h = h + self._drop(attention) if self.attn_residual is None else \
+            self.attn_residual.write(h, self._drop(attention), context)
         x, context = (h, None) if self.ffn_residual is None else self.ffn_residual.read(h)
         x = self.ffn_norm(x)
         if gates is not None:
@@ -93,4 +101,8 @@ class Layer(nn.Module):
         ffn = self.ffn_post_norm(self.ffn(x, ffn_store) if self.shifted_ffn else self.ffn(x))
         if gates is not None:
             gates.record(carry, state, attention, ffn)
-        return h + ffn if self.ffn_residual is None else self.ffn_residual.write(h, ffn, context)
+        return h + self._drop(ffn) if self.ffn_residual is None else self.ffn_residual.write(h, self._drop(ffn), context)
+
+    def _drop(self, update: torch.Tensor) -> torch.Tensor:
+        """Residual dropout of a sublayer's output (training only; none at p = 0)."""
+        return F.dropout(update, self.dropout, self.training) if self.dropout else update

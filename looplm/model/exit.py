@@ -64,6 +64,31 @@ def act_weights(gate_logits: torch.Tensor, threshold: float = 0.99) -> tuple[tor
     return weights, halting_steps.clamp_max(steps)
 
 
+def act_mixing_step(state: tuple | None, h: torch.Tensor, halt_logits: torch.Tensor,
+                    threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One loop step of OpenMythos's ACT over the loop states (``model.act_mixing``).
+
+    state: (cumulative c, halted, mixture m) after the previous step, or None before step 1;
+    h [..., D] the step's state, halt_logits z [...].  With p = σ(z) and r = max(1 − c, 0):
+
+        w = r where c + p ≥ threshold, else p;   w = 0 where already halted
+        m ← m + w·h;   c ← c + p (not halted);   halted ← halted or c ≥ threshold
+
+    Returns the new (c, halted, m).  Unlike ``act_weights``, the last step run does not take the
+    remainder: a position that never halts keeps weights summing below 1, as the source does.
+    """
+    p = torch.sigmoid(halt_logits)
+    if state is None:
+        cumulative, halted, mixture = torch.zeros_like(p), torch.zeros_like(p, dtype=torch.bool), torch.zeros_like(h)
+    else:
+        cumulative, halted, mixture = state
+    running = (~halted).to(p.dtype)
+    weight = torch.where(cumulative + p >= threshold, (1.0 - cumulative).clamp_min(0.0), p) * running
+    mixture = mixture + weight.unsqueeze(-1) * h
+    cumulative = cumulative + p * running
+    return cumulative, halted | (cumulative >= threshold), mixture
+
+
 def act_weights_reference(gate_logits: torch.Tensor, threshold: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
     """The same ACT weights by a plain loop over positions and steps (the test reference)."""
     flat = torch.sigmoid(gate_logits).reshape(gate_logits.shape[0], -1)

@@ -1,6 +1,6 @@
 """LoopLM: the whole looped language model (DESIGN "flow of a token").
 
-    e   = prelude(embed(ids))                       run once
+    e   = prelude(embed(ids))                       run once (embed_norm: prelude(n₀(embed(ids))))
     h_0 = e  (or noise)
     h_t = core(inject(h_{t−1}, e))   t = 1..T       the same N layers every step
           (with step_norm: h_t = norm(core(…)), Ouro's final norm closing each step;
@@ -14,6 +14,11 @@ any state (the D-wise loop mechanics apply per stream); the embedding enters as 
 the readout norms the streams' mean.  With block attention residuals each stack pass (the
 prelude, one core step, the coda) starts a ``DepthSources`` from its input and ends with its
 output query (``stack_outputs``); see looplm.model.residual.
+
+With ``act_mixing`` (OpenMythos) the gate reads the state, λ_t = σ(w·h_t + b), as ACT's
+halting probability, and the readout is r_t = norm(coda(m_t)) for the ACT mixture
+m_t = Σ_{s≤t} w_s h_s of the states so far (``exit.act_mixing_step``): what the source outputs
+when run for t loop steps.  The mixture travels through the ``LoopCarry`` of the call.
 
 The building blocks (``embed_input``, ``core_step``, ``readout``, ``logits``, ``gate_logits``)
 are public so the decoder can run a token step by step and stop early; ``forward`` is the
@@ -37,10 +42,10 @@ from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
 from looplm.model.carry import LoopCarry
-from looplm.model.exit import act_weights, exit_distribution, log_exit_distribution
+from looplm.model.exit import act_mixing_step, act_weights, exit_distribution, log_exit_distribution
 from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
 from looplm.model.moe import MoE
-from looplm.model.norms import RMSNorm
+from looplm.model.norms import make_norm
 from looplm.model.residual import DepthAttention, DepthSources
 from looplm.model.rope import RotaryEmbedding
 from looplm.precision import without_autocast
@@ -91,6 +96,9 @@ class LoopOutput:
         """ACT over the exit gate read as halting probabilities (``exit.act_weights``):
         the halting-weighted readout Σ_t w_t r_t [B, S, D], the weights [T, B, S] and the
         halting steps [B, S]."""
+        if self.model.config.act_mixing:
+            raise LoopLMError("model.act_mixing: every readout already is the ACT mixture of the loop states; read"
+                              " a step's logits (objective last or stage1, fixed steps or Q-exit), not ACT over them")
         threshold = self.model.config.act_threshold if threshold is None else threshold
         weights, halting = act_weights(self._gate(), threshold)
         state = sum(weight.unsqueeze(-1) * hidden for weight, hidden in zip(weights, self.hidden_states))
@@ -107,6 +115,7 @@ class LoopLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_norm = make_norm(config) if config.embed_norm else None
         self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i), index=i) for i in range(config.n_prelude_layers))
         self.core = nn.ModuleList(Layer(config, config.layer_kind(i), looped=True, index=i)
                                   for i in range(config.n_core_layers))
@@ -116,7 +125,7 @@ class LoopLM(nn.Module):
         self.stack_outputs = nn.ModuleDict(
             {stack: DepthAttention(config) for stack in ("prelude", "core", "coda") if getattr(self, stack)}
         ) if config.attnres_block_size else None
-        self.norm = RMSNorm(config.d_model, config.norm_eps, config.zero_centered_norm)
+        self.norm = make_norm(config)
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta)
@@ -134,6 +143,8 @@ class LoopLM(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.zeros_(parameter) if config.zero_centered_norm else nn.init.ones_(parameter)
+            elif name.endswith("norm.bias"):
+                nn.init.zeros_(parameter)
             elif name.startswith("exit_gate"):
                 nn.init.zeros_(parameter)
             elif name.endswith(("attn.out.weight", "down.weight", "experts_down")):
@@ -208,6 +219,8 @@ class LoopLM(nn.Module):
         if tables is None:
             self._check_positions(start, ids.shape[1])
         h = self.embed(ids)
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
         if self.streams > 1:
             h = h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1])
         cos, sin = tables if tables is not None else self.rope.tables(start, ids.shape[1])
@@ -225,28 +238,46 @@ class LoopLM(nn.Module):
         prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
         the step norm if configured (see ``looplm.model.loop``).  carry: what the same
         positions' earlier steps left (``LoopCarry``; one per call, steps run in order from 0);
-        required by model.loop_mc and model.global_gates."""
+        required by model.loop_mc, model.global_gates and model.act_mixing."""
         config = self.config
         if carry is not None:
             carry.step = step
         elif self.needs_carry:
-            raise LoopLMError("model.loop_mc, model.global_gates and model.kv_append_first read earlier loop"
-                              " steps: pass carry=LoopCarry() to core_step (one per call)")
+            raise LoopLMError("model.loop_mc, model.global_gates, model.kv_append_first and model.act_mixing read"
+                              " earlier loop steps: pass carry=LoopCarry() to core_step (one per call)")
+        if self.injection is not None and injected is None:
+            raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
         h, injected = self._split(h), self._split(injected)
-        if config.loop_index_embedding:
-            h = h + loop_index_signal(step, config.d_model, h.device, h.dtype)
-        if self.injection is not None:
-            if injected is None:
-                raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
-            h = self.injection(h, injected)
+        signal = loop_index_signal(step, config.d_model, h.device, h.dtype) if config.loop_index_embedding else None
+        residual = self.injection is not None and self.injection.residual
+        if residual:  # OpenMythos: the core reads n(h + signal + e); h enters the update on its own
+            core_input = self.injection.core_input(h, injected, signal)
+        else:
+            if signal is not None:
+                h = h + signal
+            if self.injection is not None:
+                h = self.injection(h, injected)
+            core_input = h
         cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
-        update = self._stack("core", self.core, h, cos, sin, cache, step, start, mask, carry)
+        update = self._stack("core", self.core, core_input, cos, sin, cache, step, start, mask, carry)
         if self.depth_lora is not None:
-            update = update + self.depth_lora(h, step)
+            update = update + self.depth_lora(update if self.depth_lora.reads_output else core_input, step)
+        if residual:
+            update = self.injection.combine(h, injected, update)
+        if config.act_mixing:
+            earlier = carry.earlier(self.exit_gate)
+            halt_logits = self.exit_gate(update).squeeze(-1)
+            carry.put(self.exit_gate, (halt_logits, *act_mixing_step(earlier[-1][1:] if earlier else None, update,
+                                                                      halt_logits, config.act_threshold)))
         return self._join(self.norm(update) if config.step_norm else update)
 
-    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
-        """State after a loop step → the normed state [B, S, D] the head and the exit gate read."""
+    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None, tables=None, mask=None,
+                carry: LoopCarry | None = None) -> torch.Tensor:
+        """State after a loop step → the normed state [B, S, D] the head and the exit gate read.
+        With act_mixing the coda reads the ACT mixture of the states so far, from ``carry`` (the
+        one ``core_step`` was given for this step)."""
+        if self.config.act_mixing:
+            h = self._carried(carry)[3]
         if not self.coda and self.streams == 1:
             return h if self.config.step_norm else self.norm(h)
         h = self._split(h)
@@ -259,10 +290,20 @@ class LoopLM(nn.Module):
         """[..., D] → [..., V]."""
         return F.linear(readout, self.head_weight)
 
-    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+    def gate_logits(self, readout: torch.Tensor, carry: LoopCarry | None = None) -> torch.Tensor:
         """[..., D] → exit-gate logits z [...], in the weights' dtype even under bf16 autocast:
-        the exit distribution's log-space math and the exit decision read them."""
+        the exit distribution's log-space math and the exit decision read them.  With act_mixing
+        the gate has read the step's state already: its logits come from ``carry`` (shaped like
+        ``readout`` without its last dim)."""
+        if self.config.act_mixing:
+            return self._carried(carry)[0].reshape(readout.shape[:-1])
         return without_autocast(self.exit_gate, readout, self.exit_gate.weight.dtype).squeeze(-1)
+
+    def _carried(self, carry: LoopCarry | None) -> tuple:
+        """act_mixing: (halting logits, cumulative, halted, mixture) of the step running now."""
+        if carry is None:
+            raise LoopLMError("model.act_mixing reads the ACT state of the step: pass the carry given to core_step")
+        return carry.current(self.exit_gate)
 
     def balance_experts(self) -> None:
         """Update every MoE layer's balancing bias from the loads its forwards counted (the trainer
@@ -273,7 +314,8 @@ class LoopLM(nn.Module):
     @property
     def needs_carry(self) -> bool:
         """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
-        return self.config.loop_mc or self.config.global_gates or self.config.kv_append_first
+        return (self.config.loop_mc or self.config.global_gates or self.config.kv_append_first
+                or self.config.act_mixing)
 
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
                 backprop_steps: int | None = None) -> LoopOutput:
@@ -298,10 +340,10 @@ class LoopLM(nn.Module):
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
                 h = self.core_step(h, step, start, cache, e, carry=carry)
-                readout = self.readout(h, step, start, cache)
+                readout = self.readout(h, step, start, cache, carry=carry)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
-                    gates.append(self.gate_logits(readout))
+                    gates.append(self.gate_logits(readout, carry))
             if cache is not None:
                 cache.after_step(step, start, start + ids.shape[1])
         if cache is not None:

@@ -7,6 +7,13 @@ One loop step, with e the prelude output of the same position and t the 0-based 
     h ← core(u) + depth_lora(u, t)          (depth_lora_rank > 0)
     h ← norm(h)                             (step_norm, Ouro)
 
+except for ``lti_residual`` (OpenMythos's rule), where the core is a term of the update and
+the signal enters only its input:
+
+    x = n(h + loop_index_signal(t) + e)     (n: the injection's own norm)
+    y = core(x) + depth_lora(·, t)          (the LoRA reads x, or y with depth_lora_position=output)
+    h ← A ⊙ h + B ⊙ e + y                   A = exp(−exp(log_dt + log_A)), one log_dt for all channels
+
 Injection kinds (``ModelConfig.injection``):
 - ``identity`` (Ouro): u = h; the input enters only as h₀ = e.
 - ``additive``: u = h + e (spectral radius 1: the state can grow with depth).
@@ -14,6 +21,7 @@ Injection kinds (``ModelConfig.injection``):
 - ``diagonal`` (Parcae): u = Ā ⊙ h + Δ ⊙ (B e), Ā = exp(−Δ ⊙ exp(A_log)), Δ = softplus(dt),
   B a D×D matrix.
 - ``concat`` (Huginn): u = W [h; e], W a D×2D adapter.
+- ``lti_residual`` (OpenMythos): the rule above; A starts at e^−1 (log_A = log_dt = 0), B at 0.1.
 The decays of ``lti`` and ``diagonal`` are computed in float32 and capped one machine epsilon
 of the parameters' dtype below 1, so they stay strictly inside (0, 1) in fp32, fp16 and bf16
 (exp(−exp(x)) rounds to exactly 1 for x < −17.3 in fp32, −8.3 in fp16, −6.2 in bf16).
@@ -32,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
+from looplm.model.norms import make_norm
 
 _EXPONENT_CLAMP = 20.0
 
@@ -48,10 +57,13 @@ class Injection(nn.Module):
         super().__init__()
         self.kind = config.injection
         dim = config.d_model
-        if self.kind == "lti":
+        self.residual = self.kind == "lti_residual"  # the core is a term of the update (core_input, combine)
+        if self.kind in ("lti", "lti_residual"):
             self.log_a = nn.Parameter(torch.empty(dim))
-            self.log_dt = nn.Parameter(torch.empty(dim))
+            self.log_dt = nn.Parameter(torch.empty(1 if self.residual else dim))
             self.b = nn.Parameter(torch.empty(dim))
+        if self.residual:
+            self.input_norm = make_norm(config)
         elif self.kind == "diagonal":
             self.a_log = nn.Parameter(torch.empty(dim))
             self.dt = nn.Parameter(torch.empty(dim))
@@ -67,6 +79,10 @@ class Injection(nn.Module):
                 self.log_a.fill_(math.log(math.log(2.0)))  # A = exp(−exp(log_a)) = 0.5
                 self.log_dt.zero_()
                 self.b.fill_(1.0)
+            elif self.residual:  # OpenMythos's values: A = e^−1, B = 0.1
+                self.log_a.zero_()
+                self.log_dt.zero_()
+                self.b.fill_(0.1)
             elif self.kind == "diagonal":
                 self.a_log.zero_()
                 self.dt.fill_(math.log(math.expm1(math.log(2.0))))  # Δ = softplus(dt) = log 2 → Ā = 0.5
@@ -77,7 +93,7 @@ class Injection(nn.Module):
 
     def decay(self) -> torch.Tensor | None:
         """The per-channel state decay A (lti) or Ā (diagonal) in the parameters' dtype, else None."""
-        if self.kind == "lti":
+        if self.kind in ("lti", "lti_residual"):
             exponent = (self.log_dt.float() + self.log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
             return _capped_decay(torch.exp(-torch.exp(exponent)), self.log_a.dtype)
         if self.kind == "diagonal":
@@ -85,6 +101,14 @@ class Injection(nn.Module):
             rate = torch.exp(self.a_log.float().clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP))
             return _capped_decay(torch.exp(-step * rate), self.a_log.dtype)
         return None
+
+    def core_input(self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
+        """lti_residual: x = n(h + signal + e), what the core reads (h itself stays unsignalled)."""
+        return self.input_norm(h + e if signal is None else h + signal + e)
+
+    def combine(self, h: torch.Tensor, e: torch.Tensor, core_output: torch.Tensor) -> torch.Tensor:
+        """lti_residual: h ← A ⊙ h + B ⊙ e + y."""
+        return self.decay() * h + self.b * e + core_output
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if self.kind == "identity":
@@ -112,7 +136,8 @@ def loop_index_signal(step: int, dim: int, device=None, dtype=torch.float32) -> 
 
 class DepthLoRA(nn.Module):
     """delta(x, t) = (down(x) ⊙ scale[min(t, T − 1)]) @ up: one low-rank adapter shared by all
-    steps, modulated by a per-step scale vector (the clamped index extrapolates past T)."""
+    steps, modulated by a per-step scale vector (the clamped index extrapolates past T).
+    ``reads_output``: x is the core's output (OpenMythos), not its input."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -121,6 +146,7 @@ class DepthLoRA(nn.Module):
         self.up = nn.Linear(config.depth_lora_rank, config.d_model, bias=False)
         self.scale = nn.Parameter(torch.ones(config.loop_steps, config.depth_lora_rank))
         self.init_std = config.init_std
+        self.reads_output = config.depth_lora_position == "output"
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:

@@ -2,6 +2,7 @@
 
     queries  q = q_up(norm(q_down(x)))  (or one projection when mla_q_rank = 0)
              per head: [q_nope (d_nope) | q_rope (d_rope)]
+             (d_nope = mla_nope_dim, d_v = mla_value_dim: each head_dim unless set)
     latent   [c (r_kv) | k_rope (d_rope)] = kv_down(x);  c ← norm(c)
     keys     per head: [k_nope | rope(k_rope)] with k_nope, v = kv_up(c) split per head
     scores   (q_nope·k_nope + rope(q_rope)·rope(k_rope)) / √(d_nope + d_rope)
@@ -37,7 +38,8 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         d_model, eps = config.d_model, config.norm_eps
         self.n_heads = config.n_heads
-        self.nope_dim, self.rope_dim, self.value_dim = config.head_dim, config.mla_rope_dim, config.head_dim
+        self.nope_dim, self.rope_dim, self.value_dim = config.mla_nope_dim, config.mla_rope_dim, config.mla_value_dim
+        self.dropout = config.dropout  # on the attention weights, in training
         self.kv_rank = config.mla_kv_rank
         query_width = self.n_heads * (self.nope_dim + self.rope_dim)
         if config.mla_q_rank:
@@ -99,7 +101,8 @@ class MultiHeadLatentAttention(nn.Module):
             mask = None if length == 1 or kv_store is None else causal_mask_with_offset(length, end, x.device)
             if key_mask is not None:
                 mask = key_mask if mask is None else key_mask & mask
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv_store is None and length > 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv_store is None and length > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(batch, length, -1))
 
     def _absorbed(self, q_nope, q_rope, c, k_rope, key_mask=None) -> torch.Tensor:
@@ -112,5 +115,5 @@ class MultiHeadLatentAttention(nn.Module):
         scores = scores * (self.nope_dim + self.rope_dim) ** -0.5
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
         return torch.einsum("bhsr,hvr->bhsv", torch.einsum("bhsl,blr->bhsr", weights, c[:, 0]), value_up)

@@ -47,7 +47,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, config.n_experts, bias=False)
         self.experts_gate_up = nn.Parameter(torch.empty(config.n_experts, dim, 2 * hidden))
         self.experts_down = nn.Parameter(torch.empty(config.n_experts, hidden, dim))
-        self.shared = SwiGLU(dim, hidden * config.n_shared_experts) if config.n_shared_experts else None
+        # The shared experts, each of width shared_expert_hidden, run as one SwiGLU of their summed width.
+        self.shared = SwiGLU(dim, config.shared_expert_hidden * config.n_shared_experts) if config.n_shared_experts else None
         self.register_buffer("balance_bias", torch.zeros(config.n_experts))
         self.aux_losses: list[torch.Tensor] = []
         self.pending_load: torch.Tensor | None = None  # tokens per expert since the last apply_balance

@@ -1,4 +1,7 @@
-"""RMSNorm: y = x / sqrt(mean(x²) + ε) · w.
+"""RMSNorm: y = x / sqrt(mean(x²) + ε) · w;  LayerNorm: y = (x − mean(x)) / sqrt(var(x) + ε) · w + b.
+
+``make_norm`` builds the residual-stream norm a config asks for (``model.norm_type``: ``rms``,
+or ``layer`` — LayerNorm with a bias and the biased variance, as lrnnSMDDS).
 
 Two implementations of the same math: ``F.rms_norm`` (the reference) and ``rms_norm_fused``,
 an autograd function with a hand-written backward that runs about 1.7× faster on a CPU
@@ -67,3 +70,29 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and x.dtype == scale.dtype:
             return rms_norm_fused(x, scale, self.eps)
         return F.rms_norm(x, (x.shape[-1],), scale, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension (Ba et al. 2016), x: [..., D]: the biased variance,
+    a scale w (1 + w when zero_centered) and a bias b starting at 0."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return 1.0 + self.weight if self.zero_centered else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.bias, self.eps)
+
+
+def make_norm(config, dim: int | None = None) -> nn.Module:
+    """The residual-stream norm of ``config`` (``norm_type``, ``norm_eps``, ``zero_centered_norm``)
+    over ``dim`` channels (default d_model)."""
+    kind = LayerNorm if config.norm_type == "layer" else RMSNorm
+    return kind(config.d_model if dim is None else dim, config.norm_eps, config.zero_centered_norm)

@@ -1,5 +1,5 @@
-"""RWKV-style token mixer with slot memory (lrnnSMDDS; reimplemented from
-the behaviour its model description gives).  Layer kind "R" in ``layer_pattern``.
+"""RWKV-style token mixer with slot memory (lrnnSMDDS's TimeMix, written from its equations).
+Layer kind "R" in ``layer_pattern``.
 
 For the normed input z_t of a layer (d channels, H heads, S slots):
 

@@ -108,7 +108,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
                               " per request: split it")
         prompts = []
         for index, text in enumerate(texts):
-            ids = [tokenizer.bos_id] + tokenizer.encode(text)
+            ids = tokenizer.encode_prompt(text)
             if len(ids) > context:
                 raise LoopLMError(f"prompt {index} has {len(ids)} tokens, longer than the model's context of"
                                   f" {context}: shorten it")

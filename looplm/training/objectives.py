@@ -130,7 +130,9 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         entropy = (token_entropy * mask).sum() / tokens
         mean_exit_step = expected_exit_step(p, mask)
         histogram = (p * mask).sum(dim=(1, 2)).detach() / tokens
-    if objective == "stage1":
+    if objective == "stage1" and output.gate_logits is None and output.steps == 1:
+        loss = step_losses[0]  # one step (an unlooped model without a gate): p(1) = 1, no entropy
+    elif objective == "stage1":
         if output.gate_logits is None:
             raise LoopLMError("objective stage1 needs an exit gate: set model.exit_gate=true")
         expected = (p * token_losses).sum(0)

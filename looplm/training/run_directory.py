@@ -14,14 +14,14 @@ import shutil
 from pathlib import Path
 
 from looplm.checkpoint.atomic import refuse_overlap, remove_stale_staging
-from looplm.config import RunConfig
+from looplm.config import FITTED_TOKENIZERS, RunConfig
 from looplm.errors import LoopLMError
 
 
 def run_inputs(run: RunConfig) -> list[str | None]:
     """The paths a run reads: its data, the checkpoints it starts from or distils from, a tokenizer file."""
     return [run.data.path, run.train.init, run.train.upcycle_from, run.train.distill_teacher,
-            run.data.tokenizer if run.data.tokenizer not in ("byte", "bpe") else None]
+            run.data.tokenizer if run.data.tokenizer not in ("byte", *FITTED_TOKENIZERS) else None]
 
 
 def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite: bool) -> None:

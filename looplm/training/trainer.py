@@ -32,6 +32,7 @@ import torch
 
 from looplm.config import RunConfig
 from looplm.data.source import TrainingData, open_training_data
+from looplm.training.auto_size import apply_auto_size
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
@@ -132,6 +133,8 @@ class Trainer:
         if data is None and self.dist.main and self.dist.active:
             self.dist.barrier()
         self.tokenizer = self.data.tokenizer
+        if run.model.auto_size:  # sizes from the corpus (looplm.training.auto_size); saved with auto_size off
+            run.model = apply_auto_size(run.model, self.data.corpus_bytes, self.tokenizer.kind, self.data.seq_len)
         if fit_vocab and run.model.vocab_size != self.tokenizer.vocab_size:
             run.model = dataclasses.replace(run.model, vocab_size=self.tokenizer.vocab_size)
         if self.tokenizer.vocab_size > run.model.vocab_size:

@@ -42,7 +42,8 @@ LAYER_FIELDS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", 
                 "zero_centered_norm", "rope_theta", "rope_fraction", "mla_kv_rank", "mla_q_rank", "mla_rope_dim",
                 "rwkv_slots", "rwkv_decay_rank", "mc_segment_size", "mc_top_k", "ffn", "n_experts",
                 "n_shared_experts", "moe_top_k", "expert_hidden", "ternary", "hyper_connections",
-                "attnres_block_size", "kv_append_first")
+                "attnres_block_size", "kv_append_first", "norm_type", "embed_norm", "moe_scope",
+                "shared_expert_hidden", "mla_nope_dim", "mla_value_dim", "act_mixing", "depth_lora_position")
 STACKS = ("prelude", "core", "coda")
 IDENTITY_LIKE = ("concat", "lti", "diagonal")
 
@@ -99,6 +100,8 @@ def _operations(config: ModelConfig, names: dict[str, str], steps: int, source_l
         if config.depth_lora_rank and not lora_adds_zero:
             # the LoRA row used at this step, as an index into the source's scale rows
             ops.append(("lora", min(step, config.loop_steps - 1, source_loop_steps - 1)))
+        if config.act_mixing:  # the readout mixes the states of every step so far
+            ops.append(("act_mix",))
         if config.step_norm:
             ops.append(("norm",))
     ops += [("layer", name) for name in coda]

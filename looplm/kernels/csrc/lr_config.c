@@ -12,7 +12,8 @@
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
  * ACT's threshold) or folded into a stored tensor (initial_noise_std: the noise table). */
 static const char *const UNUSED_KEYS[] = {"act_threshold", "init_std", "loop_mc_detach", "moe_bias_update_rate",
-                                            "moe_aux_loss_weight", "initial_noise_std", "mc_detach"};
+                                            "moe_aux_loss_weight", "initial_noise_std", "mc_detach",
+                                            "auto_size", "dropout"};
 
 typedef struct {
     const char *name;
@@ -23,7 +24,8 @@ static int choose(const JsonNode *node, const char *key, const char *const *name
     if (!node || node->kind != JSON_STRING) return lr_fail(error, "model config: %s must be a string", key);
     for (int i = 0; i < count; i++)
         if (strcmp(node->string, names[i]) == 0) { *out = i; return 1; }
-    return lr_fail(error, "model config: %s=%s is not supported by this runtime", key, node->string);
+    return lr_fail(error, "model config: %s=%s is not supported by this runtime; decode with looplm generate"
+                          " --backend reference", key, node->string);
 }
 
 static int boolean(const JsonNode *node, const char *key, int *out, char *error) {
@@ -89,7 +91,9 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                                              "layer_pattern", "norm", "norm_eps", "injection", "initial_state",
                                              "ffn", "ternary", "hyper_connections", "attnres_block_size",
                                              "kv_append_first", "default_exit", "min_loop_steps",
-                                             "max_loop_steps"};
+                                             "max_loop_steps", "norm_type", "embed_norm", "depth_lora_position",
+                                             "act_mixing", "moe_scope", "shared_expert_hidden", "mla_nope_dim",
+                                             "mla_value_dim"};
         for (size_t j = 0; j < sizeof(others) / sizeof(others[0]) && !known; j++) known = strcmp(key, others[j]) == 0;
         if (!known) {
             lr_fail(error, "model config: unknown key %s (a feature of a newer looplm this runtime cannot run)", key);
@@ -160,6 +164,30 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                                 " runtime; decode with looplm generate --backend reference");
         goto done;
     }
+    /* The faithful source variants' keys: the runtime runs their defaults only. */
+    static const char *const strings[][3] = {
+        {"norm_type", "rms", "LayerNorm (model.norm_type=layer)"},
+        {"depth_lora_position", "input", "depth LoRA on the core output (model.depth_lora_position=output)"},
+        {"moe_scope", "all", "MoE in the core only (model.moe_scope=core)"},
+    };
+    for (int j = 0; j < 3; j++) {
+        node = json_get(root, strings[j][0]);
+        if (node && (node->kind != JSON_STRING || strcmp(node->string, strings[j][1]))) {
+            lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate --backend"
+                           " reference", strings[j][2]);
+            goto done;
+        }
+    }
+    static const char *const flags[][2] = {{"embed_norm", "a norm after the embedding (model.embed_norm)"},
+                                           {"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
+    for (int j = 0; j < 2; j++) {
+        node = json_get(root, flags[j][0]);
+        if (node && (!boolean(node, flags[j][0], &off, error) || off)) {
+            if (off) lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate"
+                                    " --backend reference", flags[j][1]);
+            goto done;
+        }
+    }
     strcpy(config->default_exit, "static");
     config->min_loop_steps = 1;
     node = json_get(root, "default_exit");
@@ -203,6 +231,17 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                            ? config->mla_rope_dim
                            : 2 * (int)(config->head_dim * config->rope_fraction / 2);
     if (!check(config->rope_dim >= 2, error, "rope_fraction must rotate at least 2 head dims")) goto done;
+    static const char *const widths[] = {"shared_expert_hidden", "mla_nope_dim", "mla_value_dim"};
+    for (int j = 0; j < 3; j++) {
+        int width = 0, expected = j == 0 ? config->expert_hidden : config->head_dim;
+        if (j == 0 ? config->ffn != LR_FFN_MOE : config->attention != LR_ATTENTION_MLA) continue;  /* unread */
+        node = json_get(root, widths[j]);
+        if (node && node->kind != JSON_NULL && (!integer(node, widths[j], &width, error) || width != expected)) {
+            if (width) lr_fail(error, "model config: %s=%d (not %d) is not run by this runtime; decode with looplm"
+                                      " generate --backend reference", widths[j], width, expected);
+            goto done;
+        }
+    }
     ok = 1;
 done:
     json_free(root);
