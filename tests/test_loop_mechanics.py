@@ -9,7 +9,7 @@ import torch
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
-from looplm.model.loop import Injection, loop_index_signal
+from looplm.model.loop import loop_index_signal, make_injection
 
 from conftest import tiny_config
 
@@ -45,7 +45,7 @@ def test_decaying_injections_stay_bounded_where_additive_grows_without_bound():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lti", "diagonal"])
 def test_decay_strictly_inside_zero_one_in_every_precision(kind, dtype):
-    injection = Injection(tiny_config(injection=kind)).to(dtype)
+    injection = make_injection(tiny_config(injection=kind)).to(dtype)
     with torch.no_grad():
         for value in (-40.0, -17.5, -8.5, -6.3, 0.0, 5.0):  # around where exp(−exp(x)) rounds to 1
             for parameter in injection.parameters():
@@ -61,16 +61,16 @@ def test_decay_strictly_inside_zero_one_in_every_precision(kind, dtype):
 def test_injection_kinds_compute_their_formulas():
     torch.manual_seed(0)
     h, e = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
-    assert torch.equal(Injection(tiny_config(injection="identity"))(h, e), h)
-    assert torch.equal(Injection(tiny_config(injection="additive"))(h, e), h + e)
-    lti = Injection(tiny_config(injection="lti"))
+    assert make_injection(tiny_config(injection="identity")) is None  # u = h: no module
+    assert torch.equal(make_injection(tiny_config(injection="additive"))(h, e), h + e)
+    lti = make_injection(tiny_config(injection="lti"))
     torch.testing.assert_close(lti.decay(), torch.full((32,), 0.5))  # initial A = 0.5
     torch.testing.assert_close(lti(h, e), 0.5 * h + e)
-    diagonal = Injection(tiny_config(injection="diagonal"))
+    diagonal = make_injection(tiny_config(injection="diagonal"))
     torch.testing.assert_close(diagonal(h, e), 0.5 * h + math.log(2.0) * e)  # Ā = 0.5, Δ = log 2, B = I
-    concat = Injection(tiny_config(injection="concat"))
+    concat = make_injection(tiny_config(injection="concat"))
     torch.testing.assert_close(concat(h, e), h + e)  # adapter starts as [I | I]
-    assert sum(p.numel() for p in Injection(tiny_config(injection="additive")).parameters()) == 0
+    assert sum(p.numel() for p in make_injection(tiny_config(injection="additive")).parameters()) == 0
 
 
 def test_loop_index_signal_is_a_sinusoid_on_the_first_eighth():

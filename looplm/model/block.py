@@ -37,6 +37,20 @@ from looplm.model.rwkv import RWKVSlotMixer
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
 from looplm.model.norms import make_norm
+from looplm.registry import Registry
+
+
+# The choices a layer is built from (looplm.registry): the attention kind (model.attention), the
+# token mixer of each layer_pattern letter, and the feed-forward kind (model.ffn).
+ATTENTIONS = Registry("attention kind")
+ATTENTIONS.update(mha=Attention, gated=Attention, mla=MultiHeadLatentAttention)
+MIXERS = Registry("layer kind")  # factories (config, looped) -> token mixer
+MIXERS.update(A=lambda config, looped: ATTENTIONS[config.attention](config),
+              G=lambda config, looped: GatedDeltaNet(config, looped),
+              R=lambda config, looped: RWKVSlotMixer(config))
+FFNS = Registry("feed-forward kind")  # factories (config) -> FFN
+FFNS.update(dense=lambda config: SwiGLU(config.d_model, config.ffn_hidden), moe=MoE,
+            channelmix=lambda config: ChannelMix(config.d_model, config.ffn_hidden))
 
 
 class Layer(nn.Module):
@@ -45,19 +59,11 @@ class Layer(nn.Module):
         super().__init__()
         dim = config.d_model
         self.attn_norm = make_norm(config)
-        # The token mixer: attention of the configured kind, Gated DeltaNet ("G") or RWKV slots ("R").
         self.kind = kind
-        if kind == "G":
-            self.attn = GatedDeltaNet(config, looped)
-        elif kind == "R":
-            self.attn = RWKVSlotMixer(config)
-        else:
-            self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else Attention(config)
+        self.attn = MIXERS[kind](config, looped)
         self.ffn_norm = make_norm(config)
-        ffn_kinds = {"dense": lambda: SwiGLU(dim, config.ffn_hidden), "moe": lambda: MoE(config),
-                     "channelmix": lambda: ChannelMix(dim, config.ffn_hidden)}
         ffn = "dense" if config.ffn == "moe" and config.moe_scope == "core" and not looped else config.ffn
-        self.ffn = ffn_kinds[ffn]()
+        self.ffn = FFNS[ffn](config)
         self.shifted_ffn = config.ffn == "channelmix"
         sandwich = config.norm == "sandwich"
         self.attn_post_norm = make_norm(config) if sandwich else nn.Identity()
@@ -87,10 +93,7 @@ class Layer(nn.Module):
         x = self.attn_norm(x)
         if gates is not None:
             x = gates.mix(x, state, gates.g_qk)
-        if self.kind == "R":
-            mixed = self.attn(x, cos, sin, kv_store, start, mask)
-        else:
-            mixed = self.attn(x, cos, sin, kv_store, start, mask, carry)
+        mixed = self.attn(x, cos, sin, kv_store, start, mask, carry)
         attention = self.attn_post_norm(mixed)
         h = h + self._drop(attention) if self.attn_residual is None else \
             self.attn_residual.write(h, self._drop(attention), context)

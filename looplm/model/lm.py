@@ -43,7 +43,7 @@ from looplm.errors import LoopLMError
 from looplm.model.block import Layer
 from looplm.model.carry import LoopCarry
 from looplm.model.exit import act_mixing_step, act_weights, exit_distribution, log_exit_distribution
-from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
+from looplm.model.loop import DepthLoRA, NoiseState, loop_index_signal, make_injection
 from looplm.model.moe import MoE
 from looplm.model.norms import make_norm
 from looplm.model.residual import DepthAttention, DepthSources
@@ -130,7 +130,7 @@ class LoopLM(nn.Module):
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta)
         # Loop mechanics (looplm.model.loop); absent modules for Ouro's plain loop.
-        self.injection = Injection(config) if config.injection != "identity" else None
+        self.injection = make_injection(config)
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
         self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
         self.moe_layers = tuple(module for module in self.modules() if isinstance(module, MoE))

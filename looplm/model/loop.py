@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from looplm.config import ModelConfig
 from looplm.model.norms import make_norm
+from looplm.registry import Registry
 
 _EXPONENT_CLAMP = 20.0
 
@@ -50,75 +51,146 @@ def _capped_decay(decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return decay.clamp_max(1.0 - torch.finfo(dtype).eps).to(dtype)
 
 
+INJECTIONS = Registry("injection")  # model.injection → its class; "identity" has none (u = h)
+
+
 class Injection(nn.Module):
-    """u = inject(h, e) for the configured kind (no parameters for identity / additive)."""
+    """u = inject(h, e).  Each kind below is one subclass, registered under its
+    ``model.injection`` name; ``make_injection`` builds the configured one."""
+
+    residual = False  # lti_residual: the core is a term of the update (core_input, combine)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind = config.injection
-        dim = config.d_model
-        self.residual = self.kind == "lti_residual"  # the core is a term of the update (core_input, combine)
-        if self.kind in ("lti", "lti_residual"):
-            self.log_a = nn.Parameter(torch.empty(dim))
-            self.log_dt = nn.Parameter(torch.empty(1 if self.residual else dim))
-            self.b = nn.Parameter(torch.empty(dim))
-        if self.residual:
-            self.input_norm = make_norm(config)
-        elif self.kind == "diagonal":
-            self.a_log = nn.Parameter(torch.empty(dim))
-            self.dt = nn.Parameter(torch.empty(dim))
-            self.b = nn.Linear(dim, dim, bias=False)
-        elif self.kind == "concat":
-            self.adapter = nn.Linear(2 * dim, dim, bias=False)
-        self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
-        """Start near a convex mix of state and input: decay ≈ 0.5, B = identity."""
-        with torch.no_grad():
-            if self.kind == "lti":
-                self.log_a.fill_(math.log(math.log(2.0)))  # A = exp(−exp(log_a)) = 0.5
-                self.log_dt.zero_()
-                self.b.fill_(1.0)
-            elif self.residual:  # OpenMythos's values: A = e^−1, B = 0.1
-                self.log_a.zero_()
-                self.log_dt.zero_()
-                self.b.fill_(0.1)
-            elif self.kind == "diagonal":
-                self.a_log.zero_()
-                self.dt.fill_(math.log(math.expm1(math.log(2.0))))  # Δ = softplus(dt) = log 2 → Ā = 0.5
-                nn.init.eye_(self.b.weight)
-            elif self.kind == "concat":
-                dim = self.adapter.out_features
-                self.adapter.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1))
+        """Set the injection's parameters to their starting values (none by default)."""
 
     def decay(self) -> torch.Tensor | None:
         """The per-channel state decay A (lti) or Ā (diagonal) in the parameters' dtype, else None."""
-        if self.kind in ("lti", "lti_residual"):
-            exponent = (self.log_dt.float() + self.log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
-            return _capped_decay(torch.exp(-torch.exp(exponent)), self.log_a.dtype)
-        if self.kind == "diagonal":
-            step = F.softplus(self.dt.float())
-            rate = torch.exp(self.a_log.float().clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP))
-            return _capped_decay(torch.exp(-step * rate), self.a_log.dtype)
         return None
 
+
+def make_injection(config: ModelConfig) -> Injection | None:
+    """The configured injection module, or None for ``identity`` (Ouro: u = h)."""
+    return None if config.injection == "identity" else INJECTIONS[config.injection](config)
+
+
+@INJECTIONS.register("additive")
+class AdditiveInjection(Injection):
+    """u = h + e (spectral radius 1: the state can grow with depth)."""
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + e
+
+
+def _lti_decay(log_dt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+    exponent = (log_dt.float() + log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
+    return _capped_decay(torch.exp(-torch.exp(exponent)), log_a.dtype)
+
+
+@INJECTIONS.register("lti")
+class LTIInjection(Injection):
+    """u = A ⊙ h + B ⊙ e, A = exp(−exp(log_dt + log_a)) ∈ (0, 1) (OpenMythos)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        dim = config.d_model
+        self.log_a = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(dim))
+        self.b = nn.Parameter(torch.empty(dim))
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        with torch.no_grad():
+            self.log_a.fill_(math.log(math.log(2.0)))  # A = exp(−exp(log_a)) = 0.5
+            self.log_dt.zero_()
+            self.b.fill_(1.0)
+
+    def decay(self) -> torch.Tensor:
+        return _lti_decay(self.log_dt, self.log_a)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.decay() * h + self.b * e
+
+
+@INJECTIONS.register("lti_residual")
+class LTIResidualInjection(Injection):
+    """OpenMythos's rule: the core reads x = n(h + signal + e) and h ← A ⊙ h + B ⊙ e + core(x);
+    one log_dt for all channels; A starts at e^−1 (log_a = log_dt = 0), B at 0.1."""
+
+    residual = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        dim = config.d_model
+        self.log_a = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(1))
+        self.b = nn.Parameter(torch.empty(dim))
+        self.input_norm = make_norm(config)
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        with torch.no_grad():  # OpenMythos's values: A = e^−1, B = 0.1
+            self.log_a.zero_()
+            self.log_dt.zero_()
+            self.b.fill_(0.1)
+
+    def decay(self) -> torch.Tensor:
+        return _lti_decay(self.log_dt, self.log_a)
+
     def core_input(self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
-        """lti_residual: x = n(h + signal + e), what the core reads (h itself stays unsignalled)."""
+        """x = n(h + signal + e), what the core reads (h itself stays unsignalled)."""
         return self.input_norm(h + e if signal is None else h + signal + e)
 
     def combine(self, h: torch.Tensor, e: torch.Tensor, core_output: torch.Tensor) -> torch.Tensor:
-        """lti_residual: h ← A ⊙ h + B ⊙ e + y."""
+        """h ← A ⊙ h + B ⊙ e + y."""
         return self.decay() * h + self.b * e + core_output
 
+
+@INJECTIONS.register("diagonal")
+class DiagonalInjection(Injection):
+    """u = Ā ⊙ h + Δ ⊙ (B e), Ā = exp(−Δ ⊙ exp(A_log)), Δ = softplus(dt), B a D×D matrix (Parcae)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        dim = config.d_model
+        self.a_log = nn.Parameter(torch.empty(dim))
+        self.dt = nn.Parameter(torch.empty(dim))
+        self.b = nn.Linear(dim, dim, bias=False)
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        with torch.no_grad():
+            self.a_log.zero_()
+            self.dt.fill_(math.log(math.expm1(math.log(2.0))))  # Δ = softplus(dt) = log 2 → Ā = 0.5
+            nn.init.eye_(self.b.weight)
+
+    def decay(self) -> torch.Tensor:
+        step = F.softplus(self.dt.float())
+        rate = torch.exp(self.a_log.float().clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP))
+        return _capped_decay(torch.exp(-step * rate), self.a_log.dtype)
+
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if self.kind == "identity":
-            return h
-        if self.kind == "additive":
-            return h + e
-        if self.kind == "lti":
-            return self.decay() * h + self.b * e
-        if self.kind == "diagonal":
-            return self.decay() * h + F.softplus(self.dt) * self.b(e)
+        return self.decay() * h + F.softplus(self.dt) * self.b(e)
+
+
+@INJECTIONS.register("concat")
+class ConcatInjection(Injection):
+    """u = W [h; e], W a D×2D adapter that starts as [I I] (Huginn)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.adapter = nn.Linear(2 * config.d_model, config.d_model, bias=False)
+        self.reset_extra_parameters()
+
+    def reset_extra_parameters(self) -> None:
+        with torch.no_grad():
+            dim = self.adapter.out_features
+            self.adapter.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.adapter(torch.cat([h, e], dim=-1))
 
 

@@ -132,8 +132,9 @@ class RWKVSlotMixer(nn.Module):
                 nn.init.normal_(gate.weight, std=0.01)
 
     def forward(self, z: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
-                key_mask=None) -> torch.Tensor:
-        """z [B, T, d]; state_store: (last 4 inputs, N, D) updated in place, or None."""
+                key_mask=None, carry=None) -> torch.Tensor:
+        """z [B, T, d]; state_store: (last 4 inputs, N, D) updated in place, or None.  (``carry``:
+        the token mixers' common signature; this mixer reads no earlier loop steps.)"""
         batch, length, dim = z.shape
         history = state_store[0] if state_store is not None else z.new_zeros(batch, max(SHIFTS), dim)
         padded = torch.cat([history, z], dim=1)  # position t of z sits at t + 4

@@ -188,9 +188,9 @@ def _fit(source: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
 
 def _input_passing_injection(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Injection weights giving u = h (concat) or u = A·h + (1 − A)·e (lti, diagonal)."""
-    from looplm.model.loop import Injection
+    from looplm.model.loop import make_injection
 
-    injection = Injection(config)
+    injection = make_injection(config)
     injection.load_state_dict({name[len("injection."):]: tensor for name, tensor in state.items()
                                if name.startswith("injection.")})
     with torch.no_grad():
