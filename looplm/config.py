@@ -32,7 +32,6 @@ PARALLEL = ("none", "ddp", "fsdp")
 LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.training.loggers)
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
-DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 # Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory
 # before saying so (the RoPE tables alone are max_seq_len × head dims).
 MAX_CONTEXT = 2**20

@@ -9,10 +9,9 @@ Two things make that fast on a CPU:
   and the step can be compiled by ``torch.compile`` into one graph.
 
 ``FastStepper`` reads and writes the same ``KVCache`` storage as the reference path, so
-prefill (a batched forward), LAST_EXITED copies and the reference decoder all interoperate;
-it offers the same per-token methods as ``generate.ReferenceStepper`` and ``Decoder.step``
-runs the exit loop over either.
-``tests/test_fast_decode.py`` holds it equal to the reference ``Decoder``.
+prefill (a batched forward), LAST_EXITED copies and the reference stepper all interoperate;
+it is a ``looplm.steppers.Stepper`` for one row (tensors [1, D]), driven by the scheduler.
+``tests/test_fast_decode.py`` holds it equal to the reference.
 """
 
 from __future__ import annotations
@@ -52,9 +51,9 @@ class _PackedLayer:
 
 
 def fast_unsupported(model, allow_int8: bool = False) -> str | None:
-    """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
-    loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_int8``:
-    the caller (the C kernel) also runs int8 projections (looplm.quant)."""
+    """None when the vector-shaped steppers can decode this model, else the reason (they cover
+    Ouro's plain loop: no injection, loop-index signal, depth LoRA or noise initial state).
+    ``allow_int8``: the caller (the C kernel) also runs int8 projections (looplm.quant)."""
     from looplm.quant import is_quantized
 
     config = model.config
@@ -72,7 +71,15 @@ def fast_unsupported(model, allow_int8: bool = False) -> str | None:
 
 
 class FastStepper:
-    """One token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
+    """One row's token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
+
+    whole_token = None
+
+    @staticmethod
+    def unsupported(model, cache: KVCache) -> str | None:
+        if cache.batch_size != 1:
+            return "the torch decode path decodes one row"
+        return fast_unsupported(model)
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         config = model.config
@@ -130,27 +137,29 @@ class FastStepper:
             h = self._layer(layer, h, self.cache.keys[slot, 0], self.cache.values[slot, 0], position, cos, sin, mask)
         return h
 
-    def embed(self, token: int, start: int) -> torch.Tensor:
-        h = self.model.embed.weight[token]
-        return self._run(self.prelude, h, "prelude", 0, self.positions[start:start + 1]) if self.prelude else h
+    def embed(self, tokens: list[int], rows) -> torch.Tensor:
+        h = self.model.embed.weight[tokens[0]]
+        position = self.positions[rows.positions[0]:rows.positions[0] + 1]
+        return (self._run(self.prelude, h, "prelude", 0, position) if self.prelude else h).view(1, -1)
 
-    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
         return e
 
-    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
-        return self._core_step(h, step, self.positions[start:start + 1])
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
+        position = rows.positions[0]
+        return self._core_step(h.view(-1), rows.steps[0], self.positions[position:position + 1]).view(1, -1)
 
     def _core_step_at(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:
         h = self._run(self.core, h, "core", step, position)
         return _rms(h, self.norm, self.eps) if self.config.step_norm else h
 
-    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
         if not self.coda:
             return h if self.config.step_norm else _rms(h, self.norm, self.eps)
-        position = self.positions[start:start + 1]
-        return _rms(self._run(self.coda, h, "coda", step, position), self.norm, self.eps)
+        position = self.positions[rows.positions[0]:rows.positions[0] + 1]
+        return _rms(self._run(self.coda, h.view(-1), "coda", rows.steps[0], position), self.norm, self.eps).view(1, -1)
 
-    def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
         return readout @ self.gate_weight + self.gate_bias
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:

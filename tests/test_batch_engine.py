@@ -7,8 +7,7 @@ import torch
 
 from looplm.batch import generate_batch
 from looplm.errors import LoopLMError
-from looplm.batch import ActHalting
-from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, act_accumulate
 from looplm.model.exit import act_weights_reference
 from looplm.generate import generate
 from looplm.model import LoopLM
@@ -37,7 +36,7 @@ def row_reads(request, monkeypatch):
     """Run a test with attention reading the running rows in place (the C kernel, where it
     builds) and with the gathered copies (the torch path)."""
     if request.param == "gathered":
-        monkeypatch.setattr("looplm.batch.ops.serves", lambda tensor: False)
+        monkeypatch.setattr("looplm.kernels.ops.serves", lambda tensor: False)
     return request.param
 
 
@@ -78,16 +77,20 @@ def test_batched_equals_per_prompt_for_every_mixer(name):
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7, 0.99, 1.0])
 def test_act_halting_step_by_step_gives_the_reference_weights(threshold):
-    """ActHalting fed one step at a time (readout t = the t-th unit vector, so the state is the
-    weight vector) equals the plain per-position loop of exit.act_weights_reference."""
+    """act_accumulate fed one step at a time (readout t = the t-th unit vector, so the state is
+    the weight vector) equals the plain per-position loop of exit.act_weights_reference."""
     steps, rows = 5, 64
     logits = torch.randn(steps, rows, generator=torch.Generator().manual_seed(3)) * 2
-    halting = ActHalting(rows, threshold)
+    total, halting = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long)
+    state = torch.zeros(rows, steps)
     for step in range(steps):
-        halting.add(step, torch.eye(steps)[step].expand(rows, steps), logits[step], step + 1 == steps)
+        total, halting, state = act_accumulate(
+            torch.full((rows,), threshold, dtype=torch.float64), torch.full((rows,), step),
+            torch.full((rows,), step + 1 == steps), logits[step], torch.eye(steps)[step].expand(rows, steps),
+            total, halting, state)
     weights, halts = act_weights_reference(logits, threshold)
-    torch.testing.assert_close(halting.state, weights.T, atol=1e-6, rtol=0)
-    assert torch.equal(halting.halting, halts) and len(set(halts.tolist())) > 1
+    torch.testing.assert_close(state, weights.T, atol=1e-6, rtol=0)
+    assert torch.equal(halting, halts) and len(set(halts.tolist())) > 1
 
 
 def test_batched_act_runs_every_step_and_reports_halting_steps():
@@ -204,25 +207,25 @@ def test_rows_joining_a_running_batch_and_reusing_freed_slots_equal_per_prompt(l
         assert (row.generation.ids, row.generation.steps) == (single.ids, single.steps), index
 
 
-def test_a_prompt_longer_than_the_write_index_waits():
+def test_a_prompt_joins_when_its_row_has_room_for_it_and_its_tokens():
+    """Rows are left-aligned, each with its own length: a prompt longer than the running rows'
+    joins at once; a prompt with more tokens than a row holds is refused."""
     from looplm.batch import BatchSession
 
     session = BatchSession(_exit_model(), rows=3, max_len=30, stop_ids=[])
     session.admit([[4, 8]], [5])
-    assert not session.fits(PROMPTS[0], 2)      # 7 tokens cannot end at index 2
+    assert session.fits(PROMPTS[0], 2)
     assert session.fits([3], 5) and not session.fits([3], 40)   # room for its tokens
     with pytest.raises(LoopLMError, match="does not fit"):
-        session.admit([PROMPTS[0]], [2])
+        session.admit([[3]], [40])
+    session.admit([PROMPTS[0]], [2])
 
 
 def test_batched_and_single_row_q_exit_agree_next_to_the_threshold():
     """A gate whose exit CDF lands just under q (σ(z) = 0.5 − 2e-9 at q = 0.5): float32 survival
-    rounds it up to q and would exit; the batched rule keeps float64 like the batch-1 rule."""
-    from looplm.exit_policy import ExitRule
-
-    z = torch.tensor([-8e-9])
-    readout = torch.zeros(1, 4)
-    batched = ExitRule(QExit(0.5), 1, 4).decide(0, None, readout, lambda: z, None)
-    single = ExitRule(QExit(0.5), 1, 4).decide_one(0, readout, lambda: float(z), None)
-    assert not single and not bool(batched[0])
-    assert -torch.expm1(torch.nn.functional.logsigmoid(-z)) >= 0.5  # float32 would have exited
+    rounds it up to q and would exit; the one Q-exit rule (every path's, batch 1 or batched,
+    and the C kernel's double) keeps float64."""
+    z = torch.tensor([-8e-9, -8e-9])
+    exits, _ = QExit.decide([QExit(0.5)], torch.zeros(2, dtype=torch.long), z, torch.zeros(2, dtype=torch.float64))
+    assert not exits.any()
+    assert -torch.expm1(torch.nn.functional.logsigmoid(-z[0])) >= 0.5  # float32 would have exited

@@ -23,7 +23,7 @@ from looplm.model import LoopLM
 from looplm.serve import create_app
 from looplm.serve import engine as engine_module
 from looplm.serve.app import ServerConfig
-from looplm.serve.engine import Engine, Job, Settings, Token, layer_applications
+from looplm.serve.engine import Engine, Job, Settings, Token
 from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
 
 from conftest import tiny_config
@@ -261,7 +261,6 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
         admit = breaks_on_marker(engine_module.BatchSession.admit)
 
     monkeypatch.setattr(engine_module, "BatchSession", BreakingSession)
-    monkeypatch.setattr(engine_module, "stream", breaks_on_marker(engine_module.stream))
     failures = engine.stats.failures
     engine.batch_wait, engine.max_batch = 30.0, 2  # both requests land in one batch, which fails
     try:
@@ -277,14 +276,34 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
     assert client.post("/v1/completions", json={"prompt": "after", "max_tokens": 2}).status_code == 200
 
 
+def layer_applications(config, settings: Settings, decision_steps) -> tuple[int, int]:
+    """(run, full depth) core + coda layer applications of one generation's decoded tokens, from
+    its decision steps alone: the first decision comes from the prompt's prefill (not counted);
+    every later one is a decoded token that ran ``steps`` loop steps (all of them under the
+    ``full`` layout and ACT), each applying the core layers, and the coda at every step when the
+    policy reads every step (else once)."""
+    policy = settings.exit_policy
+    deepest = policy.max_steps(config.loop_steps)
+    run = full = 0
+    for steps in decision_steps[1:]:
+        ran = deepest if settings.layout == "full" or policy.runs_every_step else steps
+        run += ran * config.n_core_layers + (ran if policy.reads_every_step else 1) * config.n_coda_layers
+        full += deepest * (config.n_core_layers + config.n_coda_layers)
+    return run, full
+
+
 @pytest.mark.parametrize("layout", ["last_exited", "full"])
 def test_layer_applications_match_the_batched_engine(layout):
+    """The one count (each row as it ran: generate_batch, the server, generate) agrees with the
+    count from the decision steps alone, and batch-1 generate counts the same per prompt."""
     model = _model(n_coda_layers=1)
     prompts = [[1, 5, 9, 2], [4, 8], [6, 2, 9, 9, 7]]
     for policy in (QExit(0.5), FixedSteps(2), ACTExit(0.6)):
         result = generate_batch(model, prompts, 6, exit_policy=policy, layout=layout)
         counted = [layer_applications(model.config, Settings(policy, layout), generation.decision_steps)
                    for generation in result.generations]
+        singles = [generate(model, prompt, 6, exit_policy=policy, layout=layout) for prompt in prompts]
+        assert [(one.layer_applications, one.full_depth_applications) for one in singles] == counted
         assert sum(run for run, _ in counted) == result.layer_applications
         assert sum(full for _, full in counted) == result.full_depth_applications
         assert [run for run, _ in counted] == result.per_row_applications  # counted per row as they ran

@@ -163,33 +163,33 @@ class LoopLM(nn.Module):
                 f"sequence of {start + length} tokens exceeds the context of {self.config.max_seq_len}"
                 " (model.max_seq_len): shorten the input")
 
-    def embed_input(self, ids: torch.Tensor, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
+    def embed_input(self, ids: torch.Tensor, start: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
         """ids [B, S] → e [B, S, D]: embedding then the prelude layers (run once per token).
 
-        tables, mask (here and in ``core_step``, ``readout``): per-row RoPE tables
-        (cos, sin [B, 1, S, r]) and key masks for rows at different positions (the batched
-        engine); None = positions start..start+S−1 for every row."""
-        if tables is None:
+        start (here and in ``initial_state``, ``core_step``, ``readout``): the first position, or
+        [B] positions of one token per row, each at its own position (the scheduler's rows).
+        cache: anything whose ``layer_storage(stage, layer, step)`` hands each layer its storage
+        (``looplm.cache``)."""
+        if not isinstance(start, torch.Tensor):
             self._check_positions(start, ids.shape[1])
         h = self.embed(ids)
-        cos, sin = tables if tables is not None else self.rope.tables(start, ids.shape[1])
+        cos, sin = self.rope.tables(start, ids.shape[1])
         for index, layer in enumerate(self.prelude):
-            h = layer(h, cos, sin, cache.store("prelude", index) if cache else None, start, mask)
+            h = layer(h, cos, sin, cache.layer_storage("prelude", index) if cache else None, start)
         return h
 
-    def initial_state(self, e: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``);
-        ``positions`` [B]: per-row positions of a one-token batched step (the noise table's rows)."""
-        return e if self.noise is None else self.noise(e, start, positions)
+    def initial_state(self, e: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``)."""
+        return e if self.noise is None else self.noise(e, start)
 
-    def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
-                  injected: torch.Tensor | None = None, tables=None, mask=None,
-                  carry: LoopCarry | None = None) -> torch.Tensor:
-        """One loop step (0-based ``step``): loop-index signal, injection of ``injected`` (the
-        prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
-        the step norm if configured (see ``looplm.model.loop``).  carry: what the same
-        positions' earlier steps left (``LoopCarry``; one per call, steps run in order from 0);
-        required by model.loop_mc and model.global_gates."""
+    def core_step(self, h: torch.Tensor, step: int | torch.Tensor, start: int | torch.Tensor = 0, cache=None,
+                  injected: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
+        """One loop step (0-based ``step``, or [B] steps of one token per row): loop-index signal,
+        injection of ``injected`` (the prelude output e; needed unless the loop is plain), the
+        core layers, depth LoRA, then the step norm if configured (see ``looplm.model.loop``).
+        carry: what the same tokens' earlier steps left (``LoopCarry``: one per call, steps run
+        in order from 0; ``RowCarry`` for rows at their own steps); required by model.loop_mc and
+        model.global_gates."""
         config = self.config
         if carry is not None:
             carry.step = step
@@ -202,21 +202,21 @@ class LoopLM(nn.Module):
             if injected is None:
                 raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
             h = self.injection(h, injected)
-        cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
+        cos, sin = self.rope.tables(start, h.shape[1])
         update = h
         for index, layer in enumerate(self.core):
-            update = layer(update, cos, sin, cache.store("core", index, step) if cache else None, start, mask, carry)
+            update = layer(update, cos, sin, cache.layer_storage("core", index, step) if cache else None, start, carry)
         if self.depth_lora is not None:
             update = update + self.depth_lora(h, step)
         return self.norm(update) if config.step_norm else update
 
-    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, step: int | torch.Tensor, start: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
         """State after a loop step → the normed state the head and the exit gate read."""
         if not self.coda:
             return h if self.config.step_norm else self.norm(h)
-        cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
+        cos, sin = self.rope.tables(start, h.shape[1])
         for index, layer in enumerate(self.coda):
-            h = layer(h, cos, sin, cache.store("coda", index, step) if cache else None, start, mask)
+            h = layer(h, cos, sin, cache.layer_storage("coda", index, step) if cache else None, start)
         return self.norm(h)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:

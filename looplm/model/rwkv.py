@@ -131,8 +131,7 @@ class RWKVSlotMixer(nn.Module):
             for gate in (self.write_gate, self.read_gate, self.decay_down, self.decay_up):
                 nn.init.normal_(gate.weight, std=0.01)
 
-    def forward(self, z: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
-                key_mask=None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0) -> torch.Tensor:
         """z [B, T, d]; state_store: (last 4 inputs, N, D) updated in place, or None."""
         batch, length, dim = z.shape
         history = state_store[0] if state_store is not None else z.new_zeros(batch, max(SHIFTS), dim)

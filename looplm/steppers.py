@@ -1,0 +1,167 @@
+"""Steppers: what runs one loop step for a set of decode rows, and the registry of decode backends.
+
+A stepper is handed ``Rows`` (each row's cache row, loop step and position) and tensors with
+one row per entry; ``looplm.scheduler`` drives every stepper the same way (``Stepper``).  Three
+implement it, with the same math (tests hold them equal):
+
+- ``reference``: ``ModelStepper``, the model's own modules over any number of rows, every
+  family (``LoopLM.core_step`` with per-row steps and positions; the cache as ``RowsView``);
+- ``torch``: ``looplm.fast_decode.FastStepper``, one row, vector-shaped torch ops;
+- ``native``: ``looplm.kernels.native_stepper.NativeStepper``, one row, the C kernel.
+
+A stepper may offer ``whole_token``: a token's whole loop (embedding, steps, Q-exit, the
+LAST_EXITED copy, head, argmax) in one call, which the scheduler uses where a row's policy
+and the layout allow (``whole_token_layouts``).  ``BACKENDS`` maps names to classes in the
+order ``auto`` tries them; each class says why it cannot serve a model (``unsupported``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from looplm.cache import KVCache, RowsView
+from looplm.errors import LoopLMError
+from looplm.model.carry import LoopCarry, RowCarry
+
+
+@dataclass
+class Rows:
+    """The rows a stepper call runs: cache rows (slots), 0-based loop steps, token positions."""
+
+    slots: list[int]
+    steps: list[int]
+    positions: list[int]
+
+    def tensor(self, name: str, device) -> torch.Tensor:
+        return torch.tensor(getattr(self, name), dtype=torch.long, device=device)
+
+    def subset(self, chosen: Sequence[int]) -> Rows:
+        return Rows(*([values[i] for i in chosen] for values in (self.slots, self.steps, self.positions)))
+
+
+class Stepper(Protocol):
+    """One loop step of decode rows; h, e, readouts [R, D]."""
+
+    # None, or (token, position, max_steps, min_steps, Q-exit threshold or None) → (steps run,
+    # logits [V], their argmax): the token's whole loop in one call (see the module doc).
+    whole_token: object
+
+    def embed(self, tokens: list[int], rows: Rows) -> torch.Tensor: ...        # e: embedding + prelude
+    def initial_state(self, e: torch.Tensor, rows: Rows) -> torch.Tensor: ...  # h₀
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows: Rows) -> torch.Tensor: ...  # each at its step
+    def readout(self, h: torch.Tensor, rows: Rows) -> torch.Tensor: ...
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor: ...          # z [R]
+    def logits(self, readout: torch.Tensor) -> torch.Tensor: ...               # [R, V]
+
+
+class ModelStepper:
+    """Rows through the model's own modules (the reference stepper): any family, any number of
+    rows, each at its own loop step and position.  Loop carry: the global gates keep each row's
+    running mean (``RowCarry``); loop-axis memory reads every earlier loop step, so its rows are
+    kept in step (``lockstep``: the scheduler lets rows enter only together)."""
+
+    whole_token = None
+
+    @staticmethod
+    def unsupported(model, cache: KVCache) -> str | None:
+        return None
+
+    def __init__(self, model, cache: KVCache, compile_steps: bool = False):
+        self.model, self.cache = model, cache
+        self.device = cache.keys.device
+        self.lockstep = model.config.loop_mc
+        self.carried: dict = {}                  # RowCarry's per-row values
+        self.carry, self.carry_slots = None, []  # lockstep: this token's LoopCarry and its rows
+
+    def _call(self, method, h: torch.Tensor, rows: Rows, *args) -> torch.Tensor:
+        """``method(h [R, 1, D], steps, positions, view, *args)`` of the model through a ``RowsView``;
+        steps is one int when every row is at the same step (one loop-index signal, one LoRA scale)."""
+        view = RowsView(self.cache, rows.tensor("slots", self.device))
+        steps = rows.steps[0] if len(set(rows.steps)) == 1 else rows.tensor("steps", self.device)
+        out = method(h.unsqueeze(1), steps, rows.tensor("positions", self.device), view, *args)
+        view.flush()
+        return out[:, 0]
+
+    def embed(self, tokens: list[int], rows: Rows) -> torch.Tensor:
+        view = RowsView(self.cache, rows.tensor("slots", self.device))
+        ids = torch.tensor(tokens, device=self.device).view(-1, 1)
+        e = self.model.embed_input(ids, rows.tensor("positions", self.device), view)
+        view.flush()
+        return e[:, 0]
+
+    def initial_state(self, e: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return self.model.initial_state(e.unsqueeze(1), rows.tensor("positions", self.device))[:, 0]
+
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return self._call(self.model.core_step, h, rows, e.unsqueeze(1), self._carry(rows))
+
+    def _carry(self, rows: Rows):
+        if not self.model.needs_carry:
+            return None
+        if not self.lockstep:
+            return RowCarry(self.carried, rows.tensor("slots", self.device), self.cache.batch_size)
+        if rows.steps[0] == 0:
+            self.carry, self.carry_slots = LoopCarry(), rows.slots
+        elif rows.slots != self.carry_slots:  # rows left: keep the carry of those still running
+            self.carry.select(torch.tensor([self.carry_slots.index(slot) for slot in rows.slots], device=self.device))
+            self.carry_slots = rows.slots
+        return self.carry
+
+    def readout(self, h: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return self._call(self.model.readout, h, rows)
+
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        return self.model.gate_logits(readout)
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(readout)
+
+
+def _native():
+    from looplm.kernels.native_stepper import NativeStepper
+
+    return NativeStepper
+
+
+def _torch():
+    from looplm.fast_decode import FastStepper
+
+    return FastStepper
+
+
+# name → a function giving the stepper class (imports stay lazy), in the order ``auto`` tries them.
+BACKENDS = {"native": _native, "torch": _torch, "reference": lambda: ModelStepper}
+
+
+def register_backend(name: str, stepper_class, first: bool = False) -> None:
+    """Add a decode backend: ``stepper_class()`` gives a class with ``unsupported(model, cache)``
+    and ``(model, cache, compile_steps)`` construction; ``first``: ``auto`` tries it first."""
+    global BACKENDS
+    BACKENDS = {name: stepper_class, **BACKENDS} if first else {**BACKENDS, name: stepper_class}
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("auto", *BACKENDS)
+
+
+def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = False):
+    """(the stepper, its backend name) for ``backend``: a name of ``BACKENDS``, or ``auto`` (the
+    first that supports the model and cache; batched caches take the reference)."""
+    if backend not in backend_names():
+        raise LoopLMError(f"backend must be one of {', '.join(backend_names())}, got {backend!r}")
+    if compile_steps and backend in ("auto", "native"):
+        backend = "torch"  # compiling applies to the torch stepper
+    names = list(BACKENDS) if backend == "auto" else [backend]
+    for name in names:
+        stepper_class = BACKENDS[name]()
+        reason = stepper_class.unsupported(model, cache)
+        if reason is None:
+            return stepper_class(model, cache, compile_steps), name
+        if name == backend:
+            following = list(BACKENDS)[min(list(BACKENDS).index(name) + 1, len(BACKENDS) - 1)]
+            raise LoopLMError(f"the {name} backend cannot run here: {reason}; use backend {following!r}")
+    raise LoopLMError("no decode backend can run this model")
