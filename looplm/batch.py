@@ -21,7 +21,7 @@ from functools import partial
 
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ExitPolicy, FixedSteps
-from looplm.generate import BatchSession, Generation, Sampling, Settings, check_prompt  # noqa: F401
+from looplm.generate import BatchSession, Generation, Sampling, Settings, check_prompt, eval_mode  # noqa: F401
 
 
 @dataclass
@@ -71,12 +71,13 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                     * len(prompts))
     depth = max(chosen.exit_policy.max_steps(model.config.loop_steps) for chosen in settings)
     longest = max(len(prompt) + max(min(limit, context - len(prompt)), 1) for prompt, limit in zip(prompts, limits))
-    session = BatchSession(model, len(prompts), longest, tokenizer=tokenizer, stop_ids=stop_ids, layout=layout,
-                           modulo_slots=modulo_slots, max_steps=depth)
     callbacks = [None if on_token is None else partial(on_token, row) for row in range(len(prompts))]
-    requests = session.admit(prompts, limits, callbacks, settings)
-    while session.active:
-        session.step()
+    with eval_mode(model):
+        session = BatchSession(model, len(prompts), longest, tokenizer=tokenizer, stop_ids=stop_ids, layout=layout,
+                               modulo_slots=modulo_slots, max_steps=depth)
+        requests = session.admit(prompts, limits, callbacks, settings)
+        while session.active:
+            session.step()
     for request in requests:
         if request.error is not None:
             raise request.error

@@ -173,13 +173,17 @@ class Request:
 
 @contextmanager
 def eval_mode(model):
+    """Inference mode, the model in eval mode meanwhile (switched only when it trains: the
+    switch walks every module, which a small model's decode step would feel)."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 class BatchSession:
@@ -255,11 +259,13 @@ class BatchSession:
     def step(self) -> list[Request]:
         """One scheduler iteration; emit a token for each row whose token finished.  Returns the
         requests that finished (their slots are free again)."""
-        with eval_mode(self.model):
-            for request in [request for request in self.requests.values() if request.cancelled]:
-                self._finish(request)
-            for row in self.scheduler.iterate():
-                self._emit(self.requests[row.slot])
+        if self.model.training or not torch.is_inference_mode_enabled():
+            with eval_mode(self.model):
+                return self.step()
+        for request in [request for request in self.requests.values() if request.cancelled]:
+            self._finish(request)
+        for row in self.scheduler.iterate():
+            self._emit(self.requests[row.slot])
         done, self.done = self.done, []
         return done
 
@@ -312,19 +318,20 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     budget = min(max_new_tokens, model.config.max_seq_len - len(prompt_ids))
     tokens: list[GeneratedToken] = []
-    session = BatchSession(model, 1, max(len(prompt_ids) + budget, 1), sampling, exit_policy, tokenizer, stop_strings,
-                           stop_ids, layout, modulo_slots, backend=backend, compile_steps=compile_steps,
-                           prefix_cache=prefix_cache)
-    request = session.admit([prompt_ids], [max_new_tokens], [lambda *token: tokens.append(GeneratedToken(*token))],
-                            results=[result] if result is not None else None)[0]
-    while True:
-        yield from tokens
-        tokens.clear()
-        if request.error is not None:
-            raise request.error
-        if not session.active:
-            return
-        session.step()
+    with eval_mode(model):
+        session = BatchSession(model, 1, max(len(prompt_ids) + budget, 1), sampling, exit_policy, tokenizer,
+                               stop_strings, stop_ids, layout, modulo_slots, backend=backend,
+                               compile_steps=compile_steps, prefix_cache=prefix_cache)
+        request = session.admit([prompt_ids], [max_new_tokens], [lambda *token: tokens.append(GeneratedToken(*token))],
+                                results=[result] if result is not None else None)[0]
+        while True:
+            yield from tokens
+            tokens.clear()
+            if request.error is not None:
+                raise request.error
+            if not session.active:
+                return
+            session.step()
 
 
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),

@@ -48,6 +48,7 @@ class Row:
     act_threshold: float | None
     position: int                       # the position of the token fed next
     whole_token: bool = False           # the stepper may run its tokens in one call
+    threshold: float | None = None      # its Q-exit threshold (None: no gate read)
     token: int | None = None            # fed, waiting to enter
     step: int = 0                       # loop steps its token has run
     exit_step: int | None = None        # the step its exit fired (a full-depth token runs on)
@@ -100,7 +101,8 @@ class Scheduler:
                               f" {self.cache.max_len} positions")
         act = (policy.threshold or config.act_threshold) if isinstance(policy, ACTExit) else None
         whole = self.whole_tokens and policy.signal in (Signal.NONE, Signal.GATE) and act is None
-        row = Row(self.free.pop(0), policy, max_steps, act, len(prompt), whole)
+        row = Row(self.free.pop(0), policy, max_steps, act, len(prompt), whole,
+                  policy.threshold if policy.signal is Signal.GATE else None)
         try:
             if prefix_cache is None and whole and self.stepper.prefills_tokens(len(prompt), max_steps):
                 self.stepper.prefill_tokens(prompt[:-1], max_steps)  # the last token decides on its way
@@ -162,9 +164,10 @@ class Scheduler:
             entering, self.pending = self.pending, []
             if self.whole_tokens:
                 finished = [row for row in entering if row.whole_token and not row.full_depth]
-                entering = [row for row in entering if not row.whole_token or row.full_depth]
                 for row in finished:
                     self._whole_token(row)
+                if finished:
+                    entering = [row for row in entering if row not in finished]
             if entering:
                 self._enter(entering)
         if not self.running:
@@ -219,10 +222,8 @@ class Scheduler:
 
     def _whole_token(self, row: Row) -> None:
         """The stepper's one-call token (its readout is the last step's, Q-exit in the kernel)."""
-        policy = row.policy
-        threshold = policy.threshold if policy.signal is Signal.GATE else None
-        ran, logits, row.greedy = self.stepper.whole_token(row.token, row.position, row.max_steps, policy.min_steps,
-                                                           threshold)
+        ran, logits, row.greedy = self.stepper.whole_token(row.token, row.position, row.max_steps,
+                                                           row.policy.min_steps, row.threshold)
         row.logits, row.steps, row.token = logits, ran, None
         row.layer_applications += ran * self.core_layers
         row.full_depth_applications += row.max_steps * self.per_step
