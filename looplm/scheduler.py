@@ -19,9 +19,7 @@ loop step and position:
 
 So a batch stays full and every weight read serves every running row: a skipped step is wall
 time saved.  A stepper that runs a whole token in one call (``whole_token``) takes the rows it
-can (batch 1, static or Q-exit, its layouts).  Loop-axis memory reads every earlier loop step of
-its rows, so a stepper may ask for ``lockstep``: rows then enter only together (the running
-rows share one step).  ``layer_applications`` counts the core and coda layers each row ran for
+can (batch 1, static or Q-exit, its layouts).  ``layer_applications`` counts the core and coda layers each row ran for
 its decoded tokens (prefill excluded).
 """
 
@@ -74,7 +72,6 @@ class Scheduler:
         self.stepper, self.backend = make_stepper(backend, model, self.cache, compile_steps)
         self.whole_tokens = (self.stepper.whole_token is not None
                              and layout in getattr(self.stepper, "whole_token_layouts", ()))
-        self.lockstep = getattr(self.stepper, "lockstep", False)
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
         self.core_layers, self.per_step = config.n_core_layers, config.n_core_layers + config.n_coda_layers
         self.free = list(range(rows))
@@ -160,7 +157,7 @@ class Scheduler:
         """One core step of every running row (entering the fed ones first); returns the rows
         whose token finished, with their ``logits``, ``greedy`` and ``steps``."""
         finished: list[Row] = []
-        if self.pending and not (self.lockstep and self.running):
+        if self.pending:
             entering, self.pending = self.pending, []
             if self.whole_tokens:
                 finished = [row for row in entering if row.whole_token and not row.full_depth]

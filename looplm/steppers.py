@@ -25,7 +25,7 @@ import torch
 
 from looplm.cache import KVCache, RowsView
 from looplm.errors import LoopLMError
-from looplm.model.carry import LoopCarry, RowCarry
+from looplm.model.carry import RowCarry
 
 
 @dataclass
@@ -60,9 +60,8 @@ class Stepper(Protocol):
 
 class ModelStepper:
     """Rows through the model's own modules (the reference stepper): any family, any number of
-    rows, each at its own loop step and position.  Loop carry: the global gates keep each row's
-    running mean (``RowCarry``); loop-axis memory reads every earlier loop step, so its rows are
-    kept in step (``lockstep``: the scheduler lets rows enter only together)."""
+    rows, each at its own loop step and position; what the global gates and loop-axis memory
+    carry across a token's steps is kept per row (``RowCarry``)."""
 
     whole_token = None
 
@@ -73,9 +72,7 @@ class ModelStepper:
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         self.model, self.cache = model, cache
         self.device = cache.keys.device
-        self.lockstep = model.config.loop_mc
-        self.carried: dict = {}                  # RowCarry's per-row values
-        self.carry, self.carry_slots = None, []  # lockstep: this token's LoopCarry and its rows
+        self.carried: dict = {}  # RowCarry's values per (cache row, step)
 
     def _call(self, method, h: torch.Tensor, rows: Rows, *args) -> torch.Tensor:
         """``method(h [R, 1, D], steps, positions, view, *args)`` of the model through a ``RowsView``;
@@ -99,17 +96,10 @@ class ModelStepper:
     def core_step(self, h: torch.Tensor, e: torch.Tensor, rows: Rows) -> torch.Tensor:
         return self._call(self.model.core_step, h, rows, e.unsqueeze(1), self._carry(rows))
 
-    def _carry(self, rows: Rows):
+    def _carry(self, rows: Rows) -> RowCarry | None:
         if not self.model.needs_carry:
             return None
-        if not self.lockstep:
-            return RowCarry(self.carried, rows.tensor("slots", self.device), self.cache.batch_size)
-        if rows.steps[0] == 0:
-            self.carry, self.carry_slots = LoopCarry(), rows.slots
-        elif rows.slots != self.carry_slots:  # rows left: keep the carry of those still running
-            self.carry.select(torch.tensor([self.carry_slots.index(slot) for slot in rows.slots], device=self.device))
-            self.carry_slots = rows.slots
-        return self.carry
+        return RowCarry(self.carried, rows.tensor("slots", self.device), self.cache.batch_size)
 
     def readout(self, h: torch.Tensor, rows: Rows) -> torch.Tensor:
         return self._call(self.model.readout, h, rows)

@@ -1,6 +1,7 @@
-"""The batched engine (issue #5): batched generation equals per-prompt generation for every
-layout, exit policy and mixer kind; exited rows really skip layers (counted); q = 1 keeps
-full depth."""
+"""The depth scheduler batched: generation equals per-prompt generation for every layout, exit
+policy and model family, with rows at different loop steps in the same iteration and every row
+with its own settings (exit policy, sampling, stop strings); exited rows really skip layers
+(counted); q = 1 keeps full depth."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from looplm.batch import generate_batch
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, act_accumulate
 from looplm.model.exit import act_weights_reference
-from looplm.generate import generate
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.generate import Sampling, Settings, generate
 from looplm.model import LoopLM
 
 from conftest import tiny_config
@@ -48,6 +50,8 @@ def test_batched_equals_per_prompt_for_every_layout(layout, row_reads):
     for single, result in zip(_per_prompt(model, policy, layout), batched.generations):
         assert result.ids == single.ids
         assert result.steps == single.steps
+    # Rows stood at different loop steps in one iteration (under ``full`` every token runs every step).
+    assert (batched.mixed_depth_iterations > 0) == (layout != "full")
 
 
 @pytest.mark.parametrize("policy", [FixedSteps(5), QExit(0.5, min_steps=2), HiddenDiffExit(0.3), KLExit(0.05),
@@ -60,19 +64,50 @@ def test_batched_equals_per_prompt_for_every_policy(policy):
         assert (result.ids, result.steps) == (single.ids, single.steps)
 
 
-NOISE_STARTS = [name for name in VARIANTS if build(name).config.initial_state == "noise"]
+MIXED = [QExit(0.5), FixedSteps(1), HiddenDiffExit(0.3), ACTExit(0.6), KLExit(0.05), FixedSteps()]
+MIXED_PROMPTS = PROMPTS + [[2, 4, 6, 8, 10], [7, 7]]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_batched_equals_per_prompt_for_every_mixer(name):
-    """Every architecture variant (each family preset too) batches.  Noise starts (Huginn,
-    Parcae): each row's h₀ is the noise table's row at that row's own position, as a one-prompt
-    decode reads it."""
+def test_rows_at_their_own_depths_equal_per_prompt_for_every_family(name):
+    """Every architecture variant and family preset: six rows with six exit policies in one batch
+    (Q-exit, one step, hidden-state change, ACT, KL, full depth), each decoding at its own loop
+    step — iterations really hold rows at different depths — and each row's tokens and steps
+    equal its per-prompt decode.  Noise starts (Huginn, Parcae) read the noise table at each
+    row's own position; loop-axis memory and the global gates read each row's own earlier
+    steps; recurrent states, ChannelMix shifts and memory-caching segments are per row."""
     model = build(name)
-    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps()
-    batched = generate_batch(model, PROMPTS, 5, exit_policy=policy)
-    for single, result in zip(_per_prompt(model, policy, new=5), batched.generations):
-        assert (result.ids, result.steps) == (single.ids, single.steps)
+    settings = [Settings(policy) for policy in MIXED]
+    batched = generate_batch(model, MIXED_PROMPTS, 5, settings=settings)
+    assert batched.mixed_depth_iterations > 0
+    for prompt, chosen, result in zip(MIXED_PROMPTS, settings, batched.generations):
+        single = generate(model, prompt, 5, exit_policy=chosen.exit_policy, backend="reference")
+        assert (result.ids, result.steps) == (single.ids, single.steps), chosen.exit_policy
+
+
+def test_one_batch_mixes_exit_policies_sampling_and_stop_strings():
+    """Per-row settings in one batch: each row's exit policy, steps and min_steps, temperature,
+    top-k/top-p with its own seed (its draws never depend on the other rows) and stop strings;
+    every row equals its per-prompt generation, text and stop reason included."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(4)
+    model = LoopLM(tiny_config(vocab_size=259, loop_steps=4, n_coda_layers=1))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    model.eval()
+    settings = [Settings(QExit(0.5), sampling=Sampling(0.9, top_k=20, seed=1)),
+                Settings(FixedSteps(2), sampling=Sampling(1.2, top_p=0.8, seed=2), stop=("e", "q")),
+                Settings(HiddenDiffExit(0.2, steps=6)),
+                Settings(KLExit(0.02), sampling=Sampling(0.7, seed=3)),
+                Settings(ACTExit(0.7), stop=("a",)),
+                Settings(QExit(0.3, min_steps=2), sampling=Sampling(1.0, top_k=5, top_p=0.9, seed=4))]
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in ("a loop", "b", "depth", "cc", "x y", "z")]
+    batched = generate_batch(model, prompts, 12, tokenizer=tokenizer, settings=settings, stop_ids=[])
+    assert batched.mixed_depth_iterations > 0
+    for prompt, chosen, result in zip(prompts, settings, batched.generations):
+        single = generate(model, prompt, 12, chosen.sampling, chosen.exit_policy, tokenizer, chosen.stop, stop_ids=[],
+                          backend="reference")
+        assert (result.ids, result.steps, result.text, result.stop_reason) == (
+            single.ids, single.steps, single.text, single.stop_reason), chosen
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7, 0.99, 1.0])

@@ -160,6 +160,38 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(server):
     assert health["status"] == "ok" and health["stats"]["mean_batch_size"] > 1
 
 
+def test_requests_with_different_settings_share_one_batch(server):
+    """Exit policies (string and JSON form), steps, min_steps, temperatures, top-k and seeds,
+    stop strings: five concurrent requests decode as one batch, each row with its own settings,
+    and each gets exactly its per-prompt generation (a seeded row draws from its own generator)."""
+    from looplm.exit_policy import parse_exit
+
+    client, engine, model = server
+    bodies = [{"prompt": "mixed one", "max_tokens": 6, "temperature": 0, "exit": "q:0.5"},
+              {"prompt": "mixed two", "max_tokens": 8, "temperature": 0, "exit": "hidden:0.05", "steps": 2},
+              {"prompt": "three", "max_tokens": 5, "temperature": 0.8, "seed": 7, "exit": "act"},
+              {"prompt": "four", "max_tokens": 7, "temperature": 0, "exit": {"name": "kl", "epsilon": 0.01},
+               "stop": ["e"]},
+              {"prompt": "five", "max_tokens": 6, "temperature": 1.0, "top_k": 8, "seed": 3, "exit": "q:0.3",
+               "min_steps": 2}]
+    before = engine.stats.as_dict()
+    engine.batch_wait, engine.max_batch = 30.0, 5  # the batch closes once all five have arrived
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda body: client.post("/v1/completions", json=body).json(), bodies))
+    finally:
+        engine.batch_wait, engine.max_batch = 0.005, 8
+    after = engine.stats.as_dict()
+    assert after["batches"] - before["batches"] == 1 and after["largest_batch"] >= 5
+    for body, answer in zip(bodies, answers):
+        policy = parse_exit(body["exit"], body.get("steps"), body.get("min_steps"))
+        sampling = Sampling(body["temperature"], body.get("top_k", 0), 1.0, body.get("seed"))
+        expected = generate(model, [TOKENIZER.bos_id] + TOKENIZER.encode(body["prompt"]), body["max_tokens"],
+                            sampling, policy, TOKENIZER, body.get("stop", ()))
+        assert answer["choices"][0]["text"] == expected.text, body
+        assert answer["looplm"]["choices"][0]["steps"] == expected.steps and answer["looplm"]["exit"] == policy.spec()
+
+
 def test_prompt_list_gives_one_choice_per_prompt(server):
     client, _, model = server
     body = client.post("/v1/completions", json={"prompt": ["one", "two two"], "max_tokens": 5, "temperature": 0,

@@ -94,6 +94,19 @@ def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_t
         assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the slot freed within a second
 
 
+def test_a_streaming_client_that_leaves_mid_stream_frees_its_row(slow_tokens):
+    engine = Engine(_model(), TOKENIZER, max_batch=1)
+    with serving(engine) as (client, port):
+        body = {"prompt": "leaving mid-stream", "max_tokens": 50, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            events = [line for _, line in zip(range(3), response.iter_lines()) if line]
+        assert events and events[0].startswith("data: ")  # it was streaming (about 6 s of tokens left)
+        started = time.monotonic()
+        answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the row freed within a second
+
+
 def test_a_full_queue_answers_503_with_retry_after(slow_tokens):
     engine = Engine(_model(), TOKENIZER, max_batch=1, max_queue=2)
     with serving(engine) as (client, port):

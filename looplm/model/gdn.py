@@ -282,6 +282,9 @@ class GatedDeltaNet(nn.Module):
         loop_keys = F.normalize(summed, dim=-1).view(loops, batch, heads, length, dim)
         route = F.normalize(self.loop_router(x).view(batch, length, heads, dim), dim=-1).transpose(1, 2)
         scores = torch.einsum("bhnk,jbhnk->bhnj", route, loop_keys) * self.head_dim ** -0.5
+        valid = carry.valid(loops)  # decode rows at their own steps: loops a row has not run score −∞
+        if valid is not None:
+            scores = scores.masked_fill(~valid.view(batch, 1, 1, loops), float("-inf"))
         return select_and_blend(online, scores, reads, self.loop_online_bias, self.loop_top_k)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int | torch.Tensor = 0,
