@@ -1,16 +1,12 @@
 """Batched generation: several prompts decoded together by the depth scheduler.
 
-Each prompt gets a row of one ``BatchSession`` (``looplm.generate``): prefilled at full depth
-into its own cache slot (left-aligned: its positions start at 0), then decoded with its rows
-each at their own loop step (``looplm.scheduler``) — a row whose token exits early leaves the
-core at once and its next token enters step 1 in the next iteration, beside rows still deep in
-theirs, so every core step serves every running row and a skipped step is time saved.  Every
-model family batches; each row may have its own settings (exit policy, sampling, stop strings).
-``BatchResult.layer_applications`` counts the core and coda layer applications actually run
-for decoded tokens (the compute the exit saved is the gap to ``full_depth_applications``).
-
-Batched output equals per-prompt ``generate`` with the same settings (tested): the same math
-on the same numbers, up to float rounding of batched matmuls.
+Each prompt gets a row of one ``BatchSession`` (``looplm.generate``), prefilled at full depth into
+its own cache slot, then decoded at its own loop step (``looplm.scheduler``): a row whose token
+exits early leaves the core at once and its next token enters step 1 beside rows still deep in
+theirs.  Every model family batches; each row may have its own settings.  ``BatchResult``
+counts the core and coda layer applications run for decoded tokens (``layer_applications``; the
+compute early exit saved is the gap to ``full_depth_applications``).  Batched output equals
+per-prompt ``generate`` with the same settings (tested), up to float rounding of batched matmuls.
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
-"""Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5), in one registry.
+"""Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5), one registry.
 
-| name (``EXIT_POLICIES``) | class | exits at |
-|---|---|---|
-| ``static`` | ``FixedSteps(steps)`` | ``steps`` for every token (may exceed the trained T) |
-| ``q:<q>`` | ``QExit(q)`` | the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q (Ouro); q = 1 never exits early |
-| ``hidden:<ε>`` | ``HiddenDiffExit(ε)`` | the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ε |
-| ``kl:<ε>`` | ``KLExit(ε)`` | the first step t ≥ 2 with KL(p_t ‖ p_{t−1}) < ε nats |
-| ``act[:<τ>]`` | ``ACTExit(τ)`` | never early: the halting-weighted readout Σ_t w_t r_t (τ: the model's act_threshold) |
+``EXIT_POLICIES`` maps names to classes: ``static`` (``FixedSteps``), ``q:<q>`` (``QExit``),
+``hidden:<ε>`` (``HiddenDiffExit``), ``kl:<ε>`` (``KLExit``), ``act[:<τ>]`` (``ACTExit``); each
+takes ``steps`` (the most steps, None = the trained T), the early-exit ones ``min_steps``.
+``parse_exit`` reads that string form (the CLI's, the server's, lm-eval's) or a JSON mapping
+(``{"name": "q", "threshold": 0.5, "steps": 6}``); a mistake is one ``LoopLMError`` line.
 
-Every policy takes ``steps`` (the most steps; None = the trained T) and the early-exit ones
-``min_steps``.  ``parse_exit`` reads the one-string form above (the CLI's, the server's and
-lm-eval's) or a JSON mapping (``{"name": "q", "threshold": 0.5, "steps": 6}``), with
-``steps``/``min_steps`` beside it; an unknown name or a bad number is one ``LoopLMError`` line.
-
-Deciding.  At each loop step a policy reads one ``Signal`` per row — the exit gate's logit, or
-the change of the readout (or of the next-token distribution) from the previous step — and
-``decide`` says which rows exit; the Q-exit survival is kept in float64 so every path decides
-alike next to the threshold.  The scheduler (``looplm.scheduler``) decides through it for every
-decode path, batch 1 or batched; ``exit_steps`` replays it over the signals a full forward
-recorded (eval curves, the lm-eval adapter).  ACT exits nowhere: ``act_accumulate`` mixes the
-readouts with halting weights while every step runs, so every depth's cache holds the token.
+At each loop step a policy reads one ``Signal`` per row (the gate's logit, or the readout's or
+the next-token distribution's change from the previous step) and ``decide`` says which rows
+exit, the Q-exit survival in float64 so every path decides alike next to the threshold.  The
+scheduler decides through it for every decode path; ``exit_steps`` replays it over a full
+forward's recorded signals (eval curves, lm-eval).  ACT exits nowhere: ``act_accumulate`` mixes
+the readouts with halting weights while every step runs (every depth's cache holds the token).
 """
 
 from __future__ import annotations
@@ -49,20 +41,6 @@ class Signal(enum.Enum):
     LOGITS_CHANGE = "logits change"     # KL(p_t ‖ p_{t−1}) (model.exit.readout_kl)
 
 
-def _check_steps(steps: int | None, min_steps: int = 1) -> None:
-    if steps is not None and steps < 1:
-        raise LoopLMError(f"steps must be >= 1, got {steps}")
-    if min_steps < 1:
-        raise LoopLMError(f"min_steps must be >= 1, got {min_steps}")
-    if steps is not None and min_steps > steps:
-        raise LoopLMError(f"min_steps ({min_steps}) must not exceed steps ({steps})")
-
-
-def _check_epsilon(epsilon: float, what: str) -> None:
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise LoopLMError(f"the {what} epsilon must be a finite number >= 0, got {epsilon}")
-
-
 class ExitPolicy:
     """The registry's base: ``name`` and the ``parameter`` its string form's number sets."""
 
@@ -74,6 +52,14 @@ class ExitPolicy:
     runs_every_step: ClassVar[bool] = False   # ACT: every step runs and is read out
     steps: int | None
     min_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
+        if self.min_steps < 1:
+            raise LoopLMError(f"min_steps must be >= 1, got {self.min_steps}")
+        if self.steps is not None and self.min_steps > self.steps:
+            raise LoopLMError(f"min_steps ({self.min_steps}) must not exceed steps ({self.steps})")
 
     def max_steps(self, trained_steps: int) -> int:
         """The most loop steps a token runs: ``steps``, else the trained T."""
@@ -102,16 +88,6 @@ def _column(policies: Sequence[ExitPolicy], field: str, like: torch.Tensor) -> t
     return torch.tensor([getattr(policy, field) for policy in policies], dtype=torch.float64, device=like.device)
 
 
-EXIT_POLICIES: dict[str, type[ExitPolicy]] = {}
-
-
-def register(cls: type[ExitPolicy]) -> type[ExitPolicy]:
-    """Add an exit policy class to ``EXIT_POLICIES`` under its ``name``."""
-    EXIT_POLICIES[cls.name] = cls
-    return cls
-
-
-@register
 @dataclass(frozen=True)
 class FixedSteps(ExitPolicy):
     """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
@@ -119,11 +95,7 @@ class FixedSteps(ExitPolicy):
     name: ClassVar[str] = "static"
     steps: int | None = None
 
-    def __post_init__(self) -> None:
-        _check_steps(self.steps)
 
-
-@register
 @dataclass(frozen=True)
 class QExit(ExitPolicy):
     """Exit at the first step whose exit CDF reaches ``threshold`` (Ouro's Q-exit)."""
@@ -138,7 +110,7 @@ class QExit(ExitPolicy):
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise LoopLMError(f"q must be in [0, 1], got {self.threshold}")
-        _check_steps(self.steps, self.min_steps)
+        super().__post_init__()
 
     @property
     def signal(self) -> Signal:
@@ -161,15 +133,15 @@ class _Convergence(ExitPolicy):
     parameter: ClassVar[str] = "epsilon"
 
     def __post_init__(self) -> None:
-        _check_epsilon(self.epsilon, self.what)
-        _check_steps(self.steps, self.min_steps)
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise LoopLMError(f"the {self.what} epsilon must be a finite number >= 0, got {self.epsilon}")
+        super().__post_init__()
 
     @classmethod
     def decide(cls, policies, steps, values, memory):
         return (steps > 0) & (values < _column(policies, "epsilon", values)), memory
 
 
-@register
 @dataclass(frozen=True)
 class HiddenDiffExit(_Convergence):
     """Exit at the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ``epsilon``."""
@@ -179,7 +151,6 @@ class HiddenDiffExit(_Convergence):
     signal: ClassVar[Signal] = Signal.READOUT_CHANGE
 
 
-@register
 @dataclass(frozen=True)
 class KLExit(_Convergence):
     """Exit at the first step t ≥ 2 with KL(p_t ‖ p_{t−1}) < ``epsilon`` (nats)."""
@@ -190,13 +161,10 @@ class KLExit(_Convergence):
     epsilon: float = 0.01
 
 
-@register
 @dataclass(frozen=True)
 class ACTExit(ExitPolicy):
-    """ACT halting (Graves; docs/MATH.md §5): the output is the halting-weighted readout
-    Σ_t w_t r_t (``act_accumulate``, the gate read as halting probability).  Every depth still
-    runs so that every step's cache holds every token; the reported steps are the halting
-    step.  threshold None = the model's ``act_threshold``."""
+    """ACT halting (Graves): the halting-weighted readout Σ_t w_t r_t (``act_accumulate``); every
+    step runs, the reported steps are the halting step; threshold None = the model's."""
 
     name: ClassVar[str] = "act"
     parameter: ClassVar[str] = "threshold"
@@ -209,20 +177,22 @@ class ACTExit(ExitPolicy):
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise LoopLMError(f"the ACT threshold must be in (0, 1], got {self.threshold}")
-        _check_steps(self.steps)
+        super().__post_init__()
 
-    @property
-    def reads_every_step(self) -> bool:
-        return True
+    reads_every_step = True
+
+
+# name → class: the string and JSON forms' vocabulary (add a class here to register it).
+EXIT_POLICIES: dict[str, type[ExitPolicy]] = {kind.name: kind for kind in (FixedSteps, QExit, HiddenDiffExit, KLExit,
+                                                                          ACTExit)}
 
 
 def act_accumulate(thresholds: torch.Tensor, steps: torch.Tensor, last: torch.Tensor, gate: torch.Tensor,
                    readout: torch.Tensor, total: torch.Tensor, halting: torch.Tensor, state: torch.Tensor):
-    """One ACT step for R rows (``model.exit.act_weights`` one step at a time): a row's weight is
-    its halting probability p = σ(z) until the running ``total`` (float64) would reach its
-    threshold, or its ``last`` step, where it takes the remainder 1 − total, then 0.  steps [R]
-    0-based; ``halting`` [R] the 1-based halting steps (0: not yet); ``state`` [R, D] Σ_t w_t r_t.
-    Returns (total, halting, state) updated."""
+    """One ACT step of R rows (``model.exit.act_weights`` step by step): a row's weight is p = σ(z)
+    until its running ``total`` (float64) would reach its threshold, or at its ``last`` step, where
+    it takes the remainder 1 − total, then 0.  steps [R] 0-based; ``halting`` [R] 1-based halting
+    steps (0: not yet); ``state`` [R, D] Σ_t w_t r_t.  Returns (total, halting, state)."""
     going = halting == 0
     probability = torch.sigmoid(gate.reshape(-1).to(torch.float64))
     halts = going & ((total + probability >= thresholds) | last)
@@ -296,10 +266,9 @@ def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool
                      hidden: float | None = None, kl: float | None = None, min_steps: int = 1) -> ExitPolicy:
     """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``;
     none of them = fixed steps."""
-    chosen = [(flag, spec) for flag, spec, given in (
-        ("--act", "act", act), ("--q", f"q:{q!r}", q is not None), ("--exit-hidden", f"hidden:{hidden!r}",
-                                                                     hidden is not None),
-        ("--exit-kl", f"kl:{kl!r}", kl is not None)) if given]
+    chosen = [(flag, spec) for flag, spec, value in (("--act", "act", act or None), ("--q", f"q:{q!r}", q),
+                                                     ("--exit-hidden", f"hidden:{hidden!r}", hidden),
+                                                     ("--exit-kl", f"kl:{kl!r}", kl)) if value is not None]
     if len(chosen) > 1:
         raise LoopLMError(f"choose one exit policy, not {' and '.join(flag for flag, _ in chosen)}")
     return parse_exit(chosen[0][1] if chosen else "static", steps, min_steps)

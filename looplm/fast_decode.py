@@ -1,17 +1,12 @@
 """Batch-1 decode fast path: the same math as ``LoopLM``'s layers, laid out for one token.
 
-At batch 1 every matmul is a matrix-vector product whose cost is reading the weights.
-Two things make that fast on a CPU:
-- weights are kept transposed and contiguous ([in, out]), the layout BLAS reads fastest for
-  x @ W (about 1.5× faster than ``F.linear`` on a [out, in] matrix here), and
-- each layer is a short run of whole-vector ops on [D] tensors (no batch or sequence axes),
-  attending over the whole preallocated cache with a position mask, so shapes never change
-  and the step can be compiled by ``torch.compile`` into one graph.
-
-``FastStepper`` reads and writes the same ``KVCache`` storage as the reference path, so
-prefill (a batched forward), LAST_EXITED copies and the reference stepper all interoperate;
-it is a ``looplm.steppers.Stepper`` for one row (tensors [1, D]), driven by the scheduler.
-``tests/test_fast_decode.py`` holds it equal to the reference.
+At batch 1 every matmul is a matrix-vector product whose cost is reading the weights: weights are
+kept transposed and contiguous ([in, out], the layout BLAS reads fastest for x @ W), and each
+layer is a short run of whole-vector ops on [D] tensors attending over the whole preallocated
+cache with a position mask, so shapes never change and ``torch.compile`` can compile the step.
+``FastStepper`` reads and writes the same ``KVCache`` storage as the reference stepper, so
+prefill and LAST_EXITED copies interoperate; it is a ``looplm.steppers.Stepper`` for one row
+(tensors [1, D]).  ``tests/test_fast_decode.py`` holds it equal to the reference.
 """
 
 from __future__ import annotations
@@ -77,9 +72,7 @@ class FastStepper:
 
     @staticmethod
     def unsupported(model, cache: KVCache) -> str | None:
-        if cache.batch_size != 1:
-            return "the torch decode path decodes one row"
-        return fast_unsupported(model)
+        return "the torch decode path decodes one row" if cache.batch_size != 1 else fast_unsupported(model)
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         config = model.config

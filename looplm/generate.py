@@ -1,18 +1,13 @@
-"""Generation: requests of prompts with their settings, decoded by the depth scheduler.
+"""Generation: prompts with their settings, decoded by the depth scheduler (``looplm.scheduler``).
 
-Exit policies (``looplm.exit_policy``) decide, per token, how many loop steps run.  Early exit
-really skips work: a token that exits at step e runs neither the core layers nor the readout of
-steps e+1..T, and the cache's layout (``looplm.cache.KV_LAYOUTS``) decides what later tokens see
-of it — by default its step-e keys and values stand in for the deeper steps (LAST_EXITED,
-docs/MATH.md §4).  Under the ``full`` layout every token runs every step and the exit only picks
-the readout (Ouro's reference).  The prompt is always prefilled at full depth.
-
-Every path — ``stream``/``generate`` (one prompt), ``looplm.batch.generate_batch`` and the
-server — runs its requests on one ``BatchSession``: a ``looplm.scheduler.Scheduler`` whose rows
-sit at their own loop steps, and per request the one sampling, stop and emission rule
-(``Request``).  Backends (``looplm.steppers``): ``native`` (a C kernel), ``torch`` (vector
-torch ops) and ``reference`` (the model's modules; every batch); ``auto`` picks the fastest
-that runs.  ``Decoder`` feeds one row explicit tokens (tests and benchmarks).
+Exit policies (``looplm.exit_policy``) decide per token how many loop steps run, and early exit
+really skips work; the cache's layout (``looplm.cache.KV_LAYOUTS``) decides what later tokens
+see of an exited token (default: its exit-step K/V stand in for the deeper steps, docs/MATH.md
+§4).  Every path — ``stream``/``generate``, ``looplm.batch.generate_batch``, the server — runs
+its requests on a ``BatchSession``: scheduler rows at their own loop steps, and per request one
+sampling, stop and emission rule (``Request``).  Backends (``looplm.steppers``): ``native`` (C),
+``torch`` (vector torch ops), ``reference`` (the model's modules; every batch); ``auto`` picks the
+fastest that runs.  ``Decoder`` feeds one row explicit tokens (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -54,7 +49,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Settings:
-    """What shapes one request's generation besides its prompt and token limit."""
+    """What shapes one request's generation besides its prompt and token limit (per row)."""
 
     exit_policy: ExitPolicy = FixedSteps()
     layout: str = "last_exited"
@@ -135,11 +130,9 @@ def check_prompt(prompt: Sequence[int], context: int, name: str = "the prompt") 
 
 def record_token(result: Generation, token: int, steps: int, tokenizer, stop_strings: Sequence[str],
                  emitted: str) -> tuple[str, str]:
-    """Append ``token`` (decided in ``steps`` loop steps) to ``result`` and update its text.
-    ``emitted`` is the text handed out so far; returns (the new text to hand out for this
-    token, the text handed out after it).  The piece stays "" while a multi-byte character is
-    unfinished.  When a stop string completes, ``result`` ends before it (stop_reason
-    "stop_string") and the piece is what precedes the stop string."""
+    """Append ``token`` (decided in ``steps`` loop steps) to ``result``, update its text, and return
+    (the new text to hand out — "" while a multi-byte character is unfinished —, the text handed
+    out after it; ``emitted``: before).  A completed stop string ends ``result`` before it."""
     result.ids.append(token)
     result.steps.append(steps)
     if tokenizer is None:
@@ -190,12 +183,10 @@ class BatchSession:
     """Continuous batching: requests join and leave a running ``Scheduler`` between iterations.
 
     ``rows`` slots of ``max_len`` positions; each request has its own ``Settings`` (exit policy,
-    sampling with its own seeded generator, stop strings) as long as its layout is the session's
-    and its steps fit the cache's depth (``max_steps``, default the default policy's).  ``admit``
-    prefills prompts into free slots and emits their first tokens; ``step`` runs one iteration
-    and emits a token for every row whose token finished.  A finished request's slot is free for
-    the next prompt at once.  Every request's tokens equal per-prompt ``generate`` with its
-    settings (greedy, or sampled with a seed; tested)."""
+    sampling — a seed gives it its own generator —, stop strings) if its layout is the session's
+    and its steps fit the cache's depth (``max_steps``: default the default policy's).  ``admit``
+    prefills prompts into free slots and emits their first tokens; ``step`` runs one iteration and
+    emits a token for each row whose token finished; a finished request frees its slot at once."""
 
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
@@ -207,8 +198,7 @@ class BatchSession:
         self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         depth = max_steps or self.defaults.exit_policy.max_steps(model.config.loop_steps)
-        with eval_mode(model):
-            self.scheduler = Scheduler(model, rows, max_len, depth, layout, modulo_slots, backend, compile_steps)
+        self.scheduler = Scheduler(model, rows, max_len, depth, layout, modulo_slots, backend, compile_steps)
         self.requests: dict[int, Request] = {}  # slot → request decoding there
         self.done: list[Request] = []           # finished, not yet returned by ``step``
         self.joined_late = 0                    # requests admitted while others were decoding
@@ -309,10 +299,8 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
            stop_ids: Sequence[int] | None = None, result: Generation | None = None, backend: str = "auto",
            compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
            prefix_cache=None) -> Iterator[GeneratedToken]:
-    """Yield generated tokens one at a time (see ``generate`` for the arguments).
-
-    ``result``, when given, is filled in as tokens arrive (ids, steps, text, stop_reason).
-    """
+    """Yield generated tokens one at a time (see ``generate``); ``result``, when given, is filled
+    in as they arrive."""
     check_prompt(prompt_ids, model.config.max_seq_len)
     if max_new_tokens < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -338,16 +326,11 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, samplin
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
              stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False,
              layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None) -> Generation:
-    """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1).
-
-    Stops at a stop id (default: the tokenizer's eos), a stop string (needs ``tokenizer``;
-    the text is cut before it), or the end of the model's context.  Returns the new ids, the
-    loop steps each token used, the decoded text and why it stopped.  ``backend`` picks the
-    per-token implementation (``looplm.steppers.BACKENDS``; every backend gives the same tokens);
-    ``compile_steps`` compiles the torch backend's loop step.  ``layout``/``modulo_slots``:
-    the KV layout (``looplm.cache.KV_LAYOUTS``).  ``prefix_cache``: a ``PrefixCache`` whose
-    stored prompt prefixes are reused instead of recomputed (same output).
-    """
+    """Generate up to ``max_new_tokens`` after ``prompt_ids`` (one row); stop at a stop id (default:
+    the tokenizer's eos), a stop string (needs ``tokenizer``; the text is cut before it), or the
+    context's end.  ``backend``: ``looplm.steppers.BACKENDS`` (all give the same tokens);
+    ``compile_steps``: compile the torch backend's step; ``layout``/``modulo_slots``: the KV
+    layout; ``prefix_cache``: a ``PrefixCache`` whose stored prompt prefixes are reused."""
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
                     stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache):
@@ -356,30 +339,23 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, samplin
 
 
 class Decoder:
-    """One sequence token by token, with the tokens given (no sampling): one row of a
-    ``Scheduler``.  ``prefill(ids [1, S])`` and ``step(token)`` return (logits [V], loop steps)."""
+    """One sequence token by token, the tokens given (no sampling): one row of a ``Scheduler``.
+    ``prefill(ids [1, S])`` and ``step(token)`` return (logits [V], loop steps); ``fused``: whether
+    tokens may run in the stepper's one call (``whole_token``); ``logits_view``: return the
+    stepper's logits buffer itself, which the next step overwrites."""
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
                  compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2):
         self.scheduler = Scheduler(model, 1, max_len, exit_policy.max_steps(model.config.loop_steps), layout,
                                    modulo_slots, backend, compile_steps)
-        self.policy, self.row = exit_policy, None
-        # True: ``step`` returns the stepper's logits buffer itself (the next step overwrites it).
-        self.logits_view = False
+        self.policy, self.row, self.logits_view = exit_policy, None, False
 
     cache = property(lambda self: self.scheduler.cache)
     stepper = property(lambda self: self.scheduler.stepper)
     backend = property(lambda self: self.scheduler.backend)
     greedy = property(lambda self: self.row.greedy)
-
-    @property
-    def fused(self) -> bool:
-        """Whether tokens run in the stepper's one-call loop where they can (``whole_token``)."""
-        return self.scheduler.whole_tokens
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        self.scheduler.whole_tokens = value
+    fused = property(lambda self: self.scheduler.whole_tokens,
+                     lambda self, value: setattr(self.scheduler, "whole_tokens", value))
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
         self.row = self.scheduler.admit(ids[0].tolist(), self.policy, prefix_cache)

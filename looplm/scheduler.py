@@ -1,26 +1,18 @@
 """The depth scheduler: the one exit loop of every decode path, over rows at their own loop steps.
 
-Each slot of a batched ``KVCache`` holds one sequence (a ``Row``), left-aligned: its positions
-start at 0, its length is its own.  A row is prefilled at full depth (``admit``: the model's
-forward into its slot, as every depth's cache must hold the prompt), then fed one token at a
-time (``feed``).  One ``iterate`` applies the core once to every running row, each at its OWN
-loop step and position:
-
-1. rows fed a token enter at step 1 (embedding and prelude, h₀);
-2. one core step for all running rows (``Stepper.core_step``: per-row steps, positions and
-   cache slots);
-3. the rows whose policy reads every step (or at their last step) are read out; each policy
-   decides for its rows (``looplm.exit_policy``: one ``decide`` per class, per-row thresholds;
-   ACT accumulates its halting-weighted readout);
-4. a row whose exit fires leaves the core at once: the layout fills the steps it skipped
-   (``KVCache.finish_rows``), its logits are computed, and its next token enters step 1 in the
-   next iteration beside rows still deep in theirs.  Under the ``full`` layout (and for a
-   prompt's last token) a row runs every step and the exit only picks the readout.
-
-So a batch stays full and every weight read serves every running row: a skipped step is wall
-time saved.  A stepper that runs a whole token in one call (``whole_token``) takes the rows it
-can (batch 1, static or Q-exit, its layouts).  ``layer_applications`` counts the core and coda layers each row ran for
-its decoded tokens (prefill excluded).
+Each slot of a ``KVCache`` holds one sequence (a ``Row``), left-aligned (positions from 0, its
+own length).  ``admit`` prefills a prompt at full depth into its slot (every depth's cache must
+hold it); ``feed`` queues its next token.  One ``iterate`` applies the core once to every running
+row, each at its OWN loop step, position and cache slot: fed rows enter at step 1; the rows whose
+policy reads every step (or at their last step) are read out and each policy decides for its rows
+(``looplm.exit_policy``; ACT accumulates); a row whose exit fires leaves at once — the layout
+fills the steps it skipped, its logits are computed — and its next token enters step 1 in the
+next iteration beside rows still deep in theirs.  Under the ``full`` layout (and for a prompt's
+last token) a row runs every step and the exit only picks the readout.  So every weight read
+serves every running row and a skipped step is wall time saved.  A stepper that runs a whole
+token in one call (``whole_token``) takes the rows it can (batch 1, static or Q-exit, its
+layouts).  ``layer_applications`` counts the core and coda layers each row ran for its decoded
+tokens (prefill excluded).
 """
 
 from __future__ import annotations
@@ -110,7 +102,7 @@ class Scheduler:
                 return row
             ids = torch.tensor([list(prompt)], device=self.device)
             view = self.cache.row(row.slot)
-            with torch.inference_mode():
+            with torch.no_grad():
                 output = (prefix_cache.prefill(self.model, list(prompt), view, max_steps) if prefix_cache is not None
                           else self.model(ids, steps=max_steps, cache=view))
             self._replay(row, [readout[0, -1:] for readout in output.hidden_states])
@@ -211,10 +203,7 @@ class Scheduler:
         for row in entering:
             row.step, row.exit_step, row.token = 0, None, None
         self._reset(entering)
-        if self.running:
-            self.h, self.e = torch.cat([self.h, h]), torch.cat([self.e, e])
-        else:
-            self.h, self.e = h, e
+        self.h, self.e = (torch.cat([self.h, h]), torch.cat([self.e, e])) if self.running else (h, e)
         self.running = self.running + entering
 
     def _whole_token(self, row: Row) -> None:

@@ -1,18 +1,12 @@
-"""Steppers: what runs one loop step for a set of decode rows, and the registry of decode backends.
+"""Steppers: what runs one loop step of decode rows, and the registry of decode backends.
 
-A stepper is handed ``Rows`` (each row's cache row, loop step and position) and tensors with
-one row per entry; ``looplm.scheduler`` drives every stepper the same way (``Stepper``).  Three
-implement it, with the same math (tests hold them equal):
-
-- ``reference``: ``ModelStepper``, the model's own modules over any number of rows, every
-  family (``LoopLM.core_step`` with per-row steps and positions; the cache as ``RowsView``);
-- ``torch``: ``looplm.fast_decode.FastStepper``, one row, vector-shaped torch ops;
-- ``native``: ``looplm.kernels.native_stepper.NativeStepper``, one row, the C kernel.
-
-A stepper may offer ``whole_token``: a token's whole loop (embedding, steps, Q-exit, the
-LAST_EXITED copy, head, argmax) in one call, which the scheduler uses where a row's policy
-and the layout allow (``whole_token_layouts``).  ``BACKENDS`` maps names to classes in the
-order ``auto`` tries them; each class says why it cannot serve a model (``unsupported``).
+A stepper gets ``Rows`` (each row's cache row, loop step and position) and tensors of one row
+per entry; ``looplm.scheduler`` drives every stepper alike (``Stepper``).  ``reference``:
+``ModelStepper``, the model's own modules, any family and batch; ``torch``: ``FastStepper``
+(``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: ``NativeStepper``
+(``looplm.kernels``), one row in C.  Tests hold them equal.  A stepper may offer ``whole_token``
+(a token's whole loop in one call) for the layouts in ``whole_token_layouts``.  ``BACKENDS`` maps
+names to stepper classes in the order ``auto`` tries them; each says why it cannot serve a model.
 """
 
 from __future__ import annotations
@@ -64,10 +58,7 @@ class ModelStepper:
     carry across a token's steps is kept per row (``RowCarry``)."""
 
     whole_token = None
-
-    @staticmethod
-    def unsupported(model, cache: KVCache) -> str | None:
-        return None
+    unsupported = staticmethod(lambda model, cache: None)  # serves every model and cache
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         self.model, self.cache = model, cache

@@ -1,24 +1,16 @@
 """The serving engine: one worker thread runs the model; every request decodes in one running batch.
 
-Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` that receives
-its events (``Token`` for every emitted token, then ``Done`` or ``Failed``) from the worker thread.
-
-Scheduling (continuous, depth-interleaved batching; ``looplm.generate.BatchSession`` over the
-depth scheduler, ``max_batch`` rows of ``max_context`` positions):
-
-1. When idle, the worker blocks until a job arrives, then keeps collecting jobs for
-   ``batch_wait`` seconds or until it holds ``max_batch`` of them.
-2. Between scheduler iterations waiting jobs join the running batch whenever a row is free —
-   whatever their exit policy, steps, sampling (a seeded job draws from its own generator) and
-   stop strings, each row with its own; only the KV layout and the cache's depth are the
-   batch's, so a job with another layout, or more loop steps than the running batch's cache
-   holds, waits until the batch drains (the next batch is built for the oldest waiting job).
-3. A job leaves the moment it finishes (its own ``max_tokens``, stop string or stop token) or its
-   client disconnects, freeing its row for the next one.  Prompts are reused from a shared
-   ``PrefixCache``.
-
-A job whose prefill fails gets ``Failed`` alone; an exception inside an iteration fails the jobs
-of that batch.  The worker keeps serving after any exception.
+Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` receiving its
+events (``Token`` per emitted token, then ``Done`` or ``Failed``) from the worker thread.  When
+idle, the worker waits for a job, then collects more for ``batch_wait`` seconds or up to
+``max_batch``.  A batch (``looplm.generate.BatchSession`` over the depth scheduler: ``max_batch``
+rows of ``max_context`` positions) is built for the oldest waiting job; between iterations the
+waiting jobs join, in arrival order, whenever a row is free — whatever their exit policy, steps,
+sampling (a seed: its own generator) and stop strings; only the KV layout and the cache's depth
+are the batch's, so a job needing another waits until the batch drains.  A job leaves the moment
+it finishes or its client disconnects.  Prompts are reused from a shared ``PrefixCache``.  A job
+whose prefill fails fails alone; an exception inside an iteration fails that batch's jobs; the
+worker keeps serving.
 """
 
 from __future__ import annotations
@@ -28,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 from looplm.errors import LoopLMError
@@ -80,20 +72,16 @@ class Job:
 
 @dataclass
 class EngineStats:
-    requests: int = 0        # jobs finished (one per prompt)
-    batches: int = 0         # batches run (from idle until drained)
-    batched_jobs: int = 0    # jobs that decoded beside at least one other
-    joined_running: int = 0  # jobs that joined a batch already decoding (continuous batching)
+    requests: int = 0              # jobs finished (one per prompt)
+    batches: int = 0               # batches run (from idle until drained)
+    batched_requests: int = 0      # jobs that decoded beside at least one other
+    joined_running_batch: int = 0  # jobs that joined a batch already decoding (continuous batching)
     largest_batch: int = 0
-    tokens: int = 0          # tokens handed to clients
+    tokens: int = 0                # tokens handed to clients
     failures: int = 0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "batches": self.batches, "batched_requests": self.batched_jobs,
-                "joined_running_batch": self.joined_running,
-                "largest_batch": self.largest_batch,
-                "mean_batch_size": self.requests / self.batches if self.batches else 0.0,
-                "tokens": self.tokens, "failures": self.failures}
+        return {**asdict(self), "mean_batch_size": self.requests / self.batches if self.batches else 0.0}
 
 
 class Engine:
@@ -250,7 +238,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - the failure is this request's alone
             log.exception("request failed")
             return self._fail(job, error)
-        self.stats.joined_running += late
+        self.stats.joined_running_batch += late
         if request in session.done:  # finished with its first token
             session.done.remove(request)
             return self._finish(job, request)
@@ -267,7 +255,7 @@ class Engine:
         generation = request.generation
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
-        self.stats.batched_jobs += job.batch_size > 1
+        self.stats.batched_requests += job.batch_size > 1
         self._done(job, Done(generation, generation.layer_applications, generation.full_depth_applications,
                              job.batch_size))
 
