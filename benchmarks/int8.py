@@ -3,9 +3,10 @@
 Decode: batch 1, greedy, fixed T steps, through ``generate`` (prefill excluded), on the
 reference shape (d 256, 4 heads, vocab 4096, 3 core layers x T 4) and a ~100M-parameter shape
 (d 768, 12 heads, vocab 4096, 14 core layers x T 4), each timed in the same run as
-fp32 and int8 (``quantize_model``) with the default backend (``native``: the C layer kernel,
-which widens int8 weights in registers) and through the model's own modules (``reference``:
-each int8 projection a call of the Q8_0 C matvec).
+fp32 and int8 (``quantize_model``, ``activations="auto"``: Q8_0 × Q8_0 dot products where the
+kernel has VNNI, else int8 weights widened in registers) with the default backend (``native``: the
+C layer kernel) and through the model's own modules (``reference``: each int8 projection a call
+of the Q8_0 C matmul).  The two int8 kernel forms against each other: benchmarks/precision.py.
 Loss: a small looped model (d 128, 2 core layers x T 4, byte tokens) trained for a few hundred
 steps on text, then its validation loss per step in fp32 and after ``quantize_model``.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ExitPolicy, FixedSteps
+from looplm.exit_policy import ExitPolicy, default_exit_policy
 from looplm.generate import BatchSession, Generation, Sampling, Settings, check_prompt, eval_mode  # noqa: F401
 
 
@@ -47,12 +47,14 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                    stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    layout: str = "last_exited", modulo_slots: int = 2,
                    on_token: Callable[[int, int, int, str], None] | None = None,
-                   settings: Sequence[Settings] | None = None) -> BatchResult:
+                   settings: Sequence[Settings] | None = None, dtype: str = "fp32") -> BatchResult:
     """Generate for several prompts at once; each row stops on its own (stop id, stop string,
     length, context).  Same arguments as ``generate`` (``max_new_tokens`` may give one limit
     per prompt; ``settings`` one ``Settings`` per prompt, overriding sampling, exit_policy and
     stop_strings, with the batch's ``layout``); ``on_token(row, id, steps, text)`` is called for
-    every emitted token (streaming).  A seeded row draws from its own generator."""
+    every emitted token (streaming); ``dtype``: the weights (fp32, bf16, auto: bf16 copies where the
+    CPU multiplies bf16 natively; ``looplm.steppers.make_stepper``).  A seeded row draws from its
+    own generator."""
     context = model.config.max_seq_len
     if not prompts:
         raise LoopLMError("no prompts given")
@@ -63,14 +65,14 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         raise LoopLMError(f"{len(limits)} max_new_tokens limits for {len(prompts)} prompts: give one per prompt")
     if min(limits) < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {min(limits)}")
-    settings = list(settings or [Settings(exit_policy or FixedSteps(), layout, sampling, tuple(stop_strings))]
-                    * len(prompts))
+    settings = list(settings or [Settings(exit_policy or default_exit_policy(model.config), layout, sampling,
+                                          tuple(stop_strings))] * len(prompts))
     depth = max(chosen.exit_policy.max_steps(model.config.loop_steps) for chosen in settings)
     longest = max(len(prompt) + max(min(limit, context - len(prompt)), 1) for prompt, limit in zip(prompts, limits))
     callbacks = [None if on_token is None else partial(on_token, row) for row in range(len(prompts))]
     with eval_mode(model):
         session = BatchSession(model, len(prompts), longest, tokenizer=tokenizer, stop_ids=stop_ids, layout=layout,
-                               modulo_slots=modulo_slots, max_steps=depth)
+                               modulo_slots=modulo_slots, max_steps=depth, dtype=dtype)
         requests = session.admit(prompts, limits, callbacks, settings)
         while session.active:
             session.step()

@@ -7,15 +7,17 @@ public ``generate`` path (prefill excluded from the decode rate, reported separa
 the default backend (the C kernel where it builds) and, as baselines in the same run, the
 torch and reference backends.
 Each figure is the median of ``repeats`` timed runs after a warm-up.
+
+Precision: the CPU's relevant flags and its fp32 and bf16 matmul rates are printed first; then
+training and decode run in fp32 and, where ``auto`` chooses bf16 here (``looplm.precision``:
+native bf16 in the CPU for training, in the C kernel for decode), in bf16 too, side by side.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,13 +25,16 @@ from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import TrainConfig, preset
 from looplm.generate import FixedSteps, generate
 from looplm.model.lm import LoopLM
+from looplm.cpu import cpu_name, reported_flags
+from looplm.precision import Precision, decode_precision, native_bf16_flag, training_precision
 from looplm.training.objectives import compute_loss
 from looplm.training.trainer import make_optimizer
 
 
 def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int = 3, repeats: int = 3,
-                  compile_model: bool = False) -> float:
-    """Median training tokens/s over ``repeats`` runs of ``steps`` optimiser steps."""
+                  compile_model: bool = False, precision: str = "fp32") -> float:
+    """Median training tokens/s over ``repeats`` runs of ``steps`` optimiser steps; ``precision``
+    fp32 or bf16 (the forward under bf16 autocast, as ``train.precision`` runs it)."""
     optimizer = make_optimizer(model, TrainConfig())
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=generator)
@@ -40,8 +45,12 @@ def time_training(model: LoopLM, batch: int = 8, length: int = 256, steps: int =
 
     forward = torch.compile(loss_of) if compile_model else loss_of
 
+    autocast = Precision(precision, "asked").autocast("cpu")
+
     def one_step() -> None:
-        forward(inputs, targets).backward()
+        with autocast:
+            loss = forward(inputs, targets)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -64,13 +73,14 @@ def median_rate(one_step, tokens_per_step: int, steps: int, repeats: int, warmup
 
 
 def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, repeats: int = 3,
-                backend: str = "auto", compile_steps: bool = False) -> dict:
-    """Median batch-1 greedy decode tokens/s (and prefill tokens/s) through ``generate``."""
+                backend: str = "auto", compile_steps: bool = False, dtype: str = "fp32") -> dict:
+    """Median batch-1 greedy decode tokens/s (and prefill tokens/s) through ``generate``
+    (``dtype``: the weights, see ``looplm.generate.Decoder``)."""
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_length,), generator=generator).tolist()
     policy = FixedSteps()
     model.eval()
-    options = dict(exit_policy=policy, stop_ids=[], backend=backend, compile_steps=compile_steps)
+    options = dict(exit_policy=policy, stop_ids=[], backend=backend, compile_steps=compile_steps, dtype=dtype)
     generate(model, prompt, 8, **options)
     decode_rates, prefill_rates = [], []
     for _ in range(repeats):
@@ -86,29 +96,28 @@ def time_decode(model: LoopLM, prompt_length: int = 128, new_tokens: int = 128, 
             "prefill_tokens_per_s": statistics.median(prefill_rates)}
 
 
-def cpu_name() -> str:
-    """The CPU's model name and x86 family/model numbers (which tell, e.g., Zen 1 from Zen 2+,
-    whose fp32 FMA units are twice as wide), else what ``platform`` knows."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
-    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
-    """fp32 GFLOP/s of one [size, size] matmul (best of ``repeats``): the machine's compute
+def matmul_gflops(size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of one [size, size] matmul in ``dtype`` (best of ``repeats``): the machine's compute
     ceiling at this moment, to read the run's other figures against (a shared VM's speed
     drifts, and the host's CPU generation can change between runs)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = min(seconds_of(lambda: a @ b) for _ in range(repeats))
     return 2 * size ** 3 / best / 1e9
+
+
+def machine_report() -> dict:
+    """The CPU, its flags that decide the precision paths, and its fp32 and bf16 matmul rates.
+
+    The bf16 matmul runs at 2048² where the CPU has native bf16, at 512² elsewhere (there torch
+    emulates bf16: about 1 GFLOP/s, which would take a minute at 2048²); ``matmul_bf16_size``
+    says which."""
+    bf16_size = 2048 if native_bf16_flag() else 512
+    return {"machine": cpu_name(),
+            "cpu_flags": " ".join(reported_flags()) or "(none of the reported)",
+            "matmul_gflop_s": matmul_gflops(),
+            "matmul_gflop_s_bf16": matmul_gflops(bf16_size, dtype=torch.bfloat16),
+            "matmul_bf16_size": bf16_size}
 
 
 def seconds_of(function) -> float:
@@ -161,7 +170,7 @@ def roofline(model: LoopLM, tokens_per_s: float, context: int) -> dict:
 
 def decode_against_baselines(model: LoopLM, repeats: int) -> dict:
     """Batch-1 decode with the default backend, and the torch and reference paths timed in the
-    same run as baselines (rates and speed-ups)."""
+    same run as baselines (rates and speed-ups); all float32."""
     results = time_decode(model, repeats=repeats)
     for backend in ("torch", "reference"):
         rate = time_decode(model, repeats=repeats, backend=backend)["decode_tokens_per_s"]
@@ -177,15 +186,19 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     torch.manual_seed(0)
     config = preset("reference")
     model = LoopLM(config)
+    training, decoding = training_precision("auto", "cpu", config.d_model), decode_precision("auto")
     results = {
         "shape": "d_model 256, 4 heads, vocab 4096, 3 core layers x T 4",
         "parameters": model.num_parameters(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": cpu_name(),
-        "matmul_gflop_s": matmul_gflops(),
+        **machine_report(),
+        "train_precision": training.label,
         "train_tokens_per_s": time_training(model, repeats=repeats),
     }
+    if training.name == "bf16":  # the chosen precision beside fp32, same run
+        results["train_tokens_per_s_bf16"] = time_training(model, repeats=repeats, precision="bf16")
+        results["train_speedup_bf16"] = results["train_tokens_per_s_bf16"] / results["train_tokens_per_s"]
     if compile_model:
         results["train_tokens_per_s_compiled"] = time_training(LoopLM(config), repeats=repeats, compile_model=True)
     decode_model = LoopLM(config)
@@ -197,6 +210,11 @@ def run_bench(json_path: str | None = None, threads: int = 0, compile_model: boo
     results.update(decode_against_baselines(decode_model, repeats))
     # A token mid-generation attends over the 128-token prompt and half the 128 new tokens.
     results.update(roofline(decode_model, results["decode_tokens_per_s"], context=128 + 64))
+    results["decode_dtype"] = decoding.label
+    if decoding.name == "bf16":
+        results["decode_tokens_per_s_bf16"] = time_decode(decode_model, repeats=repeats,
+                                                          dtype="bf16")["decode_tokens_per_s"]
+        results["decode_speedup_bf16"] = results["decode_tokens_per_s_bf16"] / results["decode_tokens_per_s"]
     if compile_model:
         results["decode_tokens_per_s_torch_compiled"] = time_decode(decode_model, repeats=repeats,
                                                                     compile_steps=True)["decode_tokens_per_s"]

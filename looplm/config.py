@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from looplm.errors import LoopLMError
+from looplm.precision import check_precision
 
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat")
@@ -32,6 +33,7 @@ PARALLEL = ("none", "ddp", "fsdp")
 LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.training.loggers)
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
+TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternary (looplm.model.bitlinear)
 # Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory
 # before saying so (the RoPE tables alone are max_seq_len × head dims).
 MAX_CONTEXT = 2**20
@@ -41,6 +43,23 @@ MAX_VOCAB = 2**24
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise LoopLMError(message)
+
+
+EXIT_SPECS = {"static": False, "act": False, "q": True, "hidden": True, "kl": True, "ppl": True}  # takes a number?
+
+
+def parse_exit_spec(spec: str) -> tuple[str, float | None]:
+    """An exit policy's one-string form (``static``, ``act``, ``q:0.5``, ``hidden:0.05``,
+    ``kl:0.01``, ``ppl:3``) as (kind, number or None); the policy itself checks the number's
+    range (``looplm.exit_policy.parse_exit_policy``)."""
+    name, _, value = spec.partition(":")
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        raise LoopLMError(f"exit policy {spec!r}: {value!r} is not a number") from None
+    if name not in EXIT_SPECS or EXIT_SPECS[name] != (number is not None):
+        raise LoopLMError(f"unknown exit policy {spec!r}: use static, q:<q>, hidden:<eps>, kl:<eps>, ppl:<x> or act")
+    return name, number
 
 
 def _check_finite(config, section: str) -> None:
@@ -111,6 +130,21 @@ class ModelConfig:
     expert_hidden: int | None = None
     moe_bias_update_rate: float = 1e-3
     moe_aux_loss_weight: float = 0.0
+    # Source-system features (docs/ARCHITECTURES.md).  Ternary weights (BitNet b1.58 QAT,
+    # looplm.model.bitlinear) in the token mixers and FFNs of the "core" or "all" layers; mHC
+    # hyper-connections with n residual streams (looplm.model.residual; 0 or 1 = off); block
+    # attention residuals over groups of sub-layers (0 = off); detached segment states of
+    # sequence-axis memory caching; nanochat's append-first K/V (looplm.cache); and the inference
+    # defaults a model carries (exit policy in the one-string form, least and most loop steps,
+    # 0 = the trained T), which decoders use when the caller names no policy.
+    ternary: str = "none"
+    hyper_connections: int = 0
+    attnres_block_size: int = 0
+    mc_detach: bool = False
+    kv_append_first: bool = False
+    default_exit: str = "static"
+    min_loop_steps: int = 1
+    max_loop_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
@@ -185,6 +219,21 @@ class ModelConfig:
         _check(self.depth_lora_rank >= 0, f"model.depth_lora_rank must be >= 0, got {self.depth_lora_rank}")
         _check(not self.loop_index_embedding or self.d_model >= 16,
                f"model.loop_index_embedding needs d_model >= 16 (it uses d_model/8 channels), got {self.d_model}")
+        _check(self.ternary in TERNARY_SCOPES,
+               f"model.ternary must be one of {', '.join(TERNARY_SCOPES)}, got {self.ternary!r}")
+        _check(self.hyper_connections >= 0, f"model.hyper_connections must be >= 0 (0 or 1 = off), got"
+               f" {self.hyper_connections}")
+        _check(self.attnres_block_size >= 0, f"model.attnres_block_size must be >= 0 (0 = off), got"
+               f" {self.attnres_block_size}")
+        _check(not (self.residual_streams > 1 and self.attnres_block_size),
+               "model.hyper_connections and model.attnres_block_size both replace the residual sum: choose one")
+        _check(not self.mc_detach or self.mc_segment_size, "model.mc_detach detaches the cached segment states of"
+               " memory caching: set model.mc_segment_size too")
+        _check(self.min_loop_steps >= 1 and self.max_loop_steps >= 0
+               and (not self.max_loop_steps or self.min_loop_steps <= self.max_loop_steps),
+               "model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T), got"
+               f" {self.min_loop_steps}, {self.max_loop_steps}")
+        parse_exit_spec(self.default_exit)  # a one-line error for a policy that does not parse
 
     def layer_kind(self, index: int) -> str:
         """"A" (attention), "G" (Gated DeltaNet) or "R" (RWKV-style mixer) for layer ``index`` of a stack: the
@@ -203,11 +252,17 @@ class ModelConfig:
     def plain_loop(self) -> bool:
         """True for Ouro's loop: the state alone feeds each step, nothing step-dependent added."""
         return (self.injection == "identity" and self.initial_state == "prelude" and not self.loop_index_embedding
-                and self.depth_lora_rank == 0 and not self.global_gates)
+                and self.depth_lora_rank == 0 and not self.global_gates and self.ternary == "none"
+                and self.residual_streams == 1 and not self.attnres_block_size and not self.kv_append_first)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def residual_streams(self) -> int:
+        """Parallel residual streams of the hidden state: model.hyper_connections, else 1."""
+        return max(self.hyper_connections, 1)
 
 
 @dataclass
@@ -264,6 +319,9 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     device: str = "auto"
+    # Float precision of the forward pass (looplm.precision): auto = bf16 autocast on CUDA, and on
+    # CPUs with native bf16 (avx512_bf16, amx_bf16) for d_model >= 256; fp32 elsewhere.
+    precision: str = "auto"
     compile: bool = False
     threads: int = 0
     # Logging (looplm.training.loggers): metrics.jsonl always; extra sinks, W&B names; MFU's denominator.
@@ -271,6 +329,10 @@ class TrainConfig:
     wandb_project: str = "looplm"
     run_name: str | None = None
     peak_tflops: float = 0.0
+    # Stage schedules: β stays entropy_beta before this step, then moves linearly to
+    # entropy_beta_final at the last step; RoPE θ by step ("STEP:THETA,...", θ from each step on).
+    entropy_beta_anneal_start: int = 0
+    rope_theta_schedule: str = ""
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -299,6 +361,7 @@ class TrainConfig:
         _check(self.spike_factor == 0 or self.spike_factor > 1,
                f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
+        check_precision(self.precision, "train.precision")
         _check(self.parallel in PARALLEL, f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
@@ -322,17 +385,47 @@ class TrainConfig:
         _check(not unknown_sinks, f"train.log_to takes a comma list of {', '.join(LOG_SINKS)} (metrics.jsonl is"
                f" always written), got {self.log_to!r}")
         _check(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = look up the GPU), got {self.peak_tflops}")
+        _check(self.entropy_beta_anneal_start >= 0,
+               f"train.entropy_beta_anneal_start must be >= 0, got {self.entropy_beta_anneal_start}")
+        self.rope_thetas()  # one-line errors for a schedule that does not parse
 
     def log_sinks(self) -> tuple[str, ...]:
         """train.log_to as names: "tensorboard,wandb" -> ("tensorboard", "wandb")."""
         return tuple(dict.fromkeys(name.strip().lower() for name in self.log_to.split(",") if name.strip()))
 
     def entropy_beta_at(self, step: int) -> float:
-        """β for Stage I at optimiser step ``step``: linear from entropy_beta to the final value."""
-        if self.entropy_beta_final is None:
+        """β for Stage I at optimiser step ``step``: entropy_beta until entropy_beta_anneal_start,
+        then linear to entropy_beta_final at the last step (constant without a final value)."""
+        if self.entropy_beta_final is None or step <= self.entropy_beta_anneal_start:
             return self.entropy_beta
-        fraction = min(step / max(self.steps - 1, 1), 1.0)
+        start = self.entropy_beta_anneal_start
+        fraction = min((step - start) / max(self.steps - 1 - start, 1), 1.0)
         return self.entropy_beta + fraction * (self.entropy_beta_final - self.entropy_beta)
+
+    def rope_thetas(self) -> list[tuple[int, float]]:
+        """train.rope_theta_schedule as [(first step, θ)], ascending: "0:1e4,500:1e6"."""
+        stages = []
+        for item in filter(None, (part.strip() for part in self.rope_theta_schedule.split(","))):
+            step, _, theta = item.partition(":")
+            try:
+                stages.append((int(step), float(theta)))
+            except ValueError:
+                raise LoopLMError(f"train.rope_theta_schedule takes STEP:THETA pairs separated by commas, got"
+                                  f" {item!r}") from None
+        steps = [step for step, _ in stages]
+        _check(all(step >= 0 for step in steps) and steps == sorted(set(steps)),
+               f"train.rope_theta_schedule needs distinct ascending steps >= 0, got {self.rope_theta_schedule!r}")
+        _check(all(theta > 0 for _, theta in stages), f"train.rope_theta_schedule needs θ > 0, got"
+               f" {self.rope_theta_schedule!r}")
+        return stages
+
+    def rope_theta_at(self, step: int, base: float) -> float:
+        """RoPE θ at optimiser step ``step``: the last schedule entry at or before it, else ``base``."""
+        theta = base
+        for first, value in self.rope_thetas():
+            if step >= first:
+                theta = value
+        return theta
 
 
 @dataclass
@@ -345,11 +438,14 @@ class DataConfig:
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
+    text_field: str = "text"  # the field / column holding the text in .jsonl, .parquet and hf: data
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
         _check(not (self.path and self.task), "give either data.path or data.task, not both")
         _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(isinstance(self.text_field, str) and self.text_field != "",
+               f"data.text_field must name a field, got {self.text_field!r}")
 
 
 @dataclass
@@ -538,20 +634,23 @@ FAMILY_PRESETS: dict[str, typing.Callable[[], dict]] = {
     # Parcae: Huginn's layout with diagonal, stable-by-construction injection and pre-norm.
     "parcae": lambda: _family(n_prelude_layers=2, n_core_layers=4, n_coda_layers=2, loop_steps=8, norm="pre",
                               step_norm=False, injection="diagonal", initial_state="noise"),
-    # nanochat loop: one local block before, one shared block looped (with its global gates), one after.
+    # nanochat loop: one local block before, one shared block looped (with its global gates), one after;
+    # ternary weights in every block (BitNet b1.58 QAT), mHC residual streams, append-first K/V.
     "nanochat-loop": lambda: _family(n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, loop_steps=4, norm="pre",
-                                     step_norm=False, injection="additive", global_gates=True),
+                                     step_norm=False, injection="additive", global_gates=True, ternary="all",
+                                     hyper_connections=2, kv_append_first=True),
     # lrnnSMDDS (seed 002): RWKV-style mixer with slot memory in every layer, looped; the seed's
     # 6-layer tier (d 256, H 8, decay rank 16, 4 slots) as 2 core layers x 3 steps, ChannelMix FFNs.
     "lrnn": lambda: _family(d_model=256, n_heads=8, max_seq_len=256, n_core_layers=2, loop_steps=3,
                             layer_pattern="R", rwkv_slots=4, rwkv_decay_rank=16, norm="pre", step_norm=False,
                             ffn="channelmix"),
     # LoopCached-Reasoning: the Qwen3.5 hybrid below with memory caching (SSC) on its GDN layers,
-    # along the sequence (segments of 128, top-2) and along the loop (top-2 earlier loops, detached).
+    # along the sequence (segments of 128, top-2, cached states detached) and along the loop (top-2
+    # earlier loops, detached).
     "loopcached": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                   attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,
-                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2, loop_mc=True,
-                                  loop_mc_top_k=2, loop_mc_detach=True),
+                                  norm="pre", step_norm=True, mc_segment_size=128, mc_top_k=2, mc_detach=True,
+                                  loop_mc=True, loop_mc_top_k=2, loop_mc_detach=True),
     # Qwen3.5 hybrid in an Ouro loop: three Gated DeltaNet layers then one gated-attention layer.
     "qwen35-loop": lambda: _family(n_kv_heads=2, n_core_layers=4, loop_steps=4, layer_pattern="GGGA",
                                    attention="gated", rope_fraction=0.25, rope_theta=1e7, zero_centered_norm=True,

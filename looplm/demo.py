@@ -46,30 +46,43 @@ def demo_run_config(train_steps: int = DEMO_TRAIN_STEPS, seed: int = 0) -> RunCo
     return RunConfig(model, train, data)
 
 
-def plot_accuracy(accuracy: dict[int, float], trained_steps: int, q_point: tuple[float, float] | None,
-                  path: Path) -> Path:
+def plot_by_steps(values: dict[int, float], trained_steps: int, q_point: tuple[float, float] | None, path: Path,
+                  ylabel: str = "exact-match accuracy (held out)",
+                  title: str = "looplm demo: what depth buys on multi-hop binding",
+                  ylim: tuple[float, float] | None = (0, 1.02), legend: str = "lower right") -> Path:
+    """One quality figure per loop step (steps past T extrapolate), the trained T marked, and the
+    Q-exit point (mean exit step, its quality) in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    steps = sorted(accuracy)
-    axes.plot(steps, [accuracy[s] for s in steps], marker="o", label="fixed steps")
+    steps = sorted(values)
+    axes.plot(steps, [values[s] for s in steps], marker="o", label="fixed steps")
     axes.axvline(trained_steps, color="grey", linestyle=":", label=f"trained T = {trained_steps}")
     if q_point is not None:
         axes.scatter([q_point[0]], [q_point[1]], color="tab:red", zorder=3, label="Q-exit (mean steps)")
     axes.set_xlabel("loop steps")
-    axes.set_ylabel("exact-match accuracy (held out)")
-    axes.set_ylim(0, 1.02)
+    axes.set_ylabel(ylabel)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
     axes.set_xticks(steps)
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
-    axes.set_title("looplm demo: what depth buys on multi-hop binding")
+    axes.legend(loc=legend)
+    axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def refuse_existing_run(out: Path) -> Path:
+    """``out/run``, the demo's run directory, unless an earlier demo already trained there."""
+    run_dir = out / "run"
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise LoopLMError(f"{str(out)!r} already holds a demo run: choose another --out or delete it")
+    return run_dir
 
 
 def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: float | None = None,
@@ -79,9 +92,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     q = DEMO_Q if q is None else q
     QExit(q)  # validates q before any training starts
     run = demo_run_config(train_steps or DEMO_TRAIN_STEPS, seed)
-    run_dir = out / "run"
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise LoopLMError(f"{str(out)!r} already holds a demo run: choose another --out or delete it")
+    run_dir = refuse_existing_run(out)
     started = time.perf_counter()
     trainer = Trainer(run, run_dir, progress=progress)
     model = trainer.model
@@ -102,7 +113,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     mean_exit, q_accuracy, samples = evaluate_q_exit(model, task, held_out, trainer.tokenizer, q, generated_examples)
 
     out.mkdir(parents=True, exist_ok=True)
-    plot = plot_accuracy(accuracy, trained, (mean_exit, q_accuracy), out / "accuracy_by_steps.png")
+    plot = plot_by_steps(accuracy, trained, (mean_exit, q_accuracy), out / "accuracy_by_steps.png")
     results = {
         "task": DEMO_TASK, "task_options": DEMO_TASK_OPTIONS,
         "accuracy_by_steps": {str(step): value for step, value in accuracy.items()},

@@ -8,3 +8,8 @@ status 2; library callers can catch it.  Bugs inside looplm stay ordinary except
 
 class LoopLMError(Exception):
     """A user's mistake, reported as one line that says what was wrong and how to fix it."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks and runs of spaces folded, for a one-line error."""
+    return " ".join(str(error).split())

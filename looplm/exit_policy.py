@@ -1,10 +1,12 @@
 """Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5), one registry.
 
 ``EXIT_POLICIES`` maps names to classes: ``static`` (``FixedSteps``), ``q:<q>`` (``QExit``),
-``hidden:<ε>`` (``HiddenDiffExit``), ``kl:<ε>`` (``KLExit``), ``act[:<τ>]`` (``ACTExit``); each
-takes ``steps`` (the most steps, None = the trained T), the early-exit ones ``min_steps``.
-``parse_exit`` reads that string form (the CLI's, the server's, lm-eval's) or a JSON mapping
-(``{"name": "q", "threshold": 0.5, "steps": 6}``); a mistake is one ``LoopLMError`` line.
+``hidden:<ε>`` (``HiddenDiffExit``), ``kl:<ε>`` (``KLExit``), ``act[:<τ>]`` (``ACTExit``),
+``ppl:<x>`` (``PerplexityExit``, nanochat's adaptive loop: exit once the next-token distribution's
+perplexity exp(H(p_t)) is below x); each takes ``steps`` (the most steps, None = the trained T),
+the early-exit ones ``min_steps``.  ``parse_exit`` reads that string form (the CLI's, the server's,
+lm-eval's) or a JSON mapping (``{"name": "q", "threshold": 0.5, "steps": 6}``); a mistake is one
+``LoopLMError`` line.  ``default_exit_policy`` is the one a model records (``ModelConfig``).
 
 At each loop step a policy reads one ``Signal`` per row (the gate's logit, or the readout's or
 the next-token distribution's change from the previous step) and ``decide`` says which rows
@@ -39,6 +41,7 @@ class Signal(enum.Enum):
     GATE = "gate"                       # the exit gate's logit z_t
     READOUT_CHANGE = "readout change"   # ‖r_t − r_{t−1}‖ / ‖r_t‖ (model.exit.hidden_change)
     LOGITS_CHANGE = "logits change"     # KL(p_t ‖ p_{t−1}) (model.exit.readout_kl)
+    PERPLEXITY = "perplexity"           # exp(H(p_t)) (readout_perplexity)
 
 
 class ExitPolicy:
@@ -186,6 +189,31 @@ class ACTExit(ExitPolicy):
 EXIT_POLICIES: dict[str, type[ExitPolicy]] = {kind.name: kind for kind in (FixedSteps, QExit, HiddenDiffExit, KLExit,
                                                                           ACTExit)}
 
+@dataclass(frozen=True)
+class PerplexityExit(ExitPolicy):
+    """Exit at the first step whose readout has perplexity exp(H(p_t)) < ``threshold``, with
+    H(p) = −Σ_v p_v log p_v over the vocabulary (nanochat's adaptive loop; a head matmul per step).
+    A perplexity is at least 1, so a threshold ≤ 1 never exits early."""
+
+    name: ClassVar[str] = "ppl"
+    parameter: ClassVar[str] = "threshold"
+    signal: ClassVar[Signal] = Signal.PERPLEXITY
+    threshold: float = 2.0
+    steps: int | None = None
+    min_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise LoopLMError(f"the perplexity threshold must be > 0, got {self.threshold}")
+        super().__post_init__()
+
+    @classmethod
+    def decide(cls, policies, steps, values, memory):
+        return values < _column(policies, "threshold", values), memory
+
+
+EXIT_POLICIES["ppl"] = PerplexityExit
+EXIT_KINDS = tuple(EXIT_POLICIES)
 
 def act_accumulate(thresholds: torch.Tensor, steps: torch.Tensor, last: torch.Tensor, gate: torch.Tensor,
                    readout: torch.Tensor, total: torch.Tensor, halting: torch.Tensor, state: torch.Tensor):
@@ -227,13 +255,19 @@ def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
                           f" {trained_steps}), got {policy.max_steps(trained_steps)}")
 
 
-USAGE = "use static, q:<q>, hidden:<eps>, kl:<eps>, act or act:<threshold>"
+def readout_perplexity(logits: torch.Tensor) -> torch.Tensor:
+    """exp(H(softmax(logits))) over the last dim [..., V] → [...], computed in float32."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return torch.exp(-(log_probs.exp() * log_probs).sum(-1))
+
+
+USAGE = "use static, q:<q>, hidden:<eps>, kl:<eps>, ppl:<x>, act or act:<threshold>"
 
 
 def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_steps: int | None = None) -> ExitPolicy:
-    """The policy ``spec`` names: ``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``act`` |
-    ``act:0.9``, or a mapping {"name": …, its fields}; ``steps``/``min_steps`` (None: the default)
-    set those fields."""
+    """The policy ``spec`` names: ``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` |
+    ``act`` | ``act:0.9``, or a mapping {"name": …, its fields}; ``steps``/``min_steps`` (None: the
+    default) set those fields (``min_steps`` only for the policies that have one)."""
     if isinstance(spec, ExitPolicy):
         return spec
     if isinstance(spec, Mapping):
@@ -252,10 +286,10 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
             values[kind.parameter] = float(number)
         except (TypeError, ValueError):
             raise LoopLMError(f"exit {spec!r} needs a number after '{name}:': {USAGE}") from None
-    for field, value in (("steps", steps), ("min_steps", min_steps)):
-        if value is not None and (value != 1 or field != "min_steps"):
-            values[field] = value
     known = {field.name for field in fields(kind)}
+    for field, value in (("steps", steps), ("min_steps", min_steps)):
+        if value is not None and (value != 1 or field != "min_steps") and (field in known or field == "steps"):
+            values[field] = value
     if set(values) - known:
         raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
                           f" {', '.join(sorted(known))}")
@@ -263,12 +297,25 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
 
 
 def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False,
-                     hidden: float | None = None, kl: float | None = None, min_steps: int = 1) -> ExitPolicy:
-    """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``;
+                     hidden: float | None = None, kl: float | None = None, min_steps: int = 1,
+                     ppl: float | None = None) -> ExitPolicy:
+    """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``, ``ppl``;
     none of them = fixed steps."""
     chosen = [(flag, spec) for flag, spec, value in (("--act", "act", act or None), ("--q", f"q:{q!r}", q),
                                                      ("--exit-hidden", f"hidden:{hidden!r}", hidden),
-                                                     ("--exit-kl", f"kl:{kl!r}", kl)) if value is not None]
+                                                     ("--exit-kl", f"kl:{kl!r}", kl),
+                                                     ("--exit-ppl", f"ppl:{ppl!r}", ppl)) if value is not None]
     if len(chosen) > 1:
         raise LoopLMError(f"choose one exit policy, not {' and '.join(flag for flag, _ in chosen)}")
     return parse_exit(chosen[0][1] if chosen else "static", steps, min_steps)
+
+
+def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -> ExitPolicy:
+    """``parse_exit`` of the one-string form (``static``, ``q:0.5``, ``ppl:3``, …)."""
+    return parse_exit(spec, steps, min_steps)
+
+
+def default_exit_policy(config) -> ExitPolicy:
+    """The policy a model carries for callers that name none (``ModelConfig.default_exit``,
+    ``min_loop_steps``, ``max_loop_steps``; a GGUF file records them): fixed T steps unless set."""
+    return parse_exit(config.default_exit, config.max_loop_steps or None, config.min_loop_steps)

@@ -45,16 +45,22 @@ class _PackedLayer:
         self.hidden = layer.ffn.hidden
 
 
-def fast_unsupported(model, allow_int8: bool = False) -> str | None:
-    """None when the vector-shaped steppers can decode this model, else the reason (they cover
-    Ouro's plain loop: no injection, loop-index signal, depth LoRA or noise initial state).
-    ``allow_int8``: the caller (the C kernel) also runs int8 projections (looplm.quant)."""
+def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None = None) -> str | None:
+    """None when ``FastStepper`` can decode this model, else the reason (it covers Ouro's plain
+    loop: no injection, loop-index signal, depth LoRA or noise initial state).  ``allow_reduced``:
+    the caller (the C kernel) also runs int8 (looplm.quant) and bf16 (looplm.bf16) projections.
+    ``cache``: the cache it would decode into (the append_first layout's shared slots are the
+    reference path's)."""
+    from looplm.bf16 import is_bf16
     from looplm.quant import is_quantized
 
     config = model.config
-    if is_quantized(model) and not allow_int8:
-        return "the torch decode path reads float32 weights; an int8 model (looplm.quant) decodes with backend" \
-               " 'native' or 'reference'"
+    if cache is not None and cache.layout == "append_first":
+        return "the fast decode paths write every step's K/V; the append_first layout decodes with backend" \
+               " 'reference'"
+    if not allow_reduced and (is_quantized(model) or is_bf16(model)):
+        kind = "an int8 model (looplm.quant)" if is_quantized(model) else "a bf16-weight model (looplm.bf16)"
+        return f"the torch decode path reads float32 weights; {kind} decodes with backend 'native' or 'reference'"
     if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding, depth_lora_rank or global_gates)"
@@ -72,7 +78,8 @@ class FastStepper:
 
     @staticmethod
     def unsupported(model, cache: KVCache) -> str | None:
-        return "the torch decode path decodes one row" if cache.batch_size != 1 else fast_unsupported(model)
+        return "the torch decode path decodes one row" if cache.batch_size != 1 else fast_unsupported(model,
+                                                                                                 cache=cache)
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         config = model.config
@@ -120,7 +127,8 @@ class FastStepper:
     def _tables(self, position: torch.Tensor):
         cos = self.cos.index_select(0, position)
         sin = self.sin.index_select(0, position)
-        mask = torch.where(self.positions <= position, 0.0, float("-inf"))
+        # In the cache's dtype: a float32 mask would promote bf16 scores and break the matmul with V.
+        mask = torch.where(self.positions <= position, 0.0, float("-inf")).to(self.cache.keys.dtype)
         return cos, sin, mask
 
     def _run(self, layers, h, stage: str, step: int, position: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@ see of an exited token (default: its exit-step K/V stand in for the deeper steps
 its requests on a ``BatchSession``: scheduler rows at their own loop steps, and per request one
 sampling, stop and emission rule (``Request``).  Backends (``looplm.steppers``): ``native`` (C),
 ``torch`` (vector torch ops), ``reference`` (the model's modules; every batch); ``auto`` picks the
-fastest that runs.  ``Decoder`` feeds one row explicit tokens (tests, benchmarks).
+fastest that runs.  ``dtype`` chooses float32 or bf16 weights (``looplm.bf16``; ``auto``: bf16 where
+the kernel multiplies bf16 natively; ``Scheduler.precision`` says what was chosen and why); a
+request that names no exit policy gets the model's (``default_exit_policy``).  ``Decoder`` feeds
+one row explicit tokens (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (ACTExit, ExitPolicy, FixedSteps, HiddenDiffExit, KLExit, QExit,  # noqa: F401
-                                make_exit_policy)
+from looplm.exit_policy import (ACTExit, ExitPolicy, FixedSteps, HiddenDiffExit, KLExit,  # noqa: F401
+                                PerplexityExit, QExit, default_exit_policy, make_exit_policy)
 from looplm.scheduler import Scheduler
 
 
@@ -192,13 +195,14 @@ class BatchSession:
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
                  stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2,
                  max_steps: int | None = None, backend: str = "reference", compile_steps: bool = False,
-                 prefix_cache=None):
-        self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
-        self.defaults = Settings(exit_policy or FixedSteps(), layout, sampling, tuple(stop_strings))
+                 prefix_cache=None, dtype: str = "fp32"):
+        self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
+        self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling, tuple(stop_strings))
         self.stop_ids = set([tokenizer.eos_id] if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         depth = max_steps or self.defaults.exit_policy.max_steps(model.config.loop_steps)
-        self.scheduler = Scheduler(model, rows, max_len, depth, layout, modulo_slots, backend, compile_steps)
+        self.scheduler = Scheduler(model, rows, max_len, depth, layout, modulo_slots, backend, compile_steps, dtype)
+        self.model, self.precision = self.scheduler.model, self.scheduler.precision  # bf16: the bf16 copy
         self.requests: dict[int, Request] = {}  # slot → request decoding there
         self.done: list[Request] = []           # finished, not yet returned by ``step``
         self.joined_late = 0                    # requests admitted while others were decoding
@@ -298,7 +302,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
            exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
            stop_ids: Sequence[int] | None = None, result: Generation | None = None, backend: str = "auto",
            compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
-           prefix_cache=None) -> Iterator[GeneratedToken]:
+           prefix_cache=None, dtype: str = "fp32") -> Iterator[GeneratedToken]:
     """Yield generated tokens one at a time (see ``generate``); ``result``, when given, is filled
     in as they arrive."""
     check_prompt(prompt_ids, model.config.max_seq_len)
@@ -309,7 +313,7 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
     with eval_mode(model):
         session = BatchSession(model, 1, max(len(prompt_ids) + budget, 1), sampling, exit_policy, tokenizer,
                                stop_strings, stop_ids, layout, modulo_slots, backend=backend,
-                               compile_steps=compile_steps, prefix_cache=prefix_cache)
+                               compile_steps=compile_steps, prefix_cache=prefix_cache, dtype=dtype)
         request = session.admit([prompt_ids], [max_new_tokens], [lambda *token: tokens.append(GeneratedToken(*token))],
                                 results=[result] if result is not None else None)[0]
         while True:
@@ -325,15 +329,16 @@ def stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling:
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 64, sampling: Sampling = Sampling(),
              exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
              stop_ids: Sequence[int] | None = None, backend: str = "auto", compile_steps: bool = False,
-             layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None) -> Generation:
+             layout: str = "last_exited", modulo_slots: int = 2, prefix_cache=None, dtype: str = "fp32") -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (one row); stop at a stop id (default:
     the tokenizer's eos), a stop string (needs ``tokenizer``; the text is cut before it), or the
     context's end.  ``backend``: ``looplm.steppers.BACKENDS`` (all give the same tokens);
     ``compile_steps``: compile the torch backend's step; ``layout``/``modulo_slots``: the KV
-    layout; ``prefix_cache``: a ``PrefixCache`` whose stored prompt prefixes are reused."""
+    layout; ``prefix_cache``: a ``PrefixCache`` whose stored prompt prefixes are reused; ``dtype``:
+    the weights, "fp32" (default), "bf16" or "auto" (see ``looplm.steppers.make_stepper``)."""
     result = Generation()
     for _ in stream(model, prompt_ids, max_new_tokens, sampling, exit_policy, tokenizer, stop_strings,
-                    stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache):
+                    stop_ids, result, backend, compile_steps, layout, modulo_slots, prefix_cache, dtype):
         pass
     return result
 
@@ -345,14 +350,17 @@ class Decoder:
     stepper's logits buffer itself, which the next step overwrites."""
 
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
-                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2):
+                 compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
+                 dtype: str = "fp32"):
         self.scheduler = Scheduler(model, 1, max_len, exit_policy.max_steps(model.config.loop_steps), layout,
-                                   modulo_slots, backend, compile_steps)
+                                   modulo_slots, backend, compile_steps, dtype)
         self.policy, self.row, self.logits_view = exit_policy, None, False
 
     cache = property(lambda self: self.scheduler.cache)
     stepper = property(lambda self: self.scheduler.stepper)
     backend = property(lambda self: self.scheduler.backend)
+    model = property(lambda self: self.scheduler.model)
+    precision = property(lambda self: self.scheduler.precision)
     greedy = property(lambda self: self.row.greedy)
     fused = property(lambda self: self.scheduler.whole_tokens,
                      lambda self, value: setattr(self.scheduler, "whole_tokens", value))

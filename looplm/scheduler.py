@@ -23,7 +23,7 @@ import torch
 
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate, readout_perplexity
 from looplm.model.exit import hidden_change, readout_kl
 from looplm.steppers import Rows, make_stepper
 
@@ -55,13 +55,15 @@ class Scheduler:
     one ``layout``) decoding together through one stepper (``looplm.steppers``)."""
 
     def __init__(self, model, rows: int, max_len: int, max_steps: int, layout: str = "last_exited",
-                 modulo_slots: int = 2, backend: str = "reference", compile_steps: bool = False):
+                 modulo_slots: int = 2, backend: str = "reference", compile_steps: bool = False, dtype: str = "fp32"):
         parameter = next(model.parameters())
         self.model, self.device = model, parameter.device
         config = model.config
         self.cache = KVCache(config, rows, max_len, max_steps, device=self.device, dtype=parameter.dtype,
                              layout=layout, modulo_slots=modulo_slots)
-        self.stepper, self.backend = make_stepper(backend, model, self.cache, compile_steps)
+        # dtype: the weights (``make_stepper``); self.model is then the model the stepper reads (bf16: a copy).
+        self.stepper, self.backend, self.model, self.precision = make_stepper(backend, model, self.cache,
+                                                                              compile_steps, dtype)
         self.whole_tokens = (self.stepper.whole_token is not None
                              and layout in getattr(self.stepper, "whole_token_layouts", ()))
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
@@ -294,6 +296,8 @@ class Scheduler:
         """This step's ``signal`` for the rows in ``slots`` (changes against their previous step)."""
         if signal is Signal.GATE:
             return head.gate_logits(readout).reshape(-1)
+        if signal is Signal.PERPLEXITY:
+            return readout_perplexity(head.logits(readout))
         current = readout.float() if signal is Signal.READOUT_CHANGE else head.logits(readout)
         previous = self._table(signal.value, current.shape[-1], current.dtype)
         change = (hidden_change if signal is Signal.READOUT_CHANGE else readout_kl)(previous[slots], current)

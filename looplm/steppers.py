@@ -3,8 +3,9 @@
 A stepper gets ``Rows`` (each row's cache row, loop step and position) and tensors of one row
 per entry; ``looplm.scheduler`` drives every stepper alike (``Stepper``).  ``reference``:
 ``ModelStepper``, the model's own modules, any family and batch; ``torch``: ``FastStepper``
-(``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: ``NativeStepper``
-(``looplm.kernels``), one row in C.  Tests hold them equal.  A stepper may offer ``whole_token``
+(``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: one row in C
+(``looplm.kernels``: ``NativeStepper``, the fused plain-loop kernel, where it serves, else
+``RuntimeStepper``, the C runtime that runs every model family).  Tests hold them equal.  A stepper may offer ``whole_token``
 (a token's whole loop in one call) for the layouts in ``whole_token_layouts``.  ``BACKENDS`` maps
 names to stepper classes in the order ``auto`` tries them; each says why it cannot serve a model.
 """
@@ -102,10 +103,25 @@ class ModelStepper:
         return self.model.logits(readout)
 
 
-def _native():
-    from looplm.kernels.native_stepper import NativeStepper
+class NativeBackend:
+    """The ``native`` backend: the fused plain-loop kernel where it serves, else the C runtime."""
 
-    return NativeStepper
+    @staticmethod
+    def unsupported(model, cache: KVCache) -> str | None:
+        from looplm.kernels.native_stepper import native_unsupported
+        from looplm.kernels.runtime_stepper import runtime_unsupported
+
+        return None if native_unsupported(model, cache) is None else runtime_unsupported(model, cache)
+
+    def __new__(cls, model, cache: KVCache, compile_steps: bool = False):
+        from looplm.kernels.native_stepper import NativeStepper, native_unsupported
+        from looplm.kernels.runtime_stepper import RuntimeStepper
+
+        return NativeStepper(model, cache) if native_unsupported(model, cache) is None else RuntimeStepper(model, cache)
+
+
+def _native():
+    return NativeBackend
 
 
 def _torch():
@@ -129,11 +145,47 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
-def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = False):
-    """(the stepper, its backend name) for ``backend``: a name of ``BACKENDS``, or ``auto`` (the
-    first that supports the model and cache; batched caches take the reference)."""
+def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = False, dtype: str = "fp32"):
+    """(the stepper, its backend name, the model it reads, its ``Precision``) for ``backend``: a
+    name of ``BACKENDS``, or ``auto`` (the first that supports the model and cache; batched caches
+    take the reference).  ``dtype`` (``looplm.precision.decode_precision``): "fp32" (the model as
+    given), "bf16" (bf16 copies of the projections, ``looplm.bf16``: the native backend reads them
+    and a bf16 head where its C path does, else float32 with the reason; the reference backend runs
+    torch's bf16 matmuls; the torch backend reads float32 only) or "auto" (bf16 where the native
+    backend runs and the C kernel has the native bf16 dot product — for a batch, where the CPU
+    multiplies bf16 natively —, else fp32)."""
+    from looplm.bf16 import bf16_weights
+    from looplm.precision import Precision, decode_precision
+
     if backend not in backend_names():
         raise LoopLMError(f"backend must be one of {', '.join(backend_names())}, got {backend!r}")
+    precision = decode_precision(dtype, batched=cache.batch_size > 1)
+    if precision.name == "bf16":
+        copy = bf16_weights(model)
+        if cache.batch_size > 1:
+            return ModelStepper(copy, cache), "reference", copy, precision
+        if backend in ("auto", "native") and not compile_steps:
+            if NativeBackend.unsupported(copy, cache) is None:
+                return NativeBackend(copy, cache), "native", copy, precision
+            if (reason := NativeBackend.unsupported(model, cache)) is None:
+                refused = NativeBackend.unsupported(copy, cache)
+                precision = Precision("fp32", f"bf16 weights are not read by this model's C path ({refused})")
+                return NativeBackend(model, cache), "native", model, precision
+            if backend == "native":
+                raise LoopLMError(f"the native backend cannot run here: {reason}; use backend 'torch'")
+        if dtype == "auto":
+            precision = Precision("fp32", f"auto: the {'torch' if backend == 'auto' else backend} backend decodes"
+                                          " in float32")
+        elif backend == "torch":
+            raise LoopLMError("dtype bf16 decodes with backend 'native' or 'reference' (the torch backend reads"
+                              " float32 weights): drop --backend torch or use dtype fp32")
+        else:
+            return ModelStepper(copy, cache), "reference", copy, precision
+    stepper, name = _first_stepper(backend, model, cache, compile_steps)
+    return stepper, name, model, precision
+
+
+def _first_stepper(backend: str, model, cache: KVCache, compile_steps: bool):
     if compile_steps and backend in ("auto", "native"):
         backend = "torch"  # compiling applies to the torch stepper
     names = list(BACKENDS) if backend == "auto" else [backend]

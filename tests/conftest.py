@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -25,9 +27,57 @@ def nan_filled_empty(monkeypatch):
     """``torch.empty``/``empty_like`` return NaN-filled floating tensors in every test, so code
     that reads memory it never wrote produces NaN (and fails) instead of passing by luck."""
     empty, empty_like = torch.empty, torch.empty_like
+    # ``with torch.device(...)`` recognises constructors by identity from a set it builds once:
+    # build it from the real functions before they are replaced.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
 
     def filled(tensor):
         return tensor.fill_(float("nan")) if tensor.is_floating_point() and tensor.numel() else tensor
 
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: filled(empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: filled(empty_like(*args, **kwargs)))
+
+
+@contextmanager
+def serving(engine, config=None):
+    """A uvicorn server for ``engine``'s model in a background thread on a free loopback port;
+    yields (an httpx client, the port)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from looplm.serve import create_app
+    from looplm.serve.app import ServerConfig
+
+    config = config or ServerConfig()
+    app = create_app(engine.model, engine.tokenizer, config, engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def looplm_run(tmp_path_factory):
+    """The standalone program looplm-run, built once per test session (skips without a C compiler)."""
+    from looplm.kernels import build, program
+
+    if build._compiler() is None:
+        pytest.skip("no C compiler")
+    return program.build(tmp_path_factory.mktemp("bin") / "looplm-run")

@@ -39,6 +39,16 @@ VARIANTS = {
     "rwkv-hybrid-qexit": {"layer_pattern": "RGA", "n_core_layers": 3, "injection": "additive"},
     "loop-index-lora": {"injection": "additive", "loop_index_embedding": True, "depth_lora_rank": 4,
                         "n_prelude_layers": 1, "n_coda_layers": 1},
+    "ternary-core": {"ternary": "core", "n_prelude_layers": 1, "n_coda_layers": 1},
+    "ternary-all-hybrid": {"ternary": "all", "layer_pattern": "GA", "ffn": "moe", "n_experts": 4, "expert_hidden": 16},
+    "mhc": {"hyper_connections": 3, "n_prelude_layers": 1, "n_coda_layers": 1},
+    "mhc-noise-lti": {"hyper_connections": 2, "injection": "lti", "initial_state": "noise", "depth_lora_rank": 4,
+                      "loop_index_embedding": True, "norm": "pre", "step_norm": False, "global_gates": True},
+    "attnres": {"attnres_block_size": 3, "n_prelude_layers": 1, "n_coda_layers": 1},
+    "attnres-gdn": {"attnres_block_size": 2, "layer_pattern": "GA", "norm": "pre", "injection": "additive"},
+    "append-first": {"kv_append_first": True, "n_prelude_layers": 1, "n_coda_layers": 1, "n_kv_heads": 2},
+    "append-first-mla-channelmix": {"kv_append_first": True, "attention": "mla", "mla_kv_rank": 12,
+                                    "mla_rope_dim": 4, "ffn": "channelmix", "layer_pattern": "AG"},
 }
 
 
@@ -106,6 +116,11 @@ def test_cached_decode_equals_full_forward(name):
             torch.testing.assert_close(logits, full.logits(steps)[0, position], atol=1e-4, rtol=0)
 
 
+# Features the C runtime refuses (with the reason): these decode through the reference backend.
+C_UNRUN = {"ternary": "ternary weights", "hyper_connections": "hyper-connection streams",
+           "attnres_block_size": "block attention residuals", "kv_append_first": "append"}
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_backend_gives_the_reference_tokens(name):
     model = build(name)
@@ -113,7 +128,9 @@ def test_every_backend_gives_the_reference_tokens(name):
     tokens = torch.randint(0, 64, (8,)).tolist()
     reference = Decoder(model, QExit(0.5), 16, backend="reference")
     auto = Decoder(model, QExit(0.5), 16)
-    assert (auto.backend == "native") == (name in ("ouro", "preset-ouro"))
+    c_runs = all(getattr(model.config, key) in (0, False, "none") for key in C_UNRUN)
+    # every family decodes in C (kernels.native_stepper / runtime_stepper) but the features C_UNRUN names
+    assert auto.backend == ("native" if c_runs else "reference"), auto.backend
     with torch.no_grad():
         reference.prefill(prompt)
         auto.prefill(prompt)
@@ -156,3 +173,13 @@ def test_causal(name, mode):
         # be many orders of magnitude larger).
         torch.testing.assert_close(a.logits(step)[:, :7], b.logits(step)[:, :7], atol=1e-6, rtol=0)
         assert (a.logits(step)[:, 7:] - b.logits(step)[:, 7:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("key", C_UNRUN)
+def test_the_c_runtime_names_the_feature_it_does_not_run(key):
+    from looplm.kernels.runtime_stepper import runtime_unsupported
+
+    name = next(name for name, overrides in VARIANTS.items() if overrides.get(key))
+    model = build(name)
+    reason = runtime_unsupported(model, KVCache(model.config, 1, 16))
+    assert C_UNRUN[key] in reason and "reference" in reason, reason

@@ -42,7 +42,7 @@ def row_reads(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
+@pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo", "append_first"])
 def test_batched_equals_per_prompt_for_every_layout(layout, row_reads):
     model = _exit_model(n_coda_layers=1, n_kv_heads=2)
     policy = QExit(0.4)

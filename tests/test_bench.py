@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from looplm.bench import time_decode, time_training
 from looplm.model import LoopLM
 
@@ -15,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_training_and_decode_timers_report_rates():
     model = LoopLM(tiny_config())
-    assert time_training(model, batch=2, length=8, steps=1, repeats=1) > 0
+    for precision in ("fp32", "bf16"):
+        assert time_training(model, batch=2, length=8, steps=1, repeats=1, precision=precision) > 0
     for backend in ("auto", "torch", "reference"):
         rates = time_decode(model, prompt_length=4, new_tokens=4, repeats=1, backend=backend)
         assert rates["decode_tokens_per_s"] > 0 and rates["prefill_tokens_per_s"] > 0
+    assert time_decode(model, prompt_length=4, new_tokens=4, repeats=1, dtype="bf16")["decode_tokens_per_s"] > 0
 
 
 def test_moe_dispatch_benchmark_runs(tmp_path):
@@ -62,7 +66,29 @@ def test_decode_benchmark_measures_exit_on_a_task(tmp_path):
         assert early == model.config.n_core_layers
 
 
-def test_machine_calibration_figures():
+def test_machine_calibration_figures(monkeypatch):
+    from looplm import bench, cpu
     from looplm.bench import cpu_name, matmul_gflops
 
     assert cpu_name() and matmul_gflops(size=128, repeats=1) > 0
+    monkeypatch.setattr(bench, "matmul_gflops", lambda size=2048, repeats=3, dtype=None: float(size))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "sse2", "avx512_bf16"}))
+    report = bench.machine_report()
+    assert report["cpu_flags"] == "avx2 fma avx512_bf16"  # the flags that decide the paths, in a fixed order
+    assert report["matmul_bf16_size"] == report["matmul_gflop_s_bf16"] == 2048
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert bench.machine_report()["matmul_bf16_size"] == 512  # emulated bf16: a smaller matmul
+
+
+def test_precision_benchmark_pieces_run():
+    from looplm.kernels import build
+
+    if build.load_kernel() is None:
+        pytest.skip(build.unavailable_reason())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import precision as benchmark
+
+    model = LoopLM(tiny_config()).eval()
+    figures = benchmark.pair(benchmark.interleaved({"a": lambda: 2.0, "b": lambda: 1.0}, 3), "a", "b")
+    assert figures == {"a": 2.0, "b": 1.0, "a / b": 2.0}
+    assert benchmark.decode_rate(model, "bf16") > 0 and benchmark.batched_rate(model, "bf16", rows=2, new_tokens=2) > 0

@@ -55,3 +55,21 @@ def test_compiled_fast_steps_equal_reference(tiny_model):
         compiled = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], compile_steps=True)
         reference = generate(tiny_model, prompt, 12, exit_policy=policy, stop_ids=[], backend="reference")
         assert compiled.ids == reference.ids and compiled.steps == reference.steps
+
+
+def test_bfloat16_fast_steps_equal_reference_steps():
+    """A bf16 model decodes on the torch backend (its attention mask follows the cache's dtype)
+    with the reference decoder's logits, within bf16 rounding."""
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(n_prelude_layers=1, n_coda_layers=1)).eval().to(torch.bfloat16)
+    prompt = torch.randint(0, 64, (1, 5))
+    reference = Decoder(model, FixedSteps(), 12, backend="reference")
+    fast = Decoder(model, FixedSteps(), 12, backend="torch")
+    with torch.no_grad():
+        reference.prefill(prompt)
+        fast.prefill(prompt)
+        for token in torch.randint(0, 64, (6,)).tolist():
+            expected, _ = reference.step(token)
+            logits, _ = fast.step(token)
+            assert logits.dtype == torch.bfloat16
+            torch.testing.assert_close(logits, expected, atol=0.05, rtol=0.05)

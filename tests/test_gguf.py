@@ -1,4 +1,4 @@
-"""GGUF export/import: exact f32 round trip, f16 and Q8_0 within their rounding, metadata readable
+"""GGUF export/import: exact f32 round trip, f16, bf16 and Q8_0 within their rounding, metadata readable
 by the gguf package's own reader, and one-line errors for broken or foreign files."""
 
 import json
@@ -26,6 +26,8 @@ CONFIGS = {
                      "depth_lora_rank": 4, "tie_embeddings": False, "norm": "pre", "step_norm": False},
     "hybrid": {"layer_pattern": "GAR", "n_core_layers": 3, "attention": "gated", "norm": "pre"},
     "moe-mla": {"ffn": "moe", "n_experts": 4, "attention": "mla", "mla_kv_rank": 32, "mla_rope_dim": 4},
+    "mhc-append-first": {"hyper_connections": 2, "n_prelude_layers": 1, "n_coda_layers": 1, "kv_append_first": True},
+    "attnres-ternary": {"attnres_block_size": 3, "ternary": "core", "n_prelude_layers": 1},
 }
 
 
@@ -62,17 +64,18 @@ def test_f32_round_trip_is_exact(tmp_path, name):
     assert tokenizer.encode("héllo <eos>") == byte_tokenizer().encode("héllo <eos>")
 
 
-def fp16_rounded(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The documented f16 rule: tensors of >= 2 dims to float16, except the exit gate and routers."""
+def rounded(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The documented f16/bf16 rule: tensors of >= 2 dims to ``dtype``, except the exit gate and routers."""
     keep = name.startswith("exit_gate") or ".router." in name or tensor.dim() < 2
-    return tensor if keep else tensor.half().float()
+    return tensor if keep else tensor.to(dtype).float()
 
 
+@pytest.mark.parametrize("storage, dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
 @pytest.mark.parametrize("name", ["ouro", "hybrid"])
-def test_f16_round_trip_is_fp16_rounding(tmp_path, name):
+def test_f16_and_bf16_round_trips_are_their_rounding(tmp_path, name, storage, dtype):
     model = make_model(**CONFIGS[name])
-    loaded, _ = load_gguf(export_gguf(model, tmp_path / "model.gguf", "f16"))
-    expected = {key: fp16_rounded(key, tensor) for key, tensor in model.state_dict().items()}
+    loaded, _ = load_gguf(export_gguf(model, tmp_path / "model.gguf", storage))
+    expected = {key: rounded(key, tensor, dtype) for key, tensor in model.state_dict().items()}
     for key, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
     reference = make_model(**CONFIGS[name])
@@ -218,7 +221,9 @@ def test_export_refuses_to_overwrite_and_checks_dtype(tmp_path):
         export_gguf(model, path)
     export_gguf(model, path, "f16", force=True)
     assert read_metadata(path)["general.file_type"] == 1
-    with pytest.raises(LoopLMError, match="dtype must be one of f32, f16, q8_0"):
+    export_gguf(model, path, "bf16", force=True)
+    assert read_metadata(path)["general.file_type"] == 32  # llama.cpp's MOSTLY_BF16
+    with pytest.raises(LoopLMError, match="dtype must be one of f32, f16, bf16, q8_0"):
         export_gguf(model, tmp_path / "other.gguf", "q4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary files left
 

@@ -45,9 +45,9 @@ def test_tensorboard_events_hold_the_jsonl_values_and_resume_purges(tmp_path):
     Trainer(run, out, resume=True, progress=False).train()
 
     records = jsonl(out)
-    train = {r["step"]: r for r in records if "loss" in r}  # the resumed run's step 3 replaces the first
+    train = {r["step"]: r for r in records if "loss" in r}
     evaluation = [r for r in records if "eval" in r][-1]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # the crashed run's step 3 was dropped
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [1, 2, 3, 4]  # purge_step hid the crashed run's step 3

@@ -180,16 +180,19 @@ def test_channel_mix_is_a_one_step_shift_then_swiglu():
 @pytest.mark.parametrize("overrides", [{**LOOP_MC, "n_core_layers": 2, "layer_pattern": "GA"},
                                        {"global_gates": True, "ffn": "channelmix"}])
 def test_activation_checkpointing_gives_the_same_gradients(overrides):
+    from looplm.training.wrapping import checkpoint_layers
+
     model = _model(**overrides).train()
     ids = torch.randint(0, 64, (2, 9))
 
-    def gradients(checkpointing):
-        model.activation_checkpointing = checkpointing
+    def gradients():
         model.zero_grad()
         compute_loss(model(ids), ids, "stage1").loss.backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    plain, checked = gradients(False), gradients(True)
+    plain = gradients()
+    checkpoint_layers(model)
+    checked = gradients()
     assert len(plain) == len(checked)
     for a, b in zip(plain, checked):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

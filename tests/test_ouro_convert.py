@@ -278,7 +278,7 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     code, err = run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination)
     assert code == 2 and "--force" in err and (destination / "keep.txt").read_text() == "mine"
     code, err = run_cli(capsys, "convert", "ouro", tmp_path / "ouro", tmp_path / "ouro", "--force")
-    assert code == 2 and "same" in err
+    assert code == 2 and "is the input" in err
     assert run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination, "--force")[0] == 0
     assert not (destination / "keep.txt").exists() and looplm.load(destination).config.d_model == 32
 

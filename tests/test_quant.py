@@ -52,7 +52,7 @@ def compiler_present() -> bool:
                                                          (9, 13, 64, True)])
 def test_int8_linear_equals_dequantise_then_matmul(rows, outputs, inputs, bias):
     torch.manual_seed(rows)
-    layer = Int8Linear.from_linear(nn.Linear(inputs, outputs, bias=bias))
+    layer = Int8Linear.from_linear(nn.Linear(inputs, outputs, bias=bias), activations="float")
     x = torch.randn(2, rows, inputs) if rows == 9 else torch.randn(rows, inputs)
     # Independent reference: W = scale per 32 inputs × int8 value.
     weight = layer.values.float() * layer.scales.repeat_interleave(32, dim=1)
@@ -85,18 +85,27 @@ def test_quantize_model_swaps_the_projections_only():
         model(torch.randint(0, 64, (1, 5)))  # MLA reads kv_up.weight directly: still works
 
 
-def train_tiny(steps: int = 60) -> LoopLM:
+def train_tiny(steps: int = 60, text: str = "the loop reads the loop and the loop repeats. " * 40,
+               lr: float = 3e-3) -> LoopLM:
+    """A small looped model trained on ``text`` (byte tokens), on one thread: a model this small
+    trains fastest there, and a busy machine slows one thread least."""
     torch.manual_seed(0)
     model = LoopLM(tiny_config(vocab_size=259, d_model=64, n_core_layers=1, loop_steps=2, max_seq_len=64))
-    text = torch.tensor(byte_tokenizer().encode("the loop reads the loop and the loop repeats. " * 40))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        starts = torch.randint(0, len(text) - 33, (8,))
-        batch = torch.stack([text[start:start + 33] for start in starts])
-        loss = F.cross_entropy(model(batch[:, :-1]).logits().flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    tokens = torch.tensor(byte_tokenizer().encode(text))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            starts = torch.randint(0, len(tokens) - 33, (8,))
+            batch = torch.stack([tokens[start:start + 33] for start in starts])
+            loss = F.cross_entropy(model(batch[:, :-1]).logits().flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.last_loss = loss.item()  # the last training batch's loss
     return model.eval()
 
 
@@ -119,7 +128,8 @@ def test_trained_model_loss_barely_moves():
 ])
 def test_int8_native_decode_equals_the_reference_decoder(overrides):
     torch.manual_seed(0)
-    model = quantize_model(LoopLM(tiny_config(**{"d_model": 64, **overrides})).eval())
+    # float input: the kernel's products are the reference's (int8 input: tests/test_kernel_precision.py)
+    model = quantize_model(LoopLM(tiny_config(**{"d_model": 64, **overrides})).eval(), activations="float")
     torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
     if not compiler_present():
         pytest.skip("no C compiler")
@@ -138,7 +148,7 @@ def test_int8_native_decode_equals_the_reference_decoder(overrides):
 
 
 def test_int8_generation_matches_full_forwards():
-    model = quantize_model(LoopLM(tiny_config(d_model=64)).eval())
+    model = quantize_model(LoopLM(tiny_config(d_model=64)).eval(), activations="float")
     prompt = [1, 5, 9]
     result = generate(model, prompt, 5, stop_ids=[])
     with torch.no_grad():  # greedy tokens again from full-sequence forwards (the layers' many-row path)

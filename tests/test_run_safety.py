@@ -208,3 +208,40 @@ def test_nan_and_inf_settings_are_refused():
         assemble_run_config(overrides={"train.weight_decay": "nan"})
     with pytest.raises(LoopLMError, match="model.rope_theta must be a finite number"):
         assemble_run_config(overrides={"model.rope_theta": "inf"})
+
+
+def test_the_trainer_reads_device_values_only_at_log_steps(corpus, tmp_path, monkeypatch):
+    """No tensor is turned into a Python number (``item``, ``float``, ``int``, ``bool``,
+    ``tolist``) by the model, the objective or the trainer in a step that does not log: on a GPU
+    each would make the host wait for the device.  (The data sampler works on host tensors.)"""
+    import traceback
+
+    overrides = {key[2:]: value for key, value in zip(TINY[:-1:2], TINY[1:-1:2])}
+    config, _ = assemble_run_config(options={"data.path": str(corpus)},
+                                    overrides={**overrides, "train.steps": "6", "train.log_every": "3"})
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    armed, seen = [False], []
+    sample = trainer.data.train_batch
+
+    def batch(size, generator):
+        armed[0] = False
+        drawn = sample(size, generator)
+        armed[0] = (trainer.step + 1) % 3 != 0  # steps 1, 2, 4, 5 do not log
+        return drawn
+
+    trainer.data.train_batch = batch
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def probe(self, *args, _original=original, _name=name, **kwargs):
+            if armed[0]:
+                where = [f"{frame.filename}:{frame.lineno}" for frame in traceback.extract_stack()[:-1]
+                         if "/looplm/" in frame.filename and "/tests/" not in frame.filename]
+                if where:
+                    seen.append((_name, trainer.step + 1, where[-1]))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, probe)
+    result = trainer.train()
+    armed[0] = False
+    assert seen == [] and len(result.losses) == 6

@@ -4,15 +4,13 @@ in one batch; bad requests get 400 and the server keeps serving; a failing gener
 its own request."""
 
 import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import serving, tiny_config
 
 from looplm.batch import generate_batch
 from looplm.cli import main
@@ -20,13 +18,10 @@ from looplm.data.tokenizer import byte_tokenizer
 from looplm.exit_policy import ACTExit, FixedSteps, KLExit, QExit
 from looplm.generate import Sampling, generate
 from looplm.model import LoopLM
-from looplm.serve import create_app
 from looplm.serve import engine as engine_module
 from looplm.serve.app import ServerConfig
 from looplm.serve.engine import Engine, Job, Settings, Token
 from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
-
-from conftest import tiny_config
 
 TOKENIZER = byte_tokenizer()
 CONTEXT = 64
@@ -45,22 +40,8 @@ def server():
     """A uvicorn server in a background thread on a free port; yields (client, engine, model)."""
     model = _model()
     engine = Engine(model, TOKENIZER, max_batch=8, batch_wait_ms=5)
-    app = create_app(model, TOKENIZER, ServerConfig(model_name="tiny"), engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        for _ in range(500):
-            if uv.started:
-                break
-            threading.Event().wait(0.01)
+    with serving(engine, ServerConfig(model_name="tiny")) as (client, _):
         yield client, engine, model
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 def _expected(model, text, max_tokens, policy=None, stop=()):

@@ -7,23 +7,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from conftest import serving, tiny_config
 
 from looplm.batch import BatchSession
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.exit_policy import FixedSteps
 from looplm.generate import generate
 from looplm.model import LoopLM
-from looplm.serve import create_app
 from looplm.serve.app import ServerConfig
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings
-
-from conftest import tiny_config
 
 TOKENIZER = byte_tokenizer()
 
@@ -31,26 +27,6 @@ TOKENIZER = byte_tokenizer()
 def _model() -> LoopLM:
     torch.manual_seed(3)
     return LoopLM(tiny_config(vocab_size=TOKENIZER.vocab_size, max_seq_len=64)).eval()
-
-
-@contextmanager
-def serving(engine: Engine, config: ServerConfig = ServerConfig()):
-    app = create_app(engine.model, TOKENIZER, config, engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client, port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import torch
 
 import looplm.data.shards as shards_module
 from looplm.data.shards import TokenShards, read_documents, read_meta, token_dtype, write_shards
+from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from looplm.errors import LoopLMError
 
@@ -72,7 +73,7 @@ def test_read_documents_from_directory(small_corpus):
 def test_read_documents_single_path_and_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"body": "x"}\n\n{"body": "y", "text": 3}\n')
-    assert list(read_documents(path, jsonl_field="body")) == ["x", "y"]
+    assert list(read_documents(path, text_field="body")) == ["x", "y"]
     other = tmp_path / "notes.md"
     other.write_bytes(b"\xef\xbb\xbf# whole file\n")
     assert list(read_documents([str(other)])) == ["# whole file\n"]
@@ -93,6 +94,7 @@ def test_small_corpus_keeps_exact_stream(small_corpus, tmp_path):
         "train_tokens": len(train),
         "val_tokens": len(val),
         "tokenizer": "byte",
+        "tokenizer_sha256": tokenizer_digest(BYTE),
     }
     assert read_meta(tmp_path / "shards") == meta
     assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [
@@ -147,6 +149,7 @@ class WideTokenizer:
     vocab_size = 70_000
     eos_id = 69_999
     kind = "bpe"
+    backend = BYTE.backend  # what meta.json's tokenizer digest is taken of
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [[65_536 + len(text), 1] for text in texts]
@@ -282,7 +285,7 @@ def test_bad_data_paths(tmp_path):
     assert "does not exist" in one_line_error(excinfo)
     with pytest.raises(LoopLMError) as excinfo:
         read_documents([tmp_path])
-    assert "no .txt or .jsonl files" in one_line_error(excinfo)
+    assert "no .txt, .jsonl or .parquet files" in one_line_error(excinfo)
     with pytest.raises(LoopLMError) as excinfo:
         read_documents([])
     assert "no data paths" in one_line_error(excinfo)

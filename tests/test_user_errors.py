@@ -16,13 +16,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.model import LoopLM
-
-from conftest import tiny_config
 
 TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
               "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
@@ -72,57 +71,40 @@ def case_int64_weights(files, tmp_path):
     return ["generate", ckpt, "--prompt", "x"], "not floating point"
 
 
-def case_gguf_with_a_bad_tokenizer(files, tmp_path):
+def rewrite_gguf(source, target, config_change=None, tokenizer_json=None, first_tensor_type=None):
+    """A copy of a looplm GGUF file's config and tensors, damaged as asked."""
     import gguf
 
-    reader = gguf.GGUFReader(files / "model.gguf")
-    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "looplm")
-    for key in ("looplm.format_version", "looplm.config"):
-        field = reader.fields[key]
-        (writer.add_uint32 if key.endswith("version") else writer.add_string)(key, field.contents())
-    writer.add_string("tokenizer.huggingface.json", "{not json")
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data))
+    reader = gguf.GGUFReader(source)
+    config = json.loads(reader.fields["looplm.config"].contents())
+    writer = gguf.GGUFWriter(str(target), "looplm")
+    writer.add_uint32("looplm.format_version", reader.fields["looplm.format_version"].contents())
+    writer.add_string("looplm.config", json.dumps(config_change(config) if config_change else config))
+    if tokenizer_json is not None:
+        writer.add_string("tokenizer.huggingface.json", tokenizer_json)
+    for index, tensor in enumerate(reader.tensors):
+        data = np.array(tensor.data)
+        writer.add_tensor(tensor.name, data.astype(first_tensor_type) if index == 0 and first_tensor_type else data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return ["generate", tmp_path / "bad.gguf", "--prompt", "x"], "tokenizer"
+    return target
+
+
+def case_gguf_with_a_bad_tokenizer(files, tmp_path):
+    bad = rewrite_gguf(files / "model.gguf", tmp_path / "bad.gguf", tokenizer_json="{not json")
+    return ["generate", bad, "--prompt", "x"], "tokenizer"
 
 
 def case_gguf_with_an_int32_tensor(files, tmp_path):
-    import gguf
-
-    reader = gguf.GGUFReader(files / "model.gguf")
-    writer = gguf.GGUFWriter(str(tmp_path / "int.gguf"), "looplm")
-    writer.add_uint32("looplm.format_version", reader.fields["looplm.format_version"].contents())
-    writer.add_string("looplm.config", reader.fields["looplm.config"].contents())
-    for index, tensor in enumerate(reader.tensors):
-        data = np.array(tensor.data)
-        writer.add_tensor(tensor.name, data.astype(np.int32) if index == 0 else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return ["generate", tmp_path / "int.gguf", "--prompt", "x"], "I32"
+    bad = rewrite_gguf(files / "model.gguf", tmp_path / "int.gguf", first_tensor_type=np.int32)
+    return ["generate", bad, "--prompt", "x"], "I32"
 
 
 def case_gguf_with_an_absurd_context(files, tmp_path):
-    import gguf
-
-    reader = gguf.GGUFReader(files / "model.gguf")
-    config = json.loads(reader.fields["looplm.config"].contents())
-    config["max_seq_len"] = 10**12
-    writer = gguf.GGUFWriter(str(tmp_path / "huge.gguf"), "looplm")
-    writer.add_uint32("looplm.format_version", reader.fields["looplm.format_version"].contents())
-    writer.add_string("looplm.config", json.dumps(config))
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return ["generate", tmp_path / "huge.gguf", "--prompt", "x"], "max_seq_len"
+    bad = rewrite_gguf(files / "model.gguf", tmp_path / "huge.gguf", lambda config: {**config, "max_seq_len": 10**12})
+    return ["generate", bad, "--prompt", "x"], "max_seq_len"
 
 
 def case_shard_ids_beyond_the_vocabulary(files, tmp_path):

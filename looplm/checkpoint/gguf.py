@@ -11,12 +11,23 @@ Tensor names: the common tensors get llama.cpp-style names (``token_embd.weight`
 ``prelude_blk.N`` and the coda as ``coda_blk.N``; any other state-dict entry keeps its looplm
 name under the same layer prefix (``blk.0.attn.a_log``), so every architecture round-trips.
 
-Storage types (``--dtype``): ``f32`` stores everything exactly; ``f16`` stores tensors of two
-or more dimensions as float16 (norms, biases, the exit gate and MoE routers stay float32);
+Storage types (``--dtype``): ``f32`` stores everything exactly; ``f16`` and ``bf16`` store
+tensors of two or more dimensions as float16 or bfloat16 (norms, biases, the exit gate and MoE
+routers stay float32; bf16 is read back exactly, as float32 values, and ``looplm generate
+--dtype bf16`` then decodes from the same bf16 weights);
 ``q8_0`` stores the embedding, head and Linear weights whose rows are a multiple of 32 long as
 Q8_0 blocks (32 int8 values + a float16 scale d = max|x|/127; the error per element is at
 most d/2 + 127·|d − fp16(d)|) and everything else as float32.  GGUF lists shapes in ggml's
 order (fastest dimension first), the reverse of torch's; the reader turns them back.
+
+Ternary models (``model.ternary``): the writer is told their ternary layers' weights with
+their codes and scales.  Under f32, f16, bf16 and q8_0 those float32 shadow weights stay float32
+(rounding them would move the codes; the file resumes training exactly).  ``ternary`` stores
+each as codes: gguf's TQ2_0 blocks (256 2-bit codes + a float16 scale) where rows are a
+multiple of 256 long, else looplm's 2-bit layout (``looplm.checkpoint.ternary``) as an I8
+tensor [N, ceil(K/4)]; beside each, its exact float32 scale as ``<name>.ternary_scale`` (TQ2_0's
+block scales are its float16 rounding), and ``looplm.ternary.weights`` lists the packed
+tensors.  Everything else is float32.  The reader returns their exact codes and scales.
 """
 
 from __future__ import annotations
@@ -29,12 +40,16 @@ import numpy as np
 import torch
 from looplm.checkpoint.atomic import atomic_write
 from looplm.checkpoint.stored import StoredModel
-from looplm.config import ModelConfig, from_dict
+from looplm.checkpoint.ternary import pack_ternary, unpack_ternary
+from looplm.config import ModelConfig, from_dict, parse_exit_spec
 from looplm.errors import LoopLMError
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "ternary")
+TQ2_0_ROW = 256  # TQ2_0 blocks hold 256 weights: shorter rows use looplm's 2-bit layout
+TERNARY_WEIGHTS_KEY = f"{ARCHITECTURE}.ternary.weights"
+TERNARY_ROWS_KEY = f"{ARCHITECTURE}.ternary.row_lengths"  # K of each, in the same order (2-bit rows are padded)
 STAGE_PREFIXES = {"prelude": "prelude_blk", "core": "blk", "coda": "coda_blk"}
 TOP_LEVEL_NAMES = {
     "embed.weight": "token_embd.weight",
@@ -53,7 +68,9 @@ LAYER_NAMES = {
     "ffn.down.weight": "ffn_down.weight",
     "ffn_post_norm.weight": "post_ffw_norm.weight",
 }
-KEPT_FLOAT = ("exit_gate", "router")  # decisions, not projections: never rounded
+# Never rounded: decisions, not projections (the exit gate, MoE routers), and the eval noise table
+# (looplm.model.loading.derived_tensors), which a runtime must replay exactly.
+KEPT_FLOAT = ("exit_gate", "router", "noise")
 MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating zero
 
 
@@ -105,8 +122,8 @@ def _storage_type(gguf, name: str, tensor: torch.Tensor, dtype: str, matrices: s
     types = gguf.GGMLQuantizationType
     if dtype == "q8_0" and name in matrices and tensor.dim() == 2 and tensor.shape[-1] % 32 == 0:
         return types.Q8_0
-    if dtype == "f16" and tensor.dim() >= 2 and not set(name.split(".")) & set(KEPT_FLOAT):
-        return types.F16
+    if dtype in ("f16", "bf16") and tensor.dim() >= 2 and not set(name.split(".")) & set(KEPT_FLOAT):
+        return types.F16 if dtype == "f16" else types.BF16
     return types.F32
 
 
@@ -130,8 +147,16 @@ def _config_metadata(writer, config: ModelConfig) -> None:
     writer.add_uint32(f"{arch}.loop.core_layer_count", config.n_core_layers)
     writer.add_uint32(f"{arch}.loop.coda_layer_count", config.n_coda_layers)
     writer.add_bool(f"{arch}.loop.exit_gate", config.exit_gate)
-    # looplm models carry no chosen Q-exit threshold; q = 1 (always T steps) is the safe default.
-    writer.add_float32(f"{arch}.loop.exit_threshold", 1.0)
+    # The inference defaults the model records (looplm.exit_policy.default_exit_policy): the least
+    # and most loop steps per token, the exit policy, its Q-exit threshold (q = 1, always the most
+    # steps, unless the policy is Q-exit) and nanochat's perplexity threshold.
+    kind, number = parse_exit_spec(config.default_exit)
+    writer.add_float32(f"{arch}.loop.exit_threshold", number if kind == "q" else 1.0)
+    writer.add_uint32(f"{arch}.loop.min_steps", config.min_loop_steps)
+    writer.add_uint32(f"{arch}.loop.max_steps", config.max_loop_steps or config.loop_steps)
+    writer.add_string(f"{arch}.loop.exit_policy", config.default_exit)
+    if kind == "ppl":
+        writer.add_float32(f"{arch}.loop.perplexity_threshold", number)
     writer.add_float32(f"{arch}.loop.act_threshold", config.act_threshold)
     writer.add_string(f"{arch}.loop.injection", config.injection)
     writer.add_string(f"{arch}.loop.initial_state", config.initial_state)
@@ -157,32 +182,75 @@ def _tokenizer_metadata(writer, tokenizer) -> None:
     writer.add_pad_token_id(tokenizer.pad_id)
 
 
+def _scale_name(stored_name: str) -> str:
+    """GGUF name of a packed ternary weight's float32 scale."""
+    return stored_name.removesuffix("weight") + "ternary_scale"
+
+
+def _add_ternary(writer, gguf, stored_name: str, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """Ternary codes [N, K] as TQ2_0 blocks (rows of 256k) or looplm's 2-bit layout, and the scale."""
+    if codes.shape[-1] % TQ2_0_ROW == 0:
+        kind = gguf.GGMLQuantizationType.TQ2_0
+        writer.add_tensor(stored_name, gguf.quants.quantize((codes.float() * scale).numpy(), kind), raw_dtype=kind)
+    else:
+        writer.add_tensor(stored_name, pack_ternary(codes.to(torch.int8)).view(torch.int8).numpy())
+    writer.add_tensor(_scale_name(stored_name), scale.float().reshape(1).numpy())
+
+
+def _read_ternary(gguf, tensor, scale, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed ternary tensor's codes [N, K = width] (int8) and its float32 scale (0-d)."""
+    rows = int(tensor.shape[-1])  # ggml order: the row count is the last dimension
+    if int(tensor.tensor_type) == int(gguf.GGMLQuantizationType.TQ2_0):
+        values = gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType.TQ2_0)
+        codes = torch.from_numpy(np.sign(values).reshape(rows, width)).to(torch.int8)
+    else:
+        packed = torch.from_numpy(np.asarray(tensor.data).copy().view(np.uint8).reshape(rows, -1))
+        codes = unpack_ternary(packed, width)
+    return codes, torch.from_numpy(np.asarray(scale.data, dtype=np.float32).copy()).reshape(())
+
+
 def write_gguf(path: str | Path, config: ModelConfig, weights: dict[str, torch.Tensor], matrices: set[str],
-               dtype: str = "f32", tokenizer=None, force: bool = False) -> Path:
+               dtype: str = "f32", tokenizer=None, force: bool = False,
+               ternary: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Write a model's ``config`` and ``weights`` (and ``tokenizer``) to a GGUF file; atomic, and an
     existing file is only replaced with ``force``.  ``matrices``: the Embedding and Linear weights,
-    which ``q8_0`` quantises; ``dtype``: f32, f16 or q8_0 (see the module docstring)."""
+    which ``q8_0`` quantises; ``ternary``: the ternary layers' weights, name → (codes, scale);
+    ``dtype``: f32, f16, bf16, q8_0 or ternary (see the module docstring)."""
     gguf = _gguf()
     path = Path(path)
+    ternary = ternary or {}
     if dtype not in DTYPES:
         raise LoopLMError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "ternary" and not ternary:
+        raise LoopLMError("--dtype ternary packs the ternary layers of a model trained with model.ternary = core or"
+                          " all; this model has none")
     if path.exists() and not force:
         raise LoopLMError(f"{str(path)!r} already exists: choose another path or pass --force to replace it")
     names = tensor_names(weights)
+    matrices = matrices - set(ternary)
 
     def write(staging: Path) -> None:
         writer = gguf.GGUFWriter(str(staging), ARCHITECTURE)
         writer.add_name(path.stem)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                              "ternary": gguf.LlamaFileType.MOSTLY_TQ2_0}[dtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _config_metadata(writer, config)
+        if dtype == "ternary":
+            packed = sorted(ternary, key=names.get)
+            writer.add_array(TERNARY_WEIGHTS_KEY, [names[name] for name in packed])
+            writer.add_array(TERNARY_ROWS_KEY, [int(ternary[name][0].shape[-1]) for name in packed])
         if tokenizer is not None:
             _tokenizer_metadata(writer, tokenizer)
         for name, tensor in weights.items():
+            if dtype == "ternary" and name in ternary:
+                _add_ternary(writer, gguf, names[name], *ternary[name])
+                continue
             array = tensor.detach().float().cpu().contiguous().numpy()
-            kind = _storage_type(gguf, name, tensor, dtype, matrices)
-            if kind == gguf.GGMLQuantizationType.Q8_0:
+            kind = gguf.GGMLQuantizationType.F32 if name in ternary else _storage_type(gguf, name, tensor, dtype,
+                                                                                      matrices)
+            if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16):  # packed by gguf-py
                 writer.add_tensor(names[name], gguf.quants.quantize(array, kind), raw_dtype=kind)
             else:
                 writer.add_tensor(names[name], array.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16
@@ -220,7 +288,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def _tensor_array(gguf, tensor) -> np.ndarray:
-    """A reader tensor as float32 in torch's dimension order (Q8_0 dequantised)."""
+    """A reader tensor as float32 in torch's dimension order (Q8_0 dequantised, bf16 widened)."""
     kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
     if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         return np.asarray(tensor.data, dtype=np.float32)
@@ -255,9 +323,23 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
     except json.JSONDecodeError:
         raise LoopLMError(f"{str(path)!r}: the {ARCHITECTURE}.config metadata is not valid JSON") from None
     config = from_dict(ModelConfig, raw_config, "model")
-    weights, int8 = {}, {}
-    readable = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0)
+    weights, int8, ternary = {}, {}, {}
+    readable = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                gguf.GGMLQuantizationType.Q8_0)
+    packed = {}  # packed ternary tensor name → its row length K
+    if TERNARY_WEIGHTS_KEY in reader.fields:
+        packed = dict(zip(_field(reader, path, TERNARY_WEIGHTS_KEY), _field(reader, path, TERNARY_ROWS_KEY)))
+    stored = {tensor.name: tensor for tensor in reader.tensors}
     for tensor in reader.tensors:
+        if tensor.name in packed:
+            if _scale_name(tensor.name) not in stored:
+                raise LoopLMError(f"{str(path)!r} lacks tensor {_scale_name(tensor.name)!r}: the file is incomplete")
+            name = looplm_name(tensor.name)
+            ternary[name] = _read_ternary(gguf, tensor, stored[_scale_name(tensor.name)], int(packed[tensor.name]))
+            weights[name] = (ternary[name][0].float() * ternary[name][1]).to(device)
+            continue
+        if tensor.name in {_scale_name(name) for name in packed}:
+            continue
         kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
         if kind not in readable:
             raise LoopLMError(f"{str(path)!r}: tensor {tensor.name!r} is stored as {kind.name}, which looplm does not"
@@ -267,7 +349,7 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
         weights[name] = torch.from_numpy(_tensor_array(gguf, tensor).reshape(shape).copy()).to(device)
         if kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
             int8[name] = _q8_blocks(tensor, shape)
-    return StoredModel(config, weights, path, int8, gguf_name)
+    return StoredModel(config, weights, path, int8, gguf_name, ternary=ternary)
 
 
 def read_gguf_tokenizer(path: str | Path):

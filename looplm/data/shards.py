@@ -5,15 +5,20 @@ A shard directory holds:
 - ``train.bin``, ``val.bin``: raw little-endian token ids, ``uint16`` when
   ``vocab_size <= 65536`` else ``uint32``; every document is followed by ``eos_id``.
 - ``meta.json``: ``{"format": "looplm-shards", "version": 1, "dtype", "vocab_size",
-  "train_tokens", "val_tokens", "tokenizer": kind}``.
+  "train_tokens", "val_tokens", "tokenizer": kind, "tokenizer_sha256", "provenance"}``;
+  ``tokenizer_sha256`` (``looplm.data.provenance.tokenizer_digest``) and ``provenance``
+  (where the text came from and with which options, ``looplm.data.prepare``) are absent
+  from directories written before they existed, which still load.
 - ``tokenizer.json``: the tokenizer that produced the ids.
+
+Raw documents are read by ``looplm.data.documents`` (``read_documents`` is re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,14 @@ import torch
 from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_directory
+from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
+from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
 from looplm.errors import LoopLMError
 
 SHARD_FORMAT = "looplm-shards"
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
-DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Below this many documents a per-document split is too coarse (one document could be
 # half the corpus), so the tail of the token stream becomes the validation split instead.
@@ -36,23 +42,8 @@ DOCUMENT_SPLIT_MIN_DOCUMENTS = 20
 PROGRESS_MIN_CHARACTERS = 4_000_000
 ENCODE_BATCH_CHARACTERS = 1_000_000
 ENCODE_BATCH_DOCUMENTS = 1024
-UTF8_BOM = b"\xef\xbb\xbf"
 
 PathLike = str | os.PathLike
-
-
-def read_documents(paths: PathLike | Sequence[PathLike], jsonl_field: str = "text") -> Iterator[str]:
-    """Documents, as strings, from text files, JSON-lines files and directories of them.
-
-    - ``.jsonl``: one document per non-blank line, the string under ``jsonl_field``.
-    - any other file (``.txt`` and the rest): the whole file is one document.
-    - a directory: its ``.txt`` and ``.jsonl`` files (not sub-directories), sorted by name.
-
-    Paths are checked now; file contents as the iterator reaches them.  Files must be
-    UTF-8 and hold more than whitespace; a leading byte-order mark is dropped.
-    """
-    files = _expand_paths(paths)
-    return _documents_in(files, jsonl_field)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,6 +59,7 @@ def write_shards(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``documents`` into a shard directory (format in the module docstring).
 
@@ -79,14 +71,15 @@ def write_shards(
     Everything is written into a temporary directory beside ``out_dir`` and renamed into
     place, so ``out_dir`` is either untouched or complete.  An existing non-empty
     ``out_dir`` is refused unless ``overwrite``, which replaces its whole contents.
-    Returns the meta dict written to ``meta.json``.
+    ``provenance`` (JSON-ready) is stored in ``meta.json`` as it is.  Returns the meta dict
+    written to ``meta.json``.
     """
     out_dir = Path(out_dir)
     _check_val_fraction(val_fraction)
     _check_destination(out_dir, overwrite)
     written = {}
     atomic_directory(out_dir, lambda staging: written.update(_write_into(staging, documents, tokenizer, val_fraction,
-                                                                         seed)))
+                                                                         seed, provenance)))
     return written
 
 
@@ -182,99 +175,6 @@ class TokenShards:
             )
 
 
-def _expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    """The files that ``paths`` name, directories expanded; every path must exist."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(_document_files_in(path))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LoopLMError(f"data path '{path}' does not exist: check the path")
-    if not files:
-        raise LoopLMError("no data paths given: name at least one .txt or .jsonl file, or a directory of them")
-    return files
-
-
-def _document_files_in(directory: Path) -> list[Path]:
-    found = sorted(
-        path for path in directory.iterdir() if path.is_file() and path.suffix.lower() in DOCUMENT_SUFFIXES
-    )
-    if not found:
-        raise LoopLMError(f"directory '{directory}' has no .txt or .jsonl files: add some or name the files directly")
-    return found
-
-
-def _documents_in(files: list[Path], jsonl_field: str) -> Iterator[str]:
-    for file in files:
-        if file.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(file, jsonl_field)
-        else:
-            yield _text_document(file)
-
-
-def _text_document(file: Path) -> str:
-    data = file.read_bytes()
-    offset = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
-    text = _decode_utf8(data[offset:], file, offset)
-    if not text.strip():
-        raise LoopLMError(f"data file '{file}' is empty: give a file with text in it")
-    return text
-
-
-def _jsonl_documents(file: Path, field: str) -> Iterator[str]:
-    """The ``field`` strings of a JSON-lines file, streamed line by line."""
-    offset = 0
-    found_any = False
-    with open(file, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            skip = len(UTF8_BOM) if line_number == 1 and raw.startswith(UTF8_BOM) else 0
-            line = _decode_utf8(raw[skip:], file, offset + skip)
-            offset += len(raw)
-            if line.strip():
-                found_any = True
-                yield _jsonl_text(line, file, line_number, field)
-    if not found_any:
-        raise LoopLMError(f"data file '{file}' is empty: give a file with JSON lines in it")
-
-
-def _jsonl_text(line: str, file: Path, line_number: int, field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise LoopLMError(
-            f"line {line_number} of '{file}' is not valid JSON ({error.msg} at column {error.colno}): "
-            "fix or remove that line"
-        ) from None
-    if not isinstance(record, dict) or field not in record:
-        raise LoopLMError(
-            f"line {line_number} of '{file}' has no {field!r} field: "
-            f"give every line a {field!r} string, or name the field that holds the text"
-        )
-    text = record[field]
-    if not isinstance(text, str):
-        raise LoopLMError(
-            f"line {line_number} of '{file}': field {field!r} is {type(text).__name__}, not a string: "
-            "store the document text as a JSON string"
-        )
-    return text
-
-
-def _decode_utf8(data: bytes, file: Path, offset: int) -> str:
-    """``data`` as UTF-8; ``offset`` is where ``data`` starts in ``file``, for the message."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise LoopLMError(
-            f"data file '{file}' is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
-            f"{offset + error.start}): convert it to UTF-8"
-        ) from None
-
-
 def _check_val_fraction(val_fraction: float) -> None:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise LoopLMError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
@@ -295,7 +195,8 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
 
 
 def _write_into(
-    staging: Path, documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float, seed: int
+    staging: Path, documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float, seed: int,
+    provenance: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Write all shard files into ``staging``; return the meta dict."""
     dtype = token_dtype(tokenizer.vocab_size)
@@ -314,7 +215,10 @@ def _write_into(
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
         "tokenizer": tokenizer.kind,
+        "tokenizer_sha256": tokenizer_digest(tokenizer),
     }
+    if provenance is not None:
+        meta["provenance"] = provenance
     tokenizer.save(staging)
     (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta

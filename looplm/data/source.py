@@ -53,17 +53,9 @@ def _task_data(data: DataConfig, batch_size: int, eval_batches: int, seed: int) 
 def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: int,
                work_dir: Path | None, seed: int) -> TrainingData:
     from looplm.data.shards import TokenShards
-
-    path = Path(data.path)
-    prepared = (work_dir or Path(".")) / "data"
-    if path.is_dir() and (path / "meta.json").is_file():
-        shard_dir = path
-    elif (prepared / "meta.json").is_file():
-        shard_dir = prepared  # this run's tokenized copy, made on its first start (resume, other ranks)
-    else:
-        shard_dir = prepare_shards(data, prepared, seed)
     from looplm.data.tokenizer import Tokenizer
 
+    shard_dir = text_shards(data, work_dir, seed)
     tokenizer = Tokenizer.from_file(shard_dir)
     train = TokenShards(shard_dir, "train")
     validation_split = TokenShards(shard_dir, "val")
@@ -75,23 +67,25 @@ def _text_data(data: DataConfig, batch_size: int, seq_len: int, eval_batches: in
                         None, f"{len(train):,} training tokens from {data.path}")
 
 
-def prepare_shards(data: DataConfig, out_dir: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Tokenize data.path (text/jsonl files or a directory) into shards in out_dir.
+def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
+    """The shard directory holding ``data.path`` tokenized as ``data`` asks.
 
-    ``data.tokenizer`` is "byte", "bpe" (trained here on the data, ``bpe_vocab_size``) or a
-    tokenizer.json path.  An existing shard directory from an earlier run is reused.
+    A prepared directory (one with meta.json) is used as it is, after checking that its ids
+    come from ``data.tokenizer`` when that names a tokenizer file.  Anything else (files,
+    directories of them, ``hf:`` names) is tokenized once per request into
+    ``work_dir/data/<fingerprint>`` (``looplm.data.prepare.prepared_shards``), or under the
+    looplm cache (``$LOOPLM_CACHE/prepared-data``) without a ``work_dir``.
     """
-    from looplm.data.shards import read_documents, read_meta, write_shards
-    from looplm.data.tokenizer import load_tokenizer, train_bpe
+    from looplm.cache_dir import cache_path
+    from looplm.data.hub import HubSpec
+    from looplm.data.prepare import check_tokenizer, prepared_shards
+    from looplm.data.tokenizer import load_tokenizer
 
-    out_dir = Path(out_dir)
-    if (out_dir / "meta.json").is_file() and not overwrite:
-        read_meta(out_dir)
-        return out_dir
-    if data.tokenizer == "bpe":
-        tokenizer = train_bpe(read_documents([data.path]), data.bpe_vocab_size)
-    else:
-        tokenizer = load_tokenizer(data.tokenizer)
-    write_shards(read_documents([data.path]), tokenizer, out_dir, val_fraction=data.val_fraction,
-                 seed=seed, overwrite=overwrite)
-    return out_dir
+    path = Path(data.path)
+    if not HubSpec.names(data.path) and path.is_dir() and (path / "meta.json").is_file():
+        if data.tokenizer not in ("byte", "bpe"):
+            check_tokenizer(path, load_tokenizer(data.tokenizer), data.tokenizer)
+        return path
+    root = work_dir / "data" if work_dir is not None else cache_path("prepared-data")
+    return prepared_shards(data.path, root, data.tokenizer, data.bpe_vocab_size, data.val_fraction, seed,
+                           data.text_field)

@@ -113,6 +113,25 @@ class Tokenizer:
             return bytes(kept).decode("utf-8", errors="replace")
         return self.backend.decode(kept, skip_special_tokens=False)
 
+    def token_byte_lengths(self) -> list[int]:
+        """How many bytes of text each id stands for (0 for pad/bos/eos and other added tokens).
+
+        A byte-level token's characters are bytes in GPT-2's printable alphabet, one each; any
+        other token counts the UTF-8 bytes of its decoded text.
+        """
+        alphabet = set(_byte_to_char().values())
+        added = set(self.backend.get_added_tokens_decoder())
+        lengths = []
+        for token_id in range(self.vocab_size):
+            token = self.backend.id_to_token(token_id)
+            if token is None or token_id in added:
+                lengths.append(0)
+            elif alphabet.issuperset(token):
+                lengths.append(len(token))
+            else:
+                lengths.append(len(self.backend.decode([token_id], skip_special_tokens=False).encode("utf-8")))
+        return lengths
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/tokenizer.json`` atomically and return its path."""
         directory = Path(directory)

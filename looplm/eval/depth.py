@@ -22,7 +22,7 @@ def loss_by_step(model, batches, steps: int | None = None) -> dict:
     for inputs, targets in batches:
         output = model(inputs.to(device), steps=steps)
         result = compute_loss(output, targets.to(device), objective="mean")
-        weight = result.tokens
+        weight = int(result.tokens)
         totals = result.step_losses * weight if totals is None else totals + result.step_losses * weight
         exit_step += float(result.mean_exit_step) * weight
         entropy += float(result.exit_entropy) * weight

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, Signal, exit_steps, parse_exit
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, exit_steps, parse_exit, readout_perplexity
 from looplm.model.exit import hidden_change, readout_kl
 
 try:
@@ -84,6 +84,8 @@ def exit_steps_of(output, policy: ExitPolicy) -> torch.Tensor:
     def signal(step: int) -> torch.Tensor:
         if policy.signal is Signal.GATE:
             return output.gate_logits[step].reshape(-1)
+        if policy.signal is Signal.PERPLEXITY:
+            return readout_perplexity(output.logits(step + 1)).reshape(-1)
         if step == 0:
             return torch.zeros(shape.numel())
         if policy.signal is Signal.READOUT_CHANGE:

@@ -1,8 +1,9 @@
-"""ctypes declarations of the C kernel's entry points (``csrc/decode_kernel.c``).
+"""ctypes declarations of the C library's entry points: the plain-loop kernel
+(``csrc/decode_kernel.c``) and the runtime for every model family (``csrc/runtime.h``).
 
 The structures mirror the C structs field for field; ``declare`` gives every function its
 argument and return types, and ``SYMBOLS`` lists what a loaded library must export for
-``looplm.kernels.build`` to accept it.
+``looplm.kernels.build`` to accept it.  The runtime's model and state are opaque pointers.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ class Dims(ctypes.Structure):
 
 
 class Projection(ctypes.Structure):
-    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant)."""
-    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales")]
+    """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant; with
+    ``quantize_input`` the input is quantised too: int8 × int8 dot products), or ``bf16`` weights."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales", "bf16")] + [
+        ("quantize_input", ctypes.c_int)]
 
 
 class Layer(ctypes.Structure):
@@ -37,7 +40,15 @@ class TokenLoop(ctypes.Structure):
                 ("best", ctypes.c_void_p)]
 
 
+class Exit(ctypes.Structure):
+    """``LrExit`` (runtime.h): a token's most and fewest loop steps, its Q-exit threshold (> 1: none)
+    and the per-step logits callback (unused here: NULL)."""
+    _fields_ = [("max_steps", ctypes.c_int), ("min_steps", ctypes.c_int), ("q", ctypes.c_double),
+                ("dump", ctypes.c_void_p), ("dump_context", ctypes.c_void_p)]
+
+
 _POINTER, _INT = ctypes.c_void_p, ctypes.c_int
+_SIZE, _FLOAT = ctypes.c_size_t, ctypes.c_float
 
 # name → (argument types, return type)
 SIGNATURES = {
@@ -45,7 +56,9 @@ SIGNATURES = {
                        _POINTER, _POINTER, _INT], None),
     "looplm_matvec": ([_POINTER, _POINTER, _POINTER, _INT, _INT, _INT], None),
     "looplm_rms_norm": ([_POINTER, _POINTER, _POINTER, _INT, ctypes.c_float], None),
-    "looplm_q8_matmul": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT], None),
+    "looplm_q8_matmul": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT], None),
+    "looplm_project": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _INT, _INT], None),
+    "looplm_simd_paths": ([], ctypes.c_char_p),
     "looplm_exit_loop": ([ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), _INT, _INT, _INT, _POINTER,
                           _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _POINTER, ctypes.c_float,
                           ctypes.c_double, _INT, _POINTER, _POINTER, _INT, _POINTER], _INT),
@@ -53,7 +66,29 @@ SIGNATURES = {
     "looplm_rows_attention": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT,
                                _POINTER, _INT], None),
     "looplm_scratch_floats": ([ctypes.POINTER(Dims)], ctypes.c_long),
+    # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
+    "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),
+    "lr_model_bind": ([_POINTER, ctypes.c_char_p, _INT, _POINTER, _POINTER, _INT, ctypes.POINTER(ctypes.c_int64),
+                       ctypes.c_char_p], _INT),
+    "lr_model_finish": ([_POINTER, ctypes.c_char_p], _INT),
+    "lr_model_free": ([_POINTER], None),
+    "lr_state_new": ([_POINTER, _INT, _INT, _INT, _INT, _INT, ctypes.c_char_p], _POINTER),
+    "lr_state_bind": ([_POINTER, _INT, _INT, _POINTER, ctypes.c_char_p], _INT),
+    "lr_state_ready": ([_POINTER, ctypes.c_char_p], _INT),
+    "lr_state_set_threads": ([_POINTER, _INT], None),
+    "lr_state_free": ([_POINTER], None),
+    "lr_embed": ([_POINTER, _INT, _INT, _POINTER], None),
+    "lr_initial_state": ([_POINTER, _POINTER, _INT, _POINTER], None),
+    "lr_core_step": ([_POINTER, _POINTER, _INT, _INT, _POINTER], None),
+    "lr_readout": ([_POINTER, _POINTER, _INT, _INT, _POINTER], None),
+    "lr_gate_logit": ([_POINTER, _POINTER], _FLOAT),
+    "lr_logits": ([_POINTER, _POINTER, _POINTER], None),
+    "lr_token": ([_POINTER, _INT, _INT, ctypes.POINTER(Exit), _POINTER, ctypes.POINTER(ctypes.c_int)], _INT),
+    "lr_prefill": ([_POINTER, ctypes.POINTER(ctypes.c_int), _INT, _INT, ctypes.POINTER(Exit), _POINTER,
+                    ctypes.POINTER(ctypes.c_int)], _INT),
+    "lr_simd": ([], ctypes.c_char_p),
 }
+ERROR_BYTES = 512  # LR_ERROR_BYTES
 SYMBOLS = tuple(SIGNATURES)
 
 

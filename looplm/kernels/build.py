@@ -1,11 +1,15 @@
-"""Compile, verify and load the C kernel (``csrc/decode_kernel.c``) on first use.
+"""Compile, verify and load the C kernel library (``csrc/``) on first use.
 
-The kernel is plain C with OpenMP and AVX2/AVX-512 intrinsics where the CPU has them; it needs
-no torch headers, so it builds in about a second with the system C compiler (``$CC``, else
-``cc``/``gcc``/``clang``).  The shared library is cached under ``$LOOPLM_CACHE/native``
-(default ``~/.cache/looplm/native``) in a file named by a hash of the source, the flags, the
-compiler and the CPU's feature flags, written atomically (temp file + rename), so concurrent
-processes never load a half-written file.
+One shared library holds every C source of ``csrc/`` except the standalone program's ``main``
+(``looplm_run.c``): the plain-loop decode kernel (``decode_kernel.c``) and the runtime that runs
+every model family (``lr_*.c``, driven by ``runtime_stepper``).  It is plain C with OpenMP and
+AVX2/AVX-512 intrinsics where the CPU has them; it needs no torch headers, so it builds in a few
+seconds with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``).
+``LOOPLM_NATIVE_TARGET=portable`` builds it without ``-march=native``: the SIMD paths compile out and
+the scalar fallbacks run (what a CPU without AVX2, or ARM, gets).  The shared library is cached
+under ``$LOOPLM_CACHE/native`` (default ``~/.cache/looplm/native``) in a file named by a hash of
+the sources, the flags, the compiler and the CPU's feature flags, written atomically (temp file +
+rename), so concurrent processes never load a half-written file.
 
 Loading a shared library runs its constructors, so a library is loaded only when it can be
 trusted to be the one this user built:
@@ -20,6 +24,8 @@ trusted to be the one this user built:
 
 With no compiler, or ``LOOPLM_NATIVE=0``, ``load_kernel`` returns None and
 ``unavailable_reason`` says why; decoding then uses the torch fast path.
+``LOOPLM_NATIVE_TARGET`` (``native``, ``portable`` or a feature list, see ``target``) picks the
+SIMD paths compiled in; it enters the cache key through the flags.
 """
 
 from __future__ import annotations
@@ -34,13 +40,18 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from looplm.cache_dir import cache_path
 from looplm.kernels.bindings import declare, missing_symbols
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_kernel.c",)  # compiled; every file of csrc/ (headers too) enters the cache key
+PROGRAM = "looplm_run.c"  # the standalone program's main: built by csrc/Makefile, not into the library
+# compiled: every C file of csrc/ but the program; every file of csrc/ (headers too) enters the cache key
+SOURCES = tuple(sorted(path for path in CSRC.glob("*.c") if path.name != PROGRAM))
 FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
+PORTABLE_FLAG = "-DLOOPLM_PORTABLE"  # marks a portable build (and keeps its cache key apart)
 MANIFEST = "manifest.json"
 _lock = threading.Lock()
 _state: dict = {}
@@ -63,10 +74,45 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+# ``LOOPLM_NATIVE_TARGET`` features (gcc/clang -m names) and the /proc/cpuinfo flag each needs.
+TARGET_FEATURES = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avxvnni": "avx_vnni", "avx512f": "avx512f",
+                   "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+                   "avx512bf16": "avx512_bf16"}
+
+
+def target() -> str:
+    """``$LOOPLM_NATIVE_TARGET``: ``native`` (the default: every SIMD path this CPU has),
+    ``portable`` (no -march flags: the scalar fallbacks, what a CPU without the instructions
+    runs, ARM included), or a comma list of features such as ``avx2,fma`` (those paths only: the
+    tests exercise every fallback on one machine)."""
+    return os.environ.get("LOOPLM_NATIVE_TARGET", "native").strip() or "native"
+
+
+def portable() -> bool:
+    """Whether the scalar build is asked for (``LOOPLM_NATIVE_TARGET=portable``)."""
+    return target() == "portable"
+
+
 def _arch_flags(compiler: str) -> list[str]:
-    """-march=native when the compiler accepts it (gcc, clang on x86 and arm)."""
-    probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
-    return ["-march=native"] if probe.returncode == 0 else []
+    """The architecture flags of ``target()``: -march=native where the compiler accepts it (gcc,
+    clang on x86 and arm), only the portable marker for ``portable``, -mFEATURE for a feature list
+    (each feature must be one this CPU has, or the library would die on an illegal instruction)."""
+    wanted = target()
+    if wanted == "portable":
+        return [PORTABLE_FLAG]
+    if wanted == "native":
+        probe = subprocess.run([compiler, "-march=native", "-E", "-x", "c", "-"], input=b"", capture_output=True)
+        return ["-march=native"] if probe.returncode == 0 else []
+    from looplm.cpu import cpu_flags
+
+    features = [name.strip() for name in wanted.split(",") if name.strip()]
+    for name in features:
+        if name not in TARGET_FEATURES:
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET: unknown feature {name!r} (use native, portable or a comma"
+                               f" list of {', '.join(TARGET_FEATURES)})")
+        if TARGET_FEATURES[name] not in cpu_flags():
+            raise RuntimeError(f"LOOPLM_NATIVE_TARGET asks for {name}, which this CPU lacks")
+    return [f"-m{name}" for name in features]
 
 
 def untrusted_reason(path: Path) -> str | None:
@@ -85,7 +131,7 @@ def untrusted_reason(path: Path) -> str | None:
 
 def cache_directory() -> Path:
     """``$LOOPLM_CACHE/native`` (default ``~/.cache/looplm/native``), created private (0700)."""
-    directory = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "native"
+    directory = cache_path("native")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     return directory
 
@@ -124,14 +170,25 @@ def verified(directory: Path, target: Path) -> bool:
     return expected is not None and expected == _sha256(target)
 
 
+def _run_compiler(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+
 def _compile(compiler: str, flags: list[str], directory: Path, target: Path) -> None:
+    """Every source to an object in parallel (the runtime's layer code alone takes seconds at -O3),
+    then one link, in a private temporary directory beside the target."""
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *flags, f"-I{CSRC}", *map(str, SOURCES), "-o", temporary, "-lm"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:]}")
+        with tempfile.TemporaryDirectory(dir=directory) as objects:
+            outputs = [str(Path(objects) / f"{source.stem}.o") for source in SOURCES]
+            compile_flags = [flag for flag in flags if flag != "-shared"]
+            with ThreadPoolExecutor(max_workers=min(len(SOURCES), os.cpu_count() or 1)) as pool:
+                list(pool.map(_run_compiler, [[compiler, *compile_flags, f"-I{CSRC}", "-c", str(source), "-o", output]
+                                              for source, output in zip(SOURCES, outputs)]))
+            _run_compiler([compiler, *flags, *outputs, "-o", temporary, "-lm"])
         os.chmod(temporary, 0o700)
         digest = _sha256(Path(temporary))
         os.replace(temporary, target)
@@ -141,19 +198,24 @@ def _compile(compiler: str, flags: list[str], directory: Path, target: Path) -> 
             os.unlink(temporary)
 
 
+def library_digest(compiler: str, flags: list[str]) -> str:
+    """The cache key of a build: the sources (headers too), the flags, the compiler and the CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    sources = "\0".join(path.read_text() for path in sorted({*CSRC.glob("*.c"), *CSRC.glob("*.h")}))
+    return hashlib.sha256("\0".join([sources, " ".join(flags), version, _cpu_signature(),
+                                     platform.machine()]).encode()).hexdigest()[:16]
+
+
 def _build(compiler: str) -> Path:
     """The verified library for this source, compiler and CPU: the cached one, or a new build."""
     flags = FLAGS + _arch_flags(compiler)
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = "\0".join(path.read_text() for path in sorted({*SOURCES, *CSRC.glob("*.h")}))
-    digest = hashlib.sha256("\0".join([sources, " ".join(flags), version, _cpu_signature(),
-                                       platform.machine()]).encode()).hexdigest()[:16]
+    digest = library_digest(compiler, flags)
     directory = cache_directory()
     if (reason := untrusted_reason(directory)) is not None:
         warnings.warn(f"looplm: the kernel cache {str(directory)!r} {reason}: building in a private"
                       " temporary directory instead", stacklevel=3)
         directory = Path(tempfile.mkdtemp(prefix="looplm-native-"))
-    target = directory / f"decode_kernel-{digest}.so"
+    target = directory / f"looplm_native-{digest}.so"
     if not verified(directory, target):
         _compile(compiler, flags, directory, target)
     return target
@@ -187,3 +249,13 @@ def unavailable_reason() -> str | None:
     """Why ``load_kernel`` returned None (None when the kernel loaded)."""
     load_kernel()
     return _state["reason"]
+
+
+def simd_paths() -> dict[str, str]:
+    """Which SIMD path each projection form of the loaded kernel was compiled to: ``f32``
+    (float32 and Q8_0 with float input), ``bf16`` and ``q8_int8`` (Q8_0 × Q8_0) map to
+    ``avx2``, ``avx512_bf16``, ``avx512_vnni``, ``avx_vnni`` or ``scalar``; empty without a kernel."""
+    library = load_kernel()
+    if library is None:
+        return {}
+    return dict(item.split("=") for item in library.looplm_simd_paths().decode().split())

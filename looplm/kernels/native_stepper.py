@@ -9,8 +9,9 @@ short prompt token by token at full depth).  The weights are the model's own ten
 place (no copies): build the stepper after training, as ``generate`` does for every call.
 
 Supported: a float32 model on the CPU (its layer projections may be int8 ``Int8Linear``,
-looplm.quant) and a batch-1 cache; ``native_unsupported`` says why not otherwise, and ``auto``
-then falls back to ``FastStepper``.
+looplm.quant, or bf16 ``Bf16Linear``, looplm.bf16 — whose head the kernel then reads in bf16
+too) and a batch-1 cache; ``native_unsupported`` says why not otherwise, and ``auto`` then falls
+back to the C runtime (``runtime_stepper``) or ``FastStepper``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 
 import torch
 
+from looplm.bf16 import Bf16Linear
 from looplm.cache import KVCache
 from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
 from looplm.kernels.build import load_kernel, unavailable_reason
@@ -33,18 +35,35 @@ PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thr
 NATIVE_PREFILL_BYTES = 32 * 2**20
 
 
-def native_unsupported(model, cache: KVCache) -> str | None:
-    """None when the C kernel can decode this model with this cache, else the reason."""
+def c_decode_unsupported(model, cache: KVCache, what: str) -> str | None:
+    """Why ``what`` (a C decode path) cannot run this model and cache at all — not on the CPU, not
+    float32, not batch 1 — or None."""
     parameter = next(model.parameters())
     if parameter.device.type != "cpu":
-        return f"the C decode kernel runs on the CPU; the model is on {parameter.device}"
+        return f"{what} runs on the CPU; the model is on {parameter.device}"
     if parameter.dtype != torch.float32 or cache.keys.dtype != torch.float32:
-        return f"the C decode kernel needs float32 weights and cache, got {parameter.dtype}"
+        return f"{what} needs float32 weights and cache, got {parameter.dtype}"
     if cache.keys.shape[1] != 1:
-        return "the C decode kernel decodes batch 1"
+        return f"{what} decodes batch 1"
+    if cache.layout == "append_first":
+        return f"{what} writes every step's K/V; the append_first layout decodes with backend 'reference'"
+    return None
+
+
+def decode_threads(layer_bytes: int) -> int:
+    """Threads for a layer of ``layer_bytes`` bytes of weights: one per MiB, up to torch's count (a
+    small model's matvecs finish before a second thread is woken, and a descheduled thread stalls
+    the whole region)."""
+    return max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
+
+
+def native_unsupported(model, cache: KVCache) -> str | None:
+    """None when the C kernel can decode this model with this cache, else the reason."""
+    if (reason := c_decode_unsupported(model, cache, "the C decode kernel")) is not None:
+        return reason
     from looplm.fast_decode import fast_unsupported
 
-    if (reason := fast_unsupported(model, allow_int8=True)) is not None:
+    if (reason := fast_unsupported(model, allow_reduced=True, cache=cache)) is not None:
         return reason
     if load_kernel() is None:
         return unavailable_reason()
@@ -68,11 +87,9 @@ class NativeStepper:
         self.kernel = load_kernel()
         config = model.config
         self.config, self.cache = config, cache
-        # Threads pay off only when a layer's weights are large: a small model's matvecs finish
-        # before a second thread is woken (and a descheduled thread stalls the whole region).
         layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
                                                  * config.head_dim + 3 * config.ffn_hidden)
-        self.threads = max(1, min(torch.get_num_threads(), layer_bytes // PARALLEL_BYTES))
+        self.threads = decode_threads(layer_bytes)
         self.token_step_bytes = layer_bytes * config.n_core_layers  # core weights one loop step reads
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)
@@ -81,7 +98,15 @@ class NativeStepper:
         self.core = [self._layers(model.core, "core", step) for step in range(cache.max_steps)]
         self.coda = [self._layers(model.coda, "coda", step) for step in range(cache.max_steps)]
         self.embedding = self._keep_tensor(model.embed.weight)
-        self.head = self._keep_tensor(model.head_weight)
+        # The head as a projection: bf16 for a bf16-weight model (looplm.bf16 keeps its bf16 copy).
+        head_bf16 = getattr(model, "head_bf16", None)
+        if head_bf16 is None:
+            self.head = self._keep_tensor(model.head_weight)
+            self.head_projection = Projection(weights=self.head.data_ptr())
+        else:
+            self.head = self._keep_tensor(head_bf16)
+            self.head_projection = Projection(bf16=self.head.data_ptr())
+        self._head_address = ctypes.addressof(self.head_projection)
         self.norm = self._keep_tensor(model.norm.weight)
         self.gate_weight = self._keep_tensor(model.exit_gate.weight) if model.exit_gate is not None else None
         self.gate_bias = float(model.exit_gate.bias.detach()[0]) if model.exit_gate is not None else None
@@ -97,7 +122,7 @@ class NativeStepper:
         # built on first use they cost a token ~70 µs, as much as its whole loop on a small model.
         self._addresses = (ctypes.byref(self.dims), self.cos.data_ptr(), self.sin.data_ptr(),
                            self.scratch.data_ptr(), self.norm.data_ptr())
-        self._head_address, self._logits_address = self.head.data_ptr(), self.logits_buffer.data_ptr()
+        self._logits_address = self.logits_buffer.data_ptr()
         self._embedding_address, self._hidden_address = self.embedding.data_ptr(), self.hidden.data_ptr()
         self._gate_address = self.gate_weight.data_ptr() if self.gate_weight is not None else None
         self.best = ctypes.c_int(0)  # exit_loop's argmax of the logits (with logits=True)
@@ -131,10 +156,13 @@ class NativeStepper:
                 return _pointer(self._keep_tensor(module.weight)) if hasattr(module, "weight") else None
 
             def projection(module):
-                if isinstance(module, Int8Linear):  # Q8_0 weights: the kernel widens them in registers
-                    return Projection(None, _pointer(self._keep_tensor(module.values)),
-                                      _pointer(self._keep_tensor(module.scales)))
-                return Projection(weight(module), None, None)
+                if isinstance(module, Int8Linear):  # Q8_0 weights (matvec.h: float or Q8_0 input, as chosen)
+                    return Projection(values=_pointer(self._keep_tensor(module.values)),
+                                      scales=_pointer(self._keep_tensor(module.scales)),
+                                      quantize_input=int(module.quantizes_input))
+                if isinstance(module, Bf16Linear):
+                    return Projection(bf16=_pointer(self._keep_tensor(module.bf16_weight)))
+                return Projection(weights=weight(module))
 
             keys, values = self.cache.store(stage, index, step)
             packed[index] = Layer(weight(layer.attn_norm), weight(layer.attn_post_norm), weight(layer.ffn_norm),
@@ -230,6 +258,7 @@ class NativeStepper:
         return self.gate_buffer + self.gate_bias
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
-        self.kernel.looplm_matvec(self.head.data_ptr(), readout.data_ptr(), self.logits_buffer.data_ptr(),
-                                  self.config.vocab_size, self.config.d_model, self.threads)
+        self.kernel.looplm_project(ctypes.byref(self.head_projection), readout.data_ptr(),
+                                   self.logits_buffer.data_ptr(), self.config.vocab_size, self.config.d_model,
+                                   self.threads)
         return self.logits_buffer.clone().view(1, -1)

@@ -14,6 +14,7 @@ import ctypes
 import torch
 from torch.nn import functional as F
 
+from looplm.kernels.bindings import Projection
 from looplm.kernels.build import load_kernel
 
 
@@ -62,14 +63,36 @@ def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, en
     return keys[:, :, :length].index_select(0, rows), values[:, :, :length].index_select(0, rows), mask
 
 
-def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+              quantize_input: bool = False) -> torch.Tensor:
     """y = x Wᵀ + bias with W stored as Q8_0 blocks (int8 ``values`` [N, K], float32 ``scales``
-    [N, K/32]); x [R, K] float32 on the CPU, where ``serves(x)``.  The kernel widens the int8
-    weights in registers, reading a quarter of the bytes a float32 matvec reads.  The reference
+    [N, K/32]); x [R, K] float32 on the CPU, where ``serves(x)``.  The kernel reads a quarter of
+    the bytes a float32 matvec reads.  It widens the int8 weights in registers (the reference's
+    products, summed in another order), or with ``quantize_input`` quantises each x row to Q8_0
+    and sums int8 × int8 products (``looplm.quant.q8_matmul_reference``).  The reference of the float form
     (dequantise, then ``F.linear``) is ``looplm.quant.Int8Linear.reference_forward``."""
     rows, columns = x.shape
     out = torch.empty(rows, values.shape[0])
     load_kernel().looplm_q8_matmul(values.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-                                   x.data_ptr(), out.data_ptr(), rows, values.shape[0], columns,
+                                   x.data_ptr(), out.data_ptr(), rows, values.shape[0], columns, int(quantize_input),
                                    torch.get_num_threads())
     return out
+
+
+def bf16_matvec(weight: torch.Tensor, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """y = W x [N] for a bf16 W [N, K] and a float32 x [K], through the kernel's bf16 projection
+    (the decode layers' and the head's): x is rounded to bf16 and the exact products summed in
+    float32 — ``vdpbf16ps`` where the kernel has it, else widened to float32
+    (``bf16_matvec_reference``)."""
+    weight, x = weight.contiguous(), x.float().contiguous()
+    out = torch.empty(weight.shape[0])
+    projection = Projection(bf16=weight.data_ptr())
+    load_kernel().looplm_project(ctypes.byref(projection), x.data_ptr(), out.data_ptr(), weight.shape[0],
+                                 weight.shape[1], threads)
+    return out
+
+
+def bf16_matvec_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``bf16_matvec`` in float64 [N]: the bf16 weights times x rounded to bf16 (torch's rounding,
+    to nearest even), summed exactly."""
+    return weight.double() @ x.to(torch.bfloat16).double()

@@ -1,8 +1,9 @@
 """What one call's loop steps hand to the later steps of the same tokens.
 
-Two mechanisms read a token's *earlier loop steps* besides the state h: loop-axis memory
-caching (``model.loop_mc``, looplm.model.gdn) and nanochat's global gates
-(``model.global_gates``, looplm.model.global_gates).  A ``LoopCarry`` holds their per-step
+Three mechanisms read a token's *earlier loop steps* besides the state h: loop-axis memory
+caching (``model.loop_mc``, looplm.model.gdn), nanochat's global gates
+(``model.global_gates``, looplm.model.global_gates) and append-first attention
+(``model.kv_append_first``, looplm.model.attention: step 1's keys and values).  A ``LoopCarry`` holds their per-step
 values for the positions of one call — the full forward creates one per forward, a decoder one
 per token — keyed by (module, step), written once and never overwritten in place, so a step
 recomputed under activation checkpointing reads exactly what the first run read.  Nothing in
@@ -39,6 +40,10 @@ class LoopCarry:
     def latest(self, module: nn.Module) -> Any:
         """``module``'s value of the previous step, None at step 0."""
         return self._values[(id(module), self.step - 1)] if self.step else None
+
+    def first(self, module: nn.Module) -> Any:
+        """``module``'s value of step 0 (append-first attention reuses its keys and values)."""
+        return self._values[(id(module), 0)]
 
     def earlier(self, module: nn.Module) -> list[Any]:
         """``module``'s values of steps 0 .. step − 1, in step order (all must have run)."""

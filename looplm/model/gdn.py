@@ -154,6 +154,7 @@ class GatedDeltaNet(nn.Module):
         self.out_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
         self.out = nn.Linear(width, config.d_model, bias=False)
         self.segment_size, self.memory_top_k = config.mc_segment_size, config.mc_top_k
+        self.memory_detach = config.mc_detach  # cached segment states carry no gradient (the seed's default)
         if self.segment_size:  # memory caching (SSC): router and the online output's logit
             self.memory_router = nn.Linear(config.d_model, width, bias=False)
             self.memory_online_bias = nn.Parameter(torch.zeros(self.heads))
@@ -208,7 +209,8 @@ class GatedDeltaNet(nn.Module):
             outputs.append(self._mix(online, q[:, :, piece], route[:, :, piece], states, keys))
             key_sum = key_sum + k[:, :, piece].sum(dim=2)
             if (start + end) % size == 0:  # the segment is complete: cache its state and mean key
-                states = torch.cat([states, state.unsqueeze(1)], dim=1)
+                cached = state.detach() if self.memory_detach else state
+                states = torch.cat([states, cached.unsqueeze(1)], dim=1)
                 keys = torch.cat([keys, (key_sum / size).unsqueeze(1)], dim=1)
                 key_sum = torch.zeros_like(key_sum)
             begin = end

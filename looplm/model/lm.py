@@ -8,6 +8,13 @@
     r_t = readout(h_t) = norm(coda(h_t))             (just h_t for Ouro: already normed)
     logits_t = head(r_t),   λ_t = σ(w·r_t + b)       per-step prediction and exit gate
 
+With mHC hyper-connections (``model.hyper_connections`` = n ≥ 2) the state between the
+building blocks is n residual streams, flattened to [B, S, n·D] so that callers handle it like
+any state (the D-wise loop mechanics apply per stream); the embedding enters as n copies and
+the readout norms the streams' mean.  With block attention residuals each stack pass (the
+prelude, one core step, the coda) starts a ``DepthSources`` from its input and ends with its
+output query (``stack_outputs``); see looplm.model.residual.
+
 The building blocks (``embed_input``, ``core_step``, ``readout``, ``logits``, ``gate_logits``)
 are public so the decoder can run a token step by step and stop early; ``forward`` is the
 plain loop over them and the reference every faster path is tested against.
@@ -15,6 +22,7 @@ plain loop over them and the reference every faster path is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +30,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from looplm.checkpoint.atomic import atomic_directory
 from looplm.checkpoint.directory import write_model_files
@@ -34,7 +41,9 @@ from looplm.model.exit import act_weights, exit_distribution, log_exit_distribut
 from looplm.model.loop import DepthLoRA, Injection, NoiseState, loop_index_signal
 from looplm.model.moe import MoE
 from looplm.model.norms import RMSNorm
+from looplm.model.residual import DepthAttention, DepthSources
 from looplm.model.rope import RotaryEmbedding
+from looplm.precision import without_autocast
 
 
 @dataclass
@@ -98,9 +107,15 @@ class LoopLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_prelude_layers))
-        self.core = nn.ModuleList(Layer(config, config.layer_kind(i), looped=True) for i in range(config.n_core_layers))
-        self.coda = nn.ModuleList(Layer(config, config.layer_kind(i)) for i in range(config.n_coda_layers))
+        self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i), index=i) for i in range(config.n_prelude_layers))
+        self.core = nn.ModuleList(Layer(config, config.layer_kind(i), looped=True, index=i)
+                                  for i in range(config.n_core_layers))
+        self.coda = nn.ModuleList(Layer(config, config.layer_kind(i), index=i) for i in range(config.n_coda_layers))
+        self.streams = config.residual_streams
+        # Block attention residuals: each non-empty stack's output query over its depth sources.
+        self.stack_outputs = nn.ModuleDict(
+            {stack: DepthAttention(config) for stack in ("prelude", "core", "coda") if getattr(self, stack)}
+        ) if config.attnres_block_size else None
         self.norm = RMSNorm(config.d_model, config.norm_eps, config.zero_centered_norm)
         self.exit_gate = nn.Linear(config.d_model, 1) if config.exit_gate else None
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -109,9 +124,6 @@ class LoopLM(nn.Module):
         self.injection = Injection(config) if config.injection != "identity" else None
         self.noise = NoiseState(config) if config.initial_state == "noise" else None
         self.depth_lora = DepthLoRA(config) if config.depth_lora_rank else None
-        # Recompute each loop step in backward instead of keeping its activations (set by the
-        # trainer from train.activation_checkpointing; memory for compute, same gradients).
-        self.activation_checkpointing = False
         self.moe_layers = tuple(module for module in self.modules() if isinstance(module, MoE))
         self.reset_parameters()
 
@@ -143,6 +155,12 @@ class LoopLM(nn.Module):
             if hasattr(module, "rebuild_buffers"):
                 module.rebuild_buffers(device)
 
+    def set_rope_theta(self, theta: float) -> None:
+        """Use RoPE base θ from now on (a stage of ``train.rope_theta_schedule``); the config, and
+        so every checkpoint written after, records it."""
+        self.config = dataclasses.replace(self.config, rope_theta=theta)
+        self.rope = RotaryEmbedding(self.config.rope_dim, self.config.max_seq_len, theta).to(self.rope.cos.device)
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
@@ -163,8 +181,26 @@ class LoopLM(nn.Module):
                 f"sequence of {start + length} tokens exceeds the context of {self.config.max_seq_len}"
                 " (model.max_seq_len): shorten the input")
 
+    def _split(self, h: torch.Tensor | None) -> torch.Tensor | None:
+        """[..., n·D] → the n streams [..., n, D] (mHC); unchanged with one stream."""
+        return h if h is None or self.streams == 1 else h.unflatten(-1, (self.streams, self.config.d_model))
+
+    def _join(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.streams == 1 else h.flatten(-2)
+
+    def _stack(self, stack: str, layers, h: torch.Tensor, cos, sin, cache, step: int | torch.Tensor,
+               start: int | torch.Tensor, carry: LoopCarry | None = None) -> torch.Tensor:
+        """One pass of ``h`` through a stack's layers (their cache slots at loop step ``step``)."""
+        if not layers:
+            return h
+        state = DepthSources((h,)) if self.stack_outputs is not None else h
+        for index, layer in enumerate(layers):
+            state = layer(state, cos, sin, cache.layer_storage(stack, index, step) if cache else None, start, carry)
+        return self.stack_outputs[stack].read(state)[0] if self.stack_outputs is not None else state
+
     def embed_input(self, ids: torch.Tensor, start: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
-        """ids [B, S] → e [B, S, D]: embedding then the prelude layers (run once per token).
+        """ids [B, S] → e [B, S, D] (n·D with n streams): embedding then the prelude layers (run
+        once per token).
 
         start (here and in ``initial_state``, ``core_step``, ``readout``): the first position, or
         [B] positions of one token per row, each at its own position (the scheduler's rows).
@@ -173,10 +209,10 @@ class LoopLM(nn.Module):
         if not isinstance(start, torch.Tensor):
             self._check_positions(start, ids.shape[1])
         h = self.embed(ids)
+        if self.streams > 1:
+            h = h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1])
         cos, sin = self.rope.tables(start, ids.shape[1])
-        for index, layer in enumerate(self.prelude):
-            h = layer(h, cos, sin, cache.layer_storage("prelude", index) if cache else None, start)
-        return h
+        return self._join(self._stack("prelude", self.prelude, h, cos, sin, cache, 0, start))
 
     def initial_state(self, e: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``)."""
@@ -194,8 +230,9 @@ class LoopLM(nn.Module):
         if carry is not None:
             carry.step = step
         elif self.needs_carry:
-            raise LoopLMError("model.loop_mc and model.global_gates read earlier loop steps: pass"
-                              " carry=LoopCarry() to core_step (one per call)")
+            raise LoopLMError("model.loop_mc, model.global_gates and model.kv_append_first read earlier loop"
+                              " steps: pass carry=LoopCarry() to core_step (one per call)")
+        h, injected = self._split(h), self._split(injected)
         if config.loop_index_embedding:
             h = h + loop_index_signal(step, config.d_model, h.device, h.dtype)
         if self.injection is not None:
@@ -203,29 +240,29 @@ class LoopLM(nn.Module):
                 raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
             h = self.injection(h, injected)
         cos, sin = self.rope.tables(start, h.shape[1])
-        update = h
-        for index, layer in enumerate(self.core):
-            update = layer(update, cos, sin, cache.layer_storage("core", index, step) if cache else None, start, carry)
+        update = self._stack("core", self.core, h, cos, sin, cache, step, start, carry)
         if self.depth_lora is not None:
             update = update + self.depth_lora(h, step)
-        return self.norm(update) if config.step_norm else update
+        return self._join(self.norm(update) if config.step_norm else update)
 
     def readout(self, h: torch.Tensor, step: int | torch.Tensor, start: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
-        """State after a loop step → the normed state the head and the exit gate read."""
-        if not self.coda:
+        """State after a loop step → the normed state [B, S, D] the head and the exit gate read."""
+        if not self.coda and self.streams == 1:
             return h if self.config.step_norm else self.norm(h)
-        cos, sin = self.rope.tables(start, h.shape[1])
-        for index, layer in enumerate(self.coda):
-            h = layer(h, cos, sin, cache.layer_storage("coda", index, step) if cache else None, start)
-        return self.norm(h)
+        h = self._split(h)
+        if self.coda:
+            cos, sin = self.rope.tables(start, h.shape[1])
+            h = self._stack("coda", self.coda, h, cos, sin, cache, step, start)
+        return self.norm(h.mean(dim=-2) if self.streams > 1 else h)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         """[..., D] → [..., V]."""
         return F.linear(readout, self.head_weight)
 
     def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
-        """[..., D] → exit-gate logits z [...]."""
-        return self.exit_gate(readout).squeeze(-1)
+        """[..., D] → exit-gate logits z [...], in the weights' dtype even under bf16 autocast:
+        the exit distribution's log-space math and the exit decision read them."""
+        return without_autocast(self.exit_gate, readout, self.exit_gate.weight.dtype).squeeze(-1)
 
     def balance_experts(self) -> None:
         """Update every MoE layer's balancing bias from the loads its forwards counted (the trainer
@@ -236,11 +273,7 @@ class LoopLM(nn.Module):
     @property
     def needs_carry(self) -> bool:
         """Whether a loop step reads the same positions' earlier steps (``LoopCarry``)."""
-        return self.config.loop_mc or self.config.global_gates
-
-    def _step_and_readout(self, h, e, step: int, start: int, cache=None, carry=None):
-        h = self.core_step(h, step, start, cache, e, carry=carry)
-        return h, self.readout(h, step, start, cache)
+        return self.config.loop_mc or self.config.global_gates or self.config.kv_append_first
 
     def forward(self, ids: torch.Tensor, steps: int | None = None, cache=None,
                 backprop_steps: int | None = None) -> LoopOutput:
@@ -264,11 +297,8 @@ class LoopLM(nn.Module):
         carry = LoopCarry() if self.needs_carry else None
         for step in range(steps):
             with torch.set_grad_enabled(torch.is_grad_enabled() and step >= frozen):
-                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                    h, readout = checkpoint(self._step_and_readout, h, e, step, start, None, carry,
-                                            use_reentrant=False)
-                else:
-                    h, readout = self._step_and_readout(h, e, step, start, cache, carry)
+                h = self.core_step(h, step, start, cache, e, carry=carry)
+                readout = self.readout(h, step, start, cache)
                 hidden_states.append(readout)
                 if self.exit_gate is not None:
                     gates.append(self.gate_logits(readout))

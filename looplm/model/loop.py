@@ -145,7 +145,8 @@ class NoiseState(nn.Module):
         super().__init__()
         self.std = config.initial_noise_std
         generator = torch.Generator().manual_seed(0)
-        table = torch.randn(config.max_seq_len, config.d_model, generator=generator) * self.std
+        width = config.d_model * config.residual_streams  # the state: one row per mHC stream
+        table = torch.randn(config.max_seq_len, width, generator=generator) * self.std
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, e: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
+from looplm.model.attention import first_step_kv
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
 
@@ -48,6 +49,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, eps, config.zero_centered_norm)
         self.kv_up = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.value_dim), bias=False)
         self.out = nn.Linear(self.n_heads * self.value_dim, d_model, bias=False)
+        self.append_first = config.kv_append_first
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, S, D] → q_nope [B, H, S, d_nope], rotated q_rope [B, H, S, d_rope]."""
@@ -69,17 +71,22 @@ class MultiHeadLatentAttention(nn.Module):
         return kv.split([self.nope_dim, self.value_dim], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0, carry=None) -> torch.Tensor:
         """store: the cache storage of the latent ("keys" [B, 1, max_len, r_kv]) and the rope key
-        ("values" [B, 1, max_len, d_rope]): ``write`` this call's, ``read`` what each query sees."""
+        ("values" [B, 1, max_len, d_rope]): ``write`` this call's (a shared append-first slot writes
+        nothing), ``read`` what each query sees; carry: as ``Attention``'s."""
         batch, length, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
         mask = None
-        if store is not None:
+        if store is None:
+            c, k_rope = first_step_kv(self, carry, c, k_rope, self.append_first)
+        else:
             store.write(c, k_rope, start)
             c, k_rope, mask = store.read(start, length)
-        if store is not None and length == 1 and self.absorb_for_decode:
+        # The absorbed form folds kv_up's float weight into the query; a ternary kv_up quantises
+        # its input (the latent) per position, which only the recompute form reproduces.
+        if store is not None and length == 1 and self.absorb_for_decode and type(self.kv_up) is nn.Linear:
             o = self._absorbed(q_nope, q_rope, c, k_rope, mask)
         else:
             k_nope, v = self.expand(c)

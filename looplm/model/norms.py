@@ -5,12 +5,16 @@ an autograd function with a hand-written backward that runs about 1.7× faster o
 (fewer passes over x: one reduction for the scale, one saved normalised x̂, and
 dx = (g·w − x̂·mean(g·w·x̂)) / rms).  A looped model applies ~4 norms per layer per loop
 step, so this is a few per cent of a training step.  ``tests/test_model.py`` holds the two
-equal in values and gradients.
+equal in values and gradients.  Under bf16 autocast the norm runs in float32 (its input cast up,
+its output float32): the mean of x² over thousands of bf16 values would otherwise carry bf16's
+rounding into every layer's scale (``looplm.precision.without_autocast``).
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from looplm.precision import without_autocast
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -55,7 +59,11 @@ class RMSNorm(nn.Module):
         return 1.0 + self.weight if self.zero_centered else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under bf16 autocast the statistics and the output stay in the weight's dtype (float32).
+        return without_autocast(self._normalise, x, self.weight.dtype)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale
-        if torch.is_grad_enabled() and x.dtype == scale.dtype and not torch.is_autocast_enabled(x.device.type):
+        if torch.is_grad_enabled() and x.dtype == scale.dtype:
             return rms_norm_fused(x, scale, self.eps)
         return F.rms_norm(x, (x.shape[-1],), scale, self.eps)

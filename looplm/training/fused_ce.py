@@ -12,6 +12,9 @@ matmuls:
   reused buffer, followed by the matmuls for dL/dh and dL/dW.  No log-softmax output, no
   zero-filled one-hot gradient, no second [rows, V] buffer; the saved probabilities are left
   intact, so backward can run again (``retain_graph``, gradcheck).
+Under bf16 autocast (``matmul_dtype``) the matmuls take bf16 operands and the softmax buffer,
+losses and gradients stay float32: the same values as autocast's ``F.linear`` followed by
+``F.cross_entropy`` (which autocast runs in float32).
 """
 
 from __future__ import annotations
@@ -24,42 +27,63 @@ BACKWARD_CHUNK_ROWS = 1024  # rows of dL/dlogits held at once: a small buffer, r
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                matmul_dtype: torch.dtype | None) -> torch.Tensor:
         rows = hidden.shape[0]
+        # The matmul operands (bf16 under autocast); the softmax and the loss stay in hidden's dtype.
+        operand, head = (hidden, weight) if matmul_dtype is None else (hidden.to(matmul_dtype), weight.to(matmul_dtype))
         probs = hidden.new_empty(rows, weight.shape[0])
         losses = hidden.new_empty(rows)
         for start in range(0, rows, CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, rows)
             block = probs[start:end]
-            torch.mm(hidden[start:end], weight.t(), out=block)
+            _product(operand[start:end], head.t(), block)
             target_logits = block.gather(1, targets[start:end, None]).squeeze(1)
             top = block.amax(dim=1, keepdim=True)
             total = block.sub_(top).exp_().sum(dim=1, keepdim=True)  # in place: exp(logits − max)
             block.div_(total)  # softmax probabilities, kept for backward
             losses[start:end] = (total.log() + top).squeeze(1) - target_logits
-        ctx.save_for_backward(hidden, weight, targets, probs)
+        ctx.save_for_backward(operand, head, targets, probs)
+        ctx.input_dtype = hidden.dtype
         ctx.consumed = False
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
-        hidden, weight, targets, probs = ctx.saved_tensors
+        operand, head, targets, probs = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_hidden = probs.new_empty(operand.shape, dtype=ctx.input_dtype) if need_hidden else None
+        grad_weight = probs.new_zeros(head.shape) if need_weight else None
         buffer = probs.new_empty(min(BACKWARD_CHUNK_ROWS, probs.shape[0]), probs.shape[1])
         for start in range(0, probs.shape[0], BACKWARD_CHUNK_ROWS):
             end = min(start + BACKWARD_CHUNK_ROWS, probs.shape[0])
             scale = grad_losses[start:end, None]
             grad_logits = torch.mul(probs[start:end], scale, out=buffer[:end - start])
             grad_logits.scatter_add_(1, targets[start:end, None], -scale)  # (p − onehot(y))·g
+            grad_logits = grad_logits.to(head.dtype)
             if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                _product(grad_logits, head, grad_hidden[start:end])
             if need_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden[start:end])
-        return grad_hidden, grad_weight, None
+                _product(grad_logits.t(), operand[start:end], grad_weight, accumulate=True)
+        return grad_hidden, grad_weight, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Losses [M] of logits hidden [M, D] @ weight[V, D]ᵀ against targets [M] (all valid ids)."""
-    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous())
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (out += a @ b with ``accumulate``), in place when the dtypes agree; a bf16
+    product is rounded to bf16 once (as autocast's matmul output is), then widened into ``out``."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    elif accumulate:
+        out.add_(torch.mm(a, b))
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Losses [M] of logits hidden [M, D] @ weight[V, D]ᵀ against targets [M] (all valid ids).
+
+    matmul_dtype (bf16 under autocast): the matmuls' operand dtype; the logits are rounded to
+    it as autocast's ``F.linear`` rounds them, while the softmax, the losses and the gradients
+    of hidden and weight stay in their own dtypes (float32)."""
+    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous(), matmul_dtype)

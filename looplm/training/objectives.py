@@ -31,7 +31,7 @@ class LossResult:
     step_losses: torch.Tensor
     mean_exit_step: torch.Tensor
     exit_entropy: torch.Tensor
-    tokens: int
+    tokens: torch.Tensor  # trained tokens in the batch, a 0-d tensor (no wait for the device)
     exit_histogram: torch.Tensor | None = None
 
 
@@ -45,12 +45,14 @@ def per_step_token_losses(output: LoopOutput, targets: torch.Tensor, fused: bool
     steps, shape = output.steps, targets.shape
     flat_targets = targets.reshape(-1)
     weight = output.model.head_weight
+    device_type = output.hidden_states[0].device.type
+    autocast = torch.is_autocast_enabled(device_type)
     if fused is None:
-        hidden = output.hidden_states[0]
         # Under torch.compile the reference is better: the compiler fuses it, and the trained
         # positions' data-dependent count would break the graph.
-        fused = (hidden.dtype == weight.dtype and not torch.is_autocast_enabled(hidden.device.type)
-                 and not torch.compiler.is_compiling())
+        fused = (output.hidden_states[0].dtype == weight.dtype or autocast) and not torch.compiler.is_compiling()
+    # Under autocast the head's matmul runs in the autocast dtype, the softmax in float32.
+    matmul_dtype = torch.get_autocast_dtype(device_type) if autocast else None
     if not fused:
         losses = [F.cross_entropy(output.logits(step).reshape(flat_targets.numel(), -1), flat_targets,
                                   ignore_index=IGNORE_INDEX, reduction="none")
@@ -59,10 +61,11 @@ def per_step_token_losses(output: LoopOutput, targets: torch.Tensor, fused: bool
     hidden = torch.stack(output.hidden_states).reshape(steps, flat_targets.numel(), -1)
     trained = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     if trained.numel() == flat_targets.numel():
-        losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets.repeat(steps))
+        losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets.repeat(steps),
+                                      matmul_dtype)
         return losses.view(steps, *shape)
     picked = hidden.index_select(1, trained).reshape(-1, hidden.shape[-1])
-    losses = linear_cross_entropy(picked, weight, flat_targets[trained].repeat(steps)).view(steps, -1)
+    losses = linear_cross_entropy(picked, weight, flat_targets[trained].repeat(steps), matmul_dtype).view(steps, -1)
     return losses.new_zeros(steps, flat_targets.numel()).index_copy(1, trained, losses).view(steps, *shape)
 
 
@@ -101,7 +104,7 @@ def stage2_gate_loss(output: LoopOutput, targets: torch.Tensor, k: float = 50.0,
     p = output.exit_distribution.detach()
     mean_exit = expected_exit_step(p, mask)
     entropy = ((-(p * p.clamp_min(1e-12).log()).sum(0)) * mask).sum() / tokens
-    return LossResult(loss, step_losses, mean_exit, entropy, int(tokens.item()))
+    return LossResult(loss, step_losses, mean_exit, entropy, tokens.detach())
 
 
 def expected_exit_step(exit_distribution: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,5 +148,5 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
         raise LoopLMError(f"unknown objective {objective!r}: use stage1, last, mean or act")
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
-    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), int(tokens.item()),
+    return LossResult(loss, step_losses.detach(), mean_exit_step.detach(), entropy.detach(), tokens.detach(),
                       histogram if output.gate_logits is not None else None)

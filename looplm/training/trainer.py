@@ -2,8 +2,11 @@
 
 AdamW (β 0.9/0.95, weight decay on matrices only; or Muon for the layers' matrices, see
 ``looplm.training.optim``), linear warmup then cosine decay to
-``min_lr_ratio``·lr, gradient clipping, gradient accumulation, fp32 on CPU and bf16 autocast
-on CUDA, optional ``torch.compile`` applied from outside the model.  Every ``save_every``
+``min_lr_ratio``·lr, gradient clipping, gradient accumulation, bf16 autocast or fp32 as
+``train.precision`` chooses (``looplm.precision``: auto = bf16 on CUDA and, for wide enough
+models, on CPUs with native bf16; the choice and its reason are logged); activation
+checkpointing, ``torch.compile`` and DDP/FSDP are applied from outside the model
+(``looplm.training.wrapping``).  Every ``save_every``
 steps (and at the end, and on Ctrl-C) a checkpoint directory is written atomically with the
 model, tokenizer, run config and the full training state, so ``resume=True`` continues with
 exactly the losses an uninterrupted run would have produced.
@@ -35,6 +38,7 @@ from looplm.model.lm import LoopLM
 from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
 from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
 from looplm.model.loading import load_model
+from looplm.precision import training_precision
 from looplm.training.curriculum import loop_curriculum_depth
 from looplm.training.distributed import Distributed
 from looplm.training.distill import distillation_kl, loop_penalty_weight
@@ -46,6 +50,7 @@ from looplm.training.resources import check_free_disk, check_model_fits
 from looplm.training.run_directory import prepare_run_directory
 from looplm.training.state import read_train_state, train_state
 from looplm.training.upcycle import upcycle_state_dict
+from looplm.training.wrapping import wrap_for_training
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
+        self.precision = training_precision(config.precision, self.device, run.model.d_model)
         self.dist = Distributed(config.parallel, self.device)
         if self.dist.main:  # only rank 0 logs: fail before the work if a logging package is missing
             for sink in config.log_sinks():
@@ -105,6 +111,19 @@ class Trainer:
                               f" {self.dist.world} processes")
         if self.dist.main:
             prepare_run_directory(self.out_dir, run, resume, overwrite)
+        existed = self.out_dir.exists()
+        fresh = not resume and not (existed and any(self.out_dir.iterdir()))
+        try:
+            self._set_up(run, resume, data, fit_vocab)
+        except BaseException:
+            if fresh and self.dist.main:  # a run that failed before it began leaves the directory as it was
+                for path in [self.out_dir] if not existed else list(self.out_dir.iterdir()):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            raise
+
+    def _set_up(self, run: RunConfig, resume: bool, data: TrainingData | None, fit_vocab: bool) -> None:
+        """The data, the model, the optimiser and (resuming) the saved state."""
+        config = run.train
         _seed_everything(config.seed)
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
@@ -126,8 +145,6 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             check_free_disk(self.out_dir, self.parameters)
         self.model = LoopLM(run.model).to(self.device)
-        if config.activation_checkpointing:
-            self.model.activation_checkpointing = True
         if config.init and not resume:
             self._initialise_from(config.init)
         if config.upcycle_from and not resume:  # a checkpoint of another shape (looplm.training.upcycle)
@@ -138,7 +155,7 @@ class Trainer:
                 raise LoopLMError("train.stage=2 trains the exit gate, but the model has none")
             for name, parameter in self.model.named_parameters():
                 parameter.requires_grad_(name.startswith("exit_gate."))
-        self.forward_model = self.dist.wrap(self.model)  # first: under FSDP the optimiser holds the shards
+        self.forward_model = wrap_for_training(self.model, config, self.dist)  # before the optimiser: FSDP shards
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -156,8 +173,6 @@ class Trainer:
                 raise LoopLMError(f"the teacher's vocabulary ({self.teacher.config.vocab_size}) differs from the"
                                   f" student's ({run.model.vocab_size}): distil between models sharing a tokenizer")
         self.forward_loss = self._forward_loss
-        if config.compile:
-            self.forward_loss = torch.compile(self._forward_loss)
 
     def _initialise_from(self, path: str) -> None:
         """Start from a checkpoint's weights (its config must match the run's model config)."""
@@ -197,7 +212,7 @@ class Trainer:
             self.metrics = open_metrics_logger(self.out_dir, self.run, continuing_from=self.step)
         last = min(config.steps, stop_after) if stop_after is not None else config.steps
         bar = _progress_bar(self.step, config.steps, self.progress and self.dist.main)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = self.precision.autocast(self.device.type)
         tokens_per_step = config.batch_size * config.grad_accum * self.data.seq_len
         started = window_start = time.perf_counter()
         self.model.train()
@@ -228,12 +243,15 @@ class Trainer:
         on_device = config.spike_factor == 0 and skips_on_device(self.optimizer)
         while self.step < last:
             beta = config.entropy_beta_at(self.step)
+            theta = config.rope_theta_at(self.step, self.run.model.rope_theta)
+            if theta != self.model.config.rope_theta:  # a new stage of train.rope_theta_schedule
+                self.model.set_rope_theta(theta)
             depth = loop_curriculum_depth(config, self.model.config.loop_steps, self.step,
                                           sample_depth(config, self.model.config.loop_steps, self.step))
             grad_steps = min(config.backprop_steps, depth) if config.backprop_steps else depth
             for _ in range(config.grad_accum):
                 inputs, targets = self.data.train_batch(config.batch_size, self.data_generator)
-                inputs, targets = self.dist.rows(inputs).to(self.device), self.dist.rows(targets).to(self.device)
+                inputs, targets = (to_device(self.dist.rows(tensor), self.device) for tensor in (inputs, targets))
                 with autocast:
                     loss_result = self.forward_loss(inputs, targets, beta, depth, grad_steps)
                 (loss_result.loss / config.grad_accum).backward()
@@ -270,9 +288,10 @@ class Trainer:
                           "mean_exit_step": float(loss_result.mean_exit_step),
                           "exit_entropy": float(loss_result.exit_entropy),
                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "entropy_beta": beta, "rope_theta": self.model.config.rope_theta,
                           "tokens_per_s": speed, "skipped_steps": self.skipped_steps,
                           "spike_skips": self.spike_skips,
-                          "loop_steps": depth, "grad_steps": grad_steps,
+                          "loop_steps": depth, "grad_steps": grad_steps, "precision": self.precision.label,
                           **matmul_flops_per_token(self.model, depth, grad_steps)}
                 if loss_result.exit_histogram is not None:
                     record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
@@ -350,7 +369,10 @@ class Trainer:
             raise LoopLMError(f"nothing to resume in {str(self.out_dir)!r}: no checkpoints/step_* found")
         latest = checkpoints[-1]
         loaded = load_model(latest, self.device)
-        if loaded.config != self.run.model:
+        # A RoPE schedule leaves its current stage's θ in the checkpoint; the step restores it.
+        recorded = dataclasses.replace(loaded.config, rope_theta=self.run.model.rope_theta) \
+            if self.train_config.rope_theta_schedule else loaded.config
+        if recorded != self.run.model:
             raise LoopLMError(f"the model config differs from the one in {str(latest)!r}: resume with the same config")
         self.dist.load_model_state(self.model, loaded.state_dict())
         state = read_train_state(latest / TRAIN_STATE_FILE, self.device)
@@ -416,6 +438,13 @@ def matmul_flops_per_token(model: LoopLM, steps: int, grad_steps: int) -> dict:
     reaches_prelude = grad_steps == steps or model.injection is not None
     backward = 4 * (grad_steps * per_step + (prelude if reaches_prelude else 0))
     return {"forward_flops_per_token": forward, "backward_flops_per_token": backward}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch onto ``device``: to a GPU through pinned memory without the host waiting."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ from looplm.errors import LoopLMError
 LAYER_FIELDS = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "attention", "norm", "norm_eps",
                 "zero_centered_norm", "rope_theta", "rope_fraction", "mla_kv_rank", "mla_q_rank", "mla_rope_dim",
                 "rwkv_slots", "rwkv_decay_rank", "mc_segment_size", "mc_top_k", "ffn", "n_experts",
-                "n_shared_experts", "moe_top_k", "expert_hidden")
+                "n_shared_experts", "moe_top_k", "expert_hidden", "ternary", "hyper_connections",
+                "attnres_block_size", "kv_append_first")
 STACKS = ("prelude", "core", "coda")
 IDENTITY_LIKE = ("concat", "lti", "diagonal")
 

@@ -14,6 +14,7 @@
  *   weights  qkv [(H + 2·Hkv)·hd, D], out [D, H·hd], gate_up [2F, D], down [D, F]; a projection
  *            may instead be int8 Q8_0 (looplm/quant.py): values int8 [rows, cols] and one float32
  *            scale per 32 inputs, scales [rows, cols/32], W[r, c] = scales[r, c/32]·values[r, c]
+ *            (optionally multiplied by the input quantised to Q8_0), or bf16 [rows, cols] (matvec.h)
  *   cache    keys, values of one slot: [Hkv, max_len, hd]; this token's K/V go to row `pos`
  *   rope     cos, sin: the tables' rows for `pos`, [hd] (rotate-half layout)
  */
@@ -196,6 +197,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
             upper.weights = upper.weights ? upper.weights + (size_t)F * D : NULL;
             upper.values = upper.values ? upper.values + (size_t)F * D : NULL;
             upper.scales = upper.scales ? upper.scales + (size_t)F * (D / BLOCK) : NULL;
+            upper.bf16 = upper.bf16 ? upper.bf16 + (size_t)F * D : NULL;
             project_rows(&layer->gate_up, x, gate, D, begin, end);
             project_rows(&upper, x, up, D, begin, end);
             swiglu(gate, up, begin, end);
@@ -216,15 +218,15 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
  * z = w·h + b and stop at the first step n >= min_steps whose exit CDF 1 − Π(1 − σ(z_j)) reaches
  * q (the decoder's arithmetic: float dot, double survival).  Then, if fill, copy the last step's
  * K/V at pos into every deeper step's slots (LAST_EXITED); if head is not NULL, logits = head · h
- * (head [vocab, D]) and *best = the index of its first largest logit (greedy decoding's token,
- * as torch.argmax picks it for finite logits).  Returns the steps run; h holds the last step's
+ * (head: a projection [vocab, D], float32 or bf16) and *best = the index of its first largest
+ * logit (greedy decoding's token, as torch.argmax picks it for finite logits).  Returns the steps run; h holds the last step's
  * state, which is its readout. */
-void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols, int threads);
+void looplm_project(const Projection *p, const float *x, float *y, int rows, int cols, int threads);
 
 int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int max_steps, int min_steps,
                      float *h, int pos, const float *cos, const float *sin, float *scratch,
                      const float *final_norm, int threads, const float *gate_w, float gate_b, double q,
-                     int fill, const float *head, float *logits, int vocab, int *best) {
+                     int fill, const Projection *head, float *logits, int vocab, int *best) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
     double log_survival = 0.0;
     int ran = max_steps;
@@ -251,7 +253,7 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
         }
     }
     if (head) {
-        looplm_matvec(head, h, logits, vocab, D, threads);
+        looplm_project(head, h, logits, vocab, D, threads);
         int top = 0;
         for (int i = 1; i < vocab; i++)
             if (logits[i] > logits[top]) top = i;
@@ -270,33 +272,72 @@ void looplm_matvec(const float *W, const float *x, float *y, int rows, int cols,
     }
 }
 
+/* y = W x for a projection W [rows, cols] in any form (the LM head), rows split over threads. */
+void looplm_project(const Projection *p, const float *x, float *y, int rows, int cols, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int begin, end;
+        share(rows, 4, &begin, &end);
+        project_rows(p, x, y, cols, begin, end);
+    }
+}
+
+/* Which SIMD path each projection form was compiled to, e.g. "f32=avx2 bf16=avx512_bf16
+ * q8_int8=avx512_vnni" ("scalar" where none): the host's -march=native decides at build time. */
+const char *looplm_simd_paths(void) {
+    return "f32=" LOOPLM_PATH_F32 " bf16=" LOOPLM_PATH_BF16 " q8_int8=" LOOPLM_PATH_Q8_INT8;
+}
+
 /* out = rms_norm(x) · w (w NULL: no weight); out may alias x. */
 void looplm_rms_norm(const float *x, const float *w, float *out, int n, float eps) {
     rms_norm(x, w, out, n, eps);
 }
 
 /* y [M, N] = x [M, K] · Wᵀ (+ bias [N] when not NULL) for Q8_0 W (Int8Linear's few-row path);
- * K must be a multiple of 32.  Each group of four rows meets every x row while it sits in L1. */
+ * K must be a multiple of 32.  Each group of four rows meets every x row while it sits in L1.
+ * quantize_input: each x row is quantised to Q8_0 once, up front, and the products are int8 × int8
+ * (matvec.h); otherwise the weights are widened to float32. */
 void looplm_q8_matmul(const int8_t *values, const float *scales, const float *bias, const float *x, float *y,
-                      int M, int N, int K, int threads) {
+                      int M, int N, int K, int quantize_input, int threads) {
     const int blocks = K / BLOCK, groups = (N + 3) / 4;
+    int8_t *q = NULL;
+    float *d = NULL;
+    if (quantize_input) {
+        q = malloc((size_t)M * K);
+        d = malloc((size_t)M * blocks * sizeof(float));
+        if (!q || !d) {  /* out of memory: the float-input path needs no buffers */
+            free(q);
+            free(d);
+            q = NULL;
+            d = NULL;
+        } else {
+            for (int m = 0; m < M; m++)
+                quantize_q8(x + (size_t)m * K, q + (size_t)m * K, d + (size_t)m * blocks, K);
+        }
+    }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < groups; g++) {
-        const int n = 4 * g;
+        const int n = 4 * g, count = n + 4 <= N ? 4 : N - n;
         const int8_t *w = values + (size_t)n * K;
         const float *s = scales + (size_t)n * blocks;
         for (int m = 0; m < M; m++) {
             const float *xm = x + (size_t)m * K;
             float *ym = y + (size_t)m * N + n;
-            if (n + 4 <= N) {
+            if (q) {
+                q8q8_rows(values, scales, q + (size_t)m * K, d + (size_t)m * blocks, y + (size_t)m * N, K, n,
+                          n + count);
+            } else if (count == 4) {
                 rows4_dot(w, s, xm, blocks, ym);
             } else {
-                for (int r = 0; n + r < N; r++) ym[r] = row_dot(w + (size_t)r * K, s + (size_t)r * blocks, xm, blocks);
+                for (int r = 0; r < count; r++)
+                    ym[r] = row_dot(w + (size_t)r * K, s + (size_t)r * blocks, xm, blocks);
             }
             if (bias)
-                for (int r = 0; r < 4 && n + r < N; r++) ym[r] += bias[n + r];
+                for (int r = 0; r < count; r++) ym[r] += bias[n + r];
         }
     }
+    free(q);
+    free(d);
 }
 
 /* Everything about one decoder's token loop that stays fixed from token to token, set up once
@@ -311,7 +352,8 @@ typedef struct {
     float *scratch;
     const float *final_norm, *gate_w;  /* gate_w NULL: no exit gate */
     float gate_b;
-    const float *head, *embedding;
+    const Projection *head;            /* the LM head [vocab, D] (float32 or bf16) */
+    const float *embedding;
     float *logits;
     int *best;
 } TokenLoop;

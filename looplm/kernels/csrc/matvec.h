@@ -1,23 +1,64 @@
-/* Weight-matrix × vector products shared by the C kernels: float32 and Q8_0 (int8 blocks of 32,
- * one float32 scale each) projections, rows split by the caller (OpenMP threads own row ranges).
+/* Weight-matrix × vector products shared by the C kernels: float32, bf16 and Q8_0 (int8 blocks of
+ * 32, one float32 scale each) projections, rows split by the caller (OpenMP threads own row ranges).
  *
  * Every function here is a plain loop with SIMD paths chosen at compile time from the host's
  * -march=native flags (the kernel is built per CPU and cached under a hash of its flags);
- * the scalar loops are the fallback every path must agree with. */
+ * the scalar loops are the fallback every path must agree with.  Which path each form compiled
+ * to is in LOOPLM_PATH_* below (looplm_simd_paths() reports them).
+ *
+ * The reduced-precision forms round the input vector too, once per call, so every path computes
+ * the same products and differs from the others only in the order float32 sums them:
+ *   bf16:        y[r] = Σ_i bf16(W[r,i]) · bf16(x[i]), the products exact in float32;
+ *                native: AVX512-BF16 vdpbf16ps; elsewhere both widened to float32 (a 16-bit shift).
+ *   Q8_0 × Q8_0: x cut into blocks of 32 with d_b = max|x_b|/127, q = round(x/d_b) (as
+ *                looplm.quant.quantize_q8_0 rounds weights); y[r] = Σ_b s[r,b]·d_b·Σ_i w[r,32b+i]·q[32b+i],
+ *                the inner sums exact in int32; native: VNNI vpdpbusd (unsigned × signed bytes, so
+ *                |w| is multiplied by q with w's sign), else AVX2 pmaddubsw, else scalar.
+ *   Q8_0 (float input): the weights widened to float32 in registers (the dequantise reference's
+ *                products in another order). */
 #ifndef LOOPLM_MATVEC_H
 #define LOOPLM_MATVEC_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-/* A projection: float32 weights, or (when `values` is not NULL) Q8_0 int8 values and scales. */
+#if defined(__AVX2__) && defined(__FMA__)
+#define LOOPLM_PATH_F32 "avx2"
+#else
+#define LOOPLM_PATH_F32 "scalar"
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define LOOPLM_BF16_NATIVE 1
+#define LOOPLM_PATH_BF16 "avx512_bf16"
+#else
+#define LOOPLM_PATH_BF16 LOOPLM_PATH_F32
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX2__) && defined(__FMA__)
+#define LOOPLM_VNNI512 1
+#define LOOPLM_PATH_Q8_INT8 "avx512_vnni"
+#elif defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__)
+#define LOOPLM_PATH_Q8_INT8 "avx_vnni"
+#else
+#define LOOPLM_PATH_Q8_INT8 LOOPLM_PATH_F32
+#endif
+
+/* A projection W [rows, cols] in one of three forms (the first non-NULL of bf16, values, weights):
+ *   weights         float32;
+ *   bf16            bf16 (the upper 16 bits of float32, rounded to nearest even);
+ *   values, scales  Q8_0: int8 [rows, cols] and float32 [rows, cols/32], W = scales·values; with
+ *                   quantize_input the input is quantised to Q8_0 too (int8 × int8 dot products).
+ * Fields left zero keep the float32 / float-input meaning, so zero-initialised structs stay valid. */
 typedef struct {
     const float *weights;
     const int8_t *values;
     const float *scales;
+    const uint16_t *bf16;
+    int quantize_input;
 } Projection;
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -131,15 +172,216 @@ static void rows4_dot(const int8_t *w, const float *s, const float *x, int block
 #endif
 }
 
-/* y[r] = W[r, :] · x for rows [begin, end) of a float32 or Q8_0 projection. */
+/* ---- bf16 -------------------------------------------------------------------------------------- */
+
+/* bf16 bits → float32: bf16 is the upper half of a float32. */
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, sizeof value);
+    return value;
+}
+
+/* float32 → bf16 bits, rounded to nearest even (what torch's .to(torch.bfloat16) does); NaN stays NaN. */
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t word;
+    memcpy(&word, &value, sizeof word);
+    if ((word & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((word >> 16) | 0x40);
+    return (uint16_t)((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+}
+
+/* out[i] = bf16(x[i]) for i < n.  (vcvtne2ps2bf16 flushes float32 denormals, |x| < 1.2e-38, to zero;
+ * the scalar loop rounds them: no activation is that small but for noise.) */
+static void round_to_bf16(const float *x, uint16_t *out, int n) {
+    int i = 0;
+#if defined(LOOPLM_BF16_NATIVE)
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512((void *)(out + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16),
+                                                                          _mm512_loadu_ps(x + i)));
+#endif
+    for (; i < n; i++) out[i] = float_to_bf16(x[i]);
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(LOOPLM_BF16_NATIVE)
+/* Eight bf16 values at p widened to float32. */
+static inline __m256 widen_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+/* y[k] = Σ_i W[k, i]·xb[i] for the n (≤ 4) bf16 rows starting at W (row stride cols): the rows share
+ * every load of the input.  Called with constant n, so the loops over k unroll. */
+static inline void bf16_rows_n(const uint16_t *W, const uint16_t *xb, int cols, int n, float *y) {
+    int i = 0;
+    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(LOOPLM_BF16_NATIVE)
+    __m512 acc[4];
+    for (int k = 0; k < n; k++) acc[k] = _mm512_setzero_ps();
+    for (; i < cols; i += 32) {
+        const __mmask32 live = cols - i >= 32 ? 0xffffffffu : (1u << (cols - i)) - 1u;
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, xb + i);
+        for (int k = 0; k < n; k++)
+            acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_maskz_loadu_epi16(live, W + (size_t)k * cols + i), xv);
+    }
+    for (int k = 0; k < n; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[4];
+    for (int k = 0; k < n; k++) acc[k] = _mm256_setzero_ps();
+    for (; i + 8 <= cols; i += 8) {
+        const __m256 xv = widen_bf16(xb + i);
+        for (int k = 0; k < n; k++) acc[k] = _mm256_fmadd_ps(widen_bf16(W + (size_t)k * cols + i), xv, acc[k]);
+    }
+    for (int k = 0; k < n; k++) sums[k] = hsum(acc[k]);
+#endif
+    for (; i < cols; i++)
+        for (int k = 0; k < n; k++) sums[k] += bf16_to_float(W[(size_t)k * cols + i]) * bf16_to_float(xb[i]);
+    for (int k = 0; k < n; k++) y[k] = sums[k];
+}
+
+/* y[r] = W[r, :] · xb for rows [begin, end) of a bf16 W, four rows at a time. */
+static void bf16_rows(const uint16_t *W, const uint16_t *xb, float *y, int cols, int begin, int end) {
+    int r = begin;
+    for (; r + 4 <= end; r += 4) bf16_rows_n(W + (size_t)r * cols, xb, cols, 4, y + r);
+    for (; r < end; r++) bf16_rows_n(W + (size_t)r * cols, xb, cols, 1, y + r);
+}
+
+/* ---- Q8_0 × Q8_0 ----------------------------------------------------------------------------------- */
+
+/* The input row x [cols] (cols a multiple of 32) as Q8_0: per block b, d[b] = max|x_b|/127 and
+ * q = round(x/d[b]) to nearest even — float32 arithmetic step for step as quantize_q8_0's. */
+static void quantize_q8(const float *x, int8_t *q, float *d, int cols) {
+    for (int b = 0; b < cols / BLOCK; b++) {
+        const float *xb = x + b * BLOCK;
+        int8_t *qb = q + b * BLOCK;
+        float top = 0.0f;
+        for (int i = 0; i < BLOCK; i++) top = fmaxf(top, fabsf(xb[i]));
+        const float scale = top / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+        d[b] = scale;
+#if defined(__AVX2__)
+        const __m256 by = _mm256_set1_ps(inverse);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb), by));  /* MXCSR: nearest even */
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8), by));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16), by));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 24), by));
+        /* pack 32 → 16 → 8 bits; the packs interleave 128-bit lanes, the permutation restores order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)qb, packed);
+#else
+        for (int i = 0; i < BLOCK; i++) {
+            float rounded = nearbyintf(xb[i] * inverse);
+            qb[i] = (int8_t)(rounded > 127.0f ? 127.0f : rounded < -127.0f ? -127.0f : rounded);
+        }
+#endif
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Σ w[i]·q[i] over one block of 32 signed bytes, as eight int32 partial sums (exact):
+ * the unsigned × signed byte products take |w| and q with w's sign. */
+static inline __m256i block_dot_i8(const int8_t *w, const int8_t *q) {
+    const __m256i wv = _mm256_loadu_si256((const __m256i *)w), qv = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i magnitude = _mm256_sign_epi8(wv, wv), signed_q = _mm256_sign_epi8(qv, wv);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, signed_q);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), magnitude, signed_q);
+#else
+    /* pairs of products: |each| ≤ 127·127, a pair ≤ 32,258, inside int16 */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_q), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+#if defined(LOOPLM_VNNI512)
+/* p[0], p[1] in the two lowest lanes (the others undefined). */
+static inline __m512 pair_of(const float *p) {
+    return _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
+
+/* y[k] for the n (≤ 4) Q8_0 rows starting at w (row stride cols; scales s, row stride cols/32)
+ * against the Q8_0 input (q, d); the rows share every load of the input. */
+static inline void q8q8_rows_n(const int8_t *w, const float *s, const int8_t *q, const float *d, int cols, int n,
+                               float *y) {
+    const int blocks = cols / BLOCK;
+    int b = 0;
+    float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(LOOPLM_VNNI512)
+    /* two blocks per 512-bit vector: int32 lanes 0–7 hold block b's partial sums, 8–15 block b+1's */
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4];
+    for (int k = 0; k < n; k++) acc[k] = _mm512_setzero_ps();
+    for (; b + 2 <= blocks; b += 2) {
+        const __m512i qv = _mm512_loadu_si512((const void *)(q + b * BLOCK));
+        const __m512 dv = _mm512_permutexvar_ps(pick, pair_of(d + b));
+        for (int k = 0; k < n; k++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)k * cols + b * BLOCK));
+            const __m512i signed_q = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), qv);
+            const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), signed_q);
+            const __m512 sv = _mm512_permutexvar_ps(pick, pair_of(s + (size_t)k * blocks + b));
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(sv, dv), acc[k]);
+        }
+    }
+    for (int k = 0; k < n; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 rest[4];
+    for (int k = 0; k < n; k++) rest[k] = _mm256_setzero_ps();
+    for (; b < blocks; b++)
+        for (int k = 0; k < n; k++)
+            rest[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_i8(w + (size_t)k * cols + b * BLOCK, q + b * BLOCK)),
+                                      _mm256_set1_ps(s[(size_t)k * blocks + b] * d[b]), rest[k]);
+    for (int k = 0; k < n; k++) sums[k] += hsum(rest[k]);
+#endif
+    for (; b < blocks; b++)
+        for (int k = 0; k < n; k++) {
+            const int8_t *wb = w + (size_t)k * cols + b * BLOCK, *qb = q + b * BLOCK;
+            int32_t dot_i8 = 0;
+            for (int i = 0; i < BLOCK; i++) dot_i8 += (int32_t)wb[i] * (int32_t)qb[i];
+            sums[k] += (float)dot_i8 * (s[(size_t)k * blocks + b] * d[b]);
+        }
+    for (int k = 0; k < n; k++) y[k] = sums[k];
+}
+
+/* y[r] for rows [begin, end) of a Q8_0 W (values, scales) against the Q8_0 input (q, d). */
+static void q8q8_rows(const int8_t *values, const float *scales, const int8_t *q, const float *d, float *y, int cols,
+                      int begin, int end) {
+    const int blocks = cols / BLOCK;
+    int r = begin;
+    for (; r + 4 <= end; r += 4)
+        q8q8_rows_n(values + (size_t)r * cols, scales + (size_t)r * blocks, q, d, cols, 4, y + r);
+    for (; r < end; r++) q8q8_rows_n(values + (size_t)r * cols, scales + (size_t)r * blocks, q, d, cols, 1, y + r);
+}
+
+/* ---- any projection ------------------------------------------------------------------------------ */
+
+/* y[r] = W[r, :] · x for rows [begin, end) of a projection in any form.  The bf16 and Q8_0 × Q8_0
+ * forms round or quantise x first, into this call's stack (a few KiB: cols values): every thread
+ * of a row-split product does it for itself, which costs cols operations against its
+ * (end − begin)·cols. */
 static void project_rows(const Projection *p, const float *x, float *y, int cols, int begin, int end) {
+    if (p->bf16) {
+        uint16_t rounded[cols];
+        round_to_bf16(x, rounded, cols);
+        bf16_rows(p->bf16, rounded, y, cols, begin, end);
+        return;
+    }
+    if (p->values && p->quantize_input) {
+        int8_t q[cols];
+        float d[cols / BLOCK];
+        quantize_q8(x, q, d, cols);
+        q8q8_rows(p->values, p->scales, q, d, y, cols, begin, end);
+        return;
+    }
     if (!p->values) {
         matvec_rows(p->weights, x, y, cols, begin, end);
         return;
     }
     const int blocks = cols / BLOCK;
     int r = begin;
-    for (; r + 4 <= end; r += 4) rows4_dot(p->values + (size_t)r * cols, p->scales + (size_t)r * blocks, x, blocks, y + r);
+    for (; r + 4 <= end; r += 4)
+        rows4_dot(p->values + (size_t)r * cols, p->scales + (size_t)r * blocks, x, blocks, y + r);
     for (; r < end; r++) y[r] = row_dot(p->values + (size_t)r * cols, p->scales + (size_t)r * blocks, x, blocks);
 }
 

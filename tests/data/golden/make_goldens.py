@@ -35,7 +35,8 @@ def corpus_text() -> str:
 
 GOLDEN_RUN = {"model.d_model": "32", "model.n_heads": "4", "model.n_core_layers": "1", "model.loop_steps": "3",
               "model.max_seq_len": "64", "train.batch_size": "8", "train.seq_len": "32", "train.eval_every": "0",
-              "train.warmup_steps": "5", "train.lr": "3e-3", "train.log_every": "1", "train.seed": "0"}
+              "train.warmup_steps": "5", "train.lr": "3e-3", "train.log_every": "1", "train.seed": "0",
+              "train.precision": "fp32"}
 
 
 def golden_run(corpus: Path, steps: int):

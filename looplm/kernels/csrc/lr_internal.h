@@ -1,0 +1,39 @@
+/* What the runtime's sources share among themselves (not part of the C API in runtime.h). */
+#ifndef LOOPLM_LR_INTERNAL_H
+#define LOOPLM_LR_INTERNAL_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "runtime.h"
+
+/* Scratch memory taken stack-wise: a function notes `used` on entry and gives back on return. */
+static inline float *lr_take(LrState *state, size_t floats) {
+    float *memory = state->scratch + state->scratch_used;
+    state->scratch_used += (floats + 15) & ~(size_t)15;  /* 64-byte steps keep vectors aligned */
+    if (state->scratch_used > state->scratch_floats) {  /* lr_scratch_floats undercounted: a bug, never input */
+        fputs("looplm runtime: internal error: scratch memory exhausted\n", stderr);
+        abort();
+    }
+    return memory;
+}
+
+static inline float lr_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float lr_silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float lr_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }  /* torch's threshold */
+
+/* y = W x (rows split over the state's threads when the matrix is large enough to pay). */
+void lr_project(const LrState *state, const LrMatrix *m, const float *x, float *y);
+/* out = x / sqrt(mean(x²) + eps) · w (w NULL: no weight); out may alias x. */
+void lr_rms_norm(const float *x, const float *w, float *out, int n, float eps);
+/* One layer (a token mixer and an FFN) on h [D] in place, its cache slot `slot`; `gates` is the
+ * layer's global-gate state G [D] (core layers with global_gates; NULL otherwise) and `step` the
+ * loop step (0 for the prelude). */
+void lr_layer(LrState *state, const LrLayer *layer, int slot, float *h, int pos, int step, float *gates);
+
+/* An attention slot's entries of one position: `heads` rows of key_width and value_width floats
+ * (MLA: one row of the latent and one of the rope key). */
+void lr_position_rows(const LrState *state, size_t *heads, size_t *key_width, size_t *value_width);
+
+#endif

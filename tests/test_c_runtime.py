@@ -1,0 +1,348 @@
+"""The C runtime (looplm/kernels/csrc): the standalone ``looplm-run`` program and the in-process
+``native`` backend decode every model family as the Python reference does — the same greedy
+tokens over 64 new tokens, per-step logits within 1e-4 through the program's debug dump, the same
+exit steps under Q-exit and every KV layout — read quantised files within their documented
+bounds, refuse bad input with one line, and build and run without SIMD (the portable fallback)."""
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from looplm.cache import KV_LAYOUTS, KVCache
+from looplm.exit_policy import make_exit_policy
+from looplm.generate import Decoder, FixedSteps, generate
+from looplm.interop.gguf import export_gguf, load_gguf
+from looplm.kernels import build as native_build
+from looplm.kernels import program
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+from test_architectures import C_UNRUN, VARIANTS
+from test_gguf import CONFIGS as GGUF_CONFIGS
+
+
+def c_runs(overrides: dict) -> bool:
+    """Whether the runtime runs a config with these overrides (tests/test_architectures.py's
+    C_UNRUN lists the features it refuses, each tested there with its reason)."""
+    return all(overrides.get(key) in (None, 0, False, "none") for key in C_UNRUN)
+
+
+RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(overrides)]
+RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items() if c_runs(overrides)]
+from test_gguf import make_model as make_gguf_model
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(native_build._compiler() is None, reason="no C compiler")
+
+CONTEXT = 80  # an 8-token prompt and 64 new tokens
+NEW_TOKENS = 64
+PROMPT = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def build_model(name: str, seed: int = 0) -> LoopLM:
+    """``test_architectures.build`` with a context long enough for 64 new tokens."""
+    torch.manual_seed(seed)
+    model = LoopLM(tiny_config(**{**VARIANTS[name], "max_seq_len": CONTEXT}))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.depth_lora is not None:
+        torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
+    return model.eval()
+
+
+def run(binary, model_path, *arguments, prompt=PROMPT):
+    command = [str(binary), str(model_path), *arguments]
+    if prompt is not None:
+        command += ["--prompt-ids", ",".join(map(str, prompt))]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def generated_ids(result) -> list[int]:
+    assert result.returncode == 0, result.stderr
+    return [int(token) for token in result.stdout.split()]
+
+
+def steps_used(result) -> list[int]:
+    return [int(step) for step in re.search(r"steps per token: \[(.*?)\]", result.stderr).group(1).split(", ") if step]
+
+
+def assert_dump_matches_forward(model, dump_path, sequence, steps, atol):
+    """Every dumped (position, step) logits row against the full forward of ``sequence`` at ``steps``
+    steps; every position and every step must be there."""
+    positions, step_numbers, logits = program.read_dump(dump_path)
+    with torch.no_grad():
+        output = model(torch.tensor([sequence]), steps=steps)
+        expected = torch.stack([output.logits(step)[0] for step in range(1, steps + 1)]).numpy()  # [T, S, V]
+    assert sorted(set(positions.tolist())) == list(range(len(sequence)))
+    assert np.bincount(step_numbers).tolist()[1:] == [len(sequence)] * steps
+    np.testing.assert_allclose(logits, expected[step_numbers - 1, positions], atol=atol, rtol=0)
+    return expected
+
+
+@pytest.mark.parametrize("name", RUNTIME_VARIANTS)
+def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
+    """64 greedy tokens from the program: each is the reference's argmax after the tokens before
+    it, every step's logits match the full forward within 1e-4, and the in-process native backend
+    generates the same tokens."""
+    model = build_model(name)
+    path = export_gguf(model, tmp_path / "model.gguf")
+    result = run(looplm_run, path, "-n", str(NEW_TOKENS), "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+    ids = generated_ids(result)
+    assert len(ids) == NEW_TOKENS
+    sequence = PROMPT + ids[:-1]
+    steps = model.config.loop_steps
+    expected = assert_dump_matches_forward(model, tmp_path / "dump", sequence, steps, atol=1e-4)
+    assert ids == expected[steps - 1, len(PROMPT) - 1:].argmax(-1).tolist()
+    assert Decoder(model, FixedSteps(), CONTEXT).backend == "native"
+    assert generate(model, PROMPT, NEW_TOKENS, backend="native").ids == ids
+
+
+C_LAYOUTS = [layout for layout in KV_LAYOUTS if layout != "append_first"]  # append_first: reference backend
+EXIT_CASES = ([("gdn-hybrid", layout, 0.5, None, 1) for layout in C_LAYOUTS]
+              + [("mla", layout, 0.5, None, 1) for layout in C_LAYOUTS]
+              + [("gdn-loop-memory", "last_exited", 0.3, 5, 2), ("loop-index-lora", "last_exited", None, 6, 1),
+                 ("preset-loopcached", "full", 0.5, None, 2), ("global-gates", "first", 0.5, None, 1)])
+
+
+@pytest.mark.parametrize("name, layout, q, steps, min_steps", EXIT_CASES,
+                         ids=[f"{case[0]}-{case[1]}-q{case[2]}-steps{case[3]}-min{case[4]}" for case in EXIT_CASES])
+def test_exit_policies_and_layouts_match_the_reference(name, layout, q, steps, min_steps, looplm_run, tmp_path):
+    """Q-exit (with --min-steps), steps beyond the trained T and every KV layout: the program and the
+    in-process backend give the reference decoder's tokens and the loop steps each token used."""
+    model = build_model(name)
+    path = export_gguf(model, tmp_path / "model.gguf")
+    options = ["-n", "16", "--print-ids", "--show-steps", "--layout", layout, "--min-steps", str(min_steps)]
+    options += ["-q", str(q)] if q is not None else []
+    options += ["--steps", str(steps)] if steps else []
+    result = run(looplm_run, path, *options)
+    policy = make_exit_policy(q=q, steps=steps, min_steps=min_steps)
+    reference = generate(model, PROMPT, 16, exit_policy=policy, backend="reference", layout=layout)
+    native = generate(model, PROMPT, 16, exit_policy=policy, backend="native", layout=layout)
+    assert (generated_ids(result), steps_used(result)) == (reference.ids, reference.steps)
+    assert (native.ids, native.steps) == (reference.ids, reference.steps)
+    if q is not None and layout != "full":
+        assert min(reference.steps) < (steps or model.config.loop_steps)  # tokens really exit early
+
+
+@pytest.mark.parametrize("name", RUNTIME_GGUF_CONFIGS)
+def test_quantized_files_stay_within_their_bounds(name, looplm_run, tmp_path):
+    """q8_0: the program computes with the file's int8 blocks, so its logits equal the dequantised
+    model's within 1e-4 and move from the float32 model's by at most the 5% of their largest
+    magnitude docs/INTEROP.md states for the dense models (tests/test_gguf.py's models; an MoE's
+    router may send a token whose input moved to another expert); f16: the float16-rounded model's within 1e-4."""
+    model = make_gguf_model(**GGUF_CONFIGS[name])
+    steps = model.config.loop_steps
+    for dtype in ("q8_0", "f16"):
+        path = export_gguf(model, tmp_path / f"{dtype}.gguf", dtype)
+        result = run(looplm_run, path, "-n", "24", "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+        sequence = PROMPT + generated_ids(result)[:-1]
+        assert_dump_matches_forward(load_gguf(path)[0], tmp_path / "dump", sequence, steps, atol=1e-4)
+        if dtype == "q8_0" and "ffn" not in GGUF_CONFIGS[name]:  # another expert is no rounding error
+            positions, step_numbers, logits = program.read_dump(tmp_path / "dump")
+            with torch.no_grad():
+                output = model(torch.tensor([sequence]), steps=steps)
+                exact = torch.stack([output.logits(step)[0] for step in range(1, steps + 1)]).numpy()
+            exact = exact[step_numbers - 1, positions]
+            assert np.abs(logits - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def native_decoder_against_reference(model, policy, layout: str = "last_exited", tokens: int = 12) -> Decoder:
+    """Prefill PROMPT and step ``tokens`` tokens through the native and the reference decoders:
+    the same loop steps and logits within 1e-4 at every token.  Returns the native decoder."""
+    reference = Decoder(model, policy, 24, backend="reference", layout=layout)
+    native = Decoder(model, policy, 24, backend="native", layout=layout)
+    with torch.no_grad():
+        for decoder in (reference, native):
+            decoder.prefill(torch.tensor([PROMPT]))
+        for token in range(tokens):
+            (expected, expected_steps), (logits, steps) = reference.step(token), native.step(token)
+            assert steps == expected_steps
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    return native
+
+
+def one_error_line(result) -> str:
+    """The program failed with exit status 2 and one line `looplm-run: error: …` (no crash)."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("looplm-run: error: "), result.stderr
+    return lines[0]
+
+
+def _patch_tensor_type(path, name, new_type):
+    """Rewrite tensor ``name``'s ggml type in the file's tensor table."""
+    field = next(tensor for tensor in gguf.GGUFReader(str(path)).tensors if tensor.name == name).field
+    at = field.offset + 8 + len(name.encode()) + 4 + 8 * len(field.parts[3])
+    raw = bytearray(path.read_bytes())
+    raw[at:at + 4] = np.uint32(new_type).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypatch):
+    model = build_model("concat-noise")
+    good = export_gguf(model, tmp_path / "good.gguf")
+    raw = good.read_bytes()
+    for size in (0, 3, 20, 200, len(raw) // 2, len(raw) - 1):  # truncated anywhere
+        (tmp_path / "cut.gguf").write_bytes(raw[:size])
+        line = one_error_line(run(looplm_run, tmp_path / "cut.gguf"))
+        assert "truncated" in line or "not a GGUF file" in line
+    (tmp_path / "noise.gguf").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    assert "not a GGUF file" in one_error_line(run(looplm_run, tmp_path / "noise.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    assert "'llama' model, not a looplm one" in one_error_line(run(looplm_run, tmp_path / "llama.gguf"))
+    (tmp_path / "q4.gguf").write_bytes(raw)
+    _patch_tensor_type(tmp_path / "q4.gguf", "blk.0.attn_qkv.weight", int(gguf.GGMLQuantizationType.Q4_0))
+    assert "blk.0.attn_qkv.weight has ggml type 2" in one_error_line(run(looplm_run, tmp_path / "q4.gguf"))
+    # a config key from a newer looplm, and a file without the noise table this config needs
+    import looplm.checkpoint.gguf as gguf_format
+    import looplm.interop.gguf as gguf_io
+
+    monkeypatch.setattr(gguf_format, "asdict", lambda config: {**vars(config), "future_feature": 1})
+    newer = export_gguf(model, tmp_path / "newer.gguf")
+    assert "unknown key future_feature" in one_error_line(run(looplm_run, newer))
+    monkeypatch.undo()
+    monkeypatch.setattr(gguf_io, "derived_tensors", lambda model: {})
+    assert "noise.table is missing" in one_error_line(run(looplm_run, export_gguf(model, tmp_path / "old.gguf")))
+    too_long = list(range(CONTEXT + 1))
+    line = one_error_line(run(looplm_run, good, prompt=[token % 64 for token in too_long]))
+    assert f"the prompt has {CONTEXT + 1} tokens, longer than the context of {CONTEXT}" in line
+    for arguments, message in ((["-q", "2"], "q must be in [0, 1]"), (["--steps", "0"], "steps must be >= 1"),
+                               (["--steps", "13"], "steps must be at most 12 (4 x the trained 3)"),
+                               (["--layout", "diagonal"], "KV layout must be one of"),
+                               (["--bogus"], "unknown option --bogus"), (["--prompt", "hi"], "give --prompt TEXT or")):
+        assert message in one_error_line(run(looplm_run, good, *arguments))
+    assert "outside the vocabulary" in one_error_line(run(looplm_run, good, prompt=[1, 99]))
+    assert "no tokenizer" in one_error_line(run(looplm_run, good, "--prompt", "hi", prompt=None))
+    assert "cannot open" in one_error_line(run(looplm_run, tmp_path / "missing.gguf"))
+    broken = build_model("ouro")
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")  # an overflowed model: NaN reaches every logit
+    assert "not finite" in one_error_line(run(looplm_run, export_gguf(broken, tmp_path / "nan.gguf"), "-n", "4"))
+    from looplm.data.tokenizer import byte_tokenizer  # 259 tokens for a model of 64
+
+    monkeypatch.undo()
+    mismatched = export_gguf(model, tmp_path / "mismatched.gguf", tokenizer=byte_tokenizer())
+    assert "outside the model's vocabulary" in one_error_line(run(looplm_run, mismatched, "--prompt", "hi", prompt=None))
+
+
+def test_portable_program_builds_and_runs_without_simd(tmp_path):
+    """``make PORTABLE=1``: no -march flags, the SIMD paths compiled out, the same logits."""
+    binary = program.build(tmp_path / "looplm-run-portable", portable=True)
+    model = build_model("preset-loopcached")
+    path = export_gguf(model, tmp_path / "model.gguf")
+    assert "simd scalar" in run(binary, path, "--info", prompt=None).stdout
+    result = run(binary, path, "-n", "12", "--print-ids", "--dump-logits", str(tmp_path / "dump"))
+    assert_dump_matches_forward(model, tmp_path / "dump", PROMPT + generated_ids(result)[:-1],
+                                model.config.loop_steps, atol=1e-4)
+
+
+def test_portable_library_runs_the_families(tmp_path, monkeypatch):
+    """LOOPLM_NATIVE_TARGET=portable builds the in-process library without SIMD (its own cache entry)
+    and every fast path still gives the reference's logits."""
+    monkeypatch.setenv("LOOPLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOOPLM_NATIVE_TARGET", "portable")
+    monkeypatch.setattr(native_build, "_state", {})
+    kernel = native_build.load_kernel()
+    assert kernel is not None and kernel.lr_simd() == b"scalar"
+    for name in ("preset-qwen35-loop", "ouro"):  # the runtime, and the plain-loop kernel
+        native_decoder_against_reference(build_model(name), make_exit_policy(q=0.5))
+    compiler = native_build._compiler()
+    portable_key = native_build.library_digest(compiler, native_build._arch_flags(compiler))
+    monkeypatch.delenv("LOOPLM_NATIVE_TARGET")
+    assert native_build.library_digest(compiler, native_build._arch_flags(compiler)) != portable_key
+
+
+def test_export_tells_how_to_run_without_python_and_the_program_agrees(looplm_run, tmp_path, capsys):
+    """``looplm export gguf`` prints the build and run commands; the program then generates the
+    text ``looplm generate`` generates from the same file (greedy, prompt encoded with its tokenizer)."""
+    from looplm.cli import main
+    from looplm.data.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=CONTEXT, injection="lti", layer_pattern="GA"))
+    checkpoint = model.eval().save(tmp_path / "ckpt", tokenizer=byte_tokenizer())
+    out = tmp_path / "model.gguf"
+    assert main(["export", "gguf", str(checkpoint), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"make -C {program.CSRC}" in printed and f"./looplm-run {out} --prompt" in printed
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "12", "--no-stream"]) == 0
+    expected = capsys.readouterr().out
+    result = subprocess.run([str(looplm_run), str(out), "--prompt", "hello", "-n", "12"], capture_output=True)
+    assert result.returncode == 0 and result.stdout.decode("utf-8", errors="replace") == expected
+
+
+POLICIES = {"hidden": make_exit_policy(hidden=0.3), "kl": make_exit_policy(kl=0.05, min_steps=2),
+            "act": make_exit_policy(act=True)}
+
+
+@pytest.mark.parametrize("name", ["gdn-hybrid", "global-gates", "rwkv-hybrid-qexit"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_in_process_step_by_step_policies_match_the_reference(name, policy):
+    """Policies the decoder applies step by step (hidden-state change, KL, ACT) drive the runtime
+    through embed / core_step / readout / gate_logit / logits, after a torch prefill, with the
+    Python layout rules (first: with a coda every step's readout runs)."""
+    model = build_model(name)
+    for layout in ("last_exited", "first"):
+        native = native_decoder_against_reference(model, POLICIES[policy], layout)
+        assert native.backend == "native" and not native.fused
+
+
+@pytest.mark.parametrize("name", ["gdn-hybrid", "preset-openmythos", "rwkv-slots", "mla-q-rank"])
+def test_in_process_int8_models_use_their_int8_weights(name):
+    """An int8 model (looplm.quant) decodes in the runtime from its Q8_0 values and scales, as the
+    reference decoder computes it with the same int8 layers.  Layers that quantise their inputs
+    too (int8 x int8, the VNNI form) are refused by the runtime, with the reason."""
+    from looplm.kernels.runtime_stepper import runtime_unsupported
+    from looplm.quant import quantize_model
+
+    native = native_decoder_against_reference(quantize_model(build_model(name), activations="float"),
+                                              make_exit_policy(q=0.5))
+    assert type(native.stepper).__name__ == "RuntimeStepper"
+    quantised_inputs = quantize_model(build_model(name), activations="int8")
+    assert "quantise their inputs" in runtime_unsupported(quantised_inputs, KVCache(quantised_inputs.config, 1, 24))
+
+
+def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(looplm_run, tmp_path):
+    """Temperature sampling repeats with its seed and changes with another; top-k 1 and a top-p that
+    keeps only the likeliest token are greedy decoding; the tokens/s line closes every run."""
+    path = export_gguf(build_model("preset-lrnn"), tmp_path / "model.gguf")
+
+    def sampled(*options):
+        result = run(looplm_run, path, "-n", "24", "--print-ids", *options)
+        assert re.search(r"24 tokens in [\d.]+ s \([\d.]+ tokens/s\)", result.stderr)
+        return generated_ids(result)
+
+    greedy = sampled()
+    hot = ["--temperature", "2.0"]
+    assert sampled(*hot, "--seed", "7") == sampled(*hot, "--seed", "7") != sampled(*hot, "--seed", "8")
+    assert sampled(*hot, "--seed", "7") != greedy
+    assert sampled(*hot, "--top-k", "1", "--seed", "9") == greedy
+    assert sampled(*hot, "--top-p", "1e-9", "--seed", "9") == greedy
+
+
+def test_the_program_uses_the_policy_the_file_records(looplm_run, tmp_path):
+    """A file exported with ``--exit q:0.5 --min-steps 2`` decodes with that policy when the
+    command names none (the same loop steps per token as naming it on a plain file, not the fixed
+    T steps); a recorded policy the program does not run is one line, exit 2."""
+    from dataclasses import replace
+
+    model = build_model("gdn-hybrid")
+    plain = export_gguf(model, tmp_path / "plain.gguf")
+    model.config = replace(model.config, default_exit="q:0.5", min_loop_steps=2)
+    recorded = export_gguf(model, tmp_path / "recorded.gguf")
+
+    def steps_of(path, *options):
+        run(looplm_run, path, "-n", "16", "--dump-logits", str(tmp_path / "dump"), *options)
+        return program.read_dump(tmp_path / "dump")[1].tolist()
+
+    named = steps_of(plain, "--q", "0.5", "--min-steps", "2")
+    assert steps_of(recorded) == named != steps_of(plain)
+    model.config = replace(model.config, default_exit="kl:0.1")
+    kl = export_gguf(model, tmp_path / "kl.gguf")
+    result = subprocess.run([str(looplm_run), str(kl), "--prompt-ids", "1,2,3", "-n", "4"], capture_output=True)
+    assert result.returncode == 2 and b"records the exit policy kl:0.1" in result.stderr
+    assert result.stderr.count(b"\n") == 1
