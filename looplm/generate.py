@@ -25,6 +25,7 @@ import torch
 from looplm.errors import LoopLMError
 from looplm.exit_policy import (ACTExit, ExitPolicy, FixedSteps, HiddenDiffExit, KLExit,  # noqa: F401
                                 PerplexityExit, QExit, default_exit_policy, make_exit_policy)
+from looplm.exit_policy import Signal
 from looplm.scheduler import Scheduler
 
 
@@ -222,7 +223,8 @@ class BatchSession:
         """Whether ``prompt`` can join now: a free slot, room for its tokens, its layout and depth."""
         settings = settings or self.defaults
         cache = self.scheduler.cache
-        return (self.free_slots > 0 and 0 < len(prompt) <= self.context and settings.layout == cache.layout
+        same_layout = settings.layout == cache.layout or self.model.config.kv_append_first  # (its layout is fixed)
+        return (self.free_slots > 0 and 0 < len(prompt) <= self.context and same_layout
                 and settings.exit_policy.max_steps(self.model.config.loop_steps) <= cache.max_steps
                 and len(prompt) + max(self.budget(prompt, limit), 1) <= cache.max_len)
 
@@ -362,7 +364,9 @@ class Decoder:
     model = property(lambda self: self.scheduler.model)
     precision = property(lambda self: self.scheduler.precision)
     greedy = property(lambda self: self.row.greedy)
-    fused = property(lambda self: self.scheduler.whole_tokens,
+    # whether this decoder's tokens run in the stepper's one call (the policy's exit read in it)
+    fused = property(lambda self: self.scheduler.whole_tokens and self.policy.signal in (Signal.NONE, Signal.GATE)
+                     and not isinstance(self.policy, ACTExit),
                      lambda self, value: setattr(self.scheduler, "whole_tokens", value))
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:

@@ -234,7 +234,8 @@ class LoopLM(nn.Module):
                               " steps: pass carry=LoopCarry() to core_step (one per call)")
         h, injected = self._split(h), self._split(injected)
         if config.loop_index_embedding:
-            h = h + loop_index_signal(step, config.d_model, h.device, h.dtype)
+            signal = loop_index_signal(step, config.d_model, h.device, h.dtype)  # [D], or [R, 1, D] per row
+            h = h + (signal.unsqueeze(-2) if isinstance(step, torch.Tensor) and h.dim() == 4 else signal)
         if self.injection is not None:
             if injected is None:
                 raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")

@@ -134,7 +134,8 @@ class DepthLoRA(nn.Module):
     def forward(self, x: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
         """x [B, S, D]; step: the loop step, or [B] per row."""
         if isinstance(step, torch.Tensor):
-            return self.up(self.down(x) * self.scale[step.clamp(max=self.trained_steps - 1)].unsqueeze(1))
+            scale = self.scale[step.clamp(max=self.trained_steps - 1)]  # [B, r] → broadcast over x's middle dims
+            return self.up(self.down(x) * scale.view(len(step), *(1,) * (x.dim() - 2), -1))
         return self.up(self.down(x) * self.scale[min(step, self.trained_steps - 1)])
 
 
