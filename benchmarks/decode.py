@@ -10,8 +10,8 @@
    prompt is prefilled at full depth (as every decoder does: the deeper caches must hold the
    prompt) and its answer and eos are decoded under fixed full depth and under Q-exit for a grid
    of q; exact-match accuracy, layer applications per decoded token and the wall time of the
-   decode steps, at batch 1 (``Decoder``, default backend) and batched (``BatchDecoder``, all
-   problems at once) separately.
+   decode steps, at batch 1 (``Decoder``, default backend) and batched (one ``Scheduler`` row
+   per problem, all at once, each row at its own loop step) separately.
 4. KV layouts on the same model: bytes per token and accuracy under Q-exit, per layout.
 
     python benchmarks/decode.py [--demo CKPT] [--threads N] [--json FILE] [--skip-roofline]
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from looplm.batch import BatchDecoder
 from looplm.bench import cpu_name, decode_against_baselines, matmul_gflops, roofline, seconds_of, time_decode
 from looplm.cache import KV_LAYOUTS, KVCache
 from looplm.config import ModelConfig, preset
 from looplm.exit_policy import FixedSteps, QExit
 from looplm.generate import Decoder
 from looplm.model import LoopLM
+from looplm.scheduler import Scheduler
 
 PEER_TOKENS_PER_S = 110.0  # the faster public peer on this machine (issue #5)
 Q_GRID = (0.3, 0.5, 0.7, 0.9)
@@ -117,44 +117,45 @@ def _decode_single(model, held_out, policy, repeats: int) -> tuple[float, float,
 
 
 def _decode_batched(model, held_out, policy, repeats: int = 1, layout: str = "last_exited"):
-    """All problems as one batch (``BatchDecoder``): prefill every row at full depth (not timed),
-    then decode answers and eos together; accuracy, layer applications per decoded token and the
-    median seconds of the decode steps over ``repeats`` replays from the same prefilled cache.
+    """All problems as one batch (a ``Scheduler`` row each): prefill every row at full depth (not
+    timed), then decode answers and eos together, every row fed its next answer token as soon as
+    its previous one finished (depth-interleaved); accuracy, layer applications per decoded token
+    and the median seconds of the decode over ``repeats`` replays from the same prefilled cache.
     The answer tokens are teacher-forced (every policy decodes the same tokens); a row is right
     when every argmax matches, which equals greedy generation (``EvalSet``)."""
     rows = len(held_out)
     answers = [_answer_targets(held_out, row) for row in range(rows)]
-    length = max(len(answer) for answer in answers)
+    longest = max(len(prompt) + len(answer) for prompt, answer in zip(held_out.prompts, answers))
     with torch.inference_mode():
-        longest = max(len(prompt) for prompt in held_out.prompts)
-        decoder = BatchDecoder(model, policy, rows, longest + length, layout)
-        decoder.begin(longest)
-        first = torch.stack([decoder.prefill(row, held_out.prompts[row])[0] for row in range(rows)]).argmax(-1)
-        cache = decoder.cache
-        saved = [tensor.clone() for tensor in [cache.keys, cache.values, *cache.state_tensors]] + [cache.length]
-        # Inputs prepared and answers checked outside the timed region: it holds decode steps only.
-        plan = []
-        for position in range(1, length):
-            alive = [row for row in range(rows) if len(answers[row]) > position]
-            plan.append((position, alive, torch.tensor([answers[row][position - 1] for row in alive]),
-                         torch.tensor(alive)))
+        scheduler = Scheduler(model, rows, longest, policy.max_steps(model.config.loop_steps), layout)
+        members = [scheduler.admit(held_out.prompts[row], policy) for row in range(rows)]
+        row_of = {member.slot: row for row, member in enumerate(members)}
+        right = [member.greedy == answer[0] for member, answer in zip(members, answers)]
+        cache = scheduler.cache
+        saved = [tensor.clone() for tensor in [cache.keys, cache.values, *cache.state_tensors]]
         timings = []
         for _ in range(max(repeats, REPLAYS)):
             for tensor, value in zip([cache.keys, cache.values, *cache.state_tensors], saved):
                 tensor.copy_(value)
-            cache.length, decoder.applications = saved[-1], 0
-            predictions = []
+            predictions, fed = [[] for _ in range(rows)], [1] * rows
+            for row, member in enumerate(members):
+                member.position, member.layer_applications = len(held_out.prompts[row]), 0
+                if len(answers[row]) > 1:
+                    scheduler.feed(member, answers[row][0])
             started = time.perf_counter()
-            for _, _, tokens, alive in plan:  # teacher-forced: the same work for every policy
-                logits, _ = decoder.step(tokens, alive)
-                predictions.append(logits.argmax(-1))
+            while scheduler.active:  # teacher-forced: the same work for every policy
+                for member in scheduler.iterate():
+                    row = row_of[member.slot]
+                    predictions[row].append(member.greedy)
+                    if fed[row] + 1 < len(answers[row]):
+                        scheduler.feed(member, answers[row][fed[row]])
+                        fed[row] += 1
             timings.append(time.perf_counter() - started)
-        right = first == torch.tensor([answer[0] for answer in answers])
-        for (position, alive, _, _), predicted in zip(plan, predictions):
-            for index, row in enumerate(alive):
-                right[row] &= bool(predicted[index] == answers[row][position])
+        for row in range(rows):
+            right[row] &= predictions[row] == answers[row][1:]
     decoded = sum(len(answer) - 1 for answer in answers)
-    return float(right.float().mean()), decoder.applications / max(decoded, 1), statistics.median(timings)
+    applications = sum(member.layer_applications for member in members)
+    return sum(right) / rows, applications / max(decoded, 1), statistics.median(timings)
 
 
 def early_exit(model, held_out, repeats: int) -> dict:

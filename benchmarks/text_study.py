@@ -86,7 +86,7 @@ from looplm import train
 NANOGPT_TOKENS = 2000 * 12 * 64
 HEADLINE = ("looped", "dense_params", "dense_compute", "nanogpt")
 EXTRA = ("depth_sampled", "stage2")
-POLICIES = ("q_exit", "hidden_change", "kl")
+POLICIES = ("q", "hidden", "kl")  # looplm.exit_policy names (a curve point's policy)
 MIN_CORPUS_BYTES = 4_000_000
 
 
@@ -328,7 +328,7 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
                 axis.scatter([row["layer_applications_per_token"]], [row["bits_per_byte"]], zorder=3,
                              label=row["variant"])
                 continue
-            for policy in POLICIES if row["variant"] == "looped" else ("q_exit",):
+            for policy in POLICIES if row["variant"] == "looped" else ("q",):
                 points = sorted((point for point in row["curves"] if point["policy"] == policy),
                                 key=lambda point: point["layer_applications"])
                 axis.plot([point["layer_applications"] for point in points],

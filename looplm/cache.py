@@ -33,21 +33,29 @@ every layout: their state does not grow with the sequence; so does a ChannelMix 
 previous position's input).
 
 Storage is preallocated once: keys, values [storage slots, B, H_kv, max_len, hd]; ``length``
-counts the positions filled so far (shared by every row of the batch).  For MLA the "keys" hold
+counts the positions a sequence forward has filled (every row at once).  For MLA the "keys" hold
 the latent c [.., B, 1, max_len, r_kv] and the "values" the rotated rope keys
-[.., B, 1, max_len, d_rope] (``looplm.model.mla``).  The batched engine places prompts of
-different lengths right-aligned (``offsets`` = left padding per row; ``looplm.batch`` masks the
-pad keys).
+[.., B, 1, max_len, d_rope] (``looplm.model.mla``).
+
+Layers never see these tensors: ``layer_storage`` hands each layer a plain storage object —
+for attention one with ``write``/``read``/``attend`` (``SequenceKV``: every row at positions
+start..start+S−1; ``RowKV``: each row at its own slot and position, read in place by the C
+kernel), for a recurrent mixer its state tensors, and a ChannelMix FFN its previous input.
+``RowsView`` is the cache as the scheduler's rows see it (``looplm.scheduler``): each row at
+its own loop step and position, rows left-aligned (row b's positions start at 0).
 """
 
 from __future__ import annotations
 
+import copy
+from typing import NamedTuple
+
 import torch
+from torch.nn import functional as F
 
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.kernels import ops
-from looplm.model.row_attention import SharedKV
 
 KV_LAYOUTS = ("last_exited", "full", "last", "first", "avg", "modulo", "append_first")
 # Layouts whose tokens may skip the steps after their exit.
@@ -73,6 +81,82 @@ def recurrent_state_shapes(config: ModelConfig, kind: str, batch: int, max_len: 
 
     return [(batch, max(SHIFTS), config.d_model), (batch, config.rwkv_slots, config.d_model),
             (batch, config.rwkv_slots, config.d_model)]
+
+
+class LayerStorage(NamedTuple):
+    """What one layer is handed: its mixer's storage (an attention store or the recurrent state
+    tensors) and, with ffn=channelmix, the FFN's previous input [B, D] (else None)."""
+
+    mixer: object
+    ffn: torch.Tensor | None
+
+
+def causal_mask(queries: int, keys: int, device=None) -> torch.Tensor:
+    """Boolean [queries, keys] mask, True = may attend: query i sits at key position keys−queries+i."""
+    query_positions = torch.arange(queries, device=device).unsqueeze(1) + keys - queries
+    return torch.arange(keys, device=device).unsqueeze(0) <= query_positions
+
+
+class SharedKV(NamedTuple):
+    """A cache slot whose keys and values an earlier loop step of the same token wrote
+    (append-first, ``KVCache.store``): the layer attends to them and writes nothing.
+    keys, values [B, H_kv, max_len, hd] (MLA: its latent and rope-key storage)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class SequenceKV:
+    """One attention slot for every row, this call's tokens at positions start..start+S−1:
+    keys, values [B, H_kv, max_len, w] written in place; ``shared``: an append-first slot after
+    step 1, read and never written."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, shared: bool = False):
+        self.keys, self.values, self.shared = keys, values, shared
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v [B, H_kv, S, w] at positions start..start+S−1."""
+        if self.shared:
+            return
+        self.keys[:, :, start:start + k.shape[2]] = k
+        self.values[:, :, start:start + k.shape[2]] = v
+
+    def read(self, start: int, length: int):
+        """Keys, values [B, H_kv, start+S, w] and the mask of the keys each query sees (None: all)."""
+        end = start + length
+        mask = None if length == 1 else causal_mask(length, end, self.keys.device)
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
+
+    def attend(self, q: torch.Tensor, start: int) -> torch.Tensor:
+        """softmax(q·kᵀ/√w)·v over the keys each query sees; q [B, H, S, w]."""
+        keys, values, mask = self.read(start, q.shape[2])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
+
+
+class RowKV(SequenceKV):
+    """One token per row, each row at its own storage row and position: keys, values are
+    the cache's storage seen as rows [slots·B, H_kv, max_len, w], ``rows`` [R] which of them;
+    ``start`` [R] each token's position.  Attention reads the rows in place (the C kernel;
+    ``looplm.kernels.ops.rows_attention``, its torch reference elsewhere)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                 shared: torch.Tensor | None = None):
+        super().__init__(keys, values)
+        self.rows, self.row_shared = rows, shared  # [R] bool: rows past step 1 of an append-first slot
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+        rows, k, v = self.rows, k[:, :, 0], v[:, :, 0]
+        if self.row_shared is not None:
+            writes = ~self.row_shared
+            rows, start, k, v = rows[writes], start[writes], k[writes], v[writes]
+        self.keys[rows, :, start] = k
+        self.values[rows, :, start] = v
+
+    def read(self, start: torch.Tensor, length: int = 1):
+        return ops.gather_rows(self.keys, self.values, self.rows, start + 1)
+
+    def attend(self, q: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return ops.rows_attention(q, self.keys, self.values, self.rows, start + 1)
 
 
 class KVCache:
@@ -123,10 +207,11 @@ class KVCache:
         # The loop's attention storage (shared by every layout rule below): indices into keys/values.
         self._loop_attention = sorted({self.index[slot] for slot, kind in enumerate(self.kinds)
                                        if kind == "A" and slot >= config.n_prelude_layers})
-        self._saved = None  # first: step-1 K/V of the open positions; avg: their running sums
+        self._loop = torch.tensor(self._loop_attention, dtype=torch.long, device=device)
+        self.storage_index = torch.tensor(self.index, dtype=torch.long, device=device)  # slot → storage
+        self._saved = None  # first/avg: the open positions' step-1 K/V or their running sums
+        self._fills: dict[int, dict] = {}
         self.length = 0
-        # Right-aligned rows (batched engine): left padding per row; positions < offset are masked.
-        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def group(self, step: int, offset: int = 0) -> int:
         """The K/V group loop step ``step`` (0-based) reads and writes under this layout, for the
@@ -143,6 +228,10 @@ class KVCache:
         return self.layout in SKIPPING_LAYOUTS
 
     @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
     def conv_states(self) -> torch.Tensor:
         return self.states["G"][0]
 
@@ -157,7 +246,8 @@ class KVCache:
         layer = (slot - prelude) % self.per_step
         return self.config.layer_kind(layer if layer < self.config.n_core_layers else layer - self.config.n_core_layers)
 
-    def slot(self, stage: str, layer: int, step: int = 0) -> int:
+    def slot(self, stage: str, layer: int, step: int | torch.Tensor = 0) -> int | torch.Tensor:
+        """The slot of a layer at a loop step (a tensor of slots for a tensor of steps)."""
         prelude = self.config.n_prelude_layers
         if stage == "prelude":
             return layer
@@ -183,13 +273,31 @@ class KVCache:
 
     def store(self, stage: str, layer: int, step: int = 0):
         """``slot_storage`` as its layer takes it: an append-first attention slot after step 1 is a
-        ``SharedKV`` (followed by the FFN's previous input with ffn=channelmix; ``Layer`` splits
-        it off)."""
+        ``SharedKV`` (followed by the FFN's previous input with ffn=channelmix)."""
         storage = self.slot_storage(stage, layer, step)
         if not self.reads_first_step(stage, layer, step):
             return storage
         shared = SharedKV(*storage[:2])
         return shared if len(storage) == 2 else (shared,) + storage[2:]
+
+    def layer_storage(self, stage: str, layer: int, step: int = 0) -> LayerStorage:
+        """What the layer at this slot is handed for a sequence forward (``LayerStorage``)."""
+        tensors = self.slot_storage(stage, layer, step)
+        mixer, ffn = tensors[:len(tensors) - len(self.states["F"])], tensors[len(tensors) - len(self.states["F"]):]
+        if self.kinds[self.slot(stage, layer, step)] == "A":
+            mixer = SequenceKV(*mixer, shared=self.reads_first_step(stage, layer, step))
+        return LayerStorage(mixer, ffn[0] if ffn else None)
+
+    def row(self, row: int) -> KVCache:
+        """Cache row ``row`` as a batch-1 cache sharing this one's storage (a prompt is prefilled
+        into its slot by the ordinary forward, and prefix reuse restores into it), empty."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, row:row + 1], self.values[:, row:row + 1]
+        view.states = {kind: [tensor[:, row:row + 1] for tensor in tensors] for kind, tensors in self.states.items()}
+        for tensor in view.state_tensors:  # a new sequence starts from empty states
+            tensor.zero_()
+        view.length, view._saved = 0, None
+        return view
 
     def check_steps(self, steps: int) -> None:
         if steps > self.max_steps:
@@ -201,80 +309,89 @@ class KVCache:
             raise LoopLMError(f"the cache holds {self.max_len} positions; {self.length + length} needed")
         self.length += length
 
-    # --- layout rules, called by every forward and decoder after each step and per token -----
-    def after_step(self, step: int, start: int, end: int, rows: torch.Tensor | None = None) -> None:
-        """Positions [start, end) of ``rows`` (None = all) finished loop step ``step``."""
+    # --- layout rules, applied after each loop step and when a token is finished ---------------
+    # rows, positions: broadcastable index tensors of the open positions (a sequence forward: every
+    # row × start..end−1; the scheduler: one position per row, [R, 1] each).
+    def _span(self, start: int, end: int):
+        device = self.keys.device
+        return torch.arange(self.batch_size, device=device).unsqueeze(1), torch.arange(start, end, device=device)[None]
+
+    def after_step(self, step: int, start: int, end: int) -> None:
+        """Positions [start, end) of every row finished loop step ``step``."""
+        self.after_rows_step(step, *self._span(start, end))
+
+    def finish(self, start: int, end: int, steps_run: int) -> None:
+        """Apply the layout's rule to positions [start, end) of every row, which ran ``steps_run`` steps."""
+        self.finish_rows(steps_run, *self._span(start, end))
+
+    def after_rows_step(self, step: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """The open positions finished loop step ``step`` (int, or [R, 1] per row): first and avg
+        keep their step-1 K/V or running sum, since the next step overwrites the shared slot."""
         if self.layout not in ("first", "avg") or not self._loop_attention:
             return
-        loop = self._loop_attention
-        current = (self.keys[loop, :, :, start:end], self.values[loop, :, :, start:end])
-        if rows is not None:
-            current = tuple(tensor[:, rows] for tensor in current)
-        if step == 0:
-            if self._saved is None or self._saved[0].shape[-2] != end - start:
-                self._saved = tuple(tensor.clone() for tensor in
-                                    (self.keys[loop, :, :, start:end], self.values[loop, :, :, start:end]))
-            for saved, tensor in zip(self._saved, current):
-                if rows is None:
-                    saved.copy_(tensor)
-                else:
-                    saved[:, rows] = tensor
-        elif self.layout == "avg":
-            for saved, tensor in zip(self._saved, current):
-                if rows is None:
-                    saved += tensor
-                else:
-                    saved[:, rows] += tensor
+        index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
+        columns = torch.arange(positions.shape[-1], device=self.keys.device)
+        if self._saved is None or self._saved[0].shape[2] != len(columns):
+            self._saved = tuple(torch.zeros(len(self._loop), self.batch_size, len(columns), *storage.shape[2:3],
+                                            storage.shape[-1], dtype=storage.dtype, device=storage.device)
+                                for storage in (self.keys, self.values))
+        fresh = torch.as_tensor(step == 0, device=self.keys.device).view(1, -1, 1, 1, 1)
+        for storage, saved in zip((self.keys, self.values), self._saved):
+            current = storage[index]  # [loop slots, R, S, H, hd]
+            kept = saved[:, rows, columns]
+            saved[:, rows, columns] = torch.where(fresh, current, kept + current if self.layout == "avg" else kept)
 
-    def finish(self, start: int, end: int, steps_run: int | torch.Tensor) -> None:
-        """Apply the layout's rule to positions [start, end) whose rows ran ``steps_run`` loop steps
-        (an int, or a [B] tensor per row when a batch's rows exited at different steps)."""
-        rows = self.offsets.shape[0]
-        if isinstance(steps_run, int):
-            per_row = [steps_run] * rows
-            if steps_run < self.max_steps:
-                self._fill_skipped(slice(None), steps_run, start, end)
-        else:
-            per_row = steps_run.expand(rows).tolist()
-            for ran in sorted(set(per_row) - {self.max_steps}):  # one copy per exit step, all its rows
-                self._fill_skipped(torch.tensor([row for row, value in enumerate(per_row) if value == ran],
-                                                device=self.keys.device), ran, start, end)
+    def finish_rows(self, steps_run: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Apply the layout's rule to the open positions, whose rows ran ``steps_run`` loop steps
+        (an int, or [R] per row)."""
+        runs = [steps_run] if isinstance(steps_run, int) else sorted(set(steps_run.tolist()))
+        for ran in runs:
+            if ran < self.max_steps:
+                chosen = (slice(None),) if isinstance(steps_run, int) else (steps_run == ran,)
+                self._fill_skipped(ran, rows[chosen], positions[chosen])
         if self.layout in ("first", "avg") and self._loop_attention:
-            loop = self._loop_attention
-            keys, values = self._saved
-            if self.layout == "avg":
-                scale = torch.as_tensor(per_row, dtype=keys.dtype, device=keys.device).view(1, -1, 1, 1, 1)
-                keys, values = keys / scale, values / scale
-            self.keys[loop, :, :, start:end] = keys
-            self.values[loop, :, :, start:end] = values
+            columns = torch.arange(positions.shape[-1], device=self.keys.device)
+            index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
+            scale = steps_run if isinstance(steps_run, int) else steps_run.view(1, -1, 1, 1, 1)
+            for storage, saved in zip((self.keys, self.values), self._saved):
+                storage[index] = saved[:, rows, columns] / scale if self.layout == "avg" else saved[:, rows, columns]
 
-    def _fill_skipped(self, row, ran: int, start: int, end: int) -> None:
-        """Rows (an index tensor or a slice) that stopped after ``ran`` steps: the steps they skipped
-        get their last step's entries (LAST_EXITED, docs/MATH.md §4).  Recurrent states of deeper steps take the last state (which
-        has absorbed the token), under every layout; attention groups the token never wrote take
-        its last K/V (per-step layouts: the deeper steps; modulo: the groups not reached)."""
-        first = self.config.n_prelude_layers
-        for offset in range(self.per_step):
-            source = first + (ran - 1) * self.per_step + offset
-            kind = self.kinds[source]
-            written = {self.group(step, offset) for step in range(ran)}
-            done = set()
-            for step in range(ran, self.max_steps):
-                target = first + step * self.per_step + offset
-                for state in self.states["F"]:
-                    state[target, row] = state[source, row]
-                if kind != "A":
-                    for state in self.states[kind]:
-                        state[self.index[target], row] = state[self.index[source], row]
-                elif self.group(step, offset) not in written and self.group(step, offset) not in done:
-                    done.add(self.group(step, offset))
-                    self._copy_positions(self.index[source], self.index[target], row, start, end)
+    def _fill_skipped(self, ran: int, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rows that stopped after ``ran`` steps: the steps they skipped get their last step's
+        entries (LAST_EXITED, docs/MATH.md §4).  Recurrent states of deeper steps take the last
+        state (which has absorbed the token), under every layout; attention groups the token
+        never wrote take its last K/V (per-step layouts: the deeper steps; modulo: the groups not
+        reached; append_first: the core's one group is written by step 1)."""
+        for kind, (source, target) in self._fill_pairs(ran).items():
+            if kind == "A":
+                for storage in (self.keys, self.values):
+                    shape = (-1,) + (1,) * rows.dim()
+                    storage[target.view(shape), rows, :, positions] = storage[source.view(shape), rows, :, positions]
+            else:
+                for state in self.states[kind]:
+                    state[target.view(-1, 1), rows.reshape(-1)] = state[source.view(-1, 1), rows.reshape(-1)]
 
-    def _copy_positions(self, source: int, target: int, row, start: int, end: int) -> None:
-        """K/V of positions [start, end) from storage slot ``source`` to ``target`` for ``row``
-        (``looplm.kernels.ops.copy_positions``: the C kernel where it serves the storage)."""
-        for storage in (self.keys, self.values):
-            ops.copy_positions(storage, source, target, row, start, end)
+    def _fill_pairs(self, ran: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(source, target) storage indices per kind ("A", "G", "R"; "F": slots) that a token
+        which ran ``ran`` steps copies (computed once per ``ran``)."""
+        if ran not in self._fills:
+            first, pairs = self.config.n_prelude_layers, {}
+            for offset in range(self.per_step):
+                source = first + (ran - 1) * self.per_step + offset
+                kind, done = self.kinds[source], set()
+                written = {self.group(step, offset) for step in range(ran)}
+                for step in range(ran, self.max_steps):
+                    target = first + step * self.per_step + offset
+                    if self.states["F"]:
+                        pairs.setdefault("F", []).append((source, target))
+                    if kind != "A":
+                        pairs.setdefault(kind, []).append((self.index[source], self.index[target]))
+                    elif self.group(step, offset) not in written | done:
+                        done.add(self.group(step, offset))
+                        pairs.setdefault("A", []).append((self.index[source], self.index[target]))
+            self._fills[ran] = {kind: tuple(torch.tensor(side, device=self.keys.device) for side in zip(*found))
+                                for kind, found in pairs.items()}
+        return self._fills[ran]
 
     @property
     def state_tensors(self) -> list[torch.Tensor]:
@@ -289,3 +406,42 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes of K/V per position and sequence (recurrent states do not grow with the sequence)."""
         return (self.keys.nbytes + self.values.nbytes) // (self.keys.shape[1] * self.max_len)
+
+
+class RowsView:
+    """The cache as seen by ``rows`` [R] (cache rows), one token each, every row at its own loop
+    step and position: ``layer_storage`` selects each row's slot (attention: the storage row
+    slot·B + row, read in place; recurrent states and ChannelMix inputs: gathered copies that
+    ``flush`` scatters back after the layers ran)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+        self.written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def layer_storage(self, stage: str, layer: int, step: int | torch.Tensor = 0) -> LayerStorage:
+        cache = self.cache
+        slots = cache.slot(stage, layer, step)
+        if not isinstance(slots, torch.Tensor):
+            slots = torch.full_like(self.rows, slots)
+        kind = cache.kinds[cache.slot(stage, layer)]
+        index = cache.storage_index[slots]
+        ffn = self._gather(cache.states["F"][0], slots) if cache.states["F"] else None
+        if kind == "A":
+            batch = cache.batch_size
+            rows = lambda storage: storage.view(-1, *storage.shape[2:])  # noqa: E731 - [slots·B, H, L, w]
+            shared = None
+            if cache.layout == "append_first" and stage == "core":  # rows past step 1 read step 1's K/V
+                shared = (torch.as_tensor(step, device=self.rows.device) > 0).expand(len(self.rows))
+            return LayerStorage(RowKV(rows(cache.keys), rows(cache.values), index * batch + self.rows, shared), ffn)
+        return LayerStorage(tuple(self._gather(state, index) for state in cache.states[kind]), ffn)
+
+    def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        part = tensor[index, self.rows]
+        self.written.append((tensor, index, part))
+        return part
+
+    def flush(self) -> None:
+        """Write the gathered states the layers updated back into the cache."""
+        for tensor, index, part in self.written:
+            tensor[index, self.rows] = part
+        self.written.clear()

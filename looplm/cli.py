@@ -81,8 +81,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from looplm.config import DECODE_BACKENDS, PARALLEL
+    from looplm.config import PARALLEL
     from looplm.precision import PRECISIONS
+    from looplm.steppers import backend_names
 
     parser = ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--show-steps", action="store_true", help="print the loop steps each token used")
     generate.add_argument("--no-stream", action="store_true", help="print only when finished")
-    generate.add_argument("--backend", default="auto", choices=DECODE_BACKENDS,
+    generate.add_argument("--backend", default="auto", choices=backend_names(),
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch. All give the same tokens.")
@@ -447,8 +448,8 @@ def _train_summary_line(summary: dict) -> str:
 
 
 def run_generate(args) -> None:
-    from looplm.exit_policy import check_depth, default_exit_policy
-    from looplm.generate import Sampling, make_exit_policy, stream, Generation
+    from looplm.exit_policy import check_depth, default_exit_policy, make_exit_policy
+    from looplm.generate import Sampling, stream, Generation
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)

@@ -36,7 +36,6 @@ PARALLEL = ("none", "ddp", "fsdp")
 LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.training.loggers)
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
-DECODE_BACKENDS = ("auto", "native", "torch", "reference")
 TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternary (looplm.model.bitlinear)
 FITTED_TOKENIZERS = ("bpe", "word", "char", "auto")  # built from the training text itself
 # Sanity bounds: beyond these a value is a typo, and building the model would exhaust memory

@@ -89,7 +89,7 @@ def run_text_demo(out: str | Path = "runs/demo-text", corpus=None, train_steps: 
     tokens, text_bytes = scored_tokens_and_bytes(validation, trainer.tokenizer.token_byte_lengths())
     losses = {row["step"]: row["loss"] for row in report["per_step"]}
     bits = {step: bits_per_byte(loss, tokens, text_bytes) for step, loss in losses.items()}
-    q_point = curves.curve_point(records, "q_exit", q, trained, with_accuracy=False)
+    q_point = curves.curve_point(records, QExit(q), trained, with_accuracy=False)
     points = curves.compute_quality_curves(records, trained, False)
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_by_steps(bits, trained, (q_point.mean_steps, bits_per_byte(q_point.loss, tokens, text_bytes)),

@@ -1,68 +1,111 @@
-"""Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5).
+"""Exit policies: how many loop steps each decoded token runs (docs/MATH.md §2, §5), one registry.
 
-- ``FixedSteps(n)``       n steps for every token (n may exceed the trained T).
-- ``QExit(q)``            the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q (Ouro); q = 1
-                          always runs every step.
-- ``HiddenDiffExit(ε)``   the first step whose readout moved less than ε relative to the previous
-                          step's, ‖r_t − r_{t−1}‖ / ‖r_t‖ < ε (a convergence criterion; no gate needed).
-- ``KLExit(ε)``           the first step whose next-token distribution moved less than ε nats from
-                          the previous step's, KL(p_t ‖ p_{t−1}) < ε (costs a head matmul per step).
-- ``ACTExit``             ACT halting: the halting-weighted readout (every depth still runs).
-- ``PerplexityExit(x)``   nanochat's adaptive loop: the first step whose next-token distribution has
-                          perplexity exp(H(p_t)) below x (it is confident; a head matmul per step).
+``EXIT_POLICIES`` maps names to classes: ``static`` (``FixedSteps``), ``q:<q>`` (``QExit``),
+``hidden:<ε>`` (``HiddenDiffExit``), ``kl:<ε>`` (``KLExit``), ``act[:<τ>]`` (``ACTExit``),
+``ppl:<x>`` (``PerplexityExit``, nanochat's adaptive loop: exit once the next-token distribution's
+perplexity exp(H(p_t)) is below x); each takes ``steps`` (the most steps, None = the trained T),
+the early-exit ones ``min_steps``.  ``parse_exit`` reads that string form (the CLI's, the server's,
+lm-eval's) or a JSON mapping (``{"name": "q", "threshold": 0.5, "steps": 6}``); a mistake is one
+``LoopLMError`` line.  ``default_exit_policy`` is the one a model records (``ModelConfig``).
 
-Every policy takes ``steps`` (the most steps, default the trained T) and, except fixed steps and
-ACT, ``min_steps`` (no exit before it).  ``ExitRule`` applies a policy to a batch of rows step by
-step; the batch-1 decoder, the batched engine and prefill all decide through it, so every path
-makes the same decision from the same numbers.
+At each loop step a policy reads one ``Signal`` per row (the gate's logit, or the readout's or
+the next-token distribution's change from the previous step) and ``decide`` says which rows
+exit, the Q-exit survival in float64 so every path decides alike next to the threshold.  The
+scheduler decides through it for every decode path; ``exit_steps`` replays it over a full
+forward's recorded signals (eval curves, lm-eval).  ACT exits nowhere: ``act_accumulate`` mixes
+the readouts with halting weights while every step runs (every depth's cache holds the token).
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
 
-from looplm.config import parse_exit_spec
 from looplm.errors import LoopLMError
-from looplm.model.exit import hidden_change, readout_kl
+
+# A generation may run at most this many times the trained loop steps: extrapolation costs time
+# and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
+MAX_STEPS_FACTOR = 4
 
 
-def _check_steps(steps: int | None, min_steps: int = 1) -> None:
-    if steps is not None and steps < 1:
-        raise LoopLMError(f"steps must be >= 1, got {steps}")
-    if min_steps < 1:
-        raise LoopLMError(f"min_steps must be >= 1, got {min_steps}")
-    if steps is not None and min_steps > steps:
-        raise LoopLMError(f"min_steps ({min_steps}) must not exceed steps ({steps})")
+class Signal(enum.Enum):
+    """What a policy reads at each loop step."""
+
+    NONE = "none"                       # nothing: it runs its steps
+    GATE = "gate"                       # the exit gate's logit z_t
+    READOUT_CHANGE = "readout change"   # ‖r_t − r_{t−1}‖ / ‖r_t‖ (model.exit.hidden_change)
+    LOGITS_CHANGE = "logits change"     # KL(p_t ‖ p_{t−1}) (model.exit.readout_kl)
+    PERPLEXITY = "perplexity"           # exp(H(p_t)) (readout_perplexity)
 
 
-class _Bounded:
-    """The most loop steps a policy runs: its ``steps``, else the trained T."""
+class ExitPolicy:
+    """The registry's base: ``name`` and the ``parameter`` its string form's number sets."""
 
+    name: ClassVar[str]
+    parameter: ClassVar[str | None] = None
+    parameter_required: ClassVar[bool] = True
+    signal: ClassVar[Signal] = Signal.NONE
+    needs_gate: ClassVar[bool] = False
+    runs_every_step: ClassVar[bool] = False   # ACT: every step runs and is read out
     steps: int | None
-
-    def max_steps(self, trained_steps: int) -> int:
-        return self.steps or trained_steps
-
-
-@dataclass(frozen=True)
-class FixedSteps(_Bounded):
-    """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
-
-    steps: int | None = None
+    min_steps: int = 1
 
     def __post_init__(self) -> None:
-        _check_steps(self.steps)
+        if self.steps is not None and self.steps < 1:
+            raise LoopLMError(f"steps must be >= 1, got {self.steps}")
+        if self.min_steps < 1:
+            raise LoopLMError(f"min_steps must be >= 1, got {self.min_steps}")
+        if self.steps is not None and self.min_steps > self.steps:
+            raise LoopLMError(f"min_steps ({self.min_steps}) must not exceed steps ({self.steps})")
 
+    def max_steps(self, trained_steps: int) -> int:
+        """The most loop steps a token runs: ``steps``, else the trained T."""
+        return self.steps or trained_steps
+
+    @property
+    def reads_every_step(self) -> bool:
+        """Whether the policy reads a signal at every step (and so needs every step's readout)."""
+        return self.signal is not Signal.NONE
+
+    def spec(self) -> str:
+        """The one-string form (``q:0.5``)."""
+        value = getattr(self, self.parameter) if self.parameter else None
+        return self.name if value is None else f"{self.name}:{value:g}"
+
+    @classmethod
+    def decide(cls, policies: Sequence[ExitPolicy], steps: torch.Tensor, values: torch.Tensor,
+               memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which rows exit after 0-based loop step ``steps`` [R], each row with its own policy
+        of this class (one policy: all rows), from this step's ``values`` [R] of ``signal``;
+        ``memory`` [R] float64 is what the policy keeps across a token's steps (returned updated)."""
+        return torch.zeros_like(steps, dtype=torch.bool), memory
+
+
+def _column(policies: Sequence[ExitPolicy], field: str, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([getattr(policy, field) for policy in policies], dtype=torch.float64, device=like.device)
 
 
 @dataclass(frozen=True)
-class QExit(_Bounded):
+class FixedSteps(ExitPolicy):
+    """Run exactly ``steps`` loop steps for every token (None = the trained T)."""
+
+    name: ClassVar[str] = "static"
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class QExit(ExitPolicy):
     """Exit at the first step whose exit CDF reaches ``threshold`` (Ouro's Q-exit)."""
 
+    name: ClassVar[str] = "q"
+    parameter: ClassVar[str] = "threshold"
+    needs_gate: ClassVar[bool] = True
     threshold: float = 0.5
     steps: int | None = None
     min_steps: int = 1
@@ -70,54 +113,76 @@ class QExit(_Bounded):
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise LoopLMError(f"q must be in [0, 1], got {self.threshold}")
-        _check_steps(self.steps, self.min_steps)
+        super().__post_init__()
 
+    @property
+    def signal(self) -> Signal:
+        return Signal.GATE if self.threshold < 1.0 else Signal.NONE  # q = 1 runs every step
+
+    @classmethod
+    def decide(cls, policies, steps, values, memory):
+        """log S_t = log S_{t−1} + log σ(−z_t) in float64; exit when 1 − S_t ≥ q."""
+        memory = memory + F.logsigmoid(-values.to(torch.float64))
+        return -torch.expm1(memory) >= _column(policies, "threshold", memory), memory
 
 
 @dataclass(frozen=True)
-class HiddenDiffExit(_Bounded):
-    """Exit at the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ``epsilon``."""
+class _Convergence(ExitPolicy):
+    """Exit at the first step t ≥ 2 whose change from step t − 1 is below ``epsilon``."""
 
     epsilon: float = 0.05
     steps: int | None = None
     min_steps: int = 1
+    parameter: ClassVar[str] = "epsilon"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise LoopLMError(f"the hidden-difference epsilon must be a finite number >= 0, got {self.epsilon}")
-        _check_steps(self.steps, self.min_steps)
+            raise LoopLMError(f"the {self.what} epsilon must be a finite number >= 0, got {self.epsilon}")
+        super().__post_init__()
 
+    @classmethod
+    def decide(cls, policies, steps, values, memory):
+        return (steps > 0) & (values < _column(policies, "epsilon", values)), memory
 
 
 @dataclass(frozen=True)
-class KLExit(_Bounded):
+class HiddenDiffExit(_Convergence):
+    """Exit at the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ``epsilon``."""
+
+    name: ClassVar[str] = "hidden"
+    what: ClassVar[str] = "hidden-difference"
+    signal: ClassVar[Signal] = Signal.READOUT_CHANGE
+
+
+@dataclass(frozen=True)
+class KLExit(_Convergence):
     """Exit at the first step t ≥ 2 with KL(p_t ‖ p_{t−1}) < ``epsilon`` (nats)."""
 
+    name: ClassVar[str] = "kl"
+    what: ClassVar[str] = "KL"
+    signal: ClassVar[Signal] = Signal.LOGITS_CHANGE
     epsilon: float = 0.01
-    steps: int | None = None
-    min_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise LoopLMError(f"the KL epsilon must be a finite number >= 0, got {self.epsilon}")
-        _check_steps(self.steps, self.min_steps)
-
 
 
 @dataclass(frozen=True)
-class ACTExit(_Bounded):
-    """ACT halting (Graves; docs/MATH.md §5): the output is the halting-weighted readout
-    Σ_t w_t r_t (``exit.act_weights``, the gate read as halting probability).  Every depth
-    still runs so that every step's cache holds every token; the reported steps are the
-    halting step.  threshold None = the model's ``act_threshold``."""
+class ACTExit(ExitPolicy):
+    """ACT halting (Graves): the halting-weighted readout Σ_t w_t r_t (``act_accumulate``); every
+    step runs, the reported steps are the halting step; threshold None = the model's."""
 
+    name: ClassVar[str] = "act"
+    parameter: ClassVar[str] = "threshold"
+    parameter_required: ClassVar[bool] = False
+    needs_gate: ClassVar[bool] = True
+    runs_every_step: ClassVar[bool] = True
     threshold: float | None = None
     steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise LoopLMError(f"the ACT threshold must be in (0, 1], got {self.threshold}")
-        _check_steps(self.steps)
+        super().__post_init__()
+
+    reads_every_step = True
 
 
 def refuse_act_over_mixing(model) -> None:
@@ -127,29 +192,67 @@ def refuse_act_over_mixing(model) -> None:
         raise LoopLMError("this model's readouts already are ACT mixtures of its loop states (model.act_mixing):"
                           " decode with fixed steps or Q-exit, not --act")
 
+# name → class: the string and JSON forms' vocabulary (add a class here to register it).
+EXIT_POLICIES: dict[str, type[ExitPolicy]] = {kind.name: kind for kind in (FixedSteps, QExit, HiddenDiffExit, KLExit,
+                                                                          ACTExit)}
 
 @dataclass(frozen=True)
-class PerplexityExit(_Bounded):
+class PerplexityExit(ExitPolicy):
     """Exit at the first step whose readout has perplexity exp(H(p_t)) < ``threshold``, with
-    H(p) = −Σ_v p_v log p_v over the vocabulary (nanochat's adaptive loop).  A perplexity is at
-    least 1, so a threshold ≤ 1 never exits early."""
+    H(p) = −Σ_v p_v log p_v over the vocabulary (nanochat's adaptive loop; a head matmul per step).
+    A perplexity is at least 1, so a threshold ≤ 1 never exits early."""
 
+    name: ClassVar[str] = "ppl"
+    parameter: ClassVar[str] = "threshold"
+    signal: ClassVar[Signal] = Signal.PERPLEXITY
     threshold: float = 2.0
     steps: int | None = None
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if not self.threshold > 0:
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
             raise LoopLMError(f"the perplexity threshold must be > 0, got {self.threshold}")
-        _check_steps(self.steps, self.min_steps)
+        super().__post_init__()
+
+    @classmethod
+    def decide(cls, policies, steps, values, memory):
+        return values < _column(policies, "threshold", values), memory
 
 
-ExitPolicy = FixedSteps | QExit | HiddenDiffExit | KLExit | ACTExit | PerplexityExit
-EXIT_KINDS = ("static", "q", "hidden", "kl", "act", "ppl")
+EXIT_POLICIES["ppl"] = PerplexityExit
+EXIT_KINDS = tuple(EXIT_POLICIES)
 
-# A generation may run at most this many times the trained loop steps: extrapolation costs time
-# and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
-MAX_STEPS_FACTOR = 4
+def act_accumulate(thresholds: torch.Tensor, steps: torch.Tensor, last: torch.Tensor, gate: torch.Tensor,
+                   readout: torch.Tensor, total: torch.Tensor, halting: torch.Tensor, state: torch.Tensor):
+    """One ACT step of R rows (``model.exit.act_weights`` step by step): a row's weight is p = σ(z)
+    until its running ``total`` (float64) would reach its threshold, or at its ``last`` step, where
+    it takes the remainder 1 − total, then 0.  steps [R] 0-based; ``halting`` [R] 1-based halting
+    steps (0: not yet); ``state`` [R, D] Σ_t w_t r_t.  Returns (total, halting, state)."""
+    going = halting == 0
+    probability = torch.sigmoid(gate.reshape(-1).to(torch.float64))
+    halts = going & ((total + probability >= thresholds) | last)
+    weight = torch.where(halts, 1.0 - total, torch.where(going, probability, 0.0))
+    total = torch.where(going & ~halts, total + probability, total)
+    halting = torch.where(halts, steps + 1, halting)
+    return total, halting, state + weight.to(readout.dtype).unsqueeze(-1) * readout
+
+
+def exit_steps(policy: ExitPolicy, last: int, count: int, signal: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The 1-based step ``policy`` stops at among steps 1..``last``, for ``count`` rows whose
+    per-step signals a full forward recorded: ``signal(t)`` [count] at 0-based step t (for a
+    change, the change from step t − 1; anything at t = 0).  The same ``decide`` as decoding."""
+    chosen = torch.full((count,), last, dtype=torch.long)
+    if not policy.reads_every_step or policy.runs_every_step:
+        return chosen
+    memory = torch.zeros(count, dtype=torch.float64)
+    done = torch.zeros(count, dtype=torch.bool)
+    for step in range(last - 1):
+        steps = torch.full((count,), step, dtype=torch.long)
+        exits, memory = type(policy).decide([policy], steps, signal(step).cpu(), memory)
+        exits &= ~done & (step + 1 >= policy.min_steps)
+        chosen = torch.where(exits, step + 1, chosen)
+        done |= exits
+    return chosen
 
 
 def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
@@ -165,116 +268,61 @@ def readout_perplexity(logits: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(log_probs.exp() * log_probs).sum(-1))
 
 
+USAGE = "use static, q:<q>, hidden:<eps>, kl:<eps>, ppl:<x>, act or act:<threshold>"
+
+
+def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_steps: int | None = None) -> ExitPolicy:
+    """The policy ``spec`` names: ``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` |
+    ``act`` | ``act:0.9``, or a mapping {"name": …, its fields}; ``steps``/``min_steps`` (None: the
+    default) set those fields (``min_steps`` only for the policies that have one)."""
+    if isinstance(spec, ExitPolicy):
+        return spec
+    if isinstance(spec, Mapping):
+        values = dict(spec)
+        name, number = str(values.pop("name", "")), None
+    else:
+        name, colon, number = str(spec).strip().partition(":")
+        values, number = {}, number if colon else None
+    kind = EXIT_POLICIES.get(name)
+    if kind is None:
+        raise LoopLMError(f"unknown exit {spec!r}: {USAGE}")
+    if number is not None or (kind.parameter_required and kind.parameter and kind.parameter not in values):
+        if kind.parameter is None:
+            raise LoopLMError(f"exit {name} takes no number, got {spec!r}")
+        try:
+            values[kind.parameter] = float(number)
+        except (TypeError, ValueError):
+            raise LoopLMError(f"exit {spec!r} needs a number after '{name}:': {USAGE}") from None
+    known = {field.name for field in fields(kind)}
+    for field, value in (("steps", steps), ("min_steps", min_steps)):
+        if value is not None and (value != 1 or field != "min_steps") and (field in known or field == "steps"):
+            values[field] = value
+    if set(values) - known:
+        raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
+                          f" {', '.join(sorted(known))}")
+    return kind(**values)
+
+
 def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False,
                      hidden: float | None = None, kl: float | None = None, min_steps: int = 1,
                      ppl: float | None = None) -> ExitPolicy:
     """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``, ``ppl``;
     none of them = fixed steps."""
-    chosen = [name for name, value in (("--act", act or None), ("--q", q), ("--exit-hidden", hidden),
-                                       ("--exit-kl", kl), ("--exit-ppl", ppl)) if value is not None]
+    chosen = [(flag, spec) for flag, spec, value in (("--act", "act", act or None), ("--q", f"q:{q!r}", q),
+                                                     ("--exit-hidden", f"hidden:{hidden!r}", hidden),
+                                                     ("--exit-kl", f"kl:{kl!r}", kl),
+                                                     ("--exit-ppl", f"ppl:{ppl!r}", ppl)) if value is not None]
     if len(chosen) > 1:
-        raise LoopLMError(f"choose one exit policy, not {' and '.join(chosen)}")
-    if act:
-        return ACTExit(steps=steps)
-    if q is not None:
-        return QExit(q, steps, min_steps)
-    if hidden is not None:
-        return HiddenDiffExit(hidden, steps, min_steps)
-    if kl is not None:
-        return KLExit(kl, steps, min_steps)
-    if ppl is not None:
-        return PerplexityExit(ppl, steps, min_steps)
-    return FixedSteps(steps)
+        raise LoopLMError(f"choose one exit policy, not {' and '.join(flag for flag, _ in chosen)}")
+    return parse_exit(chosen[0][1] if chosen else "static", steps, min_steps)
 
 
 def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -> ExitPolicy:
-    """``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` | ``act`` (the server's
-    and the adapters' one-string form); ``min_steps`` applies to the early-exit policies."""
-    name, number = parse_exit_spec(spec)
-    if name == "static":
-        return FixedSteps(steps)
-    if name == "act":
-        return ACTExit(steps=steps)
-    return make_exit_policy(**{name: number}, steps=steps, min_steps=min_steps)
+    """``parse_exit`` of the one-string form (``static``, ``q:0.5``, ``ppl:3``, …)."""
+    return parse_exit(spec, steps, min_steps)
 
 
 def default_exit_policy(config) -> ExitPolicy:
     """The policy a model carries for callers that name none (``ModelConfig.default_exit``,
     ``min_loop_steps``, ``max_loop_steps``; a GGUF file records them): fixed T steps unless set."""
-    return parse_exit_policy(config.default_exit, config.max_loop_steps or None, config.min_loop_steps)
-
-
-class ExitRule:
-    """A policy applied to ``rows`` sequences one loop step at a time.
-
-    Call ``decide(step, readout, gate_logit, logits)`` after each step with the rows still
-    running (``rows`` indexes them); it returns a bool [R] of the rows that exit at this step.
-    ``readout`` [R, D]; ``gate_logit`` and ``logits`` are functions of no arguments giving the
-    rows' gate logits [R] and next-token logits [R, V], called only when the policy needs them.
-    """
-
-    def __init__(self, policy: ExitPolicy, rows: int, trained_steps: int, device=None):
-        self.policy = policy
-        self.max_steps = policy.max_steps(trained_steps)
-        self.min_steps = getattr(policy, "min_steps", 1)
-        self.kind = {QExit: "q", HiddenDiffExit: "hidden", KLExit: "kl", PerplexityExit: "ppl"}.get(type(policy),
-                                                                                                   "static")
-        if self.kind == "q" and policy.threshold >= 1.0:
-            self.kind = "static"  # q = 1 runs every step
-        # Survival in float64 on every path (decide_one uses Python floats), so batched and batch-1
-        # decoding decide the same even where the exit CDF lands next to q (MPS has no float64).
-        self.survival_dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
-        self.log_survival = torch.zeros(rows, device=device, dtype=self.survival_dtype)
-        self.previous: torch.Tensor | None = None  # [rows, D] readouts or [rows, V] logits
-        self.scalar_survival = 0.0  # decide_one's log survival
-
-    @property
-    def active(self) -> bool:
-        """Whether the policy can exit before the last step (and so needs every step's readout)."""
-        return self.kind != "static"
-
-    def decide(self, step: int, rows: torch.Tensor | None, readout: torch.Tensor, gate_logit,
-               logits) -> torch.Tensor:
-        count = readout.shape[0]
-        exits = torch.zeros(count, dtype=torch.bool, device=readout.device)
-        if self.kind == "q":
-            survival = self.log_survival if rows is None else self.log_survival[rows]
-            survival = survival + F.logsigmoid(-gate_logit().reshape(count).to(self.survival_dtype))
-            exits = -torch.expm1(survival) >= self.policy.threshold
-            self._store("log_survival", rows, survival)
-        elif self.kind in ("hidden", "kl"):
-            current = readout.reshape(count, -1).float() if self.kind == "hidden" else logits().reshape(count, -1)
-            if step > 0:
-                previous = self.previous if rows is None else self.previous[rows]
-                distance = hidden_change(previous, current) if self.kind == "hidden" else readout_kl(previous, current)
-                exits = distance < self.policy.epsilon
-            if self.previous is None:
-                self.previous = torch.zeros(self.log_survival.shape[0], current.shape[-1], device=current.device)
-            self._store("previous", rows, current)
-        elif self.kind == "ppl":
-            exits = readout_perplexity(logits().reshape(count, -1)) < self.policy.threshold
-        if step + 1 < self.min_steps:
-            exits = torch.zeros_like(exits)
-        return exits
-
-    def decide_one(self, step: int, readout: torch.Tensor, gate_logit, logits) -> bool:
-        """``decide`` for a single row (the batch-1 decoder): Q-exit in Python floats, since
-        tensor ops on one number cost more than the decode step of a small model."""
-        if self.kind != "q":
-            return bool(self.decide(step, None, readout.reshape(1, -1), gate_logit, logits)[0])
-        z = float(gate_logit())
-        # log σ(−z) = −softplus(z), computed stably for either sign of z.
-        self.scalar_survival -= (z + math.log1p(math.exp(-z))) if z > 0 else math.log1p(math.exp(z))
-        return step + 1 >= self.min_steps and -math.expm1(self.scalar_survival) >= self.policy.threshold
-
-    def _store(self, name: str, rows: torch.Tensor | None, value: torch.Tensor) -> None:
-        if rows is None:
-            setattr(self, name, value.clone())
-        else:
-            getattr(self, name)[rows] = value
-
-    def reset(self) -> None:
-        """Start a new token (the batch-1 decoder reuses one rule)."""
-        self.log_survival.zero_()
-        self.scalar_survival = 0.0
-        self.previous = None
+    return parse_exit(config.default_exit, config.max_loop_steps or None, config.min_loop_steps)

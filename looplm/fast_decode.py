@@ -1,18 +1,12 @@
 """Batch-1 decode fast path: the same math as ``LoopLM``'s layers, laid out for one token.
 
-At batch 1 every matmul is a matrix-vector product whose cost is reading the weights.
-Two things make that fast on a CPU:
-- weights are kept transposed and contiguous ([in, out]), the layout BLAS reads fastest for
-  x @ W (about 1.5× faster than ``F.linear`` on a [out, in] matrix here), and
-- each layer is a short run of whole-vector ops on [D] tensors (no batch or sequence axes),
-  attending over the whole preallocated cache with a position mask, so shapes never change
-  and the step can be compiled by ``torch.compile`` into one graph.
-
-``FastStepper`` reads and writes the same ``KVCache`` storage as the reference path, so
-prefill (a batched forward), LAST_EXITED copies and the reference decoder all interoperate;
-it offers the same per-token methods as ``generate.ReferenceStepper`` and ``Decoder.step``
-runs the exit loop over either.
-``tests/test_fast_decode.py`` holds it equal to the reference ``Decoder``.
+At batch 1 every matmul is a matrix-vector product whose cost is reading the weights: weights are
+kept transposed and contiguous ([in, out], the layout BLAS reads fastest for x @ W), and each
+layer is a short run of whole-vector ops on [D] tensors attending over the whole preallocated
+cache with a position mask, so shapes never change and ``torch.compile`` can compile the step.
+``FastStepper`` reads and writes the same ``KVCache`` storage as the reference stepper, so
+prefill and LAST_EXITED copies interoperate; it is a ``looplm.steppers.Stepper`` for one row
+(tensors [1, D]).  ``tests/test_fast_decode.py`` holds it equal to the reference.
 """
 
 from __future__ import annotations
@@ -81,7 +75,14 @@ def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None =
 
 
 class FastStepper:
-    """One token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
+    """One row's token through prelude, core steps, coda, gate and head, with vector-shaped ops."""
+
+    whole_token = None
+
+    @staticmethod
+    def unsupported(model, cache: KVCache) -> str | None:
+        return "the torch decode path decodes one row" if cache.batch_size != 1 else fast_unsupported(model,
+                                                                                                 cache=cache)
 
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         config = model.config
@@ -140,27 +141,29 @@ class FastStepper:
             h = self._layer(layer, h, self.cache.keys[slot, 0], self.cache.values[slot, 0], position, cos, sin, mask)
         return h
 
-    def embed(self, token: int, start: int) -> torch.Tensor:
-        h = self.model.embed.weight[token]
-        return self._run(self.prelude, h, "prelude", 0, self.positions[start:start + 1]) if self.prelude else h
+    def embed(self, tokens: list[int], rows) -> torch.Tensor:
+        h = self.model.embed.weight[tokens[0]]
+        position = self.positions[rows.positions[0]:rows.positions[0] + 1]
+        return (self._run(self.prelude, h, "prelude", 0, position) if self.prelude else h).view(1, -1)
 
-    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
         return e
 
-    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
-        return self._core_step(h, step, self.positions[start:start + 1])
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
+        position = rows.positions[0]
+        return self._core_step(h.view(-1), rows.steps[0], self.positions[position:position + 1]).view(1, -1)
 
     def _core_step_at(self, h: torch.Tensor, step: int, position: torch.Tensor) -> torch.Tensor:
         h = self._run(self.core, h, "core", step, position)
         return _rms(h, self.norm, self.eps) if self.config.step_norm else h
 
-    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
         if not self.coda:
             return h if self.config.step_norm else _rms(h, self.norm, self.eps)
-        position = self.positions[start:start + 1]
-        return _rms(self._run(self.coda, h, "coda", step, position), self.norm, self.eps)
+        position = self.positions[rows.positions[0]:rows.positions[0] + 1]
+        return _rms(self._run(self.coda, h.view(-1), "coda", rows.steps[0], position), self.norm, self.eps).view(1, -1)
 
-    def gate_logit(self, readout: torch.Tensor) -> torch.Tensor:
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
         return readout @ self.gate_weight + self.gate_bias
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:

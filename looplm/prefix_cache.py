@@ -10,6 +10,9 @@ whole prompt (the same math; chunked prefill equals one pass, tested).
 
 Entries are kept least-recently-used, at most ``max_entries`` (each holds its prompt's K/V).
 A cache is specific to one model and one cache shape (layout, loop steps): the key includes them.
+Layouts whose steps share K/V (``last``, ``first``, ``avg``, ``modulo`` with fewer groups than
+steps) are not reused: a stored prefix keeps only its finished entries, while prefill attends at
+every step to that step's own.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class PrefixStats:
 
 @dataclass
 class PrefixCache:
-    """Stores prompt prefixes' caches; ``Decoder.prefill`` and the server use it."""
+    """Stores prompt prefixes' caches; ``generate`` and the server use it."""
 
     max_entries: int = 32
     block: int = 64
@@ -64,6 +67,9 @@ class PrefixCache:
         if cache.length != 0 or cache.keys.shape[1] != 1:
             raise LoopLMError("prefix reuse fills an empty batch-1 cache")
         self.stats.requests += 1
+        if cache.groups < cache.max_steps:  # steps share K/V: a stored prefix keeps only its finished
+            self.stats.computed_tokens += len(ids)  # entries, not each step's, which prefill attends to
+            return model(torch.tensor([ids], device=cache.keys.device), steps=steps, cache=cache)
         recurrent = any(tensor.numel() for tensor in cache.state_tensors)
         shape = self._shape(model, cache, steps)
         entry, start = self._lookup(shape, ids, recurrent)

@@ -8,7 +8,7 @@ import looplm
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (ExitRule, FixedSteps, PerplexityExit, default_exit_policy, make_exit_policy,
+from looplm.exit_policy import (FixedSteps, PerplexityExit, default_exit_policy, exit_steps, make_exit_policy,
                                 parse_exit_policy, readout_perplexity)
 from looplm.generate import Decoder, generate
 from looplm.model import LoopLM
@@ -26,11 +26,12 @@ def test_perplexity_is_the_exponentiated_entropy():
 
 def test_rule_exits_below_the_threshold_after_min_steps():
     sure, unsure = torch.tensor([10.0, 0.0, 0.0, 0.0]), torch.zeros(4)  # perplexities ≈ 1.0, 4.0
-    rule = ExitRule(PerplexityExit(2.0, min_steps=2), 2, 4)
-    logits = torch.stack([sure, unsure])
-    readout = torch.zeros(2, 3)
-    assert rule.decide(0, None, readout, None, lambda: logits).tolist() == [False, False]  # before min_steps
-    assert rule.decide(1, None, readout, None, lambda: logits).tolist() == [True, False]
+    policy = PerplexityExit(2.0, min_steps=2)
+    perplexity = readout_perplexity(torch.stack([sure, unsure]))
+    exits, _ = PerplexityExit.decide([policy] * 2, torch.tensor([0, 0]), perplexity, torch.zeros(2, dtype=torch.float64))
+    assert exits.tolist() == [True, False]
+    # the exit loop's decision: not before min_steps, then the first step below the threshold
+    assert exit_steps(policy, 4, 2, lambda step: perplexity).tolist() == [2, 4]
     assert make_exit_policy(ppl=3.0, steps=5, min_steps=2) == PerplexityExit(3.0, 5, 2)
     assert parse_exit_policy("ppl:3", steps=6, min_steps=2) == PerplexityExit(3.0, 6, 2)
     with pytest.raises(LoopLMError):

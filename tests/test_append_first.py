@@ -12,7 +12,7 @@ from looplm.errors import LoopLMError
 from looplm.exit_policy import FixedSteps, QExit
 from looplm.generate import Decoder, generate
 from looplm.model import LoopLM
-from looplm.model.row_attention import SharedKV
+from looplm.cache import SharedKV
 
 from conftest import tiny_config
 

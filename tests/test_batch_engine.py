@@ -1,16 +1,17 @@
-"""The batched engine (issue #5): batched generation equals per-prompt generation for every
-layout, exit policy and mixer kind; exited rows really skip layers (counted); q = 1 keeps
-full depth."""
+"""The depth scheduler batched: generation equals per-prompt generation for every layout, exit
+policy and model family, with rows at different loop steps in the same iteration and every row
+with its own settings (exit policy, sampling, stop strings); exited rows really skip layers
+(counted); q = 1 keeps full depth."""
 
 import pytest
 import torch
 
 from looplm.batch import generate_batch
 from looplm.errors import LoopLMError
-from looplm.batch import ActHalting
-from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, act_accumulate
 from looplm.model.exit import act_weights_reference
-from looplm.generate import generate
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.generate import Sampling, Settings, generate
 from looplm.model import LoopLM
 
 from conftest import tiny_config
@@ -37,7 +38,7 @@ def row_reads(request, monkeypatch):
     """Run a test with attention reading the running rows in place (the C kernel, where it
     builds) and with the gathered copies (the torch path)."""
     if request.param == "gathered":
-        monkeypatch.setattr("looplm.batch.ops.serves", lambda tensor: False)
+        monkeypatch.setattr("looplm.kernels.ops.serves", lambda tensor: False)
     return request.param
 
 
@@ -49,6 +50,8 @@ def test_batched_equals_per_prompt_for_every_layout(layout, row_reads):
     for single, result in zip(_per_prompt(model, policy, layout), batched.generations):
         assert result.ids == single.ids
         assert result.steps == single.steps
+    # Rows stood at different loop steps in one iteration (under ``full`` every token runs every step).
+    assert (batched.mixed_depth_iterations > 0) == (layout != "full")
 
 
 @pytest.mark.parametrize("policy", [FixedSteps(5), QExit(0.5, min_steps=2), HiddenDiffExit(0.3), KLExit(0.05),
@@ -61,33 +64,79 @@ def test_batched_equals_per_prompt_for_every_policy(policy):
         assert (result.ids, result.steps) == (single.ids, single.steps)
 
 
-NOISE_STARTS = [name for name in VARIANTS if build(name).config.initial_state == "noise"]
+MIXED = [QExit(0.5), FixedSteps(1), HiddenDiffExit(0.3), ACTExit(0.6), KLExit(0.05), FixedSteps()]
+MIXED_PROMPTS = PROMPTS + [[2, 4, 6, 8, 10], [7, 7]]
+
+
+def policies_for(model) -> list:
+    """``MIXED`` where the model has what each policy reads: without an exit gate the gate's
+    policies give way to other step counts, and a model whose readouts already are ACT mixtures
+    (model.act_mixing, which refuses ACT over them) takes a second Q-exit."""
+    if model.exit_gate is None:
+        return [FixedSteps(2), FixedSteps(1), HiddenDiffExit(0.3), HiddenDiffExit(0.1), KLExit(0.05), FixedSteps()]
+    if model.config.act_mixing:
+        return [QExit(0.3) if isinstance(policy, ACTExit) else policy for policy in MIXED]
+    return MIXED
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_batched_equals_per_prompt_for_every_mixer(name):
-    """Every architecture variant (each family preset too) batches.  Noise starts (Huginn,
-    Parcae): each row's h₀ is the noise table's row at that row's own position, as a one-prompt
-    decode reads it."""
+def test_rows_at_their_own_depths_equal_per_prompt_for_every_family(name):
+    """Every architecture variant and family preset: six rows with six exit policies in one batch
+    (Q-exit, one step, hidden-state change, ACT, KL, full depth), each decoding at its own loop
+    step — iterations really hold rows at different depths — and each row's tokens and steps
+    equal its per-prompt decode.  Noise starts (Huginn, Parcae) read the noise table at each
+    row's own position; loop-axis memory and the global gates read each row's own earlier
+    steps; recurrent states, ChannelMix shifts and memory-caching segments are per row."""
     model = build(name)
-    policy = QExit(0.5) if model.exit_gate is not None else FixedSteps()
-    batched = generate_batch(model, PROMPTS, 5, exit_policy=policy)
-    for single, result in zip(_per_prompt(model, policy, new=5), batched.generations):
-        assert (result.ids, result.steps) == (single.ids, single.steps)
+    settings = [Settings(policy) for policy in policies_for(model)]
+    batched = generate_batch(model, MIXED_PROMPTS, 5, settings=settings)
+    assert batched.mixed_depth_iterations > 0
+    for prompt, chosen, result in zip(MIXED_PROMPTS, settings, batched.generations):
+        single = generate(model, prompt, 5, exit_policy=chosen.exit_policy, backend="reference")
+        assert (result.ids, result.steps) == (single.ids, single.steps), chosen.exit_policy
+
+
+def test_one_batch_mixes_exit_policies_sampling_and_stop_strings():
+    """Per-row settings in one batch: each row's exit policy, steps and min_steps, temperature,
+    top-k/top-p with its own seed (its draws never depend on the other rows) and stop strings;
+    every row equals its per-prompt generation, text and stop reason included."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(4)
+    model = LoopLM(tiny_config(vocab_size=259, loop_steps=4, n_coda_layers=1))
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    model.eval()
+    settings = [Settings(QExit(0.5), sampling=Sampling(0.9, top_k=20, seed=1)),
+                Settings(FixedSteps(2), sampling=Sampling(1.2, top_p=0.8, seed=2), stop=("e", "q")),
+                Settings(HiddenDiffExit(0.2, steps=6)),
+                Settings(KLExit(0.02), sampling=Sampling(0.7, seed=3)),
+                Settings(ACTExit(0.7), stop=("a",)),
+                Settings(QExit(0.3, min_steps=2), sampling=Sampling(1.0, top_k=5, top_p=0.9, seed=4))]
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in ("a loop", "b", "depth", "cc", "x y", "z")]
+    batched = generate_batch(model, prompts, 12, tokenizer=tokenizer, settings=settings, stop_ids=[])
+    assert batched.mixed_depth_iterations > 0
+    for prompt, chosen, result in zip(prompts, settings, batched.generations):
+        single = generate(model, prompt, 12, chosen.sampling, chosen.exit_policy, tokenizer, chosen.stop, stop_ids=[],
+                          backend="reference")
+        assert (result.ids, result.steps, result.text, result.stop_reason) == (
+            single.ids, single.steps, single.text, single.stop_reason), chosen
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7, 0.99, 1.0])
 def test_act_halting_step_by_step_gives_the_reference_weights(threshold):
-    """ActHalting fed one step at a time (readout t = the t-th unit vector, so the state is the
-    weight vector) equals the plain per-position loop of exit.act_weights_reference."""
+    """act_accumulate fed one step at a time (readout t = the t-th unit vector, so the state is
+    the weight vector) equals the plain per-position loop of exit.act_weights_reference."""
     steps, rows = 5, 64
     logits = torch.randn(steps, rows, generator=torch.Generator().manual_seed(3)) * 2
-    halting = ActHalting(rows, threshold)
+    total, halting = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long)
+    state = torch.zeros(rows, steps)
     for step in range(steps):
-        halting.add(step, torch.eye(steps)[step].expand(rows, steps), logits[step], step + 1 == steps)
+        total, halting, state = act_accumulate(
+            torch.full((rows,), threshold, dtype=torch.float64), torch.full((rows,), step),
+            torch.full((rows,), step + 1 == steps), logits[step], torch.eye(steps)[step].expand(rows, steps),
+            total, halting, state)
     weights, halts = act_weights_reference(logits, threshold)
-    torch.testing.assert_close(halting.state, weights.T, atol=1e-6, rtol=0)
-    assert torch.equal(halting.halting, halts) and len(set(halts.tolist())) > 1
+    torch.testing.assert_close(state, weights.T, atol=1e-6, rtol=0)
+    assert torch.equal(halting, halts) and len(set(halts.tolist())) > 1
 
 
 def test_batched_act_runs_every_step_and_reports_halting_steps():
@@ -215,25 +264,25 @@ def test_rows_joining_a_running_batch_and_reusing_freed_slots_equal_per_prompt(l
         assert (row.generation.ids, row.generation.steps) == (single.ids, single.steps), index
 
 
-def test_a_prompt_longer_than_the_write_index_waits():
+def test_a_prompt_joins_when_its_row_has_room_for_it_and_its_tokens():
+    """Rows are left-aligned, each with its own length: a prompt longer than the running rows'
+    joins at once; a prompt with more tokens than a row holds is refused."""
     from looplm.batch import BatchSession
 
     session = BatchSession(_exit_model(), rows=3, max_len=30, stop_ids=[])
     session.admit([[4, 8]], [5])
-    assert not session.fits(PROMPTS[0], 2)      # 7 tokens cannot end at index 2
+    assert session.fits(PROMPTS[0], 2)
     assert session.fits([3], 5) and not session.fits([3], 40)   # room for its tokens
     with pytest.raises(LoopLMError, match="does not fit"):
-        session.admit([PROMPTS[0]], [2])
+        session.admit([[3]], [40])
+    session.admit([PROMPTS[0]], [2])
 
 
 def test_batched_and_single_row_q_exit_agree_next_to_the_threshold():
     """A gate whose exit CDF lands just under q (σ(z) = 0.5 − 2e-9 at q = 0.5): float32 survival
-    rounds it up to q and would exit; the batched rule keeps float64 like the batch-1 rule."""
-    from looplm.exit_policy import ExitRule
-
-    z = torch.tensor([-8e-9])
-    readout = torch.zeros(1, 4)
-    batched = ExitRule(QExit(0.5), 1, 4).decide(0, None, readout, lambda: z, None)
-    single = ExitRule(QExit(0.5), 1, 4).decide_one(0, readout, lambda: float(z), None)
-    assert not single and not bool(batched[0])
-    assert -torch.expm1(torch.nn.functional.logsigmoid(-z)) >= 0.5  # float32 would have exited
+    rounds it up to q and would exit; the one Q-exit rule (every path's, batch 1 or batched,
+    and the C kernel's double) keeps float64."""
+    z = torch.tensor([-8e-9, -8e-9])
+    exits, _ = QExit.decide([QExit(0.5)], torch.zeros(2, dtype=torch.long), z, torch.zeros(2, dtype=torch.float64))
+    assert not exits.any()
+    assert -torch.expm1(torch.nn.functional.logsigmoid(-z[0])) >= 0.5  # float32 would have exited

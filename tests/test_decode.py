@@ -88,7 +88,7 @@ def test_q_exit_skips_steps_and_fills_deeper_caches_last_exited(tiny_model, back
         calls.clear()
         exits = []
         for token in torch.randint(0, 64, (30,)).tolist():
-            position = decoder.cache.length
+            position = decoder.row.position  # where the next token goes
             before = len(calls)
             _, used = decoder.step(token)
             exits.append(used)

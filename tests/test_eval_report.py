@@ -15,7 +15,8 @@ from looplm.config import ModelConfig
 from looplm.data.tasks import CapoTask, EvalSet, TaskBatches
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.eval.capacity import bits_from_losses, fano_bits, knowledge_bits
-from looplm.eval.curves import collect_step_records, curve_point, exit_steps
+from looplm.eval.curves import collect_step_records, curve_point, policy_steps
+from looplm.exit_policy import FixedSteps, parse_exit
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.eval.report import build_report
 from looplm.generate import Decoder, QExit
@@ -54,7 +55,7 @@ def reference_point(model, batches, policy: str, setting: float, trained: int):
                 chosen = trained
                 if policy == "static":
                     chosen = int(setting)
-                elif policy == "q_exit":
+                elif policy == "q":
                     survival = 1.0
                     for step in range(1, trained):
                         survival *= 1.0 - float(torch.sigmoid(output.gate_logits[step - 1, row, position]))
@@ -63,7 +64,7 @@ def reference_point(model, batches, policy: str, setting: float, trained: int):
                             break
                 else:
                     for step in range(2, trained + 1):
-                        if policy == "hidden_change":
+                        if policy == "hidden":
                             now, before = readouts[step - 1], readouts[step - 2]
                             distance = float(torch.sqrt(((now - before) ** 2).sum()) / torch.sqrt((now ** 2).sum()))
                         else:
@@ -81,8 +82,8 @@ def reference_point(model, batches, policy: str, setting: float, trained: int):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy, settings", [("q_exit", [0.0, 0.3, 0.5, 0.8, 1.0]), ("static", [1, 2, 3]),
-                                              ("hidden_change", [0.0, 0.5, 0.9, 1.2, 2.0]),
+@pytest.mark.parametrize("policy, settings", [("q", [0.0, 0.3, 0.5, 0.8, 1.0]), ("static", [1, 2, 3]),
+                                              ("hidden", [0.0, 0.5, 0.9, 1.2, 2.0]),
                                               ("kl", [0.0, 0.001, 0.003, 0.005, 10.0])])
 def test_curve_points_match_a_plain_loop_reference(tiny_model, policy, settings):
     batches = random_batches()
@@ -90,7 +91,9 @@ def test_curve_points_match_a_plain_loop_reference(tiny_model, policy, settings)
     trained = tiny_model.config.loop_steps
     mean_steps = set()
     for setting in settings:
-        point = curve_point(records, policy, setting, trained, with_accuracy=True)
+        chosen = FixedSteps(setting) if policy == "static" else parse_exit(f"{policy}:{setting}")
+        point = curve_point(records, chosen, trained, with_accuracy=True)
+        assert (point.policy, point.setting) == (policy, setting)
         expected = reference_point(tiny_model, batches, policy, setting, trained)
         assert point.mean_steps == pytest.approx(expected[0], rel=1e-6)
         assert point.loss == pytest.approx(expected[1], rel=1e-5)
@@ -114,7 +117,7 @@ def test_records_agree_with_the_per_depth_evaluation(tiny_model):
     histogram = report["exit_histogram"]
     assert sum(row["mean_exit_probability"] for row in histogram) == pytest.approx(1.0, abs=1e-5)
     assert sum(row["q_exit_fraction"] for row in histogram) == pytest.approx(1.0, abs=1e-6)
-    q_steps = exit_steps(records, "q_exit", 0.5, tiny_model.config.loop_steps)
+    q_steps = policy_steps(records, QExit(0.5), tiny_model.config.loop_steps)
     assert [row["q_exit_fraction"] for row in histogram] == pytest.approx(
         [float((q_steps == step).float().mean()) for step in (1, 2, 3)])
 
@@ -145,7 +148,7 @@ def test_q_exit_curve_equals_decoding_with_full_per_step_caches(tiny_model, q):
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
     trained = tiny_model.config.loop_steps
     records = collect_step_records(tiny_model, [(ids, targets)], trained)
-    chosen = exit_steps(records, "q_exit", q, trained)
+    chosen = policy_steps(records, QExit(q), trained)
     assert len(set(chosen.tolist())) > 1
     for position in range(1, 11):
         decoder = Decoder(tiny_model, QExit(q), max_len=12, backend="reference")
@@ -252,7 +255,7 @@ def test_eval_out_writes_the_report(checkpoint, tmp_path, capsys):
     assert [row["step"] for row in report["per_step"]] == [1, 2, 3, 4]
     assert [row["extrapolated"] for row in report["per_step"]] == [False, False, True, True]
     policies = [point["policy"] for point in report["curves"]]
-    assert policies.count("q_exit") == 3 and policies.count("static") == 2 and "kl" in policies
+    assert policies.count("q") == 3 and policies.count("static") == 2 and "kl" in policies
     with (out / "curves.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(report["curves"]) and set(rows[0]) == {"policy", "setting", "mean_steps", "loss", "accuracy"}

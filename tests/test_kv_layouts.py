@@ -116,13 +116,15 @@ def test_single_group_layouts_store_their_rule_for_decoded_tokens(layout):
     prompt, tokens = [3, 9, 4], [7, 1, 8, 2]
     decoder = Decoder(model, FixedSteps(), len(prompt) + len(tokens), backend="reference", layout=layout)
     cache, captured = decoder.cache, []
-    original = cache.after_step
+    original = decoder.stepper.core_step
 
-    def capture(step, start, end, rows=None):
-        captured.append((start, cache.store("core", 0, step)[0][0, :, start].clone()))
-        original(step, start, end, rows)
+    def capture(h, e, rows):  # after each decode step of the token at rows.positions[0]
+        h = original(h, e, rows)
+        position = rows.positions[0]
+        captured.append((position, cache.store("core", 0, rows.steps[0])[0][0, :, position].clone()))
+        return h
 
-    cache.after_step = capture
+    decoder.stepper.core_step = capture
     with torch.no_grad():
         decoder.prefill(torch.tensor([prompt]))
         for token in tokens:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from looplm import LoopLM, ModelConfig, LoopLMError  # noqa: E402
 from looplm.cli import main  # noqa: E402
 from looplm.data.tokenizer import byte_tokenizer  # noqa: E402
-from looplm.eval.lm_eval_adapter import LoopLMEval, parse_exit  # noqa: E402
+from looplm.eval.lm_eval_adapter import LoopLMEval  # noqa: E402
+from looplm.exit_policy import parse_exit  # noqa: E402
 from looplm.generate import Sampling  # noqa: E402
 from looplm.model.exit import act_weights_reference  # noqa: E402
 
@@ -103,7 +105,8 @@ def reference_steps(model, readouts, gates, spec, steps):
 @torch.no_grad()
 def reference_loglikelihood(model, context_ids, continuation_ids, exit="static", steps=STEPS):
     """(Σ log p(continuation), all greedy, exit steps) from one unbatched forward."""
-    spec = parse_exit(exit)
+    policy = parse_exit(exit)
+    spec = SimpleNamespace(kind=policy.name, value=getattr(policy, policy.parameter) if policy.parameter else None)
     tokens = (context_ids + continuation_ids)[-(CONTEXT + 1):]
     output = model(torch.tensor([tokens[:-1]]), steps=steps)
     readouts = [state[0] for state in output.hidden_states]
@@ -272,7 +275,7 @@ def test_bad_model_args_are_one_line_errors(checkpoint, tmp_path):
 def test_model_args_win_over_lm_eval_defaults(checkpoint):
     adapter = LoopLMEval.create_from_arg_string(f"pretrained={checkpoint},steps=5,exit=q:0.5,batch_size=3",
                                                 {"batch_size": 1, "device": "cuda:0", "max_batch_size": None})
-    assert (adapter.steps, adapter.exit.kind, adapter.exit.value, adapter.batch_size) == (5, "q", 0.5, 3)
+    assert (adapter.steps, adapter.exit.name, adapter.exit.threshold, adapter.batch_size) == (5, "q", 0.5, 3)
     assert adapter.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

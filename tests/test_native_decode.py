@@ -165,7 +165,7 @@ def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
         for token in tokens:
             (a, used), (b, expected) = fused.step(token), stepwise.step(token)
             assert used == expected
-            assert fused.greedy == int(a.argmax()) and stepwise.greedy is None  # the kernel's argmax
+            assert fused.greedy == int(a.argmax()) == stepwise.greedy  # the kernel's argmax, and the scheduler's
             steps.append(used)
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     if isinstance(policy, QExit):
@@ -190,7 +190,7 @@ def test_short_prompts_prefill_token_by_token_in_the_kernel_like_the_forward(tin
         for name, budget in (("kernel", native_stepper.NATIVE_PREFILL_BYTES), ("forward", 0)):
             monkeypatch.setattr(native_stepper, "NATIVE_PREFILL_BYTES", budget)
             decoder = Decoder(tiny_model, policy, 32, backend="native")
-            assert decoder._prefills_natively(9) == (name == "kernel")
+            assert decoder.stepper.prefills_tokens(9, policy.max_steps(3)) == (name == "kernel")
             logits, steps = decoder.prefill(prompt)
             tokens = [int(logits.argmax())]
             for _ in range(6):

@@ -20,7 +20,7 @@ from looplm.generate import Sampling, generate
 from looplm.model import LoopLM
 from looplm.serve import engine as engine_module
 from looplm.serve.app import ServerConfig
-from looplm.serve.engine import Engine, Job, Settings, Token, layer_applications
+from looplm.serve.engine import Engine, Job, Settings, Token
 from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
 
 TOKENIZER = byte_tokenizer()
@@ -141,6 +141,38 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(server):
     assert health["status"] == "ok" and health["stats"]["mean_batch_size"] > 1
 
 
+def test_requests_with_different_settings_share_one_batch(server):
+    """Exit policies (string and JSON form), steps, min_steps, temperatures, top-k and seeds,
+    stop strings: five concurrent requests decode as one batch, each row with its own settings,
+    and each gets exactly its per-prompt generation (a seeded row draws from its own generator)."""
+    from looplm.exit_policy import parse_exit
+
+    client, engine, model = server
+    bodies = [{"prompt": "mixed one", "max_tokens": 6, "temperature": 0, "exit": "q:0.5"},
+              {"prompt": "mixed two", "max_tokens": 8, "temperature": 0, "exit": "hidden:0.05", "steps": 2},
+              {"prompt": "three", "max_tokens": 5, "temperature": 0.8, "seed": 7, "exit": "act"},
+              {"prompt": "four", "max_tokens": 7, "temperature": 0, "exit": {"name": "kl", "epsilon": 0.01},
+               "stop": ["e"]},
+              {"prompt": "five", "max_tokens": 6, "temperature": 1.0, "top_k": 8, "seed": 3, "exit": "q:0.3",
+               "min_steps": 2}]
+    before = engine.stats.as_dict()
+    engine.batch_wait, engine.max_batch = 30.0, 5  # the batch closes once all five have arrived
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda body: client.post("/v1/completions", json=body).json(), bodies))
+    finally:
+        engine.batch_wait, engine.max_batch = 0.005, 8
+    after = engine.stats.as_dict()
+    assert after["batches"] - before["batches"] == 1 and after["largest_batch"] >= 5
+    for body, answer in zip(bodies, answers):
+        policy = parse_exit(body["exit"], body.get("steps"), body.get("min_steps"))
+        sampling = Sampling(body["temperature"], body.get("top_k", 0), 1.0, body.get("seed"))
+        expected = generate(model, [TOKENIZER.bos_id] + TOKENIZER.encode(body["prompt"]), body["max_tokens"],
+                            sampling, policy, TOKENIZER, body.get("stop", ()))
+        assert answer["choices"][0]["text"] == expected.text, body
+        assert answer["looplm"]["choices"][0]["steps"] == expected.steps and answer["looplm"]["exit"] == policy.spec()
+
+
 def test_prompt_list_gives_one_choice_per_prompt(server):
     client, _, model = server
     body = client.post("/v1/completions", json={"prompt": ["one", "two two"], "max_tokens": 5, "temperature": 0,
@@ -242,7 +274,6 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
         admit = breaks_on_marker(engine_module.BatchSession.admit)
 
     monkeypatch.setattr(engine_module, "BatchSession", BreakingSession)
-    monkeypatch.setattr(engine_module, "stream", breaks_on_marker(engine_module.stream))
     failures = engine.stats.failures
     engine.batch_wait, engine.max_batch = 30.0, 2  # both requests land in one batch, which fails
     try:
@@ -258,14 +289,34 @@ def test_a_failing_generation_fails_only_its_own_request(server, monkeypatch):
     assert client.post("/v1/completions", json={"prompt": "after", "max_tokens": 2}).status_code == 200
 
 
+def layer_applications(config, settings: Settings, decision_steps) -> tuple[int, int]:
+    """(run, full depth) core + coda layer applications of one generation's decoded tokens, from
+    its decision steps alone: the first decision comes from the prompt's prefill (not counted);
+    every later one is a decoded token that ran ``steps`` loop steps (all of them under the
+    ``full`` layout and ACT), each applying the core layers, and the coda at every step when the
+    policy reads every step (else once)."""
+    policy = settings.exit_policy
+    deepest = policy.max_steps(config.loop_steps)
+    run = full = 0
+    for steps in decision_steps[1:]:
+        ran = deepest if settings.layout == "full" or policy.runs_every_step else steps
+        run += ran * config.n_core_layers + (ran if policy.reads_every_step else 1) * config.n_coda_layers
+        full += deepest * (config.n_core_layers + config.n_coda_layers)
+    return run, full
+
+
 @pytest.mark.parametrize("layout", ["last_exited", "full"])
 def test_layer_applications_match_the_batched_engine(layout):
+    """The one count (each row as it ran: generate_batch, the server, generate) agrees with the
+    count from the decision steps alone, and batch-1 generate counts the same per prompt."""
     model = _model(n_coda_layers=1)
     prompts = [[1, 5, 9, 2], [4, 8], [6, 2, 9, 9, 7]]
     for policy in (QExit(0.5), FixedSteps(2), ACTExit(0.6)):
         result = generate_batch(model, prompts, 6, exit_policy=policy, layout=layout)
         counted = [layer_applications(model.config, Settings(policy, layout), generation.decision_steps)
                    for generation in result.generations]
+        singles = [generate(model, prompt, 6, exit_policy=policy, layout=layout) for prompt in prompts]
+        assert [(one.layer_applications, one.full_depth_applications) for one in singles] == counted
         assert sum(run for run, _ in counted) == result.layer_applications
         assert sum(full for _, full in counted) == result.full_depth_applications
         assert [run for run, _ in counted] == result.per_row_applications  # counted per row as they ran

@@ -31,18 +31,17 @@ def _model() -> LoopLM:
 
 @pytest.fixture
 def slow_tokens(monkeypatch):
-    """Every decoded token takes 40 ms, so a long generation lasts seconds."""
-    import importlib
+    """Every decoding iteration (one loop step of the running rows) takes 40 ms, so a long
+    generation lasts seconds."""
+    from looplm.scheduler import Scheduler
 
-    generate_module = importlib.import_module("looplm.generate")
+    iterate = Scheduler.iterate
 
-    step = generate_module.Decoder.step
-
-    def slow(self, token):
+    def slow(self):
         time.sleep(0.04)
-        return step(self, token)
+        return iterate(self)
 
-    monkeypatch.setattr(generate_module.Decoder, "step", slow)
+    monkeypatch.setattr(Scheduler, "iterate", slow)
 
 
 def test_oversized_requests_get_400_and_others_are_still_served():
@@ -68,7 +67,20 @@ def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_t
         started = time.monotonic()
         answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
         assert answer.status_code == 200
-        assert time.monotonic() - started < 1.0 + 2 * 0.04 + 0.5  # the slot freed within a second
+        assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the slot freed within a second
+
+
+def test_a_streaming_client_that_leaves_mid_stream_frees_its_row(slow_tokens):
+    engine = Engine(_model(), TOKENIZER, max_batch=1)
+    with serving(engine) as (client, port):
+        body = {"prompt": "leaving mid-stream", "max_tokens": 50, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            events = [line for _, line in zip(range(3), response.iter_lines()) if line]
+        assert events and events[0].startswith("data: ")  # it was streaming (about 6 s of tokens left)
+        started = time.monotonic()
+        answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200
+        assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the row freed within a second
 
 
 def test_a_full_queue_answers_503_with_retry_after(slow_tokens):
@@ -134,19 +146,23 @@ def test_prompts_of_different_lengths_share_one_batch(caplog):
 
 
 def test_what_the_join_check_lets_in_admit_takes():
-    """The engine's join check and ``BatchSession.admit`` agree for random groups of prompts and
-    limits, on an idle session and on a running one."""
+    """The engine's join check (``BatchSession.fits``, one job at a time in arrival order) and
+    ``BatchSession.admit`` agree for random prompts, limits and depths, on an idle session and
+    on a running one; what does not fit is refused by admit too."""
     import random
 
-    from looplm.serve.engine import _fitting
+    from looplm.errors import LoopLMError
 
     model, chooser = _model(), random.Random(0)
     for trial in range(40):
         session = BatchSession(model, 4, 40)
         if trial % 2:  # a running session: one row decoding at index 6
             session.admit([list(range(1, 7))], [20])
-        jobs = [Job(list(range(1, chooser.randint(1, 30) + 1)), chooser.randint(1, 40), Settings(FixedSteps()),
-                    lambda event: None) for _ in range(chooser.randint(1, 5))]
-        fitting = _fitting(session, jobs)
-        if fitting:
-            session.admit([job.prompt for job in fitting], [job.max_tokens for job in fitting])  # never raises
+        for _ in range(chooser.randint(1, 6)):
+            prompt, limit = list(range(1, chooser.randint(1, 30) + 1)), chooser.randint(1, 40)
+            settings = Settings(FixedSteps(chooser.choice([None, 2, 5])))
+            if session.fits(prompt, limit, settings):
+                session.admit([prompt], [limit], settings=[settings])  # never raises
+            else:
+                with pytest.raises(LoopLMError, match="does not fit"):
+                    session.admit([prompt], [limit], settings=[settings])

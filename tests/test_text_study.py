@@ -41,7 +41,7 @@ def test_smoke_study_reports_every_model_under_both_budgets(corpus, tmp_path, ca
     looped = summary[("tokens", "looped")]
     assert looped["seeds"] == [0, 1] and looped["bits_per_byte_std"] is not None
     assert len(looped["bits_per_byte_by_step"]) == 4 + 2  # T, then T+1 and T+2
-    assert set(looped["saved_within_1_percent"]) == {"q_exit", "hidden_change", "kl"}
+    assert set(looped["saved_within_1_percent"]) == {"q", "hidden", "kl"}
     assert summary[("tokens", "nanogpt")]["layers"] == 4 and summary[("tokens", "dense_compute")]["layers"] == 4
     # Equal tokens: every headline model saw the same number; equal wall clock: the budget is the looped run's time.
     assert {summary[("tokens", name)]["tokens"] for name in study.HEADLINE} == {looped["tokens"]}

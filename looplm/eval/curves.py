@@ -3,13 +3,14 @@
 One forward with ``steps`` loop steps gives, at every scored position (a target ≠ −100), what
 each step would predict: its cross-entropy L_t, whether its argmax is the target, the exit
 gate logit z_t, the relative readout change ‖r_t − r_{t−1}‖ / ‖r_t‖ and the readout KL
-KL(p_t ‖ p_{t−1}) (``StepRecords``).  An exit policy then picks a step e per position, and the
-step-e prediction is the one that counts:
+KL(p_t ‖ p_{t−1}) (``StepRecords``).  An exit policy (``looplm.exit_policy``, the decoders'
+own objects and ``decide``, replayed over the recorded signals by ``exit_policy.exit_steps``)
+then picks a step e per position, and the step-e prediction is the one that counts:
 
-* ``q_exit``         first step whose exit CDF 1 − Π_{j≤n}(1 − λ_j) reaches q (q = 1: T steps);
-* ``static``         always step t;
-* ``hidden_change``  first step t ≥ 2 whose relative readout change is below ε (Ouro §5.4);
-* ``kl``             first step t ≥ 2 whose readout KL is below ε (Huginn).
+* ``q``       first step whose exit CDF 1 − Π_{j≤n}(1 − λ_j) reaches q (q = 1: T steps);
+* ``static``  always step t;
+* ``hidden``  first step t ≥ 2 whose relative readout change is below ε (Ouro §5.4);
+* ``kl``      first step t ≥ 2 whose readout KL is below ε (Huginn).
 
 A curve point is (mean exit step over the scored positions = compute, quality): the mean
 loss for text, and for a task also exact-match accuracy (an example is right iff every answer
@@ -37,10 +38,10 @@ import torch
 from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
-from looplm.model.exit import convergence_exit_steps, hidden_change, q_exit_steps, readout_kl
+from looplm.exit_policy import ExitPolicy, FixedSteps, Signal, exit_steps, parse_exit
+from looplm.model.exit import hidden_change, readout_kl
 
 IGNORE_INDEX = -100
-POLICIES = ("q_exit", "static", "hidden_change", "kl")
 Q_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 HIDDEN_CHANGE_GRID = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0)
 KL_GRID = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0)
@@ -133,25 +134,22 @@ def collect_step_records(model, batches: Iterable[tuple[torch.Tensor, torch.Tens
                        example=torch.cat(parts["example"]), rows=rows)
 
 
-def exit_steps(records: StepRecords, policy: str, setting: float, trained_steps: int) -> torch.Tensor:
-    """Per scored position, the 1-based step the policy exits at, among steps 1..trained_steps."""
+def policy_steps(records: StepRecords, policy: ExitPolicy, trained_steps: int) -> torch.Tensor:
+    """Per scored position, the 1-based step ``policy`` exits at, among steps 1..trained_steps."""
     if not 1 <= trained_steps <= records.steps:
         raise LoopLMError(f"trained_steps must be in [1, {records.steps}], got {trained_steps}")
-    if trained_steps == 1 and policy in POLICIES:
-        return torch.ones(records.positions, dtype=torch.long)
-    if policy == "q_exit":
-        if records.gate_logits is None:
-            raise LoopLMError("Q-exit needs a model with an exit gate")
-        return q_exit_steps(records.gate_logits[:trained_steps], setting)
-    if policy == "static":
-        return torch.full((records.positions,), int(setting), dtype=torch.long)
-    if policy == "hidden_change":
-        return convergence_exit_steps(records.hidden_change[:trained_steps - 1], setting)
-    if policy == "kl":
-        if records.readout_kl is None:
-            raise LoopLMError("the KL policy needs records collected with kl=True")
-        return convergence_exit_steps(records.readout_kl[:trained_steps - 1], setting)
-    raise LoopLMError(f"unknown exit policy {policy!r}; known: {', '.join(POLICIES)}")
+    signals = {Signal.GATE: records.gate_logits, Signal.READOUT_CHANGE: records.hidden_change,
+               Signal.LOGITS_CHANGE: records.readout_kl}
+    recorded = signals.get(policy.signal)
+    if recorded is None and policy.reads_every_step:
+        raise LoopLMError(f"exit {policy.spec()} needs " + ("a model with an exit gate" if policy.needs_gate else
+                                                            "records collected with kl=True"))
+    changes = policy.signal is not Signal.GATE  # entry t − 1 compares step t with step t − 1
+
+    def signal(step: int) -> torch.Tensor:
+        return recorded[step] if not changes else (recorded[step - 1] if step else torch.zeros(records.positions))
+
+    return exit_steps(policy, min(policy.max_steps(trained_steps), trained_steps), records.positions, signal)
 
 
 def exact_match(records: StepRecords, steps: torch.Tensor) -> float:
@@ -161,12 +159,12 @@ def exact_match(records: StepRecords, steps: torch.Tensor) -> float:
     return float((wrong == 0).float().mean())
 
 
-def curve_point(records: StepRecords, policy: str, setting: float, trained_steps: int,
-                with_accuracy: bool) -> CurvePoint:
-    steps = exit_steps(records, policy, setting, trained_steps)
+def curve_point(records: StepRecords, policy: ExitPolicy, trained_steps: int, with_accuracy: bool) -> CurvePoint:
+    steps = policy_steps(records, policy, trained_steps)
     loss = float(records.losses.gather(0, (steps - 1).unsqueeze(0)).mean())
     accuracy = exact_match(records, steps) if with_accuracy else None
-    return CurvePoint(policy, float(setting), float(steps.float().mean()), loss, accuracy)
+    setting = getattr(policy, policy.parameter) if policy.parameter else policy.steps
+    return CurvePoint(policy.name, float(setting), float(steps.float().mean()), loss, accuracy)
 
 
 def compute_quality_curves(records: StepRecords, trained_steps: int, with_accuracy: bool,
@@ -174,10 +172,10 @@ def compute_quality_curves(records: StepRecords, trained_steps: int, with_accura
                            kl_grid=KL_GRID) -> list[CurvePoint]:
     """Every policy over its grid: Q-exit (if the model has a gate), static steps 1..T,
     hidden change, and KL (if the records have it)."""
-    settings: dict[str, tuple] = {"static": tuple(range(1, trained_steps + 1)), "hidden_change": hidden_change_grid}
+    policies = [FixedSteps(steps) for steps in range(1, trained_steps + 1)]
+    policies += [parse_exit(f"hidden:{epsilon!r}") for epsilon in hidden_change_grid]
     if records.gate_logits is not None:
-        settings = {"q_exit": q_grid, **settings}
+        policies = [parse_exit(f"q:{q!r}") for q in q_grid] + policies
     if records.readout_kl is not None:
-        settings["kl"] = kl_grid
-    return [curve_point(records, policy, setting, trained_steps, with_accuracy)
-            for policy, grid in settings.items() for setting in grid]
+        policies += [parse_exit(f"kl:{epsilon!r}") for epsilon in kl_grid]
+    return [curve_point(records, policy, trained_steps, with_accuracy) for policy in policies]

@@ -10,7 +10,7 @@ lm-eval's three request types, for a sequence x = [prefix] + tokens:
 - ``generate_until(context, gen_kwargs)`` → text up to the first ``until`` string, eos, or
   ``max_gen_toks`` tokens (greedy, or sampled per ``do_sample``/``temperature``/``top_k``/``top_p``).
 
-Which loop step answers (model_args ``steps=N``, ``exit=…``; ``parse_exit``):
+Which loop step answers (model_args ``steps=N``, ``exit=…``; ``looplm.exit_policy.parse_exit``):
 - ``static``: every token reads the readout of step N (default: the trained T);
 - ``q:<q>``: Ouro's Q-exit, the first step n with CDF(n) = 1 − Π_{j≤n}(1 − λ_j) ≥ q;
 - ``hidden:<ε>``: the first step t ≥ 2 with ‖r_t − r_{t−1}‖ / ‖r_t‖ < ε;
@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,8 @@ from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, exit_steps, parse_exit, readout_perplexity
+from looplm.model.exit import hidden_change, readout_kl
 
 try:
     import lm_eval.models  # noqa: F401  (built-in names first: get_model fills only an empty registry)
@@ -65,7 +67,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 log = logging.getLogger(__name__)
 
-EXIT_KINDS = ("static", "q", "hidden", "kl", "act")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREFIXES = ("bos", "eos")
 AUTO_BATCH_LOGITS = 2 ** 26  # batch_size=auto: rows × max_seq_len × vocab ≤ this many floats (256 MB)
@@ -73,69 +74,36 @@ MAX_AUTO_BATCH = 64
 SUPPORTED_GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
 
 
-@dataclass(frozen=True)
-class ExitSpec:
-    """A parsed ``exit=`` model_arg: kind in ``EXIT_KINDS`` and its number (q, ε or the ACT
-    threshold; None for static and for act with the model's own threshold)."""
+def exit_steps_of(output, policy: ExitPolicy) -> torch.Tensor:
+    """Per token, the 1-based step whose readout answers, from a full forward [B, S] → [B, S]:
+    the policy's own decision (``exit_policy.exit_steps``) over the forward's per-step signals."""
+    states, shape = output.hidden_states, output.hidden_states[0].shape[:-1]
+    if policy.signal is Signal.GATE and output.gate_logits is None:
+        raise LoopLMError("exit=q needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
 
-    kind: str = "static"
-    value: float | None = None
+    def signal(step: int) -> torch.Tensor:
+        if policy.signal is Signal.GATE:
+            return output.gate_logits[step].reshape(-1)
+        if policy.signal is Signal.PERPLEXITY:
+            return readout_perplexity(output.logits(step + 1)).reshape(-1)
+        if step == 0:
+            return torch.zeros(shape.numel())
+        if policy.signal is Signal.READOUT_CHANGE:
+            return hidden_change(states[step - 1], states[step]).reshape(-1)
+        return readout_kl(output.logits(step), output.logits(step + 1)).reshape(-1)
 
-
-def parse_exit(spec: str) -> ExitSpec:
-    """``static`` | ``q:<q>`` | ``hidden:<eps>`` | ``kl:<eps>`` | ``act`` | ``act:<threshold>``."""
-    kind, _, number = str(spec).strip().partition(":")
-    usage = "use static, q:<q in [0,1]>, hidden:<eps>, kl:<eps>, act or act:<threshold>"
-    if kind not in EXIT_KINDS:
-        raise LoopLMError(f"unknown exit {spec!r}: {usage}")
-    if kind == "static" or (kind == "act" and not number):
-        if number:
-            raise LoopLMError(f"exit=static takes no number, got {spec!r}")
-        return ExitSpec(kind)
-    try:
-        value = float(number)
-    except ValueError:
-        raise LoopLMError(f"exit {spec!r} needs a number after '{kind}:': {usage}") from None
-    if kind == "q" and not 0.0 <= value <= 1.0:
-        raise LoopLMError(f"exit q must be in [0, 1], got {value}")
-    if kind in ("hidden", "kl") and value < 0:
-        raise LoopLMError(f"exit {kind} threshold must be >= 0, got {value}")
-    if kind == "act" and not 0.0 < value <= 1.0:
-        raise LoopLMError(f"the ACT threshold must be in (0, 1], got {value}")
-    return ExitSpec(kind, value)
+    return exit_steps(policy, output.steps, shape.numel(), signal).view(shape).to(states[0].device)
 
 
-def exit_steps(output, spec: ExitSpec) -> torch.Tensor:
-    """Per token, the 1-based step whose readout answers, from a full forward [B, S] → [B, S]."""
-    from looplm.model.exit import convergence_exit_steps, hidden_change, q_exit_steps, readout_kl
-
-    steps = output.steps
-    if spec.kind == "static" or steps == 1:
-        shape = output.hidden_states[0].shape[:-1]
-        return torch.full(shape, steps, dtype=torch.long, device=output.hidden_states[0].device)
-    if spec.kind == "q":
-        if output.gate_logits is None:
-            raise LoopLMError("exit=q needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
-        return q_exit_steps(output.gate_logits, spec.value)
-    states = output.hidden_states
-    if spec.kind == "hidden":
-        distances = [hidden_change(states[t - 1], states[t]) for t in range(1, steps)]
-    elif spec.kind == "kl":
-        distances = [readout_kl(output.logits(t), output.logits(t + 1)) for t in range(1, steps)]
-    else:
-        raise LoopLMError(f"exit={spec.kind} has no per-token step: see exit_logprobs")
-    return convergence_exit_steps(torch.stack(distances), spec.value)
-
-
-def exit_logprobs(output, targets: torch.Tensor, spec: ExitSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exit_logprobs(output, targets: torch.Tensor, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log p(target) under each token's exit readout, whether the target is that readout's
     argmax, and the step used: targets [B, S] → three [B, S] tensors.  ACT reads the
     halting-weighted state and reports the halting step."""
-    if spec.kind == "act":
-        state, _, steps = output.act(spec.value)
+    if isinstance(policy, ACTExit):
+        state, _, steps = output.act(policy.threshold)
         log_probs = F.log_softmax(output.model.logits(state).float(), dim=-1)
         return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), log_probs.argmax(-1) == targets, steps
-    steps = exit_steps(output, spec)
+    steps = exit_steps_of(output, policy)
     chosen_logprob = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     greedy = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
     for step in steps.unique().tolist():
@@ -186,15 +154,15 @@ class LoopLMEval(TemplateLM):
             raise LoopLMError(f"unknown looplm model_args {', '.join(sorted(unknown))}: the keys are"
                               f" {', '.join(self.ARGUMENTS)}")
         import looplm
-        from looplm.config import DECODE_BACKENDS
         from looplm.model.lm import LoopLM
+        from looplm.steppers import backend_names
 
         if dtype not in DTYPES:
             raise LoopLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if prefix not in PREFIXES:
             raise LoopLMError(f"prefix must be bos or eos, got {prefix!r}")
-        if backend not in DECODE_BACKENDS:
-            raise LoopLMError(f"backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
+        if backend not in backend_names():
+            raise LoopLMError(f"backend must be one of {', '.join(backend_names())}, got {backend!r}")
         self.exit = parse_exit(exit)
         self._device = _resolve_device(device)
         if isinstance(pretrained, LoopLM):
@@ -213,7 +181,8 @@ class LoopLMEval(TemplateLM):
             raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
                               f" {self.model.config.vocab_size} embedding rows: wrong tokenizer")
         self.steps = self.model.config.loop_steps if steps in (None, "") else _integer("steps", steps, 1)
-        if self.exit.kind in ("q", "act") and self.model.exit_gate is None:
+        self.exit = replace(self.exit, steps=self.steps)
+        if self.exit.needs_gate and self.model.exit_gate is None:
             raise LoopLMError(f"exit={exit} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
         self.batch_size = self._parse_batch_size(batch_size, max_batch_size)
         self.prefix = prefix
@@ -373,13 +342,12 @@ class LoopLMEval(TemplateLM):
         return results
 
     def _generate(self, prompt: list[int], max_new: int, sampling, until: list[str]) -> str:
-        from looplm.generate import ACTExit, FixedSteps, QExit, generate
+        from looplm.generate import generate
 
-        if self.exit.kind in ("hidden", "kl"):
+        if self.exit.signal in (Signal.READOUT_CHANGE, Signal.LOGITS_CHANGE):
             return self.tokenizer.decode(self.decode_converged(prompt, max_new, sampling, until))
-        policy = {"static": lambda: FixedSteps(self.steps), "q": lambda: QExit(self.exit.value, self.steps),
-                  "act": lambda: ACTExit(self.exit.value, self.steps)}[self.exit.kind]()
-        result = generate(self.model, prompt, max_new, sampling, policy, self.tokenizer, until, backend=self.backend)
+        result = generate(self.model, prompt, max_new, sampling, self.exit, self.tokenizer, until,
+                          backend=self.backend)
         self.exit_step_total += sum(result.steps)
         self.exit_step_tokens += len(result.steps)
         return result.text
@@ -391,11 +359,9 @@ class LoopLMEval(TemplateLM):
         ``generate`` with the ``full`` KV layout and the convergence policy (reference backend: the
         same modules the scoring forward runs).  Stops at eos (not returned), once the text holds
         an ``until`` string, or at the budget."""
-        from looplm.exit_policy import HiddenDiffExit, KLExit
         from looplm.generate import generate
 
-        policy = (HiddenDiffExit if self.exit.kind == "hidden" else KLExit)(self.exit.value, self.steps)
-        result = generate(self.model, prompt, max_new, sampling, policy, self.tokenizer, until,
+        result = generate(self.model, prompt, max_new, sampling, self.exit, self.tokenizer, until,
                           backend="reference", layout="full")
         self.exit_step_total += sum(result.decision_steps)
         self.exit_step_tokens += len(result.decision_steps)
@@ -405,7 +371,7 @@ class LoopLMEval(TemplateLM):
         """Added to lm-eval's results["config"]: what was evaluated and the loop steps it used."""
         mean = self.exit_step_total / self.exit_step_tokens if self.exit_step_tokens else None
         return {"looplm_checkpoint": self.checkpoint, "looplm_steps": self.steps,
-                "looplm_exit": self.exit.kind + ("" if self.exit.value is None else f":{self.exit.value:g}"),
+                "looplm_exit": self.exit.spec(),
                 "looplm_mean_exit_step": mean, "model_num_parameters": self.model.num_parameters()}
 
 

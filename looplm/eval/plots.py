@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-POLICY_LABELS = {"q_exit": "Q-exit (threshold q)", "static": "static steps", "hidden_change": "hidden change < ε",
+POLICY_LABELS = {"q": "Q-exit (threshold q)", "static": "static steps", "hidden": "hidden change < ε",
                  "kl": "readout KL < ε"}
 
 

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from looplm.errors import LoopLMError
-from looplm.eval.curves import KL_GRID, HIDDEN_CHANGE_GRID, Q_GRID, StepRecords, compute_quality_curves, exact_match
-from looplm.model.exit import exit_distribution, log_exit_distribution, q_exit_steps
+from looplm.eval.curves import (KL_GRID, HIDDEN_CHANGE_GRID, Q_GRID, StepRecords, compute_quality_curves, exact_match,
+                                policy_steps)
+from looplm.exit_policy import QExit
+from looplm.model.exit import exit_distribution, log_exit_distribution
 
 HISTOGRAM_Q = 0.5
 PLOTS = {"per_step": "per_step.png", "curves": "curves.png", "exit_histogram": "exit_histogram.png"}
@@ -55,7 +57,7 @@ def build_report(records: StepRecords, trained_steps: int, with_accuracy: bool, 
         index = torch.arange(1, trained_steps + 1, dtype=p.dtype).unsqueeze(1)
         report["mean_exit_step"] = float((p * index).sum(0).mean())
         report["exit_entropy"] = float(-(p * log_exit_distribution(gates)).sum(0).mean())
-        chosen = q_exit_steps(gates, histogram_q)
+        chosen = policy_steps(records, QExit(histogram_q), trained_steps)
         report["exit_histogram"] = [{"step": step, "mean_exit_probability": float(p[step - 1].mean()),
                                      "q_exit_fraction": float((chosen == step).float().mean())}
                                     for step in range(1, trained_steps + 1)]

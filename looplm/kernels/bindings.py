@@ -64,8 +64,7 @@ SIGNATURES = {
                           ctypes.c_double, _INT, _POINTER, _POINTER, _INT, _POINTER], _INT),
     "looplm_token": ([_POINTER, _INT, _INT, _INT, _INT, ctypes.c_double], _INT),
     "looplm_rows_attention": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT,
-                               _INT, _POINTER, _INT], None),
-    "looplm_copy_rows": ([_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT, _INT], None),
+                               _POINTER, _INT], None),
     "looplm_scratch_floats": ([ctypes.POINTER(Dims)], ctypes.c_long),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),

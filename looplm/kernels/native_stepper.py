@@ -1,20 +1,23 @@
-"""``NativeStepper``: the per-token decode steps through the C kernel (``decode_kernel.c``).
+"""``NativeStepper``: one decode row's loop steps through the C kernel (``decode_kernel.c``).
 
-Same methods as ``generate.ReferenceStepper`` and ``fast_decode.FastStepper``, so
-``Decoder.step`` runs its exit loop over any of them; it reads and writes the same
-``KVCache`` storage (prefill, LAST_EXITED copies and the other steppers interoperate).
-The weights are the model's own tensors, read in place (no copies): build the stepper after
-training, as ``generate`` does for every call.
+A ``looplm.steppers.Stepper`` for one row (tensors [1, D]), like ``fast_decode.FastStepper``;
+it reads and writes the same ``KVCache`` storage (prefill, LAST_EXITED copies and the other
+steppers interoperate).  Capabilities the scheduler uses: ``whole_token`` (a token's embedding
+row, every step, Q-exit, the LAST_EXITED copy, the head and the greedy argmax in one C call;
+the plain loop without a prelude, layouts ``whole_token_layouts``) and ``prefill_tokens`` (a
+short prompt token by token at full depth).  The weights are the model's own tensors, read in
+place (no copies): build the stepper after training, as ``generate`` does for every call.
 
 Supported: a float32 model on the CPU (its layer projections may be int8 ``Int8Linear``,
 looplm.quant, or bf16 ``Bf16Linear``, looplm.bf16 — whose head the kernel then reads in bf16
-too) and a batch-1 cache; ``native_unsupported`` says why not otherwise, and ``Decoder`` then
-falls back to ``FastStepper``.
+too) and a batch-1 cache; ``native_unsupported`` says why not otherwise, and ``auto`` then falls
+back to the C runtime (``runtime_stepper``) or ``FastStepper``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 
@@ -72,11 +75,12 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 class NativeStepper:
-    """One token through prelude, core steps, coda, gate and head in the C kernel."""
+    """One row's token through prelude, core steps, coda, gate and head in the C kernel."""
 
-    fused_layouts = ("last_exited",)  # the layouts ``exit_loop``/``token`` fill in C
+    whole_token_layouts = ("last_exited",)
+    unsupported = staticmethod(native_unsupported)
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         reason = native_unsupported(model, cache)
         if reason is not None:
             raise ValueError(reason)
@@ -107,7 +111,6 @@ class NativeStepper:
         self.gate_weight = self._keep_tensor(model.exit_gate.weight) if model.exit_gate is not None else None
         self.gate_bias = float(model.exit_gate.bias.detach()[0]) if model.exit_gate is not None else None
         self.gate_buffer = torch.zeros(1)
-        self.gate_value = ctypes.c_float.from_address(self.gate_buffer.data_ptr())
         self.cos = self._keep_tensor(model.rope.cos)
         self.sin = self._keep_tensor(model.rope.sin)
         self.hidden = torch.zeros(config.d_model)
@@ -126,8 +129,10 @@ class NativeStepper:
         self._best_address = ctypes.addressof(self.best)
         self._steps = (ctypes.POINTER(Layer) * len(self.core))(
             *[ctypes.cast(packed, ctypes.POINTER(Layer)) for packed in self.core]) if self.core[0] is not None else None
-        self._token_loop = None  # ``token``'s fixed arguments, for the plain loop without a prelude
+        self._token_loop = None  # ``whole_token``'s fixed arguments, for the plain loop without a prelude
+        self.whole_token = None
         if self.fuses_exit_loop and self.prelude[0] is None:
+            self.whole_token = self._whole_token
             self._token_loop = TokenLoop(
                 ctypes.addressof(self.dims), ctypes.addressof(self._steps), config.n_core_layers, self.threads,
                 config.vocab_size, self._hidden_address, self.cos.data_ptr(), self.sin.data_ptr(),
@@ -173,51 +178,51 @@ class NativeStepper:
                                   scratch, norm if final_norm else None, self.threads)
 
     def _load(self, h: torch.Tensor) -> None:
-        if h is not self.hidden and h.data_ptr() != self.hidden.data_ptr():
-            self.hidden.copy_(h)
+        if h.data_ptr() != self.hidden.data_ptr():
+            self.hidden.copy_(h.view(-1))
 
-    def embed(self, token: int, start: int) -> torch.Tensor:
-        ctypes.memmove(self.hidden.data_ptr(), self.embedding.data_ptr() + token * self.row_bytes, self.row_bytes)
+    def embed(self, tokens: list[int], rows) -> torch.Tensor:
+        ctypes.memmove(self.hidden.data_ptr(), self.embedding.data_ptr() + tokens[0] * self.row_bytes, self.row_bytes)
         if self.prelude[0] is not None:
-            self._run(self.prelude[0], self.config.n_prelude_layers, self.hidden, start, False)
-        return self.hidden
+            self._run(self.prelude[0], self.config.n_prelude_layers, self.hidden, rows.positions[0], False)
+        return self.hidden.view(1, -1)
 
-    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
         return e
 
-    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
         self._load(h)
-        self._run(self.core[step], self.config.n_core_layers, self.hidden, start, self.config.step_norm)
-        return self.hidden
+        self._run(self.core[rows.steps[0]], self.config.n_core_layers, self.hidden, rows.positions[0],
+                  self.config.step_norm)
+        return self.hidden.view(1, -1)
 
-    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
         self._load(h)
         readout = self.readout_buffer
-        if self.coda[step] is not None:
+        if self.coda[rows.steps[0]] is not None:
             ctypes.memmove(readout.data_ptr(), self.hidden.data_ptr(), self.row_bytes)
-            self._run(self.coda[step], self.config.n_coda_layers, readout, start, True)
+            self._run(self.coda[rows.steps[0]], self.config.n_coda_layers, readout, rows.positions[0], True)
         elif self.config.step_norm:
             ctypes.memmove(readout.data_ptr(), self.hidden.data_ptr(), self.row_bytes)
         else:
             self.kernel.looplm_rms_norm(self.hidden.data_ptr(), self.norm.data_ptr(), readout.data_ptr(),
                                         self.config.d_model, self.config.norm_eps)
-        return readout
+        return readout.view(1, -1)
 
     @property
     def fuses_exit_loop(self) -> bool:
         """Whether ``exit_loop`` can run a whole token's steps (plain loop: step norm, no coda)."""
         return self.config.step_norm and self.coda[0] is None
 
-    def exit_loop(self, h: torch.Tensor, start: int, max_steps: int, min_steps: int, q: float, fill: bool,
+    def exit_loop(self, start: int, max_steps: int, min_steps: int, threshold: float | None, fill: bool,
                   logits: bool = False) -> int:
-        """Every loop step of one token and its Q-exit decision in one C call (q > 1: no early
-        exit); with ``fill`` the exited token's K/V are copied into the deeper steps, with
-        ``logits`` the head is applied too (into ``logits_buffer``, its argmax into ``best``).
-        Returns the steps run; ``self.hidden`` then holds the readout."""
-        self._load(h)
+        """Every loop step of the token in ``hidden`` and its Q-exit decision in one C call
+        (threshold None: no early exit); with ``fill`` the exited token's K/V are copied into the
+        deeper steps, with ``logits`` the head is applied too (into ``logits_buffer``, its argmax
+        into ``best``).  Returns the steps run; ``self.hidden`` then holds the readout."""
         dims, cos, sin, scratch, norm = self._addresses
         rope_row = start * self.config.head_dim * _FLOAT
-        gate = self._gate_address if q <= 1.0 else None
+        gate, q = (self._gate_address, threshold) if threshold is not None else (None, math.inf)
         head, buffer, best = (self._head_address, self._logits_address, self._best_address) if logits else (
             None, None, None)
         return self.kernel.looplm_exit_loop(dims, self._steps, self.config.n_core_layers, max_steps, min_steps,
@@ -225,25 +230,35 @@ class NativeStepper:
                                             scratch, norm, self.threads, gate, self.gate_bias or 0.0, q, int(fill),
                                             head, buffer, self.config.vocab_size, best)
 
-    @property
-    def runs_whole_tokens(self) -> bool:
-        """Whether ``token`` can run (the plain fused loop, no prelude)."""
-        return self._token_loop is not None
+    def prefill_tokens(self, tokens: list[int], max_steps: int) -> None:
+        """Run ``tokens`` at positions 0, 1, … through every step (a prompt's cache, as the batched
+        forward fills it; their logits are not needed)."""
+        for position, token in enumerate(tokens):
+            ctypes.memmove(self.hidden.data_ptr(), self.embedding.data_ptr() + token * self.row_bytes, self.row_bytes)
+            self.exit_loop(position, max_steps, max_steps, None, False)
 
-    def token(self, token: int, start: int, max_steps: int, min_steps: int, q: float) -> int:
+    def prefills_tokens(self, length: int, max_steps: int) -> bool:
+        """Whether a prompt of ``length`` tokens is prefilled by ``prefill_tokens`` (for a small
+        model that beats a batched forward; see ``NATIVE_PREFILL_BYTES``)."""
+        return self.whole_token is not None and length * max_steps * self.token_step_bytes <= NATIVE_PREFILL_BYTES
+
+    def _whole_token(self, token: int, start: int, max_steps: int, min_steps: int, threshold: float | None):
         """``exit_loop`` from a token id with fill and logits, in one five-number C call: the
-        embedding row, every step, Q-exit (q > 1: none), the LAST_EXITED copy, the head into
-        ``logits_buffer`` and its argmax into ``best``.  Returns the steps run."""
-        return self._token_call(self._token_arguments, token, start, max_steps, min_steps, q)
+        embedding row, every step, Q-exit (threshold None: none), the LAST_EXITED copy, the head
+        and its argmax.  Returns (steps run, the logits [V] — the kernel's buffer, which the next
+        call overwrites — and their argmax)."""
+        ran = self._token_call(self._token_arguments, token, start, max_steps, min_steps,
+                               math.inf if threshold is None else threshold)
+        return ran, self.logits_buffer, self.best.value
 
-    def gate_logit(self, readout: torch.Tensor) -> float:
-        """The exit gate's logit as a Python float (one C dot product: no tensor allocations)."""
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logit [1] (one C dot product)."""
         self.kernel.looplm_matvec(self.gate_weight.data_ptr(), readout.data_ptr(), self.gate_buffer.data_ptr(),
                                   1, self.config.d_model, 1)
-        return self.gate_value.value + self.gate_bias
+        return self.gate_buffer + self.gate_bias
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         self.kernel.looplm_project(ctypes.byref(self.head_projection), readout.data_ptr(),
                                    self.logits_buffer.data_ptr(), self.config.vocab_size, self.config.d_model,
                                    self.threads)
-        return self.logits_buffer.clone()
+        return self.logits_buffer.clone().view(1, -1)

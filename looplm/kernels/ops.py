@@ -1,10 +1,10 @@
 """The C kernel's row and block operations, each beside the plain torch version it is held to.
 
 These are the only doors from the rest of looplm into native code (with ``NativeStepper`` for
-whole decode steps): the cache, the attention layers and the int8 layers call these functions
+whole decode steps): the cache's row storage and the int8 layers call these functions
 and never touch ctypes or addresses themselves.  Every fast function falls back to its
 reference where the kernel does not serve the inputs (not CPU float32, not built), and tests
-hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_kv_layouts.py).
+hold each pair equal (tests/test_row_attention.py, tests/test_quant.py).
 """
 
 from __future__ import annotations
@@ -30,63 +30,37 @@ def _address(tensor: torch.Tensor) -> ctypes.c_void_p:
 
 
 def rows_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                   starts: torch.Tensor, end: int) -> torch.Tensor:
-    """Decode attention of some rows of a batched cache, read in place.
+                   ends: torch.Tensor) -> torch.Tensor:
+    """Decode attention of rows of a cache, each at its own position, read in place.
 
-    q [R, H, 1, hd] (RoPE applied); keys, values: one slot's storage [B, H_kv, max_len, hd];
-    query i belongs to cache row ``rows[i]`` and sees keys [starts[i], end).  Returns the
-    attention output [R, H, 1, hd] (softmax(q·kᵀ/√hd)·v over those keys)."""
+    q [R, H, 1, hd] (RoPE applied); keys, values: rows of storage [N, H_kv, max_len, hd] (a
+    cache's [slots, B, ...] viewed as slots·B rows); query i attends row ``rows[i]``'s keys
+    [0, ends[i]).  Returns softmax(q·kᵀ/√hd)·v over those keys, [R, H, 1, hd]."""
     if not (serves(keys) and serves(values)):
-        return rows_attention_reference(q, keys, values, rows, starts, end)
+        return rows_attention_reference(q, keys, values, rows, ends)
     count, heads, _, head_dim = q.shape
     query = q.contiguous()
     out = torch.empty_like(query)
-    rows, starts = rows.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous()
+    rows, ends = rows.to(torch.int64).contiguous(), ends.to(torch.int64).contiguous()
     load_kernel().looplm_rows_attention(_address(query), _address(keys), _address(values), _address(rows),
-                                        _address(starts), count, heads, keys.shape[1], keys.shape[2], head_dim,
-                                        end, _address(out), torch.get_num_threads())
+                                        _address(ends), count, heads, keys.shape[1], keys.shape[2], head_dim,
+                                        _address(out), torch.get_num_threads())
     return out
 
 
 def rows_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                             starts: torch.Tensor, end: int) -> torch.Tensor:
-    """``rows_attention`` with torch ops: gather the rows, mask keys before each row's start, SDPA."""
-    gathered_keys = keys[:, :, :end].index_select(0, rows)
-    gathered_values = values[:, :, :end].index_select(0, rows)
-    mask = (torch.arange(end, device=q.device).unsqueeze(0) >= starts.unsqueeze(1)).view(len(rows), 1, 1, end)
-    return F.scaled_dot_product_attention(q, gathered_keys, gathered_values, attn_mask=mask,
-                                          enable_gqa=gathered_keys.shape[1] != q.shape[1])
+                             ends: torch.Tensor) -> torch.Tensor:
+    """``rows_attention`` with torch ops: gather the rows, mask keys from each row's end on, SDPA."""
+    keys, values, mask = gather_rows(keys, values, rows, ends)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1])
 
 
-def copy_positions(storage: torch.Tensor, source: int, target: int, rows: torch.Tensor | slice,
-                   start: int, end: int) -> None:
-    """storage[target, rows, :, start:end] = storage[source, rows, :, start:end].
-
-    storage [slots, B, H, max_len, width].  A whole batch-1 cache copies each head's contiguous
-    run with memmove, and some rows of a batch (an index tensor) go through one C call
-    (``looplm_copy_rows``): decoding a small model is quick enough that tensor-indexing overhead
-    would eat the loop steps early exit saved.  Elsewhere the reference runs."""
-    if not serves(storage):
-        return copy_positions_reference(storage, source, target, rows, start, end)
-    _, batch, heads, length, width = storage.shape
-    if batch == 1:
-        item = storage.element_size()
-        slot, run = storage.stride(0) * item, (end - start) * width * item
-        base = storage.data_ptr() + start * width * item
-        for head in range(heads):
-            offset = head * length * width * item
-            ctypes.memmove(base + target * slot + offset, base + source * slot + offset, run)
-        return
-    if not isinstance(rows, torch.Tensor):
-        return copy_positions_reference(storage, source, target, rows, start, end)
-    rows = rows.to(torch.int64).contiguous()
-    load_kernel().looplm_copy_rows(_address(storage[target]), _address(storage[source]), _address(rows), len(rows),
-                                   heads, length, width, start, end)
-
-
-def copy_positions_reference(storage: torch.Tensor, source: int, target: int, rows, start: int, end: int) -> None:
-    """``copy_positions`` with torch indexing."""
-    storage[target, rows, :, start:end] = storage[source, rows, :, start:end]
+def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor):
+    """Copies of ``rows`` of keys, values [N, H_kv, max_len, w] up to the longest end, and the
+    mask [R, 1, 1, L] of the keys each row may see (positions before its end)."""
+    length = int(ends.max())
+    mask = (torch.arange(length, device=keys.device) < ends.unsqueeze(1)).view(len(rows), 1, 1, length)
+    return keys[:, :, :length].index_select(0, rows), values[:, :, :length].index_select(0, rows), mask
 
 
 def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,

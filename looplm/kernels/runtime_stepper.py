@@ -5,12 +5,12 @@ The model is described to C as ``looplm-run`` reads it from a GGUF file: the con
 every tensor under its GGUF name (``looplm.checkpoint.gguf.gguf_name``), read in place (int8
 ``Int8Linear`` layers as their Q8_0 values and scales).  The state's cache slots are the
 ``KVCache``'s own tensors, so the batched torch prefill, the Python layout rules of the per-step
-path and this stepper read and write the same storage.  Same methods as
-``generate.ReferenceStepper``; ``token`` and ``prefill`` run a whole token (or prompt) with its exit
-rule and every KV layout's rules in one C call.
+path and this stepper read and write the same storage.  A ``looplm.steppers.Stepper`` for one row
+(tensors [1, D]); ``whole_token`` runs a whole token with its exit rule and every KV layout's rules
+in one C call, ``prefill_tokens`` a prompt at full depth.
 
 ``NativeStepper`` (the fused plain-loop kernel) still serves Ouro's plain loop; this stepper serves
-every other configuration on a float32 CPU model with a batch-1 cache.
+every other configuration on a float32 CPU model with a batch-1 cache (``steppers.NativeBackend``).
 """
 
 from __future__ import annotations
@@ -105,12 +105,11 @@ def _slot_parts(cache: KVCache, slot: int) -> list[tuple[int, torch.Tensor]]:
 class RuntimeStepper:
     """One token through prelude, loop steps, coda, gate and head in the C runtime."""
 
-    fuses_exit_loop = True      # ``token``: the whole token in one call …
-    runs_whole_tokens = True
-    fused_layouts = KV_LAYOUTS  # … under every layout (the runtime applies the layouts' rules)
-    prefills = True             # ``prefill``: a prompt at full depth in one call
+    # ``whole_token``: a token in one call under every layout (the runtime applies the layouts' rules).
+    whole_token_layouts = KV_LAYOUTS
+    unsupported = staticmethod(runtime_unsupported)
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         reason = runtime_unsupported(model, cache)
         if reason is not None:
             raise ValueError(reason)
@@ -154,6 +153,8 @@ class RuntimeStepper:
         self._readout, self._logits = self.readout_buffer.data_ptr(), self.logits_buffer.data_ptr()
         self.best = ctypes.c_int(0)  # ``token``'s argmax of the logits
         self.exit = Exit(1, 1, 2.0, None, None)
+        self.gate_buffer = torch.zeros(1)
+        self.whole_token = self._whole_token
 
     def __del__(self):
         kernel = getattr(self, "kernel", None)
@@ -174,51 +175,62 @@ class RuntimeStepper:
             raise ValueError("the C runtime reads contiguous float32 vectors")
         return vector.data_ptr()
 
-    def embed(self, token: int, start: int) -> torch.Tensor:
-        self.kernel.lr_embed(self.state, token, start, self._e)
-        return self.e
+    def embed(self, tokens: list[int], rows) -> torch.Tensor:
+        self.kernel.lr_embed(self.state, tokens[0], rows.positions[0], self._e)
+        return self.e.view(1, -1)
 
-    def initial_state(self, e: torch.Tensor, start: int) -> torch.Tensor:
-        self.kernel.lr_initial_state(self.state, self._address(e), start, self._hidden)
-        return self.hidden
+    def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
+        self.kernel.lr_initial_state(self.state, self._address(e.reshape(-1)), rows.positions[0], self._hidden)
+        return self.hidden.view(1, -1)
 
-    def core_step(self, h: torch.Tensor, step: int, start: int, injected: torch.Tensor | None = None) -> torch.Tensor:
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
         if h.data_ptr() != self._hidden:
             self.hidden.copy_(h.reshape(-1))
-        e = self._e if injected is None else self._address(injected)
-        self.kernel.lr_core_step(self.state, self._hidden, step, start, e)
-        return self.hidden
+        injected = self._e if e.data_ptr() == self._e else self._address(e.reshape(-1).contiguous())
+        self.kernel.lr_core_step(self.state, self._hidden, rows.steps[0], rows.positions[0], injected)
+        return self.hidden.view(1, -1)
 
-    def readout(self, h: torch.Tensor, step: int, start: int) -> torch.Tensor:
-        self.kernel.lr_readout(self.state, self._address(h), step, start, self._readout)
-        return self.readout_buffer
+    def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
+        self.kernel.lr_readout(self.state, self._address(h.reshape(-1).contiguous()), rows.steps[0],
+                               rows.positions[0], self._readout)
+        return self.readout_buffer.view(1, -1)
 
-    def gate_logit(self, readout: torch.Tensor) -> float:
-        return self.kernel.lr_gate_logit(self.state, self._address(readout))
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        self.gate_buffer[0] = self.kernel.lr_gate_logit(self.state, self._address(readout.reshape(-1).contiguous()))
+        return self.gate_buffer
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
-        self.kernel.lr_logits(self.state, self._address(readout.contiguous()), self._logits)
-        return self.logits_buffer.clone()
+        self.kernel.lr_logits(self.state, self._address(readout.reshape(-1).contiguous()), self._logits)
+        return self.logits_buffer.clone().view(1, -1)
 
     def _set_exit(self, max_steps: int, min_steps: int, q: float) -> None:
         self.exit.max_steps, self.exit.min_steps, self.exit.q = max_steps, min_steps, q
 
-    def token(self, token: int, start: int, max_steps: int, min_steps: int, q: float) -> int:
-        """The whole token in one call: embedding, prelude, every step with its exit rule (q > 1:
-        none), the layout's rules, the head into ``logits_buffer`` and its argmax into ``best``.
-        Returns the steps the token used."""
-        self._set_exit(max_steps, min_steps, q)
-        return self.kernel.lr_token(self.state, token, start, ctypes.byref(self.exit), self._logits,
-                                    ctypes.byref(self.best))
+    def _whole_token(self, token: int, start: int, max_steps: int, min_steps: int, threshold: float | None):
+        """The whole token in one call: embedding, prelude, every step with its Q-exit (threshold
+        None: none), the layout's rules, the head into ``logits_buffer`` (returned: the next call
+        overwrites it) and its argmax.  Returns (steps used, logits [V], argmax)."""
+        self._set_exit(max_steps, min_steps, 2.0 if threshold is None else threshold)
+        ran = self.kernel.lr_token(self.state, token, start, ctypes.byref(self.exit), self._logits,
+                                   ctypes.byref(self.best))
+        return ran, self.logits_buffer, self.best.value
 
-    def prefill(self, tokens: list[int], max_steps: int, min_steps: int, q: float) -> tuple[torch.Tensor, int]:
-        """The prompt at full depth from the cache's current length, as the batched forward fills
-        the cache; the exit rule decides on the last token.  Returns its logits and steps."""
-        self._set_exit(max_steps, min_steps, q)
+    def prefills_tokens(self, length: int, max_steps: int) -> bool:
+        """Whether a prompt of ``length`` tokens is prefilled by ``prefill_tokens`` (a small model;
+        ``NATIVE_PREFILL_BYTES``), under the layouts that keep every step's K/V (the prompt's last
+        token then reads what the batched forward would give it)."""
+        from looplm.kernels.native_stepper import NATIVE_PREFILL_BYTES
+
+        return (self.cache.layout in ("last_exited", "full")
+                and length * max_steps * self.token_step_bytes <= NATIVE_PREFILL_BYTES)
+
+    def prefill_tokens(self, tokens: list[int], max_steps: int) -> None:
+        """``tokens`` at positions 0, 1, … through every step in one call (a prompt's cache, as the
+        batched forward fills it; their logits are not needed)."""
+        if not tokens:
+            return
+        self._set_exit(max_steps, max_steps, 2.0)
         ids = (ctypes.c_int * len(tokens))(*tokens)
-        steps = self.kernel.lr_prefill(self.state, ids, len(tokens), self.cache.length, ctypes.byref(self.exit),
-                                       self._logits, ctypes.byref(self.best))
-        if steps < 0:
+        if self.kernel.lr_prefill(self.state, ids, len(tokens), 0, ctypes.byref(self.exit), self._logits,
+                                  ctypes.byref(self.best)) < 0:
             raise LoopLMError("out of memory for the prompt's per-step K/V: use the last_exited layout")
-        self.cache.advance(len(tokens))
-        return self.logits_buffer.clone(), steps

@@ -1,8 +1,9 @@
 """Multi-head / grouped-query causal self-attention with RoPE, on torch SDPA.
 
 Shapes: x [B, S, D]; q [B, H, S, hd]; k, v [B, H_kv, S, hd]; H_kv divides H (GQA).
-With a cache, this call's keys and values are written into the slot's preallocated storage
-at positions [start, start+S) and the queries attend over [0, start+S).
+With a cache, the layer is handed a storage object (``looplm.cache``: ``write`` this call's
+keys and values at their positions, ``attend`` over the keys each query may see); ``start`` is
+the first position (an int, or [B] per row for one token per row at its own position).
 
 ``attention="gated"`` (Qwen3.5 / Qwen3-Next gated attention, docs/MATH.md §6): the query
 projection is twice as wide and its second half, per head, is an output gate:
@@ -23,7 +24,6 @@ from looplm.config import ModelConfig
 from looplm.model.carry import LoopCarry
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
-from looplm.model.row_attention import CacheRows, SharedKV, rows_attention
 
 
 def first_step_kv(module: nn.Module, carry: LoopCarry | None, keys: torch.Tensor, values: torch.Tensor,
@@ -36,13 +36,6 @@ def first_step_kv(module: nn.Module, carry: LoopCarry | None, keys: torch.Tensor
         carry.put(module, (keys, values))
         return keys, values
     return carry.first(module)
-
-
-def causal_mask_with_offset(queries: int, keys: int, device: torch.device) -> torch.Tensor:
-    """Boolean [queries, keys] mask, True = may attend: query i sits at key position keys−queries+i."""
-    offset = keys - queries
-    query_positions = torch.arange(queries, device=device).unsqueeze(1) + offset
-    return torch.arange(keys, device=device).unsqueeze(0) <= query_positions
 
 
 class Attention(nn.Module):
@@ -78,38 +71,20 @@ class Attention(nn.Module):
         v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
         return torch.cat([q, k], dim=1), v, gate.reshape(batch, length, heads * head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                key_mask: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
-        """kv_store: this layer-and-step's cache storage, each [B, H_kv, max_len, hd], or None,
-        or a ``CacheRows`` (one token per row; the batched engine's decode, masks from its starts),
-        or a ``SharedKV`` (append-first: attend, write nothing).
-        key_mask: bool [B, 1, S, start+S] of the cached keys each row may see (decode of
-        right-aligned rows), combined with causality; None = all earlier keys.
-        carry: the call's earlier loop steps (append-first without a cache)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=None,
+                start: int | torch.Tensor = 0, carry: LoopCarry | None = None) -> torch.Tensor:
+        """store: this layer-and-step's cache storage (``write``/``attend``), or None (causal
+        attention over x alone); carry: the call's earlier loop steps (append-first without a cache)."""
         batch, length, _ = x.shape
         query_key, v, gate = self._project(x)
         # One rotation for queries and keys together: half the elementwise ops of two calls.
         q, k = apply_rope(query_key, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
-        gqa = self.n_kv_heads != self.n_heads
-        if kv_store is None:
+        if store is None:
             k, v = first_step_kv(self, carry, k, v, self.append_first)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=gqa,
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=self.n_kv_heads != self.n_heads,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif isinstance(kv_store, CacheRows):  # batched decode: rows of the cache, read in place
-            kv_store.write(k, v, start)
-            o = rows_attention(q, kv_store, start + 1)
         else:
-            key_store, value_store = kv_store
-            end = start + length
-            if not isinstance(kv_store, SharedKV):
-                key_store[:, :, start:end] = k
-                value_store[:, :, start:end] = v
-            mask = None if length == 1 else causal_mask_with_offset(length, end, x.device)
-            if key_mask is not None:
-                mask = key_mask if mask is None else key_mask & mask
-            o = F.scaled_dot_product_attention(q, key_store[:, :, :end], value_store[:, :, :end],
-                                               attn_mask=mask, enable_gqa=gqa,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            store.write(k, v, start)  # a shared slot (append-first after step 1) writes nothing
+            o = store.attend(q, start)
         o = o.transpose(1, 2).reshape(batch, length, -1)
         return self.out(o * torch.sigmoid(gate) if self.gated else o)

@@ -30,7 +30,6 @@ from looplm.model.bitlinear import ternary_layers
 from looplm.model.carry import LoopCarry
 from looplm.model.ffn import ChannelMix, SwiGLU
 from looplm.model.residual import sublayer_residuals
-from looplm.model.row_attention import CacheRows, SharedKV
 from looplm.model.gdn import GatedDeltaNet
 from looplm.model.global_gates import GlobalGates
 from looplm.model.rwkv import RWKVSlotMixer
@@ -75,32 +74,26 @@ class Layer(nn.Module):
             ternary_layers(self.attn)
             ternary_layers(self.ffn)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, ...] | None = None, start: int = 0,
-                mask: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
-        """h: [B, S, D] → [B, S, D].  mask: which cached keys each row may attend to (bool,
-        broadcastable to [B, 1, S, keys]; the batched engine's right-aligned rows), or None.
-        kv_store: the cache slot (``KVCache.store``; with ffn=channelmix its last entry is the
-        FFN's previous input).  carry: the current call's earlier loop steps (core layers)."""
-        ffn_store = None
-        if kv_store is not None and self.shifted_ffn:
-            kv_store, ffn_store = kv_store[:-1], kv_store[-1]
-            if len(kv_store) == 1 and isinstance(kv_store[0], (CacheRows, SharedKV)):  # one slot handle
-                kv_store = kv_store[0]
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, storage=None,
+                start: int | torch.Tensor = 0, carry: LoopCarry | None = None) -> torch.Tensor:
+        """h: [B, S, D] → [B, S, D].  storage: the cache slot's ``LayerStorage`` (the mixer's
+        storage and, with ffn=channelmix, the FFN's previous input) or None; start: the first
+        position (or [B] per row); carry: the tokens' earlier loop steps (core layers)."""
+        kv_store, ffn_store = storage if storage is not None else (None, None)
         gates = self.global_gates
         state = gates.state(carry) if gates is not None else None
         x, context = (h, None) if self.attn_residual is None else self.attn_residual.read(h)
         x = self.attn_norm(x)
         if gates is not None:
-            x = gates.mix(x, state, gates.g_qk)
-        mixed = self.attn(x, cos, sin, kv_store, start, mask, carry)
+            x = gates.mix(x, state, gates.g_qk, carry)
+        mixed = self.attn(x, cos, sin, kv_store, start, carry)
         attention = self.attn_post_norm(mixed)
         h = h + self._drop(attention) if self.attn_residual is None else \
             self.attn_residual.write(h, self._drop(attention), context)
         x, context = (h, None) if self.ffn_residual is None else self.ffn_residual.read(h)
         x = self.ffn_norm(x)
         if gates is not None:
-            x = gates.mix(x, state, gates.g_ffn)
+            x = gates.mix(x, state, gates.g_ffn, carry)
         ffn = self.ffn_post_norm(self.ffn(x, ffn_store) if self.shifted_ffn else self.ffn(x))
         if gates is not None:
             gates.record(carry, state, attention, ffn)

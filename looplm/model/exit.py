@@ -36,7 +36,8 @@ def exit_cdf(gate_logits: torch.Tensor) -> torch.Tensor:
 
 
 def q_exit_steps(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per token, the first step n (1-based) with CDF(n) ≥ q; q ≥ 1 always runs all T steps."""
+    """Per token, the first step n (1-based) with CDF(n) ≥ q; q ≥ 1 always runs all T steps (the
+    vectorised formula; decoders decide through ``looplm.exit_policy``, which tests hold to it)."""
     steps = gate_logits.shape[0]
     if threshold >= 1.0:
         return torch.full(gate_logits.shape[1:], steps, dtype=torch.long, device=gate_logits.device)
@@ -119,16 +120,3 @@ def readout_kl(previous_logits: torch.Tensor, current_logits: torch.Tensor) -> t
     current = F.log_softmax(current_logits.float(), dim=-1)
     previous = F.log_softmax(previous_logits.float(), dim=-1)
     return (current.exp() * (current - previous)).sum(-1)
-
-
-def convergence_exit_steps(distances: torch.Tensor, epsilon: float, min_steps: int = 1) -> torch.Tensor:
-    """Per token, the first step t (1-based, t ≥ max(2, min_steps)) whose distance to step t−1
-    is below ``epsilon``, else the last step.  distances [T−1, ...]: entry t−2 compares step t
-    with step t−1 (``hidden_change`` or ``readout_kl``).  ε ≤ 0 never exits early."""
-    steps = distances.shape[0] + 1
-    first = max(2, min_steps)
-    below = distances < epsilon
-    below[:first - 2] = False
-    exited = below.any(dim=0)
-    chosen = below.long().argmax(dim=0) + 2
-    return torch.where(exited, chosen, torch.full_like(chosen, steps))

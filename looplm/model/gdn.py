@@ -222,7 +222,7 @@ class GatedDeltaNet(nn.Module):
 
     def _with_memory_rows(self, q, k, v, g, beta, state, x, positions, memory):
         """``_with_memory`` for one token per row, each row at its own position ``positions``
-        [B] (the batched engine): row r reads its segments j < positions[r] // size (the others
+        [B] (the scheduler's rows): row r reads its segments j < positions[r] // size (the others
         score −∞, so top-k and the softmax ignore them) and closes its open segment when its
         position ends one."""
         size, batch, heads, dim = self.segment_size, q.shape[0], self.heads, self.head_dim
@@ -284,12 +284,16 @@ class GatedDeltaNet(nn.Module):
         loop_keys = F.normalize(summed, dim=-1).view(loops, batch, heads, length, dim)
         route = F.normalize(self.loop_router(x).view(batch, length, heads, dim), dim=-1).transpose(1, 2)
         scores = torch.einsum("bhnk,jbhnk->bhnj", route, loop_keys) * self.head_dim ** -0.5
+        valid = carry.valid(loops)  # decode rows at their own steps: loops a row has not run score −∞
+        if valid is not None:
+            scores = scores.masked_fill(~valid.view(batch, 1, 1, loops), float("-inf"))
         return select_and_blend(online, scores, reads, self.loop_online_bias, self.loop_top_k)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
-                key_mask=None, carry=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos=None, sin=None, state_store=None, start: int | torch.Tensor = 0,
+                carry=None) -> torch.Tensor:
         """x [B, S, D]; state_store: (conv inputs, recurrent state[, segment memory][, loop key
-        sum]) updated in place, or None; carry: this call's earlier loop steps (loop_mc)."""
+        sum]) updated in place, or None; start: the first position, or [B] per row (one token
+        each); carry: the tokens' earlier loop steps (loop_mc)."""
         batch, length, _ = x.shape
         width, heads, head_dim = self.heads * self.head_dim, self.heads, self.head_dim
         qkv, z, b, a = self.in_proj(x).split([3 * width, width, heads, heads], dim=-1)
@@ -305,11 +309,8 @@ class GatedDeltaNet(nn.Module):
         initial = state_store[1] if state_store is not None else None
         if self.segment_size:
             memory = state_store[2:5] if state_store is not None else None
-            if key_mask is not None and length == 1 and memory is not None:
-                # The batched engine's right-aligned rows sit at different positions: a row's
-                # visible keys end at its own position (count − 1).
-                positions = key_mask.reshape(batch, -1).sum(dim=-1) - 1
-                o, final = self._with_memory_rows(q, k, v, g, beta, initial, x, positions, memory)
+            if isinstance(start, torch.Tensor) and memory is not None:  # rows at their own positions
+                o, final = self._with_memory_rows(q, k, v, g, beta, initial, x, start, memory)
             else:
                 o, final = self._with_memory(q, k, v, g, beta, initial, x, start, memory)
         else:

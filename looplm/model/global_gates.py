@@ -10,7 +10,8 @@ outputs").  Our reading, per core layer and per token, with s the 0-based loop s
 with g_qk, g_ffn ∈ R^D learned (zero at initialisation: an equal mix).  At step 0 there is no
 global state and the layer is the plain layer.  G is per token and per step, so it never
 crosses positions (causal by construction) and a decoder carries it across one token's steps
-only (``looplm.model.carry.LoopCarry``); nothing is cached between tokens.
+only (``looplm.model.carry``: a ``LoopCarry``, or a ``RowCarry`` for decode rows at different
+steps, which mixes only the rows past their first step); nothing is cached between tokens.
 """
 
 from __future__ import annotations
@@ -38,19 +39,24 @@ class GlobalGates(nn.Module):
         if carry is None:
             raise LoopLMError("model.global_gates carries a state across loop steps: run the layer through"
                               " LoopLM.core_step with a LoopCarry")
-        return carry.earlier(self)[-1] if carry.step else None
+        return carry.latest(self)
 
     @staticmethod
-    def mix(x: torch.Tensor, state: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor:
-        """σ(gate) ⊙ x + (1 − σ(gate)) ⊙ state (x itself when there is no state yet)."""
+    def mix(x: torch.Tensor, state: torch.Tensor | None, gate: torch.Tensor, carry) -> torch.Tensor:
+        """σ(gate) ⊙ x + (1 − σ(gate)) ⊙ state (x itself where there is no state yet)."""
         if state is None:
             return x
         weight = torch.sigmoid(gate)
-        return weight * x + (1 - weight) * state
+        mixed = weight * x + (1 - weight) * state
+        return mixed if carry.started is None else torch.where(carry.started, mixed, x)
 
     def record(self, carry: LoopCarry, state: torch.Tensor | None, attention: torch.Tensor,
                ffn: torch.Tensor) -> None:
         """G_{s+1} = (s · G_s + c_s) / (s + 1) with c_s = ½ (attention + ffn)."""
         update = 0.5 * (attention + ffn)
-        step = carry.step
-        carry.put(self, update if state is None else (step * state + update) / (step + 1))
+        if state is None:
+            carry.put(self, update)
+            return
+        step = carry.step if isinstance(carry.step, int) else carry.step.view(-1, 1, 1).to(update.dtype)
+        mean = (step * state + update) / (step + 1)
+        carry.put(self, mean if carry.started is None else torch.where(carry.started, mean, update))

@@ -199,46 +199,46 @@ class LoopLM(nn.Module):
     def _join(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.streams == 1 else h.flatten(-2)
 
-    def _stack(self, stack: str, layers, h: torch.Tensor, cos, sin, cache, step: int, start: int, mask,
-               carry: LoopCarry | None = None) -> torch.Tensor:
+    def _stack(self, stack: str, layers, h: torch.Tensor, cos, sin, cache, step: int | torch.Tensor,
+               start: int | torch.Tensor, carry: LoopCarry | None = None) -> torch.Tensor:
         """One pass of ``h`` through a stack's layers (their cache slots at loop step ``step``)."""
         if not layers:
             return h
         state = DepthSources((h,)) if self.stack_outputs is not None else h
         for index, layer in enumerate(layers):
-            state = layer(state, cos, sin, cache.store(stack, index, step) if cache else None, start, mask, carry)
+            state = layer(state, cos, sin, cache.layer_storage(stack, index, step) if cache else None, start, carry)
         return self.stack_outputs[stack].read(state)[0] if self.stack_outputs is not None else state
 
-    def embed_input(self, ids: torch.Tensor, start: int = 0, cache=None, tables=None, mask=None) -> torch.Tensor:
+    def embed_input(self, ids: torch.Tensor, start: int | torch.Tensor = 0, cache=None) -> torch.Tensor:
         """ids [B, S] → e [B, S, D] (n·D with n streams): embedding then the prelude layers (run
         once per token).
 
-        tables, mask (here and in ``core_step``, ``readout``): per-row RoPE tables
-        (cos, sin [B, 1, S, r]) and key masks for rows at different positions (the batched
-        engine); None = positions start..start+S−1 for every row."""
-        if tables is None:
+        start (here and in ``initial_state``, ``core_step``, ``readout``): the first position, or
+        [B] positions of one token per row, each at its own position (the scheduler's rows).
+        cache: anything whose ``layer_storage(stage, layer, step)`` hands each layer its storage
+        (``looplm.cache``)."""
+        if not isinstance(start, torch.Tensor):
             self._check_positions(start, ids.shape[1])
         h = self.embed(ids)
         if self.embed_norm is not None:
             h = self.embed_norm(h)
         if self.streams > 1:
             h = h.unsqueeze(-2).expand(*h.shape[:-1], self.streams, h.shape[-1])
-        cos, sin = tables if tables is not None else self.rope.tables(start, ids.shape[1])
-        return self._join(self._stack("prelude", self.prelude, h, cos, sin, cache, 0, start, mask))
+        cos, sin = self.rope.tables(start, ids.shape[1])
+        return self._join(self._stack("prelude", self.prelude, h, cos, sin, cache, 0, start))
 
-    def initial_state(self, e: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``);
-        ``positions`` [B]: per-row positions of a one-token batched step (the noise table's rows)."""
-        return e if self.noise is None else self.noise(e, start, positions)
+    def initial_state(self, e: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """h₀ from the prelude output e [B, S, D]: e itself, or noise (``initial_state=noise``)."""
+        return e if self.noise is None else self.noise(e, start)
 
-    def core_step(self, h: torch.Tensor, step: int, start: int = 0, cache=None,
-                  injected: torch.Tensor | None = None, tables=None, mask=None,
-                  carry: LoopCarry | None = None) -> torch.Tensor:
-        """One loop step (0-based ``step``): loop-index signal, injection of ``injected`` (the
-        prelude output e; needed unless the loop is plain), the core layers, depth LoRA, then
-        the step norm if configured (see ``looplm.model.loop``).  carry: what the same
-        positions' earlier steps left (``LoopCarry``; one per call, steps run in order from 0);
-        required by model.loop_mc, model.global_gates and model.act_mixing."""
+    def core_step(self, h: torch.Tensor, step: int | torch.Tensor, start: int | torch.Tensor = 0, cache=None,
+                  injected: torch.Tensor | None = None, carry: LoopCarry | None = None) -> torch.Tensor:
+        """One loop step (0-based ``step``, or [B] steps of one token per row): loop-index signal,
+        injection of ``injected`` (the prelude output e; needed unless the loop is plain), the
+        core layers, depth LoRA, then the step norm if configured (see ``looplm.model.loop``).
+        carry: what the same tokens' earlier steps left (``LoopCarry``: one per call, steps run
+        in order from 0; ``RowCarry`` for rows at their own steps); required by model.loop_mc,
+        model.global_gates, model.kv_append_first and model.act_mixing."""
         config = self.config
         if carry is not None:
             carry.step = step
@@ -248,7 +248,11 @@ class LoopLM(nn.Module):
         if self.injection is not None and injected is None:
             raise LoopLMError(f"model.injection={config.injection} needs the prelude output: pass injected=e")
         h, injected = self._split(h), self._split(injected)
-        signal = loop_index_signal(step, config.d_model, h.device, h.dtype) if config.loop_index_embedding else None
+        signal = None
+        if config.loop_index_embedding:
+            signal = loop_index_signal(step, config.d_model, h.device, h.dtype)  # [D], or [R, 1, D] per row
+            if isinstance(step, torch.Tensor) and h.dim() == 4:
+                signal = signal.unsqueeze(-2)
         residual = self.injection is not None and self.injection.residual
         if residual:  # OpenMythos: the core reads n(h + signal + e); h enters the update on its own
             core_input = self.injection.core_input(h, injected, signal)
@@ -258,32 +262,34 @@ class LoopLM(nn.Module):
             if self.injection is not None:
                 h = self.injection(h, injected)
             core_input = h
-        cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
-        update = self._stack("core", self.core, core_input, cos, sin, cache, step, start, mask, carry)
+        cos, sin = self.rope.tables(start, h.shape[1])
+        update = self._stack("core", self.core, core_input, cos, sin, cache, step, start, carry)
         if self.depth_lora is not None:
             update = update + self.depth_lora(update if self.depth_lora.reads_output else core_input, step)
         if residual:
             update = self.injection.combine(h, injected, update)
         if config.act_mixing:
-            earlier = carry.earlier(self.exit_gate)
+            previous = carry.latest(self.exit_gate)  # the same token's previous step (rows at step 0: zeros)
             halt_logits = self.exit_gate(update).squeeze(-1)
-            carry.put(self.exit_gate, (halt_logits, *act_mixing_step(earlier[-1][1:] if earlier else None, update,
-                                                                      halt_logits, config.act_threshold)))
+            carry.put(self.exit_gate, (halt_logits, *act_mixing_step(None if previous is None else previous[1:],
+                                                                      update, halt_logits, config.act_threshold)))
         return self._join(self.norm(update) if config.step_norm else update)
 
-    def readout(self, h: torch.Tensor, step: int, start: int = 0, cache=None, tables=None, mask=None,
+    def readout(self, h: torch.Tensor, step: int | torch.Tensor, start: int | torch.Tensor = 0, cache=None,
                 carry: LoopCarry | None = None) -> torch.Tensor:
         """State after a loop step → the normed state [B, S, D] the head and the exit gate read.
         With act_mixing the coda reads the ACT mixture of the states so far, from ``carry`` (the
         one ``core_step`` was given for this step)."""
         if self.config.act_mixing:
+            if carry is not None:
+                carry.step = step
             h = self._carried(carry)[3]
         if not self.coda and self.streams == 1:
             return h if self.config.step_norm else self.norm(h)
         h = self._split(h)
         if self.coda:
-            cos, sin = tables if tables is not None else self.rope.tables(start, h.shape[1])
-            h = self._stack("coda", self.coda, h, cos, sin, cache, step, start, mask)
+            cos, sin = self.rope.tables(start, h.shape[1])
+            h = self._stack("coda", self.coda, h, cos, sin, cache, step, start)
         return self.norm(h.mean(dim=-2) if self.streams > 1 else h)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:

@@ -194,16 +194,19 @@ class ConcatInjection(Injection):
         return self.adapter(torch.cat([h, e], dim=-1))
 
 
-def loop_index_signal(step: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[dim] sinusoid of the loop step (base 10000) on the first dim/8 channels, zero elsewhere."""
+def loop_index_signal(step: int | torch.Tensor, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[dim] sinusoid of the loop step (base 10000) on the first dim/8 channels, zero elsewhere;
+    [R, 1, dim] for per-row steps [R]."""
     channels = dim // 8
     half = channels // 2
     frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / max(half, 1))
-    angles = step * frequencies
-    signal = torch.zeros(dim, dtype=torch.float64)
-    signal[:half] = angles.sin()
-    signal[half:2 * half] = angles.cos()
-    return signal.to(device=device, dtype=dtype)
+    steps = torch.as_tensor(step, dtype=torch.float64).cpu().reshape(-1, 1)
+    angles = steps * frequencies
+    signal = torch.zeros(len(steps), dim, dtype=torch.float64)
+    signal[:, :half] = angles.sin()
+    signal[:, half:2 * half] = angles.cos()
+    signal = signal.to(device=device, dtype=dtype)
+    return signal[0] if not isinstance(step, torch.Tensor) else signal.unsqueeze(1)
 
 
 class DepthLoRA(nn.Module):
@@ -226,7 +229,11 @@ class DepthLoRA(nn.Module):
         nn.init.zeros_(self.up.weight)  # starts as no change
         nn.init.ones_(self.scale)
 
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """x [B, S, D]; step: the loop step, or [B] per row."""
+        if isinstance(step, torch.Tensor):
+            scale = self.scale[step.clamp(max=self.trained_steps - 1)]  # [B, r] → broadcast over x's middle dims
+            return self.up(self.down(x) * scale.view(len(step), *(1,) * (x.dim() - 2), -1))
         return self.up(self.down(x) * self.scale[min(step, self.trained_steps - 1)])
 
 
@@ -241,11 +248,11 @@ class NoiseState(nn.Module):
         table = torch.randn(config.max_seq_len, width, generator=generator) * self.std
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, e: torch.Tensor, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """e [B, S, D] (for shape, dtype, device) → h₀ [B, S, D].  ``positions`` [B]: each row's
-        own position of a one-token step (batched rows that sit at different positions)."""
+    def forward(self, e: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """e [B, S, D] (for shape, dtype, device) → h₀ [B, S, D].  ``start`` [B]: each row's own
+        position of a one-token step (rows that sit at different positions)."""
         if self.training:
             return torch.randn_like(e) * self.std
-        if positions is not None:
-            return self.table[positions].view(-1, 1, e.shape[-1]).to(e.dtype).expand_as(e)
+        if isinstance(start, torch.Tensor):
+            return self.table[start].view(-1, 1, e.shape[-1]).to(e.dtype).expand_as(e)
         return self.table[start:start + e.shape[-2]].to(e.dtype).expand_as(e)

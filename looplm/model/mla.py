@@ -25,10 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.config import ModelConfig
-from looplm.model.attention import causal_mask_with_offset, first_step_kv
+from looplm.model.attention import first_step_kv
 from looplm.model.norms import RMSNorm
 from looplm.model.rope import apply_rope
-from looplm.model.row_attention import SharedKV
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -73,35 +72,29 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_up(c[:, 0]).view(batch, length, self.n_heads, -1).transpose(1, 2)
         return kv.split([self.nope_dim, self.value_dim], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_store: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                key_mask: torch.Tensor | None = None, carry=None) -> torch.Tensor:
-        """kv_store: (latent store [B, 1, max_len, r_kv], rope-key store [B, 1, max_len, d_rope]) or None,
-        or a ``SharedKV`` of them (append-first: attend, write nothing); carry: as ``Attention``'s."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=None,
+                start: int | torch.Tensor = 0, carry=None) -> torch.Tensor:
+        """store: the cache storage of the latent ("keys" [B, 1, max_len, r_kv]) and the rope key
+        ("values" [B, 1, max_len, d_rope]): ``write`` this call's (a shared append-first slot writes
+        nothing), ``read`` what each query sees; carry: as ``Attention``'s."""
         batch, length, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
-        end = start + length
-        if kv_store is None:
+        mask = None
+        if store is None:
             c, k_rope = first_step_kv(self, carry, c, k_rope, self.append_first)
         else:
-            latent_store, rope_store = kv_store
-            if not isinstance(kv_store, SharedKV):
-                latent_store[:, :, start:end] = c
-                rope_store[:, :, start:end] = k_rope
-            c, k_rope = latent_store[:, :, :end], rope_store[:, :, :end]
+            store.write(c, k_rope, start)
+            c, k_rope, mask = store.read(start, length)
         # The absorbed form folds kv_up's float weight into the query; a ternary kv_up quantises
         # its input (the latent) per position, which only the recompute form reproduces.
-        if kv_store is not None and length == 1 and self.absorb_for_decode and type(self.kv_up) is nn.Linear:
-            o = self._absorbed(q_nope, q_rope, c, k_rope, key_mask)
+        if store is not None and length == 1 and self.absorb_for_decode and type(self.kv_up) is nn.Linear:
+            o = self._absorbed(q_nope, q_rope, c, k_rope, mask)
         else:
             k_nope, v = self.expand(c)
             q = torch.cat([q_nope, q_rope], dim=-1)
             k = torch.cat([k_nope, k_rope.expand(-1, self.n_heads, -1, -1)], dim=-1)
-            mask = None if length == 1 or kv_store is None else causal_mask_with_offset(length, end, x.device)
-            if key_mask is not None:
-                mask = key_mask if mask is None else key_mask & mask
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv_store is None and length > 1,
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=store is None and length > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(batch, length, -1))
 

@@ -19,8 +19,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions start..start+length−1, each [length, head_dim]."""
+    def tables(self, start: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+length−1, each [length, head_dim]; for per-row
+        positions start [B] (one token each), [B, 1, 1, head_dim]."""
+        if isinstance(start, torch.Tensor):
+            return self.cos[start].unsqueeze(1).unsqueeze(1), self.sin[start].unsqueeze(1).unsqueeze(1)
         return self.cos[start:start + length], self.sin[start:start + length]
 
 

@@ -132,7 +132,7 @@ class RWKVSlotMixer(nn.Module):
                 nn.init.normal_(gate.weight, std=0.01)
 
     def forward(self, z: torch.Tensor, cos=None, sin=None, state_store=None, start: int = 0,
-                key_mask=None, carry=None) -> torch.Tensor:
+                carry=None) -> torch.Tensor:
         """z [B, T, d]; state_store: (last 4 inputs, N, D) updated in place, or None.  (``carry``:
         the token mixers' common signature; this mixer reads no earlier loop steps.)"""
         batch, length, dim = z.shape

@@ -22,9 +22,9 @@ from starlette.exceptions import HTTPException
 
 from looplm.cache import KV_LAYOUTS
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, QExit, check_depth, parse_exit_policy
-from looplm.generate import Sampling
-from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings, Token
+from looplm.exit_policy import check_depth, parse_exit
+from looplm.generate import Sampling, Settings
+from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Token
 from looplm.serve.protocol import (FINISH_REASONS, ChatRequest, CompletionRequest, Shape, error_body, usage,
                                    validation_message)
 
@@ -51,16 +51,17 @@ class ServerConfig:
                               f" {self.max_request_tokens}")
 
 
-def check_generation_options(model, exit: str, steps: int | None, layout: str):
-    """The exit policy an (exit, steps, layout) choice names, or a LoopLMError saying what is wrong;
-    model None checks only what needs no model (the CLI, before loading one)."""
+def check_generation_options(model, exit: str | dict, steps: int | None, layout: str, min_steps: int | None = None):
+    """The exit policy an (exit, steps, layout) choice names (``exit``: the string or JSON form of
+    ``looplm.exit_policy.parse_exit``), or a LoopLMError saying what is wrong; model None checks
+    only what needs no model (the CLI, before loading one)."""
     if layout not in KV_LAYOUTS:
         raise LoopLMError(f"unknown layout {layout!r}: use one of {', '.join(KV_LAYOUTS)}")
-    policy = parse_exit_policy(exit, steps)
+    policy = parse_exit(exit, steps, min_steps)
     if model is None:
         return policy
     check_depth(policy, model.config.loop_steps)
-    if isinstance(policy, (QExit, ACTExit)) and model.exit_gate is None:
+    if policy.needs_gate and model.exit_gate is None:
         raise LoopLMError(f"exit {exit!r} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
     return policy
 
@@ -100,7 +101,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
             raise LoopLMError(reason)
         steps = request.steps if request.steps is not None else config.steps
         layout = request.layout or config.layout
-        policy = check_generation_options(model, request.exit or config.exit, steps, layout)
+        policy = check_generation_options(model, request.exit or config.exit, steps, layout, request.min_steps)
         sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
         texts = request.prompts()
         if len(texts) > config.max_prompts:
@@ -161,7 +162,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         results = [finished[index] for index in range(len(jobs))]
         choices = [shape.choice(index, done.generation.text, FINISH_REASONS[done.generation.stop_reason])
                    for index, done in enumerate(results)]
-        return shape.response(choices, _usage(results), _summary(results, request.exit or config.exit, settings, model.config))
+        return shape.response(choices, _usage(results), _summary(results, settings, model.config))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, connection: Request):
@@ -256,10 +257,10 @@ def _choice_summary(index: int, done: Done) -> dict:
             "full_depth_layer_applications": done.full_depth_applications, "batch_size": done.batch_size}
 
 
-def _summary(results: list[Done], exit: str, settings: Settings, model_config) -> dict:
+def _summary(results: list[Done], settings: Settings, model_config) -> dict:
     """The response's ``looplm`` field: per-choice loop steps and compute, and the settings used."""
     tokens = sum(len(done.generation.steps) for done in results)
-    return {"exit": exit, "max_steps": settings.exit_policy.max_steps(model_config.loop_steps),
+    return {"exit": settings.exit_policy.spec(), "max_steps": settings.exit_policy.max_steps(model_config.loop_steps),
             "layout": settings.layout,
             "mean_steps": sum(sum(done.generation.steps) for done in results) / tokens if tokens else 0.0,
             "layer_applications": sum(done.layer_applications for done in results),

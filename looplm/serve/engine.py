@@ -1,27 +1,16 @@
-"""The serving engine: one worker thread runs the model; requests arriving together decode together.
+"""The serving engine: one worker thread runs the model; every request decodes in one running batch.
 
-Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` that receives
-its events (``Token`` for every emitted token, then ``Done`` or ``Failed``) from the worker thread.
-
-Scheduling (continuous batching):
-
-1. The worker blocks until a job arrives, then keeps collecting jobs for ``batch_wait`` seconds
-   or until it holds ``max_batch`` of them.
-2. Jobs are grouped by ``Settings`` (exit policy with its steps, KV layout, sampling, stop
-   strings): a batch runs one of each.  Greedy jobs group regardless of top_k/top_p/seed; a
-   sampled job with a seed runs alone, so its draws do not depend on which other requests
-   happened to arrive with it.
-3. When two or more jobs of the oldest job's group are waiting, they start a ``BatchSession``
-   (``looplm.batch``; ``max_batch`` slots, ``max_context`` positions).  Between decode steps the
-   session takes in newly arrived jobs of its group (a free slot, a prompt no longer than the
-   batch's write position, and room for its tokens), and a finished or cancelled job leaves at
-   once, freeing its slot.  Jobs of other groups, or that do not fit, wait for the session to end.
-4. A job alone in its group runs through ``looplm.generate.stream`` (batch 1, the fastest
-   per-token backend, reusing prompt prefixes through a shared ``PrefixCache``).
-
-A failing batch does not take its jobs down with it: each of its jobs that has received no
-token yet is retried alone, and only the jobs that fail alone (or had already streamed tokens) get
-``Failed``.  The worker keeps serving after any exception.
+Each submitted ``Job`` is one prompt with its generation ``Settings`` and a ``sink`` receiving its
+events (``Token`` per emitted token, then ``Done`` or ``Failed``) from the worker thread.  When
+idle, the worker waits for a job, then collects more for ``batch_wait`` seconds or up to
+``max_batch``.  A batch (``looplm.generate.BatchSession`` over the depth scheduler: ``max_batch``
+rows of ``max_context`` positions) is built for the oldest waiting job; between iterations the
+waiting jobs join, in arrival order, whenever a row is free — whatever their exit policy, steps,
+sampling (a seed: its own generator) and stop strings; only the KV layout and the cache's depth
+are the batch's, so a job needing another waits until the batch drains.  A job leaves the moment
+it finishes or its client disconnects.  Prompts are reused from a shared ``PrefixCache``.  A job
+whose prefill fails fails alone; an exception inside an iteration fails that batch's jobs; the
+worker keeps serving.
 """
 
 from __future__ import annotations
@@ -31,28 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
-from looplm.batch import BatchSession
-from looplm.cache import SKIPPING_LAYOUTS
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, ExitRule
-from looplm.generate import Generation, Sampling, stream
+from looplm.generate import BatchSession, Generation, Settings  # noqa: F401  (Settings: the jobs' type)
 from looplm.prefix_cache import PrefixCache
 
 log = logging.getLogger("looplm.serve")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the prompt and the token limit that shapes a generation; jobs with
-    equal settings can share a batch."""
-
-    exit_policy: ExitPolicy
-    layout: str = "last_exited"
-    sampling: Sampling = Sampling()
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,7 +42,7 @@ class Done:
     generation: Generation
     layer_applications: int          # core + coda layer applications of the decoded tokens
     full_depth_applications: int     # the same tokens at full depth
-    batch_size: int                  # how many jobs decoded together with this one
+    batch_size: int                  # the most jobs decoding at once while this one did
 
 
 @dataclass(frozen=True)
@@ -90,54 +65,23 @@ class Job:
     max_tokens: int
     settings: Settings
     sink: Callable[[Event], None]
-    cancelled: bool = False          # set when the client went away; batch-1 decoding stops early
+    cancelled: bool = False          # set when the client went away: the job leaves at the next iteration
     emitted: int = 0
+    batch_size: int = 1
 
 
 @dataclass
 class EngineStats:
-    requests: int = 0        # jobs finished (one per prompt)
-    batches: int = 0         # model runs: a batch of several jobs or one job alone
-    batched_jobs: int = 0    # jobs that ran in batches of two or more
-    joined_running: int = 0  # jobs that joined a batch already decoding (continuous batching)
+    requests: int = 0              # jobs finished (one per prompt)
+    batches: int = 0               # batches run (from idle until drained)
+    batched_requests: int = 0      # jobs that decoded beside at least one other
+    joined_running_batch: int = 0  # jobs that joined a batch already decoding (continuous batching)
     largest_batch: int = 0
-    tokens: int = 0          # tokens handed to clients
+    tokens: int = 0                # tokens handed to clients
     failures: int = 0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "batches": self.batches, "batched_requests": self.batched_jobs,
-                "joined_running_batch": self.joined_running,
-                "largest_batch": self.largest_batch,
-                "mean_batch_size": self.requests / self.batches if self.batches else 0.0,
-                "tokens": self.tokens, "failures": self.failures}
-
-
-def layer_applications(config, settings: Settings, decision_steps: Sequence[int]) -> tuple[int, int]:
-    """(run, full depth) core + coda layer applications of one generation's decoded tokens.
-
-    The first decision comes from the prompt's prefill (full depth, not counted); every later
-    decision is one decoded token that ran ``steps`` loop steps (all of them under the ``full``
-    layout), each step applying the core layers, and the coda at every step when the exit policy
-    reads every step (else once).  The same count as ``BatchResult.layer_applications``."""
-    policy = settings.exit_policy
-    deepest = policy.max_steps(config.loop_steps)
-    act = isinstance(policy, ACTExit)  # every step runs and is read out; ``steps`` is the halting step
-    reads_every_step = act or ExitRule(policy, 1, config.loop_steps).active or (
-        bool(config.n_coda_layers) and settings.layout in ("first", "avg"))
-    run = full = 0
-    for steps in decision_steps[1:]:
-        ran = steps if settings.layout in SKIPPING_LAYOUTS and not act else deepest
-        run += ran * config.n_core_layers + (ran if reads_every_step else 1) * config.n_coda_layers
-        full += deepest * (config.n_core_layers + config.n_coda_layers)
-    return run, full
-
-
-def _fitting(session: BatchSession, jobs: list[Job]) -> list[Job]:
-    """The jobs that can join ``session`` together, by the same rule ``BatchSession.admit`` checks:
-    an idle session restarts at the longest prompt admitted, so each job is measured at the longest
-    of them all (a subset's longest is no longer, so the subset fits too)."""
-    start = max((len(job.prompt) for job in jobs), default=0)
-    return [job for job in jobs if session.fits(job.prompt, job.max_tokens, start)][:session.free_slots]
+        return {**asdict(self), "mean_batch_size": self.requests / self.batches if self.batches else 0.0}
 
 
 class Engine:
@@ -145,21 +89,17 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 5.0,
                  prefix_cache: PrefixCache | None = None, max_context: int | None = None, max_queue: int = 256):
-        """max_context: positions per batch slot (default the model's context); a batch's cache
+        """max_context: positions per batch row (default the model's context); a batch's cache
         takes max_batch × max_context × ``KVCache.bytes_per_token``.  max_queue: the most unfinished
         jobs (running or waiting) the engine holds; ``submit`` refuses more (``Overloaded``)."""
-        if max_batch < 1:
-            raise LoopLMError(f"max_batch must be >= 1, got {max_batch}")
-        if max_context is not None and max_context < 1:
-            raise LoopLMError(f"max_context must be >= 1, got {max_context}")
-        if batch_wait_ms < 0:
-            raise LoopLMError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        for name, value, least in (("max_batch", max_batch, 1), ("max_context", max_context or 1, 1),
+                                   ("batch_wait_ms", batch_wait_ms, 0), ("max_queue", max_queue, 1)):
+            if value < least:
+                raise LoopLMError(f"{name} must be >= {least}, got {value}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
-        if max_queue < 1:
-            raise LoopLMError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
         self.stats = EngineStats()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -167,6 +107,7 @@ class Engine:
         self._lock = threading.Lock()
         self.unfinished = 0              # jobs submitted and not yet finished
         self.closing = False             # set by ``stop``: no new jobs; waiting ones are refused
+        self._stopping = False           # the worker met the stop mark: finish the batch, then stop
 
     def start(self) -> None:
         if self._thread is None:
@@ -195,27 +136,26 @@ class Engine:
         for job in jobs:
             self.jobs.put(job)
 
-    def _done(self, job: Job, event: Event) -> None:
-        with self._lock:
-            self.unfinished -= 1
-        job.sink(event)
+    def run(self, jobs: Sequence[Job]) -> None:
+        """Run ``jobs`` to completion in the calling thread."""
+        waiting = list(jobs)
+        while waiting:
+            self._run_batch(waiting)
 
     def _serve_forever(self) -> None:
         waiting: list[Job] = []
-        self._stopping = False
-        while True:
-            if self.closing:
-                self._take_arrivals(waiting)
-                for job in waiting:
-                    self._fail(job, Overloaded("the server shut down before this request started"), 503)
-                return
+        while not (self.closing or self._stopping):
             waiting[:] = [job for job in waiting if not self._dropped(job)]
-            if not waiting:
-                if self._stopping or (jobs := self._collect()) is None:
-                    return
-                waiting.extend(job for job in jobs if not self._dropped(job))
-                continue
-            self._run_next(waiting)
+            if waiting:
+                self._run_batch(waiting, serving=True)
+            elif (jobs := self._collect()) is not None:
+                waiting.extend(jobs)
+            else:
+                break
+        self._take_arrivals(waiting)
+        for job in waiting:
+            self._fail(job, Overloaded("the server shut down before this request started"), 503)
+        self._stopping = False
 
     def _dropped(self, job: Job) -> bool:
         """A job whose client left before it started is finished at once, without decoding."""
@@ -242,86 +182,6 @@ class Engine:
             jobs.append(job)
         return jobs
 
-    def run(self, jobs: Sequence[Job]) -> None:
-        """Run ``jobs`` to completion in the calling thread (batching them by settings)."""
-        waiting = list(jobs)
-        while waiting:
-            self._run_next(waiting)
-
-    def _run_next(self, waiting: list[Job]) -> None:
-        """Run the oldest waiting job's group: a continuous batch when two or more of it wait,
-        else the oldest job alone.  Removes what it ran from ``waiting``."""
-        key = self._group_key(waiting[0])
-        group = [job for job in waiting if self._group_key(job) == key][:self.max_batch]
-        if len(group) > 1:
-            self._run_session(group, waiting)
-        else:
-            job = waiting.pop(0)
-            self._run_alone(job)
-
-    @staticmethod
-    def _group_key(job: Job) -> object:
-        sampling = job.settings.sampling
-        if sampling.temperature == 0:
-            return replace(job.settings, sampling=Sampling())
-        if sampling.seed is not None:
-            return job  # reproducible draws: never share a generator with other requests
-        return job.settings
-
-    def _run_session(self, group: list[Job], waiting: list[Job]) -> None:
-        """Decode ``group`` in one ``BatchSession``, taking in same-group jobs as they arrive."""
-        settings = group[0].settings
-        key = self._group_key(group[0])
-        longest = max(len(job.prompt) for job in group)
-        need = max(longest + max(job.max_tokens, 1) for job in group)
-        positions = min(max(self.max_context, need), self.model.config.max_seq_len)
-        session = BatchSession(self.model, self.max_batch, positions,
-                               settings.sampling, settings.exit_policy, self.tokenizer, settings.stop,
-                               layout=settings.layout)
-        members: dict[int, Job] = {}   # id(row) → job, while it decodes
-        unfinished: list[Job] = []     # every job taken in and not finished yet
-
-        def admit(jobs: list[Job]) -> None:
-            for job in jobs:
-                waiting.remove(job)
-                unfinished.append(job)
-            for job, row in zip(jobs, session.admit([job.prompt for job in jobs], [job.max_tokens for job in jobs],
-                                                    [partial(self._emit, job) for job in jobs])):
-                members[id(row)] = job
-
-        fitting = _fitting(session, group)
-        if not fitting:
-            waiting.remove(group[0])
-            self._run_alone(group[0])
-            return
-        try:
-            admit(fitting)
-            self._count_batch(len(members))
-            size = len(members)
-            while session.active:
-                for row in session.rows.values():
-                    row.cancelled = members[id(row)].cancelled
-                for row in session.step():
-                    job = members.pop(id(row))
-                    unfinished.remove(job)
-                    self._finish(job, row.generation, size, row)
-                self._take_arrivals(waiting)
-                joining = [] if self.closing else _fitting(session, [
-                    job for job in waiting if self._group_key(job) == key and not job.cancelled])
-                if joining:
-                    admit(joining)
-                    self.stats.joined_running += len(joining)
-                    self.stats.batched_jobs += len(joining)
-                    size = max(size, len(session.rows))
-                    self.stats.largest_batch = max(self.stats.largest_batch, len(session.rows))
-        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the server
-            log.exception("batch of %d failed; retrying its jobs one by one", len(unfinished))
-            for job in unfinished:
-                if job.emitted == 0:
-                    self._run_alone(job)
-                else:
-                    self._fail(job, error)
-
     def _take_arrivals(self, waiting: list[Job]) -> None:
         """Move jobs that arrived meanwhile from the queue to ``waiting`` (without blocking)."""
         while True:
@@ -334,48 +194,75 @@ class Engine:
             else:
                 waiting.append(job)
 
-    @staticmethod
-    def _emit(job: Job, token: int, steps: int, text: str) -> None:
-        job.emitted += 1  # the session stops a row at its own max_tokens
-        job.sink(Token(token, steps, text))
+    def _run_batch(self, waiting: list[Job], serving: bool = False) -> None:
+        """One batch, built for the oldest waiting job (its layout, the deepest steps of the jobs
+        waiting with that layout): run it until it drains, taking in waiting jobs in order of
+        arrival as long as they fit (and, ``serving``, the jobs arriving meanwhile)."""
+        layout, loop_steps = waiting[0].settings.layout, self.model.config.loop_steps
+        depth = max(job.settings.exit_policy.max_steps(loop_steps) for job in waiting if job.settings.layout == layout)
+        length = min(max(self.max_context, max(len(job.prompt) + max(job.max_tokens, 1) for job in waiting)),
+                     self.model.config.max_seq_len)
+        session = BatchSession(self.model, self.max_batch, length, tokenizer=self.tokenizer, layout=layout,
+                               max_steps=depth, prefix_cache=self.prefix_cache)
+        members: dict[int, Job] = {}  # id(request) → its job
+        self.stats.batches += 1
+        while True:
+            while waiting and not (self.closing or self._stopping) and session.fits(
+                    waiting[0].prompt, waiting[0].max_tokens, waiting[0].settings):
+                self._admit(session, waiting.pop(0), members)
+            if not session.active:
+                return
+            size = len(session.requests)
+            self.stats.largest_batch = max(self.stats.largest_batch, size)
+            for request in session.requests.values():
+                job = members[id(request)]
+                request.cancelled, job.batch_size = job.cancelled, max(job.batch_size, size)
+            try:
+                finished = session.step()
+            except Exception as error:  # noqa: BLE001 - one bad iteration must not stop the server
+                log.exception("a batch of %d requests failed", len(members))
+                for job in members.values():
+                    self._fail(job, error)
+                return
+            for request in finished:
+                self._finish(members.pop(id(request)), request)
+            if serving:
+                self._take_arrivals(waiting)
+                waiting[:] = [job for job in waiting if not self._dropped(job)]
 
-    def _run_alone(self, job: Job) -> None:
-        settings = job.settings
-        generation = Generation()
+    def _admit(self, session: BatchSession, job: Job, members: dict[int, Job]) -> None:
+        """Prefill ``job`` into the batch (its first token is emitted at once)."""
+        late = bool(session.requests) and session.scheduler.iterations > 0  # joins a batch already decoding
         try:
-            for token in stream(self.model, job.prompt, job.max_tokens, settings.sampling, settings.exit_policy,
-                                self.tokenizer, settings.stop, result=generation, layout=settings.layout,
-                                prefix_cache=self.prefix_cache):
-                job.emitted += 1
-                job.sink(Token(token.id, token.steps, token.text))
-                if job.cancelled:
-                    break
+            request = session.admit([job.prompt], [job.max_tokens], [partial(self._emit, job)], [job.settings])[0]
         except Exception as error:  # noqa: BLE001 - the failure is this request's alone
             log.exception("request failed")
-            self._fail(job, error)
-            return
-        if generation.stop_reason != "stop_string":
-            generation.text = self.tokenizer.decode(generation.ids)
-        self._count_batch(1)
-        self._finish(job, generation, 1)
+            return self._fail(job, error)
+        self.stats.joined_running_batch += late
+        if request in session.done:  # finished with its first token
+            session.done.remove(request)
+            return self._finish(job, request)
+        members[id(request)] = job
 
-    def _count_batch(self, size: int) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.largest_batch = max(stats.largest_batch, size)
-        if size > 1:
-            stats.batched_jobs += size
+    @staticmethod
+    def _emit(job: Job, token: int, steps: int, text: str) -> None:
+        job.emitted += 1
+        job.sink(Token(token, steps, text))
 
-    def _finish(self, job: Job, generation: Generation, batch_size: int, row=None) -> None:
-        """row: the job's ``BatchRow`` (its layer applications were counted as they ran);
-        batch-1 jobs count theirs from the decision steps."""
-        if row is not None:
-            run, full = row.layer_applications, row.full_depth_applications
-        else:
-            run, full = layer_applications(self.model.config, job.settings, generation.decision_steps)
+    def _finish(self, job: Job, request) -> None:
+        if request.error is not None:
+            return self._fail(job, request.error)
+        generation = request.generation
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
-        self._done(job, Done(generation, run, full, batch_size))
+        self.stats.batched_requests += job.batch_size > 1
+        self._done(job, Done(generation, generation.layer_applications, generation.full_depth_applications,
+                             job.batch_size))
+
+    def _done(self, job: Job, event: Event) -> None:
+        with self._lock:
+            self.unfinished -= 1
+        job.sink(event)
 
     def _fail(self, job: Job, error: Exception, status: int | None = None) -> None:
         self.stats.failures += 1

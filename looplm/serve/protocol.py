@@ -37,8 +37,9 @@ class _Request(BaseModel):
     seed: int | None = None
     # looplm extensions
     top_k: int = Field(0, ge=0)
-    exit: str | None = None
+    exit: str | dict | None = None
     steps: int | None = Field(None, ge=1)
+    min_steps: int | None = Field(None, ge=1)
     layout: str | None = None
     # OpenAI fields looplm does not implement: refused unless left at their defaults
     logprobs: bool | int | None = None

@@ -369,29 +369,28 @@ int looplm_token(const TokenLoop *t, int token, int pos, int max_steps, int min_
                             t->threads, gate, t->gate_b, q, 1, t->head, t->logits, t->vocab, t->best);
 }
 
-/* Decode attention for a batch of cache rows, read in place (the batched engine's compaction
- * without gathering the cache).  q [count, H, hd] (RoPE applied); keys, values: one slot's
- * storage [B, Hkv, max_len, hd]; query i is row rows[i] of that storage and sees its keys
- * [starts[i], end); out [count, H, hd].  Each (query, head) pair is one task: scores, a
- * max-shifted softmax, then the weighted sum of values. */
+/* Decode attention for a batch of rows read in place (the scheduler's rows, each at its own loop
+ * step and position).  q [count, H, hd] (RoPE applied); keys, values: storage seen as rows of
+ * [Hkv, max_len, hd] (a cache's [slots, B, Hkv, max_len, hd] is slots·B such rows); query i
+ * attends row rows[i]'s keys [0, ends[i]); out [count, H, hd].  Each (query, head) pair is one
+ * task: scores, a max-shifted softmax, then the weighted sum of values. */
 void looplm_rows_attention(const float *q, const float *keys, const float *values, const int64_t *rows,
-                           const int64_t *starts, int count, int H, int Hkv, int max_len, int hd, int end,
-                           float *out, int threads) {
+                           const int64_t *ends, int count, int H, int Hkv, int max_len, int hd, float *out,
+                           int threads) {
     const int group = H / Hkv;
     const float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc((size_t)(end > 0 ? end : 1) * sizeof(float)); /* heap: long contexts */
+        float *scores = malloc((size_t)(max_len > 0 ? max_len : 1) * sizeof(float)); /* heap: long contexts */
         #pragma omp for schedule(static)
         for (long task = 0; task < (long)count * H; task++) {
-            const int i = (int)(task / H), head = (int)(task % H);
-            const int begin = (int)starts[i], n = end - begin;
+            const int i = (int)(task / H), head = (int)(task % H), n = (int)ends[i];
             const float *query = q + (size_t)task * hd;
             float *o = out + (size_t)task * hd;
             memset(o, 0, hd * sizeof(float));
             if (n <= 0) continue;
             const size_t base = ((size_t)rows[i] * Hkv + head / group) * max_len;
-            const float *k = keys + (base + begin) * hd, *v = values + (base + begin) * hd;
+            const float *k = keys + base * hd, *v = values + base * hd;
             float top = -INFINITY;
             for (int j = 0; j < n; j++) {
                 scores[j] = dot(query, k + (size_t)j * hd, hd) * scale;
@@ -406,19 +405,4 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
         }
         free(scores);
     }
-}
-
-/* K/V copy between two slots of a batched cache for some of its rows (LAST_EXITED: a token
- * that exited gives its last step's entries to the steps it skipped).  target, source: slot
- * storage [B, H, max_len, width]; for each rows[i] and head, positions [start, end) are copied.
- * The rows that exit at a step lie anywhere in the batch, and torch's advanced indexing spends
- * far longer on the index bookkeeping than on these few hundred bytes per row. */
-void looplm_copy_rows(float *target, const float *source, const int64_t *rows, int count, int heads, int max_len,
-                      int width, int start, int end) {
-    const size_t run = (size_t)(end - start) * width * sizeof(float);
-    for (int i = 0; i < count; i++)
-        for (int head = 0; head < heads; head++) {
-            const size_t at = (((size_t)rows[i] * heads + head) * max_len + start) * width;
-            memcpy(target + at, source + at, run);
-        }
 }

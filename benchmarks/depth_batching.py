@@ -1,0 +1,299 @@
+"""Depth-interleaved batching: does early exit buy throughput in a batch?  This engine against a
+previous commit's, every figure measured in the same run.
+
+1. Continuous batching (``BatchSession``: ``--batch`` rows, ``--requests`` requests of
+   ``--tokens`` new tokens each, joining as rows free up), fixed depth against Q-exit, on
+   - the reference shape (d 256, 4 heads, vocab 4096, 3 core layers × T 4) with its exit gate
+     set so Q-exit stops tokens early (random weights: the exits are the gate's, not learned);
+   - the demo model trained with Stage I (``looplm.demo``'s config; real, learned exits; its
+     context is 32 tokens, so each request gets what fits after a held-out binding prompt),
+     trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``).
+   Reported: X, the share of layer applications Q-exit saved, and the throughput ratio
+   Q-exit / fixed, against the target 1 / (1 − 0.8·X) (wall time drops by at least 80 % of the
+   compute saved).
+2. Batch-1 decode tokens/s on the reference shape (``looplm.bench.time_decode``: prompt 128,
+   128 new tokens, greedy, fixed depth, default backend).
+3. The server under load: ``--serve-requests`` requests at ``--concurrency`` concurrent clients
+   over loopback HTTP (uvicorn in process), mixed exit policies (static, q:0.5, hidden:0.05,
+   kl:0.01, act), reference shape with a byte vocabulary: tokens/s and p50/p99 latency.
+
+Each engine runs in its own subprocess (``--worker``) with its tree first on PYTHONPATH; the
+previous commit is exported with ``git archive`` into a temporary directory.  The CPU model, its
+flags and a matmul rate are printed first: read every figure against them.
+
+    python benchmarks/depth_batching.py [--previous d640c9e] [--threads N] [--json FILE]
+
+Defaults take several minutes on a quiet machine (the demo model trains once, ~3 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_EXITS = ("static", "q:0.5", "hidden:0.05", "kl:0.01", "act")
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that matter to the kernels (from /proc/cpuinfo)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return " ".join(flag for flag in flags.split(":")[1].split() if flag in wanted)
+
+
+# --- the worker: runs inside one engine's tree --------------------------------------------------
+
+def reference_model(gate_exits: bool = True):
+    import torch
+
+    from looplm import LoopLM
+    from looplm.config import preset
+
+    torch.manual_seed(0)
+    model = LoopLM(preset("reference")).eval()
+    if gate_exits:  # Q-exit stops tokens early (the figures of docs/INFERENCE.md's compute-bound run)
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.05)
+        model.exit_gate.bias.data.fill_(-0.5)
+    return model
+
+
+def demo_model(steps: int):
+    """The demo model trained with Stage I (cached), its tokenizer and held-out prompts."""
+    from looplm.data.tasks import TaskBatches, make_task
+    from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS, demo_run_config
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
+
+    cache = Path(os.environ.get("LOOPLM_CACHE", Path.home() / ".cache" / "looplm")) / "benchmarks" / f"demo-{steps}"
+    if not (cache / "config.json").exists():
+        from looplm.training.trainer import Trainer
+
+        with tempfile.TemporaryDirectory() as scratch:
+            print(f"training the demo model ({steps} steps) into {cache} ...", file=sys.stderr, flush=True)
+            trainer = Trainer(demo_run_config(train_steps=steps), Path(scratch) / "run", progress=False)
+            trainer.train()
+            trainer.model.save(cache, trainer.tokenizer)
+    model, tokenizer = load_model(cache).eval(), load_checkpoint_tokenizer(cache)
+    held_out = TaskBatches(make_task(DEMO_TASK, **DEMO_TASK_OPTIONS), tokenizer, split="test", seed=0).eval_set(64, seed=7)
+    return model, held_out.prompts
+
+
+def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) -> dict:
+    """Every prompt through one ``BatchSession`` of ``rows`` rows, joining as rows free up (either
+    engine's API); tokens/s over the whole run, prefill included, and layer applications."""
+    import torch
+
+    from looplm.batch import BatchSession
+
+    context = model.config.max_seq_len
+    session = BatchSession(model, rows, context, exit_policy=policy, stop_ids=[])
+    waiting, admitted = list(prompts), []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        while waiting or session.active:
+            while waiting and session.fits(waiting[0], min(tokens, context - len(waiting[0]))):
+                prompt = waiting.pop(0)
+                admitted += session.admit([prompt], [min(tokens, context - len(prompt))])
+            session.step()
+    seconds = time.perf_counter() - started
+    generations = [request.generation for request in admitted]
+    counts = [(getattr(request, "layer_applications", None), getattr(request, "full_depth_applications", None))
+              for request in admitted]
+    if counts[0][0] is None:  # this engine keeps the counts on the generation
+        counts = [(g.layer_applications, g.full_depth_applications) for g in generations]
+    emitted = sum(len(g.ids) for g in generations)
+    steps = [step for g in generations for step in g.steps[1:]]
+    return {"requests": len(admitted), "tokens": emitted, "seconds": seconds, "tokens_per_s": emitted / seconds,
+            "layer_applications": sum(run for run, _ in counts), "full_depth_applications": sum(full for _, full in counts),
+            "mean_steps": sum(steps) / max(len(steps), 1)}
+
+
+def depth_batching(model, prompts, tokens: int, rows: int, q: float) -> dict:
+    from looplm.exit_policy import FixedSteps, QExit
+
+    continuous(model, prompts[:rows], 4, QExit(q), rows)  # warm-up
+    fixed = continuous(model, prompts, tokens, FixedSteps(), rows)
+    early = continuous(model, prompts, tokens, QExit(q), rows)
+    saved = 1 - early["layer_applications"] / fixed["layer_applications"]
+    ratio = early["tokens_per_s"] / fixed["tokens_per_s"]
+    return {"fixed": fixed, "q_exit": early, "q": q, "saved_share_X": saved, "throughput_ratio": ratio,
+            "target_ratio": 1 / (1 - 0.8 * saved), "meets_target": ratio >= 1 / (1 - 0.8 * saved)}
+
+
+def serve_load(requests: int, concurrency: int, tokens: int, rows: int) -> dict:
+    """``requests`` completions, ``concurrency`` at a time, mixed exit policies, over loopback."""
+    import httpx
+    import torch
+    import uvicorn
+
+    from looplm import LoopLM, ModelConfig
+    from looplm.data.tokenizer import byte_tokenizer
+    from looplm.serve import create_app
+    from looplm.serve.engine import Engine
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LoopLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=256, n_heads=4, n_core_layers=3,
+                               loop_steps=4, max_seq_len=256)).eval()
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.05)
+    model.exit_gate.bias.data.fill_(-0.5)
+    engine = Engine(model, tokenizer, max_batch=rows, batch_wait_ms=5)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, engine=engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    latencies, generated = [], []
+
+    def ask(index: int) -> None:
+        body = {"prompt": f"request {index}: the looped model thinks in depth", "max_tokens": tokens,
+                "temperature": 0, "exit": SERVE_EXITS[index % len(SERVE_EXITS)]}
+        started = time.perf_counter()
+        answer = client.post(url, json=body).json()
+        latencies.append(time.perf_counter() - started)
+        generated.append(answer["usage"]["completion_tokens"])
+
+    with httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        client.post(url, json={"prompt": "warm up", "max_tokens": 4, "temperature": 0})
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(ask, range(requests)))
+        seconds = time.perf_counter() - started
+    stats = engine.stats.as_dict()
+    server.should_exit = True
+    thread.join()
+    latencies.sort()
+    return {"requests": requests, "concurrency": concurrency, "tokens": sum(generated), "seconds": seconds,
+            "tokens_per_s": sum(generated) / seconds, "p50_latency_s": statistics.median(latencies),
+            "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "batches": stats["batches"], "mean_batch_size": stats["mean_batch_size"]}
+
+
+def worker(args) -> dict:
+    import torch
+
+    from looplm.bench import time_decode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    generator = torch.Generator().manual_seed(3)
+    model = reference_model()
+    prompts = [torch.randint(0, model.config.vocab_size, (64,), generator=generator).tolist()
+               for _ in range(args.requests)]
+    results["reference_shape"] = depth_batching(model, prompts, args.tokens, args.batch, 0.5)
+    demo, held_out = demo_model(args.demo_steps)
+    results["demo_model"] = depth_batching(demo, held_out[:args.requests], args.tokens, args.batch, 0.5)
+    results["batch_1_decode_tokens_per_s"] = time_decode(reference_model(gate_exits=False),
+                                                         repeats=args.repeats)["decode_tokens_per_s"]
+    if not args.skip_serve:
+        results["serve"] = serve_load(args.serve_requests, args.concurrency, args.serve_tokens, args.batch)
+    return results
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def run_tree(tree: Path, args) -> dict:
+    """The worker in a subprocess with ``tree``'s looplm."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker"] + args.passed
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=tree)
+    if done.returncode != 0:
+        raise SystemExit(f"the worker for {tree} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(name: str, results: dict) -> None:
+    print(f"\n## {name}\n")
+    print("| model | policy | mean steps | layer applications | tokens | seconds | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for model in ("reference_shape", "demo_model"):
+        section = results[model]
+        for policy in ("fixed", "q_exit"):
+            row = section[policy]
+            print(f"| {model} | {policy} | {row['mean_steps']:.2f} | {row['layer_applications']:,} | {row['tokens']:,} |"
+                  f" {row['seconds']:.2f} | {row['tokens_per_s']:.1f} |")
+    for model in ("reference_shape", "demo_model"):
+        section = results[model]
+        print(f"\n{model}: X = {section['saved_share_X']:.3f} of layer applications saved; throughput Q/fixed ="
+              f" {section['throughput_ratio']:.3f}; target 1/(1-0.8X) = {section['target_ratio']:.3f}"
+              f" ({'met' if section['meets_target'] else 'NOT met'})")
+    print(f"\nbatch-1 decode, reference shape: {results['batch_1_decode_tokens_per_s']:.1f} tokens/s")
+    if "serve" in results:
+        serve = results["serve"]
+        print(f"server: {serve['requests']} requests at {serve['concurrency']} concurrent, mixed exits:"
+              f" {serve['tokens_per_s']:.1f} tokens/s, p50 {serve['p50_latency_s']:.2f} s, p99"
+              f" {serve['p99_latency_s']:.2f} s ({serve['batches']} batches, mean size {serve['mean_batch_size']:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--previous", default="d640c9e", help="the engine to compare with (a commit)")
+    parser.add_argument("--skip-previous", action="store_true")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--demo-steps", type=int, default=3000, help="demo training steps (cached per value)")
+    parser.add_argument("--repeats", type=int, default=3, help="batch-1 decode timings (median)")
+    parser.add_argument("--serve-requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--serve-tokens", type=int, default=64)
+    parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    args.passed = [argument for argument in sys.argv[1:] if argument != "--worker"]
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from looplm.bench import cpu_name, matmul_gflops
+
+    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": args.threads or torch.get_num_threads(),
+               "matmul_gflop_s": matmul_gflops(), "torch": torch.__version__}
+    print(f"{machine['cpu']}; flags {machine['flags']}; {machine['threads']} threads; fp32 2048² matmul"
+          f" {machine['matmul_gflop_s']:.0f} GFLOP/s; torch {machine['torch']}")
+    results = {"machine": machine, "this": run_tree(ROOT, args)}
+    report("this engine (depth-interleaved)", results["this"])
+    if not args.skip_previous:
+        with tempfile.TemporaryDirectory(prefix="looplm-previous-") as previous:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.previous], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", previous], input=archive.stdout, check=True)
+            results["previous"] = run_tree(Path(previous), args)
+        report(f"previous engine ({args.previous})", results["previous"])
+        this, before = results["this"], results["previous"]
+        print(f"\nbatch-1 decode, this / previous: {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}"
+              " (target >= 0.95)")
+        for model in ("reference_shape", "demo_model"):
+            print(f"{model}, Q-exit tokens/s, this / previous:"
+                  f" {this[model]['q_exit']['tokens_per_s'] / before[model]['q_exit']['tokens_per_s']:.2f}")
+        if "serve" in this and "serve" in before:
+            print(f"server tokens/s, this / previous: {this['serve']['tokens_per_s'] / before['serve']['tokens_per_s']:.2f};"
+                  f" p50 {this['serve']['p50_latency_s']:.2f} s vs {before['serve']['p50_latency_s']:.2f} s,"
+                  f" p99 {this['serve']['p99_latency_s']:.2f} s vs {before['serve']['p99_latency_s']:.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The depth scheduler: the one exit loop of every decode path, over rows at their own loop steps.
+
+Each slot of a ``KVCache`` holds one sequence (a ``Row``), left-aligned (positions from 0, its
+own length).  ``admit`` prefills a prompt at full depth into its slot (every depth's cache must
+hold it); ``feed`` queues its next token.  One ``iterate`` applies the core once to every running
+row, each at its OWN loop step, position and cache slot: fed rows enter at step 1; the rows whose
+policy reads every step (or at their last step) are read out and each policy decides for its rows
+(``looplm.exit_policy``; ACT accumulates); a row whose exit fires leaves at once — the layout
+fills the steps it skipped, its logits are computed — and its next token enters step 1 in the
+next iteration beside rows still deep in theirs.  Under the ``full`` layout (and for a prompt's
+last token) a row runs every step and the exit only picks the readout.  So every weight read
+serves every running row and a skipped step is wall time saved.  A stepper that runs a whole
+token in one call (``whole_token``) takes the rows it can (batch 1, static or Q-exit, its
+layouts).  ``layer_applications`` counts the core and coda layers each row ran for its decoded
+tokens (prefill excluded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from looplm.cache import KVCache
+from looplm.errors import LoopLMError
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate, readout_perplexity, refuse_act_over_mixing
+from looplm.model.exit import hidden_change, readout_kl
+from looplm.steppers import Rows, make_stepper
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in a scheduler slot and its current token."""
+
+    slot: int
+    policy: ExitPolicy
+    max_steps: int
+    act_threshold: float | None
+    position: int                       # the position of the token fed next
+    whole_token: bool = False           # the stepper may run its tokens in one call
+    threshold: float | None = None      # its Q-exit threshold (None: no gate read)
+    token: int | None = None            # fed, waiting to enter
+    step: int = 0                       # loop steps its token has run
+    exit_step: int | None = None        # the step its exit fired (a full-depth token runs on)
+    full_depth: bool = False            # this token runs every step
+    logits: torch.Tensor | None = None  # [V] of its last finished token
+    greedy: int | None = None           # their argmax
+    steps: int = 0                      # the loop steps that token's decision used
+    layer_applications: int = 0         # core + coda layers run for its decoded tokens
+    full_depth_applications: int = 0    # the same tokens at full depth
+
+
+class Scheduler:
+    """Rows of one cache (``rows`` slots of ``max_len`` positions, ``max_steps`` loop steps deep,
+    one ``layout``) decoding together through one stepper (``looplm.steppers``)."""
+
+    def __init__(self, model, rows: int, max_len: int, max_steps: int, layout: str = "last_exited",
+                 modulo_slots: int = 2, backend: str = "reference", compile_steps: bool = False, dtype: str = "fp32"):
+        parameter = next(model.parameters())
+        self.model, self.device = model, parameter.device
+        config = model.config
+        self.cache = KVCache(config, rows, max_len, max_steps, device=self.device, dtype=parameter.dtype,
+                             layout=layout, modulo_slots=modulo_slots)
+        # dtype: the weights (``make_stepper``); self.model is then the model the stepper reads (bf16: a copy).
+        self.stepper, self.backend, self.model, self.precision = make_stepper(backend, model, self.cache,
+                                                                              compile_steps, dtype)
+        self.whole_tokens = (self.stepper.whole_token is not None
+                             and layout in getattr(self.stepper, "whole_token_layouts", ()))
+        self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
+        self.core_layers, self.per_step = config.n_core_layers, config.n_core_layers + config.n_coda_layers
+        self.free = list(range(rows))
+        self.running: list[Row] = []
+        self.pending: list[Row] = []
+        self.h = self.e = None           # the running rows' states and prelude outputs [R, D]
+        self.tables: dict[str, torch.Tensor] = {}  # per-slot decision state
+        self.iterations = self.mixed_depth_iterations = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.running or self.pending)
+
+    def admit(self, prompt: list[int], policy: ExitPolicy, prefix_cache=None) -> Row:
+        """Prefill ``prompt`` at full depth into a free slot; the returned row holds the prompt's
+        last logits and exit steps, ready to be fed its next token."""
+        config = self.model.config
+        max_steps = policy.max_steps(config.loop_steps)
+        self.cache.check_steps(max_steps)
+        if policy.needs_gate and self.model.exit_gate is None:
+            raise LoopLMError("Q-exit and ACT need a model with an exit gate: use fixed steps")
+        if not 0 < len(prompt) <= self.cache.max_len or not self.free:
+            raise LoopLMError(f"a prompt of {len(prompt)} tokens does not fit: {len(self.free)} free rows of"
+                              f" {self.cache.max_len} positions")
+        if isinstance(policy, ACTExit):
+            refuse_act_over_mixing(self.model)
+        act = (policy.threshold or config.act_threshold) if isinstance(policy, ACTExit) else None
+        whole = self.whole_tokens and policy.signal in (Signal.NONE, Signal.GATE) and act is None
+        row = Row(self.free.pop(0), policy, max_steps, act, len(prompt), whole,
+                  policy.threshold if policy.signal is Signal.GATE else None)
+        try:
+            if prefix_cache is None and whole and self.stepper.prefills_tokens(len(prompt), max_steps):
+                self.stepper.prefill_tokens(prompt[:-1], max_steps)  # the last token decides on its way
+                row.position = len(prompt) - 1
+                self.feed(row, prompt[-1], full_depth=True)
+                self.finish_token(row)
+                row.layer_applications = row.full_depth_applications = 0
+                return row
+            ids = torch.tensor([list(prompt)], device=self.device)
+            view = self.cache.row(row.slot)
+            with torch.no_grad():
+                output = (prefix_cache.prefill(self.model, list(prompt), view, max_steps) if prefix_cache is not None
+                          else self.model(ids, steps=max_steps, cache=view))
+            if config.act_mixing:  # the gate read the loop state, not the readout: its logits per step
+                self._mixing_gates = [gate[0, -1:] for gate in output.gate_logits]
+            self._replay(row, [readout[0, -1:] for readout in output.hidden_states])
+        except BaseException:
+            self.free.append(row.slot)
+            raise
+        return row
+
+    def _replay(self, row: Row, readouts: list[torch.Tensor]) -> None:
+        """The prompt's exit decision from its last position's readouts at every step (the same
+        ``_decide`` as decoding)."""
+        self._reset([row])
+        chosen = readouts[-1]
+        for step, readout in enumerate(readouts):
+            row.step = step
+            if self.model.config.act_mixing:
+                self._table("mixing_gate")[row.slot] = self._mixing_gates[step]
+            if self._decide([row], readout, self.model)[0]:
+                row.exit_step, chosen = step + 1, readout
+                break
+        if row.act_threshold is not None:
+            chosen = self.tables["act_state"][row.slot:row.slot + 1]
+            row.exit_step = int(self.tables["halting"][row.slot])
+        row.logits = self.model.logits(chosen)[0]
+        row.steps, row.greedy = row.exit_step or row.max_steps, int(row.logits.argmax())
+
+    def feed(self, row: Row, token: int, full_depth: bool = False) -> None:
+        """Queue ``token`` as the row's next token (it enters at the next ``iterate``)."""
+        row.token, row.full_depth = token, full_depth
+        self.pending.append(row)
+
+    def release(self, row: Row) -> None:
+        """Free the row's slot, even in the middle of a token."""
+        if row in self.pending:
+            self.pending.remove(row)
+        if row in self.running:
+            self._keep([other for other in self.running if other is not row])
+        self.free.append(row.slot)
+
+    def finish_token(self, row: Row) -> None:
+        """Iterate until ``row``'s fed token is decoded (batch 1: nothing else runs)."""
+        while row.token is not None or row in self.running:
+            self.iterate()
+
+    def iterate(self) -> list[Row]:
+        """One core step of every running row (entering the fed ones first); returns the rows
+        whose token finished, with their ``logits``, ``greedy`` and ``steps``."""
+        finished: list[Row] = []
+        if self.pending:
+            entering, self.pending = self.pending, []
+            if self.whole_tokens:
+                finished = [row for row in entering if row.whole_token and not row.full_depth]
+                for row in finished:
+                    self._whole_token(row)
+                if finished:
+                    entering = [row for row in entering if row not in finished]
+            if entering:
+                self._enter(entering)
+        if not self.running:
+            return finished
+        running = self.running
+        rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
+        self.iterations += 1
+        self.mixed_depth_iterations += len(set(rows.steps)) > 1
+        self.h = self.stepper.core_step(self.h, self.e, rows)
+        reading = [index for index, row in enumerate(running)
+                   if row.step + 1 == row.max_steps or row.policy.reads_every_step or self.dense_readout]
+        readout = None
+        if reading:
+            everyone = len(reading) == len(running)
+            part = self.h if everyone else self.h[torch.tensor(reading, device=self.device)]
+            read_rows = rows if everyone else rows.subset(reading)
+            readout = self.stepper.readout(part, read_rows)
+            if self.model.config.act_mixing:  # the gate read the loop state in core_step (model.act_mixing)
+                self._table("mixing_gate")[read_rows.tensor("slots", self.device)] = \
+                    self.stepper.mixing_gates(read_rows).to(self._table("mixing_gate").dtype)
+        if self.cache.layout in ("first", "avg"):
+            self.cache.after_rows_step(rows.tensor("steps", self.device), rows.tensor("slots", self.device)[:, None],
+                                       rows.tensor("positions", self.device)[:, None])
+        for row in running:
+            row.layer_applications += self.core_layers
+        leaving = []
+        exits = self._decide([running[index] for index in reading], readout, self.stepper) if reading else []
+        for place, (index, exited) in enumerate(zip(reading, exits)):
+            row = running[index]
+            row.layer_applications += self.per_step - self.core_layers
+            runs_on = row.full_depth or not self.cache.skips
+            if exited and row.exit_step is None:
+                row.exit_step = row.step + 1
+                if runs_on:
+                    self._table("chosen", readout.shape[-1])[row.slot] = readout[place]
+            if row.step + 1 == row.max_steps or (exited and not runs_on):
+                leaving.append((row, place))
+        if leaving:
+            finished += self._leave(leaving, readout)
+        for row in self.running:
+            row.step += 1
+        return finished
+
+    def _enter(self, entering: list[Row]) -> None:
+        rows = Rows([row.slot for row in entering], [0] * len(entering), [row.position for row in entering])
+        e = self.stepper.embed([row.token for row in entering], rows)
+        h = self.stepper.initial_state(e, rows)
+        for row in entering:
+            row.step, row.exit_step, row.token = 0, None, None
+        self._reset(entering)
+        self.h, self.e = (torch.cat([self.h, h]), torch.cat([self.e, e])) if self.running else (h, e)
+        self.running = self.running + entering
+
+    def _whole_token(self, row: Row) -> None:
+        """The stepper's one-call token (its readout is the last step's, Q-exit in the kernel)."""
+        ran, logits, row.greedy = self.stepper.whole_token(row.token, row.position, row.max_steps,
+                                                           row.policy.min_steps, row.threshold)
+        row.logits, row.steps, row.token = logits, ran, None
+        row.layer_applications += ran * self.core_layers
+        row.full_depth_applications += row.max_steps * self.per_step
+        row.position += 1
+
+    def _leave(self, leaving: list[tuple[Row, int]], readout: torch.Tensor) -> list[Row]:
+        """Rows whose token is done: fill the steps they skipped, their logits, out of the core."""
+        finals = []
+        for row, place in leaving:
+            if row.act_threshold is not None:
+                finals.append(self.tables["act_state"][row.slot])
+                row.exit_step = int(self.tables["halting"][row.slot])
+            elif row.exit_step is not None and row.exit_step <= row.step:  # exited earlier, ran on
+                finals.append(self.tables["chosen"][row.slot])
+            else:
+                finals.append(readout[place])
+        ran = [row.step + 1 for row, _ in leaving]
+        if self.cache.layout in ("first", "avg") or any(steps < row.max_steps for steps, (row, _) in zip(ran, leaving)):
+            slots = torch.tensor([row.slot for row, _ in leaving], device=self.device)
+            positions = torch.tensor([row.position for row, _ in leaving], device=self.device)
+            self.cache.finish_rows(torch.tensor(ran, device=self.device), slots[:, None], positions[:, None])
+        logits = self.stepper.logits(finals[0].view(1, -1) if len(finals) == 1 else torch.stack(finals))
+        greedy = logits.argmax(-1).tolist()
+        for index, (row, _) in enumerate(leaving):
+            row.logits, row.greedy, row.steps = logits[index], greedy[index], row.exit_step or row.step + 1
+            row.full_depth_applications += row.max_steps * self.per_step
+            row.position += 1
+            row.full_depth = False
+        gone = {id(row) for row, _ in leaving}
+        self._keep([row for row in self.running if id(row) not in gone])
+        return [row for row, _ in leaving]
+
+    def _keep(self, kept: list[Row]) -> None:
+        """Only ``kept`` of the running rows run on (their states selected)."""
+        if len(kept) < len(self.running) and kept:
+            index = torch.tensor([self.running.index(row) for row in kept], device=self.device)
+            self.h, self.e = self.h[index], self.e[index]
+        self.running = kept
+
+    def _table(self, name: str, width: int | None = None, dtype=None) -> torch.Tensor:
+        """Per-slot decision state (zeros when first asked for)."""
+        if name not in self.tables:
+            shape = (self.cache.batch_size,) + ((width,) if width else ())
+            self.tables[name] = torch.zeros(shape, dtype=dtype or self.cache.keys.dtype, device=self.device)
+        return self.tables[name]
+
+    def _reset(self, rows: list[Row]) -> None:
+        """A new token: no survival, no ACT weight yet."""
+        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        for name in ("survival", "act_total", "halting", "act_state"):
+            if name in self.tables:
+                self.tables[name][slots] = 0
+
+    def _decide(self, rows: list[Row], readout: torch.Tensor, head) -> list[bool]:
+        """Which of ``rows`` (read out as ``readout`` [R, D] at their current steps) exit now;
+        ACT rows accumulate instead.  ``head`` gives gate logits and logits (the stepper, or the
+        model when replaying a prefill)."""
+        exits = [False] * len(rows)
+        groups: dict[type, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.act_threshold is not None:
+                groups.setdefault(ACTExit, []).append(index)
+            elif row.exit_step is None and row.policy.reads_every_step and row.step + 1 < row.max_steps:
+                groups.setdefault(type(row.policy), []).append(index)
+        for kind, members in groups.items():
+            group = [rows[index] for index in members]
+            part = readout if len(members) == len(rows) else readout[torch.tensor(members, device=self.device)]
+            slots = torch.tensor([row.slot for row in group], device=self.device)
+            steps = torch.tensor([row.step for row in group], device=self.device)
+            if kind is ACTExit:
+                self._act(group, slots, steps, part, head)
+                continue
+            values = self._signal(group[0].policy.signal, slots, part, head)
+            survival = self._table("survival", dtype=torch.float64)
+            decided, survival[slots] = kind.decide([row.policy for row in group], steps, values, survival[slots])
+            decided &= steps + 1 >= torch.tensor([row.policy.min_steps for row in group], device=self.device)
+            for index, exited in zip(members, decided.tolist()):
+                exits[index] = exited
+        return exits
+
+    def _signal(self, signal: Signal, slots: torch.Tensor, readout: torch.Tensor, head) -> torch.Tensor:
+        """This step's ``signal`` for the rows in ``slots`` (changes against their previous step)."""
+        if signal is Signal.GATE:
+            if self.model.config.act_mixing:
+                return self._table("mixing_gate")[slots]
+            return head.gate_logits(readout).reshape(-1)
+        if signal is Signal.PERPLEXITY:
+            return readout_perplexity(head.logits(readout))
+        current = readout.float() if signal is Signal.READOUT_CHANGE else head.logits(readout)
+        previous = self._table(signal.value, current.shape[-1], current.dtype)
+        change = (hidden_change if signal is Signal.READOUT_CHANGE else readout_kl)(previous[slots], current)
+        previous[slots] = current
+        return change
+
+    def _act(self, rows: list[Row], slots: torch.Tensor, steps: torch.Tensor, readout: torch.Tensor, head) -> None:
+        thresholds = torch.tensor([row.act_threshold for row in rows], dtype=torch.float64, device=self.device)
+        last = torch.tensor([row.step + 1 == row.max_steps for row in rows], device=self.device)
+        total, halting = self._table("act_total", dtype=torch.float64), self._table("halting", dtype=torch.long)
+        state = self._table("act_state", readout.shape[-1], readout.dtype)
+        total[slots], halting[slots], state[slots] = act_accumulate(
+            thresholds, steps, last, head.gate_logits(readout), readout, total[slots], halting[slots], state[slots])
