@@ -2,12 +2,14 @@
 speed, weight bytes, and the loss of ternary-QAT training against float32 training.
 
 Decode: batch 1, greedy, fixed T steps, through ``generate`` (prefill excluded), on the
-reference shape (d 256, 4 heads, vocab 4096, 3 core layers x T 4).  Every variant decodes with
+reference shape (d 256, 4 heads, vocab 4096, 3 core layers x T 4).  Four variants decode with
 the ``reference`` backend (the model's own modules: the python paths), timed round by round in
 the same run: fp32 (``nn.Linear``), q8_0 (``looplm.quant.Int8Linear``, whose batch-1 rows go
 through the Q8_0 C matvec), ternary QAT (``BitLinear``: float shadow weights ternarised on
-every call) and ternary packed (``TernaryLinear``: 2-bit codes unpacked per call).  The native
-C decode backend does not run ternary weights yet (it covers fp32 and int8 only).
+every call) and ternary packed (``TernaryLinear``: 2-bit codes unpacked per call); then fp32,
+q8_0 and ternary packed with the ``native`` backend (the C runtime: the ternary projection
+quantises each input row to int8 once and sums int8 × ternary products from the 2-bit codes,
+matvec.h).
 Bytes: the layers' projection weights as held in memory, and the GGUF file of each storage type.
 Loss: the same looped model trained on the binding task for the same steps and seed in fp32
 and with ternary weights in all layers; validation loss and exact-match accuracy per loop step.
@@ -74,14 +76,23 @@ def decode_variants(config: ModelConfig) -> dict[str, LoopLM]:
             "ternary packed": pack_model(copy.deepcopy(ternary))}
 
 
+# (row, variant, backend): every variant through the python paths, then the native C backend's
+NATIVE = ("fp32", "q8_0", "ternary packed")
+
+
+def decode_rows(models: dict[str, LoopLM]) -> list[tuple[str, str, str]]:
+    return ([(name, name, "reference") for name in models]
+            + [(f"{name} native", name, "native") for name in NATIVE if name in models])
+
+
 def decode_rates(models: dict[str, LoopLM], prompt: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median decode tokens/s per variant, interleaved round by round so load changes hit all alike."""
+    """Median decode tokens/s per row, interleaved round by round so load changes hit all alike."""
     runs: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for name, model in models.items():
-            rate = time_decode(model, prompt, new_tokens, 1, "reference")["decode_tokens_per_s"]
-            runs.setdefault(name, []).append(rate)
-    return {name: statistics.median(rates) for name, rates in runs.items()}
+        for row, name, backend in decode_rows(models):
+            rate = time_decode(models[name], prompt, new_tokens, 1, backend)["decode_tokens_per_s"]
+            runs.setdefault(row, []).append(rate)
+    return {row: statistics.median(rates) for row, rates in runs.items()}
 
 
 def gguf_sizes(directory: Path) -> dict[str, int]:
@@ -128,13 +139,13 @@ def main() -> None:
     config = preset("reference")
     models = decode_variants(config)
     rates = decode_rates(models, prompt, new_tokens, repeats)
-    print(f"\nbatch-1 decode, reference shape (d 256, 3 core layers x T 4), reference backend, prompt {prompt},"
-          f" {new_tokens} new tokens, median of {repeats}")
-    print(f"{'variant':<16}{'tokens/s':>10}{'vs fp32':>9}{'projection bytes':>18}{'vs fp32':>9}")
+    print(f"\nbatch-1 decode, reference shape (d 256, 3 core layers x T 4), reference backend (rows '... native':"
+          f" the C runtime), prompt {prompt}, {new_tokens} new tokens, median of {repeats}")
+    print(f"{'variant':<23}{'tokens/s':>10}{'vs fp32':>9}{'projection bytes':>18}{'vs fp32':>9}")
     base_rate, base_bytes = rates["fp32"], projection_bytes(models["fp32"])
-    for name, model in models.items():
-        size = projection_bytes(model)
-        print(f"{name:<16}{rates[name]:>10.1f}{rates[name] / base_rate:>9.2f}{size:>18,}{size / base_bytes:>9.3f}")
+    for row, name, _ in decode_rows(models):
+        size = projection_bytes(models[name])
+        print(f"{row:<23}{rates[row]:>10.1f}{rates[row] / base_rate:>9.2f}{size:>18,}{size / base_bytes:>9.3f}")
     with tempfile.TemporaryDirectory() as directory:
         sizes = gguf_sizes(Path(directory))
         print("\nGGUF file of the reference shape (embedding and norms f32 except under q8_0):  "

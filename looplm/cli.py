@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                " with the native C kernel where it runs, else the reference backend")
     generate.add_argument("--ternary", action="store_true",
                           help="pack a ternary model's weights to 2 bits each first (looplm.ternary; model.ternary"
-                               " core or all); decodes with the reference backend")
+                               " core or all); decodes with the native C runtime, or the reference backend")
     _add_exit_arguments(generate)
 
     evaluate = sub.add_parser("eval", help="loss / accuracy per loop step, exit statistics, compute-quality curves",

@@ -13,9 +13,8 @@ TQ2_0 blocks where rows are a multiple of 256 long (looplm.checkpoint.gguf).
   levels and ternary codes summed exactly (in float32: every partial sum is an integer below
   2^24 while K < 2^24 / 128), scaled once per output.  The codes are unpacked per call through
   a 256-entry table (one byte → four codes); the weights never stay unpacked.
-Python cannot multiply 2-bit fields without unpacking them; a native kernel that adds and
-subtracts activations straight from the packed bytes belongs to the C backends, which do not
-run ternary weights yet.
+Python cannot multiply 2-bit fields without unpacking them; the C runtime (kernels/csrc/matvec.h,
+``backend="native"`` and ``looplm-run``) runs the same integer form from the packed bytes.
 
 ``pack_model`` swaps every ``BitLinear`` of a trained model for a ``TernaryLinear`` in place.
 """

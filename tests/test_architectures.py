@@ -136,7 +136,7 @@ def test_cached_decode_equals_full_forward(name):
 
 # Features the C runtime refuses, each by name (these models decode through the reference backend):
 # config key -> (the value the runtime runs, a phrase of its refusal).
-C_UNRUN = {"ternary": ("none", "ternary weights"), "hyper_connections": (0, "hyper-connection streams"),
+C_UNRUN = {"hyper_connections": (0, "hyper-connection streams"),
            "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append"),
            "norm_type": ("rms", "LayerNorm"), "embed_norm": (False, "a norm after the embedding"),
            "act_mixing": (False, "ACT mixing"), "depth_lora_position": ("input", "depth LoRA on the core output"),

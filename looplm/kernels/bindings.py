@@ -19,9 +19,10 @@ class Dims(ctypes.Structure):
 
 class Projection(ctypes.Structure):
     """float32 ``weights``, or Q8_0 int8 ``values`` + float32 ``scales`` (looplm.quant; with
-    ``quantize_input`` the input is quantised too: int8 × int8 dot products), or ``bf16`` weights."""
+    ``quantize_input`` the input is quantised too: int8 × int8 dot products), or ``bf16`` weights,
+    or ``ternary`` 2-bit codes (looplm.checkpoint.ternary's layout) + one ``ternary_scale``."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "values", "scales", "bf16")] + [
-        ("quantize_input", ctypes.c_int)]
+        ("quantize_input", ctypes.c_int), ("ternary", ctypes.c_void_p), ("ternary_scale", ctypes.c_float)]
 
 
 class Layer(ctypes.Structure):

@@ -96,3 +96,18 @@ def bf16_matvec_reference(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """``bf16_matvec`` in float64 [N]: the bf16 weights times x rounded to bf16 (torch's rounding,
     to nearest even), summed exactly."""
     return weight.double() @ x.to(torch.bfloat16).double()
+
+
+def ternary_matvec(packed: torch.Tensor, scale: torch.Tensor | float, x: torch.Tensor, in_features: int,
+                   threads: int = 1) -> torch.Tensor:
+    """y = W x [N] for a ternary W (2-bit codes ``packed`` [N, ceil(K/4)] in looplm's layout and one
+    float32 ``scale``, as ``looplm.ternary.TernaryLinear`` holds them) and a float32 x [K], through
+    the runtime's ternary projection (matvec.h): x quantised per token to int8 levels as
+    ``BitLinear`` does, the integer dot products with the codes exact, then times scale / factor —
+    ``TernaryLinear.forward``'s arithmetic, step for step."""
+    packed, x = packed.contiguous(), x.float().contiguous()
+    out = torch.empty(packed.shape[0])
+    projection = Projection(ternary=packed.data_ptr(), ternary_scale=float(scale))
+    load_kernel().looplm_project(ctypes.byref(projection), x.data_ptr(), out.data_ptr(), packed.shape[0],
+                                 in_features, threads)
+    return out

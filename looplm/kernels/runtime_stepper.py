@@ -3,7 +3,9 @@
 
 The model is described to C as ``looplm-run`` reads it from a GGUF file: the config as JSON, then
 every tensor under its GGUF name (``looplm.checkpoint.gguf.gguf_name``), read in place (int8
-``Int8Linear`` layers as their Q8_0 values and scales).  The state's cache slots are the
+``Int8Linear`` layers as their Q8_0 values and scales; ternary layers (``model.ternary``) as their
+2-bit codes and scale: a packed ``TernaryLinear``'s own, a ``BitLinear``'s from ``ternary_codes``
+of its shadow weight, packed once here).  The state's cache slots are the
 ``KVCache``'s own tensors, so the batched torch prefill, the Python layout rules of the per-step
 path and this stepper read and write the same storage.  A ``looplm.steppers.Stepper`` for one row
 (tensors [1, D]); ``whole_token`` runs a whole token with its exit rule and every KV layout's rules
@@ -26,10 +28,13 @@ from looplm.errors import LoopLMError
 from looplm.kernels.bindings import ERROR_BYTES, Exit
 from looplm.kernels.build import load_kernel, unavailable_reason
 from looplm.kernels.native_stepper import c_decode_unsupported, decode_threads
+from looplm.checkpoint.ternary import pack_ternary
+from looplm.model.bitlinear import BitLinear, ternary_codes
 from looplm.quant import Int8Linear
+from looplm.ternary import TernaryLinear
 
 _FLOAT = 4  # bytes
-BIND_F32, BIND_Q8_0 = 0, 1  # LR_BIND_*
+BIND_F32, BIND_Q8_0, BIND_TERNARY = 0, 1, 2  # LR_BIND_*
 # Slot parts (runtime.h LR_PART_*), in looplm.cache.recurrent_state_shapes' order per kind.
 KEYS, VALUES = 0, 1
 CONV, STATE, SEGMENT_STATES, SEGMENT_KEYS, OPEN_KEY_SUM, LOOP_KEY_SUM = 0, 1, 2, 3, 4, 5
@@ -51,6 +56,8 @@ def runtime_unsupported(model, cache: KVCache) -> str | None:
         return reason
     if any(isinstance(module, Int8Linear) and module.bias is not None for module in model.modules()):
         return "the C runtime reads int8 layers without a bias"
+    if any(isinstance(module, (BitLinear, TernaryLinear)) and module.bias is not None for module in model.modules()):
+        return "the C runtime reads ternary layers without a bias"
     if any(isinstance(module, Int8Linear) and module.quantizes_input for module in model.modules()):
         return ("the C runtime multiplies int8 weights by float32 activations, and this model's int8 layers"
                 " quantise their inputs (quantize_model(..., activations='float') runs here)")
@@ -70,21 +77,39 @@ def runtime_unsupported(model, cache: KVCache) -> str | None:
 
 
 def bound_tensors(model):
-    """(GGUF name, tensor) for every tensor the runtime reads: the state dict's under their GGUF
-    names (an ``Int8Linear`` as (values, scales) under its weight's name) and the derived ones
-    (the eval noise table)."""
+    """(GGUF name, LR_BIND_* kind, data, scales, shape) for every tensor the runtime reads: the state
+    dict's under their GGUF names (an ``Int8Linear`` as Q8_0 values and scales, a ternary layer as
+    its 2-bit codes and 1-element scale, each under its weight's name and shape) and the derived
+    ones (the eval noise table)."""
     from looplm.checkpoint.gguf import gguf_name
     from looplm.model.loading import derived_tensors
 
-    int8 = {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+    int8, ternary = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            int8[name] = module
+        elif isinstance(module, (BitLinear, TernaryLinear)):
+            ternary[name] = module
     for name, tensor in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         if owner in int8:
             if leaf == "values":
-                yield gguf_name(f"{owner}.weight"), (int8[owner].values, int8[owner].scales)
+                values = int8[owner].values
+                yield gguf_name(f"{owner}.weight"), BIND_Q8_0, values, int8[owner].scales, tuple(values.shape)
             continue
-        yield gguf_name(name), tensor
-    yield from derived_tensors(model).items()
+        if owner in ternary:
+            module = ternary[owner]
+            if isinstance(module, TernaryLinear) and leaf == "packed":
+                yield (gguf_name(f"{owner}.weight"), BIND_TERNARY, module.packed, module.scale.reshape(1),
+                       (module.out_features, module.in_features))
+            elif isinstance(module, BitLinear) and leaf == "weight":
+                codes, scale = ternary_codes(module.weight.detach().float())
+                yield (gguf_name(name), BIND_TERNARY, pack_ternary(codes.to(torch.int8)), scale.reshape(1),
+                       tuple(codes.shape))
+            continue
+        yield gguf_name(name), BIND_F32, tensor, None, tuple(tensor.shape)
+    for name, tensor in derived_tensors(model).items():
+        yield name, BIND_F32, tensor, None, tuple(tensor.shape)
 
 
 def _slot_parts(cache: KVCache, slot: int) -> list[tuple[int, torch.Tensor]]:
@@ -120,15 +145,12 @@ class RuntimeStepper:
         self.model_handle = self.state = None
         error, text = _error(), _config_json(model)
         self.model_handle = kernel.lr_model_new(text, len(text), error)
-        for name, tensor in bound_tensors(model):
-            kind, data, scales = BIND_F32, tensor, None
-            if isinstance(tensor, tuple):
-                kind, (data, scales) = BIND_Q8_0, tensor
+        for name, kind, data, scales, logical in bound_tensors(model):
             data = self._keep_tensor(data)
-            shape = (ctypes.c_int64 * data.dim())(*data.shape)
+            shape = (ctypes.c_int64 * len(logical))(*logical)
             scale_pointer = self._keep_tensor(scales).data_ptr() if scales is not None else None
             if not kernel.lr_model_bind(self.model_handle, name.encode(), kind, data.data_ptr(), scale_pointer,
-                                        data.dim(), shape, error):
+                                        len(logical), shape, error):
                 raise LoopLMError(f"the C runtime cannot read this model: {error.value.decode()}")
         if not kernel.lr_model_finish(self.model_handle, error):
             raise LoopLMError(f"the C runtime cannot read this model: {error.value.decode()}")

@@ -142,10 +142,9 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
      * runs a model only where they are off, and says which one it cannot run. */
     int off = 0;
     node = json_get(root, "ternary");
-    if (node && (node->kind != JSON_STRING || strcmp(node->string, "none"))) {
-        lr_fail(error, "model config: ternary weights (model.ternary) are not run by this runtime; decode with"
-                       " looplm generate --backend reference");
-        goto done;
+    if (node) {
+        static const char *const scopes[] = {"none", "core", "all"};
+        if (!choose(node, "ternary", scopes, 3, &config->ternary, error)) goto done;
     }
     static const char *const later[] = {"hyper_connections", "attnres_block_size"};
     static const char *const later_names[] = {"hyper-connection streams (model.hyper_connections)",

@@ -114,9 +114,15 @@ static int tensor_bytes(GgufTensor *t, char *error) {
             if (t->shape[t->ndim - 1] % 32) return lr_fail(error, "tensor %s: Q8_0 rows must be a multiple of 32", t->name);
             t->bytes = (size_t)t->elements / 32 * 34;
             return 1;
+        case GGUF_I8: t->bytes = (size_t)t->elements; return 1;
+        case GGUF_TQ2_0:
+            if (t->shape[t->ndim - 1] % GGUF_TQ2_0_ROW)
+                return lr_fail(error, "tensor %s: TQ2_0 rows must be a multiple of %d", t->name, GGUF_TQ2_0_ROW);
+            t->bytes = (size_t)t->elements / GGUF_TQ2_0_ROW * GGUF_TQ2_0_BYTES;
+            return 1;
     }
-    return lr_fail(error, "tensor %s has ggml type %u, which this runtime cannot read (f32, f16, bf16, q8_0)", t->name,
-                   t->type);
+    return lr_fail(error, "tensor %s has ggml type %u, which this runtime cannot read (f32, f16, bf16, q8_0, and"
+                          " ternary weights as tq2_0 or looplm's 2-bit i8)", t->name, t->type);
 }
 
 static int parse(Gguf *file, char *error) {
@@ -236,9 +242,90 @@ static float bfloat_to_float(uint16_t b) {
 
 static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
+static int ends_with(const char *text, const char *suffix) {
+    size_t n = strlen(text), m = strlen(suffix);
+    return n >= m && strcmp(text + n - m, suffix) == 0;
+}
+
+static const GgufTensor *find_tensor(const Gguf *file, const char *name) {
+    for (size_t i = 0; i < file->tensor_count; i++)
+        if (strcmp(file->tensors[i].name, name) == 0) return &file->tensors[i];
+    return NULL;
+}
+
+/* Element `index` of an integer array value (its elements' type any integer), or -1. */
+static int64_t array_integer(const Gguf *file, const GgufValue *v, size_t index) {
+    Cursor c = {file->buffer, file->size, (size_t)(v->value - file->buffer), NULL, 0};
+    uint32_t element = read_u32(&c);
+    uint64_t count = read_u64(&c);
+    const size_t size = scalar_size(element);
+    const uint8_t *p;
+    if (c.failed || element == 6 || element == 12 || element >= 13 || !size || index >= count) return -1;
+    c.at += index * size;
+    if (!take(&c, size, &p)) return -1;
+    uint64_t raw = 0;
+    for (int i = (int)size - 1; i >= 0; i--) raw = raw << 8 | p[i];
+    return (int64_t)raw;
+}
+
+/* The row length K `looplm.ternary.row_lengths` gives the packed ternary tensor `name` (listed in
+ * `looplm.ternary.weights`, in the same order); 0 when it is not listed, -1 when malformed. */
+static int64_t ternary_row_length(const Gguf *file, const char *name) {
+    const GgufValue *names = find(file, "looplm.ternary.weights"), *rows = find(file, "looplm.ternary.row_lengths");
+    if (!names || !rows || names->type != 9 || rows->type != 9) return 0;
+    Cursor c = {file->buffer, file->size, (size_t)(names->value - file->buffer), NULL, 0};
+    uint32_t element = read_u32(&c);
+    uint64_t count = read_u64(&c);
+    if (c.failed || element != 8) return -1;
+    for (uint64_t i = 0; i < count; i++) {
+        size_t length;
+        const char *listed = read_string(&c, &length);
+        if (!listed) return -1;
+        if (length == strlen(name) && memcmp(listed, name, length) == 0) return array_integer(file, rows, (size_t)i);
+    }
+    return 0;
+}
+
+/* A packed ternary weight (I8 in looplm's 2-bit layout, or TQ2_0 repacked to it) bound with its
+ * `<name>.ternary_scale`. */
+static int bind_ternary(LrModel *model, const Gguf *file, const GgufTensor *t, char *error) {
+    const int64_t K = ternary_row_length(file, t->name);
+    if (K <= 0)
+        return lr_fail(error, "tensor %s is stored as %s but looplm.ternary.weights does not list it with its row length",
+                       t->name, t->type == GGUF_I8 ? "i8" : "tq2_0");
+    char scale_name[160];
+    const size_t stem = strlen(t->name) - (ends_with(t->name, "weight") ? strlen("weight") : 0);
+    snprintf(scale_name, sizeof scale_name, "%.*sternary_scale", (int)stem, t->name);
+    const GgufTensor *scale = find_tensor(file, scale_name);
+    if (!scale || scale->type != GGUF_F32 || scale->elements != 1)
+        return lr_fail(error, "tensor %s lacks its float32 scale %s: the file is incomplete", t->name, scale_name);
+    const int64_t rows = t->shape[0], width = (K + 3) / 4, shape[2] = {rows, K};
+    if (t->ndim != 2 || (t->type == GGUF_I8 ? t->shape[1] != width : t->shape[1] != K))
+        return lr_fail(error, "tensor %s: its stored shape does not hold %lld codes per row", t->name, (long long)K);
+    const uint8_t *packed = t->data;
+    if (t->type == GGUF_TQ2_0) {  /* block b, byte g·32 + m, field l holds weight 128·g + 32·l + m */
+        uint8_t *codes = calloc((size_t)(rows * width), 1);
+        if (!lr_model_own(model, codes, error)) return 0;
+        const int64_t blocks = K / GGUF_TQ2_0_ROW;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t b = 0; b < blocks; b++) {
+                const uint8_t *block = t->data + (size_t)(r * blocks + b) * GGUF_TQ2_0_BYTES;
+                for (int e = 0; e < GGUF_TQ2_0_ROW; e++) {
+                    const int field = block[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32)) & 3;
+                    const int64_t i = b * GGUF_TQ2_0_ROW + e;
+                    codes[r * width + i / 4] |= (uint8_t)(field << (2 * (i % 4)));
+                }
+            }
+        packed = codes;
+    }
+    return lr_model_bind(model, t->name, LR_BIND_TERNARY, packed, (const float *)scale->data, 2, shape, error);
+}
+
 /* Bind one tensor of the file, converting what the runtime does not read in place. */
-static int bind_tensor(LrModel *model, const GgufTensor *t, char *error) {
+static int bind_tensor(LrModel *model, const Gguf *file, const GgufTensor *t, char *error) {
     const size_t n = (size_t)t->elements;
+    if (ends_with(t->name, ".ternary_scale")) return 1;  /* read with its weight */
+    if (t->type == GGUF_I8 || t->type == GGUF_TQ2_0) return bind_ternary(model, file, t, error);
     if (t->type == GGUF_F32)
         return lr_model_bind(model, t->name, LR_BIND_F32, t->data, NULL, t->ndim, t->shape, error);
     if (t->type == GGUF_F16 || t->type == GGUF_BF16) {
@@ -289,7 +376,7 @@ LrModel *lr_model_from_gguf(const Gguf *file, char *error) {
     LrModel *model = lr_model_new(config, length, error);
     if (!model) return NULL;
     for (size_t i = 0; i < file->tensor_count; i++)
-        if (!bind_tensor(model, &file->tensors[i], error)) { lr_model_free(model); return NULL; }
+        if (!bind_tensor(model, file, &file->tensors[i], error)) { lr_model_free(model); return NULL; }
     if (!lr_model_finish(model, error)) { lr_model_free(model); return NULL; }
     return model;
 }

@@ -9,8 +9,12 @@
 
 #include "runtime.h"
 
-/* ggml tensor types this reader knows; the rest are refused by name. */
-enum { GGUF_F32 = 0, GGUF_F16 = 1, GGUF_Q8_0 = 8, GGUF_BF16 = 30 };
+/* ggml tensor types this reader knows; the rest are refused by name.  I8 and TQ2_0 hold the ternary
+ * weights of `looplm export gguf --dtype ternary` (looplm.checkpoint.gguf): looplm's 2-bit layout as
+ * I8 [N, ceil(K/4)], or TQ2_0 blocks (64 bytes of 2-bit codes + a float16 scale per 256 weights). */
+enum { GGUF_F32 = 0, GGUF_F16 = 1, GGUF_Q8_0 = 8, GGUF_I8 = 24, GGUF_BF16 = 30, GGUF_TQ2_0 = 35 };
+#define GGUF_TQ2_0_ROW 256
+#define GGUF_TQ2_0_BYTES 66
 
 typedef struct {
     const char *key;
@@ -47,7 +51,9 @@ const char *gguf_string(const Gguf *file, const char *key, size_t *length);
 /* An integer or bool value into *value; 0 when absent or not an integer. */
 int gguf_integer(const Gguf *file, const char *key, int64_t *value);
 /* The looplm model of a GGUF file: architecture and format checked, the config read, every tensor
- * bound (f16 and bf16 widened to float32, Q8_0 split into int8 values and float32 scales). */
+ * bound (f16 and bf16 widened to float32, Q8_0 split into int8 values and float32 scales, packed
+ * ternary weights — those `looplm.ternary.weights` lists — bound as codes with their
+ * `<name>.ternary_scale`, TQ2_0 repacked to looplm's 2-bit layout). */
 LrModel *lr_model_from_gguf(const Gguf *file, char *error);
 
 #endif

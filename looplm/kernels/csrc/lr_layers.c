@@ -133,6 +133,35 @@ static void attention(LrState *state, const LrLayer *L, const LrSlot *slot, cons
 }
 
 /* ---- multi-head latent attention, absorbed decode form (looplm.model.mla) ------------------- */
+/* MLA with a ternary kv_up (model.ternary), as the reference's recompute form: every cached latent
+ * expanded to its keys and values (kv_up quantises each one per position), then attention.  q: the
+ * queries [H, hd + dr] before RoPE (rotated here); o: [H, hd]. */
+static void recomputed_latent_attention(LrState *state, const LrLayer *L, float *q, const float *latent,
+                                        const float *rope_keys, int pos, float scale, float *o) {
+    const LrConfig *c = &state->model->config;
+    const int H = c->n_heads, hd = c->head_dim, dr = c->mla_rope_dim, rank = c->mla_kv_rank, n = pos + 1;
+    const float *cos = state->model->rope_cos + (size_t)pos * dr, *sin = state->model->rope_sin + (size_t)pos * dr;
+    float *scores = lr_take(state, (size_t)H * n), *expanded = lr_take(state, (size_t)H * 2 * hd);
+    for (int h = 0; h < H; h++) rope(q + (size_t)h * (hd + dr) + hd, cos, sin, dr);
+    for (int l = 0; l < n; l++) {
+        lr_project(state, &L->kv_up, latent + (size_t)l * rank, expanded);
+        for (int h = 0; h < H; h++) {
+            const float *q_nope = q + (size_t)h * (hd + dr);
+            scores[(size_t)h * n + l] = (dot(q_nope, expanded + (size_t)h * 2 * hd, hd)
+                                         + dot(q_nope + hd, rope_keys + (size_t)l * dr, dr)) * scale;
+        }
+    }
+    for (int h = 0; h < H; h++) softmax(scores + (size_t)h * n, n);
+    memset(o, 0, (size_t)H * hd * sizeof(float));
+    for (int l = 0; l < n; l++) {
+        lr_project(state, &L->kv_up, latent + (size_t)l * rank, expanded);
+        for (int h = 0; h < H; h++) {
+            const float weight = scores[(size_t)h * n + l], *v = expanded + (size_t)h * 2 * hd + hd;
+            for (int i = 0; i < hd; i++) o[(size_t)h * hd + i] += weight * v[i];
+        }
+    }
+}
+
 static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, float *out) {
     const LrConfig *c = &state->model->config;
     const int H = c->n_heads, hd = c->head_dim, dr = c->mla_rope_dim, rank = c->mla_kv_rank;
@@ -155,6 +184,12 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
     rope(kv + rank, cos, sin, dr);
     memcpy(rope_keys + (size_t)pos * dr, kv + rank, (size_t)dr * sizeof(float));
     const float scale = 1.0f / sqrtf((float)(hd + dr));
+    if (L->kv_up.p.ternary) {  /* a ternary kv_up quantises each cached latent apart: the recompute form */
+        recomputed_latent_attention(state, L, q, latent, rope_keys, pos, scale, o);
+        lr_project(state, &L->out, o, out);
+        state->scratch_used = mark;
+        return;
+    }
     for (int h = 0; h < H; h++) {
         float *q_nope = q + (size_t)h * (hd + dr), *q_rope = q_nope + hd;
         rope(q_rope, cos, sin, dr);

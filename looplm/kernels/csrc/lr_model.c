@@ -14,16 +14,17 @@ typedef struct {
     const float **vector;   /* … or a float32 tensor read as it lies */
     int ndim;
     int64_t shape[3];
+    int ternary;            /* a ternary layer's projection (codes + scale) */
 } Target;
 
 #define MAX_TARGETS 48
 
 static void matrix(Target *t, int *n, const char *name, LrMatrix *m, int64_t rows, int64_t cols) {
-    t[(*n)++] = (Target){name, m, NULL, 2, {rows, cols, 0}};
+    t[(*n)++] = (Target){name, m, NULL, 2, {rows, cols, 0}, 0};
 }
 
 static void tensor(Target *t, int *n, const char *name, const float **v, int ndim, int64_t a, int64_t b, int64_t c) {
-    t[(*n)++] = (Target){name, NULL, v, ndim, {a, b, c}};
+    t[(*n)++] = (Target){name, NULL, v, ndim, {a, b, c}, 0};
 }
 
 /* The tensors layer L (of kind L->kind; `looped` for core layers) holds under this config, by the
@@ -106,6 +107,10 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
         matrix(t, &n, "ffn_down.weight", &L->down, D, c->ffn_hidden);
         if (c->ffn == LR_FFN_CHANNELMIX) tensor(t, &n, "ffn.channel_mix", &L->channel_mix, 1, D, 0, 0);
     }
+    /* model.ternary swaps every nn.Linear of the mixer and the FFN for a BitLinear but the MoE
+     * router (looplm.model.bitlinear.ternary_layers): every projection above */
+    for (int i = 0; i < n; i++)
+        t[i].ternary = L->ternary && t[i].matrix && strcmp(t[i].name, "ffn.router.weight") != 0;
     return n;
 }
 
@@ -163,9 +168,14 @@ LrModel *lr_model_new(const char *config_json, size_t length, char *error) {
     model->core = lr_calloc((size_t)c->core, sizeof(LrLayer), error);
     model->coda = lr_calloc((size_t)c->coda + 1, sizeof(LrLayer), error);
     if (!model->prelude || !model->core || !model->coda) { lr_model_free(model); return NULL; }
-    for (int i = 0; i < c->prelude; i++) model->prelude[i].kind = lr_layer_kind(c, i);
-    for (int i = 0; i < c->core; i++) { model->core[i].kind = lr_layer_kind(c, i); model->core[i].looped = 1; }
-    for (int i = 0; i < c->coda; i++) model->coda[i].kind = lr_layer_kind(c, i);
+    const int outer = c->ternary == LR_TERNARY_ALL, inner = c->ternary != LR_TERNARY_NONE;
+    for (int i = 0; i < c->prelude; i++) { model->prelude[i].kind = lr_layer_kind(c, i); model->prelude[i].ternary = outer; }
+    for (int i = 0; i < c->core; i++) {
+        model->core[i].kind = lr_layer_kind(c, i);
+        model->core[i].looped = 1;
+        model->core[i].ternary = inner;
+    }
+    for (int i = 0; i < c->coda; i++) { model->coda[i].kind = lr_layer_kind(c, i); model->coda[i].ternary = outer; }
     return model;
 }
 
@@ -192,6 +202,34 @@ static LrLayer *layer_of(LrModel *model, const char *name, const char **inner, c
     return NULL;
 }
 
+static int projection_bound(const Projection *p) { return p->weights || p->values || p->ternary; }
+
+/* A ternary layer's float32 (shadow) weight W [rows, cols] as its codes and scale, as
+ * looplm.model.bitlinear.ternary_codes: s = max(mean|W|, 1e-5), c = clamp(round(W / s), −1, 1)
+ * (nearest even), packed in looplm's 2-bit layout.  The mean is summed in double: torch's float32
+ * sum differs from it by rounding only. */
+static int ternarize(LrModel *model, LrMatrix *m, const float *W, char *error) {
+    const size_t rows = (size_t)m->rows, cols = (size_t)m->cols, width = (cols + 3) / 4;
+    double total = 0.0;
+    for (size_t i = 0; i < rows * cols; i++) total += fabs((double)W[i]);
+    const float scale = fmaxf((float)(total / (double)(rows * cols)), TERNARY_SCALE_FLOOR);
+    const size_t bytes = rows * width;
+    uint8_t *packed = malloc(bytes ? bytes : 1);
+    if (!lr_model_own(model, packed, error)) return 0;
+    memset(packed, 0x55, bytes);  /* every field 1: code 0 (the padding past cols) */
+    for (size_t r = 0; r < rows; r++)
+        for (size_t i = 0; i < cols; i++) {
+            float code = nearbyintf(W[r * cols + i] / scale);
+            code = code > 1.0f ? 1.0f : code < -1.0f ? -1.0f : code;
+            uint8_t *byte = packed + r * width + i / 4;
+            const int shift = 2 * (int)(i % 4);
+            *byte = (uint8_t)((*byte & ~(3u << shift)) | (unsigned)((int)code + 1) << shift);
+        }
+    m->p.ternary = packed;
+    m->p.ternary_scale = scale;
+    return 1;
+}
+
 int lr_model_bind(LrModel *model, const char *name, int kind, const void *data, const float *scales, int ndim,
                   const int64_t *shape, char *error) {
     Target targets[MAX_TARGETS];
@@ -212,11 +250,23 @@ int lr_model_bind(LrModel *model, const char *name, int kind, const void *data, 
             return lr_fail(error, "tensor %s has shape [%s], the config needs [%s]", name, got, want);
         }
         if (t->matrix) {
-            if (t->matrix->p.weights || t->matrix->p.values) return lr_fail(error, "tensor %s given twice", name);
+            if (projection_bound(&t->matrix->p)) return lr_fail(error, "tensor %s given twice", name);
             if (kind == LR_BIND_Q8_0 && (t->shape[1] % BLOCK || !scales))
                 return lr_fail(error, "tensor %s: Q8_0 needs rows a multiple of %d long and scales", name, BLOCK);
+            if (kind == LR_BIND_TERNARY && (!t->ternary || !scales))
+                return lr_fail(error, "tensor %s: ternary codes are read for the projections of model.ternary's"
+                                      " layers only, with their scale", name);
+            if (t->ternary && kind == LR_BIND_Q8_0)
+                return lr_fail(error, "tensor %s belongs to a ternary layer: store it as f32 or ternary, not q8_0",
+                               name);
             t->matrix->rows = (int)t->shape[0];
             t->matrix->cols = (int)t->shape[1];
+            if (kind == LR_BIND_TERNARY) {
+                t->matrix->p.ternary = data;
+                t->matrix->p.ternary_scale = *scales;
+                return 1;
+            }
+            if (t->ternary) return ternarize(model, t->matrix, data, error);
             t->matrix->p.weights = kind == LR_BIND_F32 ? data : NULL;
             t->matrix->p.values = kind == LR_BIND_Q8_0 ? data : NULL;
             t->matrix->p.scales = kind == LR_BIND_Q8_0 ? scales : NULL;
@@ -231,7 +281,7 @@ int lr_model_bind(LrModel *model, const char *name, int kind, const void *data, 
 }
 
 static int bound(const Target *t) {
-    return t->matrix ? t->matrix->p.weights || t->matrix->p.values : *t->vector != NULL;
+    return t->matrix ? projection_bound(&t->matrix->p) : *t->vector != NULL;
 }
 
 /* Zero-centred norms (Qwen3.5) scale by 1 + w: keep that sum once instead of adding per token. */

@@ -15,7 +15,16 @@
  *                the inner sums exact in int32; native: VNNI vpdpbusd (unsigned × signed bytes, so
  *                |w| is multiplied by q with w's sign), else AVX2 pmaddubsw, else scalar.
  *   Q8_0 (float input): the weights widened to float32 in registers (the dequantise reference's
- *                products in another order). */
+ *                products in another order).
+ *   ternary:     codes c ∈ {−1, 0, +1} in looplm's 2-bit layout (looplm.checkpoint.ternary: c + 1, four
+ *                to a byte along K, lowest bits first) and one float32 scale s per matrix, against x
+ *                quantised per token as looplm.model.bitlinear.quantize_activations does:
+ *                f = 127 / max(max|x|, 1e-5) (as torch rounds it: 1/a, then ·127),
+ *                q = clamp(round(f·x), −128, 127) (nearest even);
+ *                y[r] = (Σ_i c[r,i]·q[i]) · (s / f), the inner sum exact in int32 (TernaryLinear's
+ *                integer form; BitLinear's float form up to float32 rounding).  Each row's codes are
+ *                unpacked through a 256-entry table into a stack row; native: AVX2 psignb (q·c for
+ *                c ∈ {−1, 0, 1}) + pmaddubsw, else scalar. */
 #ifndef LOOPLM_MATVEC_H
 #define LOOPLM_MATVEC_H
 
@@ -47,8 +56,9 @@
 #define LOOPLM_PATH_Q8_INT8 LOOPLM_PATH_F32
 #endif
 
-/* A projection W [rows, cols] in one of three forms (the first non-NULL of bf16, values, weights):
+/* A projection W [rows, cols] in one of four forms (the first non-NULL of ternary, bf16, values, weights):
  *   weights         float32;
+ *   ternary, ternary_scale  ternary: 2-bit codes [rows, ceil(cols/4)] (looplm's layout) and W = codes·scale;
  *   bf16            bf16 (the upper 16 bits of float32, rounded to nearest even);
  *   values, scales  Q8_0: int8 [rows, cols] and float32 [rows, cols/32], W = scales·values; with
  *                   quantize_input the input is quantised to Q8_0 too (int8 × int8 dot products).
@@ -59,6 +69,8 @@ typedef struct {
     const float *scales;
     const uint16_t *bf16;
     int quantize_input;
+    const uint8_t *ternary;
+    float ternary_scale;
 } Projection;
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -354,6 +366,66 @@ static void q8q8_rows(const int8_t *values, const float *scales, const int8_t *q
     for (; r < end; r++) q8q8_rows_n(values + (size_t)r * cols, scales + (size_t)r * blocks, q, d, cols, 1, y + r);
 }
 
+/* ---- ternary ------------------------------------------------------------------------------------ */
+
+#define TERNARY_SCALE_FLOOR 1e-5f   /* looplm.model.bitlinear.SCALE_FLOOR */
+#define TERNARY_LEVELS 127.0f       /* looplm.model.bitlinear.ACTIVATION_LEVELS */
+
+/* The input row as int8 levels q, per token as quantize_activations; returns the factor f (q ≈ f·x). */
+static inline float quantize_ternary_input(const float *x, int8_t *q, int cols) {
+    float top = 0.0f;
+    for (int i = 0; i < cols; i++) top = fmaxf(top, fabsf(x[i]));
+    /* torch computes 127 / a (a number over a tensor) as reciprocal(a) · 127: two roundings, kept */
+    const float factor = (1.0f / fmaxf(top, TERNARY_SCALE_FLOOR)) * TERNARY_LEVELS;
+    for (int i = 0; i < cols; i++) {
+        float level = nearbyintf(x[i] * factor);
+        q[i] = (int8_t)(level > 127.0f ? 127.0f : level < -128.0f ? -128.0f : level);
+    }
+    return factor;
+}
+
+/* Σ_i c[i]·q[i] over n codes c ∈ {−1, 0, 1} and int8 levels q (|q| ≤ 127: |x·f| ≤ 127 up to rounding),
+ * exact in int32. */
+static inline int32_t ternary_dot(const int8_t *c, const int8_t *q, int n) {
+    int i = 0;
+    int32_t sum = 0;
+#if defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256();
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (; i + 32 <= n; i += 32) {
+        /* q·c in [−127, 127] as signed bytes; pairs summed against unsigned ones (within int16), then to int32 */
+        const __m256i product = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + i)),
+                                                 _mm256_loadu_si256((const __m256i *)(c + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, product), ones16));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    sum = _mm_cvtsi128_si32(s);
+#endif
+    for (; i < n; i++) sum += (int32_t)c[i] * (int32_t)q[i];
+    return sum;
+}
+
+/* y[r] for rows [begin, end) of a ternary W (2-bit codes, scale) against x. */
+static void ternary_rows(const uint8_t *packed, float scale, const float *x, float *y, int cols, int begin, int end) {
+    static int8_t table[256][4];  /* byte → its four codes, lowest bits first */
+    static volatile int table_ready = 0;
+    if (!table_ready) {  /* idempotent: racing threads write the same values */
+        for (int b = 0; b < 256; b++)
+            for (int f = 0; f < 4; f++) table[b][f] = (int8_t)(((b >> (2 * f)) & 3) - 1);
+        table_ready = 1;
+    }
+    const int width = (cols + 3) / 4;
+    int8_t q[cols], codes[4 * width];
+    const float factor = quantize_ternary_input(x, q, cols), step = scale / factor;
+    for (int r = begin; r < end; r++) {
+        const uint8_t *row = packed + (size_t)r * width;
+        for (int j = 0; j < width; j++) memcpy(codes + 4 * j, table[row[j]], 4);
+        y[r] = (float)ternary_dot(codes, q, cols) * step;
+    }
+}
+
 /* ---- any projection ------------------------------------------------------------------------------ */
 
 /* y[r] = W[r, :] · x for rows [begin, end) of a projection in any form.  The bf16 and Q8_0 × Q8_0
@@ -361,6 +433,10 @@ static void q8q8_rows(const int8_t *values, const float *scales, const int8_t *q
  * of a row-split product does it for itself, which costs cols operations against its
  * (end − begin)·cols. */
 static void project_rows(const Projection *p, const float *x, float *y, int cols, int begin, int end) {
+    if (p->ternary) {
+        ternary_rows(p->ternary, p->ternary_scale, x, y, cols, begin, end);
+        return;
+    }
     if (p->bf16) {
         uint16_t rounded[cols];
         round_to_bf16(x, rounded, cols);

@@ -26,6 +26,7 @@
 enum { LR_ATTENTION_MHA, LR_ATTENTION_GATED, LR_ATTENTION_MLA };
 enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL, LR_INJECT_CONCAT };
 enum { LR_FFN_DENSE, LR_FFN_MOE, LR_FFN_CHANNELMIX };
+enum { LR_TERNARY_NONE, LR_TERNARY_CORE, LR_TERNARY_ALL };
 enum { LR_LAST_EXITED, LR_FULL, LR_LAST, LR_FIRST, LR_AVG, LR_MODULO };
 #define LR_MAX_PATTERN 64
 #define LR_CONV 4      /* Gated DeltaNet's causal depthwise convolution kernel */
@@ -44,6 +45,7 @@ typedef struct {
     float norm_eps;
     int injection, noise_initial_state, loop_index_embedding, depth_lora_rank;
     int ffn, n_experts, n_shared_experts, moe_top_k, expert_hidden;
+    int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
     char default_exit[LR_MAX_PATTERN + 1];
@@ -58,13 +60,14 @@ char lr_layer_kind(const LrConfig *config, int index);
 
 /* ---- weights ----------------------------------------------------------------------------------- */
 typedef struct {
-    Projection p;       /* float32 weights, or Q8_0 values + scales (matvec.h) */
+    Projection p;       /* float32 weights, Q8_0 values + scales, or ternary codes + scale (matvec.h) */
     int rows, cols;     /* W [rows, cols]: y = W x */
 } LrMatrix;
 
 typedef struct {
     char kind;          /* 'A' attention, 'G' Gated DeltaNet, 'R' RWKV slot mixer */
     int looped;         /* a core layer (global gates and loop-axis memory live only there) */
+    int ternary;        /* its token mixer's and FFN's projections are ternary (MoE routers excepted) */
     /* norms (effective scales, 1 + w already applied for zero-centred norms); post norms NULL = pre-norm */
     const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm;
     LrMatrix out;       /* every mixer's output projection */
@@ -110,9 +113,12 @@ typedef struct {
 /* A model from its config JSON, with no tensors yet. */
 LrModel *lr_model_new(const char *config_json, size_t length, char *error);
 /* Bind one tensor by its GGUF name.  kind LR_BIND_F32: `data` float32 of `shape`; LR_BIND_Q8_0:
- * `data` int8 values [N, K] and `scales` float32 [N, K/32].  The memory must outlive the model
- * (the model reads it in place). */
-enum { LR_BIND_F32 = 0, LR_BIND_Q8_0 = 1 };
+ * `data` int8 values [N, K] and `scales` float32 [N, K/32]; LR_BIND_TERNARY (a ternary layer's
+ * projection only): `data` uint8 2-bit codes [N, ceil(K/4)] in looplm's layout, `scales` its one
+ * float32 scale, `shape` [N, K].  The memory must outlive the model (the model reads it in place).
+ * A ternary layer's projection bound as float32 (the shadow weight of an f32 file) is ternarised
+ * here as looplm.model.bitlinear.ternary_codes does (absmean scale, codes rounded and clamped). */
+enum { LR_BIND_F32 = 0, LR_BIND_Q8_0 = 1, LR_BIND_TERNARY = 2 };
 int lr_model_bind(LrModel *model, const char *name, int kind, const void *data, const float *scales, int ndim,
                   const int64_t *shape, char *error);
 /* Check that every tensor the config needs is bound; derive the tables. */
