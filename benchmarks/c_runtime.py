@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from looplm.bench import cpu_name, matmul_gflops, time_decode  # noqa: E402
-from looplm.cpu import reported_flags  # noqa: E402
 from looplm.config import ModelConfig, preset  # noqa: E402
+from looplm.cpu import reported_flags  # noqa: E402
 from looplm.fast_decode import fast_unsupported  # noqa: E402
 from looplm.interop.gguf import export_gguf  # noqa: E402
 from looplm.kernels import build as native_build  # noqa: E402

@@ -66,8 +66,9 @@ def demo_model(checkpoint: str | None):
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     if checkpoint is None:
-        from looplm.training.trainer import Trainer
         import tempfile
+
+        from looplm.training.trainer import Trainer
 
         directory = Path(tempfile.mkdtemp(prefix="looplm-decode-bench-"))
         trainer = Trainer(demo_run_config(), directory / "run", progress=False)

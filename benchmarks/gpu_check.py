@@ -88,7 +88,6 @@ from looplm.exit_policy import FixedSteps, QExit  # noqa: E402
 from looplm.training.mfu import peak_tflops_for_name  # noqa: E402
 from looplm.training.trainer import Trainer  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------
 # Sizes: the GPU run and the dry run execute the same code at these sizes.
 

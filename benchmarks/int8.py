@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
+from looplm import train
 from looplm.bench import time_decode
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from looplm.data.source import open_training_data
 from looplm.eval.depth import loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.quant import quantize_model
 from looplm.model.loading import load_model
-from looplm import train
+from looplm.quant import quantize_model
 
 LICENSES = Path("/usr/share/common-licenses")
 

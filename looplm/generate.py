@@ -23,9 +23,18 @@ from dataclasses import dataclass, field
 import torch
 
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (ACTExit, ExitPolicy, FixedSteps, HiddenDiffExit, KLExit,  # noqa: F401
-                                PerplexityExit, QExit, default_exit_policy, make_exit_policy)
-from looplm.exit_policy import Signal
+from looplm.exit_policy import (  # noqa: F401
+    ACTExit,
+    ExitPolicy,
+    FixedSteps,
+    HiddenDiffExit,
+    KLExit,
+    PerplexityExit,
+    QExit,
+    Signal,
+    default_exit_policy,
+    make_exit_policy,
+)
 from looplm.scheduler import Scheduler
 
 

@@ -8,8 +8,15 @@ import looplm
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (FixedSteps, PerplexityExit, default_exit_policy, exit_steps, make_exit_policy,
-                                parse_exit_policy, readout_perplexity)
+from looplm.exit_policy import (
+    FixedSteps,
+    PerplexityExit,
+    default_exit_policy,
+    exit_steps,
+    make_exit_policy,
+    parse_exit_policy,
+    readout_perplexity,
+)
 from looplm.generate import Decoder, generate
 from looplm.model import LoopLM
 

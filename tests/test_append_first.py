@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from looplm.batch import generate_batch
-from looplm.cache import KVCache
+from looplm.cache import KVCache, SharedKV
 from looplm.errors import LoopLMError
 from looplm.exit_policy import FixedSteps, QExit
 from looplm.generate import Decoder, generate
 from looplm.model import LoopLM
-from looplm.cache import SharedKV
 
 from conftest import tiny_config
 

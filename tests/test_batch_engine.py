@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from looplm.batch import generate_batch
+from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, act_accumulate
-from looplm.model.exit import act_weights_reference
-from looplm.data.tokenizer import byte_tokenizer
 from looplm.generate import Sampling, Settings, generate
 from looplm.model import LoopLM
+from looplm.model.exit import act_weights_reference
 
 from conftest import tiny_config
 from test_architectures import VARIANTS, build

@@ -51,11 +51,11 @@ def test_decode_traffic_counts_the_loop_and_the_cache():
 
 def test_decode_benchmark_measures_exit_on_a_task(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import decode
-
     from looplm.data.tasks import TaskBatches, make_task
     from looplm.data.tokenizer import byte_tokenizer
     from looplm.exit_policy import FixedSteps, QExit
+
+    import decode
 
     model = LoopLM(tiny_config(vocab_size=259, loop_steps=3)).eval()
     held_out = TaskBatches(make_task("binding", hops=2), byte_tokenizer(), split="test", seed=0).eval_set(6, seed=1)

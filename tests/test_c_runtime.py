@@ -23,7 +23,6 @@ from conftest import tiny_config
 from test_architectures import VARIANTS, c_runs
 from test_gguf import CONFIGS as GGUF_CONFIGS
 
-
 RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(tiny_config(**overrides))]
 RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items()
                         if c_runs(tiny_config(vocab_size=259, d_model=64, **overrides))]

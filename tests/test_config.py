@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from looplm.config import (ModelConfig, RunConfig, TrainConfig, apply_overrides, preset, read_config_file)
+from looplm.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, preset, read_config_file
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 

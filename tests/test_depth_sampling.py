@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.errors import LoopLMError
@@ -14,6 +13,8 @@ from looplm.model import LoopLM
 from looplm.training.objectives import compute_loss
 from looplm.training.trainer import Trainer, matmul_flops_per_token, sample_depth
 from looplm.training.wrapping import checkpoint_layers
+
+from conftest import tiny_config
 
 
 def test_sampled_depths_follow_the_distribution_and_depend_only_on_the_step():

@@ -16,9 +16,9 @@ from looplm.data.tasks import CapoTask, EvalSet, TaskBatches
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.eval.capacity import bits_from_losses, fano_bits, knowledge_bits
 from looplm.eval.curves import collect_step_records, curve_point, policy_steps
-from looplm.exit_policy import FixedSteps, parse_exit
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.eval.report import build_report
+from looplm.exit_policy import FixedSteps, parse_exit
 from looplm.generate import Decoder, QExit
 from looplm.model import LoopLM
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import looplm.cpu
-from looplm.kernels import build, ops
-from looplm.cpu import cpu_flags
 from looplm.bf16 import bf16_weights
+from looplm.cpu import cpu_flags
 from looplm.generate import Decoder, FixedSteps
+from looplm.kernels import build, ops
 from looplm.model import LoopLM
 from looplm.quant import Int8Linear, q8_matmul_reference, quantize_model, quantize_q8_0
 

@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from looplm import LoopLM, ModelConfig, LoopLMError  # noqa: E402
+from looplm import LoopLM, LoopLMError, ModelConfig  # noqa: E402
 from looplm.cli import main  # noqa: E402
 from looplm.data.tokenizer import byte_tokenizer  # noqa: E402
 from looplm.eval.lm_eval_adapter import LoopLMEval  # noqa: E402
@@ -412,8 +412,9 @@ def test_an_lm_eval_too_old_for_the_adapter_is_named_and_the_hook_stays_quiet(tm
 def test_lm_eval_registry_resolves_looplm_to_the_adapter_class():
     """In this process (hook active or not), lm-eval's get_model finds the adapter's class, and
     the hook's register() leaves a taken name alone."""
-    import _looplm_lm_eval
     from lm_eval.api.registry import Registry, get_model
+
+    import _looplm_lm_eval
 
     assert get_model("looplm") is LoopLMEval
     registry = Registry("model")

@@ -6,13 +6,13 @@ import struct
 import sys
 
 import pytest
+from test_trainer import small_run, text_file
 
 from looplm.config import DataConfig, RunConfig, TrainConfig, apply_overrides
 from looplm.errors import LoopLMError
 from looplm.training.loggers import WANDB_ID_FILE, scalars
 from looplm.training.mfu import model_flops_utilization, peak_tflops_for_name
 from looplm.training.trainer import Trainer
-from test_trainer import small_run, text_file
 
 
 def jsonl(path):

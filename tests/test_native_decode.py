@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.generate import Decoder, FixedSteps, QExit
-from looplm.model import LoopLM
-from looplm.model.norms import RMSNorm
 from looplm.kernels import build
 from looplm.kernels.native_stepper import native_unsupported
+from looplm.model import LoopLM
+from looplm.model.norms import RMSNorm
 
 
 def decode_both(model, policy, tokens, prompt, backend="native", threads=None):

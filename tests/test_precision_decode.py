@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from test_quant import train_tiny
 
 from looplm import cpu, precision
 from looplm.batch import generate_batch
@@ -23,7 +24,6 @@ from looplm.model import LoopLM
 from looplm.quant import quantize_model
 
 from conftest import tiny_config
-from test_quant import train_tiny
 
 LOGIT_BOUND = 0.02  # of the token's logit range
 TEXTS = ("abc", "defgh", "j")

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from looplm import train
 from looplm.cli import main
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.data import prepare as prepare_module
@@ -18,7 +19,6 @@ from looplm.data.shards import read_meta
 from looplm.data.source import open_training_data
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
-from looplm import train
 
 
 def opened_text(data: DataConfig, work_dir) -> str:

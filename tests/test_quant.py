@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm import quant  # noqa: F401
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
 from looplm.generate import Decoder, FixedSteps, QExit, generate
-from looplm.model import LoopLM
-from looplm import quant  # noqa: F401
 from looplm.kernels import ops
+from looplm.model import LoopLM
 from looplm.quant import Int8Linear, dequantize_q8_0, is_quantized, quantize_model, quantize_q8_0
 
 from conftest import tiny_config

@@ -10,7 +10,6 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import serving, tiny_config
 
 from looplm.batch import generate_batch
 from looplm.cli import main
@@ -22,6 +21,8 @@ from looplm.serve import engine as engine_module
 from looplm.serve.app import ServerConfig
 from looplm.serve.engine import Engine, Job, Settings, Token
 from looplm.serve.protocol import CHAT_STOP, Message, chat_prompt
+
+from conftest import serving, tiny_config
 
 TOKENIZER = byte_tokenizer()
 CONTEXT = 64

@@ -11,7 +11,6 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import serving, tiny_config
 
 from looplm.batch import BatchSession
 from looplm.data.tokenizer import byte_tokenizer
@@ -20,6 +19,8 @@ from looplm.generate import generate
 from looplm.model import LoopLM
 from looplm.serve.app import ServerConfig
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings
+
+from conftest import serving, tiny_config
 
 TOKENIZER = byte_tokenizer()
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import looplm.data.shards as shards_module
-from looplm.data.shards import TokenShards, read_documents, read_meta, token_dtype, write_shards
 from looplm.data.provenance import tokenizer_digest
+from looplm.data.shards import TokenShards, read_documents, read_meta, token_dtype, write_shards
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from looplm.errors import LoopLMError
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_trainer import small_run, text_file
 
 from looplm.config import DataConfig, TrainConfig
 from looplm.errors import LoopLMError
@@ -14,7 +15,6 @@ from looplm.model.rope import RotaryEmbedding
 from looplm.training.trainer import Trainer
 
 from conftest import tiny_config
-from test_trainer import small_run, text_file
 
 
 def test_beta_holds_until_the_start_then_anneals_linearly():

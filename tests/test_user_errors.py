@@ -16,12 +16,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.model import LoopLM
+
+from conftest import tiny_config
 
 TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
               "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",

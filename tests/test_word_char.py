@@ -13,8 +13,7 @@ from looplm.cli import main
 from looplm.config import DataConfig
 from looplm.data.prepare import build_tokenizer
 from looplm.data.tokenizer import Tokenizer
-from looplm.data.word_char import (BOUNDARY, WORD_CAPACITY, auto_kind, char_tokenizer, fit_tokenizer,
-                                   word_tokenizer)
+from looplm.data.word_char import BOUNDARY, WORD_CAPACITY, auto_kind, char_tokenizer, fit_tokenizer, word_tokenizer
 from looplm.errors import LoopLMError
 
 CORPUS = "The cat, the dog.\nThe end\tnow\r\n"

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from looplm.checkpoint.atomic import atomic_write
 from looplm.checkpoint.stored import StoredModel
 from looplm.checkpoint.ternary import pack_ternary, unpack_ternary

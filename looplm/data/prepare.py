@@ -14,8 +14,8 @@ complete or absent.
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from looplm.data.documents import read_documents

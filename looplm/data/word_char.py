@@ -36,12 +36,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from looplm.data.tokenizer import (BOUNDARY, PADDING, SPECIAL_TOKENS, UNKNOWN, Tokenizer, character_class,
-                                   byte_to_char)
+from looplm.data.tokenizer import BOUNDARY, PADDING, SPECIAL_TOKENS, UNKNOWN, Tokenizer, byte_to_char, character_class
 from looplm.errors import LoopLMError
 
 KINDS = ("word", "char", "auto")

@@ -26,8 +26,15 @@ from pathlib import Path
 import torch
 
 from looplm.errors import LoopLMError
-from looplm.eval.curves import (KL_GRID, HIDDEN_CHANGE_GRID, Q_GRID, StepRecords, compute_quality_curves, exact_match,
-                                policy_steps)
+from looplm.eval.curves import (
+    HIDDEN_CHANGE_GRID,
+    KL_GRID,
+    Q_GRID,
+    StepRecords,
+    compute_quality_curves,
+    exact_match,
+    policy_steps,
+)
 from looplm.exit_policy import QExit
 from looplm.model.exit import exit_distribution, log_exit_distribution
 
@@ -132,8 +139,8 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the report files into ``out_dir`` (new or empty unless ``overwrite``), atomically."""
-    from looplm.eval.plots import plot_curves, plot_exit_histogram, plot_per_step
     from looplm.checkpoint.atomic import atomic_directory
+    from looplm.eval.plots import plot_curves, plot_exit_histogram, plot_per_step
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

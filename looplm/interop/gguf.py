@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from looplm.checkpoint.gguf import (DTYPES, gguf_name, is_gguf_path, read_gguf, read_gguf_tokenizer, read_metadata,
-                                    write_gguf)
+from looplm.checkpoint.gguf import (
+    DTYPES,
+    gguf_name,
+    is_gguf_path,
+    read_gguf,
+    read_gguf_tokenizer,
+    read_metadata,
+    write_gguf,
+)
 from looplm.errors import LoopLMError
 from looplm.model.loading import build_model, derived_tensors, matrix_names
 

@@ -24,11 +24,11 @@ from dataclasses import asdict
 import torch
 
 from looplm.cache import KV_LAYOUTS, KVCache
+from looplm.checkpoint.ternary import pack_ternary
 from looplm.errors import LoopLMError
 from looplm.kernels.bindings import ERROR_BYTES, Exit
 from looplm.kernels.build import load_kernel, unavailable_reason
 from looplm.kernels.native_stepper import c_decode_unsupported, decode_threads
-from looplm.checkpoint.ternary import pack_ternary
 from looplm.model.bitlinear import BitLinear, ternary_codes
 from looplm.quant import Int8Linear
 from looplm.ternary import TernaryLinear

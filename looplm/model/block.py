@@ -29,15 +29,14 @@ from looplm.model.attention import Attention
 from looplm.model.bitlinear import ternary_layers
 from looplm.model.carry import LoopCarry
 from looplm.model.ffn import ChannelMix, SwiGLU
-from looplm.model.residual import sublayer_residuals
 from looplm.model.gdn import GatedDeltaNet
 from looplm.model.global_gates import GlobalGates
-from looplm.model.rwkv import RWKVSlotMixer
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
 from looplm.model.norms import make_norm
+from looplm.model.residual import sublayer_residuals
+from looplm.model.rwkv import RWKVSlotMixer
 from looplm.registry import Registry
-
 
 # The choices a layer is built from (looplm.registry): the attention kind (model.attention), the
 # token mixer of each layer_pattern letter, and the feed-forward kind (model.ffn).

@@ -33,7 +33,6 @@ from torch.nn import functional as F
 from looplm.config import ModelConfig
 from looplm.model.ffn import SwiGLU
 
-
 PADDED_WASTE_LIMIT = 2.0  # batched matmuls while E · max load <= this × assignments
 
 

@@ -23,6 +23,7 @@ def require_serving() -> None:
 def create_app(model, tokenizer, config=None, engine=None):
     """The FastAPI application serving ``model`` (see ``looplm.serve.app.create_app``)."""
     require_serving()
-    from looplm.serve.app import ServerConfig, create_app as build
+    from looplm.serve.app import ServerConfig
+    from looplm.serve.app import create_app as build
 
     return build(model, tokenizer, config or ServerConfig(), engine)

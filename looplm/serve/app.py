@@ -25,9 +25,15 @@ from looplm.errors import LoopLMError
 from looplm.exit_policy import check_depth, parse_exit
 from looplm.generate import Sampling, Settings
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Token
-from looplm.serve.protocol import (FINISH_REASONS, ChatRequest, CompletionRequest, Shape, error_body, usage,
-                                   validation_message)
-
+from looplm.serve.protocol import (
+    FINISH_REASONS,
+    ChatRequest,
+    CompletionRequest,
+    Shape,
+    error_body,
+    usage,
+    validation_message,
+)
 
 # A client told to come back (503) is told when.
 RETRY_AFTER_SECONDS = 1

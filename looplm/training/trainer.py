@@ -30,23 +30,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
+from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
 from looplm.config import RunConfig
 from looplm.data.source import TrainingData, open_training_data
-from looplm.training.auto_size import apply_auto_size
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
-from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
 from looplm.model.loading import load_model
 from looplm.precision import training_precision
+from looplm.training.auto_size import apply_auto_size
 from looplm.training.curriculum import loop_curriculum_depth
-from looplm.training.distributed import Distributed
 from looplm.training.distill import distillation_kl, loop_penalty_weight
+from looplm.training.distributed import Distributed
 from looplm.training.loggers import MetricsLogger, open_metrics_logger, require
 from looplm.training.mfu import device_peak_tflops, model_flops_utilization
 from looplm.training.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
-from looplm.training.optim import keep_implementation, make_optimizer, skips_on_device  # AdamW, or Muon + AdamW as one optimiser
+from looplm.training.optim import (  # AdamW, or Muon + AdamW as one optimiser
+    keep_implementation,
+    make_optimizer,
+    skips_on_device,
+)
 from looplm.training.resources import check_free_disk, check_model_fits
 from looplm.training.run_directory import prepare_run_directory
 from looplm.training.state import read_train_state, train_state

@@ -6,13 +6,13 @@ capacity probe, ``capo``.  ``make_task("binding", hops=6)`` builds a task by nam
 ``TaskBatches`` turns one into reproducible training batches and held-out evaluation sets.
 """
 
+from looplm.data.tasks.addition import AdditionTask
 from looplm.data.tasks.base import TASKS, Example, Task, make_task, split_of
 from looplm.data.tasks.batches import IGNORE_INDEX, EvalSet, TaskBatches, encode_example
-from looplm.data.tasks.addition import AdditionTask
 from looplm.data.tasks.binding import BindingTask
 from looplm.data.tasks.capo import CapoTask
-from looplm.data.tasks.modarith import ModArithTask, evaluate
 from looplm.data.tasks.mano import ManoTask
+from looplm.data.tasks.modarith import ModArithTask, evaluate
 from looplm.data.tasks.phop import PHopTask
 
 __all__ = [
