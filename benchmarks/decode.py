@@ -206,10 +206,10 @@ def compute_bound_exit(repeats: int, batch: int = 8) -> dict:
 
     rows = {}
     for name, policy in (("full depth", FixedSteps()), ("Q-exit q=0.5", QExit(0.5))):
-        def single():
+        def single(policy=policy):
             return [generate(model, prompt, 64, exit_policy=policy, stop_ids=[]) for prompt in prompts[:2]]
 
-        def batched():
+        def batched(policy=policy):
             return generate_batch(model, prompts, 64, exit_policy=policy, stop_ids=[])
 
         single_seconds = statistics.median(seconds_of(single) for _ in range(repeats))
@@ -265,7 +265,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": cpu_name(),
                "matmul_gflop_s": matmul_gflops()}
-    print(f"{results['machine']}, {results['threads']} threads: fp32 2048² matmul {results['matmul_gflop_s']:.0f} GFLOP/s\n")
+    print(f"{results['machine']}, {results['threads']} threads:"
+          f" fp32 2048² matmul {results['matmul_gflop_s']:.0f} GFLOP/s\n")
     results["reference_shape"] = reference_shape(args.repeats)
     print("## Batch-1 decode, reference shape\n")
     print(_table([results["reference_shape"]], list(results["reference_shape"])) + "\n")

@@ -88,7 +88,8 @@ def demo_model(steps: int):
             trainer.train()
             trainer.model.save(cache, trainer.tokenizer)
     model, tokenizer = load_model(cache).eval(), load_checkpoint_tokenizer(cache)
-    held_out = TaskBatches(make_task(DEMO_TASK, **DEMO_TASK_OPTIONS), tokenizer, split="test", seed=0).eval_set(64, seed=7)
+    held_out = TaskBatches(make_task(DEMO_TASK, **DEMO_TASK_OPTIONS), tokenizer, split="test",
+                           seed=0).eval_set(64, seed=7)
     return model, held_out.prompts
 
 
@@ -118,7 +119,8 @@ def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) 
     emitted = sum(len(g.ids) for g in generations)
     steps = [step for g in generations for step in g.steps[1:]]
     return {"requests": len(admitted), "tokens": emitted, "seconds": seconds, "tokens_per_s": emitted / seconds,
-            "layer_applications": sum(run for run, _ in counts), "full_depth_applications": sum(full for _, full in counts),
+            "layer_applications": sum(run for run, _ in counts),
+            "full_depth_applications": sum(full for _, full in counts),
             "mean_steps": sum(steps) / max(len(steps), 1)}
 
 
@@ -228,8 +230,8 @@ def report(name: str, results: dict) -> None:
         section = results[model]
         for policy in ("fixed", "q_exit"):
             row = section[policy]
-            print(f"| {model} | {policy} | {row['mean_steps']:.2f} | {row['layer_applications']:,} | {row['tokens']:,} |"
-                  f" {row['seconds']:.2f} | {row['tokens_per_s']:.1f} |")
+            print(f"| {model} | {policy} | {row['mean_steps']:.2f} | {row['layer_applications']:,}"
+                  f" | {row['tokens']:,} | {row['seconds']:.2f} | {row['tokens_per_s']:.1f} |")
     for model in ("reference_shape", "demo_model"):
         section = results[model]
         print(f"\n{model}: X = {section['saved_share_X']:.3f} of layer applications saved; throughput Q/fixed ="
@@ -277,18 +279,21 @@ def main() -> None:
     report("this engine (depth-interleaved)", results["this"])
     if not args.skip_previous:
         with tempfile.TemporaryDirectory(prefix="looplm-previous-") as previous:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.previous], capture_output=True, check=True)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.previous],
+                                     capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", previous], input=archive.stdout, check=True)
             results["previous"] = run_tree(Path(previous), args)
         report(f"previous engine ({args.previous})", results["previous"])
         this, before = results["this"], results["previous"]
-        print(f"\nbatch-1 decode, this / previous: {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}"
+        print("\nbatch-1 decode, this / previous:"
+              f" {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}"
               " (target >= 0.95)")
         for model in ("reference_shape", "demo_model"):
             print(f"{model}, Q-exit tokens/s, this / previous:"
                   f" {this[model]['q_exit']['tokens_per_s'] / before[model]['q_exit']['tokens_per_s']:.2f}")
         if "serve" in this and "serve" in before:
-            print(f"server tokens/s, this / previous: {this['serve']['tokens_per_s'] / before['serve']['tokens_per_s']:.2f};"
+            print("server tokens/s, this / previous:"
+                  f" {this['serve']['tokens_per_s'] / before['serve']['tokens_per_s']:.2f};"
                   f" p50 {this['serve']['p50_latency_s']:.2f} s vs {before['serve']['p50_latency_s']:.2f} s,"
                   f" p99 {this['serve']['p99_latency_s']:.2f} s vs {before['serve']['p99_latency_s']:.2f} s")
     if args.json:

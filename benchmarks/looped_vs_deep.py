@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default=DEMO_TASK, help=f"task name (default: {DEMO_TASK})")
     parser.add_argument("--task-options", default=None,
-                        help=f"task knobs as JSON (default for {DEMO_TASK}: the demo's {json.dumps(DEMO_TASK_OPTIONS)})")
+                        help=f"task knobs as JSON (default for {DEMO_TASK}:"
+                             f" the demo's {json.dumps(DEMO_TASK_OPTIONS)})")
     parser.add_argument("--layers", type=int, default=1, help="L: core layers of the looped and shallow models")
     parser.add_argument("--loop-steps", type=int, default=4, help="T: loop steps of the looped model")
     parser.add_argument("--d-model", type=int, default=64)

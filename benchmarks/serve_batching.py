@@ -25,7 +25,8 @@ from looplm.serve import create_app
 from looplm.serve.engine import Engine
 
 
-def run(model, tokenizer, max_batch: int, requests: int, tokens: int, exit: str, wait_ms: float) -> tuple[float, int, dict]:
+def run(model, tokenizer, max_batch: int, requests: int, tokens: int, exit: str,
+        wait_ms: float) -> tuple[float, int, dict]:
     engine = Engine(model, tokenizer, max_batch=max_batch, batch_wait_ms=wait_ms)
     app = create_app(model, tokenizer, engine=engine)
     sock = socket.socket()

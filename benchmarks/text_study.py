@@ -149,7 +149,8 @@ class Evaluator:
         losses = [float(records.losses[step].mean()) for step in range(steps)]
         scores = {"loss_by_step": losses,
                   "bits_per_byte_by_step": [bits_per_byte(loss, self.tokens, self.bytes) for loss in losses],
-                  "loss": losses[trained - 1], "bits_per_byte": bits_per_byte(losses[trained - 1], self.tokens, self.bytes)}
+                  "loss": losses[trained - 1],
+                  "bits_per_byte": bits_per_byte(losses[trained - 1], self.tokens, self.bytes)}
         if trained > 1:
             points = [point for point in curves.compute_quality_curves(records, trained, False)
                       if point.policy in (*POLICIES, "static")]
@@ -295,7 +296,8 @@ def verdict(summary: list[dict]) -> str:
         if variant in ("dense_params", "dense_compute", "nanogpt") and looped:
             delta = looped["bits_per_byte"] - entry["bits_per_byte"]
             lines.append(f"{tokenizer}, {arm}: looped {looped['bits_per_byte']:.4f} vs {variant}"
-                         f" {entry['bits_per_byte']:.4f} bits/byte ({delta:+.4f}, {100 * delta / entry['bits_per_byte']:+.1f} %)")
+                         f" {entry['bits_per_byte']:.4f} bits/byte"
+                         f" ({delta:+.4f}, {100 * delta / entry['bits_per_byte']:+.1f} %)")
     return "\n".join(lines)
 
 
@@ -316,7 +318,8 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
             if entry["loop_steps"] > 1:
                 axis.plot(range(1, len(values) + 1), values, marker="o", label=entry["variant"])
             else:
-                axis.axhline(values[0], linestyle="--", linewidth=1, label=f"{entry['variant']} ({entry['layers']} layers)")
+                axis.axhline(values[0], linestyle="--", linewidth=1,
+                             label=f"{entry['variant']} ({entry['layers']} layers)")
         axis.axvline(loop_steps, color="grey", linestyle=":")
         return "loop steps (T marked; later steps extrapolate)", f"{tokenizer}: quality by loop step, equal tokens"
 
@@ -441,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(rows)
     tables = markdown_tables(summary, args.loop_steps)
     settings = {key: value for key, value in vars(args).items() if key not in ("seed_list",)}
-    results = {"command": " ".join(["python", "benchmarks/text_study.py", *(argv if argv is not None else sys.argv[1:])]),
+    results = {"command": " ".join(["python", "benchmarks/text_study.py",
+                                    *(argv if argv is not None else sys.argv[1:])]),
                "host": machine, "settings": settings, "corpus": corpora, "summary": summary,
                "runs": rows, "seconds": round(time.perf_counter() - started, 1)}
     results["plots"] = plot_all(summary, rows, args.loop_steps, out)

@@ -42,8 +42,12 @@ class BatchResult:
         return 1.0 - self.layer_applications / self.full_depth_applications if self.full_depth_applications else 0.0
 
 
+# The default of ``generate_batch``'s ``sampling`` (Sampling is a frozen dataclass: one shared instance is safe).
+_DEFAULT_SAMPLING = Sampling()
+
+
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
-                   sampling: Sampling = Sampling(), exit_policy: ExitPolicy | None = None, tokenizer=None,
+                   sampling: Sampling = _DEFAULT_SAMPLING, exit_policy: ExitPolicy | None = None, tokenizer=None,
                    stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    layout: str = "last_exited", modulo_slots: int = 2,
                    on_token: Callable[[int, int, int, str], None] | None = None,

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=None, help="evaluate steps 1..N (default: T + 2)")
     evaluate.add_argument("--examples", type=int, default=512, help="held-out task examples")
     evaluate.add_argument("--json", help="write the report to this file")
-    evaluate.add_argument("--out", help="write the full report (CSV, PNG, report.md, report.json) to this new directory")
+    evaluate.add_argument("--out",
+                          help="write the full report (CSV, PNG, report.md, report.json) to this new directory")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
     evaluate.add_argument("--q-grid", help="comma-separated Q-exit thresholds in [0, 1] (default: 0.05 .. 1)")
     evaluate.add_argument("--epsilon-grid", help="comma-separated thresholds ε >= 0 on the relative readout change"
@@ -389,7 +390,8 @@ def run_train(args) -> None:
     if args.init or args.upcycle:
         source = resolve_checkpoint(args.init or args.upcycle)
         source_model = asdict(model_config_from_json(source / CONFIG_FILE))
-        source_data = (_read_json(source / RUN_CONFIG_FILE) or {}).get("data") if (source / RUN_CONFIG_FILE).is_file() else None
+        source_data = ((_read_json(source / RUN_CONFIG_FILE) or {}).get("data")
+                       if (source / RUN_CONFIG_FILE).is_file() else None)
         options["train.init" if args.init else "train.upcycle_from"] = str(source)
         if args.init and args.upcycle:
             options["train.upcycle_from"] = args.upcycle
@@ -606,7 +608,8 @@ def _print_eval(report: dict, trained_steps: int) -> None:
     for policy in dict.fromkeys(point["policy"] for point in report["curves"]):
         points = [point for point in report["curves"] if point["policy"] == policy]
         print(f"{policy:>13}: " + ", ".join(f"{point['setting']:g} -> {point['mean_steps']:.2f} steps"
-                                           f" {quality} {point[quality]:.3f}" for point in points[::max(len(points) // 4, 1)]))
+                                           f" {quality} {point[quality]:.3f}"
+                                           for point in points[::max(len(points) // 4, 1)]))
     if report.get("capacity"):
         capacity = report["capacity"]
         print(f"knowledge stored at T: {capacity['bits']:.1f} of {capacity['prior_bits']:.0f} bits,"

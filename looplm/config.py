@@ -207,10 +207,12 @@ class ModelConfig:
                "model.loop_mc caches the core's Gated DeltaNet states across loops: give model.layer_pattern a G"
                " among the core layers")
         _check(self.rwkv_slots >= 1 and self.rwkv_decay_rank >= 1,
-               f"model.rwkv_slots and model.rwkv_decay_rank must be >= 1, got {self.rwkv_slots}, {self.rwkv_decay_rank}")
+               f"model.rwkv_slots and model.rwkv_decay_rank must be >= 1,"
+               f" got {self.rwkv_slots}, {self.rwkv_decay_rank}")
         if self.attention == "mla":
             _check(self.mla_kv_rank >= 1, f"model.mla_kv_rank must be >= 1, got {self.mla_kv_rank}")
-            _check(self.mla_q_rank >= 0, f"model.mla_q_rank must be >= 0 (0 = no query compression), got {self.mla_q_rank}")
+            _check(self.mla_q_rank >= 0,
+                   f"model.mla_q_rank must be >= 0 (0 = no query compression), got {self.mla_q_rank}")
             _check(self.mla_rope_dim >= 2 and self.mla_rope_dim % 2 == 0,
                    f"model.mla_rope_dim must be even and >= 2, got {self.mla_rope_dim}")
         _check(0 < self.rope_fraction <= 1 and self.rope_dim >= 2,
@@ -399,7 +401,8 @@ class TrainConfig:
         _check(self.depth_mean is None or self.depth_mean > 0, f"train.depth_mean must be > 0, got {self.depth_mean}")
         _check(self.distill_temperature > 0, f"train.distill_temperature must be > 0, got {self.distill_temperature}")
         _check(0 <= self.distill_alpha <= 1, f"train.distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        _check(self.distill_loop_penalty >= 0, f"train.distill_loop_penalty must be >= 0, got {self.distill_loop_penalty}")
+        _check(self.distill_loop_penalty >= 0,
+               f"train.distill_loop_penalty must be >= 0, got {self.distill_loop_penalty}")
         _check(self.spike_factor == 0 or self.spike_factor > 1,
                f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         _check(self.backprop_steps >= 0, f"train.backprop_steps must be >= 0 (0 = all), got {self.backprop_steps}")
@@ -624,7 +627,8 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}): the checkpoint is corrupt") from None
+        raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
+                          " the checkpoint is corrupt") from None
     if not isinstance(raw, dict):
         raise LoopLMError(f"{str(path)!r} holds {type(raw).__name__ if raw is not None else 'null'}, not a model"
                           " config mapping: the checkpoint is corrupt")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 # The flags that decide looplm's speed paths (vector width, bf16/int8 dot products, AMX), printed
 # beside every benchmark figure.
-REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
-                  "asimd", "sve")
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+                  "amx_tile", "asimd", "sve")
 
 
 def _cpuinfo() -> dict[str, str]:

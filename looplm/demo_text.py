@@ -98,7 +98,8 @@ def run_text_demo(out: str | Path = "runs/demo-text", corpus=None, train_steps: 
                          legend="upper right")
     results = {
         "corpus": {"inputs": len(meta["provenance"]["source"]["inputs"]), "bytes": source_bytes,
-                   "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"], "tokenizer": meta["tokenizer"]},
+                   "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
+                   "tokenizer": meta["tokenizer"]},
         "trained_steps": trained,
         "loss_by_steps": {str(step): value for step, value in losses.items()},
         "bits_per_byte_by_steps": {str(step): value for step, value in bits.items()},
@@ -152,10 +153,11 @@ def _print_report(results: dict) -> None:
     print(f"Q-exit q={results['q']}: mean exit step {q_exit['mean_steps']:.2f} of {trained}, saves"
           f" {100 * q_exit['saved']:.1f}% of layer applications, loss {q_exit['loss_change']:+.4f} nats"
           f" ({q_exit['bits_per_byte']:.4f} bits/byte)")
-    within = ", ".join(f"{policy} {100 * best['saved']:.1f}%" for policy, best in results["saved_within_1_percent"].items()
-                       if policy != "static")
+    within = ", ".join(f"{policy} {100 * best['saved']:.1f}%"
+                       for policy, best in results["saved_within_1_percent"].items() if policy != "static")
     print(f"layer applications saved with at most 1% more loss: {within}")
     print("samples (continuing held-out text under Q-exit; mean loop steps per token):")
     for sample in results["samples"]:
         print(f"  [{sample['mean_steps']:.2f} steps] {sample['prompt']!r} -> {sample['generated']!r}")
-    print(f"plot: {results['plot']}\nreport: {results['report']}\nresults: {Path(results['plot']).parent / 'results.json'}")
+    print(f"plot: {results['plot']}\nreport: {results['report']}"
+          f"\nresults: {Path(results['plot']).parent / 'results.json'}")

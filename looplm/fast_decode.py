@@ -66,7 +66,8 @@ def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None =
                " loop_index_embedding, depth_lora_rank or global_gates)"
     if config.ffn != "dense":
         return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
-    if config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm or set(config.layer_pattern) - {"A"}:
+    if (config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm
+            or set(config.layer_pattern) - {"A"}):
         return "the fast decode paths cover attention=mha layers with full RoPE and standard norms"
     if config.norm_type != "rms" or config.embed_norm or config.act_mixing:
         return "the fast decode paths cover RMSNorm, no embedding norm and the exit gate on the readout (not" \

@@ -151,7 +151,8 @@ def record_token(result: Generation, token: int, steps: int, tokenizer, stop_str
     if tokenizer is None:
         return "", emitted
     text = tokenizer.decode(result.ids)
-    starts = [found for stop in stop_strings if stop and (found := text.find(stop, max(0, len(emitted) - len(stop)))) >= 0]
+    starts = [found for stop in stop_strings
+              if stop and (found := text.find(stop, max(0, len(emitted) - len(stop)))) >= 0]
     if starts:
         result.text, result.stop_reason = text[:min(starts)], "stop_string"
         return text[len(emitted):min(starts)], text[:min(starts)]
@@ -207,7 +208,8 @@ class BatchSession:
                  max_steps: int | None = None, backend: str = "reference", compile_steps: bool = False,
                  prefix_cache=None, dtype: str = "fp32"):
         self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
-        self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling, tuple(stop_strings))
+        self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling,
+                                 tuple(stop_strings))
         self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         depth = max_steps or self.defaults.exit_policy.max_steps(model.config.loop_steps)
@@ -250,7 +252,8 @@ class BatchSession:
         with eval_mode(self.model):
             for index, (prompt, limit, chosen) in enumerate(zip(prompts, limits, settings)):
                 seed = chosen.sampling.seed
-                request = Request(results[index] if results else Generation(), chosen, self.budget(prompt, limit), limit,
+                request = Request(results[index] if results else Generation(), chosen,
+                                  self.budget(prompt, limit), limit,
                                   on_tokens[index] if on_tokens else None,
                                   None if seed is None else torch.Generator(device="cpu").manual_seed(seed))
                 request.generation.prompt_tokens = len(prompt)

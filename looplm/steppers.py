@@ -5,7 +5,8 @@ per entry; ``looplm.scheduler`` drives every stepper alike (``Stepper``).  ``ref
 ``ModelStepper``, the model's own modules, any family and batch; ``torch``: ``FastStepper``
 (``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: one row in C
 (``looplm.kernels``: ``NativeStepper``, the fused plain-loop kernel, where it serves, else
-``RuntimeStepper``, the C runtime that runs every model family).  Tests hold them equal.  A stepper may offer ``whole_token``
+``RuntimeStepper``, the C runtime that runs every model family).  Tests hold them equal.
+A stepper may offer ``whole_token``
 (a token's whole loop in one call) for the layouts in ``whole_token_layouts``.  ``BACKENDS`` maps
 names to stepper classes in the order ``auto`` tries them; each says why it cannot serve a model.
 """

@@ -35,7 +35,8 @@ def test_rule_exits_below_the_threshold_after_min_steps():
     sure, unsure = torch.tensor([10.0, 0.0, 0.0, 0.0]), torch.zeros(4)  # perplexities ≈ 1.0, 4.0
     policy = PerplexityExit(2.0, min_steps=2)
     perplexity = readout_perplexity(torch.stack([sure, unsure]))
-    exits, _ = PerplexityExit.decide([policy] * 2, torch.tensor([0, 0]), perplexity, torch.zeros(2, dtype=torch.float64))
+    exits, _ = PerplexityExit.decide([policy] * 2, torch.tensor([0, 0]), perplexity,
+                                     torch.zeros(2, dtype=torch.float64))
     assert exits.tolist() == [True, False]
     # the exit loop's decision: not before min_steps, then the first step below the threshold
     assert exit_steps(policy, 4, 2, lambda step: perplexity).tolist() == [2, 4]

@@ -69,10 +69,12 @@ def shrunk(preset_name: str) -> dict:
     values = dataclasses.asdict(preset(preset_name))
     sizes = dict(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=min(values["n_kv_heads"], 2) if
                  values["n_kv_heads"] < values["n_heads"] else 4, ffn_hidden=48, max_seq_len=48,
-                 n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2), loop_steps=min(values["loop_steps"], 3),
+                 n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2),
+                 loop_steps=min(values["loop_steps"], 3),
                  n_experts=min(values["n_experts"], 4), expert_hidden=16,
                  depth_lora_rank=min(values["depth_lora_rank"], 4), rwkv_decay_rank=4,
-                 mc_segment_size=min(values["mc_segment_size"], 3), shared_expert_hidden=16 if values["shared_expert_hidden"] == values["expert_hidden"] else 24,
+                 mc_segment_size=min(values["mc_segment_size"], 3),
+                 shared_expert_hidden=16 if values["shared_expert_hidden"] == values["expert_hidden"] else 24,
                  mla_nope_dim=8, mla_value_dim=8, mla_kv_rank=min(values["mla_kv_rank"], 12),
                  mla_q_rank=min(values["mla_q_rank"], 16), mla_rope_dim=min(values["mla_rope_dim"], 4))
     values.update(sizes)

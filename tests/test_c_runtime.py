@@ -22,11 +22,11 @@ from looplm.model import LoopLM
 from conftest import tiny_config
 from test_architectures import VARIANTS, c_runs
 from test_gguf import CONFIGS as GGUF_CONFIGS
+from test_gguf import make_model as make_gguf_model
 
 RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(tiny_config(**overrides))]
 RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items()
                         if c_runs(tiny_config(vocab_size=259, d_model=64, **overrides))]
-from test_gguf import make_model as make_gguf_model
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(native_build._compiler() is None, reason="no C compiler")
@@ -307,7 +307,8 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
 
     monkeypatch.undo()
     mismatched = export_gguf(model, tmp_path / "mismatched.gguf", tokenizer=byte_tokenizer())
-    assert "outside the model's vocabulary" in one_error_line(run(looplm_run, mismatched, "--prompt", "hi", prompt=None))
+    assert "outside the model's vocabulary" in one_error_line(run(looplm_run, mismatched, "--prompt", "hi",
+                                                                  prompt=None))
 
 
 def test_portable_program_builds_and_runs_without_simd(tmp_path):

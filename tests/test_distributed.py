@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 def run(arguments, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(free_port()), "-m", "looplm"] if processes > 1 else [sys.executable, "-m", "looplm"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                 "--master_port", str(free_port()), "-m", "looplm"] if processes > 1
+                else [sys.executable, "-m", "looplm"])
     return subprocess.run([*launcher, *arguments], capture_output=True, text=True, timeout=300)
 
 

@@ -183,7 +183,7 @@ def test_knowledge_bits_of_a_model_match_an_independent_computation():
     eval_set = TaskBatches(task, tokenizer).eval_set_of(task.facts())
     per_attribute = [0.0, 0.0]
     logits = model(eval_set.inputs, steps=2).logits(2)
-    for row, fact in enumerate(task.facts()):
+    for row, _fact in enumerate(task.facts()):
         position = len(eval_set.prompts[row]) - 1  # the single value digit
         log_probability = torch.log_softmax(logits[row, position], -1)[eval_set.targets[row, position]]
         per_attribute[row % 2] += float(-log_probability) / math.log(2)
@@ -258,7 +258,8 @@ def test_eval_out_writes_the_report(checkpoint, tmp_path, capsys):
     assert policies.count("q") == 3 and policies.count("static") == 2 and "kl" in policies
     with (out / "curves.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(report["curves"]) and set(rows[0]) == {"policy", "setting", "mean_steps", "loss", "accuracy"}
+    assert (len(rows) == len(report["curves"])
+            and set(rows[0]) == {"policy", "setting", "mean_steps", "loss", "accuracy"})
     with (out / "per_step.csv").open() as handle:
         assert [float(row["loss"]) for row in csv.DictReader(handle)] == pytest.approx(report["loss_by_step"])
     assert "step" in capsys.readouterr().out

@@ -97,7 +97,8 @@ def test_q8_0_within_the_block_error_bound(tmp_path, name):
     model = make_model(**CONFIGS[name])
     path = export_gguf(model, tmp_path / "model.gguf", "q8_0")
     loaded, _ = load_gguf(path)
-    types = {tensor.name: gguf.GGMLQuantizationType(int(tensor.tensor_type)) for tensor in gguf.GGUFReader(path).tensors}
+    types = {tensor.name: gguf.GGMLQuantizationType(int(tensor.tensor_type))
+             for tensor in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["exit_gate.weight"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
@@ -105,7 +106,8 @@ def test_q8_0_within_the_block_error_bound(tmp_path, name):
     quantised = 0
     for key, tensor in model.state_dict().items():
         error = (restored[key].double() - tensor.double()).abs()
-        if tensor.dim() == 2 and tensor.shape[1] % 32 == 0 and not key.startswith(("exit_gate", "injection", "depth_lora.scale")):
+        if (tensor.dim() == 2 and tensor.shape[1] % 32 == 0
+                and not key.startswith(("exit_gate", "injection", "depth_lora.scale"))):
             assert (error <= q8_0_bound(tensor) + 1e-9).all(), key
             quantised += bool(error.max() > 0)
         else:

@@ -64,7 +64,7 @@ def test_sync_probe_judges_only_steps_that_do_not_log(gpu_check):
         step = 0
 
     def synchronise():
-        warnings.warn(f"called a {gpu_check.SYNC_WARNING}")
+        warnings.warn(f"called a {gpu_check.SYNC_WARNING}", stacklevel=2)
 
     trainer = Trainer()
     with gpu_check.SyncProbe(trainer, cuda=False) as probe:

@@ -114,7 +114,8 @@ def layers(graph: dict[str, set[str]]) -> list[list[str]]:
             raise ValueError(f"cycle among {sorted(set(graph) - set(placed))}")
         for node in ready:
             placed[node] = 1 + max((placed[target] for target in graph[node]), default=-1)
-    return [sorted(node for node, level in placed.items() if level == depth) for depth in range(max(placed.values()) + 1)]
+    return [sorted(node for node, level in placed.items() if level == depth)
+            for depth in range(max(placed.values()) + 1)]
 
 
 if __name__ == "__main__":

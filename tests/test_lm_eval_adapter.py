@@ -145,7 +145,8 @@ def median_distance(model, kind):
 
 def exits_to_check(model):
     return [("static", STEPS), ("static", 5), ("q:0.5", STEPS), ("q:0.2", 5), ("act", STEPS),
-            (f"hidden:{median_distance(model, 'hidden'):.6g}", STEPS), (f"kl:{median_distance(model, 'kl'):.6g}", STEPS)]
+            (f"hidden:{median_distance(model, 'hidden'):.6g}", STEPS),
+            (f"kl:{median_distance(model, 'kl'):.6g}", STEPS)]
 
 
 def test_loglikelihood_matches_hand_computed_forward(checkpoint, model):
@@ -178,7 +179,8 @@ def test_batching_does_not_change_scores(checkpoint):
 
 @torch.no_grad()
 def test_rolling_loglikelihood_sums_disjoint_windows(checkpoint, model):
-    text = "A document of one hundred and thirty bytes or so, which is much longer than the window of forty-eight tokens."
+    text = ("A document of one hundred and thirty bytes or so, which is much longer than the window of"
+            " forty-eight tokens.")
     tokens = list(text.encode())
     bos = byte_tokenizer().bos_id
     # Window 1 predicts tokens[0:48] from [bos] + tokens[0:47]; each later window predicts the next

@@ -111,7 +111,8 @@ def test_plain_loop_adds_no_parameters():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"injection": "sum"}, "model.injection must be one of identity, additive, lti, diagonal, concat, lti_residual, got 'sum'"),
+    ({"injection": "sum"},
+     "model.injection must be one of identity, additive, lti, diagonal, concat, lti_residual, got 'sum'"),
     ({"initial_state": "zeros"}, "model.initial_state must be one of prelude, noise"),
     ({"initial_state": "noise"}, "initial_state=noise needs an injection other than identity"),
     ({"depth_lora_rank": -1}, "model.depth_lora_rank must be >= 0"),

@@ -124,7 +124,8 @@ def reference_logits(tensors, ids) -> torch.Tensor:
             mu = torch.sigmoid(vec[p + "channel_mix"])
             mixed = mu * y + (1 - mu) * previous[layer]
             previous[layer] = y
-            x = x + (torch.nn.functional.silu(mixed @ w[p + "ffn_gate"]) * (mixed @ w[p + "ffn_up"])) @ w[p + "ffn_down"]
+            x = x + ((torch.nn.functional.silu(mixed @ w[p + "ffn_gate"]) * (mixed @ w[p + "ffn_up"]))
+                     @ w[p + "ffn_down"])
         logits.append(layer_norm(x, "ln_out_w", "ln_out_b") @ w["head"])
     return torch.stack(logits)
 
@@ -138,7 +139,8 @@ def test_imported_model_equals_the_reference_forward(kind, tmp_path):
     model, tokenizer = looplm.load(tmp_path / "ckpt"), looplm.load_tokenizer(tmp_path / "ckpt")
     config = model.config
     assert (config.norm_type, config.embed_norm, config.tie_embeddings, config.exit_gate, config.loop_steps,
-            config.n_core_layers, config.ffn_hidden, config.layer_pattern) == ("layer", True, False, False, 1, 2, 24, "R")
+            config.n_core_layers, config.ffn_hidden, config.layer_pattern) == ("layer", True, False, False, 1, 2,
+                                                                               24, "R")
     text = "the cat sat. the [cat],\nsat the dog" if kind == "word" else "the cat sat.\nthe sat"
     ids = tokenizer.encode(text)
     assert len(ids) > 12 and tokenizer.kind == kind and not tokenizer.adds_bos
@@ -166,7 +168,8 @@ def test_generate_feeds_the_prompt_without_a_start_token(tmp_path, capsys):
     first = int(reference_logits(tensors, prompt)[-1].argmax())
     main(["convert", "lrnn", str(tmp_path / "model.bin"), str(tmp_path / "ckpt")])
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "the cat", "--max-new-tokens", "1", "--no-stream"]) == 0
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "the cat", "--max-new-tokens", "1",
+                 "--no-stream"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode([first])
 
 

@@ -103,7 +103,7 @@ def test_no_gate_model():
     output = model(torch.randint(0, 64, (1, 4)))
     assert output.gate_logits is None
     with pytest.raises(LoopLMError):
-        output.exit_distribution
+        _ = output.exit_distribution
 
 
 def test_fused_rms_norm_equals_reference_values_and_gradients():

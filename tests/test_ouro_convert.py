@@ -42,9 +42,12 @@ def ouro_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}."
         tensors.update({prefix + f"{name}.weight": 1 + rand(dim) for name in LAYER_NORMS})
-        tensors.update({prefix + "self_attn.q_proj.weight": rand(dim, dim), prefix + "self_attn.k_proj.weight": rand(kv, dim),
-                        prefix + "self_attn.v_proj.weight": rand(kv, dim), prefix + "self_attn.o_proj.weight": rand(dim, dim),
-                        prefix + "mlp.gate_proj.weight": rand(hidden, dim), prefix + "mlp.up_proj.weight": rand(hidden, dim),
+        tensors.update({prefix + "self_attn.q_proj.weight": rand(dim, dim),
+                        prefix + "self_attn.k_proj.weight": rand(kv, dim),
+                        prefix + "self_attn.v_proj.weight": rand(kv, dim),
+                        prefix + "self_attn.o_proj.weight": rand(dim, dim),
+                        prefix + "mlp.gate_proj.weight": rand(hidden, dim),
+                        prefix + "mlp.up_proj.weight": rand(hidden, dim),
                         prefix + "mlp.down_proj.weight": rand(dim, hidden)})
     return tensors
 
@@ -71,7 +74,8 @@ def reference_ouro(config: dict, tensors: dict, ids: torch.Tensor, steps: int):
 
     def rope(x):  # [B, H, S, hd], rotate-half layout
         first, second = x[..., :head_dim // 2], x[..., head_dim // 2:]
-        return torch.cat([first * angles.cos() - second * angles.sin(), second * angles.cos() + first * angles.sin()], -1)
+        return torch.cat([first * angles.cos() - second * angles.sin(),
+                          second * angles.cos() + first * angles.sin()], -1)
 
     def attention(x, p):
         q = (x @ w[p + "self_attn.q_proj.weight"].T).view(batch, length, heads, head_dim).transpose(1, 2)
@@ -92,12 +96,14 @@ def reference_ouro(config: dict, tensors: dict, ids: torch.Tensor, steps: int):
     for _ in range(steps):
         for layer in range(config["num_hidden_layers"]):
             p = f"model.layers.{layer}."
-            h = h + rms_norm(attention(rms_norm(h, w[p + "input_layernorm.weight"]), p), w[p + "input_layernorm_2.weight"])
+            h = h + rms_norm(attention(rms_norm(h, w[p + "input_layernorm.weight"]), p),
+                             w[p + "input_layernorm_2.weight"])
             h = h + rms_norm(mlp(rms_norm(h, w[p + "post_attention_layernorm.weight"]), p),
                              w[p + "post_attention_layernorm_2.weight"])
         h = rms_norm(h, w["model.norm.weight"])  # closes every step and feeds the next
         logits.append(h @ lm_head.T)
-        exits.append(torch.sigmoid(h @ w["model.early_exit_gate.weight"].T + w["model.early_exit_gate.bias"]).squeeze(-1))
+        exits.append(torch.sigmoid(h @ w["model.early_exit_gate.weight"].T
+                                   + w["model.early_exit_gate.bias"]).squeeze(-1))
     return torch.stack(logits).float(), torch.stack(exits).float()
 
 
@@ -144,7 +150,8 @@ def test_looplm_to_ouro_to_looplm_round_trip(tmp_path, capsys):
     assert exported["model_type"] == "ouro" and exported["total_ut_steps"] == 3 and exported["eos_token_id"] == 258
     # The export direction on its own: Ouro's equations on the written tensors give looplm's logits.
     ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(4))
-    expected_logits, expected_exits = reference_ouro(exported, load_file(str(tmp_path / "ouro" / "model.safetensors")), ids, 3)
+    expected_logits, expected_exits = reference_ouro(exported, load_file(str(tmp_path / "ouro" / "model.safetensors")),
+                                                     ids, 3)
     with torch.no_grad():
         output = model(ids)
         torch.testing.assert_close(output.step_logits, expected_logits, atol=1e-5, rtol=1e-5)
@@ -157,7 +164,8 @@ def test_looplm_to_ouro_to_looplm_round_trip(tmp_path, capsys):
     assert all(torch.equal(original[name], tensor) for name, tensor in back.state_dict().items())
     with torch.no_grad():
         assert torch.equal(back(ids, steps=4).step_logits, model(ids, steps=4).step_logits)
-    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (tmp_path / "original" / "tokenizer.json").read_bytes()
+    assert ((tmp_path / "back" / "tokenizer.json").read_bytes()
+            == (tmp_path / "original" / "tokenizer.json").read_bytes())
 
 
 def test_tied_model_round_trips_without_lm_head(tmp_path, capsys):
@@ -174,7 +182,8 @@ def test_tied_model_round_trips_without_lm_head(tmp_path, capsys):
 def test_sharded_write_and_read(tmp_path, capsys):
     model = ouro_shaped_model()
     model.save(tmp_path / "original")
-    code, _ = run_cli(capsys, "convert", "to-ouro", tmp_path / "original", tmp_path / "ouro", "--max-shard-size", "12KB")
+    code, _ = run_cli(capsys, "convert", "to-ouro", tmp_path / "original", tmp_path / "ouro",
+                      "--max-shard-size", "12KB")
     assert code == 0
     index = json.loads((tmp_path / "ouro" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -196,14 +205,16 @@ def test_write_and_read_tensors_directly(tmp_path):
     assert [sorted(load_file(str(tmp_path / shard))) for shard in written[:-1]] == [["t0", "t1"], ["t2"], ["t3"],
                                                                                     ["t4"], ["t5"]]
     assert index["metadata"]["total_size"] == 840
-    assert {name: t.tolist() for name, t in read_tensors(tmp_path).items()} == {n: t.tolist() for n, t in tensors.items()}
+    assert ({name: t.tolist() for name, t in read_tensors(tmp_path).items()}
+            == {n: t.tolist() for n, t in tensors.items()})
     single = tmp_path / "single"
     single.mkdir()
     assert write_tensors(tensors, single) == ["model.safetensors"]
     assert all(torch.equal(read_tensors(single)[name], tensor) for name, tensor in tensors.items())
 
 
-@pytest.mark.parametrize("text, expected", [("2GB", 2 * 10**9), ("512KiB", 524288), ("1000", 1000), ("1.5MB", 1_500_000)])
+@pytest.mark.parametrize("text, expected", [("2GB", 2 * 10**9), ("512KiB", 524288), ("1000", 1000),
+                                            ("1.5MB", 1_500_000)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

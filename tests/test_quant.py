@@ -96,7 +96,7 @@ def train_tiny(steps: int = 60, text: str = "the loop reads the loop and the loo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for step in range(steps):
+        for _step in range(steps):
             starts = torch.randint(0, len(tokens) - 33, (8,))
             batch = torch.stack([tokens[start:start + 33] for start in starts])
             loss = F.cross_entropy(model(batch[:, :-1]).logits().flatten(0, 1), batch[:, 1:].flatten())

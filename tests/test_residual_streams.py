@@ -165,7 +165,8 @@ def test_block_attention_residuals_follow_their_equations(block_size):
 
     blocks, partial = [u], None
     for sublayer, reader in enumerate(readers):
-        torch.testing.assert_close(inputs[sublayer], attend(reader, blocks + ([partial] if partial is not None else [])))
+        torch.testing.assert_close(inputs[sublayer],
+                                   attend(reader, blocks + ([partial] if partial is not None else [])))
         partial = outputs[sublayer] if partial is None else partial + outputs[sublayer]
         if (sublayer + 1) % block_size == 0:
             blocks, partial = blocks + [partial], None

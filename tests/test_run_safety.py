@@ -180,8 +180,8 @@ def test_a_preset_size_override_derives_the_dependent_sizes():
 
     from looplm.config import preset
 
-    upcycled, _ = assemble_run_config(source_model=asdict(preset("openmythos-looplm")), overrides={"model.d_model": "256",
-                                                                                          "model.n_heads": "4"})
+    upcycled, _ = assemble_run_config(source_model=asdict(preset("openmythos-looplm")),
+                                      overrides={"model.d_model": "256", "model.n_heads": "4"})
     assert upcycled.model.ffn_hidden == 704 and upcycled.model.expert_hidden == 512  # chosen sizes stay
     assert upcycled.model.n_kv_heads == 2
 

@@ -65,7 +65,8 @@ def test_stage2_needs_init_and_a_gate():
 def test_cli_stage2_from_a_checkpoint(stage1_checkpoint, tmp_path):
     out, _ = stage1_checkpoint
     result = subprocess.run([sys.executable, "-m", "looplm", "train", "--stage", "2", "--init", str(out), "--out",
-                             str(tmp_path / "s2"), "--train.steps", "3", "--no-progress"], capture_output=True, text=True)
+                             str(tmp_path / "s2"), "--train.steps", "3", "--no-progress"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert load_model(tmp_path / "s2").config == load_model(out).config
 

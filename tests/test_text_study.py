@@ -48,7 +48,8 @@ def test_smoke_study_reports_every_model_under_both_budgets(corpus, tmp_path, ca
     assert summary[("wall_clock", "looped")]["seconds"] == looped["seconds"]
     assert summary[("tokens", "stage2")]["tokens"] > looped["tokens"]
     run = next(row for row in saved["runs"] if row["variant"] == "looped")
-    assert run["bits_per_byte"] == pytest.approx(run["loss"] / 0.6931471805599453 * saved["corpus"]["bpe"]["eval_tokens"]
+    assert run["bits_per_byte"] == pytest.approx(run["loss"] / 0.6931471805599453
+                                                 * saved["corpus"]["bpe"]["eval_tokens"]
                                                  / saved["corpus"]["bpe"]["eval_bytes"])
     assert saved["host"]["cpu"] and saved["host"]["matmul_gflop_s"] > 0
     for name in ("bits_per_byte_by_step.png", "compute_quality.png", "budgets.png"):

@@ -24,8 +24,9 @@ from looplm.model import LoopLM
 
 from conftest import tiny_config
 
-TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
-              "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every", "0",
+TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1",
+              "--model.loop_steps", "2", "--model.max_seq_len", "64", "--train.batch_size", "4",
+              "--train.seq_len", "32", "--train.eval_every", "0",
               "--train.warmup_steps", "1", "--train.steps", "2", "--no-progress"]
 
 
@@ -266,7 +267,8 @@ def test_a_full_disk_is_one_line_naming_the_path(writer, files, tmp_path, capsys
     argv = {"export": ["export", "gguf", files / "ckpt", tmp_path / "out.gguf"],
             "prepare": ["prepare", files / "corpus.txt", "--out", tmp_path / "out"],
             "train": ["train", "--data", files / "corpus.txt", "--out", tmp_path / "out", *TINY_TRAIN],
-            "eval-out": ["eval", files / "ckpt", "--data", files / "corpus.txt", "--no-progress", "--out", tmp_path / "out"],
+            "eval-out": ["eval", files / "ckpt", "--data", files / "corpus.txt", "--no-progress", "--out",
+                         tmp_path / "out"],
             "eval-json": ["eval", files / "ckpt", "--data", files / "corpus.txt", "--no-progress", "--json",
                           tmp_path / "out.json"],
             "convert": ["convert", "hf", files / "ckpt", tmp_path / "out"]}[writer]

@@ -4,7 +4,8 @@ A looplm GGUF file is self-describing: architecture ``looplm``, the full ``Model
 JSON string (``looplm.config``, what ``read_gguf`` rebuilds from), the loop and layer metadata
 as typed keys for other readers, the tokenizer's ``tokenizer.json`` text, and one tensor per
 entry of the model's state dict.  This module reads and writes configs and tensors; the model
-layer (``looplm.model.loading``, ``looplm.interop.gguf``) builds and checks the model.  docs/INTEROP.md lists every key and the tensor-name mapping.
+layer (``looplm.model.loading``, ``looplm.interop.gguf``) builds and checks the model.
+docs/INTEROP.md lists every key and the tensor-name mapping.
 
 Tensor names: the common tensors get llama.cpp-style names (``token_embd.weight``,
 ``blk.N.attn_qkv.weight``, …) with the looped core as ``blk.N``, the prelude as
@@ -366,7 +367,8 @@ def read_gguf_tokenizer(path: str | Path):
         return Tokenizer(HFTokenizer.from_str(reader.fields["tokenizer.huggingface.json"].contents()))
     except Exception as error:  # tokenizers raises its own exception types for a broken tokenizer.json
         detail = (str(error).splitlines() or [type(error).__name__])[0][:120]
-        raise LoopLMError(f"{str(path)!r}: its tokenizer.huggingface.json is not a valid tokenizer ({detail})") from None
+        raise LoopLMError(f"{str(path)!r}: its tokenizer.huggingface.json is not a valid tokenizer"
+                          f" ({detail})") from None
 
 
 def is_gguf_path(path: str | Path) -> bool:

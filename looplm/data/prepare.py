@@ -34,7 +34,8 @@ def prepare_corpus(inputs, out_dir: str | Path, tokenizer: str = "byte", bpe_voc
     """Tokenize ``inputs`` (files, directories, ``hf:`` names) into the shard directory ``out_dir``.
 
     ``tokenizer`` is "byte", "bpe" (trained here on the inputs, ``bpe_vocab_size``), "word",
-    "char" or "auto" (fitted to the inputs, ``looplm.data.word_char``) or a tokenizer.json path.  ``out_dir`` must be new or empty unless ``overwrite``; it may neither
+    "char" or "auto" (fitted to the inputs, ``looplm.data.word_char``) or a tokenizer.json path.
+    ``out_dir`` must be new or empty unless ``overwrite``; it may neither
     be nor hold nor lie inside an input.  Returns the meta dict written.
     """
     _check_apart(inputs, Path(out_dir))
@@ -78,7 +79,8 @@ def _write(inputs, out_dir: Path, request: dict[str, Any], overwrite: bool) -> d
     spec = request["tokenizer"]["spec"]
     text_field = request["source"]["text_field"]
     tokenizer = build_tokenizer(request["tokenizer"]["path"] if spec == "file" else spec,
-                                lambda: read_documents(inputs, text_field), request["tokenizer"].get("bpe_vocab_size", 0))
+                                lambda: read_documents(inputs, text_field),
+                                request["tokenizer"].get("bpe_vocab_size", 0))
     options = request["options"]
     return write_shards(read_documents(inputs, text_field), tokenizer, out_dir, val_fraction=options["val_fraction"],
                         seed=options["seed"], overwrite=overwrite, provenance=request)

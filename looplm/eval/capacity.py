@@ -11,7 +11,8 @@ bits of attribute a (a model that knows nothing can be replaced by the uniform c
 the floor at 0).  The knowledge stored is Σ_a bits_a; divided by the parameter count it is
 bits per parameter.  A second, accuracy-only estimate is Fano's bound: with exact-match
 accuracy p on attribute a, ``people · max(0, log2 V − h(p) − (1 − p) log2(V − 1))`` bits,
-h the binary entropy (0 at or below chance accuracy 1/V).  Both are computed for every loop step from one forward per batch.
+h the binary entropy (0 at or below chance accuracy 1/V).  Both are computed for every loop
+step from one forward per batch.
 """
 
 from __future__ import annotations

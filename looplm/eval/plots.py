@@ -49,7 +49,8 @@ def plot_per_step(report: dict, path: Path) -> Path:
     panels = [("loss", "loss (nats / token)")] + ([("accuracy", "exact-match accuracy")] if has_accuracy else [])
     for axis, (key, label) in zip(axes[0], panels):
         axis.plot(steps, [row[key] for row in rows], marker="o")
-        axis.axvline(report["trained_steps"], color="grey", linestyle=":", label=f"trained T = {report['trained_steps']}")
+        axis.axvline(report["trained_steps"], color="grey", linestyle=":",
+                     label=f"trained T = {report['trained_steps']}")
         axis.set_xticks(steps)
         _label(axis, "loop steps", label)
     figure.suptitle("quality by loop step")

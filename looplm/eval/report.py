@@ -149,7 +149,8 @@ def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> 
         raise LoopLMError(f"--out {str(out_dir)!r} is not empty: choose a new directory or pass --overwrite")
 
     def write(staging: Path) -> None:
-        _write_csv(staging / "per_step.csv", report["per_step"], ["step", "loss", "perplexity", "accuracy", "extrapolated"])
+        _write_csv(staging / "per_step.csv", report["per_step"],
+                   ["step", "loss", "perplexity", "accuracy", "extrapolated"])
         _write_csv(staging / "curves.csv", report["curves"], ["policy", "setting", "mean_steps", "loss", "accuracy"])
         _write_csv(staging / "exit_histogram.csv", report["exit_histogram"],
                    ["step", "mean_exit_probability", "q_exit_fraction"])

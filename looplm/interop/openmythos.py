@@ -71,7 +71,8 @@ def _per_head(weight: torch.Tensor, heads: int, order: torch.Tensor) -> torch.Te
 def _layer(source: dict, prefix: str, config: ModelConfig, moe: bool) -> dict[str, torch.Tensor]:
     """One layer's tensors under looplm names (without the stack prefix)."""
     heads = config.n_heads
-    out = {"attn_norm.weight": source[prefix + "attn_norm.weight"], "ffn_norm.weight": source[prefix + "ffn_norm.weight"],
+    out = {"attn_norm.weight": source[prefix + "attn_norm.weight"],
+           "ffn_norm.weight": source[prefix + "ffn_norm.weight"],
            "attn.out.weight": source[prefix + "attn.wo.weight"]}
     if config.attention == "mla":
         rope, nope = config.mla_rope_dim, config.mla_nope_dim
@@ -118,7 +119,8 @@ def state_from_mythos(source: dict[str, torch.Tensor], config: ModelConfig) -> d
              "injection.log_a": source["recurrent.injection.log_A"],
              "injection.log_dt": source["recurrent.injection.log_dt"], "injection.b": source["recurrent.injection.B"],
              "injection.input_norm.weight": source["recurrent.norm.weight"],
-             "exit_gate.weight": source["recurrent.act.halt.weight"], "exit_gate.bias": source["recurrent.act.halt.bias"]}
+             "exit_gate.weight": source["recurrent.act.halt.weight"],
+             "exit_gate.bias": source["recurrent.act.halt.bias"]}
     if config.depth_lora_rank:
         state.update({"depth_lora.down.weight": source["recurrent.lora.down.weight"],
                       "depth_lora.up.weight": source["recurrent.lora.B"].T,
@@ -127,7 +129,8 @@ def state_from_mythos(source: dict[str, torch.Tensor], config: ModelConfig) -> d
         for index in range(count):
             state.update({f"{stack}.{index}.{name}": tensor
                           for name, tensor in _layer(source, f"{stack}.{index}.", config, moe=False).items()})
-    state.update({f"core.0.{name}": tensor for name, tensor in _layer(source, "recurrent.block.", config, True).items()})
+    state.update({f"core.0.{name}": tensor
+                  for name, tensor in _layer(source, "recurrent.block.", config, True).items()})
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 

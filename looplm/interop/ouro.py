@@ -87,7 +87,8 @@ def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfi
         "layer_types": any(kind != "full_attention" for kind in raw.get("layer_types") or []),
         "attention_bias": bool(raw.get("attention_bias")),
         "mlp_bias": bool(raw.get("mlp_bias")),
-        "head_dim": heads > 0 and (raw.get("head_dim") or values["hidden_size"] // heads) * heads != values["hidden_size"],
+        "head_dim": heads > 0 and ((raw.get("head_dim") or values["hidden_size"] // heads) * heads
+                                   != values["hidden_size"]),
     }
     for key, refused in unsupported.items():
         if refused:
@@ -189,7 +190,8 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
         raise LoopLMError(f"{where} hold {unexpected[0]}, which an Ouro model of this config.json does not have")
     for name, shape in expected.items():
         if tensors[name].shape != shape:
-            raise LoopLMError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, config.json says {tuple(shape)}")
+            raise LoopLMError(f"{where}: {name} has shape {tuple(tensors[name].shape)},"
+                              f" config.json says {tuple(shape)}")
         if not tensors[name].is_floating_point():
             raise LoopLMError(f"{where}: {name} has dtype {tensors[name].dtype}, expected floating point weights")
     tensors = {name: tensor.float() for name, tensor in tensors.items()}

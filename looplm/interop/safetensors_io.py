@@ -53,7 +53,8 @@ def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}): the file is corrupt") from None
+        raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
+                          " the file is corrupt") from None
     if not isinstance(data, dict):
         raise LoopLMError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -81,7 +81,8 @@ class Attention(nn.Module):
         q, k = apply_rope(query_key, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
         if store is None:
             k, v = first_step_kv(self, carry, k, v, self.append_first)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=self.n_kv_heads != self.n_heads,
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             store.write(k, v, start)  # a shared slot (append-first after step 1) writes nothing

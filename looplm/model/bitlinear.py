@@ -12,7 +12,8 @@ updates, saved in checkpoints like any ``nn.Linear`` weight) and computes with
 so a trained model's layer is exactly a ternary matrix times int8 activations
 (``looplm.ternary.TernaryLinear`` runs it on 2-bit packed weights).  The rounding has no
 useful gradient, so training uses the straight-through estimator: the forward value is Wt
-(x̂) exactly but the gradient passes to W (x) as if the rounding were the identity.  Training and evaluation compute the same function; the per-token
+(x̂) exactly but the gradient passes to W (x) as if the rounding were the identity.  Training
+and evaluation compute the same function; the per-token
 scale a never mixes positions, so the layer stays causal.
 
 ``ternary_layers(module)`` swaps the ``nn.Linear`` layers inside a module for ``BitLinear``

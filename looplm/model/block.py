@@ -96,7 +96,8 @@ class Layer(nn.Module):
         ffn = self.ffn_post_norm(self.ffn(x, ffn_store) if self.shifted_ffn else self.ffn(x))
         if gates is not None:
             gates.record(carry, state, attention, ffn)
-        return h + self._drop(ffn) if self.ffn_residual is None else self.ffn_residual.write(h, self._drop(ffn), context)
+        return (h + self._drop(ffn) if self.ffn_residual is None
+                else self.ffn_residual.write(h, self._drop(ffn), context))
 
     def _drop(self, update: torch.Tensor) -> torch.Tensor:
         """Residual dropout of a sublayer's output (training only; none at p = 0)."""

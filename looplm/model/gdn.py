@@ -154,7 +154,8 @@ class GatedDeltaNet(nn.Module):
         self.out_norm = RMSNorm(self.head_dim, config.norm_eps, config.zero_centered_norm)
         self.out = nn.Linear(width, config.d_model, bias=False)
         self.segment_size, self.memory_top_k = config.mc_segment_size, config.mc_top_k
-        self.memory_detach = config.mc_detach  # cached segment states carry no gradient (LoopCached-Reasoning's default)
+        # cached segment states carry no gradient (LoopCached-Reasoning's default)
+        self.memory_detach = config.mc_detach
         if self.segment_size:  # memory caching (SSC): router and the online output's logit
             self.memory_router = nn.Linear(config.d_model, width, bias=False)
             self.memory_online_bias = nn.Parameter(torch.zeros(self.heads))

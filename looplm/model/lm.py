@@ -116,7 +116,8 @@ class LoopLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.embed_norm = make_norm(config) if config.embed_norm else None
-        self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i), index=i) for i in range(config.n_prelude_layers))
+        self.prelude = nn.ModuleList(Layer(config, config.layer_kind(i), index=i)
+                                     for i in range(config.n_prelude_layers))
         self.core = nn.ModuleList(Layer(config, config.layer_kind(i), looped=True, index=i)
                                   for i in range(config.n_core_layers))
         self.coda = nn.ModuleList(Layer(config, config.layer_kind(i), index=i) for i in range(config.n_coda_layers))
@@ -184,7 +185,8 @@ class LoopLM(nn.Module):
         """Write config.json + model.safetensors (+ tokenizer.json) atomically; ``looplm.load``
         reads it.  ``weights``: the full state dict when this model holds only shards (FSDP)."""
         weights = self.state_dict() if weights is None else weights
-        return atomic_directory(Path(directory), lambda staging: write_model_files(self.config, weights, staging, tokenizer))
+        return atomic_directory(Path(directory),
+                                lambda staging: write_model_files(self.config, weights, staging, tokenizer))
 
     def _check_positions(self, start: int, length: int) -> None:
         if start + length > self.config.max_seq_len:

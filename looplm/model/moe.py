@@ -9,7 +9,8 @@ Dispatch sorts the N·k (token, expert) assignments by expert and gathers the to
 order.  While loads are even enough (E × the largest load ≤ 2 × the assignments), the rows
 are placed into [E, capacity, D] slots and all experts run in two batched matmuls; otherwise
 each expert runs once on its contiguous slice.  The results are weighted and added back per
-token with one ``index_add_``.  No per-(k, expert) masks over all tokens, no dropped tokens.  ``dense_reference`` computes every expert on every token with a dense [N, E]
+token with one ``index_add_``.  No per-(k, expert) masks over all tokens, no dropped tokens.
+``dense_reference`` computes every expert on every token with a dense [N, E]
 weight matrix; ``tests/test_moe.py`` holds the two equal.
 
 Balancing (aux-loss-free, DeepSeek-V3): in training each forward only *counts* the loads
@@ -47,7 +48,8 @@ class MoE(nn.Module):
         self.experts_gate_up = nn.Parameter(torch.empty(config.n_experts, dim, 2 * hidden))
         self.experts_down = nn.Parameter(torch.empty(config.n_experts, hidden, dim))
         # The shared experts, each of width shared_expert_hidden, run as one SwiGLU of their summed width.
-        self.shared = SwiGLU(dim, config.shared_expert_hidden * config.n_shared_experts) if config.n_shared_experts else None
+        self.shared = (SwiGLU(dim, config.shared_expert_hidden * config.n_shared_experts)
+                       if config.n_shared_experts else None)
         self.register_buffer("balance_bias", torch.zeros(config.n_experts))
         self.aux_losses: list[torch.Tensor] = []
         self.pending_load: torch.Tensor | None = None  # tokens per expert since the last apply_balance

@@ -126,8 +126,9 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         limit = config.max_tokens_default if limit is None else limit
         total = sum(len(ids) + min(limit, context - len(ids)) for ids in prompts)
         if total > config.max_request_tokens:
-            raise LoopLMError(f"the request asks for {total} tokens (prompts plus max_tokens each); this server takes at"
-                              f" most {config.max_request_tokens} per request: lower max_tokens or split it")
+            raise LoopLMError(f"the request asks for {total} tokens (prompts plus max_tokens each);"
+                              f" this server takes at most {config.max_request_tokens} per request:"
+                              " lower max_tokens or split it")
         return prompts, limit, Settings(policy, layout, sampling, request.stop_strings())
 
     async def complete(request: CompletionRequest | ChatRequest, chat: bool, connection: Request):

@@ -43,7 +43,8 @@ class Distributed:
         if parallel == "none":
             return
         if "WORLD_SIZE" not in os.environ:
-            raise LoopLMError(f"--parallel {parallel} runs under torchrun: torchrun --nproc_per_node N -m looplm train …")
+            raise LoopLMError(f"--parallel {parallel} runs under torchrun:"
+                              " torchrun --nproc_per_node N -m looplm train …")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()

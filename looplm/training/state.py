@@ -55,15 +55,18 @@ def read_train_state(path: Path, device) -> dict:
         raise LoopLMError(f"{str(path)!r} holds something other than training state ({detail}); it was not"
                           " loaded: resume from a checkpoint looplm wrote") from None
     except Exception as error:  # torch.load raises several types for a damaged file
-        raise LoopLMError(f"{str(path)!r} is corrupt ({type(error).__name__}): resume from an older checkpoint") from None
+        raise LoopLMError(f"{str(path)!r} is corrupt ({type(error).__name__}):"
+                          " resume from an older checkpoint") from None
     if not isinstance(state, dict):
-        raise LoopLMError(f"{str(path)!r} does not hold a training state mapping: resume from a checkpoint looplm wrote")
+        raise LoopLMError(f"{str(path)!r} does not hold a training state mapping:"
+                          " resume from a checkpoint looplm wrote")
     for field, types in FIELDS.items():
         if field not in state:
             raise LoopLMError(f"{str(path)!r} lacks {field!r}: it is damaged; resume from an older checkpoint")
         if not isinstance(state[field], types) or isinstance(state[field], bool):
             raise LoopLMError(f"{str(path)!r}: {field!r} is {type(state[field]).__name__}, not"
-                              f" {' or '.join(t.__name__ for t in types)}: it is damaged; resume from an older checkpoint")
+                              f" {' or '.join(t.__name__ for t in types)}: it is damaged;"
+                              " resume from an older checkpoint")
     name, keys, position, has_gauss, gauss = state["numpy_rng"]
     state["numpy_rng"] = (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
     version, internal, gauss_next = state["python_rng"]

@@ -85,7 +85,8 @@ class UpcyclePlan:
 def _operations(config: ModelConfig, names: dict[str, str], steps: int, source_loop_steps: int,
                 identity_like: bool, lora_adds_zero: bool) -> list[tuple]:
     """The operations from ids to the logits of loop step ``steps``, layers named by ``names``."""
-    prelude, core, coda = ([names[f"{stack}.{i}"] for i in range(size)] for stack, size in zip(STACKS, _stack_sizes(config)))
+    prelude, core, coda = ([names[f"{stack}.{i}"] for i in range(size)]
+                           for stack, size in zip(STACKS, _stack_sizes(config)))
     ops: list[tuple] = [("layer", name) for name in prelude]
     if config.initial_state == "noise":
         ops.append(("noise", config.max_seq_len, config.initial_noise_std))

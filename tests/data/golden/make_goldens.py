@@ -78,8 +78,8 @@ def main() -> None:
     greedy = {}
     for name, spec in POLICIES.items():
         for prompt in PROMPTS:
-            result = generate(model, [tokenizer.bos_id] + tokenizer.encode(prompt), NEW_TOKENS, exit_policy=policy(spec),
-                              tokenizer=tokenizer, backend="reference")
+            result = generate(model, [tokenizer.bos_id] + tokenizer.encode(prompt), NEW_TOKENS,
+                              exit_policy=policy(spec), tokenizer=tokenizer, backend="reference")
             greedy[f"{name}|{prompt}"] = {"ids": result.ids, "steps": result.steps, "text": result.text}
     (HERE / "greedy.json").write_text(json.dumps({"policies": POLICIES, "new_tokens": NEW_TOKENS, "greedy": greedy},
                                                  indent=1) + "\n")
