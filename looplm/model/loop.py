@@ -85,21 +85,20 @@ class AdditiveInjection(Injection):
         return h + e
 
 
-def _lti_decay(log_dt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
-    exponent = (log_dt.float() + log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
-    return _capped_decay(torch.exp(-torch.exp(exponent)), log_a.dtype)
-
-
 @INJECTIONS.register("lti")
 class LTIInjection(Injection):
     """u = A ⊙ h + B ⊙ e, A = exp(−exp(log_dt + log_a)) ∈ (0, 1) (OpenMythos)."""
+
+    shared_step = False  # one log_dt for all channels (lti_residual)
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         dim = config.d_model
         self.log_a = nn.Parameter(torch.empty(dim))
-        self.log_dt = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(1 if self.shared_step else dim))
         self.b = nn.Parameter(torch.empty(dim))
+        if self.residual:
+            self.input_norm = make_norm(config)
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
@@ -109,36 +108,26 @@ class LTIInjection(Injection):
             self.b.fill_(1.0)
 
     def decay(self) -> torch.Tensor:
-        return _lti_decay(self.log_dt, self.log_a)
+        exponent = (self.log_dt.float() + self.log_a.float()).clamp(-_EXPONENT_CLAMP, _EXPONENT_CLAMP)
+        return _capped_decay(torch.exp(-torch.exp(exponent)), self.log_a.dtype)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.decay() * h + self.b * e
 
 
 @INJECTIONS.register("lti_residual")
-class LTIResidualInjection(Injection):
+class LTIResidualInjection(LTIInjection):
     """OpenMythos's rule: the core reads x = n(h + signal + e) and h ← A ⊙ h + B ⊙ e + core(x);
     one log_dt for all channels; A starts at e^−1 (log_a = log_dt = 0), B at 0.1."""
 
     residual = True
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        dim = config.d_model
-        self.log_a = nn.Parameter(torch.empty(dim))
-        self.log_dt = nn.Parameter(torch.empty(1))
-        self.b = nn.Parameter(torch.empty(dim))
-        self.input_norm = make_norm(config)
-        self.reset_extra_parameters()
+    shared_step = True
 
     def reset_extra_parameters(self) -> None:
         with torch.no_grad():  # OpenMythos's values: A = e^−1, B = 0.1
             self.log_a.zero_()
             self.log_dt.zero_()
             self.b.fill_(0.1)
-
-    def decay(self) -> torch.Tensor:
-        return _lti_decay(self.log_dt, self.log_a)
 
     def core_input(self, h: torch.Tensor, e: torch.Tensor, signal: torch.Tensor | None) -> torch.Tensor:
         """x = n(h + signal + e), what the core reads (h itself stays unsignalled)."""
