@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from looplm.errors import LoopLMError
+from looplm.registry import Registry
 
 # A generation may run at most this many times the trained loop steps: extrapolation costs time
 # and memory linearly, and far beyond T a looped model's state can overflow (docs/INFERENCE.md).
@@ -192,9 +193,10 @@ def refuse_act_over_mixing(model) -> None:
         raise LoopLMError("this model's readouts already are ACT mixtures of its loop states (model.act_mixing):"
                           " decode with fixed steps or Q-exit, not --act")
 
-# name → class: the string and JSON forms' vocabulary (add a class here to register it).
-EXIT_POLICIES: dict[str, type[ExitPolicy]] = {kind.name: kind for kind in (FixedSteps, QExit, HiddenDiffExit, KLExit,
-                                                                          ACTExit)}
+# name → class: the string and JSON forms' vocabulary (looplm.registry; add a class here to register it).
+EXIT_POLICIES = Registry("exit policy")
+EXIT_POLICIES.update({kind.name: kind for kind in (FixedSteps, QExit, HiddenDiffExit, KLExit, ACTExit)})
+
 
 @dataclass(frozen=True)
 class PerplexityExit(ExitPolicy):
@@ -219,7 +221,7 @@ class PerplexityExit(ExitPolicy):
         return values < _column(policies, "threshold", values), memory
 
 
-EXIT_POLICIES["ppl"] = PerplexityExit
+EXIT_POLICIES.register("ppl")(PerplexityExit)
 EXIT_KINDS = tuple(EXIT_POLICIES)
 
 def act_accumulate(thresholds: torch.Tensor, steps: torch.Tensor, last: torch.Tensor, gate: torch.Tensor,
@@ -283,9 +285,9 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
     else:
         name, colon, number = str(spec).strip().partition(":")
         values, number = {}, number if colon else None
-    kind = EXIT_POLICIES.get(name)
-    if kind is None:
+    if name not in EXIT_POLICIES:
         raise LoopLMError(f"unknown exit {spec!r}: {USAGE}")
+    kind = EXIT_POLICIES[name]
     if number is not None or (kind.parameter_required and kind.parameter and kind.parameter not in values):
         if kind.parameter is None:
             raise LoopLMError(f"exit {name} takes no number, got {spec!r}")

@@ -34,6 +34,9 @@ from looplm.quant import Int8Linear
 from looplm.ternary import TernaryLinear
 
 _FLOAT = 4  # bytes
+# The exit threshold that never fires: Q-exit stops where the exit CDF reaches q, and a CDF never
+# exceeds 1 (the C side reads q > 1 as "no early exit").
+NO_EXIT = float("inf")
 BIND_F32, BIND_Q8_0, BIND_TERNARY = 0, 1, 2  # LR_BIND_*
 # Slot parts (runtime.h LR_PART_*), in looplm.cache.recurrent_state_shapes' order per kind.
 KEYS, VALUES = 0, 1
@@ -232,7 +235,7 @@ class RuntimeStepper:
         """The whole token in one call: embedding, prelude, every step with its Q-exit (threshold
         None: none), the layout's rules, the head into ``logits_buffer`` (returned: the next call
         overwrites it) and its argmax.  Returns (steps used, logits [V], argmax)."""
-        self._set_exit(max_steps, min_steps, 2.0 if threshold is None else threshold)
+        self._set_exit(max_steps, min_steps, NO_EXIT if threshold is None else threshold)
         ran = self.kernel.lr_token(self.state, token, start, ctypes.byref(self.exit), self._logits,
                                    ctypes.byref(self.best))
         return ran, self.logits_buffer, self.best.value
@@ -251,7 +254,7 @@ class RuntimeStepper:
         batched forward fills it; their logits are not needed)."""
         if not tokens:
             return
-        self._set_exit(max_steps, max_steps, 2.0)
+        self._set_exit(max_steps, max_steps, NO_EXIT)
         ids = (ctypes.c_int * len(tokens))(*tokens)
         if self.kernel.lr_prefill(self.state, ids, len(tokens), 0, ctypes.byref(self.exit), self._logits,
                                   ctypes.byref(self.best)) < 0:
