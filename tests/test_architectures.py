@@ -140,7 +140,6 @@ def test_cached_decode_equals_full_forward(name):
 # config key -> (the value the runtime runs, a phrase of its refusal).
 C_UNRUN = {"hyper_connections": (0, "hyper-connection streams"),
            "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append"),
-           "norm_type": ("rms", "LayerNorm"), "embed_norm": (False, "a norm after the embedding"),
            "act_mixing": (False, "ACT mixing"), "depth_lora_position": ("input", "depth LoRA on the core output"),
            "moe_scope": ("all", "MoE in the core only"), "injection": ("identity", "lti_residual")}
 

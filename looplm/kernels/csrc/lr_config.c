@@ -56,6 +56,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     static const char *const ffns[] = {"dense", "moe", "channelmix"};
     static const char *const norms[] = {"pre", "sandwich"};
     static const char *const initial[] = {"prelude", "noise"};
+    static const char *const norm_types[] = {"rms", "layer"};
     JsonNode *root = json_parse(json, length, error);
     if (!root) return 0;
     int ok = 0, kv_heads_null = 0;
@@ -164,12 +165,15 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         goto done;
     }
     /* The faithful source variants' keys: the runtime runs their defaults only. */
+    node = json_get(root, "norm_type");
+    if (node && !choose(node, "norm_type", norm_types, 2, &config->layer_norm, error)) goto done;
+    node = json_get(root, "embed_norm");
+    if (node && !boolean(node, "embed_norm", &config->embed_norm, error)) goto done;
     static const char *const strings[][3] = {
-        {"norm_type", "rms", "LayerNorm (model.norm_type=layer)"},
         {"depth_lora_position", "input", "depth LoRA on the core output (model.depth_lora_position=output)"},
         {"moe_scope", "all", "MoE in the core only (model.moe_scope=core)"},
     };
-    for (int j = 0; j < 3; j++) {
+    for (int j = 0; j < 2; j++) {
         node = json_get(root, strings[j][0]);
         if (node && (node->kind != JSON_STRING || strcmp(node->string, strings[j][1]))) {
             lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate --backend"
@@ -177,9 +181,8 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
             goto done;
         }
     }
-    static const char *const flags[][2] = {{"embed_norm", "a norm after the embedding (model.embed_norm)"},
-                                           {"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
-    for (int j = 0; j < 2; j++) {
+    static const char *const flags[][2] = {{"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
+    for (int j = 0; j < 1; j++) {
         node = json_get(root, flags[j][0]);
         if (node && (!boolean(node, flags[j][0], &off, error) || off)) {
             if (off) lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate"

@@ -35,6 +35,19 @@ void lr_rms_norm(const float *x, const float *w, float *out, int n, float eps) {
     for (int i = 0; i < n; i++) out[i] = w ? x[i] * scale * w[i] : x[i] * scale;
 }
 
+void lr_norm(const LrConfig *config, const float *x, const float *w, const float *b, float *out, int n) {
+    if (!config->layer_norm) {
+        lr_rms_norm(x, w, out, n, config->norm_eps);
+        return;
+    }
+    float mean = 0.0f, variance = 0.0f;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int i = 0; i < n; i++) variance += (x[i] - mean) * (x[i] - mean);
+    const float scale = 1.0f / sqrtf(variance / (float)n + config->norm_eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * scale * w[i] + b[i];
+}
+
 /* W[row] · x for a float32 or Q8_0 matrix. */
 static float row_times(const LrMatrix *m, int row, const float *x) {
     if (!m->p.values) return dot(m->p.weights + (size_t)row * m->cols, x, m->cols);
@@ -503,18 +516,18 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
     const size_t mark = state->scratch_used;
     float *x = lr_take(state, (size_t)D), *mixed = lr_take(state, (size_t)D), *ffn = lr_take(state, (size_t)D);
     const int mixing = gates && step > 0;  /* step 0 has no global state yet: the plain layer */
-    lr_rms_norm(h, L->attn_norm, x, D, c->norm_eps);
+    lr_norm(c, h, L->attn_norm, L->attn_norm_bias, x, D);
     if (mixing) gate_mix(x, gates, L->g_qk, D);
     if (L->kind == 'G') gated_deltanet(state, L, slot_index, x, pos, step, mixed);
     else if (L->kind == 'R') rwkv_mixer(state, L, slot, x, mixed);
     else if (c->attention == LR_ATTENTION_MLA) latent_attention(state, L, slot, x, pos, mixed);
     else attention(state, L, slot, x, pos, mixed);
-    if (L->attn_post_norm) lr_rms_norm(mixed, L->attn_post_norm, mixed, D, c->norm_eps);
+    if (L->attn_post_norm) lr_norm(c, mixed, L->attn_post_norm, L->attn_post_norm_bias, mixed, D);
     for (int i = 0; i < D; i++) h[i] += mixed[i];
-    lr_rms_norm(h, L->ffn_norm, x, D, c->norm_eps);
+    lr_norm(c, h, L->ffn_norm, L->ffn_norm_bias, x, D);
     if (mixing) gate_mix(x, gates, L->g_ffn, D);
     feed_forward(state, L, slot, x, ffn);
-    if (L->ffn_post_norm) lr_rms_norm(ffn, L->ffn_post_norm, ffn, D, c->norm_eps);
+    if (L->ffn_post_norm) lr_norm(c, ffn, L->ffn_post_norm, L->ffn_post_norm_bias, ffn, D);
     if (gates)  /* G_{s+1} = (s·G_s + ½(Δattn + Δffn)) / (s + 1) */
         for (int i = 0; i < D; i++) {
             const float update = 0.5f * (mixed[i] + ffn[i]);

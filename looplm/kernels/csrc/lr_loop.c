@@ -31,6 +31,7 @@ static void matrix_row(const LrMatrix *m, int row, float *out) {
 void lr_embed(LrState *state, int token, int pos, float *e) {
     const LrModel *m = state->model;
     matrix_row(&m->embedding, token, e);
+    if (m->config.embed_norm) lr_norm(&m->config, e, m->embed_norm, m->embed_norm_bias, e, m->config.d_model);
     for (int i = 0; i < m->config.prelude; i++)
         lr_layer(state, &m->prelude[i], lr_state_slot(state, LR_PRELUDE, i, 0), e, pos, 0, NULL);
 }
@@ -101,7 +102,7 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
         lr_project(state, &m->lora_up, low, delta);
         for (int i = 0; i < D; i++) update[i] += delta[i];
     }
-    if (c->step_norm) lr_rms_norm(update, m->final_norm, h, D, c->norm_eps);
+    if (c->step_norm) lr_norm(c, update, m->final_norm, m->final_norm_bias, h, D);
     else memcpy(h, update, (size_t)D * sizeof(float));
     state->scratch_used = mark;
 }
@@ -111,13 +112,13 @@ void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
     const LrConfig *c = &m->config;
     if (!c->coda) {
         if (c->step_norm) memmove(out, h, (size_t)c->d_model * sizeof(float));
-        else lr_rms_norm(h, m->final_norm, out, c->d_model, c->norm_eps);
+        else lr_norm(c, h, m->final_norm, m->final_norm_bias, out, c->d_model);
         return;
     }
     memmove(out, h, (size_t)c->d_model * sizeof(float));
     for (int l = 0; l < c->coda; l++)
         lr_layer(state, &m->coda[l], lr_state_slot(state, LR_CODA, l, step), out, pos, step, NULL);
-    lr_rms_norm(out, m->final_norm, out, c->d_model, c->norm_eps);
+    lr_norm(c, out, m->final_norm, m->final_norm_bias, out, c->d_model);
 }
 
 float lr_gate_logit(const LrState *state, const float *readout) {

@@ -38,6 +38,14 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
         tensor(t, &n, "post_attention_norm.weight", &L->attn_post_norm, 1, D, 0, 0);
         tensor(t, &n, "post_ffw_norm.weight", &L->ffn_post_norm, 1, D, 0, 0);
     }
+    if (c->layer_norm) {  /* LayerNorm's biases (their GGUF names keep looplm's own) */
+        tensor(t, &n, "attn_norm.bias", &L->attn_norm_bias, 1, D, 0, 0);
+        tensor(t, &n, "ffn_norm.bias", &L->ffn_norm_bias, 1, D, 0, 0);
+        if (c->sandwich) {
+            tensor(t, &n, "attn_post_norm.bias", &L->attn_post_norm_bias, 1, D, 0, 0);
+            tensor(t, &n, "ffn_post_norm.bias", &L->ffn_post_norm_bias, 1, D, 0, 0);
+        }
+    }
     if (L->looped && c->global_gates) {
         tensor(t, &n, "global_gates.g_qk", &L->g_qk, 1, D, 0, 0);
         tensor(t, &n, "global_gates.g_ffn", &L->g_ffn, 1, D, 0, 0);
@@ -122,6 +130,11 @@ static int model_targets(LrModel *m, Target *t) {
     matrix(t, &n, "token_embd.weight", &m->embedding, c->vocab, D);
     if (!c->tie_embeddings) matrix(t, &n, "output.weight", &m->head, c->vocab, D);
     tensor(t, &n, "output_norm.weight", &m->final_norm, 1, D, 0, 0);
+    if (c->layer_norm) tensor(t, &n, "norm.bias", &m->final_norm_bias, 1, D, 0, 0);
+    if (c->embed_norm) {
+        tensor(t, &n, "embed_norm.weight", &m->embed_norm, 1, D, 0, 0);
+        if (c->layer_norm) tensor(t, &n, "embed_norm.bias", &m->embed_norm_bias, 1, D, 0, 0);
+    }
     if (c->exit_gate) {
         tensor(t, &n, "exit_gate.weight", &m->gate_weight, 2, 1, D, 0);
         tensor(t, &n, "exit_gate.bias", &m->gate_bias, 1, 1, 0, 0);
@@ -382,7 +395,8 @@ int lr_model_finish(LrModel *model, char *error) {
             return lr_fail(error, "tensor %s is missing", targets[j].name);
         }
     if (c->tie_embeddings) model->head = model->embedding;
-    if (!center(model, &model->final_norm, c->d_model, error)) return 0;
+    if (!center(model, &model->final_norm, c->d_model, error) || !center(model, &model->embed_norm, c->d_model, error))
+        return 0;
     if (!derive(model, error)) return 0;
     model->finished = 1;
     return 1;

@@ -42,6 +42,8 @@ typedef struct {
     int mc_segment_size, mc_top_k, loop_mc, loop_mc_top_k, global_gates;
     int rwkv_slots, rwkv_decay_rank, mla_kv_rank, mla_q_rank, mla_rope_dim;
     int zero_centered_norm, sandwich, step_norm, tie_embeddings, exit_gate;
+    int layer_norm;               /* model.norm_type=layer: LayerNorm (scale and bias) for every residual-stream norm */
+    int embed_norm;               /* a norm right after the embedding (model.embed_norm) */
     float norm_eps;
     int injection, noise_initial_state, loop_index_embedding, depth_lora_rank;
     int ffn, n_experts, n_shared_experts, moe_top_k, expert_hidden;
@@ -70,6 +72,8 @@ typedef struct {
     int ternary;        /* its token mixer's and FFN's projections are ternary (MoE routers excepted) */
     /* norms (effective scales, 1 + w already applied for zero-centred norms); post norms NULL = pre-norm */
     const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm;
+    /* their biases (LayerNorm only; NULL under RMSNorm) */
+    const float *attn_norm_bias, *attn_post_norm_bias, *ffn_norm_bias, *ffn_post_norm_bias;
     LrMatrix out;       /* every mixer's output projection */
     /* attention (mha / gated): qkv rows [q (gated: q|gate per head) ; k ; v]; per-head q/k norms */
     LrMatrix qkv;
@@ -97,7 +101,8 @@ typedef struct {
     LrConfig config;
     LrLayer *prelude, *core, *coda;
     LrMatrix embedding, head;           /* head: the embedding itself when tied */
-    const float *final_norm, *gate_weight, *gate_bias;
+    const float *final_norm, *final_norm_bias, *gate_weight, *gate_bias;
+    const float *embed_norm, *embed_norm_bias;   /* model.embed_norm (bias: LayerNorm only) */
     /* loop mechanics */
     const float *lti_log_a, *lti_log_dt, *lti_b, *diag_a_log, *diag_dt;
     LrMatrix diag_b, concat_adapter, lora_down, lora_up;
