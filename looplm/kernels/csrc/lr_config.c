@@ -169,18 +169,11 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     if (node && !choose(node, "norm_type", norm_types, 2, &config->layer_norm, error)) goto done;
     node = json_get(root, "embed_norm");
     if (node && !boolean(node, "embed_norm", &config->embed_norm, error)) goto done;
-    static const char *const strings[][3] = {
-        {"depth_lora_position", "input", "depth LoRA on the core output (model.depth_lora_position=output)"},
-        {"moe_scope", "all", "MoE in the core only (model.moe_scope=core)"},
-    };
-    for (int j = 0; j < 2; j++) {
-        node = json_get(root, strings[j][0]);
-        if (node && (node->kind != JSON_STRING || strcmp(node->string, strings[j][1]))) {
-            lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate --backend"
-                           " reference", strings[j][2]);
-            goto done;
-        }
-    }
+    static const char *const lora_positions[] = {"input", "output"}, *const moe_scopes[] = {"all", "core"};
+    node = json_get(root, "depth_lora_position");
+    if (node && !choose(node, "depth_lora_position", lora_positions, 2, &config->lora_output, error)) goto done;
+    node = json_get(root, "moe_scope");
+    if (node && !choose(node, "moe_scope", moe_scopes, 2, &config->moe_core, error)) goto done;
     static const char *const flags[][2] = {{"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
     for (int j = 0; j < 1; j++) {
         node = json_get(root, flags[j][0]);
@@ -234,15 +227,12 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                            : 2 * (int)(config->head_dim * config->rope_fraction / 2);
     if (!check(config->rope_dim >= 2, error, "rope_fraction must rotate at least 2 head dims")) goto done;
     static const char *const widths[] = {"shared_expert_hidden", "mla_nope_dim", "mla_value_dim"};
-    for (int j = 0; j < 3; j++) {
-        int width = 0, expected = j == 0 ? config->expert_hidden : config->head_dim;
-        if (j == 0 ? config->ffn != LR_FFN_MOE : config->attention != LR_ATTENTION_MLA) continue;  /* unread */
+    int *const width_targets[] = {&config->shared_expert_hidden, &config->mla_nope_dim, &config->mla_value_dim};
+    for (int j = 0; j < 3; j++) {  /* absent or null: expert_hidden / head_dim, as ModelConfig fills them */
+        *width_targets[j] = j == 0 ? config->expert_hidden : config->head_dim;
         node = json_get(root, widths[j]);
-        if (node && node->kind != JSON_NULL && (!integer(node, widths[j], &width, error) || width != expected)) {
-            if (width) lr_fail(error, "model config: %s=%d (not %d) is not run by this runtime; decode with looplm"
-                                      " generate --backend reference", widths[j], width, expected);
-            goto done;
-        }
+        if (node && node->kind != JSON_NULL && !integer(node, widths[j], width_targets[j], error)) goto done;
+        if (*width_targets[j] < 1) { lr_fail(error, "model config: %s must be >= 1", widths[j]); goto done; }
     }
     ok = 1;
 done:

@@ -94,10 +94,10 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     for (int l = 0; l < c->core; l++)
         lr_layer(state, &m->core[l], lr_state_slot(state, LR_CORE, l, step), update, pos, step,
                  c->global_gates ? state->gates_state + (size_t)l * D : NULL);
-    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the injected state */
+    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the injected state (or the core's output) */
         const int rank = c->depth_lora_rank, row = step < c->loop_steps ? step : c->loop_steps - 1;
         float *low = lr_take(state, (size_t)rank), *delta = lr_take(state, (size_t)D);
-        lr_project(state, &m->lora_down, h, low);
+        lr_project(state, &m->lora_down, c->lora_output ? update : h, low);
         for (int i = 0; i < rank; i++) low[i] *= m->lora_scale[(size_t)row * rank + i];
         lr_project(state, &m->lora_up, low, delta);
         for (int i = 0; i < D; i++) update[i] += delta[i];

@@ -47,6 +47,10 @@ typedef struct {
     float norm_eps;
     int injection, noise_initial_state, loop_index_embedding, depth_lora_rank;
     int ffn, n_experts, n_shared_experts, moe_top_k, expert_hidden;
+    int shared_expert_hidden;     /* each shared expert's width (expert_hidden unless set) */
+    int moe_core;                 /* model.moe_scope=core: prelude and coda layers keep the dense SwiGLU */
+    int lora_output;              /* model.depth_lora_position=output: depth LoRA reads the core's output */
+    int mla_nope_dim, mla_value_dim;   /* MLA's per-head key (unrotated) and value widths (head_dim unless set) */
     int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
@@ -70,6 +74,7 @@ typedef struct {
     char kind;          /* 'A' attention, 'G' Gated DeltaNet, 'R' RWKV slot mixer */
     int looped;         /* a core layer (global gates and loop-axis memory live only there) */
     int ternary;        /* its token mixer's and FFN's projections are ternary (MoE routers excepted) */
+    int ffn;            /* LR_FFN_*: the config's, but dense outside the core under model.moe_scope=core */
     /* norms (effective scales, 1 + w already applied for zero-centred norms); post norms NULL = pre-norm */
     const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm;
     /* their biases (LayerNorm only; NULL under RMSNorm) */
