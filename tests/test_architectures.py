@@ -140,13 +140,12 @@ def test_cached_decode_equals_full_forward(name):
 # config key -> (the value the runtime runs, a phrase of its refusal).
 C_UNRUN = {"hyper_connections": (0, "hyper-connection streams"),
            "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append"),
-           "act_mixing": (False, "ACT mixing"), "injection": ("identity", "lti_residual")}
+           "act_mixing": (False, "ACT mixing")}
 
 
 def c_runs(config: ModelConfig) -> bool:
     """Whether the C runtime runs ``config``."""
-    return (all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items() if key != "injection")
-            and config.injection != "lti_residual")
+    return all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -207,8 +206,8 @@ def test_causal(name, mode):
 def test_the_c_runtime_names_the_feature_it_does_not_run(key):
     from looplm.kernels.runtime_stepper import runtime_unsupported
 
-    value = "lti_residual" if key == "injection" else next(
-        overrides[key] for overrides in VARIANTS.values() if overrides.get(key, C_UNRUN[key][0]) != C_UNRUN[key][0])
+    run = C_UNRUN[key][0]
+    value = next(overrides[key] for overrides in VARIANTS.values() if overrides.get(key, run) != run)
     overrides = {"injection": "additive", key: value, "norm": "pre", "step_norm": False}
     model = LoopLM(tiny_config(**overrides)).eval()
     reason = runtime_unsupported(model, KVCache(model.config, 1, 16))

@@ -52,7 +52,7 @@ static int check(int condition, char *error, const char *message) {
 
 int lr_config_parse(const char *json, size_t length, LrConfig *config, char *error) {
     static const char *const attention[] = {"mha", "gated", "mla"};
-    static const char *const injections[] = {"identity", "additive", "lti", "diagonal", "concat"};
+    static const char *const injections[] = {"identity", "additive", "lti", "diagonal", "concat", "lti_residual"};
     static const char *const ffns[] = {"dense", "moe", "channelmix"};
     static const char *const norms[] = {"pre", "sandwich"};
     static const char *const initial[] = {"prelude", "noise"};
@@ -121,7 +121,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     config->norm_eps = (float)values[2];
     int sandwich = 0, noise = 0;
     if (!choose(json_get(root, "attention"), "attention", attention, 3, &config->attention, error)) goto done;
-    if (!choose(json_get(root, "injection"), "injection", injections, 5, &config->injection, error)) goto done;
+    if (!choose(json_get(root, "injection"), "injection", injections, 6, &config->injection, error)) goto done;
     if (!choose(json_get(root, "ffn"), "ffn", ffns, 3, &config->ffn, error)) goto done;
     if (!choose(json_get(root, "norm"), "norm", norms, 2, &sandwich, error)) goto done;
     if (!choose(json_get(root, "initial_state"), "initial_state", initial, 2, &noise, error)) goto done;

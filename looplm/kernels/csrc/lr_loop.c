@@ -85,23 +85,35 @@ static void inject(LrState *state, float *h, const float *e) {
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
-    const int D = c->d_model;
+    const int D = c->d_model, residual = c->injection == LR_INJECT_LTI_RESIDUAL;
     const size_t mark = state->scratch_used;
-    if (c->loop_index_embedding) add_loop_index(h, step, D);
-    if (c->injection != LR_INJECT_IDENTITY) inject(state, h, e);
-    float *update = lr_take(state, (size_t)D);
-    memcpy(update, h, (size_t)D * sizeof(float));
+    float *update = lr_take(state, (size_t)D), *input = h;
+    if (residual) {  /* OpenMythos: the core reads x = n(h + signal + e); h itself stays unsignalled */
+        input = lr_take(state, (size_t)D);
+        memcpy(input, h, (size_t)D * sizeof(float));
+        if (c->loop_index_embedding) add_loop_index(input, step, D);
+        for (int i = 0; i < D; i++) input[i] += e[i];
+        lr_norm(c, input, m->inject_norm, m->inject_norm_bias, input, D);
+    } else {
+        if (c->loop_index_embedding) add_loop_index(h, step, D);
+        if (c->injection != LR_INJECT_IDENTITY) inject(state, h, e);
+    }
+    memcpy(update, input, (size_t)D * sizeof(float));
     for (int l = 0; l < c->core; l++)
         lr_layer(state, &m->core[l], lr_state_slot(state, LR_CORE, l, step), update, pos, step,
                  c->global_gates ? state->gates_state + (size_t)l * D : NULL);
-    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the injected state (or the core's output) */
+    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the core's input (or its output) */
         const int rank = c->depth_lora_rank, row = step < c->loop_steps ? step : c->loop_steps - 1;
+        const size_t lora_mark = state->scratch_used;
         float *low = lr_take(state, (size_t)rank), *delta = lr_take(state, (size_t)D);
-        lr_project(state, &m->lora_down, c->lora_output ? update : h, low);
+        lr_project(state, &m->lora_down, c->lora_output ? update : input, low);
         for (int i = 0; i < rank; i++) low[i] *= m->lora_scale[(size_t)row * rank + i];
         lr_project(state, &m->lora_up, low, delta);
         for (int i = 0; i < D; i++) update[i] += delta[i];
+        state->scratch_used = lora_mark;
     }
+    if (residual)  /* h ← A ⊙ h + B ⊙ e + y */
+        for (int i = 0; i < D; i++) update[i] = m->inject_decay[i] * h[i] + m->inject_input_scale[i] * e[i] + update[i];
     if (c->step_norm) lr_norm(c, update, m->final_norm, m->final_norm_bias, h, D);
     else memcpy(h, update, (size_t)D * sizeof(float));
     state->scratch_used = mark;

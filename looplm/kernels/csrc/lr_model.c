@@ -139,10 +139,15 @@ static int model_targets(LrModel *m, Target *t) {
         tensor(t, &n, "exit_gate.weight", &m->gate_weight, 2, 1, D, 0);
         tensor(t, &n, "exit_gate.bias", &m->gate_bias, 1, 1, 0, 0);
     }
-    if (c->injection == LR_INJECT_LTI) {
+    if (c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_LTI_RESIDUAL) {
+        const int residual = c->injection == LR_INJECT_LTI_RESIDUAL;  /* one log_dt for all channels */
         tensor(t, &n, "injection.log_a", &m->lti_log_a, 1, D, 0, 0);
-        tensor(t, &n, "injection.log_dt", &m->lti_log_dt, 1, D, 0, 0);
+        tensor(t, &n, "injection.log_dt", &m->lti_log_dt, 1, residual ? 1 : D, 0, 0);
         tensor(t, &n, "injection.b", &m->lti_b, 1, D, 0, 0);
+        if (residual) {
+            tensor(t, &n, "injection.input_norm.weight", &m->inject_norm, 1, D, 0, 0);
+            if (c->layer_norm) tensor(t, &n, "injection.input_norm.bias", &m->inject_norm_bias, 1, D, 0, 0);
+        }
     } else if (c->injection == LR_INJECT_DIAGONAL) {
         tensor(t, &n, "injection.a_log", &m->diag_a_log, 1, D, 0, 0);
         tensor(t, &n, "injection.dt", &m->diag_dt, 1, D, 0, 0);
@@ -352,14 +357,16 @@ static int derive(LrModel *model, char *error) {
         }
     }
     const float cap = 1.0f - 1.1920928955078125e-07f;  /* 1 − float32 epsilon */
-    if (c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_DIAGONAL) {
+    const int lti = c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_LTI_RESIDUAL;
+    if (lti || c->injection == LR_INJECT_DIAGONAL) {
         model->inject_decay = owned_floats(model, (size_t)D, error);
         model->inject_input_scale = owned_floats(model, (size_t)D, error);
         if (!model->inject_decay || !model->inject_input_scale) return 0;
         for (int i = 0; i < D; i++) {
             float decay;
-            if (c->injection == LR_INJECT_LTI) {
-                float exponent = fminf(fmaxf(model->lti_log_dt[i] + model->lti_log_a[i], -20.0f), 20.0f);
+            if (lti) {
+                const float log_dt = model->lti_log_dt[c->injection == LR_INJECT_LTI_RESIDUAL ? 0 : i];
+                float exponent = fminf(fmaxf(log_dt + model->lti_log_a[i], -20.0f), 20.0f);
                 decay = expf(-expf(exponent));
                 model->inject_input_scale[i] = model->lti_b[i];
             } else {
@@ -405,7 +412,8 @@ int lr_model_finish(LrModel *model, char *error) {
             return lr_fail(error, "tensor %s is missing", targets[j].name);
         }
     if (c->tie_embeddings) model->head = model->embedding;
-    if (!center(model, &model->final_norm, c->d_model, error) || !center(model, &model->embed_norm, c->d_model, error))
+    if (!center(model, &model->final_norm, c->d_model, error) || !center(model, &model->embed_norm, c->d_model, error) ||
+        !center(model, &model->inject_norm, c->d_model, error))
         return 0;
     if (!derive(model, error)) return 0;
     model->finished = 1;

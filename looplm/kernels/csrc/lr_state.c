@@ -78,7 +78,7 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     size_t step = layer;  /* lr_core_step's own update, then the largest of what it calls */
     if (2 * D + PAD > step) step = 2 * D + PAD;
     if (c->depth_lora_rank + D + 2 * PAD > step) step = c->depth_lora_rank + D + 2 * PAD;
-    return 4 * D + c->vocab + 5 * PAD + D + PAD + step + PAD;
+    return 4 * D + c->vocab + 5 * PAD + 2 * (D + PAD) + step + PAD;  /* core step: its update and input */
 }
 
 /* 1 + the earlier slot whose K/V storage slot `s` shares for part `p`, or 0 when it has its own. */

@@ -24,7 +24,8 @@
 
 /* ---- configuration (looplm.config.ModelConfig) ---------------------------------------------- */
 enum { LR_ATTENTION_MHA, LR_ATTENTION_GATED, LR_ATTENTION_MLA };
-enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL, LR_INJECT_CONCAT };
+enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL, LR_INJECT_CONCAT,
+       LR_INJECT_LTI_RESIDUAL };
 enum { LR_FFN_DENSE, LR_FFN_MOE, LR_FFN_CHANNELMIX };
 enum { LR_TERNARY_NONE, LR_TERNARY_CORE, LR_TERNARY_ALL };
 enum { LR_LAST_EXITED, LR_FULL, LR_LAST, LR_FIRST, LR_AVG, LR_MODULO };
@@ -110,6 +111,7 @@ typedef struct {
     const float *embed_norm, *embed_norm_bias;   /* model.embed_norm (bias: LayerNorm only) */
     /* loop mechanics */
     const float *lti_log_a, *lti_log_dt, *lti_b, *diag_a_log, *diag_dt;
+    const float *inject_norm, *inject_norm_bias;   /* lti_residual: the norm of the core's input */
     LrMatrix diag_b, concat_adapter, lora_down, lora_up;
     const float *lora_scale, *noise_table;
     /* derived when finished: RoPE tables [max_seq_len, rope_dim], injection decays, RWKV head decays */
