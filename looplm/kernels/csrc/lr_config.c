@@ -10,8 +10,8 @@
 #include "runtime.h"
 
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
- * ACT's threshold) or folded into a stored tensor (initial_noise_std: the noise table). */
-static const char *const UNUSED_KEYS[] = {"act_threshold", "init_std", "loop_mc_detach", "moe_bias_update_rate",
+ * or folded into a stored tensor (initial_noise_std: the noise table). */
+static const char *const UNUSED_KEYS[] = {"init_std", "loop_mc_detach", "moe_bias_update_rate",
                                             "moe_aux_loss_weight", "initial_noise_std", "mc_detach",
                                             "auto_size", "dropout"};
 
@@ -92,7 +92,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                                              "layer_pattern", "norm", "norm_eps", "injection", "initial_state",
                                              "ffn", "ternary", "hyper_connections", "attnres_block_size",
                                              "kv_append_first", "default_exit", "min_loop_steps",
-                                             "max_loop_steps", "norm_type", "embed_norm", "depth_lora_position",
+                                             "max_loop_steps", "norm_type", "embed_norm", "depth_lora_position", "act_threshold",
                                              "act_mixing", "moe_scope", "shared_expert_hidden", "mla_nope_dim",
                                              "mla_value_dim"};
         for (size_t j = 0; j < sizeof(others) / sizeof(others[0]) && !known; j++) known = strcmp(key, others[j]) == 0;
@@ -174,14 +174,16 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     if (node && !choose(node, "depth_lora_position", lora_positions, 2, &config->lora_output, error)) goto done;
     node = json_get(root, "moe_scope");
     if (node && !choose(node, "moe_scope", moe_scopes, 2, &config->moe_core, error)) goto done;
-    static const char *const flags[][2] = {{"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
-    for (int j = 0; j < 1; j++) {
-        node = json_get(root, flags[j][0]);
-        if (node && (!boolean(node, flags[j][0], &off, error) || off)) {
-            if (off) lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate"
-                                    " --backend reference", flags[j][1]);
+    node = json_get(root, "act_mixing");
+    if (node && !boolean(node, "act_mixing", &config->act_mixing, error)) goto done;
+    config->act_threshold = 0.99f;
+    node = json_get(root, "act_threshold");
+    if (node) {
+        if (node->kind != JSON_NUMBER || !(node->number > 0 && node->number <= 1)) {
+            lr_fail(error, "model config: act_threshold must be a number in (0, 1]");
             goto done;
         }
+        config->act_threshold = (float)node->number;
     }
     strcpy(config->default_exit, "static");
     config->min_loop_steps = 1;
@@ -219,7 +221,8 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                "min_loop_steps must be >= 1 and at most max_loop_steps (0 = loop_steps)") ||
         !check(!c->loop_index_embedding || c->d_model >= 16, error, "loop_index_embedding needs d_model >= 16") ||
         !check(!(c->noise_initial_state && c->injection == LR_INJECT_IDENTITY), error,
-               "initial_state=noise needs an injection"))
+               "initial_state=noise needs an injection") ||
+        !check(!c->act_mixing || (c->exit_gate && !c->step_norm), error, "act_mixing needs exit_gate and no step_norm"))
         goto done;
     config->head_dim = config->d_model / config->n_heads;
     config->rope_dim = config->attention == LR_ATTENTION_MLA

@@ -82,6 +82,27 @@ static void inject(LrState *state, float *h, const float *e) {
     state->scratch_used = mark;
 }
 
+/* OpenMythos's ACT over the loop states (looplm.model.exit.act_mixing_step): the gate reads the
+ * step's state h, p = σ(z), r = max(1 − c, 0); w = r where c + p ≥ threshold, else p (0 once
+ * halted); m ← m + w·h; c ← c + p (not halted); halted once c ≥ threshold.  Step 0 starts afresh. */
+static void act_mixing_step(LrState *state, const float *h, int step) {
+    const LrModel *m = state->model;
+    const int D = m->config.d_model;
+    const float threshold = m->config.act_threshold;
+    if (step == 0) {
+        state->act_cumulative = 0.0f;
+        state->act_halted = 0;
+        memset(state->act_mixture, 0, (size_t)D * sizeof(float));
+    }
+    const float z = dot(m->gate_weight, h, D) + m->gate_bias[0], p = lr_sigmoid(z), c = state->act_cumulative;
+    const float running = state->act_halted ? 0.0f : 1.0f;
+    const float weight = (c + p >= threshold ? fmaxf(1.0f - c, 0.0f) : p) * running;
+    for (int i = 0; i < D; i++) state->act_mixture[i] += weight * h[i];
+    state->act_cumulative = c + p * running;
+    state->act_halted |= state->act_cumulative >= threshold;
+    state->act_logit = z;
+}
+
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
@@ -114,6 +135,7 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     }
     if (residual)  /* h ← A ⊙ h + B ⊙ e + y */
         for (int i = 0; i < D; i++) update[i] = m->inject_decay[i] * h[i] + m->inject_input_scale[i] * e[i] + update[i];
+    if (c->act_mixing) act_mixing_step(state, update, step);
     if (c->step_norm) lr_norm(c, update, m->final_norm, m->final_norm_bias, h, D);
     else memcpy(h, update, (size_t)D * sizeof(float));
     state->scratch_used = mark;
@@ -122,6 +144,7 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
 void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
+    if (c->act_mixing) h = state->act_mixture;  /* the coda reads the ACT mixture of the states so far */
     if (!c->coda) {
         if (c->step_norm) memmove(out, h, (size_t)c->d_model * sizeof(float));
         else lr_norm(c, h, m->final_norm, m->final_norm_bias, out, c->d_model);
@@ -135,6 +158,7 @@ void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
 
 float lr_gate_logit(const LrState *state, const float *readout) {
     const LrModel *m = state->model;
+    if (m->config.act_mixing) return state->act_logit;
     return dot(m->gate_weight, readout, m->config.d_model) + m->gate_bias[0];
 }
 

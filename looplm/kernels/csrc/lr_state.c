@@ -113,10 +113,11 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
     state->threads = 1;
     state->slot = lr_calloc((size_t)state->slots, sizeof(LrSlot), error);
     state->gates_state = lr_calloc((size_t)c->core * c->d_model, sizeof(float), error);
+    state->act_mixture = lr_calloc((size_t)c->d_model, sizeof(float), error);
     state->loop_storages = lr_calloc((size_t)state->slots, sizeof(int), error);
     state->scratch_floats = lr_scratch_floats(model, max_len, max_steps);
     state->scratch = lr_calloc(state->scratch_floats, sizeof(float), error);
-    if (!state->slot || !state->gates_state || !state->loop_storages || !state->scratch) goto fail;
+    if (!state->slot || !state->gates_state || !state->act_mixture || !state->loop_storages || !state->scratch) goto fail;
     /* slot kinds and attention storage indices, assigned in slot order as KVCache does */
     int attention_storages = 0;
     for (int s = 0; s < state->slots; s++) {
@@ -190,6 +191,7 @@ void lr_state_free(LrState *state) {
     if (state->owns_memory) free(state->memory);
     free(state->slot);
     free(state->gates_state);
+    free(state->act_mixture);
     free(state->loop_storages);
     free(state->saved);
     free(state->scratch);

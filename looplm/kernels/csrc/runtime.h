@@ -52,6 +52,9 @@ typedef struct {
     int moe_core;                 /* model.moe_scope=core: prelude and coda layers keep the dense SwiGLU */
     int lora_output;              /* model.depth_lora_position=output: depth LoRA reads the core's output */
     int mla_nope_dim, mla_value_dim;   /* MLA's per-head key (unrotated) and value widths (head_dim unless set) */
+    int act_mixing;               /* OpenMythos's ACT over the loop states: the gate reads each step's state, the
+                                   * readout (coda) the ACT mixture of the states so far */
+    float act_threshold;
     int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
@@ -167,6 +170,10 @@ typedef struct {
     float *scratch;
     size_t scratch_floats, scratch_used;
     float *gates_state;     /* [core, D]: the running mean G of each core layer's updates (global gates) */
+    /* act_mixing: this token's ACT state after its latest step (looplm.model.exit.act_mixing_step):
+     * the mixture m [D], the cumulative halting probability, halted, and the step's halting logit */
+    float *act_mixture, act_cumulative, act_logit;
+    int act_halted;
     float *saved;           /* first / avg layouts: [loop attention storages, 2, Hkv·width] of this position */
     int *loop_storages, loop_storage_count;
 } LrState;
@@ -196,6 +203,8 @@ void lr_initial_state(const LrState *state, const float *e, int pos, float *h);
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e);
 /* The normed state the head and the exit gate read after step `step` (runs the coda). */
 void lr_readout(LrState *state, const float *h, int step, int pos, float *out);
+/* The exit gate's logit of a readout; with act_mixing the halting logit of the latest core step
+ * (the gate read the state there; `readout` is not read). */
 float lr_gate_logit(const LrState *state, const float *readout);
 void lr_logits(const LrState *state, const float *readout, float *logits);
 int lr_argmax(const float *values, int n);
