@@ -139,19 +139,12 @@ def test_cached_decode_equals_full_forward(name):
 # Features the C runtime refuses, each by name (these models decode through the reference backend):
 # config key -> (the value the runtime runs, a phrase of its refusal).
 C_UNRUN = {"hyper_connections": (0, "hyper-connection streams"),
-           "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append"),
-           "norm_type": ("rms", "LayerNorm"), "embed_norm": (False, "a norm after the embedding"),
-           "act_mixing": (False, "ACT mixing"), "depth_lora_position": ("input", "depth LoRA on the core output"),
-           "moe_scope": ("all", "MoE in the core only"), "injection": ("identity", "lti_residual")}
+           "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append")}
 
 
 def c_runs(config: ModelConfig) -> bool:
-    """Whether the C runtime runs ``config`` (an MoE's shared experts and MLA's head widths at
-    their defaults too)."""
-    return (all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items() if key != "injection")
-            and config.injection != "lti_residual"
-            and (config.ffn != "moe" or config.shared_expert_hidden == config.expert_hidden)
-            and (config.attention != "mla" or config.mla_nope_dim == config.mla_value_dim == config.head_dim))
+    """Whether the C runtime runs ``config``."""
+    return all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -212,8 +205,8 @@ def test_causal(name, mode):
 def test_the_c_runtime_names_the_feature_it_does_not_run(key):
     from looplm.kernels.runtime_stepper import runtime_unsupported
 
-    value = "lti_residual" if key == "injection" else next(
-        overrides[key] for overrides in VARIANTS.values() if overrides.get(key, C_UNRUN[key][0]) != C_UNRUN[key][0])
+    run = C_UNRUN[key][0]
+    value = next(overrides[key] for overrides in VARIANTS.values() if overrides.get(key, run) != run)
     overrides = {"injection": "additive", key: value, "norm": "pre", "step_norm": False}
     model = LoopLM(tiny_config(**overrides)).eval()
     reason = runtime_unsupported(model, KVCache(model.config, 1, 16))

@@ -18,6 +18,7 @@ from looplm.interop.gguf import export_gguf, load_gguf
 from looplm.kernels import build as native_build
 from looplm.kernels import program
 from looplm.model import LoopLM
+from looplm.model.norms import LayerNorm
 
 from conftest import tiny_config
 from test_architectures import VARIANTS, c_runs
@@ -47,7 +48,11 @@ def build_model(name: str, seed: int = 0) -> LoopLM:
     """``test_architectures.build`` with a context long enough for 64 new tokens."""
     torch.manual_seed(seed)
     model = LoopLM(tiny_config(**{**VARIANTS[name], "max_seq_len": CONTEXT}))
-    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    if model.exit_gate is not None:
+        torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    for module in model.modules():  # LayerNorm biases start at zero, which would hide a misplaced bias
+        if isinstance(module, LayerNorm):
+            torch.nn.init.normal_(module.bias, std=0.1)
     if model.depth_lora is not None:
         torch.nn.init.normal_(model.depth_lora.up.weight, std=0.3)
     return model.eval()

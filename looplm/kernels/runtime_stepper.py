@@ -224,6 +224,11 @@ class RuntimeStepper:
         self.gate_buffer[0] = self.kernel.lr_gate_logit(self.state, self._address(readout.reshape(-1).contiguous()))
         return self.gate_buffer
 
+    def mixing_gates(self, rows) -> torch.Tensor:
+        """model.act_mixing: the halting logit [1] the row's ``core_step`` just computed from its state
+        (the C state keeps the token's ACT state; ``lr_gate_logit`` returns it without reading a readout)."""
+        return torch.tensor([self.kernel.lr_gate_logit(self.state, self._readout)])
+
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
         self.kernel.lr_logits(self.state, self._address(readout.reshape(-1).contiguous()), self._logits)
         return self.logits_buffer.clone().view(1, -1)

@@ -270,7 +270,7 @@ static LrTokenizer *file_tokenizer(const Gguf *file) {
 static void describe(const LrModel *model, const LrTokenizer *tokenizer, int threads) {
     const LrConfig *c = &model->config;
     static const char *const attention[] = {"mha", "gated", "mla"}, *const ffn[] = {"dense", "moe", "channelmix"};
-    static const char *const injection[] = {"identity", "additive", "lti", "diagonal", "concat"};
+    static const char *const injection[] = {"identity", "additive", "lti", "diagonal", "concat", "lti_residual"};
     printf("model: d_model %d, %d heads (%d kv), vocab %d, context %d\n", c->d_model, c->n_heads, c->n_kv_heads, c->vocab,
            c->max_seq_len);
     printf("loop: prelude %d, core %d x T %d, coda %d; layer pattern %s; attention %s; ffn %s; injection %s%s\n",

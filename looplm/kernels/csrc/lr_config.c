@@ -10,8 +10,8 @@
 #include "runtime.h"
 
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
- * ACT's threshold) or folded into a stored tensor (initial_noise_std: the noise table). */
-static const char *const UNUSED_KEYS[] = {"act_threshold", "init_std", "loop_mc_detach", "moe_bias_update_rate",
+ * or folded into a stored tensor (initial_noise_std: the noise table). */
+static const char *const UNUSED_KEYS[] = {"init_std", "loop_mc_detach", "moe_bias_update_rate",
                                             "moe_aux_loss_weight", "initial_noise_std", "mc_detach",
                                             "auto_size", "dropout"};
 
@@ -52,10 +52,11 @@ static int check(int condition, char *error, const char *message) {
 
 int lr_config_parse(const char *json, size_t length, LrConfig *config, char *error) {
     static const char *const attention[] = {"mha", "gated", "mla"};
-    static const char *const injections[] = {"identity", "additive", "lti", "diagonal", "concat"};
+    static const char *const injections[] = {"identity", "additive", "lti", "diagonal", "concat", "lti_residual"};
     static const char *const ffns[] = {"dense", "moe", "channelmix"};
     static const char *const norms[] = {"pre", "sandwich"};
     static const char *const initial[] = {"prelude", "noise"};
+    static const char *const norm_types[] = {"rms", "layer"};
     JsonNode *root = json_parse(json, length, error);
     if (!root) return 0;
     int ok = 0, kv_heads_null = 0;
@@ -91,7 +92,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                                              "layer_pattern", "norm", "norm_eps", "injection", "initial_state",
                                              "ffn", "ternary", "hyper_connections", "attnres_block_size",
                                              "kv_append_first", "default_exit", "min_loop_steps",
-                                             "max_loop_steps", "norm_type", "embed_norm", "depth_lora_position",
+                                             "max_loop_steps", "norm_type", "embed_norm", "depth_lora_position", "act_threshold",
                                              "act_mixing", "moe_scope", "shared_expert_hidden", "mla_nope_dim",
                                              "mla_value_dim"};
         for (size_t j = 0; j < sizeof(others) / sizeof(others[0]) && !known; j++) known = strcmp(key, others[j]) == 0;
@@ -120,7 +121,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     config->norm_eps = (float)values[2];
     int sandwich = 0, noise = 0;
     if (!choose(json_get(root, "attention"), "attention", attention, 3, &config->attention, error)) goto done;
-    if (!choose(json_get(root, "injection"), "injection", injections, 5, &config->injection, error)) goto done;
+    if (!choose(json_get(root, "injection"), "injection", injections, 6, &config->injection, error)) goto done;
     if (!choose(json_get(root, "ffn"), "ffn", ffns, 3, &config->ffn, error)) goto done;
     if (!choose(json_get(root, "norm"), "norm", norms, 2, &sandwich, error)) goto done;
     if (!choose(json_get(root, "initial_state"), "initial_state", initial, 2, &noise, error)) goto done;
@@ -164,28 +165,25 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         goto done;
     }
     /* The faithful source variants' keys: the runtime runs their defaults only. */
-    static const char *const strings[][3] = {
-        {"norm_type", "rms", "LayerNorm (model.norm_type=layer)"},
-        {"depth_lora_position", "input", "depth LoRA on the core output (model.depth_lora_position=output)"},
-        {"moe_scope", "all", "MoE in the core only (model.moe_scope=core)"},
-    };
-    for (int j = 0; j < 3; j++) {
-        node = json_get(root, strings[j][0]);
-        if (node && (node->kind != JSON_STRING || strcmp(node->string, strings[j][1]))) {
-            lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate --backend"
-                           " reference", strings[j][2]);
+    node = json_get(root, "norm_type");
+    if (node && !choose(node, "norm_type", norm_types, 2, &config->layer_norm, error)) goto done;
+    node = json_get(root, "embed_norm");
+    if (node && !boolean(node, "embed_norm", &config->embed_norm, error)) goto done;
+    static const char *const lora_positions[] = {"input", "output"}, *const moe_scopes[] = {"all", "core"};
+    node = json_get(root, "depth_lora_position");
+    if (node && !choose(node, "depth_lora_position", lora_positions, 2, &config->lora_output, error)) goto done;
+    node = json_get(root, "moe_scope");
+    if (node && !choose(node, "moe_scope", moe_scopes, 2, &config->moe_core, error)) goto done;
+    node = json_get(root, "act_mixing");
+    if (node && !boolean(node, "act_mixing", &config->act_mixing, error)) goto done;
+    config->act_threshold = 0.99f;
+    node = json_get(root, "act_threshold");
+    if (node) {
+        if (node->kind != JSON_NUMBER || !(node->number > 0 && node->number <= 1)) {
+            lr_fail(error, "model config: act_threshold must be a number in (0, 1]");
             goto done;
         }
-    }
-    static const char *const flags[][2] = {{"embed_norm", "a norm after the embedding (model.embed_norm)"},
-                                           {"act_mixing", "ACT mixing of the loop states (model.act_mixing)"}};
-    for (int j = 0; j < 2; j++) {
-        node = json_get(root, flags[j][0]);
-        if (node && (!boolean(node, flags[j][0], &off, error) || off)) {
-            if (off) lr_fail(error, "model config: %s is not run by this runtime; decode with looplm generate"
-                                    " --backend reference", flags[j][1]);
-            goto done;
-        }
+        config->act_threshold = (float)node->number;
     }
     strcpy(config->default_exit, "static");
     config->min_loop_steps = 1;
@@ -223,7 +221,8 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                "min_loop_steps must be >= 1 and at most max_loop_steps (0 = loop_steps)") ||
         !check(!c->loop_index_embedding || c->d_model >= 16, error, "loop_index_embedding needs d_model >= 16") ||
         !check(!(c->noise_initial_state && c->injection == LR_INJECT_IDENTITY), error,
-               "initial_state=noise needs an injection"))
+               "initial_state=noise needs an injection") ||
+        !check(!c->act_mixing || (c->exit_gate && !c->step_norm), error, "act_mixing needs exit_gate and no step_norm"))
         goto done;
     config->head_dim = config->d_model / config->n_heads;
     config->rope_dim = config->attention == LR_ATTENTION_MLA
@@ -231,15 +230,12 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
                            : 2 * (int)(config->head_dim * config->rope_fraction / 2);
     if (!check(config->rope_dim >= 2, error, "rope_fraction must rotate at least 2 head dims")) goto done;
     static const char *const widths[] = {"shared_expert_hidden", "mla_nope_dim", "mla_value_dim"};
-    for (int j = 0; j < 3; j++) {
-        int width = 0, expected = j == 0 ? config->expert_hidden : config->head_dim;
-        if (j == 0 ? config->ffn != LR_FFN_MOE : config->attention != LR_ATTENTION_MLA) continue;  /* unread */
+    int *const width_targets[] = {&config->shared_expert_hidden, &config->mla_nope_dim, &config->mla_value_dim};
+    for (int j = 0; j < 3; j++) {  /* absent or null: expert_hidden / head_dim, as ModelConfig fills them */
+        *width_targets[j] = j == 0 ? config->expert_hidden : config->head_dim;
         node = json_get(root, widths[j]);
-        if (node && node->kind != JSON_NULL && (!integer(node, widths[j], &width, error) || width != expected)) {
-            if (width) lr_fail(error, "model config: %s=%d (not %d) is not run by this runtime; decode with looplm"
-                                      " generate --backend reference", widths[j], width, expected);
-            goto done;
-        }
+        if (node && node->kind != JSON_NULL && !integer(node, widths[j], width_targets[j], error)) goto done;
+        if (*width_targets[j] < 1) { lr_fail(error, "model config: %s must be >= 1", widths[j]); goto done; }
     }
     ok = 1;
 done:

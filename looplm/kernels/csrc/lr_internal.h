@@ -27,6 +27,9 @@ static inline float lr_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)
 void lr_project(const LrState *state, const LrMatrix *m, const float *x, float *y);
 /* out = x / sqrt(mean(x²) + eps) · w (w NULL: no weight); out may alias x. */
 void lr_rms_norm(const float *x, const float *w, float *out, int n, float eps);
+/* The residual-stream norm of the config (looplm.model.norms.make_norm): RMSNorm with scale w, or
+ * LayerNorm (model.norm_type=layer) (x − mean) / sqrt(var + eps) · w + b, var biased; out may alias x. */
+void lr_norm(const LrConfig *config, const float *x, const float *w, const float *b, float *out, int n);
 /* One layer (a token mixer and an FFN) on h [D] in place, its cache slot `slot`; `gates` is the
  * layer's global-gate state G [D] (core layers with global_gates; NULL otherwise) and `step` the
  * loop step (0 for the prelude). */

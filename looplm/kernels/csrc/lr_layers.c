@@ -35,6 +35,19 @@ void lr_rms_norm(const float *x, const float *w, float *out, int n, float eps) {
     for (int i = 0; i < n; i++) out[i] = w ? x[i] * scale * w[i] : x[i] * scale;
 }
 
+void lr_norm(const LrConfig *config, const float *x, const float *w, const float *b, float *out, int n) {
+    if (!config->layer_norm) {
+        lr_rms_norm(x, w, out, n, config->norm_eps);
+        return;
+    }
+    float mean = 0.0f, variance = 0.0f;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int i = 0; i < n; i++) variance += (x[i] - mean) * (x[i] - mean);
+    const float scale = 1.0f / sqrtf(variance / (float)n + config->norm_eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * scale * w[i] + b[i];
+}
+
 /* W[row] · x for a float32 or Q8_0 matrix. */
 static float row_times(const LrMatrix *m, int row, const float *x) {
     if (!m->p.values) return dot(m->p.weights + (size_t)row * m->cols, x, m->cols);
@@ -135,40 +148,42 @@ static void attention(LrState *state, const LrLayer *L, const LrSlot *slot, cons
 /* ---- multi-head latent attention, absorbed decode form (looplm.model.mla) ------------------- */
 /* MLA with a ternary kv_up (model.ternary), as the reference's recompute form: every cached latent
  * expanded to its keys and values (kv_up quantises each one per position), then attention.  q: the
- * queries [H, hd + dr] before RoPE (rotated here); o: [H, hd]. */
+ * queries [H, nope + dr] before RoPE (rotated here); o: [H, vd]. */
 static void recomputed_latent_attention(LrState *state, const LrLayer *L, float *q, const float *latent,
                                         const float *rope_keys, int pos, float scale, float *o) {
     const LrConfig *c = &state->model->config;
-    const int H = c->n_heads, hd = c->head_dim, dr = c->mla_rope_dim, rank = c->mla_kv_rank, n = pos + 1;
+    const int H = c->n_heads, nope = c->mla_nope_dim, vd = c->mla_value_dim, dr = c->mla_rope_dim;
+    const int rank = c->mla_kv_rank, n = pos + 1, row = nope + vd;
     const float *cos = state->model->rope_cos + (size_t)pos * dr, *sin = state->model->rope_sin + (size_t)pos * dr;
-    float *scores = lr_take(state, (size_t)H * n), *expanded = lr_take(state, (size_t)H * 2 * hd);
-    for (int h = 0; h < H; h++) rope(q + (size_t)h * (hd + dr) + hd, cos, sin, dr);
+    float *scores = lr_take(state, (size_t)H * n), *expanded = lr_take(state, (size_t)H * row);
+    for (int h = 0; h < H; h++) rope(q + (size_t)h * (nope + dr) + nope, cos, sin, dr);
     for (int l = 0; l < n; l++) {
         lr_project(state, &L->kv_up, latent + (size_t)l * rank, expanded);
         for (int h = 0; h < H; h++) {
-            const float *q_nope = q + (size_t)h * (hd + dr);
-            scores[(size_t)h * n + l] = (dot(q_nope, expanded + (size_t)h * 2 * hd, hd)
-                                         + dot(q_nope + hd, rope_keys + (size_t)l * dr, dr)) * scale;
+            const float *q_nope = q + (size_t)h * (nope + dr);
+            scores[(size_t)h * n + l] = (dot(q_nope, expanded + (size_t)h * row, nope)
+                                         + dot(q_nope + nope, rope_keys + (size_t)l * dr, dr)) * scale;
         }
     }
     for (int h = 0; h < H; h++) softmax(scores + (size_t)h * n, n);
-    memset(o, 0, (size_t)H * hd * sizeof(float));
+    memset(o, 0, (size_t)H * vd * sizeof(float));
     for (int l = 0; l < n; l++) {
         lr_project(state, &L->kv_up, latent + (size_t)l * rank, expanded);
         for (int h = 0; h < H; h++) {
-            const float weight = scores[(size_t)h * n + l], *v = expanded + (size_t)h * 2 * hd + hd;
-            for (int i = 0; i < hd; i++) o[(size_t)h * hd + i] += weight * v[i];
+            const float weight = scores[(size_t)h * n + l], *v = expanded + (size_t)h * row + nope;
+            for (int i = 0; i < vd; i++) o[(size_t)h * vd + i] += weight * v[i];
         }
     }
 }
 
 static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, float *out) {
     const LrConfig *c = &state->model->config;
-    const int H = c->n_heads, hd = c->head_dim, dr = c->mla_rope_dim, rank = c->mla_kv_rank;
+    const int H = c->n_heads, nope = c->mla_nope_dim, vd = c->mla_value_dim, dr = c->mla_rope_dim;
+    const int rank = c->mla_kv_rank, row = nope + vd;  /* kv_up rows per head: [key (nope) ; value (vd)] */
     const size_t mark = state->scratch_used;
-    float *q = lr_take(state, (size_t)H * (hd + dr)), *kv = lr_take(state, (size_t)rank + dr);
+    float *q = lr_take(state, (size_t)H * (nope + dr)), *kv = lr_take(state, (size_t)rank + dr);
     float *q_latent = lr_take(state, (size_t)rank), *context = lr_take(state, (size_t)rank);
-    float *scores = lr_take(state, (size_t)pos + 1), *o = lr_take(state, (size_t)H * hd);
+    float *scores = lr_take(state, (size_t)pos + 1), *o = lr_take(state, (size_t)H * vd);
     const float *cos = state->model->rope_cos + (size_t)pos * dr, *sin = state->model->rope_sin + (size_t)pos * dr;
     if (c->mla_q_rank) {
         float *down = lr_take(state, (size_t)c->mla_q_rank);
@@ -183,7 +198,7 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
     lr_rms_norm(kv, L->kv_norm, latent + (size_t)pos * rank, rank, c->norm_eps);
     rope(kv + rank, cos, sin, dr);
     memcpy(rope_keys + (size_t)pos * dr, kv + rank, (size_t)dr * sizeof(float));
-    const float scale = 1.0f / sqrtf((float)(hd + dr));
+    const float scale = 1.0f / sqrtf((float)(nope + dr));
     if (L->kv_up.p.ternary) {  /* a ternary kv_up quantises each cached latent apart: the recompute form */
         recomputed_latent_attention(state, L, q, latent, rope_keys, pos, scale, o);
         lr_project(state, &L->out, o, out);
@@ -191,10 +206,10 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
         return;
     }
     for (int h = 0; h < H; h++) {
-        float *q_nope = q + (size_t)h * (hd + dr), *q_rope = q_nope + hd;
+        float *q_nope = q + (size_t)h * (nope + dr), *q_rope = q_nope + nope;
         rope(q_rope, cos, sin, dr);
         memset(q_latent, 0, (size_t)rank * sizeof(float));  /* q̃ = q_nope · W_uk (the key half of kv_up) */
-        for (int n = 0; n < hd; n++) row_axpy(&L->kv_up, h * 2 * hd + n, q_nope[n], q_latent);
+        for (int n = 0; n < nope; n++) row_axpy(&L->kv_up, h * row + n, q_nope[n], q_latent);
         for (int l = 0; l <= pos; l++)
             scores[l] = (dot(q_latent, latent + (size_t)l * rank, rank) + dot(q_rope, rope_keys + (size_t)l * dr, dr)) * scale;
         softmax(scores, pos + 1);
@@ -203,7 +218,7 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
             const float *cl = latent + (size_t)l * rank;
             for (int i = 0; i < rank; i++) context[i] += scores[l] * cl[i];
         }
-        for (int v = 0; v < hd; v++) o[(size_t)h * hd + v] = row_times(&L->kv_up, h * 2 * hd + hd + v, context);
+        for (int v = 0; v < vd; v++) o[(size_t)h * vd + v] = row_times(&L->kv_up, h * row + nope + v, context);
     }
     lr_project(state, &L->out, o, out);
     state->scratch_used = mark;
@@ -466,11 +481,11 @@ static void mixture(LrState *state, const LrLayer *L, const float *x, float *out
 
 static void feed_forward(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, float *out) {
     const LrConfig *c = &state->model->config;
-    if (c->ffn == LR_FFN_MOE) {
+    if (L->ffn == LR_FFN_MOE) {
         mixture(state, L, x, out);
         return;
     }
-    if (c->ffn == LR_FFN_DENSE) {
+    if (L->ffn == LR_FFN_DENSE) {
         swiglu(state, &L->gate_up, &L->down, x, out);
         return;
     }
@@ -503,18 +518,18 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
     const size_t mark = state->scratch_used;
     float *x = lr_take(state, (size_t)D), *mixed = lr_take(state, (size_t)D), *ffn = lr_take(state, (size_t)D);
     const int mixing = gates && step > 0;  /* step 0 has no global state yet: the plain layer */
-    lr_rms_norm(h, L->attn_norm, x, D, c->norm_eps);
+    lr_norm(c, h, L->attn_norm, L->attn_norm_bias, x, D);
     if (mixing) gate_mix(x, gates, L->g_qk, D);
     if (L->kind == 'G') gated_deltanet(state, L, slot_index, x, pos, step, mixed);
     else if (L->kind == 'R') rwkv_mixer(state, L, slot, x, mixed);
     else if (c->attention == LR_ATTENTION_MLA) latent_attention(state, L, slot, x, pos, mixed);
     else attention(state, L, slot, x, pos, mixed);
-    if (L->attn_post_norm) lr_rms_norm(mixed, L->attn_post_norm, mixed, D, c->norm_eps);
+    if (L->attn_post_norm) lr_norm(c, mixed, L->attn_post_norm, L->attn_post_norm_bias, mixed, D);
     for (int i = 0; i < D; i++) h[i] += mixed[i];
-    lr_rms_norm(h, L->ffn_norm, x, D, c->norm_eps);
+    lr_norm(c, h, L->ffn_norm, L->ffn_norm_bias, x, D);
     if (mixing) gate_mix(x, gates, L->g_ffn, D);
     feed_forward(state, L, slot, x, ffn);
-    if (L->ffn_post_norm) lr_rms_norm(ffn, L->ffn_post_norm, ffn, D, c->norm_eps);
+    if (L->ffn_post_norm) lr_norm(c, ffn, L->ffn_post_norm, L->ffn_post_norm_bias, ffn, D);
     if (gates)  /* G_{s+1} = (s·G_s + ½(Δattn + Δffn)) / (s + 1) */
         for (int i = 0; i < D; i++) {
             const float update = 0.5f * (mixed[i] + ffn[i]);

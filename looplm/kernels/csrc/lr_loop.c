@@ -31,6 +31,7 @@ static void matrix_row(const LrMatrix *m, int row, float *out) {
 void lr_embed(LrState *state, int token, int pos, float *e) {
     const LrModel *m = state->model;
     matrix_row(&m->embedding, token, e);
+    if (m->config.embed_norm) lr_norm(&m->config, e, m->embed_norm, m->embed_norm_bias, e, m->config.d_model);
     for (int i = 0; i < m->config.prelude; i++)
         lr_layer(state, &m->prelude[i], lr_state_slot(state, LR_PRELUDE, i, 0), e, pos, 0, NULL);
 }
@@ -81,27 +82,61 @@ static void inject(LrState *state, float *h, const float *e) {
     state->scratch_used = mark;
 }
 
+/* OpenMythos's ACT over the loop states (looplm.model.exit.act_mixing_step): the gate reads the
+ * step's state h, p = σ(z), r = max(1 − c, 0); w = r where c + p ≥ threshold, else p (0 once
+ * halted); m ← m + w·h; c ← c + p (not halted); halted once c ≥ threshold.  Step 0 starts afresh. */
+static void act_mixing_step(LrState *state, const float *h, int step) {
+    const LrModel *m = state->model;
+    const int D = m->config.d_model;
+    const float threshold = m->config.act_threshold;
+    if (step == 0) {
+        state->act_cumulative = 0.0f;
+        state->act_halted = 0;
+        memset(state->act_mixture, 0, (size_t)D * sizeof(float));
+    }
+    const float z = dot(m->gate_weight, h, D) + m->gate_bias[0], p = lr_sigmoid(z), c = state->act_cumulative;
+    const float running = state->act_halted ? 0.0f : 1.0f;
+    const float weight = (c + p >= threshold ? fmaxf(1.0f - c, 0.0f) : p) * running;
+    for (int i = 0; i < D; i++) state->act_mixture[i] += weight * h[i];
+    state->act_cumulative = c + p * running;
+    state->act_halted |= state->act_cumulative >= threshold;
+    state->act_logit = z;
+}
+
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
-    const int D = c->d_model;
+    const int D = c->d_model, residual = c->injection == LR_INJECT_LTI_RESIDUAL;
     const size_t mark = state->scratch_used;
-    if (c->loop_index_embedding) add_loop_index(h, step, D);
-    if (c->injection != LR_INJECT_IDENTITY) inject(state, h, e);
-    float *update = lr_take(state, (size_t)D);
-    memcpy(update, h, (size_t)D * sizeof(float));
+    float *update = lr_take(state, (size_t)D), *input = h;
+    if (residual) {  /* OpenMythos: the core reads x = n(h + signal + e); h itself stays unsignalled */
+        input = lr_take(state, (size_t)D);
+        memcpy(input, h, (size_t)D * sizeof(float));
+        if (c->loop_index_embedding) add_loop_index(input, step, D);
+        for (int i = 0; i < D; i++) input[i] += e[i];
+        lr_norm(c, input, m->inject_norm, m->inject_norm_bias, input, D);
+    } else {
+        if (c->loop_index_embedding) add_loop_index(h, step, D);
+        if (c->injection != LR_INJECT_IDENTITY) inject(state, h, e);
+    }
+    memcpy(update, input, (size_t)D * sizeof(float));
     for (int l = 0; l < c->core; l++)
         lr_layer(state, &m->core[l], lr_state_slot(state, LR_CORE, l, step), update, pos, step,
                  c->global_gates ? state->gates_state + (size_t)l * D : NULL);
-    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the injected state */
+    if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the core's input (or its output) */
         const int rank = c->depth_lora_rank, row = step < c->loop_steps ? step : c->loop_steps - 1;
+        const size_t lora_mark = state->scratch_used;
         float *low = lr_take(state, (size_t)rank), *delta = lr_take(state, (size_t)D);
-        lr_project(state, &m->lora_down, h, low);
+        lr_project(state, &m->lora_down, c->lora_output ? update : input, low);
         for (int i = 0; i < rank; i++) low[i] *= m->lora_scale[(size_t)row * rank + i];
         lr_project(state, &m->lora_up, low, delta);
         for (int i = 0; i < D; i++) update[i] += delta[i];
+        state->scratch_used = lora_mark;
     }
-    if (c->step_norm) lr_rms_norm(update, m->final_norm, h, D, c->norm_eps);
+    if (residual)  /* h ← A ⊙ h + B ⊙ e + y */
+        for (int i = 0; i < D; i++) update[i] = m->inject_decay[i] * h[i] + m->inject_input_scale[i] * e[i] + update[i];
+    if (c->act_mixing) act_mixing_step(state, update, step);
+    if (c->step_norm) lr_norm(c, update, m->final_norm, m->final_norm_bias, h, D);
     else memcpy(h, update, (size_t)D * sizeof(float));
     state->scratch_used = mark;
 }
@@ -109,19 +144,21 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
 void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
+    if (c->act_mixing) h = state->act_mixture;  /* the coda reads the ACT mixture of the states so far */
     if (!c->coda) {
         if (c->step_norm) memmove(out, h, (size_t)c->d_model * sizeof(float));
-        else lr_rms_norm(h, m->final_norm, out, c->d_model, c->norm_eps);
+        else lr_norm(c, h, m->final_norm, m->final_norm_bias, out, c->d_model);
         return;
     }
     memmove(out, h, (size_t)c->d_model * sizeof(float));
     for (int l = 0; l < c->coda; l++)
         lr_layer(state, &m->coda[l], lr_state_slot(state, LR_CODA, l, step), out, pos, step, NULL);
-    lr_rms_norm(out, m->final_norm, out, c->d_model, c->norm_eps);
+    lr_norm(c, out, m->final_norm, m->final_norm_bias, out, c->d_model);
 }
 
 float lr_gate_logit(const LrState *state, const float *readout) {
     const LrModel *m = state->model;
+    if (m->config.act_mixing) return state->act_logit;
     return dot(m->gate_weight, readout, m->config.d_model) + m->gate_bias[0];
 }
 

@@ -38,12 +38,20 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
         tensor(t, &n, "post_attention_norm.weight", &L->attn_post_norm, 1, D, 0, 0);
         tensor(t, &n, "post_ffw_norm.weight", &L->ffn_post_norm, 1, D, 0, 0);
     }
+    if (c->layer_norm) {  /* LayerNorm's biases (their GGUF names keep looplm's own) */
+        tensor(t, &n, "attn_norm.bias", &L->attn_norm_bias, 1, D, 0, 0);
+        tensor(t, &n, "ffn_norm.bias", &L->ffn_norm_bias, 1, D, 0, 0);
+        if (c->sandwich) {
+            tensor(t, &n, "attn_post_norm.bias", &L->attn_post_norm_bias, 1, D, 0, 0);
+            tensor(t, &n, "ffn_post_norm.bias", &L->ffn_post_norm_bias, 1, D, 0, 0);
+        }
+    }
     if (L->looped && c->global_gates) {
         tensor(t, &n, "global_gates.g_qk", &L->g_qk, 1, D, 0, 0);
         tensor(t, &n, "global_gates.g_ffn", &L->g_ffn, 1, D, 0, 0);
     }
     if (L->kind == 'A' && c->attention == LR_ATTENTION_MLA) {
-        const int64_t query = H * (hd + c->mla_rope_dim);
+        const int64_t nope = c->mla_nope_dim, vd = c->mla_value_dim, query = H * (nope + c->mla_rope_dim);
         if (c->mla_q_rank) {
             matrix(t, &n, "attn.q_down.weight", &L->q_down, c->mla_q_rank, D);
             tensor(t, &n, "attn_q_norm.weight", &L->mla_q_norm, 1, c->mla_q_rank, 0, 0);
@@ -53,8 +61,8 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
         }
         matrix(t, &n, "attn.kv_down.weight", &L->kv_down, c->mla_kv_rank + c->mla_rope_dim, D);
         tensor(t, &n, "attn.kv_norm.weight", &L->kv_norm, 1, c->mla_kv_rank, 0, 0);
-        matrix(t, &n, "attn.kv_up.weight", &L->kv_up, H * 2 * hd, c->mla_kv_rank);
-        matrix(t, &n, "attn_output.weight", &L->out, D, W);
+        matrix(t, &n, "attn.kv_up.weight", &L->kv_up, H * (nope + vd), c->mla_kv_rank);
+        matrix(t, &n, "attn_output.weight", &L->out, D, H * vd);
     } else if (L->kind == 'A') {
         const int gated = c->attention == LR_ATTENTION_GATED;
         matrix(t, &n, "attn_qkv.weight", &L->qkv, (H * (gated ? 2 : 1) + 2 * Hkv) * hd, D);
@@ -92,20 +100,20 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
         matrix(t, &n, "attn.write_gate.weight", &L->write_gate, c->rwkv_slots, D);
         matrix(t, &n, "attn.read_gate.weight", &L->read_gate, c->rwkv_slots, D);
     }
-    if (c->ffn == LR_FFN_MOE) {
-        const int64_t E = c->n_experts, h = c->expert_hidden;
+    if (L->ffn == LR_FFN_MOE) {
+        const int64_t E = c->n_experts, h = c->expert_hidden, sh = c->shared_expert_hidden;
         matrix(t, &n, "ffn.router.weight", &L->router, E, D);
         tensor(t, &n, "ffn.experts_gate_up", &L->experts_gate_up, 3, E, D, 2 * h);
         tensor(t, &n, "ffn.experts_down", &L->experts_down, 3, E, h, D);
         tensor(t, &n, "ffn.balance_bias", &L->balance_bias, 1, E, 0, 0);
         if (c->n_shared_experts) {
-            matrix(t, &n, "ffn.shared.gate_up.weight", &L->shared_gate_up, 2 * h * c->n_shared_experts, D);
-            matrix(t, &n, "ffn.shared.down.weight", &L->shared_down, D, h * c->n_shared_experts);
+            matrix(t, &n, "ffn.shared.gate_up.weight", &L->shared_gate_up, 2 * sh * c->n_shared_experts, D);
+            matrix(t, &n, "ffn.shared.down.weight", &L->shared_down, D, sh * c->n_shared_experts);
         }
     } else {
         matrix(t, &n, "ffn_gate_up.weight", &L->gate_up, 2 * (int64_t)c->ffn_hidden, D);
         matrix(t, &n, "ffn_down.weight", &L->down, D, c->ffn_hidden);
-        if (c->ffn == LR_FFN_CHANNELMIX) tensor(t, &n, "ffn.channel_mix", &L->channel_mix, 1, D, 0, 0);
+        if (L->ffn == LR_FFN_CHANNELMIX) tensor(t, &n, "ffn.channel_mix", &L->channel_mix, 1, D, 0, 0);
     }
     /* model.ternary swaps every nn.Linear of the mixer and the FFN for a BitLinear but the MoE
      * router (looplm.model.bitlinear.ternary_layers): every projection above */
@@ -122,14 +130,24 @@ static int model_targets(LrModel *m, Target *t) {
     matrix(t, &n, "token_embd.weight", &m->embedding, c->vocab, D);
     if (!c->tie_embeddings) matrix(t, &n, "output.weight", &m->head, c->vocab, D);
     tensor(t, &n, "output_norm.weight", &m->final_norm, 1, D, 0, 0);
+    if (c->layer_norm) tensor(t, &n, "norm.bias", &m->final_norm_bias, 1, D, 0, 0);
+    if (c->embed_norm) {
+        tensor(t, &n, "embed_norm.weight", &m->embed_norm, 1, D, 0, 0);
+        if (c->layer_norm) tensor(t, &n, "embed_norm.bias", &m->embed_norm_bias, 1, D, 0, 0);
+    }
     if (c->exit_gate) {
         tensor(t, &n, "exit_gate.weight", &m->gate_weight, 2, 1, D, 0);
         tensor(t, &n, "exit_gate.bias", &m->gate_bias, 1, 1, 0, 0);
     }
-    if (c->injection == LR_INJECT_LTI) {
+    if (c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_LTI_RESIDUAL) {
+        const int residual = c->injection == LR_INJECT_LTI_RESIDUAL;  /* one log_dt for all channels */
         tensor(t, &n, "injection.log_a", &m->lti_log_a, 1, D, 0, 0);
-        tensor(t, &n, "injection.log_dt", &m->lti_log_dt, 1, D, 0, 0);
+        tensor(t, &n, "injection.log_dt", &m->lti_log_dt, 1, residual ? 1 : D, 0, 0);
         tensor(t, &n, "injection.b", &m->lti_b, 1, D, 0, 0);
+        if (residual) {
+            tensor(t, &n, "injection.input_norm.weight", &m->inject_norm, 1, D, 0, 0);
+            if (c->layer_norm) tensor(t, &n, "injection.input_norm.bias", &m->inject_norm_bias, 1, D, 0, 0);
+        }
     } else if (c->injection == LR_INJECT_DIAGONAL) {
         tensor(t, &n, "injection.a_log", &m->diag_a_log, 1, D, 0, 0);
         tensor(t, &n, "injection.dt", &m->diag_dt, 1, D, 0, 0);
@@ -169,13 +187,23 @@ LrModel *lr_model_new(const char *config_json, size_t length, char *error) {
     model->coda = lr_calloc((size_t)c->coda + 1, sizeof(LrLayer), error);
     if (!model->prelude || !model->core || !model->coda) { lr_model_free(model); return NULL; }
     const int outer = c->ternary == LR_TERNARY_ALL, inner = c->ternary != LR_TERNARY_NONE;
-    for (int i = 0; i < c->prelude; i++) { model->prelude[i].kind = lr_layer_kind(c, i); model->prelude[i].ternary = outer; }
+    const int outer_ffn = c->ffn == LR_FFN_MOE && c->moe_core ? LR_FFN_DENSE : c->ffn;
+    for (int i = 0; i < c->prelude; i++) {
+        model->prelude[i].kind = lr_layer_kind(c, i);
+        model->prelude[i].ternary = outer;
+        model->prelude[i].ffn = outer_ffn;
+    }
     for (int i = 0; i < c->core; i++) {
         model->core[i].kind = lr_layer_kind(c, i);
         model->core[i].looped = 1;
         model->core[i].ternary = inner;
+        model->core[i].ffn = c->ffn;
     }
-    for (int i = 0; i < c->coda; i++) { model->coda[i].kind = lr_layer_kind(c, i); model->coda[i].ternary = outer; }
+    for (int i = 0; i < c->coda; i++) {
+        model->coda[i].kind = lr_layer_kind(c, i);
+        model->coda[i].ternary = outer;
+        model->coda[i].ffn = outer_ffn;
+    }
     return model;
 }
 
@@ -329,14 +357,16 @@ static int derive(LrModel *model, char *error) {
         }
     }
     const float cap = 1.0f - 1.1920928955078125e-07f;  /* 1 − float32 epsilon */
-    if (c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_DIAGONAL) {
+    const int lti = c->injection == LR_INJECT_LTI || c->injection == LR_INJECT_LTI_RESIDUAL;
+    if (lti || c->injection == LR_INJECT_DIAGONAL) {
         model->inject_decay = owned_floats(model, (size_t)D, error);
         model->inject_input_scale = owned_floats(model, (size_t)D, error);
         if (!model->inject_decay || !model->inject_input_scale) return 0;
         for (int i = 0; i < D; i++) {
             float decay;
-            if (c->injection == LR_INJECT_LTI) {
-                float exponent = fminf(fmaxf(model->lti_log_dt[i] + model->lti_log_a[i], -20.0f), 20.0f);
+            if (lti) {
+                const float log_dt = model->lti_log_dt[c->injection == LR_INJECT_LTI_RESIDUAL ? 0 : i];
+                float exponent = fminf(fmaxf(log_dt + model->lti_log_a[i], -20.0f), 20.0f);
                 decay = expf(-expf(exponent));
                 model->inject_input_scale[i] = model->lti_b[i];
             } else {
@@ -382,7 +412,9 @@ int lr_model_finish(LrModel *model, char *error) {
             return lr_fail(error, "tensor %s is missing", targets[j].name);
         }
     if (c->tie_embeddings) model->head = model->embedding;
-    if (!center(model, &model->final_norm, c->d_model, error)) return 0;
+    if (!center(model, &model->final_norm, c->d_model, error) || !center(model, &model->embed_norm, c->d_model, error) ||
+        !center(model, &model->inject_norm, c->d_model, error))
+        return 0;
     if (!derive(model, error)) return 0;
     model->finished = 1;
     return 1;

@@ -59,12 +59,16 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     const size_t segments = c->mc_segment_size ? L / c->mc_segment_size + 1 : 1;
     const size_t candidates = (segments > (size_t)max_steps ? segments : (size_t)max_steps) + 1;
     const size_t attention = (2 * H + 2 * (size_t)c->n_kv_heads) * d + H * d + H * (L + 1) + 3 * PAD;
-    const size_t latent = H * (d + c->mla_rope_dim) + 3 * (size_t)c->mla_kv_rank + c->mla_rope_dim + L + 1 + H * d
-                          + c->mla_q_rank + H * (L + 1) + 2 * H * d + 9 * PAD;  /* + the ternary recompute form's */
+    size_t md = d;  /* MLA's widest per-head width */
+    if ((size_t)c->mla_nope_dim > md) md = (size_t)c->mla_nope_dim;
+    if ((size_t)c->mla_value_dim > md) md = (size_t)c->mla_value_dim;
+    const size_t latent = H * (md + c->mla_rope_dim) + 3 * (size_t)c->mla_kv_rank + c->mla_rope_dim + L + 1 + H * md
+                          + c->mla_q_rank + H * (L + 1) + 2 * H * md + 9 * PAD;  /* + the ternary recompute form's */
     const size_t deltanet = 4 * W + 2 * H + 3 * W + W + d + W + candidates * (d + 3) + 8 * PAD;
     const size_t rwkv = 7 * D + c->rwkv_decay_rank + 2 * (size_t)c->rwkv_slots + 8 * PAD;
     size_t hidden = c->ffn_hidden;
-    if ((size_t)c->expert_hidden * c->n_shared_experts > hidden) hidden = (size_t)c->expert_hidden * c->n_shared_experts;
+    if ((size_t)c->shared_expert_hidden * c->n_shared_experts > hidden)
+        hidden = (size_t)c->shared_expert_hidden * c->n_shared_experts;
     const size_t swiglu = 2 * hidden + PAD;
     const size_t mixture = 2 * (size_t)c->n_experts + 2 * (size_t)c->expert_hidden + D + c->moe_top_k + 5 * PAD + swiglu;
     size_t largest = attention;
@@ -74,7 +78,7 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     size_t step = layer;  /* lr_core_step's own update, then the largest of what it calls */
     if (2 * D + PAD > step) step = 2 * D + PAD;
     if (c->depth_lora_rank + D + 2 * PAD > step) step = c->depth_lora_rank + D + 2 * PAD;
-    return 4 * D + c->vocab + 5 * PAD + D + PAD + step + PAD;
+    return 4 * D + c->vocab + 5 * PAD + 2 * (D + PAD) + step + PAD;  /* core step: its update and input */
 }
 
 /* 1 + the earlier slot whose K/V storage slot `s` shares for part `p`, or 0 when it has its own. */
@@ -109,10 +113,11 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
     state->threads = 1;
     state->slot = lr_calloc((size_t)state->slots, sizeof(LrSlot), error);
     state->gates_state = lr_calloc((size_t)c->core * c->d_model, sizeof(float), error);
+    state->act_mixture = lr_calloc((size_t)c->d_model, sizeof(float), error);
     state->loop_storages = lr_calloc((size_t)state->slots, sizeof(int), error);
     state->scratch_floats = lr_scratch_floats(model, max_len, max_steps);
     state->scratch = lr_calloc(state->scratch_floats, sizeof(float), error);
-    if (!state->slot || !state->gates_state || !state->loop_storages || !state->scratch) goto fail;
+    if (!state->slot || !state->gates_state || !state->act_mixture || !state->loop_storages || !state->scratch) goto fail;
     /* slot kinds and attention storage indices, assigned in slot order as KVCache does */
     int attention_storages = 0;
     for (int s = 0; s < state->slots; s++) {
@@ -186,6 +191,7 @@ void lr_state_free(LrState *state) {
     if (state->owns_memory) free(state->memory);
     free(state->slot);
     free(state->gates_state);
+    free(state->act_mixture);
     free(state->loop_storages);
     free(state->saved);
     free(state->scratch);

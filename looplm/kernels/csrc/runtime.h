@@ -24,7 +24,8 @@
 
 /* ---- configuration (looplm.config.ModelConfig) ---------------------------------------------- */
 enum { LR_ATTENTION_MHA, LR_ATTENTION_GATED, LR_ATTENTION_MLA };
-enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL, LR_INJECT_CONCAT };
+enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL, LR_INJECT_CONCAT,
+       LR_INJECT_LTI_RESIDUAL };
 enum { LR_FFN_DENSE, LR_FFN_MOE, LR_FFN_CHANNELMIX };
 enum { LR_TERNARY_NONE, LR_TERNARY_CORE, LR_TERNARY_ALL };
 enum { LR_LAST_EXITED, LR_FULL, LR_LAST, LR_FIRST, LR_AVG, LR_MODULO };
@@ -42,9 +43,18 @@ typedef struct {
     int mc_segment_size, mc_top_k, loop_mc, loop_mc_top_k, global_gates;
     int rwkv_slots, rwkv_decay_rank, mla_kv_rank, mla_q_rank, mla_rope_dim;
     int zero_centered_norm, sandwich, step_norm, tie_embeddings, exit_gate;
+    int layer_norm;               /* model.norm_type=layer: LayerNorm (scale and bias) for every residual-stream norm */
+    int embed_norm;               /* a norm right after the embedding (model.embed_norm) */
     float norm_eps;
     int injection, noise_initial_state, loop_index_embedding, depth_lora_rank;
     int ffn, n_experts, n_shared_experts, moe_top_k, expert_hidden;
+    int shared_expert_hidden;     /* each shared expert's width (expert_hidden unless set) */
+    int moe_core;                 /* model.moe_scope=core: prelude and coda layers keep the dense SwiGLU */
+    int lora_output;              /* model.depth_lora_position=output: depth LoRA reads the core's output */
+    int mla_nope_dim, mla_value_dim;   /* MLA's per-head key (unrotated) and value widths (head_dim unless set) */
+    int act_mixing;               /* OpenMythos's ACT over the loop states: the gate reads each step's state, the
+                                   * readout (coda) the ACT mixture of the states so far */
+    float act_threshold;
     int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
@@ -68,8 +78,11 @@ typedef struct {
     char kind;          /* 'A' attention, 'G' Gated DeltaNet, 'R' RWKV slot mixer */
     int looped;         /* a core layer (global gates and loop-axis memory live only there) */
     int ternary;        /* its token mixer's and FFN's projections are ternary (MoE routers excepted) */
+    int ffn;            /* LR_FFN_*: the config's, but dense outside the core under model.moe_scope=core */
     /* norms (effective scales, 1 + w already applied for zero-centred norms); post norms NULL = pre-norm */
     const float *attn_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm;
+    /* their biases (LayerNorm only; NULL under RMSNorm) */
+    const float *attn_norm_bias, *attn_post_norm_bias, *ffn_norm_bias, *ffn_post_norm_bias;
     LrMatrix out;       /* every mixer's output projection */
     /* attention (mha / gated): qkv rows [q (gated: q|gate per head) ; k ; v]; per-head q/k norms */
     LrMatrix qkv;
@@ -97,9 +110,11 @@ typedef struct {
     LrConfig config;
     LrLayer *prelude, *core, *coda;
     LrMatrix embedding, head;           /* head: the embedding itself when tied */
-    const float *final_norm, *gate_weight, *gate_bias;
+    const float *final_norm, *final_norm_bias, *gate_weight, *gate_bias;
+    const float *embed_norm, *embed_norm_bias;   /* model.embed_norm (bias: LayerNorm only) */
     /* loop mechanics */
     const float *lti_log_a, *lti_log_dt, *lti_b, *diag_a_log, *diag_dt;
+    const float *inject_norm, *inject_norm_bias;   /* lti_residual: the norm of the core's input */
     LrMatrix diag_b, concat_adapter, lora_down, lora_up;
     const float *lora_scale, *noise_table;
     /* derived when finished: RoPE tables [max_seq_len, rope_dim], injection decays, RWKV head decays */
@@ -155,6 +170,10 @@ typedef struct {
     float *scratch;
     size_t scratch_floats, scratch_used;
     float *gates_state;     /* [core, D]: the running mean G of each core layer's updates (global gates) */
+    /* act_mixing: this token's ACT state after its latest step (looplm.model.exit.act_mixing_step):
+     * the mixture m [D], the cumulative halting probability, halted, and the step's halting logit */
+    float *act_mixture, act_cumulative, act_logit;
+    int act_halted;
     float *saved;           /* first / avg layouts: [loop attention storages, 2, Hkv·width] of this position */
     int *loop_storages, loop_storage_count;
 } LrState;
@@ -184,6 +203,8 @@ void lr_initial_state(const LrState *state, const float *e, int pos, float *h);
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e);
 /* The normed state the head and the exit gate read after step `step` (runs the coda). */
 void lr_readout(LrState *state, const float *h, int step, int pos, float *out);
+/* The exit gate's logit of a readout; with act_mixing the halting logit of the latest core step
+ * (the gate read the state there; `readout` is not read). */
 float lr_gate_logit(const LrState *state, const float *readout);
 void lr_logits(const LrState *state, const float *readout, float *logits);
 int lr_argmax(const float *values, int n);
