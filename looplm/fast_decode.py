@@ -56,8 +56,8 @@ def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None =
 
     config = model.config
     if cache is not None and cache.layout == "append_first":
-        return "the fast decode paths write every step's K/V; the append_first layout decodes with backend" \
-               " 'reference'"
+        return ("the fast decode paths write every step's K/V; the append_first layout decodes with the C runtime"
+                " or backend 'reference'")
     if not allow_reduced and (is_quantized(model) or is_bf16(model)):
         kind = "an int8 model (looplm.quant)" if is_quantized(model) else "a bf16-weight model (looplm.bf16)"
         return f"the torch decode path reads float32 weights; {kind} decodes with backend 'native' or 'reference'"

@@ -138,8 +138,7 @@ def test_cached_decode_equals_full_forward(name):
 
 # Features the C runtime refuses, each by name (these models decode through the reference backend):
 # config key -> (the value the runtime runs, a phrase of its refusal).
-C_UNRUN = {"hyper_connections": (0, "hyper-connection streams"),
-           "attnres_block_size": (0, "block attention residuals"), "kv_append_first": (False, "append")}
+C_UNRUN = {"attnres_block_size": (0, "block attention residuals")}
 
 
 def c_runs(config: ModelConfig) -> bool:

@@ -106,7 +106,7 @@ def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
     assert generate(model, PROMPT, NEW_TOKENS, backend="native").ids == ids
 
 
-C_LAYOUTS = [layout for layout in KV_LAYOUTS if layout != "append_first"]  # append_first: reference backend
+C_LAYOUTS = KV_LAYOUTS
 EXIT_CASES = ([("gdn-hybrid", layout, 0.5, None, 1) for layout in C_LAYOUTS]
               + [("mla", layout, 0.5, None, 1) for layout in C_LAYOUTS]
               + [("gdn-loop-memory", "last_exited", 0.3, 5, 2), ("loop-index-lora", "last_exited", None, 6, 1),

@@ -45,8 +45,6 @@ def c_decode_unsupported(model, cache: KVCache, what: str) -> str | None:
         return f"{what} needs float32 weights and cache, got {parameter.dtype}"
     if cache.keys.shape[1] != 1:
         return f"{what} decodes batch 1"
-    if cache.layout == "append_first":
-        return f"{what} writes every step's K/V; the append_first layout decodes with backend 'reference'"
     return None
 
 

@@ -171,7 +171,8 @@ class RuntimeStepper:
         self.threads = decode_threads(layer_bytes)
         kernel.lr_state_set_threads(self.state, self.threads)
         self.token_step_bytes = layer_bytes * config.n_core_layers  # core weights one loop step reads
-        self.e, self.hidden = torch.zeros(config.d_model), torch.zeros(config.d_model)
+        width = config.d_model * config.residual_streams  # the state: every mHC stream
+        self.e, self.hidden = torch.zeros(width), torch.zeros(width)
         self.readout_buffer = torch.zeros(config.d_model)
         self.logits_buffer = torch.zeros(config.vocab_size)
         self._e, self._hidden = self.e.data_ptr(), self.hidden.data_ptr()
@@ -251,7 +252,7 @@ class RuntimeStepper:
         token then reads what the batched forward would give it)."""
         from looplm.kernels.native_stepper import NATIVE_PREFILL_BYTES
 
-        return (self.cache.layout in ("last_exited", "full")
+        return (self.cache.layout in ("last_exited", "full", "append_first")
                 and length * max_steps * self.token_step_bytes <= NATIVE_PREFILL_BYTES)
 
     def prefill_tokens(self, tokens: list[int], max_steps: int) -> None:

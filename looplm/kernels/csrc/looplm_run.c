@@ -34,7 +34,8 @@ static const char USAGE[] =
     "  -q, --q Q               Q-exit: stop at the first step whose exit CDF reaches Q\n"
     "                          (neither given: the policy the file records, fixed T steps unless set)\n"
     "      --min-steps N       no early exit before step N (default 1, or the file's)\n"
-    "      --layout L          KV layout: last_exited (default), full, last, first, avg, modulo\n"
+    "      --layout L          KV layout: last_exited (default), full, last, first, avg, modulo,\n"
+    "                          append_first (the fixed layout, and default, of a kv_append_first model)\n"
     "      --modulo-slots K    groups of the modulo layout (default 2)\n"
     "      --temperature T     0 = greedy (default)\n"
     "      --top-k K           sample among the K most likely tokens (0 = all)\n"
@@ -86,7 +87,7 @@ static double parse_double(const char *option, const char *text) {
 }
 
 static void parse_arguments(int argc, char **argv, Options *o) {
-    *o = (Options){.max_new = 128, .steps = -1, .min_steps = 1, .modulo_slots = 2, .q = -1.0, .top_p = 1.0, .layout = "last_exited"};
+    *o = (Options){.max_new = 128, .steps = -1, .min_steps = 1, .modulo_slots = 2, .q = -1.0, .top_p = 1.0, .layout = NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(USAGE, stdout); exit(0); }
@@ -131,10 +132,10 @@ static void parse_arguments(int argc, char **argv, Options *o) {
 }
 
 static int layout_of(const char *name) {
-    static const char *const names[] = {"last_exited", "full", "last", "first", "avg", "modulo"};
-    for (int i = 0; i < 6; i++)
+    static const char *const names[] = {"last_exited", "full", "last", "first", "avg", "modulo", "append_first"};
+    for (int i = 0; i < 7; i++)
         if (!strcmp(name, names[i])) return i;
-    die("the KV layout must be one of last_exited, full, last, first, avg, modulo, got '%s'", name);
+    die("the KV layout must be one of last_exited, full, last, first, avg, modulo, append_first, got '%s'", name);
     return 0;
 }
 
@@ -307,7 +308,12 @@ int main(int argc, char **argv) {
         die("steps must be at most %d (%d x the trained %d), got %d", MAX_STEPS_FACTOR * c->loop_steps,
             MAX_STEPS_FACTOR, c->loop_steps, max_steps);
     if (o.min_steps > max_steps) die("min_steps (%ld) must not exceed steps (%d)", o.min_steps, max_steps);
+    /* the default layout follows the file: a kv_append_first model keeps step 1's K/V only */
+    if (!o.layout) o.layout = c->kv_append_first ? "append_first" : "last_exited";
     const int layout = layout_of(o.layout);
+    if (c->kv_append_first && layout != LR_APPEND_FIRST)
+        die("this model attends to its first loop step's K/V (model.kv_append_first): its KV layout is append_first,"
+            " not %s", o.layout);
     int count;
     int *prompt = prompt_tokens(&o, tokenizer, c->vocab, &count);
     if (o.tokenize) {

@@ -147,23 +147,18 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         static const char *const scopes[] = {"none", "core", "all"};
         if (!choose(node, "ternary", scopes, 3, &config->ternary, error)) goto done;
     }
-    static const char *const later[] = {"hyper_connections", "attnres_block_size"};
-    static const char *const later_names[] = {"hyper-connection streams (model.hyper_connections)",
-                                              "block attention residuals (model.attnres_block_size)"};
-    for (int j = 0; j < 2; j++) {
-        node = json_get(root, later[j]);
-        if (node && (!integer(node, later[j], &off, error) || off != 0)) {
-            if (off) lr_fail(error, "model config: %s are not run by this runtime; decode with looplm generate"
-                                    " --backend reference", later_names[j]);
-            goto done;
-        }
-    }
-    node = json_get(root, "kv_append_first");
-    if (node && (!boolean(node, "kv_append_first", &off, error) || off)) {
-        if (off) lr_fail(error, "model config: append-first attention (model.kv_append_first) is not run by this"
-                                " runtime; decode with looplm generate --backend reference");
+    config->streams = 1;
+    node = json_get(root, "hyper_connections");
+    if (node && !integer(node, "hyper_connections", &config->streams, error)) goto done;
+    if (config->streams < 1) config->streams = 1;  /* 0 or 1: off */
+    node = json_get(root, "attnres_block_size");
+    if (node && (!integer(node, "attnres_block_size", &off, error) || off != 0)) {
+        if (off) lr_fail(error, "model config: block attention residuals (model.attnres_block_size) are not run by"
+                                " this runtime; decode with looplm generate --backend reference");
         goto done;
     }
+    node = json_get(root, "kv_append_first");
+    if (node && !boolean(node, "kv_append_first", &config->kv_append_first, error)) goto done;
     /* The faithful source variants' keys: the runtime runs their defaults only. */
     node = json_get(root, "norm_type");
     if (node && !choose(node, "norm_type", norm_types, 2, &config->layer_norm, error)) goto done;
@@ -200,6 +195,12 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         (json_get(root, "max_loop_steps") &&
          !integer(json_get(root, "max_loop_steps"), "max_loop_steps", &config->max_loop_steps, error)))
         goto done;
+    if (config->streams > 1 && config->act_mixing) {
+        lr_fail(error, "model config: ACT mixing (model.act_mixing) over hyper-connection streams"
+                       " (model.hyper_connections) is not run by this runtime; decode with looplm generate"
+                       " --backend reference");
+        goto done;
+    }
     /* what ModelConfig checks, and what the runtime's arithmetic relies on */
     const LrConfig *c = config;
     if (!check(c->vocab >= 2 && c->d_model >= 1 && c->n_heads >= 1 && c->d_model % c->n_heads == 0, error,

@@ -19,6 +19,8 @@ static inline float *lr_take(LrState *state, size_t floats) {
     return memory;
 }
 
+#define LR_SINKHORN_ITERATIONS 20   /* looplm.model.residual.SINKHORN_ITERATIONS */
+
 static inline float lr_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float lr_silu(float x) { return x / (1.0f + expf(-x)); }
 static inline float lr_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }  /* torch's threshold */
@@ -34,6 +36,9 @@ void lr_norm(const LrConfig *config, const float *x, const float *w, const float
  * layer's global-gate state G [D] (core layers with global_gates; NULL otherwise) and `step` the
  * loop step (0 for the prelude). */
 void lr_layer(LrState *state, const LrLayer *layer, int slot, float *h, int pos, int step, float *gates);
+
+/* Whether attention slot `slot` reads step 1's K/V and writes none (LR_APPEND_FIRST, core, step > 0). */
+int lr_reads_first_step(const LrState *state, int slot);
 
 /* An attention slot's entries of one position: `heads` rows of key_width and value_width floats
  * (MLA: one row of the latent and one of the rope key). */

@@ -107,7 +107,9 @@ static void attend(const float *q, const float *keys, const float *values, int n
 }
 
 /* ---- attention (looplm.model.attention.Attention): MHA/GQA, or gated with QK norm ----------- */
-static void attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, float *out) {
+/* shared: an append-first slot after step 1 (lr_reads_first_step): attend to the stored K/V, write none. */
+static void attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, int shared,
+                      float *out) {
     const LrConfig *c = &state->model->config;
     const int H = c->n_heads, Hkv = c->n_kv_heads, hd = c->head_dim, r = c->rope_dim, len = state->max_len;
     const int gated = c->attention == LR_ATTENTION_GATED, group = H / Hkv;
@@ -123,7 +125,7 @@ static void attention(LrState *state, const LrLayer *L, const LrSlot *slot, cons
         if (gated) lr_rms_norm(q, L->q_norm, q, hd, c->norm_eps);
         rope(q, cos, sin, r);
     }
-    for (int kv = 0; kv < Hkv; kv++) {
+    for (int kv = 0; kv < Hkv && !shared; kv++) {
         float *key = k + (size_t)kv * hd;
         if (gated) lr_rms_norm(key, L->k_norm, key, hd, c->norm_eps);
         rope(key, cos, sin, r);
@@ -176,7 +178,8 @@ static void recomputed_latent_attention(LrState *state, const LrLayer *L, float 
     }
 }
 
-static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, float *out) {
+static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slot, const float *x, int pos, int shared,
+                             float *out) {
     const LrConfig *c = &state->model->config;
     const int H = c->n_heads, nope = c->mla_nope_dim, vd = c->mla_value_dim, dr = c->mla_rope_dim;
     const int rank = c->mla_kv_rank, row = nope + vd;  /* kv_up rows per head: [key (nope) ; value (vd)] */
@@ -193,11 +196,13 @@ static void latent_attention(LrState *state, const LrLayer *L, const LrSlot *slo
     } else {
         lr_project(state, &L->q_proj, x, q);
     }
-    lr_project(state, &L->kv_down, x, kv);
     float *latent = slot->part[LR_PART_KEYS], *rope_keys = slot->part[LR_PART_VALUES];
-    lr_rms_norm(kv, L->kv_norm, latent + (size_t)pos * rank, rank, c->norm_eps);
-    rope(kv + rank, cos, sin, dr);
-    memcpy(rope_keys + (size_t)pos * dr, kv + rank, (size_t)dr * sizeof(float));
+    if (!shared) {  /* an append-first slot after step 1 reads step 1's latent and rope key of pos */
+        lr_project(state, &L->kv_down, x, kv);
+        lr_rms_norm(kv, L->kv_norm, latent + (size_t)pos * rank, rank, c->norm_eps);
+        rope(kv + rank, cos, sin, dr);
+        memcpy(rope_keys + (size_t)pos * dr, kv + rank, (size_t)dr * sizeof(float));
+    }
     const float scale = 1.0f / sqrtf((float)(nope + dr));
     if (L->kv_up.p.ternary) {  /* a ternary kv_up quantises each cached latent apart: the recompute form */
         recomputed_latent_attention(state, L, q, latent, rope_keys, pos, scale, o);
@@ -510,23 +515,86 @@ static void gate_mix(float *x, const float *global, const float *gate, int n) {
     }
 }
 
+/* ---- mHC hyper-connections (looplm.model.residual.HyperConnection) ---------------------------- */
+/* The sub-layer's coefficients from the streams H [n·D]: pre [n], post [n], mix [n, n] into
+ * `coefficients` [2n + n²], and its input x = Σ_i pre_i H_i [D]. */
+static void hyper_read(LrState *state, const LrHyper *hc, const float *streams, float *coefficients, float *x) {
+    const LrConfig *c = &state->model->config;
+    const int n = c->streams, D = c->d_model;
+    const size_t mark = state->scratch_used;
+    float *flat = lr_take(state, (size_t)n * D);
+    lr_rms_norm(streams, NULL, flat, n * D, c->norm_eps);
+    lr_project(state, &hc->router, flat, coefficients);
+    float *pre = coefficients, *post = coefficients + n, *mix = coefficients + 2 * n;
+    for (int i = 0; i < n; i++) {
+        pre[i] = lr_sigmoid(hc->gain[0] * pre[i] + hc->pre_bias[i]);
+        post[i] = 2.0f * lr_sigmoid(hc->gain[1] * post[i] + hc->post_bias[i]);
+    }
+    for (int i = 0; i < n * n; i++) mix[i] = hc->gain[2] * mix[i] + hc->mix_bias[i];
+    for (int iteration = 0; iteration < LR_SINKHORN_ITERATIONS; iteration++)  /* log-space Sinkhorn–Knopp */
+        for (int axis = 0; axis < 2; axis++)      /* rows (over j), then columns (over i) */
+            for (int a = 0; a < n; a++) {
+                const int stride = axis ? n : 1, first = axis ? a : a * n;
+                float top = -INFINITY, sum = 0.0f;
+                for (int b = 0; b < n; b++) top = fmaxf(top, mix[first + b * stride]);
+                for (int b = 0; b < n; b++) sum += expf(mix[first + b * stride] - top);
+                const float lse = top + logf(sum);
+                for (int b = 0; b < n; b++) mix[first + b * stride] -= lse;
+            }
+    for (int i = 0; i < n * n; i++) mix[i] = expf(mix[i]);
+    memset(x, 0, (size_t)D * sizeof(float));
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < D; d++) x[d] += pre[i] * streams[(size_t)i * D + d];
+    state->scratch_used = mark;
+}
+
+/* H ← mix · H + post ⊗ update (update [D]). */
+static void hyper_write(LrState *state, const float *coefficients, float *streams, const float *update) {
+    const LrConfig *c = &state->model->config;
+    const int n = c->streams, D = c->d_model;
+    const float *post = coefficients + n, *mix = coefficients + 2 * n;
+    const size_t mark = state->scratch_used;
+    float *mixed = lr_take(state, (size_t)n * D);
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < D; d++) {
+            float sum = 0.0f;
+            for (int j = 0; j < n; j++) sum += mix[i * n + j] * streams[(size_t)j * D + d];
+            mixed[(size_t)i * D + d] = sum + post[i] * update[d];
+        }
+    memcpy(streams, mixed, (size_t)n * D * sizeof(float));
+    state->scratch_used = mark;
+}
+
 /* ---- one layer (looplm.model.block.Layer) ---------------------------------------------------- */
 void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int pos, int step, float *gates) {
     const LrConfig *c = &state->model->config;
-    const int D = c->d_model;
+    const int D = c->d_model, n = c->streams;
     const LrSlot *slot = &state->slot[slot_index];
     const size_t mark = state->scratch_used;
     float *x = lr_take(state, (size_t)D), *mixed = lr_take(state, (size_t)D), *ffn = lr_take(state, (size_t)D);
+    float *coefficients = n > 1 ? lr_take(state, 2 * (size_t)n + (size_t)n * n) : NULL;
     const int mixing = gates && step > 0;  /* step 0 has no global state yet: the plain layer */
-    lr_norm(c, h, L->attn_norm, L->attn_norm_bias, x, D);
+    if (n > 1) {  /* mHC: h is the n streams; the sub-layer reads Σ pre_i H_i */
+        hyper_read(state, &L->hyper[0], h, coefficients, x);
+        lr_norm(c, x, L->attn_norm, L->attn_norm_bias, x, D);
+    } else {
+        lr_norm(c, h, L->attn_norm, L->attn_norm_bias, x, D);
+    }
     if (mixing) gate_mix(x, gates, L->g_qk, D);
     if (L->kind == 'G') gated_deltanet(state, L, slot_index, x, pos, step, mixed);
     else if (L->kind == 'R') rwkv_mixer(state, L, slot, x, mixed);
-    else if (c->attention == LR_ATTENTION_MLA) latent_attention(state, L, slot, x, pos, mixed);
-    else attention(state, L, slot, x, pos, mixed);
+    else if (c->attention == LR_ATTENTION_MLA)
+        latent_attention(state, L, slot, x, pos, lr_reads_first_step(state, slot_index), mixed);
+    else attention(state, L, slot, x, pos, lr_reads_first_step(state, slot_index), mixed);
     if (L->attn_post_norm) lr_norm(c, mixed, L->attn_post_norm, L->attn_post_norm_bias, mixed, D);
-    for (int i = 0; i < D; i++) h[i] += mixed[i];
-    lr_norm(c, h, L->ffn_norm, L->ffn_norm_bias, x, D);
+    if (n > 1) {
+        hyper_write(state, coefficients, h, mixed);
+        hyper_read(state, &L->hyper[1], h, coefficients, x);
+        lr_norm(c, x, L->ffn_norm, L->ffn_norm_bias, x, D);
+    } else {
+        for (int i = 0; i < D; i++) h[i] += mixed[i];
+        lr_norm(c, h, L->ffn_norm, L->ffn_norm_bias, x, D);
+    }
     if (mixing) gate_mix(x, gates, L->g_ffn, D);
     feed_forward(state, L, slot, x, ffn);
     if (L->ffn_post_norm) lr_norm(c, ffn, L->ffn_post_norm, L->ffn_post_norm_bias, ffn, D);
@@ -535,6 +603,7 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
             const float update = 0.5f * (mixed[i] + ffn[i]);
             gates[i] = step == 0 ? update : ((float)step * gates[i] + update) / (float)(step + 1);
         }
-    for (int i = 0; i < D; i++) h[i] += ffn[i];
+    if (n > 1) hyper_write(state, coefficients, h, ffn);
+    else for (int i = 0; i < D; i++) h[i] += ffn[i];
     state->scratch_used = mark;
 }

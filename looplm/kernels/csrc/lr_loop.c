@@ -30,16 +30,18 @@ static void matrix_row(const LrMatrix *m, int row, float *out) {
 
 void lr_embed(LrState *state, int token, int pos, float *e) {
     const LrModel *m = state->model;
+    const int D = m->config.d_model;
     matrix_row(&m->embedding, token, e);
-    if (m->config.embed_norm) lr_norm(&m->config, e, m->embed_norm, m->embed_norm_bias, e, m->config.d_model);
+    if (m->config.embed_norm) lr_norm(&m->config, e, m->embed_norm, m->embed_norm_bias, e, D);
+    for (int i = 1; i < m->config.streams; i++) memcpy(e + (size_t)i * D, e, (size_t)D * sizeof(float));  /* n copies */
     for (int i = 0; i < m->config.prelude; i++)
         lr_layer(state, &m->prelude[i], lr_state_slot(state, LR_PRELUDE, i, 0), e, pos, 0, NULL);
 }
 
 void lr_initial_state(const LrState *state, const float *e, int pos, float *h) {
     const LrModel *m = state->model;
-    const int D = m->config.d_model;
-    memmove(h, m->noise_table ? m->noise_table + (size_t)pos * D : e, (size_t)D * sizeof(float));
+    const size_t width = (size_t)m->config.d_model * m->config.streams;
+    memmove(h, m->noise_table ? m->noise_table + (size_t)pos * width : e, width * sizeof(float));
 }
 
 /* h += the loop-index signal of `step`: a sinusoid (base 10000) on the first D/8 channels,
@@ -53,7 +55,7 @@ static void add_loop_index(float *h, int step, int D) {
     }
 }
 
-/* u = inject(h, e) in place on h (looplm.model.loop.Injection). */
+/* u = inject(h, e) in place on h (looplm.model.loop.Injection), one stream's h and e [D]. */
 static void inject(LrState *state, float *h, const float *e) {
     const LrModel *m = state->model;
     const int D = m->config.d_model;
@@ -106,20 +108,25 @@ static void act_mixing_step(LrState *state, const float *h, int step) {
 void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
-    const int D = c->d_model, residual = c->injection == LR_INJECT_LTI_RESIDUAL;
-    const size_t mark = state->scratch_used;
-    float *update = lr_take(state, (size_t)D), *input = h;
+    const int D = c->d_model, residual = c->injection == LR_INJECT_LTI_RESIDUAL, n = c->streams;
+    const size_t mark = state->scratch_used, width = (size_t)n * D;
+    float *update = lr_take(state, width), *input = h;
     if (residual) {  /* OpenMythos: the core reads x = n(h + signal + e); h itself stays unsignalled */
-        input = lr_take(state, (size_t)D);
-        memcpy(input, h, (size_t)D * sizeof(float));
-        if (c->loop_index_embedding) add_loop_index(input, step, D);
-        for (int i = 0; i < D; i++) input[i] += e[i];
-        lr_norm(c, input, m->inject_norm, m->inject_norm_bias, input, D);
+        input = lr_take(state, width);
+        memcpy(input, h, width * sizeof(float));
+        for (int s = 0; s < n; s++) {  /* every mHC stream alike */
+            float *stream = input + (size_t)s * D;
+            if (c->loop_index_embedding) add_loop_index(stream, step, D);
+            for (int i = 0; i < D; i++) stream[i] += e[(size_t)s * D + i];
+            lr_norm(c, stream, m->inject_norm, m->inject_norm_bias, stream, D);
+        }
     } else {
-        if (c->loop_index_embedding) add_loop_index(h, step, D);
-        if (c->injection != LR_INJECT_IDENTITY) inject(state, h, e);
+        for (int s = 0; s < n; s++) {
+            if (c->loop_index_embedding) add_loop_index(h + (size_t)s * D, step, D);
+            if (c->injection != LR_INJECT_IDENTITY) inject(state, h + (size_t)s * D, e + (size_t)s * D);
+        }
     }
-    memcpy(update, input, (size_t)D * sizeof(float));
+    memcpy(update, input, width * sizeof(float));
     for (int l = 0; l < c->core; l++)
         lr_layer(state, &m->core[l], lr_state_slot(state, LR_CORE, l, step), update, pos, step,
                  c->global_gates ? state->gates_state + (size_t)l * D : NULL);
@@ -127,17 +134,23 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
         const int rank = c->depth_lora_rank, row = step < c->loop_steps ? step : c->loop_steps - 1;
         const size_t lora_mark = state->scratch_used;
         float *low = lr_take(state, (size_t)rank), *delta = lr_take(state, (size_t)D);
-        lr_project(state, &m->lora_down, c->lora_output ? update : input, low);
-        for (int i = 0; i < rank; i++) low[i] *= m->lora_scale[(size_t)row * rank + i];
-        lr_project(state, &m->lora_up, low, delta);
-        for (int i = 0; i < D; i++) update[i] += delta[i];
+        for (int s = 0; s < n; s++) {  /* per mHC stream */
+            const size_t at = (size_t)s * D;
+            lr_project(state, &m->lora_down, (c->lora_output ? update : input) + at, low);
+            for (int i = 0; i < rank; i++) low[i] *= m->lora_scale[(size_t)row * rank + i];
+            lr_project(state, &m->lora_up, low, delta);
+            for (int i = 0; i < D; i++) update[at + i] += delta[i];
+        }
         state->scratch_used = lora_mark;
     }
     if (residual)  /* h ← A ⊙ h + B ⊙ e + y */
-        for (int i = 0; i < D; i++) update[i] = m->inject_decay[i] * h[i] + m->inject_input_scale[i] * e[i] + update[i];
-    if (c->act_mixing) act_mixing_step(state, update, step);
-    if (c->step_norm) lr_norm(c, update, m->final_norm, m->final_norm_bias, h, D);
-    else memcpy(h, update, (size_t)D * sizeof(float));
+        for (size_t i = 0; i < width; i++)
+            update[i] = m->inject_decay[i % D] * h[i] + m->inject_input_scale[i % D] * e[i] + update[i];
+    if (c->act_mixing) act_mixing_step(state, update, step);  /* (one stream: lr_config refuses it with mHC) */
+    if (c->step_norm)
+        for (int s = 0; s < n; s++)
+            lr_norm(c, update + (size_t)s * D, m->final_norm, m->final_norm_bias, h + (size_t)s * D, D);
+    else memcpy(h, update, width * sizeof(float));
     state->scratch_used = mark;
 }
 
@@ -145,6 +158,22 @@ void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
     if (c->act_mixing) h = state->act_mixture;  /* the coda reads the ACT mixture of the states so far */
+    if (c->streams > 1) {  /* mHC: the coda on the streams, then the norm of their mean */
+        const int D = c->d_model, n = c->streams;
+        const size_t mark = state->scratch_used;
+        float *streams = lr_take(state, (size_t)n * D);
+        memcpy(streams, h, (size_t)n * D * sizeof(float));
+        for (int l = 0; l < c->coda; l++)
+            lr_layer(state, &m->coda[l], lr_state_slot(state, LR_CODA, l, step), streams, pos, step, NULL);
+        for (int i = 0; i < D; i++) {
+            float sum = 0.0f;
+            for (int s = 0; s < n; s++) sum += streams[(size_t)s * D + i];
+            out[i] = sum / (float)n;
+        }
+        lr_norm(c, out, m->final_norm, m->final_norm_bias, out, D);
+        state->scratch_used = mark;
+        return;
+    }
     if (!c->coda) {
         if (c->step_norm) memmove(out, h, (size_t)c->d_model * sizeof(float));
         else lr_norm(c, h, m->final_norm, m->final_norm_bias, out, c->d_model);
@@ -181,8 +210,8 @@ static int run_token(LrState *state, int token, int pos, const LrExit *exit, int
     const LrModel *m = state->model;
     const LrConfig *c = &m->config;
     const int D = c->d_model, active = exit->q < 1.0 && c->exit_gate;
-    const size_t mark = state->scratch_used;
-    float *e = lr_take(state, (size_t)D), *h = lr_take(state, (size_t)D), *readout = lr_take(state, (size_t)D);
+    const size_t mark = state->scratch_used, width = (size_t)D * c->streams;
+    float *e = lr_take(state, width), *h = lr_take(state, width), *readout = lr_take(state, (size_t)D);
     float *chosen = lr_take(state, (size_t)D), *step_logits = exit->dump ? lr_take(state, (size_t)c->vocab) : NULL;
     lr_embed(state, token, pos, e);
     lr_initial_state(state, e, pos, h);

@@ -17,7 +17,7 @@ typedef struct {
     int ternary;            /* a ternary layer's projection (codes + scale) */
 } Target;
 
-#define MAX_TARGETS 48
+#define MAX_TARGETS 64
 
 static void matrix(Target *t, int *n, const char *name, LrMatrix *m, int64_t rows, int64_t cols) {
     t[(*n)++] = (Target){name, m, NULL, 2, {rows, cols, 0}, 0};
@@ -119,6 +119,22 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
      * router (looplm.model.bitlinear.ternary_layers): every projection above */
     for (int i = 0; i < n; i++)
         t[i].ternary = L->ternary && t[i].matrix && strcmp(t[i].name, "ffn.router.weight") != 0;
+    if (c->streams > 1) {  /* mHC: each sub-layer's coefficients (float routers, never ternary) */
+        const int64_t S = c->streams;
+        static const char *const names[2][5] = {
+            {"attn_residual.router.weight", "attn_residual.gain", "attn_residual.pre_bias", "attn_residual.post_bias",
+             "attn_residual.mix_bias"},
+            {"ffn_residual.router.weight", "ffn_residual.gain", "ffn_residual.pre_bias", "ffn_residual.post_bias",
+             "ffn_residual.mix_bias"}};
+        for (int j = 0; j < 2; j++) {
+            LrHyper *hc = &L->hyper[j];
+            matrix(t, &n, names[j][0], &hc->router, 2 * S + S * S, S * D);
+            tensor(t, &n, names[j][1], &hc->gain, 1, 3, 0, 0);
+            tensor(t, &n, names[j][2], &hc->pre_bias, 1, S, 0, 0);
+            tensor(t, &n, names[j][3], &hc->post_bias, 1, S, 0, 0);
+            tensor(t, &n, names[j][4], &hc->mix_bias, 2, S, S, 0);
+        }
+    }
     return n;
 }
 
@@ -160,7 +176,8 @@ static int model_targets(LrModel *m, Target *t) {
         matrix(t, &n, "depth_lora.up.weight", &m->lora_up, D, c->depth_lora_rank);
         tensor(t, &n, "depth_lora.scale", &m->lora_scale, 2, c->loop_steps, c->depth_lora_rank, 0);
     }
-    if (c->noise_initial_state) tensor(t, &n, "noise.table", &m->noise_table, 2, c->max_seq_len, D, 0);
+    if (c->noise_initial_state)  /* one row per position of the whole state (every mHC stream) */
+        tensor(t, &n, "noise.table", &m->noise_table, 2, c->max_seq_len, D * c->streams, 0);
     return n;
 }
 

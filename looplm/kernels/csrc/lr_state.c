@@ -3,8 +3,10 @@
  *
  * Slots: prelude layer i → i; core layer l at step t → P + t·(N + C) + l; coda layer l at step t
  * → P + t·(N + C) + N + l.  Attention slots of the loop share K/V storage by layout group: step t
- * uses group t (last_exited, full), t mod K (modulo) or 0 (last, first, avg); recurrent states and
- * the ChannelMix input are per slot under every layout. */
+ * uses group t (last_exited, full), t mod K (modulo) or 0 (last, first, avg; append_first for core
+ * layers, whose steps after the first read step 1's K/V and write none, lr_reads_first_step; its coda
+ * layers keep per-step groups); recurrent states and the ChannelMix input are per slot under every
+ * layout. */
 #include "lr_common.h"
 #include "lr_internal.h"
 
@@ -18,8 +20,16 @@ int lr_state_slot(const LrState *state, int stage, int layer, int step) {
     return c->prelude + step * state->per_step + (stage == LR_CODA ? c->core : 0) + layer;
 }
 
-static int group_of(const LrState *state, int step) {
+/* The K/V group loop step `step` uses for the layer at `offset` of the loop's per-step slots. */
+static int group_of(const LrState *state, int step, int offset) {
+    if (state->layout == LR_APPEND_FIRST && offset < state->model->config.core) return 0;
     return state->groups == state->max_steps ? step : step % state->groups;
+}
+
+int lr_reads_first_step(const LrState *state, int slot) {
+    const LrConfig *c = &state->model->config;
+    if (state->layout != LR_APPEND_FIRST || slot < c->prelude || state->slot[slot].kind != 'A') return 0;
+    return (slot - c->prelude) / state->per_step > 0 && (slot - c->prelude) % state->per_step < c->core;
 }
 
 /* Floats of each part of a slot of kind `kind` (0 where the kind has no such part). */
@@ -74,11 +84,13 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     size_t largest = attention;
     const size_t parts[] = {latent, deltanet, rwkv, D + PAD + swiglu, mixture};
     for (int i = 0; i < 5; i++) largest = parts[i] > largest ? parts[i] : largest;
-    const size_t layer = 3 * D + 3 * PAD + largest;
+    const size_t n = c->streams, SD = n * D;  /* mHC: the state is n streams */
+    const size_t hyper = n > 1 ? 2 * n + n * n + PAD + SD + PAD : 0;  /* coefficients, then read's or write's */
+    const size_t layer = 3 * D + 3 * PAD + largest + hyper;
     size_t step = layer;  /* lr_core_step's own update, then the largest of what it calls */
     if (2 * D + PAD > step) step = 2 * D + PAD;
     if (c->depth_lora_rank + D + 2 * PAD > step) step = c->depth_lora_rank + D + 2 * PAD;
-    return 4 * D + c->vocab + 5 * PAD + 2 * (D + PAD) + step + PAD;  /* core step: its update and input */
+    return 2 * SD + 2 * D + c->vocab + 5 * PAD + 2 * (SD + PAD) + step + PAD;  /* core step: its update and input */
 }
 
 /* 1 + the earlier slot whose K/V storage slot `s` shares for part `p`, or 0 when it has its own. */
@@ -97,7 +109,8 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
     if (max_len < 1 || max_len > c->max_seq_len)
         { lr_fail(error, "a state for %d positions: the model's context is %d", max_len, c->max_seq_len); return NULL; }
     if (max_steps < 1) { lr_fail(error, "steps must be >= 1, got %d", max_steps); return NULL; }
-    if (layout < LR_LAST_EXITED || layout > LR_MODULO || (layout == LR_MODULO && modulo_slots < 1))
+    if (c->kv_append_first) layout = LR_APPEND_FIRST;  /* the model attends to step-1 K/V: nothing else to keep */
+    if (layout < LR_LAST_EXITED || layout > LR_APPEND_FIRST || (layout == LR_MODULO && modulo_slots < 1))
         { lr_fail(error, "unknown KV layout %d (modulo needs modulo_slots >= 1)", layout); return NULL; }
     LrState *state = lr_calloc(1, sizeof(LrState), error);
     if (!state) return NULL;
@@ -105,7 +118,7 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
     state->max_len = max_len;
     state->max_steps = max_steps;
     state->layout = layout;
-    state->groups = layout == LR_FULL || layout == LR_LAST_EXITED ? max_steps
+    state->groups = layout == LR_FULL || layout == LR_LAST_EXITED || layout == LR_APPEND_FIRST ? max_steps
                     : layout == LR_MODULO ? (modulo_slots < max_steps ? modulo_slots : max_steps) : 1;
     state->per_step = c->core + c->coda;
     state->slots = c->prelude + max_steps * state->per_step;
@@ -127,10 +140,10 @@ LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layo
         slot->storage = -1;
         if (slot->kind != 'A') continue;
         if (s >= c->prelude) {
-            int step = (s - c->prelude) / state->per_step, group = group_of(state, step);
+            int step = (s - c->prelude) / state->per_step, group = group_of(state, step, layer);
             for (int t = c->prelude; t < s && slot->storage < 0; t++) {
                 int other_step = (t - c->prelude) / state->per_step, other_layer = (t - c->prelude) % state->per_step;
-                if (other_layer == layer && group_of(state, other_step) == group) slot->storage = state->slot[t].storage;
+                if (other_layer == layer && group_of(state, other_step, other_layer) == group) slot->storage = state->slot[t].storage;
             }
         }
         if (slot->storage < 0) {
@@ -276,8 +289,8 @@ void lr_finish(LrState *state, int pos, int ran) {
                     copy_recurrent(state, source, target, pos);
                     continue;
                 }
-                int group = group_of(state, step), written = 0;
-                for (int s = 0; s < ran; s++) written |= group_of(state, s) == group;
+                int group = group_of(state, step, offset), written = 0;
+                for (int s = 0; s < ran; s++) written |= group_of(state, s, offset) == group;
                 if (written || (group < 64 && done[group])) continue;
                 if (group < 64) done[group] = 1;
                 copy_position(state, source, target, pos, NULL, 0, 1.0f);

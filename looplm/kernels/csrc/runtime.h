@@ -28,7 +28,7 @@ enum { LR_INJECT_IDENTITY, LR_INJECT_ADDITIVE, LR_INJECT_LTI, LR_INJECT_DIAGONAL
        LR_INJECT_LTI_RESIDUAL };
 enum { LR_FFN_DENSE, LR_FFN_MOE, LR_FFN_CHANNELMIX };
 enum { LR_TERNARY_NONE, LR_TERNARY_CORE, LR_TERNARY_ALL };
-enum { LR_LAST_EXITED, LR_FULL, LR_LAST, LR_FIRST, LR_AVG, LR_MODULO };
+enum { LR_LAST_EXITED, LR_FULL, LR_LAST, LR_FIRST, LR_AVG, LR_MODULO, LR_APPEND_FIRST };  /* looplm.cache.KV_LAYOUTS */
 #define LR_MAX_PATTERN 64
 #define LR_CONV 4      /* Gated DeltaNet's causal depthwise convolution kernel */
 #define LR_SHIFTS 4    /* the RWKV mixer's token-shift history (shifts 1, 2, 4) */
@@ -56,6 +56,9 @@ typedef struct {
                                    * readout (coda) the ACT mixture of the states so far */
     float act_threshold;
     int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
+    int streams;                  /* mHC residual streams (model.hyper_connections >= 2, else 1): the state is
+                                   * [streams·D], the embedding enters as copies, the readout norms their mean */
+    int kv_append_first;          /* nanochat's loop: only step 1 writes the core's K/V (its states use LR_APPEND_FIRST) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
     char default_exit[LR_MAX_PATTERN + 1];
@@ -73,6 +76,13 @@ typedef struct {
     Projection p;       /* float32 weights, Q8_0 values + scales, or ternary codes + scale (matvec.h) */
     int rows, cols;     /* W [rows, cols]: y = W x */
 } LrMatrix;
+
+/* One sub-layer's mHC coefficients (looplm.model.residual.HyperConnection): router φ [2n + n², n·D],
+ * gain α [3], biases pre [n], post [n], mix [n, n]. */
+typedef struct {
+    LrMatrix router;
+    const float *gain, *pre_bias, *post_bias, *mix_bias;
+} LrHyper;
 
 typedef struct {
     char kind;          /* 'A' attention, 'G' Gated DeltaNet, 'R' RWKV slot mixer */
@@ -104,6 +114,8 @@ typedef struct {
     const float *experts_gate_up, *experts_down, *balance_bias;
     /* nanochat global gates (core layers) */
     const float *g_qk, *g_ffn;
+    /* mHC hyper-connections (config streams > 1): the mixer's and the FFN's */
+    LrHyper hyper[2];
 } LrLayer;
 
 typedef struct {
@@ -179,7 +191,9 @@ typedef struct {
 } LrState;
 
 /* A state for `max_len` positions and `max_steps` loop steps under KV layout `layout` (LR_*),
- * `modulo_slots` groups for LR_MODULO.  allocate: 1 = own every part (the standalone program),
+ * `modulo_slots` groups for LR_MODULO.  A model with kv_append_first always gets LR_APPEND_FIRST
+ * (its layout is fixed, as KVCache fixes it): core attention slots of every step share step 1's
+ * K/V storage, and the steps after the first read it and write nothing.  allocate: 1 = own every part (the standalone program),
  * 0 = bind them with lr_state_bind (the Python door). */
 LrState *lr_state_new(const LrModel *model, int max_len, int max_steps, int layout, int modulo_slots, int allocate,
                       char *error);
@@ -194,6 +208,7 @@ void lr_state_set_threads(LrState *state, int threads);
 void lr_state_free(LrState *state);
 
 /* ---- one token ---------------------------------------------------------------------------- */
+/* Below, e and h are the state of config.streams residual streams, [streams·D] (mHC), else [D]. */
 /* e = prelude(embedding[token]) for the token at `pos` (writes the prelude slots). */
 void lr_embed(LrState *state, int token, int pos, float *e);
 /* h₀: e itself, or the eval noise table's row `pos`. */
