@@ -139,9 +139,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
             goto done;
         }
     memcpy(config->layer_pattern, node->string, node->length + 1);
-    /* Later features, optional in the JSON (files written before them lack the keys): the runtime
-     * runs a model only where they are off, and says which one it cannot run. */
-    int off = 0;
+    /* Later features, optional in the JSON (files written before them lack the keys: off). */
     node = json_get(root, "ternary");
     if (node) {
         static const char *const scopes[] = {"none", "core", "all"};
@@ -152,11 +150,7 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     if (node && !integer(node, "hyper_connections", &config->streams, error)) goto done;
     if (config->streams < 1) config->streams = 1;  /* 0 or 1: off */
     node = json_get(root, "attnres_block_size");
-    if (node && (!integer(node, "attnres_block_size", &off, error) || off != 0)) {
-        if (off) lr_fail(error, "model config: block attention residuals (model.attnres_block_size) are not run by"
-                                " this runtime; decode with looplm generate --backend reference");
-        goto done;
-    }
+    if (node && !integer(node, "attnres_block_size", &config->attnres_block_size, error)) goto done;
     node = json_get(root, "kv_append_first");
     if (node && !boolean(node, "kv_append_first", &config->kv_append_first, error)) goto done;
     /* The faithful source variants' keys: the runtime runs their defaults only. */
@@ -217,6 +211,9 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         !check(c->ffn != LR_FFN_MOE || (c->n_experts >= 1 && c->moe_top_k >= 1 && c->moe_top_k <= c->n_experts &&
                c->n_shared_experts >= 0 && c->expert_hidden >= 1), error, "MoE sizes") ||
         !check(c->depth_lora_rank >= 0, error, "depth_lora_rank must be >= 0") ||
+        !check(c->attnres_block_size >= 0, error, "attnres_block_size must be >= 0 (0 = off)") ||
+        !check(!(c->streams > 1 && c->attnres_block_size), error,
+               "hyper_connections and attnres_block_size both replace the residual sum: choose one") ||
         !check(c->min_loop_steps >= 1 && c->max_loop_steps >= 0 &&
                (!c->max_loop_steps || c->min_loop_steps <= c->max_loop_steps), error,
                "min_loop_steps must be >= 1 and at most max_loop_steps (0 = loop_steps)") ||

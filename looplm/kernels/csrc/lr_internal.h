@@ -32,10 +32,23 @@ void lr_rms_norm(const float *x, const float *w, float *out, int n, float eps);
 /* The residual-stream norm of the config (looplm.model.norms.make_norm): RMSNorm with scale w, or
  * LayerNorm (model.norm_type=layer) (x − mean) / sqrt(var + eps) · w + b, var biased; out may alias x. */
 void lr_norm(const LrConfig *config, const float *x, const float *w, const float *b, float *out, int n);
+/* A stack pass's depth sources for block attention residuals (looplm.model.residual.DepthSources):
+ * `values` rows [blocks] are b₀ (the stack's input) and the completed blocks' outputs, then row
+ * [blocks] the open block's partial sum when `partial`; room for 2·(stack layers) + 2 rows. */
+typedef struct {
+    float *values;
+    int blocks, partial;
+} LrDepth;
+
+/* x = Σ_i softmax_i(w · RMSNorm(V_i)) V_i over the depth sources [D] (DepthAttention.read). */
+void lr_depth_read(LrState *state, const LrDepthQuery *query, const LrDepth *depth, float *x);
+
 /* One layer (a token mixer and an FFN) on h [D] in place, its cache slot `slot`; `gates` is the
  * layer's global-gate state G [D] (core layers with global_gates; NULL otherwise) and `step` the
- * loop step (0 for the prelude). */
-void lr_layer(LrState *state, const LrLayer *layer, int slot, float *h, int pos, int step, float *gates);
+ * loop step (0 for the prelude).  With block attention residuals `depth` is the stack pass's
+ * sources, which the layer reads and extends instead of h (then unread; NULL otherwise). */
+void lr_layer(LrState *state, const LrLayer *layer, int slot, float *h, int pos, int step, float *gates,
+              LrDepth *depth);
 
 /* Whether attention slot `slot` reads step 1's K/V and writes none (LR_APPEND_FIRST, core, step > 0). */
 int lr_reads_first_step(const LrState *state, int slot);

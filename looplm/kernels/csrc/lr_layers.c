@@ -565,8 +565,47 @@ static void hyper_write(LrState *state, const float *coefficients, float *stream
     state->scratch_used = mark;
 }
 
+/* ---- block attention residuals (looplm.model.residual.DepthAttention / DepthSources) ----------- */
+void lr_depth_read(LrState *state, const LrDepthQuery *q, const LrDepth *depth, float *x) {
+    const LrConfig *c = &state->model->config;
+    const int D = c->d_model, count = depth->blocks + depth->partial;
+    if (count == 1) {  /* one source: itself (no softmax) */
+        memmove(x, depth->values, (size_t)D * sizeof(float));
+        return;
+    }
+    const size_t mark = state->scratch_used;
+    float *scores = lr_take(state, (size_t)count), top = -INFINITY, total = 0.0f;
+    for (int i = 0; i < count; i++) {  /* w · RMSNorm(V_i) */
+        const float *v = depth->values + (size_t)i * D;
+        float square = 0.0f, score = 0.0f;
+        for (int d = 0; d < D; d++) square += v[d] * v[d];
+        const float inverse = 1.0f / sqrtf(square / (float)D + c->norm_eps);
+        for (int d = 0; d < D; d++) score += v[d] * inverse * q->key_norm[d] * q->query[d];
+        scores[i] = score;
+        top = fmaxf(top, score);
+    }
+    for (int i = 0; i < count; i++) total += scores[i] = expf(scores[i] - top);
+    memset(x, 0, (size_t)D * sizeof(float));
+    for (int i = 0; i < count; i++) {
+        const float *v = depth->values + (size_t)i * D, weight = scores[i] / total;
+        for (int d = 0; d < D; d++) x[d] += weight * v[d];
+    }
+    state->scratch_used = mark;
+}
+
+/* The sub-layer's output joins the open block's partial sum; a block's last sub-layer closes it. */
+static void depth_write(const LrConfig *c, const LrDepthQuery *q, LrDepth *depth, const float *update) {
+    const int D = c->d_model;
+    float *partial = depth->values + (size_t)depth->blocks * D;
+    if (depth->partial) for (int d = 0; d < D; d++) partial[d] += update[d];
+    else memcpy(partial, update, (size_t)D * sizeof(float));
+    if (q->closes_block) { depth->blocks++; depth->partial = 0; }
+    else depth->partial = 1;
+}
+
 /* ---- one layer (looplm.model.block.Layer) ---------------------------------------------------- */
-void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int pos, int step, float *gates) {
+void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int pos, int step, float *gates,
+              LrDepth *depth) {
     const LrConfig *c = &state->model->config;
     const int D = c->d_model, n = c->streams;
     const LrSlot *slot = &state->slot[slot_index];
@@ -574,7 +613,10 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
     float *x = lr_take(state, (size_t)D), *mixed = lr_take(state, (size_t)D), *ffn = lr_take(state, (size_t)D);
     float *coefficients = n > 1 ? lr_take(state, 2 * (size_t)n + (size_t)n * n) : NULL;
     const int mixing = gates && step > 0;  /* step 0 has no global state yet: the plain layer */
-    if (n > 1) {  /* mHC: h is the n streams; the sub-layer reads Σ pre_i H_i */
+    if (depth) {  /* block attention residuals: the sub-layer reads its query's mix of the depth sources */
+        lr_depth_read(state, &L->depth[0], depth, x);
+        lr_norm(c, x, L->attn_norm, L->attn_norm_bias, x, D);
+    } else if (n > 1) {  /* mHC: h is the n streams; the sub-layer reads Σ pre_i H_i */
         hyper_read(state, &L->hyper[0], h, coefficients, x);
         lr_norm(c, x, L->attn_norm, L->attn_norm_bias, x, D);
     } else {
@@ -587,7 +629,11 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
         latent_attention(state, L, slot, x, pos, lr_reads_first_step(state, slot_index), mixed);
     else attention(state, L, slot, x, pos, lr_reads_first_step(state, slot_index), mixed);
     if (L->attn_post_norm) lr_norm(c, mixed, L->attn_post_norm, L->attn_post_norm_bias, mixed, D);
-    if (n > 1) {
+    if (depth) {
+        depth_write(c, &L->depth[0], depth, mixed);
+        lr_depth_read(state, &L->depth[1], depth, x);
+        lr_norm(c, x, L->ffn_norm, L->ffn_norm_bias, x, D);
+    } else if (n > 1) {
         hyper_write(state, coefficients, h, mixed);
         hyper_read(state, &L->hyper[1], h, coefficients, x);
         lr_norm(c, x, L->ffn_norm, L->ffn_norm_bias, x, D);
@@ -603,7 +649,8 @@ void lr_layer(LrState *state, const LrLayer *L, int slot_index, float *h, int po
             const float update = 0.5f * (mixed[i] + ffn[i]);
             gates[i] = step == 0 ? update : ((float)step * gates[i] + update) / (float)(step + 1);
         }
-    if (n > 1) hyper_write(state, coefficients, h, ffn);
+    if (depth) depth_write(c, &L->depth[1], depth, ffn);
+    else if (n > 1) hyper_write(state, coefficients, h, ffn);
     else for (int i = 0; i < D; i++) h[i] += ffn[i];
     state->scratch_used = mark;
 }

@@ -28,14 +28,37 @@ static void matrix_row(const LrMatrix *m, int row, float *out) {
     for (int i = 0; i < n; i++) out[i] = s[i / BLOCK] * (float)q[i];
 }
 
+/* One pass of x through a stack's layers at loop step `step` (looplm.model.lm.LoopLM._stack): with
+ * block attention residuals the pass starts its depth sources from x (b₀; nothing carried from
+ * another pass or token) and x becomes the stack's output query over them; otherwise the layers
+ * update x ([streams·D]) in place. */
+static void run_stack(LrState *state, int stage, int step, int pos, float *x) {
+    const LrModel *m = state->model;
+    const LrConfig *c = &m->config;
+    const LrLayer *layers = stage == LR_PRELUDE ? m->prelude : stage == LR_CORE ? m->core : m->coda;
+    const int count = stage == LR_PRELUDE ? c->prelude : stage == LR_CORE ? c->core : c->coda, D = c->d_model;
+    if (!count) return;
+    const size_t mark = state->scratch_used;
+    LrDepth sources = {NULL, 1, 0}, *depth = NULL;
+    if (c->attnres_block_size) {  /* (one stream: ModelConfig refuses attention residuals with mHC) */
+        sources.values = lr_take(state, (2 * (size_t)count + 2) * D);
+        memcpy(sources.values, x, (size_t)D * sizeof(float));
+        depth = &sources;
+    }
+    for (int l = 0; l < count; l++)
+        lr_layer(state, &layers[l], lr_state_slot(state, stage, l, step), x, pos, step,
+                 stage == LR_CORE && c->global_gates ? state->gates_state + (size_t)l * D : NULL, depth);
+    if (depth) lr_depth_read(state, &m->stack_output[stage], depth, x);
+    state->scratch_used = mark;
+}
+
 void lr_embed(LrState *state, int token, int pos, float *e) {
     const LrModel *m = state->model;
     const int D = m->config.d_model;
     matrix_row(&m->embedding, token, e);
     if (m->config.embed_norm) lr_norm(&m->config, e, m->embed_norm, m->embed_norm_bias, e, D);
     for (int i = 1; i < m->config.streams; i++) memcpy(e + (size_t)i * D, e, (size_t)D * sizeof(float));  /* n copies */
-    for (int i = 0; i < m->config.prelude; i++)
-        lr_layer(state, &m->prelude[i], lr_state_slot(state, LR_PRELUDE, i, 0), e, pos, 0, NULL);
+    run_stack(state, LR_PRELUDE, 0, pos, e);
 }
 
 void lr_initial_state(const LrState *state, const float *e, int pos, float *h) {
@@ -127,9 +150,7 @@ void lr_core_step(LrState *state, float *h, int step, int pos, const float *e) {
         }
     }
     memcpy(update, input, width * sizeof(float));
-    for (int l = 0; l < c->core; l++)
-        lr_layer(state, &m->core[l], lr_state_slot(state, LR_CORE, l, step), update, pos, step,
-                 c->global_gates ? state->gates_state + (size_t)l * D : NULL);
+    run_stack(state, LR_CORE, step, pos, update);
     if (c->depth_lora_rank) {  /* (down(u) ⊙ scale[min(t, T − 1)]) @ up, u the core's input (or its output) */
         const int rank = c->depth_lora_rank, row = step < c->loop_steps ? step : c->loop_steps - 1;
         const size_t lora_mark = state->scratch_used;
@@ -163,8 +184,7 @@ void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
         const size_t mark = state->scratch_used;
         float *streams = lr_take(state, (size_t)n * D);
         memcpy(streams, h, (size_t)n * D * sizeof(float));
-        for (int l = 0; l < c->coda; l++)
-            lr_layer(state, &m->coda[l], lr_state_slot(state, LR_CODA, l, step), streams, pos, step, NULL);
+        run_stack(state, LR_CODA, step, pos, streams);
         for (int i = 0; i < D; i++) {
             float sum = 0.0f;
             for (int s = 0; s < n; s++) sum += streams[(size_t)s * D + i];
@@ -180,8 +200,7 @@ void lr_readout(LrState *state, const float *h, int step, int pos, float *out) {
         return;
     }
     memmove(out, h, (size_t)c->d_model * sizeof(float));
-    for (int l = 0; l < c->coda; l++)
-        lr_layer(state, &m->coda[l], lr_state_slot(state, LR_CODA, l, step), out, pos, step, NULL);
+    run_stack(state, LR_CODA, step, pos, out);
     lr_norm(c, out, m->final_norm, m->final_norm_bias, out, c->d_model);
 }
 

@@ -135,6 +135,12 @@ static int layer_targets(const LrConfig *c, LrLayer *L, Target *t) {
             tensor(t, &n, names[j][4], &hc->mix_bias, 2, S, S, 0);
         }
     }
+    if (c->attnres_block_size) {  /* block attention residuals: each sub-layer's query and key norm */
+        tensor(t, &n, "attn_residual.query", &L->depth[0].query, 1, D, 0, 0);
+        tensor(t, &n, "attn_residual.key_norm.weight", &L->depth[0].key_norm, 1, D, 0, 0);
+        tensor(t, &n, "ffn_residual.query", &L->depth[1].query, 1, D, 0, 0);
+        tensor(t, &n, "ffn_residual.key_norm.weight", &L->depth[1].key_norm, 1, D, 0, 0);
+    }
     return n;
 }
 
@@ -178,6 +184,18 @@ static int model_targets(LrModel *m, Target *t) {
     }
     if (c->noise_initial_state)  /* one row per position of the whole state (every mHC stream) */
         tensor(t, &n, "noise.table", &m->noise_table, 2, c->max_seq_len, D * c->streams, 0);
+    if (c->attnres_block_size) {  /* block attention residuals: each non-empty stack's output query */
+        static const char *const names[3][2] = {
+            {"stack_outputs.prelude.query", "stack_outputs.prelude.key_norm.weight"},
+            {"stack_outputs.core.query", "stack_outputs.core.key_norm.weight"},
+            {"stack_outputs.coda.query", "stack_outputs.coda.key_norm.weight"}};
+        const int counts[3] = {c->prelude, c->core, c->coda};
+        for (int s = 0; s < 3; s++)
+            if (counts[s]) {
+                tensor(t, &n, names[s][0], &m->stack_output[s].query, 1, D, 0, 0);
+                tensor(t, &n, names[s][1], &m->stack_output[s].key_norm, 1, D, 0, 0);
+            }
+    }
     return n;
 }
 
@@ -220,6 +238,14 @@ LrModel *lr_model_new(const char *config_json, size_t length, char *error) {
         model->coda[i].kind = lr_layer_kind(c, i);
         model->coda[i].ternary = outer;
         model->coda[i].ffn = outer_ffn;
+    }
+    if (c->attnres_block_size) {  /* sub-layers 2i and 2i + 1 of a stack; a block ends every s of them */
+        LrLayer *stacks[] = {model->prelude, model->core, model->coda};
+        const int counts[] = {c->prelude, c->core, c->coda};
+        for (int s = 0; s < 3; s++)
+            for (int i = 0; i < counts[s]; i++)
+                for (int j = 0; j < 2; j++)
+                    stacks[s][i].depth[j].closes_block = (2 * i + j + 1) % c->attnres_block_size == 0;
     }
     return model;
 }
@@ -342,10 +368,11 @@ static int center(LrModel *model, const float **norm, int n, char *error) {
 static int center_layer(LrModel *model, LrLayer *L, char *error) {
     const LrConfig *c = &model->config;
     const float **norms[] = {&L->attn_norm, &L->attn_post_norm, &L->ffn_norm, &L->ffn_post_norm, &L->q_norm,
-                             &L->k_norm, &L->mla_q_norm, &L->kv_norm, &L->out_norm};
+                             &L->k_norm, &L->mla_q_norm, &L->kv_norm, &L->out_norm, &L->depth[0].key_norm,
+                             &L->depth[1].key_norm};
     const int sizes[] = {c->d_model, c->d_model, c->d_model, c->d_model, c->head_dim, c->head_dim, c->mla_q_rank,
-                         c->mla_kv_rank, c->head_dim};
-    for (int i = 0; i < 9; i++)
+                         c->mla_kv_rank, c->head_dim, c->d_model, c->d_model};
+    for (int i = 0; i < 11; i++)
         if (!center(model, norms[i], sizes[i], error)) return 0;
     return 1;
 }
@@ -432,6 +459,8 @@ int lr_model_finish(LrModel *model, char *error) {
     if (!center(model, &model->final_norm, c->d_model, error) || !center(model, &model->embed_norm, c->d_model, error) ||
         !center(model, &model->inject_norm, c->d_model, error))
         return 0;
+    for (int s = 0; s < 3; s++)  /* attention residuals' key norms are RMSNorms of the config's centring too */
+        if (!center(model, &model->stack_output[s].key_norm, c->d_model, error)) return 0;
     if (!derive(model, error)) return 0;
     model->finished = 1;
     return 1;

@@ -86,7 +86,11 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     for (int i = 0; i < 5; i++) largest = parts[i] > largest ? parts[i] : largest;
     const size_t n = c->streams, SD = n * D;  /* mHC: the state is n streams */
     const size_t hyper = n > 1 ? 2 * n + n * n + PAD + SD + PAD : 0;  /* coefficients, then read's or write's */
-    const size_t layer = 3 * D + 3 * PAD + largest + hyper;
+    size_t stack = c->prelude > c->core ? c->prelude : c->core;  /* attention residuals: a pass's sources */
+    if ((size_t)c->coda > stack) stack = c->coda;
+    const size_t sources = c->attnres_block_size ? (2 * stack + 2) * D + PAD : 0;
+    const size_t scores = c->attnres_block_size ? 2 * stack + 2 + PAD : 0;   /* lr_depth_read's */
+    const size_t layer = 3 * D + 3 * PAD + largest + hyper + scores + sources;
     size_t step = layer;  /* lr_core_step's own update, then the largest of what it calls */
     if (2 * D + PAD > step) step = 2 * D + PAD;
     if (c->depth_lora_rank + D + 2 * PAD > step) step = c->depth_lora_rank + D + 2 * PAD;

@@ -58,6 +58,8 @@ typedef struct {
     int ternary;                  /* LR_TERNARY_*: which layers' projections are ternary (model.ternary) */
     int streams;                  /* mHC residual streams (model.hyper_connections >= 2, else 1): the state is
                                    * [streams·D], the embedding enters as copies, the readout norms their mean */
+    int attnres_block_size;       /* block attention residuals (model.attnres_block_size > 0; 0 = the plain sum):
+                                   * each sub-layer reads a softmax over its stack pass's depth sources */
     int kv_append_first;          /* nanochat's loop: only step 1 writes the core's K/V (its states use LR_APPEND_FIRST) */
     /* the inference defaults the model records (ModelConfig.default_exit, min/max_loop_steps):
      * looplm-run uses them when no policy is named */
@@ -83,6 +85,14 @@ typedef struct {
     LrMatrix router;
     const float *gain, *pre_bias, *post_bias, *mix_bias;
 } LrHyper;
+
+/* One block-attention-residual query (looplm.model.residual.DepthAttention): w [D] and its key
+ * RMSNorm's scale [D] (1 + w applied for zero-centred norms); closes_block: the sub-layer ends a
+ * block of attnres_block_size sub-layers of its stack (never set for a stack's output query). */
+typedef struct {
+    const float *query, *key_norm;
+    int closes_block;
+} LrDepthQuery;
 
 typedef struct {
     char kind;          /* 'A' attention, 'G' Gated DeltaNet, 'R' RWKV slot mixer */
@@ -116,6 +126,8 @@ typedef struct {
     const float *g_qk, *g_ffn;
     /* mHC hyper-connections (config streams > 1): the mixer's and the FFN's */
     LrHyper hyper[2];
+    /* block attention residuals (config attnres_block_size > 0): the mixer's and the FFN's queries */
+    LrDepthQuery depth[2];
 } LrLayer;
 
 typedef struct {
@@ -129,6 +141,8 @@ typedef struct {
     const float *inject_norm, *inject_norm_bias;   /* lti_residual: the norm of the core's input */
     LrMatrix diag_b, concat_adapter, lora_down, lora_up;
     const float *lora_scale, *noise_table;
+    /* block attention residuals: each non-empty stack's output query (LR_PRELUDE, LR_CORE, LR_CODA) */
+    LrDepthQuery stack_output[3];
     /* derived when finished: RoPE tables [max_seq_len, rope_dim], injection decays, RWKV head decays */
     float *rope_cos, *rope_sin, *inject_decay, *inject_input_scale, *rwkv_head_decay;
     /* owned memory (norm scales, converted tensors) freed with the model */
