@@ -402,6 +402,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage2-fraction", type=float, default=0.25,
                         help="Stage II steps as a share of the looped model's steps (default 0.25)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the headline rows (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default 0): --first-seed 1 --seeds 1 runs seed 1 alone, so seeds can"
+                             " run as separate processes")
     parser.add_argument("--eval-batches", type=int, default=32, help="validation batches of 64 windows (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--smoke", action="store_true",
@@ -416,7 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.tokenizers) - {"byte", "bpe"} or set(args.variants) - {*HEADLINE, *EXTRA}
     if unknown:
         parser.error(f"unknown tokenizer or variant: {', '.join(sorted(unknown))}")
-    args.seed_list = list(range(args.seeds))
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     return args
 
 
