@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from looplm.cache import KVCache
-from looplm.config import FAMILY_PRESETS, ModelConfig, TrainConfig, preset
+from looplm.config import FAMILY_PRESETS, TrainConfig, preset
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.model import LoopLM
 from looplm.model.loading import load_model
@@ -136,16 +136,6 @@ def test_cached_decode_equals_full_forward(name):
             torch.testing.assert_close(logits, full.logits(steps)[0, position], atol=1e-4, rtol=0)
 
 
-# Features the C runtime refuses, each by name (these models decode through the reference backend):
-# config key -> (the value the runtime runs, a phrase of its refusal).  It runs every feature now.
-C_UNRUN: dict[str, tuple[object, str]] = {}
-
-
-def c_runs(config: ModelConfig) -> bool:
-    """Whether the C runtime runs ``config``."""
-    return all(getattr(config, key) == run for key, (run, _) in C_UNRUN.items())
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_backend_gives_the_reference_tokens(name):
     model = build(name)
@@ -154,8 +144,8 @@ def test_every_backend_gives_the_reference_tokens(name):
     policy = QExit(0.5) if model.exit_gate is not None else FixedSteps(model.config.loop_steps + 1)
     reference = Decoder(model, policy, 16, backend="reference")
     auto = Decoder(model, policy, 16)
-    # every family decodes in C (kernels.native_stepper / runtime_stepper) but the features C_UNRUN names
-    assert auto.backend == ("native" if c_runs(model.config) else "reference"), auto.backend
+    # every family and feature decodes in C (kernels.native_stepper / runtime_stepper)
+    assert auto.backend == "native", auto.backend
     with torch.no_grad():
         reference.prefill(prompt)
         auto.prefill(prompt)

@@ -21,13 +21,9 @@ from looplm.model import LoopLM
 from looplm.model.norms import LayerNorm
 
 from conftest import tiny_config
-from test_architectures import VARIANTS, c_runs
+from test_architectures import VARIANTS
 from test_gguf import CONFIGS as GGUF_CONFIGS
 from test_gguf import make_model as make_gguf_model
-
-RUNTIME_VARIANTS = [name for name, overrides in VARIANTS.items() if c_runs(tiny_config(**overrides))]
-RUNTIME_GGUF_CONFIGS = [name for name, overrides in GGUF_CONFIGS.items()
-                        if c_runs(tiny_config(vocab_size=259, d_model=64, **overrides))]
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(native_build._compiler() is None, reason="no C compiler")
@@ -87,7 +83,7 @@ def assert_dump_matches_forward(model, dump_path, sequence, steps, atol):
     return expected
 
 
-@pytest.mark.parametrize("name", RUNTIME_VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_every_family_decodes_like_the_reference(name, looplm_run, tmp_path):
     """64 greedy tokens from the program: each is the reference's argmax after the tokens before
     it, every step's logits match the full forward within 1e-4, and the in-process native backend
@@ -133,7 +129,7 @@ def test_exit_policies_and_layouts_match_the_reference(name, layout, q, steps, m
         assert min(reference.steps) < (steps or model.config.loop_steps)  # tokens really exit early
 
 
-@pytest.mark.parametrize("name", RUNTIME_GGUF_CONFIGS)
+@pytest.mark.parametrize("name", list(GGUF_CONFIGS))
 def test_quantized_files_stay_within_their_bounds(name, looplm_run, tmp_path):
     """q8_0: the program computes with the file's int8 blocks, so its logits equal the dequantised
     model's within 1e-4 and move from the float32 model's by at most the 5% of their largest

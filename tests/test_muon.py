@@ -9,6 +9,7 @@ from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 from looplm.model.loading import load_model
 from looplm.training.optim import OptimizerGroup, make_optimizer
+from looplm.training.state import read_train_state
 from looplm.training.trainer import Trainer, lr_factor
 
 
@@ -67,7 +68,7 @@ def test_muon_trains_and_the_schedule_drives_both_optimisers(tmp_path):
 def test_muon_resumes_exactly(tmp_path):
     straight = Trainer(run_config(tmp_path, save_every=4), tmp_path / "a", progress=False).train()
     Trainer(run_config(tmp_path, save_every=4), tmp_path / "b", progress=False).train(stop_after=4)
-    state = torch.load(tmp_path / "b" / "checkpoints" / "step_0000004" / "train_state.pt", weights_only=False)
+    state = read_train_state(tmp_path / "b" / "checkpoints" / "step_0000004" / "train_state.pt", "cpu")
     assert state["optimizer"]["kinds"] == ["AdamW", "Muon"]
     resumed = Trainer(run_config(tmp_path, save_every=4), tmp_path / "b", resume=True, progress=False).train()
     assert resumed.losses == straight.losses[4:]
