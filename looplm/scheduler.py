@@ -109,23 +109,24 @@ class Scheduler:
             with torch.no_grad():
                 output = (prefix_cache.prefill(self.model, list(prompt), view, max_steps) if prefix_cache is not None
                           else self.model(ids, steps=max_steps, cache=view))
-            if config.act_mixing:  # the gate read the loop state, not the readout: its logits per step
-                self._mixing_gates = [gate[0, -1:] for gate in output.gate_logits]
-            self._replay(row, [readout[0, -1:] for readout in output.hidden_states])
+            # act_mixing: the gate read the loop state, not the readout; its logits per step
+            gates = [gate[0, -1:] for gate in output.gate_logits] if config.act_mixing else None
+            self._replay(row, [readout[0, -1:] for readout in output.hidden_states], gates)
         except BaseException:
             self.free.append(row.slot)
             raise
         return row
 
-    def _replay(self, row: Row, readouts: list[torch.Tensor]) -> None:
+    def _replay(self, row: Row, readouts: list[torch.Tensor], gates: list[torch.Tensor] | None = None) -> None:
         """The prompt's exit decision from its last position's readouts at every step (the same
-        ``_decide`` as decoding)."""
+        ``_decide`` as decoding); ``gates``: the gate logits per step where the gate did not read
+        the readout (model.act_mixing)."""
         self._reset([row])
         chosen = readouts[-1]
         for step, readout in enumerate(readouts):
             row.step = step
-            if self.model.config.act_mixing:
-                self._table("mixing_gate")[row.slot] = self._mixing_gates[step]
+            if gates is not None:
+                self._table("mixing_gate")[row.slot] = gates[step]
             if self._decide([row], readout, self.model)[0]:
                 row.exit_step, chosen = step + 1, readout
                 break
