@@ -190,7 +190,7 @@ class KVCache:
                 storage[key] = counts[kind]
                 counts[kind] += 1
             self.index.append(storage[key])
-        if config.attention == "mla":  # the latent c and the rotated rope key, one "head" each
+        if config.attention.kind == "mla":  # the latent c and the rotated rope key, one "head" each
             key_shape = (counts["A"], batch_size, 1, self.max_len, config.mla_kv_rank)
             value_shape = (counts["A"], batch_size, 1, self.max_len, config.mla_rope_dim)
         else:
@@ -203,7 +203,7 @@ class KVCache:
                        for kind in ("G", "R")}
         # ChannelMix FFNs (every layer, ffn=channelmix) keep the previous position's FFN input.
         self.states["F"] = ([torch.zeros(slots, batch_size, config.d_model, device=device, dtype=dtype)]
-                            if config.ffn == "channelmix" else [])
+                            if config.ffn.kind == "channelmix" else [])
         # The loop's attention storage (shared by every layout rule below): indices into keys/values.
         self._loop_attention = sorted({self.index[slot] for slot, kind in enumerate(self.kinds)
                                        if kind == "A" and slot >= config.n_prelude_layers})

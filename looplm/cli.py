@@ -376,7 +376,6 @@ def run_serve(args) -> None:
 
 
 def run_train(args) -> None:
-    from dataclasses import asdict
 
     from looplm.checkpoint.directory import CONFIG_FILE, RUN_CONFIG_FILE, resolve_checkpoint
     from looplm.config import assemble_run_config, model_config_from_json
@@ -389,7 +388,7 @@ def run_train(args) -> None:
     source_model = source_data = None
     if args.init or args.upcycle:
         source = resolve_checkpoint(args.init or args.upcycle)
-        source_model = asdict(model_config_from_json(source / CONFIG_FILE))
+        source_model = model_config_from_json(source / CONFIG_FILE).to_dict()
         source_data = ((_read_json(source / RUN_CONFIG_FILE) or {}).get("data")
                        if (source / RUN_CONFIG_FILE).is_file() else None)
         options["train.init" if args.init else "train.upcycle_from"] = str(source)
@@ -617,7 +616,6 @@ def _print_eval(report: dict, trained_steps: int) -> None:
 
 
 def run_export(args) -> None:
-    from dataclasses import asdict
 
     from looplm.checkpoint.atomic import refuse_overlap
     from looplm.config import ModelConfig, from_dict
@@ -630,7 +628,7 @@ def run_export(args) -> None:
     defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
                                               ("max_loop_steps", args.max_steps)) if value is not None}
     if defaults:  # the inference defaults the file records (validated like any config)
-        model.config = from_dict(ModelConfig, {**asdict(model.config), **defaults}, "model")
+        model.config = from_dict(ModelConfig, {**model.config.to_dict(), **defaults}, "model")
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
     print(program.instructions(path))

@@ -64,9 +64,9 @@ def fast_unsupported(model, allow_reduced: bool = False, cache: KVCache | None =
     if not config.plain_loop:
         return "the fast decode paths cover the plain loop (injection=identity, initial_state=prelude, no" \
                " loop_index_embedding, depth_lora_rank or global_gates)"
-    if config.ffn != "dense":
-        return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn
-    if (config.attention != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm
+    if config.ffn.kind != "dense":
+        return "the fast decode paths cover the dense SwiGLU FFN, not model.ffn=" + config.ffn.kind
+    if (config.attention.kind != "mha" or config.rope_fraction != 1.0 or config.zero_centered_norm
             or set(config.layer_pattern) - {"A"}):
         return "the fast decode paths cover attention=mha layers with full RoPE and standard norms"
     if config.norm_type != "rms" or config.embed_norm or config.act_mixing:

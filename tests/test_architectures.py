@@ -2,7 +2,6 @@
 the full forward (one and several tokens per call), save → load is identical, steps beyond T
 stay finite, and it is causal.  Add a configuration to VARIANTS and it is held to all of it."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -66,7 +65,7 @@ VARIANTS = {
 
 def shrunk(preset_name: str) -> dict:
     """A family preset's mechanics at test size (the fields that set sizes are replaced)."""
-    values = dataclasses.asdict(preset(preset_name))
+    values = preset(preset_name).to_dict()
     sizes = dict(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=min(values["n_kv_heads"], 2) if
                  values["n_kv_heads"] < values["n_heads"] else 4, ffn_hidden=48, max_seq_len=48,
                  n_core_layers=min(values["n_core_layers"], 4 if values["layer_pattern"] else 2),
@@ -202,6 +201,6 @@ def test_the_c_runtime_refuses_a_config_key_it_does_not_know(monkeypatch):
     model = LoopLM(tiny_config()).eval()
     assert runtime_stepper.runtime_unsupported(model, KVCache(model.config, 1, 16)) is None
     monkeypatch.setattr(runtime_stepper, "_config_json",
-                        lambda model: json.dumps({**dataclasses.asdict(model.config), "future_feature": 1}).encode())
+                        lambda model: json.dumps({**model.config.to_dict(), "future_feature": 1}).encode())
     reason = runtime_stepper.runtime_unsupported(model, KVCache(model.config, 1, 16))
     assert reason and "future_feature" in reason and "\n" not in reason, reason

@@ -32,7 +32,7 @@ def test_apply_keeps_the_family_and_derives_the_rest_again():
     sized = apply_auto_size(config, 30_000, "char", seq_len=200)
     assert ((sized.d_model, sized.n_heads, sized.n_kv_heads, sized.n_core_layers, sized.ffn_hidden)
             == (128, 4, 4, 4, 256))
-    assert (sized.layer_pattern, sized.ffn, sized.loop_steps, sized.auto_size) == ("R", "channelmix", 1, False)
+    assert (sized.layer_pattern, sized.ffn.kind, sized.loop_steps, sized.auto_size) == ("R", "channelmix", 1, False)
     assert sized.max_seq_len == 200  # the trained windows must fit: longer than the tier's 128
     with pytest.raises(LoopLMError, match="needs text data"):
         apply_auto_size(config, None, "byte", 16)

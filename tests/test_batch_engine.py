@@ -147,7 +147,7 @@ def test_batched_act_runs_every_step_and_reports_halting_steps():
     assert min(steps) < 4 and set(steps) <= {1, 2, 3, 4}
 
 
-SHIFTED_FFN = [name for name in VARIANTS if build(name).config.ffn == "channelmix"]
+SHIFTED_FFN = [name for name in VARIANTS if build(name).config.ffn.kind == "channelmix"]
 
 
 @pytest.mark.parametrize("name", SHIFTED_FFN)

@@ -280,10 +280,11 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
     _patch_tensor_type(tmp_path / "q4.gguf", "blk.0.attn_qkv.weight", int(gguf.GGMLQuantizationType.Q4_0))
     assert "blk.0.attn_qkv.weight has ggml type 2" in one_error_line(run(looplm_run, tmp_path / "q4.gguf"))
     # a config key from a newer looplm, and a file without the noise table this config needs
-    import looplm.checkpoint.gguf as gguf_format
     import looplm.interop.gguf as gguf_io
+    from looplm.config import ModelConfig
 
-    monkeypatch.setattr(gguf_format, "asdict", lambda config: {**vars(config), "future_feature": 1})
+    flat = ModelConfig.to_dict
+    monkeypatch.setattr(ModelConfig, "to_dict", lambda config: {**flat(config), "future_feature": 1})
     newer = export_gguf(model, tmp_path / "newer.gguf")
     assert "unknown key future_feature" in one_error_line(run(looplm_run, newer))
     monkeypatch.undo()

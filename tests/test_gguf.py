@@ -2,7 +2,6 @@
 by the gguf package's own reader, and one-line errors for broken or foreign files."""
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -152,7 +151,7 @@ def test_metadata_readable_by_the_gguf_reader(tmp_path):
     assert value["looplm.attention.head_count"] == 4 and value["looplm.attention.head_count_kv"] == 2
     assert value["looplm.rope.freq_base"] == 10000.0
     assert value["looplm.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
-    assert json.loads(value["looplm.config"]) == asdict(config)
+    assert json.loads(value["looplm.config"]) == config.to_dict()
     assert value["tokenizer.huggingface.json"] == tokenizer.backend.to_str()
     assert value["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id == 258
     assert len(value["tokenizer.ggml.tokens"]) == 259

@@ -11,6 +11,7 @@ import warnings
 import pytest
 
 from looplm.kernels import build
+from looplm.kernels.bindings import SYMBOLS
 
 compiler = build._compiler()
 pytestmark = pytest.mark.skipif(compiler is None, reason="no C compiler")
@@ -34,9 +35,15 @@ def _planted_library(tmp_path, marker):
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
+    """An empty kernel cache, and a stand-in source exporting every entry point: the trust rules
+    (manifest, owner, mode, SHA-256, symbols) do not depend on what the library computes, and the
+    stand-in builds in a fraction of a second (the real build is tested in test_native_decode)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOOPLM_CACHE", str(cache))
     monkeypatch.setattr(build, "_state", {})
+    stand_in = tmp_path / "stand_in.c"
+    stand_in.write_text("".join(f"void {name}(void) {{}}\n" for name in SYMBOLS))
+    monkeypatch.setattr(build, "SOURCES", (stand_in,))
     return cache
 
 

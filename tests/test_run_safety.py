@@ -176,11 +176,10 @@ def test_a_preset_size_override_derives_the_dependent_sizes():
     assert (run.model.ffn_hidden, run.model.n_kv_heads) == (192, 4)  # not tiny's 384
     run, _ = assemble_run_config(preset_name="tiny", overrides={"model.d_model": "64", "model.ffn_hidden": "100"})
     assert run.model.ffn_hidden == 100
-    from dataclasses import asdict
 
     from looplm.config import preset
 
-    upcycled, _ = assemble_run_config(source_model=asdict(preset("openmythos-looplm")),
+    upcycled, _ = assemble_run_config(source_model=preset("openmythos-looplm").to_dict(),
                                       overrides={"model.d_model": "256", "model.n_heads": "4"})
     assert upcycled.model.ffn_hidden == 704 and upcycled.model.expert_hidden == 512  # chosen sizes stay
     assert upcycled.model.n_kv_heads == 2

@@ -10,7 +10,6 @@ the newest.  Reading never executes anything from the files: JSON and safetensor
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def config_json(config: ModelConfig) -> str:
-    return json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(config)}, indent=2) + "\n"
+    return json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config.to_dict()}, indent=2) + "\n"
 
 
 def write_model_files(config: ModelConfig, weights: dict[str, torch.Tensor], directory: Path, tokenizer=None) -> None:

@@ -34,7 +34,6 @@ tensors.  Everything else is float32.  The reader returns their exact codes and 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,7 @@ def _config_metadata(writer, config: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_uint32(f"{arch}.format_version", FORMAT_VERSION)
-    writer.add_string(f"{arch}.config", json.dumps(asdict(config), sort_keys=True))
+    writer.add_string(f"{arch}.config", json.dumps(config.to_dict(), sort_keys=True))
     writer.add_uint32(f"{arch}.loop.steps", config.loop_steps)
     writer.add_uint32(f"{arch}.loop.prelude_layer_count", config.n_prelude_layers)
     writer.add_uint32(f"{arch}.loop.core_layer_count", config.n_core_layers)
@@ -165,9 +164,9 @@ def _config_metadata(writer, config: ModelConfig) -> None:
     writer.add_bool(f"{arch}.loop.step_norm", config.step_norm)
     writer.add_string(f"{arch}.layer_pattern", config.layer_pattern or "A")
     writer.add_array(f"{arch}.core_mixer_kinds", [config.layer_kind(i) for i in range(config.n_core_layers)])
-    writer.add_string(f"{arch}.attention.kind", config.attention)
-    writer.add_string(f"{arch}.norm_kind", config.norm)
-    writer.add_string(f"{arch}.ffn_kind", config.ffn)
+    writer.add_string(f"{arch}.attention.kind", config.attention.kind)
+    writer.add_string(f"{arch}.norm_kind", config.norm.placement)
+    writer.add_string(f"{arch}.ffn_kind", config.ffn.kind)
     writer.add_bool(f"{arch}.tie_embeddings", config.tie_embeddings)
 
 

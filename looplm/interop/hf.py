@@ -20,8 +20,6 @@ are refused.  For per-step logits and exit probabilities use ``model.looplm(ids)
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
-
 from looplm.errors import LoopLMError
 
 try:
@@ -36,7 +34,7 @@ from looplm.config import ModelConfig, from_dict
 from looplm.interop.hf_directory import MODEL_TYPE, save_hf
 from looplm.model.lm import LoopLM
 
-MODEL_KEYS = tuple(field.name for field in fields(ModelConfig))
+MODEL_KEYS = ModelConfig.keys()
 CHECKPOINT_MARKERS = ("format", "version")
 
 
@@ -53,7 +51,7 @@ class LoopLMHFConfig(PretrainedConfig):
         looplm_values = {key: kwargs.pop(key) for key in MODEL_KEYS if key in kwargs}
         for key in CHECKPOINT_MARKERS:
             kwargs.pop(key, None)
-        for key, value in asdict(from_dict(ModelConfig, looplm_values, "model")).items():
+        for key, value in from_dict(ModelConfig, looplm_values, "model").to_dict().items():
             setattr(self, key, value)
         super().__init__(**kwargs)
 
@@ -82,7 +80,7 @@ class LoopLMForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_looplm(cls, looplm_model: LoopLM) -> "LoopLMForCausalLM":
         """Wrap an existing LoopLM (weights shared, nothing copied)."""
-        config = LoopLMHFConfig(**asdict(looplm_model.config))
+        config = LoopLMHFConfig(**looplm_model.config.to_dict())
         return cls(config, looplm_model).train(looplm_model.training)
 
     @classmethod

@@ -74,7 +74,7 @@ def _layer(source: dict, prefix: str, config: ModelConfig, moe: bool) -> dict[st
     out = {"attn_norm.weight": source[prefix + "attn_norm.weight"],
            "ffn_norm.weight": source[prefix + "ffn_norm.weight"],
            "attn.out.weight": source[prefix + "attn.wo.weight"]}
-    if config.attention == "mla":
+    if config.attention.kind == "mla":
         rope, nope = config.mla_rope_dim, config.mla_nope_dim
         order = rotate_half_order(rope)
         q_nope = source[prefix + "attn.q_up_nope.weight"].view(heads, nope, -1)

@@ -113,9 +113,9 @@ def check_ouro_shaped(config: ModelConfig) -> None:
     """Refuse a looplm config that an Ouro checkpoint cannot express, naming the setting."""
     differences = {
         "n_prelude_layers": config.n_prelude_layers != 0, "n_coda_layers": config.n_coda_layers != 0,
-        "norm": config.norm != "sandwich", "step_norm": not config.step_norm,
-        "exit_gate": not config.exit_gate, "attention": config.attention != "mha",
-        "layer_pattern": set(config.layer_pattern) - {"A"} != set(), "ffn": config.ffn != "dense",
+        "norm": config.norm.placement != "sandwich", "step_norm": not config.step_norm,
+        "exit_gate": not config.exit_gate, "attention": config.attention.kind != "mha",
+        "layer_pattern": set(config.layer_pattern) - {"A"} != set(), "ffn": config.ffn.kind != "dense",
         "rope_fraction": config.rope_fraction != 1.0, "zero_centered_norm": config.zero_centered_norm,
         "injection": config.injection != "identity", "initial_state": config.initial_state != "prelude",
         "loop_index_embedding": config.loop_index_embedding, "depth_lora_rank": config.depth_lora_rank != 0,

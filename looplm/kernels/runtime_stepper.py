@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-from dataclasses import asdict
 
 import torch
 
@@ -50,7 +49,7 @@ def _error() -> ctypes.Array:
 
 
 def _config_json(model) -> bytes:
-    return json.dumps(asdict(model.config)).encode()
+    return json.dumps(model.config.to_dict()).encode()
 
 
 def runtime_unsupported(model, cache: KVCache) -> str | None:

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.gated = config.attention == "gated"
+        self.gated = config.attention.kind == "gated"
         self.append_first = config.kv_append_first
         query_width = self.n_heads * self.head_dim * (2 if self.gated else 1)
         self.qkv = nn.Linear(d_model, query_width + 2 * self.n_kv_heads * self.head_dim, bias=False)

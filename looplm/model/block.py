@@ -43,7 +43,7 @@ from looplm.registry import Registry
 ATTENTIONS = Registry("attention kind")
 ATTENTIONS.update(mha=Attention, gated=Attention, mla=MultiHeadLatentAttention)
 MIXERS = Registry("layer kind")  # factories (config, looped) -> token mixer
-MIXERS.update(A=lambda config, looped: ATTENTIONS[config.attention](config),
+MIXERS.update(A=lambda config, looped: ATTENTIONS[config.attention.kind](config),
               G=lambda config, looped: GatedDeltaNet(config, looped),
               R=lambda config, looped: RWKVSlotMixer(config))
 FFNS = Registry("feed-forward kind")  # factories (config) -> FFN
@@ -60,10 +60,10 @@ class Layer(nn.Module):
         self.kind = kind
         self.attn = MIXERS[kind](config, looped)
         self.ffn_norm = make_norm(config)
-        ffn = "dense" if config.ffn == "moe" and config.moe_scope == "core" and not looped else config.ffn
+        ffn = "dense" if config.ffn.kind == "moe" and config.moe_scope == "core" and not looped else config.ffn.kind
         self.ffn = FFNS[ffn](config)
-        self.shifted_ffn = config.ffn == "channelmix"
-        sandwich = config.norm == "sandwich"
+        self.shifted_ffn = config.ffn.kind == "channelmix"
+        sandwich = config.norm.placement == "sandwich"
         self.attn_post_norm = make_norm(config) if sandwich else nn.Identity()
         self.ffn_post_norm = make_norm(config) if sandwich else nn.Identity()
         self.dropout = config.dropout

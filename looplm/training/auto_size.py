@@ -19,8 +19,6 @@ other key (the family, loop steps, vocabulary) stays as configured.
 
 from __future__ import annotations
 
-import dataclasses
-
 from looplm.config import DERIVED_SIZES, ModelConfig
 from looplm.errors import LoopLMError
 
@@ -48,6 +46,6 @@ def apply_auto_size(config: ModelConfig, corpus_bytes: int | None, tokenizer_kin
                           " looplm (shards record their corpus size); give --data FILE or prepare the shards again")
     sizes = auto_sizes(corpus_bytes, tokenizer_kind)
     sizes["max_seq_len"] = max(sizes["max_seq_len"], seq_len)
-    values = {key: value for key, value in dataclasses.asdict(config).items() if key not in DERIVED_SIZES}
+    values = {key: value for key, value in config.to_dict().items() if key not in DERIVED_SIZES}
     values.update(sizes, auto_size=False)
     return ModelConfig(**values)
