@@ -1,6 +1,6 @@
 """Mechanisms that read a token's earlier loop steps (looplm.model.carry): loop-axis memory
 caching on GDN layers (model.loop_mc), nanochat's global gates (model.global_gates), and the
-seed-002 ChannelMix FFN (model.ffn=channelmix).  The architecture contract
+lrnnSMDDS ChannelMix FFN (model.ffn=channelmix).  The architecture contract
 (tests/test_architectures.py) holds them to decode == forward, save/load and causality; here
 they are checked against hand-written equations, against a leaky reading, and against off."""
 
