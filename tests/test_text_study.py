@@ -56,3 +56,21 @@ def test_smoke_study_reports_every_model_under_both_budgets(corpus, tmp_path, ca
         assert (tmp_path / "study" / name).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "GFLOP/s" in printed and "equal wall-clock budget" in printed and "looped" in printed
+
+
+def test_seeds_run_apart_combine_into_one_summary(corpus, tmp_path, capsys, monkeypatch):
+    study = load_study(monkeypatch)
+    common = ["--smoke", "--tokenizers", "byte", "--seeds", "1", "--variants", "looped,dense_params",
+              "--corpus", str(corpus)]
+    for seed in (0, 1):
+        study.main([*common, "--first-seed", str(seed), "--out", str(tmp_path / f"seed{seed}")])
+    combined = study.main(["--combine", str(tmp_path / "seed0"), str(tmp_path / "seed1"),
+                           "--out", str(tmp_path / "both")])
+    looped = next(entry for entry in combined["summary"] if (entry["arm"], entry["variant"]) == ("tokens", "looped"))
+    assert looped["seeds"] == [0, 1] and looped["bits_per_byte_std"] is not None
+    runs = [row for row in combined["runs"] if (row["arm"], row["variant"]) == ("tokens", "looped")]
+    assert looped["bits_per_byte"] == pytest.approx(sum(row["bits_per_byte"] for row in runs) / 2)
+    assert "looped" in (tmp_path / "both" / "results.md").read_text()
+    assert (tmp_path / "both" / "budgets.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="same tokenizer, budget, model and seed twice"):
+        study.main(["--combine", str(tmp_path / "seed0"), str(tmp_path / "seed0"), "--out", str(tmp_path / "x")])
