@@ -430,6 +430,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Exit-policy names of studies run before the policies shared one registry.
+EARLIER_POLICY_NAMES = {"q_exit": "q", "hidden_change": "hidden"}
+
+
+def _current_names(row: dict) -> dict:
+    """A run of an earlier study with today's policy names."""
+    row = dict(row)
+    if "saved_within_1_percent" in row:
+        row["saved_within_1_percent"] = {EARLIER_POLICY_NAMES.get(name, name): value
+                                         for name, value in row["saved_within_1_percent"].items()}
+    if "curves" in row:
+        row["curves"] = [{**point, "policy": EARLIER_POLICY_NAMES.get(point["policy"], point["policy"])}
+                         for point in row["curves"]]
+    return row
+
+
 def combine(args, argv: list[str] | None) -> dict:
     """``--combine``: earlier studies' runs as one study (mean ± std over every seed they hold)."""
     studies = []
@@ -438,7 +454,7 @@ def combine(args, argv: list[str] | None) -> dict:
         if not path.is_file():
             sys.exit(f"text_study: {path} not found: --combine takes the --out directories of finished studies")
         studies.append(json.loads(path.read_text()))
-    rows = [row for study in studies for row in study["runs"]]
+    rows = [_current_names(row) for study in studies for row in study["runs"]]
     seen = [(row["tokenizer"], row["arm"], row["variant"], row["seed"]) for row in rows]
     if len(set(seen)) < len(seen):
         sys.exit("text_study: --combine got the same tokenizer, budget, model and seed twice: combine studies of"
