@@ -224,7 +224,11 @@ class Scheduler:
         ran, logits, row.greedy = self.stepper.whole_token(row.token, row.position, row.max_steps,
                                                            row.policy.min_steps, row.threshold)
         row.logits, row.steps, row.token = logits, ran, None
-        row.layer_applications += ran * self.core_layers
+        # Counted as iterate counts: a layout that keeps every step's K/V runs on past the exit, and
+        # the coda runs at every step a policy reads.
+        run = ran if self.cache.skips else row.max_steps
+        readouts = run if row.policy.reads_every_step or self.dense_readout else 1
+        row.layer_applications += run * self.core_layers + readouts * (self.per_step - self.core_layers)
         row.full_depth_applications += row.max_steps * self.per_step
         row.position += 1
 

@@ -125,6 +125,9 @@ def test_exit_policies_and_layouts_match_the_reference(name, layout, q, steps, m
     native = generate(model, PROMPT, 16, exit_policy=policy, backend="native", layout=layout)
     assert (generated_ids(result), steps_used(result)) == (reference.ids, reference.steps)
     assert (native.ids, native.steps) == (reference.ids, reference.steps)
+    # one count of the layer applications, whichever path ran the token
+    assert (native.layer_applications, native.full_depth_applications) == (reference.layer_applications,
+                                                                            reference.full_depth_applications)
     if q is not None and layout != "full":
         assert min(reference.steps) < (steps or model.config.loop_steps)  # tokens really exit early
 
