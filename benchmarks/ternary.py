@@ -20,6 +20,7 @@ and with ternary weights in all layers; validation loss and exact-match accuracy
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def decode_variants(config: ModelConfig) -> dict[str, LoopLM]:
     torch.manual_seed(0)
     fp32 = LoopLM(config).eval()
     torch.manual_seed(0)
-    ternary = LoopLM(ModelConfig(**{**config.__dict__, "ternary": "all"})).eval()
+    ternary = LoopLM(dataclasses.replace(config, ternary="all")).eval()
     return {"fp32": fp32, "q8_0": quantize_model(copy.deepcopy(fp32)), "ternary QAT": ternary,
             "ternary packed": pack_model(copy.deepcopy(ternary))}
 
@@ -98,7 +99,7 @@ def decode_rates(models: dict[str, LoopLM], prompt: int, new_tokens: int, repeat
 def gguf_sizes(directory: Path) -> dict[str, int]:
     """File sizes of the reference shape stored as f32, q8_0 and ternary (a ternary model)."""
     torch.manual_seed(0)
-    ternary = LoopLM(ModelConfig(**{**preset("reference").__dict__, "ternary": "all"}))
+    ternary = LoopLM(dataclasses.replace(preset("reference"), ternary="all"))
     sizes = {}
     for dtype in ("f32", "q8_0", "ternary"):
         path = export_gguf(ternary, directory / f"{dtype}.gguf", dtype, byte_tokenizer())
