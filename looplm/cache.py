@@ -344,11 +344,11 @@ class KVCache:
     def finish_rows(self, steps_run: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """Apply the layout's rule to the open positions, whose rows ran ``steps_run`` loop steps
         (an int, or [R] per row)."""
-        runs = [steps_run] if isinstance(steps_run, int) else sorted(set(steps_run.tolist()))
-        for ran in runs:
-            if ran < self.max_steps:
-                chosen = (slice(None),) if isinstance(steps_run, int) else (steps_run == ran,)
-                self._fill_skipped(ran, rows[chosen], positions[chosen])
+        if isinstance(steps_run, int):
+            if steps_run < self.max_steps:
+                self._fill_skipped(steps_run, rows, positions)
+        else:
+            self._fill_skipped_rows(steps_run.tolist(), rows.reshape(-1), positions.reshape(-1))
         if self.layout in ("first", "avg") and self._loop_attention:
             columns = torch.arange(positions.shape[-1], device=self.keys.device)
             index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
@@ -370,6 +370,27 @@ class KVCache:
             else:
                 for state in self.states[kind]:
                     state[target.view(-1, 1), rows.reshape(-1)] = state[source.view(-1, 1), rows.reshape(-1)]
+
+    def _fill_skipped_rows(self, steps_run: list[int], rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """``_fill_skipped`` for rows [R] at one position each that ran different numbers of steps,
+        with one gather and one scatter per storage tensor (the scheduler's rows leave a few at a time)."""
+        gathered: dict[str, list[tuple[tuple[torch.Tensor, torch.Tensor], int]]] = {}
+        for index, ran in enumerate(steps_run):
+            if ran < self.max_steps:
+                for kind, pair in self._fill_pairs(ran).items():
+                    gathered.setdefault(kind, []).append((pair, index))
+        for kind, parts in gathered.items():
+            source = torch.cat([pair[0] for pair, _ in parts])
+            target = torch.cat([pair[1] for pair, _ in parts])
+            which = torch.tensor([index for pair, index in parts for _ in range(len(pair[0]))], device=rows.device)
+            row = rows[which]
+            if kind == "A":
+                position = positions[which]
+                for storage in (self.keys, self.values):
+                    storage[target, row, :, position] = storage[source, row, :, position]
+            else:
+                for state in self.states[kind]:
+                    state[target, row] = state[source, row]
 
     def _fill_pairs(self, ran: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(source, target) storage indices per kind ("A", "G", "R"; "F": slots) that a token
