@@ -108,6 +108,16 @@ static void matvec_rows(const float *W, const float *x, float *y, int cols, int 
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int i = 0;
+        for (; i + 16 <= cols; i += 16) {  /* a cache line of each row, and the next four rows' same line */
+            for (int k = 4; k < 8; k++) _mm_prefetch((const char *)(w0 + (size_t)k * cols + i), _MM_HINT_T0);
+            for (int half = 0; half < 16; half += 8) {
+                __m256 xv = _mm256_loadu_ps(x + i + half);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i + half), xv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i + half), xv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i + half), xv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i + half), xv, a3);
+            }
+        }
         for (; i + 8 <= cols; i += 8) {
             __m256 xv = _mm256_loadu_ps(x + i);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
@@ -172,6 +182,8 @@ static void rows4_dot(const int8_t *w, const float *s, const float *x, int block
     for (int b = 0; b < blocks; b++) {
         const float *xb = x + b * BLOCK;
         const int8_t *wb = w + b * BLOCK;
+        if (!(b & 1))  /* the next four rows' line at this offset (two blocks a line), as bf16_rows_n */
+            for (int k = 4; k < 8; k++) _mm_prefetch((const char *)(wb + k * K), _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(block_dot(wb, xb), _mm256_set1_ps(s[b]), a0);
         a1 = _mm256_fmadd_ps(block_dot(wb + K, xb), _mm256_set1_ps(s[blocks + b]), a1);
         a2 = _mm256_fmadd_ps(block_dot(wb + 2 * K, xb), _mm256_set1_ps(s[2 * blocks + b]), a2);
@@ -232,8 +244,12 @@ static inline void bf16_rows_n(const uint16_t *W, const uint16_t *xb, int cols, 
     for (; i < cols; i += 32) {
         const __mmask32 live = cols - i >= 32 ? 0xffffffffu : (1u << (cols - i)) - 1u;
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, xb + i);
-        for (int k = 0; k < n; k++)
+        for (int k = 0; k < n; k++) {
+            /* The same line of the row n rows on (the next call's): a bf16 row is short (1.5 KB at
+             * d 768), too short for the hardware prefetcher to ramp up on each one. */
+            _mm_prefetch((const char *)(W + (size_t)(k + n) * cols + i), _MM_HINT_T0);
             acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_maskz_loadu_epi16(live, W + (size_t)k * cols + i), xv);
+        }
     }
     for (int k = 0; k < n; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -328,6 +344,7 @@ static inline void q8q8_rows_n(const int8_t *w, const float *s, const int8_t *q,
         const __m512i qv = _mm512_loadu_si512((const void *)(q + b * BLOCK));
         const __m512 dv = _mm512_permutexvar_ps(pick, pair_of(d + b));
         for (int k = 0; k < n; k++) {
+            _mm_prefetch((const char *)(w + (size_t)(k + n) * cols + b * BLOCK), _MM_HINT_T0);  /* as bf16_rows_n */
             const __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)k * cols + b * BLOCK));
             const __m512i signed_q = _mm512_mask_sub_epi8(qv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), qv);
             const __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), signed_q);
