@@ -315,6 +315,7 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
     tokenizers = list(dict.fromkeys(entry["tokenizer"] for entry in summary))
 
     def by_step(axis, tokenizer):
+        dense_styles = iter([("C3", "--"), ("C4", "-."), ("C5", ":"), ("C6", "--")])
         for entry in summary:
             if entry["tokenizer"] != tokenizer or entry["arm"] != "tokens":
                 continue
@@ -322,7 +323,8 @@ def plot_all(summary: list[dict], rows: list[dict], loop_steps: int, out: Path) 
             if entry["loop_steps"] > 1:
                 axis.plot(range(1, len(values) + 1), values, marker="o", label=entry["variant"])
             else:
-                axis.axhline(values[0], linestyle="--", linewidth=1,
+                color, style = next(dense_styles, ("grey", "--"))
+                axis.axhline(values[0], color=color, linestyle=style, linewidth=1.2,
                              label=f"{entry['variant']} ({entry['layers']} layers)")
         axis.axvline(loop_steps, color="grey", linestyle=":")
         return "loop steps (T marked; later steps extrapolate)", f"{tokenizer}: quality by loop step, equal tokens"
