@@ -117,3 +117,29 @@ def test_grouped_config_file_trains_from_the_command_line(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())["model"]
     assert (saved["n_heads"], saved["n_kv_heads"], saved["loop_steps"], saved["d_model"]) == (2, 1, 2, 32)
     assert "attention" in saved and saved["attention"] == "mha"
+
+
+def test_a_group_merges_key_by_key_over_a_preset_a_file_and_the_command_line(tmp_path):
+    from looplm.config import assemble_run_config
+
+    path = tmp_path / "grouped.yaml"
+    path.write_text("model:\n  attention: {n_heads: 8}\n  loop: {loop_steps: 3}\n")
+    # the preset's gated attention keeps its kind; the file's group changes only n_heads
+    run, _ = assemble_run_config(preset_name="loopcached", config_file=str(path))
+    assert (run.model.attention.kind, run.model.n_heads, run.model.loop_steps) == ("gated", 8, 3)
+    run, _ = assemble_run_config(preset_name="loopcached", config_file=str(path),
+                                 overrides={"model.n_heads": "4", "model.attention.rope_theta": "1e5"})
+    assert (run.model.attention.kind, run.model.n_heads, run.model.rope_theta) == ("gated", 4, 1e5)
+    with pytest.raises(LoopLMError, match="unknown config key model.attention.heads"):
+        assemble_run_config(preset_name="tiny", overrides={"model.attention.heads": "2"})
+
+
+def test_resume_takes_grouped_keys_and_names_a_difference_by_its_flat_key(tmp_path):
+    from looplm.config import assemble_run_config
+
+    saved = RunConfig.from_dict({"model": {"d_model": 64, "n_heads": 4, "attention": "gated"},
+                                 "data": {"task": "binding"}}).to_dict()
+    run, _ = assemble_run_config(overrides={"model.attention.n_heads": "4", "train.steps": "50"}, saved=saved)
+    assert (run.model.attention.kind, run.model.n_heads, run.train.steps) == ("gated", 4, 50)
+    with pytest.raises(LoopLMError, match=r"--model.n_heads 8 differs from this run's 4"):
+        assemble_run_config(overrides={"model.attention.n_heads": "8"}, saved=saved)

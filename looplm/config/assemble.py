@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from looplm.config.model import ModelConfig
+from looplm.config.model import ModelConfig, flat_dotted, flat_model_values
 from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
 from looplm.config.values import apply_overrides, from_dict, read_config_file
@@ -97,7 +97,7 @@ def assemble_run_config(*, preset_name: str | None = None, config_file: str | No
 
     ``saved`` (``--resume``): the run's saved config is the base; whatever is given again must
     equal it, except ``RESUME_MAY_CHANGE``, else one line names the first difference."""
-    dotted = {**(options or {}), **(overrides or {})}
+    dotted = flat_dotted({**(options or {}), **(overrides or {})})
     raw: dict = {}
     if preset_name:
         raw["model"] = preset_values(preset_name)
@@ -105,6 +105,8 @@ def assemble_run_config(*, preset_name: str | None = None, config_file: str | No
         file_config = read_config_file(config_file)
         _check(isinstance(file_config, dict), f"config file {config_file!r} must hold a mapping with model/train/data"
                " sections")
+        if isinstance(file_config.get("model"), dict):  # groups spelled flat, so a group merges key by key
+            file_config = {**file_config, "model": flat_model_values(file_config["model"])}
         raw = _merge(raw, file_config)
     if source_model is not None and "model" not in raw:
         raw["model"] = drop_derived(source_model, {key[len("model."):] for key in dotted if key.startswith("model.")})

@@ -412,28 +412,8 @@ class ModelConfig:
     def from_mapping(cls, raw: dict, section: str = "model") -> "ModelConfig":
         """Build from a mapping of flat keys, groups (``{"attention": {"kind": "mla"}}``) or both;
         unknown keys, keys given twice and values of the wrong type raise one line."""
-        check(isinstance(raw, dict), f"config section {section!r} must be a mapping")
-        flat: dict[str, Any] = {}
-
-        def put(key: str, value: Any, where: str) -> None:
-            check(key not in flat, f"{section}.{key} is given twice (flat and in its group): give it once")
-            flat[key] = coerce(value, KEY_TYPES[key], where)
-
-        for key, value in raw.items():
-            if key in GROUPS and isinstance(value, dict):
-                group_class = GROUPS[key]
-                names = {item.name for item in fields(group_class)}
-                for name, inner in value.items():
-                    name = name or group_class.NAMED_BY or ""  # "" = the group's own flat value (apply_overrides)
-                    check(name in names, f"unknown config key {section}.{key}.{name}: valid keys are"
-                          f" {', '.join(sorted(names))}")
-                    flat_key = key if name == group_class.NAMED_BY else name
-                    put(flat_key, inner, f"{section}.{flat_key}")
-            else:
-                check(key in KEY_TYPES, f"unknown config key {section}.{key}: valid keys are"
-                      f" {', '.join(sorted(KEY_TYPES))}")
-                put(key, value, f"{section}.{key}")
-        return cls(**flat)
+        flat = flat_model_values(raw, section)
+        return cls(**{key: coerce(value, KEY_TYPES[key], f"{section}.{key}") for key, value in flat.items()})
 
     # --- derived -----------------------------------------------------------------------------------------------
 
@@ -479,6 +459,48 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
 KEY_TYPES: dict[str, Any] = {
     **{item.name: typing.get_type_hints(ModelConfig)[item.name] for item in TOP_LEVEL},
     **{key: typing.get_type_hints(GROUPS[group])[name] for key, (group, name) in FLAT_KEYS.items()}}
+
+
+def flat_model_values(raw: dict, section: str = "model") -> dict[str, Any]:
+    """A model section with its groups spelled out as flat keys (values not yet typed):
+    ``{"attention": {"kind": "mla", "n_heads": 8}}`` → ``{"attention": "mla", "n_heads": 8}``.
+    Unknown keys and a key given both flat and in its group raise one line.  Sections are merged
+    (preset → file → command line) in this flat form, so a group given later replaces only the
+    keys it names."""
+    check(isinstance(raw, dict), f"config section {section!r} must be a mapping")
+    flat: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        check(key not in flat, f"{section}.{key} is given twice (flat and in its group): give it once")
+        flat[key] = value
+
+    for key, value in raw.items():
+        if key in GROUPS and isinstance(value, dict):
+            group_class = GROUPS[key]
+            names = {item.name for item in fields(group_class)}
+            for name, inner in value.items():
+                name = name or group_class.NAMED_BY or ""  # "" = the group's own flat value (apply_overrides)
+                check(name in names, f"unknown config key {section}.{key}.{name}: valid keys are"
+                      f" {', '.join(sorted(names))}")
+                put(key if name == group_class.NAMED_BY else name, inner)
+        else:
+            check(key in KEY_TYPES,
+                  f"unknown config key {section}.{key}: valid keys are {', '.join(sorted(KEY_TYPES))}")
+            put(key, value)
+    return flat
+
+
+def flat_dotted(dotted: dict[str, Any]) -> dict[str, Any]:
+    """Dotted overrides with grouped model keys spelled flat: ``model.attention.n_heads`` →
+    ``model.n_heads``, ``model.attention.kind`` → ``model.attention``; other keys as given."""
+    result = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "model" and parts[1] in GROUPS:
+            (flat_key,) = flat_model_values({parts[1]: {parts[2]: value}})
+            key = f"model.{flat_key}"
+        result[key] = value
+    return result
 
 
 def _flat_property(key: str, group: str, name: str) -> property:
