@@ -143,3 +143,12 @@ def test_resume_takes_grouped_keys_and_names_a_difference_by_its_flat_key(tmp_pa
     assert (run.model.attention.kind, run.model.n_heads, run.train.steps) == ("gated", 4, 50)
     with pytest.raises(LoopLMError, match=r"--model.n_heads 8 differs from this run's 4"):
         assemble_run_config(overrides={"model.attention.n_heads": "8"}, saved=saved)
+
+
+def test_the_training_guide_config_example_builds():
+    import yaml
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text()
+    raw = yaml.safe_load(guide.split("```yaml\n", 1)[1].split("```", 1)[0])
+    run = RunConfig.from_dict({**raw, "data": {"task": "binding"}})
+    assert (run.model.attention.kind, run.model.n_heads, run.model.loop_steps) == ("gated", 8, 6)
