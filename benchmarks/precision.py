@@ -6,7 +6,9 @@ avx512_vnni, avx_vnni, amx_bf16, amx_int8), the C kernel's compiled paths and th
 rounds) so a change in the machine's load hits both sides alike:
 
 1. training tokens/s on the reference shape (d 256, 4 heads, vocab 4096, 3 core layers × T 4;
-   batch 8 × 256, Stage I, AdamW): fp32 against bf16 autocast (``train.precision bf16``);
+   batch 8 × 256, Stage I, AdamW): fp32 against bf16 autocast (``train.precision bf16``), eager,
+   and again with the forward and loss under ``torch.compile`` on both sides (``train.compile``;
+   ``--skip-compiled`` leaves this pair out);
 2. batch-1 greedy decode tokens/s at a ~100M shape (d 768, 12 heads, ffn 2048, vocab 4096,
    14 core layers × T 4: 102 M parameters; prompt 32, 32 new tokens, fixed T steps, the native
    C kernel): fp32 weights against bf16 weights (``dtype="bf16"``);
@@ -16,7 +18,7 @@ rounds) so a change in the machine's load hits both sides alike:
 4. batched decode (8 prompts of 32 tokens, 8 new tokens each, prefill excluded; the engine of
    ``generate_batch``) at the ~100M shape: fp32 against bf16 weights (torch's bf16 matmuls).
 
-    python benchmarks/precision.py [--threads N] [--repeats 3] [--json FILE] [--skip-large]
+    python benchmarks/precision.py [--threads N] [--repeats 3] [--json FILE] [--skip-large] [--skip-compiled]
 
 ``--demo-accuracy`` instead trains the demo model (``looplm demo``'s task and recipe, 3,000
 steps) twice with the same seed, in fp32 and with bf16 autocast, and reports both held-out
@@ -66,12 +68,17 @@ def pair(figures: dict[str, float], new: str, old: str) -> dict:
     return {**figures, f"{new} / {old}": figures[new] / figures[old]}
 
 
-def training_pair(repeats: int) -> dict:
+def training_pair(repeats: int, compiled: bool = False) -> dict:
+    """Training tokens/s, fp32 against bf16 autocast, on the reference shape; ``compiled``: the
+    forward and loss under ``torch.compile`` on both sides (as ``train.compile`` runs them; each
+    precision compiles once, in the warm-up)."""
     torch.manual_seed(0)
     model = LoopLM(preset("reference"))
-    time_training(model, steps=1, repeats=1, precision="bf16")  # warm both paths once
+    for precision in ("fp32", "bf16"):  # warm both paths once (and compile them)
+        time_training(model, steps=1, repeats=1, precision=precision, compile_model=compiled)
     figures = interleaved({precision: (lambda precision=precision: time_training(model, steps=2, repeats=1,
-                                                                                  precision=precision))
+                                                                                  precision=precision,
+                                                                                  compile_model=compiled))
                            for precision in ("fp32", "bf16")}, repeats)
     return pair(figures, "bf16", "fp32")
 
@@ -155,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true", help="leave out the ~100M decode figures")
+    parser.add_argument("--skip-compiled", action="store_true",
+                        help="leave out the training pair under torch.compile (about a minute of compiling)")
     parser.add_argument("--demo-accuracy", action="store_true", help="the demo-task accuracy check instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-steps", type=int, default=3000, help="training steps of each demo run")
@@ -170,6 +179,8 @@ def main() -> None:
     show(results)
     sections = ({"demo accuracy": lambda: demo_accuracy(args.seed, args.demo_steps)} if args.demo_accuracy else
                 {"training tokens/s, reference shape": lambda: training_pair(args.repeats)})
+    if not args.demo_accuracy and not args.skip_compiled:
+        sections["training tokens/s, reference shape, torch.compile"] = lambda: training_pair(args.repeats, True)
     if not args.demo_accuracy and not args.skip_large:
         sections["decode tokens/s, ~100M shape"] = lambda: decode_pairs(args.repeats)
     for name, measure in sections.items():
