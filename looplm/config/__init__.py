@@ -12,6 +12,7 @@ from looplm.config.assemble import (
                                     CHECKPOINT_METADATA_KEYS,
                                     DERIVED_SIZES,
                                     RESUME_MAY_CHANGE,
+                                    apply_overrides,
                                     assemble_run_config,
                                     drop_derived,
                                     model_config_from_json,
@@ -54,7 +55,7 @@ from looplm.config.run import (
                                     RunConfig,
                                     TrainConfig,
 )
-from looplm.config.values import apply_overrides, from_dict, read_config_file
+from looplm.config.values import from_dict, read_config_file
 
 __all__ = [
     "ATTENTION_KINDS", "CHECKPOINT_METADATA_KEYS", "DEPTH_LORA_POSITIONS", "DEPTH_SAMPLING", "DERIVED_SIZES",

@@ -11,8 +11,8 @@ from typing import Any
 from looplm.config.model import ModelConfig, flat_dotted, flat_model_values
 from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
-from looplm.config.values import apply_overrides, from_dict, read_config_file
 from looplm.config.values import check as _check
+from looplm.config.values import from_dict, read_config_file
 from looplm.errors import LoopLMError
 
 # Keys of a checkpoint's config.json that describe the file, not the model: looplm's format
@@ -46,6 +46,24 @@ DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert
 # runs, not the model, the data or the optimisation (docs/TRAINING.md).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
                      "train.keep_last", "train.log_to", "train.threads", "train.device", "train.parallel")
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Patch a nested run-config dict with dotted keys: {"model.loop_steps": "6"}.  The model
+    section and grouped keys (``model.attention.n_heads``) are spelled flat first, so an override
+    replaces exactly the setting it names."""
+    result = json.loads(json.dumps(raw))
+    if isinstance(result.get("model"), dict):
+        result["model"] = flat_model_values(result["model"])
+    for dotted, value in flat_dotted(overrides).items():
+        parts = dotted.split(".")
+        _check(len(parts) >= 2 and parts[0] in ("model", "train", "data"),
+               f"override {dotted!r} must look like model.KEY, train.KEY or data.KEY")
+        node = result.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
 
 
 def drop_derived(model: dict, changed: set[str]) -> dict:

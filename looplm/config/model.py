@@ -479,7 +479,6 @@ def flat_model_values(raw: dict, section: str = "model") -> dict[str, Any]:
             group_class = GROUPS[key]
             names = {item.name for item in fields(group_class)}
             for name, inner in value.items():
-                name = name or group_class.NAMED_BY or ""  # "" = the group's own flat value (apply_overrides)
                 check(name in names, f"unknown config key {section}.{key}.{name}: valid keys are"
                       f" {', '.join(sorted(names))}")
                 put(key if name == group_class.NAMED_BY else name, inner)

@@ -1,8 +1,7 @@
 """Turning user values (JSON, YAML, command-line strings) into typed config fields.
 
 Every config section is a dataclass; ``from_dict`` builds one from a mapping, refusing unknown
-keys and values of the wrong type with one line that names the key.  Dotted overrides such as
-``model.loop_steps=6`` patch a nested dict before construction (``apply_overrides``).
+keys and values of the wrong type with one line that names the key.
 """
 
 from __future__ import annotations
@@ -97,26 +96,6 @@ def from_dict(cls: type, raw: dict, section: str) -> Any:
                 f"unknown config key {section}.{key}: valid keys are {', '.join(sorted(known))}")
     values = {key: coerce(value, hints[key], f"{section}.{key}") for key, value in raw.items()}
     return cls(**values)
-
-
-def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """Patch a nested run-config dict with dotted keys: {"model.loop_steps": "6"}.  A grouped key
-    (``model.attention.n_heads``) nests one level deeper; a scalar already at the group's place
-    (``model.attention: mla``) becomes the group's ``kind``-like key, which ``ModelConfig`` reads."""
-    result = json.loads(json.dumps(raw))
-    for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        check(len(parts) >= 2 and parts[0] in ("model", "train", "data"),
-              f"override {dotted!r} must look like model.KEY, train.KEY or data.KEY")
-        node = result.setdefault(parts[0], {})
-        for part in parts[1:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else {"": child}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return result
 
 
 def read_config_file(path: str | Path) -> dict:
