@@ -24,7 +24,6 @@ are; ``from_mapping`` also reads the grouped form (``{"attention": {"kind": "mla
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -357,7 +356,7 @@ class ModelConfig:
                 group = group_class(**{group_class.NAMED_BY: given})
             else:
                 raise TypeError(f"ModelConfig({name}=...) takes a {group_class.__name__} or a mapping, got {given!r}")
-            object.__setattr__(self, name, group)
+            setattr(self, name, group)
         for item in TOP_LEVEL:
             setattr(self, item.name, values.pop(item.name, item.default))
         for key, value in values.items():
@@ -403,10 +402,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The flat form that checkpoints, GGUF metadata and the C runtime store."""
         return dict(self.items())
-
-    def to_grouped_dict(self) -> dict[str, Any]:
-        """The top-level settings, then one mapping per group: the grouped form a config file may use."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_mapping(cls, raw: dict, section: str = "model") -> "ModelConfig":
