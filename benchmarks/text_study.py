@@ -461,25 +461,33 @@ def combine(args, argv: list[str] | None) -> dict:
     if len(set(seen)) < len(seen):
         sys.exit("text_study: --combine got the same tokenizer, budget, model and seed twice: combine studies of"
                  " different seeds")
-    loop_steps = studies[0]["settings"]["loop_steps"]
+    combined = [{"directory": str(directory), "command": study["command"], "host": study["host"]}
+                for directory, study in zip(args.combine, studies)]
+    hosts = "; ".join(f"{entry['directory']}: {entry['host']['cpu']}, fp32 matmul"
+                      f" {entry['host']['matmul_gflop_s']:.0f} GFLOP/s, {entry['host']['date']}" for entry in combined)
+    print(hosts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = {"command": _command(argv), "combined": combined, "host": studies[0]["host"],
+               "settings": studies[0]["settings"],
+               "corpus": {key: value for study in studies for key, value in study["corpus"].items()}}
+    return write_study(results, rows, studies[0]["settings"]["loop_steps"], out, hosts)
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["python", "benchmarks/text_study.py", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_study(results: dict, rows: list[dict], loop_steps: int, out: Path, host_line: str) -> dict:
+    """A study's summary, tables, verdict and plots from its ``rows``: ``results.json`` (``results``
+    with the summary, runs and plots added), ``results.md`` (command, ``host_line``, tables,
+    verdict), printed as well."""
     summary = summarise(rows)
     tables = markdown_tables(summary, loop_steps)
-    command = ["python", "benchmarks/text_study.py", *(argv if argv is not None else sys.argv[1:])]
-    results = {"command": " ".join(command),
-               "combined": [{"directory": str(directory), "command": study["command"], "host": study["host"]}
-                            for directory, study in zip(args.combine, studies)],
-               "host": studies[0]["host"], "settings": studies[0]["settings"],
-               "corpus": {key: value for study in studies for key, value in study["corpus"].items()},
-               "summary": summary, "runs": rows}
+    results.update(summary=summary, runs=rows)
     results["plots"] = plot_all(summary, rows, loop_steps, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    hosts = "; ".join(f"{entry['directory']}: {entry['host']['cpu']}, fp32 matmul"
-                      f" {entry['host']['matmul_gflop_s']:.0f} GFLOP/s, {entry['host']['date']}"
-                      for entry in results["combined"])
-    (out / "results.md").write_text(f"{results['command']}\n\n{hosts}\n" + tables + "\n" + verdict(summary) + "\n")
-    print(hosts)
+    (out / "results.md").write_text(f"{results['command']}\n\n{host_line}\n" + tables + "\n" + verdict(summary) + "\n")
     print(tables)
     print(verdict(summary))
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {', '.join(results['plots'])}")
@@ -509,22 +517,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows += [{"tokenizer": tokenizer, **row} for row in tokenizer_rows]
     if not args.corpus and min(corpus["bytes"] for corpus in corpora.values()) < MIN_CORPUS_BYTES:
         print(f"warning: the corpus holds under {MIN_CORPUS_BYTES / 1e6:.0f} MB", file=sys.stderr)
-    summary = summarise(rows)
-    tables = markdown_tables(summary, args.loop_steps)
     settings = {key: value for key, value in vars(args).items() if key not in ("seed_list",)}
-    results = {"command": " ".join(["python", "benchmarks/text_study.py",
-                                    *(argv if argv is not None else sys.argv[1:])]),
-               "host": machine, "settings": settings, "corpus": corpora, "summary": summary,
-               "runs": rows, "seconds": round(time.perf_counter() - started, 1)}
-    results["plots"] = plot_all(summary, rows, args.loop_steps, out)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(f"{results['command']}\n\n{machine['cpu']}, flags {' '.join(machine['flags'])},"
-                                    f" fp32 matmul {machine['matmul_gflop_s']:.0f} GFLOP/s, {machine['date']}\n"
-                                    + tables + "\n" + verdict(summary) + "\n")
-    print(tables)
-    print(verdict(summary))
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {', '.join(results['plots'])}")
-    return results
+    results = {"command": _command(argv), "host": machine, "settings": settings, "corpus": corpora,
+               "seconds": round(time.perf_counter() - started, 1)}
+    return write_study(results, rows, args.loop_steps, out, f"{machine['cpu']}, flags {' '.join(machine['flags'])},"
+                       f" fp32 matmul {machine['matmul_gflop_s']:.0f} GFLOP/s, {machine['date']}")
 
 
 if __name__ == "__main__":
