@@ -241,6 +241,38 @@ def case_export_over_its_source(files, tmp_path):
     return ["export", "gguf", tmp_path / "model.gguf", tmp_path / "model.gguf", "--force"], "is the input"
 
 
+def case_generate_from_a_missing_checkpoint(files, tmp_path):
+    return ["generate", tmp_path / "missing", "--prompt", "x"], "checkpoint"
+
+
+def case_generate_zero_steps(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--steps", "0"], "steps must be >= 1"
+
+
+def case_prompt_longer_than_the_context(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x" * 100], "longer than the context"
+
+
+def case_train_on_an_empty_file(files, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    return ["train", "--data", tmp_path / "empty.txt", "--out", tmp_path / "run", *TINY_TRAIN], "is empty"
+
+
+def case_train_on_a_binary_file(files, tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"\x80\x81 not utf-8")
+    return ["train", "--data", tmp_path / "binary.txt", "--out", tmp_path / "run", *TINY_TRAIN], "not UTF-8"
+
+
+def case_config_file_with_an_unknown_key(files, tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  loop_stepz: 3\n")
+    return ["train", "--config", tmp_path / "bad.yaml", "--data", files / "corpus.txt", "--out", tmp_path / "run"], \
+        "unknown config key model.loop_stepz"
+
+
+def case_train_into_a_directory_holding_a_run(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", copy_of(files, tmp_path), *TINY_TRAIN], "already holds"
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 
