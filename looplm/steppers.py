@@ -35,6 +35,11 @@ class Rows:
     def tensor(self, name: str, device) -> torch.Tensor:
         return torch.tensor(getattr(self, name), dtype=torch.long, device=device)
 
+    def step(self, device):
+        """The rows' loop step as the model takes it: one int when every row is at the same step
+        (one loop-index signal, one LoRA scale), else a tensor [R]."""
+        return self.steps[0] if len(set(self.steps)) == 1 else self.tensor("steps", device)
+
     def subset(self, chosen: Sequence[int]) -> Rows:
         return Rows(*([values[i] for i in chosen] for values in (self.slots, self.steps, self.positions)))
 
@@ -68,11 +73,10 @@ class ModelStepper:
         self.carried: dict = {}  # RowCarry's values per (cache row, step)
 
     def _call(self, method, h: torch.Tensor, rows: Rows, *args) -> torch.Tensor:
-        """``method(h [R, 1, D], steps, positions, view, *args)`` of the model through a ``RowsView``;
-        steps is one int when every row is at the same step (one loop-index signal, one LoRA scale)."""
+        """``method(h [R, 1, D], steps, positions, view, *args)`` of the model through a ``RowsView``
+        (steps: ``Rows.step``)."""
         view = RowsView(self.cache, rows.tensor("slots", self.device))
-        steps = rows.steps[0] if len(set(rows.steps)) == 1 else rows.tensor("steps", self.device)
-        out = method(h.unsqueeze(1), steps, rows.tensor("positions", self.device), view, *args)
+        out = method(h.unsqueeze(1), rows.step(self.device), rows.tensor("positions", self.device), view, *args)
         view.flush()
         return out[:, 0]
 
@@ -102,7 +106,7 @@ class ModelStepper:
     def mixing_gates(self, rows: Rows) -> torch.Tensor:
         """model.act_mixing: the gate logits [R] the rows' ``core_step`` just computed from their states."""
         carry = self._carry(rows)
-        carry.step = rows.steps[0] if len(set(rows.steps)) == 1 else rows.tensor("steps", self.device)
+        carry.step = rows.step(self.device)
         return carry.current(self.model.exit_gate)[0].reshape(-1)
 
     def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
