@@ -51,13 +51,17 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                    stop_strings: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    layout: str = "last_exited", modulo_slots: int = 2,
                    on_token: Callable[[int, int, int, str], None] | None = None,
-                   settings: Sequence[Settings] | None = None, dtype: str = "fp32") -> BatchResult:
+                   settings: Sequence[Settings] | None = None, dtype: str = "fp32",
+                   backend: str = "auto") -> BatchResult:
     """Generate for several prompts at once; each row stops on its own (stop id, stop string,
     length, context).  Same arguments as ``generate`` (``max_new_tokens`` may give one limit
     per prompt; ``settings`` one ``Settings`` per prompt, overriding sampling, exit_policy and
     stop_strings, with the batch's ``layout``); ``on_token(row, id, steps, text)`` is called for
     every emitted token (streaming); ``dtype``: the weights (fp32, bf16, auto: bf16 copies where the
-    CPU multiplies bf16 natively; ``looplm.steppers.make_stepper``).  A seeded row draws from its
+    CPU multiplies bf16 natively; ``looplm.steppers.make_stepper``); ``backend``: ``auto`` runs the rows
+    in C (``NativeRowsStepper``: each core step of every row in one call) where the model is the plain
+    loop on a float32 CPU, else the reference stepper; ``reference`` forces the model's own modules.
+    A seeded row draws from its
     own generator."""
     context = model.config.max_seq_len
     if not prompts:
@@ -76,7 +80,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     callbacks = [None if on_token is None else partial(on_token, row) for row in range(len(prompts))]
     with eval_mode(model):
         session = BatchSession(model, len(prompts), longest, tokenizer=tokenizer, stop_ids=stop_ids, layout=layout,
-                               modulo_slots=modulo_slots, max_steps=depth, dtype=dtype)
+                               modulo_slots=modulo_slots, max_steps=depth, dtype=dtype, backend=backend)
         requests = session.admit(prompts, limits, callbacks, settings)
         while session.active:
             session.step()

@@ -211,6 +211,7 @@ class KVCache:
         self.storage_index = torch.tensor(self.index, dtype=torch.long, device=device)  # slot → storage
         self._saved = None  # first/avg: the open positions' step-1 K/V or their running sums
         self._fills: dict[int, dict] = {}
+        self._fill_lists: dict[int, dict] = {}  # the same index pairs as Python lists
         self.length = 0
 
     def group(self, step: int, offset: int = 0) -> int:
@@ -341,14 +342,21 @@ class KVCache:
             kept = saved[:, rows, columns]
             saved[:, rows, columns] = torch.where(fresh, current, kept + current if self.layout == "avg" else kept)
 
-    def finish_rows(self, steps_run: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """Apply the layout's rule to the open positions, whose rows ran ``steps_run`` loop steps
-        (an int, or [R] per row)."""
+    def finish_rows(self, steps_run: int | list[int], rows: torch.Tensor | list[int],
+                    positions: torch.Tensor | list[int]) -> None:
+        """Apply the layout's rule to the open positions, whose rows ran ``steps_run`` loop steps:
+        an int (rows, positions: index tensors), or per row (lists [R] of the steps each ran, its
+        cache row and its one open position)."""
         if isinstance(steps_run, int):
             if steps_run < self.max_steps:
                 self._fill_skipped(steps_run, rows, positions)
         else:
-            self._fill_skipped_rows(steps_run.tolist(), rows.reshape(-1), positions.reshape(-1))
+            self._fill_skipped_rows(steps_run, rows, positions)
+            if self.layout in ("first", "avg") and self._loop_attention:
+                device = self.keys.device
+                steps_run = torch.tensor(steps_run, device=device)
+                rows = torch.tensor(rows, device=device)[:, None]
+                positions = torch.tensor(positions, device=device)[:, None]
         if self.layout in ("first", "avg") and self._loop_attention:
             columns = torch.arange(positions.shape[-1], device=self.keys.device)
             index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
@@ -371,26 +379,27 @@ class KVCache:
                 for state in self.states[kind]:
                     state[target.view(-1, 1), rows.reshape(-1)] = state[source.view(-1, 1), rows.reshape(-1)]
 
-    def _fill_skipped_rows(self, steps_run: list[int], rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """``_fill_skipped`` for rows [R] at one position each that ran different numbers of steps,
-        with one gather and one scatter per storage tensor (the scheduler's rows leave a few at a time)."""
-        gathered: dict[str, list[tuple[tuple[torch.Tensor, torch.Tensor], int]]] = {}
-        for index, ran in enumerate(steps_run):
+    def _fill_skipped_rows(self, steps_run: list[int], rows: list[int], positions: list[int]) -> None:
+        """``_fill_skipped`` for rows at one position each that ran different numbers of steps
+        (lists [R]), with one copy per storage tensor (the scheduler's rows leave a few at a time):
+        the index lists are gathered in Python and made one tensor per kind."""
+        gathered: dict[str, tuple[list[int], list[int], list[int], list[int]]] = {}
+        for ran, row, position in zip(steps_run, rows, positions):
             if ran < self.max_steps:
-                for kind, pair in self._fill_pairs(ran).items():
-                    gathered.setdefault(kind, []).append((pair, index))
-        for kind, parts in gathered.items():
-            source = torch.cat([pair[0] for pair, _ in parts])
-            target = torch.cat([pair[1] for pair, _ in parts])
-            which = torch.tensor([index for pair, index in parts for _ in range(len(pair[0]))], device=rows.device)
-            row = rows[which]
+                self._fill_pairs(ran)
+                for kind, (source, target) in self._fill_lists[ran].items():
+                    lists = gathered.setdefault(kind, ([], [], [], []))
+                    lists[0].extend(source)
+                    lists[1].extend(target)
+                    lists[2].extend([row] * len(source))
+                    lists[3].extend([position] * len(source))
+        for kind, lists in gathered.items():
             if kind == "A":
-                position = positions[which]
-                for storage in (self.keys, self.values):
-                    storage[target, row, :, position] = storage[source, row, :, position]
-            else:
-                for state in self.states[kind]:
-                    state[target, row] = state[source, row]
+                ops.copy_positions((self.keys, self.values), *lists)
+                continue
+            source, target, row, _ = torch.tensor(lists, device=self.keys.device)
+            for state in self.states[kind]:
+                state[target, row] = state[source, row]
 
     def _fill_pairs(self, ran: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(source, target) storage indices per kind ("A", "G", "R"; "F": slots) that a token
@@ -410,8 +419,9 @@ class KVCache:
                     elif self.group(step, offset) not in written | done:
                         done.add(self.group(step, offset))
                         pairs.setdefault("A", []).append((self.index[source], self.index[target]))
-            self._fills[ran] = {kind: tuple(torch.tensor(side, device=self.keys.device) for side in zip(*found))
-                                for kind, found in pairs.items()}
+            self._fill_lists[ran] = {kind: tuple(list(side) for side in zip(*found)) for kind, found in pairs.items()}
+            self._fills[ran] = {kind: tuple(torch.tensor(side, device=self.keys.device) for side in sides)
+                                for kind, sides in self._fill_lists[ran].items()}
         return self._fills[ran]
 
     @property

@@ -205,7 +205,7 @@ class BatchSession:
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
                  stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2,
-                 max_steps: int | None = None, backend: str = "reference", compile_steps: bool = False,
+                 max_steps: int | None = None, backend: str = "auto", compile_steps: bool = False,
                  prefix_cache=None, dtype: str = "fp32"):
         self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
         self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling,

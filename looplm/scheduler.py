@@ -66,6 +66,8 @@ class Scheduler:
                                                                               compile_steps, dtype)
         self.whole_tokens = (self.stepper.whole_token is not None
                              and layout in getattr(self.stepper, "whole_token_layouts", ()))
+        # A stepper may give the logits and their argmax in one call (``logits_argmax``).
+        self.logits_argmax = getattr(self.stepper, "logits_argmax", None)
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
         self.core_layers, self.per_step = config.n_core_layers, config.n_core_layers + config.n_coda_layers
         self.free = list(range(rows))
@@ -234,22 +236,29 @@ class Scheduler:
 
     def _leave(self, leaving: list[tuple[Row, int]], readout: torch.Tensor) -> list[Row]:
         """Rows whose token is done: fill the steps they skipped, their logits, out of the core."""
-        finals = []
-        for row, place in leaving:
-            if row.act_threshold is not None:
-                finals.append(self.tables["act_state"][row.slot])
-                row.exit_step = int(self.tables["halting"][row.slot])
-            elif row.exit_step is not None and row.exit_step <= row.step:  # exited earlier, ran on
-                finals.append(self.tables["chosen"][row.slot])
-            else:
-                finals.append(readout[place])
+        if all(row.act_threshold is None and (row.exit_step is None or row.exit_step > row.step)
+               for row, _ in leaving):  # every row's readout is this step's
+            places = [place for _, place in leaving]
+            readouts = readout if len(places) == len(readout) else readout[torch.tensor(places, device=self.device)]
+        else:
+            finals = []
+            for row, place in leaving:
+                if row.act_threshold is not None:
+                    finals.append(self.tables["act_state"][row.slot])
+                    row.exit_step = int(self.tables["halting"][row.slot])
+                elif row.exit_step is not None and row.exit_step <= row.step:  # exited earlier, ran on
+                    finals.append(self.tables["chosen"][row.slot])
+                else:
+                    finals.append(readout[place])
+            readouts = torch.stack(finals)
         ran = [row.step + 1 for row, _ in leaving]
         if self.cache.layout in ("first", "avg") or any(steps < row.max_steps for steps, (row, _) in zip(ran, leaving)):
-            slots = torch.tensor([row.slot for row, _ in leaving], device=self.device)
-            positions = torch.tensor([row.position for row, _ in leaving], device=self.device)
-            self.cache.finish_rows(torch.tensor(ran, device=self.device), slots[:, None], positions[:, None])
-        logits = self.stepper.logits(finals[0].view(1, -1) if len(finals) == 1 else torch.stack(finals))
-        greedy = logits.argmax(-1).tolist()
+            self.cache.finish_rows(ran, [row.slot for row, _ in leaving], [row.position for row, _ in leaving])
+        if self.logits_argmax is not None:
+            logits, greedy = self.logits_argmax(readouts)
+        else:
+            logits = self.stepper.logits(readouts)
+            greedy = logits.argmax(-1).tolist()
         for index, (row, _) in enumerate(leaving):
             row.logits, row.greedy, row.steps = logits[index], greedy[index], row.exit_step or row.step + 1
             row.full_depth_applications += row.max_steps * self.per_step
@@ -294,17 +303,15 @@ class Scheduler:
         for kind, members in groups.items():
             group = [rows[index] for index in members]
             part = readout if len(members) == len(rows) else readout[torch.tensor(members, device=self.device)]
-            slots = torch.tensor([row.slot for row in group], device=self.device)
-            steps = torch.tensor([row.step for row in group], device=self.device)
+            slots, steps = torch.tensor([[row.slot for row in group], [row.step for row in group]], device=self.device)
             if kind is ACTExit:
                 self._act(group, slots, steps, part, head)
                 continue
             values = self._signal(group[0].policy.signal, slots, part, head)
             survival = self._table("survival", dtype=torch.float64)
             decided, survival[slots] = kind.decide([row.policy for row in group], steps, values, survival[slots])
-            decided &= steps + 1 >= torch.tensor([row.policy.min_steps for row in group], device=self.device)
-            for index, exited in zip(members, decided.tolist()):
-                exits[index] = exited
+            for index, row, exited in zip(members, group, decided.tolist()):
+                exits[index] = exited and row.step + 1 >= row.policy.min_steps
         return exits
 
     def _signal(self, signal: Signal, slots: torch.Tensor, readout: torch.Tensor, head) -> torch.Tensor:

@@ -127,10 +127,12 @@ class NativeBackend:
         return None if native_unsupported(model, cache) is None else runtime_unsupported(model, cache)
 
     def __new__(cls, model, cache: KVCache, compile_steps: bool = False):
-        from looplm.kernels.native_stepper import NativeStepper, native_unsupported
+        from looplm.kernels.native_stepper import NativeRowsStepper, NativeStepper, native_unsupported
         from looplm.kernels.runtime_stepper import RuntimeStepper
 
-        return NativeStepper(model, cache) if native_unsupported(model, cache) is None else RuntimeStepper(model, cache)
+        if native_unsupported(model, cache) is not None:
+            return RuntimeStepper(model, cache)
+        return NativeStepper(model, cache) if cache.batch_size == 1 else NativeRowsStepper(model, cache)
 
 
 def _native():

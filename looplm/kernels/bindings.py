@@ -67,6 +67,13 @@ SIGNATURES = {
     "looplm_rows_attention": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT, _INT,
                                _POINTER, _INT], None),
     "looplm_scratch_floats": ([ctypes.POINTER(Dims)], ctypes.c_long),
+    "looplm_rows_layers": ([ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), _INT, _INT, _POINTER,
+                            _POINTER, _POINTER, _POINTER, ctypes.c_long, _POINTER, _POINTER, _POINTER, _POINTER,
+                            _INT], None),
+    "looplm_rows_scratch_floats": ([ctypes.POINTER(Dims), _INT, _INT], ctypes.c_long),
+    "looplm_rows_project": ([ctypes.POINTER(Projection), _POINTER, _INT, _POINTER, _INT, _INT, _POINTER, _INT], None),
+    "looplm_copy_positions": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT,
+                               _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),
     "lr_model_bind": ([_POINTER, ctypes.c_char_p, _INT, _POINTER, _POINTER, _INT, ctypes.POINTER(ctypes.c_int64),

@@ -1,6 +1,8 @@
 """``NativeStepper``: one decode row's loop steps through the C kernel (``decode_kernel.c``).
 
 A ``looplm.steppers.Stepper`` for one row (tensors [1, D]), like ``fast_decode.FastStepper``;
+``NativeRowsStepper`` runs the rows of a batched cache, each at its own loop step and position,
+through a run of layers in one C call (``looplm_rows_layers``);
 it reads and writes the same ``KVCache`` storage (prefill, LAST_EXITED copies and the other
 steppers interoperate).  Capabilities the scheduler uses: ``whole_token`` (a token's embedding
 row, every step, Q-exit, the LAST_EXITED copy, the head and the greedy argmax in one C call;
@@ -10,8 +12,9 @@ place (no copies): build the stepper after training, as ``generate`` does for ev
 
 Supported: a float32 model on the CPU (its layer projections may be int8 ``Int8Linear``,
 looplm.quant, or bf16 ``Bf16Linear``, looplm.bf16 — whose head the kernel then reads in bf16
-too) and a batch-1 cache; ``native_unsupported`` says why not otherwise, and ``auto`` then falls
-back to the C runtime (``runtime_stepper``) or ``FastStepper``.
+too) and any cache (batch 1: ``NativeStepper``; batched: ``NativeRowsStepper``);
+``native_unsupported`` says why not otherwise, and ``auto`` then falls back to the C runtime
+(``runtime_stepper``, batch 1) or ``FastStepper``, or for a batched cache the reference stepper.
 """
 
 from __future__ import annotations
@@ -35,15 +38,15 @@ PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thr
 NATIVE_PREFILL_BYTES = 32 * 2**20
 
 
-def c_decode_unsupported(model, cache: KVCache, what: str) -> str | None:
+def c_decode_unsupported(model, cache: KVCache, what: str, batched: bool = False) -> str | None:
     """Why ``what`` (a C decode path) cannot run this model and cache at all — not on the CPU, not
-    float32, not batch 1 — or None."""
+    float32, not batch 1 (unless ``batched``: it runs a batched cache's rows) — or None."""
     parameter = next(model.parameters())
     if parameter.device.type != "cpu":
         return f"{what} runs on the CPU; the model is on {parameter.device}"
     if parameter.dtype != torch.float32 or cache.keys.dtype != torch.float32:
         return f"{what} needs float32 weights and cache, got {parameter.dtype}"
-    if cache.keys.shape[1] != 1:
+    if cache.keys.shape[1] != 1 and not batched:
         return f"{what} decodes batch 1"
     return None
 
@@ -57,7 +60,7 @@ def decode_threads(layer_bytes: int) -> int:
 
 def native_unsupported(model, cache: KVCache) -> str | None:
     """None when the C kernel can decode this model with this cache, else the reason."""
-    if (reason := c_decode_unsupported(model, cache, "the C decode kernel")) is not None:
+    if (reason := c_decode_unsupported(model, cache, "the C decode kernel", batched=True)) is not None:
         return reason
     from looplm.fast_decode import fast_unsupported
 
@@ -260,3 +263,88 @@ class NativeStepper:
                                    self.logits_buffer.data_ptr(), self.config.vocab_size, self.config.d_model,
                                    self.threads)
         return self.logits_buffer.clone().view(1, -1)
+
+
+class NativeRowsStepper(NativeStepper):
+    """The rows of a batched cache through the same C layers: each core, prelude or coda run of
+    every row in one ``looplm_rows_layers`` call, whatever loop step and position each row is at
+    (its step picks the K/V slots, its cache row and position where it writes and what it
+    attends); the projections read each weight block once for all rows.  Embedding, the final
+    norm, the gate and the head are one torch op each over the rows.  No ``whole_token``: the
+    scheduler steps every row, so rows leaving early free their place in the next step."""
+
+    def __init__(self, model, cache: KVCache, compile_steps: bool = False):
+        super().__init__(model, cache, compile_steps)
+        config = self.config
+        layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
+                                                 * config.head_dim + 3 * config.ffn_hidden)
+        self.threads = decode_threads(layer_bytes * cache.batch_size)  # a row's work per weight byte read
+        self.whole_token = None
+        keys = cache.store("core" if model.core else "coda", 0, 0)[0]
+        self.slot_floats = keys.stride(0)  # one cache row of a slot's storage [B, Hkv, max_len, hd]
+        self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
+            ctypes.byref(self.dims), cache.batch_size, self.threads))
+
+        def steps(packed):
+            return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
+                                                          for layers in packed]) if packed[0] is not None else None
+
+        self._step_arrays = {"prelude": steps(self.prelude), "core": steps(self.core), "coda": steps(self.coda)}
+        self._counts = {"prelude": config.n_prelude_layers, "core": config.n_core_layers,
+                        "coda": config.n_coda_layers}
+        self.gate_projection = Projection(weights=self.gate_weight.data_ptr()) if self.gate_weight is not None else None
+
+    def _run_rows(self, stage: str, h: torch.Tensor, rows, final_norm: bool) -> None:
+        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place)."""
+        count = len(rows.slots)
+        ints = ctypes.c_int * count
+        steps = [0] * count if stage == "prelude" else rows.steps
+        dims, cos, sin, _, norm = self._addresses
+        self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(),
+                                       ints(*steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats,
+                                       cos, sin, self.rows_scratch.data_ptr(), norm if final_norm else None,
+                                       self.threads)
+
+    def embed(self, tokens: list[int], rows) -> torch.Tensor:
+        e = self.embedding[torch.tensor(tokens)]
+        if self._step_arrays["prelude"] is not None:
+            self._run_rows("prelude", e, rows, False)
+        return e
+
+    def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
+        return e.clone()
+
+    def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
+        h = h.contiguous().clone()  # the scheduler's tensor stays as it was
+        self._run_rows("core", h, rows, self.config.step_norm)
+        return h
+
+    def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
+        if self._step_arrays["coda"] is not None:
+            readout = h.contiguous().clone()
+            self._run_rows("coda", readout, rows, True)
+            return readout
+        if self.config.step_norm:
+            return h
+        return torch.rms_norm(h, (self.config.d_model,), self.norm, self.config.norm_eps)
+
+    def gate_logits(self, readout: torch.Tensor) -> torch.Tensor:
+        """The exit gate's logits [R] (one C call: torch's linear to one output costs ~40 µs)."""
+        readout = readout.contiguous()
+        out = torch.empty(readout.shape[0])
+        self.kernel.looplm_rows_project(ctypes.byref(self.gate_projection), readout.data_ptr(), readout.shape[0],
+                                        out.data_ptr(), 1, self.config.d_model, None, 1)
+        return out.add_(self.gate_bias)
+
+    def logits(self, readout: torch.Tensor) -> torch.Tensor:
+        return self.logits_argmax(readout)[0]
+
+    def logits_argmax(self, readout: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The head's logits [R, V] of the rows and each row's argmax, in one C call."""
+        readout = readout.contiguous()
+        count, vocab = readout.shape[0], self.config.vocab_size
+        logits = torch.empty(count, vocab)
+        best = (ctypes.c_int * count)()
+        self.kernel.looplm_rows_project(ctypes.byref(self.head_projection), readout.data_ptr(), count,
+                                        logits.data_ptr(), vocab, self.config.d_model, best, self.threads)
+        return logits, list(best)

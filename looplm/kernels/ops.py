@@ -10,6 +10,7 @@ hold each pair equal (tests/test_row_attention.py, tests/test_quant.py).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -61,6 +62,35 @@ def gather_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, en
     length = int(ends.max())
     mask = (torch.arange(length, device=keys.device) < ends.unsqueeze(1)).view(len(rows), 1, 1, length)
     return keys[:, :, :length].index_select(0, rows), values[:, :, :length].index_select(0, rows), mask
+
+
+def copy_positions(storages: Sequence[torch.Tensor], source: Sequence[int], target: Sequence[int],
+                   rows: Sequence[int], positions: Sequence[int]) -> None:
+    """Each storage [G, B, H, L, w] (the keys and the values): ``storage[source[i], rows[i], :,
+    positions[i]]`` is copied to group ``target[i]`` for every i (int lists of one length), in place —
+    the K/V a token that left the loop early gives the steps it skipped.  One C call where the
+    kernel serves the storages (the index lists go to C as they are: a small tensor costs more to
+    build than the copies), else ``copy_positions_reference``."""
+    if not all(serves(storage) and storage.dim() == 5 for storage in storages) or len(storages) > 2:
+        copy_positions_reference(storages, source, target, rows, positions)
+        return
+    count = len(source)
+    index = [(ctypes.c_int64 * count)(*values) for values in (source, target, rows, positions)]
+    # one call for two storages of one shape (keys and values); each its own where they differ (MLA)
+    calls = [storages] if len({storage.shape for storage in storages}) == 1 else [[storage] for storage in storages]
+    for call in calls:
+        _, batch, heads, length, width = call[0].shape
+        load_kernel().looplm_copy_positions(_address(call[0]), _address(call[1]) if len(call) > 1 else None,
+                                            *index, count, batch, heads, length, width)
+
+
+def copy_positions_reference(storages: Sequence[torch.Tensor], source: Sequence[int], target: Sequence[int],
+                             rows: Sequence[int], positions: Sequence[int]) -> None:
+    """``copy_positions`` by advanced indexing."""
+    for storage in storages:
+        source_, target_, rows_, positions_ = (torch.tensor(values, device=storage.device)
+                                               for values in (source, target, rows, positions))
+        storage[target_, rows_, :, positions_] = storage[source_, rows_, :, positions_]
 
 
 def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,

@@ -406,3 +406,145 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
         free(scores);
     }
 }
+
+/* Scratch floats looplm_rows_layers needs for `rows` rows and `threads` threads. */
+long looplm_rows_scratch_floats(const Dims *dims, int rows, int threads) {
+    long d = dims->d_model, hd = dims->head_dim;
+    long per_row = 2 * d + (long)(dims->n_heads + 2 * dims->n_kv_heads) * hd + (long)dims->n_heads * hd
+                   + 2L * dims->hidden;
+    return per_row * rows + (long)threads * dims->max_len;
+}
+
+/* Rows of a batched cache, each at its own loop step, position and cache row, through `count`
+ * layers in one call: h [R, D] in place.  Row r uses the layers of steps[step[r]] (the same weights
+ * at every step; the step picks the K/V slots), cache row slot[r] (slot_floats floats further into
+ * each slot's storage [B, Hkv, max_len, hd]), position pos[r] (its RoPE row, where its K/V go, and
+ * the keys [0, pos] it attends).  Then, if final_norm is not NULL, each row is normalised.  The
+ * math is looplm_layers' per row; the projections read each weight block once for all rows
+ * (matvec.h project_batch), the short per-row steps (norms, RoPE, the cache write, residuals) are
+ * split over rows, and attention over (row, head) pairs. */
+void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h,
+                        const int *step, const int *slot, const int *pos, long slot_floats,
+                        const float *cos, const float *sin, float *scratch, const float *final_norm,
+                        int threads) {
+    const int D = dims->d_model, H = dims->n_heads, Hkv = dims->n_kv_heads, hd = dims->head_dim;
+    const int F = dims->hidden, L = dims->max_len, group = H / Hkv;
+    const float eps = dims->eps, scale = 1.0f / sqrtf((float)hd);
+    const int qkv_rows = (H + 2 * Hkv) * hd;
+    float *x = scratch, *update = x + (size_t)R * D, *qkv = update + (size_t)R * D;
+    float *attended = qkv + (size_t)R * qkv_rows, *gate = attended + (size_t)R * H * hd;
+    float *up = gate + (size_t)R * F, *all_scores = up + (size_t)R * F;
+
+    #pragma omp parallel num_threads(threads)
+    {
+        int begin, end;
+        float *scores = all_scores + (size_t)omp_get_thread_num() * L;
+        for (int index = 0; index < count; index++) {
+            const Layer *layer = &steps[0][index];  /* the weights; steps[step[r]][index] holds row r's K/V */
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) rms_norm(h + (size_t)r * D, layer->attn_norm, x + (size_t)r * D, D, eps);
+            share(qkv_rows, 4, &begin, &end);
+            project_batch(&layer->qkv, x, R, D, qkv, qkv_rows, D, begin, end);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) {
+                float *row = qkv + (size_t)r * qkv_rows;
+                const Layer *own = &steps[step[r]][index];
+                const size_t at = (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd;
+                for (int head = 0; head < H + Hkv; head++)
+                    rope(row + head * hd, cos + (size_t)pos[r] * hd, sin + (size_t)pos[r] * hd, hd);
+                for (int kv = 0; kv < Hkv; kv++) {
+                    memcpy(own->keys + at + (size_t)kv * L * hd, row + (H + kv) * hd, hd * sizeof(float));
+                    memcpy(own->values + at + (size_t)kv * L * hd, row + (H + Hkv + kv) * hd, hd * sizeof(float));
+                }
+            }
+            #pragma omp for schedule(static)
+            for (long task = 0; task < (long)R * H; task++) {
+                const int r = (int)(task / H), head = (int)(task % H), n = pos[r] + 1;
+                const Layer *own = &steps[step[r]][index];
+                const size_t base = (size_t)slot[r] * slot_floats + (size_t)(head / group) * L * hd;
+                const float *q = qkv + (size_t)r * qkv_rows + head * hd;
+                const float *keys = own->keys + base, *values = own->values + base;
+                float *o = attended + (size_t)task * hd, top = -INFINITY;
+                for (int j = 0; j < n; j++) {
+                    scores[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
+                    if (scores[j] > top) top = scores[j];
+                }
+                const float norm = 1.0f / exp_shifted(scores, n, top);
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int j = 0; j < n; j++) {
+                    const float *v = values + (size_t)j * hd, weight = scores[j] * norm;
+                    for (int i = 0; i < hd; i++) o[i] += weight * v[i];
+                }
+            }
+            share(D, 4, &begin, &end);
+            project_batch(&layer->out, attended, R, H * hd, update, D, H * hd, begin, end);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) {
+                residual(h + (size_t)r * D, update + (size_t)r * D, layer->attn_post_norm, D, eps);
+                rms_norm(h + (size_t)r * D, layer->ffn_norm, x + (size_t)r * D, D, eps);
+            }
+            share(F, 4, &begin, &end);
+            Projection upper = layer->gate_up;  /* rows F..2F of gate_up: the "up" half */
+            upper.weights = upper.weights ? upper.weights + (size_t)F * D : NULL;
+            upper.values = upper.values ? upper.values + (size_t)F * D : NULL;
+            upper.scales = upper.scales ? upper.scales + (size_t)F * (D / BLOCK) : NULL;
+            upper.bf16 = upper.bf16 ? upper.bf16 + (size_t)F * D : NULL;
+            project_batch(&layer->gate_up, x, R, D, gate, F, D, begin, end);
+            project_batch(&upper, x, R, D, up, F, D, begin, end);
+            for (int r = 0; r < R; r++) swiglu(gate + (size_t)r * F, up + (size_t)r * F, begin, end);
+            #pragma omp barrier
+            share(D, 4, &begin, &end);
+            project_batch(&layer->down, gate, R, F, update, D, F, begin, end);
+            #pragma omp barrier
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) residual(h + (size_t)r * D, update + (size_t)r * D, layer->ffn_post_norm, D, eps);
+        }
+        if (final_norm) {
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) rms_norm(h + (size_t)r * D, final_norm, h + (size_t)r * D, D, eps);
+        }
+    }
+}
+
+/* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head over a
+ * batch of rows), the weights read once for all rows (project_batch); if best is not NULL,
+ * best[r] = the index of row r's first largest value (torch.argmax's pick for finite logits). */
+void looplm_rows_project(const Projection *p, const float *X, int R, float *Y, int rows, int cols, int *best,
+                         int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int begin, end;
+        share(rows, 16, &begin, &end);
+        project_batch(p, X, R, cols, Y, rows, cols, begin, end);
+        #pragma omp barrier
+        if (best) {
+            #pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) {
+                const float *y = Y + (size_t)r * rows;
+                int top = 0;
+                for (int i = 1; i < rows; i++)
+                    if (y[i] > y[top]) top = i;
+                best[r] = top;
+            }
+        }
+    }
+}
+
+/* keys, values [G, B, H, L, w] (float32, contiguous; values may be NULL): for each i < count, the
+ * H vectors of width w at group target[i], cache row rows[i], position positions[i] become those
+ * at group source[i] (the K/V a token that left the loop early gives the steps it skipped). */
+void looplm_copy_positions(float *keys, float *values, const int64_t *source, const int64_t *target,
+                           const int64_t *rows, const int64_t *positions, int count, int B, int H, int L, int w) {
+    const size_t row = (size_t)H * L * w, group = (size_t)B * row;
+    for (int i = 0; i < count; i++) {
+        const size_t at = (size_t)rows[i] * row + (size_t)positions[i] * w;
+        const size_t from = (size_t)source[i] * group + at, to = (size_t)target[i] * group + at;
+        for (int head = 0; head < H; head++) {
+            const size_t offset = (size_t)head * L * w;
+            memcpy(keys + to + offset, keys + from + offset, (size_t)w * sizeof(float));
+            if (values) memcpy(values + to + offset, values + from + offset, (size_t)w * sizeof(float));
+        }
+    }
+}

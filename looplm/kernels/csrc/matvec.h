@@ -479,4 +479,70 @@ static void project_rows(const Projection *p, const float *x, float *y, int cols
 }
 
 
+/* ---- several input rows ------------------------------------------------------------------------- */
+
+#if defined(__AVX512F__)
+/* Y[r·ys + o] = W[o, :] · X[r·xs, :] for four weight rows (w, w + cols, ...) and four input rows:
+ * sixteen running sums in registers, so each load of a weight or an input vector feeds four
+ * products (a plain matvec feeds one). */
+static inline void f32_4x4(const float *w, int cols, const float *x, int xs, float *y, int ys) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    const float *w1 = w + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+    const float *x1 = x + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+    for (int i = 0; i < cols; i += 16) {
+        const __mmask16 m = cols - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - i)) - 1);
+        __m512 v0 = _mm512_maskz_loadu_ps(m, w + i), v1 = _mm512_maskz_loadu_ps(m, w1 + i);
+        __m512 v2 = _mm512_maskz_loadu_ps(m, w2 + i), v3 = _mm512_maskz_loadu_ps(m, w3 + i);
+        __m512 u = _mm512_maskz_loadu_ps(m, x + i);
+        a00 = _mm512_fmadd_ps(v0, u, a00); a10 = _mm512_fmadd_ps(v1, u, a10);
+        a20 = _mm512_fmadd_ps(v2, u, a20); a30 = _mm512_fmadd_ps(v3, u, a30);
+        u = _mm512_maskz_loadu_ps(m, x1 + i);
+        a01 = _mm512_fmadd_ps(v0, u, a01); a11 = _mm512_fmadd_ps(v1, u, a11);
+        a21 = _mm512_fmadd_ps(v2, u, a21); a31 = _mm512_fmadd_ps(v3, u, a31);
+        u = _mm512_maskz_loadu_ps(m, x2 + i);
+        a02 = _mm512_fmadd_ps(v0, u, a02); a12 = _mm512_fmadd_ps(v1, u, a12);
+        a22 = _mm512_fmadd_ps(v2, u, a22); a32 = _mm512_fmadd_ps(v3, u, a32);
+        u = _mm512_maskz_loadu_ps(m, x3 + i);
+        a03 = _mm512_fmadd_ps(v0, u, a03); a13 = _mm512_fmadd_ps(v1, u, a13);
+        a23 = _mm512_fmadd_ps(v2, u, a23); a33 = _mm512_fmadd_ps(v3, u, a33);
+    }
+    y[0] = _mm512_reduce_add_ps(a00); y[1] = _mm512_reduce_add_ps(a10);
+    y[2] = _mm512_reduce_add_ps(a20); y[3] = _mm512_reduce_add_ps(a30);
+    y += ys;
+    y[0] = _mm512_reduce_add_ps(a01); y[1] = _mm512_reduce_add_ps(a11);
+    y[2] = _mm512_reduce_add_ps(a21); y[3] = _mm512_reduce_add_ps(a31);
+    y += ys;
+    y[0] = _mm512_reduce_add_ps(a02); y[1] = _mm512_reduce_add_ps(a12);
+    y[2] = _mm512_reduce_add_ps(a22); y[3] = _mm512_reduce_add_ps(a32);
+    y += ys;
+    y[0] = _mm512_reduce_add_ps(a03); y[1] = _mm512_reduce_add_ps(a13);
+    y[2] = _mm512_reduce_add_ps(a23); y[3] = _mm512_reduce_add_ps(a33);
+}
+#endif
+
+/* Y[r, o] = W[o, :] · X[r, :] for output rows o in [begin, end) of a projection in any form and R
+ * input rows (X: rows xs floats apart, Y: ys).  The outputs go in blocks of 16 weight rows, and
+ * every input row meets a block while it sits in cache, so the weights are read from memory once
+ * for all R rows.  Float32 weights take four weight rows × four input rows at a time where the
+ * CPU has AVX-512; every other case runs ``project_rows`` per input row on the block. */
+static void project_batch(const Projection *p, const float *X, int R, int xs, float *Y, int ys, int cols,
+                          int begin, int end) {
+    const int plain = p->weights && !p->values && !p->bf16 && !p->ternary;
+    for (int block = begin; block < end; block += 16) {
+        const int stop = block + 16 < end ? block + 16 : end;
+        int r = 0;
+#if defined(__AVX512F__)
+        if (plain && stop - block == 16) {
+            for (; r + 4 <= R; r += 4)
+                for (int o = block; o < stop; o += 4)
+                    f32_4x4(p->weights + (size_t)o * cols, cols, X + (size_t)r * xs, xs, Y + (size_t)r * ys + o, ys);
+        }
+#else
+        (void)plain;
+#endif
+        for (; r < R; r++) project_rows(p, X + (size_t)r * xs, Y + (size_t)r * ys, cols, block, stop);
+    }
+}
+
 #endif /* LOOPLM_MATVEC_H */

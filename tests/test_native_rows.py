@@ -1,0 +1,162 @@
+"""Batched decode in C (``NativeRowsStepper``): rows of a batched cache, each at its own loop step,
+position and cache row, through a run of layers in one call.  Held to the reference stepper (the
+model's own modules over the same rows) for any layer shape and thread count — the states it returns
+and the K/V it writes —, its C head, gate and K/V copies to their torch references, and batched
+generation through it to batched generation through the reference for every KV layout, with Q-exit
+and the other exit policies mixed in one batch, int8 layers included."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from looplm.batch import generate_batch
+from looplm.cache import KVCache
+from looplm.config import ModelConfig
+from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
+from looplm.generate import BatchSession, Settings
+from looplm.kernels import ops
+from looplm.kernels.build import load_kernel
+from looplm.kernels.native_stepper import NativeRowsStepper
+from looplm.model import LoopLM
+from looplm.model.norms import RMSNorm
+from looplm.quant import quantize_model
+from looplm.steppers import ModelStepper, Rows
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(load_kernel() is None, reason="the C kernel does not build here")
+
+PROMPTS = [[1, 5, 9, 2, 7, 3, 11], [4, 8], [6, 2, 9, 9], [3], [2, 4, 6, 8, 10], [7, 7]]
+
+
+def well_conditioned(config: ModelConfig, seed: int) -> LoopLM:
+    """Unit-gain matrices and norms in [0.5, 1.5]: fp32 sums in two orders agree to ~1e-5."""
+    torch.manual_seed(seed)
+    model = LoopLM(config).eval()
+    for parameter in model.parameters():
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=parameter.shape[1] ** -0.5)
+        else:
+            torch.nn.init.normal_(parameter, std=0.5)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    return model
+
+
+def filled_cache(config, rows: int, max_len: int, seed: int) -> KVCache:
+    cache = KVCache(config, rows, max_len, config.loop_steps)
+    generator = torch.Generator().manual_seed(seed)
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=generator))
+    cache.values.copy_(torch.randn(cache.values.shape, generator=generator))
+    return cache
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_head=st.sampled_from([2, 6, 8, 16, 20]), heads=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]),
+       hidden=st.integers(1, 45), prelude=st.integers(0, 1), coda=st.integers(0, 1),
+       norm=st.sampled_from(["pre", "sandwich"]), step_norm=st.booleans(), threads=st.integers(1, 3),
+       count=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_rows_steps_equal_the_reference_for_any_layer_shape(d_head, heads, hidden, prelude, coda, norm, step_norm,
+                                                            threads, count, seed):
+    """Embedding (with the prelude), a core step and the readout (with the coda) of up to nine
+    rows at random loop steps, positions and cache rows — odd sizes exercise the four-by-four
+    kernel's tails — equal the reference stepper's, and so do the K/V they write."""
+    n_heads, n_kv_heads = heads
+    config = ModelConfig(vocab_size=37, d_model=d_head * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                         ffn_hidden=hidden, n_prelude_layers=prelude, n_core_layers=2, n_coda_layers=coda,
+                         loop_steps=3, max_seq_len=32, norm=norm, step_norm=step_norm)
+    if config.d_model <= 2:
+        return  # an RMSNorm of a 2-vector is its direction: arbitrarily ill-conditioned near 0
+    model = well_conditioned(config, seed)
+    generator = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(10, generator=generator)[:count].tolist()
+    rows = Rows(slots, torch.randint(0, 3, (count,), generator=generator).tolist(),
+                torch.randint(0, 32, (count,), generator=generator).tolist())
+    tokens = torch.randint(0, 37, (count,), generator=generator).tolist()
+    h = torch.randn(count, config.d_model, generator=generator)
+    results = {}
+    for name, stepper_class in (("reference", ModelStepper), ("native", NativeRowsStepper)):
+        cache = filled_cache(config, 10, 32, seed)
+        stepper = stepper_class(model, cache)
+        if name == "native":
+            stepper.threads = threads
+        with torch.no_grad():
+            e = stepper.embed(tokens, Rows(slots, [0] * count, rows.positions))
+            stepped = stepper.core_step(h, e, rows)
+            readout = stepper.readout(stepped, rows)
+            results[name] = (e, stepped, readout, stepper.gate_logits(readout), stepper.logits(readout), cache)
+    for got, expected in zip(results["native"][:5], results["reference"][:5]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    native_cache, reference_cache = results["native"][5], results["reference"][5]
+    torch.testing.assert_close(native_cache.keys, reference_cache.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(native_cache.values, reference_cache.values, atol=1e-4, rtol=1e-4)
+
+
+def test_the_head_and_its_argmax_in_one_c_call_equal_torch():
+    torch.manual_seed(0)
+    model = well_conditioned(tiny_config(vocab_size=300, d_model=48, n_heads=4), 0)
+    stepper = NativeRowsStepper(model, KVCache(model.config, 8, 16, 3))
+    for count in (1, 3, 4, 8):
+        readout = torch.randn(count, 48)
+        logits, best = stepper.logits_argmax(readout)
+        torch.testing.assert_close(logits, torch.nn.functional.linear(readout, model.head_weight),
+                                   atol=1e-5, rtol=1e-5)
+        assert best == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_copying_skipped_steps_kv_in_c_equals_indexing(heads):
+    """The K/V a row that left early gives its skipped steps: one C call of small copies (keys and
+    values of one shape together, of two shapes — MLA — each alone) equals advanced indexing."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(6, 5, heads[1], 12, 8, generator=generator)
+    values = torch.randn(6, 5, heads[1], 12, 8 if heads[0] == heads[1] else 5, generator=generator)
+    source, target, rows, positions = [0, 1, 1, 4], [2, 3, 5, 5], [4, 0, 2, 2], [11, 0, 3, 7]
+    expected = [tensor.clone() for tensor in (keys, values)]
+    ops.copy_positions_reference(expected, source, target, rows, positions)
+    ops.copy_positions((keys, values), source, target, rows, positions)
+    assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+
+
+def test_auto_runs_batches_in_c_where_the_model_allows_and_the_reference_elsewhere():
+    plain = LoopLM(tiny_config()).eval()
+    assert isinstance(BatchSession(plain, 4, 16).scheduler.stepper, NativeRowsStepper)
+    assert isinstance(BatchSession(plain, 4, 16, backend="reference").scheduler.stepper, ModelStepper)
+    gated = LoopLM(tiny_config(layer_pattern="AG")).eval()  # a Gated DeltaNet layer: not the C rows path
+    session = BatchSession(gated, 4, 16)
+    assert isinstance(session.scheduler.stepper, ModelStepper) and session.scheduler.backend == "reference"
+
+
+def _exit_model(**overrides) -> LoopLM:
+    model = well_conditioned(tiny_config(loop_steps=4, **overrides), 1)
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.5)
+    model.exit_gate.bias.data.fill_(-1.0)  # exits spread over the steps
+    return model
+
+
+@pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
+def test_batched_generation_in_c_equals_the_reference_for_every_layout(layout):
+    """Six rows with six exit policies (Q-exit, one step, hidden change, ACT, KL, full depth) in
+    one batch, at different loop steps in the same iterations: the C rows give the reference
+    stepper's tokens and steps under every layout the C path serves."""
+    model = _exit_model(n_coda_layers=1, n_kv_heads=2)
+    mixed = [Settings(policy, layout) for policy in (QExit(0.4), FixedSteps(1), HiddenDiffExit(0.3), ACTExit(0.6),
+                                                       KLExit(0.05), FixedSteps())]
+    native = generate_batch(model, PROMPTS, 6, settings=mixed, layout=layout)
+    reference = generate_batch(model, PROMPTS, 6, settings=mixed, layout=layout, backend="reference")
+    assert native.mixed_depth_iterations > 0 or layout == "full"
+    for got, expected in zip(native.generations, reference.generations):
+        assert (got.ids, got.steps) == (expected.ids, expected.steps)
+
+
+def test_int8_layers_decode_in_batched_c_like_the_reference():
+    """Weight-only Q8_0 layers (float activations: the same products as the reference, summed in
+    another order) through the rows' projections, exits included."""
+    model = quantize_model(_exit_model(n_prelude_layers=1, d_model=64, ffn_hidden=96), activations="float")
+    assert isinstance(BatchSession(model, 2, 16).scheduler.stepper, NativeRowsStepper)
+    native = generate_batch(model, PROMPTS, 6, exit_policy=QExit(0.5))
+    reference = generate_batch(model, PROMPTS, 6, exit_policy=QExit(0.5), backend="reference")
+    assert [g.ids for g in native.generations] == [g.ids for g in reference.generations]
+    assert [g.steps for g in native.generations] == [g.steps for g in reference.generations]
