@@ -17,6 +17,7 @@ tokens (prefill excluded).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ class Row:
     position: int                       # the position of the token fed next
     whole_token: bool = False           # the stepper may run its tokens in one call
     threshold: float | None = None      # its Q-exit threshold (None: no gate read)
+    plain_exit: bool = False            # Q-exit or fixed depth: a fused iteration may run it
+    min_steps: int = 1                  # its policy's (the fused iteration reads it per row)
     token: int | None = None            # fed, waiting to enter
     step: int = 0                       # loop steps its token has run
     exit_step: int | None = None        # the step its exit fired (a full-depth token runs on)
@@ -66,16 +69,19 @@ class Scheduler:
                                                                               compile_steps, dtype)
         self.whole_tokens = (self.stepper.whole_token is not None
                              and layout in getattr(self.stepper, "whole_token_layouts", ()))
-        # A stepper may give the logits and their argmax in one call (``logits_argmax``).
+        # A stepper may give the logits and their argmax in one call (``logits_argmax``), and run a
+        # whole iteration of Q-exit / fixed-depth rows in one call (``exit_step``, its layouts).
         self.logits_argmax = getattr(self.stepper, "logits_argmax", None)
+        self.exit_step = (self.stepper.exit_step if getattr(self.stepper, "exit_step", None) is not None
+                          and self.cache.layout in self.stepper.exit_step_layouts else None)
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
         self.core_layers, self.per_step = config.n_core_layers, config.n_core_layers + config.n_coda_layers
         self.free = list(range(rows))
         self.running: list[Row] = []
         self.pending: list[Row] = []
-        self.h = self.e = None           # the running rows' states and prelude outputs [R, D]
+        self.h = self.e = None           # every slot's loop state and prelude output [B, D] (by cache row)
         self.tables: dict[str, torch.Tensor] = {}  # per-slot decision state
-        self.iterations = self.mixed_depth_iterations = 0
+        self.iterations = self.mixed_depth_iterations = self.exit_step_iterations = 0
 
     @property
     def active(self) -> bool:
@@ -95,11 +101,12 @@ class Scheduler:
         if isinstance(policy, ACTExit):
             refuse_act_over_mixing(self.model)
         act = (policy.threshold or config.act_threshold) if isinstance(policy, ACTExit) else None
-        whole = self.whole_tokens and policy.signal in (Signal.NONE, Signal.GATE) and act is None
-        row = Row(self.free.pop(0), policy, max_steps, act, len(prompt), whole,
-                  policy.threshold if policy.signal is Signal.GATE else None)
+        plain = policy.signal in (Signal.NONE, Signal.GATE) and act is None
+        row = Row(self.free.pop(0), policy, max_steps, act, len(prompt), self.whole_tokens and plain,
+                  policy.threshold if policy.signal is Signal.GATE else None, plain_exit=plain,
+                  min_steps=getattr(policy, "min_steps", 1))
         try:
-            if prefix_cache is None and whole and self.stepper.prefills_tokens(len(prompt), max_steps):
+            if prefix_cache is None and row.whole_token and self.stepper.prefills_tokens(len(prompt), max_steps):
                 self.stepper.prefill_tokens(prompt[:-1], max_steps)  # the last token decides on its way
                 row.position = len(prompt) - 1
                 self.feed(row, prompt[-1], full_depth=True)
@@ -148,7 +155,7 @@ class Scheduler:
         if row in self.pending:
             self.pending.remove(row)
         if row in self.running:
-            self._keep([other for other in self.running if other is not row])
+            self.running = [other for other in self.running if other is not row]
         self.free.append(row.slot)
 
     def finish_token(self, row: Row) -> None:
@@ -176,13 +183,18 @@ class Scheduler:
         rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1
-        self.h = self.stepper.core_step(self.h, self.e, rows)
+        if self.exit_step is not None and all(row.plain_exit and not row.full_depth for row in running):
+            self.exit_step_iterations += 1
+            return finished + self._exit_iteration(running, rows)
+        slots = rows.tensor("slots", self.device)
+        h = self.stepper.core_step(self.h.index_select(0, slots), self.e.index_select(0, slots), rows)
+        self.h.index_copy_(0, slots, h)
         reading = [index for index, row in enumerate(running)
                    if row.step + 1 == row.max_steps or row.policy.reads_every_step or self.dense_readout]
         readout = None
         if reading:
             everyone = len(reading) == len(running)
-            part = self.h if everyone else self.h[torch.tensor(reading, device=self.device)]
+            part = h if everyone else h[torch.tensor(reading, device=self.device)]
             read_rows = rows if everyone else rows.subset(reading)
             readout = self.stepper.readout(part, read_rows)
             if self.model.config.act_mixing:  # the gate read the loop state in core_step (model.act_mixing)
@@ -211,6 +223,30 @@ class Scheduler:
             row.step += 1
         return finished
 
+    def _exit_iteration(self, running: list[Row], rows: Rows) -> list[Row]:
+        """``iterate``'s work for rows that all exit by Q-exit or at a fixed depth, in the stepper's
+        one call (``exit_step``: the same decisions and copies, held equal by tests); the rows'
+        bookkeeping is ``iterate``'s and ``_leave``'s."""
+        ran, logits, greedy = self.exit_step(
+            self.h, rows, [row.max_steps for row in running], [row.min_steps for row in running],
+            [math.inf if row.threshold is None else row.threshold for row in running],
+            self._table("survival", dtype=torch.float64))
+        finished: list[Row] = []
+        for row, steps in zip(running, ran):
+            row.layer_applications += self.per_step  # no coda on this path: the core's layers
+            if not steps:
+                row.step += 1
+                continue
+            place = len(finished)
+            row.logits, row.greedy, row.steps = logits[place], greedy[place], steps
+            row.exit_step = steps if steps < row.max_steps else None
+            row.full_depth_applications += row.max_steps * self.per_step
+            row.position += 1
+            finished.append(row)
+        if finished:
+            self.running = [row for row, steps in zip(running, ran) if not steps]
+        return finished
+
     def _enter(self, entering: list[Row]) -> None:
         rows = Rows([row.slot for row in entering], [0] * len(entering), [row.position for row in entering])
         e = self.stepper.embed([row.token for row in entering], rows)
@@ -218,7 +254,12 @@ class Scheduler:
         for row in entering:
             row.step, row.exit_step, row.token = 0, None, None
         self._reset(entering)
-        self.h, self.e = (torch.cat([self.h, h]), torch.cat([self.e, e])) if self.running else (h, e)
+        if self.h is None:
+            self.h = torch.zeros(self.cache.batch_size, h.shape[-1], dtype=h.dtype, device=self.device)
+            self.e = torch.zeros(self.cache.batch_size, e.shape[-1], dtype=e.dtype, device=self.device)
+        slots = rows.tensor("slots", self.device)
+        self.h.index_copy_(0, slots, h)
+        self.e.index_copy_(0, slots, e)
         self.running = self.running + entering
 
     def _whole_token(self, row: Row) -> None:
@@ -265,15 +306,8 @@ class Scheduler:
             row.position += 1
             row.full_depth = False
         gone = {id(row) for row, _ in leaving}
-        self._keep([row for row in self.running if id(row) not in gone])
+        self.running = [row for row in self.running if id(row) not in gone]
         return [row for row, _ in leaving]
-
-    def _keep(self, kept: list[Row]) -> None:
-        """Only ``kept`` of the running rows run on (their states selected)."""
-        if len(kept) < len(self.running) and kept:
-            index = torch.tensor([self.running.index(row) for row in kept], device=self.device)
-            self.h, self.e = self.h[index], self.e[index]
-        self.running = kept
 
     def _table(self, name: str, width: int | None = None, dtype=None) -> torch.Tensor:
         """Per-slot decision state (zeros when first asked for)."""
@@ -284,10 +318,14 @@ class Scheduler:
 
     def _reset(self, rows: list[Row]) -> None:
         """A new token: no survival, no ACT weight yet."""
+        names = [name for name in ("survival", "act_total", "halting", "act_state") if name in self.tables]
+        if len(rows) == 1:  # the common case: one row a time joins
+            for name in names:
+                self.tables[name][rows[0].slot] = 0
+            return
         slots = torch.tensor([row.slot for row in rows], device=self.device)
-        for name in ("survival", "act_total", "halting", "act_state"):
-            if name in self.tables:
-                self.tables[name][slots] = 0
+        for name in names:
+            self.tables[name][slots] = 0
 
     def _decide(self, rows: list[Row], readout: torch.Tensor, head) -> list[bool]:
         """Which of ``rows`` (read out as ``readout`` [R, D] at their current steps) exit now;

@@ -26,6 +26,7 @@ import torch
 
 from looplm.bf16 import Bf16Linear
 from looplm.cache import KVCache
+from looplm.kernels import ops
 from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
 from looplm.kernels.build import load_kernel, unavailable_reason
 from looplm.quant import Int8Linear
@@ -293,6 +294,14 @@ class NativeRowsStepper(NativeStepper):
         self._counts = {"prelude": config.n_prelude_layers, "core": config.n_core_layers,
                         "coda": config.n_coda_layers}
         self.gate_projection = Projection(weights=self.gate_weight.data_ptr()) if self.gate_weight is not None else None
+        # ``exit_step``: a whole iteration of Q-exit / fixed-depth rows in one C call (no coda: the
+        # readout is the step's state, normed), for the layouts in ``exit_step_layouts``.
+        self.exit_step = self._exit_step if self._step_arrays["coda"] is None else None
+        self.readout_rows = torch.zeros(cache.batch_size, config.d_model)
+        # The float32 head packed in panels of 64 outputs (ops.panels): a batch of rows' logits as
+        # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
+        self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
+        self._panels_address = self.head_panels.data_ptr() if self.head_panels is not None else None
 
     def _run_rows(self, stage: str, h: torch.Tensor, rows, final_norm: bool) -> None:
         """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place)."""
@@ -300,13 +309,36 @@ class NativeRowsStepper(NativeStepper):
         ints = ctypes.c_int * count
         steps = [0] * count if stage == "prelude" else rows.steps
         dims, cos, sin, _, norm = self._addresses
-        self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(),
+        self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(), None,
                                        ints(*steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats,
                                        cos, sin, self.rows_scratch.data_ptr(), norm if final_norm else None,
                                        self.threads)
 
+    exit_step_layouts = ("last_exited",)
+
+    def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
+                   thresholds: list[float], survival: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int]]:
+        """``looplm_rows_exit_step``: every row's core step on its state in ``states`` [B, D] (by cache
+        row, in place), its readout and exit decision (Q-exit where its threshold is at most 1,
+        reading and updating ``survival`` [B] float64 by cache row; else at ``max_steps``), the
+        LAST_EXITED copies, logits and argmax of the rows that are done.  Returns (the steps each
+        done row ran (0: runs on), the done rows' logits [done, V] and their argmax)."""
+        count, vocab = len(rows.slots), self.config.vocab_size
+        ints = ctypes.c_int * count
+        done, best = ints(), ints()
+        logits = torch.empty(count, vocab)
+        dims, cos, sin, _, norm = self._addresses
+        finished = self.kernel.looplm_rows_exit_step(
+            dims, self._step_arrays["core"], self.config.n_core_layers, self.cache.max_steps, count, states.data_ptr(),
+            ints(*rows.steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats, cos, sin,
+            self.rows_scratch.data_ptr(), norm if self.config.step_norm else None, norm, ints(*max_steps),
+            ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
+            self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
+            self._panels_address, vocab, logits.data_ptr(), best, self.threads)
+        return list(done), logits[:finished], list(best)[:finished]
+
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
-        e = self.embedding[torch.tensor(tokens)]
+        e = self.embedding.index_select(0, torch.tensor(tokens))
         if self._step_arrays["prelude"] is not None:
             self._run_rows("prelude", e, rows, False)
         return e
@@ -345,6 +377,6 @@ class NativeRowsStepper(NativeStepper):
         count, vocab = readout.shape[0], self.config.vocab_size
         logits = torch.empty(count, vocab)
         best = (ctypes.c_int * count)()
-        self.kernel.looplm_rows_project(ctypes.byref(self.head_projection), readout.data_ptr(), count,
-                                        logits.data_ptr(), vocab, self.config.d_model, best, self.threads)
+        self.kernel.looplm_rows_head(ctypes.byref(self.head_projection), self._panels_address, readout.data_ptr(),
+                                     count, logits.data_ptr(), vocab, self.config.d_model, best, self.threads)
         return logits, list(best)

@@ -93,6 +93,24 @@ def copy_positions_reference(storages: Sequence[torch.Tensor], source: Sequence[
         storage[target_, rows_, :, positions_] = storage[source_, rows_, :, positions_]
 
 
+PANEL = 64  # outputs per panel of ``panels`` (matvec.h panel_rows)
+
+
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 W [N, K] packed for the kernel's batched head (``looplm_rows_head``): panels of 64
+    outputs, each [K, 64] in order, the last zero-padded — [ceil(N/64), K, 64]."""
+    rows, columns = weight.shape
+    padded = torch.zeros(-(-rows // PANEL) * PANEL, columns, dtype=torch.float32)
+    padded[:rows] = weight.detach()
+    return padded.view(-1, PANEL, columns).transpose(1, 2).contiguous()
+
+
+def rows_head_reference(weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """What ``looplm_rows_head`` computes: the logits x Wᵀ [R, N] and each row's argmax."""
+    logits = F.linear(x, weight)
+    return logits, logits.argmax(-1).tolist()
+
+
 def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
               quantize_input: bool = False) -> torch.Tensor:
     """y = x Wᵀ + bias with W stored as Q8_0 blocks (int8 ``values`` [N, K], float32 ``scales``

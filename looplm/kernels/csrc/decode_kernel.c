@@ -419,11 +419,12 @@ long looplm_rows_scratch_floats(const Dims *dims, int rows, int threads) {
  * layers in one call: h [R, D] in place.  Row r uses the layers of steps[step[r]] (the same weights
  * at every step; the step picks the K/V slots), cache row slot[r] (slot_floats floats further into
  * each slot's storage [B, Hkv, max_len, hd]), position pos[r] (its RoPE row, where its K/V go, and
- * the keys [0, pos] it attends).  Then, if final_norm is not NULL, each row is normalised.  The
+ * the keys [0, pos] it attends); row r's state is h + r·D, or h + h_rows[r]·D where h_rows is not NULL
+ * (a table of every cache row's state).  Then, if final_norm is not NULL, each row is normalised.  The
  * math is looplm_layers' per row; the projections read each weight block once for all rows
  * (matvec.h project_batch), the short per-row steps (norms, RoPE, the cache write, residuals) are
  * split over rows, and attention over (row, head) pairs. */
-void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h,
+void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h, const int *h_rows,
                         const int *step, const int *slot, const int *pos, long slot_floats,
                         const float *cos, const float *sin, float *scratch, const float *final_norm,
                         int threads) {
@@ -434,6 +435,7 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
     float *x = scratch, *update = x + (size_t)R * D, *qkv = update + (size_t)R * D;
     float *attended = qkv + (size_t)R * qkv_rows, *gate = attended + (size_t)R * H * hd;
     float *up = gate + (size_t)R * F, *all_scores = up + (size_t)R * F;
+#define HROW(r) (h + (size_t)(h_rows ? h_rows[r] : (r)) * D)
 
     #pragma omp parallel num_threads(threads)
     {
@@ -442,7 +444,7 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
         for (int index = 0; index < count; index++) {
             const Layer *layer = &steps[0][index];  /* the weights; steps[step[r]][index] holds row r's K/V */
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) rms_norm(h + (size_t)r * D, layer->attn_norm, x + (size_t)r * D, D, eps);
+            for (int r = 0; r < R; r++) rms_norm(HROW(r), layer->attn_norm, x + (size_t)r * D, D, eps);
             share(qkv_rows, 4, &begin, &end);
             project_batch(&layer->qkv, x, R, D, qkv, qkv_rows, D, begin, end);
             #pragma omp barrier
@@ -482,8 +484,8 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
             #pragma omp barrier
             #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
-                residual(h + (size_t)r * D, update + (size_t)r * D, layer->attn_post_norm, D, eps);
-                rms_norm(h + (size_t)r * D, layer->ffn_norm, x + (size_t)r * D, D, eps);
+                residual(HROW(r), update + (size_t)r * D, layer->attn_post_norm, D, eps);
+                rms_norm(HROW(r), layer->ffn_norm, x + (size_t)r * D, D, eps);
             }
             share(F, 4, &begin, &end);
             Projection upper = layer->gate_up;  /* rows F..2F of gate_up: the "up" half */
@@ -499,24 +501,42 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
             project_batch(&layer->down, gate, R, F, update, D, F, begin, end);
             #pragma omp barrier
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) residual(h + (size_t)r * D, update + (size_t)r * D, layer->ffn_post_norm, D, eps);
+            for (int r = 0; r < R; r++) residual(HROW(r), update + (size_t)r * D, layer->ffn_post_norm, D, eps);
         }
         if (final_norm) {
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) rms_norm(h + (size_t)r * D, final_norm, h + (size_t)r * D, D, eps);
+            for (int r = 0; r < R; r++) rms_norm(HROW(r), final_norm, HROW(r), D, eps);
         }
     }
 }
+#undef HROW
+
+void looplm_rows_head(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows,
+                      int cols, int *best, int threads);
 
 /* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head over a
  * batch of rows), the weights read once for all rows (project_batch); if best is not NULL,
  * best[r] = the index of row r's first largest value (torch.argmax's pick for finite logits). */
 void looplm_rows_project(const Projection *p, const float *X, int R, float *Y, int rows, int cols, int *best,
                          int threads) {
+    looplm_rows_head(p, NULL, X, R, Y, rows, cols, best, threads);
+}
+
+/* looplm_rows_project, reading a float32 W packed in panels of 64 outputs (matvec.h panel_rows:
+ * broadcast products, no horizontal sums) where panels is not NULL and the CPU has AVX-512. */
+void looplm_rows_head(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows, int cols,
+                      int *best, int threads) {
+#if !defined(__AVX512F__)
+    panels = NULL;
+#endif
     #pragma omp parallel num_threads(threads)
     {
         int begin, end;
-        share(rows, 16, &begin, &end);
+        share(rows, panels ? 64 : 16, &begin, &end);
+#if defined(__AVX512F__)
+        if (panels) panel_rows(panels, rows, cols, X, R, Y, begin, end);
+        else
+#endif
         project_batch(p, X, R, cols, Y, rows, cols, begin, end);
         #pragma omp barrier
         if (best) {
@@ -547,4 +567,57 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
             if (values) memcpy(values + to + offset, values + from + offset, (size_t)w * sizeof(float));
         }
     }
+}
+
+/* One scheduler iteration of rows that exit by Q-exit or at a fixed depth (the plain loop without a
+ * coda, LAST_EXITED): looplm_rows_layers' core step of every row (h: the states of every cache row
+ * [B, D], row r's at slot[r], updated in place), then for each row its readout
+ * (h itself after a step norm, else rms_norm(h) · norm), and its decision: a row at its last step
+ * (max_steps[r]) is done; otherwise, where q[r] <= 1, the gate's z = w · readout + b updates the
+ * row's log survival (survival[slot[r]], float64, the scheduler's table) by log σ(−z) and the row is
+ * done once step + 1 >= min_steps[r] and 1 − survival >= q[r] (Q-exit's rule, in the scheduler's
+ * arithmetic).  done[r] = the steps its token ran (0: it runs on).  A done row's K/V at its position
+ * are copied into the deeper steps' slots (steps[ran .. cache_steps)), and its logits go to row k of
+ * logits [R, V] (k counting the done rows in order; head_panels: the head packed for panel_rows, or NULL), their
+ * argmax to best[k].  Returns the number of done rows.  readout: scratch [R, D]. */
+int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
+                          const int *step, const int *slot, const int *pos, long slot_floats, const float *cos,
+                          const float *sin, float *scratch, const float *step_norm, const float *norm,
+                          const int *max_steps, const int *min_steps, const double *q, double *survival,
+                          const float *gate_w, float gate_b, float *readout, int *done, const Projection *head,
+                          const float *head_panels, int vocab, float *logits, int *best, int threads) {
+    const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
+    looplm_rows_layers(dims, steps, count, R, h, slot, step, slot, pos, slot_floats, cos, sin, scratch, step_norm,
+                       threads);
+    int finished = 0;
+    for (int r = 0; r < R; r++) {
+        const float *x = h + (size_t)slot[r] * D;  /* the table of every cache row's state */
+        float *out = readout + (size_t)finished * D;  /* the done rows' readouts, packed */
+        if (step_norm) memcpy(out, x, (size_t)D * sizeof(float));
+        else rms_norm(x, norm, out, D, dims->eps);
+        const int ran = step[r] + 1;
+        done[r] = 0;
+        if (ran >= max_steps[r]) {
+            done[r] = ran;
+        } else if (q[r] <= 1.0 && gate_w) {
+            const double z = (double)(dot(gate_w, out, D) + gate_b);
+            double *s = survival + slot[r];
+            *s -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));  /* log σ(−z), stably */
+            if (ran >= min_steps[r] && -expm1(*s) >= q[r]) done[r] = ran;
+        }
+        if (!done[r]) continue;
+        for (int t = ran; t < cache_steps; t++) {  /* LAST_EXITED: the skipped steps take this step's K/V */
+            for (int i = 0; i < count; i++) {
+                const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
+                for (int kv = 0; kv < Hkv; kv++) {
+                    const size_t at = (size_t)slot[r] * slot_floats + ((size_t)kv * L + pos[r]) * hd;
+                    memcpy(to->keys + at, from->keys + at, hd * sizeof(float));
+                    memcpy(to->values + at, from->values + at, hd * sizeof(float));
+                }
+            }
+        }
+        finished++;
+    }
+    if (finished) looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, threads);
+    return finished;
 }
