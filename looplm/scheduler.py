@@ -11,8 +11,10 @@ next iteration beside rows still deep in theirs.  Under the ``full`` layout (and
 last token) a row runs every step and the exit only picks the readout.  So every weight read
 serves every running row and a skipped step is wall time saved.  A stepper that runs a whole
 token in one call (``whole_token``) takes the rows it can (batch 1, static or Q-exit, its
-layouts).  ``layer_applications`` counts the core and coda layers each row ran for its decoded
-tokens (prefill excluded).
+layouts); one that runs a whole iteration in one call (``exit_step``) takes the iterations whose
+rows all exit by Q-exit or at a fixed depth.  The rows' loop states and prelude outputs live in
+per-slot tables (``h``, ``e`` [B, D]) like the decision state.  ``layer_applications`` counts
+the core and coda layers each row ran for its decoded tokens (prefill excluded).
 """
 
 from __future__ import annotations

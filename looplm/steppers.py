@@ -3,11 +3,14 @@
 A stepper gets ``Rows`` (each row's cache row, loop step and position) and tensors of one row
 per entry; ``looplm.scheduler`` drives every stepper alike (``Stepper``).  ``reference``:
 ``ModelStepper``, the model's own modules, any family and batch; ``torch``: ``FastStepper``
-(``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: one row in C
-(``looplm.kernels``: ``NativeStepper``, the fused plain-loop kernel, where it serves, else
-``RuntimeStepper``, the C runtime that runs every model family).  Tests hold them equal.
+(``looplm.fast_decode``), one row in vector-shaped torch ops; ``native``: C (``looplm.kernels``:
+for one row ``NativeStepper``, the fused plain-loop kernel, where it serves, else
+``RuntimeStepper``, the C runtime that runs every model family; for a batch
+``NativeRowsStepper``, the plain loop's rows in one call).  Tests hold them equal.
 A stepper may offer ``whole_token``
-(a token's whole loop in one call) for the layouts in ``whole_token_layouts``.  ``BACKENDS`` maps
+(a token's whole loop in one call) for the layouts in ``whole_token_layouts``, ``exit_step`` (a
+whole iteration of Q-exit / fixed-depth rows in one call) for those in ``exit_step_layouts``, and
+``logits_argmax`` (the logits and their argmax in one call).  ``BACKENDS`` maps
 names to stepper classes in the order ``auto`` tries them; each says why it cannot serve a model.
 """
 
@@ -162,9 +165,10 @@ def backend_names() -> tuple[str, ...]:
 
 def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = False, dtype: str = "fp32"):
     """(the stepper, its backend name, the model it reads, its ``Precision``) for ``backend``: a
-    name of ``BACKENDS``, or ``auto`` (the first that supports the model and cache; batched caches
-    take the reference).  ``dtype`` (``looplm.precision.decode_precision``): "fp32" (the model as
-    given), "bf16" (bf16 copies of the projections, ``looplm.bf16``: the native backend reads them
+    name of ``BACKENDS``, or ``auto`` (the first that supports the model and cache: for a batched
+    cache ``native``'s rows stepper, else the reference).  ``dtype``
+    (``looplm.precision.decode_precision``): "fp32" (the model as given), "bf16" (bf16 copies of
+    the projections, ``looplm.bf16``: the native backend reads them
     and a bf16 head where its C path does, else float32 with the reason; the reference backend runs
     torch's bf16 matmuls; the torch backend reads float32 only) or "auto" (bf16 where the native
     backend runs and the C kernel has the native bf16 dot product — for a batch, where the CPU

@@ -590,9 +590,9 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
     looplm_rows_layers(dims, steps, count, R, h, slot, step, slot, pos, slot_floats, cos, sin, scratch, step_norm,
                        threads);
     int finished = 0;
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < R; r++) {  /* the decisions, in row order (the done rows' readouts packed) */
         const float *x = h + (size_t)slot[r] * D;  /* the table of every cache row's state */
-        float *out = readout + (size_t)finished * D;  /* the done rows' readouts, packed */
+        float *out = readout + (size_t)finished * D;
         if (step_norm) memcpy(out, x, (size_t)D * sizeof(float));
         else rms_norm(x, norm, out, D, dims->eps);
         const int ran = step[r] + 1;
@@ -605,8 +605,14 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
             *s -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));  /* log σ(−z), stably */
             if (ran >= min_steps[r] && -expm1(*s) >= q[r]) done[r] = ran;
         }
-        if (!done[r]) continue;
-        for (int t = ran; t < cache_steps; t++) {  /* LAST_EXITED: the skipped steps take this step's K/V */
+        finished += done[r] > 0;
+    }
+    /* LAST_EXITED: a done row's skipped steps take its last step's K/V (cold cache lines: the rows'
+     * copies go to both threads, so their misses overlap). */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < R; r++) {
+        const int ran = done[r];
+        for (int t = ran ? ran : cache_steps; t < cache_steps; t++) {
             for (int i = 0; i < count; i++) {
                 const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
                 for (int kv = 0; kv < Hkv; kv++) {
@@ -616,7 +622,6 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
                 }
             }
         }
-        finished++;
     }
     if (finished) looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, threads);
     return finished;
