@@ -76,6 +76,8 @@ class Scheduler:
         self.logits_argmax = getattr(self.stepper, "logits_argmax", None)
         self.exit_step = (self.stepper.exit_step if getattr(self.stepper, "exit_step", None) is not None
                           and self.cache.layout in self.stepper.exit_step_layouts else None)
+        # ... which also enters the fed rows (their embedding rows) where the stepper says so.
+        self.embeds_in_exit_step = self.exit_step is not None and getattr(self.stepper, "exit_step_embeds", False)
         self.dense_readout = bool(model.coda) and layout in ("first", "avg")  # the coda's K/V of every step
         self.core_layers, self.per_step = config.n_core_layers, config.n_core_layers + config.n_coda_layers
         self.free = list(range(rows))
@@ -177,7 +179,13 @@ class Scheduler:
                     self._whole_token(row)
                 if finished:
                     entering = [row for row in entering if row not in finished]
-            if entering:
+            if entering and self.embeds_in_exit_step and all(
+                    row.plain_exit and not row.full_depth for row in self.running + entering):
+                for row in entering:  # embedded by exit_step, this iteration (row.token goes with it)
+                    row.step, row.exit_step = 0, None
+                self._tables(self.model.config.d_model)
+                self.running = self.running + entering
+            elif entering:
                 self._enter(entering)
         if not self.running:
             return finished
@@ -229,12 +237,14 @@ class Scheduler:
         """``iterate``'s work for rows that all exit by Q-exit or at a fixed depth, in the stepper's
         one call (``exit_step``: the same decisions and copies, held equal by tests); the rows'
         bookkeeping is ``iterate``'s and ``_leave``'s."""
+        tokens = [-1 if row.token is None else row.token for row in running]
         ran, logits, greedy = self.exit_step(
             self.h, rows, [row.max_steps for row in running], [row.min_steps for row in running],
             [math.inf if row.threshold is None else row.threshold for row in running],
-            self._table("survival", dtype=torch.float64))
+            self._table("survival", dtype=torch.float64), tokens, self.e)
         finished: list[Row] = []
         for row, steps in zip(running, ran):
+            row.token = None
             row.layer_applications += self.per_step  # no coda on this path: the core's layers
             if not steps:
                 row.step += 1
@@ -256,13 +266,19 @@ class Scheduler:
         for row in entering:
             row.step, row.exit_step, row.token = 0, None, None
         self._reset(entering)
-        if self.h is None:
-            self.h = torch.zeros(self.cache.batch_size, h.shape[-1], dtype=h.dtype, device=self.device)
-            self.e = torch.zeros(self.cache.batch_size, e.shape[-1], dtype=e.dtype, device=self.device)
+        self._tables(h.shape[-1], e.shape[-1], h.dtype, e.dtype)
         slots = rows.tensor("slots", self.device)
         self.h.index_copy_(0, slots, h)
         self.e.index_copy_(0, slots, e)
         self.running = self.running + entering
+
+    def _tables(self, width: int, input_width: int | None = None, dtype=torch.float32,
+                input_dtype=torch.float32) -> None:
+        """The per-slot tables of loop states and prelude outputs, made when first needed."""
+        if self.h is None:
+            self.h = torch.zeros(self.cache.batch_size, width, dtype=dtype, device=self.device)
+            self.e = torch.zeros(self.cache.batch_size, input_width or width, dtype=input_dtype,
+                                 device=self.device)
 
     def _whole_token(self, row: Row) -> None:
         """The stepper's one-call token (its readout is the last step's, Q-exit in the kernel)."""

@@ -75,7 +75,7 @@ SIGNATURES = {
                                _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long, _POINTER, _POINTER, _POINTER,
                                _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_float,
                                _POINTER, _POINTER, ctypes.POINTER(Projection), _POINTER, _INT, _POINTER, _POINTER,
-                               _INT], _INT),
+                               _POINTER, _POINTER, _POINTER, _INT], _INT),
     "looplm_rows_head": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _POINTER, _INT, _INT, _POINTER, _INT],
                          None),
     "looplm_rows_project": ([ctypes.POINTER(Projection), _POINTER, _INT, _POINTER, _INT, _INT, _POINTER, _INT], None),

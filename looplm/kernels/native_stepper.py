@@ -297,6 +297,7 @@ class NativeRowsStepper(NativeStepper):
         # ``exit_step``: a whole iteration of Q-exit / fixed-depth rows in one C call (no coda: the
         # readout is the step's state, normed), for the layouts in ``exit_step_layouts``.
         self.exit_step = self._exit_step if self._step_arrays["coda"] is None else None
+        self.exit_step_embeds = self._step_arrays["prelude"] is None  # entering rows' h = e = their embedding
         self.readout_rows = torch.zeros(cache.batch_size, config.d_model)
         # The float32 head packed in panels of 64 outputs (ops.panels): a batch of rows' logits as
         # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
@@ -317,11 +318,14 @@ class NativeRowsStepper(NativeStepper):
     exit_step_layouts = ("last_exited",)
 
     def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
-                   thresholds: list[float], survival: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int]]:
+                   thresholds: list[float], survival: torch.Tensor, tokens: list[int],
+                   inputs: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int]]:
         """``looplm_rows_exit_step``: every row's core step on its state in ``states`` [B, D] (by cache
         row, in place), its readout and exit decision (Q-exit where its threshold is at most 1,
         reading and updating ``survival`` [B] float64 by cache row; else at ``max_steps``), the
-        LAST_EXITED copies, logits and argmax of the rows that are done.  Returns (the steps each
+        LAST_EXITED copies, logits and argmax of the rows that are done.  A row whose ``tokens``
+        entry is a token id (not -1) enters first (``exit_step_embeds``: no prelude, so its state
+        and its row of ``inputs`` [B, D] are the token's embedding row).  Returns (the steps each
         done row ran (0: runs on), the done rows' logits [done, V] and their argmax)."""
         count, vocab = len(rows.slots), self.config.vocab_size
         ints = ctypes.c_int * count
@@ -334,7 +338,8 @@ class NativeRowsStepper(NativeStepper):
             self.rows_scratch.data_ptr(), norm if self.config.step_norm else None, norm, ints(*max_steps),
             ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
             self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
-            self._panels_address, vocab, logits.data_ptr(), best, self.threads)
+            self._panels_address, vocab, logits.data_ptr(), best, ints(*tokens), self._embedding_address,
+            inputs.data_ptr(), self.threads)
         return list(done), logits[:finished], list(best)[:finished]
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:

@@ -579,14 +579,24 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
  * arithmetic).  done[r] = the steps its token ran (0: it runs on).  A done row's K/V at its position
  * are copied into the deeper steps' slots (steps[ran .. cache_steps)), and its logits go to row k of
  * logits [R, V] (k counting the done rows in order; head_panels: the head packed for panel_rows, or NULL), their
- * argmax to best[k].  Returns the number of done rows.  readout: scratch [R, D]. */
+ * argmax to best[k].  Returns the number of done rows.  readout: scratch [R, D].  A row with
+ * tokens[r] >= 0 enters first (the plain loop without a prelude): its state and its row of e [B, D]
+ * become that token's embedding row and its survival 1. */
 int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
                           const int *step, const int *slot, const int *pos, long slot_floats, const float *cos,
                           const float *sin, float *scratch, const float *step_norm, const float *norm,
                           const int *max_steps, const int *min_steps, const double *q, double *survival,
                           const float *gate_w, float gate_b, float *readout, int *done, const Projection *head,
-                          const float *head_panels, int vocab, float *logits, int *best, int threads) {
+                          const float *head_panels, int vocab, float *logits, int *best, const int *tokens,
+                          const float *embedding, float *e, int threads) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
+    for (int r = 0; r < R; r++) {  /* rows entering with their token: h = e = its embedding row, no survival yet */
+        if (tokens[r] < 0) continue;
+        const float *row = embedding + (size_t)tokens[r] * D;
+        memcpy(h + (size_t)slot[r] * D, row, (size_t)D * sizeof(float));
+        memcpy(e + (size_t)slot[r] * D, row, (size_t)D * sizeof(float));
+        survival[slot[r]] = 0.0;
+    }
     looplm_rows_layers(dims, steps, count, R, h, slot, step, slot, pos, slot_floats, cos, sin, scratch, step_norm,
                        threads);
     int finished = 0;
