@@ -14,8 +14,8 @@ from looplm.errors import LoopLMError
 from looplm.generate import Decoder, FixedSteps, QExit
 from looplm.kernels import build
 from looplm.kernels.native_stepper import native_unsupported
-from looplm.model import LoopLM
-from looplm.model.norms import RMSNorm
+
+from conftest import well_conditioned
 
 
 def decode_both(model, policy, tokens, prompt, backend="native", threads=None):
@@ -67,18 +67,7 @@ def test_native_equals_reference_for_any_layer_shape(d_head, heads, hidden, core
     config = ModelConfig(vocab_size=37, d_model=d_head * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          ffn_hidden=hidden, n_prelude_layers=prelude, n_core_layers=core, n_coda_layers=coda,
                          loop_steps=3, max_seq_len=32, norm=norm, step_norm=step_norm)
-    torch.manual_seed(seed)
-    model = LoopLM(config).eval()
-    # Away from the init's identity norms: norms in [0.5, 1.5], unit-gain matrices (std 0.5 on every matrix
-    # made many draws chaotic over the loop, the fp32 reference up to ~4e-4 off the float64 truth).
-    for parameter in model.parameters():
-        if parameter.dim() == 2:
-            torch.nn.init.normal_(parameter, std=parameter.shape[1] ** -0.5)
-        else:
-            torch.nn.init.normal_(parameter, std=0.5)
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    model = well_conditioned(config, seed)
     prompt = torch.randint(0, 37, (1, 4))
     tokens = torch.randint(0, 37, (6,)).tolist()
     reference, native, pairs = decode_both(model, QExit(0.6), tokens, prompt, threads=threads)

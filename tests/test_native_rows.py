@@ -19,30 +19,14 @@ from looplm.kernels import ops
 from looplm.kernels.build import load_kernel
 from looplm.kernels.native_stepper import NativeRowsStepper
 from looplm.model import LoopLM
-from looplm.model.norms import RMSNorm
 from looplm.quant import quantize_model
 from looplm.steppers import ModelStepper, Rows
 
-from conftest import tiny_config
+from conftest import tiny_config, well_conditioned
 
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="the C kernel does not build here")
 
 PROMPTS = [[1, 5, 9, 2, 7, 3, 11], [4, 8], [6, 2, 9, 9], [3], [2, 4, 6, 8, 10], [7, 7]]
-
-
-def well_conditioned(config: ModelConfig, seed: int) -> LoopLM:
-    """Unit-gain matrices and norms in [0.5, 1.5]: fp32 sums in two orders agree to ~1e-5."""
-    torch.manual_seed(seed)
-    model = LoopLM(config).eval()
-    for parameter in model.parameters():
-        if parameter.dim() == 2:
-            torch.nn.init.normal_(parameter, std=parameter.shape[1] ** -0.5)
-        else:
-            torch.nn.init.normal_(parameter, std=0.5)
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
-    return model
 
 
 def filled_cache(config, rows: int, max_len: int, seed: int) -> KVCache:
