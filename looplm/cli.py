@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--backend", default="auto", choices=backend_names(),
                           help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
-                               " = native where it can run, else torch. All give the same tokens.")
+                               " = native where it can run, else torch (several prompts: native's batched rows"
+                               " for the plain loop, else reference). All give the same tokens.")
     generate.add_argument("--dtype", default="auto", choices=PRECISIONS,
                           help="the projections' weights: fp32, or bf16 copies (half the bytes read per token);"
                                " auto (default) = bf16 where the CPU multiplies bf16 natively (the C kernel's"
@@ -497,7 +498,7 @@ def _generate_batch(args, model, tokenizer, prompts, sampling, policy) -> None:
     from looplm.batch import generate_batch
 
     result = generate_batch(model, prompts, args.max_new_tokens, sampling, policy, tokenizer, args.stop,
-                            layout=args.layout, modulo_slots=args.modulo_slots, dtype=args.dtype)
+                            layout=args.layout, modulo_slots=args.modulo_slots, dtype=args.dtype, backend=args.backend)
     for number, generation in enumerate(result.generations):
         print(f"[{number}] {generation.text}")
         if args.show_steps:
