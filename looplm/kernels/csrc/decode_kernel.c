@@ -569,6 +569,8 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
     }
 }
 
+#define SMALL_WORK (32L * 1024)  /* bytes: below this a parallel region costs more than it saves */
+
 /* One scheduler iteration of rows that exit by Q-exit or at a fixed depth (the plain loop without a
  * coda, LAST_EXITED): looplm_rows_layers' core step of every row (h: the states of every cache row
  * [B, D], row r's at slot[r], updated in place), then for each row its readout
@@ -617,9 +619,13 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         }
         finished += done[r] > 0;
     }
-    /* LAST_EXITED: a done row's skipped steps take its last step's K/V (cold cache lines: the rows'
-     * copies go to both threads, so their misses overlap). */
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    /* LAST_EXITED: a done row's skipped steps take its last step's K/V (cold cache lines: where the
+     * copies are large the rows go to every thread, so their misses overlap; small ones stay on this
+     * thread, since waking a team costs more than they do). */
+    long copied = 0;
+    for (int r = 0; r < R; r++)
+        if (done[r]) copied += (long)(cache_steps - done[r]) * count * Hkv * hd * 2 * (long)sizeof(float);
+    #pragma omp parallel for num_threads(copied >= SMALL_WORK ? threads : 1) schedule(static)
     for (int r = 0; r < R; r++) {
         const int ran = done[r];
         for (int t = ran ? ran : cache_steps; t < cache_steps; t++) {
@@ -633,6 +639,8 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
             }
         }
     }
-    if (finished) looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, threads);
+    if (finished)  /* a small head (rows × vocab × D products) on this thread alone, as above */
+        looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best,
+                         (long)finished * vocab * D * (long)sizeof(float) >= 8 * SMALL_WORK ? threads : 1);
     return finished;
 }
