@@ -1,22 +1,27 @@
-/* Batch-1 decode kernel for looplm's standard layer (MHA/GQA + RoPE, SwiGLU, pre or sandwich
- * RMSNorm): one call runs a run of layers on one token's hidden state, in place.
+/* Decode kernel for looplm's standard layer (MHA/GQA + RoPE, SwiGLU, pre or sandwich RMSNorm):
+ * one call runs a run of layers on the hidden states of one or more rows, in place.  The layers
+ * are written once, in looplm_rows_layers (rows of a batched cache, each at its own loop step,
+ * position and cache row); looplm_layers is that function for one row.
  *
  * It is a fast path beside two torch implementations of the same math (the model's own modules
- * and looplm/fast_decode.py); tests/test_native_decode.py holds all three equal.
+ * and looplm/fast_decode.py); tests/test_native_decode.py (one row) and tests/test_native_rows.py
+ * (rows) hold them equal.
  *
  * Why C: at batch 1 every projection is a matrix-vector product, and a layer is ~20 small
  * tensor ops whose per-op dispatch costs more than their arithmetic.  Here a layer is one pass
  * over its weights, inside one OpenMP parallel region per call: each thread owns a range of
- * output rows of every projection and a share of the attention heads; the short vector steps
- * in between (norms, residuals, RoPE) run on one thread between barriers.
+ * output rows of every projection (each weight block read once for all rows) and a share of the
+ * (row, head) attention tasks; the short vector steps in between (norms, residuals, RoPE, the
+ * cache writes) are split over rows between barriers.
  *
  * Layouts (float32 unless said, row-major, as torch stores them):
  *   weights  qkv [(H + 2·Hkv)·hd, D], out [D, H·hd], gate_up [2F, D], down [D, F]; a projection
  *            may instead be int8 Q8_0 (looplm/quant.py): values int8 [rows, cols] and one float32
  *            scale per 32 inputs, scales [rows, cols/32], W[r, c] = scales[r, c/32]·values[r, c]
  *            (optionally multiplied by the input quantised to Q8_0), or bf16 [rows, cols] (matvec.h)
- *   cache    keys, values of one slot: [Hkv, max_len, hd]; this token's K/V go to row `pos`
- *   rope     cos, sin: the tables' rows for `pos`, [hd] (rotate-half layout)
+ *   cache    keys, values of one slot: [B, Hkv, max_len, hd]; a token's K/V go to its cache row's
+ *            position `pos`
+ *   rope     cos, sin: the tables [max_len, hd] (rotate-half layout); a token reads row `pos`
  */
 #include <math.h>
 #include <stddef.h>
@@ -38,11 +43,13 @@ typedef struct {
     float *keys, *values;
 } Layer;
 
-/* Scratch floats needed by looplm_layers for these dims. */
+long looplm_rows_scratch_floats(const Dims *dims, int rows, int threads);
+
+/* Scratch floats needed by looplm_layers for these dims (one row; a score row per thread, for as
+ * many threads as OpenMP may run, at least 64). */
 long looplm_scratch_floats(const Dims *dims) {
-    long d = dims->d_model, hd = dims->head_dim;
-    return 2 * d + (long)(dims->n_heads + 2 * dims->n_kv_heads) * hd + (long)dims->n_heads * hd
-           + 2L * dims->hidden + (long)dims->n_heads * dims->max_len;
+    const int threads = omp_get_max_threads();
+    return looplm_rows_scratch_floats(dims, 1, threads > 64 ? threads : 64);
 }
 
 
@@ -134,82 +141,22 @@ static void residual(float *h, float *update, const float *post_norm, int n, flo
     for (int i = 0; i < n; i++) h[i] += update[i];
 }
 
+void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h, const int *h_rows,
+                        const int *step, const int *slot, const int *pos, long slot_floats,
+                        const float *cos, const float *sin, float *scratch, const float *final_norm,
+                        int threads);
+
 /* Run `count` layers on h [D] in place for the token at `pos`, writing its K/V into each
- * layer's cache slot; then, if final_norm is not NULL, h = rms_norm(h) · final_norm. */
+ * layer's cache slot; then, if final_norm is not NULL, h = rms_norm(h) · final_norm.  cos, sin:
+ * the RoPE tables' rows for `pos`.  This is looplm_rows_layers for one row. */
 void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, int pos,
                    const float *cos, const float *sin, float *scratch, const float *final_norm,
                    int threads) {
-    const int D = dims->d_model, H = dims->n_heads, Hkv = dims->n_kv_heads, hd = dims->head_dim;
-    const int F = dims->hidden, L = dims->max_len, group = H / Hkv;
-    const float eps = dims->eps, scale = 1.0f / sqrtf((float)hd);
-    const int qkv_rows = (H + 2 * Hkv) * hd;
-    float *x = scratch, *update = x + D, *qkv = update + D, *attended = qkv + qkv_rows;
-    float *gate = attended + H * hd, *up = gate + F, *scores = up + F;
-
-    #pragma omp parallel num_threads(threads)
-    {
-        int begin, end;
-        for (int index = 0; index < count; index++) {
-            const Layer *layer = &layers[index];
-            #pragma omp single
-            rms_norm(h, layer->attn_norm, x, D, eps);
-            /* implicit barrier */
-            share(qkv_rows, 4, &begin, &end);
-            project_rows(&layer->qkv, x, qkv, D, begin, end);
-            #pragma omp barrier
-            #pragma omp single
-            {
-                for (int head = 0; head < H + Hkv; head++) rope(qkv + head * hd, cos, sin, hd);
-                for (int kv = 0; kv < Hkv; kv++) {
-                    memcpy(layer->keys + ((size_t)kv * L + pos) * hd, qkv + (H + kv) * hd, hd * sizeof(float));
-                    memcpy(layer->values + ((size_t)kv * L + pos) * hd, qkv + (H + Hkv + kv) * hd,
-                           hd * sizeof(float));
-                }
-            }
-            share(H, 1, &begin, &end);
-            for (int head = begin; head < end; head++) {
-                const float *q = qkv + head * hd;
-                const float *keys = layer->keys + (size_t)(head / group) * L * hd;
-                const float *values = layer->values + (size_t)(head / group) * L * hd;
-                float *s = scores + (size_t)head * L, *o = attended + head * hd, top = -INFINITY, total = 0.0f;
-                for (int j = 0; j <= pos; j++) {
-                    s[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
-                    if (s[j] > top) top = s[j];
-                }
-                total = exp_shifted(s, pos + 1, top);
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int j = 0; j <= pos; j++) {
-                    const float *v = values + (size_t)j * hd, weight = s[j] / total;
-                    for (int i = 0; i < hd; i++) o[i] += weight * v[i];
-                }
-            }
-            #pragma omp barrier
-            share(D, 4, &begin, &end);
-            project_rows(&layer->out, attended, update, H * hd, begin, end);
-            #pragma omp barrier
-            #pragma omp single
-            {
-                residual(h, update, layer->attn_post_norm, D, eps);
-                rms_norm(h, layer->ffn_norm, x, D, eps);
-            }
-            share(F, 4, &begin, &end);
-            Projection upper = layer->gate_up;  /* rows F..2F of gate_up: the "up" half */
-            upper.weights = upper.weights ? upper.weights + (size_t)F * D : NULL;
-            upper.values = upper.values ? upper.values + (size_t)F * D : NULL;
-            upper.scales = upper.scales ? upper.scales + (size_t)F * (D / BLOCK) : NULL;
-            upper.bf16 = upper.bf16 ? upper.bf16 + (size_t)F * D : NULL;
-            project_rows(&layer->gate_up, x, gate, D, begin, end);
-            project_rows(&upper, x, up, D, begin, end);
-            swiglu(gate, up, begin, end);
-            #pragma omp barrier
-            share(D, 4, &begin, &end);
-            project_rows(&layer->down, gate, update, F, begin, end);
-            #pragma omp barrier
-            #pragma omp single
-            residual(h, update, layer->ffn_post_norm, D, eps);
-        }
-    }
-    if (final_norm) rms_norm(h, final_norm, h, D, eps);
+    const Layer *steps[1] = {layers};
+    const int zero = 0;
+    const size_t row = (size_t)pos * dims->head_dim;  /* the tables' first row: rows_layers offsets by pos */
+    looplm_rows_layers(dims, steps, count, 1, h, NULL, &zero, &zero, &pos, 0, cos - row, sin - row, scratch,
+                       final_norm, threads);
 }
 
 /* One token's whole loop (batch 1, the plain Ouro loop: step norm, no coda) in one call:

@@ -528,6 +528,10 @@ static inline void f32_4x4(const float *w, int cols, const float *x, int xs, flo
  * CPU has AVX-512; every other case runs ``project_rows`` per input row on the block. */
 static void project_batch(const Projection *p, const float *X, int R, int xs, float *Y, int ys, int cols,
                           int begin, int end) {
+    if (R == 1) {  /* one row: the matvec over the whole range (its input rounded or quantised once) */
+        project_rows(p, X, Y, cols, begin, end);
+        return;
+    }
     const int plain = p->weights && !p->values && !p->bf16 && !p->ternary;
     for (int block = begin; block < end; block += 16) {
         const int stop = block + 16 < end ? block + 16 : end;
