@@ -283,8 +283,11 @@ class NativeRowsStepper(NativeStepper):
         self.whole_token = None
         keys = cache.store("core" if model.core else "coda", 0, 0)[0]
         self.slot_floats = keys.stride(0)  # one cache row of a slot's storage [B, Hkv, max_len, hd]
+        # a score row per thread, for up to ``scratch_threads`` threads (``threads`` is public: calls
+        # take the smaller)
+        self.scratch_threads = max(64, torch.get_num_threads())
         self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
-            ctypes.byref(self.dims), cache.batch_size, self.threads))
+            ctypes.byref(self.dims), cache.batch_size, self.scratch_threads))
 
         def steps(packed):
             return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
@@ -313,7 +316,7 @@ class NativeRowsStepper(NativeStepper):
         self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(), None,
                                        ints(*steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats,
                                        cos, sin, self.rows_scratch.data_ptr(), norm if final_norm else None,
-                                       self.threads)
+                                       min(self.threads, self.scratch_threads))
 
     exit_step_layouts = ("last_exited",)
 
@@ -339,7 +342,7 @@ class NativeRowsStepper(NativeStepper):
             ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
             self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
             self._panels_address, vocab, logits.data_ptr(), best, ints(*tokens), self._embedding_address,
-            inputs.data_ptr(), self.threads)
+            inputs.data_ptr(), min(self.threads, self.scratch_threads))
         return list(done), logits[:finished], list(best)[:finished]
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:

@@ -45,11 +45,11 @@ typedef struct {
 
 long looplm_rows_scratch_floats(const Dims *dims, int rows, int threads);
 
-/* Scratch floats needed by looplm_layers for these dims (one row; a score row per thread, for as
- * many threads as OpenMP may run, at least 64). */
+#define MOST_THREADS 64  /* looplm_layers' scratch holds a score row for up to this many threads */
+
+/* Scratch floats needed by looplm_layers for these dims (one row; a score row per thread). */
 long looplm_scratch_floats(const Dims *dims) {
-    const int threads = omp_get_max_threads();
-    return looplm_rows_scratch_floats(dims, 1, threads > 64 ? threads : 64);
+    return looplm_rows_scratch_floats(dims, 1, MOST_THREADS);
 }
 
 
@@ -156,7 +156,7 @@ void looplm_layers(const Dims *dims, const Layer *layers, int count, float *h, i
     const int zero = 0;
     const size_t row = (size_t)pos * dims->head_dim;  /* the tables' first row: rows_layers offsets by pos */
     looplm_rows_layers(dims, steps, count, 1, h, NULL, &zero, &zero, &pos, 0, cos - row, sin - row, scratch,
-                       final_norm, threads);
+                       final_norm, threads < MOST_THREADS ? threads : MOST_THREADS);
 }
 
 /* One token's whole loop (batch 1, the plain Ouro loop: step norm, no coda) in one call:
