@@ -7,7 +7,9 @@ previous commit's, every figure measured in the same run.
      set so Q-exit stops tokens early (random weights: the exits are the gate's, not learned);
    - the demo model trained with Stage I (``looplm.demo``'s config; real, learned exits; its
      context is 32 tokens, so each request gets what fits after a held-out binding prompt),
-     trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``).
+     trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``);
+   - with ``--text-model CKPT --text-shards DIR``, a looped model trained on text (the text
+     study's Stage II run: real exits on real text), prompts of 32 tokens from the shards' val split.
    Reported: X, the share of layer applications Q-exit saved, and the throughput ratio
    Q-exit / fixed, against the target 1 / (1 − 0.8·X) (wall time drops by at least 80 % of the
    compute saved), in two consistent scopes: the decode phase (X over the decoded tokens, time
@@ -94,6 +96,23 @@ def demo_model(steps: int):
     held_out = TaskBatches(make_task(DEMO_TASK, **DEMO_TASK_OPTIONS), tokenizer, split="test",
                            seed=0).eval_set(64, seed=7)
     return model, held_out.prompts
+
+
+def text_model(path: str, shards: str, requests: int, prompt_tokens: int = 32):
+    """A looped model trained on text (a checkpoint directory, e.g. the text study's Stage II run)
+    and ``requests`` prompts of ``prompt_tokens`` tokens cut from the validation split of prepared
+    shards of its tokenizer (``looplm prepare``; the text study prepares them under its --out)."""
+    from looplm.data.shards import TokenShards
+    from looplm.model.loading import load_model
+
+    model = load_model(Path(path)).eval()
+    tokens = TokenShards(Path(shards), "val").tokens
+    if int(tokens.max()) >= model.config.vocab_size:
+        raise SystemExit(f"--text-shards {shards} holds token ids outside the model's vocabulary: give the shards of"
+                         " its tokenizer")
+    stride = max(prompt_tokens, (len(tokens) - prompt_tokens) // requests)
+    return model, [[int(token) for token in tokens[start:start + prompt_tokens]]
+                   for start in range(0, stride * requests, stride)][:requests]
 
 
 def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) -> dict:
@@ -231,6 +250,9 @@ def worker(args) -> dict:
     demo, held_out = demo_model(args.demo_steps)
     results["demo_model"] = depth_batching(demo, held_out[:args.requests], args.tokens, args.batch, 0.5,
                                            args.rounds)
+    if args.text_model:
+        text, text_prompts = text_model(args.text_model, args.text_shards, args.requests)
+        results["text_model"] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5, args.rounds)
     results["batch_1_decode_tokens_per_s"] = time_decode(reference_model(gate_exits=False),
                                                          repeats=args.repeats)["decode_tokens_per_s"]
     if not args.skip_serve:
@@ -254,19 +276,20 @@ def report(name: str, results: dict) -> None:
     print(f"\n## {name}\n")
     print("| model | policy | mean steps | layer applications | tokens | seconds | of which prefill | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for model in ("reference_shape", "demo_model"):
+    models = [model for model in ("reference_shape", "demo_model", "text_model") if model in results]
+    for model in models:
         section = results[model]
         for policy in ("fixed", "q_exit"):
             row = section[policy]
             prefill = f"{row['prefill_seconds']:.2f}" if "prefill_seconds" in row else "–"
             print(f"| {model} | {policy} | {row['mean_steps']:.2f} | {row['layer_applications']:,}"
                   f" | {row['tokens']:,} | {row['seconds']:.2f} | {prefill} | {row['tokens_per_s']:.1f} |")
-    for model in ("reference_shape", "demo_model"):
+    for model in models:
         for policy in ("fixed", "q_exit"):
             if "rounds_decode_seconds" in results[model][policy]:
                 print(f"{model} {policy}: decode seconds of every round"
                       f" {results[model][policy]['rounds_decode_seconds']}")
-    for model in ("reference_shape", "demo_model"):
+    for model in models:
         section = results[model]
         print(f"\n{model}: X = {section['saved_share_X']:.3f} of decode layer applications saved; whole-run"
               f" throughput Q/fixed = {section['throughput_ratio']:.3f}; target 1/(1-0.8X) ="
@@ -293,6 +316,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 decode timings (median)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="continuous-batching runs per policy, alternating (the median decode time's run)")
+    parser.add_argument("--text-model", help="also a looped model trained on text: its checkpoint directory"
+                        " (e.g. the text study's Stage II run), with --text-shards")
+    parser.add_argument("--text-shards", help="prepared shards of the text model's tokenizer (their val split"
+                        " gives the prompts)")
     parser.add_argument("--serve-requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--serve-tokens", type=int, default=64)
@@ -301,10 +328,18 @@ def main() -> None:
     parser.add_argument("--json", help="write every figure to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if bool(args.text_model) != bool(args.text_shards):
+        parser.error("--text-model and --text-shards go together")
     if args.worker:
         print(json.dumps(worker(args)))
         return
     args.passed = [argument for argument in sys.argv[1:] if argument != "--worker"]
+    for flag in ("--text-model", "--text-shards"):  # the workers run in their trees: absolute paths
+        for at, argument in enumerate(args.passed):
+            if argument.startswith(flag + "="):
+                args.passed[at] = f"{flag}={Path(argument.split('=', 1)[1]).resolve()}"
+            elif argument == flag and at + 1 < len(args.passed):
+                args.passed[at + 1] = str(Path(args.passed[at + 1]).resolve())
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -327,7 +362,7 @@ def main() -> None:
         print("\nbatch-1 decode, this / previous:"
               f" {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}"
               " (target >= 0.95)")
-        for model in ("reference_shape", "demo_model"):
+        for model in [model for model in ("reference_shape", "demo_model", "text_model") if model in this]:
             print(f"{model}, Q-exit tokens/s, this / previous:"
                   f" {this[model]['q_exit']['tokens_per_s'] / before[model]['q_exit']['tokens_per_s']:.2f}")
         if "serve" in this and "serve" in before:
