@@ -117,8 +117,12 @@ class Scheduler:
                 self.finish_token(row)
                 row.layer_applications = row.full_depth_applications = 0
                 return row
-            ids = torch.tensor([list(prompt)], device=self.device)
             view = self.cache.row(row.slot)
+            if prefix_cache is None and getattr(self.stepper, "prefill_rows", None) is not None \
+                    and self.stepper.prefills_rows(len(prompt)):  # the stepper's own forward (C rows)
+                self._replay(row, self.stepper.prefill_rows(list(prompt), row.slot, max_steps, view))
+                return row
+            ids = torch.tensor([list(prompt)], device=self.device)
             with torch.no_grad():
                 output = (prefix_cache.prefill(self.model, list(prompt), view, max_steps) if prefix_cache is not None
                           else self.model(ids, steps=max_steps, cache=view))

@@ -175,3 +175,30 @@ def test_one_call_iterations_of_q_exit_and_fixed_rows_equal_the_reference():
     assert native == reference
     assert 0 < scheduler.exit_step_iterations < scheduler.iterations  # both paths ran
     assert scheduler.mixed_depth_iterations > 0
+
+
+@pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
+@pytest.mark.parametrize("shape", [dict(), dict(n_prelude_layers=1, n_coda_layers=1), dict(step_norm=True)],
+                         ids=["plain", "prelude-coda", "step-norm"])
+def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape):
+    """A small model's prompt goes into its cache row through the C rows (positions as rows, in
+    chunks of the cache's batch, each step's layout rules applied by the row's view): the K/V of
+    every step and group, and the last position's readout after every step, equal the model's
+    forward into the same row — also when the prompt runs fewer steps than the cache is deep."""
+    model = well_conditioned(tiny_config(loop_steps=4, n_kv_heads=2, **shape), 3)
+    prompt = torch.randint(0, 64, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+    for steps in (4, 2):
+        expected_cache = KVCache(model.config, 4, 24, 4, layout=layout)
+        view = expected_cache.row(2)
+        with torch.no_grad():
+            output = model(torch.tensor([prompt]), steps=steps, cache=view)
+        expected = [readout[0, -1:] for readout in output.hidden_states]
+        cache = KVCache(model.config, 4, 24, 4, layout=layout)  # a batch of 4 rows: chunks of 4 positions
+        stepper = NativeRowsStepper(model, cache)
+        assert stepper.prefills_rows(len(prompt))
+        with torch.no_grad():
+            readouts = stepper.prefill_rows(prompt, 2, steps, cache.row(2))
+        for got, want in zip(readouts, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.keys, expected_cache.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.values, expected_cache.values, atol=1e-4, rtol=1e-4)

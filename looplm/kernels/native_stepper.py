@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,10 @@ from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
+# A batched cache's prompt is prefilled through the C rows (``NativeRowsStepper.prefill_rows``)
+# when a loop step's core weights are at most this many bytes: a small model's torch forward costs
+# milliseconds of dispatch, the C rows a few hundred microseconds (larger models: torch's GEMMs).
+ROWS_PREFILL_BYTES = 4 * 2**20
 # A prompt whose token-by-token pass reads at most this many bytes of core weights is prefilled
 # by the kernel (``Decoder.prefill``): for a small model that beats a batched torch forward,
 # whose fixed cost is milliseconds, and leaves the weights warm in cache for decoding.
@@ -70,6 +75,14 @@ def native_unsupported(model, cache: KVCache) -> str | None:
     if load_kernel() is None:
         return unavailable_reason()
     return None
+
+
+class _Rows(NamedTuple):
+    """Rows as ``_run_rows`` reads them (``looplm.steppers.Rows`` has the same fields)."""
+
+    slots: list[int]
+    steps: list[int]
+    positions: list[int]
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -308,7 +321,8 @@ class NativeRowsStepper(NativeStepper):
         self._panels_address = self.head_panels.data_ptr() if self.head_panels is not None else None
 
     def _run_rows(self, stage: str, h: torch.Tensor, rows, final_norm: bool) -> None:
-        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place)."""
+        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place); ``rows``:
+        anything with the rows' ``slots``, ``steps`` and ``positions`` lists."""
         count = len(rows.slots)
         ints = ctypes.c_int * count
         steps = [0] * count if stage == "prelude" else rows.steps
@@ -344,6 +358,43 @@ class NativeRowsStepper(NativeStepper):
             self._panels_address, vocab, logits.data_ptr(), best, ints(*tokens), self._embedding_address,
             inputs.data_ptr(), min(self.threads, self.scratch_threads))
         return list(done), logits[:finished], list(best)[:finished]
+
+    def prefills_rows(self, length: int) -> bool:
+        """Whether ``prefill_rows`` prefills a prompt (a small model: see ``ROWS_PREFILL_BYTES``)."""
+        return self.token_step_bytes <= ROWS_PREFILL_BYTES
+
+    def prefill_rows(self, prompt: list[int], slot: int, steps: int, view) -> list[torch.Tensor]:
+        """The model's forward over ``prompt`` into cache row ``slot`` at full depth (``steps``
+        steps), its positions as rows of that cache row (a chunk of rows per call, in order, so a
+        position attends to the keys before it at the same step); ``view`` (the cache's row,
+        ``KVCache.row``) applies the layout's rules after each step and at the end, as the forward
+        does.  Returns the last position's readout after every step, each [1, D]."""
+        count, chunk = len(prompt), self.cache.batch_size
+        positions = list(range(count))
+
+        def run(stage: str, h: torch.Tensor, step: int, final_norm: bool) -> None:
+            for start in range(0, count, chunk):
+                end = min(start + chunk, count)
+                rows = _Rows([slot] * (end - start), [step] * (end - start), positions[start:end])
+                self._run_rows(stage, h[start:end], rows, final_norm)
+
+        e = self.embedding.index_select(0, torch.tensor(prompt))
+        if self._step_arrays["prelude"] is not None:
+            run("prelude", e, 0, False)
+        h, readouts = e.clone(), []
+        for step in range(steps):
+            run("core", h, step, self.config.step_norm)
+            if self._step_arrays["coda"] is not None:
+                readout = h.clone()
+                run("coda", readout, step, True)
+                readouts.append(readout[-1:])
+            elif self.config.step_norm:
+                readouts.append(h[-1:].clone())
+            else:
+                readouts.append(torch.rms_norm(h[-1:], (self.config.d_model,), self.norm, self.config.norm_eps))
+            view.after_step(step, 0, count)
+        view.finish(0, count, steps)
+        return readouts
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))
