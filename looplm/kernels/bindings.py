@@ -78,7 +78,6 @@ SIGNATURES = {
                                _POINTER, _POINTER, _POINTER, _INT], _INT),
     "looplm_rows_head": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _POINTER, _INT, _INT, _POINTER, _INT],
                          None),
-    "looplm_rows_project": ([ctypes.POINTER(Projection), _POINTER, _INT, _POINTER, _INT, _INT, _POINTER, _INT], None),
     "looplm_copy_positions": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _INT,
                                _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES

@@ -141,6 +141,46 @@ static void residual(float *h, float *update, const float *post_norm, int n, flo
     for (int i = 0; i < n; i++) h[i] += update[i];
 }
 
+/* o [hd] = softmax(q·kᵀ·scale) v over keys, values [n, hd] (one query and head); scores: [n] scratch. */
+static void attend(const float *q, const float *keys, const float *values, int n, int hd, float scale,
+                   float *scores, float *o) {
+    float top = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        scores[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
+        if (scores[j] > top) top = scores[j];
+    }
+    const float norm = 1.0f / exp_shifted(scores, n, top);
+    for (int i = 0; i < hd; i++) o[i] = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float *v = values + (size_t)j * hd, weight = scores[j] * norm;
+        for (int i = 0; i < hd; i++) o[i] += weight * v[i];
+    }
+}
+
+/* LAST_EXITED: a token that ran `ran` steps gives its K/V at `at` (floats into each slot's storage:
+ * its cache row and position) to the skipped steps' slots steps[ran .. until). */
+static void copy_skipped(const Layer *const *steps, int count, int ran, int until, size_t at, int Hkv, int L,
+                         int hd) {
+    for (int t = ran; t < until; t++) {
+        for (int i = 0; i < count; i++) {
+            const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
+            for (int kv = 0; kv < Hkv; kv++) {
+                const size_t head = at + (size_t)kv * L * hd;
+                memcpy(to->keys + head, from->keys + head, hd * sizeof(float));
+                memcpy(to->values + head, from->values + head, hd * sizeof(float));
+            }
+        }
+    }
+}
+
+/* The index of y's first largest value of n (torch.argmax's pick for finite values). */
+static int argmax(const float *y, int n) {
+    int top = 0;
+    for (int i = 1; i < n; i++)
+        if (y[i] > y[top]) top = i;
+    return top;
+}
+
 void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h, const int *h_rows,
                         const int *step, const int *slot, const int *pos, long slot_floats,
                         const float *cos, const float *sin, float *scratch, const float *final_norm,
@@ -187,24 +227,10 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
             break;
         }
     }
-    if (fill) {
-        for (int t = ran; t < max_steps; t++) {
-            for (int i = 0; i < count; i++) {
-                const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
-                for (int kv = 0; kv < Hkv; kv++) {
-                    size_t at = ((size_t)kv * L + pos) * hd;
-                    memcpy(to->keys + at, from->keys + at, hd * sizeof(float));
-                    memcpy(to->values + at, from->values + at, hd * sizeof(float));
-                }
-            }
-        }
-    }
+    if (fill) copy_skipped(steps, count, ran, max_steps, (size_t)pos * hd, Hkv, L, hd);
     if (head) {
         looplm_project(head, h, logits, vocab, D, threads);
-        int top = 0;
-        for (int i = 1; i < vocab; i++)
-            if (logits[i] > logits[top]) top = i;
-        *best = top;
+        *best = argmax(logits, vocab);
     }
     return ran;
 }
@@ -334,21 +360,12 @@ void looplm_rows_attention(const float *q, const float *keys, const float *value
             const int i = (int)(task / H), head = (int)(task % H), n = (int)ends[i];
             const float *query = q + (size_t)task * hd;
             float *o = out + (size_t)task * hd;
-            memset(o, 0, hd * sizeof(float));
-            if (n <= 0) continue;
-            const size_t base = ((size_t)rows[i] * Hkv + head / group) * max_len;
-            const float *k = keys + base * hd, *v = values + base * hd;
-            float top = -INFINITY;
-            for (int j = 0; j < n; j++) {
-                scores[j] = dot(query, k + (size_t)j * hd, hd) * scale;
-                if (scores[j] > top) top = scores[j];
+            if (n <= 0) {
+                memset(o, 0, hd * sizeof(float));
+                continue;
             }
-            const float norm = 1.0f / exp_shifted(scores, n, top);
-            for (int j = 0; j < n; j++) {
-                const float p = scores[j] * norm;
-                const float *vj = v + (size_t)j * hd;
-                for (int d = 0; d < hd; d++) o[d] += p * vj[d];
-            }
+            const size_t base = ((size_t)rows[i] * Hkv + head / group) * max_len * hd;
+            attend(query, keys + base, values + base, n, hd, scale, scores, o);
         }
         free(scores);
     }
@@ -413,18 +430,7 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
                 const Layer *own = &steps[step[r]][index];
                 const size_t base = (size_t)slot[r] * slot_floats + (size_t)(head / group) * L * hd;
                 const float *q = qkv + (size_t)r * qkv_rows + head * hd;
-                const float *keys = own->keys + base, *values = own->values + base;
-                float *o = attended + (size_t)task * hd, top = -INFINITY;
-                for (int j = 0; j < n; j++) {
-                    scores[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
-                    if (scores[j] > top) top = scores[j];
-                }
-                const float norm = 1.0f / exp_shifted(scores, n, top);
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int j = 0; j < n; j++) {
-                    const float *v = values + (size_t)j * hd, weight = scores[j] * norm;
-                    for (int i = 0; i < hd; i++) o[i] += weight * v[i];
-                }
+                attend(q, own->keys + base, own->values + base, n, hd, scale, scores, attended + (size_t)task * hd);
             }
             share(D, 4, &begin, &end);
             project_batch(&layer->out, attended, R, H * hd, update, D, H * hd, begin, end);
@@ -458,19 +464,11 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
 }
 #undef HROW
 
-void looplm_rows_head(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows,
-                      int cols, int *best, int threads);
-
-/* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head over a
- * batch of rows), the weights read once for all rows (project_batch); if best is not NULL,
- * best[r] = the index of row r's first largest value (torch.argmax's pick for finite logits). */
-void looplm_rows_project(const Projection *p, const float *X, int R, float *Y, int rows, int cols, int *best,
-                         int threads) {
-    looplm_rows_head(p, NULL, X, R, Y, rows, cols, best, threads);
-}
-
-/* looplm_rows_project, reading a float32 W packed in panels of 64 outputs (matvec.h panel_rows:
- * broadcast products, no horizontal sums) where panels is not NULL and the CPU has AVX-512. */
+/* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head or the
+ * exit gate over a batch of rows), the weights read once for all rows (project_batch), or, where
+ * panels is not NULL and the CPU has AVX-512, a float32 W packed in panels of 64 outputs (matvec.h
+ * panel_rows: broadcast products, no horizontal sums); if best is not NULL, best[r] = the index of
+ * row r's first largest value (torch.argmax's pick for finite logits). */
 void looplm_rows_head(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows, int cols,
                       int *best, int threads) {
 #if !defined(__AVX512F__)
@@ -488,13 +486,7 @@ void looplm_rows_head(const Projection *p, const float *panels, const float *X, 
         #pragma omp barrier
         if (best) {
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) {
-                const float *y = Y + (size_t)r * rows;
-                int top = 0;
-                for (int i = 1; i < rows; i++)
-                    if (y[i] > y[top]) top = i;
-                best[r] = top;
-            }
+            for (int r = 0; r < R; r++) best[r] = argmax(Y + (size_t)r * rows, rows);
         }
     }
 }
@@ -573,19 +565,10 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
     for (int r = 0; r < R; r++)
         if (done[r]) copied += (long)(cache_steps - done[r]) * count * Hkv * hd * 2 * (long)sizeof(float);
     #pragma omp parallel for num_threads(copied >= SMALL_WORK ? threads : 1) schedule(static)
-    for (int r = 0; r < R; r++) {
-        const int ran = done[r];
-        for (int t = ran ? ran : cache_steps; t < cache_steps; t++) {
-            for (int i = 0; i < count; i++) {
-                const Layer *from = &steps[ran - 1][i], *to = &steps[t][i];
-                for (int kv = 0; kv < Hkv; kv++) {
-                    const size_t at = (size_t)slot[r] * slot_floats + ((size_t)kv * L + pos[r]) * hd;
-                    memcpy(to->keys + at, from->keys + at, hd * sizeof(float));
-                    memcpy(to->values + at, from->values + at, hd * sizeof(float));
-                }
-            }
-        }
-    }
+    for (int r = 0; r < R; r++)
+        if (done[r])
+            copy_skipped(steps, count, done[r], cache_steps, (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd,
+                         Hkv, L, hd);
     if (finished)  /* a small head (rows × vocab × D products) on this thread alone, as above */
         looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best,
                          (long)finished * vocab * D * (long)sizeof(float) >= 8 * SMALL_WORK ? threads : 1);
