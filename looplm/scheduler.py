@@ -183,8 +183,7 @@ class Scheduler:
                     self._whole_token(row)
                 if finished:
                     entering = [row for row in entering if row not in finished]
-            if entering and self.embeds_in_exit_step and all(
-                    row.plain_exit and not row.full_depth for row in self.running + entering):
+            if entering and self.embeds_in_exit_step and self._one_call(self.running + entering):
                 for row in entering:  # embedded by exit_step, this iteration (row.token goes with it)
                     row.step, row.exit_step = 0, None
                 self._tables(self.model.config.d_model)
@@ -197,7 +196,7 @@ class Scheduler:
         rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1
-        if self.exit_step is not None and all(row.plain_exit and not row.full_depth for row in running):
+        if self.exit_step is not None and self._one_call(running):
             self.exit_step_iterations += 1
             return finished + self._exit_iteration(running, rows)
         slots = rows.tensor("slots", self.device)
@@ -236,6 +235,12 @@ class Scheduler:
         for row in self.running:
             row.step += 1
         return finished
+
+    @staticmethod
+    def _one_call(rows: list[Row]) -> bool:
+        """Whether an iteration of ``rows`` can run in the stepper's ``exit_step``: every row exits
+        by Q-exit or at a fixed depth, and none is a full-depth token (the exit only picks its readout)."""
+        return all(row.plain_exit and not row.full_depth for row in rows)
 
     def _exit_iteration(self, running: list[Row], rows: Rows) -> list[Row]:
         """``iterate``'s work for rows that all exit by Q-exit or at a fixed depth, in the stepper's
@@ -340,14 +345,10 @@ class Scheduler:
 
     def _reset(self, rows: list[Row]) -> None:
         """A new token: no survival, no ACT weight yet."""
-        names = [name for name in ("survival", "act_total", "halting", "act_state") if name in self.tables]
-        if len(rows) == 1:  # the common case: one row a time joins
-            for name in names:
-                self.tables[name][rows[0].slot] = 0
-            return
         slots = torch.tensor([row.slot for row in rows], device=self.device)
-        for name in names:
-            self.tables[name][slots] = 0
+        for name in ("survival", "act_total", "halting", "act_state"):
+            if name in self.tables:
+                self.tables[name][slots] = 0
 
     def _decide(self, rows: list[Row], readout: torch.Tensor, head) -> list[bool]:
         """Which of ``rows`` (read out as ``readout`` [R, D] at their current steps) exit now;

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -77,14 +76,6 @@ def native_unsupported(model, cache: KVCache) -> str | None:
     return None
 
 
-class _Rows(NamedTuple):
-    """Rows as ``_run_rows`` reads them (``looplm.steppers.Rows`` has the same fields)."""
-
-    slots: list[int]
-    steps: list[int]
-    positions: list[int]
-
-
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -102,10 +93,10 @@ class NativeStepper:
         self.kernel = load_kernel()
         config = model.config
         self.config, self.cache = config, cache
-        layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
-                                                 * config.head_dim + 3 * config.ffn_hidden)
-        self.threads = decode_threads(layer_bytes)
-        self.token_step_bytes = layer_bytes * config.n_core_layers  # core weights one loop step reads
+        self.layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
+                                                      * config.head_dim + 3 * config.ffn_hidden)
+        self.threads = decode_threads(self.layer_bytes)
+        self.token_step_bytes = self.layer_bytes * config.n_core_layers  # core weights one loop step reads
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)
         self._keep: list[torch.Tensor] = []  # every tensor whose address the kernel holds
@@ -290,9 +281,7 @@ class NativeRowsStepper(NativeStepper):
     def __init__(self, model, cache: KVCache, compile_steps: bool = False):
         super().__init__(model, cache, compile_steps)
         config = self.config
-        layer_bytes = _FLOAT * config.d_model * (config.n_heads * config.head_dim * 2 + 2 * config.n_kv_heads
-                                                 * config.head_dim + 3 * config.ffn_hidden)
-        self.threads = decode_threads(layer_bytes * cache.batch_size)  # a row's work per weight byte read
+        self.threads = decode_threads(self.layer_bytes * cache.batch_size)  # a row's work per weight byte read
         self.whole_token = None
         keys = cache.store("core" if model.core else "coda", 0, 0)[0]
         self.slot_floats = keys.stride(0)  # one cache row of a slot's storage [B, Hkv, max_len, hd]
@@ -320,15 +309,17 @@ class NativeRowsStepper(NativeStepper):
         self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
         self._panels_address = self.head_panels.data_ptr() if self.head_panels is not None else None
 
-    def _run_rows(self, stage: str, h: torch.Tensor, rows, final_norm: bool) -> None:
-        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place); ``rows``:
-        anything with the rows' ``slots``, ``steps`` and ``positions`` lists."""
-        count = len(rows.slots)
+    def _run_rows(self, stage: str, h: torch.Tensor, slots: list[int], steps: list[int], positions: list[int],
+                  final_norm: bool) -> None:
+        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place), row r at
+        cache row ``slots[r]``, loop step ``steps[r]`` (the prelude's one slot: step 0) and
+        position ``positions[r]``."""
+        count = len(slots)
         ints = ctypes.c_int * count
-        steps = [0] * count if stage == "prelude" else rows.steps
+        steps = [0] * count if stage == "prelude" else steps
         dims, cos, sin, _, norm = self._addresses
         self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(), None,
-                                       ints(*steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats,
+                                       ints(*steps), ints(*slots), ints(*positions), self.slot_floats,
                                        cos, sin, self.rows_scratch.data_ptr(), norm if final_norm else None,
                                        min(self.threads, self.scratch_threads))
 
@@ -375,8 +366,8 @@ class NativeRowsStepper(NativeStepper):
         def run(stage: str, h: torch.Tensor, step: int, final_norm: bool) -> None:
             for start in range(0, count, chunk):
                 end = min(start + chunk, count)
-                rows = _Rows([slot] * (end - start), [step] * (end - start), positions[start:end])
-                self._run_rows(stage, h[start:end], rows, final_norm)
+                self._run_rows(stage, h[start:end], [slot] * (end - start), [step] * (end - start),
+                               positions[start:end], final_norm)
 
         e = self.embedding.index_select(0, torch.tensor(prompt))
         if self._step_arrays["prelude"] is not None:
@@ -399,7 +390,7 @@ class NativeRowsStepper(NativeStepper):
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))
         if self._step_arrays["prelude"] is not None:
-            self._run_rows("prelude", e, rows, False)
+            self._run_rows("prelude", e, rows.slots, rows.steps, rows.positions, False)
         return e
 
     def initial_state(self, e: torch.Tensor, rows) -> torch.Tensor:
@@ -407,13 +398,13 @@ class NativeRowsStepper(NativeStepper):
 
     def core_step(self, h: torch.Tensor, e: torch.Tensor, rows) -> torch.Tensor:
         h = h.contiguous().clone()  # the scheduler's tensor stays as it was
-        self._run_rows("core", h, rows, self.config.step_norm)
+        self._run_rows("core", h, rows.slots, rows.steps, rows.positions, self.config.step_norm)
         return h
 
     def readout(self, h: torch.Tensor, rows) -> torch.Tensor:
         if self._step_arrays["coda"] is not None:
             readout = h.contiguous().clone()
-            self._run_rows("coda", readout, rows, True)
+            self._run_rows("coda", readout, rows.slots, rows.steps, rows.positions, True)
             return readout
         if self.config.step_norm:
             return h
@@ -423,8 +414,8 @@ class NativeRowsStepper(NativeStepper):
         """The exit gate's logits [R] (one C call: torch's linear to one output costs ~40 µs)."""
         readout = readout.contiguous()
         out = torch.empty(readout.shape[0])
-        self.kernel.looplm_rows_project(ctypes.byref(self.gate_projection), readout.data_ptr(), readout.shape[0],
-                                        out.data_ptr(), 1, self.config.d_model, None, 1)
+        self.kernel.looplm_rows_head(ctypes.byref(self.gate_projection), None, readout.data_ptr(), readout.shape[0],
+                                     out.data_ptr(), 1, self.config.d_model, None, 1)
         return out.add_(self.gate_bias)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:

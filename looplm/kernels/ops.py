@@ -105,12 +105,6 @@ def panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, PANEL, columns).transpose(1, 2).contiguous()
 
 
-def rows_head_reference(weight: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """What ``looplm_rows_head`` computes: the logits x Wᵀ [R, N] and each row's argmax."""
-    logits = F.linear(x, weight)
-    return logits, logits.argmax(-1).tolist()
-
-
 def q8_matmul(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
               quantize_input: bool = False) -> torch.Tensor:
     """y = x Wᵀ + bias with W stored as Q8_0 blocks (int8 ``values`` [N, K], float32 ``scales``
