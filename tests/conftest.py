@@ -1,3 +1,10 @@
+"""Shared fixtures.  The suite runs on pytest-xdist workers by default (``-n auto`` in
+pyproject.toml's addopts; ``-n 0`` runs it in one process): each worker gets its share of the
+cores as its thread count, set when the worker starts and inherited by the subprocesses tests spawn,
+so two workers on two cores do not each spin two OpenMP threads (that made the suite 2.8x slower
+than one process). Tests of threaded C paths set their thread counts explicitly."""
+
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -5,6 +12,11 @@ import torch
 
 from looplm.config import ModelConfig
 from looplm.model import LoopLM
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def well_conditioned(config: ModelConfig, seed: int) -> LoopLM:
@@ -100,3 +112,11 @@ def looplm_run(tmp_path_factory):
     if build._compiler() is None:
         pytest.skip("no C compiler")
     return program.build(tmp_path_factory.mktemp("bin") / "looplm-run")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core this process may run on, at most 8 (each worker holds its
+    own torch; more buys little here); ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(8, len(os.sched_getaffinity(0))))
