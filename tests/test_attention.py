@@ -63,3 +63,15 @@ def test_zero_centered_norm_starts_as_the_plain_norm():
 def test_bad_attention_configs(overrides, message):
     with pytest.raises(LoopLMError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         tiny_config(**overrides)
+
+
+def test_rope_runs_in_the_dtype_of_its_input():
+    """Under bf16 autocast the queries and keys stay bf16 (the float32 tables are rounded to bf16),
+    within bf16's rounding of the float32 rotation; float32 input is rotated in float32."""
+    rope = RotaryEmbedding(16, 32)
+    cos, sin = rope.tables(0, 32)
+    x = torch.randn(2, 3, 32, 16)
+    assert apply_rope(x, cos, sin).dtype == torch.float32
+    rotated = apply_rope(x.bfloat16(), cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.float(), apply_rope(x.bfloat16().float(), cos, sin), rtol=2e-2, atol=2e-2)

@@ -29,7 +29,12 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, S, hd] by the tables cos, sin [S, r]: the first r dims (partial RoPE
-    when r < hd; the rest pass through)."""
+    when r < hd; the rest pass through).  The rotation runs in x's dtype: under bf16 autocast the
+    float32 tables are rounded to bf16 (as Llama-style code does) rather than promoting the
+    queries and keys to float32, which would cost two more passes (the product in float32, then
+    autocast's cast back to bf16 for attention); in float32 nothing changes."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotary = cos.shape[-1]
     if rotary < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
