@@ -4,7 +4,9 @@ These are the only doors from the rest of looplm into native code (with ``Native
 whole decode steps): the cache's row storage and the int8 layers call these functions
 and never touch ctypes or addresses themselves.  Every fast function falls back to its
 reference where the kernel does not serve the inputs (not CPU float32, not built), and tests
-hold each pair equal (tests/test_row_attention.py, tests/test_quant.py).
+hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_loss_kernel.py).
+The training loss's row passes (``softmax_cross_entropy``, ``cross_entropy_grad``) are here too:
+``looplm.training.fused_ce`` calls them on each chunk of the head's logits.
 """
 
 from __future__ import annotations
@@ -153,3 +155,63 @@ def ternary_matvec(packed: torch.Tensor, scale: torch.Tensor | float, x: torch.T
     load_kernel().looplm_project(ctypes.byref(projection), x.data_ptr(), out.data_ptr(), packed.shape[0],
                                  in_features, threads)
     return out
+
+
+def _serves_loss(*tensors: torch.Tensor) -> bool:
+    """Whether the loss passes of the C kernel serve these tensors: CPU, contiguous, float32 or
+    bf16 (the int64 targets aside), the kernel built."""
+    return (all(tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors)
+            and all(tensor.dtype in (torch.float32, torch.bfloat16, torch.int64) for tensor in tensors)
+            and load_kernel() is not None)
+
+
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of rows: fills ``probs`` [R, V] (float32) with softmax(logits) and
+    returns the losses [R] (float32), log Σ_j exp(l_j − m) + m − l_target with m the row's max.
+
+    logits [R, V]: float32 (may be ``probs`` itself: done in place) or bf16; targets [R] int64 in
+    [0, V).  One pass over each row in C (``csrc/loss_kernel.c``); its exponential and sums differ
+    from the reference's in float32 rounding only."""
+    if probs.dtype != torch.float32 or not _serves_loss(logits, targets, probs):
+        return softmax_cross_entropy_reference(logits, targets, probs)
+    losses = torch.empty(logits.shape[0], dtype=torch.float32)
+    bad = load_kernel().looplm_softmax_xent(_address(logits), int(logits.dtype == torch.bfloat16), _address(targets),
+                                            _address(probs), _address(losses), logits.shape[0], logits.shape[1],
+                                            torch.get_num_threads())
+    if bad:
+        raise IndexError(f"{bad} target id(s) outside the vocabulary [0, {logits.shape[1]})")
+    return losses
+
+
+def softmax_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``softmax_cross_entropy`` with torch ops, in place on ``probs``: widen, max, subtract, exp,
+    sum, divide."""
+    if logits.data_ptr() != probs.data_ptr():
+        probs.copy_(logits)
+    chosen = probs.gather(1, targets[:, None]).squeeze(1)
+    top = probs.amax(dim=1, keepdim=True)
+    total = probs.sub_(top).exp_().sum(dim=1, keepdim=True)
+    probs.div_(total)
+    return (total.log() + top).squeeze(1) - chosen
+
+
+def cross_entropy_grad(probs: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> None:
+    """dL/dlogits of ``softmax_cross_entropy``'s rows into ``out`` [R, V] (float32, or bf16:
+    rounded to nearest even as torch rounds): (p − onehot(target))·g, the product p·g rounded to
+    float32 before g is taken from it at the target (as the reference's multiply, then
+    scatter-add).  probs [R, V] float32, grad [R] float32, targets [R] int64 (checked by the
+    forward)."""
+    if probs.dtype != torch.float32 or grad.dtype != torch.float32 or not _serves_loss(probs, grad, targets, out):
+        return cross_entropy_grad_reference(probs, grad, targets, out)
+    load_kernel().looplm_softmax_xent_grad(_address(probs), _address(grad), _address(targets), _address(out),
+                                           int(out.dtype == torch.bfloat16), probs.shape[0], probs.shape[1],
+                                           torch.get_num_threads())
+
+
+def cross_entropy_grad_reference(probs: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
+                                 out: torch.Tensor) -> None:
+    """``cross_entropy_grad`` with torch ops: multiply, scatter-add, round into ``out``."""
+    scale = grad[:, None]
+    product = probs * scale
+    product.scatter_add_(1, targets[:, None], -scale)
+    out.copy_(product)

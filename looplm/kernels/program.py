@@ -18,11 +18,13 @@ from looplm.errors import LoopLMError
 from looplm.kernels.build import CSRC, PORTABLE_FLAG, PROGRAM, _compiler
 
 DUMP_MAGIC = b"LPLMLGT1"
+IN_PROCESS_ONLY = ("decode_kernel.c", "loss_kernel.c")  # csrc/Makefile filters out the same files
 
 
 def sources() -> list[Path]:
-    """The program's C sources: every file of csrc/ but the in-process plain-loop kernel."""
-    return sorted(path for path in CSRC.glob("*.c") if path.name != "decode_kernel.c")
+    """The program's C sources: every file of csrc/ but the in-process decode kernel and
+    training-loss passes."""
+    return sorted(path for path in CSRC.glob("*.c") if path.name not in IN_PROCESS_ONLY)
 
 
 def build_command(output: str | Path, portable: bool = False, compiler: str = "cc") -> list[str]:

@@ -12,6 +12,9 @@ matmuls:
   reused buffer, followed by the matmuls for dL/dh and dL/dW.  No log-softmax output, no
   zero-filled one-hot gradient, no second [rows, V] buffer; the saved probabilities are left
   intact, so backward can run again (``retain_graph``, gradcheck).
+The row passes (softmax and loss; the gradient of the logits) are ``looplm.kernels.ops``'s
+``softmax_cross_entropy`` and ``cross_entropy_grad``: one pass over each row in C on a CPU,
+their torch references elsewhere (and where the kernel is not built).
 Under bf16 autocast (``matmul_dtype``) the matmuls take bf16 operands and the softmax buffer,
 losses and gradients stay float32: the same values as autocast's ``F.linear`` followed by
 ``F.cross_entropy`` (which autocast runs in float32).
@@ -19,10 +22,43 @@ losses and gradients stay float32: the same values as autocast's ``F.linear`` fo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+from looplm.kernels import ops
 
 CHUNK_ROWS = 4096
 BACKWARD_CHUNK_ROWS = 1024  # rows of dL/dlogits held at once: a small buffer, reused
+
+
+class _BufferPool:
+    """The [rows, V] probability buffer of the last graph that was freed, reused by the next
+    forward.  A fresh 128 MB buffer each step (the reference shape's Stage I loss) costs the
+    kernel's page faults on first touch, ~10 ms a step on a CPU; a buffer goes back to the pool
+    only when its graph's context is freed (no backward can read it any more, ``retain_graph``
+    included), and the pool keeps one buffer, the largest."""
+
+    def __init__(self):
+        self._free: torch.Tensor | None = None
+
+    def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        free, self._free = self._free, None
+        fits = free is not None and free.numel() >= rows * columns
+        if fits and free.dtype == like.dtype and free.device == like.device:
+            return free[:rows * columns].view(rows, columns)
+        self._free = free
+        return like.new_empty(rows * columns).view(rows, columns)
+
+    def give_back_when_freed(self, ctx, buffer: torch.Tensor) -> None:
+        weakref.finalize(ctx, self._give_back, buffer._base if buffer._base is not None else buffer)
+
+    def _give_back(self, buffer: torch.Tensor) -> None:
+        if self._free is None or buffer.numel() > self._free.numel():
+            self._free = buffer
+
+
+_POOL = _BufferPool()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,20 +68,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = hidden.shape[0]
         # The matmul operands (bf16 under autocast); the softmax and the loss stay in hidden's dtype.
         operand, head = (hidden, weight) if matmul_dtype is None else (hidden.to(matmul_dtype), weight.to(matmul_dtype))
-        probs = hidden.new_empty(rows, weight.shape[0])
+        probs = _POOL.take(rows, weight.shape[0], hidden)
+        _POOL.give_back_when_freed(ctx, probs)
         losses = hidden.new_empty(rows)
         for start in range(0, rows, CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, rows)
             block = probs[start:end]
-            _product(operand[start:end], head.t(), block)
-            target_logits = block.gather(1, targets[start:end, None]).squeeze(1)
-            top = block.amax(dim=1, keepdim=True)
-            total = block.sub_(top).exp_().sum(dim=1, keepdim=True)  # in place: exp(logits − max)
-            block.div_(total)  # softmax probabilities, kept for backward
-            losses[start:end] = (total.log() + top).squeeze(1) - target_logits
+            # The chunk's logits: written straight into the buffer in float32; a bf16 product
+            # stays bf16 (as autocast's matmul output is) and is widened by the softmax pass.
+            if operand.dtype == probs.dtype:
+                logits = torch.mm(operand[start:end], head.t(), out=block)
+            else:
+                logits = torch.mm(operand[start:end], head.t())
+            # The softmax probabilities, in place in the buffer and kept for backward.
+            losses[start:end] = ops.softmax_cross_entropy(logits, targets[start:end], block)
         ctx.save_for_backward(operand, head, targets, probs)
         ctx.input_dtype = hidden.dtype
-        ctx.consumed = False
         return losses
 
     @staticmethod
@@ -54,13 +92,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = probs.new_empty(operand.shape, dtype=ctx.input_dtype) if need_hidden else None
         grad_weight = probs.new_zeros(head.shape) if need_weight else None
-        buffer = probs.new_empty(min(BACKWARD_CHUNK_ROWS, probs.shape[0]), probs.shape[1])
+        # dL/dlogits in the matmuls' dtype (bf16 under autocast), a chunk of rows at a time.
+        buffer = probs.new_empty(min(BACKWARD_CHUNK_ROWS, probs.shape[0]), probs.shape[1], dtype=head.dtype)
+        grad_losses = grad_losses.to(probs.dtype).contiguous()
         for start in range(0, probs.shape[0], BACKWARD_CHUNK_ROWS):
             end = min(start + BACKWARD_CHUNK_ROWS, probs.shape[0])
-            scale = grad_losses[start:end, None]
-            grad_logits = torch.mul(probs[start:end], scale, out=buffer[:end - start])
-            grad_logits.scatter_add_(1, targets[start:end, None], -scale)  # (p − onehot(y))·g
-            grad_logits = grad_logits.to(head.dtype)
+            grad_logits = buffer[:end - start]
+            ops.cross_entropy_grad(probs[start:end], grad_losses[start:end], targets[start:end], grad_logits)
             if need_hidden:
                 _product(grad_logits, head, grad_hidden[start:end])
             if need_weight:

@@ -1,0 +1,173 @@
+/* The training loss's row passes: softmax cross-entropy over rows of logits, and its gradient.
+ *
+ * looplm.training.fused_ce computes the head's logits a chunk of rows at a time with torch's
+ * matmul; these functions do everything else to a chunk in one pass over each row (a row of a
+ * 4,096-word vocabulary is 16 KB: it stays in the core's cache between its max, its exponentials
+ * and its scaling).  The torch versions of the same math are in looplm/kernels/ops.py
+ * (softmax_cross_entropy_reference, cross_entropy_grad_reference); tests/test_loss_kernel.py holds
+ * each pair equal.
+ *
+ * Why C: the torch version makes five or six passes over the [rows, V] buffer (widen bf16 logits
+ * to float32, max, subtract, exp, sum, divide; in backward multiply, scatter, round to bf16),
+ * each a separate read and write of up to 128 MB a step at the reference shape.  Under bf16
+ * autocast these passes cost more than the head's matmuls.
+ *
+ * Layouts: row-major, contiguous.  logits [rows, V] float32 or bf16 (`bf16` = 1); probs [rows, V]
+ * float32 (may be the float32 logits themselves); targets [rows] int64; losses [rows] float32;
+ * the gradient out [rows, V] float32 or bf16 (rounded to nearest even as torch rounds; a NaN
+ * stays a NaN).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#include "vexp.h"
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* row[j] = bf16 logits[j] widened to float32. */
+static void widen_row(const uint16_t *logits, float *row, long n) {
+    long j = 0;
+#if defined(__AVX2__)
+    for (; j + 8 <= n; j += 8) {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(logits + j)));
+        _mm256_storeu_ps(row + j, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+#endif
+    for (; j < n; j++) row[j] = from_bf16(logits[j]);
+}
+
+static float row_max(const float *x, long n) {
+    long j = 0;
+    float top = -INFINITY;
+#if defined(__AVX512F__)
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= n; j += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(x + j));
+    top = _mm512_reduce_max_ps(best);
+#endif
+    for (; j < n; j++) top = x[j] > top ? x[j] : top;
+    return top;
+}
+
+/* out[j] = exp(x[j] − top); returns their sum.  out may be x. */
+static float exp_row(const float *x, float *out, long n, float top) {
+    long j = 0;
+    float total = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), shift));
+        _mm512_storeu_ps(out + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), shift));
+        _mm256_storeu_ps(out + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    total = _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+#endif
+    for (; j < n; j++) {
+        out[j] = expf(x[j] - top);
+        total += out[j];
+    }
+    return total;
+}
+
+static void scale_row(float *x, long n, float factor) {
+    long j = 0;
+#if defined(__AVX512F__)
+    __m512 f = _mm512_set1_ps(factor);
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), f));
+#endif
+    for (; j < n; j++) x[j] *= factor;
+}
+
+/* probs[i] = softmax(logits[i]); losses[i] = log Σ_j exp(l_ij − m_i) + m_i − l_i,targets[i].
+ * Returns how many targets lie outside [0, vocab) (their rows are left untouched; the caller
+ * raises). */
+long looplm_softmax_xent(const void *logits, int bf16, const int64_t *targets, float *probs, float *losses,
+                         long rows, long vocab, int threads) {
+    long bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad)
+    for (long i = 0; i < rows; i++) {
+        int64_t target = targets[i];
+        if (target < 0 || target >= vocab) {
+            bad++;
+            continue;
+        }
+        float *p = probs + i * vocab;
+        const float *row;
+        if (bf16) {
+            widen_row((const uint16_t *)logits + i * vocab, p, vocab);
+            row = p;
+        } else {
+            row = (const float *)logits + i * vocab;
+        }
+        float top = row_max(row, vocab), chosen = row[target];
+        float total = exp_row(row, p, vocab, top);
+        scale_row(p, vocab, 1.0f / total);
+        losses[i] = (logf(total) + top) - chosen;
+    }
+    return bad;
+}
+
+/* out[i, j] = probs[i, j]·grad[i], minus grad[i] at j = targets[i] (that product first rounded
+ * to float32, as torch's multiply-then-scatter-add rounds it); float32, or rounded to bf16. */
+void looplm_softmax_xent_grad(const float *probs, const float *grad, const int64_t *targets, void *out, int bf16,
+                              long rows, long vocab, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; i++) {
+        const float *p = probs + i * vocab;
+        const float g = grad[i];
+        const long target = (long)targets[i];
+        const float product = p[target] * g;  /* two statements: no compiler fuses them into one FMA */
+        const float at_target = product + (-g);
+        long j = 0;
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + i * vocab;
+#if defined(__AVX2__)
+            const __m256 scale = _mm256_set1_ps(g);
+            const __m256i rounding = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+            const __m256i nan = _mm256_set1_epi32(0x7fc0);
+            for (; j + 8 <= vocab; j += 8) {
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(p + j), scale);
+                __m256i u = _mm256_castps_si256(v);
+                __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+                __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(rounding, lsb)), 16);
+                r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
+                                                         _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+                __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+                _mm_storeu_si128((__m128i *)(o + j), _mm256_castsi256_si128(packed));
+            }
+#endif
+            for (; j < vocab; j++) o[j] = to_bf16(p[j] * g);
+            o[target] = to_bf16(at_target);
+        } else {
+            float *o = (float *)out + i * vocab;
+#if defined(__AVX512F__)
+            const __m512 scale = _mm512_set1_ps(g);
+            for (; j + 16 <= vocab; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(p + j), scale));
+#endif
+            for (; j < vocab; j++) o[j] = p[j] * g;
+            o[target] = at_target;
+        }
+    }
+}

@@ -1,0 +1,112 @@
+"""The training loss's row passes in C (``csrc/loss_kernel.c``) against their torch references
+(``looplm.kernels.ops``), and the fused cross-entropy through them against the unfused loss."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from looplm.kernels import load_kernel, ops
+from looplm.training import fused_ce
+
+pytestmark = pytest.mark.skipif(load_kernel() is None, reason="the C kernel does not build here")
+
+
+def logits_of(rows: int, vocab: int, spread: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, vocab, generator=generator) * spread).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), vocab=st.sampled_from([1, 7, 16, 37, 64, 129, 1000]),
+       spread=st.sampled_from([0.01, 1.0, 30.0]), bf16=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_softmax_cross_entropy_matches_its_reference(rows, vocab, spread, bf16, seed):
+    logits = logits_of(rows, vocab, spread, seed, torch.bfloat16 if bf16 else torch.float32)
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(seed + 1))
+    fast_probs, reference_probs = torch.empty(rows, vocab), torch.empty(rows, vocab)
+    fast_in = logits if bf16 else logits.clone()  # float32 logits are overwritten in place
+    fast = ops.softmax_cross_entropy(fast_in if bf16 else fast_probs.copy_(fast_in), targets, fast_probs)
+    reference = ops.softmax_cross_entropy_reference(logits, targets, reference_probs)
+    torch.testing.assert_close(fast_probs, reference_probs, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=2e-6)
+    # and the truth: torch's own cross-entropy in float64
+    truth = F.cross_entropy(logits.double(), targets, reduction="none")
+    torch.testing.assert_close(fast.double(), truth, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_a_target_outside_the_vocabulary_raises(bad):
+    logits = torch.randn(3, 5)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        ops.softmax_cross_entropy(logits, torch.tensor([0, bad, 1]), torch.empty(3, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), vocab=st.sampled_from([1, 7, 16, 37, 129, 1000]), bf16=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_cross_entropy_grad_equals_its_reference_bit_for_bit(rows, vocab, bf16, seed):
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(rows, vocab, generator=generator) * 3, dim=1)
+    grad = torch.randn(rows, generator=generator)
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    fast, reference = torch.empty(rows, vocab, dtype=dtype), torch.empty(rows, vocab, dtype=dtype)
+    ops.cross_entropy_grad(probs, grad, targets, fast)
+    ops.cross_entropy_grad_reference(probs, grad, targets, reference)
+    assert torch.equal(fast, reference)
+
+
+def test_cross_entropy_grad_keeps_nan_and_infinity():
+    probs = torch.tensor([[0.5, float("nan"), float("inf"), 0.25] * 4])
+    grad, targets = torch.tensor([1.0]), torch.tensor([0])
+    fast, reference = torch.empty(1, 16, dtype=torch.bfloat16), torch.empty(1, 16, dtype=torch.bfloat16)
+    ops.cross_entropy_grad(probs, grad, targets, fast)
+    ops.cross_entropy_grad_reference(probs, grad, targets, reference)
+    # a NaN stays a NaN (its bits may differ: torch's vector rounding keeps the sign), the rest equal
+    assert torch.equal(fast.isnan(), reference.isnan()) and fast.isnan().any()
+    assert torch.equal(fast[~fast.isnan()], reference[~reference.isnan()])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss_through_the_kernel_matches_the_unfused_loss(autocast):
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    weight = torch.randn(101, 24, requires_grad=True)
+    targets = torch.randint(0, 101, (70,))
+    grad = torch.rand(70)
+    dtype = torch.bfloat16 if autocast else None
+    losses = fused_ce.linear_cross_entropy(hidden, weight, targets, dtype)
+    losses.backward(grad)
+    fast = (losses.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference = F.cross_entropy(F.linear(hidden, weight), targets, reduction="none")
+    reference.backward(grad)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(fast, (reference.detach(), hidden.grad, weight.grad)):
+        torch.testing.assert_close(mine, theirs.float(), **tolerance)
+
+
+def test_the_probability_buffer_is_reused_only_once_its_graph_is_freed():
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 16, requires_grad=True)
+    weight = torch.randn(32, 16, requires_grad=True)
+    targets = torch.randint(0, 32, (8,))
+    first = fused_ce.linear_cross_entropy(hidden, weight, targets).sum()
+    first.backward(retain_graph=True)
+    expected = hidden.grad.clone()
+    # a second forward while the first graph lives must not take (and overwrite) its buffer
+    second = fused_ce.linear_cross_entropy(hidden * 2, weight, targets).sum()
+    hidden.grad = None
+    first.backward()
+    torch.testing.assert_close(hidden.grad, expected, rtol=0, atol=0)
+    del first, second
+    # freed graphs hand their buffers back: the next forward reuses one instead of allocating
+    pool = fused_ce._POOL
+    assert pool._free is not None
+    kept = pool._free.data_ptr()
+    losses = fused_ce.linear_cross_entropy(hidden, weight, targets)
+    assert pool._free is None or pool._free.data_ptr() != kept
+    del losses
+    assert pool._free is not None and pool._free.data_ptr() == kept
