@@ -25,7 +25,11 @@ from looplm.quant import quantize_model
 
 from conftest import tiny_config
 
-LOGIT_BOUND = 0.02  # of the token's logit range
+# Every logit within this share of the token's logit range (max - min) of float32's.  The C
+# kernel's bf16 products are exact and its sums float32 (largest seen over six trained tiny
+# models: 1.8 %); torch's bf16 matmul behind the reference backend also rounds each projection's
+# output to bf16 (largest seen: 6.1 %).
+LOGIT_BOUND = {"native": 0.02, "reference": 0.08}
 TEXTS = ("abc", "defgh", "j")
 
 
@@ -34,7 +38,10 @@ def trained():
     """A small model trained on a deterministic sequence (each letter is followed by the next one),
     so its greedy choices are confident ones, as a trained model's mostly are."""
     model = train_tiny(steps=100, text="abcdefghij" * 100, lr=3e-2)
-    assert model.last_loss < 0.1
+    # The last batch's loss lands anywhere in 0.009-0.13 with the float32 summation order of the
+    # norms (torch's, the C kernel's, F.rms_norm's): trained, whichever; the decisions' confidence
+    # is checked where it matters (``decided`` below).
+    assert model.last_loss < 0.2
     return model
 
 
@@ -59,12 +66,13 @@ def test_bf16_decode_keeps_the_greedy_tokens_within_the_logit_bound(trained):
         assert generate(trained, prompt, 20, stop_ids=[], dtype="bf16").ids == tokens
         reference = teacher_forced(trained, prompt, tokens, dtype="fp32")
         for options in ({"dtype": "bf16"}, {"dtype": "bf16", "backend": "reference"}):
+            bound = LOGIT_BOUND[options.get("backend", "native")]
             decoder_logits = teacher_forced(trained, prompt, tokens, **options)
             for expected, actual in zip(reference, decoder_logits):
                 spread = float(expected.max() - expected.min())
-                assert float((actual - expected).abs().max()) <= LOGIT_BOUND * spread, options
+                assert float((actual - expected).abs().max()) <= bound * spread, options
                 top = expected.topk(2).values
-                if float(top[0] - top[1]) > 2 * LOGIT_BOUND * spread:  # not within the bound of a tie
+                if float(top[0] - top[1]) > 2 * bound * spread:  # not within the bound of a tie
                     decided += 1
                     assert int(actual.argmax()) == int(expected.argmax()), options
                 total += 1

@@ -1,5 +1,5 @@
 """ctypes declarations of the C library's entry points: the plain-loop kernel
-(``csrc/decode_kernel.c``), the training loss's row passes (``csrc/loss_kernel.c``) and the
+(``csrc/decode_kernel.c``), a training step's row passes (``csrc/train_kernel.c``) and the
 runtime for every model family (``csrc/runtime.h``).
 
 The structures mirror the C structs field for field; ``declare`` gives every function its
@@ -85,6 +85,10 @@ SIGNATURES = {
                             ctypes.c_long),
     "looplm_softmax_xent_grad": ([_POINTER, _POINTER, _POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT],
                                  None),
+    "looplm_rms_norm_rows": ([_POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER, _POINTER, ctypes.c_long,
+                              ctypes.c_long, _INT], None),
+    "looplm_rms_norm_grad_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long,
+                                   ctypes.c_long, _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),
     "lr_model_bind": ([_POINTER, ctypes.c_char_p, _INT, _POINTER, _POINTER, _INT, ctypes.POINTER(ctypes.c_int64),

@@ -2,7 +2,7 @@
 
 One shared library holds every C source of ``csrc/`` except the standalone program's ``main``
 (``looplm_run.c``): the plain-loop decode kernel (``decode_kernel.c``), the training loss's row
-passes (``loss_kernel.c``) and the runtime that runs
+passes (``train_kernel.c``) and the runtime that runs
 every model family (``lr_*.c``, driven by ``runtime_stepper``).  It is plain C with OpenMP and
 AVX2/AVX-512 intrinsics where the CPU has them; it needs no torch headers, so it builds in a few
 seconds with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``).

@@ -4,9 +4,10 @@ These are the only doors from the rest of looplm into native code (with ``Native
 whole decode steps): the cache's row storage and the int8 layers call these functions
 and never touch ctypes or addresses themselves.  Every fast function falls back to its
 reference where the kernel does not serve the inputs (not CPU float32, not built), and tests
-hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_loss_kernel.py).
-The training loss's row passes (``softmax_cross_entropy``, ``cross_entropy_grad``) are here too:
-``looplm.training.fused_ce`` calls them on each chunk of the head's logits.
+hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_train_kernel.py).
+A training step's row passes are here too: the loss's (``softmax_cross_entropy``,
+``cross_entropy_grad``, called by ``looplm.training.fused_ce`` on each chunk of the head's logits)
+and RMSNorm's (``rms_norm_rows``, ``rms_norm_grad_rows``, called by ``looplm.model.norms``).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, probs: to
     returns the losses [R] (float32), log Σ_j exp(l_j − m) + m − l_target with m the row's max.
 
     logits [R, V]: float32 (may be ``probs`` itself: done in place) or bf16; targets [R] int64 in
-    [0, V).  One pass over each row in C (``csrc/loss_kernel.c``); its exponential and sums differ
+    [0, V).  One pass over each row in C (``csrc/train_kernel.c``); its exponential and sums differ
     from the reference's in float32 rounding only."""
     if probs.dtype != torch.float32 or not _serves_loss(logits, targets, probs):
         return softmax_cross_entropy_reference(logits, targets, probs)
@@ -215,3 +216,52 @@ def cross_entropy_grad_reference(probs: torch.Tensor, grad: torch.Tensor, target
     product = probs * scale
     product.scatter_add_(1, targets[:, None], -scale)
     out.copy_(product)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """RMSNorm of the rows of x [..., D] (float32) for training: returns (out, normed,
+    inverse_rms) with inverse_rms [...,1] = 1/sqrt(mean(x²) + eps), normed = x·inverse_rms (what
+    backward needs) and out = normed·weight.  One pass per row in C (``csrc/train_kernel.c``),
+    equal to the reference up to float32 rounding of the sum of squares."""
+    if not (serves(x) and serves(weight)):
+        return rms_norm_rows_reference(x, weight, eps)
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    normed, out = torch.empty_like(x), torch.empty_like(x)
+    inverse_rms = torch.empty(*x.shape[:-1], 1, dtype=x.dtype)
+    load_kernel().looplm_rms_norm_rows(_address(x), _address(weight), eps, _address(normed), _address(inverse_rms),
+                                       _address(out), rows, dim, torch.get_num_threads())
+    return out, normed, inverse_rms
+
+
+def rms_norm_rows_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """``rms_norm_rows`` with torch ops."""
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+    inverse_rms = torch.rsqrt(mean_square.add_(eps))
+    normed = x * inverse_rms
+    return normed * weight, normed, inverse_rms
+
+
+def rms_norm_grad_rows(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: torch.Tensor, weight: torch.Tensor,
+                       need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm's backward from ``rms_norm_rows``'s saved tensors: (grad_x, grad_weight or None),
+    grad_x = (g·w − normed·mean(g·w·normed))·inverse_rms, grad_weight = Σ_rows g·normed."""
+    if not (serves(grad) and serves(normed) and serves(inverse_rms) and serves(weight)):
+        return rms_norm_grad_rows_reference(grad, normed, inverse_rms, weight, need_weight)
+    dim = normed.shape[-1]
+    grad_x = torch.empty_like(normed)
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    load_kernel().looplm_rms_norm_grad_rows(_address(grad), _address(normed), _address(inverse_rms), _address(weight),
+                                            _address(grad_x), _address(grad_weight) if need_weight else None,
+                                            normed.numel() // dim, dim, torch.get_num_threads())
+    return grad_x, grad_weight
+
+
+def rms_norm_grad_rows_reference(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: torch.Tensor,
+                                 weight: torch.Tensor, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rms_norm_grad_rows`` with torch ops."""
+    grad_normed = grad * weight
+    projection = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1).div_(normed.shape[-1])
+    grad_x = torch.addcmul(grad_normed, normed, projection, value=-1).mul_(inverse_rms)
+    grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0) if need_weight else None
+    return grad_x, grad_weight

@@ -18,7 +18,7 @@ from looplm.errors import LoopLMError
 from looplm.kernels.build import CSRC, PORTABLE_FLAG, PROGRAM, _compiler
 
 DUMP_MAGIC = b"LPLMLGT1"
-IN_PROCESS_ONLY = ("decode_kernel.c", "loss_kernel.c")  # csrc/Makefile filters out the same files
+IN_PROCESS_ONLY = ("decode_kernel.c", "train_kernel.c")  # csrc/Makefile filters out the same files
 
 
 def sources() -> list[Path]:

@@ -4,10 +4,11 @@
 or ``layer`` — LayerNorm with a bias and the biased variance, as lrnnSMDDS).
 
 Two implementations of the same math: ``F.rms_norm`` (the reference) and ``rms_norm_fused``,
-an autograd function with a hand-written backward that runs about 1.7× faster on a CPU
-(fewer passes over x: one reduction for the scale, one saved normalised x̂, and
-dx = (g·w − x̂·mean(g·w·x̂)) / rms).  A looped model applies ~4 norms per layer per loop
-step, so this is a few per cent of a training step.  ``tests/test_model.py`` holds the two
+an autograd function with a hand-written backward (one saved normalised x̂, and
+dx = (g·w − x̂·mean(g·w·x̂)) / rms) whose row passes are ``looplm.kernels.ops.rms_norm_rows`` and
+``rms_norm_grad_rows``: one pass per row in C for float32 on a CPU, their torch references
+elsewhere.  A looped model applies ~4 norms per layer per loop step, so the passes over the
+activations the C saves are a tenth of a small model's training step.  ``tests/test_model.py`` holds the two
 equal in values and gradients.  Under bf16 autocast the norm runs in float32 (its input cast up,
 its output float32): the mean of x² over thousands of bf16 values would otherwise carry bf16's
 rounding into every layer's scale (``looplm.precision.without_autocast``).
@@ -17,25 +18,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.kernels import ops
 from looplm.precision import without_autocast
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        inverse_rms = torch.rsqrt(mean_square.add_(eps))
-        normed = x * inverse_rms
+        out, normed, inverse_rms = ops.rms_norm_rows(x.contiguous(), weight.contiguous(), eps)
         ctx.save_for_backward(normed, inverse_rms, weight)
-        return normed * weight
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, inverse_rms, weight = ctx.saved_tensors
-        grad_normed = grad * weight
-        projection = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1).div_(normed.shape[-1])
-        grad_x = torch.addcmul(grad_normed, normed, projection, value=-1).mul_(inverse_rms)
-        grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x, grad_weight = ops.rms_norm_grad_rows(grad.contiguous(), normed, inverse_rms, weight.contiguous(),
+                                                     ctx.needs_input_grad[1])
         return grad_x, grad_weight, None
 
 

@@ -1,24 +1,28 @@
-/* The training loss's row passes: softmax cross-entropy over rows of logits, and its gradient.
+/* Row passes of a training step on a CPU: the loss's softmax cross-entropy and its gradient, and
+ * RMSNorm forward and backward.
  *
  * looplm.training.fused_ce computes the head's logits a chunk of rows at a time with torch's
- * matmul; these functions do everything else to a chunk in one pass over each row (a row of a
- * 4,096-word vocabulary is 16 KB: it stays in the core's cache between its max, its exponentials
- * and its scaling).  The torch versions of the same math are in looplm/kernels/ops.py
- * (softmax_cross_entropy_reference, cross_entropy_grad_reference); tests/test_loss_kernel.py holds
- * each pair equal.
+ * matmul; the softmax functions here do everything else to a chunk in one pass over each row (a
+ * row of a 4,096-word vocabulary is 16 KB: it stays in the core's cache between its max, its
+ * exponentials and its scaling).  The RMSNorm functions do a norm's forward (sum of squares,
+ * scale, weight) and backward (the projection, the input's gradient, the weight's partial sums)
+ * in one pass per row where torch takes six to eight passes over the activations.
+ * The torch versions of the same math are in looplm/kernels/ops.py (the *_reference functions);
+ * tests/test_train_kernel.py holds each pair equal.
  *
- * Why C: the torch version makes five or six passes over the [rows, V] buffer (widen bf16 logits
- * to float32, max, subtract, exp, sum, divide; in backward multiply, scatter, round to bf16),
- * each a separate read and write of up to 128 MB a step at the reference shape.  Under bf16
+ * Why C: the torch versions make a separate read and write of the whole buffer per operation
+ * (for the loss: widen bf16 logits to float32, max, subtract, exp, sum, divide; in backward
+ * multiply, scatter, round to bf16) — up to 128 MB each at the reference shape; under bf16
  * autocast these passes cost more than the head's matmuls.
  *
  * Layouts: row-major, contiguous.  logits [rows, V] float32 or bf16 (`bf16` = 1); probs [rows, V]
  * float32 (may be the float32 logits themselves); targets [rows] int64; losses [rows] float32;
  * the gradient out [rows, V] float32 or bf16 (rounded to nearest even as torch rounds; a NaN
- * stays a NaN).
+ * stays a NaN).  RMSNorm: x, normed, grad [rows, D] float32, inverse_rms [rows], weight [D].
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #include "vexp.h"
@@ -169,5 +173,74 @@ void looplm_softmax_xent_grad(const float *probs, const float *grad, const int64
             for (; j < vocab; j++) o[j] = p[j] * g;
             o[target] = at_target;
         }
+    }
+}
+
+static float row_dot(const float *a, const float *b, long n) {
+    long j = 0;
+    float total = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    total = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < n; j++) total += a[j] * b[j];
+    return total;
+}
+
+/* RMSNorm of rows: inverse_rms[i] = 1/sqrt(mean_j x_ij² + eps), normed = x·inverse_rms (kept for
+ * backward), out = normed·weight. */
+void looplm_rms_norm_rows(const float *x, const float *weight, float eps, float *normed, float *inverse_rms,
+                          float *out, long rows, long dim, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; i++) {
+        const float *xi = x + i * dim;
+        float *ni = normed + i * dim, *oi = out + i * dim;
+        const float inverse = 1.0f / sqrtf(row_dot(xi, xi, dim) / (float)dim + eps);
+        inverse_rms[i] = inverse;
+        for (long j = 0; j < dim; j++) {
+            ni[j] = xi[j] * inverse;
+            oi[j] = ni[j] * weight[j];
+        }
+    }
+}
+
+/* RMSNorm's backward for rows: with gn = grad·weight, grad_x = (gn − normed·mean_j(gn·normed))·
+ * inverse_rms; grad_weight = Σ_rows grad·normed (when grad_weight is not NULL; summed per thread,
+ * then over threads). */
+void looplm_rms_norm_grad_rows(const float *grad, const float *normed, const float *inverse_rms,
+                               const float *weight, float *grad_x, float *grad_weight, long rows, long dim,
+                               int threads) {
+    float *partial = grad_weight ? calloc((size_t)threads * (size_t)dim, sizeof(float)) : NULL;
+    if (grad_weight && !partial) {  /* no room for per-thread sums: one thread sums into grad_weight */
+        threads = 1;
+        memset(grad_weight, 0, (size_t)dim * sizeof(float));
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = partial ? partial + (long)omp_get_thread_num() * dim : grad_weight;
+#pragma omp for schedule(static)
+        for (long i = 0; i < rows; i++) {
+            const float *gi = grad + i * dim, *ni = normed + i * dim;
+            float *xi = grad_x + i * dim;
+            float projection = 0.0f;
+            for (long j = 0; j < dim; j++) {
+                xi[j] = gi[j] * weight[j];  /* gn, replaced below */
+                projection += xi[j] * ni[j];
+            }
+            projection /= (float)dim;
+            const float inverse = inverse_rms[i];
+            for (long j = 0; j < dim; j++) xi[j] = (xi[j] - ni[j] * projection) * inverse;
+            if (mine)
+                for (long j = 0; j < dim; j++) mine[j] += gi[j] * ni[j];
+        }
+    }
+    if (partial) {
+        for (long j = 0; j < dim; j++) {
+            float total = 0.0f;
+            for (int t = 0; t < threads; t++) total += partial[(long)t * dim + j];
+            grad_weight[j] = total;
+        }
+        free(partial);
     }
 }

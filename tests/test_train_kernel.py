@@ -1,5 +1,6 @@
-"""The training loss's row passes in C (``csrc/loss_kernel.c``) against their torch references
-(``looplm.kernels.ops``), and the fused cross-entropy through them against the unfused loss."""
+"""A training step's row passes in C (``csrc/train_kernel.c``: the loss's softmax cross-entropy
+and RMSNorm) against their torch references (``looplm.kernels.ops``), and the fused cross-entropy
+and the model's norm through them against torch's own."""
 
 import pytest
 import torch
@@ -110,3 +111,42 @@ def test_the_probability_buffer_is_reused_only_once_its_graph_is_freed():
     assert pool._free is None or pool._free.data_ptr() != kept
     del losses
     assert pool._free is not None and pool._free.data_ptr() == kept
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from([(1, 1), (3, 7), (2, 5, 16), (4, 33), (2, 3, 256)]), seed=st.integers(0, 2 ** 16),
+       need_weight=st.booleans(), threads=st.integers(1, 3))
+def test_rms_norm_rows_match_their_references(shape, seed, need_weight, threads):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator) * 3
+    weight = torch.rand(shape[-1], generator=generator) + 0.5
+    grad = torch.randn(*shape, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = ops.rms_norm_rows(x, weight, 1e-6)
+        fast_grad = ops.rms_norm_grad_rows(grad, fast[1], fast[2], weight, need_weight)
+    finally:
+        torch.set_num_threads(previous)
+    reference = ops.rms_norm_rows_reference(x, weight, 1e-6)
+    reference_grad = ops.rms_norm_grad_rows_reference(grad, reference[1], reference[2], weight, need_weight)
+    for mine, theirs in zip(fast + fast_grad, reference + reference_grad):
+        if theirs is None:
+            assert mine is None
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_norm_through_the_kernel_matches_torch_rms_norm():
+    from looplm.model.norms import rms_norm_fused
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 64, requires_grad=True)
+    weight = (torch.rand(64) + 0.5).requires_grad_()
+    grad = torch.randn(4, 9, 64)
+    fused = rms_norm_fused(x, weight, 1e-6)
+    reference = F.rms_norm(x, (64,), weight, 1e-6)
+    torch.testing.assert_close(fused, reference)
+    for mine, theirs in zip(torch.autograd.grad(fused, (x, weight), grad),
+                            torch.autograd.grad(reference, (x, weight), grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
