@@ -114,7 +114,8 @@ def decode_precision(requested: str, batched: bool = False) -> Precision:
     bf16 means bf16 copies of the projections (``looplm.bf16``).  auto is bf16 where its dot
     products are native: batch-1 decode runs them in the C kernel, so auto asks whether the
     kernel was compiled with ``vdpbf16ps`` (``looplm.kernels.build.simd_paths``); batched decode
-    runs torch's matmuls, so auto asks the CPU's flags, as training does."""
+    runs in the C kernel's rows where they serve the model and through torch's matmuls elsewhere,
+    so auto asks the CPU's flags, as training does (a CPU with them has both)."""
     check_precision(requested, "dtype")
     if requested != "auto":
         return Precision(requested, "asked")

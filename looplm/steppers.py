@@ -169,7 +169,8 @@ def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = Fals
     cache ``native``'s rows stepper, else the reference).  ``dtype``
     (``looplm.precision.decode_precision``): "fp32" (the model as given), "bf16" (bf16 copies of
     the projections, ``looplm.bf16``: the native backend reads them
-    and a bf16 head where its C path does, else float32 with the reason; the reference backend runs
+    and a bf16 head where its C path does — a batch's rows too —, else float32 with the reason; the
+    reference backend runs
     torch's bf16 matmuls; the torch backend reads float32 only) or "auto" (bf16 where the native
     backend runs and the C kernel has the native bf16 dot product — for a batch, where the CPU
     multiplies bf16 natively —, else fp32)."""
@@ -181,7 +182,8 @@ def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = Fals
     precision = decode_precision(dtype, batched=cache.batch_size > 1)
     if precision.name == "bf16":
         copy = bf16_weights(model)
-        if cache.batch_size > 1:
+        if cache.batch_size > 1 and not (backend in ("auto", "native") and not compile_steps
+                                         and NativeBackend.unsupported(copy, cache) is None):
             return ModelStepper(copy, cache), "reference", copy, precision
         if backend in ("auto", "native") and not compile_steps:
             if NativeBackend.unsupported(copy, cache) is None:

@@ -80,10 +80,18 @@ def test_bf16_decode_keeps_the_greedy_tokens_within_the_logit_bound(trained):
 
 
 def test_bf16_batched_decode_equals_batch_one(trained):
-    batch = generate_batch(trained, prompts(), 12, stop_ids=[], dtype="bf16")
-    singles = [generate(trained, prompt, 12, stop_ids=[], dtype="bf16", backend="reference").ids
-               for prompt in prompts()]
-    assert [generation.ids for generation in batch.generations] == singles
+    """A bf16 batch runs through the C rows (bf16 weights, as batch 1 reads them) and gives batch
+    1's tokens; forcing the reference backend runs torch's bf16 matmuls, and gives them too."""
+    from looplm.batch import BatchSession
+    from looplm.kernels.native_stepper import NativeRowsStepper
+
+    session = BatchSession(trained, 3, 64, stop_ids=[], dtype="bf16")
+    assert isinstance(session.scheduler.stepper, NativeRowsStepper) and is_bf16(session.model)
+    for backend in ("auto", "reference"):
+        batch = generate_batch(trained, prompts(), 12, stop_ids=[], dtype="bf16", backend=backend)
+        singles = [generate(trained, prompt, 12, stop_ids=[], dtype="bf16", backend=backend).ids
+                   for prompt in prompts()]
+        assert [generation.ids for generation in batch.generations] == singles, backend
 
 
 def test_bf16_weights_are_a_cached_copy_sharing_the_rest(trained):
