@@ -23,17 +23,20 @@ from looplm.precision import without_autocast
 
 
 class _RMSNormFunction(torch.autograd.Function):
+    # Under torch.compile the torch references are traced (and fused by the compiler); a C call
+    # would break the graph.
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out, normed, inverse_rms = ops.rms_norm_rows(x.contiguous(), weight.contiguous(), eps)
+        rows = ops.rms_norm_rows_reference if torch.compiler.is_compiling() else ops.rms_norm_rows
+        out, normed, inverse_rms = rows(x.contiguous(), weight.contiguous(), eps)
         ctx.save_for_backward(normed, inverse_rms, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, inverse_rms, weight = ctx.saved_tensors
-        grad_x, grad_weight = ops.rms_norm_grad_rows(grad.contiguous(), normed, inverse_rms, weight.contiguous(),
-                                                     ctx.needs_input_grad[1])
+        rows = ops.rms_norm_grad_rows_reference if torch.compiler.is_compiling() else ops.rms_norm_grad_rows
+        grad_x, grad_weight = rows(grad.contiguous(), normed, inverse_rms, weight.contiguous(), ctx.needs_input_grad[1])
         return grad_x, grad_weight, None
 
 
