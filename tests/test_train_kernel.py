@@ -150,3 +150,74 @@ def test_the_model_norm_through_the_kernel_matches_torch_rms_norm():
     for mine, theirs in zip(torch.autograd.grad(fused, (x, weight), grad),
                             torch.autograd.grad(reference, (x, weight), grad)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_rows_in_bf16_match_their_references(threads):
+    torch.manual_seed(0)
+    x, weight = torch.randn(5, 7, 43) * 3, torch.rand(43) + 0.5  # 43: the vector loop and a scalar tail
+    grad = torch.randn(5, 7, 43).bfloat16()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, normed, inverse_rms = ops.rms_norm_rows(x, weight, 1e-6, torch.bfloat16)
+        grad_x, grad_weight = ops.rms_norm_grad_rows(grad, normed, inverse_rms, weight, True)
+    finally:
+        torch.set_num_threads(previous)
+    reference_out, reference_normed, _ = ops.rms_norm_rows_reference(x, weight, 1e-6, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    # the C norm's float32 output, rounded as a cast rounds it
+    assert torch.equal(out, ops.rms_norm_rows(x, weight, 1e-6)[0].bfloat16())
+    torch.testing.assert_close(out.float(), reference_out.float(), rtol=8e-3, atol=1e-6)
+    for mine, theirs in zip((grad_x, grad_weight),
+                            ops.rms_norm_grad_rows_reference(grad, normed, inverse_rms, weight, True)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pre_norm_hands_bf16_to_its_projection_with_the_same_values_and_gradients():
+    """Under CPU bf16 autocast a layer's pre-norms give their projections bf16 directly: the loss
+    and every gradient equal those of the float32 output cast by autocast."""
+    from looplm.model import LoopLM
+    from looplm.model.norms import RMSNorm
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config())
+    flagged = [module for module in model.modules() if isinstance(module, RMSNorm) and module.feeds_matmul]
+    assert len(flagged) == 2 * model.config.n_core_layers
+    batch = torch.randint(0, 64, (2, 9))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(batch[:, :-1]).logits().flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    loss, grads = loss_and_grads()
+    for module in flagged:
+        module.feeds_matmul = False
+    plain_loss, plain_grads = loss_and_grads()
+    assert torch.equal(loss, plain_loss)
+    for mine, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_rounding_breaks_ties_to_even_as_torch_does():
+    """Values exactly halfway between two bf16 numbers (low 16 bits 0x8000), either side of the
+    even one, and just below or above halfway: the gradient's and the norm's bf16 outputs round
+    each as torch's cast does (random inputs almost never hit a tie)."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF808000, 0xBF818000,
+                         0x40008000, 0x40018000] * 4, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)[None]  # [1, 32]: the vector loop and the scalar tail both see them
+    values = torch.cat([values, values[:, :5]], dim=1)
+    fast, reference = torch.empty(1, 37, dtype=torch.bfloat16), torch.empty(1, 37, dtype=torch.bfloat16)
+    grad, targets = torch.tensor([1.0]), torch.tensor([36])
+    ops.cross_entropy_grad(values, grad, targets, fast)
+    ops.cross_entropy_grad_reference(values, grad, targets, reference)
+    assert torch.equal(fast.view(torch.int16), reference.view(torch.int16))
+    # the norm: a weight equal to the values over a unit-RMS row rounds the same numbers
+    row = torch.ones(1, 37)
+    out = ops.rms_norm_rows(row, values[0], 0.0, torch.bfloat16)[0]
+    assert torch.equal(out.view(torch.int16), values.bfloat16().view(torch.int16))

@@ -85,9 +85,9 @@ SIGNATURES = {
                             ctypes.c_long),
     "looplm_softmax_xent_grad": ([_POINTER, _POINTER, _POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT],
                                  None),
-    "looplm_rms_norm_rows": ([_POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER, _POINTER, ctypes.c_long,
+    "looplm_rms_norm_rows": ([_POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER, _POINTER, _INT, ctypes.c_long,
                               ctypes.c_long, _INT], None),
-    "looplm_rms_norm_grad_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long,
+    "looplm_rms_norm_grad_rows": ([_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long,
                                    ctypes.c_long, _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),

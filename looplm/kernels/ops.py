@@ -218,41 +218,48 @@ def cross_entropy_grad_reference(probs: torch.Tensor, grad: torch.Tensor, target
     out.copy_(product)
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """RMSNorm of the rows of x [..., D] (float32) for training: returns (out, normed,
-    inverse_rms) with inverse_rms [...,1] = 1/sqrt(mean(x²) + eps), normed = x·inverse_rms (what
-    backward needs) and out = normed·weight.  One pass per row in C (``csrc/train_kernel.c``),
+    inverse_rms) with inverse_rms [..., 1] = 1/sqrt(mean(x²) + eps), normed = x·inverse_rms (what
+    backward needs) and out = normed·weight in ``out_dtype`` (float32, or bf16: the float32 value
+    rounded to nearest even, as a cast would).  One pass per row in C (``csrc/train_kernel.c``),
     equal to the reference up to float32 rounding of the sum of squares."""
-    if not (serves(x) and serves(weight)):
-        return rms_norm_rows_reference(x, weight, eps)
+    if not (serves(x) and serves(weight)) or out_dtype not in (torch.float32, torch.bfloat16):
+        return rms_norm_rows_reference(x, weight, eps, out_dtype)
     dim = x.shape[-1]
-    rows = x.numel() // dim
-    normed, out = torch.empty_like(x), torch.empty_like(x)
+    normed, out = torch.empty_like(x), torch.empty_like(x, dtype=out_dtype)
     inverse_rms = torch.empty(*x.shape[:-1], 1, dtype=x.dtype)
     load_kernel().looplm_rms_norm_rows(_address(x), _address(weight), eps, _address(normed), _address(inverse_rms),
-                                       _address(out), rows, dim, torch.get_num_threads())
+                                       _address(out), int(out_dtype == torch.bfloat16), x.numel() // dim, dim,
+                                       torch.get_num_threads())
     return out, normed, inverse_rms
 
 
-def rms_norm_rows_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+def rms_norm_rows_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """``rms_norm_rows`` with torch ops."""
     mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
     inverse_rms = torch.rsqrt(mean_square.add_(eps))
     normed = x * inverse_rms
-    return normed * weight, normed, inverse_rms
+    out = normed * weight
+    return (out if out_dtype in (None, out.dtype) else out.to(out_dtype)), normed, inverse_rms
 
 
 def rms_norm_grad_rows(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: torch.Tensor, weight: torch.Tensor,
                        need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm's backward from ``rms_norm_rows``'s saved tensors: (grad_x, grad_weight or None),
-    grad_x = (g·w − normed·mean(g·w·normed))·inverse_rms, grad_weight = Σ_rows g·normed."""
-    if not (serves(grad) and serves(normed) and serves(inverse_rms) and serves(weight)):
+    grad_x = (g·w − normed·mean(g·w·normed))·inverse_rms, grad_weight = Σ_rows g·normed, in
+    float32; the incoming gradient g float32 or bf16 (widened)."""
+    served = serves(normed) and serves(inverse_rms) and serves(weight)
+    if not (served and grad.is_contiguous() and grad.dtype in (torch.float32, torch.bfloat16)):
         return rms_norm_grad_rows_reference(grad, normed, inverse_rms, weight, need_weight)
     dim = normed.shape[-1]
     grad_x = torch.empty_like(normed)
     grad_weight = torch.empty_like(weight) if need_weight else None
-    load_kernel().looplm_rms_norm_grad_rows(_address(grad), _address(normed), _address(inverse_rms), _address(weight),
-                                            _address(grad_x), _address(grad_weight) if need_weight else None,
+    load_kernel().looplm_rms_norm_grad_rows(_address(grad), int(grad.dtype == torch.bfloat16), _address(normed),
+                                            _address(inverse_rms), _address(weight), _address(grad_x),
+                                            _address(grad_weight) if need_weight else None,
                                             normed.numel() // dim, dim, torch.get_num_threads())
     return grad_x, grad_weight
 
@@ -260,6 +267,7 @@ def rms_norm_grad_rows(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: to
 def rms_norm_grad_rows_reference(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: torch.Tensor,
                                  weight: torch.Tensor, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``rms_norm_grad_rows`` with torch ops."""
+    grad = grad.to(normed.dtype)
     grad_normed = grad * weight
     projection = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1).div_(normed.shape[-1])
     grad_x = torch.addcmul(grad_normed, normed, projection, value=-1).mul_(inverse_rms)

@@ -33,7 +33,7 @@ from looplm.model.gdn import GatedDeltaNet
 from looplm.model.global_gates import GlobalGates
 from looplm.model.mla import MultiHeadLatentAttention
 from looplm.model.moe import MoE
-from looplm.model.norms import make_norm
+from looplm.model.norms import RMSNorm, make_norm
 from looplm.model.residual import sublayer_residuals
 from looplm.model.rwkv import RWKVSlotMixer
 from looplm.registry import Registry
@@ -69,9 +69,17 @@ class Layer(nn.Module):
         self.dropout = config.dropout
         self.global_gates = GlobalGates(dim) if looped and config.global_gates else None
         self.attn_residual, self.ffn_residual = sublayer_residuals(config, index)
-        if config.ternary == "all" or (config.ternary == "core" and looped):
+        ternary = config.ternary == "all" or (config.ternary == "core" and looped)
+        if ternary:
             ternary_layers(self.attn)
             ternary_layers(self.ffn)
+        # The pre-norms whose output goes straight into a projection (attention's qkv, SwiGLU's
+        # gate_up): under CPU bf16 autocast they hand out bf16 (RMSNorm.feeds_matmul).
+        if self.global_gates is None and not ternary:
+            if isinstance(self.attn, Attention) and isinstance(self.attn_norm, RMSNorm):
+                self.attn_norm.feeds_matmul = True
+            if type(self.ffn) is SwiGLU and isinstance(self.ffn_norm, RMSNorm):
+                self.ffn_norm.feeds_matmul = True
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, storage=None,
                 start: int | torch.Tensor = 0, carry: LoopCarry | None = None) -> torch.Tensor:

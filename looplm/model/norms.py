@@ -26,9 +26,10 @@ class _RMSNormFunction(torch.autograd.Function):
     # Under torch.compile the torch references are traced (and fused by the compiler); a C call
     # would break the graph.
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         rows = ops.rms_norm_rows_reference if torch.compiler.is_compiling() else ops.rms_norm_rows
-        out, normed, inverse_rms = rows(x.contiguous(), weight.contiguous(), eps)
+        out, normed, inverse_rms = rows(x.contiguous(), weight.contiguous(), eps, out_dtype or x.dtype)
         ctx.save_for_backward(normed, inverse_rms, weight)
         return out
 
@@ -37,7 +38,7 @@ class _RMSNormFunction(torch.autograd.Function):
         normed, inverse_rms, weight = ctx.saved_tensors
         rows = ops.rms_norm_grad_rows_reference if torch.compiler.is_compiling() else ops.rms_norm_grad_rows
         grad_x, grad_weight = rows(grad.contiguous(), normed, inverse_rms, weight.contiguous(), ctx.needs_input_grad[1])
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
 
 
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,7 +63,17 @@ class RMSNorm(nn.Module):
     def scale(self) -> torch.Tensor:
         return 1.0 + self.weight if self.zero_centered else self.weight
 
+    # Set by a layer whose next operation on this norm's output is a matmul (a projection):
+    # under CPU bf16 autocast the norm then hands out its float32 output already rounded to bf16,
+    # the value autocast's cast would give, one pass instead of two (and its gradient arrives bf16).
+    feeds_matmul = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.feeds_matmul and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.is_grad_enabled() and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling()):
+            with torch.autocast("cpu", enabled=False):
+                return _RMSNormFunction.apply(x.float(), self.scale, self.eps, torch.bfloat16)
         # Under bf16 autocast the statistics and the output stay in the weight's dtype (float32).
         return without_autocast(self._normalise, x, self.weight.dtype)
 

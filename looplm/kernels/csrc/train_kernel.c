@@ -18,7 +18,8 @@
  * Layouts: row-major, contiguous.  logits [rows, V] float32 or bf16 (`bf16` = 1); probs [rows, V]
  * float32 (may be the float32 logits themselves); targets [rows] int64; losses [rows] float32;
  * the gradient out [rows, V] float32 or bf16 (rounded to nearest even as torch rounds; a NaN
- * stays a NaN).  RMSNorm: x, normed, grad [rows, D] float32, inverse_rms [rows], weight [D].
+ * stays a NaN).  RMSNorm: x, normed [rows, D] float32, its output and incoming gradient float32
+ * or bf16, inverse_rms [rows], weight [D].
  */
 #include <math.h>
 #include <stdint.h>
@@ -40,6 +41,18 @@ static inline uint16_t to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+
+#if defined(__AVX2__)
+/* Eight floats rounded to bf16 (nearest even, as to_bf16) and stored. */
+static inline void store_bf16_8(uint16_t *out, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)),
+                                             _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08)));
+}
+#endif
 
 /* row[j] = bf16 logits[j] widened to float32. */
 static void widen_row(const uint16_t *logits, float *row, long n) {
@@ -149,18 +162,7 @@ void looplm_softmax_xent_grad(const float *probs, const float *grad, const int64
             uint16_t *o = (uint16_t *)out + i * vocab;
 #if defined(__AVX2__)
             const __m256 scale = _mm256_set1_ps(g);
-            const __m256i rounding = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-            const __m256i nan = _mm256_set1_epi32(0x7fc0);
-            for (; j + 8 <= vocab; j += 8) {
-                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(p + j), scale);
-                __m256i u = _mm256_castps_si256(v);
-                __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-                __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(rounding, lsb)), 16);
-                r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan),
-                                                         _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-                __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-                _mm_storeu_si128((__m128i *)(o + j), _mm256_castsi256_si128(packed));
-            }
+            for (; j + 8 <= vocab; j += 8) store_bf16_8(o + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), scale));
 #endif
             for (; j < vocab; j++) o[j] = to_bf16(p[j] * g);
             o[target] = to_bf16(at_target);
@@ -189,18 +191,28 @@ static float row_dot(const float *a, const float *b, long n) {
 }
 
 /* RMSNorm of rows: inverse_rms[i] = 1/sqrt(mean_j x_ij² + eps), normed = x·inverse_rms (kept for
- * backward), out = normed·weight. */
+ * backward), out = normed·weight: float32, or rounded to bf16 (`out_bf16`, for a bf16 matmul next:
+ * the value autocast's cast of the float32 output would give). */
 void looplm_rms_norm_rows(const float *x, const float *weight, float eps, float *normed, float *inverse_rms,
-                          float *out, long rows, long dim, int threads) {
+                          void *out, int out_bf16, long rows, long dim, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < rows; i++) {
         const float *xi = x + i * dim;
-        float *ni = normed + i * dim, *oi = out + i * dim;
+        float *ni = normed + i * dim;
         const float inverse = 1.0f / sqrtf(row_dot(xi, xi, dim) / (float)dim + eps);
         inverse_rms[i] = inverse;
-        for (long j = 0; j < dim; j++) {
-            ni[j] = xi[j] * inverse;
-            oi[j] = ni[j] * weight[j];
+        for (long j = 0; j < dim; j++) ni[j] = xi[j] * inverse;
+        if (out_bf16) {
+            uint16_t *oi = (uint16_t *)out + i * dim;
+            long j = 0;
+#if defined(__AVX2__)
+            for (; j + 8 <= dim; j += 8)
+                store_bf16_8(oi + j, _mm256_mul_ps(_mm256_loadu_ps(ni + j), _mm256_loadu_ps(weight + j)));
+#endif
+            for (; j < dim; j++) oi[j] = to_bf16(ni[j] * weight[j]);
+        } else {
+            float *oi = (float *)out + i * dim;
+            for (long j = 0; j < dim; j++) oi[j] = ni[j] * weight[j];
         }
     }
 }
@@ -208,7 +220,7 @@ void looplm_rms_norm_rows(const float *x, const float *weight, float eps, float 
 /* RMSNorm's backward for rows: with gn = grad·weight, grad_x = (gn − normed·mean_j(gn·normed))·
  * inverse_rms; grad_weight = Σ_rows grad·normed (when grad_weight is not NULL; summed per thread,
  * then over threads). */
-void looplm_rms_norm_grad_rows(const float *grad, const float *normed, const float *inverse_rms,
+void looplm_rms_norm_grad_rows(const void *grad, int grad_bf16, const float *normed, const float *inverse_rms,
                                const float *weight, float *grad_x, float *grad_weight, long rows, long dim,
                                int threads) {
     float *partial = grad_weight ? calloc((size_t)threads * (size_t)dim, sizeof(float)) : NULL;
@@ -221,8 +233,17 @@ void looplm_rms_norm_grad_rows(const float *grad, const float *normed, const flo
         float *mine = partial ? partial + (long)omp_get_thread_num() * dim : grad_weight;
 #pragma omp for schedule(static)
         for (long i = 0; i < rows; i++) {
-            const float *gi = grad + i * dim, *ni = normed + i * dim;
+            const float *ni = normed + i * dim;
             float *xi = grad_x + i * dim;
+            const float *gi;
+            if (grad_bf16) {  /* the incoming gradient widened into grad_x's row, then read from there */
+                widen_row((const uint16_t *)grad + i * dim, xi, dim);
+                gi = xi;
+            } else {
+                gi = (const float *)grad + i * dim;
+            }
+            if (mine)
+                for (long j = 0; j < dim; j++) mine[j] += gi[j] * ni[j];
             float projection = 0.0f;
             for (long j = 0; j < dim; j++) {
                 xi[j] = gi[j] * weight[j];  /* gn, replaced below */
@@ -231,8 +252,6 @@ void looplm_rms_norm_grad_rows(const float *grad, const float *normed, const flo
             projection /= (float)dim;
             const float inverse = inverse_rms[i];
             for (long j = 0; j < dim; j++) xi[j] = (xi[j] - ni[j] * projection) * inverse;
-            if (mine)
-                for (long j = 0; j < dim; j++) mine[j] += gi[j] * ni[j];
         }
     }
     if (partial) {
