@@ -221,3 +221,43 @@ def test_bf16_rounding_breaks_ties_to_even_as_torch_does():
     row = torch.ones(1, 37)
     out = ops.rms_norm_rows(row, values[0], 0.0, torch.bfloat16)[0]
     assert torch.equal(out.view(torch.int16), values.bfloat16().view(torch.int16))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from([(1, 2), (3, 14), (2, 5, 32), (4, 70), (2, 3, 1408)]), bf16=st.booleans(),
+       seed=st.integers(0, 2 ** 16), threads=st.integers(1, 3))
+def test_swiglu_rows_match_their_references(shape, bf16, seed, threads):
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gate_up = (torch.randn(*shape, generator=generator) * 4).to(dtype)
+    grad = torch.randn(*shape[:-1], shape[-1] // 2, generator=generator).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grad_in = ops.swiglu_rows(gate_up), ops.swiglu_grad_rows(gate_up, grad)
+    finally:
+        torch.set_num_threads(previous)
+    # float32 truth from the same (rounded) inputs; bf16 outputs round it once (within 2^-8)
+    truth = ops.swiglu_rows_reference(gate_up.float())
+    truth_grad = ops.swiglu_grad_rows_reference(gate_up.float(), grad.float())
+    tolerance = dict(rtol=2 ** -8, atol=1e-6) if bf16 else dict(rtol=2e-6, atol=1e-6)
+    assert out.dtype == grad_in.dtype == dtype
+    torch.testing.assert_close(out.float(), truth, **tolerance)
+    torch.testing.assert_close(grad_in.float(), truth_grad, **tolerance)
+
+
+def test_the_model_swiglu_through_the_kernel_matches_torch():
+    from looplm.model.ffn import SwiGLU
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(24, 40)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    grad = torch.randn(3, 5, 24)
+    fast = ffn(x)
+    fast_grads = torch.autograd.grad(fast, (x, *ffn.parameters()), grad)
+    gate, up = ffn.gate_up(x).split(40, dim=-1)
+    reference = ffn.down(F.silu(gate) * up)
+    reference_grads = torch.autograd.grad(reference, (x, *ffn.parameters()), grad)
+    torch.testing.assert_close(fast, reference)
+    for mine, theirs in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

@@ -89,6 +89,8 @@ SIGNATURES = {
                               ctypes.c_long, _INT], None),
     "looplm_rms_norm_grad_rows": ([_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long,
                                    ctypes.c_long, _INT], None),
+    "looplm_swiglu_rows": ([_POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT], None),
+    "looplm_swiglu_grad_rows": ([_POINTER, _POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),
     "lr_model_bind": ([_POINTER, ctypes.c_char_p, _INT, _POINTER, _POINTER, _INT, ctypes.POINTER(ctypes.c_int64),

@@ -7,7 +7,8 @@ reference where the kernel does not serve the inputs (not CPU float32, not built
 hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/test_train_kernel.py).
 A training step's row passes are here too: the loss's (``softmax_cross_entropy``,
 ``cross_entropy_grad``, called by ``looplm.training.fused_ce`` on each chunk of the head's logits)
-and RMSNorm's (``rms_norm_rows``, ``rms_norm_grad_rows``, called by ``looplm.model.norms``).
+RMSNorm's (``rms_norm_rows``, ``rms_norm_grad_rows``, called by ``looplm.model.norms``) and
+SwiGLU's (``swiglu_rows``, ``swiglu_grad_rows``, called by ``looplm.model.ffn``).
 """
 
 from __future__ import annotations
@@ -273,3 +274,52 @@ def rms_norm_grad_rows_reference(grad: torch.Tensor, normed: torch.Tensor, inver
     grad_x = torch.addcmul(grad_normed, normed, projection, value=-1).mul_(inverse_rms)
     grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0) if need_weight else None
     return grad_x, grad_weight
+
+
+def _serves_swiglu(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.bfloat16) and all(tensor.dtype == dtype for tensor in tensors)
+            and all(tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors)
+            and load_kernel() is not None)
+
+
+def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product silu(gate)·up of gate_up [..., 2F] (the gate's half first) → [..., F], in
+    gate_up's dtype (float32 or bf16).  One pass in C (``csrc/train_kernel.c``): float32 math,
+    one rounding to bf16 where the reference rounds silu's output and the product each."""
+    if not _serves_swiglu(gate_up):
+        return swiglu_rows_reference(gate_up)
+    hidden = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], hidden, dtype=gate_up.dtype)
+    load_kernel().looplm_swiglu_rows(_address(gate_up), _address(out), int(gate_up.dtype == torch.bfloat16),
+                                     gate_up.numel() // (2 * hidden), hidden, torch.get_num_threads())
+    return out
+
+
+def swiglu_rows_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """``swiglu_rows`` with torch ops."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_grad_rows(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``swiglu_rows`` for gate_up: [..., 2F] from grad [..., F]; with s = σ(gate),
+    d_gate = grad·up·s·(1 + gate·(1 − s)), d_up = grad·gate·s (float32 math, stored in the dtype)."""
+    if not _serves_swiglu(gate_up, grad):
+        return swiglu_grad_rows_reference(gate_up, grad)
+    hidden = gate_up.shape[-1] // 2
+    out = torch.empty_like(gate_up)
+    load_kernel().looplm_swiglu_grad_rows(_address(gate_up), _address(grad), _address(out),
+                                          int(gate_up.dtype == torch.bfloat16), gate_up.numel() // (2 * hidden),
+                                          hidden, torch.get_num_threads())
+    return out
+
+
+def swiglu_grad_rows_reference(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``swiglu_grad_rows`` with torch ops, in float32 (or the inputs' wider dtype)."""
+    compute = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(compute).chunk(2, dim=-1)
+    grad = grad.to(compute)
+    sigmoid = torch.sigmoid(gate)
+    grad_gate, grad_up = grad * up * sigmoid * (1 + gate * (1 - sigmoid)), grad * gate * sigmoid
+    return torch.cat([grad_gate, grad_up], dim=-1).to(gate_up.dtype)

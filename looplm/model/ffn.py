@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from looplm.kernels import ops
+
 
 class SwiGLU(nn.Module):
     """Gate and up projections share one matmul (one [D, 2F] weight) for speed."""
@@ -21,8 +23,28 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        gate_up = self.gate_up(x)
+        if torch.is_grad_enabled() and gate_up.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self.down(_SwiGLUProduct.apply(gate_up))
+        gate, up = gate_up.split(self.hidden, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class _SwiGLUProduct(torch.autograd.Function):
+    """silu(gate)·up of a training step on a CPU: ``looplm.kernels.ops.swiglu_rows`` (one pass in C,
+    float32 math; its torch reference where the kernel does not serve) and its backward, saving
+    only gate_up (torch's version saves silu's input and output and the product's operands)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up)
+        return ops.swiglu_rows(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        return ops.swiglu_grad_rows(gate_up, grad.contiguous().to(gate_up.dtype))
 
 
 class ChannelMix(SwiGLU):

@@ -263,3 +263,89 @@ void looplm_rms_norm_grad_rows(const void *grad, int grad_bf16, const float *nor
         free(partial);
     }
 }
+
+/* One value of a row, float32 or bf16 (widened; stored rounded to nearest even). */
+static inline float load_one(const void *row, int bf16, long j) {
+    return bf16 ? from_bf16(((const uint16_t *)row)[j]) : ((const float *)row)[j];
+}
+
+static inline void store_one(void *row, int bf16, long j, float value) {
+    if (bf16) ((uint16_t *)row)[j] = to_bf16(value);
+    else ((float *)row)[j] = value;
+}
+
+#if defined(__AVX512F__) && defined(__AVX2__)
+static inline __m512 load16(const void *row, int bf16, long j) {
+    if (!bf16) return _mm512_loadu_ps((const float *)row + j);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+static inline void store16(void *row, int bf16, long j, __m512 v) {
+    if (!bf16) {
+        _mm512_storeu_ps((float *)row + j, v);
+        return;
+    }
+    store_bf16_8((uint16_t *)row + j, _mm512_castps512_ps256(v));
+    store_bf16_8((uint16_t *)row + j + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
+/* SwiGLU's product for rows of gate_up [rows, 2·hidden] (the gate's half first): out [rows, hidden]
+ * = silu(gate)·up, in float32 from the inputs (bf16 widened), then stored in their dtype (bf16
+ * rounded once, where torch rounds silu's output and the product each). */
+void looplm_swiglu_rows(const void *gate_up, void *out, int bf16, long rows, long hidden, int threads) {
+    const size_t width = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; i++) {
+        const char *gate = (const char *)gate_up + (size_t)i * 2 * hidden * width;
+        const char *up = gate + (size_t)hidden * width;
+        char *o = (char *)out + (size_t)i * hidden * width;
+        long j = 0;
+#if defined(__AVX512F__) && defined(__AVX2__)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; j + 16 <= hidden; j += 16) {
+            __m512 g = load16(gate, bf16, j);
+            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store16(o, bf16, j, _mm512_mul_ps(_mm512_mul_ps(g, s), load16(up, bf16, j)));
+        }
+#endif
+        for (; j < hidden; j++) {
+            float g = load_one(gate, bf16, j);
+            store_one(o, bf16, j, g / (1.0f + expf(-g)) * load_one(up, bf16, j));
+        }
+    }
+}
+
+/* Its backward: with s = σ(gate), d_gate = grad·up·s·(1 + gate·(1 − s)) and d_up = grad·gate·s,
+ * into grad_gate_up [rows, 2·hidden] (the gate's half first), float32 math, stored in the dtype. */
+void looplm_swiglu_grad_rows(const void *gate_up, const void *grad, void *grad_gate_up, int bf16, long rows,
+                             long hidden, int threads) {
+    const size_t width = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; i++) {
+        const char *gate = (const char *)gate_up + (size_t)i * 2 * hidden * width;
+        const char *up = gate + (size_t)hidden * width;
+        const char *g_out = (const char *)grad + (size_t)i * hidden * width;
+        char *d_gate = (char *)grad_gate_up + (size_t)i * 2 * hidden * width;
+        char *d_up = d_gate + (size_t)hidden * width;
+        long j = 0;
+#if defined(__AVX512F__) && defined(__AVX2__)
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; j + 16 <= hidden; j += 16) {
+            __m512 g = load16(gate, bf16, j), u = load16(up, bf16, j), d = load16(g_out, bf16, j);
+            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 gs = _mm512_mul_ps(g, s);
+            store16(d_up, bf16, j, _mm512_mul_ps(d, gs));
+            __m512 slope = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_sub_ps(g, gs)));  /* s·(1 + g − g·s) */
+            store16(d_gate, bf16, j, _mm512_mul_ps(_mm512_mul_ps(d, u), slope));
+        }
+#endif
+        for (; j < hidden; j++) {
+            float g = load_one(gate, bf16, j), u = load_one(up, bf16, j), d = load_one(g_out, bf16, j);
+            float s = 1.0f / (1.0f + expf(-g));
+            store_one(d_up, bf16, j, d * (g * s));
+            store_one(d_gate, bf16, j, (d * u) * (s * (1.0f + (g - g * s))));
+        }
+    }
+}
