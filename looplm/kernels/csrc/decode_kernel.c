@@ -57,22 +57,7 @@ long looplm_scratch_floats(const Dims *dims) {
 
 /* s[j] = exp(s[j] − top) for j < n; returns their sum. */
 static float exp_shifted(float *s, int n, float top) {
-    int j = 0;
-    float total = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
-    for (; j + 8 <= n; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
-        _mm256_storeu_ps(s + j, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    total = hsum(acc);
-#endif
-    for (; j < n; j++) {
-        s[j] = expf(s[j] - top);
-        total += s[j];
-    }
-    return total;
+    return exp_row(s, s, n, top);
 }
 
 /* gate[i] = silu(gate[i]) · up[i] for i in [begin, end). */

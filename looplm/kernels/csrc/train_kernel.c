@@ -26,24 +26,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "matvec.h"
 #include "vexp.h"
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 #if defined(__AVX2__)
-/* Eight floats rounded to bf16 (nearest even, as to_bf16) and stored. */
+/* Eight floats rounded to bf16 (nearest even, as float_to_bf16) and stored; a NaN stays a NaN. */
 static inline void store_bf16_8(uint16_t *out, __m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -63,7 +50,7 @@ static void widen_row(const uint16_t *logits, float *row, long n) {
         _mm256_storeu_ps(row + j, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
     }
 #endif
-    for (; j < n; j++) row[j] = from_bf16(logits[j]);
+    for (; j < n; j++) row[j] = bf16_to_float(logits[j]);
 }
 
 static float row_max(const float *x, long n) {
@@ -76,36 +63,6 @@ static float row_max(const float *x, long n) {
 #endif
     for (; j < n; j++) top = x[j] > top ? x[j] : top;
     return top;
-}
-
-/* out[j] = exp(x[j] − top); returns their sum.  out may be x. */
-static float exp_row(const float *x, float *out, long n, float top) {
-    long j = 0;
-    float total = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
-    for (; j + 16 <= n; j += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), shift));
-        _mm512_storeu_ps(out + j, e);
-        acc = _mm512_add_ps(acc, e);
-    }
-    total = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
-    for (; j + 8 <= n; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), shift));
-        _mm256_storeu_ps(out + j, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    total = _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
-#endif
-    for (; j < n; j++) {
-        out[j] = expf(x[j] - top);
-        total += out[j];
-    }
-    return total;
 }
 
 static void scale_row(float *x, long n, float factor) {
@@ -164,8 +121,8 @@ void looplm_softmax_xent_grad(const float *probs, const float *grad, const int64
             const __m256 scale = _mm256_set1_ps(g);
             for (; j + 8 <= vocab; j += 8) store_bf16_8(o + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), scale));
 #endif
-            for (; j < vocab; j++) o[j] = to_bf16(p[j] * g);
-            o[target] = to_bf16(at_target);
+            for (; j < vocab; j++) o[j] = float_to_bf16(p[j] * g);
+            o[target] = float_to_bf16(at_target);
         } else {
             float *o = (float *)out + i * vocab;
 #if defined(__AVX512F__)
@@ -178,18 +135,6 @@ void looplm_softmax_xent_grad(const float *probs, const float *grad, const int64
     }
 }
 
-static float row_dot(const float *a, const float *b, long n) {
-    long j = 0;
-    float total = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-    total = _mm512_reduce_add_ps(acc);
-#endif
-    for (; j < n; j++) total += a[j] * b[j];
-    return total;
-}
-
 /* RMSNorm of rows: inverse_rms[i] = 1/sqrt(mean_j x_ij² + eps), normed = x·inverse_rms (kept for
  * backward), out = normed·weight: float32, or rounded to bf16 (`out_bf16`, for a bf16 matmul next:
  * the value autocast's cast of the float32 output would give). */
@@ -199,7 +144,7 @@ void looplm_rms_norm_rows(const float *x, const float *weight, float eps, float 
     for (long i = 0; i < rows; i++) {
         const float *xi = x + i * dim;
         float *ni = normed + i * dim;
-        const float inverse = 1.0f / sqrtf(row_dot(xi, xi, dim) / (float)dim + eps);
+        const float inverse = 1.0f / sqrtf(dot(xi, xi, (int)dim) / (float)dim + eps);
         inverse_rms[i] = inverse;
         for (long j = 0; j < dim; j++) ni[j] = xi[j] * inverse;
         if (out_bf16) {
@@ -209,7 +154,7 @@ void looplm_rms_norm_rows(const float *x, const float *weight, float eps, float 
             for (; j + 8 <= dim; j += 8)
                 store_bf16_8(oi + j, _mm256_mul_ps(_mm256_loadu_ps(ni + j), _mm256_loadu_ps(weight + j)));
 #endif
-            for (; j < dim; j++) oi[j] = to_bf16(ni[j] * weight[j]);
+            for (; j < dim; j++) oi[j] = float_to_bf16(ni[j] * weight[j]);
         } else {
             float *oi = (float *)out + i * dim;
             for (long j = 0; j < dim; j++) oi[j] = ni[j] * weight[j];
@@ -266,11 +211,11 @@ void looplm_rms_norm_grad_rows(const void *grad, int grad_bf16, const float *nor
 
 /* One value of a row, float32 or bf16 (widened; stored rounded to nearest even). */
 static inline float load_one(const void *row, int bf16, long j) {
-    return bf16 ? from_bf16(((const uint16_t *)row)[j]) : ((const float *)row)[j];
+    return bf16 ? bf16_to_float(((const uint16_t *)row)[j]) : ((const float *)row)[j];
 }
 
 static inline void store_one(void *row, int bf16, long j, float value) {
-    if (bf16) ((uint16_t *)row)[j] = to_bf16(value);
+    if (bf16) ((uint16_t *)row)[j] = float_to_bf16(value);
     else ((float *)row)[j] = value;
 }
 
