@@ -91,6 +91,8 @@ SIGNATURES = {
                                    ctypes.c_long, _INT], None),
     "looplm_swiglu_rows": ([_POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT], None),
     "looplm_swiglu_grad_rows": ([_POINTER, _POINTER, _POINTER, _INT, ctypes.c_long, ctypes.c_long, _INT], None),
+    "looplm_rope": ([_POINTER] + [ctypes.c_long] * 3 + [_POINTER] + [ctypes.c_long] * 8
+                    + [_POINTER, _POINTER, ctypes.c_float, _INT, _INT], None),
     # the runtime (runtime.h); every `char *error` argument is a buffer of ERROR_BYTES
     "lr_model_new": ([ctypes.c_char_p, _SIZE, ctypes.c_char_p], _POINTER),
     "lr_model_bind": ([_POINTER, ctypes.c_char_p, _INT, _POINTER, _POINTER, _INT, ctypes.POINTER(ctypes.c_int64),

@@ -8,7 +8,8 @@ hold each pair equal (tests/test_row_attention.py, tests/test_quant.py, tests/te
 A training step's row passes are here too: the loss's (``softmax_cross_entropy``,
 ``cross_entropy_grad``, called by ``looplm.training.fused_ce`` on each chunk of the head's logits)
 RMSNorm's (``rms_norm_rows``, ``rms_norm_grad_rows``, called by ``looplm.model.norms``) and
-SwiGLU's (``swiglu_rows``, ``swiglu_grad_rows``, called by ``looplm.model.ffn``).
+SwiGLU's (``swiglu_rows``, ``swiglu_grad_rows``, called by ``looplm.model.ffn``) and RoPE's
+(``rope``, called by ``looplm.model.rope``).
 """
 
 from __future__ import annotations
@@ -323,3 +324,34 @@ def swiglu_grad_rows_reference(gate_up: torch.Tensor, grad: torch.Tensor) -> tor
     sigmoid = torch.sigmoid(gate)
     grad_gate, grad_up = grad * up * sigmoid * (1 + gate * (1 - sigmoid)), grad * gate * sigmoid
     return torch.cat([grad_gate, grad_up], dim=-1).to(gate_up.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate-half RoPE of x [B, H, L, hd] (any strides, the last dimension contiguous; float32 or
+    bf16) by the tables cos, sin [L, r] (float32, each half of a row the same angles): the first r
+    dims rotated, the rest copied, into a new contiguous tensor of x's dtype; ``inverse`` rotates
+    back (RoPE's backward).  One pass in C (``csrc/train_kernel.c``); in float32 the same products
+    and sums as the reference, in bf16 rounded once."""
+    served = (x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1
+              and x.dtype in (torch.float32, torch.bfloat16) and cos.dtype == sin.dtype == torch.float32
+              and cos.is_contiguous() and sin.is_contiguous()
+              and cos.shape == sin.shape == (x.shape[2], cos.shape[-1]) and load_kernel() is not None)
+    if not served:
+        return rope_reference(x, cos, -sin if inverse else sin)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    batch, heads, length, head_dim = x.shape
+    load_kernel().looplm_rope(_address(x), *x.stride()[:3], _address(out), *out.stride()[:3], batch, heads, length,
+                              head_dim, cos.shape[-1], _address(cos), _address(sin), -1.0 if inverse else 1.0,
+                              int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rope`` with torch ops (x·cos + rotate_half(x)·sin on the first r dims), in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([rope_reference(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

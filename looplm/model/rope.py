@@ -7,6 +7,8 @@ For a head vector x split in halves (x₁, x₂) at position p with angles θ_i 
 import torch
 from torch import nn
 
+from looplm.kernels import ops
+
 
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables for positions [0, max_len). Tables: [max_len, head_dim]."""
@@ -32,12 +34,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     when r < hd; the rest pass through).  The rotation runs in x's dtype: under bf16 autocast the
     float32 tables are rounded to bf16 (as Llama-style code does) rather than promoting the
     queries and keys to float32, which would cost two more passes (the product in float32, then
-    autocast's cast back to bf16 for attention); in float32 nothing changes."""
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rotary = cos.shape[-1]
-    if rotary < x.shape[-1]:
-        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    autocast's cast back to bf16 for attention); in float32 nothing changes.  Training on a CPU
+    (gradients on, tables [S, r]) rotates in one C pass each way (``looplm.kernels.ops.rope``:
+    float32 math, so bf16 input is rounded once, where the torch ops round each product)."""
+    if (torch.is_grad_enabled() and x.device.type == "cpu" and cos.dim() == 2 and x.dim() == 4
+            and not torch.compiler.is_compiling()):
+        return _Rope.apply(x, cos, sin)
+    return ops.rope_reference(x, cos, sin)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return ops.rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return ops.rope(grad, cos, sin, inverse=True), None, None

@@ -294,3 +294,29 @@ void looplm_swiglu_grad_rows(const void *gate_up, const void *grad, void *grad_g
         }
     }
 }
+
+/* Rotate-half RoPE of x [B, H, L, hd] (element strides sb, sh, sl; the last dimension contiguous)
+ * into out [B, H, L, hd] (strides ob, oh, ol): the first `rotary` dims of each head vector at
+ * position l are rotated by the tables' row l (cos, sin [L, rotary], float32), the rest copied;
+ * sign −1 rotates the other way (the backward pass: the transpose of a rotation is its inverse).
+ * x and out float32, or bf16 (read widened, written rounded once). */
+void looplm_rope(const void *x, long sb, long sh, long sl, void *out, long ob, long oh, long ol, long batch, long heads,
+                 long length, long head_dim, long rotary, const float *cos, const float *sin, float sign, int bf16,
+                 int threads) {
+    const long half = rotary / 2;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (long b = 0; b < batch; b++) {
+        for (long h = 0; h < heads; h++) {
+            for (long l = 0; l < length; l++) {
+                const long in = b * sb + h * sh + l * sl, to = b * ob + h * oh + l * ol;
+                const float *c = cos + l * rotary, *s = sin + l * rotary;
+                for (long j = 0; j < half; j++) {
+                    const float a = load_one(x, bf16, in + j), z = load_one(x, bf16, in + j + half);
+                    store_one(out, bf16, to + j, a * c[j] - sign * z * s[j]);
+                    store_one(out, bf16, to + j + half, z * c[j + half] + sign * a * s[j + half]);
+                }
+                for (long j = rotary; j < head_dim; j++) store_one(out, bf16, to + j, load_one(x, bf16, in + j));
+            }
+        }
+    }
+}
