@@ -141,25 +141,54 @@ def check_prompt(prompt: Sequence[int], context: int, name: str = "the prompt") 
                           " shorten it or use a model with a larger max_seq_len")
 
 
-def record_token(result: Generation, token: int, steps: int, tokenizer, stop_strings: Sequence[str],
-                 emitted: str) -> tuple[str, str]:
+@dataclass
+class StreamedText:
+    """A generation's text as its tokens arrive, decoding a window of the last few ids per token
+    rather than the whole generation each time (which made a long stream quadratic in its length).
+
+    ``ids[window:read]`` decoded is the end of what was handed out; a new token's piece is what
+    ``ids[window:]`` decodes to beyond that, handed out once it does not end in an unfinished
+    character (U+FFFD) and then the window moves up to the previous end.  Decoding from the same
+    start both times keeps what depends on context the same as a whole decode: a multi-byte
+    character across tokens, a tokenizer dropping the leading space of a decode's first word."""
+
+    tokenizer: object
+    text: str = ""     # handed out so far
+    pending: str = ""  # decoded beyond it but not handed out (ends in an unfinished character)
+    window: int = 0
+    read: int = 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        before = self.tokenizer.decode(ids[self.window:self.read])
+        after = self.tokenizer.decode(ids[self.window:])
+        self.pending = after[len(before):]
+        if not self.pending or self.pending.endswith("\ufffd"):
+            return ""
+        piece, self.pending = self.pending, ""
+        self.window, self.read = self.read, len(ids)
+        self.text += piece
+        return piece
+
+
+def record_token(result: Generation, token: int, steps: int, streamed: StreamedText | None,
+                 stop_strings: Sequence[str]) -> str:
     """Append ``token`` (decided in ``steps`` loop steps) to ``result``, update its text, and return
-    (the new text to hand out — "" while a multi-byte character is unfinished —, the text handed
-    out after it; ``emitted``: before).  A completed stop string ends ``result`` before it."""
+    the new text to hand out ("" while a multi-byte character is unfinished).  A completed stop
+    string ends ``result`` before it."""
     result.ids.append(token)
     result.steps.append(steps)
-    if tokenizer is None:
-        return "", emitted
-    text = tokenizer.decode(result.ids)
+    if streamed is None:
+        return ""
+    emitted = streamed.text
+    piece = streamed.push(result.ids)
+    text = streamed.text + streamed.pending  # the whole decode so far (a stop string may end in it)
     starts = [found for stop in stop_strings
               if stop and (found := text.find(stop, max(0, len(emitted) - len(stop)))) >= 0]
     if starts:
         result.text, result.stop_reason = text[:min(starts)], "stop_string"
-        return text[len(emitted):min(starts)], text[:min(starts)]
+        return text[len(emitted):min(starts)]
     result.text = text
-    if text.endswith("\ufffd"):
-        return "", emitted
-    return text[len(emitted):], text
+    return piece
 
 
 @dataclass(eq=False)
@@ -173,7 +202,7 @@ class Request:
     on_token: Callable[[int, int, str], None] | None = None   # (id, steps, text) per emitted token
     generator: torch.Generator | None = None
     row: object = None
-    emitted_text: str = ""
+    streamed: StreamedText | None = None  # its text as it streams (with a tokenizer)
     cancelled: bool = False          # set by the caller: the request leaves at the next step
     error: LoopLMError | None = None  # why it stopped early (a non-finite readout)
 
@@ -257,6 +286,7 @@ class BatchSession:
                                   on_tokens[index] if on_tokens else None,
                                   None if seed is None else torch.Generator(device="cpu").manual_seed(seed))
                 request.generation.prompt_tokens = len(prompt)
+                request.streamed = None if self.tokenizer is None else StreamedText(self.tokenizer)
                 request.row = self.scheduler.admit(list(prompt), chosen.exit_policy, self.prefix_cache)
                 self.requests[request.row.slot] = request
                 self._emit(request)
@@ -293,8 +323,7 @@ class BatchSession:
         if token in self.stop_ids:
             result.stop_reason, result.stop_token_steps = "stop_token", row.steps
             return self._finish(request)
-        piece, request.emitted_text = record_token(result, token, row.steps, self.tokenizer, settings.stop,
-                                                   request.emitted_text)
+        piece = record_token(result, token, row.steps, request.streamed, settings.stop)
         if request.on_token is not None and (piece or result.stop_reason != "stop_string"):
             request.on_token(token, row.steps, piece)
         if result.stop_reason == "stop_string" or len(result.ids) >= request.budget:
