@@ -144,7 +144,8 @@ def check_prompt(prompt: Sequence[int], context: int, name: str = "the prompt") 
 @dataclass
 class StreamedText:
     """A generation's text as its tokens arrive, decoding a window of the last few ids per token
-    rather than the whole generation each time (which made a long stream quadratic in its length).
+    rather than the whole generation each time (decoding made a long stream quadratic in its
+    length; what is left growing with it is appending to the text).
 
     ``ids[window:read]`` decoded is the end of what was handed out; a new token's piece is what
     ``ids[window:]`` decodes to beyond that, handed out once it does not end in an unfinished

@@ -182,14 +182,14 @@ def make_stepper(backend: str, model, cache: KVCache, compile_steps: bool = Fals
     precision = decode_precision(dtype, batched=cache.batch_size > 1)
     if precision.name == "bf16":
         copy = bf16_weights(model)
-        if cache.batch_size > 1 and not (backend in ("auto", "native") and not compile_steps
-                                         and NativeBackend.unsupported(copy, cache) is None):
+        native = backend in ("auto", "native") and not compile_steps
+        refused = NativeBackend.unsupported(copy, cache) if native else "not asked"
+        if refused is None:  # one row or a batch's rows in C, reading the bf16 copy
+            return NativeBackend(copy, cache), "native", copy, precision
+        if cache.batch_size > 1:
             return ModelStepper(copy, cache), "reference", copy, precision
-        if backend in ("auto", "native") and not compile_steps:
-            if NativeBackend.unsupported(copy, cache) is None:
-                return NativeBackend(copy, cache), "native", copy, precision
+        if native:
             if (reason := NativeBackend.unsupported(model, cache)) is None:
-                refused = NativeBackend.unsupported(copy, cache)
                 precision = Precision("fp32", f"bf16 weights are not read by this model's C path ({refused})")
                 return NativeBackend(model, cache), "native", model, precision
             if backend == "native":

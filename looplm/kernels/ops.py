@@ -24,10 +24,10 @@ from looplm.kernels.bindings import Projection
 from looplm.kernels.build import load_kernel
 
 
-def serves(tensor: torch.Tensor) -> bool:
-    """Whether the kernel's row operations serve storage like ``tensor``: CPU float32, contiguous,
-    the kernel built.  Elsewhere the torch references run."""
-    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
+def serves(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether the kernel serves storage like ``tensors``: on the CPU, contiguous, each of one of
+    ``dtypes`` (float32 unless said), the kernel built.  Elsewhere the torch references run."""
+    return (all(tensor.device.type == "cpu" and tensor.dtype in dtypes and tensor.is_contiguous() for tensor in tensors)
             and load_kernel() is not None)
 
 
@@ -160,12 +160,7 @@ def ternary_matvec(packed: torch.Tensor, scale: torch.Tensor | float, x: torch.T
     return out
 
 
-def _serves_loss(*tensors: torch.Tensor) -> bool:
-    """Whether the loss passes of the C kernel serve these tensors: CPU, contiguous, float32 or
-    bf16 (the int64 targets aside), the kernel built."""
-    return (all(tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors)
-            and all(tensor.dtype in (torch.float32, torch.bfloat16, torch.int64) for tensor in tensors)
-            and load_kernel() is not None)
+_WIDTHS = (torch.float32, torch.bfloat16)  # the training passes' float32 or bf16 rows
 
 
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -175,7 +170,7 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, probs: to
     logits [R, V]: float32 (may be ``probs`` itself: done in place) or bf16; targets [R] int64 in
     [0, V).  One pass over each row in C (``csrc/train_kernel.c``); its exponential and sums differ
     from the reference's in float32 rounding only."""
-    if probs.dtype != torch.float32 or not _serves_loss(logits, targets, probs):
+    if not (serves(probs) and serves(logits, dtypes=_WIDTHS) and serves(targets, dtypes=(torch.int64,))):
         return softmax_cross_entropy_reference(logits, targets, probs)
     losses = torch.empty(logits.shape[0], dtype=torch.float32)
     bad = load_kernel().looplm_softmax_xent(_address(logits), int(logits.dtype == torch.bfloat16), _address(targets),
@@ -204,7 +199,7 @@ def cross_entropy_grad(probs: torch.Tensor, grad: torch.Tensor, targets: torch.T
     float32 before g is taken from it at the target (as the reference's multiply, then
     scatter-add).  probs [R, V] float32, grad [R] float32, targets [R] int64 (checked by the
     forward)."""
-    if probs.dtype != torch.float32 or grad.dtype != torch.float32 or not _serves_loss(probs, grad, targets, out):
+    if not (serves(probs, grad) and serves(out, dtypes=_WIDTHS) and serves(targets, dtypes=(torch.int64,))):
         return cross_entropy_grad_reference(probs, grad, targets, out)
     load_kernel().looplm_softmax_xent_grad(_address(probs), _address(grad), _address(targets), _address(out),
                                            int(out.dtype == torch.bfloat16), probs.shape[0], probs.shape[1],
@@ -227,7 +222,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float,
     backward needs) and out = normed·weight in ``out_dtype`` (float32, or bf16: the float32 value
     rounded to nearest even, as a cast would).  One pass per row in C (``csrc/train_kernel.c``),
     equal to the reference up to float32 rounding of the sum of squares."""
-    if not (serves(x) and serves(weight)) or out_dtype not in (torch.float32, torch.bfloat16):
+    if not serves(x, weight) or out_dtype not in _WIDTHS:
         return rms_norm_rows_reference(x, weight, eps, out_dtype)
     dim = x.shape[-1]
     normed, out = torch.empty_like(x), torch.empty_like(x, dtype=out_dtype)
@@ -253,8 +248,7 @@ def rms_norm_grad_rows(grad: torch.Tensor, normed: torch.Tensor, inverse_rms: to
     """RMSNorm's backward from ``rms_norm_rows``'s saved tensors: (grad_x, grad_weight or None),
     grad_x = (g·w − normed·mean(g·w·normed))·inverse_rms, grad_weight = Σ_rows g·normed, in
     float32; the incoming gradient g float32 or bf16 (widened)."""
-    served = serves(normed) and serves(inverse_rms) and serves(weight)
-    if not (served and grad.is_contiguous() and grad.dtype in (torch.float32, torch.bfloat16)):
+    if not (serves(normed, inverse_rms, weight) and serves(grad, dtypes=_WIDTHS)):
         return rms_norm_grad_rows_reference(grad, normed, inverse_rms, weight, need_weight)
     dim = normed.shape[-1]
     grad_x = torch.empty_like(normed)
@@ -277,18 +271,11 @@ def rms_norm_grad_rows_reference(grad: torch.Tensor, normed: torch.Tensor, inver
     return grad_x, grad_weight
 
 
-def _serves_swiglu(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return (dtype in (torch.float32, torch.bfloat16) and all(tensor.dtype == dtype for tensor in tensors)
-            and all(tensor.device.type == "cpu" and tensor.is_contiguous() for tensor in tensors)
-            and load_kernel() is not None)
-
-
 def swiglu_rows(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's product silu(gate)·up of gate_up [..., 2F] (the gate's half first) → [..., F], in
     gate_up's dtype (float32 or bf16).  One pass in C (``csrc/train_kernel.c``): float32 math,
     one rounding to bf16 where the reference rounds silu's output and the product each."""
-    if not _serves_swiglu(gate_up):
+    if not serves(gate_up, dtypes=_WIDTHS):
         return swiglu_rows_reference(gate_up)
     hidden = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], hidden, dtype=gate_up.dtype)
@@ -306,7 +293,7 @@ def swiglu_rows_reference(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu_grad_rows(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient of ``swiglu_rows`` for gate_up: [..., 2F] from grad [..., F]; with s = σ(gate),
     d_gate = grad·up·s·(1 + gate·(1 − s)), d_up = grad·gate·s (float32 math, stored in the dtype)."""
-    if not _serves_swiglu(gate_up, grad):
+    if not (serves(gate_up, grad, dtypes=_WIDTHS) and grad.dtype == gate_up.dtype):
         return swiglu_grad_rows_reference(gate_up, grad)
     hidden = gate_up.shape[-1] // 2
     out = torch.empty_like(gate_up)
@@ -333,9 +320,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     back (RoPE's backward).  One pass in C (``csrc/train_kernel.c``); in float32 the same products
     and sums as the reference, in bf16 rounded once."""
     served = (x.device.type == "cpu" and x.dim() == 4 and x.stride(-1) == 1
-              and x.dtype in (torch.float32, torch.bfloat16) and cos.dtype == sin.dtype == torch.float32
-              and cos.is_contiguous() and sin.is_contiguous()
-              and cos.shape == sin.shape == (x.shape[2], cos.shape[-1]) and load_kernel() is not None)
+              and x.dtype in _WIDTHS and serves(cos, sin) and cos.shape == sin.shape == (x.shape[2], cos.shape[-1]))
     if not served:
         return rope_reference(x, cos, -sin if inverse else sin)
     out = torch.empty(x.shape, dtype=x.dtype)
