@@ -226,7 +226,7 @@ static void round_to_bf16(const float *x, uint16_t *out, int n) {
     for (; i < n; i++) out[i] = float_to_bf16(x[i]);
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(LOOPLM_BF16_NATIVE)
+#if defined(__AVX2__) && defined(__FMA__)
 /* Eight bf16 values at p widened to float32. */
 static inline __m256 widen_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));

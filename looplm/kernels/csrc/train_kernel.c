@@ -44,11 +44,8 @@ static inline void store_bf16_8(uint16_t *out, __m256 v) {
 /* row[j] = bf16 logits[j] widened to float32. */
 static void widen_row(const uint16_t *logits, float *row, long n) {
     long j = 0;
-#if defined(__AVX2__)
-    for (; j + 8 <= n; j += 8) {
-        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(logits + j)));
-        _mm256_storeu_ps(row + j, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
-    }
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, widen_bf16(logits + j));
 #endif
     for (; j < n; j++) row[j] = bf16_to_float(logits[j]);
 }
