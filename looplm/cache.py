@@ -319,11 +319,13 @@ class KVCache:
 
     def after_step(self, step: int, start: int, end: int) -> None:
         """Positions [start, end) of every row finished loop step ``step``."""
-        self.after_rows_step(step, *self._span(start, end))
+        if self.layout in ("first", "avg") and self._loop_attention:  # (the other layouts keep nothing)
+            self.after_rows_step(step, *self._span(start, end))
 
     def finish(self, start: int, end: int, steps_run: int) -> None:
         """Apply the layout's rule to positions [start, end) of every row, which ran ``steps_run`` steps."""
-        self.finish_rows(steps_run, *self._span(start, end))
+        if steps_run < self.max_steps or (self.layout in ("first", "avg") and self._loop_attention):
+            self.finish_rows(steps_run, *self._span(start, end))
 
     def after_rows_step(self, step: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """The open positions finished loop step ``step`` (int, or [R, 1] per row): first and avg

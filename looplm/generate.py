@@ -106,14 +106,16 @@ class Generation:
         return sum(self.steps) / len(self.steps) if self.steps else 0.0
 
 
-def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
-                greedy: int | None = None) -> int:
-    """Pick the next token id from logits [V] (``greedy``: their argmax, when already known).
+def sample_next(logits: torch.Tensor | None, sampling: Sampling, generator: torch.Generator | None,
+                greedy: int | None = None, greedy_logit: float | None = None) -> int:
+    """Pick the next token id from logits [V] (``greedy``: their argmax, when already known;
+    ``greedy_logit``: the logit there, when known too — greedy sampling then needs no logits).
     A non-finite readout (a model that overflowed, e.g. run far deeper than it was trained)
     stops generation with one line instead of emitting garbage."""
     if sampling.temperature == 0:
         token = int(logits.argmax()) if greedy is None else greedy
-        if not math.isfinite(float(logits[token])):  # NaN propagates to every logit: one check suffices
+        value = float(logits[token]) if greedy is None or greedy_logit is None else greedy_logit
+        if not math.isfinite(value):  # NaN propagates to every logit: one check suffices
             raise NonFiniteOutput()
         return token
     if not bool(torch.isfinite(logits).all()):
@@ -316,8 +318,10 @@ class BatchSession:
             return self._finish(request)
         generator = request.generator
         try:
-            token = sample_next(row.logits.cpu() if generator is not None else row.logits, settings.sampling,
-                                generator, row.greedy)
+            sampling = settings.sampling
+            logits = None if sampling.temperature == 0 and row.greedy_logit is not None else row.logits
+            token = sample_next(logits.cpu() if generator is not None and logits is not None else logits, sampling,
+                                generator, row.greedy, row.greedy_logit)
         except LoopLMError as error:  # this request's alone
             request.error = error
             return self._finish(request)

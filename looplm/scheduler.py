@@ -26,7 +26,15 @@ import torch
 
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate, readout_perplexity, refuse_act_over_mixing
+from looplm.exit_policy import (
+    ACTExit,
+    ExitPolicy,
+    Signal,
+    act_accumulate,
+    exit_steps,
+    readout_perplexity,
+    refuse_act_over_mixing,
+)
 from looplm.model.exit import hidden_change, readout_kl
 from looplm.steppers import Rows, make_stepper
 
@@ -48,11 +56,23 @@ class Row:
     step: int = 0                       # loop steps its token has run
     exit_step: int | None = None        # the step its exit fired (a full-depth token runs on)
     full_depth: bool = False            # this token runs every step
-    logits: torch.Tensor | None = None  # [V] of its last finished token
+    logit_rows: torch.Tensor | None = None  # the logits its last finished token came with ([V], or [n, V]:
+    logit_place: int | None = None          # its row is logit_place, read when ``logits`` is asked for)
     greedy: int | None = None           # their argmax
+    greedy_logit: float | None = None   # the logit there, where the stepper gave it (greedy sampling checks
+                                        # it is finite without reading the logits)
     steps: int = 0                      # the loop steps that token's decision used
     layer_applications: int = 0         # core + coda layers run for its decoded tokens
     full_depth_applications: int = 0    # the same tokens at full depth
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """[V] of its last finished token."""
+        return self.logit_rows if self.logit_place is None else self.logit_rows[self.logit_place]
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        self.logit_rows, self.logit_place, self.greedy_logit = value, None, None
 
 
 class Scheduler:
@@ -120,7 +140,7 @@ class Scheduler:
             view = self.cache.row(row.slot)
             if prefix_cache is None and getattr(self.stepper, "prefill_rows", None) is not None \
                     and self.stepper.prefills_rows(len(prompt)):  # the stepper's own forward (C rows)
-                self._replay(row, self.stepper.prefill_rows(list(prompt), row.slot, max_steps, view))
+                self._replay(row, self.stepper.prefill_rows(list(prompt), row.slot, max_steps, view), head=self.stepper)
                 return row
             ids = torch.tensor([list(prompt)], device=self.device)
             with torch.no_grad():
@@ -134,24 +154,44 @@ class Scheduler:
             raise
         return row
 
-    def _replay(self, row: Row, readouts: list[torch.Tensor], gates: list[torch.Tensor] | None = None) -> None:
+    def _replay(self, row: Row, readouts: list[torch.Tensor], gates: list[torch.Tensor] | None = None,
+                head=None) -> None:
         """The prompt's exit decision from its last position's readouts at every step (the same
         ``_decide`` as decoding); ``gates``: the gate logits per step where the gate did not read
-        the readout (model.act_mixing)."""
+        the readout (model.act_mixing); ``head``: what gives gate logits and logits (the model, or
+        the stepper whose forward ran the prompt)."""
+        head = head or self.model
         self._reset([row])
         chosen = readouts[-1]
-        for step, readout in enumerate(readouts):
-            row.step = step
-            if gates is not None:
-                self._table("mixing_gate")[row.slot] = gates[step]
-            if self._decide([row], readout, self.model)[0]:
-                row.exit_step, chosen = step + 1, readout
-                break
+        if row.threshold is not None and gates is None:
+            # Q-exit over every step's gate logit (the next token starts from no survival): in the
+            # stepper's one call where it decides Q-exit rows itself (exit_step, held equal to decide by
+            # tests), else exit_steps (the policy's decide step by step, as over a full forward's signals)
+            if getattr(head, "q_exit_replay", None) is not None:
+                ran = head.q_exit_replay(torch.cat(readouts), row.min_steps, row.threshold)
+            else:
+                signals = head.gate_logits(torch.cat(readouts)).reshape(-1)
+                ran = int(exit_steps(row.policy, len(readouts), 1, lambda step: signals[step:step + 1])[0])
+            if ran < len(readouts):
+                row.exit_step, chosen = ran, readouts[ran - 1]
+        else:
+            for step, readout in enumerate(readouts):
+                row.step = step
+                if gates is not None:
+                    self._table("mixing_gate")[row.slot] = gates[step]
+                if self._decide([row], readout, head)[0]:
+                    row.exit_step, chosen = step + 1, readout
+                    break
         if row.act_threshold is not None:
             chosen = self.tables["act_state"][row.slot:row.slot + 1]
             row.exit_step = int(self.tables["halting"][row.slot])
-        row.logits = self.model.logits(chosen)[0]
-        row.steps, row.greedy = row.exit_step or row.max_steps, int(row.logits.argmax())
+        if getattr(head, "logits_argmax", None) is not None:  # one call
+            logits, greedy = head.logits_argmax(chosen)
+            row.logits, row.greedy = logits[0], greedy[0]
+        else:
+            row.logits = head.logits(chosen)[0]
+            row.greedy = int(row.logits.argmax())
+        row.steps = row.exit_step or row.max_steps
 
     def feed(self, row: Row, token: int, full_depth: bool = False) -> None:
         """Queue ``token`` as the row's next token (it enters at the next ``iterate``)."""
@@ -247,21 +287,22 @@ class Scheduler:
         one call (``exit_step``: the same decisions and copies, held equal by tests); the rows'
         bookkeeping is ``iterate``'s and ``_leave``'s."""
         tokens = [-1 if row.token is None else row.token for row in running]
-        ran, logits, greedy = self.exit_step(
+        ran, logits, greedy, top = self.exit_step(
             self.h, rows, [row.max_steps for row in running], [row.min_steps for row in running],
             [math.inf if row.threshold is None else row.threshold for row in running],
             self._table("survival", dtype=torch.float64), tokens, self.e)
         finished: list[Row] = []
+        per_step = self.per_step  # no coda on this path: the core's layers
         for row, steps in zip(running, ran):
             row.token = None
-            row.layer_applications += self.per_step  # no coda on this path: the core's layers
+            row.layer_applications += per_step
             if not steps:
                 row.step += 1
                 continue
-            place = len(finished)
-            row.logits, row.greedy, row.steps = logits[place], greedy[place], steps
-            row.exit_step = steps if steps < row.max_steps else None
-            row.full_depth_applications += row.max_steps * self.per_step
+            place = len(finished)  # its logits stay a row of the batch's until asked for
+            row.logit_rows, row.logit_place, row.greedy, row.greedy_logit = logits, place, greedy[place], top[place]
+            row.steps, row.exit_step = steps, steps if steps < row.max_steps else None
+            row.full_depth_applications += row.max_steps * per_step
             row.position += 1
             finished.append(row)
         if finished:

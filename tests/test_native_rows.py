@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from looplm.batch import generate_batch
 from looplm.cache import KVCache
 from looplm.config import ModelConfig
-from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit
-from looplm.generate import BatchSession, Settings
+from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, exit_steps
+from looplm.generate import BatchSession, NonFiniteOutput, Settings
 from looplm.kernels import ops
 from looplm.kernels.build import load_kernel
 from looplm.kernels.native_stepper import NativeRowsStepper
@@ -202,3 +202,60 @@ def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.keys, expected_cache.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.values, expected_cache.values, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gates=st.lists(st.floats(-6, 6), min_size=1, max_size=8), threshold=st.floats(0, 1),
+       min_steps=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_a_prefilled_prompts_q_exit_in_c_equals_the_policys_decide(gates, threshold, min_steps, seed):
+    """The C rows decide a prefilled prompt's last token by Q-exit from its readouts after every step
+    (``q_exit_replay``), as ``exit_steps`` (the policy's ``decide``) does over the same gate logits:
+    the same exit step for any gates, threshold and min_steps.  The gate reads one coordinate with
+    weight 1 and no bias, so its logit is exactly that coordinate on both sides."""
+    model = _exit_model()
+    with torch.no_grad():
+        model.exit_gate.weight.zero_()
+        model.exit_gate.weight[0, 0] = 1.0
+        model.exit_gate.bias.zero_()
+    stepper = NativeRowsStepper(model, KVCache(model.config, 2, 8, 4))
+    readouts = torch.randn(len(gates), model.config.d_model, generator=torch.Generator().manual_seed(seed))
+    readouts[:, 0] = torch.tensor(gates)
+    policy = QExit(threshold, steps=len(gates), min_steps=min(min_steps, len(gates)))
+    signals = stepper.gate_logits(readouts)
+    assert signals.tolist() == readouts[:, 0].tolist()
+    expected = int(exit_steps(policy, len(gates), 1, lambda step: signals[step:step + 1])[0])
+    assert stepper.q_exit_replay(readouts, policy.min_steps, threshold) == expected
+
+
+def test_greedy_rows_in_c_stop_on_non_finite_scores_like_the_reference():
+    """The one-call iterations hand greedy sampling the largest logit with its index, so it checks
+    that logit is finite without reading the logits: a token whose embedding is NaN (every id but
+    the prompts') makes every later score NaN, and decoding stops with the non-finite error in the
+    one-call iterations as through the reference — after the prompts' first tokens, so in decoding."""
+    model = _exit_model(tie_embeddings=False)
+    prompts = [[1, 2, 3], [3, 2]]
+    with torch.no_grad():
+        keep = model.embed.weight[[1, 2, 3]].clone()
+        model.embed.weight.fill_(float("nan"))
+        model.embed.weight[[1, 2, 3]] = keep
+    for backend in ("auto", "reference"):
+        emitted: list[int] = []
+        with pytest.raises(NonFiniteOutput):
+            generate_batch(model, prompts, 6, exit_policy=QExit(0.5), backend=backend,
+                           on_token=lambda row, token, steps, text, emitted=emitted: emitted.append(token))
+        assert emitted, backend  # the prompts' first tokens came out: the scores went NaN in decoding
+
+
+def test_the_one_call_iterations_report_each_done_rows_largest_logit():
+    """``exit_step``'s last output is, for each done row, its logit at its argmax."""
+    model = _exit_model()
+    cache = KVCache(model.config, 4, 16, 4)
+    stepper = NativeRowsStepper(model, cache)
+    states, inputs = torch.zeros(4, model.config.d_model), torch.zeros(4, model.config.d_model)
+    survival = torch.zeros(4, dtype=torch.float64)
+    rows = Rows([0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 0])
+    ran, logits, best, top = stepper.exit_step(states, rows, [1, 1, 2, 1], [1] * 4, [float("inf")] * 4, survival,
+                                               [3, 5, 7, 9], inputs)
+    assert ran == [1, 1, 0, 1] and len(best) == len(top) == logits.shape[0] == 3
+    assert best == logits.argmax(-1).tolist()
+    assert top == [float(logits[k, best[k]]) for k in range(3)]

@@ -327,17 +327,18 @@ class NativeRowsStepper(NativeStepper):
 
     def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
                    thresholds: list[float], survival: torch.Tensor, tokens: list[int],
-                   inputs: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int]]:
+                   inputs: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int], list[float]]:
         """``looplm_rows_exit_step``: every row's core step on its state in ``states`` [B, D] (by cache
         row, in place), its readout and exit decision (Q-exit where its threshold is at most 1,
         reading and updating ``survival`` [B] float64 by cache row; else at ``max_steps``), the
         LAST_EXITED copies, logits and argmax of the rows that are done.  A row whose ``tokens``
         entry is a token id (not -1) enters first (``exit_step_embeds``: no prelude, so its state
         and its row of ``inputs`` [B, D] are the token's embedding row).  Returns (the steps each
-        done row ran (0: runs on), the done rows' logits [done, V] and their argmax)."""
+        done row ran (0: runs on), the done rows' logits [done, V], their argmax and the largest
+        logit, which greedy sampling checks is finite)."""
         count, vocab = len(rows.slots), self.config.vocab_size
         ints = ctypes.c_int * count
-        done, best = ints(), ints()
+        done, best, top = ints(), ints(), (ctypes.c_float * count)()
         logits = torch.empty(count, vocab)
         dims, cos, sin, _, norm = self._addresses
         finished = self.kernel.looplm_rows_exit_step(
@@ -346,9 +347,9 @@ class NativeRowsStepper(NativeStepper):
             self.rows_scratch.data_ptr(), norm if self.config.step_norm else None, norm, ints(*max_steps),
             ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
             self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
-            self._panels_address, vocab, logits.data_ptr(), best, ints(*tokens), self._embedding_address,
+            self._panels_address, vocab, logits.data_ptr(), best, top, ints(*tokens), self._embedding_address,
             inputs.data_ptr(), min(self.threads, self.scratch_threads))
-        return list(done), logits[:finished], list(best)[:finished]
+        return list(done), logits[:finished], best[:finished], top[:finished]
 
     def prefills_rows(self, length: int) -> bool:
         """Whether ``prefill_rows`` prefills a prompt (a small model: see ``ROWS_PREFILL_BYTES``)."""
@@ -387,6 +388,13 @@ class NativeRowsStepper(NativeStepper):
         view.finish(0, count, steps)
         return readouts
 
+    def q_exit_replay(self, readouts: torch.Tensor, min_steps: int, threshold: float) -> int:
+        """The step a prefilled prompt's last token exits at by Q-exit, from its readouts after
+        every step [S, D] (``looplm_q_exit_replay``: the decision ``exit_step`` makes); S: none."""
+        readouts = readouts.contiguous()
+        return self.kernel.looplm_q_exit_replay(readouts.data_ptr(), readouts.shape[0], self.config.d_model,
+                                                self._gate_address, self.gate_bias, min_steps, threshold)
+
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))
         if self._step_arrays["prelude"] is not None:
@@ -415,7 +423,7 @@ class NativeRowsStepper(NativeStepper):
         readout = readout.contiguous()
         out = torch.empty(readout.shape[0])
         self.kernel.looplm_rows_head(ctypes.byref(self.gate_projection), None, readout.data_ptr(), readout.shape[0],
-                                     out.data_ptr(), 1, self.config.d_model, None, 1)
+                                     out.data_ptr(), 1, self.config.d_model, None, None, 1)
         return out.add_(self.gate_bias)
 
     def logits(self, readout: torch.Tensor) -> torch.Tensor:
@@ -428,5 +436,5 @@ class NativeRowsStepper(NativeStepper):
         logits = torch.empty(count, vocab)
         best = (ctypes.c_int * count)()
         self.kernel.looplm_rows_head(ctypes.byref(self.head_projection), self._panels_address, readout.data_ptr(),
-                                     count, logits.data_ptr(), vocab, self.config.d_model, best, self.threads)
+                                     count, logits.data_ptr(), vocab, self.config.d_model, best, None, self.threads)
         return logits, list(best)

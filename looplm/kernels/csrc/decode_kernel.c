@@ -137,6 +137,13 @@ static void copy_skipped(const Layer *const *steps, int count, int ran, int unti
     }
 }
 
+/* Q-exit's step for a gate logit z: log survival += log σ(−z) (float64, stably); returns whether the
+ * exit CDF 1 − survival has reached q. */
+static int q_exit_reached(double z, double *log_survival, double q) {
+    *log_survival -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));
+    return -expm1(*log_survival) >= q;
+}
+
 /* The index of y's first largest value of n (torch.argmax's pick for finite values). */
 static int argmax(const float *y, int n) {
     int top = 0;
@@ -184,9 +191,7 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
     for (int s = 0; s < max_steps; s++) {
         looplm_layers(dims, steps[s], count, h, pos, cos, sin, scratch, final_norm, threads);
         if (s + 1 == max_steps || gate_w == NULL) continue;
-        double z = (double)dot(gate_w, h, D) + (double)gate_b;
-        log_survival -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));  /* log σ(−z), stably */
-        if (s + 1 >= min_steps && -expm1(log_survival) >= q) {
+        if (q_exit_reached((double)dot(gate_w, h, D) + (double)gate_b, &log_survival, q) && s + 1 >= min_steps) {
             ran = s + 1;
             break;
         }
@@ -432,9 +437,10 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
  * exit gate over a batch of rows), the weights read once for all rows (project_batch), or, where
  * panels is not NULL and the CPU has AVX-512, a float32 W packed in panels of 64 outputs (matvec.h
  * panel_rows: broadcast products, no horizontal sums); if best is not NULL, best[r] = the index of
- * row r's first largest value (torch.argmax's pick for finite logits). */
+ * row r's first largest value (torch.argmax's pick for finite logits) and, if top is not NULL, top[r] that
+ * value (a caller sampling greedily checks it is finite without reading the logits again). */
 void looplm_rows_head(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows, int cols,
-                      int *best, int threads) {
+                      int *best, float *top, int threads) {
 #if !defined(__AVX512F__)
     panels = NULL;
 #endif
@@ -450,7 +456,10 @@ void looplm_rows_head(const Projection *p, const float *panels, const float *X, 
         #pragma omp barrier
         if (best) {
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) best[r] = argmax(Y + (size_t)r * rows, rows);
+            for (int r = 0; r < R; r++) {
+                best[r] = argmax(Y + (size_t)r * rows, rows);
+                if (top) top[r] = Y[(size_t)r * rows + best[r]];
+            }
         }
     }
 }
@@ -472,6 +481,18 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
     }
 }
 
+/* The exit step of a token whose readouts after steps 1..steps are X [steps, D] (a prompt's last
+ * token, prefilled at full depth): Q-exit decided as looplm_rows_exit_step decides it, from no
+ * survival — the first step n >= min_steps, n < steps, whose exit CDF reaches q; else steps. */
+int looplm_q_exit_replay(const float *X, int steps, int D, const float *gate_w, float gate_b, int min_steps,
+                         double q) {
+    double log_survival = 0.0;
+    for (int s = 0; s + 1 < steps; s++)
+        if (q_exit_reached((double)(dot(gate_w, X + (size_t)s * D, D) + gate_b), &log_survival, q) && s + 1 >= min_steps)
+            return s + 1;
+    return steps;
+}
+
 #define SMALL_WORK (32L * 1024)  /* bytes: below this a parallel region costs more than it saves */
 
 /* One scheduler iteration of rows that exit by Q-exit or at a fixed depth (the plain loop without a
@@ -484,7 +505,7 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
  * arithmetic).  done[r] = the steps its token ran (0: it runs on).  A done row's K/V at its position
  * are copied into the deeper steps' slots (steps[ran .. cache_steps)), and its logits go to row k of
  * logits [R, V] (k counting the done rows in order; head_panels: the head packed for panel_rows, or NULL), their
- * argmax to best[k].  Returns the number of done rows.  readout: scratch [R, D].  A row with
+ * argmax to best[k] and its value to top[k] (top may be NULL).  Returns the number of done rows.  readout: scratch [R, D].  A row with
  * tokens[r] >= 0 enters first (the plain loop without a prelude): its state and its row of e [B, D]
  * become that token's embedding row and its survival 1. */
 int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
@@ -492,8 +513,8 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
                           const float *sin, float *scratch, const float *step_norm, const float *norm,
                           const int *max_steps, const int *min_steps, const double *q, double *survival,
                           const float *gate_w, float gate_b, float *readout, int *done, const Projection *head,
-                          const float *head_panels, int vocab, float *logits, int *best, const int *tokens,
-                          const float *embedding, float *e, int threads) {
+                          const float *head_panels, int vocab, float *logits, int *best, float *top,
+                          const int *tokens, const float *embedding, float *e, int threads) {
     const int D = dims->d_model, Hkv = dims->n_kv_heads, hd = dims->head_dim, L = dims->max_len;
     for (int r = 0; r < R; r++) {  /* rows entering with their token: h = e = its embedding row, no survival yet */
         if (tokens[r] < 0) continue;
@@ -515,10 +536,8 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         if (ran >= max_steps[r]) {
             done[r] = ran;
         } else if (q[r] <= 1.0 && gate_w) {
-            const double z = (double)(dot(gate_w, out, D) + gate_b);
-            double *s = survival + slot[r];
-            *s -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));  /* log σ(−z), stably */
-            if (ran >= min_steps[r] && -expm1(*s) >= q[r]) done[r] = ran;
+            if (q_exit_reached((double)(dot(gate_w, out, D) + gate_b), survival + slot[r], q[r]) && ran >= min_steps[r])
+                done[r] = ran;
         }
         finished += done[r] > 0;
     }
@@ -534,7 +553,7 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
             copy_skipped(steps, count, done[r], cache_steps, (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd,
                          Hkv, L, hd);
     if (finished)  /* a small head (rows × vocab × D products) on this thread alone, as above */
-        looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best,
+        looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, top,
                          (long)finished * vocab * D * (long)sizeof(float) >= 8 * SMALL_WORK ? threads : 1);
     return finished;
 }
