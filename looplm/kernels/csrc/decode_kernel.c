@@ -552,8 +552,11 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         if (done[r])
             copy_skipped(steps, count, done[r], cache_steps, (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd,
                          Hkv, L, hd);
-    if (finished)  /* a small head (rows × vocab × D products) on this thread alone, as above */
+    /* A small head on this thread alone, as above: one whose weights stay in cache (under a MiB) and
+     * whose products for these rows take a few microseconds (under 2^20) — waking a team costs more. */
+    const long head_products = (long)finished * vocab * D, head_bytes = (long)vocab * D * (long)sizeof(float);
+    if (finished)
         looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, top,
-                         (long)finished * vocab * D * (long)sizeof(float) >= 8 * SMALL_WORK ? threads : 1);
+                         head_bytes >= 32 * SMALL_WORK || head_products >= (1L << 20) ? threads : 1);
     return finished;
 }

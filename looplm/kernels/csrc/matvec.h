@@ -556,6 +556,7 @@ static void project_batch(const Projection *p, const float *X, int R, int xs, fl
  * registers, each a broadcast input times a vector of weights read in order from one panel, so no
  * horizontal sums (the LM head of a batch of rows: its vocabulary is wide, its inputs short). */
 static void panel_rows(const float *P, int N, int cols, const float *X, int R, float *Y, int begin, int end) {
+    const int chunk = 128;  /* rows of a panel (32 KB) that stay in L1 while every group of four rows passes */
     for (int o = begin; o < end; o += 64) {
         const int width = end - o < 64 ? end - o : 64;
         const float *panel = P + (size_t)(o / 64) * cols * 64;
@@ -564,34 +565,44 @@ static void panel_rows(const float *P, int N, int cols, const float *X, int R, f
             const int lanes = width - 16 * j;
             m[j] = lanes >= 16 ? (__mmask16)0xFFFF : lanes <= 0 ? (__mmask16)0 : (__mmask16)((1u << lanes) - 1);
         }
-        for (int r = 0; r < R; r += 4) {
-            const float *x0 = X + (size_t)r * cols;
-            const float *x1 = r + 1 < R ? x0 + cols : x0, *x2 = r + 2 < R ? x0 + 2 * (size_t)cols : x0;
-            const float *x3 = r + 3 < R ? x0 + 3 * (size_t)cols : x0;
-            __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
-            __m512 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-            for (int k = 0; k < cols; k++) {
-                const float *w = panel + (size_t)k * 64;
-                const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-                const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
-                __m512 b = _mm512_set1_ps(x0[k]);
-                a00 = _mm512_fmadd_ps(w0, b, a00); a01 = _mm512_fmadd_ps(w1, b, a01);
-                a02 = _mm512_fmadd_ps(w2, b, a02); a03 = _mm512_fmadd_ps(w3, b, a03);
-                b = _mm512_set1_ps(x1[k]);
-                a10 = _mm512_fmadd_ps(w0, b, a10); a11 = _mm512_fmadd_ps(w1, b, a11);
-                a12 = _mm512_fmadd_ps(w2, b, a12); a13 = _mm512_fmadd_ps(w3, b, a13);
-                b = _mm512_set1_ps(x2[k]);
-                a20 = _mm512_fmadd_ps(w0, b, a20); a21 = _mm512_fmadd_ps(w1, b, a21);
-                a22 = _mm512_fmadd_ps(w2, b, a22); a23 = _mm512_fmadd_ps(w3, b, a23);
-                b = _mm512_set1_ps(x3[k]);
-                a30 = _mm512_fmadd_ps(w0, b, a30); a31 = _mm512_fmadd_ps(w1, b, a31);
-                a32 = _mm512_fmadd_ps(w2, b, a32); a33 = _mm512_fmadd_ps(w3, b, a33);
+        for (int k0 = 0; k0 < cols; k0 += chunk) {
+            const int k1 = k0 + chunk < cols ? k0 + chunk : cols;
+            for (int r = 0; r < R; r += 4) {
+                const float *x0 = X + (size_t)r * cols;
+                const float *x1 = r + 1 < R ? x0 + cols : x0, *x2 = r + 2 < R ? x0 + 2 * (size_t)cols : x0;
+                const float *x3 = r + 3 < R ? x0 + 3 * (size_t)cols : x0;
+                __m512 acc[4][4];  /* the sums so far: zero, or what the earlier chunks left in Y (same order) */
+                for (int rr = 0; rr < 4; rr++)
+                    for (int j = 0; j < 4; j++)
+                        acc[rr][j] = k0 && r + rr < R ? _mm512_maskz_loadu_ps(m[j], Y + (size_t)(r + rr) * N + o + 16 * j)
+                                                      : _mm512_setzero_ps();
+                __m512 a00 = acc[0][0], a01 = acc[0][1], a02 = acc[0][2], a03 = acc[0][3];
+                __m512 a10 = acc[1][0], a11 = acc[1][1], a12 = acc[1][2], a13 = acc[1][3];
+                __m512 a20 = acc[2][0], a21 = acc[2][1], a22 = acc[2][2], a23 = acc[2][3];
+                __m512 a30 = acc[3][0], a31 = acc[3][1], a32 = acc[3][2], a33 = acc[3][3];
+                for (int k = k0; k < k1; k++) {
+                    const float *w = panel + (size_t)k * 64;
+                    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+                    const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+                    __m512 b = _mm512_set1_ps(x0[k]);
+                    a00 = _mm512_fmadd_ps(w0, b, a00); a01 = _mm512_fmadd_ps(w1, b, a01);
+                    a02 = _mm512_fmadd_ps(w2, b, a02); a03 = _mm512_fmadd_ps(w3, b, a03);
+                    b = _mm512_set1_ps(x1[k]);
+                    a10 = _mm512_fmadd_ps(w0, b, a10); a11 = _mm512_fmadd_ps(w1, b, a11);
+                    a12 = _mm512_fmadd_ps(w2, b, a12); a13 = _mm512_fmadd_ps(w3, b, a13);
+                    b = _mm512_set1_ps(x2[k]);
+                    a20 = _mm512_fmadd_ps(w0, b, a20); a21 = _mm512_fmadd_ps(w1, b, a21);
+                    a22 = _mm512_fmadd_ps(w2, b, a22); a23 = _mm512_fmadd_ps(w3, b, a23);
+                    b = _mm512_set1_ps(x3[k]);
+                    a30 = _mm512_fmadd_ps(w0, b, a30); a31 = _mm512_fmadd_ps(w1, b, a31);
+                    a32 = _mm512_fmadd_ps(w2, b, a32); a33 = _mm512_fmadd_ps(w3, b, a33);
+                }
+                const __m512 sums[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
+                                           {a30, a31, a32, a33}};
+                for (int rr = 0; rr < 4 && r + rr < R; rr++)
+                    for (int j = 0; j < 4; j++)
+                        _mm512_mask_storeu_ps(Y + (size_t)(r + rr) * N + o + 16 * j, m[j], sums[rr][j]);
             }
-            const __m512 sums[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
-                                       {a30, a31, a32, a33}};
-            for (int rr = 0; rr < 4 && r + rr < R; rr++)
-                for (int j = 0; j < 4; j++)
-                    _mm512_mask_storeu_ps(Y + (size_t)(r + rr) * N + o + 16 * j, m[j], sums[rr][j]);
         }
     }
 }
