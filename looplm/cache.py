@@ -291,10 +291,17 @@ class KVCache:
 
     def row(self, row: int) -> KVCache:
         """Cache row ``row`` as a batch-1 cache sharing this one's storage (a prompt is prefilled
-        into its slot by the ordinary forward, and prefix reuse restores into it), empty."""
-        view = copy.copy(self)
-        view.keys, view.values = self.keys[:, row:row + 1], self.values[:, row:row + 1]
-        view.states = {kind: [tensor[:, row:row + 1] for tensor in tensors] for kind, tensors in self.states.items()}
+        into its slot by the ordinary forward, and prefix reuse restores into it), empty.  A row's
+        view is made once and emptied again at each call (a small model's prompt felt the copy)."""
+        views = self.__dict__.setdefault("_row_views", {})
+        view = views.get(row)
+        if view is None:
+            view = copy.copy(self)
+            view.keys, view.values = self.keys[:, row:row + 1], self.values[:, row:row + 1]
+            view.states = {kind: [tensor[:, row:row + 1] for tensor in tensors]
+                           for kind, tensors in self.states.items()}
+            view._row_views = {}
+            views[row] = view
         for tensor in view.state_tensors:  # a new sequence starts from empty states
             tensor.zero_()
         view.length, view._saved = 0, None

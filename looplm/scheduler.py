@@ -161,7 +161,6 @@ class Scheduler:
         the readout (model.act_mixing); ``head``: what gives gate logits and logits (the model, or
         the stepper whose forward ran the prompt)."""
         head = head or self.model
-        self._reset([row])
         chosen = readouts[-1]
         if row.threshold is not None and gates is None:
             # Q-exit over every step's gate logit (the next token starts from no survival): in the
@@ -175,6 +174,7 @@ class Scheduler:
             if ran < len(readouts):
                 row.exit_step, chosen = ran, readouts[ran - 1]
         else:
+            self._reset([row])
             for step, readout in enumerate(readouts):
                 row.step = step
                 if gates is not None:
