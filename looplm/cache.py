@@ -212,6 +212,7 @@ class KVCache:
         self._saved = None  # first/avg: the open positions' step-1 K/V or their running sums
         self._fills: dict[int, dict] = {}
         self._fill_lists: dict[int, dict] = {}  # the same index pairs as Python lists
+        self._row_views: dict[int, KVCache] = {}  # ``row``'s views, made once per cache row
         self.length = 0
 
     def group(self, step: int, offset: int = 0) -> int:
@@ -293,15 +294,14 @@ class KVCache:
         """Cache row ``row`` as a batch-1 cache sharing this one's storage (a prompt is prefilled
         into its slot by the ordinary forward, and prefix reuse restores into it), empty.  A row's
         view is made once and emptied again at each call (a small model's prompt felt the copy)."""
-        views = self.__dict__.setdefault("_row_views", {})
-        view = views.get(row)
+        view = self._row_views.get(row)
         if view is None:
             view = copy.copy(self)
             view.keys, view.values = self.keys[:, row:row + 1], self.values[:, row:row + 1]
             view.states = {kind: [tensor[:, row:row + 1] for tensor in tensors]
                            for kind, tensors in self.states.items()}
             view._row_views = {}
-            views[row] = view
+            self._row_views[row] = view
         for tensor in view.state_tensors:  # a new sequence starts from empty states
             tensor.zero_()
         view.length, view._saved = 0, None

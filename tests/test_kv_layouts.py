@@ -171,3 +171,22 @@ def test_prefix_reuse_equals_fresh_computation(name):
     stats = prefix_cache.stats
     assert stats.hits == 3 and stats.reused_tokens > 0
     assert stats.computed_tokens < sum(len(p) for p in (first, second, second, shared[:6]))
+
+
+def test_a_cache_rows_view_is_made_once_and_empty_at_every_call():
+    """``KVCache.row`` hands out one view per cache row (made once: a small model's prompt felt the
+    copy), emptied at every call — length 0, recurrent states zero — and writing into the parent's
+    storage at that row, so a prompt prefilled into a reused slot starts as in a new view."""
+    config = tiny_config(layer_pattern="GA")
+    cache = KVCache(config, 3, 16, config.loop_steps)
+    view = cache.row(1)
+    view.advance(5)
+    for tensor in view.state_tensors:
+        tensor.fill_(1.0)
+    view.keys.fill_(2.0)
+    again = cache.row(1)
+    assert again is view and again.length == 0 and again._saved is None
+    assert view.state_tensors and all(not tensor.any() for tensor in again.state_tensors)
+    assert all(not tensor[:, [0, 2]].any() for tensor in cache.state_tensors)  # other rows untouched
+    assert (cache.keys[:, 1] == 2).all() and not cache.keys[:, [0, 2]].any()
+    assert cache.row(2) is not view and cache.row(2).keys.data_ptr() != view.keys.data_ptr()

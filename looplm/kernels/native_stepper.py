@@ -390,7 +390,8 @@ class NativeRowsStepper(NativeStepper):
 
     def q_exit_replay(self, readouts: torch.Tensor, min_steps: int, threshold: float) -> int:
         """The step a prefilled prompt's last token exits at by Q-exit, from its readouts after
-        every step [S, D] (``looplm_q_exit_replay``: the decision ``exit_step`` makes); S: none."""
+        every step [S, D] (``looplm_q_exit_replay``: the decision ``exit_step`` makes); S where no
+        earlier step exits."""
         readouts = readouts.contiguous()
         return self.kernel.looplm_q_exit_replay(readouts.data_ptr(), readouts.shape[0], self.config.d_model,
                                                 self._gate_address, self.gate_bias, min_steps, threshold)
