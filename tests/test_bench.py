@@ -92,3 +92,35 @@ def test_precision_benchmark_pieces_run():
     figures = benchmark.pair(benchmark.interleaved({"a": lambda: 2.0, "b": lambda: 1.0}, 3), "a", "b")
     assert figures == {"a": 2.0, "b": 1.0, "a / b": 2.0}
     assert benchmark.decode_rate(model, "bf16") > 0 and benchmark.batched_rate(model, "bf16", rows=2, new_tokens=2) > 0
+
+
+def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar():
+    """The depth-batching benchmark's arithmetic ceiling counts, per layer application, the
+    multiply-adds of a plain-loop layer's projections (one per weight) and, per token, the head's;
+    and its bar and ceiling follow from a run's counts."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import depth_batching
+
+    from looplm.exit_policy import QExit
+
+    model = LoopLM(tiny_config(n_kv_heads=2, vocab_size=300))
+    layer = model.core[0]
+    weights = sum(module.weight.numel() for module in (layer.attn.qkv, layer.attn.out, layer.ffn.gate_up,
+                                                       layer.ffn.down))
+    assert depth_batching.multiply_adds(model.config) == (weights, model.head_weight.numel())
+    runs = {"fixed": {"layer_applications": 40, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.0,
+                      "decode_seconds": 2.0},
+            "q_exit": {"layer_applications": 20, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.5,
+                       "decode_seconds": 1.0}}
+    original = depth_batching.continuous
+    try:
+        depth_batching.continuous = lambda model, prompts, tokens, policy, rows: dict(
+            runs["q_exit" if isinstance(policy, QExit) else "fixed"])
+        result = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=1)
+    finally:
+        depth_batching.continuous = original
+    decode = result["scopes"]["decode"]
+    assert decode["X"] == 0.5 and decode["ratio"] == 2.0 and decode["met"]
+    saved = 1 - (20 * weights + 10 * model.head_weight.numel()) / (40 * weights + 10 * model.head_weight.numel())
+    assert decode["multiply_adds_saved"] == pytest.approx(saved)
+    assert decode["arithmetic_ratio"] == pytest.approx(1 / (1 - saved))
