@@ -251,13 +251,9 @@ def exit_steps(policy: ExitPolicy, last: int, count: int, signal: Callable[[int]
     for step in range(last - 1):
         steps = torch.full((count,), step, dtype=torch.long)
         exits, memory = type(policy).decide([policy], steps, signal(step).cpu(), memory)
-        if step + 1 < policy.min_steps:
-            continue
-        exits &= ~done
+        exits &= ~done & (step + 1 >= policy.min_steps)
         chosen = torch.where(exits, step + 1, chosen)
         done |= exits
-        if bool(done.all()):  # every row has stopped (a prefill's one row, mostly after a step or two)
-            break
     return chosen
 
 

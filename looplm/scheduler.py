@@ -26,15 +26,7 @@ import torch
 
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import (
-    ACTExit,
-    ExitPolicy,
-    Signal,
-    act_accumulate,
-    exit_steps,
-    readout_perplexity,
-    refuse_act_over_mixing,
-)
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate, readout_perplexity, refuse_act_over_mixing
 from looplm.model.exit import hidden_change, readout_kl
 from looplm.steppers import Rows, make_stepper
 
@@ -162,15 +154,10 @@ class Scheduler:
         the stepper whose forward ran the prompt)."""
         head = head or self.model
         chosen = readouts[-1]
-        if row.threshold is not None and gates is None:
-            # Q-exit over every step's gate logit (the next token starts from no survival): in the
-            # stepper's one call where it decides Q-exit rows itself (exit_step, held equal to decide by
-            # tests), else exit_steps (the policy's decide step by step, as over a full forward's signals)
-            if getattr(head, "q_exit_replay", None) is not None:
-                ran = head.q_exit_replay(torch.cat(readouts), row.min_steps, row.threshold)
-            else:
-                signals = head.gate_logits(torch.cat(readouts)).reshape(-1)
-                ran = int(exit_steps(row.policy, len(readouts), 1, lambda step: signals[step:step + 1])[0])
+        if row.threshold is not None and gates is None and getattr(head, "q_exit_replay", None) is not None:
+            # Q-exit in the stepper's one call, where it decides Q-exit rows itself (exit_step, held
+            # equal to decide by tests); the next token starts from no survival
+            ran = head.q_exit_replay(torch.cat(readouts), row.min_steps, row.threshold)
             if ran < len(readouts):
                 row.exit_step, chosen = ran, readouts[ran - 1]
         else:
