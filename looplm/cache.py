@@ -208,6 +208,8 @@ class KVCache:
         self._loop_attention = sorted({self.index[slot] for slot, kind in enumerate(self.kinds)
                                        if kind == "A" and slot >= config.n_prelude_layers})
         self._loop = torch.tensor(self._loop_attention, dtype=torch.long, device=device)
+        # first/avg keep each open position's step-1 K/V (or their sum) across the loop's steps
+        self._keeps_steps = layout in ("first", "avg") and bool(self._loop_attention)
         self.storage_index = torch.tensor(self.index, dtype=torch.long, device=device)  # slot → storage
         self._saved = None  # first/avg: the open positions' step-1 K/V or their running sums
         self._fills: dict[int, dict] = {}
@@ -326,18 +328,18 @@ class KVCache:
 
     def after_step(self, step: int, start: int, end: int) -> None:
         """Positions [start, end) of every row finished loop step ``step``."""
-        if self.layout in ("first", "avg") and self._loop_attention:  # (the other layouts keep nothing)
+        if self._keeps_steps:  # (the other layouts keep nothing)
             self.after_rows_step(step, *self._span(start, end))
 
     def finish(self, start: int, end: int, steps_run: int) -> None:
         """Apply the layout's rule to positions [start, end) of every row, which ran ``steps_run`` steps."""
-        if steps_run < self.max_steps or (self.layout in ("first", "avg") and self._loop_attention):
+        if steps_run < self.max_steps or self._keeps_steps:
             self.finish_rows(steps_run, *self._span(start, end))
 
     def after_rows_step(self, step: int | torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """The open positions finished loop step ``step`` (int, or [R, 1] per row): first and avg
         keep their step-1 K/V or running sum, since the next step overwrites the shared slot."""
-        if self.layout not in ("first", "avg") or not self._loop_attention:
+        if not self._keeps_steps:
             return
         index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
         columns = torch.arange(positions.shape[-1], device=self.keys.device)
@@ -361,12 +363,12 @@ class KVCache:
                 self._fill_skipped(steps_run, rows, positions)
         else:
             self._fill_skipped_rows(steps_run, rows, positions)
-            if self.layout in ("first", "avg") and self._loop_attention:
+            if self._keeps_steps:
                 device = self.keys.device
                 steps_run = torch.tensor(steps_run, device=device)
                 rows = torch.tensor(rows, device=device)[:, None]
                 positions = torch.tensor(positions, device=device)[:, None]
-        if self.layout in ("first", "avg") and self._loop_attention:
+        if self._keeps_steps:
             columns = torch.arange(positions.shape[-1], device=self.keys.device)
             index = (self._loop.view(-1, 1, 1), rows, slice(None), positions)
             scale = steps_run if isinstance(steps_run, int) else steps_run.view(1, -1, 1, 1, 1)
