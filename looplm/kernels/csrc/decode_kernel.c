@@ -53,13 +53,6 @@ long looplm_scratch_floats(const Dims *dims) {
     return looplm_rows_scratch_floats(dims, 1, MOST_THREADS);
 }
 
-
-
-/* s[j] = exp(s[j] − top) for j < n; returns their sum. */
-static float exp_shifted(float *s, int n, float top) {
-    return exp_row(s, s, n, top);
-}
-
 /* gate[i] = silu(gate[i]) · up[i] for i in [begin, end). */
 static void swiglu(float *gate, const float *up, int begin, int end) {
     int i = begin;
@@ -113,7 +106,7 @@ static void attend(const float *q, const float *keys, const float *values, int n
         scores[j] = dot(q, keys + (size_t)j * hd, hd) * scale;
         if (scores[j] > top) top = scores[j];
     }
-    const float norm = 1.0f / exp_shifted(scores, n, top);
+    const float norm = 1.0f / exp_row(scores, scores, n, top);  /* scores become their exponentials */
     for (int i = 0; i < hd; i++) o[i] = 0.0f;
     for (int j = 0; j < n; j++) {
         const float *v = values + (size_t)j * hd, weight = scores[j] * norm;
