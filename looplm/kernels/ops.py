@@ -163,6 +163,13 @@ def ternary_matvec(packed: torch.Tensor, scale: torch.Tensor | float, x: torch.T
 _WIDTHS = (torch.float32, torch.bfloat16)  # the training passes' float32 or bf16 rows
 
 
+def trains_on_cpu(tensor: torch.Tensor) -> bool:
+    """Whether a model module's pass over ``tensor`` is a training step's on the CPU that the C
+    passes below may take (gradients on, outside torch.compile, which traces the references and
+    would break its graph at a C call)."""
+    return tensor.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy of rows: fills ``probs`` [R, V] (float32) with softmax(logits) and
     returns the losses [R] (float32), log Σ_j exp(l_j − m) + m − l_target with m the row's max.

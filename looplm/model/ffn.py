@@ -24,7 +24,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        if torch.is_grad_enabled() and gate_up.device.type == "cpu" and not torch.compiler.is_compiling():
+        if ops.trains_on_cpu(gate_up):
             return self.down(_SwiGLUProduct.apply(gate_up))
         gate, up = gate_up.split(self.hidden, dim=-1)
         return self.down(F.silu(gate) * up)

@@ -69,9 +69,8 @@ class RMSNorm(nn.Module):
     feeds_matmul = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.feeds_matmul and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.is_grad_enabled() and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and self.weight.dtype == torch.float32 and not torch.compiler.is_compiling()):
+        if (self.feeds_matmul and ops.trains_on_cpu(x) and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and self.weight.dtype == torch.float32):
             with torch.autocast("cpu", enabled=False):
                 return _RMSNormFunction.apply(x.float(), self.scale, self.eps, torch.bfloat16)
         # Under bf16 autocast the statistics and the output stay in the weight's dtype (float32).

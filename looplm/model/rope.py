@@ -37,8 +37,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     autocast's cast back to bf16 for attention); in float32 nothing changes.  Training on a CPU
     (gradients on, tables [S, r]) rotates in one C pass each way (``looplm.kernels.ops.rope``:
     float32 math, so bf16 input is rounded once, where the torch ops round each product)."""
-    if (torch.is_grad_enabled() and x.device.type == "cpu" and cos.dim() == 2 and x.dim() == 4
-            and not torch.compiler.is_compiling()):
+    if ops.trains_on_cpu(x) and cos.dim() == 2 and x.dim() == 4:
         return _Rope.apply(x, cos, sin)
     return ops.rope_reference(x, cos, sin)
 
