@@ -152,12 +152,12 @@ def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) 
             "mean_steps": sum(steps) / max(len(steps), 1)}
 
 
-def multiply_adds(config) -> tuple[int, int]:
-    """Multiply-adds of one layer application (its projections: attention over the context left out)
-    and of the head, per token, for the plain loop's layers."""
-    layer = (config.d_model * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-             + config.n_heads * config.head_dim * config.d_model + 3 * config.d_model * config.ffn_hidden)
-    return layer, config.vocab_size * config.d_model
+def multiply_adds(model) -> tuple[int, int]:
+    """Multiply-adds of one layer application (one per weight of a core layer's projections:
+    attention over the context left out) and of the head, per token, for the plain loop's layers."""
+    layer = model.core[0]
+    projections = (layer.attn.qkv, layer.attn.out, layer.ffn.gate_up, layer.ffn.down)
+    return sum(module.weight.numel() for module in projections), model.head_weight.numel()
 
 
 def depth_batching(model, prompts, tokens: int, rows: int, q: float, rounds: int = 1) -> dict:
@@ -185,7 +185,7 @@ def depth_batching(model, prompts, tokens: int, rows: int, q: float, rounds: int
     # What early exit saves of the decode's arithmetic: every token still runs its head, so the
     # multiply-adds saved are fewer than the layer applications; 1 / (1 - that share) is what
     # Q-exit would buy if wall time followed arithmetic exactly (no per-iteration or per-token costs).
-    layer, head = multiply_adds(model.config)
+    layer, head = multiply_adds(model)
     work = {name: run["layer_applications"] * layer + run["tokens"] * head for name, run in (("fixed", fixed),
                                                                                            ("q_exit", early))}
     arithmetic = 1 - work["q_exit"] / work["fixed"]

@@ -107,7 +107,10 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
     layer = model.core[0]
     weights = sum(module.weight.numel() for module in (layer.attn.qkv, layer.attn.out, layer.ffn.gate_up,
                                                        layer.ffn.down))
-    assert depth_batching.multiply_adds(model.config) == (weights, model.head_weight.numel())
+    assert depth_batching.multiply_adds(model) == (weights, model.head_weight.numel())
+    config = model.config  # the plain loop's projections, counted from its shape
+    assert weights == config.d_model * ((config.n_heads * 2 + 2 * config.n_kv_heads) * config.head_dim
+                                        + 3 * config.ffn_hidden)
     runs = {"fixed": {"layer_applications": 40, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.0,
                       "decode_seconds": 2.0},
             "q_exit": {"layer_applications": 20, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.5,
