@@ -7,7 +7,10 @@ previous commit's, every figure measured in the same run.
      set so Q-exit stops tokens early (random weights: the exits are the gate's, not learned);
    - the demo model trained with Stage I (``looplm.demo``'s config; real, learned exits; its
      context is 32 tokens, so each request gets what fits after a held-out binding prompt),
-     trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``);
+     trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``).
+     Stop ids are off, as for every model here: after its one-token answer the model goes on past
+     anything it was trained on, and its gate lets most of those tokens out at step 1 (~1.2 steps
+     against ~3.2 for the answers), so the demo's X is mostly those tokens';
    - with ``--text-model CKPT --text-shards DIR``, a looped model trained on text (the text
      study's Stage II run: real exits on real text), prompts of 32 tokens from the shards' val split.
    Reported: X, the share of layer applications Q-exit saved, and the throughput ratio
