@@ -120,8 +120,13 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
         depth_batching.continuous = lambda model, prompts, tokens, policy, rows: dict(
             runs["q_exit" if isinstance(policy, QExit) else "fixed"])
         result = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=1)
+        q_times = iter([9.0, 1.0, 4.0, 2.0])  # the warm-up, then three rounds: decode ratios 2, 0.5, 1
+        depth_batching.continuous = lambda model, prompts, tokens, policy, rows: (
+            {**runs["q_exit"], "decode_seconds": next(q_times)} if isinstance(policy, QExit) else dict(runs["fixed"]))
+        rounds = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=3)["scopes"]["decode"]
     finally:
         depth_batching.continuous = original
+    assert rounds["rounds_ratios"] == [2.0, 0.5, 1.0] and rounds["ratio"] == 1.0
     decode = result["scopes"]["decode"]
     assert decode["X"] == 0.5 and decode["ratio"] == 2.0 and decode["met"]
     saved = 1 - (20 * weights + 10 * model.head_weight.numel()) / (40 * weights + 10 * model.head_weight.numel())
