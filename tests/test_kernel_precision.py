@@ -170,3 +170,51 @@ def test_native_decode_on_this_build_follows_the_reference_decoder(kernel, form)
         spread = float(reference.max() - reference.min())
         tolerance = {"fp32": 1e-4, "bf16": 0.02 * spread, "int8": 0.01 * spread}[form]
         assert float((native - reference).abs().max()) <= tolerance, kernel
+
+
+def scalar_argmax(values: list[float]) -> int:
+    """The rule every path keeps: the first index whose value exceeds all before it (NaNs never do;
+    a NaN first value stays)."""
+    top = 0
+    for index, value in enumerate(values):
+        if value > values[top]:
+            top = index
+    return top
+
+
+def argmax_cases() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for n in (1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 64, 259, 4096):
+        x = torch.randn(n, generator=generator)
+        cases.append(x)
+        tied = x.clone()  # the largest value at several places, one of them in the tail
+        places = torch.randperm(n, generator=generator)[:3]
+        tied[places] = x.max() + 1
+        tied[-1] = x.max() + 1
+        cases.append(tied)
+        cases.append(torch.full((n,), -float("inf")))
+        cases.append(torch.zeros(n))
+        signed = torch.zeros(n)  # -0.0 and +0.0 compare equal: the first stays
+        signed[::2] = -0.0
+        cases.append(signed)
+        for nan_places in ([0], [n // 2], list(range(0, n, 3))):
+            with_nan = x.clone()
+            with_nan[nan_places] = float("nan")
+            cases.append(with_nan)
+        infinite = x.clone()
+        infinite[n // 3] = float("inf")
+        cases.append(infinite)
+        last = x.clone()
+        last[-1] = 1e30  # the largest in the last, part-filled vector
+        cases.append(last)
+    return cases
+
+
+def test_argmax_takes_the_first_largest_value_as_the_scalar_loop(kernel):
+    """The one argmax the C paths share (the batched head's, batch 1's, the runtime's) picks what the
+    scalar loop picks — ties, NaNs, infinities, signed zeros, part-filled vectors — on every build."""
+    library = build.load_kernel()
+    for values in argmax_cases():
+        values = values.contiguous()
+        assert library.lr_argmax(values.data_ptr(), len(values)) == scalar_argmax(values.tolist()), (kernel, values)

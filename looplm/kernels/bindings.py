@@ -111,6 +111,7 @@ SIGNATURES = {
     "lr_readout": ([_POINTER, _POINTER, _INT, _INT, _POINTER], None),
     "lr_gate_logit": ([_POINTER, _POINTER], _FLOAT),
     "lr_logits": ([_POINTER, _POINTER, _POINTER], None),
+    "lr_argmax": ([_POINTER, _INT], _INT),
     "lr_token": ([_POINTER, _INT, _INT, ctypes.POINTER(Exit), _POINTER, ctypes.POINTER(ctypes.c_int)], _INT),
     "lr_prefill": ([_POINTER, ctypes.POINTER(ctypes.c_int), _INT, _INT, ctypes.POINTER(Exit), _POINTER,
                     ctypes.POINTER(ctypes.c_int)], _INT),

@@ -137,14 +137,6 @@ static int q_exit_reached(double z, double *log_survival, double q) {
     return -expm1(*log_survival) >= q;
 }
 
-/* The index of y's first largest value of n (torch.argmax's pick for finite values). */
-static int argmax(const float *y, int n) {
-    int top = 0;
-    for (int i = 1; i < n; i++)
-        if (y[i] > y[top]) top = i;
-    return top;
-}
-
 void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h, const int *h_rows,
                         const int *step, const int *slot, const int *pos, long slot_floats,
                         const float *cos, const float *sin, float *scratch, const float *final_norm,
@@ -192,7 +184,7 @@ int looplm_exit_loop(const Dims *dims, const Layer *const *steps, int count, int
     if (fill) copy_skipped(steps, count, ran, max_steps, (size_t)pos * hd, Hkv, L, hd);
     if (head) {
         looplm_project(head, h, logits, vocab, D, threads);
-        *best = argmax(logits, vocab);
+        *best = vector_argmax(logits, vocab);
     }
     return ran;
 }
@@ -450,7 +442,7 @@ void looplm_rows_head(const Projection *p, const float *panels, const float *X, 
         if (best) {
             #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
-                best[r] = argmax(Y + (size_t)r * rows, rows);
+                best[r] = vector_argmax(Y + (size_t)r * rows, rows);
                 if (top) top[r] = Y[(size_t)r * rows + best[r]];
             }
         }

@@ -215,10 +215,7 @@ void lr_logits(const LrState *state, const float *readout, float *logits) {
 }
 
 int lr_argmax(const float *values, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (values[i] > values[best]) best = i;
-    return best;
+    return vector_argmax(values, n);
 }
 
 /* One token's loop (see lr_token).  `full_depth`: every step runs whatever the exit (prefill, the

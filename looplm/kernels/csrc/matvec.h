@@ -549,6 +549,39 @@ static void project_batch(const Projection *p, const float *X, int R, int xs, fl
     }
 }
 
+/* The index of y's first largest value of n, NaNs passed over (torch.argmax's pick for finite values;
+ * a NaN first value gives 0, as the scalar loop `if (y[i] > y[top]) top = i` does).  AVX-512: the
+ * largest value by ordered comparisons (false for NaN), then the first index holding it. */
+static inline int vector_argmax(const float *y, int n) {
+#if defined(__AVX512F__)
+    if (n >= 32 && y[0] == y[0]) {
+        __m512 best = _mm512_set1_ps(y[0]);
+        int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const __m512 v = _mm512_loadu_ps(y + i);
+            best = _mm512_mask_mov_ps(best, _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ), v);
+        }
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+        if (tail) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail, y + i);
+            best = _mm512_mask_mov_ps(best, _mm512_mask_cmp_ps_mask(tail, v, best, _CMP_GT_OQ), v);
+        }
+        const float top = _mm512_reduce_max_ps(best);  /* no NaN among the lanes */
+        const __m512 wanted = _mm512_set1_ps(top);
+        for (i = 0; i + 16 <= n; i += 16) {
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + i), wanted, _CMP_EQ_OQ);
+            if (hit) return i + __builtin_ctz(hit);
+        }
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(tail, _mm512_maskz_loadu_ps(tail, y + i), wanted, _CMP_EQ_OQ);
+        return i + __builtin_ctz(hit);  /* top is one of y's values */
+    }
+#endif
+    int top = 0;
+    for (int i = 1; i < n; i++)
+        if (y[i] > y[top]) top = i;
+    return top;
+}
+
 #if defined(__AVX512F__)
 /* Y[r, o] = Σ_k W[o, k] · X[r, k] for outputs o in [begin, end) (begin a multiple of 64) and all R
  * rows, from W packed in panels of 64 outputs: panel b is [cols, 64], P[(b·cols + k)·64 + j] =
