@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from looplm.batch import generate_batch
 from looplm.cache import KVCache
 from looplm.config import ModelConfig
+from looplm.cpu import cpu_flags
 from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, exit_steps
 from looplm.generate import BatchSession, NonFiniteOutput, Settings
 from looplm.kernels import ops
@@ -78,16 +79,24 @@ def test_rows_steps_equal_the_reference_for_any_layer_shape(d_head, heads, hidde
     torch.testing.assert_close(native_cache.values, reference_cache.values, atol=1e-4, rtol=1e-4)
 
 
-def test_the_head_and_its_argmax_in_one_c_call_equal_torch():
+@pytest.mark.parametrize("d_model", [48, 160])  # 160: the head's inputs in two chunks (panel_rows)
+def test_the_head_and_its_argmax_in_one_c_call_equal_torch(d_model):
+    """Any number of rows — full groups of four and the one to three left over — gives torch's
+    logits and argmax; where the head runs from panels (AVX-512) a row's logits are the same bits
+    whatever rows share its call, since every output sums its products in one order."""
     torch.manual_seed(0)
-    model = well_conditioned(tiny_config(vocab_size=300, d_model=48, n_heads=4), 0)
-    stepper = NativeRowsStepper(model, KVCache(model.config, 8, 16, 3))
-    for count in (1, 3, 4, 8):
-        readout = torch.randn(count, 48)
+    model = well_conditioned(tiny_config(vocab_size=300, d_model=d_model, n_heads=4), 0)
+    stepper = NativeRowsStepper(model, KVCache(model.config, 16, 16, 3))
+    readouts = torch.randn(13, d_model)
+    alone = [stepper.logits_argmax(readouts[row:row + 1])[0][0] for row in range(13)]
+    for count in (1, 2, 3, 4, 5, 6, 7, 8, 13):
+        readout = readouts[:count]
         logits, best = stepper.logits_argmax(readout)
         torch.testing.assert_close(logits, torch.nn.functional.linear(readout, model.head_weight),
                                    atol=1e-5, rtol=1e-5)
         assert best == logits.argmax(-1).tolist()
+        if "avx512f" in cpu_flags():
+            assert all(torch.equal(logits[row], alone[row]) for row in range(count)), count
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])

@@ -583,13 +583,43 @@ static inline int vector_argmax(const float *y, int n) {
 }
 
 #if defined(__AVX512F__)
+/* g (1 to 4, a constant where it is called) rows r.. of panel_rows' work on one panel chunk
+ * [k0, k1): 4·g registers of sums, loaded from Y after the first chunk.  Every output's sum takes
+ * its products in the order of k whatever g is, so the part-filled last group of a batch computes
+ * the same values as a full one. */
+static inline __attribute__((always_inline)) void panel_group(const float *panel, const __mmask16 m[4],
+                                                              const float *X, int cols, int r, int g, int k0,
+                                                              int k1, float *Y, int N, int o) {
+    __m512 acc[4][4];
+    const float *x[4];
+    for (int rr = 0; rr < g; rr++) {
+        x[rr] = X + (size_t)(r + rr) * cols;
+        for (int j = 0; j < 4; j++)
+            acc[rr][j] = k0 ? _mm512_maskz_loadu_ps(m[j], Y + (size_t)(r + rr) * N + o + 16 * j) : _mm512_setzero_ps();
+    }
+    for (int k = k0; k < k1; k++) {
+        const float *w = panel + (size_t)k * 64;
+        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+        const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+        for (int rr = 0; rr < g; rr++) {
+            const __m512 b = _mm512_set1_ps(x[rr][k]);
+            acc[rr][0] = _mm512_fmadd_ps(w0, b, acc[rr][0]); acc[rr][1] = _mm512_fmadd_ps(w1, b, acc[rr][1]);
+            acc[rr][2] = _mm512_fmadd_ps(w2, b, acc[rr][2]); acc[rr][3] = _mm512_fmadd_ps(w3, b, acc[rr][3]);
+        }
+    }
+    for (int rr = 0; rr < g; rr++)
+        for (int j = 0; j < 4; j++)
+            _mm512_mask_storeu_ps(Y + (size_t)(r + rr) * N + o + 16 * j, m[j], acc[rr][j]);
+}
+
 /* Y[r, o] = Σ_k W[o, k] · X[r, k] for outputs o in [begin, end) (begin a multiple of 64) and all R
  * rows, from W packed in panels of 64 outputs: panel b is [cols, 64], P[(b·cols + k)·64 + j] =
  * W[64·b + j, k] (zero past the last output).  Four rows × 64 outputs at a time in sixteen
- * registers, each a broadcast input times a vector of weights read in order from one panel, so no
- * horizontal sums (the LM head of a batch of rows: its vocabulary is wide, its inputs short). */
+ * registers (the last one to three rows in a group of their own size), each a broadcast input times a
+ * vector of weights read in order from one panel, so no horizontal sums (the LM head of a batch of
+ * rows: its vocabulary is wide, its inputs short). */
 static void panel_rows(const float *P, int N, int cols, const float *X, int R, float *Y, int begin, int end) {
-    const int chunk = 128;  /* rows of a panel (32 KB) that stay in L1 while every group of four rows passes */
+    const int chunk = 128;  /* rows of a panel (32 KB) that stay in L1 while every group of rows passes */
     for (int o = begin; o < end; o += 64) {
         const int width = end - o < 64 ? end - o : 64;
         const float *panel = P + (size_t)(o / 64) * cols * 64;
@@ -600,41 +630,12 @@ static void panel_rows(const float *P, int N, int cols, const float *X, int R, f
         }
         for (int k0 = 0; k0 < cols; k0 += chunk) {
             const int k1 = k0 + chunk < cols ? k0 + chunk : cols;
-            for (int r = 0; r < R; r += 4) {
-                const float *x0 = X + (size_t)r * cols;
-                const float *x1 = r + 1 < R ? x0 + cols : x0, *x2 = r + 2 < R ? x0 + 2 * (size_t)cols : x0;
-                const float *x3 = r + 3 < R ? x0 + 3 * (size_t)cols : x0;
-                __m512 acc[4][4];  /* the sums so far: zero, or what the earlier chunks left in Y (same order) */
-                for (int rr = 0; rr < 4; rr++)
-                    for (int j = 0; j < 4; j++)
-                        acc[rr][j] = k0 && r + rr < R ? _mm512_maskz_loadu_ps(m[j], Y + (size_t)(r + rr) * N + o + 16 * j)
-                                                      : _mm512_setzero_ps();
-                __m512 a00 = acc[0][0], a01 = acc[0][1], a02 = acc[0][2], a03 = acc[0][3];
-                __m512 a10 = acc[1][0], a11 = acc[1][1], a12 = acc[1][2], a13 = acc[1][3];
-                __m512 a20 = acc[2][0], a21 = acc[2][1], a22 = acc[2][2], a23 = acc[2][3];
-                __m512 a30 = acc[3][0], a31 = acc[3][1], a32 = acc[3][2], a33 = acc[3][3];
-                for (int k = k0; k < k1; k++) {
-                    const float *w = panel + (size_t)k * 64;
-                    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-                    const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
-                    __m512 b = _mm512_set1_ps(x0[k]);
-                    a00 = _mm512_fmadd_ps(w0, b, a00); a01 = _mm512_fmadd_ps(w1, b, a01);
-                    a02 = _mm512_fmadd_ps(w2, b, a02); a03 = _mm512_fmadd_ps(w3, b, a03);
-                    b = _mm512_set1_ps(x1[k]);
-                    a10 = _mm512_fmadd_ps(w0, b, a10); a11 = _mm512_fmadd_ps(w1, b, a11);
-                    a12 = _mm512_fmadd_ps(w2, b, a12); a13 = _mm512_fmadd_ps(w3, b, a13);
-                    b = _mm512_set1_ps(x2[k]);
-                    a20 = _mm512_fmadd_ps(w0, b, a20); a21 = _mm512_fmadd_ps(w1, b, a21);
-                    a22 = _mm512_fmadd_ps(w2, b, a22); a23 = _mm512_fmadd_ps(w3, b, a23);
-                    b = _mm512_set1_ps(x3[k]);
-                    a30 = _mm512_fmadd_ps(w0, b, a30); a31 = _mm512_fmadd_ps(w1, b, a31);
-                    a32 = _mm512_fmadd_ps(w2, b, a32); a33 = _mm512_fmadd_ps(w3, b, a33);
-                }
-                const __m512 sums[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
-                                           {a30, a31, a32, a33}};
-                for (int rr = 0; rr < 4 && r + rr < R; rr++)
-                    for (int j = 0; j < 4; j++)
-                        _mm512_mask_storeu_ps(Y + (size_t)(r + rr) * N + o + 16 * j, m[j], sums[rr][j]);
+            int r = 0;
+            for (; r + 4 <= R; r += 4) panel_group(panel, m, X, cols, r, 4, k0, k1, Y, N, o);
+            switch (R - r) {  /* the last one to three rows: a group of their own size, no idle lanes */
+            case 3: panel_group(panel, m, X, cols, r, 3, k0, k1, Y, N, o); break;
+            case 2: panel_group(panel, m, X, cols, r, 2, k0, k1, Y, N, o); break;
+            case 1: panel_group(panel, m, X, cols, r, 1, k0, k1, Y, N, o); break;
             }
         }
     }
