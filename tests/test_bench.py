@@ -112,9 +112,9 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
     assert weights == config.d_model * ((config.n_heads * 2 + 2 * config.n_kv_heads) * config.head_dim
                                         + 3 * config.ffn_hidden)
     runs = {"fixed": {"layer_applications": 40, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.0,
-                      "decode_seconds": 2.0},
+                      "decode_seconds": 2.0, "seconds": 3.0},
             "q_exit": {"layer_applications": 20, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.5,
-                       "decode_seconds": 1.0}}
+                       "decode_seconds": 1.0, "seconds": 2.0}}
     original = depth_batching.continuous
     try:
         depth_batching.continuous = lambda model, prompts, tokens, policy, rows: dict(
@@ -122,11 +122,16 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
         result = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=1)
         q_times = iter([9.0, 1.0, 4.0, 2.0])  # the warm-up, then three rounds: decode ratios 2, 0.5, 1
         depth_batching.continuous = lambda model, prompts, tokens, policy, rows: (
-            {**runs["q_exit"], "decode_seconds": next(q_times)} if isinstance(policy, QExit) else dict(runs["fixed"]))
-        rounds = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=3)["scopes"]["decode"]
+            {**runs["q_exit"], "decode_seconds": (q := next(q_times)), "seconds": q + 1 + 5 * (q == 2.0)}
+            if isinstance(policy, QExit) else dict(runs["fixed"]))
+        three = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=3)
     finally:
         depth_batching.continuous = original
+    rounds = three["scopes"]["decode"]
     assert rounds["rounds_ratios"] == [2.0, 0.5, 1.0] and rounds["ratio"] == 1.0
+    # the whole run: each policy's median whole-run time (Q-exit's 2, 5, 8 s: 5 s), not the whole-run
+    # time of the run with the median decode time (8 s, a prefill slowed once)
+    assert three["scopes"]["whole_run"]["ratio"] == 3.0 / 5.0 and result["scopes"]["whole_run"]["ratio"] == 1.5
     decode = result["scopes"]["decode"]
     assert decode["X"] == 0.5 and decode["ratio"] == 2.0 and decode["met"]
     saved = 1 - (20 * weights + 10 * model.head_weight.numel()) / (40 * weights + 10 * model.head_weight.numel())
