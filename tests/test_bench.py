@@ -111,10 +111,10 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
     config = model.config  # the plain loop's projections, counted from its shape
     assert weights == config.d_model * ((config.n_heads * 2 + 2 * config.n_kv_heads) * config.head_dim
                                         + 3 * config.ffn_hidden)
-    runs = {"fixed": {"layer_applications": 40, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.0,
-                      "decode_seconds": 2.0, "seconds": 3.0},
-            "q_exit": {"layer_applications": 20, "tokens": 10, "prefill_applications": 40, "tokens_per_s": 1.5,
-                       "decode_seconds": 1.0, "seconds": 2.0}}
+    runs = {"fixed": {"layer_applications": 40, "tokens": 10, "requests": 2, "prefill_applications": 40,
+                      "tokens_per_s": 1.0, "decode_seconds": 2.0, "seconds": 3.0},
+            "q_exit": {"layer_applications": 20, "tokens": 10, "requests": 2, "prefill_applications": 40,
+                       "tokens_per_s": 1.5, "decode_seconds": 1.0, "seconds": 2.0}}
     original = depth_batching.continuous
     try:
         depth_batching.continuous = lambda model, prompts, tokens, policy, rows: dict(
@@ -134,6 +134,25 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
     assert three["scopes"]["whole_run"]["ratio"] == 3.0 / 5.0 and result["scopes"]["whole_run"]["ratio"] == 1.5
     decode = result["scopes"]["decode"]
     assert decode["X"] == 0.5 and decode["ratio"] == 2.0 and decode["met"]
-    saved = 1 - (20 * weights + 10 * model.head_weight.numel()) / (40 * weights + 10 * model.head_weight.numel())
+    head = model.head_weight.numel()  # a head per decoded token: 10 emitted, 2 of them from the prompts
+    saved = 1 - (20 * weights + 8 * head) / (40 * weights + 8 * head)
     assert decode["multiply_adds_saved"] == pytest.approx(saved)
     assert decode["arithmetic_ratio"] == pytest.approx(1 / (1 - saved))
+    whole = result["scopes"]["whole_run"]  # + the prompts at full depth and their 2 heads, under both policies
+    saved = 1 - ((20 + 40) * weights + 10 * head) / ((40 + 40) * weights + 10 * head)
+    assert whole["multiply_adds_saved"] == pytest.approx(saved)
+
+
+def test_depth_batching_counts_the_prompts_at_full_depth():
+    """The benchmark's prefill count: every prompt token at full depth (a request's first token comes
+    from its prompt, so the decoded tokens are the emitted ones less one a request)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import depth_batching
+
+    from looplm.exit_policy import FixedSteps
+
+    model = LoopLM(tiny_config(n_core_layers=2, loop_steps=3)).eval()
+    run = depth_batching.continuous(model, [[1, 2, 3], [4, 5, 6, 7]], 4, FixedSteps(), 2)
+    assert run["requests"] == 2 and run["tokens"] == 8
+    assert run["full_depth_applications"] == run["layer_applications"] == (8 - 2) * 3 * 2
+    assert run["prefill_applications"] == (3 + 4) * 3 * 2
