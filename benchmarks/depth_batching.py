@@ -20,7 +20,8 @@ previous commit's, every figure measured in the same run.
    the prefill's full-depth layer applications, time with it).  The first line of each model mixes
    the scopes (decode-only X against whole-run time), the strictest reading.
 2. Batch-1 decode tokens/s on the reference shape (``looplm.bench.time_decode``: prompt 128,
-   128 new tokens, greedy, fixed depth, default backend).
+   128 new tokens, greedy, fixed depth, default backend), in each worker and again in
+   ``--batch-1-rounds`` processes per engine alternating with the other's (the A/B to read).
 3. The server under load: ``--serve-requests`` requests at ``--concurrency`` concurrent clients
    over loopback HTTP (uvicorn in process), mixed exit policies (static, q:0.5, hidden:0.05,
    kl:0.01, act), reference shape with a byte vocabulary: tokens/s and p50/p99 latency.
@@ -277,6 +278,9 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_1_only:
+        return {"batch_1_decode_tokens_per_s": time_decode(reference_model(gate_exits=False),
+                                                           repeats=args.repeats)["decode_tokens_per_s"]}
     results = {}
     generator = torch.Generator().manual_seed(3)
     model = reference_model()
@@ -298,9 +302,9 @@ def worker(args) -> dict:
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def run_tree(tree: Path, args) -> dict:
+def run_tree(tree: Path, args, extra: tuple[str, ...] = ()) -> dict:
     """The worker in a subprocess with ``tree``'s looplm."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker"] + args.passed
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker"] + args.passed + list(extra)
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=tree)
     if done.returncode != 0:
@@ -372,7 +376,10 @@ def main() -> None:
     parser.add_argument("--skip-serve", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--batch-1-rounds", type=int, default=3,
+                        help="batch-1 decode of each engine in processes alternating with the other's (medians)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-1-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if bool(args.text_model) != bool(args.text_shards):
         parser.error("--text-model and --text-shards go together")
@@ -403,11 +410,22 @@ def main() -> None:
                                      capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", previous], input=archive.stdout, check=True)
             results["previous"] = run_tree(Path(previous), args)
+            # Batch 1 again, each engine in its own process alternating with the other's: the two
+            # workers above ran minutes apart, and the machine's speed drifts by several per cent.
+            alternating = {"this": [], "previous": []}
+            for _ in range(args.batch_1_rounds):
+                for name, tree in (("this", ROOT), ("previous", Path(previous))):
+                    alternating[name].append(run_tree(tree, args, ("--batch-1-only",))["batch_1_decode_tokens_per_s"])
+            results["batch_1_alternating"] = alternating
         report(f"previous engine ({args.previous})", results["previous"])
         this, before = results["this"], results["previous"]
-        print("\nbatch-1 decode, this / previous:"
-              f" {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}"
-              " (target >= 0.95)")
+        print("\nbatch-1 decode, this / previous (the workers' own runs, minutes apart):"
+              f" {this['batch_1_decode_tokens_per_s'] / before['batch_1_decode_tokens_per_s']:.3f}")
+        if alternating["this"]:
+            mine, theirs = statistics.median(alternating["this"]), statistics.median(alternating["previous"])
+            print(f"batch-1 decode in alternating processes: this {[round(x, 1) for x in alternating['this']]},"
+                  f" previous {[round(x, 1) for x in alternating['previous']]} tokens/s; medians' ratio"
+                  f" {mine / theirs:.3f} (target >= 0.95)")
         for model in [model for model in ("reference_shape", "demo_model", "text_model") if model in this]:
             print(f"{model}, Q-exit tokens/s, this / previous:"
                   f" {this[model]['q_exit']['tokens_per_s'] / before[model]['q_exit']['tokens_per_s']:.2f}")
