@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "exit_rule.h"
 #include "matvec.h"
 #include "vexp.h"
 
@@ -128,13 +129,6 @@ static void copy_skipped(const Layer *const *steps, int count, int ran, int unti
             }
         }
     }
-}
-
-/* Q-exit's step for a gate logit z: log survival += log σ(−z) (float64, stably); returns whether the
- * exit CDF 1 − survival has reached q. */
-static int q_exit_reached(double z, double *log_survival, double q) {
-    *log_survival -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));
-    return -expm1(*log_survival) >= q;
 }
 
 void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, int R, float *h, const int *h_rows,

@@ -4,6 +4,7 @@
 #include <float.h>
 
 #include "lr_common.h"
+#include "exit_rule.h"
 #include "lr_internal.h"
 
 /* The weight × vector path matvec.h compiled (its intrinsics are AVX2/FMA; under -march=native the
@@ -244,9 +245,8 @@ static int run_token(LrState *state, int token, int pos, const LrExit *exit, int
         lr_after_step(state, step, pos);
         if (last) break;
         if (!exit_step && active) {
-            const double z = (double)lr_gate_logit(state, readout);  /* log σ(−z), stably */
-            log_survival -= z > 0 ? z + log1p(exp(-z)) : log1p(exp(z));
-            if (step + 1 >= exit->min_steps && -expm1(log_survival) >= exit->q) {
+            if (q_exit_reached((double)lr_gate_logit(state, readout), &log_survival, exit->q)
+                && step + 1 >= exit->min_steps) {
                 exit_step = step + 1;
                 if (!full_depth) break;
                 memcpy(chosen, readout, (size_t)D * sizeof(float));
