@@ -6,7 +6,7 @@
 #include <math.h>
 
 #include "lr_common.h"
-#include "runtime.h"
+#include "lr_internal.h"
 
 typedef struct {
     const char *name;
@@ -382,8 +382,6 @@ static float *owned_floats(LrModel *model, size_t n, char *error) {
     return lr_model_own(model, memory, error) ? memory : NULL;
 }
 
-static float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }  /* torch's threshold 20 */
-
 /* The derived tables: RoPE, injection decays (float32, capped one epsilon below 1), RWKV head
  * decays.  Computed as looplm computes them (RoPE angles and the loop signal in float64). */
 static int derive(LrModel *model, char *error) {
@@ -414,7 +412,7 @@ static int derive(LrModel *model, char *error) {
                 decay = expf(-expf(exponent));
                 model->inject_input_scale[i] = model->lti_b[i];
             } else {
-                float step = softplus(model->diag_dt[i]);
+                float step = lr_softplus(model->diag_dt[i]);
                 float rate = expf(fminf(fmaxf(model->diag_a_log[i], -20.0f), 20.0f));
                 decay = expf(-step * rate);
                 model->inject_input_scale[i] = step;
