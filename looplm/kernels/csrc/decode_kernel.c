@@ -58,11 +58,9 @@ long looplm_scratch_floats(const Dims *dims) {
 static void swiglu(float *gate, const float *up, int begin, int end) {
     int i = begin;
 #if defined(__AVX2__) && defined(__FMA__)
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (; i + 8 <= end; i += 8) {
         __m256 g = _mm256_loadu_ps(gate + i);
-        __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
-        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), _mm256_loadu_ps(up + i)));
     }
 #endif
     for (; i < end; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];

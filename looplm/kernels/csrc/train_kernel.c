@@ -245,11 +245,9 @@ void looplm_swiglu_rows(const void *gate_up, void *out, int bf16, long rows, lon
         char *o = (char *)out + (size_t)i * hidden * width;
         long j = 0;
 #if defined(__AVX512F__) && defined(__AVX2__)
-        const __m512 one = _mm512_set1_ps(1.0f);
         for (; j + 16 <= hidden; j += 16) {
             __m512 g = load16(gate, bf16, j);
-            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            store16(o, bf16, j, _mm512_mul_ps(_mm512_mul_ps(g, s), load16(up, bf16, j)));
+            store16(o, bf16, j, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), load16(up, bf16, j)));
         }
 #endif
         for (; j < hidden; j++) {
@@ -276,7 +274,7 @@ void looplm_swiglu_grad_rows(const void *gate_up, const void *grad, void *grad_g
         const __m512 one = _mm512_set1_ps(1.0f);
         for (; j + 16 <= hidden; j += 16) {
             __m512 g = load16(gate, bf16, j), u = load16(up, bf16, j), d = load16(g_out, bf16, j);
-            __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 s = sigmoid16(g);
             __m512 gs = _mm512_mul_ps(g, s);
             store16(d_up, bf16, j, _mm512_mul_ps(d, gs));
             __m512 slope = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_sub_ps(g, gs)));  /* s·(1 + g − g·s) */

@@ -1,6 +1,7 @@
 /* The exponential of eight (AVX2 + FMA) or sixteen (AVX-512) floats at once, shared by the C
- * kernels (the decode kernel's softmax and SwiGLU, the training loss's softmax and SwiGLU), and
- * exp_row, a row's shifted exponentials and their sum with its scalar fallback. */
+ * kernels (the decode kernel's softmax and SwiGLU, the training loss's softmax and SwiGLU), the
+ * sigmoid built on it, and exp_row, a row's shifted exponentials and their sum with its scalar
+ * fallback. */
 #ifndef LOOPLM_VEXP_H
 #define LOOPLM_VEXP_H
 #include <math.h>
@@ -33,6 +34,12 @@ static inline __m256 exp8(__m256 x) {
     __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
+
+/* σ(x) = 1 / (1 + exp(−x)) of eight floats (SwiGLU's gate). */
+static inline __m256 sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -45,6 +52,12 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+
+/* sigmoid8 on sixteen floats. */
+static inline __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 #endif
 
