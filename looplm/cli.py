@@ -62,7 +62,9 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-ppl", type=float, default=None, metavar="X",
                         help="exit at the first step whose next-token distribution has perplexity below X"
                              " (nanochat's adaptive loop)")
-    parser.add_argument("--min-steps", type=int, default=1, help="no early exit before this many steps")
+    parser.add_argument("--min-steps", type=int, default=None,
+                        help="no early exit before this many steps (early exits only; default 1; given alone, it"
+                             " sets the least steps of the exit policy the model records)")
     parser.add_argument("--layout", default="last_exited", choices=KV_LAYOUTS,
                         help="KV cache layout across loop steps: last_exited (default; exited tokens' K/V fill"
                              " the deeper steps), full (every token runs every step: exact, no saving), last,"
@@ -450,17 +452,15 @@ def _train_summary_line(summary: dict) -> str:
 
 
 def run_generate(args) -> None:
-    from looplm.exit_policy import check_depth, default_exit_policy, make_exit_policy
+    from looplm.exit_policy import check_depth, make_exit_policy
     from looplm.generate import Generation, Sampling, stream
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model = load_model(args.checkpoint)
-    named = args.act or args.steps is not None or any(
-        value is not None for value in (args.q, args.exit_hidden, args.exit_kl, args.exit_ppl))
     # No policy named: the one the model records (fixed T steps unless set, e.g. by a GGUF file).
     policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps,
-                              args.exit_ppl) if named else default_exit_policy(model.config)
+                              args.exit_ppl, config=model.config)
     check_depth(policy, model.config.loop_steps)
     if args.ternary:
         from looplm.ternary import pack_model

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -296,9 +296,13 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
         except (TypeError, ValueError):
             raise LoopLMError(f"exit {spec!r} needs a number after '{name}:': {USAGE}") from None
     known = {field.name for field in fields(kind)}
-    for field, value in (("steps", steps), ("min_steps", min_steps)):
-        if value is not None and (value != 1 or field != "min_steps") and (field in known or field == "steps"):
-            values[field] = value
+    if steps is not None:
+        values["steps"] = steps
+    if min_steps is not None and (min_steps != 1 or "min_steps" in known):
+        if "min_steps" not in known:
+            raise LoopLMError(f"min_steps (--min-steps) applies to the early exits q, hidden, kl and ppl, not"
+                              f" {name}: drop it or choose one of those")
+        values["min_steps"] = min_steps
     if set(values) - known:
         raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
                           f" {', '.join(sorted(known))}")
@@ -306,17 +310,32 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
 
 
 def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False,
-                     hidden: float | None = None, kl: float | None = None, min_steps: int = 1,
-                     ppl: float | None = None) -> ExitPolicy:
+                     hidden: float | None = None, kl: float | None = None, min_steps: int | None = None,
+                     ppl: float | None = None, config=None) -> ExitPolicy:
     """The policy the CLI options name: at most one of ``act``, ``q``, ``hidden``, ``kl``, ``ppl``;
-    none of them = fixed steps."""
+    none of them = fixed steps (``steps``), or, given the model's ``config`` and no ``steps``
+    either, the policy the model records (``default_exit_policy``; ``min_steps``, where given,
+    then sets its least steps).  A named policy replaces the recorded one whole (``min_steps``
+    None: 1).  ``min_steps`` given for a policy that exits at a fixed depth is an error."""
     chosen = [(flag, spec) for flag, spec, value in (("--act", "act", act or None), ("--q", f"q:{q!r}", q),
                                                      ("--exit-hidden", f"hidden:{hidden!r}", hidden),
                                                      ("--exit-kl", f"kl:{kl!r}", kl),
                                                      ("--exit-ppl", f"ppl:{ppl!r}", ppl)) if value is not None]
     if len(chosen) > 1:
         raise LoopLMError(f"choose one exit policy, not {' and '.join(flag for flag, _ in chosen)}")
+    if config is not None and not chosen and steps is None:  # none named: the model's own
+        recorded = default_exit_policy(config)
+        if min_steps is None:
+            return recorded
+        if not _has_min_steps(recorded):
+            raise LoopLMError(f"--min-steps needs an early exit, and this model's default exit is"
+                              f" {config.default_exit!r}: add --q, --exit-hidden, --exit-kl or --exit-ppl")
+        return replace(recorded, min_steps=min_steps)
     return parse_exit(chosen[0][1] if chosen else "static", steps, min_steps)
+
+
+def _has_min_steps(policy) -> bool:
+    return "min_steps" in {field.name for field in fields(policy)}
 
 
 def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -> ExitPolicy:
@@ -327,4 +346,5 @@ def parse_exit_policy(spec: str, steps: int | None = None, min_steps: int = 1) -
 def default_exit_policy(config) -> ExitPolicy:
     """The policy a model carries for callers that name none (``ModelConfig.default_exit``,
     ``min_loop_steps``, ``max_loop_steps``; a GGUF file records them): fixed T steps unless set."""
-    return parse_exit(config.default_exit, config.max_loop_steps or None, config.min_loop_steps)
+    policy = parse_exit(config.default_exit, config.max_loop_steps or None)
+    return replace(policy, min_steps=config.min_loop_steps) if _has_min_steps(policy) else policy

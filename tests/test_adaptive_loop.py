@@ -112,3 +112,30 @@ def test_gguf_records_min_max_steps_and_loading_honours_them(tmp_path, capsys):
     plain = read_metadata(export_gguf(model, tmp_path / "plain.gguf"))
     assert (plain["looplm.loop.min_steps"], plain["looplm.loop.max_steps"]) == (1, 3)
     assert main(["export", "gguf", str(checkpoint), str(tmp_path / "bad.gguf"), "--min-steps", "0"]) == 2
+    # --min-steps alone sets the recorded policy's least steps (it was once dropped without a word)
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "3", "--show-steps",
+                 "--min-steps", "3"]) == 0
+    assert "steps per token: [3, 3, 3]" in capsys.readouterr().err
+
+
+def test_min_steps_is_never_dropped_silently(tmp_path, capsys):
+    """--min-steps applies to an early exit: with the model's recorded one it sets that policy's
+    least steps; with fixed steps (named, or the policy the model records) it is one line, exit 2."""
+    config = tiny_config(default_exit="ppl:1000", min_loop_steps=2, max_loop_steps=5)
+    assert make_exit_policy(min_steps=4, config=config) == PerplexityExit(1000.0, 5, 4)
+    assert make_exit_policy(config=config) == PerplexityExit(1000.0, 5, 2)
+    assert make_exit_policy(q=0.5, config=config).min_steps == 1  # a named policy replaces the recorded one
+    assert make_exit_policy(steps=4, config=config) == FixedSteps(4)
+    for bad in ({"steps": 4, "min_steps": 2}, {"min_steps": 2, "config": tiny_config()}):
+        with pytest.raises(LoopLMError, match="early exit"):
+            make_exit_policy(**bad)
+    with pytest.raises(LoopLMError, match="not static"):
+        parse_exit_policy("static", min_steps=2)
+    with pytest.raises(LoopLMError, match="not act"):
+        parse_exit_policy("act", min_steps=3)
+    checkpoint, _ = _adaptive(tmp_path)  # records fixed steps
+    for options in (["--min-steps", "2"], ["--steps", "3", "--min-steps", "2"]):
+        capsys.readouterr()
+        assert main(["generate", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "2", *options]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "--min-steps" in error and error.count("\n") == 0, error

@@ -433,3 +433,8 @@ def test_the_program_uses_the_policy_the_file_records(looplm_run, tmp_path):
     result = subprocess.run([str(looplm_run), str(kl), "--prompt-ids", "1,2,3", "-n", "4"], capture_output=True)
     assert result.returncode == 2 and b"records the exit policy kl:0.1" in result.stderr
     assert result.stderr.count(b"\n") == 1
+    for options in (["--min-steps", "2"], ["--steps", "3", "--min-steps", "2"]):  # fixed depth: not dropped silently
+        result = subprocess.run([str(looplm_run), str(plain), "--prompt-ids", "1,2,3", "-n", "4", *options],
+                                capture_output=True)
+        assert result.returncode == 2 and b"--min-steps applies to Q-exit" in result.stderr
+        assert result.stderr.count(b"\n") == 1

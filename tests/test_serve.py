@@ -226,6 +226,7 @@ BAD_REQUESTS = {
     "unknown layout": {"prompt": "a", "layout": "diagonal"},
     "zero steps": {"prompt": "a", "steps": 0},
     "too many steps": {"prompt": "a", "steps": 1000},
+    "min_steps with fixed steps": {"prompt": "a", "exit": "static", "min_steps": 2},
     "n = 2": {"prompt": "a", "n": 2},
     "logprobs": {"prompt": "a", "logprobs": 3},
     "over-long prompt": {"prompt": LONG_PROMPT},

@@ -302,6 +302,8 @@ int main(int argc, char **argv) {
         if (c->max_loop_steps) o.steps = c->max_loop_steps;
         if (!o.min_steps_given) o.min_steps = c->min_loop_steps;
     }
+    if (o.min_steps_given && o.min_steps > 1 && o.q < 0)
+        die("--min-steps applies to Q-exit, and this run exits at a fixed depth: drop it or add --q Q");
     if (o.q >= 0 && !c->exit_gate) die("Q-exit needs a model with an exit gate: use fixed steps");
     const int max_steps = o.steps > 0 ? (int)o.steps : c->loop_steps;
     if (max_steps > MAX_STEPS_FACTOR * c->loop_steps)
