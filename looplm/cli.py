@@ -45,6 +45,18 @@ def _dotted_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _exit_names() -> str:
+    from looplm.exit_policy import USAGE
+
+    return USAGE.removeprefix("use ")
+
+
+def _layout_names() -> str:
+    from looplm.cache import KV_LAYOUTS
+
+    return ", ".join(KV_LAYOUTS)
+
+
 def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     from looplm.cache import KV_LAYOUTS
 
@@ -84,6 +96,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from looplm.config import PARALLEL
+    from looplm.config.presets import PRESETS
     from looplm.precision import PRECISIONS
     from looplm.steppers import backend_names
 
@@ -114,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                            " (atomic, keep-last-N); metrics to OUT/metrics.jsonl.", epilog=EPILOG_TRAIN,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML/JSON run config with model, train and data sections")
-    train.add_argument("--preset", help="model shape: tiny, small, reference, ouro-1.4b, ouro-2.6b")
+    train.add_argument("--preset", help=f"model shape or family: {', '.join(PRESETS)} (docs/ARCHITECTURES.md)")
     train.add_argument("--data", help="a .txt, .jsonl or .parquet file, a directory of them, hf:NAME[:SPLIT] (a"
                                       " datasets dataset), or a 'looplm prepare' output; text field:"
                                       " --data.text_field")
@@ -153,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--show-steps", action="store_true", help="print the loop steps each token used")
     generate.add_argument("--no-stream", action="store_true", help="print only when finished")
     generate.add_argument("--backend", default="auto", choices=backend_names(),
-                          help="per-token decode implementation: native = C kernel (CPU, float32), torch ="
+                          help="per-token decode implementation: native = C (CPU; float32, or bf16 weights with"
+                               " --dtype), torch ="
                                " vector-shaped torch ops, reference = the model's modules; auto (default)"
                                " = native where it can run, else torch (several prompts: native's batched rows"
                                " for the plain loop, else reference). All give the same tokens.")
@@ -308,7 +322,7 @@ def _add_lm_eval_parser(sub) -> None:
                               " only built when a task is not found here")
     lm_eval.add_argument("--steps", type=int, default=None, help="loop steps (default: the trained T)")
     lm_eval.add_argument("--exit", default="static",
-                         help="which step answers: static, q:<q>, hidden:<eps>, kl:<eps>, act[:<threshold>]")
+                         help=f"which step answers: {_exit_names()} (default: static)")
     lm_eval.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     lm_eval.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     lm_eval.add_argument("--batch-size", default="1", help="sequences per forward, or auto")
@@ -332,10 +346,10 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long to gather requests into one batch after the first arrives (default: 5)")
     serve.add_argument("--exit", default="static",
-                       help="default exit policy: static, q:<q>, hidden:<eps>, kl:<eps> or act (default: static)")
+                       help=f"default exit policy: {_exit_names()} (default: static)")
     serve.add_argument("--steps", type=int, default=None, help="default loop steps (default: the trained T)")
     serve.add_argument("--layout", default="last_exited",
-                       help="default KV layout: last_exited, full, last, first, avg, modulo (default: last_exited)")
+                       help=f"default KV layout: {_layout_names()} (default: last_exited)")
     serve.add_argument("--max-tokens-default", type=int, default=128,
                        help="max_tokens of a request that gives none (default: 128)")
     serve.add_argument("--model-name", default=None, help="model id in responses (default: the checkpoint's name)")
