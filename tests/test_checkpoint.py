@@ -34,6 +34,39 @@ def test_save_is_atomic_and_replaces(tmp_path, tiny_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_save_never_removes_what_it_would_not_write(tmp_path, tiny_model, capsys):
+    """Replacing a directory is for outputs of the same kind: a directory also holding the user's
+    files, or a file where the directory would go, is refused with one line and left as it was —
+    through the API (``save``) and the CLI (``convert hf --force``, ``eval --out --overwrite``)."""
+    from looplm.cli import main
+    from looplm.data.tokenizer import byte_tokenizer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(LoopLMError, match="holds thesis.tex, which this output would not replace"):
+        tiny_model.save(home)
+    assert sorted(path.name for path in home.iterdir()) == ["thesis.tex"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["home"]  # no staging left behind
+    note = tmp_path / "note.txt"
+    note.write_text("mine")
+    with pytest.raises(LoopLMError, match="is a file, not a directory"):
+        tiny_model.save(note)
+    model = LoopLM(tiny_config(vocab_size=259))
+    checkpoint = model.save(tmp_path / "ckpt", byte_tokenizer())
+    for argv in (["convert", "hf", str(checkpoint), str(note), "--force"],
+                 ["convert", "hf", str(checkpoint), str(home), "--force"],
+                 ["eval", str(checkpoint), "--task", "binding", "--examples", "4", "--out", str(home), "--overwrite"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert note.read_text() == "mine" and sorted(path.name for path in home.iterdir()) == ["thesis.tex"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt", "home", "note.txt"]
+    model.save(checkpoint)  # its own kind: replaced (without the tokenizer, which it may drop)
+    assert main(["convert", "hf", str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert main(["convert", "hf", str(checkpoint), str(tmp_path / "hf"), "--force"]) == 0
+
+
 def _broken(tmp_path, tiny_model, how):
     target = tmp_path / "ckpt"
     tiny_model.save(target)

@@ -290,8 +290,12 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     assert code == 2 and "--force" in err and (destination / "keep.txt").read_text() == "mine"
     code, err = run_cli(capsys, "convert", "ouro", tmp_path / "ouro", tmp_path / "ouro", "--force")
     assert code == 2 and "is the input" in err
-    assert run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination, "--force")[0] == 0
-    assert not (destination / "keep.txt").exists() and looplm.load(destination).config.d_model == 32
+    code, err = run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination, "--force")  # not its output
+    assert code == 2 and "holds keep.txt" in err and (destination / "keep.txt").read_text() == "mine"
+    (destination / "keep.txt").unlink()
+    for _ in range(2):  # --force replaces an earlier conversion
+        assert run_cli(capsys, "convert", "ouro", tmp_path / "ouro", destination, "--force")[0] == 0
+    assert looplm.load(destination).config.d_model == 32
 
 
 # The released checkpoints' config.json fields that matter here (public model cards and configs:

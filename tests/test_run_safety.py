@@ -87,6 +87,24 @@ def test_a_fresh_run_into_a_used_directory_is_refused_or_started_clean(corpus, t
     assert [record["step"] for record in records if "loss" in record] == [1, 2]  # the old metrics are gone
 
 
+def test_overwrite_empties_only_a_run_never_a_directory_of_other_files(corpus, tmp_path, capsys):
+    """--out on a directory of the user's files (not a run) is refused, --overwrite or not: emptying
+    it would delete them; a run with a file of the user's beside it is not emptied either."""
+    home = tmp_path / "home"
+    (home / "code").mkdir(parents=True)
+    (home / "thesis.tex").write_text("years of work")
+    for extra in ([], ["--overwrite"]):
+        line = error_of(capsys, "--data", corpus, "--out", home, "--train.steps", "1", *extra, *TINY)
+        assert "holds code, thesis.tex, which no run writes" in line
+    assert (home / "thesis.tex").read_text() == "years of work" and (home / "code").is_dir()
+    run = tmp_path / "run"
+    assert train("--data", corpus, "--out", run, "--train.steps", "1", *TINY) == 0
+    (run / "notes.md").write_text("mine")
+    assert "holds notes.md" in error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "1", "--overwrite",
+                                        *TINY)
+    assert (run / "notes.md").is_file() and (run / "run_config.json").is_file()
+
+
 def test_overwrite_never_deletes_an_input(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

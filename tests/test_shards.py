@@ -231,14 +231,16 @@ def test_progress_bar_path_keeps_stream(monkeypatch, many_documents, tmp_path):
     assert sorted(both) == sorted(expected_stream(many_documents))
 
 
-def test_overwrite_replaces_contents(tmp_path):
+def test_overwrite_replaces_earlier_shards_and_nothing_else(tmp_path):
     out = tmp_path / "shards"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    write_shards(["an earlier corpus"], BYTE, out)
     write_shards(["hello there"], BYTE, out, overwrite=True)
-    assert not (out / "stale.txt").exists()
     assert read_meta(out)["train_tokens"] + read_meta(out)["val_tokens"] == 12
     assert [path.name for path in tmp_path.iterdir()] == ["shards"]
+    (out / "stale.txt").write_text("the user's")  # not a shard file: refused before any tokenizing, kept
+    with pytest.raises(LoopLMError, match="holds stale.txt, which this output would not replace"):
+        write_shards(["hello"], BYTE, out, overwrite=True)
+    assert (out / "stale.txt").read_text() == "the user's" and read_meta(out)["train_tokens"] > 0
 
 
 def test_empty_existing_directory_is_fine(tmp_path):

@@ -87,10 +87,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
-def atomic_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_directory(target: str | Path, write: Callable[[Path], None],
+                     replaceable: Callable[[str], bool] | None = None) -> Path:
     """Call ``write(staging_dir)``, fsync what it wrote, then rename it to ``target`` (an
-    existing ``target`` is moved aside first and removed last)."""
+    existing ``target`` is moved aside first and removed last).  An existing ``target`` is
+    replaced only if it is a directory each of whose entries the new one writes again or
+    ``replaceable(name)`` accepts (what an earlier write of the same kind may have left): a
+    user's file (or a directory holding anything else) is never removed."""
     target = Path(target)
+    check_replaceable(target, lambda name: True)  # a file is never replaced by a directory
     staging = staging_path(target)
     with disk_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +107,7 @@ def atomic_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
                 write(staging)
             except LoopLMError as error:  # a nested write's message names the staging path: name the target
                 raise LoopLMError(str(error).replace(str(staging), str(target))) from None
+            _refuse_foreign_entries(target, staging, replaceable)
             _fsync_tree(staging)
             if target.exists():
                 retired = staging_path(target, "old")
@@ -115,6 +121,28 @@ def atomic_directory(target: str | Path, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return target
+
+
+def _refuse_foreign_entries(target: Path, staging: Path, replaceable: Callable[[str], bool] | None) -> None:
+    """Refuse to replace ``target`` if it holds entries the new directory (``staging``) does not
+    write again and ``replaceable`` does not accept."""
+    written = {entry.name for entry in staging.iterdir()}
+    check_replaceable(target, lambda name: name in written or bool(replaceable and replaceable(name)))
+
+
+def check_replaceable(target: str | Path, replaceable: Callable[[str], bool]) -> None:
+    """Before slow work whose output directory replaces ``target``: refuse a file there, or a
+    directory holding an entry ``replaceable`` does not accept (``atomic_directory``'s rule)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise LoopLMError(f"{str(target)!r} is a file, not a directory: choose another output path")
+    if not target.is_dir():
+        return
+    foreign = sorted(entry.name for entry in target.iterdir() if not replaceable(entry.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LoopLMError(f"{str(target)!r} holds {shown}, which this output would not replace: move them away or"
+                          " choose another output directory")
 
 
 def _alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ the newest.  Reading never executes anything from the files: JSON and safetensor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ TRAIN_STATE_FILE = "train_state.pt"
 CHECKPOINT_FORMAT = "looplm"
 CHECKPOINT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def checkpoint_entry(name: str) -> bool:
+    """Whether a checkpoint directory's writer (looplm's, Hugging Face's, Ouro's) may have written
+    ``name``: what replacing such a directory may remove (``atomic_directory``'s ``replaceable``)."""
+    return (name in (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, "model.safetensors.index.json",
+                     "generation_config.json", "modeling_looplm.py")
+            or name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template"))
+            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None)
 
 
 def config_json(config: ModelConfig) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from looplm.checkpoint.atomic import atomic_directory
+from looplm.checkpoint.atomic import atomic_directory, check_replaceable
 from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
@@ -36,6 +36,8 @@ from looplm.errors import LoopLMError
 SHARD_FORMAT = "looplm-shards"
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
+# what a shard directory holds (``overwrite`` replaces a directory holding nothing else)
+SHARD_FILES = frozenset({*(f"{split}.bin" for split in SPLITS), "meta.json", "tokenizer.json", "stream.bin"})
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Below this many documents a per-document split is too coarse (one document could be
 # half the corpus), so the tail of the token stream becomes the validation split instead.
@@ -80,7 +82,8 @@ def write_shards(
     _check_destination(out_dir, overwrite)
     written = {}
     atomic_directory(out_dir, lambda staging: written.update(_write_into(staging, documents, tokenizer, val_fraction,
-                                                                         seed, provenance)))
+                                                                         seed, provenance)),
+                     replaceable=SHARD_FILES.__contains__)
     return written
 
 
@@ -187,12 +190,16 @@ def _check_positive_int(value: int, name: str) -> None:
 
 
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, a non-empty directory unless ``overwrite``, and one
+    holding anything but shard files even then (before any tokenizing)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise LoopLMError(f"output path '{out_dir}' is a file, not a directory: choose another output directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LoopLMError(
-            f"output directory '{out_dir}' is not empty: choose a new directory, or overwrite it (overwrite=True)"
+            f"output directory '{out_dir}' is not empty: choose a new directory, or replace its contents"
+            " (--overwrite on the command line, overwrite=True in Python)"
         )
+    check_replaceable(out_dir, SHARD_FILES.__contains__)
 
 
 def _write_into(

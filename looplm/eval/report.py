@@ -40,6 +40,9 @@ from looplm.model.exit import exit_distribution, log_exit_distribution
 
 HISTOGRAM_Q = 0.5
 PLOTS = {"per_step": "per_step.png", "curves": "curves.png", "exit_histogram": "exit_histogram.png"}
+# every file a report directory may hold (--overwrite replaces a directory holding nothing else)
+REPORT_FILES = frozenset({"per_step.csv", "curves.csv", "exit_histogram.csv", "report.json", "report.md",
+                          *PLOTS.values()})
 
 
 def build_report(records: StepRecords, trained_steps: int, with_accuracy: bool, description: str = "",
@@ -161,4 +164,4 @@ def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> 
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "report.md").write_text(markdown(report))
 
-    return atomic_directory(out_dir, write)
+    return atomic_directory(out_dir, write, replaceable=REPORT_FILES.__contains__)

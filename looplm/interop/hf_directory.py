@@ -70,19 +70,22 @@ def write_hf_files(model, directory: Path, tokenizer=None, tokenizer_source: Pat
 def save_hf(model, directory: str | Path, tokenizer=None) -> Path:
     """Save a LoopLM (and tokenizer) as a Hugging Face-loadable directory, atomically (replacing one)."""
     from looplm.checkpoint.atomic import atomic_directory
+    from looplm.checkpoint.directory import checkpoint_entry
 
-    return atomic_directory(Path(directory), lambda staging: write_hf_files(model, staging, tokenizer))
+    return atomic_directory(Path(directory), lambda staging: write_hf_files(model, staging, tokenizer),
+                            replaceable=checkpoint_entry)
 
 
 def convert_looplm_to_hf(source: str | Path, destination: str | Path, force: bool = False) -> Path:
     """``looplm convert hf SRC DST``: a looplm checkpoint (or run directory's newest) → a
     Hugging Face-loadable directory."""
     from looplm.checkpoint.atomic import atomic_directory
-    from looplm.checkpoint.directory import resolve_checkpoint
+    from looplm.checkpoint.directory import checkpoint_entry, resolve_checkpoint
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     checkpoint = resolve_checkpoint(check_source(source))
     destination = check_destination(checkpoint, destination, force)
     model = load_model(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    return atomic_directory(destination, lambda staging: write_hf_files(model, staging, tokenizer, checkpoint))
+    return atomic_directory(destination, lambda staging: write_hf_files(model, staging, tokenizer, checkpoint),
+                            replaceable=checkpoint_entry)

@@ -225,6 +225,7 @@ def save_ouro(model, directory: str | Path, tokenizer_source: str | Path | None 
               max_shard_bytes: int | None = None) -> Path:
     """Write an Ouro-shaped LoopLM as an Ouro checkpoint directory, atomically (replacing one)."""
     from looplm.checkpoint.atomic import atomic_directory
+    from looplm.checkpoint.directory import checkpoint_entry
 
     config = ouro_config_from_looplm(model.config, _tokenizer_or_none(tokenizer_source))
     tensors = ouro_state_from_looplm(model)
@@ -235,7 +236,7 @@ def save_ouro(model, directory: str | Path, tokenizer_source: str | Path | None 
         if tokenizer_source is not None:
             copy_tokenizer_files(Path(tokenizer_source), staging)
 
-    return atomic_directory(Path(directory), write)
+    return atomic_directory(Path(directory), write, replaceable=checkpoint_entry)
 
 
 def _tokenizer_or_none(directory: str | Path | None):
@@ -250,7 +251,7 @@ def convert_ouro_to_looplm(source: str | Path, destination: str | Path, force: b
     """``looplm convert ouro SRC DST``: an Ouro checkpoint → a looplm checkpoint directory
     (config.json + model.safetensors + the tokenizer files, copied through)."""
     from looplm.checkpoint.atomic import atomic_directory
-    from looplm.checkpoint.directory import write_model_files
+    from looplm.checkpoint.directory import checkpoint_entry, write_model_files
 
     source = check_source(source)
     destination = check_destination(source, destination, force)
@@ -260,7 +261,7 @@ def convert_ouro_to_looplm(source: str | Path, destination: str | Path, force: b
         write_model_files(model.config, model.state_dict(), staging)
         copy_tokenizer_files(source, staging)
 
-    return atomic_directory(destination, write)
+    return atomic_directory(destination, write, replaceable=checkpoint_entry)
 
 
 def convert_looplm_to_ouro(source: str | Path, destination: str | Path, max_shard_bytes: int | None = None,

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from looplm.checkpoint.atomic import atomic_directory
-from looplm.checkpoint.directory import write_model_files
+from looplm.checkpoint.directory import checkpoint_entry, write_model_files
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError
 from looplm.model.block import Layer
@@ -186,7 +186,8 @@ class LoopLM(nn.Module):
         reads it.  ``weights``: the full state dict when this model holds only shards (FSDP)."""
         weights = self.state_dict() if weights is None else weights
         return atomic_directory(Path(directory),
-                                lambda staging: write_model_files(self.config, weights, staging, tokenizer))
+                                lambda staging: write_model_files(self.config, weights, staging, tokenizer),
+                                replaceable=checkpoint_entry)
 
     def _check_positions(self, start: int, length: int) -> None:
         if start + length > self.config.max_seq_len:

@@ -4,7 +4,9 @@ by accident, never emptied when it holds one of the run's inputs.
 A run directory holds ``run_config.json``, ``metrics.jsonl``, ``checkpoints/step_N`` and, for raw
 text data, the tokenized copy in ``data/``.  A fresh run into a directory that already holds
 anything would mix two runs (the old data reused under the new name, metrics appended to the
-old ones), so it is refused unless ``resume`` (continue it) or ``overwrite`` (start clean).
+old ones), so it is refused unless ``resume`` (continue it) or ``overwrite`` (start clean: the run's own
+entries removed, ``RUN_ENTRIES``).  A directory holding anything else is not a run and is
+refused even with ``overwrite``: emptying it would delete the user's files.
 Staging directories left by a process killed while saving are removed.
 """
 
@@ -14,8 +16,10 @@ import shutil
 from pathlib import Path
 
 from looplm.checkpoint.atomic import refuse_overlap, remove_stale_staging
+from looplm.checkpoint.directory import RUN_CONFIG_FILE
 from looplm.config import FITTED_TOKENIZERS, RunConfig
 from looplm.errors import LoopLMError
+from looplm.training.loggers import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
 def run_inputs(run: RunConfig) -> list[str | None]:
@@ -24,18 +28,29 @@ def run_inputs(run: RunConfig) -> list[str | None]:
             run.data.tokenizer if run.data.tokenizer not in ("byte", *FITTED_TOKENIZERS) else None]
 
 
+# what a run writes into its directory (``--overwrite`` removes these and nothing else)
+RUN_ENTRIES = frozenset({RUN_CONFIG_FILE, METRICS_FILE, "checkpoints", "data", TENSORBOARD_DIR, WANDB_ID_FILE})
+
+
 def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Check (and with ``overwrite`` empty) ``out_dir`` for a run; see the module docstring."""
+    """Check (and with ``overwrite`` empty) ``out_dir`` for a run; see the module docstring.  A
+    directory holding anything a run does not write is never emptied: it is not a run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise LoopLMError(f"--out {str(out_dir)!r} is a file: give a directory for the run")
     if resume and overwrite:
         raise LoopLMError("choose --resume (continue the run in --out) or --overwrite (start it again), not both")
-    occupied = out_dir.is_dir() and any(out_dir.iterdir())
-    if occupied and not resume:
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and not resume:
+        if overwrite:
+            refuse_overlap(out_dir, run_inputs(run), "--overwrite")
+        foreign = [entry.name for entry in entries if entry.name not in RUN_ENTRIES]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise LoopLMError(f"--out {str(out_dir)!r} holds {shown}, which no run writes: choose a new or empty"
+                              " directory for the run (--overwrite only replaces a run)")
         if not overwrite:
             raise LoopLMError(f"{str(out_dir)!r} already holds a run: pass --resume to continue it, --overwrite to"
                               " start it again, or choose another --out")
-        refuse_overlap(out_dir, run_inputs(run), "--overwrite")
-        for path in out_dir.iterdir():
+        for path in entries:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     remove_stale_staging(out_dir / "checkpoints")
