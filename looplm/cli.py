@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -88,7 +89,12 @@ def _add_exit_arguments(parser: argparse.ArgumentParser) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors as ``LoopLMError`` (one line and exit 2 in ``main``, not usage
-    text); subcommand parsers inherit it."""
+    text); subcommand parsers inherit it.  Options are never abbreviated (``--max-new`` is not
+    ``--max-new-tokens``: a typo must not silently pick an option)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise LoopLMError(f"{message} (see '{self.prog} --help')")
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = ArgumentParser(prog="looplm", description="Looped (recurrent-depth) language models:"
                                      " train, generate with early exit, evaluate depth.")
+    from looplm import __version__
+
+    parser.add_argument("--version", action="version", version=f"looplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train a tiny looped model on a reasoning task (or --text: English) and show"
@@ -204,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the report to this file")
     evaluate.add_argument("--out",
                           help="write the full report (CSV, PNG, report.md, report.json) to this new directory")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier report in --out, or an existing --json file")
     evaluate.add_argument("--q-grid", help="comma-separated Q-exit thresholds in [0, 1] (default: 0.05 .. 1)")
     evaluate.add_argument("--epsilon-grid", help="comma-separated thresholds ε >= 0 on the relative readout change"
                                                  " (default: 0.5 .. 0)")
@@ -249,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time training and batch-1 decode on the reference shape",
                            description="Training tokens/s (d 256, 4 heads, vocab 4096, 3 core layers x T 4,"
                            " batch 8 x 256, Stage I) and batch-1 greedy decode tokens/s (prompt 128, 128 new).")
-    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--json", help="also write the figures to this JSON file (a new one, unless --overwrite)")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     bench.add_argument("--compile", action="store_true", help="also time training under torch.compile")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
@@ -384,12 +395,38 @@ def run_serve(args) -> None:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: the server cannot turn prompts into tokens")
-    engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
-                    max_queue=args.max_queue)
-    app = create_app(model, tokenizer, config, engine)
-    print(f"looplm serve: {name} on http://{args.host}:{args.port} (exit {args.exit}, layout {args.layout},"
-          f" max batch {args.max_batch})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    listening = listen_socket(args.host, args.port)  # a busy port or a bad host: one line, not uvicorn's log
+    try:
+        engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
+                        max_queue=args.max_queue)
+        app = create_app(model, tokenizer, config, engine)
+        port = listening.getsockname()[1]
+        print(f"looplm serve: {name} on http://{args.host}:{port} (exit {args.exit}, layout {args.layout},"
+              f" max batch {args.max_batch})", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listening])
+    finally:
+        listening.close()
+
+
+def listen_socket(host: str, port: int):
+    """A TCP socket bound to (host, port) for the server, or one line saying why it cannot be."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise LoopLMError(f"--host {host!r} is not an address of this machine ({error.strerror}): use 127.0.0.1,"
+                          " 0.0.0.0 or one of its addresses") from None
+    listening = socket.socket(family, kind, protocol)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as error:
+        listening.close()
+        raise LoopLMError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port or stop what"
+                          " uses it") from None
+    return listening
 
 
 def run_train(args) -> None:
@@ -465,12 +502,28 @@ def _train_summary_line(summary: dict) -> str:
     return f"looplm train: done: {', '.join(parts)}; checkpoint {summary['checkpoint']}"
 
 
+def _warn_unused_generate_options(args) -> None:
+    """One warning for each option given that this generation would not use."""
+    if args.temperature == 0:
+        unused = [flag for flag, given in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0),
+                                           ("--seed", args.seed is not None)) if given]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} only matter when sampling: greedy decoding (--temperature 0, the"
+                          " default) ignores them; add --temperature 0.8, say, to sample", stacklevel=2)
+    if args.modulo_slots != 2 and args.layout != "modulo":
+        warnings.warn("--modulo-slots applies to --layout modulo only: ignored", stacklevel=2)
+    if args.compile and args.backend not in ("auto", "torch"):
+        warnings.warn(f"--compile compiles the torch backend's step: ignored with --backend {args.backend}",
+                      stacklevel=2)
+
+
 def run_generate(args) -> None:
     from looplm.exit_policy import check_depth, make_exit_policy
     from looplm.generate import Generation, Sampling, stream
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    _warn_unused_generate_options(args)
     model = load_model(args.checkpoint)
     # No policy named: the one the model records (fixed T steps unless set, e.g. by a GGUF file).
     policy = make_exit_policy(args.q, args.steps, args.act, args.exit_hidden, args.exit_kl, args.min_steps,
@@ -540,14 +593,15 @@ def _grid(text: str | None, default: tuple, name: str, upper: float | None = Non
 def run_eval(args) -> None:
     from tqdm import tqdm
 
-    from looplm.checkpoint.atomic import atomic_write_text, refuse_overlap
+    from looplm.checkpoint.atomic import atomic_write_text, check_replaceable, refuse_overlap
     from looplm.checkpoint.directory import resolve_checkpoint
     from looplm.checkpoint.gguf import is_gguf_path
     from looplm.config import DataConfig
     from looplm.data.source import open_training_data
     from looplm.eval import curves
-    from looplm.eval.report import build_report, write_report
-    from looplm.model.loading import load_model
+    from looplm.eval.report import REPORT_FILES, build_report, write_report
+    from looplm.exit_policy import FixedSteps, check_depth
+    from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
     if args.steps is not None and args.steps < 1:
         raise LoopLMError(f"--steps must be >= 1, got {args.steps}")
@@ -560,6 +614,8 @@ def run_eval(args) -> None:
         if Path(args.json).is_dir():
             raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the report")
         refuse_overlap(args.json, [args.checkpoint, args.data])
+        if Path(args.json).exists() and not args.overwrite:
+            raise LoopLMError(f"--json {args.json!r} exists: choose a new file name or pass --overwrite to replace it")
     if args.out:
         refuse_overlap(args.out, [args.checkpoint, checkpoint, args.data], "--overwrite" if args.overwrite else "")
     model = load_model(args.checkpoint)
@@ -568,23 +624,34 @@ def run_eval(args) -> None:
 
         quantize_model(model)
     steps = args.steps or model.config.loop_steps + 2
+    check_depth(FixedSteps(steps), model.config.loop_steps)  # as decoding allows: extrapolation within reason
     try:
         options = json.loads(args.task_options)
     except json.JSONDecodeError:
-        raise LoopLMError(f"--task-options must be JSON, got {args.task_options!r}") from None
+        options = None
+    if not isinstance(options, dict):
+        raise LoopLMError(f"--task-options must be a JSON object such as '{{\"hops\": 3}}', got {args.task_options!r}")
     grids = {"q_grid": _grid(args.q_grid, curves.Q_GRID, "--q-grid", upper=1.0),
              "hidden_change_grid": _grid(args.epsilon_grid, curves.HIDDEN_CHANGE_GRID, "--epsilon-grid"),
              "kl_grid": _grid(args.kl_grid, curves.KL_GRID, "--kl-grid")}
-    if args.out:
+    if args.out:  # fail before the slow part
         out = Path(args.out)
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the slow part
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
-    # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights).
-    data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=str(checkpoint),
-                      text_field=args.text_field)
+        check_replaceable(out, REPORT_FILES.__contains__)
     batch = 16
-    # No work directory: raw text is tokenized into the looplm cache, never into the checkpoint.
-    opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1))
+    with tempfile.TemporaryDirectory() as scratch:
+        # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights, or in
+        # the GGUF file: written out where the data pipeline reads a tokenizer.json).
+        tokenizer = str(checkpoint)
+        if is_gguf_path(checkpoint):
+            if (carried := load_checkpoint_tokenizer(checkpoint)) is None:
+                raise LoopLMError(f"{str(checkpoint)!r} holds no tokenizer: export it from a checkpoint that has one")
+            tokenizer = str(carried.save(scratch))
+        data = DataConfig(path=args.data, task=args.task, task_options=options, tokenizer=tokenizer,
+                          text_field=args.text_field)
+        # No work directory: raw text is tokenized into the looplm cache, never into the checkpoint.
+        opened = open_training_data(data, batch, min(256, model.config.max_seq_len), max(args.examples // batch, 1))
     if args.task:
         # Exact match on the held-out set: one row per example, loss on its answer + eos tokens.
         eval_set = opened.eval_set
@@ -642,11 +709,27 @@ def run_export(args) -> None:
     model = load_model(args.checkpoint)
     defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
                                               ("max_loop_steps", args.max_steps)) if value is not None}
-    if defaults:  # the inference defaults the file records (validated like any config)
+    if defaults:  # the inference defaults the file records (validated like any config, then as a decoder would)
         model.config = from_dict(ModelConfig, {**model.config.to_dict(), **defaults}, "model")
+        _check_recorded_policy(model.config)
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")
     print(program.instructions(path))
+
+
+def _check_recorded_policy(config) -> None:
+    """Refuse loop defaults a decoder would refuse or ignore, before a file records them."""
+    from looplm.exit_policy import check_depth, default_exit_policy
+
+    policy = default_exit_policy(config)
+    check_depth(policy, config.loop_steps)
+    most = policy.max_steps(config.loop_steps)
+    if config.min_loop_steps > most:
+        raise LoopLMError(f"--min-steps {config.min_loop_steps} exceeds the {most} loop steps the file would record:"
+                          " lower it or raise --max-steps")
+    if policy.needs_gate and not config.exit_gate:
+        raise LoopLMError(f"--exit {config.default_exit} needs a model with an exit gate: record static, hidden:<eps>,"
+                          " kl:<eps> or ppl:<x>")
 
 
 def run_prepare(args) -> None:
@@ -684,6 +767,11 @@ def run_lm_eval(args) -> None:
         raise LoopLMError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise LoopLMError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if str(args.device).startswith("cuda"):  # asked for by name here (lm_eval's own default is cuda:0)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LoopLMError(f"--device {args.device}: CUDA is not available here; use --device cpu or auto")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
                        dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,
@@ -704,6 +792,12 @@ def run_bench_command(args) -> None:
 
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 0:
+        raise LoopLMError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.json and Path(args.json).is_dir():
+        raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the figures")
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise LoopLMError(f"--json {args.json!r} exists: choose a new file name or pass --overwrite to replace it")
     run_bench(args.json, args.threads, args.compile, args.repeats)
 
 

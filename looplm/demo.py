@@ -18,6 +18,7 @@ process holds the second core.  Lookups by variable name are far slower to learn
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -77,12 +78,39 @@ def plot_by_steps(values: dict[int, float], trained_steps: int, q_point: tuple[f
     return path
 
 
+def demo_train_steps(train_steps: int | None, default: int) -> int:
+    """The demo's optimiser steps: ``default`` for None, else ``train_steps``, which must be >= 1."""
+    if train_steps is None:
+        return default
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+        raise LoopLMError(f"--train-steps must be a positive number of optimiser steps, got {train_steps!r}:"
+                          f" give 1 or more, or leave it out for the demo's {default}")
+    return train_steps
+
+
 def refuse_existing_run(out: Path) -> Path:
-    """``out/run``, the demo's run directory, unless an earlier demo already trained there."""
+    """``out/run``, the demo's run directory, unless an earlier demo already trained there or
+    ``out`` (or the nearest part of it that exists) is a file."""
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under {str(existing)!r}, which is a file"
+        raise LoopLMError(f"--out {str(out)!r} {where}, not a directory: choose a directory for the demo's output")
     run_dir = out / "run"
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise LoopLMError(f"{str(out)!r} already holds a demo run: choose another --out or delete it")
     return run_dir
+
+
+def train_demo(trainer: Trainer, run_dir: Path) -> None:
+    """Train; when interrupted (the trainer has saved a checkpoint), say how the user can go on:
+    ``looplm demo`` has no resume, ``looplm train --resume`` finishes the training run."""
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        print(f"looplm demo: stopped; the demo cannot resume, but 'looplm train --out {shlex.quote(str(run_dir))}"
+              " --resume' finishes its training run (without the demo's report), or run 'looplm demo' again with"
+              " another --out", file=sys.stderr)
+        raise
 
 
 def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: float | None = None,
@@ -91,7 +119,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     out = Path(out)
     q = DEMO_Q if q is None else q
     QExit(q)  # validates q before any training starts
-    run = demo_run_config(train_steps or DEMO_TRAIN_STEPS, seed)
+    run = demo_run_config(demo_train_steps(train_steps, DEMO_TRAIN_STEPS), seed)
     run_dir = refuse_existing_run(out)
     started = time.perf_counter()
     trainer = Trainer(run, run_dir, progress=progress)
@@ -99,7 +127,7 @@ def run_demo(out: str | Path = "runs/demo", train_steps: int | None = None, q: f
     print(f"looplm demo: training a {model.num_parameters():,}-parameter looped model"
           f" ({run.model.n_core_layers} layers x {run.model.loop_steps} steps) on {DEMO_TASK}"
           f" {DEMO_TASK_OPTIONS} for {run.train.steps} steps", file=sys.stderr)
-    trainer.train()
+    train_demo(trainer, run_dir)
     train_seconds = time.perf_counter() - started
 
     from looplm.data.tasks import TaskBatches, make_task

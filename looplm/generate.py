@@ -269,7 +269,7 @@ class BatchSession:
         same_layout = settings.layout == cache.layout or self.model.config.kv_append_first  # (its layout is fixed)
         return (self.free_slots > 0 and 0 < len(prompt) <= self.context and same_layout
                 and settings.exit_policy.max_steps(self.model.config.loop_steps) <= cache.max_steps
-                and len(prompt) + max(self.budget(prompt, limit), 1) <= cache.max_len)
+                and len(prompt) + self.budget(prompt, limit) <= cache.max_len)  # its last token is never fed
 
     def admit(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
               on_tokens: Sequence[Callable | None] | None = None, settings: Sequence[Settings] | None = None,

@@ -270,7 +270,77 @@ def case_config_file_with_an_unknown_key(files, tmp_path):
 
 
 def case_train_into_a_directory_holding_a_run(files, tmp_path):
-    return ["train", "--data", files / "corpus.txt", "--out", copy_of(files, tmp_path), *TINY_TRAIN], "already holds"
+    run = tmp_path / "run"
+    shutil.copytree(files / "ckpt", run / "checkpoints" / "step_0000002")
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 5.0}\n')
+    return ["train", "--data", files / "corpus.txt", "--out", run, *TINY_TRAIN], "already holds"
+
+
+def case_train_into_a_checkpoint_directory(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", copy_of(files, tmp_path), "--overwrite", *TINY_TRAIN], \
+        "which no run writes"
+
+
+def case_eval_json_over_an_existing_file(files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return ["eval", files / "ckpt", "--task", "binding", "--examples", "4", "--json", tmp_path / "notes.txt"], \
+        "pass --overwrite"
+
+
+def case_bench_json_over_an_existing_file(files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return ["bench", "--json", tmp_path / "notes.txt"], "pass --overwrite"
+
+
+def case_bench_negative_threads(files, tmp_path):
+    return ["bench", "--threads", "-3"], "--threads"
+
+
+def case_eval_task_options_not_an_object(files, tmp_path):
+    return ["eval", files / "ckpt", "--task", "binding", "--task-options", "[1, 2]"], "JSON object"
+
+
+def case_export_a_q_exit_threshold_above_one(files, tmp_path):
+    return ["export", "gguf", files / "ckpt", tmp_path / "q.gguf", "--exit", "q:2"], "q must be in [0, 1]"
+
+
+def case_export_more_steps_than_decoders_run(files, tmp_path):
+    return ["export", "gguf", files / "ckpt", tmp_path / "m.gguf", "--max-steps", "100"], "steps must be at most"
+
+
+def case_export_min_steps_beyond_the_depth(files, tmp_path):
+    return ["export", "gguf", files / "ckpt", tmp_path / "m.gguf", "--exit", "q:0.5", "--min-steps", "5"], \
+        "exceeds the 3 loop steps"
+
+
+def case_generate_min_steps_beyond_the_depth(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--q", "0.5", "--min-steps", "99"], "min_steps (99) exceeds"
+
+
+def case_serve_on_a_busy_port(files, tmp_path):
+    pytest.importorskip("fastapi")
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    tmp_path.joinpath("port").write_text(str(busy.getsockname()[1]))
+    case_serve_on_a_busy_port.held = busy  # held open while the command runs
+    return ["serve", files / "ckpt", "--port", busy.getsockname()[1]], "Address already in use"
+
+
+def case_lm_eval_on_cuda_without_cuda(files, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return ["lm-eval", files / "ckpt", "--tasks", "x", "--device", "cuda"], "CUDA is not available"
+
+
+def case_an_abbreviated_option(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--max-new", "3"], "unrecognized arguments: --max-new"
+
+
+def case_eval_steps_far_beyond_training(files, tmp_path):
+    return ["eval", files / "ckpt", "--task", "binding", "--steps", "1000"], "steps must be at most"
 
 
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
@@ -313,3 +383,38 @@ def test_a_full_disk_is_one_line_naming_the_path(writer, files, tmp_path, capsys
     assert status == 2 and len(err.splitlines()) == 1, err
     assert "No space left on device" in err and "free some disk space" in err and str(tmp_path / "out") in err
     assert not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]  # no staging left behind
+
+
+def test_no_new_tokens_and_a_prompt_filling_the_context_are_not_mistakes(files, capsys):
+    """--max-new-tokens 0, and a prompt that fills the context exactly, generate nothing (they were
+    refused as not fitting the batch)."""
+    from looplm.data.tokenizer import byte_tokenizer
+
+    full = "x" * (64 - len(byte_tokenizer().encode_prompt("")))
+    assert len(byte_tokenizer().encode_prompt(full)) == 64
+    for argv in (["--prompt", "ab", "--max-new-tokens", "0"], ["--prompt", full], ["--prompt", full, "--prompt", "ab"]):
+        capsys.readouterr()
+        assert main(["generate", str(files / "ckpt"), "--no-stream", *argv]) == 0, capsys.readouterr().err
+
+
+def test_eval_reads_the_tokenizer_a_gguf_file_carries(files, capsys):
+    """``looplm eval FILE.gguf`` tokenizes with the tokenizer inside the file (it had read the file
+    itself as a tokenizer.json)."""
+    for data in (["--task", "binding", "--examples", "8"], ["--data", str(files / "corpus.txt")]):
+        capsys.readouterr()
+        assert main(["eval", str(files / "model.gguf"), "--no-progress", *data]) == 0, capsys.readouterr().err
+
+
+def test_options_a_generation_would_not_use_warn_in_one_line(files, capsys):
+    """Sampling options at temperature 0, --modulo-slots without the modulo layout and --compile on
+    another backend change nothing: each is named in one warning line (not dropped without a word)."""
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("looplm ")
+    for options, words in ((["--top-k", "5", "--seed", "1"], "--top-k, --seed only matter when sampling"),
+                           (["--modulo-slots", "3"], "--modulo-slots applies to --layout modulo only"),
+                           (["--compile", "--backend", "reference"], "--compile compiles the torch backend")):
+        capsys.readouterr()
+        assert main(["generate", str(files / "ckpt"), "--prompt", "x", "--max-new-tokens", "1", *options]) == 0
+        warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("looplm: warning:")]
+        assert len(warned) == 1 and words in warned[0], warned

@@ -4,11 +4,13 @@ re-deriving sizes a change leaves stale."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
-from looplm.config.model import ModelConfig, flat_dotted, flat_model_values
+from looplm.config.model import ModelConfig, flat_dotted, flat_model_values, model_differences
 from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
 from looplm.config.values import check as _check
@@ -34,14 +36,35 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise LoopLMError(f"{str(path)!r} holds {type(raw).__name__ if raw is not None else 'null'}, not a model"
                           " config mapping: the checkpoint is corrupt")
+    _refuse_hugging_face_config(raw, path.parent)
     raw = {k: v for k, v in raw.items() if k not in CHECKPOINT_METADATA_KEYS}
     return from_dict(ModelConfig, raw, "model")
+
+
+def _refuse_hugging_face_config(raw: dict, directory: Path) -> None:
+    """A Hugging Face config (``hidden_size``, no looplm ``d_model``), such as Ouro's: one line
+    saying how to convert it, not a list of unknown keys."""
+    if "hidden_size" not in raw or "d_model" in raw:
+        return
+    if raw.get("model_type", "ouro") == "ouro":
+        raise LoopLMError(f"{str(directory)!r} is an Ouro (Hugging Face) checkpoint: convert it with looplm convert"
+                          f" ouro SRC DST first (here: looplm convert ouro {shlex.quote(str(directory))} DST, then use"
+                          " DST)")
+    raise LoopLMError(f"{str(directory)!r} is a Hugging Face checkpoint (model_type {raw['model_type']!r}), not a"
+                      " looplm one: looplm reads its own checkpoints and converts Ouro ones (looplm convert ouro SRC"
+                      " DST)")
 
 
 # Sizes ``ModelConfig`` derives when they are left out, and the fields each is derived from.
 DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",),
                  "shared_expert_hidden": ("expert_hidden",), "mla_nope_dim": ("d_model", "n_heads"),
                  "mla_value_dim": ("d_model", "n_heads")}
+# The files a checkpoint and a prepared data directory hold (looplm.checkpoint.directory and
+# looplm.data write them; this layer reads only their paths, so it imports neither).
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "meta.json"
+SECTIONS = ("model", "train", "data")
 # Keys a resumed run may change: they steer how long it runs, how it logs and saves, and where it
 # runs, not the model, the data or the optimisation (docs/TRAINING.md).
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
@@ -104,6 +127,95 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
+def read_config_sections(config_file: str) -> dict:
+    """A config file's contents, each model/train/data section a mapping (an empty one is left out)."""
+    file_config = read_config_file(config_file)
+    _check(isinstance(file_config, dict), f"config file {config_file!r} must hold a mapping with model/train/data"
+           " sections")
+    sections = {}
+    for name, values in file_config.items():
+        if name in SECTIONS and values is None:  # "train:" with nothing under it
+            continue
+        _check(name not in SECTIONS or isinstance(values, dict),
+               f"section {name!r} of config file {config_file!r} must be a mapping of settings, got"
+               f" {type(values).__name__} {values!r}: put each setting on its own line, indented under {name}:")
+        sections[name] = values
+    return sections
+
+
+def checkpoint_tokenizer(source: Any) -> Path | None:
+    """The tokenizer file of checkpoint directory ``source`` (or of a run directory's newest
+    checkpoint), or None."""
+    if not isinstance(source, str) or not source:
+        return None
+    directory = Path(source)
+    if not (directory / CONFIG_FILE).is_file():
+        steps = [step for step in sorted(directory.glob("checkpoints/step_*")) if (step / CONFIG_FILE).is_file()]
+        directory = steps[-1] if steps else directory
+    return directory / TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else None
+
+
+def prepared_tokenizer(path: Any) -> Path | None:
+    """The tokenizer file of a prepared data directory (``looplm prepare``), or None for other data."""
+    if not isinstance(path, str) or not path:
+        return None
+    directory = Path(path)
+    is_prepared = (directory / META_FILE).is_file() and (directory / TOKENIZER_FILE).is_file()
+    return directory / TOKENIZER_FILE if is_prepared else None
+
+
+def default_tokenizer(raw: dict) -> dict:
+    """``raw`` with ``data.tokenizer`` set to the tokenizer its ids must come from, for a run whose
+    user chose none: the source checkpoint's (``train.init``/``train.upcycle_from``: its model knows
+    no other ids), else a prepared data directory's own.  Without either it stays as it is."""
+    data, train = raw.get("data"), raw.get("train")
+    if not isinstance(data, dict):
+        return raw
+    source = (train.get("init") or train.get("upcycle_from")) if isinstance(train, dict) else None
+    tokenizer = checkpoint_tokenizer(source) or prepared_tokenizer(data.get("path"))
+    return raw if tokenizer is None else {**raw, "data": {**data, "tokenizer": str(tokenizer)}}
+
+
+def saved_tokenizer(saved: Any) -> Any:
+    """A saved run config whose ``data.tokenizer`` is the default "byte" with a prepared directory:
+    that directory's own tokenizer, as such a run was trained (configs saved before the default
+    named it); anything else as it is."""
+    data = saved.get("data") if isinstance(saved, dict) else None
+    if not isinstance(data, dict) or data.get("tokenizer", "byte") != "byte":
+        return saved
+    tokenizer = prepared_tokenizer(data.get("path"))
+    return saved if tokenizer is None else {**saved, "data": {**data, "tokenizer": str(tokenizer)}}
+
+
+def check_init_model(run: RunConfig, source_model: dict, changed_by: list[str], vocab_given: bool) -> None:
+    """``--init`` trains the checkpoint's own model: refuse, in one line naming them, the options
+    (``changed_by``) that made this run's model another one.  An unchosen vocabulary is left to
+    the trainer, which fits it to the tokenizer."""
+    source = from_dict(ModelConfig, source_model, "model")
+    model = run.model if vocab_given else dataclasses.replace(run.model, vocab_size=source.vocab_size)
+    if model == source:
+        return
+    culprits = " and ".join(changed_by) or "this run's model options"
+    one = len(changed_by) == 1
+    raise LoopLMError(f"--init {run.train.init!r} trains the checkpoint's own model, but {culprits}"
+                      f" {'asks' if one else 'ask'} for another ({model_differences(source, model)}): leave"
+                      f" {'it' if one else 'them'} out"
+                      " to train the checkpoint's model, or use --upcycle to start from it with more layers or loop"
+                      " steps")
+
+
+def _model_sources(preset_name: str | None, config_file: str | None, file_config: dict, dotted: dict) -> list[str]:
+    """What besides a source checkpoint set this run's model: the preset, the config file's model
+    section, the --model.* options."""
+    sources = [f"--preset {preset_name}"] if preset_name else []
+    if "model" in file_config:
+        sources.append(f"the model section of {config_file!r}")
+    options = [f"--{key}" for key in dotted if key.startswith("model.")]
+    if options:
+        sources.append(", ".join(options))
+    return sources
+
+
 def assemble_run_config(*, preset_name: str | None = None, config_file: str | None = None,
                         source_model: dict | None = None, source_data: dict | None = None,
                         options: dict | None = None, overrides: dict[str, str] | None = None,
@@ -111,19 +223,19 @@ def assemble_run_config(*, preset_name: str | None = None, config_file: str | No
     """Build a run config in the documented order: preset → config file → the source checkpoint's
     model and data (``--init``/``--upcycle``) → command-line options (``options``, dotted keys such
     as ``data.path``) → dotted ``overrides``.  Returns the config and whether the user chose the
-    vocabulary (else the trainer fits it to the tokenizer).
+    vocabulary (else the trainer fits it to the tokenizer).  A data tokenizer left unchosen is the
+    source checkpoint's, else a prepared data directory's own (``default_tokenizer``).
 
     ``saved`` (``--resume``): the run's saved config is the base; whatever is given again must
     equal it, except ``RESUME_MAY_CHANGE``, else one line names the first difference."""
     dotted = flat_dotted({**(options or {}), **(overrides or {})})
     raw: dict = {}
+    file_config: dict = {}
     if preset_name:
         raw["model"] = preset_values(preset_name)
     if config_file:
-        file_config = read_config_file(config_file)
-        _check(isinstance(file_config, dict), f"config file {config_file!r} must hold a mapping with model/train/data"
-               " sections")
-        if isinstance(file_config.get("model"), dict):  # groups spelled flat, so a group merges key by key
+        file_config = read_config_sections(config_file)
+        if "model" in file_config:  # groups spelled flat, so a group merges key by key
             file_config = {**file_config, "model": flat_model_values(file_config["model"])}
         raw = _merge(raw, file_config)
     if source_model is not None and "model" not in raw:
@@ -132,8 +244,14 @@ def assemble_run_config(*, preset_name: str | None = None, config_file: str | No
         raw["data"] = source_data
     given = apply_overrides(raw, dotted)
     if saved is None:
+        tokenizer_chosen = "data.tokenizer" in dotted or "tokenizer" in file_config.get("data", {})
+        run = RunConfig.from_dict(given if tokenizer_chosen else default_tokenizer(given))
         vocab_given = ("vocab_size" in raw.get("model", {}) and not preset_name) or "model.vocab_size" in dotted
-        return RunConfig.from_dict(given), vocab_given
+        if source_model is not None and run.train.init:
+            check_init_model(run, source_model, _model_sources(preset_name, config_file, file_config, dotted),
+                             vocab_given)
+        return run, vocab_given
+    saved = saved_tokenizer(saved)
     try:
         run = RunConfig.from_dict(saved)
     except LoopLMError as error:

@@ -510,3 +510,12 @@ def _flat_property(key: str, group: str, name: str) -> property:
 for _key, (_group, _name) in FLAT_KEYS.items():
     if _key not in GROUPS:  # model.attention / ffn / norm are the groups themselves as attributes
         setattr(ModelConfig, _key, _flat_property(_key, _group, _name))
+
+
+def model_differences(wanted: ModelConfig, other: ModelConfig, limit: int = 4) -> str:
+    """The settings where ``other`` differs from ``wanted``, as "d_model 256 instead of 32, n_heads 8
+    instead of 4" (the first ``limit``, then how many more)."""
+    different = [f"{key} {other.get(key)!r} instead of {value!r}" for key, value in wanted.items()
+                 if other.get(key) != value]
+    shown = ", ".join(different[:limit])
+    return shown + (f" and {len(different) - limit} more" if len(different) > limit else "")

@@ -21,6 +21,7 @@ LOG_SINKS = ("tensorboard", "wandb")  # optional, besides metrics.jsonl (looplm.
 OPTIMIZERS = ("adamw", "muon")
 UPCYCLE_ORDERS = ("cycle", "interleave")
 FITTED_TOKENIZERS = ("bpe", "word", "char", "auto")  # built from the training text itself
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 @dataclass
@@ -98,6 +99,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "threads"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.seed <= MAX_SEED, f"train.seed must be in [0, 2**32 - 1 = {MAX_SEED}], got {self.seed}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, one_line
 
 
 def check(condition: bool, message: str) -> None:
@@ -101,8 +101,15 @@ def from_dict(cls: type, raw: dict, section: str) -> Any:
 def read_config_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict (one-line errors for missing/bad files)."""
     path = Path(path)
+    check(not path.is_dir(), f"config file {str(path)!r} is a directory: give a YAML or JSON config file")
     check(path.is_file(), f"config file {str(path)!r} not found: check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LoopLMError(f"config file {str(path)!r} is not UTF-8 text: give a YAML or JSON config file") from None
+    except OSError as error:
+        raise LoopLMError(f"config file {str(path)!r} could not be read ({error.strerror}): check its"
+                          " permissions") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -111,6 +118,19 @@ def read_config_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as error:  # json and yaml raise many types; all mean "not parseable"
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LoopLMError(f"config file {str(path)!r} could not be parsed: {first_line}") from None
+        raise LoopLMError(f"config file {str(path)!r} could not be parsed: {parse_problem(error)}") from None
     return data or {}
+
+
+def parse_problem(error: Exception) -> str:
+    """A JSON or YAML parser's error as one line with where it is: "expected ',' or ']', but got
+    '<stream end>' at line 2, column 1 (while parsing a flow sequence started at line 1, column 8)"."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None or mark is None:  # JSON's message already says "line L column C"; others as they are
+        return one_line(error) or type(error).__name__
+    where = f"{one_line(problem)} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        where += f" ({one_line(context)} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return where

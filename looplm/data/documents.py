@@ -5,13 +5,20 @@ An *input* is one of:
 - a ``.jsonl`` file: one document per non-blank line, the string under ``text_field``;
 - a ``.parquet`` file: one document per row, the string column ``text_field`` (read with
   pyarrow, which the ``data`` extra installs);
-- any other file (``.txt`` and the rest): the whole file is one document;
+- any other file (``.txt``, ``.md``, ``.csv`` and the rest): the whole file is one document,
+  if it is UTF-8 text;
 - a directory: its ``.txt``, ``.jsonl`` and ``.parquet`` files (not sub-directories), sorted
   by name;
 - ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT``: a dataset loaded through the ``datasets``
   library (``looplm.data.hub``).
 
 Files must be UTF-8 and hold more than whitespace; a leading byte-order mark is dropped.
+
+A file named directly is refused, before anything is read, when its suffix says it is not text
+to read whole (``refusal``): ``.json`` (one JSON value, not one document per line: convert it to
+JSON Lines), compressed files and archives (``COMPRESSED_SUFFIXES``: decompress them first) and
+known binary formats (``BINARY_SUFFIXES``: documents, spreadsheets, images, tensors, pickles).
+Other suffixes are read as text, and a file that is not UTF-8 is refused when it is read.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from looplm.data.rows import import_data_extra, require_text
 from looplm.errors import LoopLMError, one_line
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".lzma", ".zst", ".zstd", ".lz4", ".br", ".zip", ".7z", ".rar",
+                       ".tar")
+BINARY_SUFFIXES = (".pdf", ".doc", ".docx", ".odt", ".rtf", ".epub", ".xls", ".xlsx", ".ods", ".png", ".jpg", ".jpeg",
+                   ".gif", ".webp", ".bin", ".npy", ".npz", ".pt", ".pth", ".pkl", ".pickle", ".safetensors", ".gguf",
+                   ".arrow", ".feather", ".h5", ".hdf5", ".sqlite", ".db")
 PARQUET_BATCH_ROWS = 1024
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -54,13 +66,37 @@ def expand_inputs(inputs: PathLike | Sequence[PathLike]) -> list[Input]:
         if path.is_dir():
             expanded.extend(_document_files_in(path))
         elif path.is_file():
-            expanded.append(path)
+            expanded.append(_readable_file(path))
         else:
             raise LoopLMError(f"data path '{path}' does not exist: check the path")
     if not expanded:
         raise LoopLMError("no data paths given: name at least one .txt, .jsonl or .parquet file, a directory of"
                           " them, or hf:NAME")
     return expanded
+
+
+def refusal(path: Path) -> str | None:
+    """Why ``path``, named as a data file, cannot be read (its suffix says JSON, compressed or
+    binary), as the end of a one-line error; None for a file read as JSON Lines, parquet or text."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return ("is a JSON file, which looplm does not read: convert it to JSON Lines (.jsonl: one object per line,"
+                " each with a text field), or rename it to .jsonl if it already holds one object per line")
+    if suffix in COMPRESSED_SUFFIXES:
+        return (f"is compressed ({suffix}): decompress it first and give the .txt, .jsonl or .parquet file(s) it"
+                " holds")
+    if suffix in BINARY_SUFFIXES:
+        return (f"is a {suffix} file, not text: give .txt (or other UTF-8 text), .jsonl or .parquet files, or a"
+                " directory written by 'looplm prepare'")
+    return None
+
+
+def _readable_file(path: Path) -> Path:
+    """``path``, unless its suffix says it cannot be read as data (``refusal``): then a one-line error."""
+    reason = refusal(path)
+    if reason is not None:
+        raise LoopLMError(f"data file '{path}' {reason}")
+    return path
 
 
 def _document_files_in(directory: Path) -> list[Path]:

@@ -65,14 +65,15 @@ def recorded_fingerprint(directory: Path) -> str | None:
     return provenance.get("fingerprint") if isinstance(provenance, dict) else None
 
 
-def check_tokenizer(shard_dir: Path, expected: Tokenizer, expected_name: str) -> None:
-    """Refuse, in one line, shards whose ids come from another tokenizer than ``expected``."""
+def check_tokenizer(shard_dir: Path, expected: Tokenizer, expected_name: str, other_fix: str = "") -> None:
+    """Refuse, in one line, shards whose ids come from another tokenizer than ``expected``
+    (``other_fix``: one more way out, appended to the message)."""
     found = Tokenizer.from_file(shard_dir)
     if tokenizer_digest(found) != tokenizer_digest(expected):
         raise LoopLMError(
             f"'{shard_dir}' was tokenized with another tokenizer ({found.kind}, vocab {found.vocab_size}) than"
             f" {expected_name} ({expected.kind}, vocab {expected.vocab_size}): give the raw text instead, or"
-            f" prepare it with --tokenizer {expected_name}")
+            f" prepare it with --tokenizer {expected_name}{other_fix}")
 
 
 def _write(inputs, out_dir: Path, request: dict[str, Any], overwrite: bool) -> dict[str, Any]:

@@ -72,21 +72,49 @@ def text_shards(data: DataConfig, work_dir: Path | None, seed: int = 0) -> Path:
     """The shard directory holding ``data.path`` tokenized as ``data`` asks.
 
     A prepared directory (one with meta.json) is used as it is, after checking that its ids
-    come from ``data.tokenizer`` when that names a tokenizer file.  Anything else (files,
+    come from ``data.tokenizer`` (``check_prepared_tokenizer``).  Anything else (files,
     directories of them, ``hf:`` names) is tokenized once per request into
     ``work_dir/data/<fingerprint>`` (``looplm.data.prepare.prepared_shards``), or under the
     looplm cache (``$LOOPLM_CACHE/prepared-data``) without a ``work_dir``.
     """
     from looplm.cache_dir import cache_path
-    from looplm.data.hub import HubSpec
-    from looplm.data.prepare import check_tokenizer, prepared_shards
-    from looplm.data.tokenizer import load_tokenizer
+    from looplm.data.prepare import prepared_shards
 
-    path = Path(data.path)
-    if not HubSpec.names(data.path) and path.is_dir() and (path / "meta.json").is_file():
-        if data.tokenizer != "byte" and data.tokenizer not in FITTED_TOKENIZERS:  # a tokenizer file
-            check_tokenizer(path, load_tokenizer(data.tokenizer), data.tokenizer)
-        return path
+    shard_dir = prepared_directory(data)
+    if shard_dir is not None:
+        check_prepared_tokenizer(shard_dir, data)
+        return shard_dir
     root = work_dir / "data" if work_dir is not None else cache_path("prepared-data")
     return prepared_shards(data.path, root, data.tokenizer, data.bpe_vocab_size, data.val_fraction, seed,
                            data.text_field)
+
+
+def prepared_directory(data: DataConfig) -> Path | None:
+    """The directory ``data.path`` names when it is a prepared one (``looplm prepare``: it holds
+    meta.json), else None."""
+    from looplm.data.hub import HubSpec
+
+    if not data.path or HubSpec.names(data.path):
+        return None
+    path = Path(data.path)
+    return path if path.is_dir() and (path / "meta.json").is_file() else None
+
+
+def check_prepared_tokenizer(shard_dir: Path, data: DataConfig) -> None:
+    """Refuse, in one line, a prepared directory whose ids do not come from ``data.tokenizer``: a
+    tokenizer file must be the very tokenizer; bpe, word, char or auto (fitted to the text) must
+    be of that kind; "byte", the default, means the directory's own (what training reads; a
+    checkpoint to start from is checked against it by the trainer)."""
+    from looplm.data.prepare import check_tokenizer
+    from looplm.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+
+    own = f", or use the directory's own with --data.tokenizer {shard_dir / TOKENIZER_FILE}"
+    if data.tokenizer == "byte":  # the default: the directory's own tokenizer, as training reads it
+        return
+    if data.tokenizer not in FITTED_TOKENIZERS:
+        check_tokenizer(shard_dir, load_tokenizer(data.tokenizer), data.tokenizer, own)
+        return
+    found = Tokenizer.from_file(shard_dir)
+    if found.kind not in (("char", "word") if data.tokenizer == "auto" else (data.tokenizer,)):
+        raise LoopLMError(f"'{shard_dir}' was tokenized with a {found.kind} tokenizer (vocab {found.vocab_size}),"
+                          f" not {data.tokenizer}: give the raw text to fit a {data.tokenizer} tokenizer to it{own}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,8 +46,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_write_text
-from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, Signal, exit_steps, parse_exit, readout_perplexity
+from looplm.errors import LoopLMError, one_line
+from looplm.exit_policy import ACTExit, ExitPolicy, Signal, check_depth, exit_steps, parse_exit, readout_perplexity
 from looplm.model.exit import hidden_change, readout_kl
 
 try:
@@ -182,6 +183,7 @@ class LoopLMEval(TemplateLM):
                               f" {self.model.config.vocab_size} embedding rows: wrong tokenizer")
         self.steps = self.model.config.loop_steps if steps in (None, "") else _integer("steps", steps, 1)
         self.exit = replace(self.exit, steps=self.steps)
+        check_depth(self.exit, self.model.config.loop_steps)
         if self.exit.needs_gate and self.model.exit_gate is None:
             raise LoopLMError(f"exit={exit} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
         self.batch_size = self._parse_batch_size(batch_size, max_batch_size)
@@ -405,19 +407,47 @@ def evaluate(pretrained, tasks, steps: int | None = None, exit: str = "static", 
         model, model_args = "looplm", {**model_args, "pretrained": str(pretrained)}
     else:
         model, model_args = LoopLMEval(**model_args), None
-    return simple_evaluate(model=model, model_args=model_args, tasks=task_names, task_manager=task_manager,
-                           limit=limit, num_fewshot=num_fewshot, log_samples=log_samples, **simple_evaluate_kwargs)
+    try:
+        return simple_evaluate(model=model, model_args=model_args, tasks=task_names, task_manager=task_manager,
+                               limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
+                               **simple_evaluate_kwargs)
+    except FileNotFoundError as error:  # datasets' own, from a task whose data files are not where it looks
+        raise LoopLMError(missing_task_data(error, _include_paths(include_path))) from None
+
+
+def missing_task_data(error: FileNotFoundError, include_paths: list[str]) -> str:
+    """One line for a task's data that could not be found: the missing file, that paths in a task
+    YAML are relative to the current directory, and the include path that holds it, if one does."""
+    found = re.search(r"Unable to find '([^']+)'", str(error))
+    if found is None:
+        return f"lm-eval could not load a task's data ({one_line(error)}): check the task YAML's dataset settings"
+    missing, here = Path(found.group(1)), Path.cwd()
+    relative = missing.relative_to(here) if missing.is_relative_to(here) else Path(missing.name)
+    beside = next((Path(path) for path in include_paths if (Path(path) / relative).is_file()), None)
+    hint = (f"; '{beside / relative}' exists: run from '{beside}' or make the YAML's path absolute" if beside
+            else ": make the path absolute, or run from the directory it is relative to")
+    return (f"a task's data file '{missing}' does not exist: paths in a task YAML (dataset_kwargs.data_files) are"
+            f" relative to the current directory ({here}), not to the YAML{hint}")
+
+
+def _include_paths(include_path) -> list[str]:
+    """``include_path`` (one path, several, or None) as a list of strings."""
+    return [str(path) for path in ([include_path] if isinstance(include_path, (str, os.PathLike))
+                                   else include_path or [])]
 
 
 def task_manager_for(task_names: list[str], include_path=None, include_defaults: bool | None = None):
     """lm-eval's TaskManager over include_path; the built-in index only when needed (or asked)."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(path) for path in ([include_path] if isinstance(include_path, (str, os.PathLike))
-                                     else include_path or [])]
+    paths = _include_paths(include_path)
     for path in paths:
         if not Path(path).exists():
             raise LoopLMError(f"include path {path!r} does not exist")
+        if not Path(path).is_dir():
+            yaml = Path(path).suffix.lower() in (".yaml", ".yml")
+            raise LoopLMError(f"include path {path!r} is a file, not a directory: give the directory that holds the"
+                              " task YAMLs" + (f" (here {str(Path(path).parent)!r})" if yaml else ""))
     if include_defaults is None:
         local = TaskManager(include_path=paths or None, include_defaults=False) if paths else None
         if local is not None and len(local.match_tasks(task_names)) == len(task_names):

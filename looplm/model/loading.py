@@ -97,7 +97,8 @@ def _ternary_layers(model: LoopLM, codes: dict) -> None:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False) -> LoopLM:
     """Rebuild a LoopLM from a checkpoint directory, a run directory (its newest checkpoint) or a
-    .gguf file written by ``looplm export gguf``; one-line errors for every broken file."""
+    .gguf file written by ``looplm export gguf``; one-line errors for every broken file (an Ouro
+    checkpoint's names the conversion: ``looplm.config.assemble.model_config_from_json``)."""
     return build_model(read_model(path, device), device, int8)
 
 

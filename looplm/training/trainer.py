@@ -31,13 +31,16 @@ import numpy as np
 import torch
 
 from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
-from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, write_model_files
-from looplm.config import RunConfig
-from looplm.data.source import TrainingData, open_training_data
+from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_entry, write_model_files
+from looplm.config import FITTED_TOKENIZERS, DataConfig, RunConfig
+from looplm.config.model import model_differences
+from looplm.data.provenance import tokenizer_digest
+from looplm.data.source import TrainingData, open_training_data, prepared_directory
+from looplm.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
-from looplm.model.loading import load_model
+from looplm.model.loading import load_checkpoint_tokenizer, load_model
 from looplm.precision import training_precision
 from looplm.training.auto_size import apply_auto_size
 from looplm.training.curriculum import loop_curriculum_depth
@@ -130,6 +133,11 @@ class Trainer:
         """The data, the model, the optimiser and (resuming) the saved state."""
         config = run.train
         _seed_everything(config.seed)
+        source = None if resume else config.init or config.upcycle_from  # a checkpoint to start from
+        if data is None and not resume:
+            run.data = byte_by_name(run.data)
+            if source:
+                check_prepared_data(source, run.data)  # before anything is tokenized
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
         self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
@@ -137,6 +145,8 @@ class Trainer:
         if data is None and self.dist.main and self.dist.active:
             self.dist.barrier()
         self.tokenizer = self.data.tokenizer
+        if source:
+            check_source_tokenizer(source, self.tokenizer, run.data)
         if run.model.auto_size:  # sizes from the corpus (looplm.training.auto_size); saved with auto_size off
             run.model = apply_auto_size(run.model, self.data.corpus_bytes, self.tokenizer.kind, self.data.seq_len)
         if fit_vocab and run.model.vocab_size != self.tokenizer.vocab_size:
@@ -185,8 +195,11 @@ class Trainer:
         """Start from a checkpoint's weights (its config must match the run's model config)."""
         source = load_model(path, self.device)
         if source.config != self.run.model:
-            raise LoopLMError(f"--init {path!r} has a different model config than this run: drop the --model.*"
-                              " options, the checkpoint's config is used")
+            raise LoopLMError(f"--init {path!r} is another model than this run's"
+                              f" ({model_differences(source.config, self.run.model)}): leave out the --preset,"
+                              " config-file model section or --model.* options that changed it (--init on the"
+                              " command line takes the checkpoint's model config), or use --upcycle to start from it"
+                              " with more layers or loop steps")
         self.model.load_state_dict(source.state_dict())
 
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, beta: float, steps: int | None = None,
@@ -363,7 +376,7 @@ class Trainer:
             (directory / RUN_CONFIG_FILE).write_text(json.dumps(self.run.to_dict(), indent=2) + "\n")
             torch.save(train_state(self, optimizer_state), directory / TRAIN_STATE_FILE)
 
-        atomic_directory(target, write)
+        atomic_directory(target, write, replaceable=checkpoint_entry)
         kept = sorted((self.out_dir / "checkpoints").glob("step_*"))
         for old in kept[:-self.train_config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -470,6 +483,41 @@ def terminate_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def byte_by_name(data: DataConfig) -> DataConfig:
+    """``data`` with a tokenizer file that holds the byte tokenizer named "byte" (a run started from
+    a byte-level checkpoint then records no path to that checkpoint); anything else as it is."""
+    if data.tokenizer in ("byte", *FITTED_TOKENIZERS):
+        return data
+    if tokenizer_digest(load_tokenizer(data.tokenizer)) != tokenizer_digest(byte_tokenizer()):
+        return data
+    return dataclasses.replace(data, tokenizer="byte")
+
+
+def check_prepared_data(source: str, data: DataConfig) -> None:
+    """A prepared data directory given to a run started from checkpoint ``source`` must hold ids
+    of the tokenizer the checkpoint was trained with (one line naming both, else)."""
+    shard_dir = prepared_directory(data)
+    if shard_dir is not None:
+        _refuse_another_tokenizer(source, Tokenizer.from_file(shard_dir), f"--data {data.path} was prepared with a"
+                                  " tokenizer", "give raw text, or data prepared with the checkpoint's tokenizer.json")
+
+
+def check_source_tokenizer(source: str, tokenizer: Tokenizer, data: DataConfig) -> None:
+    """A run started from checkpoint ``source`` (--init, --upcycle) must feed it ids of the
+    tokenizer it was trained with: refuse data tokenized otherwise, in one line naming both."""
+    what = f"--data {data.path}" if data.path else f"--task {data.task}" if data.task else "the training data"
+    _refuse_another_tokenizer(source, tokenizer, f"{what} is tokenized with {data.tokenizer!r}",
+                              "leave out --data.tokenizer to use the checkpoint's")
+
+
+def _refuse_another_tokenizer(source: str, tokenizer: Tokenizer, what: str, fix: str) -> None:
+    trained_with = load_checkpoint_tokenizer(source)
+    if trained_with is None or tokenizer_digest(trained_with) == tokenizer_digest(tokenizer):
+        return
+    raise LoopLMError(f"{what} ({tokenizer.kind}, vocab {tokenizer.vocab_size}), but the checkpoint {source!r} was"
+                      f" trained with another tokenizer ({trained_with.kind}, vocab {trained_with.vocab_size}): {fix}")
 
 
 def _seed_everything(seed: int) -> None:
