@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", default="byte",
                          help="byte (default), bpe (trained here), word or char (fitted here, lrnnSMDDS's rules), auto"
                               " (char below 20,000 bytes of text, else word), or a tokenizer.json")
-    prepare.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    prepare.add_argument("--vocab-size", type=int, default=None,
+                         help="BPE vocabulary size (--tokenizer bpe; default 4096)")
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--text-field", "--jsonl-field", dest="text_field", default="text",
                          help="field holding the text in .jsonl/.parquet/hf: data (default: text)")
@@ -395,6 +396,9 @@ def run_serve(args) -> None:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise LoopLMError(f"{args.checkpoint!r} has no tokenizer.json: the server cannot turn prompts into tokens")
+    if args.max_context is not None and not 1 <= args.max_context <= model.config.max_seq_len:
+        raise LoopLMError(f"--max-context must be in [1, {model.config.max_seq_len}] (the model's context), got"
+                          f" {args.max_context}")
     listening = listen_socket(args.host, args.port)  # a busy port or a bad host: one line, not uvicorn's log
     try:
         engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
@@ -737,7 +741,16 @@ def run_prepare(args) -> None:
     from looplm.data.prepare import prepare_corpus
 
     refuse_overlap(args.out, [*args.inputs, args.tokenizer], "--overwrite" if args.overwrite else "")
-    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction,
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise LoopLMError(f"--vocab-size sets the size of a BPE tokenizer trained here (--tokenizer bpe); the"
+                          f" {args.tokenizer} tokenizer's vocabulary is not chosen: drop --vocab-size or use"
+                          " --tokenizer bpe")
+    named = [str(path) if str(path).startswith("hf:") else str(Path(path).resolve()) for path in args.inputs]
+    if len(set(named)) < len(named):
+        repeated = next(path for path, name in zip(args.inputs, named) if named.count(name) > 1)
+        raise LoopLMError(f"input {str(repeated)!r} is given more than once: its text would be counted twice; give"
+                          " each input once")
+    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size or 4096, args.val_fraction,
                           text_field=args.text_field, overwrite=args.overwrite)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"
           f" ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")

@@ -213,7 +213,7 @@ class PerplexityExit(ExitPolicy):
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold > 0):
-            raise LoopLMError(f"the perplexity threshold must be > 0, got {self.threshold}")
+            raise LoopLMError(f"the perplexity threshold must be a finite number > 0, got {self.threshold}")
         super().__post_init__()
 
     @classmethod

@@ -335,6 +335,30 @@ def case_lm_eval_on_cuda_without_cuda(files, tmp_path):
     return ["lm-eval", files / "ckpt", "--tasks", "x", "--device", "cuda"], "CUDA is not available"
 
 
+def case_serve_context_beyond_the_model(files, tmp_path):
+    pytest.importorskip("fastapi")
+    return ["serve", files / "ckpt", "--max-context", "100000"], "--max-context must be in [1, 64]"
+
+
+def case_generate_from_a_runs_checkpoints_folder(files, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(files / "ckpt", run / "checkpoints" / "step_0000002")
+    return ["generate", run / "checkpoints", "--prompt", "x"], "give the run directory"
+
+
+def case_generate_perplexity_exit_infinite(files, tmp_path):
+    return ["generate", files / "ckpt", "--prompt", "x", "--exit-ppl", "inf"], "finite number > 0"
+
+
+def case_prepare_vocab_size_for_a_tokenizer_without_one(files, tmp_path):
+    return ["prepare", files / "corpus.txt", "--out", tmp_path / "out", "--tokenizer", "word", "--vocab-size", "5"], \
+        "--vocab-size sets the size of a BPE tokenizer"
+
+
+def case_prepare_the_same_input_twice(files, tmp_path):
+    return ["prepare", files / "corpus.txt", files / "corpus.txt", "--out", tmp_path / "out"], "more than once"
+
+
 def case_an_abbreviated_option(files, tmp_path):
     return ["generate", files / "ckpt", "--prompt", "x", "--max-new", "3"], "unrecognized arguments: --max-new"
 

@@ -64,7 +64,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
     steps = [step for step in steps if (step / CONFIG_FILE).is_file()]
     if not steps:
-        raise LoopLMError(f"{str(path)!r} holds no config.json and no checkpoints/: not a looplm checkpoint")
+        hint = (f": give the run directory {str(path.parent)!r}" if path.name == "checkpoints"
+                and (path.parent / "checkpoints").is_dir() else "")
+        raise LoopLMError(f"{str(path)!r} holds no config.json and no checkpoints/: not a looplm checkpoint{hint}")
     return steps[-1]
 
 
