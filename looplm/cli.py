@@ -613,6 +613,10 @@ def run_eval(args) -> None:
         raise LoopLMError(f"--examples must be >= 1, got {args.examples}")
     if bool(args.data) == bool(args.task):
         raise LoopLMError("give exactly one of --data FILE or --task NAME")
+    if args.kl_grid and not args.kl:
+        warnings.warn("--kl-grid sets the KL sweep, which runs with --kl only: ignored", stacklevel=2)
+    if args.task and args.text_field != "text":
+        warnings.warn("--text-field names the text of --data files: ignored with --task", stacklevel=2)
     checkpoint = resolve_checkpoint(args.checkpoint) if not is_gguf_path(args.checkpoint) else Path(args.checkpoint)
     if args.json:
         if Path(args.json).is_dir():
@@ -776,6 +780,10 @@ def run_lm_eval(args) -> None:
 
     if args.out and Path(args.out).exists():
         raise LoopLMError(f"{args.out!r} already exists: remove it or choose another --out")
+    if args.out:
+        from looplm.checkpoint.atomic import check_parent_directory
+
+        check_parent_directory(args.out)
     if args.limit is not None and not args.limit > 0:
         raise LoopLMError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -802,6 +810,7 @@ def run_lm_eval(args) -> None:
 
 def run_bench_command(args) -> None:
     from looplm.bench import run_bench
+    from looplm.checkpoint.atomic import check_parent_directory
 
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
@@ -809,6 +818,8 @@ def run_bench_command(args) -> None:
         raise LoopLMError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.json and Path(args.json).is_dir():
         raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the figures")
+    if args.json:
+        check_parent_directory(args.json)
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise LoopLMError(f"--json {args.json!r} exists: choose a new file name or pass --overwrite to replace it")
     run_bench(args.json, args.threads, args.compile, args.repeats)

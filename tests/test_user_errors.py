@@ -359,6 +359,20 @@ def case_prepare_the_same_input_twice(files, tmp_path):
     return ["prepare", files / "corpus.txt", files / "corpus.txt", "--out", tmp_path / "out"], "more than once"
 
 
+def case_eval_json_under_a_file(files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return ["eval", files / "ckpt", "--task", "binding", "--json", tmp_path / "notes.txt" / "r.json"], "is a file"
+
+
+def case_bench_json_under_a_file(files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return ["bench", "--json", tmp_path / "notes.txt" / "b.json"], "is a file"
+
+
+def case_prepare_into_an_empty_path(files, tmp_path):
+    return ["prepare", files / "corpus.txt", "--out", ""], "output path is empty"
+
+
 def case_an_abbreviated_option(files, tmp_path):
     return ["generate", files / "ckpt", "--prompt", "x", "--max-new", "3"], "unrecognized arguments: --max-new"
 
@@ -442,3 +456,7 @@ def test_options_a_generation_would_not_use_warn_in_one_line(files, capsys):
         assert main(["generate", str(files / "ckpt"), "--prompt", "x", "--max-new-tokens", "1", *options]) == 0
         warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("looplm: warning:")]
         assert len(warned) == 1 and words in warned[0], warned
+    capsys.readouterr()
+    assert main(["eval", str(files / "ckpt"), "--task", "binding", "--examples", "4", "--no-progress",
+                 "--kl-grid", "0.1"]) == 0
+    assert "looplm: warning: --kl-grid sets the KL sweep, which runs with --kl only" in capsys.readouterr().err

@@ -172,9 +172,24 @@ def remove_stale_staging(directory: str | Path) -> list[Path]:
     return removed
 
 
+def check_parent_directory(output: str | Path) -> None:
+    """Before slow work: refuse an output under a file (``notes.txt/report.json``), which no
+    write can create, in one line."""
+    for parent in Path(output).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LoopLMError(f"cannot write {str(output)!r}: {str(parent)!r} is a file, not a directory;"
+                                  " choose another path")
+            return
+
+
 def refuse_overlap(output: str | Path, inputs, flag: str = "") -> None:
     """Refuse to write ``output`` when it is, contains, or lies inside one of ``inputs`` (paths or
-    None): replacing it would destroy the input it was asked to read."""
+    None): replacing it would destroy the input it was asked to read; and an empty path (the
+    current directory) or one whose nearest existing part is a file, which no write can use."""
+    if not str(output).strip():
+        raise LoopLMError("the output path is empty: give a file or directory to write")
+    check_parent_directory(output)
     target = Path(output).resolve()
     for item in inputs:
         if item is None or str(item) in ("", "byte", "bpe"):

@@ -13,6 +13,8 @@ network, or ``HF_DATASETS_OFFLINE=1``) is one error line, as is a missing librar
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -61,7 +63,8 @@ def load_hub_dataset(spec: HubSpec):
     try:
         if _saved_to_disk(Path(spec.name)):
             return _split_of(datasets.load_from_disk(spec.name), spec, datasets)
-        return datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        with _quiet_hub():
+            return datasets.load_dataset(spec.name, spec.config, split=spec.split)
     except LoopLMError:
         raise
     except ConnectionError:  # also huggingface_hub's OfflineModeIsEnabled
@@ -114,6 +117,21 @@ def _split_of(loaded, spec: HubSpec, datasets):
         raise LoopLMError(f"{spec.name!r} has no split {spec.split!r} (it has {', '.join(loaded)}):"
                           f" write hf:{spec.name}:SPLIT")
     return loaded[spec.split]
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The Hub client's retry warnings (a dozen lines while the network is unreachable) held back
+    meanwhile: what failed is said in one line afterwards."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "urllib3")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _offline() -> bool:
