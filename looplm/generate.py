@@ -16,6 +16,7 @@ one row explicit tokens (tests, benchmarks).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ from looplm.exit_policy import (  # noqa: F401
     Signal,
     default_exit_policy,
     make_exit_policy,
+    parse_exit,
 )
-from looplm.scheduler import Scheduler
+from looplm.scheduler import Scheduler, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,28 @@ class Settings:
     layout: str = "last_exited"
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from looplm.cache import KV_LAYOUTS
+
+        if isinstance(self.exit_policy, str | dict):  # the string / JSON form (parse_exit)
+            object.__setattr__(self, "exit_policy", parse_exit(self.exit_policy))
+        if not isinstance(self.exit_policy, ExitPolicy):
+            raise LoopLMError(f"exit_policy must be an ExitPolicy (QExit(0.5)) or its string form ('q:0.5'), got"
+                              f" {self.exit_policy!r}")
+        if self.layout not in KV_LAYOUTS:
+            raise LoopLMError(f"unknown layout {self.layout!r}: use one of {', '.join(KV_LAYOUTS)}")
+        if not isinstance(self.sampling, Sampling):
+            raise LoopLMError(f"sampling must be a Sampling (e.g. Sampling(temperature=0.8)), got {self.sampling!r}")
+        object.__setattr__(self, "stop", stop_strings_of(self.stop))
+
+
+def stop_strings_of(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string is one stop string (not its characters)."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(text, str) for text in stop):
+        raise LoopLMError(f"stop strings must be strings, got {list(stop)!r}")
+    return stop
 
 
 class NonFiniteOutput(LoopLMError):
@@ -241,7 +265,16 @@ class BatchSession:
                  prefix_cache=None, dtype: str = "fp32"):
         self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
         self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling,
-                                 tuple(stop_strings))
+                                 stop_strings_of(stop_strings))
+        if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+            raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
+                              f" {model.config.vocab_size} embedding rows: use the model's own tokenizer")
+        if self.defaults.stop and tokenizer is None:
+            raise LoopLMError("stop strings are matched in the decoded text: give the tokenizer too")
+        if not isinstance(rows, int) or rows < 1 or not isinstance(max_len, int) or max_len < 1:
+            raise LoopLMError(f"rows and max_len must be ints >= 1, got {rows!r}, {max_len!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise LoopLMError(f"max_steps must be an int >= 1 (None: the policy's), got {max_steps!r}")
         self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         depth = max_steps or self.defaults.exit_policy.max_steps(model.config.loop_steps)
@@ -277,6 +310,21 @@ class BatchSession:
         """Prefill ``prompts`` into free slots and emit their first tokens; one limit (and optional
         callback, settings, Generation to fill) per prompt."""
         settings = settings or [self.defaults] * len(prompts)
+        for name, values in (("limits", limits), ("on_tokens", on_tokens), ("settings", settings),
+                             ("results", results)):
+            if values is not None and len(values) != len(prompts):
+                raise LoopLMError(f"{len(values)} {name} for {len(prompts)} prompts: give one per prompt")
+        try:
+            counted = [operator.index(limit) for limit in limits]
+        except TypeError:
+            counted = [-1]
+        if min(counted, default=0) < 0:
+            raise LoopLMError(f"limits must be ints >= 0 (new tokens per prompt), got {list(limits)!r}")
+        limits = counted
+        if any(result.ids for result in results or ()):
+            raise LoopLMError("a Generation given to fill already holds tokens: pass a new Generation()")
+        if self.tokenizer is None and any(chosen.stop for chosen in settings):
+            raise LoopLMError("stop strings are matched in the decoded text: give the session a tokenizer")
         for prompt, limit, chosen in zip(prompts, limits, settings):
             if not self.fits(prompt, limit, chosen):
                 raise LoopLMError(f"a prompt of {len(prompt)} tokens with {limit} new tokens does not fit the batch")
@@ -400,6 +448,12 @@ class Decoder:
     def __init__(self, model, exit_policy: ExitPolicy, max_len: int, backend: str = "auto",
                  compile_steps: bool = False, layout: str = "last_exited", modulo_slots: int = 2,
                  dtype: str = "fp32"):
+        if not isinstance(exit_policy, ExitPolicy):
+            raise LoopLMError(f"exit_policy must be an ExitPolicy (e.g. QExit(0.5); parse_exit('q:0.5') reads the"
+                              f" string form), got {exit_policy!r}")
+        if not isinstance(max_len, int) or not 1 <= max_len <= model.config.max_seq_len:
+            raise LoopLMError(f"max_len must be in [1, {model.config.max_seq_len}] (the model's context), got"
+                              f" {max_len!r}")
         self.scheduler = Scheduler(model, 1, max_len, exit_policy.max_steps(model.config.loop_steps), layout,
                                    modulo_slots, backend, compile_steps, dtype)
         self.policy, self.row, self.logits_view = exit_policy, None, False
@@ -416,10 +470,21 @@ class Decoder:
                      lambda self, value: setattr(self.scheduler, "whole_tokens", value))
 
     def prefill(self, ids: torch.Tensor, prefix_cache=None) -> tuple[torch.Tensor, int]:
+        if self.row is not None:
+            raise LoopLMError("this Decoder already holds a sequence: make a new Decoder for another prompt")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
+            raise LoopLMError(f"prefill takes token ids of shape [1, S] (one sequence), got"
+                              f" {tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
         self.row = self.scheduler.admit(ids[0].tolist(), self.policy, prefix_cache)
         return self._result()
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
+        if self.row is None:
+            raise LoopLMError("step comes after prefill: give the Decoder its prompt first")
+        (token,) = check_token_ids([token], self.model.config.vocab_size, "the token")
+        if self.row.position >= self.cache.max_len:
+            raise LoopLMError(f"the Decoder's {self.cache.max_len} positions are all used: make it with a larger"
+                              " max_len (at most the model's context)")
         self.scheduler.feed(self.row, token)
         self.scheduler.finish_token(self.row)
         return self._result()

@@ -20,15 +20,39 @@ the core and coda layers each row ran for its decoded tokens (prefill excluded).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from looplm.cache import KVCache
 from looplm.errors import LoopLMError
-from looplm.exit_policy import ACTExit, ExitPolicy, Signal, act_accumulate, readout_perplexity, refuse_act_over_mixing
+from looplm.exit_policy import (
+    ACTExit,
+    ExitPolicy,
+    Signal,
+    act_accumulate,
+    check_depth,
+    readout_perplexity,
+    refuse_act_over_mixing,
+)
 from looplm.model.exit import hidden_change, readout_kl
 from looplm.steppers import Rows, make_stepper
+
+
+def check_token_ids(ids, vocab_size: int, name: str = "the prompt") -> list[int]:
+    """``ids`` as a list of ints, each a token id of the vocabulary [0, vocab_size), or one line
+    saying what is wrong (an id past the embedding would be read out of bounds by the C paths)."""
+    try:
+        values = [operator.index(token) for token in ids]
+    except TypeError:
+        raise LoopLMError(f"{name} must be a sequence of token ids (ints), got {type(ids).__name__} holding"
+                          f" {type(next(iter(ids), None)).__name__}: encode text with the tokenizer first") from None
+    if values and not (0 <= min(values) and max(values) < vocab_size):
+        bad = next(token for token in values if not 0 <= token < vocab_size)
+        raise LoopLMError(f"{name} holds the token id {bad}, outside the model's vocabulary [0, {vocab_size}): use"
+                          " the tokenizer the model was trained with")
+    return values
 
 
 @dataclass(eq=False)
@@ -107,6 +131,8 @@ class Scheduler:
         """Prefill ``prompt`` at full depth into a free slot; the returned row holds the prompt's
         last logits and exit steps, ready to be fed its next token."""
         config = self.model.config
+        prompt = check_token_ids(prompt, config.vocab_size)
+        check_depth(policy, config.loop_steps)
         max_steps = policy.max_steps(config.loop_steps)
         self.cache.check_steps(max_steps)
         if policy.needs_gate and self.model.exit_gate is None:
@@ -181,7 +207,9 @@ class Scheduler:
         row.steps = row.exit_step or row.max_steps
 
     def feed(self, row: Row, token: int, full_depth: bool = False) -> None:
-        """Queue ``token`` as the row's next token (it enters at the next ``iterate``)."""
+        """Queue ``token`` as the row's next token (it enters at the next ``iterate``); the caller
+        has checked it (a sampled id is in the vocabulary; ``Decoder.step`` checks what it is
+        given) and that the row has room for it (``position < cache.max_len``)."""
         row.token, row.full_depth = token, full_depth
         self.pending.append(row)
 

@@ -26,6 +26,12 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 RUN_CONFIG_FILE = "run_config.json"
 TRAIN_STATE_FILE = "train_state.pt"
+# the tokenizer files a Hugging Face directory may hold (copied through by the converters)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                      "merges.txt", "added_tokens.json", "chat_template.jinja")
+# every other file a checkpoint directory's writers write (sharded weights: model-00001-of-00002.safetensors)
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, "model.safetensors.index.json",
+                    "generation_config.json", "modeling_looplm.py")
 CHECKPOINT_FORMAT = "looplm"
 CHECKPOINT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -34,10 +40,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def checkpoint_entry(name: str) -> bool:
     """Whether a checkpoint directory's writer (looplm's, Hugging Face's, Ouro's) may have written
     ``name``: what replacing such a directory may remove (``atomic_directory``'s ``replaceable``)."""
-    return (name in (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, "model.safetensors.index.json",
-                     "generation_config.json", "modeling_looplm.py")
-            or name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template"))
-            or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None)
+    return (name in CHECKPOINT_FILES or name in HF_TOKENIZER_FILES
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
 def config_json(config: ModelConfig) -> str:
@@ -45,7 +49,13 @@ def config_json(config: ModelConfig) -> str:
 
 
 def write_model_files(config: ModelConfig, weights: dict[str, torch.Tensor], directory: Path, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and tokenizer.json into an existing (staging) directory."""
+    """Write config.json, model.safetensors and tokenizer.json into an existing (staging) directory;
+    floating-point weights only, as ``read_directory`` reads them."""
+    for name, tensor in weights.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise LoopLMError(f"save the trained float32 model: {name} is {str(tensor.dtype).removeprefix('torch.')},"
+                              " as in an int8 (looplm.quant) or packed ternary model, which is for inference only"
+                              " (export_gguf writes packed weights)")
     (directory / CONFIG_FILE).write_text(config_json(config), encoding="utf-8")
     save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()},
               str(directory / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 from looplm.checkpoint.atomic import refuse_overlap
+from looplm.checkpoint.directory import HF_TOKENIZER_FILES
 from looplm.errors import LoopLMError
 
 # Tokenizer files of a Hugging Face directory, copied through unchanged by every converter.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = HF_TOKENIZER_FILES
 
 
 def check_source(source: str | Path) -> Path:

@@ -1,0 +1,117 @@
+"""Mistakes made through the Python API get one ``LoopLMError`` line, never a crash, another
+exception from deep inside, or a silent wrong result — in particular never a token id or a
+position past what the C paths index (they would read or write out of bounds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from looplm.batch import generate_batch
+from looplm.data.tokenizer import byte_tokenizer
+from looplm.errors import LoopLMError
+from looplm.exit_policy import FixedSteps, QExit
+from looplm.generate import BatchSession, Decoder, Generation, Settings, generate, stream
+from looplm.model import LoopLM
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LoopLM(tiny_config()).eval()  # vocabulary 64, context 48, 3 loop steps
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "reference"])
+@pytest.mark.parametrize("bad", [64, -1, 10**6])
+def test_a_token_id_outside_the_vocabulary_is_refused_on_every_backend(model, backend, bad):
+    with pytest.raises(LoopLMError, match=f"token id {bad}, outside the model's vocabulary"):
+        generate(model, [1, bad], 2, backend=backend)
+    decoder = Decoder(model, FixedSteps(), 8, backend=backend)
+    decoder.prefill(torch.tensor([[1, 2]]))
+    with pytest.raises(LoopLMError, match=f"token id {bad}"):
+        decoder.step(bad)
+    assert decoder.step(3)[1] == 3  # the decoder goes on
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_decoder_never_writes_past_its_positions(model, backend):
+    decoder = Decoder(model, FixedSteps(), 4, backend=backend)
+    decoder.prefill(torch.tensor([[1, 2, 3]]))
+    decoder.step(4)
+    with pytest.raises(LoopLMError, match="positions are all used"):
+        decoder.step(5)
+    with pytest.raises(LoopLMError, match="the model's context"):
+        Decoder(model, FixedSteps(), 100, backend=backend)
+    fresh = Decoder(model, FixedSteps(), 8, backend=backend)
+    with pytest.raises(LoopLMError, match="after prefill"):
+        fresh.step(1)
+    with pytest.raises(LoopLMError, match=r"shape \[1, S\]"):
+        fresh.prefill(torch.tensor([[1, 2], [3, 4]]))
+    fresh.prefill(torch.tensor([[1, 2]]))
+    with pytest.raises(LoopLMError, match="already holds a sequence"):
+        fresh.prefill(torch.tensor([[1, 2]]))
+
+
+def test_the_depth_rules_hold_in_the_api_as_on_the_command_line(model):
+    with pytest.raises(LoopLMError, match=r"min_steps \(5\) exceeds the 3 loop steps"):
+        generate(model, [1, 2], 2, exit_policy=QExit(0.5, min_steps=5))
+    with pytest.raises(LoopLMError, match="steps must be at most 12"):
+        generate_batch(model, [[1, 2]], 2, exit_policy=FixedSteps(100))
+
+
+def test_per_prompt_lists_must_match_the_prompts(model):
+    session = BatchSession(model, 4, 16)
+    for bad in ({"limits": [3]}, {"limits": [3, 3], "settings": [Settings()]},
+                {"limits": [3, 3], "on_tokens": [None]}, {"limits": [3, 3], "results": [Generation()]}):
+        with pytest.raises(LoopLMError, match="for 2 prompts: give one per prompt"):
+            session.admit([[1, 2], [3, 4]], **bad)
+    with pytest.raises(LoopLMError, match="limits must be ints >= 0"):
+        session.admit([[1, 2]], [-5])
+    with pytest.raises(LoopLMError, match="for 3 prompts"):
+        generate_batch(model, [[1], [2], [3]], 3, settings=[Settings()])
+    assert session.free_slots == 4  # nothing was admitted on the way
+
+
+def test_a_generation_to_fill_must_be_new(model):
+    result = Generation()
+    list(stream(model, [1, 2], 3, result=result))
+    assert len(result.ids) == 3
+    with pytest.raises(LoopLMError, match="already holds tokens"):
+        list(stream(model, [7, 8], 3, result=result))
+
+
+def test_stop_strings_are_strings_and_need_a_tokenizer(model):
+    assert Settings(stop="ab").stop == ("ab",)  # one stop string, not its characters
+    with pytest.raises(LoopLMError, match="must be strings"):
+        Settings(stop=[5])
+    with pytest.raises(LoopLMError, match="give the tokenizer"):
+        BatchSession(model, 1, 16, stop_strings=["x"])
+    with pytest.raises(LoopLMError, match="unknown layout"):
+        Settings(layout="bogus")
+    with pytest.raises(LoopLMError, match="sampling must be a Sampling"):
+        Settings(sampling=0.5)
+    assert Settings(exit_policy="q:0.5").exit_policy == QExit(0.5)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(model):
+    with pytest.raises(LoopLMError, match="259 ids but the model only 64"):
+        generate(model, [1, 2], 2, tokenizer=byte_tokenizer())
+
+
+def test_save_never_removes_a_users_file_and_refuses_inference_only_models(tmp_path):
+    from looplm.quant import quantize_model
+
+    model = LoopLM(tiny_config())
+    target = tmp_path / "ckpt"
+    model.save(target)
+    for name in ("vocab_notes.txt", "merges_backup.txt", "tokenizer_experiments.py"):
+        (target / name).write_text("mine")
+        with pytest.raises(LoopLMError, match=f"holds {name}"):
+            model.save(target)
+        (target / name).unlink()
+    model.save(target)  # its own files only: replaced
+    with pytest.raises(LoopLMError, match="save the trained float32 model"):
+        quantize_model(LoopLM(tiny_config())).save(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
