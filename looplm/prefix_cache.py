@@ -59,7 +59,11 @@ class PrefixCache:
 
     @staticmethod
     def _shape(model, cache: KVCache, steps: int) -> tuple:
-        return (id(model), cache.layout, cache.groups, cache.max_steps, steps)
+        """What a stored prefix must share with a new prompt's: the model — its weights as they are
+        now (each tensor's in-place version counter: a training step or load_state_dict makes
+        every stored prefix of the old weights unusable) — the layout and the depth."""
+        weights = tuple(tensor._version for tensor in model.parameters())
+        return (id(model), weights, cache.layout, cache.groups, cache.max_steps, steps)
 
     def prefill(self, model, ids: list[int], cache: KVCache, steps: int) -> LoopOutput:
         """Prefill ``ids`` into the empty batch-1 ``cache``, restoring the longest stored prefix;

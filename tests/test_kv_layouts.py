@@ -173,6 +173,21 @@ def test_prefix_reuse_equals_fresh_computation(name):
     assert stats.computed_tokens < sum(len(p) for p in (first, second, second, shared[:6]))
 
 
+def test_a_stored_prefix_of_weights_since_changed_is_not_reused():
+    """Prefixes are stored per model and its weights as they are: after an in-place change (a
+    training step) the old K/V would give another model's tokens."""
+    model = build("ouro")
+    prefix_cache = PrefixCache(block=4)
+    prompt = [5, 3, 9, 1, 2, 8, 7, 4, 6, 2]
+    generate(model, prompt, 3, backend="reference", prefix_cache=prefix_cache)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    reused = generate(model, prompt, 4, backend="reference", prefix_cache=prefix_cache)
+    assert reused.ids == generate(model, prompt, 4, backend="reference").ids
+    assert prefix_cache.stats.hits == 0
+
+
 def test_a_cache_rows_view_is_made_once_and_empty_at_every_call():
     """``KVCache.row`` hands out one view per cache row (made once: a small model's prompt felt the
     copy), emptied at every call — length 0, recurrent states zero — and writing into the parent's
