@@ -282,8 +282,12 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
     """The policy ``spec`` names: ``static`` | ``q:0.5`` | ``hidden:0.05`` | ``kl:0.01`` | ``ppl:3`` |
     ``act`` | ``act:0.9``, or a mapping {"name": …, its fields}; ``steps``/``min_steps`` (None: the
     default) set those fields (``min_steps`` only for the policies that have one)."""
-    if isinstance(spec, ExitPolicy):
-        return spec
+    if isinstance(spec, ExitPolicy):  # the steps asked for still apply
+        changes = {name: value for name, value in (("steps", steps), ("min_steps", min_steps)) if value is not None}
+        if "min_steps" in changes and not _has_min_steps(spec):
+            if changes.pop("min_steps") != 1:
+                raise LoopLMError(f"min_steps applies to the early exits q, hidden, kl and ppl, not {spec!r}")
+        return replace(spec, **changes) if changes else spec
     if isinstance(spec, Mapping):
         values = dict(spec)
         name, number = str(values.pop("name", "")), None
@@ -293,6 +297,10 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
     if name not in EXIT_POLICIES:
         raise LoopLMError(f"unknown exit {spec!r}: {USAGE}")
     kind = EXIT_POLICIES[name]
+    known = {field.name for field in fields(kind)}
+    if set(values) - known:
+        raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
+                          f" {', '.join(sorted(known))}")
     if number is not None or (kind.parameter_required and kind.parameter and kind.parameter not in values):
         if kind.parameter is None:
             raise LoopLMError(f"exit {name} takes no number, got {spec!r}")
@@ -300,7 +308,6 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
             values[kind.parameter] = float(number)
         except (TypeError, ValueError):
             raise LoopLMError(f"exit {spec!r} needs a number after '{name}:': {USAGE}") from None
-    known = {field.name for field in fields(kind)}
     if steps is not None:
         values["steps"] = steps
     if min_steps is not None and (min_steps != 1 or "min_steps" in known):
@@ -308,9 +315,10 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
             raise LoopLMError(f"min_steps (--min-steps) applies to the early exits q, hidden, kl and ppl, not"
                               f" {name}: drop it or choose one of those")
         values["min_steps"] = min_steps
-    if set(values) - known:
-        raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
-                          f" {', '.join(sorted(known))}")
+    wrong = [f"{field}={value!r}" for field, value in values.items()
+             if isinstance(value, bool) or not isinstance(value, int | float | type(None))]
+    if wrong:
+        raise LoopLMError(f"exit {name} takes numbers, got {', '.join(wrong)}")
     return kind(**values)
 
 

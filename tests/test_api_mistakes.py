@@ -115,3 +115,23 @@ def test_save_never_removes_a_users_file_and_refuses_inference_only_models(tmp_p
     with pytest.raises(LoopLMError, match="save the trained float32 model"):
         quantize_model(LoopLM(tiny_config())).save(tmp_path / "int8")
     assert not (tmp_path / "int8").exists()
+
+
+def test_smaller_api_mistakes_are_one_line(model):
+    from looplm.exit_policy import parse_exit
+    from looplm.training.upcycle import plan_upcycle
+
+    output = model(torch.tensor([[1, 2, 3]]))
+    for step in (0, -1, 4):  # step 0 had returned the last step's logits, -1 the one before it
+        with pytest.raises(LoopLMError, match="step must be in 1..3"):
+            output.logits(step)
+    assert torch.equal(output.logits(3), output.logits())
+    assert parse_exit(QExit(0.5), steps=5) == QExit(0.5, steps=5)  # the steps asked for are not dropped
+    with pytest.raises(LoopLMError, match="min_steps applies to the early exits"):
+        parse_exit(FixedSteps(), min_steps=2)
+    with pytest.raises(LoopLMError, match="exit q has no thresh"):
+        parse_exit({"name": "q", "thresh": 0.5})
+    with pytest.raises(LoopLMError, match="takes numbers"):
+        parse_exit({"name": "q", "threshold": "0.5"})
+    with pytest.raises(LoopLMError, match="cycle or interleave"):
+        plan_upcycle(model.config, model.config, order="bogus-order")

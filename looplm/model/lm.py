@@ -71,6 +71,9 @@ class LoopOutput:
 
     def logits(self, step: int | None = None) -> torch.Tensor:
         """[B, S, V] logits of 1-based ``step`` (default: the last step run)."""
+        if step is not None and not (isinstance(step, int) and 1 <= step <= self.steps):
+            raise LoopLMError(f"step must be in 1..{self.steps} (the loop steps this forward ran; 1-based), got"
+                              f" {step!r}")
         return self.model.logits(self.hidden_states[(step or self.steps) - 1])
 
     @property

@@ -223,6 +223,9 @@ class Trainer:
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
+        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+            raise LoopLMError(f"stop_after must be a number of optimiser steps >= 1 (None: train.steps), got"
+                              f" {stop_after!r}")
         config = self.train_config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.main:

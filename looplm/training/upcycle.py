@@ -113,6 +113,8 @@ def _operations(config: ModelConfig, names: dict[str, str], steps: int, source_l
 
 def plan_upcycle(source: ModelConfig, target: ModelConfig, order: str = "cycle") -> UpcyclePlan:
     """Map target layers to source layers (module docstring), or raise a one-line LoopLMError."""
+    if order not in ("cycle", "interleave"):
+        raise LoopLMError(f"upcycle order must be cycle or interleave, got {order!r}")
     for name in LAYER_FIELDS:
         if getattr(source, name) != getattr(target, name):
             raise LoopLMError(f"upcycling keeps each layer's shape: the source has model.{name}="
