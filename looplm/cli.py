@@ -352,6 +352,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
+    serve.add_argument("--prefix-cache-mb", type=int, default=1024,
+                       help="memory for stored prompt prefixes, reused by later requests (default: 1024 MiB)")
     serve.add_argument("--max-context", type=int, default=None,
                        help="positions per batch slot; the batch cache holds max-batch x max-context tokens"
                             " (default: the model's context)")
@@ -389,6 +391,8 @@ def run_serve(args) -> None:
         raise LoopLMError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 1:
         raise LoopLMError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.prefix_cache_mb < 1:
+        raise LoopLMError(f"--prefix-cache-mb must be >= 1, got {args.prefix_cache_mb}")
     name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
     config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default, args.max_prompts,
                           args.max_request_tokens)
@@ -401,15 +405,37 @@ def run_serve(args) -> None:
                           f" {args.max_context}")
     listening = listen_socket(args.host, args.port)  # a busy port or a bad host: one line, not uvicorn's log
     try:
+        from looplm.prefix_cache import PrefixCache
+
         engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
-                        max_queue=args.max_queue)
+                        max_queue=args.max_queue, prefix_cache=PrefixCache(max_bytes=args.prefix_cache_mb << 20))
         app = create_app(model, tokenizer, config, engine)
         port = listening.getsockname()[1]
         print(f"looplm serve: {name} on http://{args.host}:{port} (exit {args.exit}, layout {args.layout},"
               f" max batch {args.max_batch})", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listening])
+        server = _engine_server()(uvicorn.Config(app, log_level="info", limit_concurrency=args.max_queue + 32,
+                                              timeout_keep_alive=5, timeout_graceful_shutdown=30))
+        server.engine = engine
+        server.run(sockets=[listening])
     finally:
         listening.close()
+
+
+def _engine_server():
+    """uvicorn's Server, which on SIGINT/SIGTERM first tells the engine to stop taking jobs (the
+    running batch finishes, waiting requests get 503 at once) before uvicorn waits for the open
+    responses (at most 30 s)."""
+    import uvicorn
+
+    class EngineServer(uvicorn.Server):
+        engine = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.engine is not None:
+                self.engine.begin_stop()
+            super().handle_exit(sig, frame)
+
+    return EngineServer
 
 
 def listen_socket(host: str, port: int):

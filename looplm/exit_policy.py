@@ -58,6 +58,9 @@ class ExitPolicy:
     min_steps: int = 1
 
     def __post_init__(self) -> None:
+        for name, value in (("steps", self.steps), ("min_steps", self.min_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise LoopLMError(f"{name} must be a whole number of loop steps, got {value!r}")
         if self.steps is not None and self.steps < 1:
             raise LoopLMError(f"steps must be >= 1, got {self.steps}")
         if self.min_steps < 1:
@@ -319,7 +322,11 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
              if isinstance(value, bool) or not isinstance(value, int | float | type(None))]
     if wrong:
         raise LoopLMError(f"exit {name} takes numbers, got {', '.join(wrong)}")
-    return kind(**values)
+    try:
+        return kind(**values)
+    except (TypeError, OverflowError) as error:  # a null where a number belongs, an integer past float's range
+        raise LoopLMError(f"exit {name}: {', '.join(f'{k}={v!r}' for k, v in values.items())[:200]} is not a"
+                          f" valid setting ({type(error).__name__})") from None
 
 
 def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool = False,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, one_line
 from looplm.exit_policy import (  # noqa: F401
     ACTExit,
     ExitPolicy,
@@ -340,7 +340,12 @@ class BatchSession:
                 request.streamed = None if self.tokenizer is None else StreamedText(self.tokenizer)
                 request.row = self.scheduler.admit(list(prompt), chosen.exit_policy, self.prefix_cache)
                 self.requests[request.row.slot] = request
-                self._emit(request)
+                try:
+                    self._emit(request)
+                except BaseException:  # nothing of it stays in the batch
+                    self.requests.pop(request.row.slot, None)
+                    self.scheduler.release(request.row)
+                    raise
                 admitted.append(request)
         self.joined_late += len(admitted) if late else 0
         return admitted
@@ -370,6 +375,10 @@ class BatchSession:
             logits = None if sampling.temperature == 0 and row.greedy_logit is not None else row.logits
             token = sample_next(logits.cpu() if generator is not None and logits is not None else logits, sampling,
                                 generator, row.greedy, row.greedy_logit)
+        except RuntimeError as error:  # torch's sampling refused the distribution: this request's alone
+            request.error = LoopLMError(f"sampling failed ({one_line(error)[:200]}): use a temperature of at least"
+                                        " 1e-3, or 0 for greedy decoding")
+            return self._finish(request)
         except LoopLMError as error:  # this request's alone
             request.error = error
             return self._finish(request)

@@ -8,7 +8,9 @@ checkpointing of lrnnSMDDS), and a later prompt resumes from the last checkpoint
 shared prefix.  The rest of the prompt is prefilled on top; the output equals recomputing the
 whole prompt (the same math; chunked prefill equals one pass, tested).
 
-Entries are kept least-recently-used, at most ``max_entries`` (each holds its prompt's K/V).
+Entries are kept least-recently-used, at most ``max_entries`` and ``max_bytes`` of tensors
+together (each holds its prompt's K/V at every step; one that alone exceeds ``max_bytes`` is
+not stored).
 A cache is specific to one model and one cache shape (layout, loop steps): the key includes them.
 Layouts whose steps share K/V (``last``, ``first``, ``avg``, ``modulo`` with fewer groups than
 steps) are not reused: a stored prefix keeps only its finished entries, while prefill attends at
@@ -50,12 +52,19 @@ class PrefixCache:
 
     max_entries: int = 32
     block: int = 64
+    max_bytes: int = 1 << 30
     entries: OrderedDict = field(default_factory=OrderedDict)
     stats: PrefixStats = field(default_factory=PrefixStats)
 
     def __post_init__(self) -> None:
-        if self.max_entries < 1 or self.block < 1:
-            raise LoopLMError("a prefix cache needs max_entries >= 1 and block >= 1")
+        if not all(isinstance(value, int) and value >= 1 for value in (self.max_entries, self.block, self.max_bytes)):
+            raise LoopLMError("a prefix cache needs whole numbers max_entries, block and max_bytes >= 1, got"
+                              f" {self.max_entries!r}, {self.block!r}, {self.max_bytes!r}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(_entry_bytes(entry) for _, entry in self.entries.values())
 
     @staticmethod
     def _shape(model, cache: KVCache, steps: int) -> tuple:
@@ -130,10 +139,18 @@ class PrefixCache:
         length = len(ids)
         entry = _Entry(ids, cache.keys[:, 0, :, :length].clone(), cache.values[:, 0, :, :length].clone(),
                        states, last)
+        if _entry_bytes(entry) > self.max_bytes:
+            return
         self.entries[ids] = (shape, entry)
         self.entries.move_to_end(ids)
-        while len(self.entries) > self.max_entries:
+        while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
             self.entries.popitem(last=False)
+
+
+def _entry_bytes(entry: _Entry) -> int:
+    tensors = [entry.keys, entry.values, *(t for states in entry.states.values() for t in states),
+               *entry.last.hidden_states]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def _copy_overlap(target: torch.Tensor, source: torch.Tensor) -> None:

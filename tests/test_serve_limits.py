@@ -167,3 +167,71 @@ def test_what_the_join_check_lets_in_admit_takes():
             else:
                 with pytest.raises(LoopLMError, match="does not fit"):
                     session.admit([prompt], [limit], settings=[settings])
+
+
+def test_a_request_that_breaks_sampling_or_its_settings_fails_alone_and_the_server_goes_on():
+    """A temperature so small that logits / temperature overflow, settings of the wrong type in the
+    JSON exit object, a null threshold: each fails its own request (400, one JSON line) — once they
+    stopped the engine thread for good or failed their whole batch — and later requests are served."""
+    engine = Engine(_model(), TOKENIZER, max_batch=4)
+    with serving(engine, ServerConfig()) as (client, _):
+        for body in ({"prompt": "hi", "max_tokens": 3, "temperature": 1e-300},
+                     {"prompt": "hi", "max_tokens": 3, "exit": {"name": "static", "steps": 3.0}},
+                     {"prompt": "hi", "max_tokens": 3, "exit": {"name": "q", "threshold": 0.5, "min_steps": 1.5}},
+                     {"prompt": "hi", "max_tokens": 3, "exit": {"name": "q", "threshold": None}},
+                     {"prompt": "hi", "max_tokens": 3, "exit": ""}):
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 400, (body, response.text)
+            message = response.json()["error"]["message"]
+            assert message and "\n" not in message
+            fine = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "temperature": 0})
+            assert fine.status_code == 200, (body, fine.text)
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_stop_strings_prompt_sizes_and_prompt_counts_are_bounded():
+    engine = Engine(_model(), TOKENIZER, max_batch=2, max_queue=3)
+    with serving(engine, ServerConfig(max_prompts=8)) as (client, _):
+        for body, words in (({"prompt": "a", "stop": ["x"] * 17}, "stop"),
+                            ({"prompt": "a", "stop": "y" * 300}, "at most 256 characters"),
+                            ({"prompt": "a" * 100_000}, "far more than the model's context"),
+                            ({"prompt": ["a"] * 4}, "at most 3 per request")):  # the queue's size, not 503
+            response = client.post("/v1/completions", json={"max_tokens": 2, **body})
+            assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+
+
+def test_the_prefix_cache_keeps_to_its_byte_budget():
+    from looplm.prefix_cache import PrefixCache
+
+    model = _model()
+    roomy = PrefixCache()
+    generate(model, list(range(1, 41)), 1, prefix_cache=roomy, backend="reference")
+    one = roomy.nbytes
+    tight = PrefixCache(max_bytes=2 * one + 1)
+    for start in range(1, 6):  # five different prompts of the same length
+        generate(model, list(range(start, start + 40)), 1, prefix_cache=tight, backend="reference")
+        assert tight.nbytes <= tight.max_bytes
+    assert len(tight.entries) == 2
+    small = PrefixCache(max_bytes=one - 1)  # an entry larger than the budget is not stored
+    generate(model, list(range(1, 41)), 1, prefix_cache=small, backend="reference")
+    assert not small.entries
+
+
+def test_a_shutdown_signal_stops_the_engine_taking_jobs_before_uvicorn_waits():
+    """SIGTERM first closes the engine (waiting requests get 503 at once), then uvicorn waits for
+    the open responses: the queue is not decoded in full before the server exits."""
+    import signal
+
+    import uvicorn
+
+    from looplm.cli import _engine_server
+
+    engine = Engine(_model(), TOKENIZER, max_batch=1)
+    engine.start()
+    server = _engine_server()(uvicorn.Config(app=None))
+    server.engine = engine
+    server.handle_exit(signal.SIGTERM, None)
+    assert engine.closing and server.should_exit
+    with pytest.raises(Overloaded, match="shutting down"):
+        engine.submit(Job([1, 2], 2, Settings(), lambda event: None))
+    engine.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from looplm.serve.protocol import (
 
 # A client told to come back (503) is told when.
 RETRY_AFTER_SECONDS = 1
+# A prompt of more characters than this many per context token is refused before it is tokenized.
+MAX_CHARACTERS_PER_TOKEN = 64
+log = logging.getLogger("looplm.serve")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class ServerConfig:
         if self.max_prompts < 1 or self.max_request_tokens < 1:
             raise LoopLMError(f"max_prompts and max_request_tokens must be >= 1, got {self.max_prompts},"
                               f" {self.max_request_tokens}")
+
+
+def _shortened(message: str, most: int = 500) -> str:
+    """An error message as sent back: a request's long value is not echoed whole."""
+    return message if len(message) <= most else message[:most] + "…"
 
 
 def check_generation_options(model, exit: str | dict, steps: int | None, layout: str, min_steps: int | None = None):
@@ -100,7 +109,12 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
 
     @app.exception_handler(LoopLMError)
     async def user_error(request: Request, error: LoopLMError):
-        return JSONResponse(error_body(str(error)), status_code=400)
+        return JSONResponse(error_body(_shortened(str(error))), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):  # one JSON line, never a traceback
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}", "server_error"), status_code=500)
 
     def prepare(request: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int, Settings]:
         if (reason := request.unsupported()) is not None:
@@ -110,11 +124,14 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         policy = check_generation_options(model, request.exit or config.exit, steps, layout, request.min_steps)
         sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
         texts = request.prompts()
-        if len(texts) > config.max_prompts:
-            raise LoopLMError(f"the request has {len(texts)} prompts; this server takes at most {config.max_prompts}"
-                              " per request: split it")
+        if len(texts) > min(config.max_prompts, engine.max_queue):
+            raise LoopLMError(f"the request has {len(texts)} prompts; this server takes at most"
+                              f" {min(config.max_prompts, engine.max_queue)} per request: split it")
         prompts = []
         for index, text in enumerate(texts):
+            if len(text) > MAX_CHARACTERS_PER_TOKEN * context:  # far longer than the context: not tokenized
+                raise LoopLMError(f"prompt {index} has {len(text):,} characters, far more than the model's context"
+                                  f" of {context} tokens holds: shorten it")
             ids = tokenizer.encode_prompt(text)
             if len(ids) > context:
                 raise LoopLMError(f"prompt {index} has {len(ids)} tokens, longer than the model's context of"
@@ -197,6 +214,8 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped", "model": config.model_name}, status_code=503)
         return {"status": "ok", "model": config.model_name, "stats": await stats()}
 
     return app

@@ -109,10 +109,21 @@ class Engine:
         self.closing = False             # set by ``stop``: no new jobs; waiting ones are refused
         self._stopping = False           # the worker met the stop mark: finish the batch, then stop
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (or has not been started: ``run`` serves in the caller's)."""
+        return self._thread is None or self._thread.is_alive()
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve_forever, name="looplm-engine", daemon=True)
             self._thread.start()
+
+    def begin_stop(self) -> None:
+        """Start a graceful shutdown without waiting for it (a signal handler's part): no new jobs,
+        the running batch finishes, waiting jobs get ``Failed`` (503); ``stop`` then joins."""
+        self.closing = True
+        self.jobs.put(None)
 
     def stop(self) -> None:
         """Graceful shutdown: the running batch finishes, waiting jobs get ``Failed`` (503), and
@@ -147,7 +158,13 @@ class Engine:
         while not (self.closing or self._stopping):
             waiting[:] = [job for job in waiting if not self._dropped(job)]
             if waiting:
-                self._run_batch(waiting, serving=True)
+                try:
+                    self._run_batch(waiting, serving=True)
+                except Exception as error:  # noqa: BLE001 - the server goes on: only the jobs at hand fail
+                    log.exception("a batch could not run")
+                    for job in waiting:
+                        self._fail(job, error)
+                    waiting.clear()
             elif (jobs := self._collect()) is not None:
                 waiting.extend(jobs)
             else:
@@ -214,10 +231,10 @@ class Engine:
                 return
             size = len(session.requests)
             self.stats.largest_batch = max(self.stats.largest_batch, size)
-            for request in session.requests.values():
-                job = members[id(request)]
-                request.cancelled, job.batch_size = job.cancelled, max(job.batch_size, size)
             try:
+                for request in session.requests.values():
+                    job = members[id(request)]
+                    request.cancelled, job.batch_size = job.cancelled, max(job.batch_size, size)
                 finished = session.step()
             except Exception as error:  # noqa: BLE001 - one bad iteration must not stop the server
                 log.exception("a batch of %d requests failed", len(members))

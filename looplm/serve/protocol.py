@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from looplm.errors import LoopLMError
+
 CHAT_STOP = "\nuser:"
+MAX_STOP_STRINGS = 16          # stop strings a request may give (OpenAI: 4), each checked after every token
+MAX_STOP_CHARACTERS = 256      # characters of each
+MAX_SPEC_CHARACTERS = 200      # of an exit or layout string (they name a policy or a layout)
 
 
 class _Request(BaseModel):
@@ -30,17 +36,17 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = 1
     seed: int | None = None
     # looplm extensions
     top_k: int = Field(0, ge=0)
-    exit: str | dict | None = None
+    exit: str | dict | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARACTERS)
     steps: int | None = Field(None, ge=1)
     min_steps: int | None = Field(None, ge=1)
-    layout: str | None = None
+    layout: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARACTERS)
     # OpenAI fields looplm does not implement: refused unless left at their defaults
     logprobs: bool | int | None = None
     echo: bool = False
@@ -62,6 +68,8 @@ class _Request(BaseModel):
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(len(stop) > MAX_STOP_CHARACTERS for stop in stops):
+            raise LoopLMError(f"each stop string may have at most {MAX_STOP_CHARACTERS} characters")
         return tuple(stop for stop in stops if stop)
 
     @property
