@@ -120,3 +120,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def one_line_error(argv, capsys) -> str:
+    """Run ``looplm ARGV`` in this process; assert exit status 2 and one error line, and return it."""
+    from looplm.cli import main
+
+    capsys.readouterr()
+    status = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
+    return lines[0]

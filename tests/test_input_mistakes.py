@@ -22,7 +22,7 @@ from looplm.data.tokenizer import byte_tokenizer
 from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
 TEXT = "the loop runs again and again. " * 100
 LM_EVAL_TASKS = Path(__file__).parent / "data" / "lm_eval"
@@ -35,17 +35,6 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     LoopLM(tiny_config(vocab_size=259, max_seq_len=64)).eval().save(directory, byte_tokenizer())
     return directory
-
-
-def one_line_error(argv, capsys) -> str:
-    """Run ``looplm ARGV`` in this process; assert exit status 2 and one error line, and return it."""
-    capsys.readouterr()
-    status = main([str(arg) for arg in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2, err
-    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
-    return lines[0]
 
 
 def contents(directory: Path) -> dict[Path, bytes]:

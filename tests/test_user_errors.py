@@ -22,7 +22,7 @@ from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.model import LoopLM
 
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
 TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1",
               "--model.loop_steps", "2", "--model.max_seq_len", "64", "--train.batch_size", "4",
@@ -388,13 +388,8 @@ CASES = {name[len("case_"):]: function for name, function in sorted(globals().it
 def test_a_user_mistake_is_one_line_and_exit_2(name, files, tmp_path, capsys):
     argv, words = CASES[name](files, tmp_path)
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    capsys.readouterr()
-    status = main([str(arg) for arg in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2, err
-    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
-    assert words.lower() in lines[0].lower(), lines[0]
+    line = one_line_error(argv, capsys)
+    assert words.lower() in line.lower(), line
     after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path in before}
     assert after == before  # nothing the user had was changed or deleted
 
