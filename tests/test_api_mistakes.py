@@ -135,3 +135,20 @@ def test_smaller_api_mistakes_are_one_line(model):
         parse_exit({"name": "q", "threshold": "0.5"})
     with pytest.raises(LoopLMError, match="cycle or interleave"):
         plan_upcycle(model.config, model.config, order="bogus-order")
+
+
+def test_loading_converting_and_tokenizer_training_mistakes(tmp_path):
+    import looplm
+    from looplm.data.tokenizer import train_bpe
+    from looplm.interop.safetensors_io import write_tensors
+
+    with pytest.raises(LoopLMError, match="got one string"):
+        train_bpe("some text", 300)  # had trained on its characters as texts
+    with pytest.raises(LoopLMError, match="max_shard_bytes must be"):
+        write_tensors({"a": torch.zeros(2)}, tmp_path, max_shard_bytes=-1)  # had written a shard per tensor
+    checkpoint = LoopLM(tiny_config()).save(tmp_path / "ckpt")
+    with pytest.raises(LoopLMError, match="unknown device 'gpu'"):  # had blamed the file
+        looplm.load(checkpoint, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LoopLMError, match="CUDA is not available"):
+            looplm.load(checkpoint, device="cuda")

@@ -200,6 +200,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     Ids 0..2 are <pad>, <bos>, <eos>; all 256 bytes are in the alphabet, so any string
     round-trips.  A small corpus may run out of merges first, giving a smaller vocabulary.
     """
+    if isinstance(texts, str | bytes):  # one string is one text, not an iterable of characters
+        raise LoopLMError("train_bpe takes an iterable of texts (e.g. a list of strings), got one string: wrap it"
+                          " in a list")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB_SIZE:
         raise LoopLMError(
             f"BPE vocab_size {vocab_size!r} is too small: use an integer of at least {MIN_BPE_VOCAB_SIZE} "

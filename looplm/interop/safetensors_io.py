@@ -91,6 +91,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     """Write ``tensors`` into ``directory`` (one file, or shards of at most ``max_shard_bytes``
     each plus the index); returns the file names written.  Tensors keep their order."""
     directory = Path(directory)
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes < 1):
+        raise LoopLMError(f"max_shard_bytes must be a number of bytes >= 1 (None: one file), got {max_shard_bytes!r}")
     tensors = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
