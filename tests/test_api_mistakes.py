@@ -152,3 +152,18 @@ def test_loading_converting_and_tokenizer_training_mistakes(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(LoopLMError, match="CUDA is not available"):
             looplm.load(checkpoint, device="cuda")
+
+
+def test_a_model_config_built_in_python_checks_its_types():
+    """``ModelConfig(**kwargs)`` takes values as they are (files and the command line coerce): a
+    string where a bool belongs had been truthy, a float count accepted."""
+    from looplm.config import ModelConfig
+
+    for bad, words in (({"exit_gate": "false"}, "model.exit_gate must be bool"),
+                       ({"tie_embeddings": "no"}, "model.tie_embeddings must be bool"),
+                       ({"loop_steps": 2.5}, "model.loop_steps must be int"),
+                       ({"vocab_size": 64.0}, "model.vocab_size must be int"),
+                       ({"loop_stepz": 3}, "unknown config key model.loop_stepz")):
+        with pytest.raises(LoopLMError, match=words):
+            ModelConfig(**bad)
+    assert ModelConfig(init_std=1).init_std == 1  # an int where a float belongs is a number

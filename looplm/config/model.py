@@ -355,18 +355,19 @@ class ModelConfig:
             elif group_class.NAMED_BY is not None:
                 group = group_class(**{group_class.NAMED_BY: given})
             else:
-                raise TypeError(f"ModelConfig({name}=...) takes a {group_class.__name__} or a mapping, got {given!r}")
+                raise LoopLMError(f"ModelConfig({name}=...) takes a {group_class.__name__} or a mapping, got {given!r}")
             setattr(self, name, group)
         for item in TOP_LEVEL:
             setattr(self, item.name, values.pop(item.name, item.default))
         for key, value in values.items():
             if key not in FLAT_KEYS:
-                raise TypeError(f"ModelConfig got an unexpected keyword argument {key!r}")
+                raise LoopLMError(f"unknown config key model.{key}: see ModelConfig.keys() for the valid ones")
             group, name = FLAT_KEYS[key]
             setattr(getattr(self, group), name, value)
         self.__post_init__()
 
     def __post_init__(self) -> None:
+        _check_types(self.items())
         check_finite(self.items(), "model")
         check(self.vocab_size >= 2, f"model.vocab_size must be >= 2, got {self.vocab_size}")
         check(self.d_model >= 1, f"model.d_model must be >= 1, got {self.d_model}")
@@ -454,6 +455,26 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
 KEY_TYPES: dict[str, Any] = {
     **{item.name: typing.get_type_hints(ModelConfig)[item.name] for item in TOP_LEVEL},
     **{key: typing.get_type_hints(GROUPS[group])[name] for key, (group, name) in FLAT_KEYS.items()}}
+
+
+def _check_types(items: list[tuple[str, Any]]) -> None:
+    """Each setting of the type its key declares (Python callers pass values as they are; files and
+    the command line go through ``coerce``): "false" is not False, 2.5 is not a count."""
+    for key, value in items:
+        expected = KEY_TYPES[key]
+        if expected is bool:
+            good = isinstance(value, bool)
+        elif expected is int:
+            good = isinstance(value, int) and not isinstance(value, bool)
+        elif expected is float:
+            good = isinstance(value, int | float) and not isinstance(value, bool)
+        elif expected is str:
+            good = isinstance(value, str)
+        else:
+            continue
+        if not good:
+            raise LoopLMError(f"model.{key} must be {expected.__name__}, got {value!r}"
+                              f" ({type(value).__name__})")
 
 
 def flat_model_values(raw: dict, section: str = "model") -> dict[str, Any]:
