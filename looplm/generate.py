@@ -52,6 +52,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name, kinds in (("temperature", int | float), ("top_k", int), ("top_p", int | float),
+                            ("seed", int | None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise LoopLMError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise LoopLMError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:

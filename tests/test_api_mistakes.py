@@ -167,3 +167,21 @@ def test_a_model_config_built_in_python_checks_its_types():
         with pytest.raises(LoopLMError, match=words):
             ModelConfig(**bad)
     assert ModelConfig(init_std=1).init_std == 1  # an int where a float belongs is a number
+
+
+def test_sampling_types_stream_options_and_resuming_nothing(tmp_path):
+    from looplm.config import RunConfig, TrainConfig
+    from looplm.generate import Sampling
+    from looplm.serve.protocol import CompletionRequest
+    from looplm.training.trainer import Trainer
+
+    for bad in ({"temperature": "0.5"}, {"top_k": 2.5}, {"top_p": "0.9"}, {"seed": 1.5}):
+        with pytest.raises(LoopLMError, match="must be a number"):
+            Sampling(**bad)
+    with pytest.raises(Exception, match="include_usage"):  # typed: "no" is not true (pydantic's 400)
+        CompletionRequest(prompt="a", stream_options={"include_usage": "no"})
+    assert CompletionRequest(prompt="a", stream_options={"include_usage": True}).include_usage
+    missing = tmp_path / "never-trained"
+    with pytest.raises(LoopLMError, match="nothing to resume"):
+        Trainer(RunConfig(train=TrainConfig(steps=1)), missing, resume=True)
+    assert not missing.exists()  # nothing was created on the way

@@ -29,6 +29,12 @@ MAX_STOP_CHARACTERS = 256      # characters of each
 MAX_SPEC_CHARACTERS = 200      # of an exit or layout string (they name a policy or a layout)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -38,7 +44,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     n: int = 1
     seed: int | None = None
     # looplm extensions
@@ -74,7 +80,7 @@ class _Request(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):

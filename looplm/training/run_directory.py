@@ -39,6 +39,9 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
         raise LoopLMError(f"--out {str(out_dir)!r} is a file: give a directory for the run")
     if resume and overwrite:
         raise LoopLMError("choose --resume (continue the run in --out) or --overwrite (start it again), not both")
+    if resume and not any((out_dir / "checkpoints").glob("step_*")):  # before anything is written there
+        raise LoopLMError(f"nothing to resume in {str(out_dir)!r}: no checkpoints/step_* found (start the run"
+                          " without --resume)")
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
     if entries and not resume:
         if overwrite:
