@@ -11,6 +11,7 @@ per-prompt ``generate`` with the same settings (tested), up to float rounding of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -73,6 +74,9 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         raise LoopLMError(f"{len(limits)} max_new_tokens limits for {len(prompts)} prompts: give one per prompt")
     if min(limits) < 0:
         raise LoopLMError(f"max_new_tokens must be >= 0, got {min(limits)}")
+    if settings is not None and (exit_policy is not None or sampling is not _DEFAULT_SAMPLING or stop_strings):
+        warnings.warn("generate_batch: settings give each prompt its exit policy, sampling and stop strings; the"
+                      " exit_policy, sampling and stop_strings arguments are ignored", stacklevel=2)
     settings = list(settings or [Settings(exit_policy or default_exit_policy(model.config), layout, sampling,
                                           tuple(stop_strings))] * len(prompts))
     depth = max(chosen.exit_policy.max_steps(model.config.loop_steps) for chosen in settings)

@@ -185,3 +185,9 @@ def test_sampling_types_stream_options_and_resuming_nothing(tmp_path):
     with pytest.raises(LoopLMError, match="nothing to resume"):
         Trainer(RunConfig(train=TrainConfig(steps=1)), missing, resume=True)
     assert not missing.exists()  # nothing was created on the way
+
+
+def test_generate_batch_says_when_settings_override_its_arguments(model):
+    with pytest.warns(UserWarning, match="arguments are ignored"):
+        result = generate_batch(model, [[1, 2]], 2, exit_policy=FixedSteps(2), settings=[Settings(FixedSteps(3))])
+    assert result.per_row_steps == [[3, 3]]
