@@ -10,6 +10,12 @@ class LoopLMError(Exception):
     """A user's mistake, reported as one line that says what was wrong and how to fix it."""
 
 
+def listed(items, limit: int = 3) -> str:
+    """The first ``limit`` items joined by commas, then how many more: "a, b, c and 4 more"."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message with its line breaks and runs of spaces folded, for a one-line error."""
     return " ".join(str(error).split())

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 
 _HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
           errno.EROFS: "choose a writable location", errno.EACCES: "check the permissions",
@@ -140,9 +140,8 @@ def check_replaceable(target: str | Path, replaceable: Callable[[str], bool]) ->
         return
     foreign = sorted(entry.name for entry in target.iterdir() if not replaceable(entry.name))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise LoopLMError(f"{str(target)!r} holds {shown}, which this output would not replace: move them away or"
-                          " choose another output directory")
+        raise LoopLMError(f"{str(target)!r} holds {listed(foreign)}, which this output would not replace: move them"
+                          " away or choose another output directory")
 
 
 def _alive(pid: int) -> bool:

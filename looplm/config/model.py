@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from looplm.config.values import check, check_finite, coerce
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat", "lti_residual")
@@ -536,7 +536,5 @@ for _key, (_group, _name) in FLAT_KEYS.items():
 def model_differences(wanted: ModelConfig, other: ModelConfig, limit: int = 4) -> str:
     """The settings where ``other`` differs from ``wanted``, as "d_model 256 instead of 32, n_heads 8
     instead of 4" (the first ``limit``, then how many more)."""
-    different = [f"{key} {other.get(key)!r} instead of {value!r}" for key, value in wanted.items()
-                 if other.get(key) != value]
-    shown = ", ".join(different[:limit])
-    return shown + (f" and {len(different) - limit} more" if len(different) > limit else "")
+    return listed([f"{key} {other.get(key)!r} instead of {value!r}" for key, value in wanted.items()
+                   if other.get(key) != value], limit)

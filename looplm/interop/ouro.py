@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from looplm.config import ModelConfig
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 from looplm.interop.directory import check_destination, check_source, copy_tokenizer_files
 from looplm.interop.safetensors_io import read_json, read_tensors, write_tensors
 
@@ -184,8 +184,7 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
         expected = {name: tensor.shape for name, tensor in ouro_state_from_looplm(LoopLM(config)).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise LoopLMError(f"{where} lack {missing[0]}{more}: the checkpoint is incomplete")
+        raise LoopLMError(f"{where} lack {listed(missing, 1)}: the checkpoint is incomplete")
     if unexpected:
         raise LoopLMError(f"{where} hold {unexpected[0]}, which an Ouro model of this config.json does not have")
     for name, shape in expected.items():

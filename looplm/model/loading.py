@@ -16,7 +16,7 @@ from torch import nn
 
 from looplm.checkpoint.formats import read_model, read_tokenizer
 from looplm.checkpoint.stored import StoredModel
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 from looplm.model.lm import LoopLM
 from looplm.model.swap import swap_modules
 
@@ -63,8 +63,8 @@ def build_model(stored: StoredModel, device: str | torch.device = "cpu", int8: b
                               f" config needs {expected[name]}")
     broken = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
     if broken:
-        warnings.warn(f"{source!r} holds non-finite weights ({stored.stored_name(broken[0])}"
-                      f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): its outputs will be NaN or inf",
+        warnings.warn(f"{source!r} holds non-finite weights ({listed(map(stored.stored_name, broken), 1)}): its"
+                      " outputs will be NaN or inf",
                       stacklevel=3)
     model.load_state_dict(weights, assign=True)
     model.rebuild_derived_buffers(device)

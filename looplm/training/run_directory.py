@@ -18,7 +18,7 @@ from pathlib import Path
 from looplm.checkpoint.atomic import refuse_overlap, remove_stale_staging
 from looplm.checkpoint.directory import RUN_CONFIG_FILE
 from looplm.config import FITTED_TOKENIZERS, RunConfig
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 from looplm.training.loggers import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
@@ -48,9 +48,8 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
             refuse_overlap(out_dir, run_inputs(run), "--overwrite")
         foreign = [entry.name for entry in entries if entry.name not in RUN_ENTRIES]
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise LoopLMError(f"--out {str(out_dir)!r} holds {shown}, which no run writes: choose a new or empty"
-                              " directory for the run (--overwrite only replaces a run)")
+            raise LoopLMError(f"--out {str(out_dir)!r} holds {listed(foreign)}, which no run writes: choose a new or"
+                              " empty directory for the run (--overwrite only replaces a run)")
         if not overwrite:
             raise LoopLMError(f"{str(out_dir)!r} already holds a run: pass --resume to continue it, --overwrite to"
                               " start it again, or choose another --out")
