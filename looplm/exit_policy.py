@@ -289,7 +289,7 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
         changes = {name: value for name, value in (("steps", steps), ("min_steps", min_steps)) if value is not None}
         if "min_steps" in changes and not _has_min_steps(spec):
             if changes.pop("min_steps") != 1:
-                raise LoopLMError(f"min_steps applies to the early exits q, hidden, kl and ppl, not {spec!r}")
+                _refuse_min_steps(spec.name)
         return replace(spec, **changes) if changes else spec
     if isinstance(spec, Mapping):
         values = dict(spec)
@@ -315,8 +315,7 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
         values["steps"] = steps
     if min_steps is not None and (min_steps != 1 or "min_steps" in known):
         if "min_steps" not in known:
-            raise LoopLMError(f"min_steps (--min-steps) applies to the early exits q, hidden, kl and ppl, not"
-                              f" {name}: drop it or choose one of those")
+            _refuse_min_steps(name)
         values["min_steps"] = min_steps
     wrong = [f"{field}={value!r}" for field, value in values.items()
              if isinstance(value, bool) or not isinstance(value, int | float | type(None))]
@@ -352,6 +351,12 @@ def make_exit_policy(q: float | None = None, steps: int | None = None, act: bool
                               f" {config.default_exit!r}: add --q, --exit-hidden, --exit-kl or --exit-ppl")
         return replace(recorded, min_steps=min_steps)
     return parse_exit(chosen[0][1] if chosen else "static", steps, min_steps)
+
+
+def _refuse_min_steps(name: str) -> None:
+    """A least number of steps asked of a policy that exits at a fixed depth (it would be dropped)."""
+    raise LoopLMError(f"min_steps applies to the early exits q, hidden, kl and ppl (--min-steps), not {name}: drop it"
+                      " or choose one of those")
 
 
 def _has_min_steps(policy) -> bool:
