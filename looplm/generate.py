@@ -274,8 +274,7 @@ class BatchSession:
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
                               f" {model.config.vocab_size} embedding rows: use the model's own tokenizer")
-        if self.defaults.stop and tokenizer is None:
-            raise LoopLMError("stop strings are matched in the decoded text: give the tokenizer too")
+        self._check_stops([self.defaults])
         if not isinstance(rows, int) or rows < 1 or not isinstance(max_len, int) or max_len < 1:
             raise LoopLMError(f"rows and max_len must be ints >= 1, got {rows!r}, {max_len!r}")
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
@@ -328,8 +327,7 @@ class BatchSession:
         limits = counted
         if any(result.ids for result in results or ()):
             raise LoopLMError("a Generation given to fill already holds tokens: pass a new Generation()")
-        if self.tokenizer is None and any(chosen.stop for chosen in settings):
-            raise LoopLMError("stop strings are matched in the decoded text: give the session a tokenizer")
+        self._check_stops(settings)
         for prompt, limit, chosen in zip(prompts, limits, settings):
             if not self.fits(prompt, limit, chosen):
                 raise LoopLMError(f"a prompt of {len(prompt)} tokens with {limit} new tokens does not fit the batch")
@@ -354,6 +352,11 @@ class BatchSession:
                 admitted.append(request)
         self.joined_late += len(admitted) if late else 0
         return admitted
+
+    def _check_stops(self, settings: Sequence[Settings]) -> None:
+        """Stop strings are matched in the decoded text: refuse them without a tokenizer."""
+        if self.tokenizer is None and any(chosen.stop for chosen in settings):
+            raise LoopLMError("stop strings are matched in the decoded text: give the tokenizer too")
 
     def step(self) -> list[Request]:
         """One scheduler iteration; emit a token for each row whose token finished.  Returns the
