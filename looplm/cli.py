@@ -532,6 +532,18 @@ def _train_summary_line(summary: dict) -> str:
     return f"looplm train: done: {', '.join(parts)}; checkpoint {summary['checkpoint']}"
 
 
+def _check_json_output(path: str, overwrite: bool, what: str) -> None:
+    """Before the work: a --json file to write ``what`` into must be a new file name (or, with
+    --overwrite, an existing file), in a directory that can hold it."""
+    from looplm.checkpoint.atomic import check_parent_directory
+
+    if Path(path).is_dir():
+        raise LoopLMError(f"--json {path!r} is a directory: give a file name for the {what}")
+    check_parent_directory(path)
+    if Path(path).exists() and not overwrite:
+        raise LoopLMError(f"--json {path!r} exists: choose a new file name or pass --overwrite to replace it")
+
+
 def _warn_unused_generate_options(args) -> None:
     """One warning for each option given that this generation would not use."""
     if args.temperature == 0:
@@ -645,11 +657,8 @@ def run_eval(args) -> None:
         warnings.warn("--text-field names the text of --data files: ignored with --task", stacklevel=2)
     checkpoint = resolve_checkpoint(args.checkpoint) if not is_gguf_path(args.checkpoint) else Path(args.checkpoint)
     if args.json:
-        if Path(args.json).is_dir():
-            raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the report")
         refuse_overlap(args.json, [args.checkpoint, args.data])
-        if Path(args.json).exists() and not args.overwrite:
-            raise LoopLMError(f"--json {args.json!r} exists: choose a new file name or pass --overwrite to replace it")
+        _check_json_output(args.json, args.overwrite, "report")
     if args.out:
         refuse_overlap(args.out, [args.checkpoint, checkpoint, args.data], "--overwrite" if args.overwrite else "")
     model = load_model(args.checkpoint)
@@ -836,18 +845,13 @@ def run_lm_eval(args) -> None:
 
 def run_bench_command(args) -> None:
     from looplm.bench import run_bench
-    from looplm.checkpoint.atomic import check_parent_directory
 
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads < 0:
         raise LoopLMError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if args.json and Path(args.json).is_dir():
-        raise LoopLMError(f"--json {args.json!r} is a directory: give a file name for the figures")
     if args.json:
-        check_parent_directory(args.json)
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise LoopLMError(f"--json {args.json!r} exists: choose a new file name or pass --overwrite to replace it")
+        _check_json_output(args.json, args.overwrite, "figures")
     run_bench(args.json, args.threads, args.compile, args.repeats)
 
 
