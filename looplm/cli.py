@@ -635,13 +635,13 @@ def _grid(text: str | None, default: tuple, name: str, upper: float | None = Non
 def run_eval(args) -> None:
     from tqdm import tqdm
 
-    from looplm.checkpoint.atomic import atomic_write_text, check_replaceable, refuse_overlap
+    from looplm.checkpoint.atomic import atomic_write_text, refuse_overlap
     from looplm.checkpoint.directory import resolve_checkpoint
     from looplm.checkpoint.gguf import is_gguf_path
     from looplm.config import DataConfig
     from looplm.data.source import open_training_data
     from looplm.eval import curves
-    from looplm.eval.report import REPORT_FILES, build_report, write_report
+    from looplm.eval.report import build_report, check_report_directory, write_report
     from looplm.exit_policy import FixedSteps, check_depth
     from looplm.model.loading import load_checkpoint_tokenizer, load_model
 
@@ -678,10 +678,7 @@ def run_eval(args) -> None:
              "hidden_change_grid": _grid(args.epsilon_grid, curves.HIDDEN_CHANGE_GRID, "--epsilon-grid"),
              "kl_grid": _grid(args.kl_grid, curves.KL_GRID, "--kl-grid")}
     if args.out:  # fail before the slow part
-        out = Path(args.out)
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            raise LoopLMError(f"--out {args.out!r} is not empty: choose a new directory or pass --overwrite")
-        check_replaceable(out, REPORT_FILES.__contains__)
+        check_report_directory(args.out, args.overwrite)
     batch = 16
     with tempfile.TemporaryDirectory() as scratch:
         # Evaluate with the tokenizer the checkpoint was trained with (saved beside its weights, or in

@@ -140,16 +140,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the report files into ``out_dir`` (new or empty unless ``overwrite``), atomically."""
-    from looplm.checkpoint.atomic import atomic_directory
-    from looplm.eval.plots import plot_curves, plot_exit_histogram, plot_per_step
+def check_report_directory(out_dir: str | Path, overwrite: bool) -> None:
+    """What ``write_report`` refuses, for callers to check before the slow part: a file, a
+    non-empty directory unless ``overwrite``, and one holding anything but report files."""
+    from looplm.checkpoint.atomic import check_replaceable
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LoopLMError(f"--out {str(out_dir)!r} is a file: give a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LoopLMError(f"--out {str(out_dir)!r} is not empty: choose a new directory or pass --overwrite")
+    check_replaceable(out_dir, REPORT_FILES.__contains__)
+
+
+def write_report(report: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the report files into ``out_dir`` (new or empty unless ``overwrite``), atomically."""
+    from looplm.checkpoint.atomic import atomic_directory
+    from looplm.eval.plots import plot_curves, plot_exit_histogram, plot_per_step
+
+    out_dir = Path(out_dir)
+    check_report_directory(out_dir, overwrite)
 
     def write(staging: Path) -> None:
         _write_csv(staging / "per_step.csv", report["per_step"],
