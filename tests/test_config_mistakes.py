@@ -17,7 +17,7 @@ from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from looplm.model import LoopLM
 
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
 TEXT = "the loop runs again and again. " * 200
 QUICK = ["--train.batch_size", "2", "--train.seq_len", "16", "--train.eval_every", "0", "--train.steps", "1",
@@ -126,15 +126,12 @@ CASES = {name[len("case_"):]: function for name, function in sorted(globals().it
 def test_a_config_mistake_is_one_line_and_exit_2(name, files, tmp_path, capsys):
     argv, words = CASES[name](files, tmp_path)
     before = {path: path.read_bytes() for root in (files, tmp_path) for path in root.rglob("*") if path.is_file()}
-    status, err = run_main(argv, capsys)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2, err
-    assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
+    line = one_line_error(argv, capsys)
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in line, line
     after = {path: path.read_bytes() for root in (files, tmp_path) for path in root.rglob("*") if path.is_file()}
     assert after == before  # nothing written, nothing the user had changed
-    assert "drop the --model.*" not in lines[0]
+    assert "drop the --model.*" not in line
 
 
 def saved_tokenizer(run_dir) -> Tokenizer:
