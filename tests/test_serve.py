@@ -229,6 +229,14 @@ BAD_REQUESTS = {
     "min_steps with fixed steps": {"prompt": "a", "exit": "static", "min_steps": 2},
     "n = 2": {"prompt": "a", "n": 2},
     "logprobs": {"prompt": "a", "logprobs": 3},
+    "logprobs true": {"prompt": "a", "logprobs": True},
+    "penalty": {"prompt": "a", "presence_penalty": 0.5},
+    "logit_bias": {"prompt": "a", "logit_bias": {"50": -100}},
+    "json output": {"prompt": "a", "response_format": {"type": "json_object"}},
+    "tools": {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]},
+    "tool_choice": {"prompt": "a", "tool_choice": "required"},
+    "suffix": {"prompt": "a", "suffix": "end"},
+    "echo": {"prompt": "a", "echo": True},
     "over-long prompt": {"prompt": LONG_PROMPT},
     "stop is a number": {"prompt": "a", "stop": 3},
 }
@@ -245,6 +253,24 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, body):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"] and "\n" not in error["message"]
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_openai_fields_that_ask_for_nothing_are_accepted(server):
+    """Clients send OpenAI's optional fields at their neutral values; those are not refused, and the
+    output is the plain request's."""
+    client, _, _ = server
+    plain = {"prompt": "ab", "max_tokens": 3, "temperature": 0}
+    neutral = {**plain, "logprobs": None, "top_logprobs": 0, "echo": False, "best_of": 1, "suffix": "",
+               "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+               "tools": [], "tool_choice": "none", "functions": None, "user": "someone", "metadata": {"k": "v"}}
+    expected = client.post("/v1/completions", json=plain).json()["choices"][0]["text"]
+    response = client.post("/v1/completions", json=neutral)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == expected
+    refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}],
+                                                        "logit_bias": {"7": 5}})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "logit_bias is not supported by looplm (got {'7': 5}): leave it out"
 
 
 def test_bad_chat_requests_and_unknown_routes(server):

@@ -2,7 +2,9 @@
 
 Requests are pydantic models in strict mode ("5" is not a number, true is not an integer);
 unknown fields are ignored, as OpenAI clients send optional ones looplm does not use.  Fields
-OpenAI defines but looplm cannot honour are refused when set to anything but their default.
+OpenAI defines that would change the output and that looplm does not honour (``UNSUPPORTED``:
+logprobs, penalties, logit_bias, response_format, tools, ...) are refused when set to anything
+that asks for something, never silently ignored.
 
 Chat messages become one prompt (looplm tokenizers carry no chat template)::
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +29,35 @@ CHAT_STOP = "\nuser:"
 MAX_STOP_STRINGS = 16          # stop strings a request may give (OpenAI: 4), each checked after every token
 MAX_STOP_CHARACTERS = 256      # characters of each
 MAX_SPEC_CHARACTERS = 200      # of an exit or layout string (they name a policy or a layout)
+
+
+def _is_zero(value) -> bool:
+    return type(value) in (int, float) and value == 0
+
+
+# field → whether a value asks for nothing (None always does): False, 0, 1 (best_of), "" or an
+# empty list or object, text output, no tool call.
+UNSUPPORTED = {
+    "logprobs": lambda value: value is False or _is_zero(value),
+    "top_logprobs": _is_zero,
+    "echo": lambda value: value is False,
+    "best_of": lambda value: type(value) is int and value == 1,
+    "suffix": lambda value: value == "",
+    "presence_penalty": _is_zero,
+    "frequency_penalty": _is_zero,
+    "logit_bias": lambda value: value == {},
+    "response_format": lambda value: value == {"type": "text"},
+    "tools": lambda value: value == [],
+    "tool_choice": lambda value: value == "none",
+    "functions": lambda value: value == [],
+    "function_call": lambda value: value == "none",
+    "prediction": lambda value: False,
+}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class StreamOptions(BaseModel):
@@ -53,23 +84,31 @@ class _Request(BaseModel):
     steps: int | None = Field(None, ge=1)
     min_steps: int | None = Field(None, ge=1)
     layout: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARACTERS)
-    # OpenAI fields looplm does not implement: refused unless left at their defaults
-    logprobs: bool | int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # OpenAI fields that would change the output and that looplm does not implement: refused unless
+    # left at a value that asks for nothing (``UNSUPPORTED``), never silently ignored
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = False
+    best_of: Any = None
+    suffix: Any = None
+    presence_penalty: Any = 0
+    frequency_penalty: Any = 0
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
 
     def unsupported(self) -> str | None:
         """Why this request asks for something the server does not do, or None."""
         if self.n != 1:
             return f"n must be 1 (looplm returns one choice per prompt), got {self.n}"
-        ignored = {"logprobs": self.logprobs in (None, False, 0), "echo": not self.echo,
-                   "best_of": self.best_of in (None, 1), "presence_penalty": self.presence_penalty == 0,
-                   "frequency_penalty": self.frequency_penalty == 0}
-        for name, harmless in ignored.items():
-            if not harmless:
-                return f"{name} is not supported by looplm: leave it out"
+        for name, asks_nothing in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if not (value is None or asks_nothing(value)):
+                return f"{name} is not supported by looplm (got {_short(value)}): leave it out"
         return None
 
     def stop_strings(self) -> tuple[str, ...]:
