@@ -69,6 +69,8 @@ def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_t
         answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
         assert answer.status_code == 200
         assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the slot freed within a second
+        stats = client.get("/v1/looplm/stats").json()
+        assert (stats["requests"], stats["cancelled"]) == (1, 1)  # the one that left is not counted as served
 
 
 def test_a_streaming_client_that_leaves_mid_stream_frees_its_row(slow_tokens):
@@ -82,6 +84,9 @@ def test_a_streaming_client_that_leaves_mid_stream_frees_its_row(slow_tokens):
         answer = client.post("/v1/completions", json={"prompt": "next", "max_tokens": 2, "temperature": 0})
         assert answer.status_code == 200
         assert time.monotonic() - started < 1.0 + 2 * 3 * 0.04 + 0.5  # the row freed within a second
+        stats = client.get("/v1/looplm/stats").json()
+        assert (stats["requests"], stats["cancelled"]) == (1, 1)
+        assert 3 <= stats["tokens"] < 50 + 2  # what the leaver was sent, and the next request's
 
 
 def test_a_full_queue_answers_503_with_retry_after(slow_tokens):

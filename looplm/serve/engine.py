@@ -72,7 +72,8 @@ class Job:
 
 @dataclass
 class EngineStats:
-    requests: int = 0              # jobs finished (one per prompt)
+    requests: int = 0              # jobs finished (one per prompt), their client still there
+    cancelled: int = 0             # jobs whose client went away before they finished
     batches: int = 0               # batches run (from idle until drained)
     batched_requests: int = 0      # jobs that decoded beside at least one other
     joined_running_batch: int = 0  # jobs that joined a batch already decoding (continuous batching)
@@ -177,6 +178,7 @@ class Engine:
     def _dropped(self, job: Job) -> bool:
         """A job whose client left before it started is finished at once, without decoding."""
         if job.cancelled:
+            self.stats.cancelled += 1
             self._done(job, Failed("the client went away", 499))
         return job.cancelled
 
@@ -270,6 +272,10 @@ class Engine:
         if request.error is not None:
             return self._fail(job, request.error)
         generation = request.generation
+        if job.cancelled:  # its client left: nobody reads the rest
+            self.stats.cancelled += 1
+            self.stats.tokens += job.emitted
+            return self._done(job, Failed("the client went away", 499))
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
         self.stats.batched_requests += job.batch_size > 1
