@@ -191,3 +191,38 @@ def test_generate_batch_says_when_settings_override_its_arguments(model):
     with pytest.warns(UserWarning, match="arguments are ignored"):
         result = generate_batch(model, [[1, 2]], 2, exit_policy=FixedSteps(2), settings=[Settings(FixedSteps(3))])
     assert result.per_row_steps == [[3, 3]]
+
+
+def test_forward_and_loss_mistakes_are_one_line(model):
+    """The model's own forward and the objective name a wrong input instead of failing deep in
+    torch (or, for a negative backprop_steps or a NaN weight, giving no gradient or a NaN loss)."""
+    from looplm.training.objectives import compute_loss
+
+    ids = torch.tensor([[1, 2, 3]])
+    for bad, message in ((torch.tensor([1, 2, 3]), "1-D torch.int64"), (ids.float(), "2-D torch.float32"),
+                         ([[1, 2]], "got list"), (torch.tensor([[1, 64]]), "token id 64"),
+                         (torch.tensor([[-3, 1]]), "token id -3")):
+        with pytest.raises(LoopLMError, match=message):
+            model(bad)
+    for steps in (0, 2.5, True):
+        with pytest.raises(LoopLMError, match="steps must be an int >= 1"):
+            model(ids, steps=steps)
+    with pytest.raises(LoopLMError, match="backprop_steps must be an int >= 0"):
+        model(ids, backprop_steps=-1)
+    output = model(ids)
+    with pytest.raises(LoopLMError, match=r"targets must be a \[1, 3\] tensor"):
+        compute_loss(output, torch.tensor([2, 3, 4]))
+    with pytest.raises(LoopLMError, match="targets hold 99"):
+        compute_loss(output, torch.tensor([[2, 99, -100]]))
+    with pytest.raises(LoopLMError, match="entropy_beta must be a finite number"):
+        compute_loss(output, torch.tensor([[2, 3, -100]]), entropy_beta=float("nan"))
+    assert torch.isfinite(compute_loss(output, torch.tensor([[2, 3, -100]])).loss)
+    for threshold in (float("nan"), 0, 1.5):
+        with pytest.raises(LoopLMError, match=r"ACT threshold must be a number in \(0, 1\]"):
+            output.act(threshold)
+    model.train()
+    try:  # in training the ids' values are not read (a host sync per step); their shape still is
+        with pytest.raises(LoopLMError, match="1-D"):
+            model(torch.tensor([1, 2]))
+    finally:
+        model.eval()

@@ -103,6 +103,8 @@ class LoopOutput:
             raise LoopLMError("model.act_mixing: every readout already is the ACT mixture of the loop states; read"
                               " a step's logits (objective last or stage1, fixed steps or Q-exit), not ACT over them")
         threshold = self.model.config.act_threshold if threshold is None else threshold
+        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+            raise LoopLMError(f"the ACT threshold must be a number in (0, 1], got {threshold!r}")
         weights, halting = act_weights(self._gate(), threshold)
         state = sum(weight.unsqueeze(-1) * hidden for weight, hidden in zip(weights, self.hidden_states))
         return state, weights, halting
@@ -111,6 +113,27 @@ class LoopOutput:
         if self.gate_logits is None:
             raise LoopLMError("this model has no exit gate (model.exit_gate=false)")
         return self.gate_logits
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_token_tensor(ids, vocab_size: int, name: str = "ids", values: bool = True) -> None:
+    """``ids`` must be a [batch, sequence] integer tensor of token ids in [0, vocab_size).  The ids
+    themselves are checked only where ``values`` and they are on the CPU: reading them is a host
+    sync, which a training step must not make (the trainer checks its data when it loads it), and
+    off a GPU it would stall the device; there the embedding itself asserts."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+        shape = f"a {ids.dim()}-D {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LoopLMError(f"{name} must be a [batch, sequence] tensor of token ids (torch.long), got {shape}: use"
+                          " ids[None] for one sequence and .long() for other dtypes")
+    if values and ids.device.type == "cpu" and ids.numel():
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= vocab_size:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise LoopLMError(f"{name} hold the token id {bad}, outside the model's vocabulary [0, {vocab_size}): use"
+                              " the tokenizer the model was trained with")
 
 
 class LoopLM(nn.Module):
@@ -339,8 +362,11 @@ class LoopLM(nn.Module):
         last k steps only; the forward values are unchanged.
         """
         steps = self.config.loop_steps if steps is None else steps
-        if steps < 1:
-            raise LoopLMError(f"steps must be >= 1, got {steps}")
+        if not _is_int(steps) or steps < 1:
+            raise LoopLMError(f"steps must be an int >= 1, got {steps!r}")
+        if backprop_steps is not None and (not _is_int(backprop_steps) or backprop_steps < 0):
+            raise LoopLMError(f"backprop_steps must be an int >= 0 (0 or None: every step), got {backprop_steps!r}")
+        check_token_tensor(ids, self.config.vocab_size, values=not self.training)
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.check_steps(steps)

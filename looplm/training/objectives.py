@@ -9,6 +9,7 @@ act:    CE(head(Σ_t w_t r_t)) + τ·(N + R), ACT (Graves) with the gate as halt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,30 @@ def expected_exit_step(exit_distribution: torch.Tensor, mask: torch.Tensor) -> t
     return ((exit_distribution * steps).sum(0) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _check_targets(output: LoopOutput, targets) -> None:
+    """targets: an integer tensor shaped like the forward's ids, each a token id or IGNORE_INDEX
+    (the values are checked as ``check_token_tensor`` checks ids: on the CPU, outside training)."""
+    shape = tuple(output.hidden_states[0].shape[:2])
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.long, torch.int32) \
+            or tuple(targets.shape) != shape:
+        got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise LoopLMError(f"targets must be a {list(shape)} tensor of token ids (torch.long) like the forward's ids,"
+                          f" got {got}")
+    if not output.model.training and targets.device.type == "cpu" and targets.numel():
+        vocab = output.model.config.vocab_size
+        bad = targets[(targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))]
+        if bad.numel():
+            raise LoopLMError(f"targets hold {int(bad[0])}, neither a token id in [0, {vocab}) nor {IGNORE_INDEX}"
+                              " (an untrained position)")
+
+
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",
                  entropy_beta: float = 0.1, act_ponder_weight: float = 0.01) -> LossResult:
     """Objective over a forward pass; targets [B, S] with −100 marking untrained positions."""
+    _check_targets(output, targets)
+    for name, value in (("entropy_beta", entropy_beta), ("act_ponder_weight", act_ponder_weight)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise LoopLMError(f"{name} must be a finite number, got {value!r}")
     mask = (targets != IGNORE_INDEX).to(output.hidden_states[0].dtype)
     tokens = mask.sum().clamp_min(1.0)
     token_losses = per_step_token_losses(output, targets)
