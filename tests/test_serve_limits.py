@@ -240,3 +240,32 @@ def test_a_shutdown_signal_stops_the_engine_taking_jobs_before_uvicorn_waits():
     with pytest.raises(Overloaded, match="shutting down"):
         engine.submit(Job([1, 2], 2, Settings(), lambda event: None))
     engine.stop()
+
+
+def test_request_bodies_are_bounded_in_size_and_time():
+    """A body over max_body_bytes gets 413 (before it is read, when its Content-Length says so; as it
+    arrives, when it comes in chunks) and one that trickles in past body_seconds gets 408; the server
+    keeps serving."""
+    engine = Engine(_model(), TOKENIZER, max_batch=2)
+    with serving(engine, ServerConfig(max_body_bytes=2000, body_seconds=0.5)) as (client, port):
+        big = client.post("/v1/completions", json={"prompt": "x" * 3000, "max_tokens": 1})
+        assert big.status_code == 413 and "larger than 2000 bytes" in big.json()["error"]["message"]
+
+        def chunks():
+            for _ in range(5):
+                yield b" " * 600
+        chunked = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        trickler = socket.create_connection(("127.0.0.1", port))
+        trickler.settimeout(5)
+        trickler.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        started = time.monotonic()
+        answer = trickler.recv(4096).decode()
+        trickler.close()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+        assert time.monotonic() - started < 3
+        fine = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2, "temperature": 0})
+        assert fine.status_code == 200 and client.get("/health").status_code == 200
+    with pytest.raises(Exception, match="body_seconds must be > 0"):
+        ServerConfig(body_seconds=0)

@@ -25,6 +25,7 @@ from looplm.cache import KV_LAYOUTS
 from looplm.errors import LoopLMError
 from looplm.exit_policy import check_depth, parse_exit
 from looplm.generate import Sampling, Settings
+from looplm.serve.body import BODY_SECONDS, MAX_BODY_BYTES, BoundedBodies
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Token
 from looplm.serve.protocol import (
     FINISH_REASONS,
@@ -54,11 +55,15 @@ class ServerConfig:
     max_tokens_default: int = 128
     max_prompts: int = 64              # prompts in one request
     max_request_tokens: int = 65536    # prompt tokens + max_tokens for each prompt, summed over a request
+    max_body_bytes: int = MAX_BODY_BYTES  # a request body larger than this gets 413
+    body_seconds: float = BODY_SECONDS    # one that takes longer to arrive gets 408
 
     def __post_init__(self) -> None:
-        if self.max_prompts < 1 or self.max_request_tokens < 1:
-            raise LoopLMError(f"max_prompts and max_request_tokens must be >= 1, got {self.max_prompts},"
-                              f" {self.max_request_tokens}")
+        if self.max_prompts < 1 or self.max_request_tokens < 1 or self.max_body_bytes < 1:
+            raise LoopLMError("max_prompts, max_request_tokens and max_body_bytes must be >= 1, got"
+                              f" {self.max_prompts}, {self.max_request_tokens}, {self.max_body_bytes}")
+        if not self.body_seconds > 0:
+            raise LoopLMError(f"body_seconds must be > 0, got {self.body_seconds}")
 
 
 def _shortened(message: str, most: int = 500) -> str:
@@ -97,6 +102,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
             engine.stop()
 
     app = FastAPI(title="looplm", lifespan=lifespan)
+    app.add_middleware(BoundedBodies, max_bytes=config.max_body_bytes, seconds=config.body_seconds)
     app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
