@@ -155,8 +155,10 @@ def test_int8_layers_decode_in_batched_c_like_the_reference():
     assert [g.steps for g in native.generations] == [g.steps for g in reference.generations]
 
 
-def _session_tokens(model, prompts, settings, limits, backend):
+def _session_tokens(model, prompts, settings, limits, backend, threads=None):
     session = BatchSession(model, 4, 24, backend=backend)
+    if threads is not None:  # a tiny model's decode picks one thread
+        session.scheduler.stepper.threads = threads
     requests, waiting = [], list(zip(prompts, settings, limits))
     with torch.inference_mode():
         while waiting or session.active:
@@ -167,19 +169,21 @@ def _session_tokens(model, prompts, settings, limits, backend):
     return [(r.generation.ids, r.generation.steps) for r in requests], session.scheduler
 
 
-def test_one_call_iterations_of_q_exit_and_fixed_rows_equal_the_reference():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_iterations_of_q_exit_and_fixed_rows_equal_the_reference(threads):
     """Rows that all exit by Q-exit (thresholds and min_steps of their own) or at a fixed depth
     (shallower than the cache: their deeper steps get the LAST_EXITED copies) run each iteration in
     one C call (``exit_step``); a row with another policy sends the iterations it is in through the
     general path.  Either way, with rows joining as others leave, the tokens and steps equal the
-    reference stepper's."""
+    reference stepper's — also with two threads, where one computes the small head while the other
+    makes the copies."""
     model = _exit_model()
     policies = [QExit(0.3), QExit(0.7, min_steps=2), FixedSteps(2), QExit(0.5), FixedSteps(), QExit(0.9),
                 HiddenDiffExit(0.3), QExit(0.4)]
     settings_ = [Settings(policy) for policy in policies]
     limits = [9, 4, 6, 11, 3, 8, 2, 7]
     prompts = PROMPTS + [[9, 1, 2], [5]]
-    native, scheduler = _session_tokens(model, prompts, settings_, limits, "auto")
+    native, scheduler = _session_tokens(model, prompts, settings_, limits, "auto", threads)
     reference, _ = _session_tokens(model, prompts, settings_, limits, "reference")
     assert native == reference
     assert 0 < scheduler.exit_step_iterations < scheduler.iterations  # both paths ran

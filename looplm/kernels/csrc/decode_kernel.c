@@ -410,6 +410,26 @@ void looplm_rows_layers(const Dims *dims, const Layer *const *steps, int count, 
 }
 #undef HROW
 
+/* Outputs [begin, end) of looplm_rows_head's Y (the calling thread alone). */
+static void rows_head_part(const Projection *p, const float *panels, const float *X, int R, float *Y, int rows,
+                           int cols, int begin, int end) {
+#if defined(__AVX512F__)
+    if (panels) {
+        panel_rows(panels, rows, cols, X, R, Y, begin, end);
+        return;
+    }
+#endif
+    project_batch(p, X, R, cols, Y, rows, cols, begin, end);
+}
+
+/* looplm_rows_head's argmax and top of rows [0, R) by the calling thread alone. */
+static void rows_best(const float *Y, int R, int rows, int *best, float *top) {
+    for (int r = 0; r < R; r++) {
+        best[r] = vector_argmax(Y + (size_t)r * rows, rows);
+        if (top) top[r] = Y[(size_t)r * rows + best[r]];
+    }
+}
+
 /* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head or the
  * exit gate over a batch of rows), the weights read once for all rows (project_batch), or, where
  * panels is not NULL and the CPU has AVX-512, a float32 W packed in panels of 64 outputs (matvec.h
@@ -425,11 +445,7 @@ void looplm_rows_head(const Projection *p, const float *panels, const float *X, 
     {
         int begin, end;
         share(rows, panels ? 64 : 16, &begin, &end);
-#if defined(__AVX512F__)
-        if (panels) panel_rows(panels, rows, cols, X, R, Y, begin, end);
-        else
-#endif
-        project_batch(p, X, R, cols, Y, rows, cols, begin, end);
+        rows_head_part(p, panels, X, R, Y, rows, cols, begin, end);
         #pragma omp barrier
         if (best) {
             #pragma omp for schedule(static)
@@ -518,22 +534,41 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         }
         finished += done[r] > 0;
     }
-    /* LAST_EXITED: a done row's skipped steps take its last step's K/V (cold cache lines: where the
-     * copies are large the rows go to every thread, so their misses overlap; small ones stay on this
-     * thread, since waking a team costs more than they do). */
+    /* LAST_EXITED: a done row's skipped steps take its last step's K/V, then the done rows' logits.
+     * A small head (weights under a MiB, products for these rows under 2^20: a few microseconds) runs
+     * on one thread, since waking a team for it costs more, while the other threads make the copies,
+     * which wait on cold cache lines rather than arithmetic.  Otherwise large copies go to every
+     * thread (their misses overlap) and small ones stay on this one, and then a large head is shared. */
     long copied = 0;
     for (int r = 0; r < R; r++)
         if (done[r]) copied += (long)(cache_steps - done[r]) * count * Hkv * hd * 2 * (long)sizeof(float);
+    const long head_products = (long)finished * vocab * D, head_bytes = (long)vocab * D * (long)sizeof(float);
+    const int small_head = head_bytes < 32 * SMALL_WORK && head_products < (1L << 20);
+#if !defined(__AVX512F__)
+    head_panels = NULL;
+#endif
+    if (small_head && copied && threads > 1) {
+        #pragma omp parallel num_threads(threads)
+        {
+            #pragma omp single nowait
+            {
+                rows_head_part(head, head_panels, readout, finished, logits, vocab, D, 0, vocab);
+                rows_best(logits, finished, vocab, best, top);
+            }
+            #pragma omp for schedule(dynamic, 1) nowait
+            for (int r = 0; r < R; r++)
+                if (done[r])
+                    copy_skipped(steps, count, done[r], cache_steps, (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd,
+                                 Hkv, L, hd);
+        }
+        return finished;
+    }
     #pragma omp parallel for num_threads(copied >= SMALL_WORK ? threads : 1) schedule(static)
     for (int r = 0; r < R; r++)
         if (done[r])
             copy_skipped(steps, count, done[r], cache_steps, (size_t)slot[r] * slot_floats + (size_t)pos[r] * hd,
                          Hkv, L, hd);
-    /* A small head on this thread alone, as above: one whose weights stay in cache (under a MiB) and
-     * whose products for these rows take a few microseconds (under 2^20) — waking a team costs more. */
-    const long head_products = (long)finished * vocab * D, head_bytes = (long)vocab * D * (long)sizeof(float);
     if (finished)
-        looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, top,
-                         head_bytes >= 32 * SMALL_WORK || head_products >= (1L << 20) ? threads : 1);
+        looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, top, small_head ? 1 : threads);
     return finished;
 }
