@@ -25,7 +25,7 @@ from pathlib import Path
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 from looplm.eval.depth import accuracy_by_step
 from looplm.generate import QExit, generate
 from looplm.training.trainer import Trainer
@@ -82,7 +82,7 @@ def demo_train_steps(train_steps: int | None, default: int) -> int:
     """The demo's optimiser steps: ``default`` for None, else ``train_steps``, which must be >= 1."""
     if train_steps is None:
         return default
-    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+    if not is_int(train_steps) or train_steps < 1:
         raise LoopLMError(f"--train-steps must be a positive number of optimiser steps, got {train_steps!r}:"
                           f" give 1 or more, or leave it out for the demo's {default}")
     return train_steps

@@ -19,3 +19,13 @@ def listed(items, limit: int = 3) -> str:
 def one_line(error: BaseException) -> str:
     """An exception's message with its line breaks and runs of spaces folded, for a one-line error."""
     return " ".join(str(error).split())
+
+
+def is_int(value) -> bool:
+    """An int and not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float and not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

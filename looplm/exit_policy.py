@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 from looplm.registry import Registry
 
 # A generation may run at most this many times the trained loop steps: extrapolation costs time
@@ -59,7 +59,7 @@ class ExitPolicy:
 
     def __post_init__(self) -> None:
         for name, value in (("steps", self.steps), ("min_steps", self.min_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and not is_int(value):
                 raise LoopLMError(f"{name} must be a whole number of loop steps, got {value!r}")
         if self.steps is not None and self.steps < 1:
             raise LoopLMError(f"steps must be >= 1, got {self.steps}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from looplm.config.values import check, check_finite, coerce
-from looplm.errors import LoopLMError, listed
+from looplm.errors import LoopLMError, is_int, is_number, listed
 
 NORM_PLACEMENTS = ("pre", "sandwich")
 INJECTIONS = ("identity", "additive", "lti", "diagonal", "concat", "lti_residual")
@@ -465,9 +465,9 @@ def _check_types(items: list[tuple[str, Any]]) -> None:
         if expected is bool:
             good = isinstance(value, bool)
         elif expected is int:
-            good = isinstance(value, int) and not isinstance(value, bool)
+            good = is_int(value)
         elif expected is float:
-            good = isinstance(value, int | float) and not isinstance(value, bool)
+            good = is_number(value)
         elif expected is str:
             good = isinstance(value, str)
         else:

@@ -27,7 +27,7 @@ from tokenizers import decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from looplm.checkpoint.atomic import atomic_write_text
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
@@ -203,7 +203,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if isinstance(texts, str | bytes):  # one string is one text, not an iterable of characters
         raise LoopLMError("train_bpe takes an iterable of texts (e.g. a list of strings), got one string: wrap it"
                           " in a list")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB_SIZE:
+    if not is_int(vocab_size) or vocab_size < MIN_BPE_VOCAB_SIZE:
         raise LoopLMError(
             f"BPE vocab_size {vocab_size!r} is too small: use an integer of at least {MIN_BPE_VOCAB_SIZE} "
             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"

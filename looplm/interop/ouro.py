@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from looplm.config import ModelConfig
-from looplm.errors import LoopLMError, listed
+from looplm.errors import LoopLMError, is_int, is_number, listed
 from looplm.interop.directory import check_destination, check_source, copy_tokenizer_files
 from looplm.interop.safetensors_io import read_json, read_tensors, write_tensors
 
@@ -65,7 +65,7 @@ _TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": 
 
 def _config_value(raw: dict, key: str, kind: type, where: str):
     value = raw[key]
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    numeric = is_number(value)
     if not numeric or (kind is int and not isinstance(value, int)):
         raise LoopLMError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
@@ -95,7 +95,7 @@ def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfi
             raise LoopLMError(f"{where}: {key}={raw.get(key)!r} is not supported by looplm (it needs SiLU, plain RoPE,"
                               " full attention without biases, head_dim = hidden_size / num_attention_heads)")
     steps = raw.get("total_ut_steps", 4)
-    if not isinstance(steps, int) or isinstance(steps, bool):
+    if not is_int(steps):
         raise LoopLMError(f"{where}: total_ut_steps must be an integer, got {steps!r}")
     try:
         return ModelConfig(

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from looplm.checkpoint.atomic import atomic_directory
 from looplm.checkpoint.directory import checkpoint_entry, write_model_files
 from looplm.config import ModelConfig
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 from looplm.model.block import Layer
 from looplm.model.carry import LoopCarry
 from looplm.model.exit import act_mixing_step, act_weights, exit_distribution, log_exit_distribution
@@ -113,10 +113,6 @@ class LoopOutput:
         if self.gate_logits is None:
             raise LoopLMError("this model has no exit gate (model.exit_gate=false)")
         return self.gate_logits
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_token_tensor(ids, vocab_size: int, name: str = "ids", values: bool = True) -> None:
@@ -362,9 +358,9 @@ class LoopLM(nn.Module):
         last k steps only; the forward values are unchanged.
         """
         steps = self.config.loop_steps if steps is None else steps
-        if not _is_int(steps) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise LoopLMError(f"steps must be an int >= 1, got {steps!r}")
-        if backprop_steps is not None and (not _is_int(backprop_steps) or backprop_steps < 0):
+        if backprop_steps is not None and (not is_int(backprop_steps) or backprop_steps < 0):
             raise LoopLMError(f"backprop_steps must be an int >= 0 (0 or None: every step), got {backprop_steps!r}")
         check_token_tensor(ids, self.config.vocab_size, values=not self.training)
         start = cache.length if cache is not None else 0

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -100,7 +100,7 @@ class Task(abc.ABC):
 
     def examples(self, n: int, seed: int, split: Split | None = None) -> list[Example]:
         """``n`` examples drawn from ``random.Random(seed)``; ``split=None`` ignores the split."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_int(n) or n < 0:
             raise LoopLMError(f"{self.name} task: number of examples must be an integer >= 0, got {n!r}")
         rng = random.Random(seed)
         if split is None:
@@ -158,7 +158,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Turn a knob value (possibly a string) into the field's type, or raise one line."""
     if kind is int:
         # bool is an int subclass, but hops=True is surely a mistake.
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         if isinstance(value, str):
             try:

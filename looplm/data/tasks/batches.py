@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from looplm.data.tasks.base import Example, Split, Task, check_split
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 
 IGNORE_INDEX = -100
 
@@ -106,7 +106,7 @@ class TaskBatches:
         needed = task.max_prompt_chars + task.max_answer_chars + 1
         if seq_len is None:
             seq_len = needed
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < needed:
+        if not is_int(seq_len) or seq_len < needed:
             raise LoopLMError(
                 f"seq_len must be an integer >= {needed} to fit the longest {task.name} example "
                 f"(prompt {task.max_prompt_chars} + answer {task.max_answer_chars} + eos), "
@@ -115,7 +115,7 @@ class TaskBatches:
 
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)``, both ``[batch_size, seq_len]`` int64; see the module docstring."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise LoopLMError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         draw = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         # A string seed is hashed with SHA-512 by random.Random, so it is stable across runs.
@@ -126,7 +126,7 @@ class TaskBatches:
 
     def eval_set(self, n: int, seed: int) -> EvalSet:
         """``n`` test-split examples drawn from ``random.Random(seed)``, ready for scoring."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise LoopLMError(f"eval set size must be an integer >= 1, got {n!r}")
         return self.eval_set_of(self.task.examples(n, seed, split="test"))
 
