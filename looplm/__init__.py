@@ -6,6 +6,7 @@ from pathlib import Path
 
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from looplm.errors import LoopLMError
+from looplm.file_names import TOKENIZER_FILE
 from looplm.generate import FixedSteps, QExit, Sampling, generate, stream
 from looplm.model import LoopLM, LoopOutput
 
@@ -39,10 +40,10 @@ def load_tokenizer(path: str | Path):
         if tokenizer is None:
             raise LoopLMError(f"no tokenizer saved in {str(path)!r}")
         return tokenizer
-    if str(path) != "byte" and Path(path).is_dir() and not (Path(path) / "tokenizer.json").is_file():
+    if str(path) != "byte" and Path(path).is_dir() and not (Path(path) / TOKENIZER_FILE).is_file():
         tokenizer = load_checkpoint_tokenizer(path)
         if tokenizer is None:
-            raise LoopLMError(f"no tokenizer.json saved with {str(path)!r}")
+            raise LoopLMError(f"no {TOKENIZER_FILE} saved with {str(path)!r}")
         return tokenizer
     return load_spec(str(path))
 

@@ -20,14 +20,12 @@ from safetensors.torch import load_file, save_file
 from looplm.checkpoint.stored import StoredModel
 from looplm.config import ModelConfig, model_config_from_json
 from looplm.errors import LoopLMError
+from looplm.file_names import CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-RUN_CONFIG_FILE = "run_config.json"
-TRAIN_STATE_FILE = "train_state.pt"
+__all__ = ["CONFIG_FILE", "RUN_CONFIG_FILE", "TOKENIZER_FILE", "TRAIN_STATE_FILE", "WEIGHTS_FILE"]  # (re-exported)
+
 # the tokenizer files a Hugging Face directory may hold (copied through by the converters)
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+HF_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "added_tokens.json", "chat_template.jinja")
 # every other file a checkpoint directory's writers write (sharded weights: model-00001-of-00002.safetensors)
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, "model.safetensors.index.json",

@@ -16,6 +16,7 @@ from looplm.config.run import RunConfig
 from looplm.config.values import check as _check
 from looplm.config.values import from_dict, read_config_file
 from looplm.errors import LoopLMError
+from looplm.file_names import CONFIG_FILE, META_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE
 
 # Keys of a checkpoint's config.json that describe the file, not the model: looplm's format
 # marker and the Hugging Face metadata that makes the directory loadable by transformers
@@ -59,11 +60,6 @@ def _refuse_hugging_face_config(raw: dict, directory: Path) -> None:
 DERIVED_SIZES = {"n_kv_heads": ("n_heads",), "ffn_hidden": ("d_model",), "expert_hidden": ("ffn_hidden",),
                  "shared_expert_hidden": ("expert_hidden",), "mla_nope_dim": ("d_model", "n_heads"),
                  "mla_value_dim": ("d_model", "n_heads")}
-# The files a checkpoint and a prepared data directory hold (looplm.checkpoint.directory and
-# looplm.data write them; this layer reads only their paths, so it imports neither).
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
 SECTIONS = ("model", "train", "data")
 # Keys a resumed run may change: they steer how long it runs, how it logs and saves, and where it
 # runs, not the model, the data or the optimisation (docs/TRAINING.md).
@@ -219,7 +215,7 @@ def _model_sources(preset_name: str | None, config_file: str | None, file_config
 def assemble_run_config(*, preset_name: str | None = None, config_file: str | None = None,
                         source_model: dict | None = None, source_data: dict | None = None,
                         options: dict | None = None, overrides: dict[str, str] | None = None,
-                        saved: Any = None, saved_where: str = "run_config.json") -> tuple[RunConfig, bool]:
+                        saved: Any = None, saved_where: str = RUN_CONFIG_FILE) -> tuple[RunConfig, bool]:
     """Build a run config in the documented order: preset → config file → the source checkpoint's
     model and data (``--init``/``--upcycle``) → command-line options (``options``, dotted keys such
     as ``data.path``) → dotted ``overrides``.  Returns the config and whether the user chose the

@@ -32,12 +32,13 @@ from looplm.data.documents import read_documents  # noqa: F401  (its home before
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
 from looplm.errors import LoopLMError
+from looplm.file_names import META_FILE, TOKENIZER_FILE
 
 SHARD_FORMAT = "looplm-shards"
 SHARD_VERSION = 1
 SPLITS = ("train", "val")
 # what a shard directory holds (``overwrite`` replaces a directory holding nothing else)
-SHARD_FILES = frozenset({*(f"{split}.bin" for split in SPLITS), "meta.json", "tokenizer.json", "stream.bin"})
+SHARD_FILES = frozenset({*(f"{split}.bin" for split in SPLITS), META_FILE, TOKENIZER_FILE, "stream.bin"})
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Below this many documents a per-document split is too coarse (one document could be
 # half the corpus), so the tail of the token stream becomes the validation split instead.
@@ -92,7 +93,7 @@ def read_meta(directory: PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise LoopLMError(f"shard directory '{directory}' does not exist: write shards there first or fix the path")
-    path = directory / "meta.json"
+    path = directory / META_FILE
     if not path.is_file():
         raise LoopLMError(f"'{directory}' has no meta.json: point at a directory written by write_shards")
     try:
@@ -229,7 +230,7 @@ def _write_into(
     if provenance is not None:
         meta["provenance"] = provenance
     tokenizer.save(staging)
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

@@ -14,6 +14,7 @@ import torch
 
 from looplm.config import FITTED_TOKENIZERS, DataConfig
 from looplm.errors import LoopLMError
+from looplm.file_names import META_FILE, TOKENIZER_FILE
 
 
 @dataclass
@@ -97,7 +98,7 @@ def prepared_directory(data: DataConfig) -> Path | None:
     if not data.path or HubSpec.names(data.path):
         return None
     path = Path(data.path)
-    return path if path.is_dir() and (path / "meta.json").is_file() else None
+    return path if path.is_dir() and (path / META_FILE).is_file() else None
 
 
 def check_prepared_tokenizer(shard_dir: Path, data: DataConfig) -> None:
@@ -106,7 +107,7 @@ def check_prepared_tokenizer(shard_dir: Path, data: DataConfig) -> None:
     be of that kind; "byte", the default, means the directory's own (what training reads; a
     checkpoint to start from is checked against it by the trainer)."""
     from looplm.data.prepare import check_tokenizer
-    from looplm.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+    from looplm.data.tokenizer import Tokenizer, load_tokenizer
 
     own = f", or use the directory's own with --data.tokenizer {shard_dir / TOKENIZER_FILE}"
     if data.tokenizer == "byte":  # the default: the directory's own tokenizer, as training reads it

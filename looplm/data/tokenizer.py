@@ -28,8 +28,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.errors import LoopLMError, is_int
+from looplm.file_names import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 BYTE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MIN_BPE_VOCAB_SIZE = BYTE_VOCAB_SIZE + 1
