@@ -821,10 +821,9 @@ def run_lm_eval(args) -> None:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise LoopLMError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if str(args.device).startswith("cuda"):  # asked for by name here (lm_eval's own default is cuda:0)
-        import torch
+        from looplm.device import resolve_device
 
-        if not torch.cuda.is_available():
-            raise LoopLMError(f"--device {args.device}: CUDA is not available here; use --device cpu or auto")
+        resolve_device(args.device, "--device", "use --device cpu or auto")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
                        dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,

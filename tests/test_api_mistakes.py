@@ -226,3 +226,15 @@ def test_forward_and_loss_mistakes_are_one_line(model):
             model(torch.tensor([1, 2]))
     finally:
         model.eval()
+
+
+def test_one_device_resolver_names_the_option_and_the_fix(monkeypatch):
+    from looplm.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda:1", cuda_falls_back=True) == torch.device("cpu")
+    with pytest.raises(LoopLMError, match=r"^train.device 'cuda': CUDA is not available here; use --train.device cpu$"):
+        resolve_device("cuda", "train.device", "use --train.device cpu")
+    with pytest.raises(LoopLMError, match="unknown device 'tpu0': use cpu, cuda, cuda:N or auto"):
+        resolve_device("tpu0")

@@ -7,11 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from looplm.checkpoint.directory import read_directory, read_directory_tokenizer
 from looplm.checkpoint.stored import StoredModel
-from looplm.errors import LoopLMError
+from looplm.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -57,18 +55,7 @@ def format_of(path: str | Path) -> Format:
 
 def read_model(path: str | Path, device="cpu") -> StoredModel:
     """The config and tensors stored at ``path``, whatever its format."""
-    return format_of(path).read(Path(path), _device(device))
-
-
-def _device(device) -> torch.device:
-    """``device`` as torch names it, or one line (not a complaint about the file it was to read into)."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LoopLMError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LoopLMError(f"device {device!r}: CUDA is not available here; load on the cpu")
-    return resolved
+    return format_of(path).read(Path(path), resolve_device(device, instead="load on the cpu"))
 
 
 def read_tokenizer(path: str | Path):

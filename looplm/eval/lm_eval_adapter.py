@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_write_text
+from looplm.device import resolve_device
 from looplm.errors import LoopLMError, one_line
 from looplm.exit_policy import ACTExit, ExitPolicy, Signal, check_depth, exit_steps, parse_exit, readout_perplexity
 from looplm.model.exit import hidden_change, readout_kl
@@ -115,22 +116,6 @@ def exit_logprobs(output, targets: torch.Tensor, policy: ExitPolicy) -> tuple[to
     return chosen_logprob, greedy, steps
 
 
-def _resolve_device(device) -> torch.device:
-    """None/auto → CUDA when present; a CUDA device on a machine without one (lm_eval's
-    --device default is cuda:0) falls back to the CPU with a warning."""
-    name = "auto" if device in (None, "", "auto") else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except RuntimeError:
-        raise LoopLMError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s asked but CUDA is not available: running on the CPU", name)
-        return torch.device("cpu")
-    return resolved
-
-
 def _integer(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise LoopLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -165,7 +150,7 @@ class LoopLMEval(TemplateLM):
         if backend not in backend_names():
             raise LoopLMError(f"backend must be one of {', '.join(backend_names())}, got {backend!r}")
         self.exit = parse_exit(exit)
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device, cuda_falls_back=True)  # lm_eval's --device default is cuda:0
         if isinstance(pretrained, LoopLM):
             if tokenizer is None:
                 raise LoopLMError("an in-memory model needs tokenizer= (a looplm Tokenizer, 'byte' or a path)")

@@ -37,6 +37,7 @@ from looplm.config.model import model_differences
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.source import TrainingData, open_training_data, prepared_directory
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
+from looplm.device import resolve_device
 from looplm.errors import LoopLMError
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.model.lm import LoopLM
@@ -73,14 +74,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LoopLMError(f"device {name!r} asked for, but CUDA is not available: use --train.device cpu")
-    return torch.device(name)
-
-
 def lr_factor(step: int, config) -> float:
     """Multiplier of the base lr at optimiser step ``step`` (0-based): warmup, then cosine."""
     if step < config.warmup_steps:
@@ -103,7 +96,7 @@ class Trainer:
         config = run.train
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = pick_device(config.device)
+        self.device = resolve_device(config.device, "train.device", "use --train.device cpu")
         self.precision = training_precision(config.precision, self.device, run.model.d_model)
         self.dist = Distributed(config.parallel, self.device)
         if self.dist.main:  # only rank 0 logs: fail before the work if a logging package is missing
