@@ -105,6 +105,38 @@ def test_overwrite_empties_only_a_run_never_a_directory_of_other_files(corpus, t
     assert (run / "notes.md").is_file() and (run / "run_config.json").is_file()
 
 
+def test_a_second_process_on_a_training_run_is_refused_and_touches_nothing(corpus, tmp_path, capsys):
+    """While a run trains, the same directory given again — fresh, --resume or --overwrite — is
+    refused in one line before anything is read or removed; once the run is done, --resume works,
+    and the lock of a process that died is gone with it."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    assert train("--data", corpus, "--out", run, "--train.steps", "2", "--train.save_every", "1", *TINY) == 0
+    overrides = {key[2:]: value for key, value in zip(TINY[:-1:2], TINY[1:-1:2])}
+    config, _ = assemble_run_config(options={"data.path": str(corpus)}, overrides={**overrides, "train.steps": "3"})
+    running = Trainer(config, run, resume=True, progress=False)  # holds the run until its train() ends
+    before = sorted(str(path.relative_to(run)) for path in run.rglob("*"))
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "3", *extra, *TINY)
+        assert "is in use by another looplm process" in line, line
+    assert sorted(str(path.relative_to(run)) for path in run.rglob("*")) == before
+    assert running.train().steps_done == 3
+    assert train("--data", corpus, "--out", run, "--train.steps", "4", "--resume", *TINY) == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from looplm.checkpoint.lock import"
+                               " DirectoryLock; lock = DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True);"
+                               " time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert "in use by another looplm process" in error_of(capsys, "--data", corpus, "--out", run,
+                                                               "--train.steps", "5", "--resume", *TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train("--data", corpus, "--out", run, "--train.steps", "5", "--resume", *TINY) == 0
+
+
 def test_overwrite_never_deletes_an_input(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -32,6 +32,7 @@ import torch
 
 from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
 from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_entry, write_model_files
+from looplm.checkpoint.lock import DirectoryLock
 from looplm.config import FITTED_TOKENIZERS, DataConfig, RunConfig
 from looplm.config.model import model_differences
 from looplm.data.provenance import tokenizer_digest
@@ -110,16 +111,23 @@ class Trainer:
         if config.batch_size % self.dist.world:
             raise LoopLMError(f"train.batch_size={config.batch_size} is the global batch: it must divide by the"
                               f" {self.dist.world} processes")
-        if self.dist.main:
-            prepare_run_directory(self.out_dir, run, resume, overwrite)
         existed = self.out_dir.exists()
+        self.lock = DirectoryLock(self.out_dir)  # held from here to the end of ``train`` (rank 0)
+        if self.dist.main:
+            if existed and self.out_dir.is_dir():  # (a new directory is made, and locked, once it is checked)
+                self.lock.acquire()
+            prepare_run_directory(self.out_dir, run, resume, overwrite)
         fresh = not resume and not (existed and any(self.out_dir.iterdir()))
         try:
+            if self.dist.main and not existed:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()
             self._set_up(run, resume, data, fit_vocab)
         except BaseException:
             if fresh and self.dist.main:  # a run that failed before it began leaves the directory as it was
                 for path in [self.out_dir] if not existed else list(self.out_dir.iterdir()):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self.lock.release()
             raise
 
     def _set_up(self, run: RunConfig, resume: bool, data: TrainingData | None, fit_vocab: bool) -> None:
@@ -221,6 +229,14 @@ class Trainer:
                               f" {stop_after!r}")
         config = self.train_config
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main and not self.lock.held:  # train() called again: the lock went with the first
+            self.lock.acquire()
+        try:
+            return self._train(config, stop_after)
+        finally:
+            self.lock.release()
+
+    def _train(self, config, stop_after: int | None) -> TrainResult:
         if self.dist.main:
             atomic_write_text(self.out_dir / RUN_CONFIG_FILE, json.dumps(self.run.to_dict(), indent=2) + "\n")
         result = TrainResult(self.model, self.tokenizer, self.data, self.out_dir)
