@@ -273,6 +273,21 @@ def test_openai_fields_that_ask_for_nothing_are_accepted(server):
     assert refused.json()["error"]["message"] == "logit_bias is not supported by looplm (got {'7': 5}): leave it out"
 
 
+def test_a_body_that_is_not_a_json_object_says_what_to_send(server):
+    client, _, _ = server
+    body = b'{"prompt": "a", "max_tokens": 2}'
+    for content_type, expected in (("text/plain", "sent with Content-Type: application/json (got text/plain)"),
+                                   (None, "(got no Content-Type)")):
+        response = client.post("/v1/completions", content=body,
+                               headers={"content-type": content_type} if content_type else {})
+        assert response.status_code == 400 and expected in response.json()["error"]["message"]
+    for raw, expected in ((b"", "the request body is empty"), (b"[1, 2]", "must be a JSON object")):
+        response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and expected in response.json()["error"]["message"]
+    fine = client.post("/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert fine.status_code == 200
+
+
 def test_bad_chat_requests_and_unknown_routes(server):
     client, _, _ = server
     for body in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "hi"}):

@@ -107,7 +107,8 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
-        return JSONResponse(error_body(validation_message(error.errors())), status_code=400)
+        message = validation_message(error.errors(), request.headers.get("content-type"))
+        return JSONResponse(error_body(message), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):

@@ -156,11 +156,21 @@ def error_body(message: str, kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-def validation_message(errors: list[dict]) -> str:
-    """One line from pydantic's errors: the first error's field path and message."""
+def validation_message(errors: list[dict], content_type: str | None = "application/json") -> str:
+    """One line from pydantic's errors: the first error's field path and message.  A body that is
+    not a JSON object as a whole (``content_type``: the request's, where it was not JSON the body
+    was never parsed as JSON) says what to send."""
     error = errors[0]
     if error.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+    if tuple(error.get("loc", ())) == ("body",):
+        media = (content_type or "").split(";")[0].strip().lower()
+        if media != "application/json":
+            return (f"the request body must be a JSON object sent with Content-Type: application/json (got"
+                    f" {media or 'no Content-Type'})")
+        if error.get("type") == "missing":
+            return "the request body is empty: send a JSON object of the request's fields"
+        return "the request body must be a JSON object of the request's fields"
     path = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     where = ".".join(path)
     extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
