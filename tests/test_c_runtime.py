@@ -316,6 +316,110 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
                                                                   prompt=None))
 
 
+def _patch_tensor_info(path, name, dims=None, shift=0):
+    """Rewrite tensor ``name``'s dimensions (ggml order, as many as it has) in the file's tensor
+    table, or move its data offset by ``shift`` bytes."""
+    field = next(tensor for tensor in gguf.GGUFReader(str(path)).tensors if tensor.name == name).field
+    at = field.offset + 8 + len(name.encode()) + 4  # the first dimension
+    raw = bytearray(path.read_bytes())
+    if dims is not None:
+        assert len(dims) == len(field.parts[3])
+        raw[at:at + 8 * len(dims)] = np.array(dims, np.uint64).tobytes()
+    at += 8 * len(field.parts[3]) + 4
+    raw[at:at + 8] = np.uint64(int(field.parts[5][0]) + shift).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def run_limited(binary, model_path, *arguments):
+    """``run`` within 1 GiB of address space and 20 s: a file that makes the program ask for
+    gigabytes, or spin, fails the test instead of swapping or hanging the machine."""
+    import resource
+
+    def limit():
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        except (ValueError, OSError):  # a system without address-space limits (macOS): the timeout only
+            pass
+
+    command = [str(binary), str(model_path), *arguments, "--prompt-ids", ",".join(map(str, PROMPT[:3])), "-n", "4",
+               "--print-ids"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=20, preexec_fn=limit)
+
+
+def test_crafted_files_are_refused_in_one_line(looplm_run, tmp_path, monkeypatch):
+    """Structure-aware crafted files (found by fuzzing the loader under ASan/UBSan): a size that
+    wraps 2^64, data off the file's alignment, a config that asks for more context, layers or
+    cache slots than the file or the program can hold, an out-of-range ternary row length — each
+    one line and exit status 2; sizes of features the model does not use allocate nothing."""
+    from looplm.checkpoint import gguf as checkpoint_gguf
+    from looplm.config import ModelConfig
+
+    model = build_model("ouro")
+    flat = ModelConfig.to_dict
+
+    def with_config(name, model=model, **values):
+        monkeypatch.setattr(ModelConfig, "to_dict", lambda config: {**flat(config), **values})
+        path = export_gguf(model, tmp_path / f"{name}.gguf")
+        monkeypatch.undo()
+        return path
+
+    cases = [(with_config("context", max_seq_len=2**21), "max_seq_len must be at most 2^20"),
+             (with_config("layers", n_coda_layers=10**8), "layers need at least 200000004 tensors"),
+             (with_config("steps", loop_steps=10**6), "cache slots, more than this program keeps"),
+             (with_config("steps-overflow", loop_steps=10**9), "cache slots, more than this program keeps")]
+    wrapped = export_gguf(model, tmp_path / "wrapped.gguf")  # 2^40 x 2^24 elements: 0 after a 64-bit product
+    _patch_tensor_info(wrapped, "token_embd.weight", dims=[2**40, 2**24])
+    cases.append((wrapped, "tensor token_embd.weight has a malformed shape"))
+    unaligned = export_gguf(model, tmp_path / "unaligned.gguf")  # float32 data 2 bytes off
+    _patch_tensor_info(unaligned, "blk.0.attn_qkv.weight", shift=2)
+    cases.append((unaligned, "not a multiple of the file's alignment 32"))
+    aligned_2 = export_gguf(model, tmp_path / "alignment.gguf")  # general.file_type (u32 0) → general.alignment 2
+    field = gguf.GGUFReader(str(aligned_2)).fields["general.file_type"]
+    raw = bytearray(aligned_2.read_bytes())
+    raw[field.offset + 8:field.offset + 8 + 17] = b"general.alignment"
+    raw[field.offset + 8 + 17 + 4:field.offset + 8 + 17 + 8] = np.uint32(2).tobytes()
+    aligned_2.write_bytes(bytes(raw))
+    cases.append((aligned_2, "general.alignment 2 is malformed"))
+    add_array = gguf.GGUFWriter.add_array  # a ternary row length of 2^63 - 1, as u64
+
+    def huge_rows(writer, key, values):
+        if key != checkpoint_gguf.TERNARY_ROWS_KEY:
+            return add_array(writer, key, values)
+        writer.add_key_value(key, [2**63 - 1] * len(values), gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.UINT64)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_array", huge_rows)
+    ternary = make_gguf_model(ternary="core", ffn_hidden=256)
+    cases.append((export_gguf(ternary, tmp_path / "rows.gguf", "ternary"), "does not list it with its row length"))
+    monkeypatch.undo()
+    for path, message in cases:
+        assert message in one_error_line(run_limited(looplm_run, path)), path.name
+    # sizes no tensor checks, of features these models lack, size no memory (they asked for gigabytes)
+    unused = with_config("unused", rwkv_slots=10**9, mla_kv_rank=10**9, n_experts=10**9, expert_hidden=10**9,
+                         shared_expert_hidden=10**9, n_shared_experts=1)
+    moe = with_config("moe", build_model("moe"), ffn_hidden=10**9)
+    for path in (unused, moe):
+        assert len(generated_ids(run_limited(looplm_run, path))) == 4
+    # a vocabulary entry longer than the program's 4096-byte piece buffer is printed whole (it was
+    # printed from past the buffer's end)
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from looplm.data.tokenizer import Tokenizer, byte_tokenizer
+
+    text = json.loads(byte_tokenizer().backend.to_str())  # 259 tokens: give the model's ids past them 5003 bytes
+    text["model"]["vocab"].update({"a" * 5000 + str(index): index for index in range(259, 300)})
+    torch.manual_seed(0)
+    wide = LoopLM(tiny_config(vocab_size=300, max_seq_len=CONTEXT)).eval()
+    path = export_gguf(wide, tmp_path / "long-token.gguf", tokenizer=Tokenizer(HFTokenizer.from_str(json.dumps(text))))
+    command = [str(looplm_run), str(path), "--prompt", "hi", "-n", "40", "--temperature", "100", "--seed", "1"]
+    result = subprocess.run(command, capture_output=True, timeout=120)  # the bytes of random tokens: not UTF-8
+    assert result.returncode == 0, result.stderr
+    pieces = re.findall(rb"a{4096,}[^a]{0,3}", result.stdout)
+    assert pieces and all(re.fullmatch(rb"a{5000}(259|2[6-9]\d)", piece) for piece in pieces), pieces[0][4090:]
+
+
 def test_portable_program_builds_and_runs_without_simd(tmp_path):
     """``make PORTABLE=1``: no -march flags, the SIMD paths compiled out, the same logits."""
     binary = program.build(tmp_path / "looplm-run-portable", portable=True)

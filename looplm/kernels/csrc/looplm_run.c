@@ -22,6 +22,9 @@
 #endif
 
 #define MAX_STEPS_FACTOR 4  /* at most 4 x the trained T, as looplm.exit_policy.MAX_STEPS_FACTOR */
+/* At most this many cache slots (prelude + steps x (core + coda)): the state's set-up takes time quadratic in
+ * them, and loop memory caching reads every earlier step's state (a file's loop_steps is bound by no tensor). */
+#define MAX_SLOTS 4096
 #define DUMP_MAGIC "LPLMLGT1"  /* the debug dump: magic, u32 vocab, then (i32 position, i32 step, f32[vocab])… */
 
 static const char USAGE[] =
@@ -306,10 +309,14 @@ int main(int argc, char **argv) {
         die("--min-steps applies to Q-exit, and this run exits at a fixed depth: drop it or add --q Q");
     if (o.q >= 0 && !c->exit_gate) die("Q-exit needs a model with an exit gate: use fixed steps");
     const int max_steps = o.steps > 0 ? (int)o.steps : c->loop_steps;
-    if (max_steps > MAX_STEPS_FACTOR * c->loop_steps)
+    if (max_steps > (long)MAX_STEPS_FACTOR * c->loop_steps)
         die("steps must be at most %d (%d x the trained %d), got %d", MAX_STEPS_FACTOR * c->loop_steps,
             MAX_STEPS_FACTOR, c->loop_steps, max_steps);
     if (o.min_steps > max_steps) die("min_steps (%ld) must not exceed steps (%d)", o.min_steps, max_steps);
+    const long slots = c->prelude + (long)max_steps * (c->core + c->coda);
+    if (slots > MAX_SLOTS)
+        die("%d steps of %d looped layers need %ld cache slots, more than this program keeps (%d): use fewer --steps",
+            max_steps, c->core + c->coda, slots, MAX_SLOTS);
     /* the default layout follows the file: a kv_append_first model keeps step 1's K/V only */
     if (!o.layout) o.layout = c->kv_append_first ? "append_first" : "last_exited";
     const int layout = layout_of(o.layout);
@@ -343,7 +350,8 @@ int main(int argc, char **argv) {
     const LrExit exit_rule = {max_steps, (int)o.min_steps, o.q >= 0 ? o.q : 2.0, dump ? dump_step : NULL, dump};
     float *logits = malloc((size_t)c->vocab * sizeof(float)), *pairs = malloc(2 * (size_t)c->vocab * sizeof(float));
     int *steps_used = malloc(((size_t)budget + 1) * sizeof(int));
-    char *piece = malloc(4096);
+    size_t piece_capacity = 4096;
+    char *piece = malloc(piece_capacity);
     if (!logits || !pairs || !steps_used || !piece) die("out of memory");
     const int eos = tokenizer ? lr_tokenizer_eos(tokenizer) : -1;
     double started = now();
@@ -358,7 +366,17 @@ int main(int argc, char **argv) {
         if (token == eos) { stop = "stop_token"; break; }
         steps_used[generated++] = steps;
         if (o.print_ids) printf(generated > 1 ? " %d" : "%d", token);
-        else if (tokenizer) fwrite(piece, 1, lr_tokenizer_decode(tokenizer, token, piece, 4096), stdout);
+        else if (tokenizer) {
+            size_t bytes = lr_tokenizer_decode(tokenizer, token, piece, piece_capacity);
+            if (bytes > piece_capacity) {  /* a longer token (the file's vocabulary): room for it, then again */
+                free(piece);
+                piece_capacity = bytes;
+                piece = malloc(piece_capacity);
+                if (!piece) die("out of memory");
+                bytes = lr_tokenizer_decode(tokenizer, token, piece, piece_capacity);
+            }
+            fwrite(piece, 1, bytes, stdout);
+        }
         fflush(stdout);
         if (index + 1 < budget) steps = lr_token(state, token, count + (int)index, &exit_rule, logits, &best);
     }

@@ -9,6 +9,10 @@
 #include "lr_json.h"
 #include "runtime.h"
 
+/* looplm.config.model's MAX_CONTEXT and MAX_VOCAB: the RoPE tables alone are max_seq_len x head dims */
+#define LR_MAX_CONTEXT (1 << 20)
+#define LR_MAX_VOCAB (1 << 24)
+
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
  * or folded into a stored tensor (initial_noise_std: the noise table). */
 static const char *const UNUSED_KEYS[] = {"init_std", "loop_mc_detach", "moe_bias_update_rate",
@@ -203,6 +207,8 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
         !check((c->d_model / c->n_heads) % 2 == 0, error, "d_model / n_heads must be even") ||
         !check(c->ffn_hidden >= 1 && c->prelude >= 0 && c->coda >= 0 && c->core >= 1 && c->loop_steps >= 1 &&
                c->max_seq_len >= 1, error, "layer counts, ffn_hidden, loop_steps and max_seq_len out of range") ||
+        !check(c->max_seq_len <= LR_MAX_CONTEXT && c->vocab <= LR_MAX_VOCAB, error,
+               "max_seq_len must be at most 2^20 and vocab_size at most 2^24 (ModelConfig's bounds)") ||
         !check(c->rope_theta > 0 && c->rope_fraction > 0 && c->rope_fraction <= 1, error, "rope_theta / rope_fraction") ||
         !check(c->mc_segment_size >= 0 && c->mc_top_k >= 1 && c->loop_mc_top_k >= 1, error, "memory caching sizes") ||
         !check(c->rwkv_slots >= 1 && c->rwkv_decay_rank >= 1, error, "rwkv_slots and rwkv_decay_rank must be >= 1") ||

@@ -158,7 +158,7 @@ static int parse(Gguf *file, char *error) {
         t->elements = 1;
         for (uint32_t d = 0; d < dims; d++) {
             uint64_t size = read_u64(&c);
-            if (c.failed || size == 0 || size > (1ULL << 40) || (uint64_t)t->elements * size > (1ULL << 40))
+            if (c.failed || size == 0 || size > (1ULL << 40) / (uint64_t)t->elements)  /* 2^40 elements at most */
                 return c.failed ? 0 : lr_fail(error, "tensor %s has a malformed shape", t->name);
             t->shape[dims - 1 - d] = (int64_t)size;  /* ggml order → torch order */
             t->elements *= (int64_t)size;
@@ -168,12 +168,15 @@ static int parse(Gguf *file, char *error) {
         if (c.failed) return 0;
     }
     int64_t alignment = 32;
-    if (gguf_integer(file, "general.alignment", &alignment) && (alignment < 1 || alignment > 1 << 16))
+    if (gguf_integer(file, "general.alignment", &alignment) && (alignment < 4 || alignment % 4 || alignment > 1 << 16))
         return lr_fail(error, "the GGUF file's general.alignment %lld is malformed", (long long)alignment);
     size_t data = (c.at + (size_t)alignment - 1) / (size_t)alignment * (size_t)alignment;
     for (size_t i = 0; i < file->tensor_count; i++) {
         GgufTensor *t = &file->tensors[i];
         if (!tensor_bytes(t, error)) return 0;
+        if (t->offset % (uint64_t)alignment)  /* float32 data is read in place: it must lie aligned */
+            return lr_fail(error, "tensor %s lies at offset %llu, not a multiple of the file's alignment %lld", t->name,
+                           (unsigned long long)t->offset, (long long)alignment);
         if (data > file->size || t->offset > file->size - data || t->bytes > file->size - data - t->offset)
             return lr_fail(error, "the GGUF file is truncated: tensor %s lies past its end (%zu bytes)", t->name,
                            file->size);
@@ -290,7 +293,7 @@ static int64_t ternary_row_length(const Gguf *file, const char *name) {
  * `<name>.ternary_scale`. */
 static int bind_ternary(LrModel *model, const Gguf *file, const GgufTensor *t, char *error) {
     const int64_t K = ternary_row_length(file, t->name);
-    if (K <= 0)
+    if (K <= 0 || K > (int64_t)1 << 40)  /* no row is longer (parse) */
         return lr_fail(error, "tensor %s is stored as %s but looplm.ternary.weights does not list it with its row length",
                        t->name, t->type == GGUF_I8 ? "i8" : "tq2_0");
     char scale_name[160];
@@ -373,6 +376,14 @@ LrModel *lr_model_from_gguf(const Gguf *file, char *error) {
     }
     const char *config = gguf_string(file, "looplm.config", &length);
     if (!config) { lr_fail(error, "the GGUF file has no looplm.config"); return NULL; }
+    LrConfig layers;  /* every layer has tensors of its own (two norms at least): none are allocated for more */
+    if (!lr_config_parse(config, length, &layers, error)) return NULL;
+    const uint64_t layer_count = (uint64_t)layers.prelude + (uint64_t)layers.core + (uint64_t)layers.coda;
+    if (2 * layer_count > file->tensor_count) {
+        lr_fail(error, "the config's %llu layers need at least %llu tensors; the file has %zu",
+                (unsigned long long)layer_count, 2 * (unsigned long long)layer_count, file->tensor_count);
+        return NULL;
+    }
     LrModel *model = lr_model_new(config, length, error);
     if (!model) return NULL;
     for (size_t i = 0; i < file->tensor_count; i++)

@@ -61,6 +61,15 @@ static size_t part_floats(const LrState *state, char kind, int part) {
     return 0;
 }
 
+/* Whether some layer of the model is of kind `kind` (the pattern repeats: its first layers tell). */
+static int has_layer_kind(const LrConfig *c, char kind) {
+    int most = c->prelude > c->core ? c->prelude : c->core;
+    if (c->coda > most) most = c->coda;
+    for (int i = 0; i < most && i < LR_MAX_PATTERN; i++)
+        if (lr_layer_kind(c, i) == kind) return 1;
+    return 0;
+}
+
 size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
     /* The deepest chain of lr_take calls: run_token → lr_core_step → one of (injection, a layer
      * → its mixer or its FFN, depth LoRA); each piece rounded up to 16 floats (PAD). */
@@ -76,13 +85,16 @@ size_t lr_scratch_floats(const LrModel *model, int max_len, int max_steps) {
                           + c->mla_q_rank + H * (L + 1) + 2 * H * md + 9 * PAD;  /* + the ternary recompute form's */
     const size_t deltanet = 4 * W + 2 * H + 3 * W + W + d + W + candidates * (d + 3) + 8 * PAD;
     const size_t rwkv = 7 * D + c->rwkv_decay_rank + 2 * (size_t)c->rwkv_slots + 8 * PAD;
-    size_t hidden = c->ffn_hidden;
-    if ((size_t)c->shared_expert_hidden * c->n_shared_experts > hidden)
+    const int dense = c->ffn != LR_FFN_MOE || (c->moe_core && (c->prelude || c->coda));  /* a layer reads ffn_hidden */
+    size_t hidden = dense ? (size_t)c->ffn_hidden : 0;
+    if (c->ffn == LR_FFN_MOE && (size_t)c->shared_expert_hidden * c->n_shared_experts > hidden)
         hidden = (size_t)c->shared_expert_hidden * c->n_shared_experts;
     const size_t swiglu = 2 * hidden + PAD;
     const size_t mixture = 2 * (size_t)c->n_experts + 2 * (size_t)c->expert_hidden + D + c->moe_top_k + 5 * PAD + swiglu;
     size_t largest = attention;
-    const size_t parts[] = {latent, deltanet, rwkv, D + PAD + swiglu, mixture};
+    /* only the mixers and FFNs the model has: an unused feature's sizes are bound by no tensor */
+    const size_t parts[] = {c->attention == LR_ATTENTION_MLA ? latent : 0, deltanet, has_layer_kind(c, 'R') ? rwkv : 0,
+                            D + PAD + swiglu, c->ffn == LR_FFN_MOE ? mixture : 0};
     for (int i = 0; i < 5; i++) largest = parts[i] > largest ? parts[i] : largest;
     const size_t n = c->streams, SD = n * D;  /* mHC: the state is n streams */
     const size_t hyper = n > 1 ? 2 * n + n * n + PAD + SD + PAD : 0;  /* coefficients, then read's or write's */
