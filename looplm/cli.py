@@ -473,8 +473,11 @@ def run_train(args) -> None:
     if args.init or args.upcycle:
         source = resolve_checkpoint(args.init or args.upcycle)
         source_model = model_config_from_json(source / CONFIG_FILE).to_dict()
-        source_data = ((_read_json(source / RUN_CONFIG_FILE) or {}).get("data")
-                       if (source / RUN_CONFIG_FILE).is_file() else None)
+        source_run = _read_json(source / RUN_CONFIG_FILE) if (source / RUN_CONFIG_FILE).is_file() else None
+        if source_run is not None and not isinstance(source_run, dict):
+            raise LoopLMError(f"{str(source / RUN_CONFIG_FILE)!r} holds {type(source_run).__name__}, not a run config"
+                              " mapping: it is damaged; delete it to start from the checkpoint's weights alone")
+        source_data = (source_run or {}).get("data")
         options["train.init" if args.init else "train.upcycle_from"] = str(source)
         if args.init and args.upcycle:
             options["train.upcycle_from"] = args.upcycle
@@ -513,7 +516,7 @@ def _read_json(path: Path):
     """A JSON file's contents, or one line saying it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({type(error).__name__}): it is damaged") from None
 
 

@@ -12,3 +12,6 @@ TOKENIZER_FILE = "tokenizer.json"
 RUN_CONFIG_FILE = "run_config.json"
 TRAIN_STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+# The format marker and version a looplm checkpoint's config.json carries (a newer version is refused).
+CHECKPOINT_FORMAT = "looplm"
+CHECKPOINT_VERSION = 1

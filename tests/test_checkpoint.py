@@ -106,3 +106,195 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_model, how):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(LoopLMError):
         load_model(tmp_path / "nowhere")
+
+
+# Hostile or damaged files: each is one LoopLMError line, never a traceback, a crash, a hang or a
+# model built from values it may misread.
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError, not JSONDecodeError
+
+
+def _rewrite_config(directory, change):
+    config = directory / "config.json"
+    config.write_text(json.dumps(change(json.loads(config.read_text()))))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: DEEP_JSON, r"config.json' is not valid JSON \(RecursionError\)"),
+    (lambda config: {**config, "version": 2}, "uses looplm checkpoint format version 2; this looplm reads up to 1"),
+    (lambda config: {**config, "version": "1"}, "its version is '1', not a whole number"),
+    (lambda config: {**config, "format": "pytorch"}, "says format 'pytorch', not 'looplm'"),
+    (lambda config: {**config, "init_std": -1.0}, "model.init_std must be >= 0"),
+    (lambda config: {**config, "norm_eps": -1.0}, "model.norm_eps must be >= 0"),
+    (lambda config: {**config, "d_model": 10**30}, "model.d_model must be <= 16777216"),
+    (lambda config: {**config, "loop_steps": 10**9}, "model.loop_steps must be <= 16777216"),
+    # more layers than the file holds is refused before the model is built (a million took hours)
+    (lambda config: {**config, "n_core_layers": 3}, "holds no tensors of layer core.2, which its config's"
+                                                    " n_core_layers=3 needs"),
+    (lambda config: {**config, "n_prelude_layers": 1}, "holds no tensors of layer prelude.0"),
+])
+def test_a_hostile_config_json_is_one_line(tmp_path, tiny_model, change, message):
+    target = tiny_model.save(tmp_path / "ckpt")
+    if change({}) == DEEP_JSON:
+        (target / "config.json").write_text(DEEP_JSON)
+    else:
+        _rewrite_config(target, change)
+    with pytest.raises(LoopLMError, match=message) as error:
+        load_model(target)
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_too_large_to_build_is_one_line(tmp_path, tiny_model):
+    """Sizes each within bounds whose product overflows torch's int64 shapes."""
+    target = tiny_model.save(tmp_path / "ckpt")
+    _rewrite_config(target, lambda config: {**config, "hyper_connections": 2**24})
+    with pytest.raises(LoopLMError, match="its config asks for tensors too large to build"):
+        load_model(target)
+
+
+def test_a_config_without_format_marker_still_loads(tmp_path, tiny_model):
+    """transformers' save_pretrained writes no format/version: such a config.json loads as before."""
+    target = tiny_model.save(tmp_path / "ckpt")
+    _rewrite_config(target, lambda config: {k: v for k, v in config.items() if k not in ("format", "version")})
+    assert load_model(target).config == tiny_model.config
+
+
+def test_deeply_nested_json_beside_the_weights_is_one_line(tmp_path, tiny_model):
+    from looplm.data.tokenizer import byte_tokenizer
+    from looplm.interop.safetensors_io import read_tensors
+    from looplm.model.loading import load_checkpoint_tokenizer
+
+    target = tiny_model.save(tmp_path / "ckpt", byte_tokenizer())
+    (target / "tokenizer.json").write_text(DEEP_JSON)
+    with pytest.raises(LoopLMError, match="tokenizer file .* is not valid JSON"):
+        load_checkpoint_tokenizer(target)
+    (target / "model.safetensors.index.json").write_text(DEEP_JSON)
+    with pytest.raises(LoopLMError, match=r"index.json' is not valid JSON \(RecursionError\)"):
+        read_tensors(target)
+
+
+def _gguf_copy(source, target, fields=None, tensors=None):
+    """A copy of ``source`` (a looplm GGUF file) with metadata ``fields`` (key → writer call)
+    replaced and tensors passed through ``tensors(name, array)``."""
+    import gguf
+    import numpy as np
+
+    fields = fields or {}
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target), "looplm")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key in fields:
+            fields.pop(key)(writer)
+            continue
+        value = field.contents()
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_float32(key, value)
+    for add in fields.values():
+        add(writer)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+        data = tensors(tensor.name, data) if tensors else data
+        if kind == gguf.GGMLQuantizationType.TQ2_0:
+            writer.add_tensor(tensor.name, data, raw_dtype=kind)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("version-string", "its looplm.format_version is '1', not a whole number"),
+    ("config-not-string", "the looplm.config metadata is not valid JSON"),
+    ("config-deep", "the looplm.config metadata is not valid JSON"),
+    ("rows-not-a-list", "must list tensor names and their row lengths"),
+    ("rows-too-long", "does not hold 96 rows of 36 codes and one scale"),
+    ("three-scales", "does not hold 96 rows of 32 codes and one scale"),
+    ("code-three", "holds codes other than -1, 0 and 1"),
+])
+def test_damaged_gguf_metadata_is_one_line(tmp_path, damage, message):
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from looplm.interop.gguf import export_gguf
+
+    torch.manual_seed(0)
+    source = export_gguf(LoopLM(tiny_config(ternary="core", ffn_hidden=64)).eval(), tmp_path / "good.gguf", "ternary")
+    packed = "blk.0.attn_qkv.weight"  # 96 rows of 32 codes, looplm's 2-bit layout
+    fields, tensors = {}, None
+    if damage == "version-string":
+        fields["looplm.format_version"] = lambda writer: writer.add_string("looplm.format_version", "1")
+    elif damage == "config-not-string":
+        fields["looplm.config"] = lambda writer: writer.add_uint32("looplm.config", 5)
+    elif damage == "config-deep":
+        fields["looplm.config"] = lambda writer: writer.add_string("looplm.config", DEEP_JSON)
+    elif damage == "rows-not-a-list":
+        fields["looplm.ternary.row_lengths"] = lambda writer: writer.add_uint32("looplm.ternary.row_lengths", 32)
+    elif damage == "rows-too-long":
+        import gguf
+
+        rows = gguf.GGUFReader(source).fields["looplm.ternary.row_lengths"].contents()
+        fields["looplm.ternary.row_lengths"] = lambda writer: writer.add_array("looplm.ternary.row_lengths",
+                                                                               [row + 4 for row in rows])
+    elif damage == "three-scales":
+        def tensors(name, data):
+            return np.ones(3, np.float32) if name == packed.replace("weight", "ternary_scale") else data
+    elif damage == "code-three":
+        def tensors(name, data):
+            return np.full_like(data, -1) if name == packed else data  # 0xff: every 2-bit field is 3
+    bad = _gguf_copy(source, tmp_path / "bad.gguf", fields, tensors)
+    with pytest.raises(LoopLMError, match=message) as error:
+        load_model(bad)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": "linear"}, "rope_scaling must be a mapping or null, got 'linear'"),
+    # older configs name the kind "type": a scaled RoPE must not load as plain RoPE
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling=.* is not supported by looplm"),
+    ({"layer_types": 5}, "layer_types must be a list of layer kinds, got 5"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"use_sliding_window": "false"}, "use_sliding_window must be true or false, got 'false'"),
+    ({"rms_norm_eps": -1.0}, "model.norm_eps must be >= 0"),
+])
+def test_a_hostile_ouro_config_is_one_line(change, message):
+    from looplm.interop.ouro import looplm_config_from_ouro
+
+    raw = dict(model_type="ouro", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+               max_position_embeddings=64, tie_word_embeddings=False, total_ut_steps=3)
+    with pytest.raises(LoopLMError, match=message) as error:
+        looplm_config_from_ouro({**raw, **change}, "config.json")
+    assert "\n" not in str(error.value)
+
+
+def test_ouro_weights_with_too_few_layers_or_nan_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from looplm.interop.ouro import convert_looplm_to_ouro, load_ouro
+
+    model = LoopLM(tiny_config(vocab_size=64)).eval()
+    ouro = convert_looplm_to_ouro(model.save(tmp_path / "ckpt"), tmp_path / "ouro")
+    config = json.loads((ouro / "config.json").read_text())
+    (ouro / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(LoopLMError, match="hold no tensors of model.layers.2, which num_hidden_layers = 3"):
+        load_ouro(ouro)  # refused before the model is built (a million layers took hours)
+    (ouro / "config.json").write_text(json.dumps(config))
+    tensors = load_file(ouro / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, ouro / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"hold non-finite values \(model.norm.weight\)"):
+        load_ouro(ouro)

@@ -208,3 +208,60 @@ def test_prepare_into_a_non_empty_directory_names_both_overwrite_forms(tmp_path,
     assert "is not empty" in error and "--overwrite on the command line" in error, error
     assert "overwrite=True in Python" in error, error
     assert [path.name for path in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+# 8. A damaged training state or source run config: one line, never a crash.
+
+TINY_RUN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1", "--model.loop_steps", "2",
+            "--model.max_seq_len", "64", "--train.batch_size", "4", "--train.seq_len", "32", "--train.eval_every",
+            "0", "--train.warmup_steps", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged-state")
+    (root / "corpus.txt").write_text(TEXT)
+    assert main(["train", "--data", str(root / "corpus.txt"), "--out", str(root / "run"), "--train.steps", "2",
+                 *TINY_RUN]) == 0
+    return root / "run"
+
+
+def _damaged_state(run, tmp_path, change):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = next((copy / "checkpoints").glob("step_*")) / "train_state.pt"
+    torch.save(change(torch.load(path, weights_only=False)), path)
+    return copy
+
+
+def _mis_shaped_moments(state):
+    """AdamW's moments cut to one element: without a check the step writes past them (a segfault)."""
+    moments = {index: {key: value[:1].clone() if key != "step" else value for key, value in entry.items()}
+               for index, entry in state["optimizer"]["state"].items()}
+    return {**state, "optimizer": {**state["optimizer"], "state": moments}}
+
+
+@pytest.mark.parametrize("change, message", [
+    (_mis_shaped_moments, "holds exp_avg of shape (1, 32) (float32) for a parameter of shape (259, 32)"),
+    (lambda state: {**state, "torch_rng": torch.zeros(3, dtype=torch.uint8)}, "random generator states are damaged"),
+    (lambda state: {**state, "numpy_rng": [1, 2]}, "random generator states are damaged"),
+    (lambda state: {**state, "python_rng": (3, (1, 2), None)}, "random generator states are damaged"),
+    (lambda state: {**state, "step": -5}, "'step' is negative"),
+])
+def test_a_damaged_train_state_is_one_line_on_resume(trained_run, tmp_path, capsys, change, message):
+    run = _damaged_state(trained_run, tmp_path, change)
+    error = one_line_error(["train", "--resume", "--out", run, "--train.steps", "3", "--no-progress"], capsys)
+    assert message in error, error
+
+
+def test_init_from_a_checkpoint_whose_run_config_is_not_a_mapping(checkpoint, tmp_path, capsys):
+    source = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, source)
+    (source / "run_config.json").write_text("[1]")
+    error = one_line_error(["train", "--init", source, "--data", source / "tokenizer.json", "--out", tmp_path / "out",
+                            "--train.steps", "1", "--no-progress"], capsys)
+    assert "run_config.json' holds list, not a run config mapping" in error, error
+    (source / "run_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    error = one_line_error(["train", "--init", source, "--data", source / "tokenizer.json", "--out", tmp_path / "out",
+                            "--train.steps", "1", "--no-progress"], capsys)
+    assert "is not valid JSON (RecursionError)" in error, error

@@ -20,7 +20,15 @@ from safetensors.torch import load_file, save_file
 from looplm.checkpoint.stored import StoredModel
 from looplm.config import ModelConfig, model_config_from_json
 from looplm.errors import LoopLMError
-from looplm.file_names import CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE
+from looplm.file_names import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TRAIN_STATE_FILE,
+    WEIGHTS_FILE,
+)
 
 __all__ = ["CONFIG_FILE", "RUN_CONFIG_FILE", "TOKENIZER_FILE", "TRAIN_STATE_FILE", "WEIGHTS_FILE"]  # (re-exported)
 
@@ -30,8 +38,6 @@ HF_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_m
 # every other file a checkpoint directory's writers write (sharded weights: model-00001-of-00002.safetensors)
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, RUN_CONFIG_FILE, TRAIN_STATE_FILE, "model.safetensors.index.json",
                     "generation_config.json", "modeling_looplm.py")
-CHECKPOINT_FORMAT = "looplm"
-CHECKPOINT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

@@ -41,9 +41,9 @@ import torch
 
 from looplm.checkpoint.atomic import atomic_write
 from looplm.checkpoint.stored import StoredModel
-from looplm.checkpoint.ternary import pack_ternary, unpack_ternary
+from looplm.checkpoint.ternary import pack_ternary, packed_width, unpack_ternary
 from looplm.config import ModelConfig, from_dict, parse_exit_spec
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
@@ -198,15 +198,27 @@ def _add_ternary(writer, gguf, stored_name: str, codes: torch.Tensor, scale: tor
     writer.add_tensor(_scale_name(stored_name), scale.float().reshape(1).numpy())
 
 
-def _read_ternary(gguf, tensor, scale, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed ternary tensor's codes [N, K = width] (int8) and its float32 scale (0-d)."""
+def _read_ternary(gguf, tensor, scale, width: int, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed ternary tensor's codes [N, K = width] (int8) and its float32 scale (0-d); a row
+    length, size or scale that does not fit the stored data is one line."""
     rows = int(tensor.shape[-1])  # ggml order: the row count is the last dimension
+    data = np.asarray(tensor.data)
     if int(tensor.tensor_type) == int(gguf.GGMLQuantizationType.TQ2_0):
-        values = gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType.TQ2_0)
+        values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.TQ2_0)
+        fits = values.size == rows * width
+    else:
+        values = data.copy().view(np.uint8) if data.dtype.itemsize == 1 else data
+        fits = values.dtype == np.uint8 and values.size == rows * packed_width(width)
+    if not fits or np.asarray(scale.data).size != 1:
+        raise LoopLMError(f"{str(path)!r}: packed ternary tensor {tensor.name!r} does not hold {rows} rows of"
+                          f" {width} codes and one scale, as its {TERNARY_ROWS_KEY} entry says: the file is damaged")
+    if int(tensor.tensor_type) == int(gguf.GGMLQuantizationType.TQ2_0):
         codes = torch.from_numpy(np.sign(values).reshape(rows, width)).to(torch.int8)
     else:
-        packed = torch.from_numpy(np.asarray(tensor.data).copy().view(np.uint8).reshape(rows, -1))
-        codes = unpack_ternary(packed, width)
+        codes = unpack_ternary(torch.from_numpy(values.reshape(rows, -1)), width)
+        if bool((codes > 1).any()):  # the 2-bit field 3 is no code
+            raise LoopLMError(f"{str(path)!r}: packed ternary tensor {tensor.name!r} holds codes other than -1, 0"
+                              " and 1: the file is damaged")
     return codes, torch.from_numpy(np.asarray(scale.data, dtype=np.float32).copy()).reshape(())
 
 
@@ -316,12 +328,18 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
         raise LoopLMError(f"{str(path)!r} holds a {architecture!r} model, not a looplm one: only files written by"
                           " 'looplm export gguf' load here")
     version = _field(reader, path, f"{ARCHITECTURE}.format_version")
+    if not is_int(version):
+        raise LoopLMError(f"{str(path)!r}: its {ARCHITECTURE}.format_version is {version!r}, not a whole number: the"
+                          " file is damaged")
     if version > FORMAT_VERSION:
         raise LoopLMError(f"{str(path)!r} uses looplm GGUF format version {version}; this looplm reads up to"
                           f" {FORMAT_VERSION}: upgrade looplm")
+    raw_config = _field(reader, path, f"{ARCHITECTURE}.config")
     try:
-        raw_config = json.loads(_field(reader, path, f"{ARCHITECTURE}.config"))
-    except json.JSONDecodeError:
+        if not isinstance(raw_config, str):
+            raise TypeError
+        raw_config = json.loads(raw_config)
+    except (json.JSONDecodeError, RecursionError, TypeError):  # RecursionError: nested too deep
         raise LoopLMError(f"{str(path)!r}: the {ARCHITECTURE}.config metadata is not valid JSON") from None
     config = from_dict(ModelConfig, raw_config, "model")
     weights, int8, ternary = {}, {}, {}
@@ -329,14 +347,20 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
                 gguf.GGMLQuantizationType.Q8_0)
     packed = {}  # packed ternary tensor name → its row length K
     if TERNARY_WEIGHTS_KEY in reader.fields:
-        packed = dict(zip(_field(reader, path, TERNARY_WEIGHTS_KEY), _field(reader, path, TERNARY_ROWS_KEY)))
+        names, widths = _field(reader, path, TERNARY_WEIGHTS_KEY), _field(reader, path, TERNARY_ROWS_KEY)
+        if (not isinstance(names, list) or not isinstance(widths, list) or len(names) != len(widths)
+                or not all(isinstance(name, str) for name in names)
+                or not all(is_int(width) and width >= 1 for width in widths)):
+            raise LoopLMError(f"{str(path)!r}: {TERNARY_WEIGHTS_KEY} and {TERNARY_ROWS_KEY} must list tensor names"
+                              " and their row lengths (>= 1), one for one: the file is damaged")
+        packed = dict(zip(names, widths))
     stored = {tensor.name: tensor for tensor in reader.tensors}
     for tensor in reader.tensors:
         if tensor.name in packed:
             if _scale_name(tensor.name) not in stored:
                 raise LoopLMError(f"{str(path)!r} lacks tensor {_scale_name(tensor.name)!r}: the file is incomplete")
             name = looplm_name(tensor.name)
-            ternary[name] = _read_ternary(gguf, tensor, stored[_scale_name(tensor.name)], int(packed[tensor.name]))
+            ternary[name] = _read_ternary(gguf, tensor, stored[_scale_name(tensor.name)], packed[tensor.name], path)
             weights[name] = (ternary[name][0].float() * ternary[name][1]).to(device)
             continue
         if tensor.name in {_scale_name(name) for name in packed}:

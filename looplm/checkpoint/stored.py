@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from looplm.config import ModelConfig
+from looplm.errors import LoopLMError
 
 
 @dataclass
@@ -27,3 +28,28 @@ class StoredModel:
     stored_name: Callable[[str], str] = str
     metadata: dict = field(default_factory=dict)
     ternary: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def first_missing_layer(names, prefix: str, count: int) -> int | None:
+    """The first layer index below ``count`` of which no tensor name starts with ``{prefix}{index}.``,
+    or None: a config asking for more layers than the file holds is refused before the model is
+    built (building a million layers, even on the meta device, takes hours).  One pass over
+    ``names``, whatever ``count`` is."""
+    present = set()
+    for name in names:
+        index = name[len(prefix):].partition(".")[0] if name.startswith(prefix) else ""
+        if index.isdigit():
+            present.add(int(index))
+    return next((index for index in range(count) if index not in present), None)
+
+
+def meta_model(build: Callable, source: str):
+    """``build()`` on the meta device (no memory): the shapes a stored config asks for.  A config
+    whose sizes multiply past torch's int64 shapes is one line, not torch's overflow error."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, OverflowError, TypeError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise LoopLMError(f"{source}: its config asks for tensors too large to build ({detail}): the config is"
+                          " damaged") from None

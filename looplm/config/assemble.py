@@ -15,8 +15,15 @@ from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
 from looplm.config.values import check as _check
 from looplm.config.values import from_dict, read_config_file
-from looplm.errors import LoopLMError
-from looplm.file_names import CONFIG_FILE, META_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE
+from looplm.errors import LoopLMError, is_int
+from looplm.file_names import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CONFIG_FILE,
+    META_FILE,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 
 # Keys of a checkpoint's config.json that describe the file, not the model: looplm's format
 # marker and the Hugging Face metadata that makes the directory loadable by transformers
@@ -31,15 +38,31 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     _check(path.is_file(), f"missing {path.name} in {str(path.parent)!r}: not a looplm checkpoint")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
                           " the checkpoint is corrupt") from None
     if not isinstance(raw, dict):
         raise LoopLMError(f"{str(path)!r} holds {type(raw).__name__ if raw is not None else 'null'}, not a model"
                           " config mapping: the checkpoint is corrupt")
     _refuse_hugging_face_config(raw, path.parent)
+    _check_format_marker(raw, path)
     raw = {k: v for k, v in raw.items() if k not in CHECKPOINT_METADATA_KEYS}
     return from_dict(ModelConfig, raw, "model")
+
+
+def _check_format_marker(raw: dict, path: Path) -> None:
+    """The format marker and version, where the file has them (a config saved by transformers'
+    ``save_pretrained`` has neither): another format, or a version newer than this looplm reads,
+    is one line instead of a model built from keys it may misread."""
+    marker, version = raw.get("format", CHECKPOINT_FORMAT), raw.get("version", CHECKPOINT_VERSION)
+    if marker != CHECKPOINT_FORMAT:
+        raise LoopLMError(f"{str(path)!r} says format {marker!r}, not {CHECKPOINT_FORMAT!r}: not a looplm checkpoint")
+    if not is_int(version) or version < 1:
+        raise LoopLMError(f"{str(path)!r}: its version is {version!r}, not a whole number >= 1: the checkpoint is"
+                          " corrupt")
+    if version > CHECKPOINT_VERSION:
+        raise LoopLMError(f"{str(path)!r} uses looplm checkpoint format version {version}; this looplm reads up to"
+                          f" {CHECKPOINT_VERSION}: upgrade looplm")
 
 
 def _refuse_hugging_face_config(raw: dict, directory: Path) -> None:

@@ -46,6 +46,7 @@ TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternar
 # before saying so (the RoPE tables alone are max_seq_len × head dims).
 MAX_CONTEXT = 2**20
 MAX_VOCAB = 2**24
+MAX_SETTING = 2**24  # any whole-number setting (sizes, counts): beyond it torch's int64 shapes overflow
 
 EXIT_SPECS = {"static": False, "act": False, "q": True, "hidden": True, "kl": True, "ppl": True}  # takes a number?
 
@@ -305,6 +306,7 @@ class NormConfig(_Group):
     def check(self, model: "ModelConfig") -> None:
         _one_of(self.placement, NORM_PLACEMENTS, "norm")
         _one_of(self.norm_type, NORM_TYPES, "norm_type")
+        check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
 
 
 # Group name → class, in the order a config prints and saves.
@@ -377,6 +379,9 @@ class ModelConfig:
         check(1 <= self.max_seq_len <= MAX_CONTEXT,
               f"model.max_seq_len must be in [1, {MAX_CONTEXT}], got {self.max_seq_len}")
         check(self.vocab_size <= MAX_VOCAB, f"model.vocab_size must be <= {MAX_VOCAB}, got {self.vocab_size}")
+        for key, value in self.items():
+            check(not is_int(value) or value <= MAX_SETTING, f"model.{key} must be <= {MAX_SETTING}, got {value}")
+        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
         _one_of(self.ternary, TERNARY_SCOPES, "ternary")
         check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
         for name in GROUPS:

@@ -168,7 +168,7 @@ class Tokenizer:
         try:
             text = file.read_text(encoding="utf-8")
             json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # Recursion: nested too deep
             raise LoopLMError(
                 f"tokenizer file '{file}' is not valid JSON ({_one_line(error)}): "
                 "give a tokenizer.json written by looplm or Hugging Face tokenizers"

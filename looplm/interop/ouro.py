@@ -33,10 +33,12 @@ Weights are read in any float dtype and converted to float32 (looplm runs fp32 o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
+from looplm.checkpoint.stored import first_missing_layer, meta_model
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError, is_int, is_number, listed
 from looplm.interop.directory import check_destination, check_source, copy_tokenizer_files
@@ -71,6 +73,24 @@ def _config_value(raw: dict, key: str, kind: type, where: str):
     return kind(value)
 
 
+def _flag(raw: dict, key: str, where: str) -> bool:
+    """A true/false key (absent or null: false); "false" as a string is not false."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise LoopLMError(f"{where}: {key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _rope_type(raw: dict, where: str) -> str:
+    """rope_scaling's kind: "default" when absent; transformers spells it rope_type, older configs type."""
+    scaling = raw.get("rope_scaling")
+    if scaling is None:
+        return "default"
+    if not isinstance(scaling, dict):
+        raise LoopLMError(f"{where}: rope_scaling must be a mapping or null, got {scaling!r}")
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfig:
     """The ModelConfig of an Ouro ``config.json``; features looplm lacks are refused by name."""
     if raw.get("model_type", "ouro") != "ouro":
@@ -80,13 +100,16 @@ def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfi
         raise LoopLMError(f"{where} lacks {missing[0]}: not a complete Ouro config.json")
     values = {key: _config_value(raw, key, kind, where) for key, kind in _REQUIRED_KEYS.items()}
     heads = values["num_attention_heads"]
+    layer_types = raw.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise LoopLMError(f"{where}: layer_types must be a list of layer kinds, got {layer_types!r}")
     unsupported = {
         "hidden_act": raw.get("hidden_act", "silu") != "silu",
-        "rope_scaling": (raw.get("rope_scaling") or {}).get("rope_type", "default") != "default",
-        "use_sliding_window": bool(raw.get("use_sliding_window")),
-        "layer_types": any(kind != "full_attention" for kind in raw.get("layer_types") or []),
-        "attention_bias": bool(raw.get("attention_bias")),
-        "mlp_bias": bool(raw.get("mlp_bias")),
+        "rope_scaling": _rope_type(raw, where) != "default",
+        "use_sliding_window": _flag(raw, "use_sliding_window", where),
+        "layer_types": any(kind != "full_attention" for kind in layer_types),
+        "attention_bias": _flag(raw, "attention_bias", where),
+        "mlp_bias": _flag(raw, "mlp_bias", where),
         "head_dim": heads > 0 and ((raw.get("head_dim") or values["hidden_size"] // heads) * heads
                                    != values["hidden_size"]),
     }
@@ -97,6 +120,7 @@ def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfi
     steps = raw.get("total_ut_steps", 4)
     if not is_int(steps):
         raise LoopLMError(f"{where}: total_ut_steps must be an integer, got {steps!r}")
+    tied = _flag(raw, "tie_word_embeddings", where)
     try:
         return ModelConfig(
             vocab_size=values["vocab_size"], d_model=values["hidden_size"], n_heads=heads,
@@ -104,7 +128,7 @@ def looplm_config_from_ouro(raw: dict, where: str = "Ouro config") -> ModelConfi
             n_core_layers=values["num_hidden_layers"], loop_steps=steps,
             max_seq_len=values["max_position_embeddings"], rope_theta=values["rope_theta"],
             norm="sandwich", norm_eps=values["rms_norm_eps"], step_norm=True,
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)), exit_gate=True)
+            tie_embeddings=tied, exit_gate=True)
     except LoopLMError as error:
         raise LoopLMError(f"{where}: {error}") from None
 
@@ -176,12 +200,17 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
 
     tensors = {name: tensor for name, tensor in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings and "lm_head.weight" in tensors:
-        if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        embedding = tensors.get("model.embed_tokens.weight")
+        if embedding is not None and not torch.equal(tensors["lm_head.weight"], embedding):
             raise LoopLMError(f"{where}: lm_head.weight differs from model.embed_tokens.weight although"
                               " tie_word_embeddings is true: set it to false in config.json")
         tensors = {name: tensor for name, tensor in tensors.items() if name != "lm_head.weight"}
-    with torch.device("meta"):
-        expected = {name: tensor.shape for name, tensor in ouro_state_from_looplm(LoopLM(config)).items()}
+    missing_layer = first_missing_layer(tensors, "model.layers.", config.n_core_layers)
+    if missing_layer is not None:
+        raise LoopLMError(f"{where} hold no tensors of model.layers.{missing_layer}, which num_hidden_layers ="
+                          f" {config.n_core_layers} needs: the checkpoint is incomplete")
+    model = meta_model(lambda: LoopLM(config), where)
+    expected = {name: tensor.shape for name, tensor in ouro_state_from_looplm(model).items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing:
         raise LoopLMError(f"{where} lack {listed(missing, 1)}: the checkpoint is incomplete")
@@ -194,6 +223,10 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
         if not tensors[name].is_floating_point():
             raise LoopLMError(f"{where}: {name} has dtype {tensors[name].dtype}, expected floating point weights")
     tensors = {name: tensor.float() for name, tensor in tensors.items()}
+    broken = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        warnings.warn(f"{where} hold non-finite values ({listed(broken, 1)}): the model's outputs will be NaN or inf",
+                      stacklevel=3)
     state = {looplm: tensors[ouro] for ouro, looplm in _TOP_NAMES.items() if ouro in tensors}
     for index in range(config.n_core_layers):
         ours, theirs = f"core.{index}.", f"model.layers.{index}."

@@ -52,7 +52,7 @@ def read_json(path: Path, what: str) -> dict:
         raise LoopLMError(f"missing {path.name} in {str(path.parent)!r}: not {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
                           " the file is corrupt") from None
     if not isinstance(data, dict):

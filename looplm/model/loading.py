@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from looplm.checkpoint.formats import read_model, read_tokenizer
-from looplm.checkpoint.stored import StoredModel
+from looplm.checkpoint.stored import StoredModel, first_missing_layer, meta_model
 from looplm.errors import LoopLMError, listed
 from looplm.model.lm import LoopLM
 from looplm.model.swap import swap_modules
@@ -46,8 +46,14 @@ def build_model(stored: StoredModel, device: str | torch.device = "cpu", int8: b
     Non-finite weights load, with a warning.  ``int8``: Linear layers become
     ``looplm.quant.Int8Linear``, from the stored Q8_0 blocks where there are some."""
     source = str(stored.source)
-    with torch.device("meta"):
-        model = LoopLM(stored.config)
+    config = stored.config
+    for stack, count in (("prelude", config.n_prelude_layers), ("core", config.n_core_layers),
+                         ("coda", config.n_coda_layers)):
+        index = first_missing_layer(stored.weights, f"{stack}.", count)
+        if index is not None:
+            raise LoopLMError(f"{source!r} holds no tensors of layer {stack}.{index}, which its config's"
+                              f" n_{stack}_layers={count} needs: the file is incomplete or does not match its config")
+    model = meta_model(lambda: LoopLM(config), repr(source))
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     derived = set(derived_tensors(model))
     weights = {name: tensor for name, tensor in stored.weights.items() if name not in derived}

@@ -69,6 +69,21 @@ def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
                     group[key] = member.defaults[key]
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, where: str) -> None:
+    """After loading a saved state: each parameter's per-element state (AdamW's moments, Muon's
+    momentum) has the parameter's shape and a floating dtype.  ``load_state_dict`` does not check,
+    and a step over a mis-shaped moment writes past its memory (a crash, not an error)."""
+    for member in getattr(optimizer, "optimizers", [optimizer]):
+        for parameter, state in member.state.items():
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor) or (value.dim() == 0 and key == "step"):
+                    continue
+                if value.shape != parameter.shape or not value.is_floating_point():
+                    raise LoopLMError(f"the optimiser state in {where!r} holds {key} of shape {tuple(value.shape)}"
+                                      f" ({str(value.dtype).removeprefix('torch.')}) for a parameter of shape"
+                                      f" {tuple(parameter.shape)}: it is damaged; resume from an older checkpoint")
+
+
 class OptimizerGroup(torch.optim.Optimizer):
     """Several optimisers over disjoint parameters, driven as one (step, zero_grad, state_dict).
 

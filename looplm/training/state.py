@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_number
 
 # field → the types it may hold
 FIELDS = {"step": (int,), "skipped_steps": (int,), "spike_skips": (int,), "recent_losses": (list,),
@@ -48,7 +49,9 @@ def read_train_state(path: Path, device) -> dict:
     if not path.is_file():
         raise LoopLMError(f"missing {path.name} in {str(path.parent)!r}: cannot resume from it")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            # a foreign pickle's protocol warning would print a second line before the refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         detail = str(error).splitlines()[0][:160]
@@ -67,8 +70,30 @@ def read_train_state(path: Path, device) -> dict:
             raise LoopLMError(f"{str(path)!r}: {field!r} is {type(state[field]).__name__}, not"
                               f" {' or '.join(t.__name__ for t in types)}: it is damaged;"
                               " resume from an older checkpoint")
-    name, keys, position, has_gauss, gauss = state["numpy_rng"]
-    state["numpy_rng"] = (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
-    version, internal, gauss_next = state["python_rng"]
-    state["python_rng"] = (version, tuple(internal), gauss_next)
+    counts = [field for field in ("step", "skipped_steps", "spike_skips") if state[field] < 0]
+    losses = [loss for loss in state["recent_losses"] if not is_number(loss)]
+    if counts or losses:
+        problem = f"{counts[0]!r} is negative" if counts else "'recent_losses' holds non-numbers"
+        raise LoopLMError(f"{str(path)!r}: {problem}: it is damaged; resume from an older checkpoint")
+    try:
+        name, keys, position, has_gauss, gauss = state["numpy_rng"]
+        state["numpy_rng"] = (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss)
+        version, internal, gauss_next = state["python_rng"]
+        state["python_rng"] = (version, tuple(internal), gauss_next)
+    except (ValueError, TypeError, OverflowError):
+        raise LoopLMError(f"{str(path)!r}: its random generator states are damaged; resume from an older"
+                          " checkpoint") from None
     return state
+
+
+def restore_generators(state: dict, data_generator: torch.Generator, path: Path) -> None:
+    """Set the data stream's, torch's, Python's and NumPy's generators from ``state`` (one line,
+    not a generator's own error, for a state of the wrong size or type)."""
+    try:
+        data_generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+    except (RuntimeError, ValueError, TypeError, OverflowError) as error:
+        raise LoopLMError(f"{str(path)!r}: its random generator states are damaged ({type(error).__name__}); resume"
+                          " from an older checkpoint") from None

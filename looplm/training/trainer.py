@@ -52,13 +52,14 @@ from looplm.training.loggers import MetricsLogger, open_metrics_logger, require
 from looplm.training.mfu import device_peak_tflops, model_flops_utilization
 from looplm.training.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
 from looplm.training.optim import (  # AdamW, or Muon + AdamW as one optimiser
+    check_optimizer_state,
     keep_implementation,
     make_optimizer,
     skips_on_device,
 )
 from looplm.training.resources import check_free_disk, check_model_fits
 from looplm.training.run_directory import prepare_run_directory
-from looplm.training.state import read_train_state, train_state
+from looplm.training.state import read_train_state, restore_generators, train_state
 from looplm.training.upcycle import upcycle_state_dict
 from looplm.training.wrapping import wrap_for_training
 
@@ -415,10 +416,8 @@ class Trainer:
         except (KeyError, ValueError, TypeError, IndexError) as error:  # e.g. Muon + AdamW state offered to AdamW
             raise LoopLMError(f"the optimiser state in {str(latest)!r} does not fit this run's optimiser"
                               f" ({type(error).__name__}): resume with the same train.optimizer") from None
-        self.data_generator.set_state(state["data_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        check_optimizer_state(self.optimizer, str(latest))
+        restore_generators(state, self.data_generator, latest / TRAIN_STATE_FILE)
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
