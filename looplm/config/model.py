@@ -380,7 +380,8 @@ class ModelConfig:
               f"model.max_seq_len must be in [1, {MAX_CONTEXT}], got {self.max_seq_len}")
         check(self.vocab_size <= MAX_VOCAB, f"model.vocab_size must be <= {MAX_VOCAB}, got {self.vocab_size}")
         for key, value in self.items():
-            check(not is_int(value) or value <= MAX_SETTING, f"model.{key} must be <= {MAX_SETTING}, got {value}")
+            check(KEY_TYPES[key] is not int or not is_int(value) or value <= MAX_SETTING,
+                  f"model.{key} must be <= {MAX_SETTING}, got {value}")
         check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
         _one_of(self.ternary, TERNARY_SCOPES, "ternary")
         check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
