@@ -2,16 +2,24 @@
 pyproject.toml's addopts; ``-n 0`` runs it in one process): each worker gets its share of the
 cores as its thread count, set when the worker starts and inherited by the subprocesses tests spawn,
 so two workers on two cores do not each spin two OpenMP threads (that made the suite 2.8x slower
-than one process). Tests of threaded C paths set their thread counts explicitly."""
+than one process). Tests of threaded C paths set their thread counts explicitly.  Property tests
+(hypothesis) are derandomized unless LOOPLM_HYPOTHESIS=explore."""
 
 import os
 from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import settings
 
 from looplm.config import ModelConfig
 from looplm.model import LoopLM
+
+# Property tests draw the same examples on every run (a clean clone has no example database, so a
+# random draw would make a run's verdict depend on luck); LOOPLM_HYPOTHESIS=explore draws new ones.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("explore" if os.environ.get("LOOPLM_HYPOTHESIS") == "explore" else "deterministic")
 
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
