@@ -542,3 +542,24 @@ def test_the_program_uses_the_policy_the_file_records(looplm_run, tmp_path):
                                 capture_output=True)
         assert result.returncode == 2 and b"--min-steps applies to Q-exit" in result.stderr
         assert result.stderr.count(b"\n") == 1
+
+
+def test_a_kernel_that_fails_to_build_says_so_once(monkeypatch):
+    """A failed build is not a choice: decoding falls back to torch (several times slower), and the
+    user is told once; LOOPLM_NATIVE=0 chooses the fallback without a word."""
+    import warnings
+
+    def broken(compiler):
+        raise OSError("cc: fatal error: no input files")
+
+    monkeypatch.setattr(native_build, "_state", {})
+    monkeypatch.setattr(native_build, "_build", broken)
+    with pytest.warns(UserWarning, match="building the C decode kernel failed: cc: fatal error.*falls back to the"
+                                         " torch paths"):
+        assert native_build.load_kernel() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_build.load_kernel() is None  # told once
+        monkeypatch.setattr(native_build, "_state", {})
+        monkeypatch.setenv("LOOPLM_NATIVE", "0")
+        assert native_build.load_kernel() is None and "LOOPLM_NATIVE=0" in native_build.unavailable_reason()

@@ -243,6 +243,9 @@ def load_kernel() -> ctypes.CDLL | None:
                         _state["library"] = declare(library)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                     _state["reason"] = f"building the C decode kernel failed: {error}"
+                    # a failed build is not a choice: say once that decoding runs on torch, several times slower
+                    warnings.warn(f"looplm: {_state['reason']}; decoding falls back to the torch paths, several times"
+                                  " slower (LOOPLM_NATIVE=0 chooses them without this warning)", stacklevel=2)
         return _state["library"]
 
 
