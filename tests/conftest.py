@@ -141,3 +141,12 @@ def one_line_error(argv, capsys) -> str:
     assert status == 2, err
     assert len(lines) == 1 and lines[0].startswith("looplm: error:"), err
     return lines[0]
+
+
+def write_gguf(writer, target):
+    """Finish a ``gguf.GGUFWriter`` the tests filled (header, metadata, tensors) and return ``target``."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

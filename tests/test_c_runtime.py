@@ -20,7 +20,7 @@ from looplm.kernels import program
 from looplm.model import LoopLM
 from looplm.model.norms import LayerNorm
 
-from conftest import tiny_config
+from conftest import tiny_config, write_gguf
 from test_architectures import VARIANTS
 from test_gguf import CONFIGS as GGUF_CONFIGS
 from test_gguf import make_model as make_gguf_model
@@ -277,7 +277,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(looplm_run, tmp_path, monkeypa
     assert "not a GGUF file" in one_error_line(run(looplm_run, tmp_path / "noise.gguf"))
     writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    write_gguf(writer, tmp_path / "llama.gguf")
     assert "'llama' model, not a looplm one" in one_error_line(run(looplm_run, tmp_path / "llama.gguf"))
     (tmp_path / "q4.gguf").write_bytes(raw)
     _patch_tensor_type(tmp_path / "q4.gguf", "blk.0.attn_qkv.weight", int(gguf.GGMLQuantizationType.Q4_0))

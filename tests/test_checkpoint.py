@@ -7,7 +7,7 @@ from looplm.errors import LoopLMError
 from looplm.model import LoopLM
 from looplm.model.loading import load_model
 
-from conftest import tiny_config
+from conftest import tiny_config, write_gguf
 
 
 def test_save_load_bit_identical(tmp_path, tiny_model):
@@ -209,11 +209,7 @@ def _gguf_copy(source, target, fields=None, tensors=None):
             writer.add_tensor(tensor.name, data, raw_dtype=kind)
         else:
             writer.add_tensor(tensor.name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return write_gguf(writer, target)
 
 
 @pytest.mark.parametrize("damage, message", [

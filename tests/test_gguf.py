@@ -15,7 +15,7 @@ from looplm.interop.gguf import export_gguf, load_gguf, read_metadata
 from looplm.model import LoopLM
 from looplm.quant import Int8Linear
 
-from conftest import tiny_config
+from conftest import tiny_config, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -182,11 +182,7 @@ def rewrite(source, target, arch="looplm", drop=None, shorten=None):
             continue
         data = np.array(tensor.data)
         writer.add_tensor(tensor.name, data[:-1] if tensor.name == shorten else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return write_gguf(writer, target)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -22,7 +22,7 @@ from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
 from looplm.model import LoopLM
 
-from conftest import one_line_error, tiny_config
+from conftest import one_line_error, tiny_config, write_gguf
 
 TINY_TRAIN = ["--model.d_model", "32", "--model.n_heads", "4", "--model.n_core_layers", "1",
               "--model.loop_steps", "2", "--model.max_seq_len", "64", "--train.batch_size", "4",
@@ -87,11 +87,7 @@ def rewrite_gguf(source, target, config_change=None, tokenizer_json=None, first_
     for index, tensor in enumerate(reader.tensors):
         data = np.array(tensor.data)
         writer.add_tensor(tensor.name, data.astype(first_tensor_type) if index == 0 and first_tensor_type else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return write_gguf(writer, target)
 
 
 def case_gguf_with_a_bad_tokenizer(files, tmp_path):
