@@ -220,6 +220,7 @@ def _gguf_copy(source, target, fields=None, tensors=None):
     ("rows-too-long", "does not hold 96 rows of 36 codes and one scale"),
     ("three-scales", "does not hold 96 rows of 32 codes and one scale"),
     ("code-three", "holds codes other than -1, 0 and 1"),
+    ("config-not-utf8", "its looplm.config metadata is not valid UTF-8"),
 ])
 def test_damaged_gguf_metadata_is_one_line(tmp_path, damage, message):
     pytest.importorskip("gguf")
@@ -252,6 +253,9 @@ def test_damaged_gguf_metadata_is_one_line(tmp_path, damage, message):
         def tensors(name, data):
             return np.full_like(data, -1) if name == packed else data  # 0xff: every 2-bit field is 3
     bad = _gguf_copy(source, tmp_path / "bad.gguf", fields, tensors)
+    if damage == "config-not-utf8":  # one byte of the config's JSON text (same length) is no UTF-8
+        raw = bad.read_bytes()
+        bad.write_bytes(raw.replace(b'"d_model"', b'"\xff_model"', 1))
     with pytest.raises(LoopLMError, match=message) as error:
         load_model(bad)
     assert "\n" not in str(error.value)

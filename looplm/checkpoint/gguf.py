@@ -291,13 +291,22 @@ def _open(path: Path):
 def _field(reader, path: Path, key: str):
     if key not in reader.fields:
         raise LoopLMError(f"{str(path)!r} has no {key} metadata: not a GGUF file written by looplm")
-    return reader.fields[key].contents()
+    return _contents(reader.fields[key], path, key)
+
+
+def _contents(field, path: Path, key: str):
+    """A metadata field's value; a string that is not UTF-8 is a damaged file, one line."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError:
+        raise LoopLMError(f"{str(path)!r}: its {key} metadata is not valid UTF-8: the file is damaged") from None
 
 
 def read_metadata(path: str | Path) -> dict:
     """Every metadata key of a GGUF file and its value (GGUF's own header fields left out)."""
-    reader = _open(Path(path))
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    path = Path(path)
+    reader = _open(path)
+    return {key: _contents(field, path, key) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
 
 
 def _tensor_array(gguf, tensor) -> np.ndarray:
