@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from looplm.errors import LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError
 
 TASK_NAMES = "binding, modarith, mano, phop, addition, capo"
 
@@ -516,7 +516,7 @@ def _read_json(path: Path):
     """A JSON file's contents, or one line saying it is not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+    except JSON_ERRORS as error:
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({type(error).__name__}): it is damaged") from None
 
 

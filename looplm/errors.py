@@ -5,6 +5,8 @@ key, an out-of-range option).  The CLI prints its message on one line and exits 
 status 2; library callers can catch it.  Bugs inside looplm stay ordinary exceptions.
 """
 
+import json
+
 
 class LoopLMError(Exception):
     """A user's mistake, reported as one line that says what was wrong and how to fix it."""
@@ -29,3 +31,8 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """An int or a float and not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# What parsing a JSON text can raise when the text is damaged (not UTF-8, not JSON, or nested past
+# Python's recursion limit): every reader of a user's JSON file turns these into one line.
+JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)

@@ -43,7 +43,7 @@ from looplm.checkpoint.atomic import atomic_write
 from looplm.checkpoint.stored import StoredModel
 from looplm.checkpoint.ternary import pack_ternary, packed_width, unpack_ternary
 from looplm.config import ModelConfig, from_dict, parse_exit_spec
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import JSON_ERRORS, LoopLMError, is_int
 
 ARCHITECTURE = "looplm"
 FORMAT_VERSION = 1
@@ -348,7 +348,7 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> StoredMod
         if not isinstance(raw_config, str):
             raise TypeError
         raw_config = json.loads(raw_config)
-    except (json.JSONDecodeError, RecursionError, TypeError):  # RecursionError: nested too deep
+    except (*JSON_ERRORS, TypeError):  # TypeError: the metadata is not a string
         raise LoopLMError(f"{str(path)!r}: the {ARCHITECTURE}.config metadata is not valid JSON") from None
     config = from_dict(ModelConfig, raw_config, "model")
     weights, int8, ternary = {}, {}, {}

@@ -15,7 +15,7 @@ from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
 from looplm.config.values import check as _check
 from looplm.config.values import from_dict, read_config_file
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import JSON_ERRORS, LoopLMError, is_int
 from looplm.file_names import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -38,7 +38,7 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     _check(path.is_file(), f"missing {path.name} in {str(path.parent)!r}: not a looplm checkpoint")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+    except JSON_ERRORS as error:
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
                           " the checkpoint is corrupt") from None
     if not isinstance(raw, dict):

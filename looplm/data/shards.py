@@ -31,7 +31,7 @@ from looplm.checkpoint.atomic import atomic_directory, check_replaceable
 from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
-from looplm.errors import LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError
 from looplm.file_names import META_FILE, TOKENIZER_FILE
 
 SHARD_FORMAT = "looplm-shards"
@@ -98,7 +98,7 @@ def read_meta(directory: PathLike) -> dict[str, Any]:
         raise LoopLMError(f"'{directory}' has no meta.json: point at a directory written by write_shards")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except JSON_ERRORS as error:
         raise LoopLMError(f"'{path}' is not valid JSON ({_one_line(error)}): write the shards again") from None
     _check_meta(meta, path)
     return meta

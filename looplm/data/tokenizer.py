@@ -27,7 +27,7 @@ from tokenizers import decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from looplm.checkpoint.atomic import atomic_write_text
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import JSON_ERRORS, LoopLMError, is_int
 from looplm.file_names import TOKENIZER_FILE
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
@@ -168,7 +168,7 @@ class Tokenizer:
         try:
             text = file.read_text(encoding="utf-8")
             json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # Recursion: nested too deep
+        except JSON_ERRORS as error:
             raise LoopLMError(
                 f"tokenizer file '{file}' is not valid JSON ({_one_line(error)}): "
                 "give a tokenizer.json written by looplm or Hugging Face tokenizers"

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from looplm.errors import LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -52,7 +52,7 @@ def read_json(path: Path, what: str) -> dict:
         raise LoopLMError(f"missing {path.name} in {str(path.parent)!r}: not {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+    except JSON_ERRORS as error:
         raise LoopLMError(f"{str(path)!r} is not valid JSON ({error.__class__.__name__}):"
                           " the file is corrupt") from None
     if not isinstance(data, dict):
