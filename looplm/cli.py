@@ -461,8 +461,9 @@ def listen_socket(host: str, port: int):
 
 def run_train(args) -> None:
 
-    from looplm.checkpoint.directory import CONFIG_FILE, RUN_CONFIG_FILE, resolve_checkpoint
+    from looplm.checkpoint.directory import resolve_checkpoint
     from looplm.config import assemble_run_config, model_config_from_json
+    from looplm.file_names import CONFIG_FILE, RUN_CONFIG_FILE
     from looplm.training.trainer import Trainer
 
     out = Path(args.out)

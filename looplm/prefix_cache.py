@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from looplm.cache import KVCache
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 from looplm.model.lm import LoopOutput
 
 
@@ -57,7 +57,7 @@ class PrefixCache:
     stats: PrefixStats = field(default_factory=PrefixStats)
 
     def __post_init__(self) -> None:
-        if not all(isinstance(value, int) and value >= 1 for value in (self.max_entries, self.block, self.max_bytes)):
+        if not all(is_int(value) and value >= 1 for value in (self.max_entries, self.block, self.max_bytes)):
             raise LoopLMError("a prefix cache needs whole numbers max_entries, block and max_bytes >= 1, got"
                               f" {self.max_entries!r}, {self.block!r}, {self.max_bytes!r}")
 

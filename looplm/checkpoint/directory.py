@@ -30,8 +30,6 @@ from looplm.file_names import (
     WEIGHTS_FILE,
 )
 
-__all__ = ["CONFIG_FILE", "RUN_CONFIG_FILE", "TOKENIZER_FILE", "TRAIN_STATE_FILE", "WEIGHTS_FILE"]  # (re-exported)
-
 # the tokenizer files a Hugging Face directory may hold (copied through by the converters)
 HF_TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                       "merges.txt", "added_tokens.json", "chat_template.jinja")

@@ -31,7 +31,7 @@ from looplm.checkpoint.atomic import atomic_directory, check_replaceable
 from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
-from looplm.errors import JSON_ERRORS, LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError, is_number
 from looplm.file_names import META_FILE, TOKENIZER_FILE
 
 SHARD_FORMAT = "looplm-shards"
@@ -181,7 +181,7 @@ class TokenShards:
 
 
 def _check_val_fraction(val_fraction: float) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+    if not is_number(val_fraction) or not 0 < val_fraction < 1:
         raise LoopLMError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
 
 

@@ -55,7 +55,8 @@ def write_hf_files(model, directory: Path, tokenizer=None, tokenizer_source: Pat
     """Fill an existing directory: looplm's files, the HF config keys and the modeling file.
     Tokenizer files present in ``tokenizer_source`` are copied; a missing tokenizer_config.json
     is written from ``tokenizer``."""
-    from looplm.checkpoint.directory import CONFIG_FILE, write_model_files
+    from looplm.checkpoint.directory import write_model_files
+    from looplm.file_names import CONFIG_FILE
 
     write_model_files(model.config, model.state_dict(), directory, tokenizer)
     config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from looplm.checkpoint.atomic import atomic_directory
 from looplm.checkpoint.directory import checkpoint_entry, write_model_files
 from looplm.config import ModelConfig
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import LoopLMError, is_int, is_number
 from looplm.model.block import Layer
 from looplm.model.carry import LoopCarry
 from looplm.model.exit import act_mixing_step, act_weights, exit_distribution, log_exit_distribution
@@ -71,7 +71,7 @@ class LoopOutput:
 
     def logits(self, step: int | None = None) -> torch.Tensor:
         """[B, S, V] logits of 1-based ``step`` (default: the last step run)."""
-        if step is not None and not (isinstance(step, int) and 1 <= step <= self.steps):
+        if step is not None and not (is_int(step) and 1 <= step <= self.steps):
             raise LoopLMError(f"step must be in 1..{self.steps} (the loop steps this forward ran; 1-based), got"
                               f" {step!r}")
         return self.model.logits(self.hidden_states[(step or self.steps) - 1])
@@ -103,7 +103,7 @@ class LoopOutput:
             raise LoopLMError("model.act_mixing: every readout already is the ACT mixture of the loop states; read"
                               " a step's logits (objective last or stage1, fixed steps or Q-exit), not ACT over them")
         threshold = self.model.config.act_threshold if threshold is None else threshold
-        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        if not (is_number(threshold) and 0 < threshold <= 1):
             raise LoopLMError(f"the ACT threshold must be a number in (0, 1], got {threshold!r}")
         weights, halting = act_weights(self._gate(), threshold)
         state = sum(weight.unsqueeze(-1) * hidden for weight, hidden in zip(weights, self.hidden_states))

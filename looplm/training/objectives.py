@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_number
 from looplm.model.lm import LoopOutput
 from looplm.training.fused_ce import linear_cross_entropy
 
@@ -137,7 +137,7 @@ def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "st
     """Objective over a forward pass; targets [B, S] with −100 marking untrained positions."""
     _check_targets(output, targets)
     for name, value in (("entropy_beta", entropy_beta), ("act_ponder_weight", act_ponder_weight)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        if not (is_number(value) and math.isfinite(value)):
             raise LoopLMError(f"{name} must be a finite number, got {value!r}")
     mask = (targets != IGNORE_INDEX).to(output.hidden_states[0].dtype)
     tokens = mask.sum().clamp_min(1.0)

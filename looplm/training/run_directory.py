@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 from looplm.checkpoint.atomic import refuse_overlap, remove_stale_staging
-from looplm.checkpoint.directory import RUN_CONFIG_FILE
 from looplm.config import FITTED_TOKENIZERS, RunConfig
 from looplm.errors import LoopLMError, listed
+from looplm.file_names import RUN_CONFIG_FILE
 from looplm.training.loggers import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 

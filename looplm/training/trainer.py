@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from looplm.checkpoint.atomic import atomic_directory, atomic_write_text
-from looplm.checkpoint.directory import RUN_CONFIG_FILE, TRAIN_STATE_FILE, checkpoint_entry, write_model_files
+from looplm.checkpoint.directory import checkpoint_entry, write_model_files
 from looplm.checkpoint.lock import DirectoryLock
 from looplm.config import FITTED_TOKENIZERS, DataConfig, RunConfig
 from looplm.config.model import model_differences
@@ -39,8 +39,9 @@ from looplm.data.provenance import tokenizer_digest
 from looplm.data.source import TrainingData, open_training_data, prepared_directory
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from looplm.device import resolve_device
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 from looplm.eval.depth import accuracy_by_step, loss_by_step
+from looplm.file_names import RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from looplm.model.lm import LoopLM
 from looplm.model.loading import load_checkpoint_tokenizer, load_model
 from looplm.precision import training_precision
@@ -225,7 +226,7 @@ class Trainer:
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run until train.steps (or ``stop_after`` optimiser steps in total, to simulate a stop)."""
-        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
             raise LoopLMError(f"stop_after must be a number of optimiser steps >= 1 (None: train.steps), got"
                               f" {stop_after!r}")
         config = self.train_config
