@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import LoopLMError, is_int, is_number
 from looplm.registry import Registry
 
 # A generation may run at most this many times the trained loop steps: extrapolation costs time
@@ -318,7 +318,7 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
             _refuse_min_steps(name)
         values["min_steps"] = min_steps
     wrong = [f"{field}={value!r}" for field, value in values.items()
-             if isinstance(value, bool) or not isinstance(value, int | float | type(None))]
+             if not (value is None or is_number(value))]
     if wrong:
         raise LoopLMError(f"exit {name} takes numbers, got {', '.join(wrong)}")
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from looplm.errors import LoopLMError, one_line
+from looplm.errors import LoopLMError, is_int, is_number, one_line
 from looplm.exit_policy import (  # noqa: F401
     ACTExit,
     ExitPolicy,
@@ -52,10 +52,10 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name, kinds in (("temperature", int | float), ("top_k", int), ("top_p", int | float),
-                            ("seed", int | None)):
+        for name, right in (("temperature", is_number), ("top_k", is_int), ("top_p", is_number),
+                            ("seed", lambda value: value is None or is_int(value))):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, kinds):
+            if not right(value):
                 raise LoopLMError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise LoopLMError(f"temperature must be a finite number >= 0, got {self.temperature}")
@@ -275,9 +275,9 @@ class BatchSession:
             raise LoopLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only"
                               f" {model.config.vocab_size} embedding rows: use the model's own tokenizer")
         self._check_stops([self.defaults])
-        if not isinstance(rows, int) or rows < 1 or not isinstance(max_len, int) or max_len < 1:
+        if not is_int(rows) or rows < 1 or not is_int(max_len) or max_len < 1:
             raise LoopLMError(f"rows and max_len must be ints >= 1, got {rows!r}, {max_len!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
             raise LoopLMError(f"max_steps must be an int >= 1 (None: the policy's), got {max_steps!r}")
         self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
@@ -468,7 +468,7 @@ class Decoder:
         if not isinstance(exit_policy, ExitPolicy):
             raise LoopLMError(f"exit_policy must be an ExitPolicy (e.g. QExit(0.5); parse_exit('q:0.5') reads the"
                               f" string form), got {exit_policy!r}")
-        if not isinstance(max_len, int) or not 1 <= max_len <= model.config.max_seq_len:
+        if not is_int(max_len) or not 1 <= max_len <= model.config.max_seq_len:
             raise LoopLMError(f"max_len must be in [1, {model.config.max_seq_len}] (the model's context), got"
                               f" {max_len!r}")
         self.scheduler = Scheduler(model, 1, max_len, exit_policy.max_steps(model.config.loop_steps), layout,

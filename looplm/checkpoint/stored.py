@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from looplm.config import ModelConfig
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, listed
 
 
 @dataclass
@@ -53,3 +54,14 @@ def meta_model(build: Callable, source: str):
         detail = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise LoopLMError(f"{source}: its config asks for tensors too large to build ({detail}): the config is"
                           " damaged") from None
+
+
+def warn_non_finite(tensors: dict[str, torch.Tensor], subject: str, names: Callable[[str], str] = str,
+                    stacklevel: int = 3) -> None:
+    """One warning when any of ``tensors`` holds NaN or inf: "``subject`` (the first's name, and how
+    many more): the model's outputs will be NaN or inf" (``names``: a tensor's name as the file
+    spells it; ``stacklevel``: as the caller would give it)."""
+    broken = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        warnings.warn(f"{subject} ({listed(map(names, broken), 1)}): the model's outputs will be NaN or inf",
+                      stacklevel=stacklevel + 1)

@@ -33,12 +33,11 @@ Weights are read in any float dtype and converted to float32 (looplm runs fp32 o
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
-from looplm.checkpoint.stored import first_missing_layer, meta_model
+from looplm.checkpoint.stored import first_missing_layer, meta_model, warn_non_finite
 from looplm.config import ModelConfig
 from looplm.errors import LoopLMError, is_int, is_number, listed
 from looplm.interop.directory import check_destination, check_source, copy_tokenizer_files
@@ -223,10 +222,7 @@ def looplm_state_from_ouro(tensors: dict[str, torch.Tensor], config: ModelConfig
         if not tensors[name].is_floating_point():
             raise LoopLMError(f"{where}: {name} has dtype {tensors[name].dtype}, expected floating point weights")
     tensors = {name: tensor.float() for name, tensor in tensors.items()}
-    broken = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
-    if broken:
-        warnings.warn(f"{where} hold non-finite values ({listed(broken, 1)}): the model's outputs will be NaN or inf",
-                      stacklevel=3)
+    warn_non_finite(tensors, f"{where} hold non-finite values")
     state = {looplm: tensors[ouro] for ouro, looplm in _TOP_NAMES.items() if ouro in tensors}
     for index in range(config.n_core_layers):
         ours, theirs = f"core.{index}.", f"model.layers.{index}."

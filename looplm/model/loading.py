@@ -8,15 +8,14 @@ shapes, one line per mismatch), assigned without copying, Q8_0 weights optionall
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from looplm.checkpoint.formats import read_model, read_tokenizer
-from looplm.checkpoint.stored import StoredModel, first_missing_layer, meta_model
-from looplm.errors import LoopLMError, listed
+from looplm.checkpoint.stored import StoredModel, first_missing_layer, meta_model, warn_non_finite
+from looplm.errors import LoopLMError
 from looplm.model.lm import LoopLM
 from looplm.model.swap import swap_modules
 
@@ -67,11 +66,7 @@ def build_model(stored: StoredModel, device: str | torch.device = "cpu", int8: b
         if tuple(tensor.shape) != expected[name]:
             raise LoopLMError(f"{source!r}: tensor {stored.stored_name(name)!r} has shape {tuple(tensor.shape)}, the"
                               f" config needs {expected[name]}")
-    broken = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
-    if broken:
-        warnings.warn(f"{source!r} holds non-finite weights ({listed(map(stored.stored_name, broken), 1)}): its"
-                      " outputs will be NaN or inf",
-                      stacklevel=3)
+    warn_non_finite(weights, f"{source!r} holds non-finite weights", stored.stored_name)
     model.load_state_dict(weights, assign=True)
     model.rebuild_derived_buffers(device)
     model.eval()

@@ -178,9 +178,13 @@ class Engine:
     def _dropped(self, job: Job) -> bool:
         """A job whose client left before it started is finished at once, without decoding."""
         if job.cancelled:
-            self.stats.cancelled += 1
-            self._done(job, Failed("the client went away", 499))
+            self._cancel(job)
         return job.cancelled
+
+    def _cancel(self, job: Job) -> None:
+        """A job whose client left: counted, and finished with a 499 nobody reads."""
+        self.stats.cancelled += 1
+        self._done(job, Failed("the client went away", 499))
 
     def _collect(self) -> list[Job] | None:
         """Block for a job, then gather more for up to ``batch_wait`` seconds; None = stop."""
@@ -273,9 +277,8 @@ class Engine:
             return self._fail(job, request.error)
         generation = request.generation
         if job.cancelled:  # its client left: nobody reads the rest
-            self.stats.cancelled += 1
             self.stats.tokens += job.emitted
-            return self._done(job, Failed("the client went away", 499))
+            return self._cancel(job)
         self.stats.requests += 1
         self.stats.tokens += len(generation.ids)
         self.stats.batched_requests += job.batch_size > 1
