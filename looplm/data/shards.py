@@ -31,7 +31,7 @@ from looplm.checkpoint.atomic import atomic_directory, check_replaceable
 from looplm.data.documents import read_documents  # noqa: F401  (its home before looplm.data.documents)
 from looplm.data.provenance import tokenizer_digest
 from looplm.data.tokenizer import Tokenizer
-from looplm.errors import JSON_ERRORS, LoopLMError, is_number
+from looplm.errors import JSON_ERRORS, LoopLMError, is_int, is_number
 from looplm.file_names import META_FILE, TOKENIZER_FILE
 
 SHARD_FORMAT = "looplm-shards"
@@ -186,7 +186,7 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise LoopLMError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -336,7 +336,7 @@ def _check_meta(meta: Any, path: Path) -> None:
         raise LoopLMError(f"'{path}' has dtype {meta.get('dtype')!r}, not uint16 or uint32: write the shards again")
     for key in ("vocab_size", "train_tokens", "val_tokens"):
         value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise LoopLMError(f"'{path}' has a bad {key!r} ({value!r}): write the shards again")
     wanted = token_dtype(meta["vocab_size"])
     if wanted != DTYPES[meta["dtype"]]:

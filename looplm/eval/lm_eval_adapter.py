@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.device import resolve_device
-from looplm.errors import LoopLMError, one_line
+from looplm.errors import LoopLMError, is_int, one_line
 from looplm.exit_policy import ACTExit, ExitPolicy, Signal, check_depth, exit_steps, parse_exit, readout_perplexity
 from looplm.model.exit import hidden_change, readout_kl
 
@@ -117,7 +117,7 @@ def exit_logprobs(output, targets: torch.Tensor, policy: ExitPolicy) -> tuple[to
 
 
 def _integer(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise LoopLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
