@@ -544,9 +544,6 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         if (done[r]) copied += (long)(cache_steps - done[r]) * count * Hkv * hd * 2 * (long)sizeof(float);
     const long head_products = (long)finished * vocab * D, head_bytes = (long)vocab * D * (long)sizeof(float);
     const int small_head = head_bytes < 32 * SMALL_WORK && head_products < (1L << 20);
-#if !defined(__AVX512F__)
-    head_panels = NULL;
-#endif
     if (small_head && copied && threads > 1) {
         #pragma omp parallel num_threads(threads)
         {
