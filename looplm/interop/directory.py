@@ -14,9 +14,6 @@ from looplm.checkpoint.atomic import refuse_overlap
 from looplm.checkpoint.directory import HF_TOKENIZER_FILES
 from looplm.errors import LoopLMError
 
-# Tokenizer files of a Hugging Face directory, copied through unchanged by every converter.
-TOKENIZER_FILES = HF_TOKENIZER_FILES
-
 
 def check_source(source: str | Path) -> Path:
     """SRC as a Path; it must be a directory."""
@@ -39,7 +36,7 @@ def check_destination(source: Path, destination: str | Path, force: bool) -> Pat
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     """Copy the tokenizer files present in ``source`` into ``destination``; returns their names."""
-    copied = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    copied = [name for name in HF_TOKENIZER_FILES if (Path(source) / name).is_file()]  # copied through unchanged
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(destination) / name)
     return copied
