@@ -192,12 +192,13 @@ def test_one_call_iterations_of_q_exit_and_fixed_rows_equal_the_reference(thread
     assert scheduler.mixed_depth_iterations > 0
 
 
+@pytest.mark.parametrize("chunk", [4, 64])
 @pytest.mark.parametrize("layout", ["last_exited", "full", "last", "first", "avg", "modulo"])
 @pytest.mark.parametrize("shape", [dict(), dict(n_prelude_layers=1, n_coda_layers=1), dict(step_norm=True)],
                          ids=["plain", "prelude-coda", "step-norm"])
-def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape):
-    """A small model's prompt goes into its cache row through the C rows (positions as rows, in
-    chunks of the cache's batch, each step's layout rules applied by the row's view): the K/V of
+def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape, chunk):
+    """A small model's prompt goes into its cache row through the C rows (positions as rows,
+    ``chunk`` a call, each step's layout rules applied by the row's view): the K/V of
     every step and group, and the last position's readout after every step, equal the model's
     forward into the same row — also when the prompt runs fewer steps than the cache is deep."""
     model = well_conditioned(tiny_config(loop_steps=4, n_kv_heads=2, **shape), 3)
@@ -208,15 +209,39 @@ def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape)
         with torch.no_grad():
             output = model(torch.tensor([prompt]), steps=steps, cache=view)
         expected = [readout[0, -1:] for readout in output.hidden_states]
-        cache = KVCache(model.config, 4, 24, 4, layout=layout)  # a batch of 4 rows: chunks of 4 positions
+        cache = KVCache(model.config, 4, 24, 4, layout=layout)
         stepper = NativeRowsStepper(model, cache)
         assert stepper.prefills_rows(len(prompt))
+        stepper.prefill_chunk = chunk  # 4: three calls a step, the last part-full; 64: one
         with torch.no_grad():
             readouts = stepper.prefill_rows(prompt, 2, steps, cache.row(2))
         for got, want in zip(readouts, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.keys, expected_cache.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cache.values, expected_cache.values, atol=1e-4, rtol=1e-4)
+
+
+def test_which_prompts_the_c_rows_prefill(monkeypatch):
+    """Where the kernel multiplies float32 rows four by four, a prompt that fits one call, or whose
+    tokens × core bytes per loop step are within ``ROWS_PREFILL_WORK``, goes to the C rows, longer
+    ones to the torch forward; quantised layers, and a kernel without those products, keep the
+    small-model rule (``ROWS_PREFILL_BYTES``)."""
+    from looplm.kernels import native_stepper
+
+    model = well_conditioned(tiny_config(loop_steps=2), 3)
+    stepper = NativeRowsStepper(model, KVCache(model.config, 2, 64, 2))
+    assert stepper.float32_layers and stepper.prefill_chunk == native_stepper.PREFILL_ROWS
+    stepper.rows_f32, stepper.token_step_bytes = True, 2**30  # a large model
+    assert stepper.prefills_rows(stepper.prefill_chunk) and not stepper.prefills_rows(stepper.prefill_chunk + 1)
+    stepper.token_step_bytes = 2**20
+    longest = native_stepper.ROWS_PREFILL_WORK // 2**20
+    assert stepper.prefills_rows(longest) and not stepper.prefills_rows(longest + 1)
+    stepper.rows_f32 = False  # the small-model rule, whatever the prompt's length
+    assert stepper.prefills_rows(10**6)
+    stepper.token_step_bytes = native_stepper.ROWS_PREFILL_BYTES + 1
+    assert not stepper.prefills_rows(1)
+    quantised = NativeRowsStepper(quantize_model(model), KVCache(model.config, 2, 64, 2))
+    assert not quantised.float32_layers and not quantised.rows_f32
 
 
 @settings(max_examples=60, deadline=None)

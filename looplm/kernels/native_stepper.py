@@ -28,14 +28,21 @@ from looplm.bf16 import Bf16Linear
 from looplm.cache import KVCache
 from looplm.kernels import ops
 from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
-from looplm.kernels.build import load_kernel, unavailable_reason
+from looplm.kernels.build import load_kernel, simd_paths, unavailable_reason
 from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
-# A batched cache's prompt is prefilled through the C rows (``NativeRowsStepper.prefill_rows``)
-# when a loop step's core weights are at most this many bytes: a small model's torch forward costs
-# milliseconds of dispatch, the C rows a few hundred microseconds (larger models: torch's GEMMs).
+# A batched cache's prompt is prefilled through the C rows (``NativeRowsStepper.prefill_rows``),
+# ``PREFILL_ROWS`` positions a call, when the C rows beat the model's torch forward: its fixed
+# cost is milliseconds of dispatch, which a long prompt on a large model amortises and then wins
+# by its GEMMs.  Where the kernel multiplies float32 rows four by four (AVX-512), a prompt that
+# fits one call, or whose tokens × a loop step's core weight bytes are at most
+# ``ROWS_PREFILL_WORK``, goes to the C rows (measured, d 64-1024: a 64-token prompt 1.1-2.8×
+# faster, a 512-token prompt on d 256 1.3× slower); elsewhere only a model whose loop step's core
+# weights are at most ``ROWS_PREFILL_BYTES``.
+PREFILL_ROWS = 64
+ROWS_PREFILL_WORK = 800 * 2**20
 ROWS_PREFILL_BYTES = 4 * 2**20
 # A prompt whose token-by-token pass reads at most this many bytes of core weights is prefilled
 # by the kernel (``Decoder.prefill``): for a small model that beats a batched torch forward,
@@ -100,6 +107,7 @@ class NativeStepper:
         self.dims = Dims(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden,
                          cache.max_len, config.norm_eps)
         self._keep: list[torch.Tensor] = []  # every tensor whose address the kernel holds
+        self.float32_layers = True  # every projection of every layer float32 (``_layers`` says)
         self.prelude = [self._layers(model.prelude, "prelude", 0)]
         self.core = [self._layers(model.core, "core", step) for step in range(cache.max_steps)]
         self.coda = [self._layers(model.coda, "coda", step) for step in range(cache.max_steps)]
@@ -158,6 +166,9 @@ class NativeStepper:
             return None
         packed = (Layer * len(layers))()
         for index, layer in enumerate(layers):
+            self.float32_layers &= not any(isinstance(module, (Int8Linear, Bf16Linear)) for module in
+                                           (layer.attn.qkv, layer.attn.out, layer.ffn.gate_up, layer.ffn.down))
+
             def weight(module):
                 return _pointer(self._keep_tensor(module.weight)) if hasattr(module, "weight") else None
 
@@ -288,8 +299,11 @@ class NativeRowsStepper(NativeStepper):
         # a score row per thread, for up to ``scratch_threads`` threads (``threads`` is public: calls
         # take the smaller)
         self.scratch_threads = max(64, torch.get_num_threads())
+        self.prefill_chunk = PREFILL_ROWS  # a prompt's positions per C call (``prefill_rows``)
         self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
-            ctypes.byref(self.dims), cache.batch_size, self.scratch_threads))
+            ctypes.byref(self.dims), max(cache.batch_size, self.prefill_chunk), self.scratch_threads))
+        # float32 layers on a kernel whose batched products take four rows at a time
+        self.rows_f32 = self.float32_layers and simd_paths().get("rows_f32") == "avx512"
 
         def steps(packed):
             return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
@@ -352,16 +366,18 @@ class NativeRowsStepper(NativeStepper):
         return list(done), logits[:finished], best[:finished], top[:finished]
 
     def prefills_rows(self, length: int) -> bool:
-        """Whether ``prefill_rows`` prefills a prompt (a small model: see ``ROWS_PREFILL_BYTES``)."""
+        """Whether ``prefill_rows`` prefills a prompt of ``length`` tokens (see ``PREFILL_ROWS``)."""
+        if self.rows_f32:
+            return length <= self.prefill_chunk or length * self.token_step_bytes <= ROWS_PREFILL_WORK
         return self.token_step_bytes <= ROWS_PREFILL_BYTES
 
     def prefill_rows(self, prompt: list[int], slot: int, steps: int, view) -> list[torch.Tensor]:
         """The model's forward over ``prompt`` into cache row ``slot`` at full depth (``steps``
-        steps), its positions as rows of that cache row (a chunk of rows per call, in order, so a
-        position attends to the keys before it at the same step); ``view`` (the cache's row,
+        steps), its positions as rows of that cache row (``prefill_chunk`` rows per call, in order,
+        so a position attends to the keys before it at the same step); ``view`` (the cache's row,
         ``KVCache.row``) applies the layout's rules after each step and at the end, as the forward
         does.  Returns the last position's readout after every step, each [1, D]."""
-        count, chunk = len(prompt), self.cache.batch_size
+        count, chunk = len(prompt), self.prefill_chunk
         positions = list(range(count))
 
         def run(stage: str, h: torch.Tensor, step: int, final_norm: bool) -> None:
