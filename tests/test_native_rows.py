@@ -221,27 +221,25 @@ def test_a_prompt_prefilled_through_the_c_rows_equals_the_forward(layout, shape,
         torch.testing.assert_close(cache.values, expected_cache.values, atol=1e-4, rtol=1e-4)
 
 
-def test_which_prompts_the_c_rows_prefill(monkeypatch):
-    """Where the kernel multiplies float32 rows four by four, a prompt that fits one call, or whose
-    tokens × core bytes per loop step are within ``ROWS_PREFILL_WORK``, goes to the C rows, longer
-    ones to the torch forward; quantised layers, and a kernel without those products, keep the
-    small-model rule (``ROWS_PREFILL_BYTES``)."""
+def test_which_prompts_the_c_rows_prefill():
+    """A prompt that fits one C call goes to the C rows where the kernel has SIMD products, longer
+    ones to the torch forward; layers in other forms than float32 only on a small model
+    (``ROWS_PREFILL_BYTES``), and a scalar kernel never."""
     from looplm.kernels import native_stepper
 
     model = well_conditioned(tiny_config(loop_steps=2), 3)
     stepper = NativeRowsStepper(model, KVCache(model.config, 2, 64, 2))
     assert stepper.float32_layers and stepper.prefill_chunk == native_stepper.PREFILL_ROWS
-    stepper.rows_f32, stepper.token_step_bytes = True, 2**30  # a large model
+    stepper.simd, stepper.token_step_bytes = True, 2**30  # a large model
     assert stepper.prefills_rows(stepper.prefill_chunk) and not stepper.prefills_rows(stepper.prefill_chunk + 1)
-    stepper.token_step_bytes = 2**20
-    longest = native_stepper.ROWS_PREFILL_WORK // 2**20
-    assert stepper.prefills_rows(longest) and not stepper.prefills_rows(longest + 1)
-    stepper.rows_f32 = False  # the small-model rule, whatever the prompt's length
-    assert stepper.prefills_rows(10**6)
-    stepper.token_step_bytes = native_stepper.ROWS_PREFILL_BYTES + 1
+    stepper.float32_layers = False
+    assert not stepper.prefills_rows(1)
+    stepper.token_step_bytes = native_stepper.ROWS_PREFILL_BYTES
+    assert stepper.prefills_rows(1)
+    stepper.simd = False
     assert not stepper.prefills_rows(1)
     quantised = NativeRowsStepper(quantize_model(model), KVCache(model.config, 2, 64, 2))
-    assert not quantised.float32_layers and not quantised.rows_f32
+    assert not quantised.float32_layers
 
 
 @settings(max_examples=60, deadline=None)

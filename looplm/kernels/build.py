@@ -258,9 +258,7 @@ def unavailable_reason() -> str | None:
 def simd_paths() -> dict[str, str]:
     """Which SIMD path each projection form of the loaded kernel was compiled to: ``f32``
     (float32 and Q8_0 with float input), ``bf16`` and ``q8_int8`` (Q8_0 × Q8_0) map to
-    ``avx2``, ``avx512_bf16``, ``avx512_vnni``, ``avx_vnni`` or ``scalar``, and ``rows_f32`` (float32
-    products of several input rows: ``avx512``, four by four, or the ``f32`` path one row at a time);
-    empty without a kernel."""
+    ``avx2``, ``avx512_bf16``, ``avx512_vnni``, ``avx_vnni`` or ``scalar``; empty without a kernel."""
     library = load_kernel()
     if library is None:
         return {}

@@ -33,16 +33,12 @@ from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
-# A batched cache's prompt is prefilled through the C rows (``NativeRowsStepper.prefill_rows``),
-# ``PREFILL_ROWS`` positions a call, when the C rows beat the model's torch forward: its fixed
-# cost is milliseconds of dispatch, which a long prompt on a large model amortises and then wins
-# by its GEMMs.  Where the kernel multiplies float32 rows four by four (AVX-512), a prompt that
-# fits one call, or whose tokens × a loop step's core weight bytes are at most
-# ``ROWS_PREFILL_WORK``, goes to the C rows (measured, d 64-1024: a 64-token prompt 1.1-2.8×
-# faster, a 512-token prompt on d 256 1.3× slower); elsewhere only a model whose loop step's core
-# weights are at most ``ROWS_PREFILL_BYTES``.
+# A batched cache's prompt of at most ``PREFILL_ROWS`` tokens is prefilled through the C rows
+# (``NativeRowsStepper.prefill_rows``: one call per stage and loop step) where the kernel has SIMD
+# products, for float32 layers or, in other forms, a loop step's core weights of at most
+# ``ROWS_PREFILL_BYTES``.  The model's torch forward pays milliseconds of dispatch per prompt and
+# wins by its GEMMs only on longer prompts (``benchmarks/prefill_paths.py``).
 PREFILL_ROWS = 64
-ROWS_PREFILL_WORK = 800 * 2**20
 ROWS_PREFILL_BYTES = 4 * 2**20
 # A prompt whose token-by-token pass reads at most this many bytes of core weights is prefilled
 # by the kernel (``Decoder.prefill``): for a small model that beats a batched torch forward,
@@ -302,8 +298,7 @@ class NativeRowsStepper(NativeStepper):
         self.prefill_chunk = PREFILL_ROWS  # a prompt's positions per C call (``prefill_rows``)
         self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
             ctypes.byref(self.dims), max(cache.batch_size, self.prefill_chunk), self.scratch_threads))
-        # float32 layers on a kernel whose batched products take four rows at a time
-        self.rows_f32 = self.float32_layers and simd_paths().get("rows_f32") == "avx512"
+        self.simd = simd_paths().get("f32", "scalar") != "scalar"
 
         def steps(packed):
             return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
@@ -367,9 +362,8 @@ class NativeRowsStepper(NativeStepper):
 
     def prefills_rows(self, length: int) -> bool:
         """Whether ``prefill_rows`` prefills a prompt of ``length`` tokens (see ``PREFILL_ROWS``)."""
-        if self.rows_f32:
-            return length <= self.prefill_chunk or length * self.token_step_bytes <= ROWS_PREFILL_WORK
-        return self.token_step_bytes <= ROWS_PREFILL_BYTES
+        return (self.simd and length <= self.prefill_chunk
+                and (self.float32_layers or self.token_step_bytes <= ROWS_PREFILL_BYTES))
 
     def prefill_rows(self, prompt: list[int], slot: int, steps: int, view) -> list[torch.Tensor]:
         """The model's forward over ``prompt`` into cache row ``slot`` at full depth (``steps``

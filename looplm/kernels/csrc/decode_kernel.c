@@ -202,12 +202,9 @@ void looplm_project(const Projection *p, const float *x, float *y, int rows, int
 }
 
 /* Which SIMD path each projection form was compiled to, e.g. "f32=avx2 bf16=avx512_bf16
- * q8_int8=avx512_vnni rows_f32=avx512" ("scalar" where none; rows_f32: float32 products of several
- * input rows, four by four where AVX-512 is, else one row at a time): the host's -march=native
- * decides at build time. */
+ * q8_int8=avx512_vnni" ("scalar" where none): the host's -march=native decides at build time. */
 const char *looplm_simd_paths(void) {
-    return "f32=" LOOPLM_PATH_F32 " bf16=" LOOPLM_PATH_BF16 " q8_int8=" LOOPLM_PATH_Q8_INT8
-           " rows_f32=" LOOPLM_PATH_ROWS_F32;
+    return "f32=" LOOPLM_PATH_F32 " bf16=" LOOPLM_PATH_BF16 " q8_int8=" LOOPLM_PATH_Q8_INT8;
 }
 
 /* out = rms_norm(x) · w (w NULL: no weight); out may alias x. */

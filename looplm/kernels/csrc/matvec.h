@@ -41,11 +41,6 @@
 #else
 #define LOOPLM_PATH_F32 "scalar"
 #endif
-#if defined(__AVX512F__)
-#define LOOPLM_PATH_ROWS_F32 "avx512"  /* project_batch's four-by-four float32 products */
-#else
-#define LOOPLM_PATH_ROWS_F32 LOOPLM_PATH_F32
-#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define LOOPLM_BF16_NATIVE 1
 #define LOOPLM_PATH_BF16 "avx512_bf16"
