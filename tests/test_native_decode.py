@@ -184,10 +184,11 @@ def test_one_call_token_loop_equals_the_per_step_path(tiny_model, policy):
 
 
 @pytest.mark.parametrize("policy", [FixedSteps(), QExit(0.5)], ids=["static", "q"])
-def test_short_prompts_prefill_token_by_token_in_the_kernel_like_the_forward(tiny_model, policy, monkeypatch):
-    """A short prompt of a small model is prefilled by the kernel one token at a time at full
-    depth: the same logits, exit decision and cache contents as the batched forward prefill
-    (which runs when the prompt is over ``NATIVE_PREFILL_BYTES``), and the same decoded tokens."""
+def test_a_prompt_prefilled_in_the_kernel_equals_the_forward(tiny_model, policy, monkeypatch):
+    """A batch-1 prompt is prefilled through the C rows (at most ``PREFILL_ROWS`` tokens, its
+    positions as rows), else by the kernel one token at a time (a small model's short prompt, within
+    ``NATIVE_PREFILL_BYTES``), else by the model's batched forward: each gives the same logits, exit
+    decision and cache contents, and the same decoded tokens."""
     if build.load_kernel() is None:
         pytest.skip(build.unavailable_reason())
     from looplm.kernels import native_stepper
@@ -196,19 +197,22 @@ def test_short_prompts_prefill_token_by_token_in_the_kernel_like_the_forward(tin
     prompt = torch.randint(0, 64, (1, 9))
     decoders = {}
     with torch.no_grad():
-        for name, budget in (("kernel", native_stepper.NATIVE_PREFILL_BYTES), ("forward", 0)):
+        for name, budget, rows in (("rows", 0, 64), ("tokens", native_stepper.NATIVE_PREFILL_BYTES, 0),
+                                   ("forward", 0, 0)):
             monkeypatch.setattr(native_stepper, "NATIVE_PREFILL_BYTES", budget)
+            monkeypatch.setattr(native_stepper, "PREFILL_ROWS", rows)
             decoder = Decoder(tiny_model, policy, 32, backend="native")
-            assert decoder.stepper.prefills_tokens(9, policy.max_steps(3)) == (name == "kernel")
+            assert decoder.stepper.prefills_tokens(9, policy.max_steps(3)) == (name == "tokens")
+            assert decoder.stepper.prefills_rows(9) == (name == "rows")
             logits, steps = decoder.prefill(prompt)
             tokens = [int(logits.argmax())]
             for _ in range(6):
                 logits, _ = decoder.step(tokens[-1])
                 tokens.append(int(logits.argmax()))
             decoders[name] = (decoder, logits, steps, tokens)
-    (kernel, kernel_logits, kernel_steps, kernel_tokens), (forward, forward_logits, forward_steps, forward_tokens) = \
-        decoders["kernel"], decoders["forward"]
-    assert kernel_steps == forward_steps and kernel_tokens == forward_tokens
-    torch.testing.assert_close(kernel_logits, forward_logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(kernel.cache.keys, forward.cache.keys, rtol=0, atol=1e-5)
-    torch.testing.assert_close(kernel.cache.values, forward.cache.values, rtol=0, atol=1e-5)
+    forward, forward_logits, forward_steps, forward_tokens = decoders.pop("forward")
+    for decoder, logits, steps, tokens in decoders.values():
+        assert steps == forward_steps and tokens == forward_tokens
+        torch.testing.assert_close(logits, forward_logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(decoder.cache.keys, forward.cache.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(decoder.cache.values, forward.cache.values, rtol=0, atol=1e-5)

@@ -33,16 +33,16 @@ from looplm.quant import Int8Linear
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
-# A batched cache's prompt of at most ``PREFILL_ROWS`` tokens is prefilled through the C rows
-# (``NativeRowsStepper.prefill_rows``: one call per stage and loop step) where the kernel has SIMD
+# A prompt of at most ``PREFILL_ROWS`` tokens (a batch's or batch 1's) is prefilled through the C
+# rows (``NativeStepper.prefill_rows``: one call per stage and loop step) where the kernel has SIMD
 # products, for float32 layers or, in other forms, a loop step's core weights of at most
 # ``ROWS_PREFILL_BYTES``.  The model's torch forward pays milliseconds of dispatch per prompt and
 # wins by its GEMMs only on longer prompts (``benchmarks/prefill_paths.py``).
 PREFILL_ROWS = 64
 ROWS_PREFILL_BYTES = 4 * 2**20
-# A prompt whose token-by-token pass reads at most this many bytes of core weights is prefilled
-# by the kernel (``Decoder.prefill``): for a small model that beats a batched torch forward,
-# whose fixed cost is milliseconds, and leaves the weights warm in cache for decoding.
+# Otherwise a batch-1 prompt whose token-by-token pass reads at most this many bytes of core
+# weights is prefilled by the kernel token by token (``prefill_tokens``): for a small model that
+# beats a batched torch forward, whose fixed cost is milliseconds.
 NATIVE_PREFILL_BYTES = 32 * 2**20
 
 
@@ -84,7 +84,8 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 class NativeStepper:
-    """One row's token through prelude, core steps, coda, gate and head in the C kernel."""
+    """One row's token through prelude, core steps, coda, gate and head in the C kernel; its prompt
+    through the C rows (``prefill_rows``: the prompt's positions as rows, as a batch's rows run)."""
 
     whole_token_layouts = ("last_exited",)
     unsupported = staticmethod(native_unsupported)
@@ -137,8 +138,24 @@ class NativeStepper:
         self._gate_address = self.gate_weight.data_ptr() if self.gate_weight is not None else None
         self.best = ctypes.c_int(0)  # exit_loop's argmax of the logits (with logits=True)
         self._best_address = ctypes.addressof(self.best)
-        self._steps = (ctypes.POINTER(Layer) * len(self.core))(
-            *[ctypes.cast(packed, ctypes.POINTER(Layer)) for packed in self.core]) if self.core[0] is not None else None
+        # ``looplm_rows_layers`` (a prompt's prefill here; every iteration of a batch's rows in
+        # NativeRowsStepper): the per-step arrays of each stage's layers and one cache row's floats
+        # in a slot's storage [B, Hkv, max_len, hd]
+        def steps(packed):
+            return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
+                                                          for layers in packed]) if packed[0] is not None else None
+
+        self._step_arrays = {"prelude": steps(self.prelude), "core": steps(self.core), "coda": steps(self.coda)}
+        self._steps = self._step_arrays["core"]  # exit_loop's
+        self._counts = {"prelude": config.n_prelude_layers, "core": config.n_core_layers,
+                        "coda": config.n_coda_layers}
+        self.slot_floats = cache.store("core" if model.core else "coda", 0, 0)[0].stride(0)
+        # a score row per thread, for up to ``scratch_threads`` threads (``threads`` is public: calls
+        # take the smaller); the rows' scratch is made for the most rows a call has asked for
+        self.scratch_threads = max(64, torch.get_num_threads())
+        self.rows_scratch, self._scratch_rows = None, 0
+        self.prefill_chunk = PREFILL_ROWS  # a prompt's positions per C call (``prefill_rows``)
+        self.simd = simd_paths().get("f32", "scalar") != "scalar"
         self._token_loop = None  # ``whole_token``'s fixed arguments, for the plain loop without a prelude
         self.whole_token = None
         if self.fuses_exit_loop and self.prelude[0] is None:
@@ -277,6 +294,75 @@ class NativeStepper:
         return self.logits_buffer.clone().view(1, -1)
 
 
+    def _scratch(self, rows: int) -> torch.Tensor:
+        """``looplm_rows_layers``' scratch for ``rows`` rows (made anew when a call needs more)."""
+        if rows > self._scratch_rows:
+            self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
+                ctypes.byref(self.dims), rows, self.scratch_threads))
+            self._scratch_rows = rows
+        return self.rows_scratch
+
+    def _run_rows(self, stage: str, h: torch.Tensor, slots: list[int], steps: list[int], positions: list[int],
+                  final_norm: bool, threads: int | None = None) -> None:
+        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place), row r at
+        cache row ``slots[r]``, loop step ``steps[r]`` (the prelude's one slot: step 0) and
+        position ``positions[r]``, on ``threads`` threads (default ``self.threads``)."""
+        count = len(slots)
+        ints = ctypes.c_int * count
+        steps = [0] * count if stage == "prelude" else steps
+        dims, cos, sin, _, norm = self._addresses
+        self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(), None,
+                                       ints(*steps), ints(*slots), ints(*positions), self.slot_floats,
+                                       cos, sin, self._scratch(count).data_ptr(), norm if final_norm else None,
+                                       min(threads or self.threads, self.scratch_threads))
+
+    def prefills_rows(self, length: int) -> bool:
+        """Whether ``prefill_rows`` prefills a prompt of ``length`` tokens (see ``PREFILL_ROWS``)."""
+        return (self.simd and length <= self.prefill_chunk
+                and (self.float32_layers or self.token_step_bytes <= ROWS_PREFILL_BYTES))
+
+    def prefill_rows(self, prompt: list[int], slot: int, steps: int, view) -> list[torch.Tensor]:
+        """The model's forward over ``prompt`` into cache row ``slot`` at full depth (``steps``
+        steps), its positions as rows of that cache row (``prefill_chunk`` rows per call, in order,
+        so a position attends to the keys before it at the same step); ``view`` (the cache's row,
+        ``KVCache.row``) applies the layout's rules after each step and at the end, as the forward
+        does.  Returns the last position's readout after every step, each [1, D]."""
+        count, chunk = len(prompt), self.prefill_chunk
+        threads = decode_threads(self.layer_bytes * min(count, chunk))  # a row's work per weight byte read
+        positions = list(range(count))
+
+        def run(stage: str, h: torch.Tensor, step: int, final_norm: bool) -> None:
+            for start in range(0, count, chunk):
+                end = min(start + chunk, count)
+                self._run_rows(stage, h[start:end], [slot] * (end - start), [step] * (end - start),
+                               positions[start:end], final_norm, threads)
+
+        e = self.embedding.index_select(0, torch.tensor(prompt))
+        if self._step_arrays["prelude"] is not None:
+            run("prelude", e, 0, False)
+        h, readouts = e.clone(), []
+        for step in range(steps):
+            run("core", h, step, self.config.step_norm)
+            if self._step_arrays["coda"] is not None:
+                readout = h.clone()
+                run("coda", readout, step, True)
+                readouts.append(readout[-1:])
+            elif self.config.step_norm:
+                readouts.append(h[-1:].clone())
+            else:
+                readouts.append(torch.rms_norm(h[-1:], (self.config.d_model,), self.norm, self.config.norm_eps))
+            view.after_step(step, 0, count)
+        view.finish(0, count, steps)
+        return readouts
+
+    def q_exit_replay(self, readouts: torch.Tensor, min_steps: int, threshold: float) -> int:
+        """The step a prefilled prompt's last token exits at by Q-exit, from its readouts after
+        every step [S, D] (``looplm_q_exit_replay``: the decision ``exit_step`` makes); S where no
+        earlier step exits."""
+        readouts = readouts.contiguous()
+        return self.kernel.looplm_q_exit_replay(readouts.data_ptr(), readouts.shape[0], self.config.d_model,
+                                                self._gate_address, self.gate_bias, min_steps, threshold)
+
 class NativeRowsStepper(NativeStepper):
     """The rows of a batched cache through the same C layers: each core, prelude or coda run of
     every row in one ``looplm_rows_layers`` call, whatever loop step and position each row is at
@@ -290,23 +376,7 @@ class NativeRowsStepper(NativeStepper):
         config = self.config
         self.threads = decode_threads(self.layer_bytes * cache.batch_size)  # a row's work per weight byte read
         self.whole_token = None
-        keys = cache.store("core" if model.core else "coda", 0, 0)[0]
-        self.slot_floats = keys.stride(0)  # one cache row of a slot's storage [B, Hkv, max_len, hd]
-        # a score row per thread, for up to ``scratch_threads`` threads (``threads`` is public: calls
-        # take the smaller)
-        self.scratch_threads = max(64, torch.get_num_threads())
-        self.prefill_chunk = PREFILL_ROWS  # a prompt's positions per C call (``prefill_rows``)
-        self.rows_scratch = torch.zeros(self.kernel.looplm_rows_scratch_floats(
-            ctypes.byref(self.dims), max(cache.batch_size, self.prefill_chunk), self.scratch_threads))
-        self.simd = simd_paths().get("f32", "scalar") != "scalar"
-
-        def steps(packed):
-            return (ctypes.POINTER(Layer) * len(packed))(*[ctypes.cast(layers, ctypes.POINTER(Layer))
-                                                          for layers in packed]) if packed[0] is not None else None
-
-        self._step_arrays = {"prelude": steps(self.prelude), "core": steps(self.core), "coda": steps(self.coda)}
-        self._counts = {"prelude": config.n_prelude_layers, "core": config.n_core_layers,
-                        "coda": config.n_coda_layers}
+        self._scratch(cache.batch_size)
         self.gate_projection = Projection(weights=self.gate_weight.data_ptr()) if self.gate_weight is not None else None
         # ``exit_step``: a whole iteration of Q-exit / fixed-depth rows in one C call (no coda: the
         # readout is the step's state, normed), for the layouts in ``exit_step_layouts``.
@@ -317,20 +387,6 @@ class NativeRowsStepper(NativeStepper):
         # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
         self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
         self._panels_address = self.head_panels.data_ptr() if self.head_panels is not None else None
-
-    def _run_rows(self, stage: str, h: torch.Tensor, slots: list[int], steps: list[int], positions: list[int],
-                  final_norm: bool) -> None:
-        """``looplm_rows_layers``: the stage's layers on every row of h [R, D] (in place), row r at
-        cache row ``slots[r]``, loop step ``steps[r]`` (the prelude's one slot: step 0) and
-        position ``positions[r]``."""
-        count = len(slots)
-        ints = ctypes.c_int * count
-        steps = [0] * count if stage == "prelude" else steps
-        dims, cos, sin, _, norm = self._addresses
-        self.kernel.looplm_rows_layers(dims, self._step_arrays[stage], self._counts[stage], count, h.data_ptr(), None,
-                                       ints(*steps), ints(*slots), ints(*positions), self.slot_floats,
-                                       cos, sin, self.rows_scratch.data_ptr(), norm if final_norm else None,
-                                       min(self.threads, self.scratch_threads))
 
     exit_step_layouts = ("last_exited",)
 
@@ -359,52 +415,6 @@ class NativeRowsStepper(NativeStepper):
             self._panels_address, vocab, logits.data_ptr(), best, top, ints(*tokens), self._embedding_address,
             inputs.data_ptr(), min(self.threads, self.scratch_threads))
         return list(done), logits[:finished], best[:finished], top[:finished]
-
-    def prefills_rows(self, length: int) -> bool:
-        """Whether ``prefill_rows`` prefills a prompt of ``length`` tokens (see ``PREFILL_ROWS``)."""
-        return (self.simd and length <= self.prefill_chunk
-                and (self.float32_layers or self.token_step_bytes <= ROWS_PREFILL_BYTES))
-
-    def prefill_rows(self, prompt: list[int], slot: int, steps: int, view) -> list[torch.Tensor]:
-        """The model's forward over ``prompt`` into cache row ``slot`` at full depth (``steps``
-        steps), its positions as rows of that cache row (``prefill_chunk`` rows per call, in order,
-        so a position attends to the keys before it at the same step); ``view`` (the cache's row,
-        ``KVCache.row``) applies the layout's rules after each step and at the end, as the forward
-        does.  Returns the last position's readout after every step, each [1, D]."""
-        count, chunk = len(prompt), self.prefill_chunk
-        positions = list(range(count))
-
-        def run(stage: str, h: torch.Tensor, step: int, final_norm: bool) -> None:
-            for start in range(0, count, chunk):
-                end = min(start + chunk, count)
-                self._run_rows(stage, h[start:end], [slot] * (end - start), [step] * (end - start),
-                               positions[start:end], final_norm)
-
-        e = self.embedding.index_select(0, torch.tensor(prompt))
-        if self._step_arrays["prelude"] is not None:
-            run("prelude", e, 0, False)
-        h, readouts = e.clone(), []
-        for step in range(steps):
-            run("core", h, step, self.config.step_norm)
-            if self._step_arrays["coda"] is not None:
-                readout = h.clone()
-                run("coda", readout, step, True)
-                readouts.append(readout[-1:])
-            elif self.config.step_norm:
-                readouts.append(h[-1:].clone())
-            else:
-                readouts.append(torch.rms_norm(h[-1:], (self.config.d_model,), self.norm, self.config.norm_eps))
-            view.after_step(step, 0, count)
-        view.finish(0, count, steps)
-        return readouts
-
-    def q_exit_replay(self, readouts: torch.Tensor, min_steps: int, threshold: float) -> int:
-        """The step a prefilled prompt's last token exits at by Q-exit, from its readouts after
-        every step [S, D] (``looplm_q_exit_replay``: the decision ``exit_step`` makes); S where no
-        earlier step exits."""
-        readouts = readouts.contiguous()
-        return self.kernel.looplm_q_exit_replay(readouts.data_ptr(), readouts.shape[0], self.config.d_model,
-                                                self._gate_address, self.gate_bias, min_steps, threshold)
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))
