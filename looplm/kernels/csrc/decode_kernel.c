@@ -422,12 +422,15 @@ static void rows_head_part(const Projection *p, const float *panels, const float
     project_batch(p, X, R, cols, Y, rows, cols, begin, end);
 }
 
+/* Row r of Y [R, rows]: best[r] = the index of its first largest value, top[r] (top not NULL) that value. */
+static inline void row_best(const float *Y, int r, int rows, int *best, float *top) {
+    best[r] = vector_argmax(Y + (size_t)r * rows, rows);
+    if (top) top[r] = Y[(size_t)r * rows + best[r]];
+}
+
 /* looplm_rows_head's argmax and top of rows [0, R) by the calling thread alone. */
 static void rows_best(const float *Y, int R, int rows, int *best, float *top) {
-    for (int r = 0; r < R; r++) {
-        best[r] = vector_argmax(Y + (size_t)r * rows, rows);
-        if (top) top[r] = Y[(size_t)r * rows + best[r]];
-    }
+    for (int r = 0; r < R; r++) row_best(Y, r, rows, best, top);
 }
 
 /* Y [R, rows] = X [R, cols] · Wᵀ for a projection W [rows, cols] in any form (the LM head or the
@@ -449,10 +452,7 @@ void looplm_rows_head(const Projection *p, const float *panels, const float *X, 
         #pragma omp barrier
         if (best) {
             #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++) {
-                best[r] = vector_argmax(Y + (size_t)r * rows, rows);
-                if (top) top[r] = Y[(size_t)r * rows + best[r]];
-            }
+            for (int r = 0; r < R; r++) row_best(Y, r, rows, best, top);
         }
     }
 }
