@@ -293,7 +293,6 @@ class NativeStepper:
                                    self.threads)
         return self.logits_buffer.clone().view(1, -1)
 
-
     def _scratch(self, rows: int) -> torch.Tensor:
         """``looplm_rows_layers``' scratch for ``rows`` rows (made anew when a call needs more)."""
         if rows > self._scratch_rows:
@@ -362,6 +361,7 @@ class NativeStepper:
         readouts = readouts.contiguous()
         return self.kernel.looplm_q_exit_replay(readouts.data_ptr(), readouts.shape[0], self.config.d_model,
                                                 self._gate_address, self.gate_bias, min_steps, threshold)
+
 
 class NativeRowsStepper(NativeStepper):
     """The rows of a batched cache through the same C layers: each core, prelude or coda run of
