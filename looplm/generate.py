@@ -185,10 +185,11 @@ class StreamedText:
     character across tokens, a tokenizer dropping the leading space of a decode's first word."""
 
     tokenizer: object
-    text: str = ""     # handed out so far
-    pending: str = ""  # decoded beyond it but not handed out (ends in an unfinished character)
+    text: str = ""     # decoded, whole characters
+    pending: str = ""  # decoded beyond it (ends in an unfinished character)
     window: int = 0
     read: int = 0
+    given: int = 0     # characters of ``text`` handed out (``record_token`` holds back a possible stop string)
 
     def push(self, ids: Sequence[int]) -> str:
         before = self.tokenizer.decode(ids[self.window:self.read])
@@ -202,25 +203,44 @@ class StreamedText:
         return piece
 
 
+def stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could begin one of ``stops`` (the longest end of
+    ``text`` that is a proper start of a stop string): the part a stream holds back."""
+    if not text:
+        return 0
+    longest, last = 0, text[-1]
+    for stop in stops:
+        end = stop.rfind(last, 0, len(stop) - 1)  # stop[:end + 1] ends as text does
+        while end + 1 > longest:
+            if text.endswith(stop[:end + 1]):
+                longest = end + 1
+                break
+            end = stop.rfind(last, 0, end)
+    return longest
+
+
 def record_token(result: Generation, token: int, steps: int, streamed: StreamedText | None,
                  stop_strings: Sequence[str]) -> str:
     """Append ``token`` (decided in ``steps`` loop steps) to ``result``, update its text, and return
-    the new text to hand out ("" while a multi-byte character is unfinished).  A completed stop
-    string ends ``result`` before it."""
+    the new text to hand out: "" while a multi-byte character is unfinished, and without an end that
+    could begin a stop string (handed out once the text goes on otherwise, or when the generation
+    ends: ``BatchSession._finish``).  A completed stop string ends ``result`` before it."""
     result.ids.append(token)
     result.steps.append(steps)
     if streamed is None:
         return ""
-    emitted = streamed.text
-    piece = streamed.push(result.ids)
+    given = streamed.given
+    streamed.push(result.ids)
     text = streamed.text + streamed.pending  # the whole decode so far (a stop string may end in it)
     starts = [found for stop in stop_strings
-              if stop and (found := text.find(stop, max(0, len(emitted) - len(stop)))) >= 0]
+              if stop and (found := text.find(stop, max(0, given - len(stop)))) >= 0]
     if starts:
         result.text, result.stop_reason = text[:min(starts)], "stop_string"
-        return text[len(emitted):min(starts)]
+        streamed.given = max(given, min(starts))
+        return text[given:min(starts)]
     result.text = text
-    return piece
+    streamed.given = max(given, len(streamed.text) - stop_prefix(streamed.text, stop_strings))
+    return text[given:streamed.given]
 
 
 @dataclass(eq=False)
@@ -235,6 +255,7 @@ class Request:
     generator: torch.Generator | None = None
     row: object = None
     streamed: StreamedText | None = None  # its text as it streams (with a tokenizer)
+    held: tuple[int, int, str] | None = None  # its last token (id, steps, text) while part of its text is held back
     cancelled: bool = False          # set by the caller: the request leaves at the next step
     error: LoopLMError | None = None  # why it stopped early (a non-finite readout)
 
@@ -394,8 +415,15 @@ class BatchSession:
             result.stop_reason, result.stop_token_steps = "stop_token", row.steps
             return self._finish(request)
         piece = record_token(result, token, row.steps, request.streamed, settings.stop)
+        if request.held is not None:  # the token before: its text is whole now
+            request.on_token(*request.held)
+            request.held = None
         if request.on_token is not None and (piece or result.stop_reason != "stop_string"):
-            request.on_token(token, row.steps, piece)
+            streamed = request.streamed
+            if streamed is not None and result.stop_reason != "stop_string" and streamed.given < len(streamed.text):
+                request.held = (token, row.steps, piece)  # its end could begin a stop string
+            else:
+                request.on_token(token, row.steps, piece)
         if result.stop_reason == "stop_string" or len(result.ids) >= request.budget:
             return self._finish(request)
         self.scheduler.feed(row, token)
@@ -406,6 +434,10 @@ class BatchSession:
             result.stop_reason = "length" if request.budget == request.limit else "context"
         if self.tokenizer is not None and result.stop_reason != "stop_string":
             result.text = self.tokenizer.decode(result.ids)
+        if request.held is not None:  # what was held back is not a stop string: hand it out with its token
+            token, steps, piece = request.held
+            request.held = None
+            request.on_token(token, steps, piece + result.text[request.streamed.given:])
         self.scheduler.release(request.row)
         del self.requests[request.row.slot]
         self.done.append(request)

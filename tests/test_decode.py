@@ -151,6 +151,41 @@ def test_stop_strings_and_stop_ids():
     assert stopped.stop_reason == "stop_token" and first not in stopped.ids
 
 
+def test_streamed_pieces_hold_back_what_could_begin_a_stop_string():
+    """A stream never hands out the start of a stop string that then completes, and what it held
+    back is handed out (with its token) when the text goes on otherwise or the generation ends:
+    the pieces concatenate to the generation's text, a piece for each token (but the one completing
+    a stop string), however it stops."""
+    from looplm.data.tokenizer import byte_tokenizer
+    from looplm.generate import Generation, stream
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LoopLM(tiny_config(vocab_size=259, max_seq_len=64)).eval()
+    prompt = [tokenizer.bos_id] + tokenizer.encode("hello")
+    free = generate(model, prompt, 30, tokenizer=tokenizer, stop_ids=[])
+    # the longest run of these tokens whose text ends in a one-byte character
+    count = max(size for size in range(2, 31) if tokenizer.decode(free.ids[:size])[-1:].isascii()
+                and tokenizer.decode(free.ids[size - 1:size]).isascii())
+    free = generate(model, prompt, count, tokenizer=tokenizer, stop_ids=[])
+    spans = [index for index in range(1, len(free.text) - 1) if free.text[index:index + 2].isascii()
+             and free.text.find(free.text[index:index + 2]) == index]
+    assert spans and len(free.text) >= 3  # a stop string of two one-byte tokens
+    first = max(index for index in range(1, len(free.ids)) if free.ids[index] not in free.ids[:index])
+    before = tokenizer.decode(free.ids[:first])  # the text when that token comes
+    cases = {"a stop string over two tokens": ([free.text[spans[0]:spans[0] + 2]], []),
+             "the last character could begin one": ([free.text[-1] + "\x01"], []),
+             "a stop id after a held back end": ([before[-1] + "\x01"], [free.ids[first]])}
+    for name, (stops, stop_ids) in cases.items():
+        result = Generation()
+        tokens = list(stream(model, prompt, count, tokenizer=tokenizer, stop_strings=stops, stop_ids=stop_ids,
+                             result=result))
+        assert "".join(token.text for token in tokens) == result.text, name
+        completing = result.stop_reason == "stop_string"  # the token completing it hands out nothing
+        assert [token.id for token in tokens] == result.ids[:len(result.ids) - completing], name
+    assert result.stop_reason == "stop_token" and result.text == before
+
+
 def test_generation_stops_at_the_context_end(tiny_model):
     result = generate(tiny_model, list(range(40)), 100, stop_ids=[])
     assert len(result.ids) == 8 and result.stop_reason == "context"

@@ -113,6 +113,22 @@ def test_stream_concatenates_to_the_plain_response(server, chat):
     assert events[-2]["usage"] == plain["usage"]  # include_usage: a last chunk with no choices
 
 
+def test_a_stream_never_sends_the_start_of_a_stop_string(server):
+    """A stop string that spans tokens: the stream holds back its first characters until it
+    completes (then they are cut), so the pieces concatenate to the plain response's text."""
+    client, _, _ = server
+    body = {"prompt": "a", "max_tokens": 24, "temperature": 0}  # its text ends in a run of "o"
+    free = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    spans = [index for index in range(1, len(free) - 1) if "\ufffd" not in free[index:index + 2]
+             and free.find(free[index:index + 2]) == index]
+    assert spans, free
+    body["stop"] = free[spans[0]:spans[0] + 2]
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["text"] == free[:spans[0]] and plain["finish_reason"] == "stop"
+    events = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(event["choices"][0]["text"] for event in events[:-1]) == plain["text"]
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_tokens(server):
     client, engine, model = server
     prompts = ["a", "the loop", "depth is time", "x y z", "recurrent", "six"]

@@ -17,21 +17,24 @@ WORD = fit_tokenizer("word", TEXTS)[0]
 
 
 def whole_decode_pieces(tokenizer, ids, stops):
-    """The pieces a stream handed out when every token decoded the whole generation."""
-    result, emitted, pieces = Generation(), "", []
+    """The pieces a stream hands out, from decoding the whole generation at every token: the new
+    whole characters, less any end that could begin a stop string (held back until the text goes
+    on otherwise), or up to a stop string found."""
+    result, given, whole, pieces = Generation(), 0, "", []
     for token in ids:
         result.ids.append(token)
         text = tokenizer.decode(result.ids)
-        starts = [found for stop in stops if stop and (found := text.find(stop, max(0, len(emitted) - len(stop)))) >= 0]
+        starts = [found for stop in stops if stop and (found := text.find(stop, max(0, given - len(stop)))) >= 0]
         if starts:
-            pieces.append(text[len(emitted):min(starts)])
+            pieces.append(text[given:min(starts)])
             return pieces, text[:min(starts)], True
-        if text.endswith("\ufffd"):
-            pieces.append("")
-            continue
-        pieces.append(text[len(emitted):])
-        emitted = text
-    return pieces, emitted, False
+        if not text.endswith("\ufffd"):
+            whole = text
+        held = max((size for stop in stops for size in range(1, len(stop)) if whole.endswith(stop[:size])), default=0)
+        end = max(given, len(whole) - held)
+        pieces.append(text[given:end])
+        given = end
+    return pieces, whole, False
 
 
 def streamed_pieces(tokenizer, ids, stops):
@@ -49,14 +52,15 @@ def check(tokenizer, ids, stops):
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.sampled_from(TEXTS), cut=st.integers(0, 60), noise=st.lists(st.integers(3, 258), max_size=4),
-       stops=st.sampled_from([(), ("loop",), ("é",), ("🚀", "x"), ("の",)]))
+       stops=st.sampled_from([(), ("loop",), ("é",), ("🚀", "x"), ("の",), ("oop r", "ee"), ("é v", "テキ")]))
 def test_byte_stream_equals_whole_decodes(text, cut, noise, stops):
     ids = BYTE.encode(text)[cut:] + noise + BYTE.encode(text)[:cut]  # cut characters, stray bytes
     check(BYTE, ids, stops)
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.sampled_from(TEXTS), cut=st.integers(0, 20), stops=st.sampled_from([(), ("loop",), ("é",), ("の",)]))
+@given(text=st.sampled_from(TEXTS), cut=st.integers(0, 20),
+       stops=st.sampled_from([(), ("loop",), ("é",), ("の",), ("loop r", "the l"), ("déjà v",)]))
 def test_bpe_and_word_streams_equal_whole_decodes(text, cut, stops):
     for tokenizer in (BPE, WORD):
         ids = tokenizer.encode(text)
@@ -90,3 +94,14 @@ def test_a_decoder_that_drops_a_leading_space_keeps_its_spaces_in_the_stream():
     for ids in ([0, 1, 2, 4], [1, 3, 3, 0, 4, 2]):
         check(LeadingSpace(), ids, ())
         check(LeadingSpace(), ids, ("loop",))
+
+
+def test_an_end_that_could_begin_a_stop_string_is_held_back():
+    """"ab" could begin the stop string "abc": it is handed out once the text goes on otherwise."""
+    result, streamed = Generation(), StreamedText(BYTE)
+    pieces = [record_token(result, token, 1, streamed, ("abc",)) for token in BYTE.encode("xab")]
+    assert pieces == ["x", "", ""] and result.text == "xab"
+    assert record_token(result, BYTE.encode("d")[0], 1, streamed, ("abc",)) == "abd"
+    result, streamed = Generation(), StreamedText(BYTE)
+    pieces = [record_token(result, token, 1, streamed, ("abc",)) for token in BYTE.encode("xabc")]
+    assert pieces == ["x", "", "", ""] and result.text == "x" and result.stop_reason == "stop_string"
