@@ -56,6 +56,26 @@ def test_oversized_requests_get_400_and_others_are_still_served():
         assert fine.status_code == 200 and len(fine.json()["choices"]) == 1
 
 
+def test_a_prompt_of_no_tokens_is_refused_and_cannot_stall_the_engine():
+    """With a tokenizer that adds no start token, a prompt can encode to nothing: the server says
+    so (400) and goes on serving; a job no batch can take fails (400) instead of being retried for ever."""
+    from looplm.data.word_char import word_entries, word_tokenizer
+
+    words = word_tokenizer(word_entries([b"hello", b"world"]))
+    torch.manual_seed(3)
+    model = LoopLM(tiny_config(vocab_size=words.vocab_size, max_seq_len=64)).eval()
+    engine = Engine(model, words, max_batch=2)
+    with serving(engine, ServerConfig()) as (client, _):
+        for prompt in ([""], "\r"):
+            empty = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3}, timeout=10)
+            assert empty.status_code == 400 and "no tokens" in empty.json()["error"]["message"], empty.text
+        fine = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0}, timeout=10)
+        assert fine.status_code == 200, fine.text
+    events = []
+    Engine(model, words, max_batch=2).run([Job([], 3, Settings(FixedSteps()), events.append)])
+    assert isinstance(events[-1], Failed) and events[-1].status == 400 and "does not fit" in events[-1].message
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):
     engine = Engine(_model(), TOKENIZER, max_batch=1)
     with serving(engine) as (client, port):

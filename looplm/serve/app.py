@@ -140,6 +140,9 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
                 raise LoopLMError(f"prompt {index} has {len(text):,} characters, far more than the model's context"
                                   f" of {context} tokens holds: shorten it")
             ids = tokenizer.encode_prompt(text)
+            if not ids:
+                raise LoopLMError(f"prompt {index} encodes to no tokens (this tokenizer adds no start token):"
+                                  " send some text")
             if len(ids) > context:
                 raise LoopLMError(f"prompt {index} has {len(ids)} tokens, longer than the model's context of"
                                   f" {context}: shorten it")

@@ -227,6 +227,11 @@ class Engine:
                      self.model.config.max_seq_len)
         session = BatchSession(self.model, self.max_batch, length, tokenizer=self.tokenizer, layout=layout,
                                max_steps=depth, prefix_cache=self.prefix_cache)
+        if not session.fits(waiting[0].prompt, waiting[0].max_tokens, waiting[0].settings):
+            # not even an empty batch built for it takes it: it would be retried for ever
+            job = waiting.pop(0)
+            return self._fail(job, LoopLMError(f"a prompt of {len(job.prompt)} tokens with {job.max_tokens} new"
+                                               " tokens does not fit this server's batches"))
         members: dict[int, Job] = {}  # id(request) → its job
         self.stats.batches += 1
         while True:
