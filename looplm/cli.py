@@ -362,6 +362,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--exit", default="static",
                        help=f"default exit policy: {_exit_names()} (default: static)")
     serve.add_argument("--steps", type=int, default=None, help="default loop steps (default: the trained T)")
+    serve.add_argument("--max-steps", type=int, default=None,
+                       help="most loop steps a request may ask a token to run; each batch's cache holds K/V for"
+                            " its deepest request (default: the default exit's steps)")
     serve.add_argument("--layout", default="last_exited",
                        help=f"default KV layout: {_layout_names()} (default: last_exited)")
     serve.add_argument("--max-tokens-default", type=int, default=128,
@@ -394,8 +397,10 @@ def run_serve(args) -> None:
     if args.prefix_cache_mb < 1:
         raise LoopLMError(f"--prefix-cache-mb must be >= 1, got {args.prefix_cache_mb}")
     name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name
+    if args.max_steps is not None and args.max_steps < 1:
+        raise LoopLMError(f"--max-steps must be >= 1, got {args.max_steps}")
     config = ServerConfig(name, args.exit, args.steps, args.layout, args.max_tokens_default, args.max_prompts,
-                          args.max_request_tokens)
+                          args.max_request_tokens, max_steps=args.max_steps)
     model = load_model(args.checkpoint)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     if tokenizer is None:

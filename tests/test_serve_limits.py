@@ -14,10 +14,11 @@ import torch
 
 from looplm.batch import BatchSession
 from looplm.data.tokenizer import byte_tokenizer
+from looplm.errors import LoopLMError
 from looplm.exit_policy import FixedSteps
 from looplm.generate import generate
 from looplm.model import LoopLM
-from looplm.serve.app import ServerConfig
+from looplm.serve.app import ServerConfig, create_app
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Settings
 
 from conftest import serving, tiny_config
@@ -74,6 +75,42 @@ def test_a_prompt_of_no_tokens_is_refused_and_cannot_stall_the_engine():
     events = []
     Engine(model, words, max_batch=2).run([Job([], 3, Settings(FixedSteps()), events.append)])
     assert isinstance(events[-1], Failed) and events[-1].status == 400 and "does not fit" in events[-1].message
+
+
+def test_the_loop_steps_a_request_may_ask_for_are_bounded():
+    """A batch's cache holds K/V for its deepest request, so a request may not ask for more loop
+    steps than the server's ``max_steps`` (default: the default exit's); an operator raises it."""
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0, "layout": "full", "steps": 6}
+    with serving(Engine(_model(), TOKENIZER, max_batch=2), ServerConfig()) as (client, _):
+        deep = client.post("/v1/completions", json=body)
+        assert deep.status_code == 400 and "--max-steps" in deep.json()["error"]["message"], deep.text
+        assert client.post("/v1/completions", json={**body, "steps": 3}).status_code == 200  # the trained T
+        assert client.get("/v1/models").json()["data"][0]["looplm"]["max_steps"] == 3
+    with serving(Engine(_model(), TOKENIZER, max_batch=2), ServerConfig(max_steps=6)) as (client, _):
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert client.post("/v1/completions", json={**body, "steps": 7}).status_code == 400
+    with pytest.raises(LoopLMError, match="below the default"):
+        create_app(_model(), TOKENIZER, ServerConfig(steps=3, max_steps=2))
+
+
+def test_a_batch_that_cannot_be_made_fails_only_the_jobs_that_need_it(monkeypatch):
+    """No memory for a deep request's cache: that request fails (503), the others are served."""
+    from looplm.exit_policy import FixedSteps as Fixed
+    from looplm.serve import engine as engine_module
+
+    def short_of_memory(*args, max_steps, **kwargs):
+        if max_steps > 3:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp] can't allocate memory")
+        return BatchSession(*args, max_steps=max_steps, **kwargs)
+
+    monkeypatch.setattr(engine_module, "BatchSession", short_of_memory)
+    events = {"deep": [], "plain": []}
+    jobs = [Job([1, 2], 2, Settings(Fixed(6)), events["deep"].append),
+            Job([1, 2], 2, Settings(Fixed()), events["plain"].append)]
+    Engine(_model(), TOKENIZER, max_batch=2).run(jobs)
+    assert isinstance(events["deep"][-1], Failed) and events["deep"][-1].status == 503
+    assert "allocate" in events["deep"][-1].message
+    assert isinstance(events["plain"][-1], Done)
 
 
 def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):

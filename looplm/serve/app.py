@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from looplm.cache import KV_LAYOUTS
-from looplm.errors import LoopLMError
-from looplm.exit_policy import check_depth, parse_exit
+from looplm.errors import LoopLMError, is_int
+from looplm.exit_policy import FixedSteps, check_depth, parse_exit
 from looplm.generate import Sampling, Settings
 from looplm.serve.body import BODY_SECONDS, MAX_BODY_BYTES, BoundedBodies
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Token
@@ -57,11 +57,15 @@ class ServerConfig:
     max_request_tokens: int = 65536    # prompt tokens + max_tokens for each prompt, summed over a request
     max_body_bytes: int = MAX_BODY_BYTES  # a request body larger than this gets 413
     body_seconds: float = BODY_SECONDS    # one that takes longer to arrive gets 408
+    max_steps: int | None = None  # loop steps a request may run a token (None: the default exit's);
+                                  # a batch's cache holds K/V for as many
 
     def __post_init__(self) -> None:
         if self.max_prompts < 1 or self.max_request_tokens < 1 or self.max_body_bytes < 1:
             raise LoopLMError("max_prompts, max_request_tokens and max_body_bytes must be >= 1, got"
                               f" {self.max_prompts}, {self.max_request_tokens}, {self.max_body_bytes}")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            raise LoopLMError(f"max_steps must be an int >= 1 (None: the default exit's steps), got {self.max_steps!r}")
         if not self.body_seconds > 0:
             raise LoopLMError(f"body_seconds must be > 0, got {self.body_seconds}")
 
@@ -90,8 +94,12 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
     """The FastAPI application serving ``model``; it starts and stops ``engine`` (default: a new
     ``Engine(model, tokenizer)``) with the server."""
     engine = engine or Engine(model, tokenizer)
-    context = model.config.max_seq_len
-    check_generation_options(model, config.exit, config.steps, config.layout)
+    context, trained = model.config.max_seq_len, model.config.loop_steps
+    default_depth = check_generation_options(model, config.exit, config.steps, config.layout).max_steps(trained)
+    max_steps = config.max_steps or default_depth
+    if max_steps < default_depth:
+        raise LoopLMError(f"max_steps ({max_steps}) is below the default exit's {default_depth} loop steps: raise it")
+    check_depth(FixedSteps(max_steps), trained)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,6 +137,9 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         steps = request.steps if request.steps is not None else config.steps
         layout = request.layout or config.layout
         policy = check_generation_options(model, request.exit or config.exit, steps, layout, request.min_steps)
+        if (depth := policy.max_steps(trained)) > max_steps:
+            raise LoopLMError(f"this server runs at most {max_steps} loop steps a token, got steps {depth}: lower"
+                              " steps (looplm serve --max-steps raises the limit)")
         sampling = Sampling(request.temperature, request.top_k, request.top_p, request.seed)
         texts = request.prompts()
         if len(texts) > min(config.max_prompts, engine.max_queue):
@@ -213,7 +224,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
             "id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "looplm",
             "looplm": {"loop_steps": model_config.loop_steps, "max_seq_len": context,
                        "exit_gate": model.exit_gate is not None,
-                       "default_exit": config.exit, "default_layout": config.layout}}]}
+                       "default_exit": config.exit, "default_layout": config.layout, "max_steps": max_steps}}]}
 
     @app.get("/v1/looplm/stats")
     async def stats():

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, one_line
 from looplm.generate import BatchSession, Generation, Settings  # noqa: F401  (Settings: the jobs' type)
 from looplm.prefix_cache import PrefixCache
 
@@ -225,8 +225,16 @@ class Engine:
         depth = max(job.settings.exit_policy.max_steps(loop_steps) for job in waiting if job.settings.layout == layout)
         length = min(max(self.max_context, max(len(job.prompt) + max(job.max_tokens, 1) for job in waiting)),
                      self.model.config.max_seq_len)
-        session = BatchSession(self.model, self.max_batch, length, tokenizer=self.tokenizer, layout=layout,
-                               max_steps=depth, prefix_cache=self.prefix_cache)
+        try:
+            session = BatchSession(self.model, self.max_batch, length, tokenizer=self.tokenizer, layout=layout,
+                                   max_steps=depth, prefix_cache=self.prefix_cache)
+        except Exception as error:  # noqa: BLE001 - e.g. no memory for its cache: only the jobs needing it fail
+            log.warning("no batch of %d loop steps (layout %s) could be made: %s", depth, layout, one_line(error))
+            for job in [job for job in waiting if job.settings.layout == layout
+                        and job.settings.exit_policy.max_steps(loop_steps) == depth]:
+                waiting.remove(job)
+                self._fail(job, error, 503)
+            return
         if not session.fits(waiting[0].prompt, waiting[0].max_tokens, waiting[0].settings):
             # not even an empty batch built for it takes it: it would be retried for ever
             job = waiting.pop(0)
@@ -300,4 +308,5 @@ class Engine:
         if isinstance(error, LoopLMError):
             self._done(job, Failed(str(error), status or 400))
         else:
-            self._done(job, Failed(f"generation failed: {type(error).__name__}: {error}"))
+            message = f"generation failed: {type(error).__name__}: {one_line(error)[:300]}"
+            self._done(job, Failed(message, status or 500))
