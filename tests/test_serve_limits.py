@@ -113,6 +113,28 @@ def test_a_batch_that_cannot_be_made_fails_only_the_jobs_that_need_it(monkeypatc
     assert isinstance(events["plain"][-1], Done)
 
 
+def test_errors_are_ascii_json_and_an_unexpected_one_is_logged_once(monkeypatch, caplog):
+    """A message quoting a request's lone surrogate is still sent (400, ASCII JSON); an exception a
+    route did not expect is one 500 JSON line and one log record, not re-raised to the server."""
+    from starlette.testclient import TestClient
+
+    engine = Engine(_model(), TOKENIZER, max_batch=2)
+    app = create_app(engine.model, TOKENIZER, ServerConfig(), engine)
+    with TestClient(app) as client:  # it re-raises what reaches the server
+        odd = client.post("/v1/completions", content=b'{"prompt": "a", "exit": {"name": "q", "\\ud800": 1}}',
+                          headers={"content-type": "application/json"})
+        assert odd.status_code == 400 and "\\ud800" in odd.text, odd.text
+
+        def broken(*jobs):
+            raise RuntimeError("unexpected")
+
+        monkeypatch.setattr(engine, "submit", broken)
+        with caplog.at_level("ERROR"):
+            failed = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert failed.status_code == 500 and failed.json()["error"]["message"] == "internal error: RuntimeError"
+        assert len([record for record in caplog.records if record.levelname == "ERROR"]) == 1
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):
     engine = Engine(_model(), TOKENIZER, max_batch=1)
     with serving(engine) as (client, port):

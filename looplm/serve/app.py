@@ -75,6 +75,40 @@ def _shortened(message: str, most: int = 500) -> str:
     return message if len(message) <= most else message[:most] + "…"
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: a message may quote a request's text, and a lone surrogate in it
+    (a JSON escape such as \\ud800) cannot be encoded as UTF-8."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class CatchAll:
+    """Any exception a route raises becomes one logged line and a 500 JSON error (Starlette's own
+    handler for ``Exception`` answers and then re-raises, so uvicorn logged every error twice)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:  # noqa: BLE001 - one JSON line for the client, never a traceback
+            log.exception("request failed")
+            if not started:  # else the response is under way: the connection closes
+                await ErrorResponse(error_body(f"internal error: {type(error).__name__}", "server_error"),
+                                    status_code=500)(scope, receive, send)
+
+
 def check_generation_options(model, exit: str | dict, steps: int | None, layout: str, min_steps: int | None = None):
     """The exit policy an (exit, steps, layout) choice names (``exit``: the string or JSON form of
     ``looplm.exit_policy.parse_exit``), or a LoopLMError saying what is wrong; model None checks
@@ -111,25 +145,22 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
 
     app = FastAPI(title="looplm", lifespan=lifespan)
     app.add_middleware(BoundedBodies, max_bytes=config.max_body_bytes, seconds=config.body_seconds)
+    app.add_middleware(CatchAll)
     app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         message = validation_message(error.errors(), request.headers.get("content-type"))
-        return JSONResponse(error_body(message), status_code=400)
+        return ErrorResponse(error_body(message), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code)
+        return ErrorResponse(error_body(str(error.detail)), status_code=error.status_code)
 
     @app.exception_handler(LoopLMError)
     async def user_error(request: Request, error: LoopLMError):
-        return JSONResponse(error_body(_shortened(str(error))), status_code=400)
+        return ErrorResponse(error_body(_shortened(str(error))), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):  # one JSON line, never a traceback
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {type(error).__name__}", "server_error"), status_code=500)
 
     def prepare(request: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int, Settings]:
         if (reason := request.unsupported()) is not None:
@@ -179,7 +210,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         try:
             engine.submit(*jobs)
         except Overloaded as error:
-            return JSONResponse(error_body(str(error), "server_error"), status_code=503,
+            return ErrorResponse(error_body(str(error), "server_error"), status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         if request.stream:
             return StreamingResponse(_stream(shape, jobs, events, settings, request.include_usage),
@@ -194,7 +225,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
                     arrival.cancel()
                     for job in jobs:
                         job.cancelled = True
-                    return JSONResponse(error_body("the client closed the connection"), status_code=499)
+                    return ErrorResponse(error_body("the client closed the connection"), status_code=499)
                 index, event = arrival.result()
                 if not isinstance(event, Token):
                     finished[index] = event
@@ -203,7 +234,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         failures = [event for event in finished.values() if isinstance(event, Failed)]
         if failures:
             kind = "invalid_request_error" if failures[0].status == 400 else "server_error"
-            return JSONResponse(error_body(failures[0].message, kind), status_code=failures[0].status)
+            return ErrorResponse(error_body(failures[0].message, kind), status_code=failures[0].status)
         results = [finished[index] for index in range(len(jobs))]
         choices = [shape.choice(index, done.generation.text, FINISH_REASONS[done.generation.stop_reason])
                    for index, done in enumerate(results)]
