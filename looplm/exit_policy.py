@@ -194,7 +194,7 @@ def refuse_act_over_mixing(model) -> None:
     would mix twice: one line instead."""
     if model.config.act_mixing:
         raise LoopLMError("this model's readouts already are ACT mixtures of its loop states (model.act_mixing):"
-                          " decode with fixed steps or Q-exit, not --act")
+                          " decode with fixed steps or Q-exit, not the act exit policy")
 
 # name → class: the string and JSON forms' vocabulary (looplm.registry; add a class here to register it).
 EXIT_POLICIES = Registry("exit policy")

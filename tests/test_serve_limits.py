@@ -135,6 +135,22 @@ def test_errors_are_ascii_json_and_an_unexpected_one_is_logged_once(monkeypatch,
         assert len([record for record in caplog.records if record.levelname == "ERROR"]) == 1
 
 
+def test_act_over_an_act_mixing_model_is_refused_before_it_reaches_the_engine(caplog):
+    """Its readouts already are ACT mixtures: the request gets 400 from the request check, and
+    nothing is logged as a failure."""
+    from starlette.testclient import TestClient
+
+    torch.manual_seed(3)
+    model = LoopLM(tiny_config(vocab_size=TOKENIZER.vocab_size, max_seq_len=64, act_mixing=True,
+                                  exit_gate=True, step_norm=False)).eval()
+    engine = Engine(model, TOKENIZER, max_batch=2)
+    with TestClient(create_app(model, TOKENIZER, ServerConfig(), engine)) as client, caplog.at_level("ERROR"):
+        act = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "exit": "act"})
+        assert act.status_code == 400 and "act exit policy" in act.json()["error"]["message"], act.text
+        assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+    assert engine.stats.failures == 0 and not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):
     engine = Engine(_model(), TOKENIZER, max_batch=1)
     with serving(engine) as (client, port):

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from looplm.cache import KV_LAYOUTS
 from looplm.errors import LoopLMError, is_int
-from looplm.exit_policy import FixedSteps, check_depth, parse_exit
+from looplm.exit_policy import ACTExit, FixedSteps, check_depth, parse_exit, refuse_act_over_mixing
 from looplm.generate import Sampling, Settings
 from looplm.serve.body import BODY_SECONDS, MAX_BODY_BYTES, BoundedBodies
 from looplm.serve.engine import Done, Engine, Failed, Job, Overloaded, Token
@@ -121,6 +121,8 @@ def check_generation_options(model, exit: str | dict, steps: int | None, layout:
     check_depth(policy, model.config.loop_steps)
     if policy.needs_gate and model.exit_gate is None:
         raise LoopLMError(f"exit {exit!r} needs a model with an exit gate: use static, hidden:<eps> or kl:<eps>")
+    if isinstance(policy, ACTExit):
+        refuse_act_over_mixing(model)
     return policy
 
 

@@ -271,6 +271,8 @@ class Engine:
         late = bool(session.requests) and session.scheduler.iterations > 0  # joins a batch already decoding
         try:
             request = session.admit([job.prompt], [job.max_tokens], [partial(self._emit, job)], [job.settings])[0]
+        except LoopLMError as error:  # what the request asked for cannot be done: its answer says why
+            return self._fail(job, error)
         except Exception as error:  # noqa: BLE001 - the failure is this request's alone
             log.exception("request failed")
             return self._fail(job, error)
