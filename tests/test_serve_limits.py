@@ -151,6 +151,21 @@ def test_act_over_an_act_mixing_model_is_refused_before_it_reaches_the_engine(ca
     assert engine.stats.failures == 0 and not [record for record in caplog.records if record.levelname == "ERROR"]
 
 
+def test_an_append_first_model_reports_its_one_layout_and_refuses_others():
+    """A model whose loop attends to step-1 K/V keeps them one way (append_first): a request for
+    another layout gets 400 instead of an answer that says it was honoured."""
+    from starlette.testclient import TestClient
+
+    torch.manual_seed(3)
+    model = LoopLM(tiny_config(vocab_size=TOKENIZER.vocab_size, max_seq_len=64, kv_append_first=True)).eval()
+    with TestClient(create_app(model, TOKENIZER, ServerConfig(), Engine(model, TOKENIZER, max_batch=2))) as client:
+        full = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "layout": "full"})
+        assert full.status_code == 400 and "append_first" in full.json()["error"]["message"], full.text
+        plain = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert plain.status_code == 200 and plain.json()["looplm"]["layout"] == "append_first"
+        assert client.get("/v1/models").json()["data"][0]["looplm"]["default_layout"] == "append_first"
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_row_within_a_second(slow_tokens):
     engine = Engine(_model(), TOKENIZER, max_batch=1)
     with serving(engine) as (client, port):

@@ -133,6 +133,8 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
     context, trained = model.config.max_seq_len, model.config.loop_steps
     default_depth = check_generation_options(model, config.exit, config.steps, config.layout).max_steps(trained)
     max_steps = config.max_steps or default_depth
+    # a model whose loop attends to step-1 K/V keeps them one way only (KVCache): that is its layout
+    default_layout = "append_first" if model.config.kv_append_first else config.layout
     if max_steps < default_depth:
         raise LoopLMError(f"max_steps ({max_steps}) is below the default exit's {default_depth} loop steps: raise it")
     check_depth(FixedSteps(max_steps), trained)
@@ -168,7 +170,10 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
         if (reason := request.unsupported()) is not None:
             raise LoopLMError(reason)
         steps = request.steps if request.steps is not None else config.steps
-        layout = request.layout or config.layout
+        layout = request.layout or default_layout
+        if model.config.kv_append_first and layout != "append_first":
+            raise LoopLMError(f"this model's loop attends to step-1 K/V (model.kv_append_first), so its KV layout is"
+                              f" append_first, not {layout}: leave layout out")
         policy = check_generation_options(model, request.exit or config.exit, steps, layout, request.min_steps)
         if (depth := policy.max_steps(trained)) > max_steps:
             raise LoopLMError(f"this server runs at most {max_steps} loop steps a token, got steps {depth}: lower"
@@ -257,7 +262,7 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
             "id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "looplm",
             "looplm": {"loop_steps": model_config.loop_steps, "max_seq_len": context,
                        "exit_gate": model.exit_gate is not None,
-                       "default_exit": config.exit, "default_layout": config.layout, "max_steps": max_steps}}]}
+                       "default_exit": config.exit, "default_layout": default_layout, "max_steps": max_steps}}]}
 
     @app.get("/v1/looplm/stats")
     async def stats():
