@@ -294,6 +294,10 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
     if isinstance(spec, Mapping):
         values = dict(spec)
         name, number = str(values.pop("name", "")), None
+        for field, given in (("steps", steps), ("min_steps", min_steps)):
+            if given is not None and field in values and values[field] != given:
+                raise LoopLMError(f"{field} is given twice, {values[field]!r} in the exit and {given!r} beside it:"
+                                  " give it once")
     else:
         name, colon, number = str(spec).strip().partition(":")
         values, number = {}, number if colon else None
@@ -304,6 +308,9 @@ def parse_exit(spec: str | Mapping | ExitPolicy, steps: int | None = None, min_s
     if set(values) - known:
         raise LoopLMError(f"exit {name} has no {', '.join(sorted(set(values) - known))}: its fields are"
                           f" {', '.join(sorted(known))}")
+    if isinstance(spec, Mapping) and kind.parameter and kind.parameter_required and values.get(kind.parameter) is None:
+        raise LoopLMError(f"exit {name} needs its {kind.parameter}, a number: e.g. {{\"name\": \"{name}\","
+                          f" \"{kind.parameter}\": ...}}")
     if number is not None or (kind.parameter_required and kind.parameter and kind.parameter not in values):
         if kind.parameter is None:
             raise LoopLMError(f"exit {name} takes no number, got {spec!r}")

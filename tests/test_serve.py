@@ -255,6 +255,11 @@ BAD_REQUESTS = {
     "echo": {"prompt": "a", "echo": True},
     "over-long prompt": {"prompt": LONG_PROMPT},
     "stop is a number": {"prompt": "a", "stop": 3},
+    "another server's sampling field": {"prompt": "a", "min_p": 0.1},
+    "a misspelled looplm field": {"prompt": "a", "exit_policy": "q:0.5"},
+    "steps in the exit and beside it": {"prompt": "a", "exit": {"name": "static", "steps": 2}, "steps": 3},
+    "a JSON exit without its threshold": {"prompt": "a", "exit": {"name": "q"}},
+    "audio output": {"prompt": "a", "modalities": ["text", "audio"]},
 }
 
 
@@ -287,6 +292,37 @@ def test_openai_fields_that_ask_for_nothing_are_accepted(server):
                                                         "logit_bias": {"7": 5}})
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "logit_bias is not supported by looplm (got {'7': 5}): leave it out"
+
+
+def test_unknown_and_conflicting_fields_say_what_to_send(server):
+    """A field looplm does not know is refused (it would change nothing, silently), naming the field
+    it was probably meant as; settings given twice, differently, are refused."""
+    client, _, _ = server
+
+    def message(path, body):
+        response = client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]["message"]
+
+    assert message("/v1/completions", {"prompt": "a", "kv_layout": "full"}) == (
+        "kv_layout is not a field looplm knows (did you mean layout?): leave it out (docs/SERVING.md lists them)")
+    assert "repetition_penalty is not a field" in message("/v1/completions", {"prompt": "a", "repetition_penalty": 1.1})
+    assert "max_completion_tokens is not a field" in message("/v1/completions",
+                                                            {"prompt": "a", "max_completion_tokens": 3})
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert "messages.0.name is not a field" in message("/v1/chat/completions",
+                                                      {"messages": [{"role": "user", "content": "a", "name": "x"}]})
+    assert "give one of them" in message("/v1/chat/completions", {**chat, "max_tokens": 2, "max_completion_tokens": 5})
+    assert client.post("/v1/chat/completions", json={**chat, "max_tokens": 2, "max_completion_tokens": 2}).status_code \
+        == 200
+    assert "given twice" in message("/v1/completions", {"prompt": "a", "exit": {"name": "q", "threshold": 0.5,
+                                                                                "min_steps": 3, "steps": 3},
+                                                        "min_steps": 1})
+    assert "needs its threshold" in message("/v1/completions", {"prompt": "a", "exit": {"name": "q",
+                                                                                         "threshold": None}})
+    same = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "exit": {"name": "static", "steps": 2},
+                                                "steps": 2})
+    assert same.status_code == 200 and same.json()["looplm"]["max_steps"] == 2
 
 
 def test_a_body_that_is_not_a_json_object_says_what_to_send(server):

@@ -169,7 +169,9 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
     def prepare(request: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int, Settings]:
         if (reason := request.unsupported()) is not None:
             raise LoopLMError(reason)
-        steps = request.steps if request.steps is not None else config.steps
+        steps = request.steps
+        if steps is None and not (isinstance(request.exit, dict) and "steps" in request.exit):
+            steps = config.steps  # the server's default, unless the request's exit gives its own
         layout = request.layout or default_layout
         if model.config.kv_append_first and layout != "append_first":
             raise LoopLMError(f"this model's loop attends to step-1 K/V (model.kv_append_first), so its KV layout is"

@@ -1,10 +1,11 @@
 """Request bodies and response shapes of the OpenAI-compatible API (docs/SERVING.md).
 
-Requests are pydantic models in strict mode ("5" is not a number, true is not an integer);
-unknown fields are ignored, as OpenAI clients send optional ones looplm does not use.  Fields
-OpenAI defines that would change the output and that looplm does not honour (``UNSUPPORTED``:
-logprobs, penalties, logit_bias, response_format, tools, ...) are refused when set to anything
-that asks for something, never silently ignored.
+Requests are pydantic models in strict mode ("5" is not a number, true is not an integer).
+Unknown fields are refused, as OpenAI's API refuses them (a misspelled ``exit_policy`` or another
+server's ``min_p`` would otherwise be dropped without a word); OpenAI's fields that change nothing
+here (``HARMLESS``: user, metadata, ...) are accepted.  Fields OpenAI defines that would change the
+output and that looplm does not honour (``UNSUPPORTED``: logprobs, penalties, logit_bias,
+response_format, tools, ...) are refused when set to anything that asks for something.
 
 Chat messages become one prompt (looplm tokenizers carry no chat template)::
 
@@ -17,6 +18,7 @@ and a chat completion also stops at ``CHAT_STOP`` (the model starting the next u
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
 from typing import Annotated, Any
@@ -52,7 +54,15 @@ UNSUPPORTED = {
     "functions": lambda value: value == [],
     "function_call": lambda value: value == "none",
     "prediction": lambda value: False,
+    "modalities": lambda value: value == ["text"],
+    "audio": lambda value: False,
+    "reasoning_effort": lambda value: False,
+    "verbosity": lambda value: False,
+    "web_search_options": lambda value: False,
 }
+# OpenAI's fields that change no output: accepted and not used.
+HARMLESS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+            "parallel_tool_calls")
 
 
 def _short(value) -> str:
@@ -61,13 +71,13 @@ def _short(value) -> str:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -100,6 +110,19 @@ class _Request(BaseModel):
     functions: Any = None
     function_call: Any = None
     prediction: Any = None
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    # OpenAI fields that change no output (``HARMLESS``)
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    parallel_tool_calls: Any = None
 
     def unsupported(self) -> str | None:
         """Why this request asks for something the server does not do, or None."""
@@ -130,7 +153,7 @@ class CompletionRequest(_Request):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     role: str = Field(min_length=1)
     content: str
@@ -139,6 +162,12 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
+
+    def unsupported(self) -> str | None:
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            return (f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) differ:"
+                    " give one of them")
+        return super().unsupported()
 
     def prompts(self) -> list[str]:
         return [chat_prompt(self.messages)]
@@ -173,8 +202,25 @@ def validation_message(errors: list[dict], content_type: str | None = "applicati
         return "the request body must be a JSON object of the request's fields"
     path = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
     where = ".".join(path)
+    if error.get("type") == "extra_forbidden":
+        return f"{where} is not a field looplm knows{_close_field(path)}: leave it out (docs/SERVING.md lists them)"
     extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"{where}: {error['msg']}" if where else f"request body: {error['msg']}") + extra
+
+
+# other names of looplm's request fields (other tools', or the CLI's)
+FIELD_ALIASES = {"exit_policy": "exit", "policy": "exit", "kv_layout": "layout", "max_steps": "steps",
+                 "loop_steps": "steps", "num_steps": "steps", "max_new_tokens": "max_tokens"}
+
+
+def _close_field(path: list[str]) -> str:
+    """", did you mean X?" for another name or a misspelling of a request field, else ""."""
+    if len(path) != 1:
+        return ""
+    known = ("exit", "steps", "min_steps", "layout", "top_k", "max_tokens", "max_completion_tokens", "temperature",
+             "top_p", "stop", "stream", "stream_options", "seed", "prompt", "messages")
+    close = [FIELD_ALIASES[path[0]]] if path[0] in FIELD_ALIASES else difflib.get_close_matches(path[0], known, 1, 0.85)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _is_type_tag(part) -> bool:
