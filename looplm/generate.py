@@ -39,6 +39,8 @@ from looplm.exit_policy import (  # noqa: F401
 )
 from looplm.scheduler import Scheduler, check_token_ids
 
+MIN_TOP_P = 1e-6  # smaller top_p values are refused: one that rounds to 0 in float32 keeps no token
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -63,6 +65,9 @@ class Sampling:
             raise LoopLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LoopLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p < MIN_TOP_P:  # it would round to 0 in float32 and keep no token
+            raise LoopLMError(f"top_p must be at least {MIN_TOP_P} (any smaller keeps only the likeliest token, as"
+                              f" temperature 0 does), got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise LoopLMError(f"the sampling seed must be in [0, 2**63), got {self.seed}")
 

@@ -325,6 +325,22 @@ def test_unknown_and_conflicting_fields_say_what_to_send(server):
     assert same.status_code == 200 and same.json()["looplm"]["max_steps"] == 2
 
 
+def test_a_wrong_value_is_named_in_its_own_terms(server):
+    """The message speaks of what was sent: a string's characters, a list's items, token ids as
+    such, a top_p too small to keep a token, bytes that are not JSON text."""
+    client, _, _ = server
+    cases = {"prompt: String should have at least 1 character": {"prompt": ""},
+             "exit: String should have at most 200 characters": {"prompt": "a", "exit": "x" * 201},
+             "stop: List should have at most 16 items": {"prompt": "a", "stop": ["a"] * 17},
+             "not token ids": {"prompt": [1, 2, 3]},
+             "top_p must be at least": {"prompt": "a", "top_p": 5e-324}}
+    for expected, body in cases.items():
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 400 and expected in response.json()["error"]["message"], response.text
+    raw = client.post("/v1/completions", content=b'{"prompt": "\xff"}', headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "could not be read as JSON" in raw.json()["error"]["message"]
+
+
 def test_a_body_that_is_not_a_json_object_says_what_to_send(server):
     client, _, _ = server
     body = b'{"prompt": "a", "max_tokens": 2}'

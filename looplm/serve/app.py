@@ -159,7 +159,11 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return ErrorResponse(error_body(str(error.detail)), status_code=error.status_code)
+        message = str(error.detail)
+        if message == "There was an error parsing the body":  # FastAPI's, for bytes it could not read as JSON
+            message = ("the request body could not be read as JSON: send UTF-8 JSON text, not compressed, not"
+                       " nested deeper than a few hundred levels, with no integer of thousands of digits")
+        return ErrorResponse(error_body(message), status_code=error.status_code)
 
     @app.exception_handler(LoopLMError)
     async def user_error(request: Request, error: LoopLMError):

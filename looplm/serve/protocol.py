@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, is_int
 
 CHAT_STOP = "\nuser:"
 MAX_STOP_STRINGS = 16          # stop strings a request may give (OpenAI: 4), each checked after every token
@@ -90,7 +90,7 @@ class _Request(BaseModel):
     seed: int | None = None
     # looplm extensions
     top_k: int = Field(0, ge=0)
-    exit: str | dict | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARACTERS)
+    exit: Annotated[str, Field(min_length=1, max_length=MAX_SPEC_CHARACTERS)] | dict | None = None
     steps: int | None = Field(None, ge=1)
     min_steps: int | None = Field(None, ge=1)
     layout: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARACTERS)
@@ -146,7 +146,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -200,12 +200,34 @@ def validation_message(errors: list[dict], content_type: str | None = "applicati
         if error.get("type") == "missing":
             return "the request body is empty: send a JSON object of the request's fields"
         return "the request body must be a JSON object of the request's fields"
-    path = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
-    where = ".".join(path)
+    fields = list(dict.fromkeys(_field(error)[:1] for error in errors))  # the request's fields at fault
+    field = [error for error in errors if _field(error)[:1] == fields[0]]
     if error.get("type") == "extra_forbidden":
-        return f"{where} is not a field looplm knows{_close_field(path)}: leave it out (docs/SERVING.md lists them)"
-    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        path = list(_field(error))
+        return (f"{'.'.join(path)} is not a field looplm knows{_close_field(path)}: leave it out"
+                " (docs/SERVING.md lists them)")
+    if fields[0] == ("prompt",) and any(is_int(error.get("input")) for error in field):
+        return "prompt: looplm takes text prompts (a string or a list of strings), not token ids: send the text"
+    error = _member_error(field)
+    where = ".".join(_field(error))
+    extra = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
     return (f"{where}: {error['msg']}" if where else f"request body: {error['msg']}") + extra
+
+
+def _field(error: dict) -> tuple[str, ...]:
+    return tuple(str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part))
+
+
+def _member_error(errors: list[dict]) -> dict:
+    """Of one field's errors against each member of a union, one from the member of the value's own
+    type (an empty string prompt: the string's error, not the list's)."""
+    kind = type(errors[0].get("input")).__name__
+    for error in errors:
+        tags = [part for part in error.get("loc", ()) if _is_type_tag(part)]
+        tag = tags[0].removeprefix("constrained-") if tags else ""
+        if tag == kind or tag.startswith(kind + "["):
+            return error
+    return errors[0]
 
 
 # other names of looplm's request fields (other tools', or the CLI's)
@@ -225,7 +247,8 @@ def _close_field(path: list[str]) -> str:
 
 def _is_type_tag(part) -> bool:
     """pydantic names the union member in an error's location (``prompt.str``, ``stop.list[str]``)."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict") or "[" in part)
+    return isinstance(part, str) and (part.removeprefix("constrained-") in ("str", "int", "float", "bool", "dict")
+                                      or "[" in part)
 
 
 class Shape:
