@@ -319,8 +319,8 @@ async def _stream(shape: Shape, jobs: list[Job], events: asyncio.Queue, settings
                 yield _sse(shape.chunk(index, event.text, looplm={"token": event.id, "steps": event.steps}))
             elif isinstance(event, Failed):
                 finished[index] = event
-                yield _sse(error_body(event.message, "server_error" if event.status >= 500 else
-                                      "invalid_request_error"))
+                message = f"prompt {index}: {event.message}" if len(jobs) > 1 else event.message
+                yield _sse(error_body(message, "server_error" if event.status >= 500 else "invalid_request_error"))
             else:
                 finished[index] = event
                 text = event.generation.text
