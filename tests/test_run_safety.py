@@ -76,8 +76,8 @@ def test_resume_alone_resumes_and_a_changed_option_is_named(corpus, tmp_path, ca
 
 def test_a_fresh_run_into_a_used_directory_is_refused_or_started_clean(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    (run / "data").mkdir(parents=True)  # what a killed run on other data leaves behind
-    (run / "data" / "meta.json").write_text("{}")
+    (run / "data" / "0123abcd").mkdir(parents=True)  # what a killed run on other data leaves behind
+    (run / "data" / "0123abcd" / "meta.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "2", *TINY)
     assert "already holds a run" in line and "--overwrite" in line
@@ -103,6 +103,19 @@ def test_overwrite_empties_only_a_run_never_a_directory_of_other_files(corpus, t
     assert "holds notes.md" in error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "1", "--overwrite",
                                         *TINY)
     assert (run / "notes.md").is_file() and (run / "run_config.json").is_file()
+    (run / "notes.md").unlink()
+    for mine in (run / "data" / "mydata.txt", run / "checkpoints" / "mine" / "n.txt"):  # inside a run's own folders
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("precious")
+        line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "1", "--overwrite", *TINY)
+        assert f"holds {mine.relative_to(run).parts[0]}/{mine.relative_to(run).parts[1]}" in line, line
+        assert "which no run writes" in line and mine.read_text() == "precious"
+        mine.unlink()
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)  # only a data folder of the user's: not "a run" (which points to --overwrite)
+    (user / "data" / "corpus.txt").write_text("mine")
+    line = error_of(capsys, "--data", corpus, "--out", user, "--train.steps", "1", *TINY)
+    assert "holds data/corpus.txt, which no run writes" in line and "already holds a run" not in line
 
 
 def test_a_second_process_on_a_training_run_is_refused_and_touches_nothing(corpus, tmp_path, capsys):

@@ -25,7 +25,7 @@ from looplm.errors import LoopLMError, listed
 _HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
           errno.EROFS: "choose a writable location", errno.EACCES: "check the permissions",
           errno.EPERM: "check the permissions"}
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
 @contextlib.contextmanager
@@ -164,7 +164,7 @@ def remove_stale_staging(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return removed
     for path in directory.iterdir():
-        match = _STAGING.match(path.name)
+        match = STAGING.match(path.name)
         if match and not _alive(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)

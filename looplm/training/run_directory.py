@@ -12,10 +12,11 @@ Staging directories left by a process killed while saving are removed.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
-from looplm.checkpoint.atomic import refuse_overlap, remove_stale_staging
+from looplm.checkpoint.atomic import STAGING, refuse_overlap, remove_stale_staging
 from looplm.config import FITTED_TOKENIZERS, RunConfig
 from looplm.errors import LoopLMError, listed
 from looplm.file_names import RUN_CONFIG_FILE
@@ -30,6 +31,31 @@ def run_inputs(run: RunConfig) -> list[str | None]:
 
 # what a run writes into its directory (``--overwrite`` removes these and nothing else)
 RUN_ENTRIES = frozenset({RUN_CONFIG_FILE, METRICS_FILE, "checkpoints", "data", TENSORBOARD_DIR, WANDB_ID_FILE})
+# ... and into two of those: checkpoints/step_N, and data/<fingerprint> (a prepared shard directory,
+# with its meta.json); staging entries of an interrupted save in either
+CHECKPOINT_ENTRY = re.compile(r"^step_\d+$")
+
+
+def _run_written(directory: Path, entry: Path) -> bool:
+    """Whether ``entry`` in the run's ``checkpoints`` or ``data`` directory is one a run writes there."""
+    if STAGING.match(entry.name):
+        return True
+    if directory.name == "checkpoints":
+        return bool(CHECKPOINT_ENTRY.match(entry.name)) and entry.is_dir() and not entry.is_symlink()
+    return entry.is_dir() and not entry.is_symlink() and (entry / "meta.json").is_file()
+
+
+def foreign_entries(out_dir: Path, entries: list[Path]) -> list[str]:
+    """The entries of ``out_dir`` (and of its ``checkpoints`` and ``data``) that no run writes."""
+    foreign = [entry.name for entry in entries if entry.name not in RUN_ENTRIES]
+    for name in ("checkpoints", "data"):
+        directory = out_dir / name
+        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+            foreign.append(name)
+        elif directory.is_dir():
+            foreign += [f"{name}/{entry.name}" for entry in sorted(directory.iterdir())
+                        if not _run_written(directory, entry)]
+    return foreign
 
 
 def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -46,7 +72,7 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
     if entries and not resume:
         if overwrite:
             refuse_overlap(out_dir, run_inputs(run), "--overwrite")
-        foreign = [entry.name for entry in entries if entry.name not in RUN_ENTRIES]
+        foreign = foreign_entries(out_dir, entries)
         if foreign:
             raise LoopLMError(f"--out {str(out_dir)!r} holds {listed(foreign)}, which no run writes: choose a new or"
                               " empty directory for the run (--overwrite only replaces a run)")
