@@ -25,7 +25,7 @@ from pathlib import Path
 
 from looplm.checkpoint.atomic import atomic_write_text
 from looplm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import LoopLMError, is_int, listed
 from looplm.eval.depth import accuracy_by_step
 from looplm.generate import QExit, generate
 from looplm.training.trainer import Trainer
@@ -89,8 +89,9 @@ def demo_train_steps(train_steps: int | None, default: int) -> int:
 
 
 def refuse_existing_run(out: Path) -> Path:
-    """``out/run``, the demo's run directory, unless an earlier demo already trained there or
-    ``out`` (or the nearest part of it that exists) is a file."""
+    """``out/run``, the demo's run directory, where ``out`` is new or empty: the demo writes its
+    report files there (results.json, plots) and would replace any of the user's, or mix with an
+    earlier demo's.  Refused too where ``out`` (or the nearest part of it that exists) is a file."""
     existing = next((path for path in (out, *out.parents) if path.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == out else f"lies under {str(existing)!r}, which is a file"
@@ -98,6 +99,9 @@ def refuse_existing_run(out: Path) -> Path:
     run_dir = out / "run"
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise LoopLMError(f"{str(out)!r} already holds a demo run: choose another --out or delete it")
+    if out.is_dir() and (entries := sorted(entry.name for entry in out.iterdir())):
+        raise LoopLMError(f"--out {str(out)!r} holds {listed(entries)}: choose a new or empty directory for the demo"
+                          " (it writes its report there)")
     return run_dir
 
 

@@ -25,3 +25,17 @@ def test_demo_refuses_bad_q_before_training(tmp_path):
     with pytest.raises(LoopLMError):
         run_demo(tmp_path / "demo", train_steps=2, q=1.5, progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_never_writes_over_a_users_files(tmp_path, capsys):
+    """The demo writes results.json and plots into --out: a directory already holding anything is
+    refused before training, and the user's files are as they were."""
+    from looplm.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text('{"my": 1}')
+    assert main(["demo", "--out", str(out), "--train-steps", "2", "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "holds results.json" in line and "new or empty directory" in line and "\n" not in line
+    assert (out / "results.json").read_text() == '{"my": 1}' and sorted(p.name for p in out.iterdir()) == ["results.json"]
