@@ -6,13 +6,15 @@ User mistakes print one line ``looplm: error: …`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-from looplm.errors import JSON_ERRORS, LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError, file_error_line
 
 TASK_NAMES = "binding, modarith, mano, phop, addition, capo"
 
@@ -889,6 +891,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # what read the output went away (`| head`): stop without a word
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 141
+    except OSError as error:  # a file the user named could not be read or written
+        if (line := file_error_line(error)) is None:
+            raise
+        print(f"looplm: error: {line}", file=sys.stderr)
+        return 2
     finally:
         warnings.showwarning = previous
     return 0

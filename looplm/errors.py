@@ -5,6 +5,7 @@ key, an out-of-range option).  The CLI prints its message on one line and exits 
 status 2; library callers can catch it.  Bugs inside looplm stay ordinary exceptions.
 """
 
+import errno
 import json
 
 
@@ -36,3 +37,20 @@ def is_number(value) -> bool:
 # What parsing a JSON text can raise when the text is damaged (not UTF-8, not JSON, or nested past
 # Python's recursion limit): every reader of a user's JSON file turns these into one line.
 JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+
+
+# what to do about an OSError on a file or directory the user named, by errno
+FILE_HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
+              errno.EROFS: "choose a writable location", errno.EACCES: "check the permissions",
+              errno.EPERM: "check the permissions", errno.ENOTDIR: "a part of the path is a file, not a directory",
+              errno.EISDIR: "it is a directory: give a file", errno.ENOENT: "check the path",
+              errno.ENAMETOOLONG: "shorten the path", errno.ELOOP: "a symbolic link in the path loops"}
+
+
+def file_error_line(error: OSError) -> str | None:
+    """One line for an OSError on a file the user named (no permission, a full disk, a file where a
+    directory belongs, ...): what failed, where, and what to do; None for any other OSError."""
+    if error.errno not in FILE_HINTS:
+        return None
+    where = f" {str(error.filename)!r}" if error.filename else ""
+    return f"{error.strerror or one_line(error)}:{where}; {FILE_HINTS[error.errno]}"

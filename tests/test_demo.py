@@ -38,4 +38,5 @@ def test_demo_never_writes_over_a_users_files(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--train-steps", "2", "--no-progress"]) == 2
     line = capsys.readouterr().err.strip()
     assert "holds results.json" in line and "new or empty directory" in line and "\n" not in line
-    assert (out / "results.json").read_text() == '{"my": 1}' and sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert (out / "results.json").read_text() == '{"my": 1}'
+    assert sorted(path.name for path in out.iterdir()) == ["results.json"]

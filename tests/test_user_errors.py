@@ -377,6 +377,11 @@ def case_eval_steps_far_beyond_training(files, tmp_path):
     return ["eval", files / "ckpt", "--task", "binding", "--steps", "1000"], "steps must be at most"
 
 
+def case_train_out_under_a_file(files, tmp_path):
+    return ["train", "--data", files / "corpus.txt", "--out", files / "corpus.txt" / "run", *TINY_TRAIN], \
+        "not a directory"
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 
@@ -451,3 +456,24 @@ def test_options_a_generation_would_not_use_warn_in_one_line(files, capsys):
     assert main(["eval", str(files / "ckpt"), "--task", "binding", "--examples", "4", "--no-progress",
                  "--kl-grid", "0.1"]) == 0
     assert "looplm: warning: --kl-grid sets the KL sweep, which runs with --kl only" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_read_or_written_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """An OSError on a file the user named (no permission: root reads anything, so it is raised here
+    as a non-root user meets it) is one line naming the file; output to a closed pipe ends quietly."""
+    from looplm import cli
+    from looplm.checkpoint import directory
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(directory, "model_config_from_json", denied)
+    line = one_line_error(["generate", files / "ckpt", "--prompt", "x"], capsys)
+    assert "Permission denied" in line and "config.json" in line and "check the permissions" in line
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setitem(cli.HANDLERS, "generate", closed)
+    assert main(["generate", str(files / "ckpt"), "--prompt", "x"]) == 141
+    assert capsys.readouterr().err == ""

@@ -13,18 +13,14 @@ was killed mid-write are removed by ``remove_stale_staging``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from looplm.errors import LoopLMError, listed
+from looplm.errors import FILE_HINTS, LoopLMError, listed, one_line
 
-_HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
-          errno.EROFS: "choose a writable location", errno.EACCES: "check the permissions",
-          errno.EPERM: "check the permissions"}
 STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
@@ -34,8 +30,8 @@ def disk_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        reason = error.strerror or type(error).__name__
-        hint = _HINTS.get(error.errno, "check the path")
+        reason = error.strerror or one_line(error) or type(error).__name__
+        hint = FILE_HINTS.get(error.errno, "check the path")
         raise LoopLMError(f"cannot write {str(path)!r}: {reason}; {hint}") from None
 
 
