@@ -855,8 +855,10 @@ def run_bench_command(args) -> None:
 
     if args.repeats < 1:
         raise LoopLMError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads < 0:
-        raise LoopLMError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    from looplm.config.run import MAX_THREADS
+
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise LoopLMError(f"--threads must be in [0, {MAX_THREADS}] (0: torch's default), got {args.threads}")
     if args.json:
         _check_json_output(args.json, args.overwrite, "figures")
     run_bench(args.json, args.threads, args.compile, args.repeats)

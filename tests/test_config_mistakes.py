@@ -119,6 +119,21 @@ def case_config_file_with_a_misplaced_colon(files, tmp_path):
             ["mapping values are not allowed here at line 2, column 11"])
 
 
+def case_training_settings_out_of_range(files, tmp_path):
+    bad = ["--train.stage2_k", "-1", "--train.threads", "100000"]  # an inverted gate target; OpenMP crashed
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, *bad], ["train.stage2_k must be > 0"]
+
+
+def case_too_many_threads(files, tmp_path):
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--train.threads", "100000"], \
+        ["train.threads must be at most 1024"]
+
+
+def case_a_negative_final_entropy_weight(files, tmp_path):
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--train.entropy_beta_final", "-5"], \
+        ["train.entropy_beta_final must be >= 0"]
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 

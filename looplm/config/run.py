@@ -24,6 +24,9 @@ FITTED_TOKENIZERS = ("bpe", "word", "char", "auto")  # built from the training t
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
+MAX_THREADS = 1024  # CPU threads a run or benchmark may ask for (OpenMP crashed at 100,000)
+
+
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and objective (docs/MATH.md §2, §5 training recipes)."""
@@ -127,6 +130,14 @@ class TrainConfig:
         _check(self.objective in OBJECTIVES,
                f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _check(self.entropy_beta >= 0, f"train.entropy_beta must be >= 0, got {self.entropy_beta}")
+        _check(self.entropy_beta_final is None or self.entropy_beta_final >= 0,
+               f"train.entropy_beta_final must be >= 0, got {self.entropy_beta_final}")
+        _check(self.act_ponder_weight >= 0, f"train.act_ponder_weight must be >= 0, got {self.act_ponder_weight}")
+        _check(self.stage2_k > 0, f"train.stage2_k must be > 0 (the sharpness of Stage II's gate target; a negative"
+               f" one inverts it), got {self.stage2_k}")
+        _check(self.stage2_gamma >= 0, f"train.stage2_gamma must be >= 0, got {self.stage2_gamma}")
+        _check(self.threads <= MAX_THREADS, f"train.threads must be at most {MAX_THREADS} (0: torch's default), got"
+               f" {self.threads}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(self.loop_curriculum_start >= 0 and (not self.loop_curriculum_start or self.loop_curriculum_steps >= 1),
                "train.loop_curriculum_start (0 = off) needs train.loop_curriculum_steps >= 1, got"
