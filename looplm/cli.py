@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -518,6 +519,10 @@ def run_train(args) -> None:
         summary["eval"] = result.last_eval
     print(_train_summary_line(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2))
+    if summary["final_loss"] is not None and not math.isfinite(summary["final_loss"]):
+        raise LoopLMError(f"the run diverged: its last train loss is {summary['final_loss']} (the checkpoint holds"
+                          f" what it reached, {trainer.skipped_steps} steps skipped for non-finite gradients):"
+                          " lower --train.lr or raise --train.warmup_steps, and start it again with --overwrite")
 
 
 def _read_json(path: Path):

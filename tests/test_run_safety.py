@@ -307,3 +307,13 @@ def test_the_trainer_reads_device_values_only_at_log_steps(corpus, tmp_path, mon
     result = trainer.train()
     armed[0] = False
     assert seen == [] and len(result.losses) == 6
+
+
+def test_a_run_that_diverges_says_so(corpus, tmp_path, capsys):
+    """A learning rate that blows the weights up ends the run with a non-finite loss: exit 2 and a
+    line that says so and what to change (it had finished as a success, loss nan)."""
+    capsys.readouterr()
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--train.steps", "3",
+                 "--train.lr", "1e10", *TINY]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("looplm: error: the run diverged") and "lower --train.lr" in last
