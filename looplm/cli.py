@@ -397,6 +397,12 @@ def run_serve(args) -> None:
         raise LoopLMError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queue < 1:
         raise LoopLMError(f"--max-queue must be >= 1, got {args.max_queue}")
+    from looplm.serve.engine import MAX_BATCH, MAX_BATCH_WAIT_MS
+
+    if not 1 <= args.max_batch <= MAX_BATCH:
+        raise LoopLMError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
+    if not 0 <= args.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise LoopLMError(f"--batch-wait-ms must be in [0, {MAX_BATCH_WAIT_MS}], got {args.batch_wait_ms}")
     if args.prefix_cache_mb < 1:
         raise LoopLMError(f"--prefix-cache-mb must be >= 1, got {args.prefix_cache_mb}")
     name = args.model_name or Path(str(args.checkpoint).rstrip("/")).name

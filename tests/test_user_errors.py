@@ -331,6 +331,16 @@ def case_lm_eval_on_cuda_without_cuda(files, tmp_path):
     return ["lm-eval", files / "ckpt", "--tasks", "x", "--device", "cuda"], "CUDA is not available"
 
 
+def case_serve_an_absurd_batch(files, tmp_path):  # it started, then answered every request with 503
+    pytest.importorskip("fastapi")
+    return ["serve", files / "ckpt", "--max-batch", "100000000"], "--max-batch must be in [1, 1024]"
+
+
+def case_serve_waiting_for_ever_to_batch(files, tmp_path):  # it started, then no request was ever answered
+    pytest.importorskip("fastapi")
+    return ["serve", files / "ckpt", "--batch-wait-ms", "1e30"], "--batch-wait-ms must be in [0, 10000]"
+
+
 def case_serve_context_beyond_the_model(files, tmp_path):
     pytest.importorskip("fastapi")
     return ["serve", files / "ckpt", "--max-context", "100000"], "--max-context must be in [1, 64]"

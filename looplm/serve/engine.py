@@ -28,6 +28,8 @@ from looplm.generate import BatchSession, Generation, Settings  # noqa: F401  (S
 from looplm.prefix_cache import PrefixCache
 
 log = logging.getLogger("looplm.serve")
+MAX_BATCH = 1024            # rows of a batch (its cache is made for all of them)
+MAX_BATCH_WAIT_MS = 10_000  # how long a request may wait for others to batch with
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,13 @@ class Engine:
         """max_context: positions per batch row (default the model's context); a batch's cache
         takes max_batch × max_context × ``KVCache.bytes_per_token``.  max_queue: the most unfinished
         jobs (running or waiting) the engine holds; ``submit`` refuses more (``Overloaded``)."""
-        for name, value, least in (("max_batch", max_batch, 1), ("max_context", max_context or 1, 1),
-                                   ("batch_wait_ms", batch_wait_ms, 0), ("max_queue", max_queue, 1)):
-            if value < least:
-                raise LoopLMError(f"{name} must be >= {least}, got {value}")
+        for name, value, least, most in (("max_batch", max_batch, 1, MAX_BATCH),
+                                         ("max_context", max_context or 1, 1, None),
+                                         ("batch_wait_ms", batch_wait_ms, 0, MAX_BATCH_WAIT_MS),
+                                         ("max_queue", max_queue, 1, None)):
+            if not least <= value <= (most or value):
+                raise LoopLMError(f"{name} must be in [{least}, {most}], got {value}" if most else
+                                  f"{name} must be >= {least}, got {value}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
