@@ -808,8 +808,9 @@ def run_prepare(args) -> None:
         repeated = next(path for path, name in zip(args.inputs, named) if named.count(name) > 1)
         raise LoopLMError(f"input {str(repeated)!r} is given more than once: its text would be counted twice; give"
                           " each input once")
-    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, args.vocab_size or 4096, args.val_fraction,
-                          text_field=args.text_field, overwrite=args.overwrite)
+    vocab = {} if args.vocab_size is None else {"bpe_vocab_size": args.vocab_size}  # 0 had become the default
+    meta = prepare_corpus(args.inputs, args.out, args.tokenizer, val_fraction=args.val_fraction,
+                          text_field=args.text_field, overwrite=args.overwrite, **vocab)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens"
           f" ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
 
@@ -838,10 +839,10 @@ def run_lm_eval(args) -> None:
         from looplm.checkpoint.atomic import check_parent_directory
 
         check_parent_directory(args.out)
-    if args.limit is not None and not args.limit > 0:
-        raise LoopLMError(f"--limit must be > 0 (examples per task, or a fraction below 1), got {args.limit}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise LoopLMError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and not 0 < args.limit <= 2**31:
+        raise LoopLMError(f"--limit must be in (0, 2**31] (examples per task, or a fraction below 1), got {args.limit}")
+    if args.num_fewshot is not None and not 0 <= args.num_fewshot <= 1024:
+        raise LoopLMError(f"--num-fewshot must be in [0, 1024], got {args.num_fewshot}")
     if str(args.device).startswith("cuda"):  # asked for by name here (lm_eval's own default is cuda:0)
         from looplm.device import resolve_device
 

@@ -134,6 +134,21 @@ def case_a_negative_final_entropy_weight(files, tmp_path):
         ["train.entropy_beta_final must be >= 0"]
 
 
+def case_an_astronomical_batch(files, tmp_path):  # a torch overflow traceback
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--train.batch_size", "10" + "0" * 29], \
+        ["train.batch_size must be <= 16777216"]
+
+
+def case_a_bpe_vocabulary_beyond_any_model(files, tmp_path):  # the tokenizer trainer aborted the process
+    return ["prepare", files / "corpus.txt", "--out", tmp_path / "p", "--tokenizer", "bpe", "--vocab-size",
+            "4294967296"], ["more than a model takes"]
+
+
+def case_a_zero_bpe_vocabulary(files, tmp_path):  # it had silently become 4096
+    return ["prepare", files / "corpus.txt", "--out", tmp_path / "p", "--tokenizer", "bpe", "--vocab-size", "0"], \
+        ["BPE vocab_size 0 is too small"]
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 

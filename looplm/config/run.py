@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from looplm.config.model import ModelConfig
+from looplm.config.model import MAX_SETTING, ModelConfig
 from looplm.config.values import check as _check
 from looplm.config.values import check_finite, dataclass_items, from_dict
 from looplm.errors import LoopLMError
@@ -100,6 +100,9 @@ class TrainConfig:
         check_finite(dataclass_items(self), "train")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_last"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "seq_len", "grad_accum"):  # sizes of tensors: 10**30 overflowed torch
+            _check(getattr(self, name) <= MAX_SETTING,
+                   f"train.{name} must be <= {MAX_SETTING}, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "threads"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(0 <= self.seed <= MAX_SEED, f"train.seed must be in [0, 2**32 - 1 = {MAX_SEED}], got {self.seed}")

@@ -27,6 +27,7 @@ from tokenizers import decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from looplm.checkpoint.atomic import atomic_write_text
+from looplm.config.model import MAX_VOCAB
 from looplm.errors import JSON_ERRORS, LoopLMError, is_int
 from looplm.file_names import TOKENIZER_FILE
 
@@ -208,6 +209,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
             f"BPE vocab_size {vocab_size!r} is too small: use an integer of at least {MIN_BPE_VOCAB_SIZE} "
             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"
         )
+    if vocab_size > MAX_VOCAB:  # the trainer aborts the process on sizes near 2**32
+        raise LoopLMError(f"BPE vocab_size {vocab_size:,} is more than a model takes ({MAX_VOCAB:,}): use a smaller"
+                          " one")
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
