@@ -848,9 +848,15 @@ def run_lm_eval(args) -> None:
 
         resolve_device(args.device, "--device", "use --device cpu or auto")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
-                       dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,
-                       limit=limit, num_fewshot=args.num_fewshot)
+    try:
+        results = evaluate(args.checkpoint, args.tasks, steps=args.steps, exit=args.exit, device=args.device,
+                           dtype=args.dtype, batch_size=args.batch_size, include_path=args.include_path or None,
+                           limit=limit, num_fewshot=args.num_fewshot)
+    except ValueError as error:  # lm-eval's sampler draws the few-shot examples from the task's own
+        if args.num_fewshot and "larger than population" in str(error):
+            raise LoopLMError(f"--num-fewshot {args.num_fewshot} is more than a task here has examples to draw from:"
+                              " lower it") from None
+        raise
     from lm_eval.utils import make_table
 
     print(make_table(results))
