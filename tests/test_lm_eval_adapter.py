@@ -331,6 +331,13 @@ def test_evaluate_takes_an_in_memory_model(model, offline_lm_eval):
     assert "acc,none" in results["results"]["looplm_choice"]
 
 
+def test_cli_reports_more_fewshot_examples_than_a_task_has_in_one_line(checkpoint, offline_lm_eval, capsys):
+    assert main(["lm-eval", str(checkpoint), "--tasks", "looplm_choice", "--include-path", str(DATA), "--limit", "2",
+                 "--num-fewshot", "10"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("looplm: error: --num-fewshot 10 is more than") and "lower it" in error
+
+
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["lm-eval", str(tmp_path / "nothing"), "--tasks", "looplm_choice", "--include-path", str(DATA)]) == 2
     error = capsys.readouterr().err.strip()
