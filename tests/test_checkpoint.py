@@ -298,3 +298,21 @@ def test_ouro_weights_with_too_few_layers_or_nan_values(tmp_path):
     save_file(tensors, ouro / "model.safetensors")
     with pytest.warns(UserWarning, match=r"hold non-finite values \(model.norm.weight\)"):
         load_ouro(ouro)
+
+
+def test_a_saved_checkpoint_is_readable_as_the_users_other_files(tmp_path):
+    """safetensors creates its file with mode 0600 whatever the umask: the weights are made as
+    readable as config.json, so a server running as another account can load them."""
+    import os
+
+    from looplm.model import LoopLM
+
+    from conftest import tiny_config
+
+    mask = os.umask(0o022)
+    try:
+        LoopLM(tiny_config()).save(tmp_path / "ckpt")
+    finally:
+        os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "ckpt").iterdir()}
+    assert modes["model.safetensors"] == 0o644 == modes["config.json"], modes

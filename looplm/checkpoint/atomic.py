@@ -35,6 +35,18 @@ def disk_errors(path: str | Path) -> Iterator[None]:
         raise LoopLMError(f"cannot write {str(path)!r}: {reason}; {hint}") from None
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, the file then readable as the user's other new files are:
+    the library creates it with mode 0600 whatever the umask, so another account (a server's) could
+    not read a checkpoint."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0o022)  # read the umask (set back at once)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync_directory(directory: Path) -> None:
     try:
         descriptor = os.open(directory, os.O_RDONLY)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from looplm.checkpoint.atomic import save_safetensors
 from looplm.checkpoint.stored import StoredModel
 from looplm.config import ModelConfig, model_config_from_json
 from looplm.errors import LoopLMError
@@ -59,8 +60,8 @@ def write_model_files(config: ModelConfig, weights: dict[str, torch.Tensor], dir
                               " as in an int8 (looplm.quant) or packed ternary model, which is for inference only"
                               " (export_gguf writes packed weights)")
     (directory / CONFIG_FILE).write_text(config_json(config), encoding="utf-8")
-    save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()},
-              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors({name: tensor.detach().contiguous() for name, tensor in weights.items()},
+                     directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from looplm.checkpoint.atomic import save_safetensors
 from looplm.errors import JSON_ERRORS, LoopLMError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -103,11 +104,11 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
         shards[-1][name] = tensor
         size += _tensor_bytes(tensor)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
         return [WEIGHTS_FILE]
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        save_safetensors(shard, directory / name, metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(_tensor_bytes(t) for t in tensors.values())},
              "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
