@@ -54,3 +54,12 @@ def file_error_line(error: OSError) -> str | None:
         return None
     where = f" {str(error.filename)!r}" if error.filename else ""
     return f"{error.strerror or one_line(error)}:{where}; {FILE_HINTS[error.errno]}"
+
+
+def check_readable(path) -> None:
+    """Open ``path`` for reading once, so a file that cannot be read is named as such (a library
+    opening it may report another reason: safetensors says "No such file" for no permission)."""
+    try:
+        open(path, "rb").close()
+    except OSError as error:
+        raise LoopLMError(f"cannot read {str(path)!r}: {file_error_line(error) or one_line(error)}") from None

@@ -316,3 +316,28 @@ def test_a_saved_checkpoint_is_readable_as_the_users_other_files(tmp_path):
         os.umask(mask)
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "ckpt").iterdir()}
     assert modes["model.safetensors"] == 0o644 == modes["config.json"], modes
+
+
+def test_a_file_that_cannot_be_read_is_named_as_such(tmp_path, monkeypatch):
+    """Before safetensors opens the weights (it reports no permission as "No such file"), the file
+    is opened once, so the message says what is wrong with it."""
+    import errno
+    import os
+
+    from looplm.errors import LoopLMError
+    from looplm.model import LoopLM
+    from looplm.model.loading import load_model
+
+    from conftest import tiny_config
+
+    LoopLM(tiny_config()).save(tmp_path / "ckpt")
+    real_open = open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith("model.safetensors"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(LoopLMError, match="cannot read .*model.safetensors.*Permission denied.*check the permissions"):
+        load_model(tmp_path / "ckpt")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from looplm.checkpoint.atomic import save_safetensors
 from looplm.checkpoint.stored import StoredModel
 from looplm.config import ModelConfig, model_config_from_json
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, check_readable
 from looplm.file_names import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -90,6 +90,7 @@ def read_directory(path: str | Path, device: str | torch.device = "cpu") -> Stor
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise LoopLMError(f"missing {WEIGHTS_FILE} in {str(directory)!r}: the checkpoint is incomplete")
+    check_readable(weights_path)
     try:
         weights = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as error:

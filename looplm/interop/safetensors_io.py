@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from looplm.checkpoint.atomic import save_safetensors
-from looplm.errors import JSON_ERRORS, LoopLMError
+from looplm.errors import JSON_ERRORS, LoopLMError, check_readable
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,6 +41,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def _load_one(path: Path) -> dict[str, torch.Tensor]:
+    check_readable(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
