@@ -487,3 +487,17 @@ def test_a_file_that_cannot_be_read_or_written_is_one_line(files, tmp_path, caps
     monkeypatch.setitem(cli.HANDLERS, "generate", closed)
     assert main(["generate", str(files / "ckpt"), "--prompt", "x"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_under_safetensors_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """safetensors reports a failed write as its own error ending "(os error 28)": one line too."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    line = one_line_error(["convert", "hf", files / "ckpt", tmp_path / "out"], capsys)
+    assert "No space left on device" in line and "free some disk space" in line
+    assert not (tmp_path / "out").exists() and not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]

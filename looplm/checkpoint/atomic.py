@@ -39,9 +39,16 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
     """``safetensors.torch.save_file``, the file then readable as the user's other new files are:
     the library creates it with mode 0600 whatever the umask, so another account (a server's) could
     not read a checkpoint."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:  # its I/O errors end "(os error N)": an OSError, e.g. a full disk
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     mask = os.umask(0o022)  # read the umask (set back at once)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
