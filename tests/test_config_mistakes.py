@@ -149,6 +149,16 @@ def case_a_zero_bpe_vocabulary(files, tmp_path):  # it had silently become 4096
         ["BPE vocab_size 0 is too small"]
 
 
+def case_a_default_exit_out_of_its_range(files, tmp_path):  # trained, exported, then refused at generate
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--model.default_exit", "q:2"], \
+        ["model.default_exit 'q:2': q must be in [0, 1]"]
+
+
+def case_more_default_steps_than_a_decoder_runs(files, tmp_path):
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--model.max_loop_steps", "100"], \
+        ["which is at most 8, got 1, 100"]
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 

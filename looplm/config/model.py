@@ -281,11 +281,18 @@ class ExitConfig(_Group):
 
     def check(self, model: "ModelConfig") -> None:
         check(0 < self.act_threshold <= 1, f"model.act_threshold must be in (0, 1], got {self.act_threshold}")
-        check(self.min_loop_steps >= 1 and self.max_loop_steps >= 0
-              and (not self.max_loop_steps or self.min_loop_steps <= self.max_loop_steps),
-              "model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T), got"
-              f" {self.min_loop_steps}, {self.max_loop_steps}")
+        from looplm.exit_policy import MAX_STEPS_FACTOR, parse_exit
+
+        most = MAX_STEPS_FACTOR * model.loop_steps  # what a decoder runs at most
+        check(self.min_loop_steps >= 1 and 0 <= self.max_loop_steps <= most
+              and self.min_loop_steps <= (self.max_loop_steps or model.loop_steps),
+              f"model.min_loop_steps must be >= 1 and at most model.max_loop_steps (0 = the trained T ="
+              f" {model.loop_steps}), which is at most {most}, got {self.min_loop_steps}, {self.max_loop_steps}")
         parse_exit_spec(self.default_exit)  # a one-line error for a policy that does not parse
+        try:
+            parse_exit(self.default_exit)  # and for one whose number is out of its range
+        except LoopLMError as error:
+            raise LoopLMError(f"model.default_exit {self.default_exit!r}: {error}") from None
         check(not self.act_mixing or (self.exit_gate and not model.step_norm),
               "model.act_mixing reads halting probabilities from the loop state with the exit gate: it needs"
               " model.exit_gate=true and model.step_norm=false")
