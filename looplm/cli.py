@@ -772,7 +772,12 @@ def run_export(args) -> None:
     defaults = {key: value for key, value in (("default_exit", args.exit), ("min_loop_steps", args.min_steps),
                                               ("max_loop_steps", args.max_steps)) if value is not None}
     if defaults:  # the inference defaults the file records (validated like any config, then as a decoder would)
-        model.config = from_dict(ModelConfig, {**model.config.to_dict(), **defaults}, "model")
+        flags = " ".join(f"--{flag} {value}" for flag, value in (("exit", args.exit), ("min-steps", args.min_steps),
+                                                                 ("max-steps", args.max_steps)) if value is not None)
+        try:
+            model.config = from_dict(ModelConfig, {**model.config.to_dict(), **defaults}, "model")
+        except LoopLMError as error:
+            raise LoopLMError(f"{flags}: {error}") from None
         _check_recorded_policy(model.config)
     path = export_gguf(model, args.output, args.dtype, load_checkpoint_tokenizer(args.checkpoint), args.force)
     print(f"wrote {path} ({args.dtype}, {model.num_parameters():,} parameters, {path.stat().st_size:,} bytes)")

@@ -301,12 +301,13 @@ def case_export_a_q_exit_threshold_above_one(files, tmp_path):
 
 
 def case_export_more_steps_than_decoders_run(files, tmp_path):
-    return ["export", "gguf", files / "ckpt", tmp_path / "m.gguf", "--max-steps", "100"], "steps must be at most"
+    return ["export", "gguf", files / "ckpt", tmp_path / "m.gguf", "--max-steps", "100"], \
+        "--max-steps 100: model.min_loop_steps must be >= 1 and at most model.max_loop_steps"
 
 
 def case_export_min_steps_beyond_the_depth(files, tmp_path):
     return ["export", "gguf", files / "ckpt", tmp_path / "m.gguf", "--exit", "q:0.5", "--min-steps", "5"], \
-        "exceeds the 3 loop steps"
+        "--exit q:0.5 --min-steps 5: model.min_loop_steps must be >= 1 and at most"
 
 
 def case_generate_min_steps_beyond_the_depth(files, tmp_path):
