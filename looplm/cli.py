@@ -619,6 +619,9 @@ def run_generate(args) -> None:
     if args.no_stream:
         print(result.text, end="")
     print()
+    if not result.ids and result.stop_reason == "context" and args.max_new_tokens:
+        print(f"looplm generate: the prompt fills the model's context of {model.config.max_seq_len} tokens: nothing"
+              " was generated (shorten it)", file=sys.stderr)
     if args.show_steps:
         print(f"steps per token: {result.steps}  (mean {result.mean_steps:.2f}; stop: {result.stop_reason})",
               file=sys.stderr)
@@ -648,8 +651,8 @@ def _grid(text: str | None, default: tuple, name: str, upper: float | None = Non
         values = tuple(float(item) for item in text.split(","))
     except ValueError:
         raise LoopLMError(f"{name} must be comma-separated numbers, e.g. 0.1,0.5,0.9; got {text!r}") from None
-    if any(not value >= 0 or (upper is not None and value > upper) for value in values):
-        bounds = f"in [0, {upper:g}]" if upper is not None else ">= 0"
+    if any(not (math.isfinite(value) and value >= 0) or (upper is not None and value > upper) for value in values):
+        bounds = f"in [0, {upper:g}]" if upper is not None else "finite and >= 0"
         raise LoopLMError(f"{name} values must be {bounds}, got {text!r}")
     return values
 
@@ -669,8 +672,8 @@ def run_eval(args) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise LoopLMError(f"--steps must be >= 1, got {args.steps}")
-    if args.examples < 1:
-        raise LoopLMError(f"--examples must be >= 1, got {args.examples}")
+    if not 1 <= args.examples <= 2**24:
+        raise LoopLMError(f"--examples must be in [1, 2**24], got {args.examples}")
     if bool(args.data) == bool(args.task):
         raise LoopLMError("give exactly one of --data FILE or --task NAME")
     if args.kl_grid and not args.kl:

@@ -393,6 +393,14 @@ def case_train_out_under_a_file(files, tmp_path):
         "not a directory"
 
 
+def case_eval_an_infinite_epsilon_grid(files, tmp_path):  # it had been refused only after the evaluation ran
+    return ["eval", files / "ckpt", "--task", "binding", "--epsilon-grid", "0.1,inf"], "finite and >= 0"
+
+
+def case_eval_astronomically_many_examples(files, tmp_path):  # it ran until killed
+    return ["eval", files / "ckpt", "--task", "binding", "--examples", "1" + "0" * 30], "--examples must be in [1"
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 
@@ -440,6 +448,8 @@ def test_no_new_tokens_and_a_prompt_filling_the_context_are_not_mistakes(files, 
     for argv in (["--prompt", "ab", "--max-new-tokens", "0"], ["--prompt", full], ["--prompt", full, "--prompt", "ab"]):
         capsys.readouterr()
         assert main(["generate", str(files / "ckpt"), "--no-stream", *argv]) == 0, capsys.readouterr().err
+        if argv == ["--prompt", full]:  # said, not silent
+            assert "the prompt fills the model's context of 64 tokens" in capsys.readouterr().err
 
 
 def test_eval_reads_the_tokenizer_a_gguf_file_carries(files, capsys):
