@@ -80,7 +80,8 @@ def test_a_fresh_run_into_a_used_directory_is_refused_or_started_clean(corpus, t
     (run / "data" / "0123abcd" / "meta.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     line = error_of(capsys, "--data", corpus, "--out", run, "--train.steps", "2", *TINY)
-    assert "already holds a run" in line and "--overwrite" in line
+    assert "the start of a run that saved no checkpoint" in line and "--overwrite" in line
+    assert "--resume" not in line  # which would answer "nothing to resume"
     assert train("--data", corpus, "--out", run, "--train.steps", "2", "--overwrite", "--train.log_every", "1",
                  *TINY) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

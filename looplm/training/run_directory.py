@@ -76,6 +76,9 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
         if foreign:
             raise LoopLMError(f"--out {str(out_dir)!r} holds {listed(foreign)}, which no run writes: choose a new or"
                               " empty directory for the run (--overwrite only replaces a run)")
+        if not overwrite and not any((out_dir / "checkpoints").glob("step_*")):  # nothing --resume could take
+            raise LoopLMError(f"{str(out_dir)!r} holds the start of a run that saved no checkpoint: pass --overwrite"
+                              " to start it again, or choose another --out")
         if not overwrite:
             raise LoopLMError(f"{str(out_dir)!r} already holds a run: pass --resume to continue it, --overwrite to"
                               " start it again, or choose another --out")
