@@ -196,6 +196,6 @@ def test_a_fresh_run_refuses_the_metrics_of_a_run_killed_before_its_first_save(c
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert metrics and not (run_dir / "checkpoints").exists()
     config.data = DataConfig(path=str(b))
-    with pytest.raises(LoopLMError, match="already holds a run: pass --resume to continue it, --overwrite"):
+    with pytest.raises(LoopLMError, match="holds the start of a run that saved no checkpoint: pass --overwrite"):
         Trainer(config, run_dir, progress=False)
     assert (run_dir / "metrics.jsonl").read_text() == metrics
