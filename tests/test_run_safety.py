@@ -318,3 +318,20 @@ def test_a_run_that_diverges_says_so(corpus, tmp_path, capsys):
                  "--train.lr", "1e10", *TINY]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("looplm: error: the run diverged") and "lower --train.lr" in last
+
+
+def test_resuming_after_the_data_changed_is_refused(tmp_path, capsys):
+    """--resume continues exactly: a data file edited since the run started would be tokenized anew
+    and trained on without a word, so it is refused, and the run is left as it was."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("the loop runs again and again. " * 200)
+    run = tmp_path / "run"
+    assert train("--data", data, "--out", run, "--train.steps", "2", "--train.save_every", "1", *TINY) == 0
+    before = sorted(str(path.relative_to(run)) for path in run.rglob("*"))
+    original = data.read_text()
+    data.write_text(original + "a sentence added later. " * 50)
+    line = error_of(capsys, "--out", run, "--resume", "--train.steps", "3", "--no-progress")
+    assert "has changed since this run started" in line and "--overwrite" in line, line
+    assert sorted(str(path.relative_to(run)) for path in run.rglob("*")) == before
+    data.write_text(original)
+    assert train("--out", run, "--resume", "--train.steps", "3", "--no-progress") == 0

@@ -39,7 +39,7 @@ from looplm.data.provenance import tokenizer_digest
 from looplm.data.source import TrainingData, open_training_data, prepared_directory
 from looplm.data.tokenizer import Tokenizer, byte_tokenizer, load_tokenizer
 from looplm.device import resolve_device
-from looplm.errors import LoopLMError, is_int
+from looplm.errors import LoopLMError, is_int, listed
 from looplm.eval.depth import accuracy_by_step, loss_by_step
 from looplm.file_names import RUN_CONFIG_FILE, TRAIN_STATE_FILE
 from looplm.model.lm import LoopLM
@@ -143,8 +143,16 @@ class Trainer:
                 check_prepared_data(source, run.data)  # before anything is tokenized
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
+        shards = self.out_dir / "data"
+        before = {entry.name for entry in shards.iterdir()} if resume and shards.is_dir() else set()
         self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
                                                self.out_dir, config.seed)
+        if before and (new := {entry.name for entry in shards.iterdir()} - before):  # raw text tokenized anew
+            for name in new:  # this call's own directory: the run is left as it was
+                shutil.rmtree(shards / name, ignore_errors=True)
+            raise LoopLMError(f"--data {run.data.path} has changed since this run started (its text tokenizes to"
+                              f" new shards, not {listed(sorted(before))} in {str(shards)!r}): resuming would go on"
+                              " with other data; restore it, or start the run again with --overwrite")
         if data is None and self.dist.main and self.dist.active:
             self.dist.barrier()
         self.tokenizer = self.data.tokenizer
