@@ -335,3 +335,13 @@ def test_resuming_after_the_data_changed_is_refused(tmp_path, capsys):
     assert sorted(str(path.relative_to(run)) for path in run.rglob("*")) == before
     data.write_text(original)
     assert train("--out", run, "--resume", "--train.steps", "3", "--no-progress") == 0
+
+
+def test_resuming_from_another_directory_says_where_the_data_path_is_relative_to(tmp_path, capsys, monkeypatch):
+    """A run started with a relative --data records it so: resumed from elsewhere, the line says so."""
+    (tmp_path / "corpus.txt").write_text("the loop runs again and again. " * 200)
+    monkeypatch.chdir(tmp_path)
+    assert train("--data", "corpus.txt", "--out", "run", "--train.steps", "1", *TINY) == 0
+    monkeypatch.chdir(tmp_path / "run")
+    line = error_of(capsys, "--out", tmp_path / "run", "--resume", "--train.steps", "2", "--no-progress")
+    assert "'corpus.txt' is recorded relative to the directory the run was started from" in line, line

@@ -143,6 +143,11 @@ class Trainer:
                 check_prepared_data(source, run.data)  # before anything is tokenized
         if data is None and not self.dist.main:
             self.dist.barrier()  # rank 0 tokenizes the data into the run directory first
+        recorded = run.data.path
+        if (resume and data is None and recorded and not str(recorded).startswith("hf:")
+                and not Path(recorded).is_absolute() and not Path(recorded).exists()):
+            raise LoopLMError(f"this run's data {recorded!r} is recorded relative to the directory the run was started"
+                              " from, and is not found from here: resume from that directory")
         shards = self.out_dir / "data"
         before = {entry.name for entry in shards.iterdir()} if resume and shards.is_dir() else set()
         self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
