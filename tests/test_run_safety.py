@@ -345,3 +345,10 @@ def test_resuming_from_another_directory_says_where_the_data_path_is_relative_to
     monkeypatch.chdir(tmp_path / "run")
     line = error_of(capsys, "--out", tmp_path / "run", "--resume", "--train.steps", "2", "--no-progress")
     assert "'corpus.txt' is recorded relative to the directory the run was started from" in line, line
+
+
+def test_a_run_that_cannot_start_leaves_no_directories_behind(tmp_path, monkeypatch, capsys):
+    """No data given: one line, and the default run directory's parents made for it are gone too."""
+    monkeypatch.chdir(tmp_path)
+    assert "no training data" in error_of(capsys, "--no-progress")
+    assert list(tmp_path.iterdir()) == []

@@ -114,6 +114,7 @@ class Trainer:
             raise LoopLMError(f"train.batch_size={config.batch_size} is the global batch: it must divide by the"
                               f" {self.dist.world} processes")
         existed = self.out_dir.exists()
+        made = [path for path in self.out_dir.absolute().parents if not path.exists()]  # made with the run's directory
         self.lock = DirectoryLock(self.out_dir)  # held from here to the end of ``train`` (rank 0)
         if self.dist.main:
             if existed and self.out_dir.is_dir():  # (a new directory is made, and locked, once it is checked)
@@ -129,6 +130,9 @@ class Trainer:
             if fresh and self.dist.main:  # a run that failed before it began leaves the directory as it was
                 for path in [self.out_dir] if not existed else list(self.out_dir.iterdir()):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                for path in made:  # and the parents made for it (deepest first), while empty
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
             self.lock.release()
             raise
 
