@@ -249,6 +249,9 @@ def _break(directory, how):
     elif how == "no weights":
         weights_path.unlink()
         return
+    elif how == "broken tokenizer":  # it had been copied through, to fail only at generate
+        (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nothing"}}')
+        return
     elif how == "missing shard":
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {name: "model-00002-of-00002.safetensors" for name in tensors}}))
@@ -261,7 +264,7 @@ def _break(directory, how):
 
 @pytest.mark.parametrize("how", ["missing tensor", "wrong shape", "extra tensor", "bad json", "missing key",
                                  "wrong model type", "sliding window", "truncated weights", "no weights",
-                                 "missing shard"])
+                                 "missing shard", "broken tokenizer"])
 def test_broken_ouro_checkpoints_fail_with_one_line(tmp_path, capsys, how):
     write_ouro(tmp_path / "ouro", TINY_OURO, ouro_tensors(TINY_OURO))
     _break(tmp_path / "ouro", how)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from looplm.checkpoint.atomic import refuse_overlap
 from looplm.checkpoint.directory import HF_TOKENIZER_FILES
-from looplm.errors import LoopLMError
+from looplm.errors import LoopLMError, one_line
+from looplm.file_names import TOKENIZER_FILE
 
 
 def check_source(source: str | Path) -> Path:
@@ -39,4 +40,12 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     copied = [name for name in HF_TOKENIZER_FILES if (Path(source) / name).is_file()]  # copied through unchanged
     for name in copied:
         shutil.copyfile(Path(source) / name, Path(destination) / name)
+    if TOKENIZER_FILE in copied:  # one looplm cannot read would fail only later, at generate
+        from looplm.data.tokenizer import Tokenizer
+
+        try:
+            Tokenizer.from_file(Path(destination))
+        except Exception as error:  # noqa: BLE001 - whatever the tokenizers library says of it
+            raise LoopLMError(f"{str(Path(source) / TOKENIZER_FILE)!r} is not a tokenizer looplm can read"
+                              f" ({one_line(error)[:200]}): fix it, or convert without it") from None
     return copied
