@@ -130,5 +130,13 @@ def test_a_run_written_by_looplm_0_1_resumes(tmp_path, monkeypatch):
     assert sorted(os.listdir(copy / "run" / "checkpoints"))[-1] == "step_0000006"
 
 
+def test_a_run_written_by_looplm_0_1_is_all_a_runs_own(tmp_path):
+    """Its shards lie in data/ itself: --overwrite may replace them (nothing there is the user's)."""
+    from looplm.training.run_directory import foreign_entries
+
+    run = LEGACY / "run"
+    assert foreign_entries(run, sorted(run.iterdir())) == []
+
+
 def test_torch_empty_is_nan_filled_in_tests():
     assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.zeros(2, 2))).all()

@@ -34,6 +34,7 @@ RUN_ENTRIES = frozenset({RUN_CONFIG_FILE, METRICS_FILE, "checkpoints", "data", T
 # ... and into two of those: checkpoints/step_N, and data/<fingerprint> (a prepared shard directory,
 # with its meta.json); staging entries of an interrupted save in either
 CHECKPOINT_ENTRY = re.compile(r"^step_\d+$")
+LEGACY_DATA_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 
 
 def _run_written(directory: Path, entry: Path) -> bool:
@@ -42,6 +43,8 @@ def _run_written(directory: Path, entry: Path) -> bool:
         return True
     if directory.name == "checkpoints":
         return bool(CHECKPOINT_ENTRY.match(entry.name)) and entry.is_dir() and not entry.is_symlink()
+    if entry.name in LEGACY_DATA_FILES and entry.is_file():  # looplm 0.1 wrote its shards into data/ itself
+        return True
     return entry.is_dir() and not entry.is_symlink() and (entry / "meta.json").is_file()
 
 
