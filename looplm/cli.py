@@ -788,15 +788,11 @@ def run_export(args) -> None:
 
 
 def _check_recorded_policy(config) -> None:
-    """Refuse loop defaults a decoder would refuse or ignore, before a file records them."""
-    from looplm.exit_policy import check_depth, default_exit_policy
+    """Refuse loop defaults a decoder would refuse, before a file records them (the model config has
+    checked their steps: at most 4·T, min_steps within them)."""
+    from looplm.exit_policy import default_exit_policy
 
     policy = default_exit_policy(config)
-    check_depth(policy, config.loop_steps)
-    most = policy.max_steps(config.loop_steps)
-    if config.min_loop_steps > most:
-        raise LoopLMError(f"--min-steps {config.min_loop_steps} exceeds the {most} loop steps the file would record:"
-                          " lower it or raise --max-steps")
     if policy.needs_gate and not config.exit_gate:
         raise LoopLMError(f"--exit {config.default_exit} needs a model with an exit gate: record static, hidden:<eps>,"
                           " kl:<eps> or ppl:<x>")

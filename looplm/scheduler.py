@@ -148,10 +148,10 @@ class Scheduler:
                   policy.threshold if policy.signal is Signal.GATE else None, plain_exit=plain,
                   min_steps=getattr(policy, "min_steps", 1))
         try:
-            view = self.cache.row(row.slot)
             if prefix_cache is None and getattr(self.stepper, "prefill_rows", None) is not None \
                     and self.stepper.prefills_rows(len(prompt)):  # the stepper's own forward (C rows)
-                self._replay(row, self.stepper.prefill_rows(list(prompt), row.slot, max_steps, view), head=self.stepper)
+                readouts = self.stepper.prefill_rows(list(prompt), row.slot, max_steps, self.cache.row(row.slot))
+                self._replay(row, readouts, head=self.stepper)
                 return row
             if prefix_cache is None and row.whole_token and self.stepper.prefills_tokens(len(prompt), max_steps):
                 self.stepper.prefill_tokens(prompt[:-1], max_steps)  # the last token decides on its way
@@ -160,6 +160,7 @@ class Scheduler:
                 self.finish_token(row)
                 row.layer_applications = row.full_depth_applications = 0
                 return row
+            view = self.cache.row(row.slot)
             ids = torch.tensor([list(prompt)], device=self.device)
             with torch.no_grad():
                 output = (prefix_cache.prefill(self.model, list(prompt), view, max_steps) if prefix_cache is not None
