@@ -62,4 +62,5 @@ def check_readable(path) -> None:
     try:
         open(path, "rb").close()
     except OSError as error:
-        raise LoopLMError(f"cannot read {str(path)!r}: {file_error_line(error) or one_line(error)}") from None
+        hint = f"; {FILE_HINTS[error.errno]}" if error.errno in FILE_HINTS else ""
+        raise LoopLMError(f"cannot read {str(path)!r}: {error.strerror or one_line(error)}{hint}") from None

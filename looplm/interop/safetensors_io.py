@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from looplm.checkpoint.atomic import save_safetensors
 from looplm.errors import JSON_ERRORS, LoopLMError, check_readable
+from looplm.file_names import WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -169,7 +169,6 @@ def create_app(model, tokenizer, config: ServerConfig = ServerConfig(), engine: 
     async def user_error(request: Request, error: LoopLMError):
         return ErrorResponse(error_body(_shortened(str(error))), status_code=400)
 
-
     def prepare(request: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int, Settings]:
         if (reason := request.unsupported()) is not None:
             raise LoopLMError(reason)

@@ -68,7 +68,8 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
         raise LoopLMError(f"--out {str(out_dir)!r} is a file: give a directory for the run")
     if resume and overwrite:
         raise LoopLMError("choose --resume (continue the run in --out) or --overwrite (start it again), not both")
-    if resume and not any((out_dir / "checkpoints").glob("step_*")):  # before anything is written there
+    saved = any((out_dir / "checkpoints").glob("step_*"))
+    if resume and not saved:  # before anything is written there
         raise LoopLMError(f"nothing to resume in {str(out_dir)!r}: no checkpoints/step_* found (start the run"
                           " without --resume)")
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
@@ -79,7 +80,7 @@ def prepare_run_directory(out_dir: Path, run: RunConfig, resume: bool, overwrite
         if foreign:
             raise LoopLMError(f"--out {str(out_dir)!r} holds {listed(foreign)}, which no run writes: choose a new or"
                               " empty directory for the run (--overwrite only replaces a run)")
-        if not overwrite and not any((out_dir / "checkpoints").glob("step_*")):  # nothing --resume could take
+        if not overwrite and not saved:  # nothing --resume could take
             raise LoopLMError(f"{str(out_dir)!r} holds the start of a run that saved no checkpoint: pass --overwrite"
                               " to start it again, or choose another --out")
         if not overwrite:

@@ -153,12 +153,16 @@ class Trainer:
             raise LoopLMError(f"this run's data {recorded!r} is recorded relative to the directory the run was started"
                               " from, and is not found from here: resume from that directory")
         shards = self.out_dir / "data"
-        # the shard directories the run tokenized its text into (data/<fingerprint>; looplm 0.1 wrote
-        # its shards into data/ itself, and a resume tokenizes them anew)
-        before = {entry.name for entry in shards.iterdir() if entry.is_dir()} if resume and shards.is_dir() else set()
+
+        def shard_directories() -> set[str]:
+            """The shard directories the run tokenized its text into (data/<fingerprint>; looplm 0.1
+            wrote its shards into data/ itself, and a resume tokenizes them anew)."""
+            return {entry.name for entry in shards.iterdir() if entry.is_dir()} if shards.is_dir() else set()
+
+        before = shard_directories() if resume else set()
         self.data = data or open_training_data(run.data, config.batch_size, config.seq_len, config.eval_batches,
                                                self.out_dir, config.seed)
-        if before and (new := {entry.name for entry in shards.iterdir() if entry.is_dir()} - before):  # tokenized anew
+        if before and (new := shard_directories() - before):  # tokenized anew
             for name in new:  # this call's own directory: the run is left as it was
                 shutil.rmtree(shards / name, ignore_errors=True)
             raise LoopLMError(f"--data {run.data.path} has changed since this run started (its text tokenizes to"
