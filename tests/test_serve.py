@@ -288,6 +288,10 @@ def test_openai_fields_that_ask_for_nothing_are_accepted(server):
     response = client.post("/v1/completions", json=neutral)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == expected
+    from looplm.serve.protocol import HARMLESS, UNSUPPORTED, ChatRequest, CompletionRequest
+
+    for request in (CompletionRequest, ChatRequest):  # each named OpenAI field is one the requests declare
+        assert {*UNSUPPORTED, *HARMLESS} <= set(request.model_fields)
     refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}],
                                                         "logit_bias": {"7": 5}})
     assert refused.status_code == 400

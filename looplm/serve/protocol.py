@@ -239,8 +239,7 @@ def _close_field(path: list[str]) -> str:
     """", did you mean X?" for another name or a misspelling of a request field, else ""."""
     if len(path) != 1:
         return ""
-    known = ("exit", "steps", "min_steps", "layout", "top_k", "max_tokens", "max_completion_tokens", "temperature",
-             "top_p", "stop", "stream", "stream_options", "seed", "prompt", "messages")
+    known = sorted({*CompletionRequest.model_fields, *ChatRequest.model_fields} - {*UNSUPPORTED, *HARMLESS})
     close = [FIELD_ALIASES[path[0]]] if path[0] in FIELD_ALIASES else difflib.get_close_matches(path[0], known, 1, 0.85)
     return f" (did you mean {close[0]}?)" if close else ""
 
