@@ -11,8 +11,9 @@ previous commit's, every figure measured in the same run.
      Stop ids are off, as for every model here: after its one-token answer the model goes on past
      anything it was trained on, and its gate lets most of those tokens out at step 1 (~1.2 steps
      against ~3.2 for the answers), so the demo's X is mostly those tokens';
-   - with ``--text-model CKPT --text-shards DIR``, a looped model trained on text (the text
-     study's Stage II run: real exits on real text), prompts of 32 tokens from the shards' val split.
+   - with ``--text-model CKPT --text-shards DIR`` (repeatable, in pairs), a looped model trained on
+     text (the text study's Stage II run: real exits on real text), prompts of 32 tokens from the
+     shards' val split; each is reported as ``text_model_vocab<N>``.
    Reported: X, the share of layer applications Q-exit saved, and the throughput ratio
    Q-exit / fixed, against the target 1 / (1 − 0.8·X) (wall time drops by at least 80 % of the
    compute saved), in two consistent scopes: the decode phase (X over the decoded tokens, time
@@ -117,6 +118,17 @@ def text_model(path: str, shards: str, requests: int, prompt_tokens: int = 32):
     stride = max(prompt_tokens, (len(tokens) - prompt_tokens) // requests)
     return model, [[int(token) for token in tokens[start:start + prompt_tokens]]
                    for start in range(0, stride * requests, stride)][:requests]
+
+
+def text_model_name(model) -> str:
+    """The results' key of a text model: ``text_model`` and its vocabulary (byte-level models have
+    a few hundred ids, BPE ones thousands), so two text models of one run stay apart."""
+    return f"text_model_vocab{model.config.vocab_size}"
+
+
+def model_sections(results: dict) -> list[str]:
+    """The keys of ``results`` that hold a model's fixed / Q-exit comparison, in run order."""
+    return [key for key, value in results.items() if isinstance(value, dict) and "fixed" in value]
 
 
 def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) -> dict:
@@ -290,9 +302,12 @@ def worker(args) -> dict:
     demo, held_out = demo_model(args.demo_steps)
     results["demo_model"] = depth_batching(demo, held_out[:args.requests], args.tokens, args.batch, 0.5,
                                            args.rounds)
-    if args.text_model:
-        text, text_prompts = text_model(args.text_model, args.text_shards, args.requests)
-        results["text_model"] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5, args.rounds)
+    for path, shards in zip(args.text_model or (), args.text_shards or ()):
+        text, text_prompts = text_model(path, shards, args.requests)
+        name = text_model_name(text)
+        name += f"_{len(results)}" if name in results else ""
+        results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5,
+                                       args.rounds)
     results["batch_1_decode_tokens_per_s"] = time_decode(reference_model(gate_exits=False),
                                                          repeats=args.repeats)["decode_tokens_per_s"]
     if not args.skip_serve:
@@ -316,7 +331,7 @@ def report(name: str, results: dict) -> None:
     print(f"\n## {name}\n")
     print("| model | policy | mean steps | layer applications | tokens | seconds | of which prefill | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
-    models = [model for model in ("reference_shape", "demo_model", "text_model") if model in results]
+    models = model_sections(results)
     for model in models:
         section = results[model]
         for policy in ("fixed", "q_exit"):
@@ -366,10 +381,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 decode timings (median)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="continuous-batching runs per policy, alternating (the median decode time's run)")
-    parser.add_argument("--text-model", help="also a looped model trained on text: its checkpoint directory"
-                        " (e.g. the text study's Stage II run), with --text-shards")
-    parser.add_argument("--text-shards", help="prepared shards of the text model's tokenizer (their val split"
-                        " gives the prompts)")
+    parser.add_argument("--text-model", action="append", metavar="CKPT",
+                        help="also a looped model trained on text: its checkpoint directory (e.g. the text"
+                        " study's Stage II run), with --text-shards; repeat both for several models, in pairs")
+    parser.add_argument("--text-shards", action="append", metavar="DIR",
+                        help="prepared shards of the text model's tokenizer (their val split gives the prompts)")
     parser.add_argument("--serve-requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--serve-tokens", type=int, default=64)
@@ -381,8 +397,8 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-1-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if bool(args.text_model) != bool(args.text_shards):
-        parser.error("--text-model and --text-shards go together")
+    if len(args.text_model or ()) != len(args.text_shards or ()):
+        parser.error("--text-model and --text-shards go together: give one --text-shards for each --text-model")
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -426,7 +442,7 @@ def main() -> None:
             print(f"batch-1 decode in alternating processes: this {[round(x, 1) for x in alternating['this']]},"
                   f" previous {[round(x, 1) for x in alternating['previous']]} tokens/s; medians' ratio"
                   f" {mine / theirs:.3f} (target >= 0.95)")
-        for model in [model for model in ("reference_shape", "demo_model", "text_model") if model in this]:
+        for model in [model for model in model_sections(this) if model in before]:
             print(f"{model}, Q-exit tokens/s, this / previous:"
                   f" {this[model]['q_exit']['tokens_per_s'] / before[model]['q_exit']['tokens_per_s']:.2f}")
         if "serve" in this and "serve" in before:

@@ -156,3 +156,16 @@ def test_depth_batching_counts_the_prompts_at_full_depth():
     assert run["requests"] == 2 and run["tokens"] == 8
     assert run["full_depth_applications"] == run["layer_applications"] == (8 - 2) * 3 * 2
     assert run["prefill_applications"] == (3 + 4) * 3 * 2
+
+
+def test_depth_batching_keeps_two_text_models_apart():
+    """Several text models in one run (``--text-model`` repeated) are reported each under its own
+    key, named by its vocabulary, and the report lists every model section in run order."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import depth_batching
+
+    assert depth_batching.text_model_name(LoopLM(tiny_config(vocab_size=259))) == "text_model_vocab259"
+    results = {"machine": {"cpu": "x"}, "reference_shape": {"fixed": {}}, "text_model_vocab259": {"fixed": {}},
+               "batch_1_decode_tokens_per_s": 1.0, "text_model_vocab4096": {"fixed": {}}}
+    assert depth_batching.model_sections(results) == ["reference_shape", "text_model_vocab259",
+                                                      "text_model_vocab4096"]
