@@ -86,3 +86,38 @@ def test_empty_and_non_utf8_data_are_user_errors(tmp_path):
         with pytest.raises(LoopLMError) as error:
             Trainer(small_run(DataConfig(path=str(path))), tmp_path / f"run-{path.stem}", progress=False)
         assert "\n" not in str(error.value)
+
+
+def test_warns_once_when_the_exit_distribution_collapses_onto_step_one(tmp_path):
+    """Stage I whose exit gate puts all its mass on step 1 (its bias set far positive) trains the
+    deeper steps with a weight of ~0: the trainer says so once, naming the remedy; a healthy gate
+    (the default initialisation) and the objective that trains every step say nothing."""
+    import warnings
+
+    from looplm.training.objectives import exit_collapse_warning
+
+    data = DataConfig(path=str(text_file(tmp_path)))
+    trainer = Trainer(small_run(data, steps=4, warmup_steps=1, entropy_beta=0.05), tmp_path / "collapsed",
+                      progress=False)
+    with torch.no_grad():
+        trainer.model.exit_gate.bias.fill_(30.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(warning.message) for warning in caught if "exit distribution" in str(warning.message)]
+    assert len(messages) == 1, messages
+    assert "loop step 1" in messages[0] and "train.entropy_beta (now 0.05)" in messages[0]
+    assert "train.objective=mean" in messages[0]
+    for name, train in (("healthy", {}), ("mean", {"objective": "mean"})):
+        trainer = Trainer(small_run(data, steps=4, warmup_steps=1, **train), tmp_path / name, progress=False)
+        if name == "mean":
+            with torch.no_grad():
+                trainer.model.exit_gate.bias.fill_(30.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        assert not [warning for warning in caught if "exit distribution" in str(warning.message)], name
+    # the rule itself: at COLLAPSED_SHARE on step 1 and above, not below; one step has nothing to collapse
+    assert exit_collapse_warning(10, [0.989, 0.011], [2.0, 2.5], 0.1) is None
+    assert exit_collapse_warning(10, [0.99, 0.01], [2.0, 2.5], 0.1).startswith("at training step 10, 99.0 %")
+    assert exit_collapse_warning(10, [1.0], [2.0], 0.1) is None and exit_collapse_warning(10, None, [], 0.1) is None

@@ -132,6 +132,24 @@ def _check_targets(output: LoopOutput, targets) -> None:
                               " (an untrained position)")
 
 
+COLLAPSED_SHARE = 0.99  # of the exit distribution on loop step 1: the deeper steps are no longer trained
+
+
+def exit_collapse_warning(training_step: int, histogram: list[float] | None, step_losses: list[float],
+                          entropy_beta: float) -> str | None:
+    """One line when Stage I's exit distribution has collapsed onto loop step 1 (``COLLAPSED_SHARE``
+    of its mass or more): the deeper steps' losses are then weighted by ~0, get almost no gradient
+    and drift up, so the model stops using its loop (its loss at step T can end far above step
+    1's) while the training loss, which follows step 1, looks healthy.  None otherwise."""
+    if histogram is None or len(histogram) < 2 or histogram[0] < COLLAPSED_SHARE:
+        return None
+    return (f"at training step {training_step}, {100 * histogram[0]:.1f} % of the exit distribution is on loop step 1,"
+            f" so loop steps 2..{len(histogram)} get almost no gradient (their loss now"
+            f" {' '.join(f'{loss:.2f}' for loss in step_losses)} by step): the model is not learning to use its"
+            f" loop. Raise train.entropy_beta (now {entropy_beta:g}), or train every step first with"
+            " train.objective=mean")
+
+
 def compute_loss(output: LoopOutput, targets: torch.Tensor, objective: str = "stage1",
                  entropy_beta: float = 0.1, act_ponder_weight: float = 0.01) -> LossResult:
     """Objective over a forward pass; targets [B, S] with −100 marking untrained positions."""

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,13 @@ from looplm.training.distill import distillation_kl, loop_penalty_weight
 from looplm.training.distributed import Distributed
 from looplm.training.loggers import MetricsLogger, open_metrics_logger, require
 from looplm.training.mfu import device_peak_tflops, model_flops_utilization
-from looplm.training.objectives import IGNORE_INDEX, compute_loss, expected_exit_step, stage2_gate_loss
+from looplm.training.objectives import (
+    IGNORE_INDEX,
+    compute_loss,
+    exit_collapse_warning,
+    expected_exit_step,
+    stage2_gate_loss,
+)
 from looplm.training.optim import (  # AdamW, or Muon + AdamW as one optimiser
     check_optimizer_state,
     keep_implementation,
@@ -207,6 +214,7 @@ class Trainer:
         self.skipped_on_device: torch.Tensor | int = 0  # skips not yet read back (see ``_loop``)
         self.spike_skips = 0
         self.recent_losses: list[float] = []  # for the loss-spike guard (saved, so resume is exact)
+        self.warned_collapse = False  # Stage I's exit distribution on step 1: said once a run
         if resume:
             self._load_latest()
         self.teacher = None
@@ -352,6 +360,7 @@ class Trainer:
                           **matmul_flops_per_token(self.model, depth, grad_steps)}
                 if loss_result.exit_histogram is not None:
                     record["exit_histogram"] = [round(v, 5) for v in loss_result.exit_histogram.tolist()]
+                    self._check_exit_collapse(record)
                 # Achieved matmul throughput, and MFU where the device's peak is known (looplm.training.mfu).
                 record["achieved_tflops"] = speed * (record["forward_flops_per_token"]
                                                      + record["backward_flops_per_token"]) / 1e12
@@ -368,6 +377,19 @@ class Trainer:
             if config.save_every and self.step % config.save_every == 0:
                 self.save()
         self._settle(pending, result)
+
+    def _check_exit_collapse(self, record: dict) -> None:
+        """Warn once a run when Stage I's exit distribution has collapsed onto loop step 1, after
+        the warm-up (early steps move fast) and on the main process only."""
+        config = self.train_config
+        if (self.warned_collapse or config.objective != "stage1" or config.stage != 1 or record["loop_steps"] < 2
+                or self.step < config.warmup_steps or not self.dist.main):
+            return
+        message = exit_collapse_warning(self.step, record["exit_histogram"], record["step_losses"],
+                                        record["entropy_beta"])
+        if message:
+            self.warned_collapse = True
+            warnings.warn(message, stacklevel=2)
 
     def _settle(self, pending: list[torch.Tensor], result: TrainResult) -> list[float]:
         """Bring the losses of the steps since the last log to the host (one wait), averaged over
