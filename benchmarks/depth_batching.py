@@ -305,6 +305,7 @@ def worker(args) -> dict:
     for path, shards in zip(args.text_model or (), args.text_shards or ()):
         text, text_prompts = text_model(path, shards, args.requests)
         name = text_model_name(text)
+        name += f"_d{text.config.d_model}" if name in results else ""  # two of one vocabulary
         name += f"_{len(results)}" if name in results else ""
         results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5,
                                        args.rounds)

@@ -33,8 +33,8 @@ Budgets.  Every model trains twice, per tokenizer and seed:
   serves both budgets; Stage II is reported with its extra tokens and seconds.
 
 Study models share one recipe: AdamW lr 3e-3 (warmup 100, cosine to 10 %), β2 0.95, weight
-decay 0.1, clip 1.0, batch 12 x 64, entropy β 0.05 for Stage I; dense models use the plain
-next-token loss.  Training runs on CPU in float32 on ``--threads`` threads (default 1: a second
+decay 0.1, clip 1.0, batch 12 x 64, entropy β 0.05 for Stage I (``--entropy-beta``); dense models use
+the plain next-token loss.  Training runs on CPU in float32 on ``--threads`` threads (default 1: a second
 busy process on a 2-core machine slows two-thread ops many times over).
 
 Measured on the held-out texts, cut into windows of 64 tokens (the shortest training context):
@@ -132,8 +132,8 @@ def run_config(variant: Variant, args, shard_dir: Path, vocab_size: int, steps: 
     train_config = TrainConfig(
         steps=steps, batch_size=batch, seq_len=seq_len, lr=1e-3 if nanogpt else args.lr, min_lr_ratio=0.1,
         warmup_steps=min(100, max(steps // 10, 1)), weight_decay=0.1, beta2=0.99 if nanogpt else 0.95, grad_clip=1.0,
-        objective="stage1" if variant.looped else "last", entropy_beta=0.05, seed=seed, threads=args.threads,
-        eval_every=0, log_every=max(steps // 10, 1), save_every=0, keep_last=1,
+        objective="stage1" if variant.looped else "last", entropy_beta=args.entropy_beta, seed=seed,
+        threads=args.threads, eval_every=0, log_every=max(steps // 10, 1), save_every=0, keep_last=1,
         depth_sampling=variant.depth_sampling)
     return RunConfig(model, train_config, DataConfig(path=str(shard_dir)))
 
@@ -401,6 +401,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--entropy-beta", type=float, default=0.05,
+                        help="Stage I's entropy weight beta (default 0.05, the study's; at d_model 256 it lets"
+                        " the exits collapse onto step 1: use 0.1 there)")
     parser.add_argument("--token-budget", type=int, default=NANOGPT_TOKENS,
                         help=f"training tokens per model (default {NANOGPT_TOKENS:,}: nanoGPT's 2,000 x 12 x 64)")
     parser.add_argument("--time-budget", type=float, default=None,

@@ -74,3 +74,12 @@ def test_seeds_run_apart_combine_into_one_summary(corpus, tmp_path, capsys, monk
     assert (tmp_path / "both" / "budgets.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="same tokenizer, budget, model and seed twice"):
         study.main(["--combine", str(tmp_path / "seed0"), str(tmp_path / "seed0"), "--out", str(tmp_path / "x")])
+
+
+def test_entropy_beta_sets_stage_ones_weight(monkeypatch):
+    """--entropy-beta reaches the looped models' Stage I (the study's 0.05 unless given)."""
+    study = load_study(monkeypatch)
+    looped = study.study_variants(1, 4)["looped"]
+    for argv, beta in (([], 0.05), (["--entropy-beta", "0.1"], 0.1)):
+        args = study.parse_args(argv)
+        assert study.run_config(looped, args, Path("shards"), 259, 10, 0).train.entropy_beta == beta
