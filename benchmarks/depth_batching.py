@@ -9,11 +9,13 @@ previous commit's, every figure measured in the same run.
      context is 32 tokens, so each request gets what fits after a held-out binding prompt),
      trained once and cached under ``$LOOPLM_CACHE/benchmarks`` (default ``~/.cache/looplm``).
      Stop ids are off, as for every model here: after its one-token answer the model goes on past
-     anything it was trained on, and its gate lets most of those tokens out at step 1 (~1.2 steps
-     against ~3.2 for the answers), so the demo's X is mostly those tokens';
+     anything it was trained on, and its gate lets most of those tokens out at step 1 (1.2–1.4 steps
+     a decoded token in BENCHMARKS.md's runs, against ~3.2 for the answers), so the demo's X is
+     mostly those tokens';
    - with ``--text-model CKPT --text-shards DIR`` (repeatable, in pairs), a looped model trained on
      text (the text study's Stage II run: real exits on real text), prompts of 32 tokens from the
-     shards' val split; each is reported as ``text_model_vocab<N>``.
+     shards' val split; each is reported as ``text_model_vocab<N>`` (a second one of that
+     vocabulary as ``text_model_vocab<N>_d<width>``).
    Reported: X, the share of layer applications Q-exit saved, and the throughput ratio
    Q-exit / fixed, against the target 1 / (1 − 0.8·X) (wall time drops by at least 80 % of the
    compute saved), in two consistent scopes: the decode phase (X over the decoded tokens, time
@@ -307,8 +309,7 @@ def worker(args) -> dict:
         name = text_model_name(text)
         name += f"_d{text.config.d_model}" if name in results else ""  # two of one vocabulary
         name += f"_{len(results)}" if name in results else ""
-        results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5,
-                                       args.rounds)
+        results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5, args.rounds)
     results["batch_1_decode_tokens_per_s"] = time_decode(reference_model(gate_exits=False),
                                                          repeats=args.repeats)["decode_tokens_per_s"]
     if not args.skip_serve:

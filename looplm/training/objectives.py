@@ -144,9 +144,9 @@ def exit_collapse_warning(training_step: int, histogram: list[float] | None, ste
     if histogram is None or len(histogram) < 2 or histogram[0] < COLLAPSED_SHARE:
         return None
     return (f"at training step {training_step}, {100 * histogram[0]:.1f} % of the exit distribution is on loop step 1,"
-            f" so loop steps 2..{len(histogram)} get almost no gradient (their loss now"
-            f" {' '.join(f'{loss:.2f}' for loss in step_losses)} by step): the model is not learning to use its"
-            f" loop. Raise train.entropy_beta (now {entropy_beta:g}), or train every step first with"
+            f" so loop steps 2..{len(histogram)} get almost no gradient (loss by step now"
+            f" {' '.join(f'{loss:.2f}' for loss in step_losses)}): the model is not learning to use its loop."
+            f" Raise train.entropy_beta (now {entropy_beta:g}), or train every step first with"
             " train.objective=mean")
 
 
