@@ -364,6 +364,9 @@ def test_crafted_files_are_refused_in_one_line(looplm_run, tmp_path, monkeypatch
         return path
 
     cases = [(with_config("context", max_seq_len=2**21), "max_seq_len must be at most 2^20"),
+             # MLA's rope dims are a setting of their own: 2^20 x 2^16 floats would be 256 GiB a table
+             (with_config("rope", max_seq_len=2**20, attention="mla", mla_rope_dim=2**16),
+              "max_seq_len x RoPE dims must be at most 2^28"),
              (with_config("layers", n_coda_layers=10**8), "layers need at least 200000004 tensors"),
              (with_config("steps", loop_steps=10**6), "cache slots, more than this program keeps"),
              (with_config("steps-overflow", loop_steps=10**9), "cache slots, more than this program keeps")]

@@ -159,6 +159,13 @@ def case_more_default_steps_than_a_decoder_runs(files, tmp_path):
         ["which is at most 8, got 1, 100"]
 
 
+def case_rope_tables_beyond_memory(files, tmp_path):  # MLA's own rope dims: 2^20 x 2^16 floats, 256 GiB a table
+    return ["train", "--task", "binding", "--out", tmp_path / "run", *TINY, "--model.max_seq_len", "1048576",
+            "--model.attention", "mla", "--model.mla_rope_dim", "65536"], \
+        ["max_seq_len x RoPE dims = 1048576 x 65536 is more than 2^28", "256 GiB each",
+         "lower max_seq_len or mla_rope_dim"]
+
+
 CASES = {name[len("case_"):]: function for name, function in sorted(globals().items()) if name.startswith("case_")}
 
 

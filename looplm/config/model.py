@@ -47,6 +47,7 @@ TERNARY_SCOPES = ("none", "core", "all")  # which layers' projections are ternar
 MAX_CONTEXT = 2**20
 MAX_VOCAB = 2**24
 MAX_SETTING = 2**24  # any whole-number setting (sizes, counts): beyond it torch's int64 shapes overflow
+MAX_ROPE_ENTRIES = 2**28  # max_seq_len × RoPE dims: each of the cos and sin tables at most 1 GiB of float32
 
 EXIT_SPECS = {"static": False, "act": False, "q": True, "hidden": True, "kl": True, "ppl": True}  # takes a number?
 
@@ -128,6 +129,11 @@ class AttentionConfig(_Group):
         check(0 < self.rope_fraction <= 1 and model.rope_dim >= 2,
               f"model.rope_fraction must be in (0, 1] and rotate at least 2 of the {model.head_dim} head"
               f" dims, got {self.rope_fraction}")
+        rotated = "mla_rope_dim" if self.kind == "mla" else "d_model / n_heads"
+        check(model.max_seq_len * model.rope_dim <= MAX_ROPE_ENTRIES,
+              f"model.max_seq_len x RoPE dims = {model.max_seq_len} x {model.rope_dim} is more than 2^28: the RoPE"
+              f" tables would take {model.max_seq_len * model.rope_dim * 4 / 2**30:.0f} GiB each; lower max_seq_len"
+              f" or {rotated}")
         if self.mla_nope_dim is None:
             self.mla_nope_dim = model.head_dim
         if self.mla_value_dim is None:

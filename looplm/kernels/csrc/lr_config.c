@@ -12,6 +12,7 @@
 /* looplm.config.model's MAX_CONTEXT and MAX_VOCAB: the RoPE tables alone are max_seq_len x head dims */
 #define LR_MAX_CONTEXT (1 << 20)
 #define LR_MAX_VOCAB (1 << 24)
+#define LR_MAX_ROPE_ENTRIES (1LL << 28)  /* ... and MAX_ROPE_ENTRIES: max_seq_len x RoPE dims */
 
 /* Keys decoding does not read: training only (initialisation, balancing updates, gradient flow,
  * or folded into a stored tensor (initial_noise_std: the noise table). */
@@ -232,7 +233,10 @@ int lr_config_parse(const char *json, size_t length, LrConfig *config, char *err
     config->rope_dim = config->attention == LR_ATTENTION_MLA
                            ? config->mla_rope_dim
                            : 2 * (int)(config->head_dim * config->rope_fraction / 2);
-    if (!check(config->rope_dim >= 2, error, "rope_fraction must rotate at least 2 head dims")) goto done;
+    if (!check(config->rope_dim >= 2, error, "rope_fraction must rotate at least 2 head dims") ||
+        !check((long long)config->max_seq_len * config->rope_dim <= LR_MAX_ROPE_ENTRIES, error,
+               "max_seq_len x RoPE dims must be at most 2^28 (ModelConfig's bound: the RoPE tables)"))
+        goto done;
     static const char *const widths[] = {"shared_expert_hidden", "mla_nope_dim", "mla_value_dim"};
     int *const width_targets[] = {&config->shared_expert_hidden, &config->mla_nope_dim, &config->mla_value_dim};
     for (int j = 0; j < 3; j++) {  /* absent or null: expert_hidden / head_dim, as ModelConfig fills them */
