@@ -382,9 +382,9 @@ class Trainer:
         """Warn once a run when Stage I's exit distribution has collapsed onto loop step 1, after
         the warm-up (early steps move fast) and on the main process only."""
         config = self.train_config
-        if (self.warned_collapse or config.objective != "stage1" or config.stage != 1 or record["loop_steps"] < 2
+        if (self.warned_collapse or config.objective != "stage1" or config.stage != 1
                 or self.step < config.warmup_steps or not self.dist.main):
-            return
+            return  # (a one-step run has nothing to collapse: ``exit_collapse_warning`` says None)
         message = exit_collapse_warning(self.step, record["exit_histogram"], record["step_losses"],
                                         record["entropy_beta"])
         if message:
