@@ -39,6 +39,9 @@ from looplm.exit_policy import (  # noqa: F401
 )
 from looplm.scheduler import Scheduler, check_token_ids
 
+# How long one BatchSession.step may run greedy rows on in C: short enough that requests arriving
+# meanwhile (a server's) wait little, long enough that the Python between iterations is rare.
+RUN_AHEAD_SECONDS = 0.005
 MIN_TOP_P = 1e-6  # smaller top_p values are refused: one that rounds to 0 in float32 keeps no token
 
 
@@ -287,14 +290,22 @@ class BatchSession:
     sampling — a seed gives it its own generator —, stop strings) if its layout is the session's
     and its steps fit the cache's depth (``max_steps``: default the default policy's).  ``admit``
     prefills prompts into free slots and emits their first tokens; ``step`` runs one iteration and
-    emits a token for each row whose token finished; a finished request frees its slot at once."""
+    emits a token for each row whose token finished; a finished request frees its slot at once.
+    Where the stepper runs whole iterations in C (``exit_step``), one ``step`` runs on for up to
+    ``run_ahead`` seconds while every row done with a token is greedy (no stop strings, not at its
+    last token, no stop id): those tokens are fed back in C and emitted when the step returns, in
+    order, so a step may emit several tokens of a row.  The tokens are the same (tested); 0 runs
+    one iteration a step."""
 
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
                  stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2,
                  max_steps: int | None = None, backend: str = "auto", compile_steps: bool = False,
-                 prefix_cache=None, dtype: str = "fp32"):
+                 prefix_cache=None, dtype: str = "fp32", run_ahead: float = RUN_AHEAD_SECONDS):
         self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
+        if not is_number(run_ahead) or not 0 <= run_ahead < math.inf:
+            raise LoopLMError(f"run_ahead must be seconds >= 0 (0: one iteration a step), got {run_ahead!r}")
+        self.run_ahead = float(run_ahead)
         self.defaults = Settings(exit_policy or default_exit_policy(model.config), layout, sampling,
                                  stop_strings_of(stop_strings))
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
@@ -392,10 +403,25 @@ class BatchSession:
                 return self.step()
         for request in [request for request in self.requests.values() if request.cancelled]:
             self._finish(request)
-        for row in self.scheduler.iterate():
+        finished = self.scheduler.iterate(self._feeds, self.stop_ids, self.run_ahead)
+        for row, token, steps in self.scheduler.fed:  # greedy tokens the stepper fed back itself
+            request = self.requests[row.slot]
+            self._record(request, token, steps)
+            request.generation.layer_applications = row.layer_applications
+            request.generation.full_depth_applications = row.full_depth_applications
+        for row in finished:
             self._emit(self.requests[row.slot])
         done, self.done = self.done, []
         return done
+
+    def _feeds(self, row) -> int:
+        """How many tokens the row's request may take without ``_emit`` (``Scheduler.iterate``): a
+        greedy one without stop strings, all but the token that ends it."""
+        request = self.requests[row.slot]
+        settings = request.settings
+        if settings.sampling.temperature != 0 or settings.stop or request.cancelled:
+            return 0
+        return request.budget - len(request.generation.ids) - 1
 
     def _emit(self, request: Request) -> None:
         """Sample and record the row's next token; feed it back, or finish the request."""
@@ -419,19 +445,25 @@ class BatchSession:
         if token in self.stop_ids:
             result.stop_reason, result.stop_token_steps = "stop_token", row.steps
             return self._finish(request)
-        piece = record_token(result, token, row.steps, request.streamed, settings.stop)
+        if self._record(request, token, row.steps):
+            return self._finish(request)
+        self.scheduler.feed(row, token)
+
+    def _record(self, request: Request, token: int, steps: int) -> bool:
+        """Record the request's next token and hand it to its callback; whether the request is done
+        (a stop string, or its budget)."""
+        result = request.generation
+        piece = record_token(result, token, steps, request.streamed, request.settings.stop)
         if request.held is not None:  # the token before: its text is whole now
             request.on_token(*request.held)
             request.held = None
         if request.on_token is not None and (piece or result.stop_reason != "stop_string"):
             streamed = request.streamed
             if streamed is not None and result.stop_reason != "stop_string" and streamed.given < len(streamed.text):
-                request.held = (token, row.steps, piece)  # its end could begin a stop string
+                request.held = (token, steps, piece)  # its end could begin a stop string
             else:
-                request.on_token(token, row.steps, piece)
-        if result.stop_reason == "stop_string" or len(result.ids) >= request.budget:
-            return self._finish(request)
-        self.scheduler.feed(row, token)
+                request.on_token(token, steps, piece)
+        return result.stop_reason == "stop_string" or len(result.ids) >= request.budget
 
     def _finish(self, request: Request) -> None:
         result = request.generation

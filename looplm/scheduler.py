@@ -12,15 +12,18 @@ last token) a row runs every step and the exit only picks the readout.  So every
 serves every running row and a skipped step is wall time saved.  A stepper that runs a whole
 token in one call (``whole_token``) takes the rows it can (batch 1, static or Q-exit, its
 layouts); one that runs a whole iteration in one call (``exit_step``) takes the iterations whose
-rows all exit by Q-exit or at a fixed depth.  The rows' loop states and prelude outputs live in
-per-slot tables (``h``, ``e`` [B, D]) like the decision state.  ``layer_applications`` counts
-the core and coda layers each row ran for its decoded tokens (prefill excluded).
+rows all exit by Q-exit or at a fixed depth, and, given ``RunAhead`` (``looplm.run_ahead``), runs
+on through the next iterations while every row done with a token takes its greedy token at once.
+The rows' loop states and prelude outputs live in per-slot tables (``h``, ``e`` [B, D]) like the
+decision state.  ``layer_applications`` counts the core and coda layers each row ran for its
+decoded tokens (prefill excluded).
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,7 @@ from looplm.exit_policy import (
     refuse_act_over_mixing,
 )
 from looplm.model.exit import hidden_change, readout_kl
+from looplm.run_ahead import RunAhead
 from looplm.steppers import Rows, make_stepper
 
 
@@ -53,6 +57,9 @@ def check_token_ids(ids, vocab_size: int, name: str = "the prompt") -> list[int]
         raise LoopLMError(f"{name} holds the token id {bad}, outside the model's vocabulary [0, {vocab_size}): use"
                           " the tokenizer the model was trained with")
     return values
+
+
+RUN_AHEAD_ITERATIONS = 1 << 16  # the most iterations one exit_step call may run on by itself (else its seconds)
 
 
 @dataclass(eq=False)
@@ -122,6 +129,7 @@ class Scheduler:
         self.h = self.e = None           # every slot's loop state and prelude output [B, D] (by cache row)
         self.tables: dict[str, torch.Tensor] = {}  # per-slot decision state
         self.iterations = self.mixed_depth_iterations = self.exit_step_iterations = 0
+        self.fed: list[tuple[Row, int, int]] = []  # the tokens the last iterate fed back itself (RunAhead)
 
     @property
     def active(self) -> bool:
@@ -227,10 +235,17 @@ class Scheduler:
         while row.token is not None or row in self.running:
             self.iterate()
 
-    def iterate(self) -> list[Row]:
+    def iterate(self, feeds: Callable[[Row], int] | None = None, stop_ids: Collection[int] = (),
+                seconds: float = 0.0) -> list[Row]:
         """One core step of every running row (entering the fed ones first); returns the rows
-        whose token finished, with their ``logits``, ``greedy`` and ``steps``."""
+        whose token finished, with their ``logits``, ``greedy`` and ``steps``.  ``feeds``: how many
+        tokens a row may take without its caller (a greedy row: its budget less the token that
+        ends it; 0: none): where the stepper runs whole iterations (``exit_step``), it runs on for
+        up to ``seconds`` while every row done with a token may take its greedy token, not one of
+        ``stop_ids`` (``RunAhead``); the tokens it took so are in ``fed`` as (row, token, steps),
+        in order, before the finished rows returned."""
         finished: list[Row] = []
+        self.fed = []
         if self.pending:
             entering, self.pending = self.pending, []
             if self.whole_tokens:
@@ -250,11 +265,13 @@ class Scheduler:
             return finished
         running = self.running
         rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
+        if self.exit_step is not None and self._one_call(running):
+            ahead = None
+            if feeds is not None and seconds > 0 and self.embeds_in_exit_step:
+                ahead = RunAhead([feeds(row) for row in running], list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
+            return finished + self._exit_iteration(running, rows, ahead)
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1
-        if self.exit_step is not None and self._one_call(running):
-            self.exit_step_iterations += 1
-            return finished + self._exit_iteration(running, rows)
         slots = rows.tensor("slots", self.device)
         h = self.stepper.core_step(self.h.index_select(0, slots), self.e.index_select(0, slots), rows)
         self.h.index_copy_(0, slots, h)
@@ -298,30 +315,46 @@ class Scheduler:
         by Q-exit or at a fixed depth, and none is a full-depth token (the exit only picks its readout)."""
         return all(row.plain_exit and not row.full_depth for row in rows)
 
-    def _exit_iteration(self, running: list[Row], rows: Rows) -> list[Row]:
+    def _exit_iteration(self, running: list[Row], rows: Rows, ahead: RunAhead | None = None) -> list[Row]:
         """``iterate``'s work for rows that all exit by Q-exit or at a fixed depth, in the stepper's
-        one call (``exit_step``: the same decisions and copies, held equal by tests); the rows'
-        bookkeeping is ``iterate``'s and ``_leave``'s."""
+        one call (``exit_step``: the same decisions and copies, held equal by tests; with ``ahead``,
+        the iterations it ran on as well); the rows' bookkeeping is ``iterate``'s and ``_leave``'s."""
         tokens = [-1 if row.token is None else row.token for row in running]
-        ran, logits, greedy, top = self.exit_step(
+        ran, logits, greedy, top, run = self.exit_step(
             self.h, rows, [row.max_steps for row in running], [row.min_steps for row in running],
             [math.inf if row.threshold is None else row.threshold for row in running],
-            self._table("survival", dtype=torch.float64), tokens, self.e)
-        finished: list[Row] = []
+            self._table("survival", dtype=torch.float64), tokens, self.e, ahead)
+        self.iterations += run.iterations
+        self.exit_step_iterations += run.iterations
+        self.mixed_depth_iterations += run.mixed
         per_step = self.per_step  # no coda on this path: the core's layers
-        for row, steps in zip(running, ran):
+        fed_last: dict[int, int] = {}  # row of the call → the last token it took in the call
+        for index, token, steps in run.fed:  # greedy tokens the stepper fed back itself (RunAhead)
+            running[index].full_depth_applications += running[index].max_steps * per_step
+            self.fed.append((running[index], token, steps))
+            fed_last[index] = token
+        if run.iterations > 1:  # every row of the call ran each of its iterations
+            for row, step, position in zip(running, run.steps, run.positions):
+                row.step, row.position = step, position
+        finished: list[Row] = []
+        place = 0  # the done rows' logits stay rows of the batch's until asked for
+        for index, (row, steps) in enumerate(zip(running, ran)):
             row.token = None
-            row.layer_applications += per_step
+            row.layer_applications += per_step * run.iterations
             if not steps:
                 row.step += 1
                 continue
-            place = len(finished)  # its logits stay a row of the batch's until asked for
-            row.logit_rows, row.logit_place, row.greedy, row.greedy_logit = logits, place, greedy[place], top[place]
-            row.steps, row.exit_step = steps, steps if steps < row.max_steps else None
-            row.full_depth_applications += row.max_steps * per_step
-            row.position += 1
-            finished.append(row)
-        if finished:
+            if steps < 0:  # done, and its next token taken in the call: it enters next (as ``feed``)
+                row.position, row.token, row.full_depth = row.position + 1, fed_last[index], False
+                self.pending.append(row)
+            else:
+                row.logit_rows, row.logit_place, row.greedy, row.greedy_logit = logits, place, greedy[place], top[place]
+                row.steps, row.exit_step = steps, steps if steps < row.max_steps else None
+                row.full_depth_applications += row.max_steps * per_step
+                row.position += 1
+                finished.append(row)
+            place += 1
+        if any(ran):
             self.running = [row for row, steps in zip(running, ran) if not steps]
         return finished
 

@@ -9,7 +9,9 @@ for one row ``NativeStepper``, the fused plain-loop kernel, where it serves, els
 ``NativeRowsStepper``, the plain loop's rows in one call).  Tests hold them equal.
 A stepper may offer ``whole_token``
 (a token's whole loop in one call) for the layouts in ``whole_token_layouts``, ``exit_step`` (a
-whole iteration of Q-exit / fixed-depth rows in one call) for those in ``exit_step_layouts``, and
+whole iteration of Q-exit / fixed-depth rows in one call, and with a ``looplm.run_ahead.RunAhead``
+the iterations after it while every done row takes its greedy token) for those in
+``exit_step_layouts``, and
 ``logits_argmax`` (the logits and their argmax in one call).  ``BACKENDS`` maps
 names to stepper classes in the order ``auto`` tries them; each says why it cannot serve a model.
 """

@@ -16,8 +16,9 @@ from looplm.batch import generate_batch
 from looplm.cache import KVCache
 from looplm.config import ModelConfig
 from looplm.cpu import cpu_flags
+from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, FixedSteps, HiddenDiffExit, KLExit, QExit, exit_steps
-from looplm.generate import BatchSession, NonFiniteOutput, Settings
+from looplm.generate import BatchSession, NonFiniteOutput, Sampling, Settings
 from looplm.kernels import ops
 from looplm.kernels.build import load_kernel
 from looplm.kernels.native_stepper import NativeRowsStepper
@@ -303,8 +304,74 @@ def test_the_one_call_iterations_report_each_done_rows_largest_logit():
     states, inputs = torch.zeros(4, model.config.d_model), torch.zeros(4, model.config.d_model)
     survival = torch.zeros(4, dtype=torch.float64)
     rows = Rows([0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 0])
-    ran, logits, best, top = stepper.exit_step(states, rows, [1, 1, 2, 1], [1] * 4, [float("inf")] * 4, survival,
+    ran, logits, best, top, _ = stepper.exit_step(states, rows, [1, 1, 2, 1], [1] * 4, [float("inf")] * 4, survival,
                                                [3, 5, 7, 9], inputs)
     assert ran == [1, 1, 0, 1] and len(best) == len(top) == logits.shape[0] == 3
     assert best == logits.argmax(-1).tolist()
     assert top == [float(logits[k, best[k]]) for k in range(3)]
+
+
+def _run_ahead_tokens(model, work, run_ahead, stop_ids=(), rows=4, threads=None):
+    """``work``: (prompt, settings, limit) joining a ``rows``-row session as rows free up; each
+    request's (ids, steps, layer applications, full-depth applications, streamed (id, steps)), the
+    scheduler's counts and how many steps ran."""
+    session = BatchSession(model, rows, 32, stop_ids=list(stop_ids), run_ahead=run_ahead)
+    if threads is not None:  # a tiny model's decode picks one thread
+        session.scheduler.stepper.threads = threads
+    requests, waiting, steps_run = [], list(work), 0
+    with torch.inference_mode():
+        while waiting or session.active:
+            while waiting and session.fits(waiting[0][0], waiting[0][2], waiting[0][1]):
+                prompt, chosen, limit = waiting.pop(0)
+                streamed: list[tuple[int, int]] = []
+                requests += [(request, streamed) for request in session.admit(
+                    [prompt], [limit], [lambda token, steps, text, out=streamed: out.append((token, steps))],
+                    settings=[chosen])]
+            session.step()
+            steps_run += 1
+    scheduler = session.scheduler
+    outcome = [(r.generation.ids, r.generation.steps, r.generation.layer_applications,
+                r.generation.full_depth_applications, r.generation.stop_reason, streamed) for r, streamed in requests]
+    return outcome, (scheduler.iterations, scheduler.mixed_depth_iterations), steps_run
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_running_ahead_in_c_give_the_tokens_of_one_iteration_a_step(threads):
+    """Greedy rows run on in one C call (``run_ahead``): each row done with a token takes its
+    argmax there and enters the next iteration, until a row cannot (a sampled row's token, a token
+    that ends its request, a stop id) — that row's token comes back to Python as before.  With
+    rows joining as others leave, Q-exit of several thresholds, fixed depths, a sampled row and a
+    stop id, every request's tokens, steps, layer counts, stop reason and streamed tokens, and the
+    scheduler's iteration counts, equal those of one iteration a step — with far fewer steps."""
+    model = _exit_model()
+    policies = [QExit(0.3), QExit(0.7, min_steps=2), FixedSteps(2), QExit(0.5), FixedSteps(), QExit(0.9),
+                QExit(0.4), FixedSteps(3)]
+    work = [(prompt, Settings(policy), limit) for prompt, policy, limit in
+            zip(PROMPTS + [[9, 1, 2], [5]], policies, [19, 4, 16, 21, 3, 18, 12, 17])]
+    work[5] = (work[5][0], Settings(QExit(0.6), sampling=Sampling(temperature=0.8, seed=3)), work[5][2])
+    plain, counts, steps_plain = _run_ahead_tokens(model, work, 0.0, threads=threads)
+    ahead, counts_ahead, steps_ahead = _run_ahead_tokens(model, work, 10.0, threads=threads)
+    assert ahead == plain and counts_ahead == counts
+    assert steps_ahead * 3 < steps_plain == counts[0]  # one iteration a step, or several
+    # A stop id met mid-generation ends its row there, in both.
+    stop = next(ids[len(ids) // 2] for ids, *_ in plain if len(ids) > 4)
+    stopped, counts, _ = _run_ahead_tokens(model, work, 0.0, [stop], threads=threads)
+    ahead_stopped, counts_ahead, _ = _run_ahead_tokens(model, work, 10.0, [stop], threads=threads)
+    assert ahead_stopped == stopped and counts_ahead == counts
+    assert any(reason == "stop_token" for *_, reason, _ in stopped)
+
+
+def test_a_run_ahead_stops_after_its_seconds():
+    """``run_ahead`` bounds how long one step runs on: a bound below one iteration's time runs one
+    iteration a step, as 0 does."""
+    model = _exit_model()
+    work = [(prompt, Settings(QExit(0.5)), 10) for prompt in PROMPTS]
+    _, counts, steps_run = _run_ahead_tokens(model, work, 1e-12)
+    assert steps_run == counts[0]
+
+
+def test_run_ahead_must_be_seconds_at_least_zero():
+    model = _exit_model()
+    for bad in (-1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(LoopLMError, match="run_ahead must be seconds >= 0"):
+            BatchSession(model, 2, 16, run_ahead=bad)

@@ -441,7 +441,8 @@ def test_layer_applications_match_the_batched_engine(layout):
 def test_a_request_arriving_mid_batch_joins_the_running_batch():
     """Continuous batching, driven through the engine's queue: two jobs start a batch; when the
     first has streamed 3 tokens a third job is submitted, and it joins the batch that is still
-    decoding (no second batch) and gets exactly its per-prompt tokens."""
+    decoding (no second batch) and gets exactly its per-prompt tokens.  (A step runs greedy rows on
+    in C until one of them ends, so the first may be done by the time the third joins.)"""
     model = _model()
     engine = Engine(model, TOKENIZER, max_batch=4, batch_wait_ms=50)
     settings = Settings(QExit(0.6))
@@ -467,7 +468,7 @@ def test_a_request_arriving_mid_batch_joins_the_running_batch():
     finally:
         engine.stop()
     stats = engine.stats.as_dict()
-    assert stats["batches"] == 1 and stats["joined_running_batch"] == 1 and stats["largest_batch"] == 3
+    assert stats["batches"] == 1 and stats["joined_running_batch"] == 1 and stats["largest_batch"] >= 2
     for name, limit in (("a", 12), ("b", 12), ("late", 5)):
         expected = generate(model, ids[name], limit, exit_policy=QExit(0.6), tokenizer=TOKENIZER)
         assert done[name].generation.ids == expected.ids and done[name].generation.steps == expected.steps

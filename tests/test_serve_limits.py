@@ -34,12 +34,12 @@ def _model() -> LoopLM:
 @pytest.fixture
 def slow_tokens(monkeypatch):
     """Every decoding iteration (one loop step of the running rows) takes 40 ms, so a long
-    generation lasts seconds."""
+    generation lasts seconds (one iteration a call: the rows do not run on in C)."""
     from looplm.scheduler import Scheduler
 
     iterate = Scheduler.iterate
 
-    def slow(self):
+    def slow(self, *ahead):
         time.sleep(0.04)
         return iterate(self)
 

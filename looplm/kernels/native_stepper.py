@@ -30,6 +30,7 @@ from looplm.kernels import ops
 from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
 from looplm.kernels.build import load_kernel, simd_paths, unavailable_reason
 from looplm.quant import Int8Linear
+from looplm.run_ahead import RanAhead, RunAhead
 
 _FLOAT = 4  # bytes
 PARALLEL_BYTES = 2**20  # one thread per MiB of layer weights (up to torch's thread count)
@@ -383,6 +384,7 @@ class NativeRowsStepper(NativeStepper):
         self.exit_step = self._exit_step if self._step_arrays["coda"] is None else None
         self.exit_step_embeds = self._step_arrays["prelude"] is None  # entering rows' h = e = their embedding
         self.readout_rows = torch.zeros(cache.batch_size, config.d_model)
+        self._fed = torch.empty(0, dtype=torch.int32)  # the tokens an exit_step call fed back (RanAhead)
         # The float32 head packed in panels of 64 outputs (ops.panels): a batch of rows' logits as
         # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
         self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
@@ -392,29 +394,41 @@ class NativeRowsStepper(NativeStepper):
 
     def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
                    thresholds: list[float], survival: torch.Tensor, tokens: list[int],
-                   inputs: torch.Tensor) -> tuple[list[int], torch.Tensor, list[int], list[float]]:
-        """``looplm_rows_exit_step``: every row's core step on its state in ``states`` [B, D] (by cache
+                   inputs: torch.Tensor, ahead: RunAhead | None = None):
+        """``looplm_rows_exit_run``: every row's core step on its state in ``states`` [B, D] (by cache
         row, in place), its readout and exit decision (Q-exit where its threshold is at most 1,
         reading and updating ``survival`` [B] float64 by cache row; else at ``max_steps``), the
         LAST_EXITED copies, logits and argmax of the rows that are done.  A row whose ``tokens``
         entry is a token id (not -1) enters first (``exit_step_embeds``: no prelude, so its state
-        and its row of ``inputs`` [B, D] are the token's embedding row).  Returns (the steps each
-        done row ran (0: runs on), the done rows' logits [done, V], their argmax and the largest
-        logit, which greedy sampling checks is finite)."""
+        and its row of ``inputs`` [B, D] are the token's embedding row).  With ``ahead``, further
+        iterations run in the same call while every done row may take its greedy token at once
+        (``RunAhead``).  Returns (the steps each done row of the last iteration ran (0: runs on),
+        those rows' logits [done, V], their argmax and the largest logit, which greedy sampling
+        checks is finite, and a ``RanAhead``)."""
         count, vocab = len(rows.slots), self.config.vocab_size
         ints = ctypes.c_int * count
         done, best, top = ints(), ints(), (ctypes.c_float * count)()
+        steps, positions, counts = ints(*rows.steps), ints(*rows.positions), (ctypes.c_int * 3)()
+        left = ahead.left if ahead else [0] * count
+        if 3 * sum(left) > len(self._fed):  # a fed token takes one of a row's ``left``: room for them all
+            self._fed = torch.empty(3 * sum(left), dtype=torch.int32)
+        stop_ids = () if ahead is None else ahead.stop_ids
         logits = torch.empty(count, vocab)
         dims, cos, sin, _, norm = self._addresses
-        finished = self.kernel.looplm_rows_exit_step(
+        finished = self.kernel.looplm_rows_exit_run(
             dims, self._step_arrays["core"], self.config.n_core_layers, self.cache.max_steps, count, states.data_ptr(),
-            ints(*rows.steps), ints(*rows.slots), ints(*rows.positions), self.slot_floats, cos, sin,
+            steps, ints(*rows.slots), positions, self.slot_floats, cos, sin,
             self.rows_scratch.data_ptr(), norm if self.config.step_norm else None, norm, ints(*max_steps),
             ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
             self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
             self._panels_address, vocab, logits.data_ptr(), best, top, ints(*tokens), self._embedding_address,
-            inputs.data_ptr(), min(self.threads, self.scratch_threads))
-        return list(done), logits[:finished], best[:finished], top[:finished]
+            inputs.data_ptr(), min(self.threads, self.scratch_threads), ints(*left),
+            (ctypes.c_int * len(stop_ids))(*stop_ids), len(stop_ids), ahead.iterations if ahead else 1,
+            ahead.seconds if ahead else 0.0, self._fed.data_ptr(), counts)
+        fed = self._fed[:3 * counts[2]].tolist()
+        ran = RanAhead([tuple(fed[i:i + 3]) for i in range(0, len(fed), 3)], counts[0], counts[1], list(steps),
+                       list(positions))
+        return list(done), logits[:finished], best[:finished], top[:finished], ran
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))

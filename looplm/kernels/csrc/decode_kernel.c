@@ -569,3 +569,65 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
         looplm_rows_head(head, head_panels, readout, finished, logits, vocab, D, best, top, small_head ? 1 : threads);
     return finished;
 }
+
+/* looplm_rows_exit_step's iterations, run on here while every row done with a token may take the
+ * next one at once: greedy decoding picks it (best[k]) and needs nothing else.  After each
+ * iteration, each done row r that may (left[r] > 0 — 0 for a sampled row, or for one whose budget
+ * this token ends —, a finite top logit, not a stop id) takes its best token: it is recorded in fed
+ * as (r, token, steps ran), three ints, in the order the rows were done, left[r] drops by one and
+ * done[r] becomes −steps ran.  If every done row took its token, and fewer than max_iterations
+ * iterations and max_seconds have passed, the next iteration runs: the fed rows enter with their
+ * token (tokens[r], step[r] = 0, pos[r] + 1) and every other row goes one step deeper
+ * (tokens[r] = −1, step[r] + 1).  Otherwise the run stops: the last iteration's done rows, logits,
+ * best and top are looplm_rows_exit_step's (the fed rows' done[r] negative), the rows with a
+ * positive done[r] for the caller to emit, the fed ones to enter next with their recorded token.
+ * step, pos and tokens end as the last iteration read them.  counts: [iterations run, those whose
+ * rows stood at different steps, tokens recorded in fed].  Returns the last iteration's number of
+ * done rows.  fed holds 3·Σ left ints (each token recorded takes one of its row's left). */
+int looplm_rows_exit_run(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
+                         int *step, const int *slot, int *pos, long slot_floats, const float *cos,
+                         const float *sin, float *scratch, const float *step_norm, const float *norm,
+                         const int *max_steps, const int *min_steps, const double *q, double *survival,
+                         const float *gate_w, float gate_b, float *readout, int *done, const Projection *head,
+                         const float *head_panels, int vocab, float *logits, int *best, float *top,
+                         int *tokens, const float *embedding, float *e, int threads, int *left,
+                         const int *stop_ids, int n_stop, int max_iterations, double max_seconds, int *fed,
+                         int *counts) {
+    const double started = omp_get_wtime();
+    int iterations = 0, mixed = 0, recorded = 0, finished;
+    for (;;) {
+        for (int r = 1; r < R; r++)
+            if (step[r] != step[0]) {
+                mixed++;
+                break;
+            }
+        finished = looplm_rows_exit_step(dims, steps, count, cache_steps, R, h, step, slot, pos, slot_floats, cos, sin,
+                                         scratch, step_norm, norm, max_steps, min_steps, q, survival, gate_w, gate_b,
+                                         readout, done, head, head_panels, vocab, logits, best, top, tokens,
+                                         embedding, e, threads);
+        iterations++;
+        int stop = iterations >= max_iterations || omp_get_wtime() - started >= max_seconds;
+        for (int r = 0, k = 0; r < R; r++) {
+            if (!done[r]) continue;
+            int feeds = left[r] > 0 && isfinite(top[k]);
+            for (int s = 0; s < n_stop && feeds; s++) feeds = best[k] != stop_ids[s];
+            if (feeds) {
+                fed[3 * recorded] = r, fed[3 * recorded + 1] = best[k], fed[3 * recorded + 2] = done[r];
+                recorded++, left[r]--, done[r] = -done[r];
+            } else {
+                stop = 1;
+            }
+            k++;
+        }
+        if (stop) break;
+        for (int r = 0, k = 0; r < R; r++) {
+            if (done[r]) {
+                tokens[r] = best[k++], step[r] = 0, pos[r]++;
+            } else {
+                tokens[r] = -1, step[r]++;
+            }
+        }
+    }
+    counts[0] = iterations, counts[1] = mixed, counts[2] = recorded;
+    return finished;
+}

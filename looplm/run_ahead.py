@@ -1,0 +1,38 @@
+"""Running ahead: the iterations a stepper's ``exit_step`` call may run by itself, and what it ran.
+
+Where a whole iteration of decode rows is one C call (``looplm.kernels.native_stepper``), the call
+can go on to the next iteration as long as every row done with a token may take its greedy token
+at once; ``looplm.scheduler.Scheduler.iterate`` says how far (``RunAhead``) and books what ran
+(``RanAhead``), and ``looplm.generate.BatchSession`` emits the tokens taken so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RunAhead:
+    """How far an ``exit_step`` call may run on by itself: while every row done with a token can
+    take its greedy token at once, the stepper feeds it back and runs the next iteration.  ``left``:
+    per row of the call, the tokens it may still take so (0: none, e.g. a sampled row; a row's
+    budget less the token that ends it); ``stop_ids``: tokens that end a row (left to the caller);
+    at most ``iterations`` iterations and about ``seconds``."""
+
+    left: list[int]
+    stop_ids: list[int]
+    iterations: int
+    seconds: float
+
+
+@dataclass
+class RanAhead:
+    """What an ``exit_step`` call ran: the tokens it fed back, as (row of the call, token, steps
+    its decision used) in order; its iterations, those with rows at different steps; each row's
+    loop step and position as the last iteration read them."""
+
+    fed: list[tuple[int, int, int]]
+    iterations: int
+    mixed: int
+    steps: list[int]
+    positions: list[int]
