@@ -414,14 +414,12 @@ class BatchSession:
         done, self.done = self.done, []
         return done
 
-    def _feeds(self, row) -> int:
-        """How many tokens the row's request may take without ``_emit`` (``Scheduler.iterate``): a
+    def _feeds(self, rows: list) -> list[int]:
+        """How many tokens each row's request may take without ``_emit`` (``Scheduler.iterate``): a
         greedy one without stop strings, all but the token that ends it."""
-        request = self.requests[row.slot]
-        settings = request.settings
-        if settings.sampling.temperature != 0 or settings.stop or request.cancelled:
-            return 0
-        return request.budget - len(request.generation.ids) - 1
+        requests = [self.requests[row.slot] for row in rows]
+        return [0 if request.settings.sampling.temperature != 0 or request.settings.stop or request.cancelled
+                else request.budget - len(request.generation.ids) - 1 for request in requests]
 
     def _emit(self, request: Request) -> None:
         """Sample and record the row's next token; feed it back, or finish the request."""

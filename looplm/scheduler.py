@@ -235,12 +235,12 @@ class Scheduler:
         while row.token is not None or row in self.running:
             self.iterate()
 
-    def iterate(self, feeds: Callable[[Row], int] | None = None, stop_ids: Collection[int] = (),
+    def iterate(self, feeds: Callable[[list[Row]], list[int]] | None = None, stop_ids: Collection[int] = (),
                 seconds: float = 0.0) -> list[Row]:
         """One core step of every running row (entering the fed ones first); returns the rows
         whose token finished, with their ``logits``, ``greedy`` and ``steps``.  ``feeds``: how many
-        tokens a row may take without its caller (a greedy row: its budget less the token that
-        ends it; 0: none): where the stepper runs whole iterations (``exit_step``), it runs on for
+        tokens each of the rows may take without its caller (a greedy row: its budget less the token
+        that ends it; 0: none): where the stepper runs whole iterations (``exit_step``), it runs on for
         up to ``seconds`` while every row done with a token may take its greedy token, not one of
         ``stop_ids`` (``RunAhead``); the tokens it took so are in ``fed`` as (row, token, steps),
         in order, before the finished rows returned."""
@@ -268,7 +268,7 @@ class Scheduler:
         if self.exit_step is not None and self._one_call(running):
             ahead = None
             if feeds is not None and seconds > 0 and self.embeds_in_exit_step:
-                ahead = RunAhead([feeds(row) for row in running], list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
+                ahead = RunAhead(feeds(running), list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
             return finished + self._exit_iteration(running, rows, ahead)
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1

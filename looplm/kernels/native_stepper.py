@@ -384,7 +384,7 @@ class NativeRowsStepper(NativeStepper):
         self.exit_step = self._exit_step if self._step_arrays["coda"] is None else None
         self.exit_step_embeds = self._step_arrays["prelude"] is None  # entering rows' h = e = their embedding
         self.readout_rows = torch.zeros(cache.batch_size, config.d_model)
-        self._fed = torch.empty(0, dtype=torch.int32)  # the tokens an exit_step call fed back (RanAhead)
+        self._fed = (ctypes.c_int * 0)()  # the tokens an exit_step call fed back (RanAhead)
         # The float32 head packed in panels of 64 outputs (ops.panels): a batch of rows' logits as
         # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
         self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
@@ -411,7 +411,7 @@ class NativeRowsStepper(NativeStepper):
         steps, positions, counts = ints(*rows.steps), ints(*rows.positions), (ctypes.c_int * 3)()
         left = ahead.left if ahead else [0] * count
         if 3 * sum(left) > len(self._fed):  # a fed token takes one of a row's ``left``: room for them all
-            self._fed = torch.empty(3 * sum(left), dtype=torch.int32)
+            self._fed = (ctypes.c_int * (3 * sum(left)))()
         stop_ids = () if ahead is None else ahead.stop_ids
         logits = torch.empty(count, vocab)
         dims, cos, sin, _, norm = self._addresses
@@ -424,10 +424,9 @@ class NativeRowsStepper(NativeStepper):
             self._panels_address, vocab, logits.data_ptr(), best, top, ints(*tokens), self._embedding_address,
             inputs.data_ptr(), min(self.threads, self.scratch_threads), ints(*left),
             (ctypes.c_int * len(stop_ids))(*stop_ids), len(stop_ids), ahead.iterations if ahead else 1,
-            ahead.seconds if ahead else 0.0, self._fed.data_ptr(), counts)
-        fed = self._fed[:3 * counts[2]].tolist()
-        ran = RanAhead([tuple(fed[i:i + 3]) for i in range(0, len(fed), 3)], counts[0], counts[1], list(steps),
-                       list(positions))
+            ahead.seconds if ahead else 0.0, self._fed, counts)
+        fed = self._fed[:3 * counts[2]]
+        ran = RanAhead(list(zip(fed[0::3], fed[1::3], fed[2::3])), counts[0], counts[1], list(steps), list(positions))
         return list(done), logits[:finished], best[:finished], top[:finished], ran
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
