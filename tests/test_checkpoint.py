@@ -1,4 +1,6 @@
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +343,31 @@ def test_a_file_that_cannot_be_read_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", denied)
     with pytest.raises(LoopLMError, match="cannot read .*model.safetensors.*Permission denied.*check the permissions"):
         load_model(tmp_path / "ckpt")
+
+
+def test_a_config_lacking_model_keys_loads_with_a_warning_naming_them(tmp_path, tiny_model):
+    """looplm writes every model key; a config.json without some (written by hand or by another
+    tool) loads with looplm's defaults, and says which keys took them — a RoPE base or a norm's
+    placement changes the outputs and no tensor's shape.  A saved checkpoint loads silently."""
+    target = tiny_model.save(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(target).config == tiny_model.config
+    _rewrite_config(target, lambda config: {k: v for k, v in config.items() if k not in ("rope_theta", "step_norm")})
+    with pytest.warns(UserWarning, match=r"lacks 2 model key\(s\) \(rope_theta, step_norm\): they take looplm's"
+                                         " defaults") as caught:
+        assert load_model(target).config == tiny_model.config  # the tiny model's values are the defaults
+    assert "\n" not in str(caught[0].message)
+
+
+def test_the_keys_older_checkpoints_lack_are_the_ones_added_since():
+    """looplm 0.1's checkpoint (a fixture) lacks exactly the keys added since, which load silently
+    with their defaults; every other key is one every checkpoint holds."""
+    from looplm.config.assemble import KEYS_ADDED_SINCE_0_1
+    from looplm.config.model import KEY_TYPES
+
+    legacy = Path(__file__).parent / "data" / "legacy-0.1" / "run" / "checkpoints" / "step_0000004"
+    assert set(KEY_TYPES) - set(json.loads((legacy / "config.json").read_text())) == KEYS_ADDED_SINCE_0_1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(legacy)

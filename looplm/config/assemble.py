@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import warnings
 from pathlib import Path
 from typing import Any
 
-from looplm.config.model import ModelConfig, flat_dotted, flat_model_values, model_differences
+from looplm.config.model import KEY_TYPES, ModelConfig, flat_dotted, flat_model_values, model_differences
 from looplm.config.presets import preset_values
 from looplm.config.run import RunConfig
 from looplm.config.values import check as _check
@@ -47,7 +48,28 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
     _refuse_hugging_face_config(raw, path.parent)
     _check_format_marker(raw, path)
     raw = {k: v for k, v in raw.items() if k not in CHECKPOINT_METADATA_KEYS}
+    _warn_missing_keys(raw, path)
     return from_dict(ModelConfig, raw, "model")
+
+
+# Model keys added after looplm 0.1 (whose checkpoints lack them): each one's default is what the
+# models of 0.1 did, so an older file without them is read right.  A key added later joins them.
+KEYS_ADDED_SINCE_0_1 = frozenset({
+    "act_mixing", "attnres_block_size", "auto_size", "default_exit", "depth_lora_position", "dropout",
+    "embed_norm", "hyper_connections", "kv_append_first", "max_loop_steps", "mc_detach", "min_loop_steps",
+    "mla_nope_dim", "mla_value_dim", "moe_scope", "norm_type", "shared_expert_hidden", "ternary"})
+
+
+def _warn_missing_keys(raw: dict, path: Path) -> None:
+    """looplm writes every model key into config.json; keys a file lacks (written by hand or by
+    another tool, beyond those older checkpoints lack) take looplm's defaults, which may not be what
+    the weights were trained with — a RoPE base or a step norm changes the outputs and no tensor's
+    shape: say so."""
+    missing = sorted(set(KEY_TYPES) - set(flat_model_values(raw)) - KEYS_ADDED_SINCE_0_1)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        warnings.warn(f"{str(path)!r} lacks {len(missing)} model key(s) ({shown}): they take looplm's defaults;"
+                      " if the model was trained with other values, add them to the file", stacklevel=3)
 
 
 def _check_format_marker(raw: dict, path: Path) -> None:
