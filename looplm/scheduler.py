@@ -237,8 +237,9 @@ class Scheduler:
 
     def iterate(self, feeds: Callable[[list[Row]], list[int]] | None = None, stop_ids: Collection[int] = (),
                 seconds: float = 0.0) -> list[Row]:
-        """One core step of every running row (entering the fed ones first); returns the rows
-        whose token finished, with their ``logits``, ``greedy`` and ``steps``.  ``feeds``: how many
+        """One core step of every running row (entering the fed ones first), or several when it runs
+        ahead; returns the rows whose token finished, with their ``logits``, ``greedy`` and ``steps``
+        (a row that took its next token in the call is pending with it instead).  ``feeds``: how many
         tokens each of the rows may take without its caller (a greedy row: its budget less the token
         that ends it; 0: none): where the stepper runs whole iterations (``exit_step``), it runs on for
         up to ``seconds`` while every row done with a token may take its greedy token, not one of
