@@ -472,3 +472,26 @@ def test_lm_eval_console_script_scores_a_hugging_face_export(checkpoint, model, 
         adapter = LoopLMEval(pretrained=str(checkpoint), steps=steps, device="cpu")
         ours = -sum(adapter.loglikelihood_rolling(requests("loglikelihood_rolling", texts), True)) / size
         assert (bits == pytest.approx(ours, rel=1e-5)) is equal
+
+
+def test_evaluating_outside_a_git_repository_prints_no_git_complaint(model, tmp_path, monkeypatch, capfd):
+    """lm-eval runs ``git describe`` to record the current directory's commit; outside a repository
+    git's "fatal: not a git repository" would reach the terminal as if the evaluation had failed."""
+    import shutil
+
+    import datasets
+    import lm_eval.evaluator
+
+    from looplm.eval.lm_eval_adapter import evaluate
+
+    tasks = tmp_path / "tasks"  # tmp_path is outside any repository
+    shutil.copytree(DATA, tasks)
+    monkeypatch.chdir(tasks)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    original = lm_eval.evaluator.get_git_commit_hash
+    results = evaluate(model, ["looplm_choice"], include_path=tasks, include_defaults=False, limit=2,
+                       tokenizer=byte_tokenizer(), bootstrap_iters=0)
+    assert "acc,none" in results["results"]["looplm_choice"] and results["git_hash"] is None
+    assert "fatal" not in capfd.readouterr().err
+    assert lm_eval.evaluator.get_git_commit_hash is original  # put back

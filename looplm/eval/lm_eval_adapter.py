@@ -37,7 +37,9 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -393,11 +395,41 @@ def evaluate(pretrained, tasks, steps: int | None = None, exit: str = "static", 
     else:
         model, model_args = LoopLMEval(**model_args), None
     try:
-        return simple_evaluate(model=model, model_args=model_args, tasks=task_names, task_manager=task_manager,
-                               limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
-                               **simple_evaluate_kwargs)
+        with _quiet_git_hash():
+            return simple_evaluate(model=model, model_args=model_args, tasks=task_names, task_manager=task_manager,
+                                   limit=limit, num_fewshot=num_fewshot, log_samples=log_samples,
+                                   **simple_evaluate_kwargs)
     except FileNotFoundError as error:  # datasets' own, from a task whose data files are not where it looks
         raise LoopLMError(missing_task_data(error, _include_paths(include_path))) from None
+
+
+@contextmanager
+def _quiet_git_hash():
+    """lm-eval records the git commit of the current directory by running ``git describe``, whose
+    "fatal: not a git repository" reaches the terminal when run elsewhere, as if the evaluation had
+    failed: meanwhile the same lookup runs with git's complaint dropped (and lm-eval's fallback,
+    reading a ``.git`` directory, where git cannot run)."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # another lm-eval: leave it as it is
+        yield
+        return
+
+    def quiet() -> str | None:
+        try:
+            found = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True, timeout=30)
+            return found.stdout.decode(errors="replace").strip()
+        except (OSError, subprocess.SubprocessError):
+            from lm_eval.loggers.utils import get_commit_from_path
+
+            return get_commit_from_path(os.getcwd())
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def missing_task_data(error: FileNotFoundError, include_paths: list[str]) -> str:
