@@ -60,6 +60,7 @@ def check_token_ids(ids, vocab_size: int, name: str = "the prompt") -> list[int]
 
 
 RUN_AHEAD_ITERATIONS = 1 << 16  # the most iterations one exit_step call may run on by itself (else its seconds)
+RUN_AHEAD_TOKENS = 1024  # the most tokens a row takes in one call (more than its seconds allow: it bounds the buffer)
 
 
 @dataclass(eq=False)
@@ -269,7 +270,8 @@ class Scheduler:
         if self.exit_step is not None and self._one_call(running):
             ahead = None
             if feeds is not None and seconds > 0 and self.embeds_in_exit_step:
-                ahead = RunAhead(feeds(running), list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
+                left = [min(tokens, RUN_AHEAD_TOKENS) for tokens in feeds(running)]
+                ahead = RunAhead(left, list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
             return finished + self._exit_iteration(running, rows, ahead)
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1

@@ -375,3 +375,18 @@ def test_run_ahead_must_be_seconds_at_least_zero():
     for bad in (-1.0, float("nan"), float("inf"), "5", True):
         with pytest.raises(LoopLMError, match="run_ahead must be seconds >= 0"):
             BatchSession(model, 2, 16, run_ahead=bad)
+
+
+def test_a_row_that_took_its_most_tokens_in_a_call_goes_on_through_python(monkeypatch):
+    """A row takes at most RUN_AHEAD_TOKENS in one call (the buffer's bound); its next token then
+    comes back to Python like a sampled one, and the tokens are those of one iteration a step."""
+    import looplm.scheduler
+
+    model = _exit_model()
+    work = [(prompt, Settings(QExit(0.5)), 12) for prompt in PROMPTS]
+    plain, counts, _ = _run_ahead_tokens(model, work, 0.0)
+    unbounded_steps = _run_ahead_tokens(model, work, 10.0)[2]
+    monkeypatch.setattr(looplm.scheduler, "RUN_AHEAD_TOKENS", 2)
+    bounded, counts_bounded, bounded_steps = _run_ahead_tokens(model, work, 10.0)
+    assert bounded == plain and counts_bounded == counts
+    assert unbounded_steps < bounded_steps < counts[0]
