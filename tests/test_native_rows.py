@@ -6,6 +6,7 @@ generation through it to batched generation through the reference for every KV l
 and the other exit policies mixed in one batch, int8 layers included."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -390,3 +391,28 @@ def test_a_row_that_took_its_most_tokens_in_a_call_goes_on_through_python(monkey
     bounded, counts_bounded, bounded_steps = _run_ahead_tokens(model, work, 10.0)
     assert bounded == plain and counts_bounded == counts
     assert unbounded_steps < bounded_steps < counts[0]
+
+
+@functools.cache
+def _run_ahead_model() -> LoopLM:
+    return _exit_model()  # one for every example (the workloads vary, not the model)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 4),
+       requests=st.lists(st.tuples(st.lists(st.integers(1, 63), min_size=1, max_size=6),
+                                   st.sampled_from(["q0.3", "q0.6", "q0.9", "fixed1", "fixed2", "fixed", "hot"]),
+                                   st.integers(0, 14)), min_size=1, max_size=7),
+       stop=st.sampled_from([None, 5, 17, 33]))
+def test_any_workload_runs_ahead_to_the_tokens_of_one_iteration_a_step(rows, requests, stop):
+    """For any batch size, prompts, limits (0 included), policies (a sampled row among them) and
+    stop id, running ahead gives every request the tokens, steps, counts and stream of one
+    iteration a step."""
+    kinds = {"q0.3": Settings(QExit(0.3)), "q0.6": Settings(QExit(0.6, min_steps=2)), "q0.9": Settings(QExit(0.9)),
+             "fixed1": Settings(FixedSteps(1)), "fixed2": Settings(FixedSteps(2)), "fixed": Settings(FixedSteps()),
+             "hot": Settings(QExit(0.5), sampling=Sampling(temperature=1.0, seed=7))}
+    work = [(prompt, kinds[kind], limit) for prompt, kind, limit in requests]
+    stops = [] if stop is None else [stop]
+    plain = _run_ahead_tokens(_run_ahead_model(), work, 0.0, stops, rows=rows)
+    ahead = _run_ahead_tokens(_run_ahead_model(), work, 10.0, stops, rows=rows)
+    assert ahead[:2] == plain[:2]
