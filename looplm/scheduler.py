@@ -347,9 +347,9 @@ class Scheduler:
             if not steps:
                 row.step += 1
                 continue
-            if steps < 0:  # done, and its next token taken in the call: it enters next (as ``feed``)
-                row.position, row.token, row.full_depth = row.position + 1, fed_last[index], False
-                self.pending.append(row)
+            if steps < 0:  # done, and its next token taken in the call: it enters next
+                row.position += 1
+                self.feed(row, fed_last[index])
             else:
                 row.logit_rows, row.logit_place, row.greedy, row.greedy_logit = logits, place, greedy[place], top[place]
                 row.steps, row.exit_step = steps, steps if steps < row.max_steps else None
