@@ -42,6 +42,19 @@ class TokenLoop(ctypes.Structure):
                 ("best", ctypes.c_void_p)]
 
 
+class RowsRun(ctypes.Structure):
+    """``looplm_rows_run``'s fixed arguments and per-row arrays (see decode_kernel.c)."""
+    _fields_ = ([("dims", ctypes.c_void_p), ("steps", ctypes.c_void_p)]
+                + [(name, ctypes.c_int) for name in ("count", "cache_steps", "threads", "vocab")]
+                + [("slot_floats", ctypes.c_long)]
+                + [(name, ctypes.c_void_p) for name in ("cos", "sin", "step_norm", "norm", "gate_w")]
+                + [("gate_b", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("head", "head_panels", "embedding", "readout", "step", "slot",
+                                                        "pos", "max_steps", "min_steps", "tokens", "left", "q",
+                                                        "done", "best", "top", "stop_ids")]
+                + [("n_stop", ctypes.c_int), ("fed", ctypes.c_void_p), ("counts", ctypes.c_int * 3)])
+
+
 class Exit(ctypes.Structure):
     """``LrExit`` (runtime.h): a token's most and fewest loop steps, its Q-exit threshold (> 1: none)
     and the per-step logits callback (unused here: NULL)."""
@@ -72,12 +85,8 @@ SIGNATURES = {
                             _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long, _POINTER, _POINTER, _POINTER,
                             _POINTER, _INT], None),
     "looplm_rows_scratch_floats": ([ctypes.POINTER(Dims), _INT, _INT], ctypes.c_long),
-    "looplm_rows_exit_run": ([ctypes.POINTER(Dims), ctypes.POINTER(ctypes.POINTER(Layer)), _INT, _INT, _INT,
-                              _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long, _POINTER, _POINTER, _POINTER,
-                              _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_float,
-                              _POINTER, _POINTER, ctypes.POINTER(Projection), _POINTER, _INT, _POINTER, _POINTER,
-                              _POINTER, _POINTER, _POINTER, _POINTER, _INT, _POINTER, _POINTER, _INT, _INT,
-                              ctypes.c_double, _POINTER, _POINTER], _INT),
+    "looplm_rows_run": ([_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, ctypes.c_double],
+                        _INT),
     "looplm_q_exit_replay": ([_POINTER, _INT, _INT, _POINTER, ctypes.c_float, _INT, ctypes.c_double], _INT),
     "looplm_rows_head": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _POINTER, _INT, _INT, _POINTER,
                           _POINTER, _INT], None),

@@ -22,12 +22,13 @@ from __future__ import annotations
 import ctypes
 import math
 
+import numpy
 import torch
 
 from looplm.bf16 import Bf16Linear
 from looplm.cache import KVCache
 from looplm.kernels import ops
-from looplm.kernels.bindings import Dims, Layer, Projection, TokenLoop
+from looplm.kernels.bindings import Dims, Layer, Projection, RowsRun, TokenLoop
 from looplm.kernels.build import load_kernel, simd_paths, unavailable_reason
 from looplm.quant import Int8Linear
 from looplm.run_ahead import RanAhead, RunAhead
@@ -384,18 +385,37 @@ class NativeRowsStepper(NativeStepper):
         self.exit_step = self._exit_step if self._step_arrays["coda"] is None else None
         self.exit_step_embeds = self._step_arrays["prelude"] is None  # entering rows' h = e = their embedding
         self.readout_rows = torch.zeros(cache.batch_size, config.d_model)
-        self._fed = (ctypes.c_int * 0)()  # the tokens an exit_step call fed back (RanAhead)
         # The float32 head packed in panels of 64 outputs (ops.panels): a batch of rows' logits as
         # broadcast products, no horizontal sums (the kernel reads it where the CPU has AVX-512).
         self.head_panels = self._keep_tensor(ops.panels(self.head)) if self.head.dtype == torch.float32 else None
         self._panels_address = self.head_panels.data_ptr() if self.head_panels is not None else None
+        self._exit_run = self._exit_run_arguments(cache.batch_size) if self.exit_step is not None else None
+        self._exit_run_address = ctypes.addressof(self._exit_run) if self._exit_run is not None else None
 
     exit_step_layouts = ("last_exited",)
+
+    def _exit_run_arguments(self, rows: int) -> RowsRun:
+        """``looplm_rows_run``'s fixed arguments, and its per-row arrays for up to ``rows`` rows, set
+        up once: a call then converts nine arguments, not forty."""
+        ints, config = ctypes.c_int * rows, self.config
+        arrays = {name: ints() for name in ("step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "done",
+                                            "best")}
+        arrays.update(q=(ctypes.c_double * rows)(), top=(ctypes.c_float * rows)(), stop_ids=ints(),
+                      fed=(ctypes.c_int * 0)())  # fed grows to what a call may feed back (3 ints a token)
+        self._arrays = arrays
+        _, cos, sin, _, norm = self._addresses
+        return RowsRun(ctypes.addressof(self.dims), ctypes.addressof(self._step_arrays["core"]), config.n_core_layers,
+                       self.cache.max_steps, self.threads, config.vocab_size, self.slot_floats, cos, sin,
+                       norm if config.step_norm else None, norm, self._gate_address, self.gate_bias or 0.0,
+                       self._head_address, self._panels_address, self._embedding_address,
+                       self.readout_rows.data_ptr(), *(ctypes.addressof(arrays[name]) for name in (
+                           "step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "q", "done", "best",
+                           "top", "stop_ids")), 0, ctypes.addressof(arrays["fed"]))
 
     def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
                    thresholds: list[float], survival: torch.Tensor, tokens: list[int],
                    inputs: torch.Tensor, ahead: RunAhead | None = None):
-        """``looplm_rows_exit_run``: every row's core step on its state in ``states`` [B, D] (by cache
+        """``looplm_rows_run``: every row's core step on its state in ``states`` [B, D] (by cache
         row, in place), its readout and exit decision (Q-exit where its threshold is at most 1,
         reading and updating ``survival`` [B] float64 by cache row; else at ``max_steps``), the
         LAST_EXITED copies, logits and argmax of the rows that are done.  A row whose ``tokens``
@@ -405,29 +425,32 @@ class NativeRowsStepper(NativeStepper):
         (``RunAhead``).  Returns (the steps each done row of the last iteration ran (0: runs on),
         those rows' logits [done, V], their argmax and the largest logit, which greedy sampling
         checks is finite, and a ``RanAhead``)."""
-        count, vocab = len(rows.slots), self.config.vocab_size
-        ints = ctypes.c_int * count
-        done, best, top = ints(), ints(), (ctypes.c_float * count)()
-        steps, positions, counts = ints(*rows.steps), ints(*rows.positions), (ctypes.c_int * 3)()
-        left = ahead.left if ahead else [0] * count
-        if 3 * sum(left) > len(self._fed):  # a fed token takes one of a row's ``left``: room for them all
-            self._fed = (ctypes.c_int * (3 * sum(left)))()
-        stop_ids = () if ahead is None else ahead.stop_ids
-        logits = torch.empty(count, vocab)
-        dims, cos, sin, _, norm = self._addresses
-        finished = self.kernel.looplm_rows_exit_run(
-            dims, self._step_arrays["core"], self.config.n_core_layers, self.cache.max_steps, count, states.data_ptr(),
-            steps, ints(*rows.slots), positions, self.slot_floats, cos, sin,
-            self.rows_scratch.data_ptr(), norm if self.config.step_norm else None, norm, ints(*max_steps),
-            ints(*min_steps), (ctypes.c_double * count)(*thresholds), survival.data_ptr(), self._gate_address,
-            self.gate_bias or 0.0, self.readout_rows.data_ptr(), done, ctypes.byref(self.head_projection),
-            self._panels_address, vocab, logits.data_ptr(), best, top, ints(*tokens), self._embedding_address,
-            inputs.data_ptr(), min(self.threads, self.scratch_threads), ints(*left),
-            (ctypes.c_int * len(stop_ids))(*stop_ids), len(stop_ids), ahead.iterations if ahead else 1,
-            ahead.seconds if ahead else 0.0, self._fed, counts)
-        fed = self._fed[:3 * counts[2]]
-        ran = RanAhead(list(zip(fed[0::3], fed[1::3], fed[2::3])), counts[0], counts[1], list(steps), list(positions))
-        return list(done), logits[:finished], best[:finished], top[:finished], ran
+        run, arrays, count = self._exit_run, self._arrays, len(rows.slots)
+        arrays["step"][:count], arrays["slot"][:count], arrays["pos"][:count] = rows.steps, rows.slots, rows.positions
+        arrays["max_steps"][:count], arrays["min_steps"][:count] = max_steps, min_steps
+        arrays["q"][:count], arrays["tokens"][:count] = thresholds, tokens
+        if ahead is None:
+            arrays["left"][:count] = [0] * count
+        else:
+            arrays["left"][:count] = ahead.left
+            if 3 * sum(ahead.left) > len(arrays["fed"]):  # a fed token takes one of a row's ``left``
+                arrays["fed"] = (ctypes.c_int * (3 * sum(ahead.left)))()
+                run.fed = ctypes.addressof(arrays["fed"])
+            if len(ahead.stop_ids) > len(arrays["stop_ids"]):
+                arrays["stop_ids"] = (ctypes.c_int * len(ahead.stop_ids))()
+                run.stop_ids = ctypes.addressof(arrays["stop_ids"])
+            arrays["stop_ids"][:len(ahead.stop_ids)] = ahead.stop_ids
+        run.n_stop = 0 if ahead is None else len(ahead.stop_ids)
+        run.threads = min(self.threads, self.scratch_threads)
+        logits = torch.empty(count, self.config.vocab_size)
+        finished = self.kernel.looplm_rows_run(
+            self._exit_run_address, count, states.data_ptr(), survival.data_ptr(), inputs.data_ptr(),
+            self.rows_scratch.data_ptr(), logits.data_ptr(), ahead.iterations if ahead else 1,
+            ahead.seconds if ahead else 0.0)
+        iterations, mixed, recorded = run.counts
+        fed = numpy.frombuffer(arrays["fed"], numpy.intc, 3 * recorded).reshape(recorded, 3).tolist()
+        ran = RanAhead(fed, iterations, mixed, arrays["step"][:count], arrays["pos"][:count])
+        return arrays["done"][:count], logits[:finished], arrays["best"][:finished], arrays["top"][:finished], ran
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))

@@ -475,7 +475,7 @@ void looplm_copy_positions(float *keys, float *values, const int64_t *source, co
 }
 
 /* The exit step of a token whose readouts after steps 1..steps are X [steps, D] (a prompt's last
- * token, prefilled at full depth): Q-exit decided as looplm_rows_exit_step decides it, from no
+ * token, prefilled at full depth): Q-exit decided as rows_exit_step decides it, from no
  * survival — the first step n >= min_steps, n < steps, whose exit CDF reaches q; else steps. */
 int looplm_q_exit_replay(const float *X, int steps, int D, const float *gate_w, float gate_b, int min_steps,
                          double q) {
@@ -501,7 +501,7 @@ int looplm_q_exit_replay(const float *X, int steps, int D, const float *gate_w, 
  * argmax to best[k] and its value to top[k] (top may be NULL).  Returns the number of done rows.  readout: scratch [R, D].  A row with
  * tokens[r] >= 0 enters first (the plain loop without a prelude): its state and its row of e [B, D]
  * become that token's embedding row and its survival 1. */
-int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
+static int rows_exit_step(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
                           const int *step, const int *slot, const int *pos, long slot_floats, const float *cos,
                           const float *sin, float *scratch, const float *step_norm, const float *norm,
                           const int *max_steps, const int *min_steps, const double *q, double *survival,
@@ -570,47 +570,69 @@ int looplm_rows_exit_step(const Dims *dims, const Layer *const *steps, int count
     return finished;
 }
 
-/* looplm_rows_exit_step's iterations, run on here while every row done with a token may take the
- * next one at once: greedy decoding picks it (best[k]) and needs nothing else.  After each
- * iteration, each done row r that may (left[r] > 0 — 0 for a sampled row, or for one whose budget
- * this token ends —, a finite top logit, not a stop id) takes its best token: it is recorded in fed
- * as (r, token, steps ran), three ints, in the order the rows were done, left[r] drops by one and
- * done[r] becomes −steps ran.  If every done row took its token, and fewer than max_iterations
- * iterations and max_seconds have passed, the next iteration runs: the fed rows enter with their
- * token (tokens[r], step[r] = 0, pos[r] + 1) and every other row goes one step deeper
- * (tokens[r] = −1, step[r] + 1).  Otherwise the run stops: the last iteration's done rows, logits,
- * best and top are looplm_rows_exit_step's (the fed rows' done[r] negative), the rows with a
- * positive done[r] for the caller to emit, the fed ones to enter next with their recorded token.
+/* Everything about a batch's looplm_rows_run calls that stays put from call to call, set up once
+ * (``NativeRowsStepper``): the model's fixed arguments and the per-row arrays, as long as the batch,
+ * that the caller fills before a call (step .. q) and reads after it (done .. counts); a call's
+ * argument conversions would otherwise cost a small model more than a token's arithmetic. */
+typedef struct {
+    const Dims *dims;
+    const Layer *const *steps;   /* the core's layers at each loop step's cache slots */
+    int count, cache_steps, threads, vocab;
+    long slot_floats;
+    const float *cos, *sin, *step_norm, *norm, *gate_w;  /* step_norm NULL: the readout is rms_norm(h) · norm */
+    float gate_b;
+    const Projection *head;
+    const float *head_panels, *embedding;
+    float *readout;              /* scratch [rows, D] */
+    int *step, *slot, *pos, *max_steps, *min_steps, *tokens, *left;  /* in (step, pos, tokens: also out) */
+    double *q;
+    int *done, *best;            /* out */
+    float *top;
+    const int *stop_ids;
+    int n_stop;
+    int *fed;                    /* 3 ints per token fed back: room for 3·Σ left */
+    int counts[3];
+} RowsRun;
+
+/* rows_exit_step's iterations over R rows (the arrays of run; the states h [B, D], survival
+ * [B], e [B, D], scratch and logits [R, V] given per call), run on here while every row done with
+ * a token may take the next one at once: greedy decoding picks it (best[k]) and needs nothing else.
+ * After each iteration, each done row r that may (left[r] > 0 — 0 for a sampled row, or for one
+ * whose budget this token ends —, a finite top logit, not a stop id) takes its best token: it is
+ * recorded in fed as (r, token, steps ran), three ints, in the order the rows were done, left[r]
+ * drops by one and done[r] becomes −steps ran.  If every done row took its token, and fewer than
+ * max_iterations iterations and max_seconds have passed, the next iteration runs: the fed rows
+ * enter with their token (tokens[r], step[r] = 0, pos[r] + 1) and every other row goes one step
+ * deeper (tokens[r] = −1, step[r] + 1).  Otherwise the run stops: the last iteration's done rows,
+ * logits, best and top are rows_exit_step's (the fed rows' done[r] negative), the rows with
+ * a positive done[r] for the caller to emit, the fed ones to enter next with their recorded token.
  * step, pos and tokens end as the last iteration read them.  counts: [iterations run, those whose
  * rows stood at different steps, tokens recorded in fed].  Returns the last iteration's number of
- * done rows.  fed holds 3·Σ left ints (each token recorded takes one of its row's left). */
-int looplm_rows_exit_run(const Dims *dims, const Layer *const *steps, int count, int cache_steps, int R, float *h,
-                         int *step, const int *slot, int *pos, long slot_floats, const float *cos,
-                         const float *sin, float *scratch, const float *step_norm, const float *norm,
-                         const int *max_steps, const int *min_steps, const double *q, double *survival,
-                         const float *gate_w, float gate_b, float *readout, int *done, const Projection *head,
-                         const float *head_panels, int vocab, float *logits, int *best, float *top,
-                         int *tokens, const float *embedding, float *e, int threads, int *left,
-                         const int *stop_ids, int n_stop, int max_iterations, double max_seconds, int *fed,
-                         int *counts) {
+ * done rows. */
+int looplm_rows_run(RowsRun *run, int R, float *h, double *survival, float *e, float *scratch, float *logits,
+                    int max_iterations, double max_seconds) {
     const double started = omp_get_wtime();
     int iterations = 0, mixed = 0, recorded = 0, finished;
+    int *step = run->step, *pos = run->pos, *done = run->done, *best = run->best, *left = run->left;
+    int *tokens = run->tokens, *fed = run->fed;
+    const float *top = run->top;
     for (;;) {
         for (int r = 1; r < R; r++)
             if (step[r] != step[0]) {
                 mixed++;
                 break;
             }
-        finished = looplm_rows_exit_step(dims, steps, count, cache_steps, R, h, step, slot, pos, slot_floats, cos, sin,
-                                         scratch, step_norm, norm, max_steps, min_steps, q, survival, gate_w, gate_b,
-                                         readout, done, head, head_panels, vocab, logits, best, top, tokens,
-                                         embedding, e, threads);
+        finished = rows_exit_step(run->dims, run->steps, run->count, run->cache_steps, R, h, step, run->slot, pos,
+                                  run->slot_floats, run->cos, run->sin, scratch, run->step_norm, run->norm,
+                                  run->max_steps, run->min_steps, run->q, survival, run->gate_w, run->gate_b,
+                                  run->readout, done, run->head, run->head_panels, run->vocab, logits, best,
+                                  run->top, tokens, run->embedding, e, run->threads);
         iterations++;
         int stop = iterations >= max_iterations || omp_get_wtime() - started >= max_seconds;
         for (int r = 0, k = 0; r < R; r++) {
             if (!done[r]) continue;
             int feeds = left[r] > 0 && isfinite(top[k]);
-            for (int s = 0; s < n_stop && feeds; s++) feeds = best[k] != stop_ids[s];
+            for (int s = 0; s < run->n_stop && feeds; s++) feeds = best[k] != run->stop_ids[s];
             if (feeds) {
                 fed[3 * recorded] = r, fed[3 * recorded + 1] = best[k], fed[3 * recorded + 2] = done[r];
                 recorded++, left[r]--, done[r] = -done[r];
@@ -628,6 +650,6 @@ int looplm_rows_exit_run(const Dims *dims, const Layer *const *steps, int count,
             }
         }
     }
-    counts[0] = iterations, counts[1] = mixed, counts[2] = recorded;
+    run->counts[0] = iterations, run->counts[1] = mixed, run->counts[2] = recorded;
     return finished;
 }
