@@ -404,11 +404,8 @@ class BatchSession:
         for request in [request for request in self.requests.values() if request.cancelled]:
             self._finish(request)
         finished = self.scheduler.iterate(self._feeds, self.stop_ids, self.run_ahead)
-        for row, token, steps in self.scheduler.fed:  # greedy tokens the stepper fed back itself
-            request = self.requests[row.slot]
-            self._record(request, token, steps)
-            request.generation.layer_applications = row.layer_applications
-            request.generation.full_depth_applications = row.full_depth_applications
+        if self.scheduler.fed:  # greedy tokens the stepper fed back itself (none ends its request)
+            self._record_fed()
         for row in finished:
             self._emit(self.requests[row.slot])
         done, self.done = self.done, []
@@ -420,6 +417,23 @@ class BatchSession:
         requests = [self.requests[row.slot] for row in rows]
         return [0 if request.settings.sampling.temperature != 0 or request.settings.stop or request.cancelled
                 else request.budget - len(request.generation.ids) - 1 for request in requests]
+
+    def _record_fed(self) -> None:
+        """Record the tokens the stepper fed back itself: each request's at once, or where one
+        streams (a callback or text), every token through ``_record`` in the order taken."""
+        fed = self.scheduler.fed
+        requests = [self.requests[row.slot] for row, _, _ in fed]
+        if any(request.on_token is not None or request.streamed is not None for request in requests):
+            taken = {row: iter(zip(tokens, steps)) for row, tokens, steps in fed}
+            for row in self.scheduler.fed_order:
+                self._record(self.requests[row.slot], *next(taken[row]))
+        else:
+            for request, (_, tokens, steps) in zip(requests, fed):
+                request.generation.ids += tokens
+                request.generation.steps += steps
+        for request, (row, _, _) in zip(requests, fed):
+            request.generation.layer_applications = row.layer_applications
+            request.generation.full_depth_applications = row.full_depth_applications
 
     def _emit(self, request: Request) -> None:
         """Sample and record the row's next token; feed it back, or finish the request."""

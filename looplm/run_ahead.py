@@ -27,11 +27,13 @@ class RunAhead:
 
 @dataclass
 class RanAhead:
-    """What an ``exit_step`` call ran: the tokens it fed back, as (row of the call, token, steps
-    its decision used) in order; its iterations, those with rows at different steps; each row's
-    loop step and position as the last iteration read them."""
+    """What an ``exit_step`` call ran: the tokens it fed back, for each row of the call that took
+    any, as (row of the call, its tokens, the steps each one's decision used) in order, and the
+    row of each token in the order they were taken; its iterations, those with rows at different
+    steps; each row's loop step and position as the last iteration read them."""
 
-    fed: list[tuple[int, int, int]]
+    fed: list[tuple[int, list[int], list[int]]]
+    order: list[int]
     iterations: int
     mixed: int
     steps: list[int]

@@ -130,7 +130,10 @@ class Scheduler:
         self.h = self.e = None           # every slot's loop state and prelude output [B, D] (by cache row)
         self.tables: dict[str, torch.Tensor] = {}  # per-slot decision state
         self.iterations = self.mixed_depth_iterations = self.exit_step_iterations = 0
-        self.fed: list[tuple[Row, int, int]] = []  # the tokens the last iterate fed back itself (RunAhead)
+        # the tokens the last iterate fed back itself (RunAhead): (row, its tokens, their steps), and
+        # the row of each token in the order taken
+        self.fed: list[tuple[Row, list[int], list[int]]] = []
+        self.fed_order: list[Row] = []
 
     @property
     def active(self) -> bool:
@@ -247,7 +250,7 @@ class Scheduler:
         ``stop_ids`` (``RunAhead``); the tokens it took so are in ``fed`` as (row, token, steps),
         in order, before the finished rows returned."""
         finished: list[Row] = []
-        self.fed = []
+        self.fed, self.fed_order = [], []
         if self.pending:
             entering, self.pending = self.pending, []
             if self.whole_tokens:
@@ -331,25 +334,25 @@ class Scheduler:
         self.exit_step_iterations += run.iterations
         self.mixed_depth_iterations += run.mixed
         per_step = self.per_step  # no coda on this path: the core's layers
-        fed_last: dict[int, int] = {}  # row of the call → the last token it took in the call
-        for index, token, steps in run.fed:  # greedy tokens the stepper fed back itself (RunAhead)
-            running[index].full_depth_applications += running[index].max_steps * per_step
-            self.fed.append((running[index], token, steps))
-            fed_last[index] = token
+        if run.fed:  # greedy tokens the stepper fed back itself (RunAhead)
+            self.fed = [(running[index], tokens, steps) for index, tokens, steps in run.fed]
+            self.fed_order = [running[index] for index in run.order]
+            for row, tokens, _ in self.fed:
+                row.full_depth_applications += len(tokens) * row.max_steps * per_step
         if run.iterations > 1:  # every row of the call ran each of its iterations
             for row, step, position in zip(running, run.steps, run.positions):
                 row.step, row.position = step, position
         finished: list[Row] = []
         place = 0  # the done rows' logits stay rows of the batch's until asked for
-        for index, (row, steps) in enumerate(zip(running, ran)):
+        for row, steps in zip(running, ran):
             row.token = None
             row.layer_applications += per_step * run.iterations
             if not steps:
                 row.step += 1
                 continue
-            if steps < 0:  # done, and its next token taken in the call: it enters next
+            if steps < 0:  # done, and its next token (its argmax) taken in the call: it enters next
                 row.position += 1
-                self.feed(row, fed_last[index])
+                self.feed(row, greedy[place])
             else:
                 row.logit_rows, row.logit_place, row.greedy, row.greedy_logit = logits, place, greedy[place], top[place]
                 row.steps, row.exit_step = steps, steps if steps < row.max_steps else None

@@ -52,7 +52,10 @@ class RowsRun(ctypes.Structure):
                 + [(name, ctypes.c_void_p) for name in ("head", "head_panels", "embedding", "readout", "step", "slot",
                                                         "pos", "max_steps", "min_steps", "tokens", "left", "q",
                                                         "done", "best", "top", "stop_ids")]
-                + [("n_stop", ctypes.c_int), ("fed", ctypes.c_void_p), ("counts", ctypes.c_int * 3)])
+                + [("n_stop", ctypes.c_int)]
+                + [(name, ctypes.c_void_p) for name in ("fed_tokens", "fed_steps", "fed_order", "fed_count",
+                                                        "fed_offset")]
+                + [("counts", ctypes.c_int * 3)])
 
 
 class Exit(ctypes.Structure):

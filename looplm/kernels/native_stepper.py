@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import math
 
-import numpy
 import torch
 
 from looplm.bf16 import Bf16Linear
@@ -399,9 +398,9 @@ class NativeRowsStepper(NativeStepper):
         up once: a call then converts nine arguments, not forty."""
         ints, config = ctypes.c_int * rows, self.config
         arrays = {name: ints() for name in ("step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "done",
-                                            "best")}
-        arrays.update(q=(ctypes.c_double * rows)(), top=(ctypes.c_float * rows)(), stop_ids=ints(),
-                      fed=(ctypes.c_int * 0)())  # fed grows to what a call may feed back (3 ints a token)
+                                            "best", "fed_count", "fed_offset")}
+        arrays.update(q=(ctypes.c_double * rows)(), top=(ctypes.c_float * rows)(), stop_ids=ints())
+        arrays.update({name: (ctypes.c_int * 0)() for name in self._FED})  # grown to what a call may feed back
         self._arrays = arrays
         _, cos, sin, _, norm = self._addresses
         return RowsRun(ctypes.addressof(self.dims), ctypes.addressof(self._step_arrays["core"]), config.n_core_layers,
@@ -410,7 +409,10 @@ class NativeRowsStepper(NativeStepper):
                        self._head_address, self._panels_address, self._embedding_address,
                        self.readout_rows.data_ptr(), *(ctypes.addressof(arrays[name]) for name in (
                            "step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "q", "done", "best",
-                           "top", "stop_ids")), 0, ctypes.addressof(arrays["fed"]))
+                           "top", "stop_ids")), 0,
+                       *(ctypes.addressof(arrays[name]) for name in self._FED + ("fed_count", "fed_offset")))
+
+    _FED = ("fed_tokens", "fed_steps", "fed_order")  # RowsRun's arrays of the tokens fed back, one int a token
 
     def _exit_step(self, states: torch.Tensor, rows, max_steps: list[int], min_steps: list[int],
                    thresholds: list[float], survival: torch.Tensor, tokens: list[int],
@@ -433,9 +435,10 @@ class NativeRowsStepper(NativeStepper):
             arrays["left"][:count] = [0] * count
         else:
             arrays["left"][:count] = ahead.left
-            if 3 * sum(ahead.left) > len(arrays["fed"]):  # a fed token takes one of a row's ``left``
-                arrays["fed"] = (ctypes.c_int * (3 * sum(ahead.left)))()
-                run.fed = ctypes.addressof(arrays["fed"])
+            if sum(ahead.left) > len(arrays["fed_order"]):  # a fed token takes one of a row's ``left``
+                for name in self._FED:
+                    arrays[name] = (ctypes.c_int * sum(ahead.left))()
+                    setattr(run, name, ctypes.addressof(arrays[name]))
             if len(ahead.stop_ids) > len(arrays["stop_ids"]):
                 arrays["stop_ids"] = (ctypes.c_int * len(ahead.stop_ids))()
                 run.stop_ids = ctypes.addressof(arrays["stop_ids"])
@@ -448,8 +451,13 @@ class NativeRowsStepper(NativeStepper):
             self.rows_scratch.data_ptr(), logits.data_ptr(), ahead.iterations if ahead else 1,
             ahead.seconds if ahead else 0.0)
         iterations, mixed, recorded = run.counts
-        fed = numpy.frombuffer(arrays["fed"], numpy.intc, 3 * recorded).reshape(recorded, 3).tolist()
-        ran = RanAhead(fed, iterations, mixed, arrays["step"][:count], arrays["pos"][:count])
+        fed, order = [], []
+        if recorded:
+            tokens, steps = arrays["fed_tokens"], arrays["fed_steps"]
+            fed = [(index, tokens[offset:offset + taken], steps[offset:offset + taken]) for index, (taken, offset)
+                   in enumerate(zip(arrays["fed_count"][:count], arrays["fed_offset"][:count])) if taken]
+            order = arrays["fed_order"][:recorded]
+        ran = RanAhead(fed, order, iterations, mixed, arrays["step"][:count], arrays["pos"][:count])
         return arrays["done"][:count], logits[:finished], arrays["best"][:finished], arrays["top"][:finished], ran
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:

@@ -590,7 +590,10 @@ typedef struct {
     float *top;
     const int *stop_ids;
     int n_stop;
-    int *fed;                    /* 3 ints per token fed back: room for 3·Σ left */
+    /* the tokens fed back: row r's tokens and their steps at fed_tokens, fed_steps + fed_offset[r]
+     * (Σ left[j < r] as the call began), fed_count[r] of them; fed_order: the row of each token, in
+     * the order taken (room for Σ left in each) */
+    int *fed_tokens, *fed_steps, *fed_order, *fed_count, *fed_offset;
     int counts[3];
 } RowsRun;
 
@@ -599,23 +602,25 @@ typedef struct {
  * a token may take the next one at once: greedy decoding picks it (best[k]) and needs nothing else.
  * After each iteration, each done row r that may (left[r] > 0 — 0 for a sampled row, or for one
  * whose budget this token ends —, a finite top logit, not a stop id) takes its best token: it is
- * recorded in fed as (r, token, steps ran), three ints, in the order the rows were done, left[r]
- * drops by one and done[r] becomes −steps ran.  If every done row took its token, and fewer than
- * max_iterations iterations and max_seconds have passed, the next iteration runs: the fed rows
- * enter with their token (tokens[r], step[r] = 0, pos[r] + 1) and every other row goes one step
- * deeper (tokens[r] = −1, step[r] + 1).  Otherwise the run stops: the last iteration's done rows,
- * logits, best and top are rows_exit_step's (the fed rows' done[r] negative), the rows with
- * a positive done[r] for the caller to emit, the fed ones to enter next with their recorded token.
- * step, pos and tokens end as the last iteration read them.  counts: [iterations run, those whose
- * rows stood at different steps, tokens recorded in fed].  Returns the last iteration's number of
- * done rows. */
+ * recorded with the steps it ran in row r's part of fed_tokens and fed_steps, and r in fed_order
+ * (the rows in the order they were done), left[r] drops by one and done[r] becomes −steps ran.
+ * If every done row took its token, and fewer than max_iterations iterations and max_seconds have
+ * passed, the next iteration runs: the fed rows enter with their token (tokens[r], step[r] = 0,
+ * pos[r] + 1) and every other row goes one step deeper (tokens[r] = −1, step[r] + 1).  Otherwise
+ * the run stops: the last iteration's done rows, logits, best and top are rows_exit_step's (the
+ * fed rows' done[r] negative), the rows with a positive done[r] for the caller to emit, the fed
+ * ones to enter next with their recorded token.  step, pos and tokens end as the last iteration
+ * read them.  counts: [iterations run, those whose rows stood at different steps, tokens fed
+ * back].  Returns the last iteration's number of done rows. */
 int looplm_rows_run(RowsRun *run, int R, float *h, double *survival, float *e, float *scratch, float *logits,
                     int max_iterations, double max_seconds) {
     const double started = omp_get_wtime();
     int iterations = 0, mixed = 0, recorded = 0, finished;
     int *step = run->step, *pos = run->pos, *done = run->done, *best = run->best, *left = run->left;
-    int *tokens = run->tokens, *fed = run->fed;
+    int *tokens = run->tokens;
     const float *top = run->top;
+    for (int r = 0, offset = 0; r < R; offset += left[r] > 0 ? left[r] : 0, r++)
+        run->fed_offset[r] = offset, run->fed_count[r] = 0;
     for (;;) {
         for (int r = 1; r < R; r++)
             if (step[r] != step[0]) {
@@ -634,8 +639,9 @@ int looplm_rows_run(RowsRun *run, int R, float *h, double *survival, float *e, f
             int feeds = left[r] > 0 && isfinite(top[k]);
             for (int s = 0; s < run->n_stop && feeds; s++) feeds = best[k] != run->stop_ids[s];
             if (feeds) {
-                fed[3 * recorded] = r, fed[3 * recorded + 1] = best[k], fed[3 * recorded + 2] = done[r];
-                recorded++, left[r]--, done[r] = -done[r];
+                const int at = run->fed_offset[r] + run->fed_count[r]++;
+                run->fed_tokens[at] = best[k], run->fed_steps[at] = done[r], run->fed_order[recorded++] = r;
+                left[r]--, done[r] = -done[r];
             } else {
                 stop = 1;
             }
