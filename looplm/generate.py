@@ -295,13 +295,16 @@ class BatchSession:
     ``run_ahead`` seconds while every row done with a token is greedy (no stop strings, not at its
     last token, no stop id): those tokens are fed back in C and emitted when the step returns, in
     order, so a step may emit several tokens of a row.  The tokens are the same (tested); 0 runs
-    one iteration a step."""
+    one iteration a step.  ``standby`` slots more (of ``max_len`` each) take requests admitted while
+    every row is busy: each is prefilled at once and waits, and takes the first row to free up —
+    inside such a C step where a greedy request ends there with its last token, so the step runs on
+    instead of returning to let the next request in."""
 
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
                  stop_ids: Sequence[int] | None = None, layout: str = "last_exited", modulo_slots: int = 2,
                  max_steps: int | None = None, backend: str = "auto", compile_steps: bool = False,
-                 prefix_cache=None, dtype: str = "fp32", run_ahead: float = RUN_AHEAD_SECONDS):
+                 prefix_cache=None, dtype: str = "fp32", run_ahead: float = RUN_AHEAD_SECONDS, standby: int = 0):
         self.tokenizer, self.prefix_cache = tokenizer, prefix_cache
         if not is_number(run_ahead) or not 0 <= run_ahead < math.inf:
             raise LoopLMError(f"run_ahead must be seconds >= 0 (0: one iteration a step), got {run_ahead!r}")
@@ -314,12 +317,15 @@ class BatchSession:
         self._check_stops([self.defaults])
         if not is_int(rows) or rows < 1 or not is_int(max_len) or max_len < 1:
             raise LoopLMError(f"rows and max_len must be ints >= 1, got {rows!r}, {max_len!r}")
+        if not is_int(standby) or standby < 0:
+            raise LoopLMError(f"standby must be an int >= 0 (slots for requests waiting for a row), got {standby!r}")
         if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
             raise LoopLMError(f"max_steps must be an int >= 1 (None: the policy's), got {max_steps!r}")
         self.stop_ids = set(tokenizer.stop_ids if stop_ids is None and tokenizer is not None else (stop_ids or []))
         self.context = model.config.max_seq_len
         depth = max_steps or self.defaults.exit_policy.max_steps(model.config.loop_steps)
-        self.scheduler = Scheduler(model, rows, max_len, depth, layout, modulo_slots, backend, compile_steps, dtype)
+        self.scheduler = Scheduler(model, rows + standby, max_len, depth, layout, modulo_slots, backend, compile_steps,
+                                   dtype, width=rows)
         self.model, self.precision = self.scheduler.model, self.scheduler.precision  # bf16: the bf16 copy
         self.requests: dict[int, Request] = {}  # slot → request decoding there
         self.done: list[Request] = []           # finished, not yet returned by ``step``
@@ -404,8 +410,10 @@ class BatchSession:
         for request in [request for request in self.requests.values() if request.cancelled]:
             self._finish(request)
         finished = self.scheduler.iterate(self._feeds, self.stop_ids, self.run_ahead)
-        if self.scheduler.fed:  # greedy tokens the stepper fed back itself (none ends its request)
+        if self.scheduler.fed:  # greedy tokens the stepper fed back itself
             self._record_fed()
+        for row in self.scheduler.ended:  # requests that ended with one of them
+            self._finish(self.requests[row.slot])
         for row in finished:
             self._emit(self.requests[row.slot])
         done, self.done = self.done, []
@@ -413,10 +421,10 @@ class BatchSession:
 
     def _feeds(self, rows: list) -> list[int]:
         """How many tokens each row's request may take without ``_emit`` (``Scheduler.iterate``): a
-        greedy one without stop strings, all but the token that ends it."""
+        greedy one without stop strings, what is left of its budget."""
         requests = [self.requests[row.slot] for row in rows]
         return [0 if request.settings.sampling.temperature != 0 or request.settings.stop or request.cancelled
-                else request.budget - len(request.generation.ids) - 1 for request in requests]
+                else request.budget - len(request.generation.ids) for request in requests]
 
     def _record_fed(self) -> None:
         """Record the tokens the stepper fed back itself: each request's at once, or where one

@@ -76,6 +76,7 @@ class Row:
     threshold: float | None = None      # its Q-exit threshold (None: no gate read)
     plain_exit: bool = False            # Q-exit or fixed depth: a fused iteration may run it
     min_steps: int = 1                  # its policy's (the fused iteration reads it per row)
+    new: bool = True                    # admitted, not yet in the batch (it waits for a place)
     token: int | None = None            # fed, waiting to enter
     step: int = 0                       # loop steps its token has run
     exit_step: int | None = None        # the step its exit fired (a full-depth token runs on)
@@ -101,10 +102,13 @@ class Row:
 
 class Scheduler:
     """Rows of one cache (``rows`` slots of ``max_len`` positions, ``max_steps`` loop steps deep,
-    one ``layout``) decoding together through one stepper (``looplm.steppers``)."""
+    one ``layout``) decoding together through one stepper (``looplm.steppers``), at most ``width``
+    of them in an iteration (default all): the others wait, prefilled, for a place."""
 
     def __init__(self, model, rows: int, max_len: int, max_steps: int, layout: str = "last_exited",
-                 modulo_slots: int = 2, backend: str = "reference", compile_steps: bool = False, dtype: str = "fp32"):
+                 modulo_slots: int = 2, backend: str = "reference", compile_steps: bool = False, dtype: str = "fp32",
+                 width: int | None = None):
+        self.width = width or rows
         parameter = next(model.parameters())
         self.model, self.device = model, parameter.device
         config = model.config
@@ -130,10 +134,11 @@ class Scheduler:
         self.h = self.e = None           # every slot's loop state and prelude output [B, D] (by cache row)
         self.tables: dict[str, torch.Tensor] = {}  # per-slot decision state
         self.iterations = self.mixed_depth_iterations = self.exit_step_iterations = 0
-        # the tokens the last iterate fed back itself (RunAhead): (row, its tokens, their steps), and
-        # the row of each token in the order taken
+        # the tokens the last iterate fed back itself (RunAhead): (row, its tokens, their steps), the
+        # row of each token in the order taken, and the rows whose requests those tokens ended
         self.fed: list[tuple[Row, list[int], list[int]]] = []
         self.fed_order: list[Row] = []
+        self.ended: list[Row] = []
 
     @property
     def active(self) -> bool:
@@ -244,15 +249,17 @@ class Scheduler:
         """One core step of every running row (entering the fed ones first), or several when it runs
         ahead; returns the rows whose token finished, with their ``logits``, ``greedy`` and ``steps``
         (a row that took its next token in the call is pending with it instead).  ``feeds``: how many
-        tokens each of the rows may take without its caller (a greedy row: its budget less the token
-        that ends it; 0: none): where the stepper runs whole iterations (``exit_step``), it runs on for
-        up to ``seconds`` while every row done with a token may take its greedy token, not one of
-        ``stop_ids`` (``RunAhead``); the tokens it took so are in ``fed`` as (row, token, steps),
-        in order, before the finished rows returned."""
+        tokens each of the rows may still take without its caller, the one that ends its request
+        included (a greedy row: its remaining budget; 0: none): where the stepper runs whole
+        iterations (``exit_step``), it runs on for up to ``seconds`` while every row done with a
+        token may take its greedy token, not one of ``stop_ids`` (``RunAhead``).  The tokens it took
+        so, before the finished rows returned, are in ``fed`` as (row, its tokens, their steps), and
+        ``fed_order`` gives the row of each in the order taken.  Rows beyond the width wait; such a
+        call brings them in where a request ends with a token it took, those rows in ``ended``."""
         finished: list[Row] = []
-        self.fed, self.fed_order = [], []
+        self.fed, self.fed_order, self.ended = [], [], []
         if self.pending:
-            entering, self.pending = self.pending, []
+            entering, self.pending = self._entering()
             if self.whole_tokens:
                 finished = [row for row in entering if row.whole_token and not row.full_depth]
                 for row in finished:
@@ -269,13 +276,18 @@ class Scheduler:
         if not self.running:
             return finished
         running = self.running
-        rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
         if self.exit_step is not None and self._one_call(running):
-            ahead = None
+            ahead, waiting = None, []
             if feeds is not None and seconds > 0 and self.embeds_in_exit_step:
-                left = [min(tokens, RUN_AHEAD_TOKENS) for tokens in feeds(running)]
-                ahead = RunAhead(left, list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
-            return finished + self._exit_iteration(running, rows, ahead)
+                # A free slot means no request waited for one when this call began: a row whose
+                # request ends in it may then leave (the call runs on) where no waiting row takes its place.
+                waiting, leave = self._waiting(), bool(self.free)
+                remaining = feeds(running + waiting)
+                left = [min(max(tokens - 1, 0), RUN_AHEAD_TOKENS) for tokens in remaining]
+                final = [(leave or bool(waiting)) and 0 < tokens <= RUN_AHEAD_TOKENS + 1 for tokens in remaining]
+                ahead = RunAhead(left, final, len(waiting), leave, list(stop_ids), RUN_AHEAD_ITERATIONS, seconds)
+            return finished + self._exit_iteration(running, waiting, ahead)
+        rows = Rows([row.slot for row in running], [row.step for row in running], [row.position for row in running])
         self.iterations += 1
         self.mixed_depth_iterations += len(set(rows.steps)) > 1
         slots = rows.tensor("slots", self.device)
@@ -315,42 +327,79 @@ class Scheduler:
             row.step += 1
         return finished
 
+    def _entering(self) -> tuple[list[Row], list[Row]]:
+        """The fed rows that enter now and those that wait: rows in the middle of a request (they
+        hold a place) first, then new ones in the order admitted, up to the width."""
+        entering, waiting = self.pending, []
+        if len(self.running) + len(self.pending) > self.width:
+            rows = [row for row in self.pending if not row.new] + [row for row in self.pending if row.new]
+            room = self.width - len(self.running)
+            entering, waiting = rows[:room], rows[room:]
+        for row in entering:
+            row.new = False
+        return entering, waiting
+
+    def _waiting(self) -> list[Row]:
+        """The waiting rows an ``exit_step`` call may bring in where requests end: those first in
+        line that exit by Q-exit or at a fixed depth."""
+        waiting = []
+        for row in self.pending:
+            if not (row.new and row.plain_exit and not row.full_depth):
+                break
+            waiting.append(row)
+        return waiting
+
     @staticmethod
     def _one_call(rows: list[Row]) -> bool:
         """Whether an iteration of ``rows`` can run in the stepper's ``exit_step``: every row exits
         by Q-exit or at a fixed depth, and none is a full-depth token (the exit only picks its readout)."""
         return all(row.plain_exit and not row.full_depth for row in rows)
 
-    def _exit_iteration(self, running: list[Row], rows: Rows, ahead: RunAhead | None = None) -> list[Row]:
+    def _exit_iteration(self, running: list[Row], waiting: list[Row], ahead: RunAhead | None = None) -> list[Row]:
         """``iterate``'s work for rows that all exit by Q-exit or at a fixed depth, in the stepper's
         one call (``exit_step``: the same decisions and copies, held equal by tests; with ``ahead``,
-        the iterations it ran on as well); the rows' bookkeeping is ``iterate``'s and ``_leave``'s."""
-        tokens = [-1 if row.token is None else row.token for row in running]
+        the iterations it ran on as well, ``waiting`` rows taking the places of rows whose requests
+        ended there); the rows' bookkeeping is ``iterate``'s and ``_leave``'s."""
+        entries = running + waiting
+        rows = Rows([row.slot for row in entries], [row.step for row in running] + [0] * len(waiting),
+                    [row.position for row in entries])
         ran, logits, greedy, top, run = self.exit_step(
-            self.h, rows, [row.max_steps for row in running], [row.min_steps for row in running],
-            [math.inf if row.threshold is None else row.threshold for row in running],
-            self._table("survival", dtype=torch.float64), tokens, self.e, ahead)
+            self.h, rows, [row.max_steps for row in entries], [row.min_steps for row in entries],
+            [math.inf if row.threshold is None else row.threshold for row in entries],
+            self._table("survival", dtype=torch.float64), [-1 if row.token is None else row.token for row in entries],
+            self.e, ahead)
         self.iterations += run.iterations
         self.exit_step_iterations += run.iterations
         self.mixed_depth_iterations += run.mixed
         per_step = self.per_step  # no coda on this path: the core's layers
+        for row, applied in zip(entries, run.applied):
+            row.layer_applications += per_step * applied
         if run.fed:  # greedy tokens the stepper fed back itself (RunAhead)
-            self.fed = [(running[index], tokens, steps) for index, tokens, steps in run.fed]
-            self.fed_order = [running[index] for index in run.order]
+            self.fed = [(entries[index], tokens, steps) for index, tokens, steps in run.fed]
+            self.fed_order = [entries[index] for index in run.order]
             for row, tokens, _ in self.fed:
                 row.full_depth_applications += len(tokens) * row.max_steps * per_step
+        placed = running
+        if run.ended or waiting:  # the waiting rows that came in are the batch's now; ended rows left it
+            placed, self.ended = [entries[index] for index in run.at], [entries[index] for index in run.ended]
+            came = {id(row) for row in placed + self.ended} - {id(row) for row in running}
+            self.pending = [row for row in self.pending if id(row) not in came]
+            for row in waiting:
+                row.new = row.new and id(row) not in came
         if run.iterations > 1:  # every row of the call ran each of its iterations
-            for row, step, position in zip(running, run.steps, run.positions):
+            for row, step, position in zip(placed, run.steps, run.positions):
                 row.step, row.position = step, position
+        ended = {id(row) for row in self.ended}
         finished: list[Row] = []
         place = 0  # the done rows' logits stay rows of the batch's until asked for
-        for row, steps in zip(running, ran):
+        for row, steps in zip(placed, ran):
             row.token = None
-            row.layer_applications += per_step * run.iterations
             if not steps:
                 row.step += 1
                 continue
-            if steps < 0:  # done, and its next token (its argmax) taken in the call: it enters next
+            if id(row) in ended:  # its request ended with the last token it took in the call
+                pass
+            elif steps < 0:  # done, and its next token (its argmax) taken in the call: it enters next
                 row.position += 1
                 self.feed(row, greedy[place])
             else:
@@ -360,8 +409,7 @@ class Scheduler:
                 row.position += 1
                 finished.append(row)
             place += 1
-        if any(ran):
-            self.running = [row for row, steps in zip(running, ran) if not steps]
+        self.running = [row for row, steps in zip(placed, ran) if not steps]
         return finished
 
     def _enter(self, entering: list[Row]) -> None:

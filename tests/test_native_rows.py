@@ -312,11 +312,11 @@ def test_the_one_call_iterations_report_each_done_rows_largest_logit():
     assert top == [float(logits[k, best[k]]) for k in range(3)]
 
 
-def _run_ahead_tokens(model, work, run_ahead, stop_ids=(), rows=4, threads=None):
-    """``work``: (prompt, settings, limit) joining a ``rows``-row session as rows free up; each
-    request's (ids, steps, layer applications, full-depth applications, streamed (id, steps)), the
-    scheduler's counts and how many steps ran."""
-    session = BatchSession(model, rows, 32, stop_ids=list(stop_ids), run_ahead=run_ahead)
+def _run_ahead_tokens(model, work, run_ahead, stop_ids=(), rows=4, threads=None, standby=0, stream=True):
+    """``work``: (prompt, settings, limit) joining a ``rows``-row session (``standby`` slots more)
+    as slots free up; each request's (ids, steps, layer applications, full-depth applications,
+    streamed (id, steps) where ``stream``), the scheduler's counts and how many steps ran."""
+    session = BatchSession(model, rows, 32, stop_ids=list(stop_ids), run_ahead=run_ahead, standby=standby)
     if threads is not None:  # a tiny model's decode picks one thread
         session.scheduler.stepper.threads = threads
     requests, waiting, steps_run = [], list(work), 0
@@ -325,9 +325,9 @@ def _run_ahead_tokens(model, work, run_ahead, stop_ids=(), rows=4, threads=None)
             while waiting and session.fits(waiting[0][0], waiting[0][2], waiting[0][1]):
                 prompt, chosen, limit = waiting.pop(0)
                 streamed: list[tuple[int, int]] = []
-                requests += [(request, streamed) for request in session.admit(
-                    [prompt], [limit], [lambda token, steps, text, out=streamed: out.append((token, steps))],
-                    settings=[chosen])]
+                callback = (lambda token, steps, text, out=streamed: out.append((token, steps))) if stream else None
+                requests += [(request, streamed) for request in session.admit([prompt], [limit], [callback],
+                                                                              settings=[chosen])]
             session.step()
             steps_run += 1
     scheduler = session.scheduler
@@ -403,16 +403,63 @@ def _run_ahead_model() -> LoopLM:
        requests=st.lists(st.tuples(st.lists(st.integers(1, 63), min_size=1, max_size=6),
                                    st.sampled_from(["q0.3", "q0.6", "q0.9", "fixed1", "fixed2", "fixed", "hot"]),
                                    st.integers(0, 14)), min_size=1, max_size=7),
-       stop=st.sampled_from([None, 5, 17, 33]))
-def test_any_workload_runs_ahead_to_the_tokens_of_one_iteration_a_step(rows, requests, stop):
-    """For any batch size, prompts, limits (0 included), policies (a sampled row among them) and
-    stop id, running ahead gives every request the tokens, steps, counts and stream of one
-    iteration a step."""
+       stop=st.sampled_from([None, 5, 17, 33]), standby=st.integers(0, 3))
+def test_any_workload_runs_ahead_to_the_tokens_of_one_iteration_a_step(rows, requests, stop, standby):
+    """For any batch size, standby slots, prompts, limits (0 included), policies (a sampled row
+    among them) and stop id, running ahead gives every request the tokens, steps, counts and
+    stream of one iteration a step, and the scheduler's counts of it, with or without standby
+    slots (a batch of one row without them runs on the one-row stepper, counted otherwise)."""
     kinds = {"q0.3": Settings(QExit(0.3)), "q0.6": Settings(QExit(0.6, min_steps=2)), "q0.9": Settings(QExit(0.9)),
              "fixed1": Settings(FixedSteps(1)), "fixed2": Settings(FixedSteps(2)), "fixed": Settings(FixedSteps()),
              "hot": Settings(QExit(0.5), sampling=Sampling(temperature=1.0, seed=7))}
     work = [(prompt, kinds[kind], limit) for prompt, kind, limit in requests]
     stops = [] if stop is None else [stop]
     plain = _run_ahead_tokens(_run_ahead_model(), work, 0.0, stops, rows=rows)
-    ahead = _run_ahead_tokens(_run_ahead_model(), work, 10.0, stops, rows=rows)
-    assert ahead[:2] == plain[:2]
+    waiting = _run_ahead_tokens(_run_ahead_model(), work, 0.0, stops, rows=rows, standby=standby)
+    ahead = _run_ahead_tokens(_run_ahead_model(), work, 10.0, stops, rows=rows, standby=standby)
+    assert ahead[:2] == waiting[:2] and ahead[0] == plain[0]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_standby_rows_take_the_places_of_requests_ending_in_a_c_call(stream):
+    """With ``standby`` slots, requests admitted while every row is busy are prefilled and wait; a
+    greedy request that ends inside a run-ahead call (its last token taken there) hands its place
+    to the next of them in the same call.  Tokens, steps, counts, stop reasons, streams and the
+    scheduler's iteration counts equal those of no standby slots and one iteration a step, in far
+    fewer steps than running ahead without them (a mutant that swaps in the wrong row, or brings
+    one in at the wrong iteration, changes the tokens or the counts)."""
+    model = _exit_model()
+    policies = [QExit(0.3), QExit(0.7, min_steps=2), FixedSteps(2), QExit(0.5), FixedSteps(), QExit(0.9),
+                QExit(0.4), FixedSteps(3)]
+    work = [(prompt, Settings(policy), limit) for prompt, policy, limit in
+            zip(PROMPTS + [[9, 1, 2], [5]], policies, [5, 4, 6, 3, 3, 7, 2, 9])] * 2
+    plain, counts, steps_plain = _run_ahead_tokens(model, work, 0.0, rows=3, stream=stream)
+    waiting, counts_waiting, _ = _run_ahead_tokens(model, work, 0.0, rows=3, standby=2, stream=stream)
+    ahead, counts_ahead, steps_ahead = _run_ahead_tokens(model, work, 10.0, rows=3, stream=stream)
+    both, counts_both, steps_both = _run_ahead_tokens(model, work, 10.0, rows=3, standby=2, stream=stream)
+    assert waiting == plain and ahead == plain and both == plain
+    assert counts_waiting == counts_ahead == counts_both == counts
+    assert steps_both < steps_ahead < steps_plain
+
+
+def test_standby_rows_wait_their_turn_on_every_path():
+    """Standby slots under policies that no C call runs (KL, hidden-state change, ACT) and sampled
+    rows: a waiting request enters when a row frees up, after the rows in the middle of their
+    requests, and every request's tokens, steps, counts and stream are those without standby
+    slots (a mutant that lets new rows in first fails it)."""
+    model = _exit_model()
+    policies = [KLExit(0.05), HiddenDiffExit(0.05), ACTExit(), QExit(0.5), FixedSteps(2), KLExit(0.2)]
+    work = [(prompt, Settings(policy), limit) for prompt, policy, limit in zip(PROMPTS, policies, [6, 3, 5, 4, 7, 2])]
+    work += [(prompt, Settings(QExit(0.6), sampling=Sampling(temperature=0.9, seed=2)), 4) for prompt in PROMPTS[:3]]
+    plain = _run_ahead_tokens(model, work, 0.0, rows=2)
+    for run_ahead in (0.0, 10.0):  # the scheduler's iteration counts too: a row enters when one would without
+        assert _run_ahead_tokens(model, work, run_ahead, rows=2, standby=3)[:2] == plain[:2]
+
+
+def test_standby_must_be_a_count_of_slots():
+    model = _exit_model()
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(LoopLMError, match="standby must be an int >= 0"):
+            BatchSession(model, 2, 16, standby=bad)
+    session = BatchSession(model, 2, 16, standby=3)  # 2 rows decode, 3 more slots wait
+    assert session.free_slots == 5 and session.scheduler.width == 2

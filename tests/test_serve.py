@@ -442,10 +442,11 @@ def test_a_request_arriving_mid_batch_joins_the_running_batch():
     """Continuous batching, driven through the engine's queue: two jobs start a batch; when the
     first has streamed 3 tokens a third job is submitted, and it joins the batch that is still
     decoding (no second batch) and gets exactly its per-prompt tokens.  (A step runs greedy rows on
-    in C until one of them ends, so the first may be done by the time the third joins.)"""
+    in C, to their ends while a slot is free: the second job samples, so its tokens come back to
+    Python one by one and the batch is still running when the third arrives.)"""
     model = _model()
     engine = Engine(model, TOKENIZER, max_batch=4, batch_wait_ms=50)
-    settings = Settings(QExit(0.6))
+    settings, sampled = Settings(QExit(0.6)), Settings(QExit(0.6), sampling=Sampling(temperature=0.8, seed=5))
     done, events = {}, {name: [] for name in ("a", "b", "late")}
     prompts = {"a": "first prompt", "b": "second one", "late": "join"}
     ids = {name: [TOKENIZER.bos_id] + TOKENIZER.encode(text) for name, text in prompts.items()}
@@ -461,7 +462,7 @@ def test_a_request_arriving_mid_batch_joins_the_running_batch():
                 finished.set()
 
     engine.submit(Job(ids["a"], 12, settings, partial(sink, "a")))
-    engine.submit(Job(ids["b"], 12, settings, partial(sink, "b")))
+    engine.submit(Job(ids["b"], 12, sampled, partial(sink, "b")))
     engine.start()
     try:
         assert finished.wait(60)
@@ -469,8 +470,8 @@ def test_a_request_arriving_mid_batch_joins_the_running_batch():
         engine.stop()
     stats = engine.stats.as_dict()
     assert stats["batches"] == 1 and stats["joined_running_batch"] == 1 and stats["largest_batch"] >= 2
-    for name, limit in (("a", 12), ("b", 12), ("late", 5)):
-        expected = generate(model, ids[name], limit, exit_policy=QExit(0.6), tokenizer=TOKENIZER)
+    for name, limit, chosen in (("a", 12, settings), ("b", 12, sampled), ("late", 5, settings)):
+        expected = generate(model, ids[name], limit, chosen.sampling, QExit(0.6), tokenizer=TOKENIZER)
         assert done[name].generation.ids == expected.ids and done[name].generation.steps == expected.steps
         assert done[name].generation.text == expected.text
         assert [event.id for event in events[name] if isinstance(event, Token)] == expected.ids  # streamed

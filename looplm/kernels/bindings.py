@@ -50,12 +50,12 @@ class RowsRun(ctypes.Structure):
                 + [(name, ctypes.c_void_p) for name in ("cos", "sin", "step_norm", "norm", "gate_w")]
                 + [("gate_b", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("head", "head_panels", "embedding", "readout", "step", "slot",
-                                                        "pos", "max_steps", "min_steps", "tokens", "left", "q",
-                                                        "done", "best", "top", "stop_ids")]
-                + [("n_stop", ctypes.c_int)]
+                                                        "pos", "max_steps", "min_steps", "tokens", "left", "final",
+                                                        "q", "done", "best", "top", "stop_ids")]
+                + [("n_stop", ctypes.c_int), ("leave", ctypes.c_int)]
                 + [(name, ctypes.c_void_p) for name in ("fed_tokens", "fed_steps", "fed_order", "fed_count",
-                                                        "fed_offset")]
-                + [("counts", ctypes.c_int * 3)])
+                                                        "fed_offset", "at", "applied", "ended")]
+                + [("counts", ctypes.c_int * 4)])
 
 
 class Exit(ctypes.Structure):
@@ -88,8 +88,8 @@ SIGNATURES = {
                             _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_long, _POINTER, _POINTER, _POINTER,
                             _POINTER, _INT], None),
     "looplm_rows_scratch_floats": ([ctypes.POINTER(Dims), _INT, _INT], ctypes.c_long),
-    "looplm_rows_run": ([_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT, ctypes.c_double],
-                        _INT),
+    "looplm_rows_run": ([_POINTER, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _INT,
+                         ctypes.c_double], _INT),
     "looplm_q_exit_replay": ([_POINTER, _INT, _INT, _POINTER, ctypes.c_float, _INT, ctypes.c_double], _INT),
     "looplm_rows_head": ([ctypes.POINTER(Projection), _POINTER, _POINTER, _INT, _POINTER, _INT, _INT, _POINTER,
                           _POINTER, _INT], None),

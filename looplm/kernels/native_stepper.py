@@ -395,22 +395,26 @@ class NativeRowsStepper(NativeStepper):
 
     def _exit_run_arguments(self, rows: int) -> RowsRun:
         """``looplm_rows_run``'s fixed arguments, and its per-row arrays for up to ``rows`` rows, set
-        up once: a call then converts nine arguments, not forty."""
+        up once: a call then converts ten arguments, not forty."""
         ints, config = ctypes.c_int * rows, self.config
-        arrays = {name: ints() for name in ("step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "done",
-                                            "best", "fed_count", "fed_offset")}
+        arrays = {name: ints() for name in ("step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "final",
+                                            "done", "best", "fed_count", "fed_offset", "at", "applied", "ended")}
         arrays.update(q=(ctypes.c_double * rows)(), top=(ctypes.c_float * rows)(), stop_ids=ints())
         arrays.update({name: (ctypes.c_int * 0)() for name in self._FED})  # grown to what a call may feed back
         self._arrays = arrays
         _, cos, sin, _, norm = self._addresses
+
+        def addresses(*names):
+            return (ctypes.addressof(arrays[name]) for name in names)
+
         return RowsRun(ctypes.addressof(self.dims), ctypes.addressof(self._step_arrays["core"]), config.n_core_layers,
                        self.cache.max_steps, self.threads, config.vocab_size, self.slot_floats, cos, sin,
                        norm if config.step_norm else None, norm, self._gate_address, self.gate_bias or 0.0,
                        self._head_address, self._panels_address, self._embedding_address,
-                       self.readout_rows.data_ptr(), *(ctypes.addressof(arrays[name]) for name in (
-                           "step", "slot", "pos", "max_steps", "min_steps", "tokens", "left", "q", "done", "best",
-                           "top", "stop_ids")), 0,
-                       *(ctypes.addressof(arrays[name]) for name in self._FED + ("fed_count", "fed_offset")))
+                       self.readout_rows.data_ptr(), *addresses("step", "slot", "pos", "max_steps", "min_steps",
+                                                                "tokens", "left", "final", "q", "done", "best", "top",
+                                                                "stop_ids"),
+                       0, 0, *addresses(*self._FED, "fed_count", "fed_offset", "at", "applied", "ended"))
 
     _FED = ("fed_tokens", "fed_steps", "fed_order")  # RowsRun's arrays of the tokens fed back, one int a token
 
@@ -424,41 +428,48 @@ class NativeRowsStepper(NativeStepper):
         entry is a token id (not -1) enters first (``exit_step_embeds``: no prelude, so its state
         and its row of ``inputs`` [B, D] are the token's embedding row).  With ``ahead``, further
         iterations run in the same call while every done row may take its greedy token at once
-        (``RunAhead``).  Returns (the steps each done row of the last iteration ran (0: runs on),
-        those rows' logits [done, V], their argmax and the largest logit, which greedy sampling
-        checks is finite, and a ``RanAhead``)."""
+        (``RunAhead``; its last ``standby`` rows wait for the places of rows whose requests end, and
+        with ``leave`` a row whose request ends there may go with none to take its place).
+        Returns (the steps each done row of the last iteration ran (0: runs on), by place, those
+        rows' logits [done, V], their argmax and the largest logit, which greedy sampling checks is
+        finite, and a ``RanAhead``)."""
         run, arrays, count = self._exit_run, self._arrays, len(rows.slots)
+        running = count - (ahead.standby if ahead else 0)
         arrays["step"][:count], arrays["slot"][:count], arrays["pos"][:count] = rows.steps, rows.slots, rows.positions
         arrays["max_steps"][:count], arrays["min_steps"][:count] = max_steps, min_steps
         arrays["q"][:count], arrays["tokens"][:count] = thresholds, tokens
         if ahead is None:
-            arrays["left"][:count] = [0] * count
+            arrays["left"][:count] = arrays["final"][:count] = [0] * count
         else:
-            arrays["left"][:count] = ahead.left
-            if sum(ahead.left) > len(arrays["fed_order"]):  # a fed token takes one of a row's ``left``
+            arrays["left"][:count], arrays["final"][:count] = ahead.left, ahead.final
+            room = sum(ahead.left) + sum(ahead.final)  # a fed token takes one of a row's ``left``, or its final
+            if room > len(arrays["fed_order"]):
                 for name in self._FED:
-                    arrays[name] = (ctypes.c_int * sum(ahead.left))()
+                    arrays[name] = (ctypes.c_int * room)()
                     setattr(run, name, ctypes.addressof(arrays[name]))
             if len(ahead.stop_ids) > len(arrays["stop_ids"]):
                 arrays["stop_ids"] = (ctypes.c_int * len(ahead.stop_ids))()
                 run.stop_ids = ctypes.addressof(arrays["stop_ids"])
             arrays["stop_ids"][:len(ahead.stop_ids)] = ahead.stop_ids
-        run.n_stop = 0 if ahead is None else len(ahead.stop_ids)
+        run.n_stop, run.leave = (0, 0) if ahead is None else (len(ahead.stop_ids), ahead.leave)
         run.threads = min(self.threads, self.scratch_threads)
-        logits = torch.empty(count, self.config.vocab_size)
+        logits = torch.empty(running, self.config.vocab_size)
         finished = self.kernel.looplm_rows_run(
-            self._exit_run_address, count, states.data_ptr(), survival.data_ptr(), inputs.data_ptr(),
+            self._exit_run_address, running, count - running, states.data_ptr(), survival.data_ptr(), inputs.data_ptr(),
             self.rows_scratch.data_ptr(), logits.data_ptr(), ahead.iterations if ahead else 1,
             ahead.seconds if ahead else 0.0)
-        iterations, mixed, recorded = run.counts
-        fed, order = [], []
+        iterations, mixed, recorded, places = run.counts  # places: the rows in the batch at the end
+        fed, order, ended = [], [], []
         if recorded:
             tokens, steps = arrays["fed_tokens"], arrays["fed_steps"]
             fed = [(index, tokens[offset:offset + taken], steps[offset:offset + taken]) for index, (taken, offset)
                    in enumerate(zip(arrays["fed_count"][:count], arrays["fed_offset"][:count])) if taken]
             order = arrays["fed_order"][:recorded]
-        ran = RanAhead(fed, order, iterations, mixed, arrays["step"][:count], arrays["pos"][:count])
-        return arrays["done"][:count], logits[:finished], arrays["best"][:finished], arrays["top"][:finished], ran
+            if any(ahead.final):
+                ended = [index for index, flag in enumerate(arrays["ended"][:count]) if flag]
+        ran = RanAhead(fed, order, ended, iterations, mixed, arrays["applied"][:count], arrays["at"][:places],
+                       arrays["step"][:places], arrays["pos"][:places])
+        return arrays["done"][:places], logits[:finished], arrays["best"][:finished], arrays["top"][:finished], ran
 
     def embed(self, tokens: list[int], rows) -> torch.Tensor:
         e = self.embedding.index_select(0, torch.tensor(tokens))

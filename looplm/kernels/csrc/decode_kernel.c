@@ -572,8 +572,10 @@ static int rows_exit_step(const Dims *dims, const Layer *const *steps, int count
 
 /* Everything about a batch's looplm_rows_run calls that stays put from call to call, set up once
  * (``NativeRowsStepper``): the model's fixed arguments and the per-row arrays, as long as the batch,
- * that the caller fills before a call (step .. q) and reads after it (done .. counts); a call's
- * argument conversions would otherwise cost a small model more than a token's arithmetic. */
+ * that the caller fills before a call (step .. final) and reads after it (done .. counts); a call's
+ * argument conversions would otherwise cost a small model more than a token's arithmetic.  A call's
+ * rows are R running rows and S waiting ones after them (entries 0 .. R+S−1: rows whose first
+ * token is fed, each to take the place of a running row whose request ends in the call). */
 typedef struct {
     const Dims *dims;
     const Layer *const *steps;   /* the core's layers at each loop step's cache slots */
@@ -584,43 +586,64 @@ typedef struct {
     const Projection *head;
     const float *head_panels, *embedding;
     float *readout;              /* scratch [rows, D] */
-    int *step, *slot, *pos, *max_steps, *min_steps, *tokens, *left;  /* in (step, pos, tokens: also out) */
+    /* per entry in; per place out (the entry at place r is at[r]; step, pos and tokens as the last
+     * iteration read them) */
+    int *step, *slot, *pos, *max_steps, *min_steps, *tokens, *left, *final;
     double *q;
-    int *done, *best;            /* out */
+    int *done, *best;            /* per place of the last iteration, out */
     float *top;
     const int *stop_ids;
     int n_stop;
-    /* the tokens fed back: row r's tokens and their steps at fed_tokens, fed_steps + fed_offset[r]
-     * (Σ left[j < r] as the call began), fed_count[r] of them; fed_order: the row of each token, in
-     * the order taken (room for Σ left in each) */
+    int leave;                   /* a row whose request ends may leave with no waiting row to take its place */
+    /* the tokens fed back: entry e's tokens and their steps at fed_tokens, fed_steps + fed_offset[e]
+     * (Σ left + final over the entries before it as the call began), fed_count[e] of them;
+     * fed_order: the entry of each token in the order taken */
     int *fed_tokens, *fed_steps, *fed_order, *fed_count, *fed_offset;
-    int counts[3];
+    int *at, *applied, *ended;   /* out: per place, its entry; per entry, the iterations it ran, whether
+                                    its request ended (its last token fed back) */
+    int counts[4];
 } RowsRun;
 
 /* rows_exit_step's iterations over R rows (the arrays of run; the states h [B, D], survival
  * [B], e [B, D], scratch and logits [R, V] given per call), run on here while every row done with
  * a token may take the next one at once: greedy decoding picks it (best[k]) and needs nothing else.
- * After each iteration, each done row r that may (left[r] > 0 — 0 for a sampled row, or for one
- * whose budget this token ends —, a finite top logit, not a stop id) takes its best token: it is
- * recorded with the steps it ran in row r's part of fed_tokens and fed_steps, and r in fed_order
- * (the rows in the order they were done), left[r] drops by one and done[r] becomes −steps ran.
- * If every done row took its token, and fewer than max_iterations iterations and max_seconds have
- * passed, the next iteration runs: the fed rows enter with their token (tokens[r], step[r] = 0,
- * pos[r] + 1) and every other row goes one step deeper (tokens[r] = −1, step[r] + 1).  Otherwise
- * the run stops: the last iteration's done rows, logits, best and top are rows_exit_step's (the
- * fed rows' done[r] negative), the rows with a positive done[r] for the caller to emit, the fed
- * ones to enter next with their recorded token.  step, pos and tokens end as the last iteration
- * read them.  counts: [iterations run, those whose rows stood at different steps, tokens fed
- * back].  Returns the last iteration's number of done rows. */
-int looplm_rows_run(RowsRun *run, int R, float *h, double *survival, float *e, float *scratch, float *logits,
-                    int max_iterations, double max_seconds) {
+ * After each iteration, each done row r with a finite top logit that is not a stop id takes its
+ * best token if left[r] > 0 (0 for a sampled row, or for one whose request this token ends), or,
+ * where final[r] says that token ends its request and a waiting row is left for its place (or
+ * leave says the row may go without one), takes it as its last (ended).  Either is recorded with the steps it ran in its entry's part of
+ * fed_tokens and fed_steps, and the entry in fed_order (the rows in the order they were done);
+ * left[r] drops by one and done[r] becomes −steps ran.  If every done row took its token, and
+ * fewer than max_iterations iterations and max_seconds have passed, the next iteration runs: the
+ * fed rows enter with their token (tokens[r], step[r] = 0, pos[r] + 1), each ended row's place goes
+ * to the next waiting entry (entering with its token at its position) or, with none left, is
+ * closed up (the places after it move down, in order), and every other row goes one step deeper
+ * (tokens[r] = −1, step[r] + 1); with no row left the run stops.  Otherwise the run stops: the last iteration's
+ * done rows, logits, best and top are rows_exit_step's (the fed and ended rows' done[r] negative),
+ * the rows with a positive done[r] for the caller to emit, the fed ones to enter next with their
+ * recorded token; waiting entries not reached stay as they were.  counts: [iterations run, those
+ * whose rows stood at different steps, tokens fed back, places at the end].  Returns the last
+ * iteration's number of done rows. */
+/* A row's per-place values (its cache row, position, token, exit settings and feeds) from index
+ * from to place to (a waiting entry taking a place, or a place closing up). */
+static void move_place(RowsRun *run, int from, int to) {
+    run->slot[to] = run->slot[from], run->pos[to] = run->pos[from], run->tokens[to] = run->tokens[from];
+    run->max_steps[to] = run->max_steps[from], run->min_steps[to] = run->min_steps[from], run->q[to] = run->q[from];
+    run->left[to] = run->left[from], run->final[to] = run->final[from];
+}
+
+int looplm_rows_run(RowsRun *run, int R, int S, float *h, double *survival, float *e, float *scratch,
+                    float *logits, int max_iterations, double max_seconds) {
     const double started = omp_get_wtime();
-    int iterations = 0, mixed = 0, recorded = 0, finished;
+    const int entries = R + S;
+    int iterations = 0, mixed = 0, recorded = 0, finished, next = R;  /* next: the next waiting entry */
     int *step = run->step, *pos = run->pos, *done = run->done, *best = run->best, *left = run->left;
-    int *tokens = run->tokens;
+    int *tokens = run->tokens, *at = run->at;
     const float *top = run->top;
-    for (int r = 0, offset = 0; r < R; offset += left[r] > 0 ? left[r] : 0, r++)
-        run->fed_offset[r] = offset, run->fed_count[r] = 0;
+    for (int entry = 0, offset = 0; entry < entries; entry++) {
+        run->fed_offset[entry] = offset, run->fed_count[entry] = 0, run->applied[entry] = run->ended[entry] = 0;
+        offset += (left[entry] > 0 ? left[entry] : 0) + (run->final[entry] != 0);
+    }
+    for (int r = 0; r < R; r++) at[r] = r;
     for (;;) {
         for (int r = 1; r < R; r++)
             if (step[r] != step[0]) {
@@ -633,29 +656,52 @@ int looplm_rows_run(RowsRun *run, int R, float *h, double *survival, float *e, f
                                   run->readout, done, run->head, run->head_panels, run->vocab, logits, best,
                                   run->top, tokens, run->embedding, e, run->threads);
         iterations++;
-        int stop = iterations >= max_iterations || omp_get_wtime() - started >= max_seconds;
+        for (int r = 0; r < R; r++) run->applied[at[r]]++;
+        int stop = iterations >= max_iterations || omp_get_wtime() - started >= max_seconds, places = 0;
         for (int r = 0, k = 0; r < R; r++) {
             if (!done[r]) continue;
-            int feeds = left[r] > 0 && isfinite(top[k]);
-            for (int s = 0; s < run->n_stop && feeds; s++) feeds = best[k] != run->stop_ids[s];
-            if (feeds) {
-                const int at = run->fed_offset[r] + run->fed_count[r]++;
-                run->fed_tokens[at] = best[k], run->fed_steps[at] = done[r], run->fed_order[recorded++] = r;
-                left[r]--, done[r] = -done[r];
+            int takes = isfinite(top[k]);
+            for (int s = 0; s < run->n_stop && takes; s++) takes = best[k] != run->stop_ids[s];
+            const int ends = takes && left[r] == 0 && run->final[r] && (next + places < entries || run->leave);
+            if (takes && (left[r] > 0 || ends)) {
+                const int entry = at[r], to = run->fed_offset[entry] + run->fed_count[entry]++;
+                run->fed_tokens[to] = best[k], run->fed_steps[to] = done[r], run->fed_order[recorded++] = entry;
+                done[r] = -done[r];
+                if (ends) run->ended[entry] = 1, places++;
+                else left[r]--;
             } else {
                 stop = 1;
             }
             k++;
         }
         if (stop) break;
+        int closing = 0;
         for (int r = 0, k = 0; r < R; r++) {
-            if (done[r]) {
-                tokens[r] = best[k++], step[r] = 0, pos[r]++;
-            } else {
+            if (!done[r]) {
                 tokens[r] = -1, step[r]++;
+                continue;
             }
+            if (run->ended[at[r]] && next < entries) {  /* its request ended: the next waiting entry takes its place */
+                move_place(run, next, r);
+                at[r] = next++, step[r] = 0;
+            } else if (run->ended[at[r]]) {  /* ... or none: the place closes */
+                at[r] = -1, closing = 1;
+            } else {
+                tokens[r] = best[k], step[r] = 0, pos[r]++;
+            }
+            k++;
+        }
+        if (closing) {
+            int kept = 0;
+            for (int r = 0; r < R; r++)
+                if (at[r] >= 0) {
+                    if (kept != r) move_place(run, r, kept), at[kept] = at[r], step[kept] = step[r];
+                    kept++;
+                }
+            R = kept;
+            if (!R) break;
         }
     }
-    run->counts[0] = iterations, run->counts[1] = mixed, run->counts[2] = recorded;
+    run->counts[0] = iterations, run->counts[1] = mixed, run->counts[2] = recorded, run->counts[3] = R;
     return finished;
 }
