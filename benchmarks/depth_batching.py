@@ -2,7 +2,10 @@
 previous commit's, every figure measured in the same run.
 
 1. Continuous batching (``BatchSession``: ``--batch`` rows, ``--requests`` requests of
-   ``--tokens`` new tokens each, joining as rows free up), fixed depth against Q-exit, on
+   ``--tokens`` new tokens each, joining as slots free up; ``--standby`` slots more, default as many
+   as rows, where the engine has them: requests admitted while every row is busy are prefilled and
+   wait, and take the row of a request that ends inside a C call there), fixed depth against
+   Q-exit, on
    - the reference shape (d 256, 4 heads, vocab 4096, 3 core layers × T 4) with its exit gate
      set so Q-exit stops tokens early (random weights: the exits are the gate's, not learned);
    - the demo model trained with Stage I (``looplm.demo``'s config; real, learned exits; its
@@ -133,15 +136,20 @@ def model_sections(results: dict) -> list[str]:
     return [key for key, value in results.items() if isinstance(value, dict) and "fixed" in value]
 
 
-def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) -> dict:
-    """Every prompt through one ``BatchSession`` of ``rows`` rows, joining as rows free up (either
-    engine's API); tokens/s over the whole run, prefill included, and layer applications."""
+def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int, standby: int = 0) -> dict:
+    """Every prompt through one ``BatchSession`` of ``rows`` rows (and ``standby`` slots more where
+    the engine has them), joining as slots free up (either engine's API); tokens/s over the whole
+    run, prefill included, and layer applications."""
+    import inspect
+
     import torch
 
     from looplm.batch import BatchSession
 
     context = model.config.max_seq_len
-    session = BatchSession(model, rows, context, exit_policy=policy, stop_ids=[])
+    standby = standby if "standby" in inspect.signature(BatchSession).parameters else 0
+    session = BatchSession(model, rows, context, exit_policy=policy, stop_ids=[],
+                           **({"standby": standby} if standby else {}))
     waiting, admitted, prefill_seconds, prompt_tokens = list(prompts), [], 0.0, 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -163,7 +171,8 @@ def continuous(model, prompts: list[list[int]], tokens: int, policy, rows: int) 
     decoded = emitted - len(admitted)  # a request's first token comes from its prompt's prefill
     steps = [step for g in generations for step in g.steps[1:]]
     full_depth = sum(full for _, full in counts)
-    return {"requests": len(admitted), "tokens": emitted, "seconds": seconds, "tokens_per_s": emitted / seconds,
+    return {"requests": len(admitted), "standby": standby, "tokens": emitted, "seconds": seconds,
+            "tokens_per_s": emitted / seconds,
             "prefill_seconds": prefill_seconds, "decode_seconds": seconds - prefill_seconds,
             "layer_applications": sum(run for run, _ in counts), "full_depth_applications": full_depth,
             # the prompts ran at full depth: the decoded tokens' full-depth count per token, per prompt token
@@ -179,16 +188,16 @@ def multiply_adds(model) -> tuple[int, int]:
     return sum(module.weight.numel() for module in projections), model.head_weight.numel()
 
 
-def depth_batching(model, prompts, tokens: int, rows: int, q: float, rounds: int = 1) -> dict:
+def depth_batching(model, prompts, tokens: int, rows: int, q: float, rounds: int = 1, standby: int = 0) -> dict:
     """Fixed depth and Q-exit, alternately ``rounds`` times each; each policy's figures are those of
     its run with the median decode time (the machine drifts by a few per cent between runs)."""
     from looplm.exit_policy import FixedSteps, QExit
 
-    continuous(model, prompts[:rows], 4, QExit(q), rows)  # warm-up
+    continuous(model, prompts[:rows], 4, QExit(q), rows, standby)  # warm-up
     runs = {"fixed": [], "q_exit": []}
     for _ in range(rounds):
-        runs["fixed"].append(continuous(model, prompts, tokens, FixedSteps(), rows))
-        runs["q_exit"].append(continuous(model, prompts, tokens, QExit(q), rows))
+        runs["fixed"].append(continuous(model, prompts, tokens, FixedSteps(), rows, standby))
+        runs["q_exit"].append(continuous(model, prompts, tokens, QExit(q), rows, standby))
     fixed, early = (sorted(runs[name], key=lambda run: run["decode_seconds"])[(rounds - 1) // 2]
                     for name in ("fixed", "q_exit"))
     for name, run in (("fixed", fixed), ("q_exit", early)):
@@ -300,16 +309,17 @@ def worker(args) -> dict:
     model = reference_model()
     prompts = [torch.randint(0, model.config.vocab_size, (64,), generator=generator).tolist()
                for _ in range(args.requests)]
-    results["reference_shape"] = depth_batching(model, prompts, args.tokens, args.batch, 0.5, args.rounds)
+    standby = args.batch if args.standby is None else args.standby
+    results["reference_shape"] = depth_batching(model, prompts, args.tokens, args.batch, 0.5, args.rounds, standby)
     demo, held_out = demo_model(args.demo_steps)
     results["demo_model"] = depth_batching(demo, held_out[:args.requests], args.tokens, args.batch, 0.5,
-                                           args.rounds)
+                                           args.rounds, standby)
     for path, shards in zip(args.text_model or (), args.text_shards or ()):
         text, text_prompts = text_model(path, shards, args.requests)
         name = text_model_name(text)
         name += f"_d{text.config.d_model}" if name in results else ""  # two of one vocabulary
         name += f"_{len(results)}" if name in results else ""
-        results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5, args.rounds)
+        results[name] = depth_batching(text, text_prompts, args.tokens, args.batch, 0.5, args.rounds, standby)
     results["batch_1_decode_tokens_per_s"] = time_decode(reference_model(gate_exits=False),
                                                          repeats=args.repeats)["decode_tokens_per_s"]
     if not args.skip_serve:
@@ -331,6 +341,8 @@ def run_tree(tree: Path, args, extra: tuple[str, ...] = ()) -> dict:
 
 def report(name: str, results: dict) -> None:
     print(f"\n## {name}\n")
+    standby = {results[model]["fixed"].get("standby", 0) for model in model_sections(results)}
+    print(f"standby slots (prefilled requests waiting for a row): {', '.join(map(str, sorted(standby)))}\n")
     print("| model | policy | mean steps | layer applications | tokens | seconds | of which prefill | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     models = model_sections(results)
@@ -377,6 +389,8 @@ def main() -> None:
     parser.add_argument("--previous", default="d640c9e", help="the engine to compare with (a commit)")
     parser.add_argument("--skip-previous", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--standby", type=int, default=None,
+                        help="BatchSession standby slots, where the engine has them (default: --batch; 0: none)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--demo-steps", type=int, default=3000, help="demo training steps (cached per value)")

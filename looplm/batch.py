@@ -86,6 +86,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         session = BatchSession(model, len(prompts), longest, tokenizer=tokenizer, stop_ids=stop_ids, layout=layout,
                                modulo_slots=modulo_slots, max_steps=depth, dtype=dtype, backend=backend)
         requests = session.admit(prompts, limits, callbacks, settings)
+        session.admitting = False  # every prompt is in: a row whose request ends leaves at once
         while session.active:
             session.step()
     for request in requests:

@@ -355,6 +355,10 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
+    serve.add_argument("--standby", type=int, default=0,
+                       help="batch slots more for requests waiting for a row: prefilled at once, each takes the row"
+                            " of a request that ends, without a round trip through Python where the rows decode"
+                            " greedily in C; costs their K/V memory (default: 0)")
     serve.add_argument("--prefix-cache-mb", type=int, default=1024,
                        help="memory for stored prompt prefixes, reused by later requests (default: 1024 MiB)")
     serve.add_argument("--max-context", type=int, default=None,
@@ -401,6 +405,8 @@ def run_serve(args) -> None:
 
     if not 1 <= args.max_batch <= MAX_BATCH:
         raise LoopLMError(f"--max-batch must be in [1, {MAX_BATCH}], got {args.max_batch}")
+    if not 0 <= args.standby <= MAX_BATCH:
+        raise LoopLMError(f"--standby must be in [0, {MAX_BATCH}], got {args.standby}")
     if not 0 <= args.batch_wait_ms <= MAX_BATCH_WAIT_MS:
         raise LoopLMError(f"--batch-wait-ms must be in [0, {MAX_BATCH_WAIT_MS}], got {args.batch_wait_ms}")
     if args.prefix_cache_mb < 1:
@@ -422,7 +428,8 @@ def run_serve(args) -> None:
         from looplm.prefix_cache import PrefixCache
 
         engine = Engine(model, tokenizer, args.max_batch, args.batch_wait_ms, max_context=args.max_context,
-                        max_queue=args.max_queue, prefix_cache=PrefixCache(max_bytes=args.prefix_cache_mb << 20))
+                        max_queue=args.max_queue, prefix_cache=PrefixCache(max_bytes=args.prefix_cache_mb << 20),
+                        standby=args.standby)
         app = create_app(model, tokenizer, config, engine)
         port = listening.getsockname()[1]
         print(f"looplm serve: {name} on http://{args.host}:{port} (exit {args.exit}, layout {args.layout},"

@@ -298,7 +298,9 @@ class BatchSession:
     one iteration a step.  ``standby`` slots more (of ``max_len`` each) take requests admitted while
     every row is busy: each is prefilled at once and waits, and takes the first row to free up —
     inside such a C step where a greedy request ends there with its last token, so the step runs on
-    instead of returning to let the next request in."""
+    instead of returning to let the next request in; where a slot is free (nobody waits for one),
+    or once the caller sets ``admitting`` to False, such a request's row just leaves and the step
+    runs on."""
 
     def __init__(self, model, rows: int, max_len: int, sampling: Sampling = Sampling(),
                  exit_policy: ExitPolicy | None = None, tokenizer=None, stop_strings: Sequence[str] = (),
@@ -330,6 +332,7 @@ class BatchSession:
         self.requests: dict[int, Request] = {}  # slot → request decoding there
         self.done: list[Request] = []           # finished, not yet returned by ``step``
         self.joined_late = 0                    # requests admitted while others were decoding
+        self.admitting = True                   # False: the caller admits no more (ending rows leave at once)
 
     @property
     def active(self) -> bool:
@@ -409,7 +412,7 @@ class BatchSession:
                 return self.step()
         for request in [request for request in self.requests.values() if request.cancelled]:
             self._finish(request)
-        finished = self.scheduler.iterate(self._feeds, self.stop_ids, self.run_ahead)
+        finished = self.scheduler.iterate(self._feeds, self.stop_ids, self.run_ahead, self.admitting)
         if self.scheduler.fed:  # greedy tokens the stepper fed back itself
             self._record_fed()
         for row in self.scheduler.ended:  # requests that ended with one of them

@@ -245,7 +245,7 @@ class Scheduler:
             self.iterate()
 
     def iterate(self, feeds: Callable[[list[Row]], list[int]] | None = None, stop_ids: Collection[int] = (),
-                seconds: float = 0.0) -> list[Row]:
+                seconds: float = 0.0, admitting: bool = True) -> list[Row]:
         """One core step of every running row (entering the fed ones first), or several when it runs
         ahead; returns the rows whose token finished, with their ``logits``, ``greedy`` and ``steps``
         (a row that took its next token in the call is pending with it instead).  ``feeds``: how many
@@ -255,7 +255,9 @@ class Scheduler:
         token may take its greedy token, not one of ``stop_ids`` (``RunAhead``).  The tokens it took
         so, before the finished rows returned, are in ``fed`` as (row, its tokens, their steps), and
         ``fed_order`` gives the row of each in the order taken.  Rows beyond the width wait; such a
-        call brings them in where a request ends with a token it took, those rows in ``ended``."""
+        call brings them in where a request ends with a token it took, those rows in ``ended``; with
+        no row waiting the ended row leaves and the call runs on, if no request waited for a slot
+        when it began (a slot was free, or the caller is no longer ``admitting``)."""
         finished: list[Row] = []
         self.fed, self.fed_order, self.ended = [], [], []
         if self.pending:
@@ -281,7 +283,7 @@ class Scheduler:
             if feeds is not None and seconds > 0 and self.embeds_in_exit_step:
                 # A free slot means no request waited for one when this call began: a row whose
                 # request ends in it may then leave (the call runs on) where no waiting row takes its place.
-                waiting, leave = self._waiting(), bool(self.free)
+                waiting, leave = self._waiting(), bool(self.free) or not admitting
                 remaining = feeds(running + waiting)
                 left = [min(max(tokens - 1, 0), RUN_AHEAD_TOKENS) for tokens in remaining]
                 final = [(leave or bool(waiting)) and 0 < tokens <= RUN_AHEAD_TOKENS + 1 for tokens in remaining]

@@ -117,7 +117,7 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
                        "tokens_per_s": 1.5, "decode_seconds": 1.0, "seconds": 2.0}}
     original = depth_batching.continuous
     try:
-        depth_batching.continuous = lambda model, prompts, tokens, policy, rows: dict(
+        depth_batching.continuous = lambda model, prompts, tokens, policy, rows, standby=0: dict(
             runs["q_exit" if isinstance(policy, QExit) else "fixed"])
         result = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=1)
         q_times = iter([9.0, 1.0, 4.0, 2.0])  # the warm-up, then three rounds: decode ratios 2, 0.5, 1

@@ -463,3 +463,30 @@ def test_standby_must_be_a_count_of_slots():
             BatchSession(model, 2, 16, standby=bad)
     session = BatchSession(model, 2, 16, standby=3)  # 2 rows decode, 3 more slots wait
     assert session.free_slots == 5 and session.scheduler.width == 2
+
+
+def test_once_nothing_more_is_admitted_ending_rows_leave_inside_the_call():
+    """With every request admitted (``admitting`` False, as ``generate_batch`` sets it), a greedy
+    request that ends in a C call leaves the batch there and the call runs on: greedy Q-exit and
+    fixed-depth requests of different lengths decode in one step, to the tokens, steps and counts of
+    one iteration a step."""
+    model = _exit_model()
+    policies = [QExit(0.3), FixedSteps(2), QExit(0.7, min_steps=2), FixedSteps(), QExit(0.5), QExit(0.9)]
+
+    def run(run_ahead, admitting):
+        session = BatchSession(model, len(PROMPTS), 32, stop_ids=[], run_ahead=run_ahead)
+        requests = session.admit(PROMPTS, [9, 2, 6, 4, 11, 3], settings=[Settings(policy) for policy in policies])
+        session.admitting, steps = admitting, 0
+        with torch.inference_mode():
+            while session.active:
+                session.step()
+                steps += 1
+        outcome = [(r.generation.ids, r.generation.steps, r.generation.layer_applications,
+                    r.generation.full_depth_applications, r.generation.stop_reason) for r in requests]
+        return outcome, (session.scheduler.iterations, session.scheduler.mixed_depth_iterations), steps
+
+    plain, counts, _ = run(0.0, True)
+    ahead, counts_ahead, steps_ahead = run(10.0, True)
+    closed, counts_closed, steps_closed = run(10.0, False)
+    assert ahead == closed == plain and counts_ahead == counts_closed == counts
+    assert steps_closed == 1 < steps_ahead

@@ -14,6 +14,7 @@ import torch
 from looplm.batch import generate_batch
 from looplm.cli import main
 from looplm.data.tokenizer import byte_tokenizer
+from looplm.errors import LoopLMError
 from looplm.exit_policy import ACTExit, FixedSteps, KLExit, QExit
 from looplm.generate import Sampling, generate
 from looplm.model import LoopLM
@@ -485,3 +486,45 @@ def test_serve_command_refuses_bad_defaults_in_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "ckpt"), "--layout", "spiral"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("looplm: error: ") for line in errors)
+
+
+def test_standby_slots_prefill_waiting_jobs_and_hand_them_rows():
+    """An engine with standby slots: ten jobs for two rows and three standby slots, greedy and
+    sampled, all through one batch (waiting ones prefilled early and taking rows as jobs end), each
+    with exactly its per-prompt tokens and stream; the batch never decodes more than two."""
+    model = _model()
+    engine = Engine(model, TOKENIZER, max_batch=2, batch_wait_ms=50, standby=3)
+    texts = [f"job {index} says" + " more" * (index % 4) for index in range(10)]
+    chosen = [Settings(QExit(0.5)) if index % 3 else Settings(FixedSteps(), sampling=Sampling(temperature=0.7,
+                                                                                              seed=index))
+              for index in range(10)]
+    done, streams, finished = {}, {index: [] for index in range(10)}, threading.Event()
+
+    def sink(index, event):
+        if isinstance(event, Token):
+            streams[index].append(event.id)
+            return
+        done[index] = event
+        if len(done) == 10:
+            finished.set()
+
+    for index, text in enumerate(texts):
+        engine.submit(Job([TOKENIZER.bos_id] + TOKENIZER.encode(text), 3 + index % 5, chosen[index],
+                          partial(sink, index)))
+    engine.start()
+    try:
+        assert finished.wait(60)
+    finally:
+        engine.stop()
+    stats = engine.stats.as_dict()
+    assert stats["batches"] == 1 and stats["largest_batch"] == 2
+    for index, text in enumerate(texts):
+        expected = generate(model, [TOKENIZER.bos_id] + TOKENIZER.encode(text), 3 + index % 5,
+                            chosen[index].sampling, chosen[index].exit_policy, tokenizer=TOKENIZER)
+        assert done[index].generation.ids == expected.ids == streams[index]
+        assert done[index].generation.steps == expected.steps
+
+
+def test_an_engine_refuses_a_negative_standby():
+    with pytest.raises(LoopLMError, match="standby must be in"):
+        Engine(_model(), TOKENIZER, standby=-1)

@@ -337,6 +337,11 @@ def case_serve_an_absurd_batch(files, tmp_path):  # it started, then answered ev
     return ["serve", files / "ckpt", "--max-batch", "100000000"], "--max-batch must be in [1, 1024]"
 
 
+def case_serve_a_negative_standby(files, tmp_path):
+    pytest.importorskip("fastapi")
+    return ["serve", files / "ckpt", "--standby", "-2"], "--standby must be in [0, 1024]"
+
+
 def case_serve_waiting_for_ever_to_batch(files, tmp_path):  # it started, then no request was ever answered
     pytest.importorskip("fastapi")
     return ["serve", files / "ckpt", "--batch-wait-ms", "1e30"], "--batch-wait-ms must be in [0, 10000]"

@@ -91,11 +91,14 @@ class Engine:
     """Runs submitted jobs on ``model`` in a background thread (``start``/``stop``)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 5.0,
-                 prefix_cache: PrefixCache | None = None, max_context: int | None = None, max_queue: int = 256):
+                 prefix_cache: PrefixCache | None = None, max_context: int | None = None, max_queue: int = 256,
+                 standby: int = 0):
         """max_context: positions per batch row (default the model's context); a batch's cache
-        takes max_batch × max_context × ``KVCache.bytes_per_token``.  max_queue: the most unfinished
-        jobs (running or waiting) the engine holds; ``submit`` refuses more (``Overloaded``)."""
-        for name, value, least, most in (("max_batch", max_batch, 1, MAX_BATCH),
+        takes (max_batch + standby) × max_context × ``KVCache.bytes_per_token``.  max_queue: the most
+        unfinished jobs (running or waiting) the engine holds; ``submit`` refuses more
+        (``Overloaded``).  standby: slots for jobs waiting for a row, prefilled early
+        (``BatchSession``)."""
+        for name, value, least, most in (("max_batch", max_batch, 1, MAX_BATCH), ("standby", standby, 0, MAX_BATCH),
                                          ("max_context", max_context or 1, 1, None),
                                          ("batch_wait_ms", batch_wait_ms, 0, MAX_BATCH_WAIT_MS),
                                          ("max_queue", max_queue, 1, None)):
@@ -103,7 +106,7 @@ class Engine:
                 raise LoopLMError(f"{name} must be in [{least}, {most}], got {value}" if most else
                                   f"{name} must be >= {least}, got {value}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
+        self.max_batch, self.batch_wait, self.standby = max_batch, batch_wait_ms / 1000.0, standby
         self.max_context = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.max_queue = max_queue
@@ -232,7 +235,7 @@ class Engine:
                      self.model.config.max_seq_len)
         try:
             session = BatchSession(self.model, self.max_batch, length, tokenizer=self.tokenizer, layout=layout,
-                                   max_steps=depth, prefix_cache=self.prefix_cache)
+                                   max_steps=depth, prefix_cache=self.prefix_cache, standby=self.standby)
         except Exception as error:  # noqa: BLE001 - e.g. no memory for its cache: only the jobs needing it fail
             log.warning("no batch of %d loop steps (layout %s) could be made: %s", depth, layout, one_line(error))
             for job in [job for job in waiting if job.settings.layout == layout
@@ -253,7 +256,7 @@ class Engine:
                 self._admit(session, waiting.pop(0), members)
             if not session.active:
                 return
-            size = len(session.requests)
+            size = min(len(session.requests), self.max_batch)  # (the others wait in standby slots)
             self.stats.largest_batch = max(self.stats.largest_batch, size)
             try:
                 for request in session.requests.values():
