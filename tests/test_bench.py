@@ -121,7 +121,7 @@ def test_depth_batching_counts_a_layers_and_the_heads_multiply_adds_and_its_bar(
             runs["q_exit" if isinstance(policy, QExit) else "fixed"])
         result = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=1)
         q_times = iter([9.0, 1.0, 4.0, 2.0])  # the warm-up, then three rounds: decode ratios 2, 0.5, 1
-        depth_batching.continuous = lambda model, prompts, tokens, policy, rows: (
+        depth_batching.continuous = lambda model, prompts, tokens, policy, rows, standby=0: (
             {**runs["q_exit"], "decode_seconds": (q := next(q_times)), "seconds": q + 1 + 5 * (q == 2.0)}
             if isinstance(policy, QExit) else dict(runs["fixed"]))
         three = depth_batching.depth_batching(model, [[1]], 1, 1, 0.5, rounds=3)
