@@ -439,6 +439,16 @@ def test_layer_applications_match_the_batched_engine(layout):
         assert [full for _, full in counted] == result.per_row_full_applications
 
 
+def _drained(engine: Engine, finished: threading.Event) -> dict:
+    """Run the engine's worker until ``finished`` is set (at most a minute); its stats."""
+    engine.start()
+    try:
+        assert finished.wait(60)
+    finally:
+        engine.stop()
+    return engine.stats.as_dict()
+
+
 def test_a_request_arriving_mid_batch_joins_the_running_batch():
     """Continuous batching, driven through the engine's queue: two jobs start a batch; when the
     first has streamed 3 tokens a third job is submitted, and it joins the batch that is still
@@ -464,12 +474,7 @@ def test_a_request_arriving_mid_batch_joins_the_running_batch():
 
     engine.submit(Job(ids["a"], 12, settings, partial(sink, "a")))
     engine.submit(Job(ids["b"], 12, sampled, partial(sink, "b")))
-    engine.start()
-    try:
-        assert finished.wait(60)
-    finally:
-        engine.stop()
-    stats = engine.stats.as_dict()
+    stats = _drained(engine, finished)
     assert stats["batches"] == 1 and stats["joined_running_batch"] == 1 and stats["largest_batch"] >= 2
     for name, limit, chosen in (("a", 12, settings), ("b", 12, sampled), ("late", 5, settings)):
         expected = generate(model, ids[name], limit, chosen.sampling, QExit(0.6), tokenizer=TOKENIZER)
@@ -511,12 +516,7 @@ def test_standby_slots_prefill_waiting_jobs_and_hand_them_rows():
     for index, text in enumerate(texts):
         engine.submit(Job([TOKENIZER.bos_id] + TOKENIZER.encode(text), 3 + index % 5, chosen[index],
                           partial(sink, index)))
-    engine.start()
-    try:
-        assert finished.wait(60)
-    finally:
-        engine.stop()
-    stats = engine.stats.as_dict()
+    stats = _drained(engine, finished)
     assert stats["batches"] == 1 and stats["largest_batch"] == 2
     for index, text in enumerate(texts):
         expected = generate(model, [TOKENIZER.bos_id] + TOKENIZER.encode(text), 3 + index % 5,
