@@ -384,14 +384,14 @@ class Scheduler:
         placed = running
         if run.ended or waiting:  # the waiting rows that came in are the batch's now; ended rows left it
             placed, self.ended = [entries[index] for index in run.at], [entries[index] for index in run.ended]
-            came = {id(row) for row in placed + self.ended} - {id(row) for row in running}
-            self.pending = [row for row in self.pending if id(row) not in came]
+            came = set(placed + self.ended) - set(running)
+            self.pending = [row for row in self.pending if row not in came]
             for row in waiting:
-                row.new = row.new and id(row) not in came
+                row.new = row not in came
         if run.iterations > 1:  # every row of the call ran each of its iterations
             for row, step, position in zip(placed, run.steps, run.positions):
                 row.step, row.position = step, position
-        ended = {id(row) for row in self.ended}
+        ended = set(self.ended)
         finished: list[Row] = []
         place = 0  # the done rows' logits stay rows of the batch's until asked for
         for row, steps in zip(placed, ran):
@@ -399,7 +399,7 @@ class Scheduler:
             if not steps:
                 row.step += 1
                 continue
-            if id(row) in ended:  # its request ended with the last token it took in the call
+            if row in ended:  # its request ended with the last token it took in the call
                 pass
             elif steps < 0:  # done, and its next token (its argmax) taken in the call: it enters next
                 row.position += 1
