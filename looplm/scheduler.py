@@ -346,7 +346,7 @@ class Scheduler:
         line that exit by Q-exit or at a fixed depth."""
         waiting = []
         for row in self.pending:
-            if not (row.new and row.plain_exit and not row.full_depth):
+            if not (row.new and self._one_call([row])):
                 break
             waiting.append(row)
         return waiting

@@ -465,8 +465,7 @@ class NativeRowsStepper(NativeStepper):
             fed = [(index, tokens[offset:offset + taken], steps[offset:offset + taken]) for index, (taken, offset)
                    in enumerate(zip(arrays["fed_count"][:count], arrays["fed_offset"][:count])) if taken]
             order = arrays["fed_order"][:recorded]
-            if any(ahead.final):
-                ended = [index for index, flag in enumerate(arrays["ended"][:count]) if flag]
+            ended = [index for index, flag in enumerate(arrays["ended"][:count]) if flag]
         ran = RanAhead(fed, order, ended, iterations, mixed, arrays["applied"][:count], arrays["at"][:places],
                        arrays["step"][:places], arrays["pos"][:places])
         return arrays["done"][:places], logits[:finished], arrays["best"][:finished], arrays["top"][:finished], ran

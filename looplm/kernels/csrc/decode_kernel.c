@@ -604,25 +604,6 @@ typedef struct {
     int counts[4];
 } RowsRun;
 
-/* rows_exit_step's iterations over R rows (the arrays of run; the states h [B, D], survival
- * [B], e [B, D], scratch and logits [R, V] given per call), run on here while every row done with
- * a token may take the next one at once: greedy decoding picks it (best[k]) and needs nothing else.
- * After each iteration, each done row r with a finite top logit that is not a stop id takes its
- * best token if left[r] > 0 (0 for a sampled row, or for one whose request this token ends), or,
- * where final[r] says that token ends its request and a waiting row is left for its place (or
- * leave says the row may go without one), takes it as its last (ended).  Either is recorded with the steps it ran in its entry's part of
- * fed_tokens and fed_steps, and the entry in fed_order (the rows in the order they were done);
- * left[r] drops by one and done[r] becomes −steps ran.  If every done row took its token, and
- * fewer than max_iterations iterations and max_seconds have passed, the next iteration runs: the
- * fed rows enter with their token (tokens[r], step[r] = 0, pos[r] + 1), each ended row's place goes
- * to the next waiting entry (entering with its token at its position) or, with none left, is
- * closed up (the places after it move down, in order), and every other row goes one step deeper
- * (tokens[r] = −1, step[r] + 1); with no row left the run stops.  Otherwise the run stops: the last iteration's
- * done rows, logits, best and top are rows_exit_step's (the fed and ended rows' done[r] negative),
- * the rows with a positive done[r] for the caller to emit, the fed ones to enter next with their
- * recorded token; waiting entries not reached stay as they were.  counts: [iterations run, those
- * whose rows stood at different steps, tokens fed back, places at the end].  Returns the last
- * iteration's number of done rows. */
 /* A row's per-place values (its cache row, position, token, exit settings and feeds) from index
  * from to place to (a waiting entry taking a place, or a place closing up). */
 static void move_place(RowsRun *run, int from, int to) {
@@ -631,6 +612,25 @@ static void move_place(RowsRun *run, int from, int to) {
     run->left[to] = run->left[from], run->final[to] = run->final[from];
 }
 
+/* rows_exit_step's iterations over R rows (the arrays of run; the states h [B, D], survival
+ * [B], e [B, D], scratch and logits [R, V] given per call), run on here while every row done with
+ * a token may take the next one at once: greedy decoding picks it (best[k]) and needs nothing else.
+ * After each iteration, each done row r with a finite top logit that is not a stop id takes its
+ * best token if left[r] > 0 (0 for a sampled row, or for one whose request this token ends), or,
+ * where final[r] says that token ends its request and a waiting row is left for its place (or
+ * leave says the row may go without one), takes it as its last (ended).  Either is recorded with
+ * the steps it ran in its entry's part of fed_tokens and fed_steps, and the entry in fed_order
+ * (the rows in the order they were done); left[r] drops by one and done[r] becomes −steps ran.
+ * If every done row took its token, and fewer than max_iterations iterations and max_seconds have
+ * passed, the next iteration runs: the fed rows enter with their token (tokens[r], step[r] = 0,
+ * pos[r] + 1), each ended row's place goes to the next waiting entry (entering with its token at
+ * its position) or, with none left, is closed up (the places after it move down, in order), and
+ * every other row goes one step deeper (tokens[r] = −1, step[r] + 1); with no row left the run
+ * stops.  Otherwise the run stops: the last iteration's done rows, logits, best and top are rows_exit_step's (the fed and ended rows' done[r] negative),
+ * the rows with a positive done[r] for the caller to emit, the fed ones to enter next with their
+ * recorded token; waiting entries not reached stay as they were.  counts: [iterations run, those
+ * whose rows stood at different steps, tokens fed back, places at the end].  Returns the last
+ * iteration's number of done rows. */
 int looplm_rows_run(RowsRun *run, int R, int S, float *h, double *survival, float *e, float *scratch,
                     float *logits, int max_iterations, double max_seconds) {
     const double started = omp_get_wtime();
